@@ -1,0 +1,22 @@
+"""Evaluation: mask pasting and COCO metrics (numpy + pycocotools, no jax)."""
+
+from mrcnn_jax.evaluation.coco_eval import (
+    IOU_TYPES,
+    STAT_NAMES,
+    CocoEvaluator,
+    detections_to_coco,
+    evaluate_coco,
+    load_coco_gt,
+)
+from mrcnn_jax.evaluation.masks import expand_boxes_to_pixels, paste_masks
+
+__all__ = [
+    "IOU_TYPES",
+    "STAT_NAMES",
+    "CocoEvaluator",
+    "detections_to_coco",
+    "evaluate_coco",
+    "expand_boxes_to_pixels",
+    "load_coco_gt",
+    "paste_masks",
+]

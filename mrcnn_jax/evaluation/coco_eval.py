@@ -1,0 +1,264 @@
+"""COCO evaluation of fixed-size, padded model outputs with pycocotools.
+
+Per eval batch, call ``CocoEvaluator.add_batch(batch, outputs)`` with numpy (or jax) arrays:
+``batch`` holds ``image_id [B]``, ``scale [B]``, ``orig_size [B, 2]`` and ``valid [B]`` (False on
+rows padding the last batch), ``outputs`` the model's ``boxes [B, D, 4]``, ``scores [B, D]``,
+``classes [B, D]``, optionally ``masks [B, D, M, M]``, and ``valid [B, D]`` (see docs/CONTRACTS.md).
+Each real detection becomes one COCO result (boxes mapped back to the original image, masks pasted
+there and RLE-encoded). ``evaluate(coco_gt)`` runs ``COCOeval`` on exactly the images fed and
+returns its 12 summary numbers per IoU type under Detectron2's names (``bbox/AP``,
+``segm/AP50``...), on pycocotools' 0..1 scale (-1 where pycocotools finds a metric undefined,
+e.g. no ground truth).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from pycocotools import mask as mask_util
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from mrcnn_jax.evaluation.masks import paste_masks
+
+STAT_NAMES = (
+    "AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"
+)
+IOU_TYPES = ("bbox", "segm")
+
+
+def detections_to_coco(
+    image_id: int,
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    classes: np.ndarray,
+    masks: np.ndarray | None,
+    valid: np.ndarray,
+    scale: float,
+    orig_size: tuple[int, int],
+    label_to_category_id: Mapping[int, int],
+) -> list[dict[str, Any]]:
+    """One image's padded detections as COCO result dicts (JSON-serialisable).
+
+    Args:
+      image_id: the COCO image id.
+      boxes: ``[D, 4]`` float ``(x1, y1, x2, y2)`` in resized-input pixels.
+      scores: ``[D]`` float confidence.
+      classes: ``[D]`` int contiguous labels ``0..K-1``.
+      masks: ``[D, M, M]`` float probabilities of each detection's class over its box, or None.
+      valid: ``[D]`` bool; False rows are padding and are skipped.
+      scale: resized = original * scale.
+      orig_size: ``(height, width)`` of the original image.
+      label_to_category_id: contiguous label -> original COCO ``category_id``.
+
+    Returns:
+      For each valid row, in order: ``{"image_id", "category_id", "score", "bbox": [x, y, w, h]}``
+      with the box divided by ``scale`` and clipped to the original image, plus, when masks are
+      given, ``"segmentation"``: the COCO RLE (``counts`` as str) of the mask pasted with the
+      unclipped original-pixel box (see ``paste_masks``).
+
+    Raises:
+      ValueError: on mismatched shapes, a non-positive scale, or a valid row whose label is not in
+        ``label_to_category_id``.
+    """
+    boxes = np.asarray(boxes, dtype=np.float32)
+    scores = np.asarray(scores, dtype=np.float32)
+    classes = np.asarray(classes)
+    valid = np.asarray(valid, dtype=bool)
+    num = boxes.shape[0]
+    if boxes.shape != (num, 4):
+        raise ValueError(f"boxes must have shape [D, 4], got {boxes.shape}")
+    for name, array in (("scores", scores), ("classes", classes), ("valid", valid)):
+        if array.shape != (num,):
+            raise ValueError(f"{name} must have shape [D] = {(num,)}, got {array.shape}")
+    if masks is not None and np.shape(masks)[:1] != (num,):
+        raise ValueError(f"masks must have shape [D, M, M] with D = {num}, got {np.shape(masks)}")
+    if not (np.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a positive number, got {scale}")
+    height, width = (int(s) for s in orig_size)
+
+    labels = [int(label) for label in classes[valid]]
+    unknown = sorted(set(labels) - set(label_to_category_id))
+    if unknown:
+        raise ValueError(
+            f"image {image_id}: labels {unknown} are not in label_to_category_id "
+            f"(known labels: {sorted(label_to_category_id)})"
+        )
+    orig_boxes = boxes[valid] / np.float32(scale)
+    clipped = np.clip(orig_boxes, 0.0, [width, height, width, height])
+    results = [
+        {
+            "image_id": int(image_id),
+            "category_id": int(label_to_category_id[label]),
+            "score": float(score),
+            "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)],
+        }
+        for label, score, (x1, y1, x2, y2) in zip(labels, scores[valid], clipped)
+    ]
+    if masks is not None:
+        pasted = paste_masks(np.asarray(masks)[valid], orig_boxes, (height, width))
+        rles = mask_util.encode(pasted.transpose(1, 2, 0).view(np.uint8))
+        for result, rle in zip(results, rles):
+            result["segmentation"] = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
+    return results
+
+
+def load_coco_gt(coco_gt: COCO | str | os.PathLike) -> COCO:
+    """Returns ``coco_gt`` if it is a ``COCO``, else loads the annotation json at that path."""
+    if isinstance(coco_gt, COCO):
+        return coco_gt
+    with contextlib.redirect_stdout(io.StringIO()):
+        return COCO(os.fspath(coco_gt))
+
+
+def evaluate_coco(
+    coco_gt: COCO | str | os.PathLike,
+    results: Sequence[Mapping[str, Any]],
+    image_ids: Iterable[int],
+    iou_types: Sequence[str] = IOU_TYPES,
+) -> dict[str, float]:
+    """Runs ``COCOeval`` on ``results`` over exactly ``image_ids``.
+
+    Args:
+      coco_gt: ground truth, a ``COCO`` object or the path of an ``instances_*.json``.
+      results: COCO result dicts (as from ``detections_to_coco``); "segm" needs "segmentation"
+        in every one. For "segm" the "bbox" field is dropped before loading, so that pycocotools
+        takes each detection's area (which decides small/medium/large) from its mask, as Detectron2.
+      image_ids: the images evaluated (``params.imgIds``), including those without detections.
+      iou_types: any of "bbox", "segm".
+
+    Returns:
+      ``{f"{iou_type}/{name}": value}`` for ``name`` in ``STAT_NAMES``. With no results at all every
+      value is 0.0 and a warning is issued.
+
+    Raises:
+      ValueError: on an unknown IoU type, image ids or category ids absent from ``coco_gt``, or
+        "segm" requested for results without masks.
+    """
+    unknown_types = [t for t in iou_types if t not in IOU_TYPES]
+    if unknown_types:
+        raise ValueError(f"iou_types must be among {IOU_TYPES}, got {list(iou_types)}")
+    coco_gt = load_coco_gt(coco_gt)
+    image_ids = sorted({int(i) for i in image_ids})
+    missing_images = sorted(set(image_ids) - set(coco_gt.getImgIds()))
+    if missing_images:
+        raise ValueError(f"image ids {missing_images[:10]} are not in the ground truth")
+    result_categories = {r["category_id"] for r in results}
+    missing_categories = sorted(result_categories - set(coco_gt.getCatIds()))
+    if missing_categories:
+        raise ValueError(f"category ids {missing_categories} are not in the ground truth")
+    result_images = {r["image_id"] for r in results}
+    if not result_images <= set(image_ids):
+        raise ValueError(f"results for images {sorted(result_images - set(image_ids))[:10]} "
+                         "that are not in image_ids")
+
+    metrics = {}
+    for iou_type in iou_types:
+        names = [f"{iou_type}/{name}" for name in STAT_NAMES]
+        if not results:
+            warnings.warn(f"No detections to evaluate: {iou_type} metrics are 0.", stacklevel=2)
+            metrics.update(dict.fromkeys(names, 0.0))
+            continue
+        if iou_type == "segm" and not all("segmentation" in r for r in results):
+            raise ValueError("'segm' evaluation needs a 'segmentation' in every result")
+        dropped = "bbox" if iou_type == "segm" else "segmentation"
+        # New dicts: loadRes adds keys ("id", "area", ...) to the ones it is given.
+        detections = [{k: v for k, v in r.items() if k != dropped} for r in results]
+        summary = io.StringIO()
+        with contextlib.redirect_stdout(summary):
+            coco_eval = COCOeval(coco_gt, coco_gt.loadRes(detections), iou_type)
+            coco_eval.params.imgIds = image_ids
+            coco_eval.evaluate()
+            coco_eval.accumulate()
+            coco_eval.summarize()
+        logging.info("COCO %s evaluation:\n%s", iou_type, summary.getvalue())
+        metrics.update({name: float(v) for name, v in zip(names, coco_eval.stats)})
+    return metrics
+
+
+class CocoEvaluator:
+    """Accumulates COCO results over eval batches and evaluates them with pycocotools."""
+
+    def __init__(self, label_to_category_id: Mapping[int, int]):
+        """``label_to_category_id``: contiguous label ``0..K-1`` -> original COCO ``category_id``.
+
+        Raises:
+          ValueError: if two labels map to the same category id.
+        """
+        categories = list(label_to_category_id.values())
+        if len(set(categories)) != len(categories):
+            raise ValueError(f"label_to_category_id maps several labels to one category id: "
+                             f"{dict(label_to_category_id)}")
+        self.label_to_category_id = dict(label_to_category_id)
+        self._results: list[dict[str, Any]] = []
+        self._image_ids: dict[int, None] = {}  # an insertion-ordered set
+
+    @property
+    def results(self) -> list[dict[str, Any]]:
+        """The COCO result dicts accumulated so far (a shallow copy of the list)."""
+        return list(self._results)
+
+    @property
+    def image_ids(self) -> list[int]:
+        """The ids of the real (non-padding) images fed so far, in order."""
+        return list(self._image_ids)
+
+    def add_batch(self, batch: Mapping[str, Any], outputs: Mapping[str, Any]) -> None:
+        """Adds one eval batch.
+
+        Args:
+          batch: ``image_id [B]`` int, ``scale [B]`` float, ``orig_size [B, 2]`` int
+            (height, width), ``valid [B]`` bool (False on rows padding the batch; skipped).
+          outputs: ``boxes [B, D, 4]`` (x1, y1, x2, y2) resized-input pixels, ``scores [B, D]``,
+            ``classes [B, D]`` contiguous labels, optionally ``masks [B, D, M, M]`` probabilities,
+            ``valid [B, D]`` bool.
+
+        Raises:
+          ValueError: on a missing key, an image id fed twice, or an unknown label (see
+            ``detections_to_coco``).
+        """
+        arrays = {}
+        for name, source, keys in (
+            ("batch", batch, ("image_id", "scale", "orig_size", "valid")),
+            ("outputs", outputs, ("boxes", "scores", "classes", "valid")),
+        ):
+            missing = [k for k in keys if k not in source]
+            if missing:
+                raise ValueError(f"{name} lacks keys {missing}")
+            arrays |= {f"{name}/{k}": np.asarray(source[k]) for k in keys}
+        masks = None if outputs.get("masks") is None else np.asarray(outputs["masks"])
+        for b in np.flatnonzero(arrays["batch/valid"]):
+            image_id = int(arrays["batch/image_id"][b])
+            if image_id in self._image_ids:
+                raise ValueError(f"image_id {image_id} was fed twice")
+            self._results += detections_to_coco(
+                image_id,
+                arrays["outputs/boxes"][b],
+                arrays["outputs/scores"][b],
+                arrays["outputs/classes"][b],
+                None if masks is None else masks[b],
+                arrays["outputs/valid"][b],
+                float(arrays["batch/scale"][b]),
+                tuple(arrays["batch/orig_size"][b]),
+                self.label_to_category_id,
+            )
+            self._image_ids[image_id] = None
+
+    def write_results(self, path: str | os.PathLike) -> None:
+        """Writes the accumulated results as a COCO results json (loadable by ``COCO.loadRes``)."""
+        with open(path, "w") as f:
+            json.dump(self._results, f)
+
+    def evaluate(
+        self, coco_gt: COCO | str | os.PathLike, iou_types: Sequence[str] = IOU_TYPES
+    ) -> dict[str, float]:
+        """COCO metrics of the accumulated results over the images fed; see ``evaluate_coco``."""
+        return evaluate_coco(coco_gt, self._results, self._image_ids, iou_types)

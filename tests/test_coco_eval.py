@@ -1,0 +1,361 @@
+"""Tests of mrcnn_jax.evaluation.coco_eval on a tiny COCO ground truth written here."""
+
+import contextlib
+import copy
+import io
+import json
+
+import numpy as np
+import pytest
+from pycocotools import mask as mask_util
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from mrcnn_jax.evaluation import (
+    STAT_NAMES,
+    CocoEvaluator,
+    detections_to_coco,
+    evaluate_coco,
+    paste_masks,
+)
+
+pytestmark = pytest.mark.filterwarnings(  # pycocotools' decode under numpy 2
+    "ignore:__array__ implementation:DeprecationWarning"
+)
+
+LABEL_TO_CATEGORY = {0: 3, 1: 17, 2: 42}
+CATEGORY_TO_LABEL = {c: label for label, c in LABEL_TO_CATEGORY.items()}
+MASK_SIZE = 28
+BATCH, DETECTIONS = 3, 5
+# image id -> (height, width, scale of the resized input)
+IMAGES = {1: (200, 240, 1.5), 2: (100, 90, 0.8), 3: (80, 80, 1.0), 4: (64, 96, 2.0),
+          5: (50, 50, 1.0)}
+FED_IMAGES = (1, 2, 4, 3)  # image 5 has annotations but is never fed
+
+
+def _polygon(centre, radius, sides, phase=0.0):
+    angles = phase + 2 * np.pi * np.arange(sides) / sides
+    points = np.stack([centre[0] + radius * np.cos(angles), centre[1] + radius * np.sin(angles)], 1)
+    return [float(v) for v in points.ravel()]
+
+
+def _rectangle_rle(height, width, x0, y0, x1, y1, compressed):
+    mask = np.zeros((height, width), np.uint8)
+    mask[y0:y1, x0:x1] = 1
+    rle = mask_util.encode(np.asfortranarray(mask))
+    if compressed:
+        return {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
+    # Uncompressed RLE, as COCO stores crowd regions: run lengths in column-major order.
+    flat = mask.ravel(order="F")
+    changes = np.flatnonzero(np.diff(flat)) + 1
+    runs = np.diff(np.concatenate([[0], changes, [flat.size]]))
+    counts = ([0] if flat[0] else []) + runs.tolist()
+    return {"size": [height, width], "counts": counts}
+
+
+def _ground_truth():
+    """(image id, category id, segmentation, iscrowd) of a small but varied COCO set."""
+    return [
+        (1, 3, [[20.0, 20.0, 90.0, 24.0, 86.0, 80.0, 24.0, 76.0]], 0),  # quadrilateral, medium
+        (1, 17, [_polygon((150, 110), 65, 6, 0.3)], 0),  # hexagon, large
+        (1, 42, _rectangle_rle(200, 240, 30, 120, 80, 170, compressed=True), 0),
+        (1, 3, _rectangle_rle(200, 240, 180, 5, 235, 40, compressed=False), 1),  # crowd
+        (2, 42, [_polygon((45, 50), 30, 16)], 0),  # circle-ish
+        (2, 17, [[5.0, 5.0, 27.0, 5.0, 27.0, 28.0, 5.0, 28.0]], 0),  # small rectangle
+        (2, 3, _rectangle_rle(100, 90, 60, 60, 88, 98, compressed=False), 0),
+        (4, 3, [[10.0, 10.0, 85.0, 14.0, 50.0, 58.0]], 0),  # triangle
+        (5, 17, [[5.0, 5.0, 40.0, 5.0, 40.0, 40.0, 5.0, 40.0]], 0),  # on the never-fed image
+    ]
+
+
+def _annotation(ann_id, image_id, category_id, segmentation, iscrowd):
+    height, width, _ = IMAGES[image_id]
+    if isinstance(segmentation, list):
+        rle = mask_util.merge(mask_util.frPyObjects(segmentation, height, width))
+    elif isinstance(segmentation["counts"], list):
+        rle = mask_util.frPyObjects(segmentation, height, width)
+    else:
+        rle = segmentation
+    return {
+        "id": ann_id, "image_id": image_id, "category_id": category_id,
+        "segmentation": segmentation, "iscrowd": iscrowd,
+        "area": float(mask_util.area(rle)), "bbox": [float(v) for v in mask_util.toBbox(rle)],
+    }
+
+
+@pytest.fixture(scope="module")
+def gt_path(tmp_path_factory):
+    dataset = {
+        "images": [{"id": i, "height": h, "width": w, "file_name": f"{i}.jpg"}
+                   for i, (h, w, _) in IMAGES.items()],
+        "categories": [{"id": c, "name": f"cat{c}"} for c in (3, 17, 42)],
+        "annotations": [_annotation(k + 1, *gt) for k, gt in enumerate(_ground_truth())],
+    }
+    path = tmp_path_factory.mktemp("coco") / "instances.json"
+    path.write_text(json.dumps(dataset))
+    return path
+
+
+@pytest.fixture(scope="module")
+def coco_gt(gt_path):
+    with contextlib.redirect_stdout(io.StringIO()):
+        return COCO(str(gt_path))
+
+
+def _bilinear_crop(mask, box, size=MASK_SIZE):
+    """[size, size] float32 bilinear samples of ``mask`` at the crop's pixel centres in ``box``.
+
+    Pixel (i, j) of the crop samples the point (x1 + (j + 0.5) w / S, y1 + (i + 0.5) h / S);
+    image pixel (r, c) has its centre at (c + 0.5, r + 0.5); outside the image is 0.
+    """
+    x1, y1, x2, y2 = box
+    padded = np.pad(mask.astype(np.float64), 1)
+
+    def taps(start, length, limit):
+        coords = start + (np.arange(size) + 0.5) * length / size - 0.5 + 1  # +1: the padding
+        coords = np.clip(coords, 0, limit - 1)
+        low = np.minimum(np.floor(coords).astype(int), limit - 2)
+        return low, coords - low
+
+    rows, wy = taps(y1, y2 - y1, padded.shape[0])
+    cols, wx = taps(x1, x2 - x1, padded.shape[1])
+    top = padded[rows][:, cols] * (1 - wx) + padded[rows][:, cols + 1] * wx
+    bottom = padded[rows + 1][:, cols] * (1 - wx) + padded[rows + 1][:, cols + 1] * wx
+    return (top * (1 - wy[:, None]) + bottom * wy[:, None]).astype(np.float32)
+
+
+def _xyxy(bbox):
+    x, y, w, h = bbox
+    return np.array([x, y, x + w, y + h], np.float64)
+
+
+def _perfect_detections(coco_gt):
+    """image id -> list of (label, score, original-pixel xyxy box, 28x28 mask) for non-crowd GT."""
+    detections = {i: [] for i in FED_IMAGES}
+    for ann in coco_gt.loadAnns(coco_gt.getAnnIds(imgIds=list(FED_IMAGES), iscrowd=False)):
+        box = _xyxy(ann["bbox"])
+        detections[ann["image_id"]].append(
+            (CATEGORY_TO_LABEL[ann["category_id"]], 0.9 - 0.1 * len(detections[ann["image_id"]]),
+             box, _bilinear_crop(coco_gt.annToMask(ann), box))
+        )
+    return detections
+
+
+def _batches(detections, rng):
+    """Padded (batch, outputs) numpy dicts as the eval pipeline and model give them.
+
+    Padding detection rows and padding images are filled with plausible garbage, so that any
+    use of them would change the metrics.
+    """
+    image_ids = list(FED_IMAGES)
+    image_ids += [None] * (-len(image_ids) % BATCH)
+    batches = []
+    for start in range(0, len(image_ids), BATCH):
+        batch = {"image_id": np.full(BATCH, 999, np.int64), "scale": np.ones(BATCH, np.float32),
+                 "orig_size": np.full((BATCH, 2), 64, np.int32), "valid": np.zeros(BATCH, bool)}
+        outputs = {
+            "boxes": np.tile(np.array([5, 5, 40, 40], np.float32), (BATCH, DETECTIONS, 1)),
+            "scores": np.full((BATCH, DETECTIONS), 0.99, np.float32),
+            "classes": rng.integers(0, 3, (BATCH, DETECTIONS)).astype(np.int32),
+            "masks": rng.random((BATCH, DETECTIONS, MASK_SIZE, MASK_SIZE), dtype=np.float32),
+            "valid": np.zeros((BATCH, DETECTIONS), bool),
+        }
+        for b, image_id in enumerate(image_ids[start:start + BATCH]):
+            if image_id is None:
+                continue
+            height, width, scale = IMAGES[image_id]
+            batch["image_id"][b], batch["scale"][b], batch["valid"][b] = image_id, scale, True
+            batch["orig_size"][b] = height, width
+            for d, (label, score, box, mask) in enumerate(detections[image_id]):
+                outputs["boxes"][b, d] = box * scale
+                outputs["scores"][b, d], outputs["classes"][b, d] = score, label
+                outputs["masks"][b, d], outputs["valid"][b, d] = mask, True
+        batches.append((batch, outputs))
+    return batches
+
+
+def _evaluator(detections, rng):
+    evaluator = CocoEvaluator(LABEL_TO_CATEGORY)
+    for batch, outputs in _batches(detections, rng):
+        evaluator.add_batch(batch, outputs)
+    return evaluator
+
+
+def _direct_stats(coco_gt, results, iou_type):
+    """pycocotools' 12 stats on ``results`` over the fed images (segm: area from the mask)."""
+    dropped = "bbox" if iou_type == "segm" else "segmentation"
+    detections = [{k: v for k, v in r.items() if k != dropped} for r in copy.deepcopy(results)]
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_eval = COCOeval(coco_gt, coco_gt.loadRes(detections), iou_type)
+        coco_eval.params.imgIds = sorted(FED_IMAGES)
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+        coco_eval.summarize()
+    return dict(zip(STAT_NAMES, coco_eval.stats))
+
+
+def _dilate(mask):
+    """3x3 binary dilation."""
+    padded = np.pad(mask, 1)
+    height, width = mask.shape
+    return np.any([padded[dy:dy + height, dx:dx + width] for dy in range(3) for dx in range(3)], 0)
+
+
+def test_crops_of_ground_truth_paste_back_near_the_boundary(coco_gt):
+    """The premise of the perfect-detection test: pasted GT crops err only at the GT boundary.
+
+    The paste's legacy integer-box convention (torchvision, Detectron) stretches the map over
+    about one pixel more than its expanded box, after truncating its corners, so even a perfect
+    crop grows by up to one to two pixels; it never loses interior pixels.
+    """
+    for image_id, dets in _perfect_detections(coco_gt).items():
+        if not dets:
+            continue
+        height, width, _ = IMAGES[image_id]
+        anns = coco_gt.loadAnns(coco_gt.getAnnIds(imgIds=[image_id], iscrowd=False))
+        pasted = paste_masks(np.stack([d[3] for d in dets]), np.stack([d[2] for d in dets]),
+                             (height, width))
+        for ann, mask in zip(anns, pasted):
+            gt = coco_gt.annToMask(ann).astype(bool)
+            assert not (mask & ~_dilate(_dilate(gt))).any()
+            assert not (~mask & ~_dilate(~gt)).any()
+            assert (gt & mask).sum() / (gt | mask).sum() > 0.85
+
+
+def test_perfect_detections_give_perfect_ap(coco_gt, gt_path):
+    rng = np.random.default_rng(0)
+    detections = _perfect_detections(coco_gt)
+    # A detection on the crowd region is ignored, not a false positive.
+    crowd = coco_gt.loadAnns(coco_gt.getAnnIds(imgIds=[1], iscrowd=True))[0]
+    detections[1].append((0, 0.05, _xyxy(crowd["bbox"]),
+                          _bilinear_crop(coco_gt.annToMask(crowd), _xyxy(crowd["bbox"]))))
+    evaluator = _evaluator(detections, rng)
+    assert evaluator.image_ids == list(FED_IMAGES)
+    assert len(evaluator.results) == sum(len(d) for d in detections.values())
+
+    metrics = evaluator.evaluate(gt_path)  # loads the json itself
+    assert sorted(metrics) == sorted(f"{t}/{n}" for t in ("bbox", "segm") for n in STAT_NAMES)
+    for name in STAT_NAMES:
+        assert metrics[f"bbox/{name}"] == pytest.approx(1.0), name
+    # Masks grown by a pixel or so (see above) miss some IoU >= 0.95 matches, never IoU >= 0.75.
+    assert metrics["segm/AP50"] == metrics["segm/AP75"] == pytest.approx(1.0)
+    assert 0.95 <= metrics["segm/AP"] <= 1.0
+    assert metrics == evaluator.evaluate(coco_gt)  # the same with a COCO object
+
+
+def test_metrics_equal_direct_pycocotools_on_imperfect_results(coco_gt, tmp_path):
+    rng = np.random.default_rng(1)
+    detections = _perfect_detections(coco_gt)
+    perfect = _evaluator(detections, rng).evaluate(coco_gt)
+    dropped = detections[4].pop(0)  # one of category 3's three instances: recall 2/3 there
+    assert dropped[0] == 0
+    label, score, box, mask = detections[2][0]
+    detections[2][0] = (label, score, box + np.array([6.0, 4.0, 6.0, 4.0]), mask)
+    # A false positive on the empty image whose box is medium (2000 px) but mask small (< 32^2):
+    # segm counts it among the small detections only, as its area is taken from the mask.
+    blob = np.zeros((MASK_SIZE, MASK_SIZE), np.float32)
+    blob[9:19, 9:19] = 1.0
+    detections[3].append((1, 0.97, np.array([10.0, 10.0, 60.0, 50.0]), blob))
+    evaluator = _evaluator(detections, rng)
+    metrics = evaluator.evaluate(coco_gt)
+
+    evaluator.write_results(tmp_path / "results.json")
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results == evaluator.results
+    for iou_type in ("bbox", "segm"):
+        direct = _direct_stats(coco_gt, results, iou_type)
+        for name in STAT_NAMES:
+            assert metrics[f"{iou_type}/{name}"] == pytest.approx(direct[name], abs=1e-12)
+        assert metrics[f"{iou_type}/AP"] < perfect[f"{iou_type}/AP"] - 0.1
+    # Dropping one of category 3's three instances alone caps its AP at 67 of 101 recall points.
+    only_dropped = _perfect_detections(coco_gt)
+    only_dropped[4].pop(0)
+    bbox_ap = _evaluator(only_dropped, rng).evaluate(coco_gt, iou_types=("bbox",))["bbox/AP"]
+    assert bbox_ap == pytest.approx((67 / 101 + 1 + 1) / 3)
+
+
+def test_detections_to_coco_maps_boxes_labels_and_masks_back():
+    rng = np.random.default_rng(2)
+    scale, (height, width) = 1.6, (50, 70)
+    boxes = np.array([[8, 16, 48, 64], [-8, 20, 40, 100], [100, 0, 140, 30], [0, 0, 1, 1]],
+                     np.float32)
+    scores = np.array([0.9, 0.8, 0.7, 0.6], np.float32)
+    classes = np.array([2, 0, 1, 7], np.int32)  # label 7 is padding: not looked up
+    valid = np.array([True, True, True, False])
+    masks = rng.random((4, MASK_SIZE, MASK_SIZE), dtype=np.float32)
+    results = detections_to_coco(11, boxes, scores, classes, masks, valid, scale, (height, width),
+                                 LABEL_TO_CATEGORY)
+    json.dumps(results)
+    assert [r["category_id"] for r in results] == [42, 3, 17]
+    assert [r["image_id"] for r in results] == [11, 11, 11]
+    np.testing.assert_allclose([r["score"] for r in results], scores[:3])
+    # boxes / 1.6 = [5, 10, 30, 40], [-5, 12.5, 25, 62.5], [62.5, 0, 87.5, 18.75]; then clipped.
+    expected_xywh = [[5, 10, 25, 30], [0, 12.5, 25, 37.5], [62.5, 0, 7.5, 18.75]]
+    np.testing.assert_allclose([r["bbox"] for r in results], expected_xywh, atol=1e-5)
+    pasted = paste_masks(masks[:3], boxes[:3] / np.float32(scale), (height, width))
+    for result, mask in zip(results, pasted):
+        assert result["segmentation"]["size"] == [height, width]
+        np.testing.assert_array_equal(mask_util.decode(result["segmentation"]), mask)
+
+    no_masks = detections_to_coco(11, boxes, scores, classes, None, valid, scale, (height, width),
+                                  LABEL_TO_CATEGORY)
+    assert [{k: v for k, v in r.items() if k != "segmentation"} for r in results] == no_masks
+
+
+def test_no_detections_warn_and_give_zeros(coco_gt):
+    detections = {i: [] for i in FED_IMAGES}
+    evaluator = _evaluator(detections, np.random.default_rng(3))
+    assert evaluator.results == [] and evaluator.image_ids == list(FED_IMAGES)
+    with pytest.warns(UserWarning, match="No detections"):
+        metrics = evaluator.evaluate(coco_gt)
+    assert len(metrics) == 24 and set(metrics.values()) == {0.0}
+
+
+def test_unknown_label_raises(coco_gt):
+    detections = _perfect_detections(coco_gt)
+    detections[1][0] = (5, *detections[1][0][1:])
+    with pytest.raises(ValueError, match=r"labels \[5\] are not in label_to_category_id"):
+        _evaluator(detections, np.random.default_rng(4))
+
+
+def test_bad_label_mappings_raise(coco_gt):
+    with pytest.raises(ValueError, match="several labels to one category"):
+        CocoEvaluator({0: 3, 1: 3})
+    evaluator = CocoEvaluator({0: 3, 1: 17, 2: 99})  # 99 is no category of the ground truth
+    for batch, outputs in _batches(_perfect_detections(coco_gt), np.random.default_rng(5)):
+        evaluator.add_batch(batch, outputs)
+    with pytest.raises(ValueError, match=r"category ids \[99\]"):
+        evaluator.evaluate(coco_gt)
+
+
+def test_input_errors(coco_gt):
+    rng = np.random.default_rng(6)
+    (batch, outputs), _ = _batches(_perfect_detections(coco_gt), rng)
+    evaluator = CocoEvaluator(LABEL_TO_CATEGORY)
+    with pytest.raises(ValueError, match=r"outputs lacks keys \['valid'\]"):
+        evaluator.add_batch(batch, {k: v for k, v in outputs.items() if k != "valid"})
+    evaluator.add_batch(batch, outputs)
+    with pytest.raises(ValueError, match="fed twice"):
+        evaluator.add_batch(batch, outputs)
+    with pytest.raises(ValueError, match="iou_types"):
+        evaluator.evaluate(coco_gt, iou_types=("keypoints",))
+
+    no_masks = CocoEvaluator(LABEL_TO_CATEGORY)
+    no_masks.add_batch(batch, {k: v for k, v in outputs.items() if k != "masks"})
+    assert no_masks.evaluate(coco_gt, iou_types=("bbox",))["bbox/AP"] > 0
+    with pytest.raises(ValueError, match="'segm' evaluation needs a 'segmentation'"):
+        no_masks.evaluate(coco_gt)
+
+    unknown_image = {**batch, "image_id": np.array([1, 2, 12345])}
+    stray = CocoEvaluator(LABEL_TO_CATEGORY)
+    stray.add_batch(unknown_image, outputs)
+    with pytest.raises(ValueError, match=r"image ids \[12345\] are not in the ground truth"):
+        stray.evaluate(coco_gt)
+    with pytest.raises(ValueError, match="not in image_ids"):
+        evaluate_coco(coco_gt, no_masks.results, [1], iou_types=("bbox",))
+    with pytest.raises(ValueError, match="scale"):
+        detections_to_coco(1, np.zeros((1, 4)), np.ones(1), np.zeros(1, int), None,
+                           np.ones(1, bool), 0.0, (10, 10), LABEL_TO_CATEGORY)
+    with pytest.raises(ValueError, match="scores"):
+        detections_to_coco(1, np.zeros((2, 4)), np.ones(1), np.zeros(2, int), None,
+                           np.ones(2, bool), 1.0, (10, 10), LABEL_TO_CATEGORY)
