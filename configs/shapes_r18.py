@@ -68,6 +68,7 @@ def get_config() -> ml_collections.ConfigDict:
     roi.score_threshold = 0.05  # Detections below this score are dropped at inference.
     roi.nms_threshold = 0.5  # Per-class NMS IoU at inference.
     roi.detections_per_image = 100  # D: fixed number of (padded) detections per image.
+    roi.detections_pre_nms_topk = 1000  # Highest-scoring (box, class) candidates entering NMS.
 
     # ---------------------------------------------------------------- training
     config.train = train = ml_collections.ConfigDict()

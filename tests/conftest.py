@@ -5,11 +5,13 @@ build an 8-device mesh on a CPU-only machine. Single-device tests simply use ``j
 """
 
 import os
+import sys
 
 os.environ.setdefault("XLA_FLAGS", "")
 if "--xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 # torchvision segfaults when it is imported after tensorflow in one process (torch 2.14.1,
@@ -18,3 +20,32 @@ try:
     import torchvision  # noqa: F401
 except ImportError:
     pass
+
+
+def tiny_config(**overrides):
+    """The shapes config shrunk so that a train step compiles in seconds (64² images, narrow
+    heads, small RoI budgets). `overrides` are dotted paths, e.g. `{"model.norm": "sync"}`."""
+    from configs import shapes_r18
+
+    config = shapes_r18.get_config()
+    config.data.image_size = (64, 64)
+    config.data.max_instances = 4
+    config.data.mask_size = 16
+    config.model.fpn_dim = 16
+    config.model.rpn.pre_nms_topk_train = config.model.rpn.pre_nms_topk_test = 100
+    config.model.rpn.post_nms_topk_train = config.model.rpn.post_nms_topk_test = 50
+    config.model.rpn.batch_size_per_image = 64
+    config.model.roi_heads.batch_size_per_image = 16
+    config.model.roi_heads.box_head_dim = 32
+    config.model.roi_heads.mask_head_dim = 16
+    config.model.roi_heads.detections_per_image = 10
+    config.model.roi_heads.detections_pre_nms_topk = 100
+    config.train.batch_size = 2
+    config.train.warmup_steps = 1
+    for path, value in overrides.items():
+        node = config
+        *parents, leaf = path.split(".")
+        for name in parents:
+            node = node[name]
+        node[leaf] = value
+    return config

@@ -1,0 +1,224 @@
+"""Mask R-CNN: backbone + FPN → RPN → RoI sampling → box head and mask head.
+
+`MaskRCNN(config.model)` is called on a batch dict (keys of docs/CONTRACTS.md). In training it
+returns the predictions and targets the losses need (`TrainOutputs`); at inference it returns a
+fixed-size result per image. Every size comes from the config.
+"""
+
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from mrcnn_jax.modeling.fpn import FPN
+from mrcnn_jax.modeling.resnet import ResNet
+from mrcnn_jax.modeling.roi_heads import BoxHead, MaskHead, detect_boxes, sample_rois
+from mrcnn_jax.modeling.rpn import RPNHead, generate_proposals
+from mrcnn_jax.ops import anchors as anchor_ops
+from mrcnn_jax.ops import roi_align as roi_align_ops
+from mrcnn_jax.ops import targets as target_ops
+
+RPN_LEVELS = ("P2", "P3", "P4", "P5", "P6")
+ROI_LEVELS = ("P2", "P3", "P4", "P5")
+MASK_SIZE_FACTOR = 2  # The mask head's deconv doubles the pooled size (14 → 28).
+
+
+class TrainOutputs(NamedTuple):
+    """What the losses need, for a batch of B images (R sampled RoIs, F foreground slots)."""
+
+    rpn_logits: jnp.ndarray  # [B, A] objectness logits over all levels' anchors.
+    rpn_deltas: jnp.ndarray  # [B, A, 4].
+    anchors: jnp.ndarray  # [A, 4].
+    class_logits: jnp.ndarray  # [B, R, K + 1].
+    box_deltas: jnp.ndarray  # [B, R, K, 4].
+    roi_classes: jnp.ndarray  # [B, R] int32 targets (0 background).
+    roi_box_targets: jnp.ndarray  # [B, R, 4].
+    roi_valid: jnp.ndarray  # [B, R] bool.
+    mask_logits: jnp.ndarray  # [B, F, 28, 28] logits of each foreground RoI's GT class.
+    mask_targets: jnp.ndarray  # [B, F, 28, 28] soft targets in [0, 1].
+    mask_valid: jnp.ndarray  # [B, F] bool: the slot holds a foreground RoI.
+    num_proposals: jnp.ndarray  # [B] valid proposals per image.
+
+
+def num_foreground_slots(roi_config: ml_collections.ConfigDict) -> int:
+    """F: the RoI slots that can hold foreground (the only ones the mask head sees in training)."""
+    return int(roi_config.batch_size_per_image * roi_config.positive_fraction)
+
+
+class MaskRCNN(nn.Module):
+    """Mask R-CNN over NHWC images. `config` is the `config.model` section (frozen)."""
+
+    config: ml_collections.FrozenConfigDict
+    axis_name: str | None = None
+
+    def setup(self):
+        c = self.config
+        dtype = jnp.dtype(c.dtype)
+        if len(c.anchor_sizes) != len(RPN_LEVELS):
+            raise ValueError(
+                f"model.anchor_sizes needs one tuple per RPN level {RPN_LEVELS}, "
+                f"got {len(c.anchor_sizes)}"
+            )
+        self.backbone = ResNet(c.backbone_depth, c.norm, self.axis_name, dtype)
+        self.fpn = FPN(c.fpn_dim, dtype)
+        self.rpn_head = RPNHead(len(c.aspect_ratios) * len(c.anchor_sizes[0]), dtype)
+        self.box_head = BoxHead(c.num_classes, c.roi_heads.box_head_dim, dtype)
+        self.mask_head = MaskHead(c.num_classes, c.roi_heads.mask_head_dim, 4, dtype)
+
+    def _anchors(self, image_shape: tuple[int, int], pyramid: dict) -> list[np.ndarray]:
+        shapes = [pyramid[name].shape[1:3] for name in RPN_LEVELS]
+        return anchor_ops.generate_anchors(
+            image_shape, shapes, self.config.anchor_sizes, self.config.aspect_ratios
+        )
+
+    def _pool(self, pyramid: dict, boxes: jnp.ndarray, output_size: int) -> jnp.ndarray:
+        r = self.config.roi_heads
+        return roi_align_ops.multilevel_roi_align(
+            [pyramid[name] for name in ROI_LEVELS],
+            boxes,
+            output_size,
+            min_level=2,
+            sampling_ratio=r.sampling_ratio,
+            aligned=r.aligned,
+            mode=r.roi_align_mode,
+        )
+
+    def _proposals(self, logits, deltas, anchors, image_size, train: bool):
+        rpn = self.config.rpn
+        propose = lambda lg, dl, size: generate_proposals(
+            lg,
+            dl,
+            anchors,
+            size,
+            pre_nms_topk=rpn.pre_nms_topk_train if train else rpn.pre_nms_topk_test,
+            post_nms_topk=rpn.post_nms_topk_train if train else rpn.post_nms_topk_test,
+            nms_threshold=rpn.nms_threshold,
+            min_size=rpn.min_size,
+        )
+        return jax.vmap(propose)(logits, deltas, image_size)
+
+    def _mask_logits(self, pyramid: dict, boxes: jnp.ndarray, classes: jnp.ndarray) -> jnp.ndarray:
+        """Mask logits `[B, N, 28, 28]` of `classes [B, N]` (0..K-1) in `boxes [B, N, 4]`."""
+        b, n = classes.shape
+        pooled = self._pool(pyramid, boxes, self.config.roi_heads.mask_pooler_size)
+        logits = self.mask_head(pooled.reshape(b * n, *pooled.shape[2:]), classes.reshape(-1))
+        return logits.reshape(b, n, *logits.shape[1:])
+
+    def __call__(self, batch: dict, *, train: bool, keys: jax.Array | None = None):
+        """Runs the model.
+
+        Args:
+          batch: `image [B, H, W, 3]` float32 (normalised, padded), `image_size [B, 2]`; in
+            training also `gt_boxes [B, M, 4]`, `gt_classes [B, M]`, `gt_valid [B, M]`,
+            `gt_masks [B, M, S, S]`.
+          train: training mode (batch-statistics BN, RoI sampling, `TrainOutputs`).
+          keys: `[B]` PRNG keys, one per image, for RoI sampling (training only).
+
+        Returns:
+          `TrainOutputs` in training; otherwise a dict with `boxes [B, D, 4]`, `scores [B, D]`,
+          `classes [B, D]` (labels 0..K-1), `masks [B, D, 28, 28]` probabilities of the predicted
+          class and `valid [B, D]`.
+        """
+        images = batch["image"]
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"batch['image'] must be [B, H, W, 3], got shape {images.shape}")
+        image_size = batch["image_size"]
+        pyramid = self.fpn(self.backbone(images, train=train))
+        rpn_logits, rpn_deltas = self.rpn_head([pyramid[name] for name in RPN_LEVELS])
+        anchors = self._anchors(images.shape[1:3], pyramid)
+        proposals = self._proposals(rpn_logits, rpn_deltas, anchors, image_size, train)
+        if train:
+            if keys is None:
+                raise ValueError("MaskRCNN(train=True) needs per-image PRNG `keys`")
+            return self._train_outputs(
+                batch, pyramid, rpn_logits, rpn_deltas, anchors, proposals, keys
+            )
+        return self._inference(pyramid, proposals, image_size)
+
+    def _train_outputs(self, batch, pyramid, rpn_logits, rpn_deltas, anchors, proposals, keys):
+        r = self.config.roi_heads
+        sample = lambda key, boxes, valid, gt_boxes, gt_classes, gt_valid: sample_rois(
+            key,
+            boxes,
+            valid,
+            gt_boxes,
+            gt_classes,
+            gt_valid,
+            batch_size=r.batch_size_per_image,
+            positive_fraction=r.positive_fraction,
+            fg_iou=r.fg_iou,
+            box_reg_weights=r.box_reg_weights,
+        )
+        targets = jax.vmap(sample)(
+            keys,
+            proposals.boxes,
+            proposals.valid,
+            batch["gt_boxes"],
+            batch["gt_classes"],
+            batch["gt_valid"],
+        )
+        b, num_rois = targets.classes.shape
+        pooled = self._pool(pyramid, targets.rois, r.box_pooler_size)
+        class_logits, box_deltas = self.box_head(pooled.reshape(b * num_rois, *pooled.shape[2:]))
+
+        f = num_foreground_slots(r)
+        fg_classes = jnp.maximum(targets.classes[:, :f] - 1, 0)
+        mask_logits = self._mask_logits(pyramid, targets.rois[:, :f], fg_classes)
+        gt_index = targets.gt_index[:, :f]
+        take = jax.vmap(lambda x, i: x[i])
+        mask_targets = jax.vmap(target_ops.mask_targets, in_axes=(0, 0, 0, None))(
+            take(batch["gt_masks"], gt_index).astype(jnp.float32),
+            take(batch["gt_boxes"], gt_index),
+            targets.rois[:, :f],
+            r.mask_pooler_size * MASK_SIZE_FACTOR,
+        )
+        return TrainOutputs(
+            rpn_logits=jnp.concatenate(rpn_logits, axis=1),
+            rpn_deltas=jnp.concatenate(rpn_deltas, axis=1),
+            anchors=jnp.asarray(np.concatenate(anchors)),
+            class_logits=class_logits.reshape(b, num_rois, -1),
+            box_deltas=box_deltas.reshape(b, num_rois, *box_deltas.shape[1:]),
+            roi_classes=targets.classes,
+            roi_box_targets=targets.box_targets,
+            roi_valid=targets.valid,
+            mask_logits=mask_logits,
+            mask_targets=jax.lax.stop_gradient(mask_targets),
+            mask_valid=targets.is_foreground[:, :f],
+            num_proposals=jnp.sum(proposals.valid, axis=1),
+        )
+
+    def _inference(self, pyramid, proposals, image_size) -> dict[str, jnp.ndarray]:
+        r = self.config.roi_heads
+        b, p = proposals.valid.shape
+        pooled = self._pool(pyramid, proposals.boxes, r.box_pooler_size)
+        class_logits, box_deltas = self.box_head(pooled.reshape(b * p, *pooled.shape[2:]))
+        detect = lambda logits, deltas, boxes, valid, size: detect_boxes(
+            logits,
+            deltas,
+            boxes,
+            valid,
+            size,
+            box_reg_weights=r.box_reg_weights,
+            score_threshold=r.score_threshold,
+            nms_threshold=r.nms_threshold,
+            max_detections=r.detections_per_image,
+            pre_nms_topk=r.detections_pre_nms_topk,
+        )
+        detections = jax.vmap(detect)(
+            class_logits.reshape(b, p, -1),
+            box_deltas.reshape(b, p, *box_deltas.shape[1:]),
+            proposals.boxes,
+            proposals.valid,
+            image_size,
+        )
+        masks = jax.nn.sigmoid(self._mask_logits(pyramid, detections.boxes, detections.classes))
+        return {
+            "boxes": detections.boxes,
+            "scores": detections.scores,
+            "classes": detections.classes,
+            "masks": jnp.where(detections.valid[..., None, None], masks, 0.0),
+            "valid": detections.valid,
+        }

@@ -1,0 +1,127 @@
+"""ResNet-18/34/50/101 backbone (torchvision layout, NHWC).
+
+Bottlenecks put the stride on the 3×3 conv (ResNet v1.5, as torchvision). Convolutions use explicit
+symmetric padding so that outputs match torchvision pixel for pixel (Flax's "SAME" pads stride-2
+convolutions asymmetrically).
+"""
+
+from collections.abc import Callable
+from functools import partial
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+STAGE_BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
+NORM_MODES = ("frozen", "batch", "sync")
+
+
+def make_norm(mode: str, train: bool, axis_name: str | None, dtype) -> Callable[..., nn.Module]:
+    """Returns a BatchNorm constructor for one of `NORM_MODES`.
+
+    "frozen" always uses the stored statistics (its scale and bias are excluded from training by
+    the optimizer); "batch" uses per-replica batch statistics when training; "sync" averages the
+    statistics over `axis_name` (cross-replica BN) when training.
+    """
+    if mode not in NORM_MODES:
+        raise ValueError(f"norm must be one of {NORM_MODES}, got {mode!r}")
+    use_running_average = mode == "frozen" or not train
+    return partial(
+        nn.BatchNorm,
+        use_running_average=use_running_average,
+        momentum=0.9,
+        epsilon=1e-5,
+        dtype=dtype,
+        axis_name=axis_name if (mode == "sync" and train) else None,
+    )
+
+
+def conv(features: int, kernel: int, stride: int = 1, name: str | None = None, dtype=jnp.float32):
+    """A bias-free convolution with torchvision's symmetric padding `kernel // 2`."""
+    pad = kernel // 2
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=((pad, pad), (pad, pad)),
+        use_bias=False,
+        dtype=dtype,
+        name=name,
+    )
+
+
+class BasicBlock(nn.Module):
+    """Two 3×3 convs (ResNet-18/34). Output channels = `features`."""
+
+    features: int
+    stride: int
+    norm: Callable[..., nn.Module]
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        residual = x
+        y = conv(self.features, 3, self.stride, "conv1", self.dtype)(x)
+        y = nn.relu(self.norm(name="bn1")(y))
+        y = conv(self.features, 3, 1, "conv2", self.dtype)(y)
+        y = self.norm(name="bn2")(y)
+        if residual.shape != y.shape:
+            residual = conv(self.features, 1, self.stride, "downsample_conv", self.dtype)(x)
+            residual = self.norm(name="downsample_bn")(residual)
+        return nn.relu(y + residual)
+
+
+class Bottleneck(nn.Module):
+    """1×1 → 3×3 (strided) → 1×1 ×4 (ResNet-50/101). Output channels = 4 · `features`."""
+
+    features: int
+    stride: int
+    norm: Callable[..., nn.Module]
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        residual = x
+        y = conv(self.features, 1, 1, "conv1", self.dtype)(x)
+        y = nn.relu(self.norm(name="bn1")(y))
+        y = conv(self.features, 3, self.stride, "conv2", self.dtype)(y)
+        y = nn.relu(self.norm(name="bn2")(y))
+        y = conv(self.features * 4, 1, 1, "conv3", self.dtype)(y)
+        y = self.norm(name="bn3")(y)
+        if residual.shape != y.shape:
+            residual = conv(self.features * 4, 1, self.stride, "downsample_conv", self.dtype)(x)
+            residual = self.norm(name="downsample_bn")(residual)
+        return nn.relu(y + residual)
+
+
+class ResNet(nn.Module):
+    """ResNet trunk returning the stage outputs C2–C5.
+
+    Input `images [B, H, W, 3]`; output `{"C2": [B, H/4, W/4, c], ..., "C5": [B, H/32, W/32, 8c]}`
+    (sizes rounded up), c = 64 (basic blocks) or 256 (bottlenecks).
+    """
+
+    depth: int = 50
+    norm: str = "frozen"
+    axis_name: str | None = None
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jnp.ndarray, train: bool = False) -> dict[str, jnp.ndarray]:
+        if self.depth not in STAGE_BLOCKS:
+            raise ValueError(
+                f"ResNet depth must be one of {sorted(STAGE_BLOCKS)}, got {self.depth}"
+            )
+        norm = make_norm(self.norm, train, self.axis_name, self.dtype)
+        block_cls = BasicBlock if self.depth < 50 else Bottleneck
+        x = conv(64, 7, 2, "stem_conv", self.dtype)(images.astype(self.dtype))
+        x = nn.relu(norm(name="stem_bn")(x))
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        outputs = {}
+        for stage, num_blocks in enumerate(STAGE_BLOCKS[self.depth]):
+            for block in range(num_blocks):
+                stride = 2 if (stage > 0 and block == 0) else 1
+                x = block_cls(
+                    64 * 2**stage, stride, norm, self.dtype, name=f"res{stage + 2}_{block}"
+                )(x)
+            outputs[f"C{stage + 2}"] = x
+        return outputs

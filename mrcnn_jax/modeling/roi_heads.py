@@ -1,0 +1,208 @@
+"""RoI heads: RoI sampling for training, the box head, the mask head and detection postprocessing.
+
+Per-image functions (`sample_rois`, `detect_boxes`) are written for one image and `jax.vmap`ped by
+`MaskRCNN`. Class indices inside the heads: 0 is background, dataset label `l` is `l + 1`.
+"""
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mrcnn_jax.ops import boxes as box_ops
+from mrcnn_jax.ops import nms as nms_ops
+from mrcnn_jax.ops import targets as target_ops
+
+_msra_fill = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+class BoxHead(nn.Module):
+    """Two FCs (`dim`, ReLU) over flattened RoI features, then class logits and box deltas.
+
+    Input `[N, S, S, C]` RoI features; output class logits `[N, K + 1]` (index 0 background) and
+    class-specific deltas `[N, K, 4]` for the K foreground classes.
+    """
+
+    num_classes: int
+    dim: int = 1024
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+        x = x.reshape(x.shape[0], -1)
+        x = nn.relu(nn.Dense(self.dim, dtype=self.dtype, name="fc1")(x))
+        x = nn.relu(nn.Dense(self.dim, dtype=self.dtype, name="fc2")(x))
+        logits = nn.Dense(
+            self.num_classes + 1,
+            dtype=self.dtype,
+            name="cls_score",
+            kernel_init=nn.initializers.normal(0.01),
+        )(x)
+        deltas = nn.Dense(
+            self.num_classes * 4,
+            dtype=self.dtype,
+            name="bbox_pred",
+            kernel_init=nn.initializers.normal(0.001),
+        )(x)
+        return (
+            logits.astype(jnp.float32),
+            deltas.reshape(-1, self.num_classes, 4).astype(jnp.float32),
+        )
+
+
+class MaskHead(nn.Module):
+    """`num_convs` 3×3 convs (`dim`, ReLU), a 2×2 stride-2 deconv (ReLU), a per-class 1×1 predictor.
+
+    Input RoI features `[N, S, S, C]` and the foreground class of each RoI `classes [N]` (0..K-1);
+    output mask logits `[N, 2S, 2S]` of that class only (the per-class predictor is evaluated just
+    for the requested class, which is what the loss and inference need).
+    """
+
+    num_classes: int
+    dim: int = 256
+    num_convs: int = 4
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, classes: jnp.ndarray) -> jnp.ndarray:
+        for i in range(self.num_convs):
+            x = nn.Conv(
+                self.dim,
+                (3, 3),
+                padding=((1, 1), (1, 1)),
+                kernel_init=_msra_fill,
+                dtype=self.dtype,
+                name=f"conv{i + 1}",
+            )(x)
+            x = nn.relu(x)
+        x = nn.ConvTranspose(
+            self.dim,
+            (2, 2),
+            strides=(2, 2),
+            kernel_init=_msra_fill,
+            dtype=self.dtype,
+            name="deconv",
+        )(x)
+        x = nn.relu(x)
+        kernel = self.param(
+            "predictor_kernel", nn.initializers.normal(0.001), (self.dim, self.num_classes)
+        )
+        bias = self.param("predictor_bias", nn.initializers.zeros, (self.num_classes,))
+        logits = jnp.einsum("nhwd,dn->nhw", x, kernel[:, classes].astype(self.dtype))
+        return logits.astype(jnp.float32) + bias[classes][:, None, None]
+
+
+class RoITargets(NamedTuple):
+    """Sampled RoIs of one image with their targets, foreground first."""
+
+    rois: jnp.ndarray  # [R, 4] (x1, y1, x2, y2).
+    classes: jnp.ndarray  # [R] int32: 0 background, label + 1 foreground.
+    box_targets: jnp.ndarray  # [R, 4] encoded deltas of the matched GT (0 for background).
+    gt_index: jnp.ndarray  # [R] int32 matched GT row.
+    is_foreground: jnp.ndarray  # [R] bool.
+    valid: jnp.ndarray  # [R] bool: sampled (foreground or background), not padding.
+
+
+def sample_rois(
+    key: jax.Array,
+    proposals: jnp.ndarray,
+    proposal_valid: jnp.ndarray,
+    gt_boxes: jnp.ndarray,
+    gt_classes: jnp.ndarray,
+    gt_valid: jnp.ndarray,
+    *,
+    batch_size: int,
+    positive_fraction: float,
+    fg_iou: float,
+    box_reg_weights: Sequence[float],
+) -> RoITargets:
+    """Detectron2's `label_and_sample_proposals` for ONE image with a static output size.
+
+    The valid ground-truth boxes are appended to `proposals [P, 4]`; each candidate is matched to
+    the GT of highest IoU; IoU ≥ `fg_iou` is foreground, below is background (with no valid GT all
+    are background); `batch_size` RoIs are sampled with at most `positive_fraction` foreground,
+    foreground first. `gt_boxes [M, 4]`, `gt_classes [M]` (0..K-1), `gt_valid [M]`.
+    """
+    candidates = jnp.concatenate([proposals, gt_boxes])
+    candidate_valid = jnp.concatenate([proposal_valid, gt_valid])
+    matches = target_ops.match_boxes(candidates, gt_boxes, gt_valid)
+    foreground = candidate_valid & (matches.iou >= fg_iou)
+    background = candidate_valid & ~foreground
+    sample = target_ops.sample_balanced(key, foreground, background, batch_size, positive_fraction)
+    rois = candidates[sample.indices]
+    gt_index = matches.gt_index[sample.indices]
+    matched_boxes = gt_boxes[gt_index]
+    is_fg = sample.is_positive & sample.valid
+    encodable = is_fg & (box_ops.box_area(rois) > 0)
+    safe_rois = jnp.where(encodable[:, None], rois, jnp.array([0.0, 0.0, 1.0, 1.0]))
+    safe_gt = jnp.where(encodable[:, None], matched_boxes, jnp.array([0.0, 0.0, 1.0, 1.0]))
+    box_targets = box_ops.encode_boxes(safe_gt, safe_rois, box_reg_weights)
+    return RoITargets(
+        rois=jax.lax.stop_gradient(rois),
+        classes=jnp.where(is_fg, gt_classes[gt_index] + 1, 0).astype(jnp.int32),
+        box_targets=jnp.where(encodable[:, None], box_targets, 0.0),
+        gt_index=gt_index,
+        is_foreground=is_fg,
+        valid=sample.valid,
+    )
+
+
+class Detections(NamedTuple):
+    """Fixed-size detections of one image (or a batch, with a leading B)."""
+
+    boxes: jnp.ndarray  # [D, 4] (x1, y1, x2, y2) input pixels.
+    scores: jnp.ndarray  # [D] float32 class probabilities, decreasing; 0 on padding.
+    classes: jnp.ndarray  # [D] int32 dataset labels 0..K-1.
+    valid: jnp.ndarray  # [D] bool.
+
+
+def detect_boxes(
+    class_logits: jnp.ndarray,
+    box_deltas: jnp.ndarray,
+    proposals: jnp.ndarray,
+    proposal_valid: jnp.ndarray,
+    image_size: jnp.ndarray,
+    *,
+    box_reg_weights: Sequence[float],
+    score_threshold: float,
+    nms_threshold: float,
+    max_detections: int,
+    pre_nms_topk: int,
+) -> Detections:
+    """torchvision's `RoIHeads.postprocess_detections` for ONE image, static shapes.
+
+    Softmax scores of the K foreground classes for each of the P proposals, class-specific boxes
+    decoded and clipped to `image_size`, candidates with score ≤ `score_threshold` or a side
+    < 0.01 px dropped, per-class NMS, the `max_detections` best kept. To bound the cost of NMS
+    only the `pre_nms_topk` highest-scoring candidates enter it; the result is exact whenever fewer
+    candidates pass the threshold or NMS keeps `max_detections` of them.
+
+    Args:
+      class_logits: [P, K + 1]. box_deltas: [P, K, 4]. proposals: [P, 4]; proposal_valid: [P].
+      image_size: [2] (height, width).
+    """
+    num_classes = box_deltas.shape[1]
+    probs = jax.nn.softmax(class_logits, axis=-1)[:, 1:]
+    boxes = box_ops.decode_boxes(box_deltas, proposals[:, None, :], box_reg_weights)
+    boxes = box_ops.clip_boxes(boxes, image_size).reshape(-1, 4)
+    scores = probs.reshape(-1)
+    classes = jnp.tile(jnp.arange(num_classes, dtype=jnp.int32), proposals.shape[0])
+    valid = (
+        (scores > score_threshold)
+        & box_ops.min_size_mask(boxes, 1e-2)
+        & jnp.repeat(proposal_valid, num_classes)
+    )
+    k = min(pre_nms_topk, scores.shape[0])
+    _, top = jax.lax.top_k(jnp.where(valid, scores, -1.0), k)
+    keep, keep_valid = nms_ops.batched_nms(
+        boxes[top], scores[top], classes[top], nms_threshold, max_detections, valid=valid[top]
+    )
+    keep = top[keep]
+    return Detections(
+        boxes=jnp.where(keep_valid[:, None], boxes[keep], 0.0),
+        scores=jnp.where(keep_valid, scores[keep], 0.0),
+        classes=jnp.where(keep_valid, classes[keep], 0),
+        valid=keep_valid,
+    )

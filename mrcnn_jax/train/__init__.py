@@ -1,0 +1,1 @@
+"""Losses, train state, optimizer and the jitted data-parallel train step."""

@@ -1,0 +1,124 @@
+"""Train state, learning-rate schedule and optimizer (SGD with momentum, Detectron2-style)."""
+
+import re
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax.training import train_state
+
+from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
+
+
+class TrainState(train_state.TrainState):
+    """`params`, `opt_state`, `step` plus the BatchNorm statistics."""
+
+    batch_stats: Any = None
+
+
+def create_learning_rate_fn(train: ml_collections.ConfigDict) -> optax.Schedule:
+    """Linear warm-up from `warmup_factor · base_lr` to `base_lr`, then cosine or step decay.
+
+    "cosine" decays to 0 at `num_steps`; "step" multiplies by `decay_factor` at each step of
+    `decay_steps`.
+    """
+    warmup = optax.linear_schedule(
+        train.base_lr * train.warmup_factor, train.base_lr, max(train.warmup_steps, 1)
+    )
+    if train.schedule == "cosine":
+        decay = optax.cosine_decay_schedule(
+            train.base_lr, max(train.num_steps - train.warmup_steps, 1)
+        )
+    elif train.schedule == "step":
+        decay = optax.piecewise_constant_schedule(
+            train.base_lr,
+            {int(s) - train.warmup_steps: train.decay_factor for s in train.decay_steps},
+        )
+    else:
+        raise ValueError(f"train.schedule must be 'cosine' or 'step', got {train.schedule!r}")
+    return optax.join_schedules([warmup, decay], [train.warmup_steps])
+
+
+def _path_names(path) -> tuple[str, ...]:
+    return tuple(getattr(k, "key", str(k)) for k in path)
+
+
+def is_frozen(names: tuple[str, ...], model: ml_collections.ConfigDict) -> bool:
+    """Whether the parameter at `names` (module path + leaf name) is excluded from training.
+
+    Frozen: every BatchNorm scale/bias when `model.norm == "frozen"`; the stem when
+    `model.freeze_at >= 1`; the stem and res2 when `model.freeze_at >= 2`.
+    """
+    if names[0] != "backbone":
+        return False
+    is_norm = any(re.fullmatch(r"(.*_)?bn\d?", name) for name in names[1:-1])
+    if model.norm == "frozen" and is_norm:
+        return True
+    stage = names[1].split("_")[0]
+    return (model.freeze_at >= 1 and stage == "stem") or (model.freeze_at >= 2 and stage == "res2")
+
+
+def create_optimizer(
+    params, config: ml_collections.ConfigDict, learning_rate_fn: optax.Schedule
+) -> optax.GradientTransformation:
+    """SGD with momentum and weight decay (not on biases or norm parameters), frozen params kept.
+
+    Optional global-norm clipping (`train.grad_clip_norm > 0`) comes first, as in PyTorch.
+    """
+    train = config.train
+
+    def decay_mask(tree):
+        return jax.tree_util.tree_map_with_path(
+            lambda p, _: _path_names(p)[-1] in ("kernel", "predictor_kernel"), tree
+        )
+
+    def labels(tree):
+        return jax.tree_util.tree_map_with_path(
+            lambda p, _: "frozen" if is_frozen(_path_names(p), config.model) else "train", tree
+        )
+
+    steps = []
+    if train.grad_clip_norm > 0:
+        steps.append(optax.clip_by_global_norm(train.grad_clip_norm))
+    steps += [
+        optax.add_decayed_weights(train.weight_decay, mask=decay_mask),
+        optax.sgd(learning_rate_fn, momentum=train.momentum),
+    ]
+    return optax.multi_transform(
+        {"train": optax.chain(*steps), "frozen": optax.set_to_zero()}, labels
+    )
+
+
+def init_variables(model: MaskRCNN, key: jax.Array, image_shape: tuple[int, int]) -> dict:
+    """Initialises the model's `params` and `batch_stats` for `image_shape` (H, W) inputs."""
+    batch = {
+        "image": jnp.zeros((1, *image_shape, 3), jnp.float32),
+        "image_size": jnp.array([image_shape], jnp.int32),
+    }
+    variables = jax.jit(lambda k: model.init(k, batch, train=False))(key)
+    return flax.core.unfreeze(variables)
+
+
+def create_train_state(
+    key: jax.Array, config: ml_collections.ConfigDict, model: MaskRCNN
+) -> tuple[TrainState, optax.Schedule]:
+    """A fresh `TrainState` for `config` and the learning-rate schedule it uses."""
+    variables = init_variables(model, key, tuple(config.data.image_size))
+    learning_rate_fn = create_learning_rate_fn(config.train)
+    tx = create_optimizer(variables["params"], config, learning_rate_fn)
+    state = TrainState.create(
+        apply_fn=model.apply,
+        params=variables["params"],
+        tx=tx,
+        batch_stats=variables.get("batch_stats", {}),
+    )
+    return state, learning_rate_fn
+
+
+def count_params(params) -> int:
+    """Number of scalars in a parameter tree."""
+    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))

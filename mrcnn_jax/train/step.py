@@ -1,0 +1,125 @@
+"""The jitted, data-parallel train and inference steps.
+
+Per-replica code is written in the pmap style (an `axis_name`, explicit `lax.pmean` of gradients,
+BN statistics and metrics) and run with `jax.shard_map` inside `jax.jit` over a 1-D mesh whose
+data axis spans every device of every host. `check_vma=False` gives shard_map pmap's semantics:
+replication is asserted by the explicit `pmean`s rather than inferred. Per-image PRNG keys are
+derived from the step key and the image's index in the GLOBAL batch, so the result does not
+depend on the number of devices.
+"""
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
+from mrcnn_jax.train.losses import mask_rcnn_losses
+from mrcnn_jax.train.state import TrainState
+
+AXIS = "batch"
+
+
+def create_mesh(devices=None) -> Mesh:
+    """A 1-D mesh with data axis `AXIS` over `devices` (default: all devices of all hosts)."""
+    devices = jax.devices() if devices is None else devices
+    return Mesh(np.asarray(devices), (AXIS,))
+
+
+def shard_batch(batch: dict, mesh: Mesh) -> dict:
+    """Turns this host's numpy batch into global arrays split along the batch axis.
+
+    On one host `batch` is the global batch; on several hosts each passes its local part (in
+    process order), as `mrcnn_jax.data.pipeline` yields it.
+    """
+    sharding = NamedSharding(mesh, P(AXIS))
+    return {
+        k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()
+    }
+
+
+def replicate(tree, mesh: Mesh):
+    """Places a pytree (e.g. the train state) on every device of `mesh`, replicated.
+
+    Do this once before the first step: the step's outputs are replicated on the mesh, and an
+    input placed differently would make the second call recompile.
+    """
+    return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def _per_image_keys(key: jax.Array, local_batch: int) -> tuple[jax.Array, jax.Array]:
+    first = jax.lax.axis_index(AXIS) * local_batch
+    keys = jax.vmap(lambda i: jax.random.split(jax.random.fold_in(key, i)))(
+        first + jnp.arange(local_batch)
+    )
+    return keys[:, 0], keys[:, 1]
+
+
+def make_train_step(
+    model: MaskRCNN,
+    config: ml_collections.ConfigDict,
+    mesh: Mesh,
+    learning_rate_fn: optax.Schedule,
+) -> Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]:
+    """Builds `train_step(state, batch, key) -> (state, metrics)`, one XLA program.
+
+    `state` is replicated, `batch` holds global arrays sharded over the mesh (see `shard_batch`),
+    `key` is the step's PRNG key. The state's buffers are donated. Metrics are global-batch means.
+    """
+    global_batch = config.train.batch_size
+    if global_batch % mesh.size:
+        raise ValueError(
+            f"train.batch_size={global_batch} is not divisible by the {mesh.size} devices"
+        )
+
+    def per_replica(state: TrainState, batch: dict, key: jax.Array):
+        roi_keys, rpn_keys = _per_image_keys(key, batch["image"].shape[0])
+
+        def loss_fn(params):
+            variables = {"params": params, "batch_stats": state.batch_stats}
+            outputs, updates = state.apply_fn(
+                variables, batch, train=True, keys=roi_keys, mutable=["batch_stats"]
+            )
+            losses = mask_rcnn_losses(outputs, batch, rpn_keys, config.model, AXIS)
+            return losses["loss"], (losses, updates, outputs)
+
+        grads, (losses, updates, outputs) = jax.grad(loss_fn, has_aux=True)(state.params)
+        grads = jax.lax.pmean(grads, AXIS)
+        batch_stats = jax.lax.pmean(updates["batch_stats"], AXIS)
+        new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+        metrics = {
+            **losses,
+            "num_proposals": jnp.mean(outputs.num_proposals.astype(jnp.float32)),
+            "num_fg_rois": jnp.mean(jnp.sum(outputs.mask_valid, axis=1).astype(jnp.float32)),
+            "grad_norm": optax.global_norm(grads),
+        }
+        metrics = jax.lax.pmean(metrics, AXIS)
+        metrics["learning_rate"] = learning_rate_fn(state.step)
+        return new_state, metrics
+
+    step = jax.shard_map(
+        per_replica,
+        mesh=mesh,
+        in_specs=(P(), P(AXIS), P()),
+        out_specs=(P(), P()),
+        check_vma=False,
+    )
+    return jax.jit(step, donate_argnums=(0,))
+
+
+def make_predict_step(model: MaskRCNN, mesh: Mesh) -> Callable[[dict, dict], dict[str, jax.Array]]:
+    """Builds `predict_step(variables, batch) -> detections` (see `MaskRCNN.__call__`), sharded
+    over the mesh like the train step; outputs keep the batch sharding."""
+
+    def per_replica(variables, batch):
+        return model.apply(variables, batch, train=False)
+
+    step = jax.shard_map(
+        per_replica, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P(AXIS), check_vma=False
+    )
+    return jax.jit(step)

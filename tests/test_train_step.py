@@ -1,0 +1,94 @@
+"""The jitted data-parallel train step: 8 devices == 1 device, no recompiles, finite on edge
+cases."""
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from conftest import tiny_config
+
+from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
+from mrcnn_jax.train import state as state_lib
+from mrcnn_jax.train import step as step_lib
+
+
+def synthetic_batch(config, rng: np.random.Generator, num_objects) -> dict:
+    """A train batch (CONTRACTS.md keys) with `num_objects[b]` random boxes+masks in image b."""
+    b, (h, w) = len(num_objects), config.data.image_size
+    m, s = config.data.max_instances, config.data.mask_size
+    batch = {
+        "image": rng.normal(size=(b, h, w, 3)).astype(np.float32),
+        "image_size": np.tile(np.array([h, w], np.int32), (b, 1)),
+        "gt_boxes": np.zeros((b, m, 4), np.float32),
+        "gt_classes": np.full((b, m), -1, np.int32),
+        "gt_valid": np.zeros((b, m), bool),
+        "gt_masks": np.zeros((b, m, s, s), np.uint8),
+    }
+    for i, n in enumerate(num_objects):
+        for j in range(n):
+            x1, y1 = rng.uniform(0, 0.6 * w), rng.uniform(0, 0.6 * h)
+            bw, bh = rng.uniform(6, 0.4 * w), rng.uniform(6, 0.4 * h)
+            batch["gt_boxes"][i, j] = [x1, y1, x1 + bw, y1 + bh]
+            batch["gt_classes"][i, j] = rng.integers(config.model.num_classes)
+            batch["gt_valid"][i, j] = True
+            batch["gt_masks"][i, j] = rng.uniform(size=(s, s)) > 0.3
+    return batch
+
+
+def make_trainer(config, devices):
+    model = MaskRCNN(ml_collections.FrozenConfigDict(config.model), axis_name=step_lib.AXIS)
+    state, lr_fn = state_lib.create_train_state(jax.random.key(0), config, model)
+    mesh = step_lib.create_mesh(devices)
+    return (
+        step_lib.replicate(state, mesh),
+        step_lib.make_train_step(model, config, mesh, lr_fn),
+        mesh,
+    )
+
+
+@pytest.mark.parametrize("norm", ["frozen", "sync"])
+def test_eight_devices_match_one_device(norm):
+    assert jax.device_count() >= 8, "conftest should force 8 CPU devices"
+    config = tiny_config(**{"model.norm": norm, "train.batch_size": 8})
+    batch = synthetic_batch(config, np.random.default_rng(0), [1, 2, 3, 0, 2, 1, 3, 4])
+    results = []
+    for devices in (jax.devices()[:1], jax.devices()[:8]):
+        state, train_step, mesh = make_trainer(config, devices)
+        new_state, metrics = train_step(state, step_lib.shard_batch(batch, mesh), jax.random.key(1))
+        results.append(jax.device_get((new_state.params, new_state.batch_stats, metrics)))
+    (params1, stats1, metrics1), (params8, stats8, metrics8) = results
+    for name in ("loss", "loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box_reg", "loss_mask"):
+        np.testing.assert_allclose(
+            metrics8[name], metrics1[name], rtol=1e-4, atol=1e-6, err_msg=name
+        )
+    assert metrics1["loss_mask"] > 0 and metrics1["loss_box_reg"] > 0
+    flat1 = jax.tree_util.tree_leaves_with_path(params1)
+    flat8 = jax.tree_util.tree_leaves(params8)
+    for (path, a), b in zip(flat1, flat8):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+    for a, b in zip(jax.tree_util.tree_leaves(stats1), jax.tree_util.tree_leaves(stats8)):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_second_step_does_not_recompile_and_edge_cases_stay_finite():
+    config = tiny_config()
+    m = config.data.max_instances
+    state, train_step, mesh = make_trainer(config, jax.devices()[:2])
+    rng = np.random.default_rng(1)
+    # One image without objects, one with max_instances objects; then new data of another kind.
+    for step, counts in enumerate(([0, m], [2, 1], [0, 0])):
+        batch = synthetic_batch(config, rng, counts)
+        state, metrics = train_step(state, step_lib.shard_batch(batch, mesh), jax.random.key(step))
+        metrics = jax.device_get(metrics)
+        assert all(np.isfinite(v) for v in metrics.values()), (counts, metrics)
+        finite = jax.tree_util.tree_map(lambda x: np.isfinite(np.asarray(x)).all(), state.params)
+        assert all(jax.tree_util.tree_leaves(finite)), counts
+    assert metrics["loss_mask"] == 0 and metrics["loss_box_reg"] == 0  # no objects at all
+    assert train_step._cache_size() == 1
+    assert int(state.step) == 3
+
+
+def test_batch_size_not_divisible_by_devices_is_a_clear_error():
+    config = tiny_config(**{"train.batch_size": 3})
+    with pytest.raises(ValueError, match="not divisible"):
+        make_trainer(config, jax.devices()[:2])
