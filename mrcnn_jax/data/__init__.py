@@ -1,0 +1,34 @@
+"""Datasets (TFDS builders with instance masks) and the tf.data input pipeline.
+
+- ``shapes``: synthetic circles/squares/triangles generated from a seed (``build_shapes``).
+- ``coco_instances``: COCO 2017 with instance masks, from the official files in a manual dir.
+- ``schema``: the feature schema both share, and the label <-> category-id maps.
+- ``coco_json``: a split as a COCO ground-truth json for pycocotools.
+- ``pipeline``: fixed-shape numpy batches for training and evaluation.
+"""
+
+import ml_collections
+import tensorflow_datasets as tfds
+
+from mrcnn_jax.data import coco_instances, shapes
+
+
+def get_builder(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+    """Returns the prepared builder of ``config.data``, building it first if needed.
+
+    "shapes" is generated into ``data.data_dir`` on first use (seconds); "coco_instances" is
+    built from the official files in ``data.manual_dir`` on first use (an hour or so).
+    """
+    data_dir = data.data_dir or None
+    if data.dataset == "shapes":
+        return shapes.build_shapes(data_dir)
+    if data.dataset == "coco_instances":
+        builder = coco_instances.CocoInstances(data_dir=data_dir)
+        manual_dir = data.manual_dir or None
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
+        )
+        return builder
+    raise ValueError(
+        f"config.data.dataset is {data.dataset!r}; expected 'shapes' or 'coco_instances'"
+    )

@@ -1,0 +1,73 @@
+"""A dataset split as a COCO-format ground-truth json, for pycocotools evaluation.
+
+Works for every builder of the shared schema. Boxes come back from TFDS' normalised float32
+boxes, rounded to 1/1000 pixel (exact for COCO's 2-decimal and shapes' integer boxes, except
+where the builder clipped a box to its image); masks are the stored compressed RLE. For COCO
+2017 the official ``annotations/instances_val2017.json`` in the manual dir is equivalent and can
+be used instead.
+"""
+
+import json
+from typing import Any
+
+import tensorflow_datasets as tfds
+from etils import epath
+
+from mrcnn_jax.data import schema
+
+
+def coco_ground_truth(builder: tfds.core.DatasetBuilder, split: str) -> dict[str, Any]:
+    """Returns {"images", "annotations", "categories"} of ``split`` in COCO json form.
+
+    Images: {id, file_name, height, width}; annotations: {id, image_id, category_id (the
+    dataset's own ids), bbox [x, y, w, h] in original pixels, area, iscrowd, segmentation
+    (compressed RLE {size: [h, w], counts: str})}; categories: {id, name} in label order.
+    """
+    dataset = builder.as_dataset(
+        split=split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()}
+    )
+    images, annotations = [], []
+    for example in dataset.as_numpy_iterator():
+        height, width = (int(v) for v in example["image/size"])
+        image_id = int(example["image/id"])
+        images.append(
+            {
+                "id": image_id,
+                "file_name": example["image/filename"].decode(),
+                "height": height,
+                "width": width,
+            }
+        )
+        objects = example["objects"]
+        for k, annotation_id in enumerate(objects["id"]):
+            ymin, xmin, ymax, xmax = (float(v) for v in objects["bbox"][k])
+            box = [xmin * width, ymin * height, (xmax - xmin) * width, (ymax - ymin) * height]
+            annotations.append(
+                {
+                    "id": int(annotation_id),
+                    "image_id": image_id,
+                    "category_id": int(objects["category_id"][k]),
+                    "bbox": [round(v, 3) for v in box],
+                    "area": float(objects["area"][k]),
+                    "iscrowd": int(objects["is_crowd"][k]),
+                    "segmentation": {
+                        "size": [height, width],
+                        "counts": objects["mask"][k].decode("ascii"),
+                    },
+                }
+            )
+    return {
+        "images": images,
+        "annotations": annotations,
+        "categories": schema.categories(builder.info),
+    }
+
+
+def write_coco_ground_truth(
+    builder: tfds.core.DatasetBuilder, split: str, path: epath.PathLike
+) -> epath.Path:
+    """Writes ``coco_ground_truth(builder, split)`` as json to ``path``; returns the path."""
+    path = epath.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(coco_ground_truth(builder, split)))
+    return path

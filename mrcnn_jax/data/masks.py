@@ -1,0 +1,118 @@
+"""Instance masks stored as COCO compressed RLE, and their decoding inside tf.data.
+
+Storage format (both builders): each instance mask is the image-sized binary mask encoded as the
+`counts` string of pycocotools' compressed RLE (column-major run lengths, first run = background,
+each length written in pycocotools' 5-bit variable-length, delta-coded text). It is the smallest
+of the formats measured (see ``docs/DATA.md``), and it is exactly what pycocotools evaluation
+consumes, so a split converts to a COCO ground-truth json without re-encoding.
+
+The input pipeline never materialises the full-image masks: ``rle_counts`` decodes the strings to
+run lengths with vectorised TF ops, and ``sample_masks`` looks up the pixels around the requested
+points with a binary search over the run ends. Cropping a mask to an S×S grid therefore costs
+O(S² log runs) per instance instead of O(H·W).
+"""
+
+import numpy as np
+import tensorflow as tf
+from pycocotools import mask as mask_utils
+
+
+def encode_mask(mask: np.ndarray) -> bytes:
+    """Encodes one binary mask as pycocotools compressed-RLE counts.
+
+    Args:
+        mask: [H, W] bool or integer array, nonzero = object.
+
+    Returns:
+        The RLE `counts` bytes (the mask's height and width are stored beside it, not in it).
+    """
+    fortran = np.asfortranarray(np.asarray(mask) != 0, dtype=np.uint8)
+    return mask_utils.encode(fortran)["counts"]
+
+
+def decode_mask(rle: bytes, height: int, width: int) -> np.ndarray:
+    """Decodes RLE counts (as from ``encode_mask``) to a [height, width] uint8 {0,1} mask."""
+    return mask_utils.decode({"size": [int(height), int(width)], "counts": rle})
+
+
+def rle_counts(rles: tf.Tensor) -> tf.RaggedTensor:
+    """Decodes compressed-RLE strings to run lengths, as pycocotools' ``rleFrString``, in TF ops.
+
+    Each character c carries 5 payload bits (c - 48) & 0x1f, least significant group first; bit
+    0x20 says that more characters follow, and bit 0x10 of the last character is the sign. From
+    the fourth run on, the stored value is the difference to the run two places earlier.
+
+    Args:
+        rles: [N] tf.string, compressed-RLE counts strings.
+
+    Returns:
+        [N, (R_n)] int64 ragged run lengths, column-major, first run = background.
+    """
+    chars = tf.strings.unicode_decode(rles, "UTF-8")  # ASCII '0'..'o' only.
+    value = tf.cast(chars.flat_values, tf.int64) - 48
+    ends_token = tf.equal(tf.bitwise.bitwise_and(value, 0x20), 0)
+    token = tf.cumsum(tf.cast(ends_token, tf.int64), exclusive=True)
+    num_tokens = tf.reduce_sum(tf.cast(ends_token, tf.int64))
+    char_index = tf.range(tf.size(value, out_type=tf.int64))
+    token_start = tf.math.unsorted_segment_min(char_index, token, num_tokens)
+    shift = 5 * (char_index - tf.gather(token_start, token))
+    payload = tf.bitwise.left_shift(tf.bitwise.bitwise_and(value, 0x1F), shift)
+    negative = ends_token & tf.not_equal(tf.bitwise.bitwise_and(value, 0x10), 0)
+    sign = tf.where(
+        negative, -tf.bitwise.left_shift(tf.ones_like(shift), shift + 5), tf.zeros_like(shift)
+    )
+    deltas = tf.math.unsorted_segment_sum(payload + sign, token, num_tokens)
+
+    runs_per_row = tf.reduce_sum(tf.cast(chars.with_flat_values(ends_token), tf.int64), axis=1)
+    dense = tf.RaggedTensor.from_row_lengths(deltas, runs_per_row).to_tensor()
+    position = tf.range(tf.shape(dense, out_type=tf.int64)[1])[tf.newaxis, :]
+    zero = tf.zeros_like(dense)
+    chained = tf.where(position > 0, dense, zero)  # run m > 2 adds run m - 2: per-parity cumsums
+    odd = tf.equal(position % 2, 1)
+    odd_sums = tf.cumsum(tf.where(odd, chained, zero), axis=1)
+    even_sums = tf.cumsum(tf.where(odd, zero, chained), axis=1)
+    counts = tf.where(position == 0, dense, tf.where(odd, odd_sums, even_sums))
+    return tf.RaggedTensor.from_tensor(counts, lengths=runs_per_row)
+
+
+def sample_masks(
+    counts: tf.RaggedTensor, height: tf.Tensor, width: tf.Tensor, x: tf.Tensor, y: tf.Tensor
+) -> tf.Tensor:
+    """Bilinearly samples run-length masks at continuous image points.
+
+    Pixel (row r, column c) covers [c, c+1) × [r, r+1) with its centre at (c + 0.5, r + 0.5), so
+    a point (x, y) interpolates the four pixels whose centres surround it; the mask is 0 outside
+    the image (as RoIAlign's zero padding).
+
+    Args:
+        counts: [N, (R_n)] int64 run lengths (``rle_counts``); each row must sum to height*width.
+        height, width: scalar int sizes of the masks.
+        x, y: [N, P] float32 image coordinates of the points sampled for each mask.
+
+    Returns:
+        [N, P] float32 interpolated mask values in [0, 1].
+    """
+    height = tf.cast(height, tf.int64)
+    width = tf.cast(width, tf.int64)
+    u = tf.cast(x, tf.float64) - 0.5
+    v = tf.cast(y, tf.float64) - 0.5
+    u0, v0 = tf.floor(u), tf.floor(v)
+    fu, fv = u - u0, v - v0
+    num_points = tf.shape(x, out_type=tf.int64)[1]
+    row = tf.range(tf.shape(x, out_type=tf.int64)[0])[:, tf.newaxis, tf.newaxis]
+    cols = tf.cast(tf.stack([u0, u0 + 1.0, u0, u0 + 1.0], axis=-1), tf.int64)  # [N, P, 4]
+    rows = tf.cast(tf.stack([v0, v0, v0 + 1.0, v0 + 1.0], axis=-1), tf.int64)
+    inside = (cols >= 0) & (cols < width) & (rows >= 0) & (rows < height)
+    pixel = tf.clip_by_value(cols, 0, width - 1) * height + tf.clip_by_value(rows, 0, height - 1)
+    # All masks' run ends in one sorted vector: row n's runs end within (n·H·W, (n+1)·H·W].
+    ends = tf.cumsum(counts.flat_values)
+    query = tf.reshape(pixel + row * height * width, [-1])
+    run = tf.searchsorted(ends, query, side="right", out_type=tf.int64)
+    run = (
+        tf.reshape(run, tf.shape(pixel, out_type=tf.int64))
+        - counts.row_starts()[:, tf.newaxis, tf.newaxis]
+    )
+    on = tf.cast(inside & tf.equal(run % 2, 1), tf.float64)
+    weights = tf.stack([(1 - fu) * (1 - fv), fu * (1 - fv), (1 - fu) * fv, fu * fv], axis=-1)
+    values = tf.reduce_sum(on * weights, axis=-1)
+    return tf.cast(tf.reshape(values, [-1, num_points]), tf.float32)

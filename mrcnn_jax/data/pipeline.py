@@ -1,0 +1,341 @@
+"""tf.data input pipeline: TFDS examples -> fixed-shape numpy batches (docs/CONTRACTS.md "Batches").
+
+Per example (train): decode; pick at most ``max_instances`` objects; random horizontal flip;
+resize keeping the aspect ratio so the image fits ``image_size``, times a random factor from
+``scale_jitter`` (a too large result is randomly cropped to ``image_size``); normalise with
+``mean``/``std``; zero-pad bottom/right. Boxes follow the image (resized = original * scale) and
+are clipped to the content. Each kept mask is bilinearly sampled at the centres of an S×S grid
+over its final box and thresholded at 0.5, straight from the stored run lengths (``masks.py``).
+Eval: the same without flip, jitter or crop, plus image id, original size and scale.
+
+Resizing rounds the content to whole pixels, so the image grid can deviate from
+``original * scale`` by at most half a (resized) pixel at the far edge; boxes and masks use the
+exact scale.
+
+Objects: crowd regions and boxes of zero area stay in the ground truth with ``gt_valid`` False
+(and zero masks); images without objects give all-padding ground truth. If an image has more
+than ``max_instances`` objects, the kept ones are the first in the order (trainable before crowd
+or zero-area, then annotation order), and the first such image of a run logs a warning.
+
+Data order: each process reads only its ``tfds.split_for_jax_process`` shard. The order and the
+augmentation depend only on (config.seed, process index, position in the stream): the
+augmentation of example i is drawn from a stateless seed folded with i, and ``start_step=N``
+skips N batches of undecoded records before the decoding map, so it yields exactly what a fresh
+iterator yields after N batches.
+"""
+
+from collections.abc import Iterator
+
+import jax
+import ml_collections
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from absl import logging
+
+from mrcnn_jax.data import get_builder, masks
+
+Batch = dict[str, np.ndarray]
+_RAW_IMAGE = {"image": tfds.decode.SkipDecoding()}
+_TRAIN_KEYS = ("image", "image_size", "gt_boxes", "gt_classes", "gt_valid", "gt_masks")
+
+
+def _decode_image(encoded: tf.Tensor) -> tf.Tensor:
+    """JPEG/PNG bytes -> [H, W, 3] uint8."""
+    return tf.io.decode_image(encoded, channels=3, expand_animations=False)
+
+
+def _pixel_boxes(bbox: tf.Tensor, height: tf.Tensor, width: tf.Tensor) -> tf.Tensor:
+    """TFDS normalised (ymin, xmin, ymax, xmax) [N, 4] -> (x1, y1, x2, y2) pixels [N, 4] f32."""
+    ymin, xmin, ymax, xmax = tf.unstack(bbox, num=4, axis=-1)
+    h, w = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
+    return tf.stack([xmin * w, ymin * h, xmax * w, ymax * h], axis=-1)
+
+
+def _positive_area(boxes: tf.Tensor) -> tf.Tensor:
+    """[N, 4] (x1, y1, x2, y2) -> [N] bool."""
+    return (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+
+
+def _select_objects(
+    boxes: tf.Tensor, is_crowd: tf.Tensor, max_instances: int
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """Indices of the objects to keep (trainable first, then file order), and how many trainable
+    objects did not fit: ([n <= max_instances] int32, int32 scalar)."""
+    trainable = ~is_crowd & _positive_area(boxes)
+    order = tf.argsort(tf.cast(~trainable, tf.int32), stable=True)[:max_instances]
+    num_trainable = tf.reduce_sum(tf.cast(trainable, tf.int32))
+    return order, tf.maximum(num_trainable - max_instances, 0)
+
+
+def _augmentation(
+    seed: tf.Tensor,
+    height: tf.Tensor,
+    width: tf.Tensor,
+    data: ml_collections.ConfigDict,
+    train: bool,
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+    """(flip bool, scale f32, resized size [2] int32, crop offset (y, x) [2] int32)."""
+    target = tf.constant(data.image_size, tf.float32)
+    size = tf.cast(tf.stack([height, width]), tf.float32)
+    scale = tf.reduce_min(target / size)
+    flip = tf.constant(False)
+    if train:
+        flip_seed, jitter_seed, crop_seed = tf.unstack(tf.random.split(seed, 3))
+        if data.hflip:
+            flip = tf.random.stateless_uniform([], flip_seed) < 0.5
+        low, high = data.scale_jitter
+        scale *= tf.random.stateless_uniform([], jitter_seed, low, high)
+    resized = tf.maximum(tf.cast(tf.round(size * scale), tf.int32), 1)
+    excess = tf.maximum(resized - tf.constant(data.image_size, tf.int32), 0)
+    offset = tf.zeros([2], tf.int32)
+    if train:
+        fraction = tf.random.stateless_uniform([2], crop_seed)
+        offset = tf.minimum(tf.cast(fraction * tf.cast(excess + 1, tf.float32), tf.int32), excess)
+    return flip, scale, resized, offset
+
+
+def _transform_image(
+    image: tf.Tensor, flip: tf.Tensor, resized: tf.Tensor, offset: tf.Tensor, data
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """[H, W, 3] uint8 -> (normalised, zero-padded [Ht, Wt, 3] f32, content size [2] int32)."""
+    image = tf.cond(flip, lambda: tf.image.flip_left_right(image), lambda: image)
+    image = tf.image.resize(image, resized, method="bilinear")
+    target_h, target_w = data.image_size
+    image = image[offset[0] : offset[0] + target_h, offset[1] : offset[1] + target_w]
+    content = tf.shape(image)[:2]
+    image = (image - tf.constant(data.mean, tf.float32)) / tf.constant(data.std, tf.float32)
+    image = tf.image.pad_to_bounding_box(image, 0, 0, target_h, target_w)
+    return image, content
+
+
+def _transform_boxes(
+    boxes: tf.Tensor, flip: tf.Tensor, scale: tf.Tensor, offset: tf.Tensor, width, content
+) -> tf.Tensor:
+    """Original-pixel boxes [n, 4] -> flipped, scaled, shifted by -offset, clipped to content."""
+    x1, y1, x2, y2 = tf.unstack(boxes, num=4, axis=-1)
+    w = tf.cast(width, tf.float32)
+    x1, x2 = tf.where(flip, w - x2, x1), tf.where(flip, w - x1, x2)
+    shift = tf.cast(tf.stack([offset[1], offset[0], offset[1], offset[0]]), tf.float32)
+    boxes = tf.stack([x1, y1, x2, y2], axis=-1) * scale - shift
+    limit = tf.cast(tf.stack([content[1], content[0], content[1], content[0]]), tf.float32)
+    return tf.clip_by_value(boxes, 0.0, limit)
+
+
+def _crop_masks(
+    rles: tf.Tensor, height, width, boxes, flip, scale, offset, mask_size: int
+) -> tf.Tensor:
+    """[n] RLE strings + final boxes [n, 4] -> [n, S, S] uint8 GT-box crops (CONTRACTS.md)."""
+    x1, y1, x2, y2 = tf.unstack(boxes[:, :, tf.newaxis], num=4, axis=1)
+    steps = (tf.range(mask_size, dtype=tf.float32) + 0.5) / mask_size
+    xs = x1 + steps * (x2 - x1)  # [n, S] grid centres in the final image
+    ys = y1 + steps * (y2 - y1)
+    x = tf.tile(xs[:, tf.newaxis, :], [1, mask_size, 1])  # [n, S, S], x varies along columns
+    y = tf.tile(ys[:, :, tf.newaxis], [1, 1, mask_size])
+    # Final image -> (flipped) original pixels.
+    x = (x + tf.cast(offset[1], tf.float32)) / scale
+    y = (y + tf.cast(offset[0], tf.float32)) / scale
+    x = tf.where(flip, tf.cast(width, tf.float32) - x, x)
+    n = tf.shape(rles)[0]
+    values = masks.sample_masks(
+        masks.rle_counts(rles), height, width, tf.reshape(x, [n, -1]), tf.reshape(y, [n, -1])
+    )
+    return tf.cast(tf.reshape(values, [n, mask_size, mask_size]) >= 0.5, tf.uint8)
+
+
+def _pad_rows(x: tf.Tensor, rows: int, value) -> tf.Tensor:
+    """Pads the first axis of ``x`` to ``rows`` with ``value``."""
+    padding = [[0, rows - tf.shape(x)[0]]] + [[0, 0]] * (len(x.shape) - 1)
+    return tf.pad(x, padding, constant_values=value)
+
+
+def _preprocess(example: dict, seed: tf.Tensor, data: ml_collections.ConfigDict, train: bool):
+    """One TFDS example (image still encoded) -> the per-example dict of a batch."""
+    image = _decode_image(example["image"])
+    height, width = tf.shape(image)[0], tf.shape(image)[1]
+    objects = example["objects"]
+    boxes = _pixel_boxes(objects["bbox"], height, width)
+    keep, num_dropped = _select_objects(boxes, objects["is_crowd"], data.max_instances)
+    boxes = tf.gather(boxes, keep)
+    is_crowd = tf.gather(objects["is_crowd"], keep)
+
+    flip, scale, resized, offset = _augmentation(seed, height, width, data, train)
+    image, content = _transform_image(image, flip, resized, offset, data)
+    boxes = _transform_boxes(boxes, flip, scale, offset, width, content)
+    valid = ~is_crowd & _positive_area(boxes)
+    crops = _crop_masks(
+        tf.gather(objects["mask"], keep), height, width, boxes, flip, scale, offset, data.mask_size
+    )
+    crops *= tf.cast(valid, tf.uint8)[:, tf.newaxis, tf.newaxis]
+
+    m, s = data.max_instances, data.mask_size
+    out = {
+        "image": tf.ensure_shape(image, (*data.image_size, 3)),
+        "image_size": content,
+        "gt_boxes": tf.ensure_shape(_pad_rows(boxes, m, 0.0), (m, 4)),
+        "gt_classes": tf.ensure_shape(
+            _pad_rows(tf.cast(tf.gather(objects["label"], keep), tf.int32), m, -1), (m,)
+        ),
+        "gt_valid": tf.ensure_shape(_pad_rows(valid, m, False), (m,)),
+        "gt_masks": tf.ensure_shape(_pad_rows(crops, m, 0), (m, s, s)),
+        "_num_dropped": num_dropped,
+    }
+    if not train:
+        out["image_id"] = example["image/id"]
+        out["orig_size"] = tf.stack([height, width])
+        out["scale"] = scale
+    return out
+
+
+def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    """(index, count) of this process, defaulting to JAX's."""
+    index = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
+    return index, count
+
+
+def _local_batch(global_batch: int, process_count: int) -> int:
+    """Per-process batch; the global batch must split evenly over processes."""
+    if global_batch % process_count:
+        raise ValueError(f"batch size {global_batch} is not divisible by {process_count} processes")
+    return global_batch // process_count
+
+
+def _numpy_batches(dataset: tf.data.Dataset, max_instances: int) -> Iterator[Batch]:
+    """Yields the batches as numpy dicts, warning once if objects beyond max_instances were cut."""
+    warned = False
+    for batch in dataset.as_numpy_iterator():
+        dropped = batch.pop("_num_dropped")
+        if dropped.any() and not warned:
+            logging.warning(
+                "An image has %d objects more than max_instances=%d; kept the first (non-crowd "
+                "objects first, then annotation order). Raise config.data.max_instances to keep "
+                "all. Warned once per iterator.",
+                int(dropped.max()),
+                max_instances,
+            )
+            warned = True
+        yield batch
+
+
+def _deterministic(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    """Applies tf.data options that keep the element order independent of thread timing."""
+    options = tf.data.Options()
+    options.deterministic = True
+    return dataset.with_options(options)
+
+
+def create_train_dataset(
+    config: ml_collections.ConfigDict,
+    *,
+    builder: tfds.core.DatasetBuilder | None = None,
+    start_step: int = 0,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> Iterator[Batch]:
+    """Endless iterator of this process's training batches (CONTRACTS.md "Batches", train keys).
+
+    Args:
+        config: the experiment config (reads ``seed``, ``data`` and ``train.batch_size``, the
+            global batch; each process yields batch_size / process_count examples).
+        builder: dataset builder; default ``get_builder(config.data)``.
+        start_step: number of batches to skip (resuming at step N), without decoding them.
+        process_index, process_count: this process's place; default JAX's.
+
+    Yields:
+        {"image" [B,H,W,3] f32, "image_size" [B,2] i32, "gt_boxes" [B,M,4] f32 (x1,y1,x2,y2),
+        "gt_classes" [B,M] i32 (-1 padding), "gt_valid" [B,M] bool, "gt_masks" [B,M,S,S] u8}.
+    """
+    data = config.data
+    builder = builder or get_builder(data)
+    index, count = _process(process_index, process_count)
+    batch = _local_batch(config.train.batch_size, count)
+    file_seed, shuffle_seed, augment_seed = (
+        int(s) for s in np.random.SeedSequence([config.seed, index]).generate_state(3)
+    )
+    split = tfds.split_for_jax_process(
+        data.train_split, process_index=index, process_count=count, drop_remainder=True
+    )
+    dataset = builder.as_dataset(
+        split=split,
+        shuffle_files=True,
+        read_config=tfds.ReadConfig(shuffle_seed=file_seed, try_autocache=False),
+        decoders=_RAW_IMAGE,
+    )
+    dataset = dataset.shuffle(data.shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=True)
+    skipped = start_step * batch
+    dataset = dataset.repeat().skip(skipped).enumerate(start=skipped)
+    base_seed = tf.constant([augment_seed, 0], tf.int64)
+
+    def preprocess(position: tf.Tensor, example: dict) -> dict:
+        seed = tf.random.experimental.stateless_fold_in(base_seed, position)
+        out = _preprocess(example, seed, data, train=True)
+        return {k: out[k] for k in (*_TRAIN_KEYS, "_num_dropped")}
+
+    dataset = dataset.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    dataset = dataset.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    return _numpy_batches(_deterministic(dataset), data.max_instances)
+
+
+def eval_num_batches(
+    config: ml_collections.ConfigDict,
+    builder: tfds.core.DatasetBuilder,
+    split: str | None = None,
+    process_count: int | None = None,
+) -> int:
+    """Batches every process yields for ``split`` (the same count on all processes)."""
+    count = _process(None, process_count)[1]
+    batch = _local_batch(config.eval.batch_size, count)
+    total = builder.info.splits[eval_split(config, split)].num_examples
+    per_process = -(-total // count)
+    return -(-per_process // batch)
+
+
+def eval_split(config: ml_collections.ConfigDict, split: str | None) -> str:
+    """The eval split, limited to its first ``config.eval.max_images`` images when that is > 0."""
+    split = split or config.data.val_split
+    return f"{split}[:{config.eval.max_images}]" if config.eval.max_images else split
+
+
+def create_eval_dataset(
+    config: ml_collections.ConfigDict,
+    *,
+    builder: tfds.core.DatasetBuilder | None = None,
+    split: str | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> Iterator[Batch]:
+    """One pass over this process's shard of the eval split, in fixed-shape batches.
+
+    Every process yields ``eval_num_batches`` batches of ``config.eval.batch_size /
+    process_count`` rows; rows beyond the shard's end are zeros with ``valid`` False.
+
+    Args:
+        config: the experiment config; split defaults to ``config.data.val_split``.
+        builder, process_index, process_count: as ``create_train_dataset``.
+
+    Yields:
+        The train keys (no augmentation) plus "image_id" [B] int64, "orig_size" [B,2] int32
+        (height, width), "scale" [B] f32 (resized = original * scale), "valid" [B] bool.
+    """
+    data = config.data
+    builder = builder or get_builder(data)
+    index, count = _process(process_index, process_count)
+    batch = _local_batch(config.eval.batch_size, count)
+    num_batches = eval_num_batches(config, builder, split, count)
+    shard = tfds.split_for_jax_process(
+        eval_split(config, split), process_index=index, process_count=count
+    )
+    dataset = builder.as_dataset(split=shard, shuffle_files=False, decoders=_RAW_IMAGE)
+    seed = tf.zeros([2], tf.int64)  # unused without augmentation
+
+    def preprocess(example: dict) -> dict:
+        return {**_preprocess(example, seed, data, train=False), "valid": tf.constant(True)}
+
+    dataset = dataset.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    padding = tf.data.Dataset.from_tensors(
+        tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype), dataset.element_spec)
+    )
+    dataset = dataset.concatenate(padding.repeat()).take(num_batches * batch)
+    dataset = dataset.batch(batch).prefetch(tf.data.AUTOTUNE)
+    return _numpy_batches(_deterministic(dataset), data.max_instances)

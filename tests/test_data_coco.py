@@ -1,0 +1,221 @@
+"""The COCO-with-masks builder on a tiny COCO-format dataset: round trip against pycocotools'
+annToMask, category maps both ways, the COCO json export, and clear errors on bad input."""
+
+import copy
+import json
+import shutil
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+import tiny_coco
+from pycocotools.coco import COCO
+
+from mrcnn_jax.data import coco_instances, coco_json, masks, schema
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    return tiny_coco.build(tmp_path_factory.mktemp("coco"))
+
+
+def _coco(dataset: dict) -> COCO:
+    coco = COCO()
+    coco.dataset = copy.deepcopy(dataset)
+    coco.createIndex()
+    return coco
+
+
+def _reference_mask(coco: COCO, ann: dict) -> np.ndarray:
+    """annToMask, without the polygon parts of < 3 points that pycocotools would read as boxes."""
+    ann = dict(ann)
+    if isinstance(ann["segmentation"], list):
+        ann["segmentation"] = [p for p in ann["segmentation"] if len(p) >= 6]
+    return coco.annToMask(ann)
+
+
+def _clipped_xyxy(box: list, height: int, width: int) -> np.ndarray:
+    x, y, w, h = box
+    return np.clip([x, y, x + w, y + h], 0, [width, height, width, height])
+
+
+def _examples(builder, split: str) -> dict[int, dict]:
+    dataset = builder.as_dataset(split=split, decoders={"image": tfds.decode.SkipDecoding()})
+    return {int(ex["image/id"]): ex for ex in dataset.as_numpy_iterator()}
+
+
+@pytest.mark.parametrize("split", ["train", "validation"])
+def test_every_image_is_kept_with_its_fields(built, split):
+    builder, jsons = built
+    examples = _examples(builder, split)
+    assert sorted(examples) == sorted(image["id"] for image in jsons[split]["images"])
+    annotated = {ann["image_id"] for ann in jsons[split]["annotations"]}
+    for image in jsons[split]["images"]:
+        ex = examples[image["id"]]
+        assert ex["image/filename"].decode() == image["file_name"]
+        assert ex["image/size"].tolist() == [image["height"], image["width"]]
+        assert ex["image/has_annotations"] == (image["id"] in annotated)
+    unannotated = {"train": 3, "validation": 8}[split]
+    assert not examples[unannotated]["image/has_annotations"]
+    assert len(examples[unannotated]["objects"]["id"]) == 0
+
+
+@pytest.mark.parametrize("split", ["train", "validation"])
+def test_objects_round_trip_to_pycocotools(built, split):
+    builder, jsons = built
+    coco = _coco(jsons[split])
+    order = [c for c, _ in coco_instances.COCO_CATEGORIES]
+    for image_id, ex in _examples(builder, split).items():
+        anns = coco.imgToAnns[image_id]
+        objects = ex["objects"]
+        height, width = ex["image/size"]
+        assert objects["id"].tolist() == [a["id"] for a in anns]
+        for k, ann in enumerate(anns):
+            assert objects["category_id"][k] == ann["category_id"]
+            assert objects["label"][k] == order.index(ann["category_id"])
+            assert objects["is_crowd"][k] == bool(ann["iscrowd"])
+            assert objects["area"][k] == pytest.approx(ann["area"])
+            mask = masks.decode_mask(objects["mask"][k], height, width)
+            np.testing.assert_array_equal(mask, _reference_mask(coco, ann))
+            ymin, xmin, ymax, xmax = objects["bbox"][k]
+            box = [xmin * width, ymin * height, xmax * width, ymax * height]
+            np.testing.assert_allclose(box, _clipped_xyxy(ann["bbox"], height, width), atol=1e-3)
+
+
+def test_crowd_rle_polygon_and_clipping_cases_are_present(built):
+    """Guards the fixture: the cases the other tests rely on really are in the data."""
+    examples = _examples(built[0], "train")
+    assert examples[2]["objects"]["is_crowd"].tolist() == [True, False, False]
+    assert examples[4]["objects"]["is_crowd"].tolist() == [True]
+    assert examples[1]["objects"]["bbox"][1][3] == 1.0  # box 102 clipped at the right border
+    assert examples[2]["objects"]["bbox"][2][1] == examples[2]["objects"]["bbox"][2][3]
+
+
+def test_category_maps_both_ways(built):
+    info = built[0].info
+    ids = schema.label_to_category_id(info)
+    assert ids.shape == (80,) and len(set(ids.tolist())) == 80
+    assert (ids[0], ids[16], ids[79]) == (1, 18, 90)
+    to_label = schema.category_id_to_label(info)
+    assert all(to_label[int(c)] == label for label, c in enumerate(ids))
+    names = schema.class_names(info)
+    assert (names[0], names[16], names[79]) == ("person", "dog", "toothbrush")
+    assert schema.categories(info)[16] == {"id": 18, "name": "dog"}
+
+
+def test_coco_ground_truth_matches_the_annotation_file(built, tmp_path):
+    builder, jsons = built
+    path = coco_json.write_coco_ground_truth(builder, "train", tmp_path / "gt.json")
+    exported = COCO(str(path))
+    original = _coco(jsons["train"])
+    assert sorted(exported.imgs.values(), key=lambda i: i["id"]) == jsons["train"]["images"]
+    assert sorted(exported.anns) == sorted(original.anns)
+    for ann_id, ann in original.anns.items():
+        got = exported.anns[ann_id]
+        image = original.imgs[ann["image_id"]]
+        for key in ("image_id", "category_id", "iscrowd"):
+            assert got[key] == ann[key]
+        assert got["area"] == pytest.approx(ann["area"])
+        x1, y1, x2, y2 = _clipped_xyxy(ann["bbox"], image["height"], image["width"])
+        np.testing.assert_allclose(got["bbox"], [x1, y1, x2 - x1, y2 - y1], atol=1e-3)
+        np.testing.assert_array_equal(exported.annToMask(got), _reference_mask(original, ann))
+    assert len(exported.cats) == 80 and exported.cats[90]["name"] == "toothbrush"
+
+
+@pytest.fixture(scope="module")
+def manual_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("manual")
+    tiny_coco.write_manual_dir(root)
+    return root
+
+
+def _examples_of(dataset: dict, manual_dir, tmp_path) -> list:
+    path = tmp_path / "instances.json"
+    path.write_text(dataset if isinstance(dataset, str) else json.dumps(dataset))
+    image_dir = manual_dir / "train2017"
+    return list(coco_instances.coco_examples(path, image_dir, coco_instances.COCO_CATEGORIES))
+
+
+def _mutated(edit) -> dict:
+    dataset = tiny_coco.train_json()
+    edit(dataset)
+    return dataset
+
+
+def _ann(dataset: dict, ann_id: int) -> dict:
+    return next(a for a in dataset["annotations"] if a["id"] == ann_id)
+
+
+BAD_ANNOTATIONS = {
+    "no bbox": (lambda d: _ann(d, 102).pop("bbox"), "annotation id 102: missing \\['bbox'\\]"),
+    "negative width": (lambda d: _ann(d, 101)["bbox"].__setitem__(2, -1.0), "annotation id 101"),
+    "nan box": (lambda d: _ann(d, 101)["bbox"].__setitem__(0, float("nan")), "annotation id 101"),
+    "unknown category": (lambda d: _ann(d, 202).update(category_id=12), "id 202: unknown"),
+    "unknown image": (lambda d: _ann(d, 202).update(image_id=99), "id 202: image_id 99"),
+    "odd polygon": (lambda d: _ann(d, 102)["segmentation"][0].pop(), "id 102: a polygon has an"),
+    "rle size": (lambda d: _ann(d, 103)["segmentation"].update(size=[5, 5]), "id 103: RLE size"),
+    "rle total": (lambda d: _ann(d, 201)["segmentation"]["counts"].append(3), "id 201: RLE runs"),
+    "compressed total": (
+        lambda d: _ann(d, 103)["segmentation"].update(counts="5:0"),
+        "id 103: RLE runs cover",
+    ),
+    "duplicate id": (lambda d: _ann(d, 202).update(id=201), "annotation id 201 appears twice"),
+    "not a segmentation": (lambda d: _ann(d, 202).update(segmentation=7), "id 202: segmentation"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ANNOTATIONS))
+def test_malformed_annotation_errors_name_the_file_and_annotation(case, manual_dir, tmp_path):
+    edit, message = BAD_ANNOTATIONS[case]
+    with pytest.raises(ValueError, match=message) as error:
+        _examples_of(_mutated(edit), manual_dir, tmp_path)
+    assert str(tmp_path / "instances.json") in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("{not json", "cannot read the annotation file as JSON"),
+        ('{"images": [], "annotations": []}', "no 'categories' list"),
+        ('{"images": [{"id": 4}], "annotations": [], "categories": []}', "image entry #0 \\(id 4"),
+        ('{"images": [], "annotations": [], "categories": []}', "categories differ"),
+    ],
+)
+def test_malformed_annotation_file_names_the_file(content, message, manual_dir, tmp_path):
+    with pytest.raises(ValueError, match=message) as error:
+        _examples_of(content, manual_dir, tmp_path)
+    assert str(tmp_path / "instances.json") in str(error.value)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "wrong size", "missing"])
+def test_bad_image_errors_name_the_file_and_image_id(damage, manual_dir, tmp_path):
+    images = tmp_path / "images"
+    shutil.copytree(manual_dir / "train2017", images)
+    victim = images / "000000000003.jpg"
+    if damage == "truncated":
+        victim.write_bytes(victim.read_bytes()[:200])
+    elif damage == "garbage":
+        victim.write_bytes(b"not an image at all")
+    elif damage == "wrong size":
+        shutil.copy(images / "000000000001.jpg", victim)
+    else:
+        victim.unlink()
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps(tiny_coco.train_json()))
+    with pytest.raises(ValueError, match="image id 3") as error:
+        list(coco_instances.coco_examples(path, images, coco_instances.COCO_CATEGORIES))
+    assert str(victim) in str(error.value)
+
+
+def test_missing_manual_files_are_all_listed(tmp_path):
+    manual = tmp_path / "manual"
+    (manual / "annotations").mkdir(parents=True)
+    (manual / "annotations" / "instances_train2017.json").write_text("{}")
+    builder = coco_instances.CocoInstances(data_dir=str(tmp_path / "tfds"))
+    config = tfds.download.DownloadConfig(manual_dir=str(manual))
+    with pytest.raises(FileNotFoundError) as error:
+        builder.download_and_prepare(download_config=config)
+    message = str(error.value)
+    for missing in ("train2017/ (or train2017.zip)", "val2017/", "instances_val2017.json"):
+        assert missing in message
+    assert "instances_train2017.json" not in message.split("Download")[0]
