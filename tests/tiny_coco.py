@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 import tensorflow_datasets as tfds
 from pycocotools import mask as mask_utils
+from references import mask_runs
 
 from mrcnn_jax.data import coco_instances
 
@@ -30,10 +31,7 @@ def _rle_of(mask: np.ndarray) -> dict:
 
 
 def _uncompressed(mask: np.ndarray) -> dict:
-    flat = mask.ravel(order="F").astype(np.int8)
-    changes = np.flatnonzero(np.diff(flat)) + 1
-    runs = np.diff(np.concatenate([[0], changes, [flat.size]])).tolist()
-    return {"size": list(mask.shape), "counts": [0, *runs] if flat[0] else runs}
+    return {"size": list(mask.shape), "counts": mask_runs(mask).tolist()}
 
 
 def _annotation(ann_id, image_id, category_id, segmentation, height, width, **extra) -> dict:

@@ -1,0 +1,40 @@
+"""Independent numpy references shared by the data tests."""
+
+import numpy as np
+
+
+def mask_runs(mask: np.ndarray) -> np.ndarray:
+    """Run lengths of a binary mask, column-major, first run = background (COCO uncompressed)."""
+    flat = mask.ravel(order="F").astype(np.int8)
+    changes = np.flatnonzero(np.diff(flat)) + 1
+    runs = np.diff(np.concatenate([[0], changes, [flat.size]]))
+    return np.concatenate([[0], runs]) if flat[0] else runs
+
+
+def bilinear_sample(mask: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Bilinear value of a zero-extended mask at points (x, y); pixel centres at k + 0.5."""
+    padded = np.pad(mask.astype(np.float64), 1)  # padded[r + 1, c + 1] = mask[r, c]
+    u, v = x.astype(np.float64) + 0.5, y.astype(np.float64) + 0.5  # (x - 0.5) + 1 for the pad
+    u0, v0 = np.floor(u).astype(int), np.floor(v).astype(int)
+    out = np.zeros(np.shape(x))
+    for dc, dr in ((0, 0), (1, 0), (0, 1), (1, 1)):
+        c, r = u0 + dc, v0 + dr
+        inside = (r >= 0) & (r < padded.shape[0]) & (c >= 0) & (c < padded.shape[1])
+        rows = np.clip(r, 0, padded.shape[0] - 1)
+        cols = np.clip(c, 0, padded.shape[1] - 1)
+        weight = (1 - np.abs(u - c)) * (1 - np.abs(v - r))
+        out += weight * np.where(inside, padded[rows, cols], 0.0)
+    return out
+
+
+def box_crop(
+    mask: np.ndarray, box: np.ndarray, size: int, scale: float, offset_xy=(0.0, 0.0)
+) -> np.ndarray:
+    """The CONTRACTS.md GT-box crop, before thresholding: [size, size] float64 values of the
+    original-resolution ``mask`` at the centres of a size×size grid over ``box`` (x1, y1, x2, y2
+    in the output image, where output = original * scale - offset_xy)."""
+    x1, y1, x2, y2 = np.asarray(box, np.float64)
+    steps = (np.arange(size) + 0.5) / size
+    xs, ys = x1 + steps * (x2 - x1), y1 + steps * (y2 - y1)
+    x, y = np.meshgrid((xs + offset_xy[0]) / scale, (ys + offset_xy[1]) / scale)
+    return bilinear_sample(mask, x, y)

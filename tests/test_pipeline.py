@@ -1,0 +1,367 @@
+"""The tf.data pipeline: batch keys, shapes and dtypes (docs/CONTRACTS.md), geometry against
+numpy/pycocotools references, flip and jitter consistency, bad input, determinism, resumption
+and per-process sharding."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+import tiny_coco
+from pycocotools.coco import COCO
+from references import box_crop
+
+from configs import shapes_r18
+from mrcnn_jax.data import masks, pipeline, shapes
+
+ONE = {"process_index": 0, "process_count": 1}
+
+
+def _config(**data):
+    config = shapes_r18.get_config()
+    config.data.image_size = (64, 64)
+    config.data.max_instances = 6
+    config.data.mask_size = 16
+    config.data.shuffle_buffer = 16
+    config.train.batch_size = 4
+    config.eval.batch_size = 4
+    config.data.update(data)
+    return config
+
+
+def _spec(config, train: bool) -> dict:
+    """Expected per-row (shape, dtype) of every batch key."""
+    m, s = config.data.max_instances, config.data.mask_size
+    spec = {
+        "image": ((*config.data.image_size, 3), np.float32),
+        "image_size": ((2,), np.int32),
+        "gt_boxes": ((m, 4), np.float32),
+        "gt_classes": ((m,), np.int32),
+        "gt_valid": ((m,), np.bool_),
+        "gt_masks": ((m, s, s), np.uint8),
+    }
+    if not train:
+        spec["image_id"] = ((), np.int64)
+        spec["orig_size"] = ((2,), np.int32)
+        spec["scale"] = ((), np.float32)
+        spec["valid"] = ((), np.bool_)
+    return spec
+
+
+@pytest.fixture(scope="module")
+def shapes_builder(tmp_path_factory):
+    data_dir = str(tmp_path_factory.mktemp("shapes"))
+    return shapes.build_shapes(data_dir, num_train=8, num_val=5, image_size=(40, 60), seed=1)
+
+
+@pytest.fixture(scope="module")
+def coco(tmp_path_factory):
+    builder, jsons = tiny_coco.build(tmp_path_factory.mktemp("coco"))
+    index = COCO()
+    index.dataset = jsons["train"]
+    index.createIndex()
+    return builder, index
+
+
+def _take(iterator, n: int) -> list[dict]:
+    return [next(iterator) for _ in range(n)]
+
+
+def _rows(batches: list[dict]) -> list[dict]:
+    """Batches -> one dict per example."""
+    return [{k: v[i] for k, v in b.items()} for b in batches for i in range(len(b["image"]))]
+
+
+def _check_batches(batches: list[dict], config, train: bool, rows: int) -> None:
+    spec = _spec(config, train)
+    for batch in batches:
+        assert set(batch) == set(spec)
+        for key, (shape, dtype) in spec.items():
+            assert batch[key].shape == (rows, *shape), key
+            assert batch[key].dtype == dtype, key
+
+
+def _unnormalised(row: dict, config) -> np.ndarray:
+    """The content of a batch image, back in 0-255 RGB."""
+    h, w = row["image_size"]
+    return row["image"][:h, :w] * np.array(config.data.std) + np.array(config.data.mean)
+
+
+def _eval_rows(config, builder, split: str = "train") -> dict[int, dict]:
+    batches = list(pipeline.create_eval_dataset(config, builder=builder, split=split, **ONE))
+    return {int(r["image_id"]): r for r in _rows(batches) if r["valid"]}
+
+
+def _same(a: dict, b: dict) -> bool:
+    return all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_train_batches_follow_the_contract(shapes_builder):
+    config = _config()
+    batches = _take(pipeline.create_train_dataset(config, builder=shapes_builder, **ONE), 3)
+    _check_batches(batches, config, train=True, rows=4)
+    for row in _rows(batches):
+        h, w = row["image_size"]
+        assert (h, w) == (43, 64)  # 40x60 fitted into 64x64: scale 64/60
+        assert not row["image"][h:].any() and not row["image"][:, w:].any()
+        valid = row["gt_valid"]
+        assert 1 <= valid.sum() <= 4 and not valid[valid.sum() :].any()
+        assert ((row["gt_classes"] >= 0) == valid).all()  # shapes has no crowd
+        assert not row["gt_boxes"][~valid].any() and not row["gt_masks"][~valid].any()
+        assert (row["gt_boxes"] >= 0).all() and (row["gt_boxes"][:, 2:] <= [w, h]).all()
+        assert all(row["gt_masks"][k].any() for k in np.flatnonzero(valid))
+
+
+def _kept(anns: list[dict], max_instances: int) -> list[dict]:
+    """Reference selection: trainable objects first, then crowd / zero-area, file order."""
+    trainable = [not a["iscrowd"] and a["bbox"][2] > 0 and a["bbox"][3] > 0 for a in anns]
+    first = [a for a, t in zip(anns, trainable) if t]
+    return (first + [a for a, t in zip(anns, trainable) if not t])[:max_instances]
+
+
+def test_eval_batches_match_pycocotools_references(coco):
+    builder, index = coco
+    config = _config(max_instances=4)  # image 5 has 5 annotations
+    batches = list(pipeline.create_eval_dataset(config, builder=builder, split="train", **ONE))
+    _check_batches(batches, config, train=False, rows=4)
+    rows = {int(r["image_id"]): r for r in _rows(batches) if r["valid"]}
+    assert sorted(rows) == [1, 2, 3, 4, 5] and len(batches) == 2
+    originals = builder.as_dataset(split="train").as_numpy_iterator()
+    for image_id, image in ((int(ex["image/id"]), ex["image"]) for ex in originals):
+        row = rows[image_id]
+        height, width = image.shape[:2]
+        scale = min(64 / height, 64 / width)
+        size = [round(height * scale), round(width * scale)]
+        assert row["orig_size"].tolist() == [height, width]
+        assert row["scale"] == pytest.approx(scale)
+        assert row["image_size"].tolist() == size
+        reference = tf.image.resize(image, size).numpy()
+        np.testing.assert_allclose(_unnormalised(row, config), reference, atol=1e-3)
+        assert not row["image"][size[0] :].any() and not row["image"][:, size[1] :].any()
+
+        kept = _kept(index.imgToAnns[image_id], 4)
+        assert (row["gt_classes"][len(kept) :] == -1).all()
+        assert not row["gt_valid"][len(kept) :].any()
+        for k, ann in enumerate(kept):
+            x, y, w, h = ann["bbox"]
+            box = np.clip([x, y, x + w, y + h], 0, [width, height, width, height]) * scale
+            np.testing.assert_allclose(row["gt_boxes"][k], box, atol=1e-3)
+            assert row["gt_classes"][k] == {1: 0, 18: 16, 90: 79}[ann["category_id"]]
+            assert row["gt_valid"][k] == (not ann["iscrowd"] and w > 0 and h > 0)
+            if not row["gt_valid"][k]:
+                assert not row["gt_masks"][k].any()
+                continue
+            values = box_crop(index.annToMask(ann), row["gt_boxes"][k], 16, row["scale"])
+            decided = np.abs(values - 0.5) > 1e-4  # skip points that sit on the threshold
+            assert decided.mean() > 0.8
+            np.testing.assert_array_equal(row["gt_masks"][k][decided], (values >= 0.5)[decided])
+
+
+def test_images_without_trainable_objects_give_all_padding(coco):
+    builder, _ = coco
+    rows = _eval_rows(_config(), builder)
+    empty = rows[3]  # no annotations at all
+    assert not empty["gt_valid"].any() and (empty["gt_classes"] == -1).all()
+    assert not empty["gt_boxes"].any() and not empty["gt_masks"].any()
+    crowd_only = rows[4]
+    assert not crowd_only["gt_valid"].any() and not crowd_only["gt_masks"].any()
+    assert crowd_only["gt_classes"].tolist() == [0, -1, -1, -1, -1, -1]  # the crowd row stays
+    assert (crowd_only["gt_boxes"][0, 2:] > crowd_only["gt_boxes"][0, :2]).all()
+
+
+def test_objects_beyond_max_instances_are_cut_deterministically_with_one_warning(coco, caplog):
+    builder, index = coco
+    config = _config(max_instances=2)  # images 1 and 5 have 3 and 4 trainable objects
+    with caplog.at_level("WARNING"):
+        rows = _eval_rows(config, builder)
+    warnings = [r for r in caplog.records if "max_instances=2" in r.getMessage()]
+    assert len(warnings) == 1
+    for image_id, expected in ((1, [101, 102]), (5, [501, 502]), (2, [202, 201])):
+        kept = _kept(index.imgToAnns[image_id], 2)
+        assert [a["id"] for a in kept] == expected
+        height = index.imgs[image_id]["height"]
+        width = index.imgs[image_id]["width"]
+        for k, ann in enumerate(kept):
+            x, y, w, h = ann["bbox"]
+            box = np.clip([x, y, x + w, y + h], 0, [width, height, width, height])
+            np.testing.assert_allclose(
+                rows[image_id]["gt_boxes"][k] / rows[image_id]["scale"], box, atol=1e-3
+            )
+
+
+def test_eval_pads_the_last_batch_and_honours_max_images(shapes_builder):
+    config = _config()
+    batches = list(pipeline.create_eval_dataset(config, builder=shapes_builder, **ONE))
+    assert len(batches) == pipeline.eval_num_batches(config, shapes_builder, process_count=1) == 2
+    assert batches[1]["valid"].tolist() == [True, False, False, False]
+    padding = _rows(batches)[5:]
+    assert all(not any(v.any() for v in row.values()) for row in padding)
+    config.eval.max_images = 3
+    rows = _eval_rows(config, shapes_builder, split="validation")
+    assert len(rows) == 3 and pipeline.eval_split(config, None) == "validation[:3]"
+
+
+def test_horizontal_flip_moves_image_boxes_and_masks_together(shapes_builder):
+    config = _config(train_split="train[:1]", hflip=True)
+    plain = next(iter(_eval_rows(config, shapes_builder, split="train[:1]").values()))
+    plain.pop("image_id")
+    train_rows = _rows(
+        _take(pipeline.create_train_dataset(config, builder=shapes_builder, **ONE), 4)
+    )
+    width = plain["image_size"][1]
+    mirrored = dict(plain)
+    mirrored["image"] = plain["image"].copy()
+    mirrored["image"][:, :width] = plain["image"][:, width - 1 :: -1]
+    boxes = plain["gt_boxes"].copy()
+    boxes[:, [0, 2]] = np.where(plain["gt_valid"][:, None], width - boxes[:, [2, 0]], 0)
+    mirrored["gt_boxes"] = boxes
+    mirrored["gt_masks"] = plain["gt_masks"][:, :, ::-1]
+    flips = []
+    for row in train_rows:
+        close = {k: np.allclose(row[k], plain[k], atol=1e-4) for k in row}
+        close_mirrored = {k: np.allclose(row[k], mirrored[k], atol=1e-4) for k in row}
+        assert all(close.values()) or all(close_mirrored.values()), (close, close_mirrored)
+        flips.append(not all(close.values()))
+    assert 0 < sum(flips) < len(flips)
+
+
+@pytest.mark.parametrize(
+    "flip, jitter, fraction",
+    [
+        (True, 1.0, (0.0, 0.0)),
+        (False, 1.5, (0.5, 0.3)),
+        (True, 1.7, (0.9, 0.6)),
+        (True, 0.7, (0, 0)),
+    ],
+)
+def test_augmented_geometry_matches_numpy_references(
+    shapes_builder, monkeypatch, flip, jitter, fraction
+):
+    """With the random draws fixed, image, boxes and masks equal references computed from the
+    stored original (flip, resize, crop at the offset, GT-box crop of the original mask)."""
+    config = _config(train_split="train[:1]")
+    example = next(shapes_builder.as_dataset(split="train[:1]").as_numpy_iterator())
+    original = example["image"]
+    height, width = original.shape[:2]
+    scale = np.float32(min(64 / height, 64 / width) * jitter)
+    resized = np.maximum(np.round(np.array([height, width]) * scale).astype(np.int32), 1)
+    offset = np.floor(np.array(fraction) * np.maximum(resized - 64, 0)).astype(np.int32)
+
+    def fixed_augmentation(seed, h, w, data, train):
+        return tf.constant(flip), tf.constant(scale), tf.constant(resized), tf.constant(offset)
+
+    monkeypatch.setattr(pipeline, "_augmentation", fixed_augmentation)
+    row = _rows(_take(pipeline.create_train_dataset(config, builder=shapes_builder, **ONE), 1))[0]
+
+    flipped = original[:, ::-1] if flip else original
+    image = tf.image.resize(flipped, resized).numpy()[offset[0] : offset[0] + 64, offset[1] :][
+        :, :64
+    ]
+    assert row["image_size"].tolist() == list(image.shape[:2])
+    np.testing.assert_allclose(_unnormalised(row, config), image, atol=1e-3)
+
+    objects = example["objects"]
+    n = len(objects["label"])
+    ymin, xmin, ymax, xmax = (objects["bbox"][:, i] for i in range(4))
+    boxes = np.stack([xmin * width, ymin * height, xmax * width, ymax * height], axis=1)
+    if flip:
+        boxes[:, [0, 2]] = width - boxes[:, [2, 0]]
+    boxes = boxes * scale - np.tile(offset[::-1], 2)
+    content_h, content_w = image.shape[:2]
+    boxes = np.clip(boxes, 0, [content_w, content_h, content_w, content_h])
+    np.testing.assert_allclose(row["gt_boxes"][:n], boxes, atol=1e-3)
+    assert row["gt_classes"][:n].tolist() == objects["label"].tolist()
+    visible = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    assert row["gt_valid"][:n].tolist() == visible.tolist()
+    for k in np.flatnonzero(visible):
+        mask = masks.decode_mask(objects["mask"][k], height, width)
+        mask = mask[:, ::-1] if flip else mask
+        values = box_crop(mask, row["gt_boxes"][k], 16, scale, offset[::-1])
+        decided = np.abs(values - 0.5) > 1e-4
+        np.testing.assert_array_equal(row["gt_masks"][k][decided], (values >= 0.5)[decided])
+
+
+@pytest.mark.parametrize("jitter", [(1.3, 1.8), (0.6, 0.8)])
+def test_scale_jitter_varies_the_size_and_keeps_boxes_inside(shapes_builder, jitter):
+    config = _config(scale_jitter=jitter)
+    rows = _rows(_take(pipeline.create_train_dataset(config, builder=shapes_builder, **ONE), 3))
+    sizes = np.array([r["image_size"] for r in rows])
+    for row in rows:
+        h, w = row["image_size"]
+        assert (row["gt_boxes"][:, 2:] <= [w, h]).all()
+        assert not row["image"][h:].any() and not row["image"][:, w:].any()
+    if jitter[0] > 1:
+        assert (sizes[:, 1] == 64).all()  # wider than 64 after scaling: cropped
+        assert len(set(sizes[:, 0])) > 1
+    else:
+        assert (sizes < [43, 64]).all() and len(set(sizes[:, 1])) > 1
+
+
+def test_train_order_and_augmentation_are_seeded(shapes_builder):
+    config = _config()
+    first = _take(pipeline.create_train_dataset(config, builder=shapes_builder, **ONE), 3)
+    again = _take(pipeline.create_train_dataset(config, builder=shapes_builder, **ONE), 3)
+    assert all(_same(a, b) for a, b in zip(first, again))
+    config.seed += 1
+    other = _take(pipeline.create_train_dataset(config, builder=shapes_builder, **ONE), 3)
+    assert not all(_same(a, b) for a, b in zip(first, other))
+
+
+def test_start_step_resumes_exactly_without_decoding_the_skipped_examples(
+    shapes_builder, monkeypatch
+):
+    config = _config(scale_jitter=(0.8, 1.2))
+    fresh = _take(pipeline.create_train_dataset(config, builder=shapes_builder, **ONE), 7)
+    decoded = []
+    decode = pipeline._decode_image
+
+    def counting_decode(encoded):
+        count = tf.py_function(lambda: decoded.append(1) or 0, [], tf.int32)
+        with tf.control_dependencies([count]):
+            return decode(encoded)
+
+    monkeypatch.setattr(pipeline, "_decode_image", counting_decode)
+    resumed = pipeline.create_train_dataset(config, builder=shapes_builder, start_step=5, **ONE)
+    assert _same(next(resumed), fresh[5])  # 2 batches per epoch: crosses epoch boundaries
+    assert _same(next(resumed), fresh[6])
+    far = pipeline.create_train_dataset(config, builder=shapes_builder, start_step=100, **ONE)
+    decoded.clear()
+    next(far)
+    assert len(decoded) < 100
+
+
+def _shard_boxes(builder, index: int, count: int, scale: float) -> set:
+    """First box of every example of a process's train shard, as the pipeline scales it."""
+    split = tfds.split_for_jax_process("train", process_index=index, process_count=count)
+    boxes = set()
+    for ex in builder.as_dataset(split=split).as_numpy_iterator():
+        height, width = ex["image"].shape[:2]
+        ymin, xmin, ymax, xmax = ex["objects"]["bbox"][0]
+        box = np.array([xmin * width, ymin * height, xmax * width, ymax * height]) * scale
+        boxes.add(tuple(np.round(box, 2)))
+    return boxes
+
+
+def test_each_process_reads_only_its_shard(shapes_builder):
+    config = _config(hflip=False)
+    ids = []
+    for index in range(2):
+        place = {"process_index": index, "process_count": 2}
+        batches = list(pipeline.create_eval_dataset(config, builder=shapes_builder, **place))
+        _check_batches(batches, config, train=False, rows=2)
+        assert len(batches) == 2  # the same count on every process (shards of 3 and 2 images)
+        ids.append({int(r["image_id"]) for r in _rows(batches) if r["valid"]})
+        train = _take(pipeline.create_train_dataset(config, builder=shapes_builder, **place), 4)
+        _check_batches(train, config, train=True, rows=2)
+        seen = {tuple(np.round(r["gt_boxes"][0], 2)) for r in _rows(train)}
+        assert seen <= _shard_boxes(shapes_builder, index, 2, 64 / 60)
+        assert not seen & _shard_boxes(shapes_builder, 1 - index, 2, 64 / 60)
+    assert not ids[0] & ids[1] and ids[0] | ids[1] == {1, 2, 3, 4, 5}
+
+
+def test_batch_size_must_split_over_processes(shapes_builder):
+    config = _config()
+    config.train.batch_size = 5
+    with pytest.raises(ValueError, match="not divisible by 2 processes"):
+        pipeline.create_train_dataset(
+            config, builder=shapes_builder, process_index=0, process_count=2
+        )
