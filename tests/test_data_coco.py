@@ -31,6 +31,9 @@ def _reference_mask(coco: COCO, ann: dict) -> np.ndarray:
     ann = dict(ann)
     if isinstance(ann["segmentation"], list):
         ann["segmentation"] = [p for p in ann["segmentation"] if len(p) >= 6]
+        if not ann["segmentation"]:
+            image = coco.imgs[ann["image_id"]]
+            return np.zeros((image["height"], image["width"]), np.uint8)
     return coco.annToMask(ann)
 
 
@@ -89,6 +92,8 @@ def test_crowd_rle_polygon_and_clipping_cases_are_present(built):
     assert examples[4]["objects"]["is_crowd"].tolist() == [True]
     assert examples[1]["objects"]["bbox"][1][3] == 1.0  # box 102 clipped at the right border
     assert examples[2]["objects"]["bbox"][2][1] == examples[2]["objects"]["bbox"][2][3]
+    empty = _examples(built[0], "validation")[7]["objects"]["mask"][1]
+    assert not masks.decode_mask(empty, 30, 50).any()
 
 
 def test_category_maps_both_ways(built):
@@ -160,6 +165,7 @@ BAD_ANNOTATIONS = {
         "id 103: RLE runs cover",
     ),
     "duplicate id": (lambda d: _ann(d, 202).update(id=201), "annotation id 201 appears twice"),
+    "duplicate image": (lambda d: d["images"][1].update(id=1), "image id 1 appears twice"),
     "not a segmentation": (lambda d: _ann(d, 202).update(segmentation=7), "id 202: segmentation"),
 }
 

@@ -156,7 +156,7 @@ def test_eval_batches_match_pycocotools_references(coco):
             np.testing.assert_array_equal(row["gt_masks"][k][decided], (values >= 0.5)[decided])
 
 
-def test_images_without_trainable_objects_give_all_padding(coco):
+def test_empty_images_crowd_only_images_and_empty_masks(coco):
     builder, _ = coco
     rows = _eval_rows(_config(), builder)
     empty = rows[3]  # no annotations at all
@@ -166,6 +166,11 @@ def test_images_without_trainable_objects_give_all_padding(coco):
     assert not crowd_only["gt_valid"].any() and not crowd_only["gt_masks"].any()
     assert crowd_only["gt_classes"].tolist() == [0, -1, -1, -1, -1, -1]  # the crowd row stays
     assert (crowd_only["gt_boxes"][0, 2:] > crowd_only["gt_boxes"][0, :2]).all()
+    validation = _eval_rows(_config(), builder, split="validation")
+    assert not validation[8]["gt_valid"].any()  # no annotations
+    with_empty_mask = validation[7]  # 702: positive box, empty mask: stays valid, zero target
+    assert with_empty_mask["gt_valid"].tolist()[:3] == [True, True, False]
+    assert with_empty_mask["gt_masks"][0].any() and not with_empty_mask["gt_masks"][1].any()
 
 
 def test_objects_beyond_max_instances_are_cut_deterministically_with_one_warning(coco, caplog):

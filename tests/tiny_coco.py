@@ -38,7 +38,10 @@ def _annotation(ann_id, image_id, category_id, segmentation, height, width, **ex
     """A COCO annotation whose bbox and area come from its mask, as in the official files."""
     if isinstance(segmentation, list):
         polygons = [p for p in segmentation if len(p) >= 6]  # pycocotools reads 4 as a box
-        rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
+        if polygons:
+            rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
+        else:
+            rle = mask_utils.encode(np.zeros((height, width), np.uint8, order="F"))
     elif isinstance(segmentation["counts"], list):
         rle = mask_utils.frPyObjects(segmentation, height, width)
     else:
@@ -98,7 +101,10 @@ def val_json() -> dict:
         {"id": 7, "file_name": "000000000007.jpg", "height": 30, "width": 50},
         {"id": 8, "file_name": "000000000008.jpg", "height": 40, "width": 30},
     ]
-    annotations = [_annotation(701, 7, 90, [[5, 5, 45, 8, 25, 28]], 30, 50)]
+    annotations = [
+        _annotation(701, 7, 90, [[5, 5, 45, 8, 25, 28]], 30, 50),
+        _annotation(702, 7, 1, [[30, 20, 34, 24]], 30, 50, bbox=[30.0, 20.0, 4.0, 4.0]),
+    ]  # 702: its only polygon has 2 points, so an empty mask with a positive box
     return {"images": images, "annotations": annotations, "categories": CATEGORIES}
 
 

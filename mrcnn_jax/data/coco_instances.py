@@ -14,7 +14,8 @@ Handling of imperfect input (all at build time, so training never meets it):
   the annotation id;
 - a box reaching outside its image is clipped to it (one warning per file with the count and
   the first ids); polygon parts with fewer than 3 points (which pycocotools reads as boxes) are
-  dropped with a warning, and an annotation left without any polygon keeps an empty mask.
+  dropped with a warning, and an annotation left without any polygon keeps an empty mask (its
+  box still trains; see ``pipeline.py``).
 """
 
 import collections
@@ -72,10 +73,14 @@ def load_annotation_file(path: epath.PathLike) -> dict[str, Any]:
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key) if isinstance(data, dict) else None, list):
             raise ValueError(f"{path}: no '{key}' list at the top level")
+    seen = set()
     for i, image in enumerate(data["images"]):
         missing = [k for k in _IMAGE_KEYS if k not in image]
         if missing:
             raise ValueError(f"{path}: image entry #{i} (id {image.get('id')}) lacks {missing}")
+        if image["id"] in seen:
+            raise ValueError(f"{path}: image id {image['id']} appears twice")
+        seen.add(image["id"])
     return data
 
 

@@ -12,8 +12,10 @@ Resizing rounds the content to whole pixels, so the image grid can deviate from
 ``original * scale`` by at most half a (resized) pixel at the far edge; boxes and masks use the
 exact scale.
 
-Objects: crowd regions and boxes of zero area stay in the ground truth with ``gt_valid`` False
-(and zero masks); images without objects give all-padding ground truth. If an image has more
+Objects: crowd regions and boxes of zero area (or pushed out of the crop) stay in the ground
+truth with ``gt_valid`` False (and zero masks); images without objects give all-padding ground
+truth. An object with a positive-area box but an empty mask stays valid (the box trains) with an
+all-zero mask target. If an image has more
 than ``max_instances`` objects, the kept ones are the first in the order (trainable before crowd
 or zero-area, then annotation order), and the first such image of a run logs a warning.
 
@@ -100,7 +102,11 @@ def _augmentation(
 
 
 def _transform_image(
-    image: tf.Tensor, flip: tf.Tensor, resized: tf.Tensor, offset: tf.Tensor, data
+    image: tf.Tensor,
+    flip: tf.Tensor,
+    resized: tf.Tensor,
+    offset: tf.Tensor,
+    data: ml_collections.ConfigDict,
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """[H, W, 3] uint8 -> (normalised, zero-padded [Ht, Wt, 3] f32, content size [2] int32)."""
     image = tf.cond(flip, lambda: tf.image.flip_left_right(image), lambda: image)
@@ -114,7 +120,12 @@ def _transform_image(
 
 
 def _transform_boxes(
-    boxes: tf.Tensor, flip: tf.Tensor, scale: tf.Tensor, offset: tf.Tensor, width, content
+    boxes: tf.Tensor,
+    flip: tf.Tensor,
+    scale: tf.Tensor,
+    offset: tf.Tensor,
+    width: tf.Tensor,
+    content: tf.Tensor,
 ) -> tf.Tensor:
     """Original-pixel boxes [n, 4] -> flipped, scaled, shifted by -offset, clipped to content."""
     x1, y1, x2, y2 = tf.unstack(boxes, num=4, axis=-1)
@@ -127,9 +138,21 @@ def _transform_boxes(
 
 
 def _crop_masks(
-    rles: tf.Tensor, height, width, boxes, flip, scale, offset, mask_size: int
+    rles: tf.Tensor,
+    height: tf.Tensor,
+    width: tf.Tensor,
+    boxes: tf.Tensor,
+    flip: tf.Tensor,
+    scale: tf.Tensor,
+    offset: tf.Tensor,
+    mask_size: int,
 ) -> tf.Tensor:
-    """[n] RLE strings + final boxes [n, 4] -> [n, S, S] uint8 GT-box crops (CONTRACTS.md)."""
+    """[n] RLE strings of H×W masks + final boxes [n, 4] -> [n, S, S] uint8 GT-box crops.
+
+    Output pixel (i, j) is the mask at the final-image point (x1 + (j + 0.5) w / S,
+    y1 + (i + 0.5) h / S) (CONTRACTS.md), mapped back through crop offset, scale and flip to the
+    original mask, sampled bilinearly and thresholded at 0.5.
+    """
     x1, y1, x2, y2 = tf.unstack(boxes[:, :, tf.newaxis], num=4, axis=1)
     steps = (tf.range(mask_size, dtype=tf.float32) + 0.5) / mask_size
     xs = x1 + steps * (x2 - x1)  # [n, S] grid centres in the final image
@@ -147,13 +170,15 @@ def _crop_masks(
     return tf.cast(tf.reshape(values, [n, mask_size, mask_size]) >= 0.5, tf.uint8)
 
 
-def _pad_rows(x: tf.Tensor, rows: int, value) -> tf.Tensor:
+def _pad_rows(x: tf.Tensor, rows: int, value: float | int | bool) -> tf.Tensor:
     """Pads the first axis of ``x`` to ``rows`` with ``value``."""
     padding = [[0, rows - tf.shape(x)[0]]] + [[0, 0]] * (len(x.shape) - 1)
     return tf.pad(x, padding, constant_values=value)
 
 
-def _preprocess(example: dict, seed: tf.Tensor, data: ml_collections.ConfigDict, train: bool):
+def _preprocess(
+    example: dict, seed: tf.Tensor, data: ml_collections.ConfigDict, train: bool
+) -> dict[str, tf.Tensor]:
     """One TFDS example (image still encoded) -> the per-example dict of a batch."""
     image = _decode_image(example["image"])
     height, width = tf.shape(image)[0], tf.shape(image)[1]
