@@ -63,12 +63,14 @@ def _take_random(
     """Picks up to `k` random indices where `candidates [N]` is True.
 
     Returns `(indices [k] int32, count)`: the first `count = min(k, sum(candidates))` indices are
-    distinct random candidates, the rest are padding.
+    distinct random candidates, the rest are padding. `k` may exceed `N` (the tail is then 0s).
     """
+    top = min(k, candidates.shape[0])
     priority = jnp.where(candidates, jax.random.uniform(key, candidates.shape), -1.0)
-    _, indices = jax.lax.top_k(priority, k)
+    _, indices = jax.lax.top_k(priority, top)
+    indices = jnp.pad(indices.astype(jnp.int32), (0, k - top))
     count = jnp.minimum(jnp.sum(candidates), k)
-    return indices.astype(jnp.int32), count
+    return indices, count
 
 
 class Sample(NamedTuple):

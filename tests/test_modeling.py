@@ -1,0 +1,390 @@
+"""Shapes, dtypes, layouts and torchvision numerics of the Mask R-CNN modules."""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from conftest import tiny_config
+
+from mrcnn_jax.modeling.fpn import FPN
+from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
+from mrcnn_jax.modeling.resnet import ResNet
+from mrcnn_jax.modeling.roi_heads import BoxHead, MaskHead
+from mrcnn_jax.modeling.rpn import RPNHead
+from mrcnn_jax.ops.anchors import generate_anchors
+
+
+def ceil_halvings(size: int, times: int) -> int:
+    """`size` after `times` stride-2 layers with torchvision padding (each rounds up)."""
+    for _ in range(times):
+        size = math.ceil(size / 2)
+    return size
+
+
+def random_variables(module, rng: np.random.Generator, *args, **kwargs):
+    """Variables of `module.init(key, *args, **kwargs)` filled from numpy, plus their abstract
+    shapes/dtypes as `init` makes them.
+
+    Jitting `init` mostly compiles the threefry draws (tens of seconds on 2 CPU cores), so the
+    structure comes from `jax.eval_shape` and the values from `rng`: LeCun-normal kernels, small
+    random biases/offsets/means, scales and variances around 1."""
+    abstract = jax.eval_shape(functools.partial(module.init, **kwargs), jax.random.key(0), *args)
+
+    def fill(path, leaf):
+        name = path[-1].key
+        if name in ("kernel", "predictor_kernel"):
+            std = math.sqrt(1 / math.prod(leaf.shape[:-1]))
+            return rng.normal(0, std, leaf.shape).astype(leaf.dtype)
+        if name in ("scale", "var"):
+            return rng.uniform(0.5, 1.5, leaf.shape).astype(leaf.dtype)
+        return rng.normal(0, 0.1, leaf.shape).astype(leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, abstract), abstract
+
+
+def oihw_to_hwio(weight) -> np.ndarray:
+    return weight.detach().numpy().transpose(2, 3, 1, 0)
+
+
+def to_torch_nchw(x):
+    torch = pytest.importorskip("torch")
+    return torch.as_tensor(np.asarray(x).transpose(0, 3, 1, 2).copy())
+
+
+def from_torch_nchw(x) -> np.ndarray:
+    return x.detach().numpy().transpose(0, 2, 3, 1)
+
+
+def assert_close_relative(got, want, rtol=1e-4):
+    """max |got - want| <= rtol * max |want| (a scale-aware tolerance for deep activations)."""
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.shape == want.shape, (got.shape, want.shape)
+    scale = np.abs(want).max()
+    assert scale > 0
+    assert np.abs(got - want).max() <= rtol * scale, np.abs(got - want).max() / scale
+
+
+# --------------------------------------------------------------------------- ResNet
+
+
+@pytest.mark.parametrize("depth, width", [(18, 64), (50, 256)])
+@pytest.mark.parametrize("height, img_width", [(64, 128), (50, 70)])
+def test_resnet_stage_shapes(depth, width, height, img_width):
+    model = ResNet(depth=depth, norm="frozen")
+    images = jax.ShapeDtypeStruct((2, height, img_width, 3), jnp.float32)
+    variables = jax.eval_shape(model.init, jax.random.key(0), images)
+    out = jax.eval_shape(model.apply, variables, images)
+    assert list(out) == ["C2", "C3", "C4", "C5"]
+    for level, name in enumerate(out, start=2):
+        want = (2, ceil_halvings(height, level), ceil_halvings(img_width, level))
+        assert out[name].shape == (*want, width * 2 ** (level - 2)), name
+        assert out[name].dtype == jnp.float32
+
+
+def test_resnet_rejects_unknown_depth():
+    images = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+    with pytest.raises(ValueError, match="depth"):
+        jax.eval_shape(ResNet(depth=26).init, jax.random.key(0), images)
+
+
+def torch_to_flax_path(name: str) -> tuple[str, ...]:
+    """torchvision ResNet parameter/buffer name -> (collection-free) Flax module path + leaf."""
+    parts = name.split(".")
+    leaf = {
+        "weight": "kernel" if "conv" in name or "downsample.0" in name else "scale",
+        "bias": "bias",
+        "running_mean": "mean",
+        "running_var": "var",
+    }[parts[-1]]
+    if parts[0] in ("conv1", "bn1"):
+        return ("stem_conv" if parts[0] == "conv1" else "stem_bn", leaf)
+    stage, block, layer = int(parts[0][len("layer") :]) + 1, parts[1], parts[2]
+    if layer == "downsample":
+        layer = "downsample_conv" if parts[3] == "0" else "downsample_bn"
+    return (f"res{stage}_{block}", layer, leaf)
+
+
+def test_resnet18_matches_torchvision():
+    torch = pytest.importorskip("torch")
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    reference = torchvision.models.resnet18().eval()
+    with torch.no_grad():
+        for module in reference.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_(0, 0.1)
+                module.running_mean.normal_(0, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+
+    model = ResNet(depth=18, norm="frozen")
+    images = np.random.default_rng(0).normal(size=(2, 64, 64, 3)).astype(np.float32)
+    variables, _ = random_variables(model, np.random.default_rng(1), images[:1])
+    copied = set()
+    tensors = {**dict(reference.named_parameters()), **dict(reference.named_buffers())}
+    for name, tensor in tensors.items():
+        if name.startswith("fc.") or name.endswith("num_batches_tracked"):
+            continue
+        path = torch_to_flax_path(name)
+        collection = "batch_stats" if path[-1] in ("mean", "var") else "params"
+        node = variables[collection]
+        for key in path[:-1]:
+            node = node[key]
+        value = oihw_to_hwio(tensor) if tensor.ndim == 4 else tensor.detach().numpy()
+        assert node[path[-1]].shape == value.shape, name
+        node[path[-1]] = value
+        copied.add((collection, *path))
+    num_leaves = len(jax.tree_util.tree_leaves(variables))
+    assert len(copied) == num_leaves  # Every Flax variable came from torchvision.
+
+    out = jax.jit(model.apply)(variables, images)
+    with torch.no_grad():
+        r = reference
+        x = r.maxpool(r.relu(r.bn1(r.conv1(to_torch_nchw(images)))))
+        for level in range(2, 6):
+            x = getattr(r, f"layer{level - 1}")(x)
+            assert_close_relative(out[f"C{level}"], from_torch_nchw(x))
+
+
+# --------------------------------------------------------------------------- FPN
+
+
+def backbone_shaped_features(rng, height, width, channels=(8, 16, 32, 64)):
+    return {
+        f"C{level}": rng.normal(
+            size=(1, ceil_halvings(height, level), ceil_halvings(width, level), c)
+        ).astype(np.float32)
+        for level, c in zip(range(2, 6), channels)
+    }
+
+
+@pytest.mark.parametrize("height, width", [(64, 128), (50, 70), (200, 136)])
+def test_fpn_shapes_and_torchvision_numerics(height, width):
+    """P2..P6 shapes (P6 = ceil(P5 / 2)) and values equal to torchvision's FPN + LastLevelMaxPool
+    with the same weights, also for odd sizes where the top-down upsampling is not exactly 2x."""
+    torch = pytest.importorskip("torch")
+    from torchvision.ops import FeaturePyramidNetwork
+    from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+    features = backbone_shaped_features(np.random.default_rng(height), height, width)
+    model = FPN(dim=16)
+    torch.manual_seed(0)
+    reference = FeaturePyramidNetwork([8, 16, 32, 64], 16, extra_blocks=LastLevelMaxPool()).eval()
+    params = random_variables(model, np.random.default_rng(0), features)[0]["params"]
+    with torch.no_grad():
+        for i, level in enumerate(range(2, 6)):
+            for block, name in (
+                (reference.inner_blocks, "lateral"),
+                (reference.layer_blocks, "output"),
+            ):
+                conv = block[i][0]
+                params[f"{name}{level}"]["kernel"] = oihw_to_hwio(conv.weight)
+                params[f"{name}{level}"]["bias"] = conv.bias.numpy()
+        want = reference({k: to_torch_nchw(v) for k, v in features.items()})
+    out = jax.jit(model.apply)({"params": params}, features)
+    assert list(out) == ["P2", "P3", "P4", "P5", "P6"]
+    for level, name in enumerate(out, start=2):
+        shape = (1, ceil_halvings(height, level), ceil_halvings(width, level), 16)
+        assert out[name].shape == shape and out[name].dtype == jnp.float32, name
+    for name, value in zip(out, want.values()):
+        assert_close_relative(out[name], from_torch_nchw(value), rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- RPN head
+
+
+def test_rpn_head_output_order_matches_the_anchors():
+    """A hand-set head whose outputs encode (row, column, anchor) reads back in anchor order."""
+    num_anchors, shapes = 3, [(4, 6), (2, 3)]
+    # Features: channel 0 = row, channel 1 = column (non-negative, so the ReLU keeps them).
+    features = []
+    for h, w in shapes:
+        rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+        features.append(np.stack([rows, cols], -1)[None].astype(np.float32))
+    head = RPNHead(num_anchors)
+    abstract = jax.eval_shape(head.init, jax.random.key(0), features)["params"]
+    params = jax.tree_util.tree_map(lambda x: np.zeros(x.shape, x.dtype), abstract)
+    params["conv"]["kernel"][1, 1] = np.eye(2)  # Centre tap: identity.
+    params["objectness"]["kernel"][0, 0] = [[100] * num_anchors, [10] * num_anchors]
+    params["objectness"]["bias"][:] = np.arange(num_anchors)
+    # Deltas channel a * 4 + c = 1000 row + 100 column + 10 a + c.
+    params["deltas"]["kernel"][0, 0] = [[1000] * 4 * num_anchors, [100] * 4 * num_anchors]
+    params["deltas"]["bias"][:] = (10 * np.arange(num_anchors)[:, None] + np.arange(4)).ravel()
+    logits, deltas = head.apply({"params": params}, features)
+
+    anchors = generate_anchors((16, 24), shapes, ((8,), (16,)), (0.5, 1.0, 2.0))
+    for lvl, ((h, w), anchor) in enumerate(zip(shapes, anchors)):
+        assert logits[lvl].shape == (1, h * w * num_anchors)
+        assert deltas[lvl].shape == (1, h * w * num_anchors, 4)
+        n = np.arange(h * w * num_anchors)
+        row, col, a = n // (w * num_anchors), (n // num_anchors) % w, n % num_anchors
+        np.testing.assert_array_equal(logits[lvl][0], 100 * row + 10 * col + a)
+        want = 1000 * row + 100 * col + 10 * a
+        np.testing.assert_array_equal(deltas[lvl][0], want[:, None] + np.arange(4))
+        # The anchor of that row is centred on that cell and has that anchor's shape.
+        stride = 16 // h
+        np.testing.assert_allclose((anchor[:, 0] + anchor[:, 2]) / 2, col * stride)
+        np.testing.assert_allclose((anchor[:, 1] + anchor[:, 3]) / 2, row * stride)
+        np.testing.assert_array_equal(
+            anchor - anchor[a], (stride * np.stack([col - col[a], row - row[a]] * 2, 1))
+        )
+
+
+def test_rpn_head_matches_torchvision_layout():
+    torch = pytest.importorskip("torch")
+    from torchvision.models.detection.rpn import RPNHead as TorchRPNHead
+    from torchvision.models.detection.rpn import concat_box_prediction_layers
+
+    rng = np.random.default_rng(0)
+    features = [rng.normal(size=(2, h, w, 8)).astype(np.float32) for h, w in [(6, 5), (3, 3)]]
+    torch.manual_seed(0)
+    reference = TorchRPNHead(8, 3).eval()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.normal_(0, 0.3)
+        tv_logits, tv_deltas = reference([to_torch_nchw(f) for f in features])
+        tv_logits, tv_deltas = concat_box_prediction_layers(tv_logits, tv_deltas)
+    params = {
+        "conv": {
+            "kernel": oihw_to_hwio(reference.conv[0][0].weight),
+            "bias": reference.conv[0][0].bias.detach().numpy(),
+        },
+        "objectness": {
+            "kernel": oihw_to_hwio(reference.cls_logits.weight),
+            "bias": reference.cls_logits.bias.detach().numpy(),
+        },
+        "deltas": {
+            "kernel": oihw_to_hwio(reference.bbox_pred.weight),
+            "bias": reference.bbox_pred.bias.detach().numpy(),
+        },
+    }
+    logits, deltas = RPNHead(3).apply({"params": params}, features)
+    np.testing.assert_allclose(
+        np.concatenate(logits, 1).reshape(-1), tv_logits.numpy().reshape(-1), rtol=1e-5, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        np.concatenate(deltas, 1).reshape(-1, 4), tv_deltas.numpy(), rtol=1e-5, atol=1e-5
+    )
+
+
+# --------------------------------------------------------------------------- RoI heads
+
+
+def test_box_head_shapes_and_numerics():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(5, 7, 7, 6)).astype(np.float32)
+    head = BoxHead(num_classes=3, dim=16)
+    params = random_variables(head, rng, x)[0]["params"]
+    logits, deltas = head.apply({"params": params}, x)
+    assert logits.shape == (5, 4) and deltas.shape == (5, 3, 4)
+    assert logits.dtype == deltas.dtype == jnp.float32
+    dense = lambda h, name: h @ params[name]["kernel"] + params[name]["bias"]
+    h = np.maximum(dense(np.maximum(dense(x.reshape(5, -1), "fc1"), 0), "fc2"), 0)
+    np.testing.assert_allclose(logits, dense(h, "cls_score"), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(deltas, dense(h, "bbox_pred").reshape(5, 3, 4), rtol=1e-4, atol=1e-5)
+
+
+def test_mask_head_predicts_the_requested_class():
+    rng = np.random.default_rng(2)
+    num_classes = 4
+    x = rng.normal(size=(6, 5, 5, 8)).astype(np.float32)
+    classes = np.array([0, 3, 1, 1, 2, 3], np.int32)
+    head = MaskHead(num_classes=num_classes, dim=12, num_convs=2)
+    params = random_variables(head, rng, x, classes)[0]["params"]
+    logits, state = head.apply(
+        {"params": params}, x, classes, capture_intermediates=lambda m, _: m.name == "deconv"
+    )
+    assert logits.shape == (6, 10, 10) and logits.dtype == jnp.float32
+    # All classes from the deconv output with the full 1x1 predictor, then the requested one.
+    deconv = np.maximum(np.asarray(state["intermediates"]["deconv"]["__call__"][0]), 0)
+    all_classes = deconv @ params["predictor_kernel"] + params["predictor_bias"]  # [N, 10, 10, K]
+    want = all_classes[np.arange(6), :, :, classes]
+    np.testing.assert_allclose(logits, want, rtol=1e-4, atol=1e-4)
+    assert np.abs(want - all_classes[..., 0]).max() > 1e-2  # The class choice matters.
+
+
+# --------------------------------------------------------------------------- MaskRCNN
+
+
+def run_inference(config):
+    """MaskRCNN(config.model) inference on two random images (the second with padding).
+
+    Returns the abstract variables `init` creates, the outputs and the images' sizes."""
+    model = MaskRCNN(ml_collections.FrozenConfigDict(config.model))
+    h, w = config.data.image_size
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": rng.normal(size=(2, h, w, 3)).astype(np.float32),
+        "image_size": np.array([[h, w], [h // 2 - 2, w // 3]], np.int32),
+    }
+    variables, abstract = random_variables(model, rng, batch, train=False)
+    out = jax.jit(functools.partial(model.apply, train=False))(variables, batch)
+    return abstract, jax.tree_util.tree_map(np.asarray, out), batch["image_size"]
+
+
+def check_detections(out, image_size, config):
+    d = config.model.roi_heads.detections_per_image
+    mask = 2 * config.model.roi_heads.mask_pooler_size
+    expected = {
+        "boxes": ((2, d, 4), np.float32),
+        "scores": ((2, d), np.float32),
+        "classes": ((2, d), np.int32),
+        "masks": ((2, d, mask, mask), np.float32),
+        "valid": ((2, d), np.bool_),
+    }
+    assert {k: (v.shape, v.dtype) for k, v in out.items()} == expected
+    assert out["valid"].any() and not out["valid"].all()
+    for b in range(2):
+        valid = out["valid"][b]
+        n = valid.sum()
+        assert valid[:n].all() and not valid[n:].any()  # Valid rows come first.
+        boxes, scores = out["boxes"][b][valid], out["scores"][b][valid]
+        height, width = image_size[b]
+        assert (boxes >= 0).all() and (boxes[:, [0, 2]] <= width).all()
+        assert (boxes[:, [1, 3]] <= height).all()
+        assert (boxes[:, 2:] >= boxes[:, :2]).all()
+        assert (scores > config.model.roi_heads.score_threshold).all() and (scores <= 1).all()
+        assert (np.diff(scores) <= 0).all()
+        assert ((out["classes"][b] >= 0) & (out["classes"][b] < config.model.num_classes)).all()
+        masks = out["masks"][b]
+        assert (masks >= 0).all() and (masks <= 1).all() and (masks[~valid] == 0).all()
+    assert all(np.isfinite(v).all() for v in out.values())
+
+
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=pytest.mark.slow)])
+def test_mask_rcnn_inference_outputs(dtype):
+    # A high score threshold so that some detection rows are padding.
+    config = tiny_config(**{"model.dtype": dtype, "model.roi_heads.score_threshold": 0.6})
+    variables, out, image_size = run_inference(config)
+    check_detections(out, image_size, config)
+    dtypes = {x.dtype for x in jax.tree_util.tree_leaves(variables)}
+    assert dtypes == {jnp.dtype(jnp.float32)}  # Parameters and statistics stay float32.
+
+
+def test_bfloat16_mask_rcnn_computes_in_bfloat16_with_float32_params_and_outputs():
+    """Abstract evaluation (no compile; the full bf16 run is the slow case above)."""
+    model = MaskRCNN(
+        ml_collections.FrozenConfigDict(tiny_config(**{"model.dtype": "bfloat16"}).model)
+    )
+    batch = {
+        "image": jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32),
+        "image_size": jax.ShapeDtypeStruct((2, 2), jnp.int32),
+    }
+    variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), batch)
+    assert {x.dtype for x in jax.tree_util.tree_leaves(variables)} == {jnp.dtype(jnp.float32)}
+    out, state = jax.eval_shape(
+        functools.partial(model.apply, train=False, capture_intermediates=True), variables, batch
+    )
+    assert {k: v.dtype for k, v in out.items()} == {
+        "boxes": jnp.float32,
+        "scores": jnp.float32,
+        "classes": jnp.int32,
+        "masks": jnp.float32,
+        "valid": jnp.bool_,
+    }
+    pyramid = state["intermediates"]["fpn"]["__call__"][0]
+    assert {v.dtype for v in pyramid.values()} == {jnp.dtype(jnp.bfloat16)}

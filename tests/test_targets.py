@@ -1,0 +1,589 @@
+"""Training targets and per-image postprocessing against torchvision and plain numpy references.
+
+Covers `mrcnn_jax.ops.targets` (match_boxes, label_anchors, sample_balanced, bilinear_weights,
+mask_targets), `roi_heads.sample_rois`, `roi_heads.detect_boxes` and `rpn.generate_proposals`.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mrcnn_jax.modeling.roi_heads import detect_boxes, sample_rois
+from mrcnn_jax.modeling.rpn import generate_proposals
+from mrcnn_jax.ops import targets
+
+FG_IOU, BG_IOU = 0.7, 0.3
+BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
+
+jit_label_anchors = jax.jit(targets.label_anchors, static_argnames=("fg_iou", "bg_iou"))
+jit_sample_balanced = jax.jit(
+    targets.sample_balanced, static_argnames=("batch_size", "positive_fraction")
+)
+jit_mask_targets = jax.jit(targets.mask_targets, static_argnames=("output_size", "sampling_ratio"))
+
+
+def random_boxes(rng: np.random.Generator, n: int, extent=64.0, min_wh=2.0, max_wh=30.0):
+    """[n, 4] float32 (x1, y1, x2, y2) boxes with top-left in [0, extent)."""
+    xy = rng.uniform(0, extent, (n, 2))
+    wh = rng.uniform(min_wh, max_wh, (n, 2))
+    return np.concatenate([xy, xy + wh], axis=1).astype(np.float32)
+
+
+def numpy_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """[N, M] IoU in float64, 0 where the union is 0."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=-1)
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+
+
+# --------------------------------------------------------------------------- label_anchors
+
+
+def torchvision_anchor_labels(anchors, gt_boxes, fg_iou=FG_IOU, bg_iou=BG_IOU):
+    """torchvision `Matcher(allow_low_quality_matches=True)` in our convention.
+
+    Returns labels (1 / 0 / -1) and the matched GT index of the positives (-1 elsewhere)."""
+    torch = pytest.importorskip("torch")
+    from torchvision.models.detection._utils import Matcher
+    from torchvision.ops import box_iou
+
+    iou = box_iou(torch.as_tensor(gt_boxes), torch.as_tensor(anchors))
+    matches = Matcher(fg_iou, bg_iou, allow_low_quality_matches=True)(iou).numpy()
+    labels = np.where(matches >= 0, 1, np.where(matches == -1, 0, -1))
+    return labels, np.where(matches >= 0, matches, -1)
+
+
+def check_label_anchors(anchors, gt_boxes, gt_valid, *, ignore_gt=()):
+    """Ours on the padded GT == torchvision on the valid GT rows (minus `ignore_gt` rows)."""
+    labels, gt_index = jit_label_anchors(anchors, gt_boxes, gt_valid, fg_iou=FG_IOU, bg_iou=BG_IOU)
+    labels, gt_index = np.asarray(labels), np.asarray(gt_index)
+    rows = np.array([i for i in np.flatnonzero(gt_valid) if i not in ignore_gt], dtype=int)
+    if len(rows):
+        want_labels, want_match = torchvision_anchor_labels(anchors, gt_boxes[rows])
+    else:
+        want_labels, want_match = np.zeros(len(anchors), int), np.full(len(anchors), -1)
+    np.testing.assert_array_equal(labels, want_labels)
+    positive = want_labels == 1
+    np.testing.assert_array_equal(gt_index[positive], rows[want_match[positive]])
+    return labels, gt_index
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_label_anchors_matches_torchvision_on_random_boxes(seed):
+    rng = np.random.default_rng(seed)
+    anchors = random_boxes(rng, 300, extent=80, min_wh=4, max_wh=40)
+    gt_boxes = random_boxes(rng, 6, extent=70, min_wh=8, max_wh=40)
+    gt_valid = np.array([True, True, False, True, True, False])
+    # Padding rows hold boxes equal to some anchors: if they leaked in, those would turn positive.
+    gt_boxes[~gt_valid] = anchors[:2]
+    best = numpy_iou(gt_boxes[gt_valid], anchors).max(axis=1)
+    assert (best > 0).all()
+    labels, _ = check_label_anchors(anchors, gt_boxes, gt_valid)
+    assert set(np.unique(labels)) == {-1, 0, 1}
+
+
+def test_label_anchors_without_valid_gt_are_all_negative():
+    rng = np.random.default_rng(0)
+    anchors = random_boxes(rng, 50)
+    gt_boxes = anchors[:3].copy()  # Perfect matches, but padding.
+    labels, gt_index = check_label_anchors(anchors, gt_boxes, np.zeros(3, bool))
+    assert (labels == 0).all() and (gt_index == 0).all()
+
+
+def test_label_anchors_ignores_a_gt_that_overlaps_no_anchor():
+    rng = np.random.default_rng(1)
+    anchors = random_boxes(rng, 60, extent=40)
+    gt_boxes = np.array([[5, 5, 25, 25], [500, 500, 520, 520], [0, 0, 0, 0]], np.float32)
+    gt_valid = np.array([True, True, False])
+    assert numpy_iou(gt_boxes[1:2], anchors).max() == 0
+    labels, _ = check_label_anchors(anchors, gt_boxes, gt_valid, ignore_gt=(1,))
+    assert (labels == 0).sum() > 0
+    # Alone, the far GT gives no positive at all (torchvision would make every anchor positive).
+    labels, _ = jit_label_anchors(
+        anchors, gt_boxes, np.array([False, True, False]), fg_iou=FG_IOU, bg_iou=BG_IOU
+    )
+    assert (np.asarray(labels) == 0).all()
+
+
+def test_label_anchors_ties_and_low_quality_matches_keep_the_argmax_gt():
+    gt_boxes = np.array(
+        [
+            [0, 0, 10, 10],
+            [5, 0, 15, 10],
+            [30, 30, 40, 40],
+            [30, 30, 40, 40],
+            [0, 0, 1, 1],
+            [60, 0, 70, 10],
+        ],
+        np.float32,
+    )
+    anchors = np.array(
+        [
+            [3, 0, 13, 10],  # GT0's best (0.54) but GT1's IoU is higher (0.67): positive, GT1.
+            [5, 0, 15, 10.5],  # GT1's best (0.95): positive.
+            [30, 30, 40, 50],  # Best (0.5) of the duplicated GT2/GT3, twice: positive, GT2.
+            [30, 30, 40, 50],
+            [34, 30, 44, 40],  # 0.43 with GT2 and GT3: ignored.
+            [60, 60, 70, 70],  # Overlaps nothing: negative.
+            [60, 0, 70, 10],  # The perfect match of GT5: positive, and GT5's best.
+            [60, 0, 70, 7],  # IoU exactly 0.7 with GT5: positive (fg_iou is inclusive).
+            [60, 0, 70, 3],  # IoU exactly 0.3 with GT5: ignored (below bg_iou is negative).
+        ],
+        np.float32,
+    )
+    gt_valid = np.array([True, True, True, True, False, True])
+    labels, gt_index = check_label_anchors(anchors, gt_boxes, gt_valid)
+    np.testing.assert_array_equal(labels, [1, 1, 1, 1, -1, 0, 1, 1, -1])
+    np.testing.assert_array_equal(gt_index[[0, 1, 2, 3, 6, 7]], [1, 1, 2, 2, 5, 5])
+
+
+# --------------------------------------------------------------------------- match_boxes
+
+
+@pytest.mark.parametrize("valid", [[True, False, True, True], [False] * 4])
+def test_match_boxes_against_numpy(valid):
+    rng = np.random.default_rng(2)
+    boxes, gt_boxes = random_boxes(rng, 40), random_boxes(rng, 4)
+    valid = np.array(valid)
+    matches = jax.jit(targets.match_boxes)(boxes, gt_boxes, valid)
+    iou = np.where(valid[:, None], numpy_iou(gt_boxes, boxes), -1.0)
+    np.testing.assert_array_equal(matches.gt_index, np.argmax(iou, axis=0))
+    np.testing.assert_allclose(matches.iou, iou.max(axis=0), rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- sample_balanced
+
+
+def candidate_masks(rng, n, num_pos, num_neg):
+    """Disjoint random positive/negative masks over n candidates (the rest ignored)."""
+    order = rng.permutation(n)
+    positive, negative = np.zeros(n, bool), np.zeros(n, bool)
+    positive[order[:num_pos]] = True
+    negative[order[num_pos : num_pos + num_neg]] = True
+    return positive, negative
+
+
+@pytest.mark.parametrize(
+    "n, num_pos, num_neg, batch_size, fraction",
+    [
+        (100, 30, 50, 32, 0.25),  # Enough of both: 8 positives, 24 negatives.
+        (100, 3, 50, 32, 0.25),  # Few positives: negatives fill up.
+        (100, 30, 5, 32, 0.5),  # Few negatives: padding at the end.
+        (100, 0, 60, 16, 0.5),  # No positive.
+        (100, 40, 0, 16, 0.5),  # No negative.
+        (100, 0, 0, 8, 0.5),  # Nothing to sample.
+        (10, 4, 5, 16, 1.0),  # Batch larger than the candidate array.
+        (50, 20, 20, 10, 0.25),  # int(2.5) = 2 positives.
+    ],
+)
+def test_sample_balanced_counts_and_membership(n, num_pos, num_neg, batch_size, fraction):
+    rng = np.random.default_rng(n + num_pos + num_neg)
+    positive, negative = candidate_masks(rng, n, num_pos, num_neg)
+    sample = jit_sample_balanced(
+        jax.random.key(3), positive, negative, batch_size=batch_size, positive_fraction=fraction
+    )
+    indices, is_pos, valid = (np.asarray(a) for a in sample[:3])
+    p = min(num_pos, int(batch_size * fraction))
+    q = min(num_neg, batch_size - p)
+    assert indices.shape == (batch_size,) and indices.dtype == np.int32
+    assert int(sample.num_positive) == p
+    np.testing.assert_array_equal(is_pos, np.arange(batch_size) < p)
+    np.testing.assert_array_equal(valid, np.arange(batch_size) < p + q)
+    assert positive[indices[:p]].all()
+    assert negative[indices[p : p + q]].all()
+    assert len(set(indices[: p + q].tolist())) == p + q
+    assert ((indices >= 0) & (indices < n)).all()
+
+
+def test_sample_balanced_is_deterministic_per_key_and_varies_across_keys():
+    positive, negative = candidate_masks(np.random.default_rng(4), 200, 40, 120)
+    draw = lambda seed: np.asarray(
+        jit_sample_balanced(
+            jax.random.key(seed), positive, negative, batch_size=32, positive_fraction=0.25
+        ).indices
+    )
+    np.testing.assert_array_equal(draw(0), draw(0))
+    first = draw(0)
+    for seed in (1, 2):
+        other = draw(seed)
+        assert set(other[:8].tolist()) != set(first[:8].tolist())
+        assert set(other[8:].tolist()) != set(first[8:].tolist())
+
+
+def test_sample_balanced_draws_uniformly():
+    n, draws = 30, 3000
+    positive, negative = candidate_masks(np.random.default_rng(5), n, 10, 12)
+    sample = jax.jit(
+        jax.vmap(lambda key: targets.sample_balanced(key, positive, negative, 8, 0.25))
+    )(jax.random.split(jax.random.key(6), draws))
+    indices, valid = np.asarray(sample.indices), np.asarray(sample.valid)
+    counts = np.bincount(indices[valid], minlength=n)
+    for mask, per_draw in ((positive, 2), (negative, 6)):
+        expected = draws * per_draw / mask.sum()
+        chi2 = np.sum((counts[mask] - expected) ** 2 / expected)
+        # df = 9 or 11; P(chi2 > 45) < 1e-5 for uniform draws, while a fixed or biased
+        # choice (e.g. always the lowest indices) gives chi2 in the thousands.
+        assert chi2 < 45, (chi2, counts[mask])
+    assert counts[~positive & ~negative].sum() == 0
+
+
+# --------------------------------------------------------------------------- mask targets
+
+
+def interpolate_numpy(mask: np.ndarray, y: float, x: float) -> float:
+    """Bilinear value of `mask [S, S]` at continuous crop coordinates (pixel centres at +0.5).
+
+    Clamped to the edge pixels inside [0, S]; 0 outside (the `bilinear_weights` docstring)."""
+    s = mask.shape[0]
+    if not (0 <= y <= s and 0 <= x <= s):
+        return 0.0
+    py, px = min(max(y - 0.5, 0.0), s - 1.0), min(max(x - 0.5, 0.0), s - 1.0)
+    y0, x0 = int(np.floor(py)), int(np.floor(px))
+    y1, x1 = min(y0 + 1, s - 1), min(x0 + 1, s - 1)
+    fy, fx = py - y0, px - x0
+    return (
+        (1 - fy) * (1 - fx) * mask[y0, x0]
+        + (1 - fy) * fx * mask[y0, x1]
+        + fy * (1 - fx) * mask[y1, x0]
+        + fy * fx * mask[y1, x1]
+    )
+
+
+def mask_targets_numpy(gt_masks, gt_boxes, rois, output_size, sampling_ratio):
+    """Loop reference: RoIAlign sample points of each output pixel, located in the GT crop."""
+    r, s = gt_masks.shape[:2]
+    out = np.zeros((r, output_size, output_size))
+    for k in range(r):
+        gx1, gy1, gx2, gy2 = gt_boxes[k].astype(np.float64)
+        rx1, ry1, rx2, ry2 = rois[k].astype(np.float64)
+        bin_w, bin_h = (rx2 - rx1) / output_size, (ry2 - ry1) / output_size
+        for i in range(output_size):
+            for j in range(output_size):
+                total = 0.0
+                for a in range(sampling_ratio):
+                    for b in range(sampling_ratio):
+                        y = ry1 + (i + (a + 0.5) / sampling_ratio) * bin_h
+                        x = rx1 + (j + (b + 0.5) / sampling_ratio) * bin_w
+                        # Crop pixel c covers [c, c + 1) of (point - box corner) * S / box side.
+                        cy = (y - gy1) * s / (gy2 - gy1)
+                        cx = (x - gx1) * s / (gx2 - gx1)
+                        total += interpolate_numpy(gt_masks[k], cy, cx)
+                out[k, i, j] = total / sampling_ratio**2
+    return out
+
+
+def test_bilinear_weights_against_numpy():
+    size = 5
+    coords = np.array([-0.5, -1e-4, 0.0, 0.3, 0.5, 1.25, 2.0, 4.5, 4.7, 5.0, 5.0001, 7.0])
+    weights = np.asarray(targets.bilinear_weights(jnp.asarray(coords, jnp.float32), size))
+    for c, row in zip(coords, weights):
+        want = [
+            interpolate_numpy(np.eye(size)[:, [v]].T.repeat(size, 0), 1.0, c) for v in range(size)
+        ]
+        np.testing.assert_allclose(row, want, atol=1e-6, err_msg=f"coordinate {c}")
+    assert weights.shape == (len(coords), size)
+
+
+def random_mask_case(rng, r=5, s=8):
+    gt_masks = rng.uniform(size=(r, s, s)).astype(np.float32)
+    gt_boxes = random_boxes(rng, r, extent=40, min_wh=4, max_wh=30)
+    # RoIs jittered around their GT: partly outside, partly inside, one far outside.
+    jitter = rng.uniform(-8, 8, (r, 4)).astype(np.float32)
+    rois = gt_boxes + jitter
+    rois[:, 2:] = np.maximum(rois[:, 2:], rois[:, :2] + 1)
+    rois[-1] = gt_boxes[-1] + np.float32(100)
+    return gt_masks, gt_boxes, rois
+
+
+@pytest.mark.parametrize("output_size, sampling_ratio", [(6, 2), (5, 1), (4, 3)])
+def test_mask_targets_against_numpy_loops(output_size, sampling_ratio):
+    gt_masks, gt_boxes, rois = random_mask_case(np.random.default_rng(output_size))
+    got = jit_mask_targets(
+        gt_masks, gt_boxes, rois, output_size=output_size, sampling_ratio=sampling_ratio
+    )
+    want = mask_targets_numpy(gt_masks, gt_boxes, rois, output_size, sampling_ratio)
+    assert got.shape == want.shape and got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert np.abs(want[-1]).max() == 0  # The far RoI sees nothing.
+    assert np.abs(want[:-1]).max() > 0.1
+
+
+def test_mask_targets_of_the_gt_box_reproduce_the_crop():
+    rng = np.random.default_rng(7)
+    gt_masks, gt_boxes, _ = random_mask_case(rng, s=6)
+    same = jit_mask_targets(gt_masks, gt_boxes, gt_boxes, output_size=6, sampling_ratio=1)
+    np.testing.assert_allclose(same, gt_masks, rtol=1e-5, atol=1e-5)
+    doubled = jit_mask_targets(gt_masks, gt_boxes, gt_boxes, output_size=12, sampling_ratio=2)
+    want = mask_targets_numpy(gt_masks, gt_boxes, gt_boxes, 12, 2)
+    np.testing.assert_allclose(doubled, want, rtol=1e-4, atol=1e-5)
+    # A full mask stays full inside the GT box and is the covered fraction on a larger RoI.
+    ones = np.ones_like(gt_masks)
+    np.testing.assert_allclose(
+        jit_mask_targets(ones, gt_boxes, gt_boxes, output_size=4, sampling_ratio=2), 1.0, atol=1e-6
+    )
+    wide = gt_boxes.copy()
+    wide[:, 2] += gt_boxes[:, 2] - gt_boxes[:, 0]  # Twice as wide: right half outside.
+    got = np.asarray(jit_mask_targets(ones, gt_boxes, wide, output_size=4, sampling_ratio=2))
+    np.testing.assert_allclose(got[:, :, :2], 1.0, atol=1e-6)
+    np.testing.assert_allclose(got[:, :, 2:], 0.0, atol=1e-6)
+
+
+def test_mask_targets_of_degenerate_boxes_are_finite():
+    rng = np.random.default_rng(8)
+    gt_masks, gt_boxes, rois = random_mask_case(rng, r=4)
+    rois[0, 2] = rois[0, 0]  # Zero-width RoI.
+    rois[1, 1:4:2] = rois[1, 1]  # Zero-height RoI.
+    gt_boxes[2, 2] = gt_boxes[2, 0]  # Zero-width GT box,
+    rois[2] = gt_boxes[2]  # and its RoI on it.
+    gt_boxes[3, 2:] = gt_boxes[3, :2]  # A point GT box.
+    got = np.asarray(jit_mask_targets(gt_masks, gt_boxes, rois, output_size=4, sampling_ratio=2))
+    assert np.isfinite(got).all() and (got >= 0).all() and (got <= 1 + 1e-6).all()
+    want = mask_targets_numpy(gt_masks[:2], gt_boxes[:2], rois[:2], 4, 2)
+    np.testing.assert_allclose(got[:2], want, rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- sample_rois
+
+jit_sample_rois = jax.jit(
+    sample_rois,
+    static_argnames=("batch_size", "positive_fraction", "fg_iou", "box_reg_weights"),
+)
+
+
+def roi_case(rng, num_valid_gt=3):
+    """40 proposals (the last 6 padding) and 5 GT rows (the first `num_valid_gt` valid)."""
+    gt_boxes = random_boxes(rng, 5, extent=50, min_wh=10, max_wh=30)
+    gt_classes = rng.integers(0, 3, 5).astype(np.int32)
+    gt_valid = np.arange(5) < num_valid_gt
+    gt_classes[~gt_valid] = -1
+    proposals = random_boxes(rng, 40, extent=60, min_wh=4, max_wh=30)
+    # Some proposals near the GT so that there is foreground.
+    proposals[:8] = np.tile(gt_boxes[:2], (4, 1)) + rng.uniform(-3, 3, (8, 4)).astype(np.float32)
+    proposal_valid = np.arange(40) < 34
+    # Padding proposals (and invalid GT) sit on the GT: they would be foreground if sampled.
+    proposals[34:] = np.tile(gt_boxes[:3], (2, 1)) + np.float32(0.25)
+    gt_boxes[num_valid_gt:] = proposals[: 5 - num_valid_gt] + np.float32(0.125)
+    return proposals, proposal_valid, gt_boxes, gt_classes, gt_valid
+
+
+def check_sampled_rois(result, proposals, proposal_valid, gt_boxes, gt_classes, gt_valid):
+    """Each sampled RoI against a numpy/torchvision recomputation; returns the candidate rows."""
+    torch = pytest.importorskip("torch")
+    from torchvision.models.detection._utils import BoxCoder
+
+    candidates = np.concatenate([proposals, gt_boxes[gt_valid]])
+    iou = numpy_iou(gt_boxes[gt_valid], candidates)
+    valid_rows = np.flatnonzero(gt_valid)
+    rows = []
+    for k in np.flatnonzero(np.asarray(result.valid)):
+        roi = np.array(result.rois[k])
+        hits = np.flatnonzero((candidates == roi).all(axis=1))
+        assert len(hits) >= 1, f"sampled RoI {roi} is not a valid proposal or valid GT box"
+        c = hits[0]
+        assert c >= len(proposals) or proposal_valid[c], "a padding proposal was sampled"
+        rows.append(c)
+        if len(valid_rows) == 0:
+            fg, match = False, 0
+        else:
+            fg, match = iou[:, c].max() >= 0.5, valid_rows[np.argmax(iou[:, c])]
+        assert bool(result.is_foreground[k]) == fg
+        assert int(result.classes[k]) == (gt_classes[match] + 1 if fg else 0)
+        if fg:
+            assert int(result.gt_index[k]) == match
+            want = BoxCoder(BOX_WEIGHTS).encode_single(
+                torch.as_tensor(gt_boxes[match][None]), torch.as_tensor(roi[None])
+            )
+            np.testing.assert_allclose(result.box_targets[k], want[0].numpy(), rtol=1e-4, atol=1e-4)
+        else:
+            np.testing.assert_array_equal(result.box_targets[k], 0.0)
+    assert len(set(rows)) == len(rows), "a candidate was sampled twice"
+    padding = ~np.asarray(result.valid)
+    assert not np.asarray(result.is_foreground)[padding].any()
+    np.testing.assert_array_equal(np.asarray(result.classes)[padding], 0)
+    np.testing.assert_array_equal(np.asarray(result.box_targets)[padding], 0.0)
+    return np.array(rows, int), iou
+
+
+@pytest.mark.parametrize("batch_size, fraction", [(64, 1.0), (16, 0.25)])
+def test_sample_rois_targets(batch_size, fraction):
+    case = roi_case(np.random.default_rng(9))
+    proposals, proposal_valid, _, _, gt_valid = case
+    result = jit_sample_rois(
+        jax.random.key(0),
+        *case,
+        batch_size=batch_size,
+        positive_fraction=fraction,
+        fg_iou=0.5,
+        box_reg_weights=BOX_WEIGHTS,
+    )
+    rows, iou = check_sampled_rois(result, *case)
+    candidate_valid = np.concatenate([proposal_valid, np.ones(gt_valid.sum(), bool)])
+    num_fg, num_valid = int((iou.max(axis=0) >= 0.5)[candidate_valid].sum()), candidate_valid.sum()
+    p = min(num_fg, int(batch_size * fraction))
+    assert int(np.sum(result.is_foreground)) == p
+    assert int(np.sum(result.valid)) == min(num_valid, batch_size)
+    assert np.asarray(result.is_foreground)[:p].all()  # Foreground first.
+    if batch_size >= num_valid:  # Everything sampled: each valid GT box is a foreground RoI.
+        assert set(range(len(proposals), len(proposals) + gt_valid.sum())) <= set(rows.tolist())
+
+
+def test_sample_rois_without_gt_is_all_background():
+    case = roi_case(np.random.default_rng(10), num_valid_gt=0)
+    result = jit_sample_rois(
+        jax.random.key(1),
+        *case,
+        batch_size=16,
+        positive_fraction=0.25,
+        fg_iou=0.5,
+        box_reg_weights=BOX_WEIGHTS,
+    )
+    check_sampled_rois(result, *case)
+    assert not np.asarray(result.is_foreground).any()
+    assert int(np.sum(result.valid)) == 16
+    assert np.isfinite(np.asarray(result.box_targets)).all()
+
+
+# --------------------------------------------------------------------------- detect_boxes
+
+
+def torchvision_detections(
+    class_logits, box_deltas, proposals, image_size, score_thresh, nms_thresh, max_det
+):
+    """torchvision `RoIHeads.postprocess_detections` for one image, K foreground deltas."""
+    torch = pytest.importorskip("torch")
+    from torchvision.models.detection._utils import BoxCoder
+    from torchvision.ops import boxes as box_ops
+
+    num_classes = box_deltas.shape[1]
+    boxes = BoxCoder(BOX_WEIGHTS, bbox_xform_clip=np.log(1000.0 / 16)).decode_single(
+        torch.as_tensor(box_deltas.reshape(len(proposals), -1)), torch.as_tensor(proposals)
+    )
+    boxes = box_ops.clip_boxes_to_image(boxes.reshape(-1, num_classes, 4), tuple(image_size))
+    scores = torch.softmax(torch.as_tensor(class_logits), -1)[:, 1:]
+    labels = torch.arange(num_classes).view(1, -1).expand_as(scores)
+    boxes, scores, labels = boxes.reshape(-1, 4), scores.reshape(-1), labels.reshape(-1)
+    keep = torch.where(scores > score_thresh)[0]
+    boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+    keep = box_ops.remove_small_boxes(boxes, min_size=1e-2)
+    boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+    keep = box_ops.batched_nms(boxes, scores, labels, nms_thresh)[:max_det]
+    return boxes[keep].numpy(), scores[keep].numpy(), labels[keep].numpy()
+
+
+@pytest.mark.parametrize("max_det, score_thresh", [(12, 0.05), (100, 0.2)])
+def test_detect_boxes_matches_torchvision(max_det, score_thresh):
+    rng = np.random.default_rng(max_det)
+    p, k, image_size = 40, 3, (60, 80)
+    proposals = random_boxes(rng, p, extent=70, min_wh=3, max_wh=40)
+    proposals[0] = [10, 10, 10.004, 30]  # Decodes to a box narrower than 0.01 px.
+    valid = np.arange(p) < 34
+    class_logits = rng.normal(0, 2, (p, k + 1)).astype(np.float32)
+    box_deltas = rng.normal(0, 1, (p, k, 4)).astype(np.float32)
+    box_deltas[1, :, 2:] = 20  # Huge dw, dh: clamped before exp.
+    # Proposal 2 has one class score just below and one just above the threshold.
+    near = [score_thresh - 2e-3, score_thresh + 2e-3]
+    class_logits[2] = np.log([1 - sum(near) - 0.1, near[0], near[1], 0.1])
+    detect = jax.jit(
+        functools.partial(
+            detect_boxes,
+            box_reg_weights=BOX_WEIGHTS,
+            score_threshold=score_thresh,
+            nms_threshold=0.5,
+            max_detections=max_det,
+            pre_nms_topk=p * k,
+        )
+    )
+    got = detect(class_logits, box_deltas, proposals, valid, np.array(image_size, np.int32))
+    want_boxes, want_scores, want_labels = torchvision_detections(
+        class_logits[valid],
+        box_deltas[valid],
+        proposals[valid],
+        image_size,
+        score_thresh,
+        0.5,
+        max_det,
+    )
+    n = len(want_scores)
+    assert 0 < n and got.valid.shape == (max_det,)
+    np.testing.assert_array_equal(got.valid, np.arange(max_det) < n)
+    np.testing.assert_allclose(got.scores[:n], want_scores, rtol=1e-5)
+    np.testing.assert_array_equal(got.classes[:n], want_labels)
+    np.testing.assert_allclose(got.boxes[:n], want_boxes, rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(got.scores[n:], 0.0)
+    np.testing.assert_array_equal(got.boxes[n:], 0.0)
+    if max_det > n:  # The limit is not binding: some candidates were suppressed or dropped.
+        assert n < valid.sum() * k
+
+
+# --------------------------------------------------------------------------- generate_proposals
+
+
+def torchvision_proposals(
+    logits, deltas, anchors, image_size, pre_nms, post_nms, nms_thresh, min_size
+):
+    """torchvision `RegionProposalNetwork.filter_proposals` on decoded proposals, one image."""
+    torch = pytest.importorskip("torch")
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.rpn import RegionProposalNetwork
+
+    rpn = RegionProposalNetwork(
+        AnchorGenerator(),
+        torch.nn.Identity(),
+        fg_iou_thresh=0.7,
+        bg_iou_thresh=0.3,
+        batch_size_per_image=256,
+        positive_fraction=0.5,
+        pre_nms_top_n={"training": pre_nms, "testing": pre_nms},
+        post_nms_top_n={"training": post_nms, "testing": post_nms},
+        nms_thresh=nms_thresh,
+    ).eval()
+    rpn.min_size = min_size
+    all_anchors = torch.as_tensor(np.concatenate(anchors))
+    boxes = rpn.box_coder.decode_single(torch.as_tensor(np.concatenate(deltas)), all_anchors)
+    boxes, scores = rpn.filter_proposals(
+        boxes.reshape(1, -1, 4),
+        torch.as_tensor(np.concatenate(logits))[None],
+        [tuple(image_size)],
+        [len(a) for a in anchors],
+    )
+    return boxes[0].numpy(), scores[0].numpy()
+
+
+@pytest.mark.parametrize(
+    "pre_nms, post_nms, min_size", [(50, 40, 1e-3), (500, 300, 1e-3), (30, 60, 3.0)]
+)
+def test_generate_proposals_matches_torchvision(pre_nms, post_nms, min_size):
+    rng = np.random.default_rng(pre_nms + post_nms)
+    image_size = (60, 80)
+    sizes = (120, 40, 12)  # Anchors per level: the last has fewer than pre_nms_topk.
+    anchors = [random_boxes(rng, n, extent=90, min_wh=1, max_wh=40) for n in sizes]
+    logits = [rng.normal(0, 2, n).astype(np.float32) for n in sizes]
+    deltas = [rng.normal(0, 0.3, (n, 4)).astype(np.float32) for n in sizes]
+    propose = jax.jit(
+        functools.partial(
+            generate_proposals,
+            pre_nms_topk=pre_nms,
+            post_nms_topk=post_nms,
+            nms_threshold=0.7,
+            min_size=min_size,
+        )
+    )
+    got = propose(logits, deltas, anchors, np.array(image_size, np.int32))
+    want_boxes, want_scores = torchvision_proposals(
+        logits, deltas, anchors, image_size, pre_nms, post_nms, 0.7, min_size
+    )
+    n = len(want_scores)
+    assert got.valid.shape == (post_nms,) and 0 < n
+    np.testing.assert_array_equal(got.valid, np.arange(post_nms) < n)
+    np.testing.assert_allclose(got.boxes[:n], want_boxes, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(jax.nn.sigmoid(got.scores[:n]), want_scores, rtol=1e-5)
+    assert np.isneginf(np.asarray(got.scores[n:])).all()
+    np.testing.assert_array_equal(got.boxes[n:], 0.0)
