@@ -72,7 +72,7 @@ def mask_rcnn_losses(
         rpn_keys,
         outputs.rpn_logits,
         outputs.rpn_deltas,
-        outputs.anchors,
+        jnp.asarray(outputs.anchors),  # May be a numpy constant, indexed by traced indices.
         batch["gt_boxes"],
         batch["gt_valid"],
         rpn,

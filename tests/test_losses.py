@@ -1,0 +1,301 @@
+"""Mask R-CNN losses against torch's smooth L1 and a plain numpy computation of the five terms."""
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+from conftest import tiny_config
+
+from mrcnn_jax.modeling.mask_rcnn import TrainOutputs
+from mrcnn_jax.ops import targets
+from mrcnn_jax.train.losses import mask_rcnn_losses, smooth_l1
+
+NAMES = ("loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box_reg", "loss_mask")
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0 / 9.0, 1.0, 2.5])
+def test_smooth_l1_matches_torch(beta):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    x = np.concatenate(
+        [rng.normal(0, 2, 200), [0.0, beta, -beta, beta * 0.999, -beta * 1.001, 1e-7, -3.0]]
+    ).astype(np.float32)
+    want = torch.nn.functional.smooth_l1_loss(
+        torch.as_tensor(x), torch.zeros(len(x)), reduction="none", beta=beta
+    ).numpy()
+    np.testing.assert_allclose(jax.jit(smooth_l1, static_argnums=1)(x, beta), want, rtol=1e-6)
+    grad = jax.vmap(jax.grad(smooth_l1), in_axes=(0, None))(x, beta)
+    assert np.isfinite(grad).all()
+
+
+# --------------------------------------------------------------------------- numpy reference
+
+
+def numpy_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """[N, M] IoU in float64, 0 where the union is 0."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=-1)
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+
+
+def anchor_labels_numpy(anchors, gt_boxes, gt_valid, fg_iou, bg_iou):
+    """Matcher with low-quality matches: labels 1/0/-1 and the argmax GT row of every anchor."""
+    rows = np.flatnonzero(gt_valid)
+    if len(rows) == 0:
+        return np.zeros(len(anchors), int), np.zeros(len(anchors), int)
+    iou = numpy_iou(gt_boxes[rows], anchors)  # [G, A]
+    best = iou.max(axis=0)
+    labels = np.where(best >= fg_iou, 1, np.where(best < bg_iou, 0, -1))
+    for g in range(len(rows)):
+        if iou[g].max() > 0:
+            labels[iou[g] == iou[g].max()] = 1
+    return labels, rows[iou.argmax(axis=0)]
+
+
+def encode_numpy(gt, ref, weights=(1.0, 1.0, 1.0, 1.0)):
+    """Faster R-CNN deltas of `gt` relative to `ref` (x1, y1, x2, y2), float64."""
+    gt, ref = gt.astype(np.float64), ref.astype(np.float64)
+    gw, gh = gt[:, 2] - gt[:, 0], gt[:, 3] - gt[:, 1]
+    rw, rh = ref[:, 2] - ref[:, 0], ref[:, 3] - ref[:, 1]
+    dx = (gt[:, 0] + gw / 2 - ref[:, 0] - rw / 2) / rw
+    dy = (gt[:, 1] + gh / 2 - ref[:, 1] - rh / 2) / rh
+    wx, wy, ww, wh = weights
+    return np.stack([wx * dx, wy * dy, ww * np.log(gw / rw), wh * np.log(gh / rh)], axis=1)
+
+
+def bce_numpy(logits, labels):
+    logits = logits.astype(np.float64)
+    return np.maximum(logits, 0) - logits * labels + np.log1p(np.exp(-np.abs(logits)))
+
+
+def smooth_l1_numpy(x, beta):
+    ax = np.abs(x)
+    return ax if beta == 0 else np.where(ax < beta, 0.5 * ax**2 / beta, ax - 0.5 * beta)
+
+
+def losses_numpy(outputs: TrainOutputs, batch, model_config, rpn_samples):
+    """The five losses; `rpn_samples[b]` = the anchor indices sampled in image b."""
+    rpn, roi = model_config.rpn, model_config.roi_heads
+    o = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), outputs)
+    num_images = o.rpn_logits.shape[0]
+    rpn_cls = rpn_box = 0.0
+    for b in range(num_images):
+        labels, match = anchor_labels_numpy(
+            o.anchors, batch["gt_boxes"][b], batch["gt_valid"][b], rpn.fg_iou, rpn.bg_iou
+        )
+        idx = rpn_samples[b]
+        assert (labels[idx] >= 0).all()
+        rpn_cls += bce_numpy(o.rpn_logits[b, idx], labels[idx]).sum()
+        pos = idx[labels[idx] == 1]
+        deltas = encode_numpy(batch["gt_boxes"][b][match[pos]], o.anchors[pos])
+        rpn_box += smooth_l1_numpy(o.rpn_deltas[b, pos] - deltas, rpn.smooth_l1_beta).sum()
+    rpn_norm = rpn.batch_size_per_image * num_images
+
+    logits = o.class_logits
+    log_probs = logits - logits.max(-1, keepdims=True)
+    log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
+    classes = np.asarray(outputs.roi_classes)
+    ce = -np.take_along_axis(log_probs, classes[..., None], -1)[..., 0]
+    valid = np.asarray(outputs.roi_valid)
+    roi_norm = roi.batch_size_per_image * num_images
+    box_sum = 0.0
+    for b, r in zip(*np.nonzero(classes > 0)):
+        err = o.box_deltas[b, r, classes[b, r] - 1] - o.roi_box_targets[b, r]
+        box_sum += smooth_l1_numpy(err, roi.smooth_l1_beta).sum()
+
+    mask_valid = np.asarray(outputs.mask_valid)
+    pixels = bce_numpy(o.mask_logits, o.mask_targets)[mask_valid]
+    return {
+        "loss_rpn_cls": rpn_cls / rpn_norm,
+        "loss_rpn_box": rpn_box / rpn_norm,
+        "loss_cls": ce[valid].sum() / roi_norm,
+        "loss_box_reg": box_sum / roi_norm,
+        "loss_mask": pixels.mean() if mask_valid.any() else 0.0,
+    }
+
+
+# --------------------------------------------------------------------------- a hand-made case
+
+
+def random_boxes(rng, n, extent=40.0, min_wh=8.0, max_wh=24.0):
+    xy = rng.uniform(0, extent, (n, 2))
+    wh = rng.uniform(min_wh, max_wh, (n, 2))
+    return np.concatenate([xy, xy + wh], axis=1).astype(np.float32)
+
+
+def make_case(seed=0, num_anchors=14, no_gt_images=(1,), mask_side=6):
+    """Two images: image 0 has 2 valid GT (one a near copy of an anchor, one a low-quality
+    match), the images in `no_gt_images` have none; RoI heads outputs with padding rows."""
+    rng = np.random.default_rng(seed)
+    model_config = tiny_config().model
+    roi = model_config.roi_heads
+    r, f, k = roi.batch_size_per_image, int(roi.batch_size_per_image * roi.positive_fraction), 3
+    anchors = random_boxes(rng, num_anchors)
+    anchors[1] = anchors[0] + np.float32(2)  # Overlapping anchors give ignored labels.
+    gt_boxes = np.zeros((2, 3, 4), np.float32)
+    gt_valid = np.zeros((2, 3), bool)
+    for b in range(2):
+        if b in no_gt_images:
+            continue
+        gt_boxes[b, 0] = anchors[0] + rng.uniform(-1, 1, 4).astype(np.float32)
+        width = anchors[5, 2] - anchors[5, 0]
+        gt_boxes[b, 1] = anchors[5] + np.array([0.45, 0, 0.45, 0], np.float32) * width
+        gt_valid[b, :2] = True
+    gt_boxes[:, 2] = anchors[3]  # Padding rows on an anchor: must be ignored.
+
+    roi_valid = np.arange(r) < r - 3
+    roi_classes = np.where(np.arange(r) < f, rng.integers(1, k + 1, r), 0)
+    roi_classes[1] = 0  # Fewer foreground than slots.
+    roi_classes = np.where(roi_valid, roi_classes, 0).astype(np.int32)
+    roi_classes = np.stack([roi_classes, roi_classes])
+    mask_valid = roi_classes[:, :f] > 0
+    for b in no_gt_images:
+        roi_classes[b] = 0
+        mask_valid[b] = False
+    outputs = TrainOutputs(
+        rpn_logits=rng.normal(0, 2, (2, num_anchors)).astype(np.float32),
+        rpn_deltas=rng.normal(0, 0.3, (2, num_anchors, 4)).astype(np.float32),
+        anchors=anchors,
+        class_logits=rng.normal(0, 2, (2, r, k + 1)).astype(np.float32),
+        box_deltas=rng.normal(0, 1, (2, r, k, 4)).astype(np.float32),
+        roi_classes=roi_classes,
+        roi_box_targets=np.where(
+            (roi_classes > 0)[..., None], rng.normal(0, 1, (2, r, 4)), 0
+        ).astype(np.float32),
+        roi_valid=np.stack([roi_valid, roi_valid]),
+        mask_logits=rng.normal(0, 3, (2, f, mask_side, mask_side)).astype(np.float32),
+        mask_targets=rng.uniform(0, 1, (2, f, mask_side, mask_side)).astype(np.float32),
+        mask_valid=mask_valid,
+        num_proposals=np.array([20, 20], np.int32),
+    )
+    return outputs, {"gt_boxes": gt_boxes, "gt_valid": gt_valid}, model_config
+
+
+def check_against_numpy(outputs, batch, model_config, keys, rpn_samples):
+    losses = jax.jit(functools.partial(mask_rcnn_losses, config=model_config))(outputs, batch, keys)
+    want = losses_numpy(outputs, batch, model_config, rpn_samples)
+    for name in NAMES:
+        np.testing.assert_allclose(losses[name], want[name], rtol=2e-5, atol=1e-7, err_msg=name)
+    np.testing.assert_allclose(losses["loss"], sum(want.values()), rtol=2e-5)
+    return losses
+
+
+def test_losses_with_every_anchor_sampled():
+    """batch_size_per_image > #anchors and positive_fraction 1: every labelled anchor counts."""
+    outputs, batch, model_config = make_case()
+    model_config.rpn.batch_size_per_image = 32
+    model_config.rpn.positive_fraction = 1.0
+    labels, _ = anchor_labels_numpy(
+        outputs.anchors, batch["gt_boxes"][0], batch["gt_valid"][0], 0.7, 0.3
+    )
+    assert {-1, 0, 1} <= set(labels.tolist()) and (labels == 1).sum() >= 2
+    samples = [
+        np.flatnonzero(anchor_labels_numpy(outputs.anchors, g, v, 0.7, 0.3)[0] >= 0)
+        for g, v in zip(batch["gt_boxes"], batch["gt_valid"])
+    ]
+    keys = jax.random.split(jax.random.key(0), 2)
+    losses = check_against_numpy(outputs, batch, model_config, keys, samples)
+    assert all(float(losses[name]) > 0 for name in NAMES)
+
+
+def test_losses_with_a_partial_rpn_sample():
+    """A sample smaller than the labelled anchors, rebuilt from the same per-image keys."""
+    outputs, batch, model_config = make_case(seed=1, num_anchors=40, no_gt_images=())
+    rpn = model_config.rpn
+    rpn.batch_size_per_image, rpn.positive_fraction = 6, 0.5
+    keys = jax.random.split(jax.random.key(3), 2)
+    samples = []
+    for b in range(2):
+        labels, _ = anchor_labels_numpy(
+            outputs.anchors, batch["gt_boxes"][b], batch["gt_valid"][b], 0.7, 0.3
+        )
+        assert (labels == 0).sum() > 6
+        sample = targets.sample_balanced(keys[b], labels == 1, labels == 0, 6, 0.5)
+        samples.append(np.asarray(sample.indices)[np.asarray(sample.valid)])
+        assert (labels[samples[-1]] == 1).any() and (labels[samples[-1]] == 0).any()
+    assert all(len(s) == 6 for s in samples)
+    check_against_numpy(outputs, batch, model_config, keys, samples)
+
+
+def test_losses_without_gt_are_zero_for_boxes_and_masks_and_finite():
+    outputs, batch, model_config = make_case(no_gt_images=(0, 1))
+    model_config.rpn.batch_size_per_image = 32
+    samples = [np.arange(len(outputs.anchors))] * 2  # Everything is a sampled negative.
+    keys = jax.random.split(jax.random.key(0), 2)
+    losses = check_against_numpy(outputs, batch, model_config, keys, samples)
+    for name in ("loss_rpn_box", "loss_box_reg", "loss_mask"):
+        assert float(losses[name]) == 0.0, name
+    assert float(losses["loss_rpn_cls"]) > 0 and float(losses["loss_cls"]) > 0
+
+    def total(floats):
+        return mask_rcnn_losses(outputs._replace(**floats), batch, keys, model_config)["loss"]
+
+    names = ("rpn_logits", "rpn_deltas", "class_logits", "box_deltas", "mask_logits")
+    grads = jax.jit(jax.grad(total))({n: getattr(outputs, n) for n in names})
+    for name, grad in grads.items():
+        assert np.isfinite(grad).all(), name
+    for name in ("rpn_deltas", "box_deltas", "mask_logits"):
+        assert np.abs(grads[name]).max() == 0, name
+    assert np.abs(grads["class_logits"]).max() > 0
+
+
+def test_loss_gradients_against_numpy_differences():
+    """d loss / d outputs is finite and matches central differences of the numpy losses."""
+    outputs, batch, model_config = make_case(no_gt_images=())
+    model_config.rpn.batch_size_per_image = 32
+    model_config.rpn.positive_fraction = 1.0
+    samples = [
+        np.flatnonzero(anchor_labels_numpy(outputs.anchors, g, v, 0.7, 0.3)[0] >= 0)
+        for g, v in zip(batch["gt_boxes"], batch["gt_valid"])
+    ]
+    keys = jax.random.split(jax.random.key(0), 2)
+
+    def total(floats):
+        return mask_rcnn_losses(outputs._replace(**floats), batch, keys, model_config)["loss"]
+
+    names = ("rpn_logits", "rpn_deltas", "class_logits", "box_deltas", "mask_logits")
+    grads = jax.jit(jax.grad(total))({n: getattr(outputs, n) for n in names})
+    rng = np.random.default_rng(0)
+    eps = 1e-3
+    for name in names:
+        g = np.asarray(grads[name])
+        assert np.isfinite(g).all(), name
+        # Check the entry with the largest gradient and a random one.
+        for flat in (np.abs(g).argmax(), rng.integers(g.size)):
+            index = np.unravel_index(flat, g.shape)
+            values = []
+            for sign in (1, -1):
+                array = np.asarray(getattr(outputs, name), np.float64).copy()
+                array[index] += sign * eps
+                moved = outputs._replace(**{name: array})
+                values.append(sum(losses_numpy(moved, batch, model_config, samples).values()))
+            numeric = (values[0] - values[1]) / (2 * eps)
+            np.testing.assert_allclose(g[index], numeric, rtol=1e-2, atol=1e-5, err_msg=name)
+
+
+def test_replica_means_equal_the_global_batch_losses():
+    """pmean over replicas of the per-replica losses == the losses of the whole batch."""
+    outputs, batch, model_config = make_case(no_gt_images=())
+    outputs = outputs._replace(mask_valid=np.array([[True, False, False, False], [True] * 4]))
+    keys = jax.random.split(jax.random.key(0), 2)
+    whole = jax.jit(functools.partial(mask_rcnn_losses, config=model_config))(outputs, batch, keys)
+    split = lambda x: x.reshape(2, 1, *x.shape[1:])
+    per_replica = outputs._replace(anchors=np.stack([outputs.anchors] * 2))
+    per_replica = jax.tree_util.tree_map(split, per_replica)._replace(
+        anchors=np.asarray(per_replica.anchors)
+    )
+    replicated = jax.jit(
+        jax.vmap(
+            lambda o, b, k: mask_rcnn_losses(o, b, k, model_config, axis_name="data"),
+            in_axes=(TrainOutputs(*[0] * 2, 0, *[0] * 9), 0, 0),
+            axis_name="data",
+        )
+    )(per_replica, jax.tree_util.tree_map(split, batch), keys.reshape(2, 1))
+    for name in (*NAMES, "loss"):
+        np.testing.assert_allclose(np.mean(replicated[name]), whole[name], rtol=1e-5, err_msg=name)
