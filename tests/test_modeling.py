@@ -388,3 +388,16 @@ def test_bfloat16_mask_rcnn_computes_in_bfloat16_with_float32_params_and_outputs
     }
     pyramid = state["intermediates"]["fpn"]["__call__"][0]
     assert {v.dtype for v in pyramid.values()} == {jnp.dtype(jnp.bfloat16)}
+
+
+def test_deconv2x2_equals_flax_conv_transpose():
+    import flax.linen as nn
+
+    from mrcnn_jax.modeling.roi_heads import Deconv2x2
+
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 5, 6, 4)), jnp.float32)
+    reference = nn.ConvTranspose(7, (2, 2), strides=(2, 2))
+    variables = reference.init(jax.random.key(0), x)
+    variables = jax.tree_util.tree_map(lambda v: v + 0.1, variables)  # non-zero bias too
+    got = Deconv2x2(7).apply(variables, x)
+    np.testing.assert_allclose(got, reference.apply(variables, x), rtol=1e-5, atol=1e-6)
