@@ -370,3 +370,22 @@ def create_eval_dataset(
     dataset = dataset.concatenate(padding.repeat()).take(num_batches * batch)
     dataset = dataset.batch(batch).prefetch(tf.data.AUTOTUNE)
     return _numpy_batches(_deterministic(dataset), data.max_instances)
+
+
+def preprocess_image(image: np.ndarray, data: ml_collections.ConfigDict) -> tuple[Batch, float]:
+    """One decoded image as the eval pipeline prepares it, for inference outside tf.data.
+
+    Args:
+        image: [H, W, 3] uint8 RGB.
+        data: ``config.data`` (image_size, mean, std).
+
+    Returns:
+        ({"image": [Ht, Wt, 3] f32 normalised and padded, "image_size": [2] i32 content size},
+        scale) with resized = original * scale.
+    """
+    image = tf.convert_to_tensor(image, tf.uint8)
+    height, width = tf.shape(image)[0], tf.shape(image)[1]
+    no_seed = tf.zeros([2], tf.int64)
+    flip, scale, resized, offset = _augmentation(no_seed, height, width, data, train=False)
+    image, content = _transform_image(image, flip, resized, offset, data)
+    return {"image": image.numpy(), "image_size": content.numpy()}, float(scale)

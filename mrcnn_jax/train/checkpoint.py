@@ -1,0 +1,135 @@
+"""Orbax checkpoints of the train state plus the config that produced them.
+
+A checkpoint directory `<workdir>/checkpoints/<step>/` holds two items: `state` (params,
+batch_stats, opt_state, step) and `config` (the full ConfigDict as JSON). Orbax writes each
+checkpoint into a temporary directory and renames it when complete, so a crash mid-save leaves
+no checkpoint that `latest_step` would return.
+"""
+
+import json
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from etils import epath
+
+from mrcnn_jax.train.state import TrainState
+
+# Config sections whose values must match for a checkpoint to be restored into a run.
+ARCHITECTURE_KEYS = ("model", "data.image_size")
+
+
+def checkpoint_dir(workdir: epath.PathLike) -> epath.Path:
+    """Where the checkpoints of a workdir live."""
+    return epath.Path(workdir) / "checkpoints"
+
+
+def create_manager(
+    workdir: epath.PathLike, max_to_keep: int | None = None, read_only: bool = False
+) -> ocp.CheckpointManager:
+    """A `CheckpointManager` over `<workdir>/checkpoints` with async saving."""
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep,
+        create=not read_only,
+        read_only=read_only,
+        enable_async_checkpointing=not read_only,
+    )
+    return ocp.CheckpointManager(
+        checkpoint_dir(workdir), options=options, item_names=("state", "config")
+    )
+
+
+def state_tree(state: TrainState) -> dict[str, Any]:
+    """The array part of a train state (what is written to disk)."""
+    return {
+        "step": state.step,
+        "params": state.params,
+        "batch_stats": state.batch_stats,
+        "opt_state": state.opt_state,
+    }
+
+
+def save(manager: ocp.CheckpointManager, state: TrainState, config) -> None:
+    """Saves `state` at its step (asynchronously; call `manager.wait_until_finished()` to block)."""
+    step = int(jax.device_get(state.step))
+    manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state_tree(state)),
+            config=ocp.args.JsonSave(json.loads(config.to_json())),
+        ),
+    )
+
+
+def _lookup(config_dict: dict, dotted: str):
+    node = config_dict
+    for name in dotted.split("."):
+        node = node[name]
+    return node
+
+
+def _flatten(prefix: str, value) -> dict[str, Any]:
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            out.update(_flatten(f"{prefix}.{k}", v))
+        return out
+    return {prefix: value}
+
+
+def config_mismatches(saved: dict, config: ml_collections.ConfigDict) -> list[str]:
+    """The `ARCHITECTURE_KEYS` fields (flattened) where `saved` (JSON) and `config` differ."""
+    current = json.loads(config.to_json())
+    problems = []
+    for key in ARCHITECTURE_KEYS:
+        old = _flatten(key, _lookup(saved, key))
+        new = _flatten(key, _lookup(current, key))
+        for name in sorted(set(old) | set(new)):
+            if old.get(name) != new.get(name):
+                problems.append(f"{name}: checkpoint {old.get(name)!r} vs config {new.get(name)!r}")
+    return problems
+
+
+def load_config(manager: ocp.CheckpointManager, step: int) -> dict:
+    """The config (as a JSON dict) stored with checkpoint `step`."""
+    restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    return restored["config"]
+
+
+def restore(
+    manager: ocp.CheckpointManager,
+    state: TrainState,
+    config: ml_collections.ConfigDict,
+    step: int | None = None,
+) -> TrainState:
+    """Restores checkpoint `step` (default: the latest) into the structure of `state`.
+
+    Raises:
+      FileNotFoundError: there is no (complete) checkpoint.
+      ValueError: the checkpoint was written with a different architecture; the message lists
+        the differing config fields.
+    """
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no complete checkpoint in {manager.directory}")
+    problems = config_mismatches(load_config(manager, step), config)
+    if problems:
+        raise ValueError(
+            f"checkpoint {manager.directory}/{step} was written with another config:\n  "
+            + "\n  ".join(problems)
+        )
+    target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state_tree(state))
+    restored = manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+    )["state"]
+    return state.replace(**restored)
+
+
+def restore_raw(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+    """The state arrays of checkpoint `step` as stored (numpy), without a target structure.
+
+    For inference: callers validate the tree against their model (see `mrcnn_jax.predictor`).
+    """
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    return jax.device_get(restored["state"])

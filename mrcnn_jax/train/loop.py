@@ -1,0 +1,170 @@
+"""`train_and_evaluate(config, workdir)`: the training program behind scripts/train.py.
+
+Resumable: the latest complete checkpoint in `<workdir>/checkpoints` is restored (state, step)
+and the input pipeline restarts at that step, so no example is skipped or repeated; the step's
+PRNG key is `fold_in(key(seed), step)`, so a resumed run draws what an uninterrupted one would.
+Logs go to a tqdm bar, `<workdir>/metrics.jsonl` and TensorBoard event files (process 0).
+"""
+
+import json
+import math
+import time
+
+import jax
+import ml_collections
+import tensorflow as tf
+from etils import epath
+from tqdm import tqdm
+
+from mrcnn_jax.data import get_builder, pipeline, schema
+from mrcnn_jax.evaluation import evaluate as eval_lib
+from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
+from mrcnn_jax.train import checkpoint as ckpt_lib
+from mrcnn_jax.train import state as state_lib
+from mrcnn_jax.train import step as step_lib
+
+
+class MetricWriter:
+    """Writes scalars to `metrics.jsonl` and TensorBoard in the workdir (process 0 only)."""
+
+    def __init__(self, workdir: epath.Path):
+        self._active = jax.process_index() == 0
+        if self._active:
+            self._jsonl = (workdir / "metrics.jsonl").open("a")
+            self._tb = tf.summary.create_file_writer(str(workdir / "tensorboard"))
+
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        if not self._active:
+            return
+        self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+        self._jsonl.flush()
+        with self._tb.as_default(step=step):
+            for name, value in scalars.items():
+                tf.summary.scalar(name, value)
+        self._tb.flush()
+
+    def close(self) -> None:
+        if self._active:
+            self._jsonl.close()
+            self._tb.close()
+
+
+def _say(message: str) -> None:
+    """A progress message on process 0 that does not break the tqdm bar."""
+    if jax.process_index() == 0:
+        tqdm.write(message)
+
+
+def build_model(config: ml_collections.ConfigDict) -> MaskRCNN:
+    """The `MaskRCNN` of `config.model`, with the data-parallel axis name."""
+    return MaskRCNN(ml_collections.FrozenConfigDict(config.model), axis_name=step_lib.AXIS)
+
+
+def with_dataset_classes(config: ml_collections.ConfigDict, builder) -> ml_collections.ConfigDict:
+    """A copy of `config` with `data.class_names` from the dataset; checks `model.num_classes`."""
+    names = schema.class_names(builder.info)
+    if config.model.num_classes != len(names):
+        raise ValueError(
+            f"config.model.num_classes={config.model.num_classes} but dataset "
+            f"{builder.info.full_name} has {len(names)} classes: set --config.model.num_classes="
+            f"{len(names)}"
+        )
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.data.class_names = tuple(names)
+    return config
+
+
+def _check_finite(step: int, metrics: dict[str, float]) -> None:
+    bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
+    if bad:
+        raise FloatingPointError(
+            f"non-finite training metrics at step {step}: {bad}. The last good checkpoint is "
+            "kept; lower train.base_lr or set train.grad_clip_norm and resume."
+        )
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Trains `config` in `workdir` (resuming if it has checkpoints), evaluates, returns metrics.
+
+    Returns the final evaluation metrics (COCO bbox/segm numbers on `config.data.val_split`).
+    """
+    workdir = epath.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    builder = get_builder(config.data)
+    config = with_dataset_classes(config, builder)
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    model = build_model(config)
+    mesh = step_lib.create_mesh()
+    state, learning_rate_fn = state_lib.create_train_state(
+        jax.random.key(config.seed), config, model
+    )
+    manager = ckpt_lib.create_manager(workdir, max_to_keep=config.train.keep_checkpoints)
+    if manager.latest_step() is not None:
+        state = ckpt_lib.restore(manager, state, config)
+        _say(f"Resumed from {manager.directory} at step {int(state.step)}")
+    state = step_lib.replicate(state, mesh)
+    start_step = int(jax.device_get(state.step))
+    _say(f"Model: {state_lib.count_params(state.params):,} parameters on {mesh.size} devices")
+
+    train_step = step_lib.make_train_step(model, config, mesh, learning_rate_fn)
+    predict_step = step_lib.make_predict_step(model, mesh)
+    batches = pipeline.create_train_dataset(config, builder=builder, start_step=start_step)
+    writer = MetricWriter(workdir)
+    base_key = jax.random.key(config.seed)
+    t = config.train
+
+    def run_eval(step: int) -> dict[str, float]:
+        metrics = eval_lib.evaluate_split(
+            predict_step, eval_lib.variables_of(state), config, mesh, builder
+        )
+        writer.write(step, {f"eval/{k}": v for k, v in metrics.items()})
+        _say(f"step {step} eval: {eval_lib.metrics_summary(metrics)}")
+        return metrics
+
+    bar = tqdm(
+        total=t.num_steps,
+        initial=start_step,
+        desc="train",
+        disable=jax.process_index() != 0,
+        dynamic_ncols=True,
+    )
+    last_log_time, last_log_step = time.time(), start_step
+    eval_metrics = {}
+    for step in range(start_step, t.num_steps):
+        batch = step_lib.shard_batch(next(batches), mesh)
+        state, metrics = train_step(state, batch, jax.random.fold_in(base_key, step))
+        done = step + 1
+        if done % t.log_every == 0 or done % t.checkpoint_every == 0 or done == t.num_steps:
+            scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            _check_finite(done, scalars)
+            now = time.time()
+            scalars["steps_per_second"] = (done - last_log_step) / max(now - last_log_time, 1e-9)
+            last_log_time, last_log_step = now, done
+            writer.write(done, {f"train/{k}": v for k, v in scalars.items()})
+            bar.set_postfix(loss=f"{scalars['loss']:.3f}", sps=f"{scalars['steps_per_second']:.2f}")
+        bar.update(1)
+        if done % t.checkpoint_every == 0 or done == t.num_steps:
+            ckpt_lib.save(manager, state, config)
+        if t.eval_every and done % t.eval_every == 0 and done != t.num_steps:
+            eval_metrics = run_eval(done)
+    bar.close()
+    manager.wait_until_finished()
+    final_step = int(jax.device_get(state.step))
+    if final_step > start_step or not eval_metrics:
+        eval_metrics = run_eval(final_step)
+    writer.close()
+    manager.close()
+    return eval_metrics
+
+
+def final_summary(metrics: dict[str, float]) -> str:
+    """Printable final line."""
+    return (
+        "final eval: "
+        + eval_lib.metrics_summary(metrics)
+        + " "
+        + json.dumps(
+            {k: round(v, 4) for k, v in metrics.items() if k.endswith(("/AP", "/AP50", "/AP75"))}
+        )
+    )
