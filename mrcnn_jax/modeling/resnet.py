@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 STAGE_BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 NORM_MODES = ("frozen", "batch", "sync")
+BN_EPSILON = 1e-5  # Added to the variance, as torch's BatchNorm2d/FrozenBatchNorm2d default.
 
 
 def make_norm(mode: str, train: bool, axis_name: str | None, dtype) -> Callable[..., nn.Module]:
@@ -29,7 +30,7 @@ def make_norm(mode: str, train: bool, axis_name: str | None, dtype) -> Callable[
         nn.BatchNorm,
         use_running_average=use_running_average,
         momentum=0.9,
-        epsilon=1e-5,
+        epsilon=BN_EPSILON,
         dtype=dtype,
         axis_name=axis_name if (mode == "sync" and train) else None,
     )

@@ -1,0 +1,1 @@
+"""Weight import from other frameworks (`torchvision`: torchvision's Mask R-CNN state dicts)."""

@@ -1,0 +1,403 @@
+"""Imports torchvision's Mask R-CNN weights (`maskrcnn_resnet50_fpn`) into this project's params.
+
+torchvision's COCO models (v1: 37.9 box / 34.6 mask AP on COCO val2017) use the architecture of
+`configs/torchvision_r50_fpn_v1.py`. `convert_state_dict` maps every tensor of a torchvision state
+dict to the variable of `MaskRCNN(config.model)` that plays its role, changing the layout where
+the two frameworks differ:
+
+- conv kernels OIHW → HWIO; the mask head's `ConvTranspose2d` kernel `[in, out, kh, kw]` →
+  `[kh, kw, in, out]` flipped in both spatial axes (Flax's `ConvTranspose` does not flip the
+  kernel, PyTorch's transposed convolution does);
+- `Linear` weights `[out, in]` → Dense kernels `[in, out]`; the box head's first FC reads RoI
+  features flattened as (C, H, W) in torchvision and as (H, W, C) here, so its input rows are
+  permuted;
+- `FrozenBatchNorm2d` maps one to one: `weight`/`bias` to the `params` `scale`/`bias`,
+  `running_mean`/`running_var` to the `batch_stats` `mean`/`var`; `num_batches_tracked` counters
+  are dropped. Our BatchNorm adds `BN_EPSILON` (1e-5) to the variance, torchvision's adds the
+  source model's `eps`, which a state dict does not record: `maskrcnn_resnet50_fpn(weights=
+  COCO_V1)` sets it to 0 (`overwrite_eps(model, 0.0)`, kept for old checkpoints), a model trained
+  from ImageNet weights keeps 1e-5. The difference is folded into the stored variance
+  (`var = running_var + eps - BN_EPSILON`), so `var + BN_EPSILON` is torchvision's denominator;
+- classes: torchvision's 91-way COCO layout (index 0 background, then COCO category ids 1..90
+  with "N/A" at the ids COCO does not use) becomes `num_classes = 90`: class logits keep all 91
+  columns (ours are also background-first), the box regressor and the mask predictor drop
+  torchvision's background slot. Label `l` here is torchvision label `l + 1`, i.e. COCO
+  `category_id = l + 1` (`torchvision_label_map`).
+
+Legacy key spellings of old torchvision checkpoints (`fpn.inner_blocks.0.weight`,
+`rpn.head.conv.weight`, `mask_head.mask_fcn1.weight`, as in the released v1 weights file) are
+accepted as torchvision itself accepts them. Any missing or unmatched key and any shape mismatch
+is an error listing all of them.
+
+PyTorch is needed only to read `.pth` files or download weights (`load_state_dict`,
+`download_state_dict`), and imported lazily: `pip install 'mrcnn_jax[torch]'`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from etils import epath
+from flax import traverse_util
+
+from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
+from mrcnn_jax.modeling.resnet import BN_EPSILON
+
+# torchvision's `_COCO_CATEGORIES`: name of each of its 91 labels (0 background, j = COCO id j).
+TORCHVISION_COCO_CATEGORIES = (
+    "__background__", "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train",
+    "truck", "boat", "traffic light", "fire hydrant", "N/A", "stop sign", "parking meter",
+    "bench", "bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra",
+    "giraffe", "N/A", "backpack", "umbrella", "N/A", "N/A", "handbag", "tie", "suitcase",
+    "frisbee", "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove",
+    "skateboard", "surfboard", "tennis racket", "bottle", "N/A", "wine glass", "cup", "fork",
+    "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange", "broccoli", "carrot",
+    "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant", "bed", "N/A",
+    "dining table", "N/A", "N/A", "toilet", "N/A", "tv", "laptop", "mouse", "remote", "keyboard",
+    "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "N/A", "book", "clock",
+    "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
+)  # fmt: skip
+
+
+class Release(NamedTuple):
+    """A released torchvision Mask R-CNN: how to fetch it and what its BatchNorm epsilon is."""
+
+    weights_enum: str  # In torchvision.models.detection; its COCO_V1 member is used.
+    builder: str  # The torchvision function building the model.
+    bn_epsilon: float  # The FrozenBatchNorm2d eps the builder gives the model with these weights.
+    config: str  # This project's config file of the architecture.
+
+
+RELEASES = {
+    "v1": Release(
+        "MaskRCNN_ResNet50_FPN_Weights",
+        "maskrcnn_resnet50_fpn",
+        0.0,
+        "configs/torchvision_r50_fpn_v1.py",
+    ),
+}
+
+# State-dict entries that carry no weights (BatchNorm's step counter).
+_IGNORED_SUFFIXES = (".num_batches_tracked",)
+
+# Old torchvision spellings (before the modules' `_version = 2`) -> current ones.
+_LEGACY_KEYS: tuple[tuple[str, str | Callable[[re.Match], str]], ...] = (
+    (r"^(backbone\.fpn\.(?:inner|layer)_blocks\.\d+)\.(weight|bias)$", r"\1.0.\2"),
+    (r"^(rpn\.head\.conv)\.(weight|bias)$", r"\1.0.0.\2"),
+    (
+        r"^roi_heads\.mask_head\.mask_fcn(\d+)\.(weight|bias)$",
+        lambda m: f"roi_heads.mask_head.{int(m[1]) - 1}.0.{m[2]}",
+    ),
+)
+
+# Our module path (joined by "/") -> torchvision module name.
+_MODULES: tuple[tuple[str, Callable[[re.Match], str]], ...] = (
+    (r"backbone/stem_conv", lambda m: "backbone.body.conv1"),
+    (r"backbone/stem_bn", lambda m: "backbone.body.bn1"),
+    (
+        r"backbone/res(\d)_(\d+)/(conv\d|bn\d)",
+        lambda m: f"backbone.body.layer{int(m[1]) - 1}.{m[2]}.{m[3]}",
+    ),
+    (
+        r"backbone/res(\d)_(\d+)/downsample_(conv|bn)",
+        lambda m: f"backbone.body.layer{int(m[1]) - 1}.{m[2]}.downsample.{int(m[3] == 'bn')}",
+    ),
+    (r"fpn/lateral(\d)", lambda m: f"backbone.fpn.inner_blocks.{int(m[1]) - 2}.0"),
+    (r"fpn/output(\d)", lambda m: f"backbone.fpn.layer_blocks.{int(m[1]) - 2}.0"),
+    (r"rpn_head/conv", lambda m: "rpn.head.conv.0.0"),
+    (r"rpn_head/objectness", lambda m: "rpn.head.cls_logits"),
+    (r"rpn_head/deltas", lambda m: "rpn.head.bbox_pred"),
+    (r"box_head/fc1", lambda m: "roi_heads.box_head.fc6"),
+    (r"box_head/fc2", lambda m: "roi_heads.box_head.fc7"),
+    (r"box_head/cls_score", lambda m: "roi_heads.box_predictor.cls_score"),
+    (r"box_head/bbox_pred", lambda m: "roi_heads.box_predictor.bbox_pred"),
+    (r"mask_head/conv(\d)", lambda m: f"roi_heads.mask_head.{int(m[1]) - 1}.0"),
+    (r"mask_head/deconv", lambda m: "roi_heads.mask_predictor.conv5_mask"),
+    (r"mask_head", lambda m: "roi_heads.mask_predictor.mask_fcn_logits"),
+)
+
+# Our leaf name -> torchvision parameter/buffer name.
+_LEAVES = {
+    "kernel": "weight",
+    "bias": "bias",
+    "scale": "weight",
+    "mean": "running_mean",
+    "var": "running_var",
+    "predictor_kernel": "weight",
+    "predictor_bias": "bias",
+}
+
+Shape = tuple[int, ...]
+VariablePath = tuple[str, ...]  # (collection, module, ..., leaf), e.g. ("params", "fpn", ...)
+
+
+class Layout(NamedTuple):
+    """How one torchvision tensor becomes one of our variables."""
+
+    torch_shape: Callable[[Shape], Shape]  # our variable's shape -> the torchvision shape
+    convert: Callable[[np.ndarray], np.ndarray]  # torchvision array -> our array
+
+
+_IDENTITY = Layout(lambda s: s, lambda a: a)
+# Conv2d weight [O, I, kh, kw] -> Flax Conv kernel [kh, kw, I, O].
+_CONV = Layout(lambda s: (s[3], s[2], s[0], s[1]), lambda a: a.transpose(2, 3, 1, 0))
+# ConvTranspose2d weight [I, O, kh, kw] -> Flax ConvTranspose kernel [kh, kw, I, O], flipped.
+_DECONV = Layout(
+    lambda s: (s[2], s[3], s[0], s[1]), lambda a: a[:, :, ::-1, ::-1].transpose(2, 3, 0, 1)
+)
+# Linear weight [O, I] -> Dense kernel [I, O].
+_DENSE = Layout(lambda s: (s[1], s[0]), lambda a: a.T)
+# Box regressor over 1 + K classes -> over the K foreground classes (drop background's 4).
+_BOX_PRED_KERNEL = Layout(lambda s: (s[1] + 4, s[0]), lambda a: a[4:].T)
+_BOX_PRED_BIAS = Layout(lambda s: (s[0] + 4,), lambda a: a[4:])
+# Mask logits 1×1 conv [1 + K, D, 1, 1] -> per-class predictor [D, K] (drop background).
+_MASK_PRED_KERNEL = Layout(lambda s: (s[1] + 1, s[0], 1, 1), lambda a: a[1:, :, 0, 0].T)
+_MASK_PRED_BIAS = Layout(lambda s: (s[0] + 1,), lambda a: a[1:])
+
+
+def _dense_from_chw(pooler_size: int) -> Layout:
+    """Linear weight over RoI features flattened (C, S, S) -> Dense kernel over (S, S, C)."""
+
+    def convert(a: np.ndarray) -> np.ndarray:
+        out, flat = a.shape
+        channels = flat // pooler_size**2
+        kernel = a.reshape(out, channels, pooler_size, pooler_size).transpose(2, 3, 1, 0)
+        return kernel.reshape(flat, out)
+
+    return Layout(_DENSE.torch_shape, convert)
+
+
+def _variance(bn_epsilon: float) -> Layout:
+    """`running_var` of a torch BatchNorm with `eps = bn_epsilon` -> our `var` (see module doc)."""
+    shift = np.float32(bn_epsilon) - np.float32(BN_EPSILON)
+    return Layout(_IDENTITY.torch_shape, lambda a: a + shift)
+
+
+def _layout(
+    path: VariablePath, shape: Shape, model_config: ml_collections.ConfigDict, bn_epsilon: float
+) -> Layout:
+    """The layout change from torchvision for our variable at `path` of `shape`."""
+    module, leaf = path[-2], path[-1]
+    if leaf == "var":
+        return _variance(bn_epsilon)
+    if leaf == "predictor_kernel":
+        return _MASK_PRED_KERNEL
+    if leaf == "predictor_bias":
+        return _MASK_PRED_BIAS
+    if module == "bbox_pred":
+        return _BOX_PRED_KERNEL if leaf == "kernel" else _BOX_PRED_BIAS
+    if leaf != "kernel":
+        return _IDENTITY
+    if module == "deconv":
+        return _DECONV
+    if module == "fc1":
+        return _dense_from_chw(model_config.roi_heads.box_pooler_size)
+    return _DENSE if len(shape) == 2 else _CONV
+
+
+def torchvision_key(path: VariablePath) -> str:
+    """The torchvision state-dict key of our variable `path` (collection, modules..., leaf).
+
+    Raises:
+      KeyError: the variable has no torchvision counterpart.
+    """
+    module = "/".join(path[1:-1])
+    for pattern, name in _MODULES:
+        match = re.fullmatch(pattern, module)
+        if match and path[-1] in _LEAVES:
+            return f"{name(match)}.{_LEAVES[path[-1]]}"
+    raise KeyError(f"no torchvision counterpart for variable {'/'.join(path)}")
+
+
+def canonical_keys(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`state_dict` with legacy torchvision key spellings renamed and step counters dropped.
+
+    Raises:
+      ValueError: a tensor is present under both its legacy and its current name.
+    """
+    out = {}
+    for key, value in state_dict.items():
+        if key.endswith(_IGNORED_SUFFIXES):
+            continue
+        for pattern, replacement in _LEGACY_KEYS:
+            key = re.sub(pattern, replacement, key)
+        if key in out:
+            raise ValueError(f"state dict holds {key!r} under both a legacy and the current name")
+        out[key] = value
+    return out
+
+
+def variable_shapes(model_config: ml_collections.ConfigDict) -> dict[VariablePath, Shape]:
+    """Shapes of every variable of `MaskRCNN(model_config)`, keyed by (collection, ..., leaf).
+
+    Traced with `jax.eval_shape`: nothing is computed or compiled.
+    """
+    model = MaskRCNN(ml_collections.FrozenConfigDict(model_config))
+    batch = {
+        "image": jnp.zeros((1, 128, 128, 3), jnp.float32),
+        "image_size": jnp.array([[128, 128]], jnp.int32),
+    }
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), batch, train=False))
+    return {path: tuple(x.shape) for path, x in traverse_util.flatten_dict(shapes).items()}
+
+
+def convert_state_dict(
+    state_dict: Mapping[str, np.ndarray],
+    model_config: ml_collections.ConfigDict,
+    *,
+    bn_epsilon: float,
+) -> dict[str, dict]:
+    """Converts a torchvision Mask R-CNN state dict to the variables of `MaskRCNN(model_config)`.
+
+    Args:
+      state_dict: torchvision key -> float32 numpy array (`load_state_dict` gives one).
+      model_config: the `config.model` section of a config with torchvision's architecture,
+        e.g. `configs/torchvision_r50_fpn_v1.py` (`num_classes` = torchvision classes - 1).
+      bn_epsilon: the `eps` of the source model's BatchNorm layers (`RELEASES[v].bn_epsilon` for
+        the released weights; 1e-5 for a model torchvision built without COCO weights).
+
+    Returns:
+      `{"params": ..., "batch_stats": ...}` nested dicts of float32 numpy arrays, exactly the
+      structure and shapes `MaskRCNN(model_config).init` creates.
+
+    Raises:
+      ValueError: listing every variable whose torchvision tensor is missing, every state-dict key
+        that no variable uses, and every shape mismatch (e.g. another class count or depth).
+    """
+    state = canonical_keys(state_dict)
+    converted, missing, mismatched, used = {}, [], [], set()
+    for path, shape in variable_shapes(model_config).items():
+        key = torchvision_key(path)
+        if key not in state:
+            missing.append(f"{key} (for {'/'.join(path)})")
+            continue
+        used.add(key)
+        layout = _layout(path, shape, model_config, bn_epsilon)
+        array = np.asarray(state[key])
+        if array.shape != layout.torch_shape(shape) or array.dtype != np.float32:
+            mismatched.append(
+                f"{key}: {array.dtype}{list(array.shape)}, expected "
+                f"float32{list(layout.torch_shape(shape))} for {'/'.join(path)} {list(shape)}"
+            )
+            continue
+        converted[path] = np.ascontiguousarray(layout.convert(array))
+    unmatched = sorted(set(state) - used)
+    problems = [
+        (f"{len(missing)} missing", missing),
+        (f"{len(unmatched)} unmatched", unmatched),
+        (f"{len(mismatched)} mismatched", mismatched),
+    ]
+    if missing or unmatched or mismatched:
+        raise ValueError(
+            "the state dict does not fit this model config: "
+            + "; ".join(
+                f"{title} keys:\n  " + "\n  ".join(items) for title, items in problems if items
+            )
+        )
+    return traverse_util.unflatten_dict(converted)
+
+
+def _import_torch():
+    """`torch`, or an ImportError that says how to install it."""
+    try:
+        import torch
+    except ImportError as error:
+        raise ImportError(
+            "reading torchvision weights needs PyTorch: pip install 'mrcnn_jax[torch]'"
+        ) from error
+    return torch
+
+
+def state_dict_to_numpy(state_dict: Mapping) -> dict[str, np.ndarray]:
+    """A torch state dict (str -> floating `torch.Tensor`) as float32 numpy arrays.
+
+    Integer `num_batches_tracked` counters are dropped; any other non-float tensor, non-tensor
+    value or non-str key is an error.
+    """
+    torch = _import_torch()
+    if not isinstance(state_dict, Mapping):
+        raise ValueError(f"a state dict must be a mapping, got {type(state_dict).__name__}")
+    out = {}
+    for key, value in state_dict.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise ValueError(
+                f"state dict entries must be str -> torch.Tensor, got {key!r} -> "
+                f"{type(value).__name__}"
+            )
+        if key.endswith(_IGNORED_SUFFIXES):
+            continue
+        if not value.is_floating_point():
+            raise ValueError(f"{key}: expected a floating-point tensor, got {value.dtype}")
+        out[key] = value.detach().to(device="cpu", dtype=torch.float32).numpy()
+    return out
+
+
+def load_state_dict(path: epath.PathLike) -> dict[str, np.ndarray]:
+    """Reads a torchvision `.pth` state dict (tensors only: `torch.load(weights_only=True)`)."""
+    torch = _import_torch()
+    with epath.Path(path).open("rb") as f:
+        state_dict = torch.load(f, map_location="cpu", weights_only=True)
+    return state_dict_to_numpy(state_dict)
+
+
+def download_state_dict(version: str) -> dict[str, np.ndarray]:
+    """Downloads (or reads from torch's cache) torchvision's COCO weights of `version` ("v1").
+
+    Needs internet on first use; the file lands in `$TORCH_HOME/hub/checkpoints`.
+    """
+    if version not in RELEASES:
+        raise ValueError(f"version must be one of {sorted(RELEASES)}, got {version!r}")
+    _import_torch()
+    from torchvision.models import detection
+
+    weights = getattr(detection, RELEASES[version].weights_enum).COCO_V1
+    return state_dict_to_numpy(weights.get_state_dict(progress=True, check_hash=True))
+
+
+def torchvision_label_map() -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """(COCO `category_id` of each of our labels 0..89, their names) for torchvision's models.
+
+    Our label `l` is torchvision label `l + 1`, whose COCO category id is `l + 1`; labels at ids
+    COCO leaves unused are named "N/A" (the model never predicts them with any confidence).
+    """
+    names = TORCHVISION_COCO_CATEGORIES[1:]
+    return tuple(range(1, len(names) + 1)), names
+
+
+def save_converted(
+    workdir: epath.PathLike, config: ml_collections.ConfigDict, variables: Mapping[str, dict]
+) -> epath.Path:
+    """Writes `variables` as step-0 checkpoint `<workdir>/checkpoints/0/` with `config`.
+
+    The train state holds the converted params and batch_stats, a fresh optimizer state and
+    step 0, so `load_checkpoint(workdir)`, the eval/predict scripts and fine-tuning with
+    `scripts/train.py --workdir` all restore it. Returns the checkpoint directory.
+
+    Raises:
+      FileExistsError: `workdir` already holds checkpoints.
+    """
+    from mrcnn_jax.train import checkpoint
+    from mrcnn_jax.train import state as state_lib
+
+    manager = checkpoint.create_manager(workdir)
+    if manager.latest_step() is not None:
+        raise FileExistsError(f"{checkpoint.checkpoint_dir(workdir)} already holds checkpoints")
+    model = MaskRCNN(ml_collections.FrozenConfigDict(config.model))
+    params = jax.tree_util.tree_map(jnp.asarray, dict(variables["params"]))
+    tx = state_lib.create_optimizer(params, config, state_lib.create_learning_rate_fn(config.train))
+    state = state_lib.TrainState.create(
+        apply_fn=model.apply,
+        params=params,
+        tx=tx,
+        batch_stats=jax.tree_util.tree_map(jnp.asarray, dict(variables["batch_stats"])),
+    )
+    checkpoint.save(manager, state, config)
+    manager.wait_until_finished()
+    manager.close()
+    return checkpoint.checkpoint_dir(workdir) / "0"

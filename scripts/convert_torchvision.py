@@ -1,0 +1,70 @@
+r"""Converts torchvision's COCO Mask R-CNN weights into a checkpoint of this project.
+
+  # With internet: torchvision downloads the weights (cached in $TORCH_HOME/hub/checkpoints).
+  python scripts/convert_torchvision.py --weights=v1 --out=/tmp/tv_r50_v1
+  # Offline: the same weights from a local file (the URL is in docs/torchvision_weights.md).
+  python scripts/convert_torchvision.py --weights=v1 \
+      --state_dict=maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth --out=/tmp/tv_r50_v1
+
+`--weights` names the release (its architecture, config and BatchNorm epsilon); `--state_dict`
+reads its tensors from a `.pth` file (`torch.load(weights_only=True)`) instead of downloading.
+The result, `<out>/checkpoints/0/` with the config, is read by `mrcnn_jax.load_checkpoint(out)`,
+`scripts/eval.py` and `scripts/predict.py`, and can be fine-tuned with `scripts/train.py
+--workdir=<out>`. Needs the `torch` extra: `pip install 'mrcnn_jax[torch]'`.
+"""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+from absl import app, flags
+from ml_collections import config_flags
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # configs/ import each other as the `configs` package.
+
+from mrcnn_jax.convert import torchvision as convert  # noqa: E402
+
+_WEIGHTS = flags.DEFINE_enum(
+    "weights", "v1", sorted(convert.RELEASES), "torchvision release (architecture and weights)."
+)
+_STATE_DICT = flags.DEFINE_string(
+    "state_dict", None, "Local .pth state dict of that release; default: download it."
+)
+_OUT = flags.DEFINE_string("out", None, "Workdir to write <out>/checkpoints/0/ into.")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file; default: the release's (configs/torchvision_r50_fpn_*.py)."
+)
+_BN_EPSILON = flags.DEFINE_float(
+    "bn_epsilon",
+    None,
+    "BatchNorm eps of the source model; default: the release's (0 for v1, as torchvision sets "
+    "it when loading those weights). A model trained from ImageNet weights uses 1e-5.",
+)
+flags.mark_flags_as_required(["out"])
+
+
+def release_config(path: Path):
+    """`get_config()` of the config file at `path`."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def main(argv):
+    del argv
+    release = convert.RELEASES[_WEIGHTS.value]
+    config = _CONFIG.value if _CONFIG.value is not None else release_config(REPO / release.config)
+    bn_epsilon = release.bn_epsilon if _BN_EPSILON.value is None else _BN_EPSILON.value
+    if _STATE_DICT.value:
+        state_dict = convert.load_state_dict(_STATE_DICT.value)
+    else:
+        state_dict = convert.download_state_dict(_WEIGHTS.value)
+    variables = convert.convert_state_dict(state_dict, config.model, bn_epsilon=bn_epsilon)
+    directory = convert.save_converted(_OUT.value, config, variables)
+    print(f"wrote {directory} ({len(state_dict)} tensors, BatchNorm eps {bn_epsilon})")
+
+
+if __name__ == "__main__":
+    app.run(main)
