@@ -8,9 +8,12 @@ distributed runtime is initialised from the environment and each host feeds its 
 """
 
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for configs/
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl, TensorBoard logs.")

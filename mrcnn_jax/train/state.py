@@ -99,7 +99,11 @@ def init_variables(model: MaskRCNN, key: jax.Array, image_shape: tuple[int, int]
         "image": jnp.zeros((1, *image_shape, 3), jnp.float32),
         "image_size": jnp.array([image_shape], jnp.int32),
     }
-    variables = jax.jit(lambda k: model.init(k, batch, train=False))(key)
+    # Parameter init draws many independent normals; XLA compiles threefry's bit generation for
+    # each of them, which dominates the compile time. The "rbg" generator compiles ~3x faster.
+    seed = jax.random.randint(key, (), 0, jnp.iinfo(jnp.int32).max)
+    init_key = jax.random.key(seed, impl="rbg")
+    variables = jax.jit(lambda k: model.init(k, batch, train=False))(init_key)
     return flax.core.unfreeze(variables)
 
 
