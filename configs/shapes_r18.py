@@ -36,11 +36,13 @@ def get_config() -> ml_collections.ConfigDict:
     model.norm = "batch"  # "frozen" (fixed affine), "batch" (per-replica stats) or "sync".
     model.freeze_at = 0  # 0: train all; 1: freeze stem; 2: freeze stem and res2.
     model.fpn_dim = 64  # Channels of every FPN level.
+    model.fpn_norm = False  # BatchNorm after every FPN conv, in the `norm` mode (torchvision v2).
     model.dtype = "float32"  # Compute dtype: "float32" or "bfloat16" (params stay float32).
     model.anchor_sizes = ((8,), (16,), (32,), (64,), (128,))  # One tuple per level P2..P6.
     model.aspect_ratios = (0.5, 1.0, 2.0)  # Anchor height/width ratios, shared by levels.
 
     model.rpn = rpn = ml_collections.ConfigDict()
+    rpn.num_convs = 1  # Shared 3×3 conv + ReLU layers of the RPN head (torchvision v2: 2).
     rpn.pre_nms_topk_train = 600  # Per-level top-k before NMS at train time.
     rpn.pre_nms_topk_test = 300  # Per-level top-k before NMS at test time.
     rpn.post_nms_topk_train = 300  # Proposals kept per image after NMS (train).
@@ -57,8 +59,12 @@ def get_config() -> ml_collections.ConfigDict:
     roi.batch_size_per_image = 64  # RoIs sampled per image for the box/mask heads.
     roi.positive_fraction = 0.25  # Max fraction of foreground RoIs.
     roi.fg_iou = 0.5  # RoI IoU at/above which it is foreground.
-    roi.box_head_dim = 256  # Width of the two FC layers of the box head (paper: 1024).
+    roi.box_head_convs = 0  # 3×3 convs before the box head's FCs (torchvision v2: 4).
+    roi.box_head_conv_dim = 256  # Width of those convs.
+    roi.box_head_fcs = 2  # FC layers of the box head (torchvision v2: 1).
+    roi.box_head_dim = 256  # Width of the box head's FC layers (paper: 1024).
     roi.mask_head_dim = 128  # Width of the four mask-head convs (paper: 256).
+    roi.head_norm = False  # BatchNorm after box/mask-head convs; stored stats only (tv v2).
     roi.box_pooler_size = 7  # RoIAlign output of the box head.
     roi.mask_pooler_size = 14  # RoIAlign output of the mask head (masks are 2× this).
     roi.sampling_ratio = 2  # Bilinear samples per bin side in RoIAlign.

@@ -5,6 +5,7 @@ r"""Converts torchvision's COCO Mask R-CNN weights into a checkpoint of this pro
   # Offline: the same weights from a local file (the URL is in docs/torchvision_weights.md).
   python scripts/convert_torchvision.py --weights=v1 \
       --state_dict=maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth --out=/tmp/tv_r50_v1
+  # v2 (47.4 box / 41.8 mask AP in torchvision): --weights=v2, configs/torchvision_r50_fpn_v2.py.
 
 `--weights` names the release (its architecture, config and BatchNorm epsilon); `--state_dict`
 reads its tensors from a `.pth` file (`torch.load(weights_only=True)`) instead of downloading.

@@ -1,9 +1,10 @@
-"""Imports torchvision's Mask R-CNN weights (`maskrcnn_resnet50_fpn`) into this project's params.
+"""Imports torchvision's Mask R-CNN weights (`maskrcnn_resnet50_fpn`, `_v2`) into our params.
 
-torchvision's COCO models (v1: 37.9 box / 34.6 mask AP on COCO val2017) use the architecture of
-`configs/torchvision_r50_fpn_v1.py`. `convert_state_dict` maps every tensor of a torchvision state
-dict to the variable of `MaskRCNN(config.model)` that plays its role, changing the layout where
-the two frameworks differ:
+torchvision's COCO models have the architectures of `configs/torchvision_r50_fpn_v1.py` (37.9 box
+/ 34.6 mask AP on COCO val2017) and `configs/torchvision_r50_fpn_v2.py` (47.4 / 41.8: BatchNorm
+in the FPN and the heads, two RPN convs, a 4-conv + 1-FC box head). `convert_state_dict` maps
+every tensor of a torchvision state dict to the variable of `MaskRCNN(config.model)` that plays
+its role, changing the layout where the two frameworks differ:
 
 - conv kernels OIHW → HWIO; the mask head's `ConvTranspose2d` kernel `[in, out, kh, kw]` →
   `[kh, kw, in, out]` flipped in both spatial axes (Flax's `ConvTranspose` does not flip the
@@ -11,12 +12,12 @@ the two frameworks differ:
 - `Linear` weights `[out, in]` → Dense kernels `[in, out]`; the box head's first FC reads RoI
   features flattened as (C, H, W) in torchvision and as (H, W, C) here, so its input rows are
   permuted;
-- `FrozenBatchNorm2d` maps one to one: `weight`/`bias` to the `params` `scale`/`bias`,
+- `FrozenBatchNorm2d`/`BatchNorm2d` map one to one: `weight`/`bias` to the `params` `scale`/`bias`,
   `running_mean`/`running_var` to the `batch_stats` `mean`/`var`; `num_batches_tracked` counters
   are dropped. Our BatchNorm adds `BN_EPSILON` (1e-5) to the variance, torchvision's adds the
   source model's `eps`, which a state dict does not record: `maskrcnn_resnet50_fpn(weights=
-  COCO_V1)` sets it to 0 (`overwrite_eps(model, 0.0)`, kept for old checkpoints), a model trained
-  from ImageNet weights keeps 1e-5. The difference is folded into the stored variance
+  COCO_V1)` sets it to 0 (`overwrite_eps(model, 0.0)`, kept for old checkpoints), v2 and a model
+  trained from ImageNet weights keep 1e-5. The difference is folded into the stored variance
   (`var = running_var + eps - BN_EPSILON`), so `var + BN_EPSILON` is torchvision's denominator;
 - classes: torchvision's 91-way COCO layout (index 0 background, then COCO category ids 1..90
   with "N/A" at the ids COCO does not use) becomes `num_classes = 90`: class logits keep all 91
@@ -70,7 +71,7 @@ class Release(NamedTuple):
 
     weights_enum: str  # In torchvision.models.detection; its COCO_V1 member is used.
     builder: str  # The torchvision function building the model.
-    bn_epsilon: float  # The FrozenBatchNorm2d eps the builder gives the model with these weights.
+    bn_epsilon: float  # The BatchNorm eps the builder gives the model with these weights.
     config: str  # This project's config file of the architecture.
 
 
@@ -80,6 +81,12 @@ RELEASES = {
         "maskrcnn_resnet50_fpn",
         0.0,
         "configs/torchvision_r50_fpn_v1.py",
+    ),
+    "v2": Release(
+        "MaskRCNN_ResNet50_FPN_V2_Weights",
+        "maskrcnn_resnet50_fpn_v2",
+        1e-5,
+        "configs/torchvision_r50_fpn_v2.py",
     ),
 }
 
@@ -96,30 +103,53 @@ _LEGACY_KEYS: tuple[tuple[str, str | Callable[[re.Match], str]], ...] = (
     ),
 )
 
-# Our module path (joined by "/") -> torchvision module name.
-_MODULES: tuple[tuple[str, Callable[[re.Match], str]], ...] = (
-    (r"backbone/stem_conv", lambda m: "backbone.body.conv1"),
-    (r"backbone/stem_bn", lambda m: "backbone.body.bn1"),
+
+def _box_head_fc(index: int, num_convs: int) -> str:
+    """torchvision name of our box-head FC `fc<index>`: v1's `TwoMLPHead` (no convs) calls its
+    FCs fc6, fc7; v2's `FastRCNNConvFCHead` is a Sequential of conv blocks, a Flatten, then
+    (Linear, ReLU) pairs."""
+    if num_convs == 0:
+        return f"roi_heads.box_head.fc{index + 5}"
+    return f"roi_heads.box_head.{num_convs + 1 + 2 * (index - 1)}"
+
+
+# Our module path (joined by "/") -> torchvision module name, given the match and `config.model`.
+# torchvision's conv blocks (`Conv2dNormActivation`) hold the conv at `.0` and its norm at `.1`;
+# ours are `<conv>` and `<conv>_bn`.
+_MODULES: tuple[tuple[str, Callable[[re.Match, ml_collections.ConfigDict], str]], ...] = (
+    (r"backbone/stem_conv", lambda m, c: "backbone.body.conv1"),
+    (r"backbone/stem_bn", lambda m, c: "backbone.body.bn1"),
     (
         r"backbone/res(\d)_(\d+)/(conv\d|bn\d)",
-        lambda m: f"backbone.body.layer{int(m[1]) - 1}.{m[2]}.{m[3]}",
+        lambda m, c: f"backbone.body.layer{int(m[1]) - 1}.{m[2]}.{m[3]}",
     ),
     (
         r"backbone/res(\d)_(\d+)/downsample_(conv|bn)",
-        lambda m: f"backbone.body.layer{int(m[1]) - 1}.{m[2]}.downsample.{int(m[3] == 'bn')}",
+        lambda m, c: f"backbone.body.layer{int(m[1]) - 1}.{m[2]}.downsample.{int(m[3] == 'bn')}",
     ),
-    (r"fpn/lateral(\d)", lambda m: f"backbone.fpn.inner_blocks.{int(m[1]) - 2}.0"),
-    (r"fpn/output(\d)", lambda m: f"backbone.fpn.layer_blocks.{int(m[1]) - 2}.0"),
-    (r"rpn_head/conv", lambda m: "rpn.head.conv.0.0"),
-    (r"rpn_head/objectness", lambda m: "rpn.head.cls_logits"),
-    (r"rpn_head/deltas", lambda m: "rpn.head.bbox_pred"),
-    (r"box_head/fc1", lambda m: "roi_heads.box_head.fc6"),
-    (r"box_head/fc2", lambda m: "roi_heads.box_head.fc7"),
-    (r"box_head/cls_score", lambda m: "roi_heads.box_predictor.cls_score"),
-    (r"box_head/bbox_pred", lambda m: "roi_heads.box_predictor.bbox_pred"),
-    (r"mask_head/conv(\d)", lambda m: f"roi_heads.mask_head.{int(m[1]) - 1}.0"),
-    (r"mask_head/deconv", lambda m: "roi_heads.mask_predictor.conv5_mask"),
-    (r"mask_head", lambda m: "roi_heads.mask_predictor.mask_fcn_logits"),
+    (
+        r"fpn/(lateral|output)(\d)(_bn)?",
+        lambda m, c: (
+            f"backbone.fpn.{'inner' if m[1] == 'lateral' else 'layer'}_blocks."
+            f"{int(m[2]) - 2}.{int(bool(m[3]))}"
+        ),
+    ),
+    (r"rpn_head/conv(\d*)", lambda m, c: f"rpn.head.conv.{int(m[1] or 1) - 1}.0"),
+    (r"rpn_head/objectness", lambda m, c: "rpn.head.cls_logits"),
+    (r"rpn_head/deltas", lambda m, c: "rpn.head.bbox_pred"),
+    (
+        r"box_head/conv(\d+)(_bn)?",
+        lambda m, c: f"roi_heads.box_head.{int(m[1]) - 1}.{int(bool(m[2]))}",
+    ),
+    (r"box_head/fc(\d+)", lambda m, c: _box_head_fc(int(m[1]), c.roi_heads.box_head_convs)),
+    (r"box_head/cls_score", lambda m, c: "roi_heads.box_predictor.cls_score"),
+    (r"box_head/bbox_pred", lambda m, c: "roi_heads.box_predictor.bbox_pred"),
+    (
+        r"mask_head/conv(\d+)(_bn)?",
+        lambda m, c: f"roi_heads.mask_head.{int(m[1]) - 1}.{int(bool(m[2]))}",
+    ),
+    (r"mask_head/deconv", lambda m, c: "roi_heads.mask_predictor.conv5_mask"),
+    (r"mask_head", lambda m, c: "roi_heads.mask_predictor.mask_fcn_logits"),
 )
 
 # Our leaf name -> torchvision parameter/buffer name.
@@ -201,8 +231,9 @@ def _layout(
     return _DENSE if len(shape) == 2 else _CONV
 
 
-def torchvision_key(path: VariablePath) -> str:
-    """The torchvision state-dict key of our variable `path` (collection, modules..., leaf).
+def torchvision_key(path: VariablePath, model_config: ml_collections.ConfigDict) -> str:
+    """The torchvision state-dict key of our variable `path` (collection, modules..., leaf) in
+    the model of `model_config`.
 
     Raises:
       KeyError: the variable has no torchvision counterpart.
@@ -211,7 +242,7 @@ def torchvision_key(path: VariablePath) -> str:
     for pattern, name in _MODULES:
         match = re.fullmatch(pattern, module)
         if match and path[-1] in _LEAVES:
-            return f"{name(match)}.{_LEAVES[path[-1]]}"
+            return f"{name(match, model_config)}.{_LEAVES[path[-1]]}"
     raise KeyError(f"no torchvision counterpart for variable {'/'.join(path)}")
 
 
@@ -273,7 +304,7 @@ def convert_state_dict(
     state = canonical_keys(state_dict)
     converted, missing, mismatched, used = {}, [], [], set()
     for path, shape in variable_shapes(model_config).items():
-        key = torchvision_key(path)
+        key = torchvision_key(path, model_config)
         if key not in state:
             missing.append(f"{key} (for {'/'.join(path)})")
             continue
@@ -347,7 +378,7 @@ def load_state_dict(path: epath.PathLike) -> dict[str, np.ndarray]:
 
 
 def download_state_dict(version: str) -> dict[str, np.ndarray]:
-    """Downloads (or reads from torch's cache) torchvision's COCO weights of `version` ("v1").
+    """Downloads (or reads from torch's cache) torchvision's COCO weights of `version` (`RELEASES`).
 
     Needs internet on first use; the file lands in `$TORCH_HOME/hub/checkpoints`.
     """

@@ -62,11 +62,22 @@ class MaskRCNN(nn.Module):
                 f"model.anchor_sizes needs one tuple per RPN level {RPN_LEVELS}, "
                 f"got {len(c.anchor_sizes)}"
             )
+        r = c.roi_heads
         self.backbone = ResNet(c.backbone_depth, c.norm, self.axis_name, dtype)
-        self.fpn = FPN(c.fpn_dim, dtype)
-        self.rpn_head = RPNHead(len(c.aspect_ratios) * len(c.anchor_sizes[0]), dtype)
-        self.box_head = BoxHead(c.num_classes, c.roi_heads.box_head_dim, dtype)
-        self.mask_head = MaskHead(c.num_classes, c.roi_heads.mask_head_dim, 4, dtype)
+        self.fpn = FPN(c.fpn_dim, dtype, c.norm if c.fpn_norm else None, self.axis_name)
+        self.rpn_head = RPNHead(
+            len(c.aspect_ratios) * len(c.anchor_sizes[0]), dtype, c.rpn.num_convs
+        )
+        self.box_head = BoxHead(
+            c.num_classes,
+            r.box_head_dim,
+            dtype,
+            num_convs=r.box_head_convs,
+            conv_dim=r.box_head_conv_dim,
+            num_fcs=r.box_head_fcs,
+            norm=r.head_norm,
+        )
+        self.mask_head = MaskHead(c.num_classes, r.mask_head_dim, 4, dtype, norm=r.head_norm)
 
     def _anchors(self, image_shape: tuple[int, int], pyramid: dict) -> list[np.ndarray]:
         shapes = [pyramid[name].shape[1:3] for name in RPN_LEVELS]
@@ -126,7 +137,7 @@ class MaskRCNN(nn.Module):
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"batch['image'] must be [B, H, W, 3], got shape {images.shape}")
         image_size = batch["image_size"]
-        pyramid = self.fpn(self.backbone(images, train=train))
+        pyramid = self.fpn(self.backbone(images, train=train), train=train)
         rpn_logits, rpn_deltas = self.rpn_head([pyramid[name] for name in RPN_LEVELS])
         anchors = self._anchors(images.shape[1:3], pyramid)
         proposals = self._proposals(rpn_logits, rpn_deltas, anchors, image_size, train)

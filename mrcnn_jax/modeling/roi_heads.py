@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mrcnn_jax.modeling.resnet import make_norm
 from mrcnn_jax.ops import boxes as box_ops
 from mrcnn_jax.ops import nms as nms_ops
 from mrcnn_jax.ops import targets as target_ops
@@ -18,22 +19,53 @@ from mrcnn_jax.ops import targets as target_ops
 _msra_fill = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-class BoxHead(nn.Module):
-    """Two FCs (`dim`, ReLU) over flattened RoI features, then class logits and box deltas.
+def head_convs(x: jnp.ndarray, num_convs: int, dim: int, norm: bool, dtype) -> jnp.ndarray:
+    """`num_convs` 3×3 convs `conv1, conv2, ...` of width `dim`, each followed by ReLU.
 
-    Input `[N, S, S, C]` RoI features; output class logits `[N, K + 1]` (index 0 background) and
-    class-specific deltas `[N, K, 4]` for the K foreground classes.
+    With `norm`, each conv has no bias and is followed by BatchNorm `conv<i>_bn` that always uses
+    its stored statistics (torchvision v2's heads, for inference and fine-tuning; batch statistics
+    over padded RoIs would be wrong). Call inside a compact module: the layers become its children.
+    `x [N, S, S, C]` -> `[N, S, S, dim]`.
+    """
+    for i in range(num_convs):
+        x = nn.Conv(
+            dim,
+            (3, 3),
+            padding=((1, 1), (1, 1)),
+            use_bias=not norm,
+            kernel_init=_msra_fill,
+            dtype=dtype,
+            name=f"conv{i + 1}",
+        )(x)
+        if norm:
+            x = make_norm("frozen", False, None, dtype)(name=f"conv{i + 1}_bn")(x)
+        x = nn.relu(x)
+    return x
+
+
+class BoxHead(nn.Module):
+    """Optional 3×3 convs (`head_convs`: `num_convs` of width `conv_dim`), then `num_fcs` FCs
+    (`dim`, ReLU) over the flattened RoI features, then class logits and box deltas.
+
+    torchvision v1: 2 FCs; v2: 4 convs with BatchNorm (`norm`) and 1 FC. Input `[N, S, S, C]` RoI
+    features; output class logits `[N, K + 1]` (index 0 background) and class-specific deltas
+    `[N, K, 4]` for the K foreground classes.
     """
 
     num_classes: int
     dim: int = 1024
     dtype: jnp.dtype = jnp.float32
+    num_convs: int = 0
+    conv_dim: int = 256
+    num_fcs: int = 2
+    norm: bool = False
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+        x = head_convs(x, self.num_convs, self.conv_dim, self.norm, self.dtype)
         x = x.reshape(x.shape[0], -1)
-        x = nn.relu(nn.Dense(self.dim, dtype=self.dtype, name="fc1")(x))
-        x = nn.relu(nn.Dense(self.dim, dtype=self.dtype, name="fc2")(x))
+        for i in range(self.num_fcs):
+            x = nn.relu(nn.Dense(self.dim, dtype=self.dtype, name=f"fc{i + 1}")(x))
         logits = nn.Dense(
             self.num_classes + 1,
             dtype=self.dtype,
@@ -74,7 +106,8 @@ class Deconv2x2(nn.Module):
 
 
 class MaskHead(nn.Module):
-    """`num_convs` 3×3 convs (`dim`, ReLU), a 2×2 stride-2 deconv (ReLU), a per-class 1×1 predictor.
+    """`num_convs` 3×3 convs (`head_convs`: `dim`, ReLU, BatchNorm with `norm` as torchvision v2),
+    a 2×2 stride-2 deconv (ReLU), a per-class 1×1 predictor.
 
     Input RoI features `[N, S, S, C]` and the foreground class of each RoI `classes [N]` (0..K-1);
     output mask logits `[N, 2S, 2S]` of that class only (the per-class predictor is evaluated just
@@ -85,19 +118,11 @@ class MaskHead(nn.Module):
     dim: int = 256
     num_convs: int = 4
     dtype: jnp.dtype = jnp.float32
+    norm: bool = False
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, classes: jnp.ndarray) -> jnp.ndarray:
-        for i in range(self.num_convs):
-            x = nn.Conv(
-                self.dim,
-                (3, 3),
-                padding=((1, 1), (1, 1)),
-                kernel_init=_msra_fill,
-                dtype=self.dtype,
-                name=f"conv{i + 1}",
-            )(x)
-            x = nn.relu(x)
+        x = head_convs(x, self.num_convs, self.dim, self.norm, self.dtype)
         x = Deconv2x2(self.dim, dtype=self.dtype, name="deconv")(x)
         x = nn.relu(x)
         kernel = self.param(

@@ -12,7 +12,8 @@ from mrcnn_jax.ops import nms as nms_ops
 
 
 class RPNHead(nn.Module):
-    """3×3 conv + ReLU shared by all levels, then 1×1 objectness and box-delta convs.
+    """`num_convs` 3×3 convs + ReLU shared by all levels (`conv`, `conv2`, ...; torchvision v1
+    has one, v2 two), then 1×1 objectness and box-delta convs.
 
     For each level `[B, H_l, W_l, C]` it returns objectness logits `[B, H_l·W_l·A]` and deltas
     `[B, H_l·W_l·A, 4]` in the anchors' order (row, column, anchor), as torchvision.
@@ -20,6 +21,7 @@ class RPNHead(nn.Module):
 
     num_anchors: int
     dtype: jnp.dtype = jnp.float32
+    num_convs: int = 1
 
     @nn.compact
     def __call__(
@@ -27,9 +29,17 @@ class RPNHead(nn.Module):
     ) -> tuple[list[jnp.ndarray], list[jnp.ndarray]]:
         dim = features[0].shape[-1]
         init = nn.initializers.normal(0.01)
-        shared = nn.Conv(
-            dim, (3, 3), padding=((1, 1), (1, 1)), kernel_init=init, dtype=self.dtype, name="conv"
-        )
+        shared = [
+            nn.Conv(
+                dim,
+                (3, 3),
+                padding=((1, 1), (1, 1)),
+                kernel_init=init,
+                dtype=self.dtype,
+                name="conv" if i == 0 else f"conv{i + 1}",
+            )
+            for i in range(self.num_convs)
+        ]
         cls = nn.Conv(
             self.num_anchors, (1, 1), kernel_init=init, dtype=self.dtype, name="objectness"
         )
@@ -39,7 +49,9 @@ class RPNHead(nn.Module):
         logits, deltas = [], []
         for x in features:
             b = x.shape[0]
-            h = nn.relu(shared(x))
+            h = x
+            for layer in shared:
+                h = nn.relu(layer(h))
             logits.append(cls(h).reshape(b, -1).astype(jnp.float32))
             deltas.append(reg(h).reshape(b, -1, 4).astype(jnp.float32))
         return logits, deltas
