@@ -1,10 +1,13 @@
 """torchvision's `maskrcnn_resnet50_fpn` (v1) exactly: the architecture its COCO weights fit.
 
 Use with weights converted by `scripts/convert_torchvision.py --weights v1` (see
-docs/torchvision_weights.md); training from scratch with it follows torchvision's COCO recipe
-(26 epochs at batch 16). Every inference setting is torchvision's default:
+docs/torchvision_weights.md). It is `configs/coco_r50_fpn_1x.py` with torchvision's 91-way class
+layout, `aligned=False` RoIAlign, 2000 RPN proposals in training, smooth-L1 beta 1/9 in the box
+loss and its 26-epoch schedule (batch 16, lr 0.02, ×0.1 after epochs 16 and 22). Every inference
+setting is torchvision's default:
 
-- ResNet-50 with frozen BatchNorm (eps 1e-5), stem and res2 frozen (trainable_backbone_layers=3);
+- ResNet-50 with frozen BatchNorm (the v1 weights' eps 0 is folded into the variances by the
+  converter), stem and res2 frozen (trainable_backbone_layers=3);
   FPN 256 with P6 = stride-2 subsampling of P5 (`LastLevelMaxPool`);
 - anchors 32..512 on P2..P6, ratios (0.5, 1, 2); RPN 1000 per level before NMS and 1000 after
   (2000/2000 in training), NMS 0.7, min size 1e-3;
@@ -16,16 +19,17 @@ docs/torchvision_weights.md); training from scratch with it follows torchvision'
   `category_id = l + 1`; `data.label_to_category_id` and `data.class_names` record it).
 
 Forced by static shapes: every image is padded to `data.image_size` = 1344² (torchvision pads a
-batch to its largest image rounded up to 32), which changes features within a few pixels of the
-bottom/right content edge, and the stride of P6 anchors when torchvision's padded size is not a
-multiple of 64. Candidate (box, class) pairs entering the final NMS are capped at
-`detections_pre_nms_topk` (torchvision has no cap); see docs/torchvision_weights.md for the
-effect of each.
+batch to its largest image rounded up to 32), which changes features within a receptive field of
+the bottom/right content edge, and the stride of P6 anchors when torchvision's padded size is not
+a multiple of 64. Candidate (box, class) pairs entering the final NMS are capped at
+`detections_pre_nms_topk` (torchvision has no cap). Not yet torchvision's: the input pipeline fits
+images into 1344² instead of resizing the shorter side to 800 (longer ≤ 1333). See
+docs/torchvision_weights.md for the effect of each.
 """
 
 import ml_collections
 
-from configs import shapes_r18
+from configs import coco_r50_fpn_1x
 from mrcnn_jax.convert.torchvision import torchvision_label_map
 
 COCO_TRAIN_IMAGES = 117_266  # train2017 images with at least one annotation (torchvision's set).
@@ -33,54 +37,21 @@ STEPS_PER_EPOCH = COCO_TRAIN_IMAGES // 16
 
 
 def get_config() -> ml_collections.ConfigDict:
-    """Returns the torchvision Mask R-CNN R50-FPN v1 config."""
-    config = shapes_r18.get_config()
-
-    data = config.data
-    data.dataset = "coco_instances"
-    data.image_size = (1344, 1344)  # 1333 (torchvision's max_size) rounded up to a multiple of 64.
-    data.max_instances = 100
-    data.label_to_category_id, data.class_names = torchvision_label_map()
+    """Returns the torchvision Mask R-CNN R50-FPN v1 config: the COCO R50-FPN config with
+    torchvision's class layout, RoIAlign, RPN train budget, box loss and 26-epoch recipe."""
+    config = coco_r50_fpn_1x.get_config()
+    config.data.label_to_category_id, config.data.class_names = torchvision_label_map()
 
     model = config.model
     model.num_classes = 90  # torchvision's 91 outputs minus background.
-    model.backbone_depth = 50
-    model.norm = "frozen"
-    model.freeze_at = 2
-    model.fpn_dim = 256
-    model.anchor_sizes = ((32,), (64,), (128,), (256,), (512,))
-    model.aspect_ratios = (0.5, 1.0, 2.0)
-
-    rpn = model.rpn
-    rpn.pre_nms_topk_train = 2000
-    rpn.pre_nms_topk_test = 1000
-    rpn.post_nms_topk_train = 2000
-    rpn.post_nms_topk_test = 1000
-    rpn.nms_threshold = 0.7
-    rpn.min_size = 1e-3
-
+    model.rpn.post_nms_topk_train = 2000
     roi = model.roi_heads
-    roi.batch_size_per_image = 512
-    roi.positive_fraction = 0.25
-    roi.fg_iou = 0.5
-    roi.box_head_dim = 1024
-    roi.mask_head_dim = 256
     roi.aligned = False
     roi.smooth_l1_beta = 1.0 / 9.0  # torchvision's fastrcnn_loss.
-    roi.score_threshold = 0.05
-    roi.nms_threshold = 0.5
-    roi.detections_per_image = 100
-    roi.detections_pre_nms_topk = 5000
 
     train = config.train
-    train.batch_size = 16
     train.num_steps = 26 * STEPS_PER_EPOCH
-    train.base_lr = 0.02
-    train.warmup_steps = 1000
-    train.warmup_factor = 0.001
-    train.schedule = "step"
     train.decay_steps = (16 * STEPS_PER_EPOCH, 22 * STEPS_PER_EPOCH)
     train.checkpoint_every = STEPS_PER_EPOCH
-    train.log_every = 100
-    config.eval.batch_size = 8
+    train.eval_every = 0
     return config
