@@ -632,6 +632,22 @@ def test_load_state_dict_reads_tensors_only(tmp_path, small_model):
         convert.load_state_dict(tmp_path / "evil.pth")
 
 
+def test_download_reads_torchvision_cache(tmp_path, monkeypatch, small_model):
+    """`download_state_dict` fetches the release through torchvision's weights enum; a file
+    already in `$TORCH_HOME/hub/checkpoints` is read instead (no network in this test)."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    url = tv_detection.MaskRCNN_ResNet50_FPN_Weights.COCO_V1.url
+    torch.save(small_model.state_dict(), cache / url.rsplit("/", 1)[1])
+    loaded = convert.download_state_dict("v1")
+    jax.tree_util.tree_map(
+        np.testing.assert_array_equal, loaded, convert.state_dict_to_numpy(small_model.state_dict())
+    )
+    with pytest.raises(ValueError, match="version must be one of"):
+        convert.download_state_dict("v3")
+
+
 def test_label_map_matches_torchvision_and_coco():
     from torchvision.models._meta import _COCO_CATEGORIES
 

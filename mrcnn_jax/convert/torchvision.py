@@ -380,7 +380,12 @@ def load_state_dict(path: epath.PathLike) -> dict[str, np.ndarray]:
 def download_state_dict(version: str) -> dict[str, np.ndarray]:
     """Downloads (or reads from torch's cache) torchvision's COCO weights of `version` (`RELEASES`).
 
-    Needs internet on first use; the file lands in `$TORCH_HOME/hub/checkpoints`.
+    Needs internet on first use; the file lands in `$TORCH_HOME/hub/checkpoints`, its hash is
+    checked and it is read with `weights_only=True`.
+
+    Raises:
+      ConnectionError: the download failed (the message names the URL to fetch by other means
+        and pass to `load_state_dict`).
     """
     if version not in RELEASES:
         raise ValueError(f"version must be one of {sorted(RELEASES)}, got {version!r}")
@@ -388,7 +393,16 @@ def download_state_dict(version: str) -> dict[str, np.ndarray]:
     from torchvision.models import detection
 
     weights = getattr(detection, RELEASES[version].weights_enum).COCO_V1
-    return state_dict_to_numpy(weights.get_state_dict(progress=True, check_hash=True))
+    try:
+        state_dict = weights.get_state_dict(
+            progress=True, check_hash=True, weights_only=True, map_location="cpu"
+        )
+    except OSError as error:  # urllib's URLError and socket errors
+        raise ConnectionError(
+            f"could not download {weights.url} ({error}); fetch it elsewhere and pass the file "
+            "(scripts/convert_torchvision.py --state_dict=FILE)"
+        ) from error
+    return state_dict_to_numpy(state_dict)
 
 
 def torchvision_label_map() -> tuple[tuple[int, ...], tuple[str, ...]]:
