@@ -24,9 +24,10 @@ Two strategies (`method=`), equal up to float rounding:
   from a flattened concatenation of all levels, so each box reads only its own level; the
   backward pass is a scatter-add, chunked over boxes to bound its memory. Work and memory
   traffic are `O(R * S² * sampling_ratio² * C)`, independent of the map size. The default
-  because it is the fast one off TPU: on the project's 2-core CPU it runs 3-8x faster than
-  torchvision's `MultiScaleRoIAlign` forward and 4-7x faster forward+backward, while "einsum" is
-  1.2-30x slower than torchvision there (`scripts/benchmark.py roi_align`). Its VJP is a
+  because it is the fast one off TPU: on the project's 2-core CPU (2 x 512 RoIs, 256 channels,
+  7x7 and 14x14, 128² and 1024² inputs) it takes 0.24-0.47x torchvision's `MultiScaleRoIAlign`
+  time forward and 0.26-0.29x forward+backward, while "einsum" takes 2-15x torchvision's time
+  (`scripts/benchmark.py roi_align`). Its VJP is a
   `jax.custom_vjp`, so it supports reverse mode (`grad`, `vjp`) but not `jvp`.
 - `"einsum"`: interpolation as matmuls with per-box one-hot interpolation matrices,
   `out = Wy @ F @ Wx^T` with `Wy [S, H]`, `Wx [S, W]` (in `mode="avg"` the samples of a bin are
