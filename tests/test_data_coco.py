@@ -11,7 +11,7 @@ import tensorflow_datasets as tfds
 import tiny_coco
 from pycocotools.coco import COCO
 
-from mrcnn_jax.data import coco_instances, coco_json, masks, schema
+from mrcnn_jax.data import coco_instances, coco_json, coco_reader, masks, schema
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +138,7 @@ def _examples_of(dataset: dict, manual_dir, tmp_path) -> list:
     path = tmp_path / "instances.json"
     path.write_text(dataset if isinstance(dataset, str) else json.dumps(dataset))
     image_dir = manual_dir / "train2017"
-    return list(coco_instances.coco_examples(path, image_dir, coco_instances.COCO_CATEGORIES))
+    return list(coco_reader.coco_examples(path, image_dir, coco_instances.COCO_CATEGORIES))
 
 
 def _mutated(edit) -> dict:
@@ -155,7 +155,10 @@ BAD_ANNOTATIONS = {
     "no bbox": (lambda d: _ann(d, 102).pop("bbox"), "annotation id 102: missing \\['bbox'\\]"),
     "negative width": (lambda d: _ann(d, 101)["bbox"].__setitem__(2, -1.0), "annotation id 101"),
     "nan box": (lambda d: _ann(d, 101)["bbox"].__setitem__(0, float("nan")), "annotation id 101"),
-    "unknown category": (lambda d: _ann(d, 202).update(category_id=12), "id 202: unknown"),
+    "unknown category": (
+        lambda d: _ann(d, 202).update(category_id=12),
+        "id 202: category_id 12 is not listed",
+    ),
     "unknown image": (lambda d: _ann(d, 202).update(image_id=99), "id 202: image_id 99"),
     "odd polygon": (lambda d: _ann(d, 102)["segmentation"][0].pop(), "id 102: a polygon has an"),
     "rle size": (lambda d: _ann(d, 103)["segmentation"].update(size=[5, 5]), "id 103: RLE size"),
@@ -209,7 +212,7 @@ def test_bad_image_errors_name_the_file_and_image_id(damage, manual_dir, tmp_pat
     path = tmp_path / "instances.json"
     path.write_text(json.dumps(tiny_coco.train_json()))
     with pytest.raises(ValueError, match="image id 3") as error:
-        list(coco_instances.coco_examples(path, images, coco_instances.COCO_CATEGORIES))
+        list(coco_reader.coco_examples(path, images, coco_instances.COCO_CATEGORIES))
     assert str(victim) in str(error.value)
 
 

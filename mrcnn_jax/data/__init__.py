@@ -1,8 +1,10 @@
 """Datasets (TFDS builders with instance masks) and the tf.data input pipeline.
 
 - ``shapes``: synthetic circles/squares/triangles generated from a seed (``build_shapes``).
+- ``coco_format``: any COCO-format dataset (annotation json + image folder per split), e.g. your
+  own data exported from an annotation tool; ``coco_reader`` reads and checks the files.
 - ``coco_instances``: COCO 2017 with instance masks, from the official files in a manual dir.
-- ``schema``: the feature schema both share, and the label <-> category-id maps.
+- ``schema``: the feature schema they share, and the label <-> category-id maps.
 - ``coco_json``: a split as a COCO ground-truth json for pycocotools.
 - ``pipeline``: fixed-shape numpy batches for training and evaluation.
 """
@@ -10,14 +12,16 @@
 import ml_collections
 import tensorflow_datasets as tfds
 
-from mrcnn_jax.data import coco_instances, shapes
+from mrcnn_jax.data import coco_format, coco_instances, shapes
 
 
 def get_builder(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     """Returns the prepared builder of ``config.data``, building it first if needed.
 
     "shapes" is generated into ``data.data_dir`` on first use (seconds); "coco_instances" is
-    built from the official files in ``data.manual_dir`` on first use (an hour or so).
+    built from the official files in ``data.manual_dir`` on first use (an hour or so);
+    "coco_format" is built from ``data.train_json``/``train_images`` and
+    ``data.val_json``/``val_images`` on first use and again whenever one of those files changes.
     """
     data_dir = data.data_dir or None
     if data.dataset == "shapes":
@@ -29,6 +33,13 @@ def get_builder(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
             download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
         )
         return builder
+    if data.dataset == "coco_format":
+        splits = {
+            "train": (data.train_json, data.train_images),
+            "validation": (data.val_json, data.val_images),
+        }
+        return coco_format.build_coco_format(splits, data_dir)
     raise ValueError(
-        f"config.data.dataset is {data.dataset!r}; expected 'shapes' or 'coco_instances'"
+        f"config.data.dataset is {data.dataset!r}; "
+        "expected 'shapes', 'coco_instances' or 'coco_format'"
     )

@@ -1,8 +1,8 @@
 """The feature schema shared by every instance-segmentation builder, and its category maps.
 
 One example = one image:
-- ``image``: uint8 [H, W, 3] (JPEG for COCO, PNG for shapes; both decode with
-  ``tf.io.decode_image``).
+- ``image``: uint8 [H, W, 3] (JPEG for COCO, PNG for shapes, the files as given for other
+  COCO-format data; all decode with ``tf.io.decode_image(channels=3)``).
 - ``image/id`` int64 (the COCO image id), ``image/filename`` text, ``image/size`` int32 [2]
   (height, width).
 - ``image/has_annotations`` bool: False for images the annotation file lists without any
@@ -25,8 +25,13 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 
-def instance_features(class_names: Sequence[str], image_format: str) -> tfds.features.FeaturesDict:
-    """The shared feature schema for ``class_names`` (label order); image_format: jpeg or png."""
+def instance_features(
+    class_names: Sequence[str], image_format: str | None
+) -> tfds.features.FeaturesDict:
+    """The shared feature schema for ``class_names`` (label order).
+
+    image_format: "jpeg" or "png", or None where the encoded files are stored as they come.
+    """
     return tfds.features.FeaturesDict(
         {
             "image": tfds.features.Image(shape=(None, None, 3), encoding_format=image_format),

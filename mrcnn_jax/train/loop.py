@@ -61,15 +61,19 @@ def build_model(config: ml_collections.ConfigDict) -> MaskRCNN:
 
 
 def with_dataset_classes(config: ml_collections.ConfigDict, builder) -> ml_collections.ConfigDict:
-    """A copy of `config` with `data.class_names` from the dataset; checks `model.num_classes`."""
+    """A copy of `config` with `data.class_names` from the dataset; checks `model.num_classes`.
+
+    `model.num_classes = 0` means "as many as the dataset has" and is set to that number.
+    """
     names = schema.class_names(builder.info)
-    if config.model.num_classes != len(names):
+    if config.model.num_classes not in (0, len(names)):
         raise ValueError(
             f"config.model.num_classes={config.model.num_classes} but dataset "
             f"{builder.info.full_name} has {len(names)} classes: set --config.model.num_classes="
             f"{len(names)}"
         )
     config = ml_collections.ConfigDict(config.to_dict())
+    config.model.num_classes = len(names)
     config.data.class_names = tuple(names)
     return config
 

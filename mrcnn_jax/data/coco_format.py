@@ -1,0 +1,151 @@
+"""Any COCO-format instance-segmentation dataset as a TFDS builder: your own data, or COCO 2017.
+
+``build_coco_format({"train": (json, image folder), "validation": (json, image folder)})`` builds
+each split with ``coco_reader`` into the shared schema (``schema.py``) and returns the builder;
+``coco_instances.CocoInstances`` is this builder with COCO 2017's files and fixed categories.
+
+Categories, their number and names come from the json (any ids, any count); labels 0..K-1 follow
+ascending category id and the original ids are kept in every object and in the dataset info
+(``schema.label_to_category_id``), so evaluation reports them. All splits must list the same
+categories, and each needs at least one annotation.
+
+Caching: the builder config's name is the train json's name plus a hash of every split's json
+bytes and of the (file name, size, modification time in seconds) of every image the json lists,
+so the built dataset (``<data_dir>/coco_format/<name>/``) is reused while nothing changed and a
+new one is built as soon as a json or an image file changes. Each json and the presence of every
+image file are checked before anything is written (see ``coco_reader`` for the checks); an image
+that does not decode stops the TFDS build, which leaves nothing behind. Old builds stay until
+deleted.
+"""
+
+import dataclasses
+import hashlib
+import re
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import tensorflow_datasets as tfds
+from etils import epath
+
+from mrcnn_jax.data import coco_reader, schema
+
+
+def _image_files_digest(annotations: coco_reader.AnnotationFile, image_dir: epath.Path) -> bytes:
+    """Hash of (file name, size, mtime) of every listed image; a missing file raises ValueError."""
+    digest = hashlib.sha256()
+    for image in annotations.images:
+        file = image_dir / image["file_name"]
+        try:
+            stat = file.stat()
+        except OSError as e:
+            anns = [a["id"] for a in annotations.annotations.get(image["id"], [])]
+            raise ValueError(
+                f"{file}: no such image file for image id {image['id']} of {annotations.path} "
+                f"(annotation ids {coco_reader.first_ids(anns)}): {e}"
+            ) from e
+        digest.update(f"{image['file_name']}\0{stat.length}\0{stat.mtime}\0".encode())
+    return digest.digest()
+
+
+@dataclasses.dataclass
+class CocoFormatConfig(tfds.core.BuilderConfig):
+    """One COCO-format dataset: ``split_files`` are (split, annotation json, image folder)."""
+
+    split_files: tuple[tuple[str, str, str], ...] = ()
+    categories: tuple[tuple[int, str], ...] = ()
+
+
+def coco_format_config(
+    splits: Mapping[str, tuple[epath.PathLike, epath.PathLike]],
+) -> CocoFormatConfig:
+    """Reads and checks every split's json and image list; names the config by their hash.
+
+    Args:
+        splits: split name -> (annotation json, image folder), e.g. {"train": (...),
+            "validation": (...)}.
+
+    Raises:
+        ValueError: on any bad input the module docstring lists, on a split without annotations
+            and on splits with different categories, naming the file and image or annotation id.
+    """
+    digest = hashlib.sha256()
+    categories, split_files = None, []
+    for split, (annotation_file, image_dir) in sorted(splits.items()):
+        if not str(annotation_file) or not str(image_dir):
+            raise ValueError(
+                f"split {split!r}: both its annotation json and image folder must be set"
+            )
+        annotations = coco_reader.read_annotation_file(annotation_file)
+        if not annotations.annotations:
+            raise ValueError(
+                f"{annotations.path}: the {split} split has no annotations "
+                f"({len(annotations.images)} images); it needs at least one annotated image"
+            )
+        if categories is None:
+            categories, first = annotations.categories, annotations.path
+        elif annotations.categories != categories:
+            raise ValueError(
+                f"{annotations.path} lists categories {list(annotations.categories)} but {first} "
+                f"lists {list(categories)}; all splits need the same categories"
+            )
+        digest.update(split.encode() + b"\0" + annotations.path.read_bytes() + b"\0")
+        digest.update(_image_files_digest(annotations, epath.Path(image_dir)))
+        split_files.append((split, str(annotations.path), str(image_dir)))
+    stem = re.sub(r"[^a-z0-9]+", "_", epath.Path(split_files[0][1]).stem.lower()).strip("_")
+    return CocoFormatConfig(
+        name=f"{stem or 'coco'}_{digest.hexdigest()[:16]}",
+        description=f"Built from {', '.join(f'{s}: {j}' for s, j, _ in split_files)}.",
+        split_files=tuple(split_files),
+        categories=categories,
+    )
+
+
+class CocoFormat(tfds.core.GeneratorBasedBuilder):
+    """A COCO-format dataset given by its config (``coco_format_config``): masks, category ids."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release."}  # noqa: RUF012 (TFDS class attribute)
+    # TFDS 4.9's own lookup of the code path needs importlib_resources on Python >= 3.9.
+    code_path = epath.Path(__file__)
+    # Keep annotations whose polygons all have < 3 points, with an empty mask, instead of failing.
+    allow_empty_masks = False
+
+    def categories(self) -> tuple[tuple[int, str], ...]:
+        """(category id, name) of each label 0..K-1."""
+        return self.builder_config.categories
+
+    def split_files(self, dl_manager: tfds.download.DownloadManager) -> dict[str, tuple]:
+        """split -> (annotation json, image folder)."""
+        del dl_manager  # local files
+        return {split: (json, images) for split, json, images in self.builder_config.split_files}
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=type(self).__doc__,
+            features=schema.instance_features([n for _, n in self.categories()], None),
+            metadata=schema.category_metadata([c for c, _ in self.categories()]),
+        )
+
+    def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict:
+        return {
+            split: self._generate_examples(annotation_file, image_dir)
+            for split, (annotation_file, image_dir) in self.split_files(dl_manager).items()
+        }
+
+    def _generate_examples(
+        self, annotation_file: epath.Path, image_dir: epath.Path
+    ) -> Iterator[tuple[Any, dict]]:
+        yield from coco_reader.coco_examples(
+            annotation_file, image_dir, self.categories(), self.allow_empty_masks
+        )
+
+
+def build_coco_format(
+    splits: Mapping[str, tuple[epath.PathLike, epath.PathLike]], data_dir: str | None = None
+) -> CocoFormat:
+    """Builds ``splits`` (split -> (annotation json, image folder)) into ``data_dir`` unless a
+    build of exactly these files is there already, and returns the prepared builder."""
+    builder = CocoFormat(data_dir=data_dir, config=coco_format_config(splits))
+    builder.download_and_prepare()
+    return builder

@@ -1,0 +1,345 @@
+"""Reading and checking COCO-format annotation json and images, as examples of the shared schema.
+
+The format (as CVAT, Label Studio, labelme converters and COCO itself write it): ``images``
+({id, file_name, height, width}), ``annotations`` ({id, image_id, category_id, bbox [x, y, w, h],
+segmentation (polygons, RLE or uncompressed RLE), optional iscrowd and area}) and ``categories``
+({id, name}). Labels 0..K-1 follow ascending category id; every object keeps its category id.
+
+Images are stored as the original bytes and read everywhere with
+``tf.io.decode_image(channels=3)``: JPEG, PNG, BMP or GIF; grayscale becomes RGB (the gray value
+in all three channels), the alpha channel of RGBA and gray+alpha PNGs is dropped, and 16-bit PNGs
+become 8-bit (the high byte: value // 256). Each split logs how many images were read so. Other
+formats (TIFF, WebP) must be converted to PNG or JPEG first.
+
+Bad input raises ValueError naming the json and the image or annotation id: a missing or
+undecodable image file, or one whose size differs from the json; duplicate image or annotation
+ids; a category id not listed in ``categories``; annotations without ``segmentation`` (all of
+them are counted: Mask R-CNN needs a mask for every object); an annotation whose polygons all have
+fewer than 3 points (its mask would be empty; optional, COCO 2017 has a few); a malformed box,
+polygon or RLE. Polygon parts of fewer than 3 points beside valid ones are dropped (one warning
+per file), boxes reaching outside their image are clipped (one warning per file), and images
+without annotations are kept with ``image/has_annotations`` False.
+"""
+
+import collections
+import dataclasses
+import json
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+from absl import logging
+from etils import epath
+from pycocotools import mask as mask_utils
+
+from mrcnn_jax.data import masks, schema
+
+_IMAGE_KEYS = ("id", "file_name", "height", "width")
+_ANNOTATION_KEYS = ("id", "image_id", "category_id", "bbox")
+_LISTED_IDS = 5  # ids quoted in an error or warning about many annotations
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@dataclasses.dataclass(frozen=True)
+class AnnotationFile:
+    """A checked COCO annotation json.
+
+    Attributes:
+        path: the file.
+        images: its ``images`` entries, file order.
+        annotations: image id -> that image's ``annotations`` entries, file order.
+        categories: (category id, name) of each label 0..K-1, ascending id.
+    """
+
+    path: epath.Path
+    images: list[dict[str, Any]]
+    annotations: dict[Any, list[dict[str, Any]]]
+    categories: tuple[tuple[int, str], ...]
+
+
+def first_ids(items: Sequence[Any]) -> str:
+    """The first few of ``items`` for a message, e.g. '[4, 9, 12, ...]'."""
+    head = ", ".join(str(i) for i in items[:_LISTED_IDS])
+    return f"[{head}{', ...' if len(items) > _LISTED_IDS else ''}]"
+
+
+def _load_json(path: epath.Path) -> dict[str, Any]:
+    """The json of ``path`` with its three top-level lists checked."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read the annotation file as JSON: {e}") from e
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key) if isinstance(data, dict) else None, list):
+            raise ValueError(f"{path}: no '{key}' list at the top level")
+    return data
+
+
+def _check_images(images: list[dict], path: epath.Path) -> None:
+    """Raises ValueError naming the file and image if an image entry lacks a key or repeats."""
+    seen = set()
+    for i, image in enumerate(images):
+        missing = [k for k in _IMAGE_KEYS if k not in image]
+        if missing:
+            raise ValueError(f"{path}: image entry #{i} (id {image.get('id')}) lacks {missing}")
+        if not isinstance(image["id"], int):
+            raise ValueError(f"{path}: image entry #{i} has a non-integer id {image['id']!r}")
+        if image["id"] in seen:
+            raise ValueError(f"{path}: image id {image['id']} appears twice")
+        seen.add(image["id"])
+
+
+def _categories(entries: list[dict], path: epath.Path) -> tuple[tuple[int, str], ...]:
+    """(id, name) of every category, ascending id; ids and names must be unique."""
+    found = []
+    for i, category in enumerate(entries):
+        cid, name = category.get("id"), category.get("name")
+        if not isinstance(cid, int) or not isinstance(name, str) or not name:
+            raise ValueError(
+                f"{path}: category entry #{i} needs an integer id and a name: {category}"
+            )
+        found.append((cid, name))
+    for index, what in ((0, "id"), (1, "name")):
+        counts = collections.Counter(c[index] for c in found)
+        repeated = [v for v, n in counts.items() if n > 1]
+        if repeated:
+            raise ValueError(f"{path}: category {what}s listed more than once: {repeated}")
+    return tuple(sorted(found))
+
+
+def _check_annotation(ann: dict, images: dict, category_ids: list[int], path: epath.Path) -> None:
+    """Raises ValueError naming the file and annotation id if ``ann`` is malformed."""
+    where = f"{path}: annotation id {ann.get('id')}"
+    missing = [k for k in _ANNOTATION_KEYS if k not in ann]
+    if missing:
+        raise ValueError(f"{where}: missing {missing}")
+    if ann["image_id"] not in images:
+        raise ValueError(f"{where}: image_id {ann['image_id']} is not in 'images'")
+    if ann["category_id"] not in category_ids:
+        raise ValueError(
+            f"{where}: category_id {ann['category_id']} is not listed in 'categories' "
+            f"(ids {category_ids})"
+        )
+    box = ann["bbox"]
+    if not (
+        isinstance(box, list)
+        and len(box) == 4
+        and all(isinstance(v, (int, float)) and math.isfinite(v) for v in box)
+        and box[2] >= 0
+        and box[3] >= 0
+    ):
+        raise ValueError(f"{where}: bbox {box} is not [x, y, w, h] with finite w, h >= 0")
+
+
+def _polygon_parts(ann: dict, path: epath.Path) -> tuple[int, int]:
+    """(polygon parts, parts with fewer than 3 points) of an annotation; (0, 0) for RLE.
+
+    Raises ValueError naming the annotation if a part is not a list of an even number of values.
+    """
+    segmentation = ann["segmentation"]
+    if not isinstance(segmentation, list):
+        return 0, 0
+    if not all(isinstance(p, list) and len(p) % 2 == 0 for p in segmentation):
+        raise ValueError(
+            f"{path}: annotation id {ann['id']}: a polygon has an odd number of coordinates or is "
+            f"not a list: {str(segmentation)[:80]}"
+        )
+    return len(segmentation), sum(1 for p in segmentation if len(p) < 6)
+
+
+def _check_masks(annotations: list[dict], path: epath.Path, allow_empty_masks: bool) -> None:
+    """Checks that every annotation has a segmentation that gives a mask; warns on dropped parts.
+
+    Raises ValueError with the count and the first annotation ids of the annotations without
+    ``segmentation`` (missing, null or []), or, unless ``allow_empty_masks``, whose polygons all
+    have fewer than 3 points.
+    """
+    unsegmented = [a["id"] for a in annotations if not a.get("segmentation")]
+    if unsegmented:
+        raise ValueError(
+            f"{path}: {len(unsegmented)} of {len(annotations)} annotations have no "
+            f"'segmentation' (annotation ids {first_ids(unsegmented)}). Mask R-CNN learns a mask "
+            "for every object: export the annotations with polygons or RLE masks, not boxes only."
+        )
+    parts = {a["id"]: _polygon_parts(a, path) for a in annotations}
+    empty = [i for i, (total, short) in parts.items() if total and short == total]
+    if empty and not allow_empty_masks:
+        raise ValueError(
+            f"{path}: {len(empty)} annotations have only polygons of fewer than 3 points, so an "
+            f"empty mask (annotation ids {first_ids(empty)}); fix or delete them."
+        )
+    partial = [i for i, (total, short) in parts.items() if short and short < total]
+    if partial or empty:
+        logging.warning(
+            "%s: dropped polygon parts of fewer than 3 points from %d annotations (ids %s)",
+            path, len(partial) + len(empty), first_ids(partial + empty),
+        )  # fmt: skip
+
+
+def read_annotation_file(path: epath.PathLike, allow_empty_masks: bool = False) -> AnnotationFile:
+    """Reads and checks a COCO annotation json (see the module docstring for what is checked).
+
+    Args:
+        path: the json.
+        allow_empty_masks: keep annotations whose polygons all have fewer than 3 points (with an
+            empty mask; their boxes still train) instead of raising. COCO 2017 has a few.
+
+    Raises:
+        ValueError: naming the file and the bad image or annotation id.
+    """
+    path = epath.Path(path)
+    data = _load_json(path)
+    _check_images(data["images"], path)
+    categories = _categories(data["categories"], path)
+    images = {image["id"]: image for image in data["images"]}
+    category_ids = [c for c, _ in categories]
+    by_image = collections.defaultdict(list)
+    seen = set()
+    for ann in data["annotations"]:
+        _check_annotation(ann, images, category_ids, path)
+        if ann["id"] in seen:
+            raise ValueError(f"{path}: annotation id {ann['id']} appears twice")
+        seen.add(ann["id"])
+        by_image[ann["image_id"]].append(ann)
+    _check_masks(data["annotations"], path, allow_empty_masks)
+    return AnnotationFile(path, data["images"], dict(by_image), categories)
+
+
+def segmentation_to_rle(segmentation: Any, height: int, width: int) -> bytes:
+    """Compressed-RLE counts of a COCO segmentation (polygons, RLE or uncompressed RLE).
+
+    Polygon parts with fewer than 3 points (which pycocotools would read as boxes) are left out;
+    none left gives an empty mask. Raises ValueError on malformed input; the caller adds the
+    annotation id.
+    """
+    if isinstance(segmentation, list):  # of even-length lists (checked by _polygon_parts)
+        polygons = [p for p in segmentation if len(p) >= 6]
+        if not polygons:
+            return masks.encode_mask(np.zeros([height, width], np.uint8))
+        return mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))["counts"]
+    if not isinstance(segmentation, dict) or "counts" not in segmentation:
+        raise ValueError(f"segmentation is neither polygons nor RLE: {str(segmentation)[:80]}")
+    if list(segmentation.get("size", [])) != [height, width]:
+        raise ValueError(f"RLE size {segmentation.get('size')} != image size {[height, width]}")
+    counts = segmentation["counts"]
+    if isinstance(counts, list):
+        total = sum(counts)
+        counts = mask_utils.frPyObjects(segmentation, height, width)["counts"]
+    else:
+        counts = counts.encode("ascii") if isinstance(counts, str) else counts
+        total = int(tf.reduce_sum(masks.rle_counts(tf.constant([counts]))))
+    if total != height * width:
+        raise ValueError(f"RLE runs cover {total} pixels, image has {height * width}")
+    return counts
+
+
+def _conversion(encoded: bytes, channels: int) -> str | None:
+    """How ``tf.io.decode_image(channels=3)`` converts this image: None if it is 8-bit RGB."""
+    if encoded.startswith(_PNG_SIGNATURE) and encoded[24] == 16:  # IHDR bit depth
+        return "16-bit"
+    return {1: "grayscale", 2: "gray+alpha", 3: None, 4: "RGBA"}[channels]
+
+
+def _read_image(image: dict, image_dir: epath.Path, path: epath.Path) -> tuple[bytes, str | None]:
+    """(encoded bytes, conversion) of an image entry; checks it decodes to its stated size."""
+    file = image_dir / image["file_name"]
+    size = (int(image["height"]), int(image["width"]))
+    try:
+        encoded = file.read_bytes()
+        shape = tf.io.decode_image(encoded, channels=0, expand_animations=False).shape
+    except (OSError, tf.errors.OpError) as e:
+        raise ValueError(f"{file}: cannot read or decode image id {image['id']}: {e}") from e
+    if tuple(shape[:2]) != size:
+        hint = " (rotated by its EXIF orientation?)" if tuple(shape[1::-1]) == size else ""
+        raise ValueError(
+            f"{file}: image id {image['id']} decodes to {tuple(shape[:2])}, but {path} says "
+            f"(height, width) = {size}{hint}"
+        )
+    return encoded, _conversion(encoded, shape[2])
+
+
+def _outside(box: Sequence[float], image: dict) -> bool:
+    """Whether a COCO [x, y, w, h] box reaches outside its image."""
+    x, y, w, h = box
+    return x < 0 or y < 0 or x + w > image["width"] or y + h > image["height"]
+
+
+def _objects(anns: list[dict], height: int, width: int, label_of: dict, path: epath.Path) -> list:
+    """The ``objects`` entries of one image's annotations."""
+    objects = []
+    for ann in anns:
+        try:
+            rle = segmentation_to_rle(ann["segmentation"], height, width)
+        except Exception as e:  # pycocotools raises bare Exceptions on malformed polygons
+            raise ValueError(f"{path}: annotation id {ann['id']}: {e}") from e
+        area = ann.get("area", mask_utils.area({"size": [height, width], "counts": rle}))
+        objects.append(
+            schema.make_object(
+                annotation_id=ann["id"],
+                box_xywh=ann["bbox"],
+                height=height,
+                width=width,
+                label=label_of[ann["category_id"]],
+                category_id=ann["category_id"],
+                is_crowd=bool(ann.get("iscrowd", 0)),
+                area=float(area),
+                mask_rle=rle,
+            )
+        )
+    return objects
+
+
+def coco_examples(
+    annotation_file: epath.PathLike,
+    image_dir: epath.PathLike,
+    categories: Sequence[tuple[int, str]],
+    allow_empty_masks: bool = False,
+) -> Iterator[tuple[Any, dict[str, Any]]]:
+    """Yields (image id, example in the shared schema) for every image of a COCO-format split.
+
+    Args:
+        annotation_file: COCO instances json (images, annotations, categories).
+        image_dir: folder holding each image's ``file_name``.
+        categories: (category id, name) of each label 0..K-1; the file's categories must be
+            exactly these.
+        allow_empty_masks: see ``read_annotation_file``.
+    """
+    annotations = read_annotation_file(annotation_file, allow_empty_masks)
+    path, image_dir = annotations.path, epath.Path(image_dir)
+    if sorted(annotations.categories) != sorted(categories):
+        unexpected = sorted(set(annotations.categories) - set(categories))
+        absent = sorted(set(categories) - set(annotations.categories))
+        raise ValueError(
+            f"{path}: categories differ: unexpected {first_ids(unexpected)}, "
+            f"absent {first_ids(absent)}"
+        )
+    label_of = {int(c): label for label, (c, _) in enumerate(categories)}
+    clipped, converted = [], collections.Counter()
+    for image in annotations.images:
+        anns = annotations.annotations.get(image["id"], [])
+        encoded, conversion = _read_image(image, image_dir, path)
+        if conversion:
+            converted[conversion] += 1
+        height, width = int(image["height"]), int(image["width"])
+        clipped += [a["id"] for a in anns if _outside(a["bbox"], image)]
+        yield (
+            image["id"],
+            {
+                "image": encoded,
+                "image/id": image["id"],
+                "image/filename": image["file_name"],
+                "image/size": [height, width],
+                "image/has_annotations": bool(anns),
+                "objects": _objects(anns, height, width, label_of, path),
+            },
+        )
+    if clipped:
+        logging.warning(
+            "%s: %d boxes reach outside their image and were clipped (annotation ids %s)",
+            path, len(clipped), first_ids(clipped),
+        )  # fmt: skip
+    if converted:
+        kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(converted.items()))
+        logging.info("%s: images read as 8-bit RGB: %s (see coco_format.py)", path, kinds)

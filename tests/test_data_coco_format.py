@@ -1,0 +1,344 @@
+"""Training on your own COCO-format data: a set written here with category ids 3, 17 and 42,
+JPEG and PNG images (RGB, grayscale, RGBA, 16-bit), built, trained and evaluated; the cache key;
+and every bad input's error, with nothing left half-built."""
+
+import copy
+import functools
+import json
+import pathlib
+
+import cv2
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from conftest import tiny_config
+from etils import epath
+from pycocotools.coco import COCO
+
+from configs import coco_format as coco_format_config
+from mrcnn_jax.data import coco_format, masks, schema
+from mrcnn_jax.evaluation import evaluate as eval_lib
+from mrcnn_jax.train import loop
+
+# Listed out of id order: labels follow ascending id (apple 0, fig 1, kiwi 2).
+CATEGORIES = [{"id": 42, "name": "kiwi"}, {"id": 3, "name": "apple"}, {"id": 17, "name": "fig"}]
+COLOURS = {3: (220, 40, 40), 17: (40, 200, 60), 42: (50, 60, 230)}
+# image id -> (file name, (height, width), kind, [(annotation id, category id, x, y, w, h)]).
+TRAIN = {
+    1: ("rgb.jpg", (48, 64), "rgb", [(11, 3, 4, 6, 20, 30), (12, 42, 34, 10, 24, 28)]),
+    2: ("rgb.png", (64, 48), "rgb", [(21, 17, 6, 4, 30, 22), (22, 3, 10, 34, 28, 24)]),
+    3: ("gray.jpg", (40, 40), "gray", [(31, 42, 8, 8, 24, 24)]),
+    4: ("rgba.png", (40, 56), "rgba", [(41, 17, 20, 4, 30, 30)]),
+    5: ("deep.png", (32, 32), "gray16", [(51, 3, 4, 4, 20, 22)]),
+    6: ("empty.png", (32, 40), "rgb", []),
+}
+VAL = {
+    7: ("val1.jpg", (48, 48), "rgb", [(71, 3, 4, 4, 20, 20), (72, 17, 26, 24, 18, 20)]),
+    8: ("val2.png", (40, 64), "rgb", [(81, 42, 10, 6, 40, 28)]),
+}
+
+
+def _pixels(size: tuple[int, int], objects: list, seed: int) -> np.ndarray:
+    """[H, W, 3] uint8 RGB: a gradient background with each object's box filled in its colour."""
+    ys, xs = np.mgrid[: size[0], : size[1]]
+    background = [90 + 2 * ys + seed, 140 - xs, 100 + xs + ys]
+    image = np.stack(background, axis=-1).clip(0, 255).astype(np.uint8)
+    for _, category_id, x, y, w, h in objects:
+        image[y : y + h, x : x + w] = COLOURS[category_id]
+    return image
+
+
+def stored_pixels(kind: str, rgb: np.ndarray) -> np.ndarray:
+    """The array written to disk for ``kind`` (RGB order; gray16 is uint16)."""
+    gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    if kind == "gray":
+        return gray
+    if kind == "gray16":
+        low_byte = np.arange(gray.size).reshape(gray.shape) % 256
+        return (gray.astype(np.uint16) * 256 + low_byte).astype(np.uint16)
+    if kind == "rgba":
+        return np.dstack([rgb, np.full(rgb.shape[:2], 77, np.uint8)])
+    return rgb
+
+
+def expected_rgb(kind: str, stored: np.ndarray) -> np.ndarray:
+    """What the dataset should decode ``stored`` to: 8-bit RGB (coco_reader's documented rules)."""
+    if kind == "gray16":
+        stored = (stored // 256).astype(np.uint8)
+    if stored.ndim == 2:
+        return np.repeat(stored[..., None], 3, axis=2)
+    return stored[..., :3]
+
+
+def _annotation(ann_id: int, image_id: int, category_id: int, x, y, w, h) -> dict:
+    return {
+        "id": ann_id,
+        "image_id": image_id,
+        "category_id": category_id,
+        "bbox": [x, y, w, h],
+        "area": float(w * h),
+        "iscrowd": 0,
+        "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]],
+    }
+
+
+def split_json(images: dict) -> dict:
+    return {
+        "images": [
+            {"id": i, "file_name": name, "height": size[0], "width": size[1]}
+            for i, (name, size, _, _) in images.items()
+        ],
+        "annotations": [
+            _annotation(a, i, *rest) for i, (_, _, _, objs) in images.items() for a, *rest in objs
+        ],
+        "categories": copy.deepcopy(CATEGORIES),
+    }
+
+
+def write_dataset(root: epath.Path) -> dict[str, tuple[epath.Path, epath.Path]]:
+    """Writes images/ and train.json, val.json under ``root``; returns the builder's splits."""
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    for image_id, (name, size, kind, objects) in {**TRAIN, **VAL}.items():
+        stored = stored_pixels(kind, _pixels(size, objects, image_id))
+        if stored.ndim == 3:
+            stored = cv2.cvtColor(
+                stored, cv2.COLOR_RGBA2BGRA if kind == "rgba" else cv2.COLOR_RGB2BGR
+            )
+        assert cv2.imwrite(str(root / "images" / name), stored)
+    for split, images in (("train", TRAIN), ("val", VAL)):
+        (root / f"{split}.json").write_text(json.dumps(split_json(images)))
+    return {
+        "train": (root / "train.json", root / "images"),
+        "validation": (root / "val.json", root / "images"),
+    }
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = epath.Path(tmp_path_factory.mktemp("mydata"))
+    splits = write_dataset(root)
+    builder = coco_format.build_coco_format(splits, str(root / "tfds"))
+    return root, splits, builder
+
+
+def _examples(builder, split: str, decode_images: bool = False) -> dict[int, dict]:
+    decoders = None if decode_images else {"image": tfds.decode.SkipDecoding()}
+    examples = builder.as_dataset(split=split, decoders=decoders).as_numpy_iterator()
+    return {int(ex["image/id"]): ex for ex in examples}
+
+
+def test_categories_come_from_the_json_in_ascending_id_order(dataset):
+    info = dataset[2].info
+    assert schema.class_names(info) == ["apple", "fig", "kiwi"]
+    assert schema.label_to_category_id(info).tolist() == [3, 17, 42]
+    assert schema.categories(info) == [
+        {"id": 3, "name": "apple"},
+        {"id": 17, "name": "fig"},
+        {"id": 42, "name": "kiwi"},
+    ]
+
+
+@pytest.mark.parametrize("split, images", [("train", TRAIN), ("validation", VAL)])
+def test_objects_keep_category_ids_and_masks(dataset, split, images):
+    builder = dataset[2]
+    coco = COCO()
+    coco.dataset = split_json(images)
+    coco.createIndex()
+    label = {3: 0, 17: 1, 42: 2}
+    examples = _examples(builder, split)
+    assert sorted(examples) == sorted(images)
+    for image_id, ex in examples.items():
+        anns = coco.imgToAnns[image_id]
+        objects = ex["objects"]
+        assert ex["image/filename"].decode() == images[image_id][0]
+        assert ex["image/has_annotations"] == bool(anns)
+        assert objects["id"].tolist() == [a["id"] for a in anns]
+        assert objects["category_id"].tolist() == [a["category_id"] for a in anns]
+        assert objects["label"].tolist() == [label[a["category_id"]] for a in anns]
+        height, width = ex["image/size"]
+        for k, ann in enumerate(anns):
+            mask = masks.decode_mask(objects["mask"][k], height, width)
+            np.testing.assert_array_equal(mask, coco.annToMask(ann))
+
+
+def test_grayscale_rgba_and_16_bit_images_are_read_as_8_bit_rgb(dataset):
+    examples = _examples(dataset[2], "train", decode_images=True)
+    for image_id, (name, size, kind, objects) in TRAIN.items():
+        image = examples[image_id]["image"]
+        assert image.shape == (*size, 3) and image.dtype == np.uint8
+        stored = stored_pixels(kind, _pixels(size, objects, image_id))
+        if kind == "gray16":  # the low bytes vary: truly 16-bit
+            assert stored.dtype == np.uint16 and len(np.unique(stored % 256)) > 100
+        expected = expected_rgb(kind, stored)
+        if name.endswith(".jpg"):  # lossy, and most at the colour edges (chroma subsampling)
+            assert np.abs(image.astype(int) - expected).mean() < 5
+        else:
+            np.testing.assert_array_equal(image, expected)
+        if kind == "gray":
+            np.testing.assert_array_equal(image[..., 0], image[..., 2])
+
+
+def test_trains_and_evaluates_with_the_original_category_ids(dataset, tmp_path, monkeypatch):
+    root, splits, _ = dataset
+    config = coco_format_config.get_config()  # with tiny_config's sizes, on 8 CPU devices
+    tiny = tiny_config(**{"train.batch_size": 8, "train.num_steps": 2, "train.log_every": 1})
+    for field in ("image_size", "max_instances", "mask_size"):
+        config.data[field] = tiny.data[field]
+    config.model, config.train, config.eval = tiny.model, tiny.train, tiny.eval
+    config.model.num_classes = 0  # from the json, as configs/coco_format.py has it
+    config.model.roi_heads.score_threshold = 0.0  # an untrained model still detects
+    config.data.data_dir = str(root / "tfds")
+    config.data.train_json, config.data.train_images = (str(p) for p in splits["train"])
+    config.data.val_json, config.data.val_images = (str(p) for p in splits["validation"])
+    results_path = tmp_path / "results.json"  # the final evaluation's detections, written
+    evaluate_split = functools.partial(eval_lib.evaluate_split, results_path=str(results_path))
+    monkeypatch.setattr(eval_lib, "evaluate_split", evaluate_split)
+
+    metrics = loop.train_and_evaluate(config, str(tmp_path / "run"))
+    assert {"bbox/AP", "segm/AP"} <= set(metrics)
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["model"]["num_classes"] == 3
+    assert saved["data"]["class_names"] == ["apple", "fig", "kiwi"]
+    results = json.loads(results_path.read_text())
+    assert results and {r["category_id"] for r in results} <= {3, 17, 42}
+    assert {r["image_id"] for r in results} == set(VAL)
+
+
+def test_the_cache_key_follows_the_jsons_and_the_image_files(tmp_path):
+    splits = write_dataset(epath.Path(tmp_path))
+    name = coco_format.coco_format_config(splits).name
+    assert name.startswith("train_")
+    assert coco_format.coco_format_config(splits).name == name
+
+    train_json = splits["train"][0]
+    dataset = json.loads(train_json.read_text())
+    dataset["annotations"][0]["bbox"][0] += 1
+    train_json.write_text(json.dumps(dataset))
+    edited_json = coco_format.coco_format_config(splits).name
+    assert edited_json != name
+
+    image = tmp_path / "images" / "gray.jpg"
+    image.write_bytes(image.read_bytes() + b"\0")  # still decodes; a different file
+    edited_image = coco_format.coco_format_config(splits).name
+    assert edited_image not in (name, edited_json)
+
+    (tmp_path / "images" / "unlisted.png").write_bytes(b"not listed in any json")
+    assert coco_format.coco_format_config(splits).name == edited_image
+
+
+def test_a_second_build_reuses_the_first(dataset, monkeypatch):
+    root, splits, builder = dataset
+
+    def fail(*args, **kwargs):
+        raise AssertionError("rebuilt")
+
+    monkeypatch.setattr(coco_format.CocoFormat, "_generate_examples", fail)
+    again = coco_format.build_coco_format(splits, str(root / "tfds"))
+    assert again.data_dir == builder.data_dir
+
+
+def _edit_json(splits: dict, split: str, edit) -> None:
+    path = splits[split][0]
+    dataset = json.loads(path.read_text())
+    edit(dataset)
+    path.write_text(json.dumps(dataset))
+
+
+def _ann(dataset: dict, ann_id: int) -> dict:
+    return next(a for a in dataset["annotations"] if a["id"] == ann_id)
+
+
+def _drop_segmentations(dataset: dict) -> None:
+    del _ann(dataset, 11)["segmentation"]
+    _ann(dataset, 22)["segmentation"] = []
+    _ann(dataset, 41)["segmentation"] = None
+
+
+BAD_INPUT = {
+    "missing image file": (
+        "train",
+        lambda d: d["images"][3].update(file_name="nowhere.png"),
+        "nowhere.png: no such image file for image id 4 of .*train.json \\(annotation ids \\[41\\]",
+    ),
+    "duplicate image ids": (
+        "validation",
+        lambda d: d["images"][1].update(id=7),
+        "val.json: image id 7 appears twice",
+    ),
+    "unlisted category": (
+        "train",
+        lambda d: _ann(d, 22).update(category_id=5),
+        "train.json: annotation id 22: category_id 5 is not listed in 'categories' "
+        "\\(ids \\[3, 17, 42\\]\\)",
+    ),
+    "no segmentation": (
+        "train",
+        _drop_segmentations,
+        "train.json: 3 of 7 annotations have no 'segmentation' \\(annotation ids \\[11, 22, 41\\]"
+        "\\). Mask R-CNN learns a mask for every object",
+    ),
+    "polygons of < 3 points": (
+        "train",
+        lambda d: _ann(d, 31).update(segmentation=[[8, 8, 32, 8], [8, 8]]),
+        "train.json: 1 annotations have only polygons of fewer than 3 points, so an empty mask "
+        "\\(annotation ids \\[31\\]\\)",
+    ),
+    "empty val split": (
+        "validation",
+        lambda d: d.update(images=[], annotations=[]),
+        "val.json: the validation split has no annotations \\(0 images\\)",
+    ),
+    "unannotated val split": (
+        "validation",
+        lambda d: d.update(annotations=[]),
+        "val.json: the validation split has no annotations \\(2 images\\)",
+    ),
+    "different categories": (
+        "validation",
+        lambda d: d["categories"][0].update(name="kiwifruit"),
+        "val.json lists categories .* but .*train.json lists .*same categories",
+    ),
+}
+
+
+def _leftovers(data_dir: pathlib.Path) -> list[str]:
+    """Files (not empty folders) under ``data_dir``."""
+    return [str(p) for p in pathlib.Path(data_dir).rglob("*") if p.is_file()]
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUT))
+def test_bad_input_errors_name_the_file_and_id_and_leave_nothing(case, tmp_path):
+    split, edit, message = BAD_INPUT[case]
+    splits = write_dataset(epath.Path(tmp_path))
+    _edit_json(splits, split, edit)
+    with pytest.raises(ValueError, match=message):
+        coco_format.build_coco_format(splits, str(tmp_path / "tfds"))
+    assert _leftovers(tmp_path / "tfds") == []
+
+
+def test_an_undecodable_image_fails_the_build_and_leaves_nothing(tmp_path):
+    root = epath.Path(tmp_path)
+    splits = write_dataset(root)
+    image = root / "images" / "rgb.png"
+    good = image.read_bytes()
+    image.write_bytes(good[: len(good) // 3])  # truncated
+    with pytest.raises(ValueError, match=r"rgb.png: cannot read or decode image id 2") as error:
+        coco_format.build_coco_format(splits, str(root / "tfds"))
+    assert str(image) in str(error.value)
+    assert _leftovers(root / "tfds") == []
+    image.write_bytes(good)
+    builder = coco_format.build_coco_format(splits, str(root / "tfds"))
+    assert builder.info.splits["train"].num_examples == len(TRAIN)
+
+
+def test_polygon_parts_of_fewer_than_3_points_beside_valid_ones_are_dropped(tmp_path):
+    root = epath.Path(tmp_path)
+    splits = write_dataset(root)
+    _edit_json(splits, "validation", lambda d: _ann(d, 81)["segmentation"].append([1, 1, 60, 30]))
+    builder = coco_format.build_coco_format(splits, str(root / "tfds"))
+    mask = masks.decode_mask(_examples(builder, "validation")[8]["objects"]["mask"][0], 40, 64)
+    coco = COCO()
+    coco.dataset = split_json(VAL)  # without the 2-point part
+    coco.createIndex()
+    assert mask.any()
+    np.testing.assert_array_equal(mask, coco.annToMask(coco.anns[81]))
