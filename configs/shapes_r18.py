@@ -19,6 +19,8 @@ def get_config() -> ml_collections.ConfigDict:
     data.manual_dir = ""  # Where the COCO zips/folders are (coco_instances only).
     data.train_split = "train"
     data.val_split = "validation"
+    data.shapes_num_train = 2000  # shapes only: images generated for the train split.
+    data.shapes_num_val = 200  # shapes only: images generated for the validation split.
     data.image_size = (128, 128)  # Fixed padded input (H, W); multiple of 64 (P6 stride).
     data.max_instances = 16  # Ground truth padded/truncated to this many objects per image.
     data.mask_size = 56  # GT masks are cropped to their box and resized to mask_size².
@@ -70,18 +72,19 @@ def get_config() -> ml_collections.ConfigDict:
     roi.sampling_ratio = 2  # Bilinear samples per bin side in RoIAlign.
     roi.aligned = True  # RoIAlign half-pixel shift (torchvision Mask R-CNN v1 uses False).
     roi.roi_align_mode = "avg"  # "avg" (torchvision/Detectron2) or "max" over bin samples.
+    roi.roi_align_method = "gather"  # "gather" (CPU/GPU) or "einsum" (dense matmuls, for TPU).
     roi.box_reg_weights = (10.0, 10.0, 5.0, 5.0)  # Box-head delta weights (dx, dy, dw, dh).
     roi.smooth_l1_beta = 0.0  # Box-head smooth-L1 beta (0 = L1, as Detectron2).
     roi.score_threshold = 0.05  # Detections below this score are dropped at inference.
     roi.nms_threshold = 0.5  # Per-class NMS IoU at inference.
-    roi.detections_per_image = 100  # D: fixed number of (padded) detections per image.
+    roi.detections_per_image = 20  # D: fixed number of (padded) detections per image.
     roi.detections_pre_nms_topk = 1000  # Highest-scoring (box, class) candidates entering NMS.
 
     # ---------------------------------------------------------------- training
     config.train = train = ml_collections.ConfigDict()
     train.batch_size = 8  # Global batch (all devices, all hosts).
     train.num_steps = 3000  # Total optimiser steps.
-    train.base_lr = 0.02  # Peak learning rate (after warm-up).
+    train.base_lr = 0.01  # Peak learning rate (after warm-up); 0.02 per 16 images, linearly.
     train.warmup_steps = 100  # Linear warm-up from warmup_factor * base_lr.
     train.warmup_factor = 0.001
     train.schedule = "cosine"  # "cosine" or "step".
@@ -89,7 +92,7 @@ def get_config() -> ml_collections.ConfigDict:
     train.decay_factor = 0.1
     train.momentum = 0.9
     train.weight_decay = 1e-4  # Not applied to norm scales/offsets and biases.
-    train.grad_clip_norm = 0.0  # Global-norm gradient clipping; 0 disables.
+    train.grad_clip_norm = 10.0  # Global-norm gradient clipping (from-scratch training); 0 = off.
     train.log_every = 20  # Steps between scalar logs.
     train.checkpoint_every = 500  # Steps between checkpoints (and one at the end).
     train.keep_checkpoints = 3  # Checkpoints kept in the workdir.

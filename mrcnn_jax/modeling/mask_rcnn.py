@@ -95,6 +95,7 @@ class MaskRCNN(nn.Module):
             sampling_ratio=r.sampling_ratio,
             aligned=r.aligned,
             mode=r.roi_align_mode,
+            method=r.roi_align_method,
         )
 
     def _proposals(self, logits, deltas, anchors, image_size, train: bool):
