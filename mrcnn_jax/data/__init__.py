@@ -18,14 +18,17 @@ from mrcnn_jax.data import coco_format, coco_instances, shapes
 def get_builder(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     """Returns the prepared builder of ``config.data``, building it first if needed.
 
-    "shapes" is generated into ``data.data_dir`` on first use (seconds); "coco_instances" is
-    built from the official files in ``data.manual_dir`` on first use (an hour or so);
-    "coco_format" is built from ``data.train_json``/``train_images`` and
-    ``data.val_json``/``val_images`` on first use and again whenever one of those files changes.
+    "shapes" (``data.shapes_num_train`` / ``data.shapes_num_val`` images of 128×128) is generated
+    into ``data.data_dir`` on first use (seconds); "coco_instances" is built from the official
+    files in ``data.manual_dir`` on first use (an hour or so); "coco_format" is built from
+    ``data.train_json``/``train_images`` and ``data.val_json``/``val_images`` on first use and
+    again whenever one of those files changes.
     """
     data_dir = data.data_dir or None
     if data.dataset == "shapes":
-        return shapes.build_shapes(data_dir)
+        return shapes.build_shapes(
+            data_dir, num_train=data.shapes_num_train, num_val=data.shapes_num_val
+        )
     if data.dataset == "coco_instances":
         builder = coco_instances.CocoInstances(data_dir=data_dir)
         manual_dir = data.manual_dir or None

@@ -96,8 +96,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     workdir.mkdir(parents=True, exist_ok=True)
     builder = get_builder(config.data)
     config = with_dataset_classes(config, builder)
-    if jax.process_index() == 0:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     model = build_model(config)
     mesh = step_lib.create_mesh()
     state, learning_rate_fn = state_lib.create_train_state(
@@ -107,6 +105,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if manager.latest_step() is not None:
         state = ckpt_lib.restore(manager, state, config)
         _say(f"Resumed from {manager.directory} at step {int(state.step)}")
+    if jax.process_index() == 0:  # after the restore: a rejected config must not replace it
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     state = step_lib.replicate(state, mesh)
     start_step = int(jax.device_get(state.step))
     _say(f"Model: {state_lib.count_params(state.params):,} parameters on {mesh.size} devices")

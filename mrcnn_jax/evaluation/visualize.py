@@ -1,0 +1,138 @@
+"""Reading images for prediction and drawing detections on them (cv2, no matplotlib).
+
+Images are ``[H, W, 3]`` uint8 RGB numpy arrays throughout; cv2's BGR order stays inside
+`read_image` and `write_image`.
+"""
+
+import os
+
+import cv2
+import numpy as np
+
+# Instance colours (RGB), cycled in detection order: matplotlib's "tab10".
+PALETTE = (
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+    (188, 189, 34),
+    (23, 190, 207),
+)
+_FONT = cv2.FONT_HERSHEY_SIMPLEX
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Reads an image file (any format cv2 decodes: JPEG, PNG, BMP, ...) as ``[H, W, 3]`` uint8 RGB.
+
+    Grey images are expanded to three channels and an alpha channel is dropped.
+
+    Raises:
+      FileNotFoundError: `path` is not an existing file.
+      ValueError: the file is not an image cv2 can decode.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image file {path!r} does not exist")
+    image = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_COLOR)
+    if image is None:
+        raise ValueError(f"cannot read image file {path!r}: not an image format cv2 decodes")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def write_image(path: str | os.PathLike, image: np.ndarray) -> None:
+    """Writes ``[H, W, 3]`` uint8 RGB `image` to `path`; the format follows the extension.
+
+    Raises:
+      ValueError: `image` is not ``[H, W, 3]`` uint8, or cv2 cannot write `path`.
+    """
+    _check_image(image)
+    path = os.fspath(path)
+    try:
+        written = cv2.imwrite(path, cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    except cv2.error as e:  # e.g. an extension no encoder handles
+        raise ValueError(f"cv2 could not write {path!r}: {e}") from e
+    if not written:
+        raise ValueError(f"cv2 could not write {path!r} (does its directory exist?)")
+
+
+def _check_image(image: np.ndarray) -> None:
+    if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be uint8 RGB [H, W, 3], got {image.dtype} {image.shape}")
+
+
+def draw_detections(
+    image: np.ndarray,
+    boxes: np.ndarray,
+    masks: np.ndarray,
+    scores: np.ndarray,
+    class_names: list[str],
+    alpha: float = 0.5,
+) -> np.ndarray:
+    """Draws each detection's mask (blended), box and "name score" label on a copy of `image`.
+
+    Detection i gets colour ``PALETTE[i % len(PALETTE)]``: inside its mask every pixel becomes
+    ``(1 - alpha) * pixel + alpha * colour`` (later detections blend over earlier ones), its box
+    is a 1-pixel rectangle of that colour on the outermost pixels the box covers, and the label
+    sits in a filled box of that colour on the box's top edge (kept inside the image).
+
+    Args:
+      image: ``[H, W, 3]`` uint8 RGB.
+      boxes: ``[N, 4]`` float ``(x1, y1, x2, y2)`` in the image's pixels.
+      masks: ``[N, H, W]`` bool.
+      scores: ``[N]`` float.
+      class_names: N names.
+      alpha: mask opacity in [0, 1].
+
+    Returns:
+      ``[H, W, 3]`` uint8 RGB; `image` itself is not modified.
+
+    Raises:
+      ValueError: on malformed or mismatched shapes, or `alpha` outside [0, 1].
+    """
+    image = np.asarray(image)
+    _check_image(image)
+    boxes = np.asarray(boxes, np.float32)
+    masks = np.asarray(masks, bool)
+    scores = np.asarray(scores, np.float32)
+    num = len(class_names)
+    height, width = image.shape[:2]
+    for name, array, shape in (
+        ("boxes", boxes, (num, 4)),
+        ("masks", masks, (num, height, width)),
+        ("scores", scores, (num,)),
+    ):
+        if array.shape != shape:
+            raise ValueError(
+                f"{name} must have shape {shape} (N = {num} class names, image {height}x{width}), "
+                f"got {array.shape}"
+            )
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+
+    blended = image.astype(np.float32)
+    colours = [np.asarray(PALETTE[i % len(PALETTE)], np.float32) for i in range(num)]
+    for mask, colour in zip(masks, colours):
+        blended[mask] = (1.0 - alpha) * blended[mask] + alpha * colour
+    out = np.round(blended).astype(np.uint8)
+
+    font_scale = max(0.3, min(height, width) / 800)
+    for box, score, name, colour in zip(boxes, scores, class_names, colours):
+        colour = tuple(int(c) for c in colour)
+        x1, y1 = int(np.floor(box[0])), int(np.floor(box[1]))  # the first and last pixel
+        x2, y2 = max(int(np.ceil(box[2])) - 1, x1), max(int(np.ceil(box[3])) - 1, y1)  # covered
+        cv2.rectangle(out, (x1, y1), (x2, y2), colour, thickness=1)
+        text = f"{name} {score:.2f}"
+        (text_w, text_h), baseline = cv2.getTextSize(text, _FONT, font_scale, 1)
+        label_h = text_h + baseline + 2
+        left = min(max(x1, 0), max(width - text_w - 2, 0))
+        top = min(max(y1 - label_h, 0), max(height - label_h, 0))
+        cv2.rectangle(out, (left, top), (left + text_w + 2, top + label_h), colour, thickness=-1)
+        text_colour = (0, 0, 0) if sum(colour) > 384 else (255, 255, 255)
+        cv2.putText(
+            out, text, (left + 1, top + text_h + 1), _FONT, font_scale, text_colour, 1, cv2.LINE_AA
+        )
+    return out

@@ -1,0 +1,82 @@
+r"""Evaluates a training checkpoint with COCO metrics (bbox and segm) on a split.
+
+  python scripts/eval.py --workdir=/tmp/mrcnn_shapes
+  python scripts/eval.py --workdir=/tmp/mrcnn_shapes --checkpoint_step=2000 --split=train
+
+The model, its variables and the config (dataset included) come from the checkpoint. Prints the
+12 COCO numbers per IoU type and writes `<workdir>/eval_<step>.json` (the metrics) and
+`<workdir>/detections_<step>.json` (the detections, COCO results format); with a --split other
+than the config's val split, the file names end in `_<split>` (other characters than letters,
+digits, `.` and `-` replaced by `_`).
+"""
+
+import json
+import re
+
+from absl import app, flags, logging
+
+from mrcnn_jax.evaluation import IOU_TYPES, STAT_NAMES
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
+_STEP = flags.DEFINE_integer(
+    "checkpoint_step", None, "Checkpoint step to evaluate (default: the latest)."
+)
+_SPLIT = flags.DEFINE_string(
+    "split",
+    None,
+    "TFDS split to evaluate, e.g. 'validation[:50]' (default: config.data.val_split).",
+)
+flags.mark_flag_as_required("workdir")
+
+
+def metrics_table(metrics: dict[str, float]) -> str:
+    """The `{"bbox/AP": ...}` metrics as a table: one row per IoU type, one column per number."""
+    rows = [" " * 5 + "".join(f"{name:>7}" for name in STAT_NAMES)]
+    for iou_type in IOU_TYPES:
+        rows.append(
+            f"{iou_type:<5}" + "".join(f"{metrics[f'{iou_type}/{n}']:7.3f}" for n in STAT_NAMES)
+        )
+    return "\n".join(rows)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    import jax  # after absl parsed the flags, so XLA_FLAGS etc. set on the command line apply
+    from etils import epath
+
+    import mrcnn_jax
+    from mrcnn_jax.data import get_builder
+    from mrcnn_jax.evaluation import evaluate
+    from mrcnn_jax.train import loop
+    from mrcnn_jax.train import step as step_lib
+
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    workdir = epath.Path(_WORKDIR.value)
+    predictor = mrcnn_jax.load_checkpoint(workdir, _STEP.value)
+    config = predictor.config
+    split = _SPLIT.value or config.data.val_split
+    suffix = str(predictor.step)
+    if split != config.data.val_split:
+        suffix += "_" + re.sub(r"[^\w.-]+", "_", split)
+    mesh = step_lib.create_mesh()
+    metrics = evaluate.evaluate_split(
+        step_lib.make_predict_step(loop.build_model(config), mesh),
+        step_lib.replicate(predictor.variables, mesh),
+        config,
+        mesh,
+        get_builder(config.data),
+        split=split,
+        results_path=str(workdir / f"detections_{suffix}.json"),
+    )
+    if jax.process_index() == 0:
+        (workdir / f"eval_{suffix}.json").write_text(
+            json.dumps({"step": predictor.step, "split": split, **metrics}, indent=2)
+        )
+        print(f"checkpoint step {predictor.step}, split {split}:")
+        print(metrics_table(metrics), flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)

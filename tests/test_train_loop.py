@@ -1,0 +1,359 @@
+"""End to end: `train_and_evaluate`, resuming, checkpoints, and scripts/{train,eval,predict}.py.
+
+One tiny shapes run (8 devices, 4 steps, checkpoints at 2 and 4) is trained once per module and
+shared. A persistent XLA compilation cache in a temporary directory lets the later runs (and the
+scripts run as subprocesses with the same 8 CPU devices) reuse its compiled programs.
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import tiny_config
+from jax.experimental.compilation_cache import compilation_cache
+
+import mrcnn_jax
+from configs import shapes_r18
+from mrcnn_jax.data import shapes
+from mrcnn_jax.evaluation import IOU_TYPES, STAT_NAMES
+from mrcnn_jax.train import checkpoint as ckpt_lib
+from mrcnn_jax.train import loop
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METRIC_KEYS = {f"{t}/{n}" for t in IOU_TYPES for n in STAT_NAMES}
+NUM_STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+    """Turns on JAX's persistent compilation cache in a fresh directory for this module."""
+    path = tmp_path_factory.mktemp("xla_cache")
+    previous = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    compilation_cache.reset_cache()
+    yield path
+    jax.config.update("jax_compilation_cache_dir", previous)
+    compilation_cache.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+def run_config(data_dir: str, **overrides) -> ml_collections.ConfigDict:
+    """`tiny_config` on a 16/8-image shapes set: batch 8 (one image per CPU device), 4 steps,
+    checkpoints every 2."""
+    return tiny_config(
+        **{
+            "data.data_dir": data_dir,
+            "data.shapes_num_train": 16,
+            "data.shapes_num_val": 8,
+            "train.batch_size": 8,
+            "eval.batch_size": 8,
+            "train.num_steps": NUM_STEPS,
+            "train.checkpoint_every": 2,
+            "train.log_every": 1,
+            **overrides,
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(compile_cache, data_dir, tmp_path_factory):
+    """(workdir, config, returned metrics) of one uninterrupted run."""
+    workdir = tmp_path_factory.mktemp("run")
+    config = run_config(data_dir)
+    metrics = loop.train_and_evaluate(config, str(workdir))
+    return workdir, config, metrics
+
+
+def copy_workdir(trained, tmp_path):
+    """A copy of the trained workdir that a test may change."""
+    return shutil.copytree(trained[0], tmp_path / "workdir")
+
+
+def final_state(workdir) -> dict:
+    """The arrays of the latest checkpoint in `workdir` (numpy)."""
+    manager = ckpt_lib.create_manager(workdir, read_only=True)
+    state = ckpt_lib.restore_raw(manager, manager.latest_step())
+    manager.close()
+    return state
+
+
+def leaves(tree) -> dict:
+    """`{path string: leaf}` of a pytree."""
+    return {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def assert_trees_equal(actual, expected):
+    actual, expected = leaves(actual), leaves(expected)
+    assert actual.keys() == expected.keys()
+    for path, value in actual.items():
+        np.testing.assert_array_equal(value, expected[path], err_msg=path)
+
+
+def read_jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def script_call(name: str, args: list[str], cache) -> dict:
+    """`subprocess` arguments running scripts/<name> with this process's environment (so the
+    same 8 CPU devices) plus the XLA cache."""
+    return {
+        "args": [sys.executable, os.path.join(REPO, "scripts", name), *args],
+        "env": {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(cache)},
+        "cwd": REPO,
+    }
+
+
+def script(name: str, *args: str, cache, check: bool = True) -> subprocess.CompletedProcess:
+    """Runs scripts/<name> to completion, capturing its output; `check` raises on failure."""
+    result = subprocess.run(
+        **script_call(name, list(args), cache), capture_output=True, text=True, timeout=600
+    )
+    if check and result.returncode:
+        raise AssertionError(f"{name} failed ({result.returncode}):\n{result.stderr[-5000:]}")
+    return result
+
+
+def config_flags(config: ml_collections.ConfigDict) -> list[str]:
+    """`--config.…` flags turning configs/shapes_r18.py into `config`."""
+
+    def flatten(prefix: str, node) -> dict:
+        if not isinstance(node, dict):
+            return {prefix: node}
+        return {
+            k: v
+            for name, child in node.items()
+            for k, v in flatten(f"{prefix}.{name}", child).items()
+        }
+
+    default = flatten("config", shapes_r18.get_config().to_dict())
+    wanted = flatten("config", config.to_dict())
+    assert set(default) == set(wanted)
+    return [
+        f"--{k}={v if isinstance(v, str) else repr(v)}"
+        for k, v in sorted(wanted.items())
+        if v != default[k]
+    ]
+
+
+# ------------------------------------------------------------------- train_and_evaluate
+
+
+def test_train_and_evaluate_writes_logs_checkpoints_and_metrics(trained):
+    workdir, _, metrics = trained
+    assert set(metrics) == METRIC_KEYS
+    assert all(np.isfinite(v) for v in metrics.values())
+
+    assert [int(p.name) for p in sorted((workdir / "checkpoints").iterdir())] == [2, 4]
+    saved = json.loads((workdir / "config.json").read_text())
+    assert saved["data"]["class_names"] == list(shapes.CLASS_NAMES)
+    assert saved["train"]["num_steps"] == NUM_STEPS
+
+    records = read_jsonl(workdir / "metrics.jsonl")
+    train_records = [r for r in records if "train/loss" in r]
+    assert [r["step"] for r in train_records] == list(range(1, NUM_STEPS + 1))
+    train_keys = {
+        "step", "train/loss", "train/loss_rpn_cls", "train/loss_rpn_box", "train/loss_cls",
+        "train/loss_box_reg", "train/loss_mask", "train/num_proposals", "train/num_fg_rois",
+        "train/grad_norm", "train/learning_rate", "train/steps_per_second",
+    }  # fmt: skip
+    for record in train_records:
+        assert set(record) == train_keys
+        assert all(np.isfinite(v) for v in record.values())
+    (eval_record,) = [r for r in records if "eval/bbox/AP" in r]
+    assert eval_record == {"step": NUM_STEPS, **{f"eval/{k}": v for k, v in metrics.items()}}
+
+    (events,) = (workdir / "tensorboard").glob("events.out.tfevents.*")
+    tags = {
+        value.tag
+        for event in tf.compat.v1.train.summary_iterator(str(events))
+        for value in event.summary.value
+    }
+    assert {"train/loss", "train/learning_rate", "eval/bbox/AP", "eval/segm/AP"} <= tags
+
+
+def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(trained, tmp_path, capsys):
+    """Resuming at step 2 (the run's final checkpoint removed) ends where the run ended."""
+    _, config, metrics = trained
+    workdir = copy_workdir(trained, tmp_path)
+    shutil.rmtree(workdir / "checkpoints" / str(NUM_STEPS))
+    resumed_metrics = loop.train_and_evaluate(config, str(workdir))
+    assert re.search(r"Resumed from \S+ at step 2\n", capsys.readouterr().out)
+    assert_trees_equal(final_state(workdir), final_state(trained[0]))
+    assert resumed_metrics == metrics
+
+
+def test_resume_rejects_an_incompatible_config(trained, data_dir, tmp_path):
+    workdir = copy_workdir(trained, tmp_path)
+    config_json = (workdir / "config.json").read_text()
+    changed = run_config(data_dir, **{"model.roi_heads.fg_iou": 0.6, "train.num_steps": 6})
+    with pytest.raises(
+        ValueError, match=r"model\.roi_heads\.fg_iou: checkpoint 0\.5 vs config 0\.6"
+    ):
+        loop.train_and_evaluate(changed, str(workdir))
+    assert (workdir / "config.json").read_text() == config_json
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4"]
+
+
+# ------------------------------------------------------------------- load_checkpoint
+
+
+def test_readme_notebook_snippet_runs(trained):
+    readme = open(os.path.join(REPO, "README.md")).read()
+    section = readme.split("## Use a checkpoint in a notebook", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
+    assert '"/tmp/mrcnn_shapes"' in code
+    code = code.replace('"/tmp/mrcnn_shapes"', repr(str(trained[0])))
+    image, _ = shapes.generate_image(0, "validation", 0, (128, 128))
+    namespace = {"image": image}
+    exec(code, namespace)
+    result, predictor = namespace["result"], namespace["predictor"]
+    assert predictor.step == NUM_STEPS
+    n = len(result["scores"])
+    assert result["boxes"].shape == (n, 4) and result["classes"].shape == (n,)
+    assert result["masks"].shape == (n, 128, 128) and result["masks"].dtype == bool
+    assert len(result["class_names"]) == n and np.all(result["scores"] >= 0.5)
+
+    everything = predictor(image, score_threshold=0.0)
+    n = len(everything["scores"])
+    assert 0 < n <= trained[1].model.roi_heads.detections_per_image
+    assert everything["masks"].shape == (n, 128, 128)
+    assert np.all((everything["boxes"] >= 0) & (everything["boxes"] <= 128))
+    assert set(everything["class_names"]) <= set(shapes.CLASS_NAMES)
+
+
+def test_load_checkpoint_rejects_params_that_do_not_fit_the_config(trained, tmp_path):
+    workdir = copy_workdir(trained, tmp_path)
+    stored = workdir / "checkpoints" / str(NUM_STEPS) / "config" / "metadata"
+    config = json.loads(stored.read_text())
+    config["model"]["fpn_dim"] = 8
+    stored.write_text(json.dumps(config))
+    # The FPN's width changes the shapes of the FPN and of the heads that read it.
+    with pytest.raises(ValueError, match=r"/4 params: \[.*\] has shape \(.*\), the config needs"):
+        mrcnn_jax.load_checkpoint(workdir)
+
+
+def test_load_checkpoint_errors_name_what_is_missing(trained, tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoints"):
+        mrcnn_jax.load_checkpoint(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"no complete checkpoint 3 .*\[2, 4\]"):
+        mrcnn_jax.load_checkpoint(trained[0], step=3)
+
+
+# ------------------------------------------------------------------- scripts
+
+
+def test_eval_script_reproduces_the_logged_metrics(trained, compile_cache):
+    workdir, _, metrics = trained
+    result = script("eval.py", f"--workdir={workdir}", cache=compile_cache)
+    saved = json.loads((workdir / f"eval_{NUM_STEPS}.json").read_text())
+    assert saved == {"step": NUM_STEPS, "split": "validation", **metrics}
+    assert f"bbox {metrics['bbox/AP']:7.3f}" in result.stdout
+    assert f"segm {metrics['segm/AP']:7.3f}" in result.stdout
+    detections = json.loads((workdir / f"detections_{NUM_STEPS}.json").read_text())
+    assert {d["image_id"] for d in detections} <= set(range(1, 9))
+    assert {"image_id", "category_id", "score", "bbox", "segmentation"} <= set(detections[0])
+    # After 4 steps the AP is 0, so check the detections came from the checkpoint's weights:
+    # those of validation image 0 (id 1) are what the predictor finds there.
+    image, _ = shapes.generate_image(0, "validation", 0, (128, 128))
+    expected = mrcnn_jax.load_checkpoint(workdir)(image, score_threshold=0.0)
+    scores = sorted(d["score"] for d in detections if d["image_id"] == 1)
+    assert scores and scores == pytest.approx(sorted(expected["scores"]), rel=1e-4, abs=1e-6)
+
+
+def test_predict_script_draws_and_writes_coco_results(trained, compile_cache, tmp_path):
+    paths = []
+    for index in range(2):
+        path = tmp_path / f"val{index}.png"
+        image, _ = shapes.generate_image(0, "validation", index, (128, 128))
+        tf.io.write_file(str(path), tf.io.encode_png(image))
+        paths.append(str(path))
+    out_dir = tmp_path / "out"
+    result = script(
+        "predict.py",
+        f"--workdir={trained[0]}",
+        f"--out_dir={out_dir}",
+        "--score_threshold=0.0",
+        *paths,
+        cache=compile_cache,
+    )
+    assert "detections of checkpoint step 4" in result.stdout
+    predictor = mrcnn_jax.load_checkpoint(trained[0])
+    detections = json.loads((out_dir / "detections.json").read_text())
+    for index, path in enumerate(paths):
+        drawn = tf.io.decode_png(tf.io.read_file(str(out_dir / f"val{index}.png"))).numpy()
+        original, _ = shapes.generate_image(0, "validation", index, (128, 128))
+        assert drawn.shape == original.shape and not np.array_equal(drawn, original)
+        expected = predictor(original, score_threshold=0.0)
+        mine = [d for d in detections if d["file_name"] == path]
+        assert [d["score"] for d in mine] == pytest.approx(expected["scores"].tolist())
+        assert [d["class_name"] for d in mine] == expected["class_names"]
+        for d, box in zip(mine, expected["boxes"]):
+            x1, y1, x2, y2 = box.tolist()
+            assert d["bbox"] == pytest.approx([x1, y1, x2 - x1, y2 - y1], abs=1e-4)
+            assert d["segmentation"]["size"] == [128, 128]
+
+
+def test_predict_script_names_a_missing_image(trained, compile_cache, tmp_path):
+    missing = str(tmp_path / "nowhere.jpg")
+    result = script(
+        "predict.py", f"--workdir={trained[0]}", missing, cache=compile_cache, check=False
+    )
+    assert result.returncode != 0
+    assert f"image file {missing!r} does not exist" in result.stderr
+
+
+@pytest.mark.slow
+def test_train_script_resumes_after_sigkill(trained, compile_cache, tmp_path):
+    """Kill scripts/train.py after its first checkpoint; the rerun resumes and ends where one
+    uninterrupted run (the `trained` fixture, same config) ends, bit for bit."""
+    workdir = tmp_path / "killed"
+    args = ["--config=configs/shapes_r18.py", *config_flags(trained[1]), f"--workdir={workdir}"]
+    process = subprocess.Popen(
+        **script_call("train.py", args, compile_cache),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    first = workdir / "checkpoints" / "2"
+    deadline = time.time() + 600
+    while not first.is_dir() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert first.is_dir(), "train.py ended or timed out before its first checkpoint"
+    assert process.returncode == -signal.SIGKILL
+    manager = ckpt_lib.create_manager(workdir, read_only=True)
+    assert manager.latest_step() == 2, "killed after the last checkpoint: nothing to resume"
+    manager.close()
+
+    result = script("train.py", *args, cache=compile_cache)
+    assert re.search(r"Resumed from \S+ at step 2\n", result.stdout + result.stderr)
+    assert "final eval: bbox AP" in result.stdout
+    assert_trees_equal(final_state(workdir), final_state(trained[0]))
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(trained, data_dir, tmp_path):
+    workdir = copy_workdir(trained, tmp_path)
+    config = run_config(data_dir, **{"train.num_steps": 20, "train.base_lr": 1e9})
+    with pytest.raises(FloatingPointError, match=r"non-finite training metrics at step") as error:
+        loop.train_and_evaluate(config, str(workdir))
+    bad_step = int(re.search(r"at step (\d+)", str(error.value)).group(1))
+    assert NUM_STEPS < bad_step <= 20
+    manager = ckpt_lib.create_manager(workdir, read_only=True)
+    assert manager.latest_step() == (bad_step - 1) // 2 * 2  # the last one before the bad step
+    manager.close()
+    assert all(np.isfinite(x).all() for x in leaves(final_state(workdir)).values())

@@ -1,0 +1,110 @@
+"""Drawing detections and reading/writing images (mrcnn_jax.evaluation.visualize)."""
+
+import re
+
+import numpy as np
+import pytest
+
+from mrcnn_jax.evaluation import visualize
+
+GREY = 100
+
+
+def one_detection(height=40, width=60):
+    """A grey image with one detection: box (10, 15)-(30, 35) and a mask filling its inside."""
+    image = np.full((height, width, 3), GREY, np.uint8)
+    boxes = np.array([[10.0, 15.0, 30.0, 35.0]], np.float32)
+    masks = np.zeros((1, height, width), bool)
+    masks[0, 17:33, 12:28] = True
+    return image, boxes, masks, np.array([0.875], np.float32), ["square"]
+
+
+def test_draw_detections_blends_mask_and_draws_box_and_label():
+    image, boxes, masks, scores, names = one_detection()
+    original = image.copy()
+    out = visualize.draw_detections(image, boxes, masks, scores, names, alpha=0.5)
+    colour = np.array(visualize.PALETTE[0])
+    np.testing.assert_array_equal(image, original)  # the input is not modified
+    assert out.shape == image.shape and out.dtype == np.uint8
+    # Inside the mask, away from the box outline and the label: the exact blend.
+    np.testing.assert_array_equal(out[25, 20], np.round(0.5 * GREY + 0.5 * colour))
+    # The outline on the outermost covered pixels: columns 10 and 29, rows 15 and 34.
+    for y, x in ((25, 10), (25, 29), (34, 20)):
+        np.testing.assert_array_equal(out[y, x], colour)
+    assert not np.array_equal(out[25, 9], colour) and not np.array_equal(out[25, 30], colour)
+    # Far from the detection nothing changes.
+    np.testing.assert_array_equal(out[38:, 40:], original[38:, 40:])
+    # The label is drawn in a filled box ending at the box's top edge.
+    label_region = out[:15, 10:]
+    assert (label_region == colour).all(axis=-1).sum() > 20
+    assert (np.abs(label_region.astype(int) - colour).sum(axis=-1) > 100).any()  # the text
+
+
+def test_draw_detections_alpha_and_empty():
+    image, boxes, masks, scores, names = one_detection()
+    opaque = visualize.draw_detections(image, boxes, masks, scores, names, alpha=1.0)
+    np.testing.assert_array_equal(opaque[25, 20], visualize.PALETTE[0])
+    empty = visualize.draw_detections(
+        image, np.zeros((0, 4)), np.zeros((0, 40, 60), bool), np.zeros(0), []
+    )
+    np.testing.assert_array_equal(empty, image)
+
+
+def test_draw_detections_colours_cycle_per_instance():
+    image = np.zeros((20, 20 * 12, 3), np.uint8)
+    n = len(visualize.PALETTE) + 2
+    masks = np.zeros((n, 20, 20 * 12), bool)
+    boxes = np.zeros((n, 4), np.float32)
+    for i in range(n):
+        masks[i, 10:18, 20 * i + 5 : 20 * i + 15] = True
+        boxes[i] = [20 * i + 2, 5, 20 * i + 18, 20]
+    out = visualize.draw_detections(image, boxes, masks, np.ones(n), ["x"] * n, alpha=1.0)
+    for i in range(n):
+        np.testing.assert_array_equal(
+            out[14, 20 * i + 10], visualize.PALETTE[i % len(visualize.PALETTE)]
+        )
+
+
+@pytest.mark.parametrize(
+    ("name", "change", "match"),
+    [
+        ("image", lambda a: a[0].astype(np.float32), "image must be uint8 RGB"),
+        ("boxes", lambda a: a[1][:, :3], "boxes must have shape"),
+        ("masks", lambda a: a[2][:, :-1], "masks must have shape"),
+        ("scores", lambda a: np.zeros(2), "scores must have shape"),
+    ],
+)
+def test_draw_detections_rejects_bad_shapes(name, change, match):
+    args = list(one_detection())
+    index = ("image", "boxes", "masks", "scores").index(name)
+    args[index] = change(args)
+    with pytest.raises(ValueError, match=match):
+        visualize.draw_detections(*args)
+
+
+def test_draw_detections_rejects_bad_alpha():
+    with pytest.raises(ValueError, match="alpha"):
+        visualize.draw_detections(*one_detection(), alpha=1.5)
+
+
+def test_image_round_trip(tmp_path):
+    image = np.random.default_rng(0).integers(0, 256, (7, 9, 3), dtype=np.uint8)
+    path = tmp_path / "image.png"
+    visualize.write_image(path, image)
+    np.testing.assert_array_equal(visualize.read_image(path), image)  # RGB order kept
+
+
+def test_read_image_errors_name_the_file(tmp_path):
+    missing = tmp_path / "missing.jpg"
+    with pytest.raises(FileNotFoundError, match=r"missing\.jpg"):
+        visualize.read_image(missing)
+    not_an_image = tmp_path / "notes.jpg"
+    not_an_image.write_text("hello")
+    with pytest.raises(ValueError, match=r"notes\.jpg"):
+        visualize.read_image(not_an_image)
+
+
+@pytest.mark.parametrize("name", ["image.unknown", "no_such_dir/image.png"])
+def test_write_image_errors_name_the_file(tmp_path, name):
+    with pytest.raises(ValueError, match=re.escape(name)):
+        visualize.write_image(tmp_path / name, np.zeros((4, 4, 3), np.uint8))
