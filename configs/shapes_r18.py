@@ -30,6 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
     data.scale_jitter = (1.0, 1.0)  # (min, max) random scale of the fitted image at train time.
     data.shuffle_buffer = 1024  # Examples in the tf.data shuffle buffer.
     data.class_names = ()  # Names of labels 0..K-1; () = taken from the dataset at train start.
+    data.label_to_category_id = ()  # COCO category id of each label; () = from the dataset.
 
     # ---------------------------------------------------------------- model
     config.model = model = ml_collections.ConfigDict()

@@ -49,7 +49,11 @@ def evaluate_split(
       `{"bbox/AP": ..., ..., "segm/ARl": ...}`: the 12 COCOeval numbers per IoU type, 0–1 scale.
     """
     split = split or config.data.val_split
-    evaluator = CocoEvaluator(dict(enumerate(schema.label_to_category_id(builder.info).tolist())))
+    category_ids = (
+        config.data.get("label_to_category_id")
+        or schema.label_to_category_id(builder.info).tolist()
+    )
+    evaluator = CocoEvaluator(dict(enumerate(category_ids)))
     batches = pipeline.create_eval_dataset(config, builder=builder, split=split)
     total = pipeline.eval_num_batches(config, builder, split)
     show = progress and jax.process_index() == 0

@@ -61,7 +61,8 @@ def build_model(config: ml_collections.ConfigDict) -> MaskRCNN:
 
 
 def with_dataset_classes(config: ml_collections.ConfigDict, builder) -> ml_collections.ConfigDict:
-    """A copy of `config` with `data.class_names` from the dataset; checks `model.num_classes`.
+    """A copy of `config` with the dataset's `data.class_names` (and `data.label_to_category_id`
+    unless the config sets it); checks `model.num_classes`.
 
     `model.num_classes = 0` means "as many as the dataset has" and is set to that number.
     """
@@ -75,6 +76,8 @@ def with_dataset_classes(config: ml_collections.ConfigDict, builder) -> ml_colle
     config = ml_collections.ConfigDict(config.to_dict())
     config.model.num_classes = len(names)
     config.data.class_names = tuple(names)
+    if not config.data.get("label_to_category_id"):
+        config.data.label_to_category_id = tuple(schema.label_to_category_id(builder.info).tolist())
     return config
 
 
