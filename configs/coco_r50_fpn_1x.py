@@ -20,6 +20,8 @@ def get_config() -> ml_collections.ConfigDict:
     data = config.data
     data.dataset = "coco_instances"
     data.image_size = (1344, 1344)  # Longer side ≤ 1333 fits; a multiple of 64 (P6 stride).
+    data.resize_short_side = 800  # Detectron2/torchvision: shorter side 800 ...
+    data.resize_max_long_side = 1333  # ... longer side at most 1333, then padded to 1344².
     data.max_instances = 100  # COCO train has ≤ 93 non-crowd objects per image.
     data.mask_size = 112  # GT-box mask crops (the 28² targets are resampled from them).
 

@@ -23,6 +23,8 @@ def get_config() -> ml_collections.ConfigDict:
     data.shapes_num_val = 200  # shapes only: images generated for the validation split.
     data.image_size = (128, 128)  # Fixed padded input (H, W); multiple of 64 (P6 stride).
     data.max_instances = 16  # Ground truth padded/truncated to this many objects per image.
+    data.resize_short_side = 0  # > 0: shorter side resized to this (Detectron2), 0: fit image_size.
+    data.resize_max_long_side = 0  # With resize_short_side: longer side at most this; 0 = no cap.
     data.mask_size = 56  # GT masks are cropped to their box and resized to mask_size².
     data.mean = (123.675, 116.28, 103.53)  # RGB mean subtracted from 0–255 pixels.
     data.std = (58.395, 57.12, 57.375)  # RGB std the centred pixels are divided by.

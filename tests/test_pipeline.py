@@ -2,6 +2,7 @@
 numpy/pycocotools references, flip and jitter consistency, bad input, determinism, resumption
 and per-process sharding."""
 
+import ml_collections
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -370,3 +371,34 @@ def test_batch_size_must_split_over_processes(shapes_builder):
         pipeline.create_train_dataset(
             config, builder=shapes_builder, process_index=0, process_count=2
         )
+
+
+@pytest.mark.parametrize(
+    "shape, short, long, expected_size",
+    [
+        ((480, 640), 800, 1333, (800, 1067)),  # torchvision's rule: shorter side to 800
+        ((400, 1200), 800, 1333, (444, 1333)),  # ... unless the longer side passes 1333
+        ((480, 640), 0, 0, (1008, 1344)),  # default: the largest size fitting image_size
+    ],
+)
+def test_resize_short_side_rule(shape, short, long, expected_size):
+    data = ml_collections.ConfigDict(
+        {
+            "image_size": (1344, 1344),
+            "mean": (0.0, 0.0, 0.0),
+            "std": (1.0, 1.0, 1.0),
+            "resize_short_side": short,
+            "resize_max_long_side": long,
+            "hflip": False,
+            "scale_jitter": (1.0, 1.0),
+        }
+    )
+    inputs, scale = pipeline.preprocess_image(np.full((*shape, 3), 7, np.uint8), data)
+    assert tuple(inputs["image_size"]) == expected_size
+    assert inputs["image"].shape == (1344, 1344, 3)
+    expected_scale = 1344 / max(shape)
+    if short:
+        expected_scale = min(expected_scale, short / min(shape), long / max(shape))
+    np.testing.assert_allclose(scale, expected_scale, rtol=1e-6)
+    assert (inputs["image"][: expected_size[0], : expected_size[1]] == 7).all()
+    assert (inputs["image"][expected_size[0] :] == 0).all()

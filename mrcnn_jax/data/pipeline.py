@@ -74,6 +74,18 @@ def _select_objects(
     return order, tf.maximum(num_trainable - max_instances, 0)
 
 
+def _base_scale(size: tf.Tensor, data: ml_collections.ConfigDict) -> tf.Tensor:
+    """The un-jittered scale of an image of ``size`` (h, w): the largest that fits ``image_size``;
+    with ``resize_short_side > 0`` at most Detectron2/torchvision's ``min(short / min(h, w),
+    max_long / max(h, w))`` (``resize_max_long_side``; 0 = no limit)."""
+    scale = tf.reduce_min(tf.constant(data.image_size, tf.float32) / size)
+    if data.get("resize_short_side", 0) > 0:
+        scale = tf.minimum(scale, data.resize_short_side / tf.reduce_min(size))
+        if data.get("resize_max_long_side", 0) > 0:
+            scale = tf.minimum(scale, data.resize_max_long_side / tf.reduce_max(size))
+    return scale
+
+
 def _augmentation(
     seed: tf.Tensor,
     height: tf.Tensor,
@@ -82,9 +94,8 @@ def _augmentation(
     train: bool,
 ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
     """(flip bool, scale f32, resized size [2] int32, crop offset (y, x) [2] int32)."""
-    target = tf.constant(data.image_size, tf.float32)
     size = tf.cast(tf.stack([height, width]), tf.float32)
-    scale = tf.reduce_min(target / size)
+    scale = _base_scale(size, data)
     flip = tf.constant(False)
     if train:
         flip_seed, jitter_seed, crop_seed = tf.unstack(tf.random.split(seed, 3))
