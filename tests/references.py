@@ -1,4 +1,4 @@
-"""Independent numpy references shared by the data tests."""
+"""Independent numpy references shared by the tests."""
 
 import numpy as np
 
@@ -38,3 +38,15 @@ def box_crop(
     xs, ys = x1 + steps * (x2 - x1), y1 + steps * (y2 - y1)
     x, y = np.meshgrid((xs + offset_xy[0]) / scale, (ys + offset_xy[1]) / scale)
     return bilinear_sample(mask, x, y)
+
+
+def numpy_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """[N, M] IoU in float64, 0 where the union is 0."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=-1)
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)

@@ -6,6 +6,7 @@ import jax
 import numpy as np
 import pytest
 from conftest import tiny_config
+from references import numpy_iou
 
 from mrcnn_jax.modeling.mask_rcnn import TrainOutputs
 from mrcnn_jax.ops import targets
@@ -30,18 +31,6 @@ def test_smooth_l1_matches_torch(beta):
 
 
 # --------------------------------------------------------------------------- numpy reference
-
-
-def numpy_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """[N, M] IoU in float64, 0 where the union is 0."""
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.prod(np.clip(rb - lt, 0, None), axis=-1)
-    union = area_a[:, None] + area_b[None, :] - inter
-    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
 
 
 def anchor_labels_numpy(anchors, gt_boxes, gt_valid, fg_iou, bg_iou):

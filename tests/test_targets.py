@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from references import numpy_iou
 
 from mrcnn_jax.modeling.roi_heads import detect_boxes, sample_rois
 from mrcnn_jax.modeling.rpn import generate_proposals
@@ -30,18 +31,6 @@ def random_boxes(rng: np.random.Generator, n: int, extent=64.0, min_wh=2.0, max_
     xy = rng.uniform(0, extent, (n, 2))
     wh = rng.uniform(min_wh, max_wh, (n, 2))
     return np.concatenate([xy, xy + wh], axis=1).astype(np.float32)
-
-
-def numpy_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """[N, M] IoU in float64, 0 where the union is 0."""
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.prod(np.clip(rb - lt, 0, None), axis=-1)
-    union = area_a[:, None] + area_b[None, :] - inter
-    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
 
 
 # --------------------------------------------------------------------------- label_anchors
