@@ -96,7 +96,7 @@ def make_train_step(
             **losses,
             "num_proposals": jnp.mean(outputs.num_proposals.astype(jnp.float32)),
             "num_fg_rois": jnp.mean(jnp.sum(outputs.mask_valid, axis=1).astype(jnp.float32)),
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
         }
         metrics = jax.lax.pmean(metrics, AXIS)
         metrics["learning_rate"] = learning_rate_fn(state.step)
