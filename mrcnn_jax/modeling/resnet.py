@@ -50,46 +50,34 @@ def conv(features: int, kernel: int, stride: int = 1, name: str | None = None, d
     )
 
 
-class BasicBlock(nn.Module):
-    """Two 3×3 convs (ResNet-18/34). Output channels = `features`."""
+class ResidualBlock(nn.Module):
+    """A residual block: basic (two 3×3 convs, ResNet-18/34, output `features` channels) or
+    bottleneck (1×1 → strided 3×3 → 1×1, ResNet-50/101, output 4 · `features` channels), with a
+    1×1 projection shortcut when the shape changes."""
 
     features: int
     stride: int
     norm: Callable[..., nn.Module]
+    bottleneck: bool
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        if self.bottleneck:
+            out = self.features * 4
+            layers = ((self.features, 1, 1), (self.features, 3, self.stride), (out, 1, 1))
+        else:
+            out = self.features
+            layers = ((out, 3, self.stride), (out, 3, 1))
+        y = x
+        for i, (width, kernel, stride) in enumerate(layers, start=1):
+            y = conv(width, kernel, stride, f"conv{i}", self.dtype)(y)
+            y = self.norm(name=f"bn{i}")(y)
+            if i < len(layers):
+                y = nn.relu(y)
         residual = x
-        y = conv(self.features, 3, self.stride, "conv1", self.dtype)(x)
-        y = nn.relu(self.norm(name="bn1")(y))
-        y = conv(self.features, 3, 1, "conv2", self.dtype)(y)
-        y = self.norm(name="bn2")(y)
         if residual.shape != y.shape:
-            residual = conv(self.features, 1, self.stride, "downsample_conv", self.dtype)(x)
-            residual = self.norm(name="downsample_bn")(residual)
-        return nn.relu(y + residual)
-
-
-class Bottleneck(nn.Module):
-    """1×1 → 3×3 (strided) → 1×1 ×4 (ResNet-50/101). Output channels = 4 · `features`."""
-
-    features: int
-    stride: int
-    norm: Callable[..., nn.Module]
-    dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        residual = x
-        y = conv(self.features, 1, 1, "conv1", self.dtype)(x)
-        y = nn.relu(self.norm(name="bn1")(y))
-        y = conv(self.features, 3, self.stride, "conv2", self.dtype)(y)
-        y = nn.relu(self.norm(name="bn2")(y))
-        y = conv(self.features * 4, 1, 1, "conv3", self.dtype)(y)
-        y = self.norm(name="bn3")(y)
-        if residual.shape != y.shape:
-            residual = conv(self.features * 4, 1, self.stride, "downsample_conv", self.dtype)(x)
+            residual = conv(out, 1, self.stride, "downsample_conv", self.dtype)(x)
             residual = self.norm(name="downsample_bn")(residual)
         return nn.relu(y + residual)
 
@@ -113,7 +101,6 @@ class ResNet(nn.Module):
                 f"ResNet depth must be one of {sorted(STAGE_BLOCKS)}, got {self.depth}"
             )
         norm = make_norm(self.norm, train, self.axis_name, self.dtype)
-        block_cls = BasicBlock if self.depth < 50 else Bottleneck
         x = conv(64, 7, 2, "stem_conv", self.dtype)(images.astype(self.dtype))
         x = nn.relu(norm(name="stem_bn")(x))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
@@ -121,8 +108,13 @@ class ResNet(nn.Module):
         for stage, num_blocks in enumerate(STAGE_BLOCKS[self.depth]):
             for block in range(num_blocks):
                 stride = 2 if (stage > 0 and block == 0) else 1
-                x = block_cls(
-                    64 * 2**stage, stride, norm, self.dtype, name=f"res{stage + 2}_{block}"
+                x = ResidualBlock(
+                    64 * 2**stage,
+                    stride,
+                    norm,
+                    bottleneck=self.depth >= 50,
+                    dtype=self.dtype,
+                    name=f"res{stage + 2}_{block}",
                 )(x)
             outputs[f"C{stage + 2}"] = x
         return outputs
