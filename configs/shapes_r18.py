@@ -1,108 +1,58 @@
 """The README's main job: Mask R-CNN R18-FPN on the synthetic shapes set, trainable on a 2-core CPU.
 
-Every field is documented here; other configs import this one's `get_config()` and change a few
-fields. Override from the command line, e.g. `--config.train.batch_size=4`.
+`configs/default.py` (every field documented there) with a toy's sizes: 128² images, a
+ResNet-18-FPN of width 64 trained from scratch with batch-statistics BN, anchors 8–128 and small
+RoI budgets (see ../shared/DESIGN.md "Where the time goes").
 """
 
 import ml_collections
 
+from configs import default
+
 
 def get_config() -> ml_collections.ConfigDict:
     """Returns the shapes / ResNet-18-FPN config."""
-    config = ml_collections.ConfigDict()
-    config.seed = 0  # Seeds parameter init, the data order and the per-step RNG.
+    config = default.get_config()
 
-    # ---------------------------------------------------------------- data
-    config.data = data = ml_collections.ConfigDict()
-    data.dataset = "shapes"  # TFDS builder: "shapes" (built locally) or "coco_instances".
-    data.data_dir = ""  # TFDS data dir; "" = TFDS default (~/tensorflow_datasets).
-    data.manual_dir = ""  # Where the COCO zips/folders are (coco_instances only).
-    data.train_split = "train"
-    data.val_split = "validation"
-    data.shapes_num_train = 2000  # shapes only: images generated for the train split.
-    data.shapes_num_val = 200  # shapes only: images generated for the validation split.
-    data.image_size = (128, 128)  # Fixed padded input (H, W); multiple of 64 (P6 stride).
-    data.max_instances = 16  # Ground truth padded/truncated to this many objects per image.
-    data.resize_short_side = 0  # > 0: shorter side resized to this (Detectron2), 0: fit image_size.
-    data.resize_max_long_side = 0  # With resize_short_side: longer side at most this; 0 = no cap.
-    data.mask_size = 56  # GT masks are cropped to their box and resized to mask_size².
-    data.mean = (123.675, 116.28, 103.53)  # RGB mean subtracted from 0–255 pixels.
-    data.std = (58.395, 57.12, 57.375)  # RGB std the centred pixels are divided by.
-    data.hflip = True  # Random horizontal flip at train time.
-    data.scale_jitter = (1.0, 1.0)  # (min, max) random scale of the fitted image at train time.
-    data.shuffle_buffer = 1024  # Examples in the tf.data shuffle buffer.
-    data.class_names = ()  # Names of labels 0..K-1; () = taken from the dataset at train start.
-    data.label_to_category_id = ()  # COCO category id of each label; () = from the dataset.
+    data = config.data
+    data.dataset = "shapes"
+    data.image_size = (128, 128)
+    data.max_instances = 16
+    data.resize_short_side = 0  # Fit the 128² images into the canvas.
+    data.resize_max_long_side = 0
+    data.mask_size = 56
 
-    # ---------------------------------------------------------------- model
-    config.model = model = ml_collections.ConfigDict()
-    model.num_classes = 3  # Foreground classes; the box head adds one background logit.
-    model.backbone_depth = 18  # ResNet depth: 18, 34, 50 or 101.
-    model.norm = "batch"  # "frozen" (fixed affine), "batch" (per-replica stats) or "sync".
-    model.freeze_at = 0  # 0: train all; 1: freeze stem; 2: freeze stem and res2.
-    model.fpn_dim = 64  # Channels of every FPN level.
-    model.fpn_norm = False  # BatchNorm after every FPN conv, in the `norm` mode (torchvision v2).
-    model.dtype = "float32"  # Compute dtype: "float32" or "bfloat16" (params stay float32).
-    model.anchor_sizes = ((8,), (16,), (32,), (64,), (128,))  # One tuple per level P2..P6.
-    model.aspect_ratios = (0.5, 1.0, 2.0)  # Anchor height/width ratios, shared by levels.
+    model = config.model
+    model.num_classes = 3
+    model.backbone_depth = 18
+    model.norm = "batch"  # From scratch: batch statistics, nothing frozen.
+    model.freeze_at = 0
+    model.fpn_dim = 64
+    model.anchor_sizes = ((8,), (16,), (32,), (64,), (128,))
 
-    model.rpn = rpn = ml_collections.ConfigDict()
-    rpn.num_convs = 1  # Shared 3×3 conv + ReLU layers of the RPN head (torchvision v2: 2).
-    rpn.pre_nms_topk_train = 600  # Per-level top-k before NMS at train time.
-    rpn.pre_nms_topk_test = 300  # Per-level top-k before NMS at test time.
-    rpn.post_nms_topk_train = 300  # Proposals kept per image after NMS (train).
-    rpn.post_nms_topk_test = 300  # Proposals kept per image after NMS (test).
-    rpn.nms_threshold = 0.7  # IoU threshold of the proposal NMS.
-    rpn.min_size = 1e-3  # Proposals narrower or lower than this (pixels) are dropped.
-    rpn.fg_iou = 0.7  # Anchor IoU with a GT at/above which it is positive.
-    rpn.bg_iou = 0.3  # Anchor max IoU below which it is negative.
-    rpn.batch_size_per_image = 256  # Anchors sampled per image for the RPN loss.
-    rpn.positive_fraction = 0.5  # Max fraction of positives among sampled anchors.
-    rpn.smooth_l1_beta = 1.0 / 9.0  # Smooth-L1 beta of the RPN box loss.
+    rpn = model.rpn
+    rpn.pre_nms_topk_train = 600
+    rpn.pre_nms_topk_test = 300
+    rpn.post_nms_topk_train = 300
+    rpn.post_nms_topk_test = 300
 
-    model.roi_heads = roi = ml_collections.ConfigDict()
-    roi.batch_size_per_image = 64  # RoIs sampled per image for the box/mask heads.
-    roi.positive_fraction = 0.25  # Max fraction of foreground RoIs.
-    roi.fg_iou = 0.5  # RoI IoU at/above which it is foreground.
-    roi.box_head_convs = 0  # 3×3 convs before the box head's FCs (torchvision v2: 4).
-    roi.box_head_conv_dim = 256  # Width of those convs.
-    roi.box_head_fcs = 2  # FC layers of the box head (torchvision v2: 1).
-    roi.box_head_dim = 256  # Width of the box head's FC layers (paper: 1024).
-    roi.mask_head_dim = 64  # Width of the four mask-head convs (paper: 256).
-    roi.head_norm = False  # BatchNorm after box/mask-head convs; stored stats only (tv v2).
-    roi.box_pooler_size = 7  # RoIAlign output of the box head.
-    roi.mask_pooler_size = 14  # RoIAlign output of the mask head (masks are 2× this).
-    roi.sampling_ratio = 2  # Bilinear samples per bin side in RoIAlign.
-    roi.aligned = True  # RoIAlign half-pixel shift (torchvision Mask R-CNN v1 uses False).
-    roi.roi_align_mode = "avg"  # "avg" (torchvision/Detectron2) or "max" over bin samples.
-    roi.roi_align_method = "gather"  # "gather" (CPU/GPU) or "einsum" (dense matmuls, for TPU).
-    roi.box_reg_weights = (10.0, 10.0, 5.0, 5.0)  # Box-head delta weights (dx, dy, dw, dh).
-    roi.smooth_l1_beta = 0.0  # Box-head smooth-L1 beta (0 = L1, as Detectron2).
-    roi.score_threshold = 0.05  # Detections below this score are dropped at inference.
-    roi.nms_threshold = 0.5  # Per-class NMS IoU at inference.
-    roi.detections_per_image = 20  # D: fixed number of (padded) detections per image.
-    roi.detections_pre_nms_topk = 1000  # Highest-scoring (box, class) candidates entering NMS.
+    roi = model.roi_heads
+    roi.batch_size_per_image = 64
+    roi.box_head_dim = 256  # Paper: 1024.
+    roi.mask_head_dim = 64  # Paper: 256.
+    roi.detections_per_image = 20
+    roi.detections_pre_nms_topk = 1000
 
-    # ---------------------------------------------------------------- training
-    config.train = train = ml_collections.ConfigDict()
-    train.batch_size = 8  # Global batch (all devices, all hosts).
-    train.num_steps = 1000  # Total optimiser steps (~20 min on a 2-core CPU).
-    train.base_lr = 0.01  # Peak learning rate (after warm-up); 0.02 per 16 images, linearly.
-    train.warmup_steps = 100  # Linear warm-up from warmup_factor * base_lr.
-    train.warmup_factor = 0.001
-    train.schedule = "cosine"  # "cosine" or "step".
-    train.decay_steps = (700, 900)  # "step" schedule: multiply lr by decay_factor at each.
-    train.decay_factor = 0.1
-    train.momentum = 0.9
-    train.weight_decay = 1e-4  # Not applied to norm scales/offsets and biases.
-    train.grad_clip_norm = 10.0  # Global-norm gradient clipping (from-scratch training); 0 = off.
-    train.log_every = 20  # Steps between scalar logs.
-    train.checkpoint_every = 250  # Steps between checkpoints (and one at the end).
-    train.keep_checkpoints = 3  # Checkpoints kept in the workdir.
-    train.eval_every = 0  # Steps between evaluations on the val split; 0 = only at the end.
+    train = config.train
+    train.batch_size = 8
+    train.num_steps = 1000
+    train.base_lr = 0.01
+    train.warmup_steps = 100
+    train.schedule = "cosine"
+    train.decay_steps = (700, 900)
+    train.log_every = 20
+    train.checkpoint_every = 250
+    train.eval_every = 0
 
-    # ---------------------------------------------------------------- evaluation
-    config.eval = ml_collections.ConfigDict()
-    config.eval.batch_size = 8  # Global eval batch; the last batch is padded.
-    config.eval.max_images = 0  # Evaluate on at most this many val images; 0 = all.
+    config.eval.batch_size = 8
     return config

@@ -30,7 +30,21 @@ docs/torchvision_weights.md for the effect of each.
 import ml_collections
 
 from configs import coco_r50_fpn_1x
-from mrcnn_jax.convert.torchvision import torchvision_label_map
+
+# torchvision's `_COCO_CATEGORIES`: name of each of its 91 labels (0 background, j = COCO id j).
+TORCHVISION_COCO_CATEGORIES = (
+    "__background__", "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train",
+    "truck", "boat", "traffic light", "fire hydrant", "N/A", "stop sign", "parking meter",
+    "bench", "bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra",
+    "giraffe", "N/A", "backpack", "umbrella", "N/A", "N/A", "handbag", "tie", "suitcase",
+    "frisbee", "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove",
+    "skateboard", "surfboard", "tennis racket", "bottle", "N/A", "wine glass", "cup", "fork",
+    "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange", "broccoli", "carrot",
+    "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant", "bed", "N/A",
+    "dining table", "N/A", "N/A", "toilet", "N/A", "tv", "laptop", "mouse", "remote", "keyboard",
+    "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "N/A", "book", "clock",
+    "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
+)  # fmt: skip
 
 COCO_TRAIN_IMAGES = 117_266  # train2017 images with at least one annotation (torchvision's set).
 STEPS_PER_EPOCH = COCO_TRAIN_IMAGES // 16
@@ -40,7 +54,10 @@ def get_config() -> ml_collections.ConfigDict:
     """Returns the torchvision Mask R-CNN R50-FPN v1 config: the COCO R50-FPN config with
     torchvision's class layout, RoIAlign, RPN train budget, box loss and 26-epoch recipe."""
     config = coco_r50_fpn_1x.get_config()
-    config.data.label_to_category_id, config.data.class_names = torchvision_label_map()
+    # Our label l is torchvision label l + 1, whose COCO category id is l + 1; labels at ids
+    # COCO leaves unused are named "N/A" (the model never predicts them with any confidence).
+    config.data.class_names = TORCHVISION_COCO_CATEGORIES[1:]
+    config.data.label_to_category_id = tuple(range(1, len(TORCHVISION_COCO_CATEGORIES)))
 
     model = config.model
     model.num_classes = 90  # torchvision's 91 outputs minus background.

@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # configs/ import each other as the `configs` package.
 
 from mrcnn_jax.convert import torchvision as convert  # noqa: E402
+from mrcnn_jax.train import checkpoint  # noqa: E402
 
 _WEIGHTS = flags.DEFINE_enum(
     "weights", "v1", sorted(convert.RELEASES), "torchvision release (architecture and weights)."
@@ -63,7 +64,7 @@ def main(argv):
     else:
         state_dict = convert.download_state_dict(_WEIGHTS.value)
     variables = convert.convert_state_dict(state_dict, config.model, bn_epsilon=bn_epsilon)
-    directory = convert.save_converted(_OUT.value, config, variables)
+    directory = checkpoint.save_variables(_OUT.value, config, variables)
     print(f"wrote {directory} ({len(state_dict)} tensors, BatchNorm eps {bn_epsilon})")
 
 

@@ -46,10 +46,10 @@ def main(argv):
     from etils import epath
 
     import mrcnn_jax
+    from mrcnn_jax import sharding
     from mrcnn_jax.data import get_builder
-    from mrcnn_jax.evaluation import evaluate
-    from mrcnn_jax.train import loop
-    from mrcnn_jax.train import step as step_lib
+    from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
+    from mrcnn_jax.programs import evaluator
 
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
@@ -60,10 +60,10 @@ def main(argv):
     suffix = str(predictor.step)
     if split != config.data.val_split:
         suffix += "_" + re.sub(r"[^\w.-]+", "_", split)
-    mesh = step_lib.create_mesh()
-    metrics = evaluate.evaluate_split(
-        step_lib.make_predict_step(loop.build_model(config), mesh),
-        step_lib.replicate(predictor.variables, mesh),
+    mesh = sharding.create_mesh()
+    metrics = evaluator.evaluate_split(
+        evaluator.make_predict_step(MaskRCNN.from_config(config.model), mesh),
+        sharding.replicate(predictor.variables, mesh),
         config,
         mesh,
         get_builder(config.data),

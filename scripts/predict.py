@@ -79,7 +79,7 @@ def main(argv):
     names = _output_names(paths)
     images = [visualize.read_image(p) for p in paths]  # bad files fail before the model loads
     predictor = mrcnn_jax.load_checkpoint(_WORKDIR.value, _STEP.value)
-    label_to_category_id = predictor.config.data.get("label_to_category_id") or None
+    label_to_category_id = predictor.config.data.label_to_category_id or None
     out_dir = _OUT_DIR.value or os.path.join(_WORKDIR.value, "predictions")
     os.makedirs(out_dir, exist_ok=True)
     detections = []

@@ -29,7 +29,7 @@ def main(argv):
     del argv
     import jax  # after absl parsed the flags, so XLA_FLAGS etc. set on the command line apply
 
-    from mrcnn_jax.train import loop
+    from mrcnn_jax.programs import trainer
 
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
@@ -53,9 +53,9 @@ def main(argv):
         jax.local_device_count(),
         jax.device_count(),
     )
-    metrics = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    metrics = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     if jax.process_index() == 0:
-        print(loop.final_summary(metrics), flush=True)
+        print(trainer.final_summary(metrics), flush=True)
 
 
 if __name__ == "__main__":

@@ -333,7 +333,7 @@ def make_pair(size: str, version: str) -> Pair:
 
     state_dict = convert.state_dict_to_numpy(tv_model.state_dict())
     variables = convert.convert_state_dict(state_dict, config.model, bn_epsilon=bn_epsilon)
-    model = MaskRCNN(ml_collections.FrozenConfigDict(config.model))
+    model = MaskRCNN.from_config(config.model)
     rois = padded(run.proposals, config.model.rpn.post_nms_topk_test)
     ours = jax.jit(lambda v, b, r, c: model.apply(v, b, r, c, method=probe))(
         variables, {"image": run.image, "image_size": run.image_size}, rois, run.mask_classes
@@ -653,7 +653,7 @@ def test_label_map_matches_torchvision_and_coco():
 
     from mrcnn_jax.data.coco_instances import COCO_CATEGORIES
 
-    assert convert.TORCHVISION_COCO_CATEGORIES == tuple(_COCO_CATEGORIES)
+    assert torchvision_r50_fpn_v1.TORCHVISION_COCO_CATEGORIES == tuple(_COCO_CATEGORIES)
     config = torchvision_r50_fpn_v1.get_config()
     label_to_category = dict(enumerate(config.data.label_to_category_id))
     names = dict(enumerate(config.data.class_names))
@@ -666,12 +666,12 @@ def test_label_map_matches_torchvision_and_coco():
 
 
 def test_converted_checkpoint_loads(tmp_path, small_model):
-    """`save_converted` writes a checkpoint `mrcnn_jax.load_checkpoint` restores as converted."""
+    """`checkpoint.save_variables` writes what `mrcnn_jax.load_checkpoint` restores as converted."""
     import mrcnn_jax
 
     config = small_config()
     variables = converted(small_model)
-    directory = convert.save_converted(tmp_path, config, variables)
+    directory = checkpoint.save_variables(tmp_path, config, variables)
     assert directory == tmp_path / "checkpoints" / "0"
     predictor = mrcnn_jax.load_checkpoint(tmp_path)
     assert predictor.step == 0
@@ -679,7 +679,7 @@ def test_converted_checkpoint_loads(tmp_path, small_model):
     assert predictor.class_names[:3] == ["person", "bicycle", "car"]
     jax.tree_util.tree_map(np.testing.assert_array_equal, predictor.variables, variables)
     with pytest.raises(FileExistsError):
-        convert.save_converted(tmp_path, config, variables)
+        checkpoint.save_variables(tmp_path, config, variables)
 
 
 def test_convert_script(tmp_path, small_model):

@@ -17,8 +17,7 @@ from pycocotools.coco import COCO
 
 from configs import coco_format as coco_format_config
 from mrcnn_jax.data import coco_format, masks, schema
-from mrcnn_jax.evaluation import evaluate as eval_lib
-from mrcnn_jax.train import loop
+from mrcnn_jax.programs import evaluator, trainer
 
 # Listed out of id order: labels follow ascending id (apple 0, fig 1, kiwi 2).
 CATEGORIES = [{"id": 42, "name": "kiwi"}, {"id": 3, "name": "apple"}, {"id": 17, "name": "fig"}]
@@ -191,10 +190,10 @@ def test_trains_and_evaluates_with_the_original_category_ids(dataset, tmp_path, 
     config.data.train_json, config.data.train_images = (str(p) for p in splits["train"])
     config.data.val_json, config.data.val_images = (str(p) for p in splits["validation"])
     results_path = tmp_path / "results.json"  # the final evaluation's detections, written
-    evaluate_split = functools.partial(eval_lib.evaluate_split, results_path=str(results_path))
-    monkeypatch.setattr(eval_lib, "evaluate_split", evaluate_split)
+    evaluate_split = functools.partial(evaluator.evaluate_split, results_path=str(results_path))
+    monkeypatch.setattr(evaluator, "evaluate_split", evaluate_split)
 
-    metrics = loop.train_and_evaluate(config, str(tmp_path / "run"))
+    metrics = trainer.train_and_evaluate(config, str(tmp_path / "run"))
     assert {"bbox/AP", "segm/AP"} <= set(metrics)
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["model"]["num_classes"] == 3

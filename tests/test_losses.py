@@ -10,7 +10,8 @@ from references import numpy_iou
 
 from mrcnn_jax.modeling.mask_rcnn import TrainOutputs
 from mrcnn_jax.ops import targets
-from mrcnn_jax.train.losses import mask_rcnn_losses, smooth_l1
+from mrcnn_jax.ops.boxes import smooth_l1
+from mrcnn_jax.train.losses import mask_rcnn_losses
 
 NAMES = ("loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box_reg", "loss_mask")
 

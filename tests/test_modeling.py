@@ -5,7 +5,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from conftest import tiny_config
@@ -314,7 +313,7 @@ def run_inference(config):
     """MaskRCNN(config.model) inference on two random images (the second with padding).
 
     Returns the abstract variables `init` creates, the outputs and the images' sizes."""
-    model = MaskRCNN(ml_collections.FrozenConfigDict(config.model))
+    model = MaskRCNN.from_config(config.model)
     h, w = config.data.image_size
     rng = np.random.default_rng(0)
     batch = {
@@ -367,9 +366,7 @@ def test_mask_rcnn_inference_outputs(dtype):
 
 def test_bfloat16_mask_rcnn_computes_in_bfloat16_with_float32_params_and_outputs():
     """Abstract evaluation (no compile; the full bf16 run is the slow case above)."""
-    model = MaskRCNN(
-        ml_collections.FrozenConfigDict(tiny_config(**{"model.dtype": "bfloat16"}).model)
-    )
+    model = MaskRCNN.from_config(tiny_config(**{"model.dtype": "bfloat16"}).model)
     batch = {
         "image": jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32),
         "image_size": jax.ShapeDtypeStruct((2, 2), jnp.int32),

@@ -1,18 +1,18 @@
 """Overfitting two shapes images: the whole model can learn boxes, classes and masks (slow)."""
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 from conftest import tiny_config
 from references import box_crop
 from test_train_step import make_trainer
 
+from mrcnn_jax import sharding
 from mrcnn_jax.data import shapes
 from mrcnn_jax.evaluation.masks import paste_masks
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 from mrcnn_jax.ops.boxes import pairwise_iou
-from mrcnn_jax.train import step as step_lib
+from mrcnn_jax.programs import evaluator
 
 
 def shapes_batch(config, indices) -> tuple[dict, list]:
@@ -60,15 +60,15 @@ def test_overfit_two_images():
     batch, objects = shapes_batch(config, [0, 1])
     assert all(1 <= len(o) <= 3 for o in objects)
     state, train_step, mesh = make_trainer(config, jax.devices()[:1])
-    sharded = step_lib.shard_batch(batch, mesh)
+    sharded = sharding.shard_batch(batch, mesh)
     losses = []
     for step in range(config.train.num_steps):
         state, metrics = train_step(state, sharded, jax.random.key(step))
         losses.append(float(metrics["loss"]))
     assert np.mean(losses[-10:]) <= np.mean(losses[:3]) / 10, (losses[:3], losses[-10:])
 
-    model = MaskRCNN(ml_collections.FrozenConfigDict(config.model), axis_name=step_lib.AXIS)
-    predict = step_lib.make_predict_step(model, mesh)
+    model = MaskRCNN.from_config(config.model, axis_name=sharding.AXIS)
+    predict = evaluator.make_predict_step(model, mesh)
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     out = jax.device_get(predict(variables, {k: sharded[k] for k in ("image", "image_size")}))
     for i, image_objects in enumerate(objects):

@@ -26,8 +26,8 @@ import mrcnn_jax
 from configs import shapes_r18
 from mrcnn_jax.data import shapes
 from mrcnn_jax.evaluation import IOU_TYPES, STAT_NAMES
+from mrcnn_jax.programs import trainer
 from mrcnn_jax.train import checkpoint as ckpt_lib
-from mrcnn_jax.train import loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRIC_KEYS = {f"{t}/{n}" for t in IOU_TYPES for n in STAT_NAMES}
@@ -74,7 +74,7 @@ def trained(compile_cache, data_dir, tmp_path_factory):
     """(workdir, config, returned metrics) of one uninterrupted run."""
     workdir = tmp_path_factory.mktemp("run")
     config = run_config(data_dir)
-    metrics = loop.train_and_evaluate(config, str(workdir))
+    metrics = trainer.train_and_evaluate(config, str(workdir))
     return workdir, config, metrics
 
 
@@ -190,7 +190,7 @@ def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(trained, tmp_path
     _, config, metrics = trained
     workdir = copy_workdir(trained, tmp_path)
     shutil.rmtree(workdir / "checkpoints" / str(NUM_STEPS))
-    resumed_metrics = loop.train_and_evaluate(config, str(workdir))
+    resumed_metrics = trainer.train_and_evaluate(config, str(workdir))
     assert re.search(r"Resumed from \S+ at step 2\n", capsys.readouterr().out)
     assert_trees_equal(final_state(workdir), final_state(trained[0]))
     assert resumed_metrics == metrics
@@ -203,7 +203,7 @@ def test_resume_rejects_an_incompatible_config(trained, data_dir, tmp_path):
     with pytest.raises(
         ValueError, match=r"model\.roi_heads\.fg_iou: checkpoint 0\.5 vs config 0\.6"
     ):
-        loop.train_and_evaluate(changed, str(workdir))
+        trainer.train_and_evaluate(changed, str(workdir))
     assert (workdir / "config.json").read_text() == config_json
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4"]
 
@@ -350,7 +350,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(trained, data_
     workdir = copy_workdir(trained, tmp_path)
     config = run_config(data_dir, **{"train.num_steps": 20, "train.base_lr": 1e9})
     with pytest.raises(FloatingPointError, match=r"non-finite training metrics at step") as error:
-        loop.train_and_evaluate(config, str(workdir))
+        trainer.train_and_evaluate(config, str(workdir))
     bad_step = int(re.search(r"at step (\d+)", str(error.value)).group(1))
     assert NUM_STEPS < bad_step <= 20
     manager = ckpt_lib.create_manager(workdir, read_only=True)

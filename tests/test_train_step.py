@@ -2,11 +2,11 @@
 cases."""
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 from conftest import tiny_config
 
+from mrcnn_jax import sharding
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 from mrcnn_jax.train import state as state_lib
 from mrcnn_jax.train import step as step_lib
@@ -36,12 +36,12 @@ def synthetic_batch(config, rng: np.random.Generator, num_objects) -> dict:
 
 
 def make_trainer(config, devices):
-    model = MaskRCNN(ml_collections.FrozenConfigDict(config.model), axis_name=step_lib.AXIS)
+    model = MaskRCNN.from_config(config.model, axis_name=sharding.AXIS)
     state, lr_fn = state_lib.create_train_state(jax.random.key(0), config, model)
-    mesh = step_lib.create_mesh(devices)
+    mesh = sharding.create_mesh(devices)
     return (
-        step_lib.replicate(state, mesh),
-        step_lib.make_train_step(model, config, mesh, lr_fn),
+        sharding.replicate(state, mesh),
+        step_lib.make_train_step(config, mesh, lr_fn),
         mesh,
     )
 
@@ -54,7 +54,7 @@ def test_eight_devices_match_one_device(norm):
     results = []
     for devices in (jax.devices()[:1], jax.devices()[:8]):
         state, train_step, mesh = make_trainer(config, devices)
-        new_state, metrics = train_step(state, step_lib.shard_batch(batch, mesh), jax.random.key(1))
+        new_state, metrics = train_step(state, sharding.shard_batch(batch, mesh), jax.random.key(1))
         results.append(jax.device_get((new_state.params, new_state.batch_stats, metrics)))
     (params1, stats1, metrics1), (params8, stats8, metrics8) = results
     for name in ("loss", "loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box_reg", "loss_mask"):
@@ -78,7 +78,7 @@ def test_second_step_does_not_recompile_and_edge_cases_stay_finite():
     # One image without objects, one with max_instances objects; then new data of another kind.
     for step, counts in enumerate(([0, m], [2, 1], [0, 0])):
         batch = synthetic_batch(config, rng, counts)
-        state, metrics = train_step(state, step_lib.shard_batch(batch, mesh), jax.random.key(step))
+        state, metrics = train_step(state, sharding.shard_batch(batch, mesh), jax.random.key(step))
         metrics = jax.device_get(metrics)
         assert all(np.isfinite(v) for v in metrics.values()), (counts, metrics)
         finite = jax.tree_util.tree_map(lambda x: np.isfinite(np.asarray(x)).all(), state.params)

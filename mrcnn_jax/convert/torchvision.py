@@ -3,8 +3,8 @@
 torchvision's COCO models have the architectures of `configs/torchvision_r50_fpn_v1.py` (37.9 box
 / 34.6 mask AP on COCO val2017) and `configs/torchvision_r50_fpn_v2.py` (47.4 / 41.8: BatchNorm
 in the FPN and the heads, two RPN convs, a 4-conv + 1-FC box head). `convert_state_dict` maps
-every tensor of a torchvision state dict to the variable of `MaskRCNN(config.model)` that plays
-its role, changing the layout where the two frameworks differ:
+every tensor of a torchvision state dict to the variable of `MaskRCNN.from_config(config.model)`
+that plays its role, changing the layout where the two frameworks differ:
 
 - conv kernels OIHW → HWIO; the mask head's `ConvTranspose2d` kernel `[in, out, kh, kw]` →
   `[kh, kw, in, out]` flipped in both spatial axes (Flax's `ConvTranspose` does not flip the
@@ -23,7 +23,7 @@ its role, changing the layout where the two frameworks differ:
   with "N/A" at the ids COCO does not use) becomes `num_classes = 90`: class logits keep all 91
   columns (ours are also background-first), the box regressor and the mask predictor drop
   torchvision's background slot. Label `l` here is torchvision label `l + 1`, i.e. COCO
-  `category_id = l + 1` (`torchvision_label_map`).
+  `category_id = l + 1` (the label map of `configs/torchvision_r50_fpn_v1.py`).
 
 Legacy key spellings of old torchvision checkpoints (`fpn.inner_blocks.0.weight`,
 `rpn.head.conv.weight`, `mask_head.mask_fcn1.weight`, as in the released v1 weights file) are
@@ -40,8 +40,6 @@ import re
 from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from etils import epath
@@ -49,21 +47,6 @@ from flax import traverse_util
 
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 from mrcnn_jax.modeling.resnet import BN_EPSILON
-
-# torchvision's `_COCO_CATEGORIES`: name of each of its 91 labels (0 background, j = COCO id j).
-TORCHVISION_COCO_CATEGORIES = (
-    "__background__", "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train",
-    "truck", "boat", "traffic light", "fire hydrant", "N/A", "stop sign", "parking meter",
-    "bench", "bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra",
-    "giraffe", "N/A", "backpack", "umbrella", "N/A", "N/A", "handbag", "tie", "suitcase",
-    "frisbee", "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove",
-    "skateboard", "surfboard", "tennis racket", "bottle", "N/A", "wine glass", "cup", "fork",
-    "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange", "broccoli", "carrot",
-    "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant", "bed", "N/A",
-    "dining table", "N/A", "N/A", "toilet", "N/A", "tv", "laptop", "mouse", "remote", "keyboard",
-    "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "N/A", "book", "clock",
-    "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
-)  # fmt: skip
 
 
 class Release(NamedTuple):
@@ -265,16 +248,11 @@ def canonical_keys(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray
 
 
 def variable_shapes(model_config: ml_collections.ConfigDict) -> dict[VariablePath, Shape]:
-    """Shapes of every variable of `MaskRCNN(model_config)`, keyed by (collection, ..., leaf).
+    """Shapes of every variable of the model of `model_config`, keyed by (collection, ..., leaf).
 
     Traced with `jax.eval_shape`: nothing is computed or compiled.
     """
-    model = MaskRCNN(ml_collections.FrozenConfigDict(model_config))
-    batch = {
-        "image": jnp.zeros((1, 128, 128, 3), jnp.float32),
-        "image_size": jnp.array([[128, 128]], jnp.int32),
-    }
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), batch, train=False))
+    shapes = MaskRCNN.from_config(model_config).variable_shapes()
     return {path: tuple(x.shape) for path, x in traverse_util.flatten_dict(shapes).items()}
 
 
@@ -284,7 +262,7 @@ def convert_state_dict(
     *,
     bn_epsilon: float,
 ) -> dict[str, dict]:
-    """Converts a torchvision Mask R-CNN state dict to the variables of `MaskRCNN(model_config)`.
+    """Converts a torchvision Mask R-CNN state dict to the variables of the model of `model_config`.
 
     Args:
       state_dict: torchvision key -> float32 numpy array (`load_state_dict` gives one).
@@ -295,7 +273,7 @@ def convert_state_dict(
 
     Returns:
       `{"params": ..., "batch_stats": ...}` nested dicts of float32 numpy arrays, exactly the
-      structure and shapes `MaskRCNN(model_config).init` creates.
+      structure and shapes its `init` creates.
 
     Raises:
       ValueError: listing every variable whose torchvision tensor is missing, every state-dict key
@@ -403,46 +381,3 @@ def download_state_dict(version: str) -> dict[str, np.ndarray]:
             "(scripts/convert_torchvision.py --state_dict=FILE)"
         ) from error
     return state_dict_to_numpy(state_dict)
-
-
-def torchvision_label_map() -> tuple[tuple[int, ...], tuple[str, ...]]:
-    """(COCO `category_id` of each of our labels 0..89, their names) for torchvision's models.
-
-    Our label `l` is torchvision label `l + 1`, whose COCO category id is `l + 1`; labels at ids
-    COCO leaves unused are named "N/A" (the model never predicts them with any confidence).
-    """
-    names = TORCHVISION_COCO_CATEGORIES[1:]
-    return tuple(range(1, len(names) + 1)), names
-
-
-def save_converted(
-    workdir: epath.PathLike, config: ml_collections.ConfigDict, variables: Mapping[str, dict]
-) -> epath.Path:
-    """Writes `variables` as step-0 checkpoint `<workdir>/checkpoints/0/` with `config`.
-
-    The train state holds the converted params and batch_stats, a fresh optimizer state and
-    step 0, so `load_checkpoint(workdir)`, the eval/predict scripts and fine-tuning with
-    `scripts/train.py --workdir` all restore it. Returns the checkpoint directory.
-
-    Raises:
-      FileExistsError: `workdir` already holds checkpoints.
-    """
-    from mrcnn_jax.train import checkpoint
-    from mrcnn_jax.train import state as state_lib
-
-    manager = checkpoint.create_manager(workdir)
-    if manager.latest_step() is not None:
-        raise FileExistsError(f"{checkpoint.checkpoint_dir(workdir)} already holds checkpoints")
-    model = MaskRCNN(ml_collections.FrozenConfigDict(config.model))
-    params = jax.tree_util.tree_map(jnp.asarray, dict(variables["params"]))
-    tx = state_lib.create_optimizer(params, config, state_lib.create_learning_rate_fn(config.train))
-    state = state_lib.TrainState.create(
-        apply_fn=model.apply,
-        params=params,
-        tx=tx,
-        batch_stats=jax.tree_util.tree_map(jnp.asarray, dict(variables["batch_stats"])),
-    )
-    checkpoint.save(manager, state, config)
-    manager.wait_until_finished()
-    manager.close()
-    return checkpoint.checkpoint_dir(workdir) / "0"

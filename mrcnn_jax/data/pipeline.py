@@ -79,9 +79,9 @@ def _base_scale(size: tf.Tensor, data: ml_collections.ConfigDict) -> tf.Tensor:
     with ``resize_short_side > 0`` at most Detectron2/torchvision's ``min(short / min(h, w),
     max_long / max(h, w))`` (``resize_max_long_side``; 0 = no limit)."""
     scale = tf.reduce_min(tf.constant(data.image_size, tf.float32) / size)
-    if data.get("resize_short_side", 0) > 0:
+    if data.resize_short_side > 0:
         scale = tf.minimum(scale, data.resize_short_side / tf.reduce_min(size))
-        if data.get("resize_max_long_side", 0) > 0:
+        if data.resize_max_long_side > 0:
             scale = tf.minimum(scale, data.resize_max_long_side / tf.reduce_max(size))
     return scale
 

@@ -1,4 +1,4 @@
-"""Evaluation: mask pasting and COCO metrics (numpy + pycocotools, no jax)."""
+"""Evaluation: mask pasting, COCO metrics and drawing (numpy + pycocotools, no jax, no data/)."""
 
 from mrcnn_jax.evaluation.coco_eval import (
     IOU_TYPES,

@@ -1,8 +1,8 @@
 """Mask R-CNN: backbone + FPN → RPN → RoI sampling → box head and mask head.
 
-`MaskRCNN(config.model)` is called on a batch dict (keys of docs/CONTRACTS.md). In training it
-returns the predictions and targets the losses need (`TrainOutputs`); at inference it returns a
-fixed-size result per image. Every size comes from the config.
+`MaskRCNN.from_config(config.model)` is called on a batch dict (keys of docs/CONTRACTS.md). In
+training it returns the predictions and targets the losses need (`TrainOutputs`); at inference it
+returns a fixed-size result per image. Every size comes from the config.
 """
 
 from typing import NamedTuple
@@ -43,16 +43,41 @@ class TrainOutputs(NamedTuple):
     num_proposals: jnp.ndarray  # [B] valid proposals per image.
 
 
+def dummy_inputs(image_shape: tuple[int, int]) -> dict[str, jnp.ndarray]:
+    """A one-image inference batch of zeros `[1, H, W, 3]` (for `init` and shape tracing)."""
+    return {
+        "image": jnp.zeros((1, *image_shape, 3), jnp.float32),
+        "image_size": jnp.array([image_shape], jnp.int32),
+    }
+
+
 def num_foreground_slots(roi_config: ml_collections.ConfigDict) -> int:
     """F: the RoI slots that can hold foreground (the only ones the mask head sees in training)."""
     return int(roi_config.batch_size_per_image * roi_config.positive_fraction)
 
 
 class MaskRCNN(nn.Module):
-    """Mask R-CNN over NHWC images. `config` is the `config.model` section (frozen)."""
+    """Mask R-CNN over NHWC images. `config` is the `config.model` section (frozen); build it
+    with `MaskRCNN.from_config`."""
 
     config: ml_collections.FrozenConfigDict
     axis_name: str | None = None
+
+    @classmethod
+    def from_config(
+        cls, model_config: ml_collections.ConfigDict, axis_name: str | None = None
+    ) -> "MaskRCNN":
+        """The model of `config.model`; `axis_name` is the data-parallel axis (sync BN)."""
+        return cls(config=ml_collections.FrozenConfigDict(model_config), axis_name=axis_name)
+
+    def variable_shapes(self, image_shape: tuple[int, int] = (128, 128)) -> dict:
+        """`{"params", "batch_stats"}` of `jax.ShapeDtypeStruct`s (traced, nothing computed).
+
+        Parameter shapes do not depend on the image size; `image_shape` only has to be valid.
+        """
+        return jax.eval_shape(
+            lambda: self.init(jax.random.key(0), dummy_inputs(image_shape), train=False)
+        )
 
     def setup(self):
         c = self.config
@@ -63,21 +88,36 @@ class MaskRCNN(nn.Module):
                 f"got {len(c.anchor_sizes)}"
             )
         r = c.roi_heads
-        self.backbone = ResNet(c.backbone_depth, c.norm, self.axis_name, dtype)
-        self.fpn = FPN(c.fpn_dim, dtype, c.norm if c.fpn_norm else None, self.axis_name)
+        self.backbone = ResNet(
+            depth=c.backbone_depth, norm=c.norm, axis_name=self.axis_name, dtype=dtype
+        )
+        self.fpn = FPN(
+            dim=c.fpn_dim,
+            dtype=dtype,
+            norm=c.norm if c.fpn_norm else None,
+            axis_name=self.axis_name,
+        )
         self.rpn_head = RPNHead(
-            len(c.aspect_ratios) * len(c.anchor_sizes[0]), dtype, c.rpn.num_convs
+            num_anchors=len(c.aspect_ratios) * len(c.anchor_sizes[0]),
+            dtype=dtype,
+            num_convs=c.rpn.num_convs,
         )
         self.box_head = BoxHead(
-            c.num_classes,
-            r.box_head_dim,
-            dtype,
+            num_classes=c.num_classes,
+            dim=r.box_head_dim,
+            dtype=dtype,
             num_convs=r.box_head_convs,
             conv_dim=r.box_head_conv_dim,
             num_fcs=r.box_head_fcs,
             norm=r.head_norm,
         )
-        self.mask_head = MaskHead(c.num_classes, r.mask_head_dim, 4, dtype, norm=r.head_norm)
+        self.mask_head = MaskHead(
+            num_classes=c.num_classes,
+            dim=r.mask_head_dim,
+            num_convs=r.mask_head_convs,
+            dtype=dtype,
+            norm=r.head_norm,
+        )
 
     def _anchors(self, image_shape: tuple[int, int], pyramid: dict) -> list[np.ndarray]:
         shapes = [pyramid[name].shape[1:3] for name in RPN_LEVELS]

@@ -1,4 +1,5 @@
-"""RoI heads: RoI sampling for training, the box head, the mask head and detection postprocessing.
+"""RoI heads: RoI sampling and targets, the box head, the mask head, their losses, and detection
+postprocessing (torchvision's `roi_heads.py`: `fastrcnn_loss`, `maskrcnn_loss`, ...).
 
 Per-image functions (`sample_rois`, `detect_boxes`) are written for one image and `jax.vmap`ped by
 `MaskRCNN`. Class indices inside the heads: 0 is background, dataset label `l` is `l + 1`.
@@ -10,6 +11,7 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 
 from mrcnn_jax.modeling.resnet import make_norm
 from mrcnn_jax.ops import boxes as box_ops
@@ -245,3 +247,64 @@ def detect_boxes(
         classes=jnp.where(keep_valid, classes[keep], 0),
         valid=keep_valid,
     )
+
+
+def fast_rcnn_loss(
+    class_logits: jnp.ndarray,
+    box_deltas: jnp.ndarray,
+    roi_classes: jnp.ndarray,
+    roi_box_targets: jnp.ndarray,
+    roi_valid: jnp.ndarray,
+    *,
+    batch_size_per_image: int,
+    smooth_l1_beta: float,
+) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """The box head's classification and box-regression losses of B images (`fastrcnn_loss`).
+
+    Args:
+      class_logits: `[B, R, K + 1]`; box_deltas: `[B, R, K, 4]` class-specific deltas.
+      roi_classes: `[B, R]` int32 targets (0 background); roi_box_targets: `[B, R, 4]` encoded
+        deltas of the matched GT; roi_valid: `[B, R]` bool (sampled, not padding).
+
+    Returns:
+      `(loss_cls, loss_box_reg)`: softmax CE over sampled RoIs and smooth L1 of the GT class's
+      deltas over foreground RoIs, both divided by `batch_size_per_image · B` (Detectron2).
+    """
+    norm = batch_size_per_image * class_logits.shape[0]
+    ce = optax.softmax_cross_entropy_with_integer_labels(class_logits, roi_classes)
+    loss_cls = jnp.sum(jnp.where(roi_valid, ce, 0.0)) / norm
+    fg = roi_classes > 0
+    gt_deltas = jnp.take_along_axis(
+        box_deltas, jnp.maximum(roi_classes - 1, 0)[..., None, None], axis=2
+    )[:, :, 0]
+    box_err = box_ops.smooth_l1(gt_deltas - roi_box_targets, smooth_l1_beta)
+    loss_box = jnp.sum(jnp.where(fg[..., None], box_err, 0.0)) / norm
+    return loss_cls, loss_box
+
+
+def mask_loss(
+    mask_logits: jnp.ndarray,
+    mask_targets: jnp.ndarray,
+    mask_valid: jnp.ndarray,
+    axis_name: str | None = None,
+) -> jnp.ndarray:
+    """Per-pixel sigmoid BCE of the GT class's mask, mean over foreground RoIs (`maskrcnn_loss`).
+
+    Args:
+      mask_logits: `[B, F, S, S]` logits of each foreground slot's GT class.
+      mask_targets: `[B, F, S, S]` soft targets in [0, 1]; mask_valid: `[B, F]` bool.
+      axis_name: the data-parallel axis, or None outside shard_map/pmap.
+
+    Returns:
+      This replica's share of the mean over the foreground RoIs of the GLOBAL batch, scaled so
+      that its `pmean` over `axis_name` is that mean (the foreground count is `psum`med).
+    """
+    pixel_bce = optax.sigmoid_binary_cross_entropy(mask_logits, mask_targets)
+    mask_sum = jnp.sum(jnp.where(mask_valid[..., None, None], pixel_bce, 0.0))
+    num_fg = jnp.sum(mask_valid).astype(jnp.float32)
+    replicas = 1.0
+    if axis_name is not None:
+        num_fg = jax.lax.psum(num_fg, axis_name)
+        replicas = jax.lax.psum(1.0, axis_name)
+    mask_pixels = mask_logits.shape[-1] * mask_logits.shape[-2]
+    return replicas * mask_sum / (jnp.maximum(num_fg, 1.0) * mask_pixels)

@@ -1,4 +1,8 @@
-"""Region Proposal Network: the shared head and per-image proposal generation."""
+"""Region Proposal Network: the shared head, per-image proposal generation, anchor targets and loss.
+
+As torchvision's `rpn.py` (`RPNHead`, `filter_proposals`, `assign_targets_to_anchors`,
+`compute_loss`): everything the RPN stage needs lives here; `MaskRCNN` composes it.
+"""
 
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -6,9 +10,11 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 
 from mrcnn_jax.ops import boxes as box_ops
 from mrcnn_jax.ops import nms as nms_ops
+from mrcnn_jax.ops import targets as target_ops
 
 
 class RPNHead(nn.Module):
@@ -108,3 +114,81 @@ def generate_proposals(
         scores=jnp.where(keep_valid, scores[keep], -jnp.inf),
         valid=keep_valid,
     )
+
+
+def _rpn_loss_sums_one_image(
+    key,
+    logits,
+    deltas,
+    anchors,
+    gt_boxes,
+    gt_valid,
+    *,
+    fg_iou,
+    bg_iou,
+    batch_size,
+    pos_fraction,
+    beta,
+):
+    labels, gt_index = target_ops.label_anchors(anchors, gt_boxes, gt_valid, fg_iou, bg_iou)
+    sample = target_ops.sample_balanced(key, labels == 1, labels == 0, batch_size, pos_fraction)
+    idx = sample.indices
+    bce = optax.sigmoid_binary_cross_entropy(logits[idx], sample.is_positive.astype(jnp.float32))
+    cls_sum = jnp.sum(jnp.where(sample.valid, bce, 0.0))
+    positive = sample.is_positive & sample.valid
+    matched = jnp.where(positive[:, None], gt_boxes[gt_index[idx]], jnp.array([0.0, 0.0, 1.0, 1.0]))
+    ref = jnp.where(positive[:, None], anchors[idx], jnp.array([0.0, 0.0, 1.0, 1.0]))
+    box_targets = box_ops.encode_boxes(matched, ref)
+    box_err = box_ops.smooth_l1(deltas[idx] - box_targets, beta)
+    box_sum = jnp.sum(jnp.where(positive[:, None], box_err, 0.0))
+    return cls_sum, box_sum
+
+
+def rpn_losses(
+    keys: jax.Array,
+    logits: jnp.ndarray,
+    deltas: jnp.ndarray,
+    anchors: jnp.ndarray,
+    gt_boxes: jnp.ndarray,
+    gt_valid: jnp.ndarray,
+    *,
+    fg_iou: float,
+    bg_iou: float,
+    batch_size_per_image: int,
+    positive_fraction: float,
+    smooth_l1_beta: float,
+) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """The RPN's objectness and box losses of B images (torchvision's `RPN.compute_loss`).
+
+    Per image, anchors with IoU ≥ `fg_iou` to a valid GT (and each GT's best anchors) are
+    positive, those below `bg_iou` negative (`target_ops.label_anchors`);
+    `batch_size_per_image` of them are sampled with at most `positive_fraction` positives.
+
+    Args:
+      keys: `[B]` PRNG keys for the sampling.
+      logits: `[B, A]` objectness logits; deltas: `[B, A, 4]`, over all levels' anchors.
+      anchors: `[A, 4]` (x1, y1, x2, y2) input pixels.
+      gt_boxes: `[B, M, 4]`; gt_valid: `[B, M]` bool.
+
+    Returns:
+      `(loss_rpn_cls, loss_rpn_box)`: the sigmoid CE summed over sampled anchors and the smooth L1
+      of positive anchors' deltas, both divided by `batch_size_per_image · B` (a constant, so the
+      `pmean` over replicas is the global batch's loss).
+    """
+    per_image = lambda key, lg, dl, boxes, valid: _rpn_loss_sums_one_image(
+        key,
+        lg,
+        dl,
+        anchors,
+        boxes,
+        valid,
+        fg_iou=fg_iou,
+        bg_iou=bg_iou,
+        batch_size=batch_size_per_image,
+        pos_fraction=positive_fraction,
+        beta=smooth_l1_beta,
+    )
+    anchors = jnp.asarray(anchors)  # May be a numpy constant, indexed by traced indices.
+    cls_sums, box_sums = jax.vmap(per_image)(keys, logits, deltas, gt_boxes, gt_valid)
+    norm = batch_size_per_image * logits.shape[0]
+    return jnp.sum(cls_sums) / norm, jnp.sum(box_sums) / norm

@@ -165,3 +165,12 @@ def min_size_mask(boxes: jax.Array, min_size: float) -> jax.Array:
     widths = boxes[..., 2] - boxes[..., 0]
     heights = boxes[..., 3] - boxes[..., 1]
     return (widths >= min_size) & (heights >= min_size)
+
+
+def smooth_l1(x: jnp.ndarray, beta: float) -> jnp.ndarray:
+    """Elementwise smooth-L1 of box-delta errors (Huber / beta); `beta = 0` is plain L1, as
+    Detectron2."""
+    ax = jnp.abs(x)
+    if beta < 1e-5:
+        return ax
+    return jnp.where(ax < beta, 0.5 * ax * ax / beta, ax - 0.5 * beta)

@@ -11,7 +11,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
+from mrcnn_jax.modeling.mask_rcnn import MaskRCNN, dummy_inputs
 
 
 class TrainState(train_state.TrainState):
@@ -95,10 +95,7 @@ def create_optimizer(
 
 def init_variables(model: MaskRCNN, key: jax.Array, image_shape: tuple[int, int]) -> dict:
     """Initialises the model's `params` and `batch_stats` for `image_shape` (H, W) inputs."""
-    batch = {
-        "image": jnp.zeros((1, *image_shape, 3), jnp.float32),
-        "image_size": jnp.array([image_shape], jnp.int32),
-    }
+    batch = dummy_inputs(image_shape)
     # Parameter init draws many independent normals; XLA compiles threefry's bit generation for
     # each of them, which dominates the compile time. The "rbg" generator compiles ~3x faster.
     seed = jax.random.randint(key, (), 0, jnp.iinfo(jnp.int32).max)
@@ -107,20 +104,29 @@ def init_variables(model: MaskRCNN, key: jax.Array, image_shape: tuple[int, int]
     return flax.core.unfreeze(variables)
 
 
+def train_state_from_variables(
+    config: ml_collections.ConfigDict, model: MaskRCNN, variables: dict
+) -> tuple[TrainState, optax.Schedule]:
+    """A step-0 `TrainState` holding `variables` (`params`, `batch_stats`) with a fresh
+    optimizer, and the learning-rate schedule it uses."""
+    learning_rate_fn = create_learning_rate_fn(config.train)
+    params = jax.tree_util.tree_map(jnp.asarray, dict(variables["params"]))
+    tx = create_optimizer(params, config, learning_rate_fn)
+    state = TrainState.create(
+        apply_fn=model.apply,
+        params=params,
+        tx=tx,
+        batch_stats=jax.tree_util.tree_map(jnp.asarray, dict(variables.get("batch_stats", {}))),
+    )
+    return state, learning_rate_fn
+
+
 def create_train_state(
     key: jax.Array, config: ml_collections.ConfigDict, model: MaskRCNN
 ) -> tuple[TrainState, optax.Schedule]:
-    """A fresh `TrainState` for `config` and the learning-rate schedule it uses."""
+    """A freshly initialised `TrainState` for `config` and the learning-rate schedule it uses."""
     variables = init_variables(model, key, tuple(config.data.image_size))
-    learning_rate_fn = create_learning_rate_fn(config.train)
-    tx = create_optimizer(variables["params"], config, learning_rate_fn)
-    state = TrainState.create(
-        apply_fn=model.apply,
-        params=variables["params"],
-        tx=tx,
-        batch_stats=variables.get("batch_stats", {}),
-    )
-    return state, learning_rate_fn
+    return train_state_from_variables(config, model, variables)
 
 
 def count_params(params) -> int:

@@ -1,4 +1,4 @@
-"""The jitted, data-parallel train and inference steps.
+"""The jitted, data-parallel train step.
 
 Per-replica code is written in the pmap style (an `axis_name`, explicit `lax.pmean` of gradients,
 BN statistics and metrics) and run with `jax.shard_map` inside `jax.jit` over a 1-D mesh whose
@@ -13,43 +13,13 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
+from mrcnn_jax.sharding import AXIS
 from mrcnn_jax.train.losses import mask_rcnn_losses
 from mrcnn_jax.train.state import TrainState
-
-AXIS = "batch"
-
-
-def create_mesh(devices=None) -> Mesh:
-    """A 1-D mesh with data axis `AXIS` over `devices` (default: all devices of all hosts)."""
-    devices = jax.devices() if devices is None else devices
-    return Mesh(np.asarray(devices), (AXIS,))
-
-
-def shard_batch(batch: dict, mesh: Mesh) -> dict:
-    """Turns this host's numpy batch into global arrays split along the batch axis.
-
-    On one host `batch` is the global batch; on several hosts each passes its local part (in
-    process order), as `mrcnn_jax.data.pipeline` yields it.
-    """
-    sharding = NamedSharding(mesh, P(AXIS))
-    return {
-        k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()
-    }
-
-
-def replicate(tree, mesh: Mesh):
-    """Places a pytree (e.g. the train state) on every device of `mesh`, replicated.
-
-    Do this once before the first step: the step's outputs are replicated on the mesh, and an
-    input placed differently would make the second call recompile.
-    """
-    return jax.device_put(tree, NamedSharding(mesh, P()))
 
 
 def _per_image_keys(key: jax.Array, local_batch: int) -> tuple[jax.Array, jax.Array]:
@@ -61,15 +31,15 @@ def _per_image_keys(key: jax.Array, local_batch: int) -> tuple[jax.Array, jax.Ar
 
 
 def make_train_step(
-    model: MaskRCNN,
     config: ml_collections.ConfigDict,
     mesh: Mesh,
     learning_rate_fn: optax.Schedule,
 ) -> Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]:
     """Builds `train_step(state, batch, key) -> (state, metrics)`, one XLA program.
 
-    `state` is replicated, `batch` holds global arrays sharded over the mesh (see `shard_batch`),
-    `key` is the step's PRNG key. The state's buffers are donated. Metrics are global-batch means.
+    `state` is replicated, `batch` holds global arrays sharded over the mesh
+    (`sharding.shard_batch`), `key` is the step's PRNG key. The state's buffers are donated.
+    Metrics are global-batch means.
     """
     global_batch = config.train.batch_size
     if global_batch % mesh.size:
@@ -110,16 +80,3 @@ def make_train_step(
         check_vma=False,
     )
     return jax.jit(step, donate_argnums=(0,))
-
-
-def make_predict_step(model: MaskRCNN, mesh: Mesh) -> Callable[[dict, dict], dict[str, jax.Array]]:
-    """Builds `predict_step(variables, batch) -> detections` (see `MaskRCNN.__call__`), sharded
-    over the mesh like the train step; outputs keep the batch sharding."""
-
-    def per_replica(variables, batch):
-        return model.apply(variables, batch, train=False)
-
-    step = jax.shard_map(
-        per_replica, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P(AXIS), check_vma=False
-    )
-    return jax.jit(step)

@@ -32,7 +32,7 @@ class Predictor:
     step: int
 
     def __post_init__(self):
-        model = MaskRCNN(ml_collections.FrozenConfigDict(self.config.model))
+        model = MaskRCNN.from_config(self.config.model)
         self._apply = jax.jit(lambda v, b: model.apply(v, b, train=False))
 
     @property
@@ -123,10 +123,7 @@ def load_checkpoint(path: str | epath.PathLike, step: int | None = None) -> Pred
         )
     config = ml_collections.ConfigDict(ckpt_lib.load_config(manager, step))
     state = ckpt_lib.restore_raw(manager, step)
-    model = MaskRCNN(ml_collections.FrozenConfigDict(config.model))
-    image_shape = tuple(config.data.image_size)
-    batch = {"image": jnp.zeros((1, *image_shape, 3)), "image_size": jnp.array([image_shape])}
-    expected = jax.eval_shape(lambda: model.init(jax.random.key(0), batch, train=False))
+    expected = MaskRCNN.from_config(config.model).variable_shapes(tuple(config.data.image_size))
     variables = {"params": state["params"], "batch_stats": state.get("batch_stats") or {}}
     for collection in ("params", "batch_stats"):
         _check_tree(

@@ -1,5 +1,8 @@
 """`train_and_evaluate(config, workdir)`: the training program behind scripts/train.py.
 
+It composes the dataset (`data`), the model, the sharded train step (`train`), checkpoints and
+periodic evaluation (`programs.evaluator`), as flax's `examples/imagenet/train.py`.
+
 Resumable: the latest complete checkpoint in `<workdir>/checkpoints` is restored (state, step)
 and the input pipeline restarts at that step, so no example is skipped or repeated; the step's
 PRNG key is `fold_in(key(seed), step)`, so a resumed run draws what an uninterrupted one would.
@@ -16,9 +19,10 @@ import tensorflow as tf
 from etils import epath
 from tqdm import tqdm
 
+from mrcnn_jax import sharding
 from mrcnn_jax.data import get_builder, pipeline, schema
-from mrcnn_jax.evaluation import evaluate as eval_lib
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
+from mrcnn_jax.programs import evaluator
 from mrcnn_jax.train import checkpoint as ckpt_lib
 from mrcnn_jax.train import state as state_lib
 from mrcnn_jax.train import step as step_lib
@@ -55,11 +59,6 @@ def _say(message: str) -> None:
         tqdm.write(message)
 
 
-def build_model(config: ml_collections.ConfigDict) -> MaskRCNN:
-    """The `MaskRCNN` of `config.model`, with the data-parallel axis name."""
-    return MaskRCNN(ml_collections.FrozenConfigDict(config.model), axis_name=step_lib.AXIS)
-
-
 def with_dataset_classes(config: ml_collections.ConfigDict, builder) -> ml_collections.ConfigDict:
     """A copy of `config` with the dataset's `data.class_names` (and `data.label_to_category_id`
     unless the config sets it); checks `model.num_classes`.
@@ -76,7 +75,7 @@ def with_dataset_classes(config: ml_collections.ConfigDict, builder) -> ml_colle
     config = ml_collections.ConfigDict(config.to_dict())
     config.model.num_classes = len(names)
     config.data.class_names = tuple(names)
-    if not config.data.get("label_to_category_id"):
+    if not config.data.label_to_category_id:
         config.data.label_to_category_id = tuple(schema.label_to_category_id(builder.info).tolist())
     return config
 
@@ -99,8 +98,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     workdir.mkdir(parents=True, exist_ok=True)
     builder = get_builder(config.data)
     config = with_dataset_classes(config, builder)
-    model = build_model(config)
-    mesh = step_lib.create_mesh()
+    model = MaskRCNN.from_config(config.model, axis_name=sharding.AXIS)
+    mesh = sharding.create_mesh()
     state, learning_rate_fn = state_lib.create_train_state(
         jax.random.key(config.seed), config, model
     )
@@ -110,23 +109,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         _say(f"Resumed from {manager.directory} at step {int(state.step)}")
     if jax.process_index() == 0:  # after the restore: a rejected config must not replace it
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-    state = step_lib.replicate(state, mesh)
+    state = sharding.replicate(state, mesh)
     start_step = int(jax.device_get(state.step))
     _say(f"Model: {state_lib.count_params(state.params):,} parameters on {mesh.size} devices")
 
-    train_step = step_lib.make_train_step(model, config, mesh, learning_rate_fn)
-    predict_step = step_lib.make_predict_step(model, mesh)
+    train_step = step_lib.make_train_step(config, mesh, learning_rate_fn)
+    predict_step = evaluator.make_predict_step(model, mesh)
     batches = pipeline.create_train_dataset(config, builder=builder, start_step=start_step)
     writer = MetricWriter(workdir)
     base_key = jax.random.key(config.seed)
     t = config.train
 
     def run_eval(step: int) -> dict[str, float]:
-        metrics = eval_lib.evaluate_split(
-            predict_step, eval_lib.variables_of(state), config, mesh, builder
+        metrics = evaluator.evaluate_split(
+            predict_step, evaluator.variables_of(state), config, mesh, builder
         )
         writer.write(step, {f"eval/{k}": v for k, v in metrics.items()})
-        _say(f"step {step} eval: {eval_lib.metrics_summary(metrics)}")
+        _say(f"step {step} eval: {evaluator.metrics_summary(metrics)}")
         return metrics
 
     bar = tqdm(
@@ -139,7 +138,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     last_log_time, last_log_step = time.time(), start_step
     eval_metrics = {}
     for step in range(start_step, t.num_steps):
-        batch = step_lib.shard_batch(next(batches), mesh)
+        batch = sharding.shard_batch(next(batches), mesh)
         state, metrics = train_step(state, batch, jax.random.fold_in(base_key, step))
         done = step + 1
         if done % t.log_every == 0 or done % t.checkpoint_every == 0 or done == t.num_steps:
@@ -169,7 +168,7 @@ def final_summary(metrics: dict[str, float]) -> str:
     """Printable final line."""
     return (
         "final eval: "
-        + eval_lib.metrics_summary(metrics)
+        + evaluator.metrics_summary(metrics)
         + " "
         + json.dumps(
             {k: round(v, 4) for k, v in metrics.items() if k.endswith(("/AP", "/AP50", "/AP75"))}

@@ -1,4 +1,5 @@
-"""Runs a model over an eval split and scores it with COCOeval (bbox and segm)."""
+"""The evaluation program: the sharded inference step, run over a dataset split and scored with
+COCOeval (bbox and segm)."""
 
 import contextlib
 import io
@@ -10,15 +11,30 @@ import numpy as np
 import tensorflow_datasets as tfds
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 from pycocotools.coco import COCO
 from tqdm import tqdm
 
 from mrcnn_jax.data import coco_json, pipeline, schema
 from mrcnn_jax.evaluation.coco_eval import CocoEvaluator
-from mrcnn_jax.train import step as step_lib
+from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
+from mrcnn_jax.sharding import AXIS, shard_batch
 
 MODEL_INPUTS = ("image", "image_size")
 BATCH_METADATA = ("image_id", "scale", "orig_size", "valid")
+
+
+def make_predict_step(model: MaskRCNN, mesh: Mesh) -> Callable[[dict, dict], dict[str, jax.Array]]:
+    """Builds `predict_step(variables, batch) -> detections` (see `MaskRCNN.__call__`), sharded
+    over the mesh like the train step; `variables` replicated, outputs keep the batch sharding."""
+
+    def per_replica(variables, batch):
+        return model.apply(variables, batch, train=False)
+
+    step = jax.shard_map(
+        per_replica, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P(AXIS), check_vma=False
+    )
+    return jax.jit(step)
 
 
 def coco_from_dict(dataset: dict) -> COCO:
@@ -50,17 +66,16 @@ def evaluate_split(
     """
     split = split or config.data.val_split
     category_ids = (
-        config.data.get("label_to_category_id")
-        or schema.label_to_category_id(builder.info).tolist()
+        config.data.label_to_category_id or schema.label_to_category_id(builder.info).tolist()
     )
     evaluator = CocoEvaluator(dict(enumerate(category_ids)))
     batches = pipeline.create_eval_dataset(config, builder=builder, split=split)
     total = pipeline.eval_num_batches(config, builder, split)
     show = progress and jax.process_index() == 0
     for batch in tqdm(batches, total=total, desc=f"eval {split}", disable=not show, leave=False):
-        inputs = step_lib.shard_batch({k: batch[k] for k in MODEL_INPUTS}, mesh)
+        inputs = shard_batch({k: batch[k] for k in MODEL_INPUTS}, mesh)
         batch["image_id"] = batch["image_id"].astype(np.int32)  # COCO ids fit; JAX has no int64
-        metadata = step_lib.shard_batch({k: batch[k] for k in BATCH_METADATA}, mesh)
+        metadata = shard_batch({k: batch[k] for k in BATCH_METADATA}, mesh)
         outputs = predict_step(variables, inputs)
         outputs, metadata = multihost_utils.process_allgather((outputs, metadata), tiled=True)
         evaluator.add_batch(metadata, outputs)
@@ -80,8 +95,3 @@ def metrics_summary(metrics: dict[str, float]) -> str:
     """One line with the headline numbers, e.g. `bbox AP 0.612 | segm AP 0.583`."""
     parts = [f"{t} AP {metrics[f'{t}/AP']:.3f}" for t in ("bbox", "segm") if f"{t}/AP" in metrics]
     return " | ".join(parts)
-
-
-def as_float_dict(metrics: dict) -> dict[str, float]:
-    """JSON-friendly copy of a metrics dict."""
-    return {k: float(np.asarray(v)) for k, v in metrics.items()}
