@@ -4,18 +4,13 @@ Storage format (both builders): each instance mask is the image-sized binary mas
 `counts` string of pycocotools' compressed RLE (column-major run lengths, first run = background,
 each length written in pycocotools' 5-bit variable-length, delta-coded text). It is exactly what
 pycocotools evaluation consumes, so a split converts to a COCO ground-truth json without
-re-encoding, and it is the smallest option measured. On COCO-like data (640×480 images,
-polygons of 10–400 px): 259 bytes per instance as RLE, 868 as a PNG per instance (TFDS `lvis`'
-choice; 680 at PNG's highest compression), ~280 as plain run lengths in a tf.train.Example
-(and TFDS cannot store a ragged list per object). For COCO's ~860k train instances that is
-~0.2 GB beside ~18 GB of JPEGs, instead of ~0.75 GB.
+re-encoding, and it is the smallest option measured (docs/measurements.md; TFDS cannot store a
+ragged list per object, and a PNG per instance is ~3× larger).
 
 Read speed: the input pipeline never materialises the full-image masks. ``rle_counts`` decodes
 the strings to run lengths with vectorised TF ops (no py_function, no GIL), and
 ``sample_masks`` looks up the pixels around the requested points with a binary search over the
-run ends, so a 28×28 GT-box crop costs O(28² log runs) per instance instead of O(H·W): 0.5 ms
-per instance on this 2-core machine, against 1.1 ms to decode a PNG and crop it
-(tf.image.crop_and_resize) and 0.8 ms for pycocotools' full decode alone.
+run ends, so a 28×28 GT-box crop costs O(28² log runs) per instance instead of O(H·W).
 """
 
 import numpy as np
