@@ -246,6 +246,56 @@ def test_load_checkpoint_rejects_params_that_do_not_fit_the_config(trained, tmp_
         mrcnn_jax.load_checkpoint(workdir)
 
 
+ONE_DEVICE_PREDICT = """
+import json, sys
+import jax, numpy as np
+import mrcnn_jax
+from mrcnn_jax.data import shapes
+assert jax.device_count() == 1, jax.devices()
+predictor = mrcnn_jax.load_checkpoint(sys.argv[1])
+out = []
+for index in range(2):
+    image, _ = shapes.generate_image(0, "validation", index, (128, 128))
+    result = predictor(image, score_threshold=0.0)
+    out.append({k: np.asarray(result[k]).tolist() for k in ("boxes", "scores", "classes")}
+               | {"mask_pixels": np.asarray(result["masks"]).sum(axis=(1, 2)).tolist()})
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_an_eight_device_checkpoint_opens_on_one_device(trained, compile_cache):
+    """The run's checkpoint (written on 8 devices) loads in a 1-device process, as in a
+    notebook, and predicts what it predicts on 8; scripts/eval.py on 1 device reproduces the
+    logged metrics."""
+    workdir, _, metrics = trained
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    result = subprocess.run(
+        [sys.executable, "-c", ONE_DEVICE_PREDICT, str(workdir)],
+        capture_output=True, text=True, timeout=600, env=env, cwd=REPO, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-5000:]
+    (line,) = [x for x in result.stdout.splitlines() if x.startswith("RESULT ")]
+    one_device = json.loads(line.removeprefix("RESULT "))
+    predictor = mrcnn_jax.load_checkpoint(workdir)
+    for index, got in enumerate(one_device):
+        image, _ = shapes.generate_image(0, "validation", index, (128, 128))
+        want = predictor(image, score_threshold=0.0)
+        assert len(want["scores"]) > 0
+        np.testing.assert_allclose(got["scores"], want["scores"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got["boxes"], want["boxes"], atol=1e-3)
+        assert got["classes"] == want["classes"].tolist()
+        assert got["mask_pixels"] == want["masks"].sum(axis=(1, 2)).tolist()
+
+    eval_run = subprocess.run(
+        [sys.executable, os.path.join(REPO, "scripts", "eval.py"), f"--workdir={workdir}"],
+        capture_output=True, text=True, timeout=600, env=env, cwd=REPO, check=False,
+    )  # fmt: skip
+    assert eval_run.returncode == 0, eval_run.stderr[-5000:]
+    saved = json.loads((workdir / f"eval_{NUM_STEPS}.json").read_text())
+    assert (saved.pop("step"), saved.pop("split")) == (NUM_STEPS, "validation")
+    assert saved == pytest.approx(metrics, abs=1e-6)
+
+
 def test_load_checkpoint_errors_name_what_is_missing(trained, tmp_path):
     with pytest.raises(FileNotFoundError, match="checkpoints"):
         mrcnn_jax.load_checkpoint(tmp_path)

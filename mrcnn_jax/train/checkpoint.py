@@ -38,7 +38,12 @@ def create_manager(
         enable_async_checkpointing=not read_only,
     )
     return ocp.CheckpointManager(
-        checkpoint_dir(workdir), options=options, item_names=("state", "config")
+        checkpoint_dir(workdir),
+        options=options,
+        item_handlers={
+            "state": ocp.StandardCheckpointHandler(),
+            "config": ocp.JsonCheckpointHandler(),
+        },
     )
 
 
@@ -129,33 +134,19 @@ def restore(
 
 
 def restore_raw(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
-    """The state arrays of checkpoint `step` as stored (numpy), without a target structure.
+    """The state arrays of checkpoint `step` as stored (numpy), on any topology.
 
-    For inference: callers validate the tree against their model (see `mrcnn_jax.predictor`).
+    The checkpoint may have been written on any number of devices and processes: the target is
+    built from the stored shapes and dtypes and placed on this process's first local device, so
+    orbax never tries to rebuild the saved device mesh. For inference: callers validate the tree
+    against their model (see `mrcnn_jax.programs.predictor`).
     """
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    return jax.device_get(restored["state"])
-
-
-def save_variables(
-    workdir: epath.PathLike, config: ml_collections.ConfigDict, variables: dict
-) -> epath.Path:
-    """Writes `variables` (`params`, `batch_stats`) as step-0 checkpoint `<workdir>/checkpoints/0/`.
-
-    The train state holds them with a fresh optimizer state and step 0, so `load_checkpoint`,
-    the eval/predict scripts and `scripts/train.py --workdir` (fine-tuning) all restore it; used
-    for converted weights. Returns the checkpoint directory.
-
-    Raises:
-      FileExistsError: `workdir` already holds checkpoints.
-    """
-    manager = create_manager(workdir)
-    if manager.latest_step() is not None:
-        raise FileExistsError(f"{checkpoint_dir(workdir)} already holds checkpoints")
-    state, _ = state_lib.train_state_from_variables(
-        config, MaskRCNN.from_config(config.model), variables
+    metadata = manager.item_metadata(step)["state"]
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree_util.tree_map(
+        lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), metadata
     )
-    save(manager, state, config)
-    manager.wait_until_finished()
-    manager.close()
-    return checkpoint_dir(workdir) / "0"
+    restored = manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+    )
+    return jax.device_get(restored["state"])
