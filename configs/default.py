@@ -27,7 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
     data.val_images = ""
     data.shapes_num_train = 2000  # shapes only: images generated for the train split.
     data.shapes_num_val = 200  # shapes only: images generated for the validation split.
-    data.image_size = (1344, 1344)  # Fixed padded input (H, W); multiple of 64 (P6 stride).
+    data.image_size = (1344, 1344)  # Canvas (H, W): multiple of model.size_divisibility.
     data.max_instances = 100  # Ground truth padded/truncated to this many objects per image.
     data.resize_short_side = 800  # > 0: shorter side resized to this; 0: fit image_size.
     data.resize_max_long_side = 1333  # With resize_short_side: longer side ≤ this; 0: no cap.
@@ -49,6 +49,9 @@ def get_config() -> ml_collections.ConfigDict:
     model.fpn_dim = 256  # Channels of every FPN level.
     model.fpn_norm = False  # BatchNorm after every FPN conv, in the `norm` mode (torchvision v2).
     model.dtype = "float32"  # Compute dtype: "float32" or "bfloat16" (params stay float32).
+    # Each image's valid extent is its content rounded up to this (torchvision/Detectron2 pad
+    # to 32); the model computes on that extent only, so the canvas size never changes a result.
+    model.size_divisibility = 32
     model.anchor_sizes = ((32,), (64,), (128,), (256,), (512,))  # One tuple per level P2..P6.
     model.aspect_ratios = (0.5, 1.0, 2.0)  # Anchor height/width ratios, shared by levels.
 
