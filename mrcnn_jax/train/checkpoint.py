@@ -150,3 +150,27 @@ def restore_raw(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
     )
     return jax.device_get(restored["state"])
+
+
+def save_variables(
+    workdir: epath.PathLike, config: ml_collections.ConfigDict, variables: dict
+) -> epath.Path:
+    """Writes `variables` (`params`, `batch_stats`) as step-0 checkpoint `<workdir>/checkpoints/0/`.
+
+    The train state holds them with a fresh optimizer state and step 0, so `load_checkpoint`,
+    the eval/predict scripts and `scripts/train.py --workdir` (fine-tuning) all restore it; used
+    for converted weights. Returns the checkpoint directory.
+
+    Raises:
+      FileExistsError: `workdir` already holds checkpoints.
+    """
+    manager = create_manager(workdir)
+    if manager.latest_step() is not None:
+        raise FileExistsError(f"{checkpoint_dir(workdir)} already holds checkpoints")
+    state, _ = state_lib.train_state_from_variables(
+        config, MaskRCNN.from_config(config.model), variables
+    )
+    save(manager, state, config)
+    manager.wait_until_finished()
+    manager.close()
+    return checkpoint_dir(workdir) / "0"
