@@ -1,40 +1,47 @@
-"""Tests for mrcnn_jax.ops.anchors against plain numpy loops and torchvision's AnchorGenerator."""
+"""Tests for mrcnn_jax.ops.anchors against plain numpy loops and torchvision's AnchorGenerator.
 
+torchvision computes anchors on the image padded to its valid extent; ours live on the canvas
+grid with the cells beyond the extent marked invalid. The valid ones, in order, must be
+torchvision's exactly, whatever the canvas.
+"""
+
+import jax
 import numpy as np
 import pytest
 
 from mrcnn_jax.ops.anchors import cell_anchors, generate_anchors
 
 FPN_SIZES = ((32,), (64,), (128,), (256,), (512,))
+FPN_STRIDES = (4, 8, 16, 32, 64)
 RATIOS = (0.5, 1.0, 2.0)
 
-# (image (H, W), feature shapes per level, sizes, aspect ratios)
-CASES = [
-    ((800, 1344), [(200, 336), (100, 168), (50, 84), (25, 42), (13, 21)], FPN_SIZES, RATIOS),
-    (
-        (128, 128),
-        [(32, 32), (16, 16), (8, 8), (4, 4), (2, 2)],
-        ((8,), (16,), (32,), (64,), (128,)),
-        RATIOS,
-    ),
-    (
-        (96, 160),
-        [(24, 40), (12, 20), (5, 7)],
-        ((20, 33, 45),) * 3,
+
+def canvas_shapes(canvas, strides):
+    return [(-(-canvas[0] // s), -(-canvas[1] // s)) for s in strides]
+
+
+# (valid extent (H, W), canvas (H, W), strides, sizes, aspect ratios)
+CASES = {
+    "800x1344-in-1344": ((800, 1344), (1344, 1344), FPN_STRIDES, FPN_SIZES, RATIOS),
+    "128-tight": ((128, 128), (128, 128), FPN_STRIDES, ((8,), (16,), (32,), (64,), (128,)), RATIOS),
+    "96x160-multi": (
+        (96, 160), (128, 192), (4, 8, 32), ((20, 33, 45),) * 3,
         ((0.25, 1 / 3, 0.7), (1.0,), (0.5, 1.0, 2.0, 3.0)),
     ),
-    ((1, 1), [(1, 1)], ((1,),), (1.0,)),
-]
+    "32-in-64": ((32, 32), (64, 64), (32,), ((16,),), (1.0,)),
+}  # fmt: skip
 
 
-def numpy_reference(image_shape, feature_shapes, sizes, aspect_ratios) -> list[np.ndarray]:
-    """Anchors by explicit loops over (row, column, ratio, size), float64 then rounded."""
+def numpy_reference(extent, strides, sizes, aspect_ratios) -> list[np.ndarray]:
+    """torchvision's anchors of an image padded to `extent`, by explicit loops over (row,
+    column, ratio, size): grid ceil(extent / stride), shifts extent // grid."""
     per_level = (
         aspect_ratios if isinstance(aspect_ratios[0], tuple) else [aspect_ratios] * len(sizes)
     )
     out = []
-    for (fh, fw), level_sizes, ratios in zip(feature_shapes, sizes, per_level):
-        sy, sx = image_shape[0] // fh, image_shape[1] // fw
+    for stride, level_sizes, ratios in zip(strides, sizes, per_level):
+        fh, fw = -(-extent[0] // stride), -(-extent[1] // stride)
+        sy, sx = extent[0] // fh, extent[1] // fw
         rows = []
         for i in range(fh):
             for j in range(fw):
@@ -49,30 +56,56 @@ def numpy_reference(image_shape, feature_shapes, sizes, aspect_ratios) -> list[n
     return out
 
 
-@pytest.mark.parametrize("case", CASES, ids=["800x1344", "128", "96x160-multi", "1x1"])
-def test_generate_anchors_matches_numpy_loops(case):
-    anchors = generate_anchors(*case)
-    expected = numpy_reference(*case)
-    assert len(anchors) == len(expected)
-    for got, want in zip(anchors, expected):
-        assert got.dtype == np.float32
-        np.testing.assert_array_equal(got, want)
+def ours(extent, canvas, strides, sizes, ratios):
+    shapes = canvas_shapes(canvas, strides)
+    return jax.jit(lambda e: generate_anchors(e, shapes, strides, sizes, ratios))(
+        np.asarray(extent, np.int32)
+    )
 
 
-@pytest.mark.parametrize("case", CASES, ids=["800x1344", "128", "96x160-multi", "1x1"])
-def test_generate_anchors_identical_to_torchvision(case):
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_valid_anchors_match_numpy_loops_and_ids_count_them(case):
+    extent, canvas, strides, sizes, ratios = case
+    levels = ours(*case)
+    expected = numpy_reference(extent, strides, sizes, ratios)
+    offset = 0
+    for level, want, shape in zip(levels, expected, canvas_shapes(canvas, strides)):
+        boxes, valid, index = (np.asarray(x) for x in level)
+        assert boxes.dtype == np.float32 and boxes.shape[0] % (shape[0] * shape[1]) == 0
+        np.testing.assert_array_equal(boxes[valid], want)
+        np.testing.assert_array_equal(index[valid], offset + np.arange(len(want)))
+        offset += len(want)
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_valid_anchors_identical_to_torchvision(case):
     pytest.importorskip("torchvision")
     import torch
     from torchvision.models.detection.anchor_utils import AnchorGenerator
     from torchvision.models.detection.image_list import ImageList
 
-    image_shape, feature_shapes, sizes, ratios = case
+    extent, _, strides, sizes, ratios = case
     tv_ratios = ratios if isinstance(ratios[0], tuple) else (ratios,) * len(sizes)
     generator = AnchorGenerator(sizes, tv_ratios)
-    images = ImageList(torch.zeros(2, 3, *image_shape), [tuple(image_shape)] * 2)
-    features = [torch.zeros(2, 1, h, w) for h, w in feature_shapes]
+    images = ImageList(torch.zeros(2, 3, *extent), [tuple(extent)] * 2)
+    features = [torch.zeros(2, 1, *shape) for shape in canvas_shapes(extent, strides)]
     expected = generator(images, features)[0].numpy()
-    np.testing.assert_array_equal(np.concatenate(generate_anchors(*case)), expected)
+    levels = ours(*case)
+    got = np.concatenate([np.asarray(a.boxes)[np.asarray(a.valid)] for a in levels])
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_the_canvas_does_not_change_the_valid_anchors():
+    extent = (800, 1344)
+    tight = ours(extent, (800, 1344), FPN_STRIDES, FPN_SIZES, RATIOS)
+    square = ours(extent, (1344, 1344), FPN_STRIDES, FPN_SIZES, RATIOS)
+    for a, b in zip(tight, square):
+        np.testing.assert_array_equal(np.asarray(a.valid).sum(), np.asarray(b.valid).sum())
+        for field in ("boxes", "index"):
+            np.testing.assert_array_equal(
+                np.asarray(getattr(a, field))[np.asarray(a.valid)],
+                np.asarray(getattr(b, field))[np.asarray(b.valid)],
+            )
 
 
 def test_cell_anchors_rounding_and_order():
@@ -86,41 +119,34 @@ def test_cell_anchors_rounding_and_order():
 
 
 def test_strides_of_non_divisible_level():
-    anchors = generate_anchors((800, 1344), [(13, 21)], ((512,),), (1.0,))[0]
-    centres = (anchors[:, :2] + anchors[:, 2:]) / 2
-    assert anchors.shape == (13 * 21, 4)
-    np.testing.assert_array_equal(np.unique(centres[:, 1]), np.arange(13) * 61)  # 800 // 13
-    np.testing.assert_array_equal(np.unique(centres[:, 0]), np.arange(21) * 64)  # 1344 // 21
+    """P6 of an 800×1344 extent: 13×21 cells with torchvision's strides 800 // 13 and 64."""
+    (level,) = ours((800, 1344), (1344, 1344), (64,), ((512,),), (1.0,))
+    boxes, valid = np.asarray(level.boxes), np.asarray(level.valid)
+    assert valid.sum() == 13 * 21 and boxes.shape == (21 * 21, 4)
+    centres = (boxes[valid, :2] + boxes[valid, 2:]) / 2
+    np.testing.assert_array_equal(np.unique(centres[:, 1]), np.arange(13) * 61)
+    np.testing.assert_array_equal(np.unique(centres[:, 0]), np.arange(21) * 64)
 
 
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(image_shape=(64,), feature_shapes=[(16, 16)], sizes=((8,),)), "image_shape"),
-        (dict(image_shape=(64, 64), feature_shapes=[(16, 16)], sizes=((8,), (16,))), "sizes"),
-        (dict(image_shape=(64, 64), feature_shapes=[(128, 16)], sizes=((8,),)), "feature_shapes"),
-        (dict(image_shape=(64, 64), feature_shapes=[(0, 16)], sizes=((8,),)), "feature_shapes"),
-        (dict(image_shape=(64, 64), feature_shapes=[(16, 16)], sizes=((),)), "sizes"),
+        (dict(feature_shapes=[(16, 16)], feature_strides=(4,), sizes=((8,), (16,))), "sizes"),
+        (dict(feature_shapes=[(16, 16)], feature_strides=(4, 8), sizes=((8,),)), "strides"),
+        (dict(feature_shapes=[(0, 16)], feature_strides=(4,), sizes=((8,),)), "feature_shapes"),
+        (dict(feature_shapes=[(16, 16)], feature_strides=(4,), sizes=((),)), "sizes"),
         (
-            dict(
-                image_shape=(64, 64),
-                feature_shapes=[(16, 16)],
-                sizes=((8,),),
-                aspect_ratios=(0.5, -1.0),
-            ),
+            dict(feature_shapes=[(16, 16)], feature_strides=(4,), sizes=((8,),),
+                 aspect_ratios=(0.5, -1.0)),
             "aspect_ratios",
         ),
         (
-            dict(
-                image_shape=(64, 64),
-                feature_shapes=[(16, 16)],
-                sizes=((8,),),
-                aspect_ratios=((1.0,), (2.0,)),
-            ),
+            dict(feature_shapes=[(16, 16)], feature_strides=(4,), sizes=((8,),),
+                 aspect_ratios=((1.0,), (2.0,))),
             "aspect_ratios",
         ),
     ],
-)
+)  # fmt: skip
 def test_bad_arguments_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        generate_anchors(**kwargs)
+        generate_anchors(np.array([64, 64]), **kwargs)

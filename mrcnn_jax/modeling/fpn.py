@@ -3,7 +3,8 @@
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mrcnn_jax.modeling.resnet import make_norm
+from mrcnn_jax.modeling.resnet import make_norm, mask_outside
+from mrcnn_jax.ops.extent import extent_mask
 
 
 def resize_nearest(x: jnp.ndarray, height: int, width: int) -> jnp.ndarray:
@@ -25,6 +26,9 @@ class FPN(nn.Module):
     nearest-upsampling top-down path, 3×3 output convs, and P6 as the stride-2 subsampling of P5
     (torchvision's `LastLevelMaxPool`). With `norm` (a `resnet.NORM_MODES` value) every conv
     drops its bias and is followed by BatchNorm `<conv>_bn`, as torchvision's v2 FPN.
+
+    With `valid_size [B, 2]` (each image's valid extent, `ops/extent.py`) the 3×3 convs' inputs
+    and all outputs are zero outside the extents and BatchNorm statistics count valid pixels only.
     """
 
     dim: int = 256
@@ -34,12 +38,17 @@ class FPN(nn.Module):
 
     @nn.compact
     def __call__(
-        self, features: dict[str, jnp.ndarray], train: bool = False
+        self,
+        features: dict[str, jnp.ndarray],
+        valid_size: jnp.ndarray | None = None,
+        train: bool = False,
     ) -> dict[str, jnp.ndarray]:
         norm = make_norm(self.norm, train, self.axis_name, self.dtype) if self.norm else None
 
-        def conv(x: jnp.ndarray, kernel: int, name: str) -> jnp.ndarray:
+        def conv(x: jnp.ndarray, kernel: int, name: str, level: int) -> jnp.ndarray:
             pad = kernel // 2
+            if kernel > 1:
+                x = mask_outside(x, valid_size, 2**level)
             x = nn.Conv(
                 self.dim,
                 (kernel, kernel),
@@ -48,16 +57,21 @@ class FPN(nn.Module):
                 dtype=self.dtype,
                 name=name,
             )(x)
-            return x if norm is None else norm(name=f"{name}_bn")(x)
+            if norm is None:
+                return x
+            mask = None if valid_size is None else extent_mask(valid_size, *x.shape[1:3], 2**level)
+            return norm(name=f"{name}_bn")(x, mask=mask)
 
         levels = (2, 3, 4, 5)
-        laterals = {lvl: conv(features[f"C{lvl}"], 1, f"lateral{lvl}") for lvl in levels}
+        laterals = {lvl: conv(features[f"C{lvl}"], 1, f"lateral{lvl}", lvl) for lvl in levels}
         outputs = {}
         top_down = laterals[5]
         for lvl in reversed(levels):
             if lvl < 5:
                 lateral = laterals[lvl]
                 top_down = lateral + resize_nearest(top_down, *lateral.shape[1:3])
-            outputs[f"P{lvl}"] = conv(top_down, 3, f"output{lvl}")
+            outputs[f"P{lvl}"] = mask_outside(
+                conv(top_down, 3, f"output{lvl}", lvl), valid_size, 2**lvl
+            )
         outputs["P6"] = outputs["P5"][:, ::2, ::2]
         return dict(sorted(outputs.items()))

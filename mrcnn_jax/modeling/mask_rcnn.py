@@ -3,6 +3,12 @@
 `MaskRCNN.from_config(config.model)` is called on a batch dict (keys of docs/CONTRACTS.md). In
 training it returns the predictions and targets the losses need (`TrainOutputs`); at inference it
 returns a fixed-size result per image. Every size comes from the config.
+
+The canvas never changes the answer: each image's valid extent (`image_size` rounded up to
+`size_divisibility`, `ops/extent.py`) bounds what the model computes on it: activations are zeroed
+outside it before every spatial convolution, BatchNorm statistics count only its pixels, anchors
+exist only inside it (with torchvision's per-image strides) and RoIAlign clamps at it, so an image
+gets what torchvision computes on that image alone, whatever canvas it is padded into.
 """
 
 from typing import NamedTuple
@@ -11,17 +17,18 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from mrcnn_jax.modeling.fpn import FPN
 from mrcnn_jax.modeling.resnet import ResNet
 from mrcnn_jax.modeling.roi_heads import BoxHead, MaskHead, detect_boxes, sample_rois
 from mrcnn_jax.modeling.rpn import RPNHead, generate_proposals
 from mrcnn_jax.ops import anchors as anchor_ops
+from mrcnn_jax.ops import extent as extent_ops
 from mrcnn_jax.ops import roi_align as roi_align_ops
 from mrcnn_jax.ops import targets as target_ops
 
 RPN_LEVELS = ("P2", "P3", "P4", "P5", "P6")
+RPN_STRIDES = (4, 8, 16, 32, 64)
 ROI_LEVELS = ("P2", "P3", "P4", "P5")
 MASK_SIZE_FACTOR = 2  # The mask head's deconv doubles the pooled size (14 → 28).
 
@@ -31,7 +38,9 @@ class TrainOutputs(NamedTuple):
 
     rpn_logits: jnp.ndarray  # [B, A] objectness logits over all levels' anchors.
     rpn_deltas: jnp.ndarray  # [B, A, 4].
-    anchors: jnp.ndarray  # [A, 4].
+    anchors: jnp.ndarray  # [B, A, 4] each image's anchors (canvas grid).
+    anchor_valid: jnp.ndarray  # [B, A] bool: inside the image's valid extent.
+    anchor_ids: jnp.ndarray  # [B, A] int32 canvas-independent ids (`LevelAnchors.index`).
     class_logits: jnp.ndarray  # [B, R, K + 1].
     box_deltas: jnp.ndarray  # [B, R, K, 4].
     roi_classes: jnp.ndarray  # [B, R] int32 targets (0 background).
@@ -119,13 +128,15 @@ class MaskRCNN(nn.Module):
             norm=r.head_norm,
         )
 
-    def _anchors(self, image_shape: tuple[int, int], pyramid: dict) -> list[np.ndarray]:
+    def _anchors(self, valid_size: jnp.ndarray, pyramid: dict) -> list[anchor_ops.LevelAnchors]:
+        """Per level, each image's anchors `[B, N_l, ...]` (see `anchor_ops.generate_anchors`)."""
         shapes = [pyramid[name].shape[1:3] for name in RPN_LEVELS]
-        return anchor_ops.generate_anchors(
-            image_shape, shapes, self.config.anchor_sizes, self.config.aspect_ratios
+        generate = lambda valid: anchor_ops.generate_anchors(
+            valid, shapes, RPN_STRIDES, self.config.anchor_sizes, self.config.aspect_ratios
         )
+        return jax.vmap(generate)(valid_size)
 
-    def _pool(self, pyramid: dict, boxes: jnp.ndarray, output_size: int) -> jnp.ndarray:
+    def _pool(self, pyramid: dict, boxes: jnp.ndarray, output_size: int, valid_size) -> jnp.ndarray:
         r = self.config.roi_heads
         return roi_align_ops.multilevel_roi_align(
             [pyramid[name] for name in ROI_LEVELS],
@@ -136,26 +147,30 @@ class MaskRCNN(nn.Module):
             aligned=r.aligned,
             mode=r.roi_align_mode,
             method=r.roi_align_method,
+            valid_size=valid_size,
         )
 
     def _proposals(self, logits, deltas, anchors, image_size, train: bool):
         rpn = self.config.rpn
-        propose = lambda lg, dl, size: generate_proposals(
+        propose = lambda lg, dl, boxes, valid, size: generate_proposals(
             lg,
             dl,
-            anchors,
+            boxes,
             size,
+            valid,
             pre_nms_topk=rpn.pre_nms_topk_train if train else rpn.pre_nms_topk_test,
             post_nms_topk=rpn.post_nms_topk_train if train else rpn.post_nms_topk_test,
             nms_threshold=rpn.nms_threshold,
             min_size=rpn.min_size,
         )
-        return jax.vmap(propose)(logits, deltas, image_size)
+        return jax.vmap(propose)(
+            logits, deltas, [a.boxes for a in anchors], [a.valid for a in anchors], image_size
+        )
 
-    def _mask_logits(self, pyramid: dict, boxes: jnp.ndarray, classes: jnp.ndarray) -> jnp.ndarray:
+    def _mask_logits(self, pyramid, boxes, classes, valid_size) -> jnp.ndarray:
         """Mask logits `[B, N, 28, 28]` of `classes [B, N]` (0..K-1) in `boxes [B, N, 4]`."""
         b, n = classes.shape
-        pooled = self._pool(pyramid, boxes, self.config.roi_heads.mask_pooler_size)
+        pooled = self._pool(pyramid, boxes, self.config.roi_heads.mask_pooler_size, valid_size)
         logits = self.mask_head(pooled.reshape(b * n, *pooled.shape[2:]), classes.reshape(-1))
         return logits.reshape(b, n, *logits.shape[1:])
 
@@ -163,9 +178,9 @@ class MaskRCNN(nn.Module):
         """Runs the model.
 
         Args:
-          batch: `image [B, H, W, 3]` float32 (normalised, padded), `image_size [B, 2]`; in
-            training also `gt_boxes [B, M, 4]`, `gt_classes [B, M]`, `gt_valid [B, M]`,
-            `gt_masks [B, M, S, S]`.
+          batch: `image [B, H, W, 3]` float32 (normalised, zero beyond each image's content),
+            `image_size [B, 2]` int32 (height, width of the content); in training also
+            `gt_boxes [B, M, 4]`, `gt_classes [B, M]`, `gt_valid [B, M]`, `gt_masks [B, M, S, S]`.
           train: training mode (batch-statistics BN, RoI sampling, `TrainOutputs`).
           keys: `[B]` PRNG keys, one per image, for RoI sampling (training only).
 
@@ -178,19 +193,25 @@ class MaskRCNN(nn.Module):
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"batch['image'] must be [B, H, W, 3], got shape {images.shape}")
         image_size = batch["image_size"]
-        pyramid = self.fpn(self.backbone(images, train=train), train=train)
+        valid_size = extent_ops.valid_size(
+            image_size, self.config.size_divisibility, images.shape[1:3]
+        )
+        features = self.backbone(images, valid_size, train=train)
+        pyramid = self.fpn(features, valid_size, train=train)
         rpn_logits, rpn_deltas = self.rpn_head([pyramid[name] for name in RPN_LEVELS])
-        anchors = self._anchors(images.shape[1:3], pyramid)
+        anchors = self._anchors(valid_size, pyramid)
         proposals = self._proposals(rpn_logits, rpn_deltas, anchors, image_size, train)
         if train:
             if keys is None:
                 raise ValueError("MaskRCNN(train=True) needs per-image PRNG `keys`")
             return self._train_outputs(
-                batch, pyramid, rpn_logits, rpn_deltas, anchors, proposals, keys
+                batch, valid_size, pyramid, rpn_logits, rpn_deltas, anchors, proposals, keys
             )
-        return self._inference(pyramid, proposals, image_size)
+        return self._inference(pyramid, proposals, image_size, valid_size)
 
-    def _train_outputs(self, batch, pyramid, rpn_logits, rpn_deltas, anchors, proposals, keys):
+    def _train_outputs(
+        self, batch, valid_size, pyramid, rpn_logits, rpn_deltas, anchors, proposals, keys
+    ):
         r = self.config.roi_heads
         sample = lambda key, boxes, valid, gt_boxes, gt_classes, gt_valid: sample_rois(
             key,
@@ -213,12 +234,12 @@ class MaskRCNN(nn.Module):
             batch["gt_valid"],
         )
         b, num_rois = targets.classes.shape
-        pooled = self._pool(pyramid, targets.rois, r.box_pooler_size)
+        pooled = self._pool(pyramid, targets.rois, r.box_pooler_size, valid_size)
         class_logits, box_deltas = self.box_head(pooled.reshape(b * num_rois, *pooled.shape[2:]))
 
         f = num_foreground_slots(r)
         fg_classes = jnp.maximum(targets.classes[:, :f] - 1, 0)
-        mask_logits = self._mask_logits(pyramid, targets.rois[:, :f], fg_classes)
+        mask_logits = self._mask_logits(pyramid, targets.rois[:, :f], fg_classes, valid_size)
         gt_index = targets.gt_index[:, :f]
         take = jax.vmap(lambda x, i: x[i])
         mask_targets = jax.vmap(target_ops.mask_targets, in_axes=(0, 0, 0, None))(
@@ -230,7 +251,9 @@ class MaskRCNN(nn.Module):
         return TrainOutputs(
             rpn_logits=jnp.concatenate(rpn_logits, axis=1),
             rpn_deltas=jnp.concatenate(rpn_deltas, axis=1),
-            anchors=jnp.asarray(np.concatenate(anchors)),
+            anchors=jnp.concatenate([a.boxes for a in anchors], axis=1),
+            anchor_valid=jnp.concatenate([a.valid for a in anchors], axis=1),
+            anchor_ids=jnp.concatenate([a.index for a in anchors], axis=1),
             class_logits=class_logits.reshape(b, num_rois, -1),
             box_deltas=box_deltas.reshape(b, num_rois, *box_deltas.shape[1:]),
             roi_classes=targets.classes,
@@ -242,10 +265,10 @@ class MaskRCNN(nn.Module):
             num_proposals=jnp.sum(proposals.valid, axis=1),
         )
 
-    def _inference(self, pyramid, proposals, image_size) -> dict[str, jnp.ndarray]:
+    def _inference(self, pyramid, proposals, image_size, valid_size) -> dict[str, jnp.ndarray]:
         r = self.config.roi_heads
         b, p = proposals.valid.shape
-        pooled = self._pool(pyramid, proposals.boxes, r.box_pooler_size)
+        pooled = self._pool(pyramid, proposals.boxes, r.box_pooler_size, valid_size)
         class_logits, box_deltas = self.box_head(pooled.reshape(b * p, *pooled.shape[2:]))
         detect = lambda logits, deltas, boxes, valid, size: detect_boxes(
             logits,
@@ -266,7 +289,9 @@ class MaskRCNN(nn.Module):
             proposals.valid,
             image_size,
         )
-        masks = jax.nn.sigmoid(self._mask_logits(pyramid, detections.boxes, detections.classes))
+        masks = jax.nn.sigmoid(
+            self._mask_logits(pyramid, detections.boxes, detections.classes, valid_size)
+        )
         return {
             "boxes": detections.boxes,
             "scores": detections.scores,

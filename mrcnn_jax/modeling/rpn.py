@@ -4,6 +4,7 @@ As torchvision's `rpn.py` (`RPNHead`, `filter_proposals`, `assign_targets_to_anc
 `compute_loss`): everything the RPN stage needs lives here; `MaskRCNN` composes it.
 """
 
+import functools
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -76,6 +77,7 @@ def generate_proposals(
     deltas: Sequence[jnp.ndarray],
     anchors: Sequence[jnp.ndarray],
     image_size: jnp.ndarray,
+    anchor_valid: Sequence[jnp.ndarray] | None = None,
     *,
     pre_nms_topk: int,
     post_nms_topk: int,
@@ -84,18 +86,27 @@ def generate_proposals(
 ) -> Proposals:
     """torchvision's `RegionProposalNetwork.filter_proposals` for ONE image, static shapes.
 
-    Per level: the `pre_nms_topk` highest objectness logits, their anchors decoded with weights
-    (1, 1, 1, 1) and clipped to `image_size`; boxes smaller than `min_size` are dropped; NMS at
-    `nms_threshold` runs independently per level; the `post_nms_topk` best survivors over all
-    levels are returned sorted by score, padded with `valid=False`.
+    Per level: the `pre_nms_topk` highest objectness logits of the existing anchors, their
+    anchors decoded with weights (1, 1, 1, 1) and clipped to `image_size`; boxes smaller than
+    `min_size` are dropped; NMS at `nms_threshold` runs independently per level; the
+    `post_nms_topk` best survivors over all levels are returned sorted by score, padded with
+    `valid=False`.
 
     Args:
       logits: per level `[N_l]` objectness logits. deltas: per level `[N_l, 4]`.
       anchors: per level `[N_l, 4]` anchors (x1, y1, x2, y2) in input pixels.
       image_size: `[2]` (height, width) of the image content (proposals are clipped to it).
+      anchor_valid: per level `[N_l]` bool, the anchors that exist (inside the image's valid
+        extent, `anchors.LevelAnchors.valid`); None: all.
     """
+    if anchor_valid is None:
+        anchor_valid = [None] * len(logits)
     all_boxes, all_scores, all_levels = [], [], []
-    for level, (lvl_logits, lvl_deltas, lvl_anchors) in enumerate(zip(logits, deltas, anchors)):
+    for level, (lvl_logits, lvl_deltas, lvl_anchors, lvl_valid) in enumerate(
+        zip(logits, deltas, anchors, anchor_valid)
+    ):
+        if lvl_valid is not None:
+            lvl_logits = jnp.where(lvl_valid, lvl_logits, -jnp.inf)
         k = min(pre_nms_topk, lvl_logits.shape[0])
         scores, idx = jax.lax.top_k(lvl_logits, k)
         boxes = box_ops.decode_boxes(lvl_deltas[idx], jnp.asarray(lvl_anchors)[idx])
@@ -117,21 +128,20 @@ def generate_proposals(
 
 
 def _rpn_loss_sums_one_image(
-    key,
-    logits,
-    deltas,
-    anchors,
-    gt_boxes,
-    gt_valid,
-    *,
-    fg_iou,
-    bg_iou,
-    batch_size,
-    pos_fraction,
-    beta,
+    key, logits, deltas, anchors, anchor_valid, anchor_ids, gt_boxes, gt_valid, rpn_config
 ):
-    labels, gt_index = target_ops.label_anchors(anchors, gt_boxes, gt_valid, fg_iou, bg_iou)
-    sample = target_ops.sample_balanced(key, labels == 1, labels == 0, batch_size, pos_fraction)
+    c = rpn_config
+    labels, gt_index = target_ops.label_anchors(
+        anchors, gt_boxes, gt_valid, c["fg_iou"], c["bg_iou"], anchor_valid
+    )
+    sample = target_ops.sample_balanced(
+        key,
+        labels == 1,
+        labels == 0,
+        c["batch_size_per_image"],
+        c["positive_fraction"],
+        anchor_ids,
+    )
     idx = sample.indices
     bce = optax.sigmoid_binary_cross_entropy(logits[idx], sample.is_positive.astype(jnp.float32))
     cls_sum = jnp.sum(jnp.where(sample.valid, bce, 0.0))
@@ -139,7 +149,7 @@ def _rpn_loss_sums_one_image(
     matched = jnp.where(positive[:, None], gt_boxes[gt_index[idx]], jnp.array([0.0, 0.0, 1.0, 1.0]))
     ref = jnp.where(positive[:, None], anchors[idx], jnp.array([0.0, 0.0, 1.0, 1.0]))
     box_targets = box_ops.encode_boxes(matched, ref)
-    box_err = box_ops.smooth_l1(deltas[idx] - box_targets, beta)
+    box_err = box_ops.smooth_l1(deltas[idx] - box_targets, c["smooth_l1_beta"])
     box_sum = jnp.sum(jnp.where(positive[:, None], box_err, 0.0))
     return cls_sum, box_sum
 
@@ -149,6 +159,8 @@ def rpn_losses(
     logits: jnp.ndarray,
     deltas: jnp.ndarray,
     anchors: jnp.ndarray,
+    anchor_valid: jnp.ndarray,
+    anchor_ids: jnp.ndarray,
     gt_boxes: jnp.ndarray,
     gt_valid: jnp.ndarray,
     *,
@@ -160,14 +172,17 @@ def rpn_losses(
 ) -> tuple[jnp.ndarray, jnp.ndarray]:
     """The RPN's objectness and box losses of B images (torchvision's `RPN.compute_loss`).
 
-    Per image, anchors with IoU ≥ `fg_iou` to a valid GT (and each GT's best anchors) are
-    positive, those below `bg_iou` negative (`target_ops.label_anchors`);
-    `batch_size_per_image` of them are sampled with at most `positive_fraction` positives.
+    Per image, existing anchors with IoU ≥ `fg_iou` to a valid GT (and each GT's best anchors)
+    are positive, those below `bg_iou` negative (`target_ops.label_anchors`);
+    `batch_size_per_image` of them are sampled with at most `positive_fraction` positives, the
+    draw keyed by the anchors' `anchor_ids` (so it does not depend on the canvas).
 
     Args:
       keys: `[B]` PRNG keys for the sampling.
       logits: `[B, A]` objectness logits; deltas: `[B, A, 4]`, over all levels' anchors.
-      anchors: `[A, 4]` (x1, y1, x2, y2) input pixels.
+      anchors: `[B, A, 4]` (x1, y1, x2, y2) input pixels; anchor_valid: `[B, A]` bool, the
+        anchors inside each image's valid extent (the others are never sampled); anchor_ids:
+        `[B, A]` int32 layout-independent ids (`anchors.LevelAnchors.index`).
       gt_boxes: `[B, M, 4]`; gt_valid: `[B, M]` bool.
 
     Returns:
@@ -175,20 +190,16 @@ def rpn_losses(
       of positive anchors' deltas, both divided by `batch_size_per_image · B` (a constant, so the
       `pmean` over replicas is the global batch's loss).
     """
-    per_image = lambda key, lg, dl, boxes, valid: _rpn_loss_sums_one_image(
-        key,
-        lg,
-        dl,
-        anchors,
-        boxes,
-        valid,
-        fg_iou=fg_iou,
-        bg_iou=bg_iou,
-        batch_size=batch_size_per_image,
-        pos_fraction=positive_fraction,
-        beta=smooth_l1_beta,
+    rpn_config = {
+        "fg_iou": fg_iou,
+        "bg_iou": bg_iou,
+        "batch_size_per_image": batch_size_per_image,
+        "positive_fraction": positive_fraction,
+        "smooth_l1_beta": smooth_l1_beta,
+    }
+    per_image = functools.partial(_rpn_loss_sums_one_image, rpn_config=rpn_config)
+    cls_sums, box_sums = jax.vmap(per_image)(
+        keys, logits, deltas, anchors, anchor_valid, anchor_ids, gt_boxes, gt_valid
     )
-    anchors = jnp.asarray(anchors)  # May be a numpy constant, indexed by traced indices.
-    cls_sums, box_sums = jax.vmap(per_image)(keys, logits, deltas, gt_boxes, gt_valid)
     norm = batch_size_per_image * logits.shape[0]
     return jnp.sum(cls_sums) / norm, jnp.sum(box_sums) / norm

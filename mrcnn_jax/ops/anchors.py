@@ -1,12 +1,18 @@
-"""FPN anchors, computed once in numpy so they are static constants of the jitted program.
+"""FPN anchors of one image, over the image's valid extent inside the static canvas.
 
-Numerically identical to torchvision's `AnchorGenerator` (float32 throughout, the same rounding
-and the same order), so torchvision RPN weights apply unchanged.
+Numerically identical to torchvision's `AnchorGenerator` on the image padded to its valid extent
+(float32 throughout, the same rounding, strides and order), so torchvision RPN weights apply
+unchanged and the canvas size never changes which anchors exist. The cell anchors are numpy
+constants; the shifts follow the (traced) extent, so this is jittable and vmappable.
 """
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
+import jax.numpy as jnp
 import numpy as np
+
+from mrcnn_jax.ops.extent import feature_extent
 
 DEFAULT_SIZES = ((32,), (64,), (128,), (256,), (512,))
 DEFAULT_ASPECT_RATIOS = (0.5, 1.0, 2.0)
@@ -45,49 +51,73 @@ def _per_level_ratios(
     return per_level
 
 
+class LevelAnchors(NamedTuple):
+    """The anchors of one FPN level on the canvas grid `[H_l * W_l * A]` (row, column, anchor)."""
+
+    boxes: jnp.ndarray  # [N_l, 4] float32 (x1, y1, x2, y2) input pixels.
+    valid: jnp.ndarray  # [N_l] bool: the cell lies in the image's extent (torchvision has it).
+    index: jnp.ndarray  # [N_l] int32: its position in torchvision's anchors of the image.
+
+
 def generate_anchors(
-    image_shape: Sequence[int],
+    valid_size: jnp.ndarray,
     feature_shapes: Sequence[Sequence[int]],
+    feature_strides: Sequence[int],
     sizes: Sequence[Sequence[float]] = DEFAULT_SIZES,
     aspect_ratios: Sequence[float] | Sequence[Sequence[float]] = DEFAULT_ASPECT_RATIOS,
-) -> list[np.ndarray]:
-    """Anchors of every FPN level, in torchvision `AnchorGenerator` order.
+) -> list[LevelAnchors]:
+    """Anchors of every FPN level of one image, torchvision `AnchorGenerator` order and values.
+
+    torchvision, on the image padded to `valid_size = (H, W)`, has a grid of
+    `n_l = ceil((H, W) / feature_stride_l)` cells at level l and shifts them by
+    `stride = (H, W) // n_l` per axis (P6 of 800×1344: 13×21 cells, strides 61 and 64). Here the
+    grid is the canvas's `feature_shapes[l]` (at least `n_l`); cells beyond `n_l` are not valid.
 
     Args:
-        image_shape: `(H, W)` of the padded input image.
-        feature_shapes: `[(H_l, W_l), ...]` of each level's feature map (e.g. P2..P6).
+        valid_size: `[2]` int (H, W) valid extent of the image (`extent.valid_size`).
+        feature_shapes: `[(H_l, W_l), ...]` canvas feature-map sizes (static).
+        feature_strides: nominal stride of each level, e.g. `(4, 8, 16, 32, 64)` for P2..P6.
         sizes: per level, the anchor sizes (sqrt of the area in pixels), e.g. `((32,), ...)`.
         aspect_ratios: height / width ratios, one list shared by all levels or one per level.
 
     Returns:
-        One float32 `np.ndarray [H_l * W_l * A_l, 4]` (x1, y1, x2, y2) per level, with
-        `A_l = len(aspect_ratios_l) * len(sizes[l])`. Row `(i * W_l + j) * A_l + a` is cell anchor
-        `a` (see `cell_anchors`) shifted by `(j * stride_x, i * stride_y)` where
-        `stride = image // feature` per axis, as torchvision (a level whose size does not divide
-        the image, e.g. P6 13x21 of 800x1344, gets strides 61 and 64).
+        One `LevelAnchors` per level; row `(i * W_l + j) * A_l + a` is cell anchor `a` (see
+        `cell_anchors`) shifted by `(j * stride_x, i * stride_y)`, `A_l = len(ratios_l) *
+        len(sizes[l])`. `index` numbers the valid anchors of all levels consecutively in that
+        order (torchvision's concatenation), so it does not depend on the canvas.
     """
-    if len(image_shape) != 2 or min(image_shape) < 1:
-        raise ValueError(f"image_shape must be a positive (H, W), got {image_shape!r}")
-    if len(sizes) != len(feature_shapes):
+    if len(sizes) != len(feature_shapes) or len(feature_strides) != len(feature_shapes):
         raise ValueError(
-            f"sizes has {len(sizes)} levels but feature_shapes has {len(feature_shapes)}"
+            f"sizes ({len(sizes)}), feature_shapes ({len(feature_shapes)}) and feature_strides "
+            f"({len(feature_strides)}) need one entry per level"
         )
-    anchors = []
-    for shape, level_sizes, ratios in zip(
-        feature_shapes, sizes, _per_level_ratios(aspect_ratios, len(sizes))
+    valid_size = jnp.asarray(valid_size, jnp.int32)
+    anchors, offset = [], jnp.zeros((), jnp.int32)
+    for shape, stride, level_sizes, ratios in zip(
+        feature_shapes, feature_strides, sizes, _per_level_ratios(aspect_ratios, len(sizes))
     ):
-        if len(shape) != 2 or min(shape) < 1 or any(f > i for f, i in zip(shape, image_shape)):
-            raise ValueError(
-                f"feature_shapes entry {shape!r} must be a positive (H_l, W_l) no larger than "
-                f"image_shape {image_shape!r}"
-            )
+        if len(shape) != 2 or min(shape) < 1:
+            raise ValueError(f"feature_shapes entry {shape!r} must be a positive (H_l, W_l)")
         if len(level_sizes) == 0 or not all(float(s) > 0 for s in level_sizes):
             raise ValueError(f"sizes must be non-empty and positive per level, got {level_sizes!r}")
-        stride_y, stride_x = (i // f for i, f in zip(image_shape, shape))
-        shift_y, shift_x = np.meshgrid(
-            np.arange(shape[0]) * stride_y, np.arange(shape[1]) * stride_x, indexing="ij"
+        cells = cell_anchors(level_sizes, ratios)
+        grid = feature_extent(valid_size, stride)  # torchvision's feature-map size
+        step = valid_size // grid
+        rows, cols = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
+        rows, cols = rows.reshape(-1, 1), cols.reshape(-1, 1)
+        shift_x = (cols * step[1]).astype(jnp.float32)
+        shift_y = (rows * step[0]).astype(jnp.float32)
+        shifts = jnp.stack([shift_x, shift_y, shift_x, shift_y], axis=-1)  # [H_l*W_l, 1, 4]
+        boxes = (shifts + cells[None]).reshape(-1, 4)
+        num = len(cells)
+        inside = (rows < grid[0]) & (cols < grid[1])  # [H_l*W_l, 1]
+        cell_index = (rows * grid[1] + cols) * num + np.arange(num)
+        anchors.append(
+            LevelAnchors(
+                boxes=boxes,
+                valid=jnp.broadcast_to(inside, cell_index.shape).reshape(-1),
+                index=(offset + cell_index).reshape(-1).astype(jnp.int32),
+            )
         )
-        shifts = np.stack([shift_x, shift_y, shift_x, shift_y], axis=-1).reshape(-1, 1, 4)
-        level = shifts.astype(np.float32) + cell_anchors(level_sizes, ratios)[None]
-        anchors.append(level.reshape(-1, 4))
+        offset = offset + grid[0] * grid[1] * num
     return anchors

@@ -9,7 +9,9 @@ in the coordinates of the feature map (`spatial_scale` times image pixels):
   samples at `start + p * bin + (i + 0.5) * bin / sampling_ratio`;
 - a sample at `y < -1` or `y > H` contributes 0; otherwise `y` is clamped to `[0, H - 1]` (samples
   in `[-1, 0]` read row 0, samples at/after the last row read the last row) and bilinearly
-  interpolated between rows `floor(y)` and `floor(y) + 1`;
+  interpolated between rows `floor(y)` and `floor(y) + 1`. `H` is the map's valid extent: the
+  whole map, or the image's extent inside a padded canvas (`ops/extent.py`), so that a canvas
+  computes what torchvision computes on the image padded to its extent;
 - `mode="avg"` averages the `sampling_ratio²` samples of a bin (zeros included), `mode="max"` takes
   their maximum (zeros of out-of-map samples included).
 
@@ -49,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mrcnn_jax.ops.boxes import box_area
+from mrcnn_jax.ops.extent import feature_extent
 
 Mode = Literal["avg", "max"]
 Method = Literal["gather", "einsum"]
@@ -98,6 +101,7 @@ def roi_align(
     aligned: bool = False,
     mode: Mode = "avg",
     method: Method = "gather",
+    extent: jax.Array | None = None,
 ) -> jax.Array:
     """RoIAlign of `R` boxes on one feature map of one image.
 
@@ -112,6 +116,8 @@ def roi_align(
         smaller than one feature pixel; False is the legacy rule (torchvision's Mask R-CNN v1).
       mode: `"avg"` (torchvision) or `"max"` over the bilinear samples of each bin.
       method: `"gather"` or `"einsum"`, see the module docstring.
+      extent: `[2]` int (height, width) of the valid part of the map (feature pixels, at most
+        `[H, W]`); samples are clamped and dropped at it. None: the whole map.
 
     Returns:
       `[R, S_h, S_w, C]` pooled features, dtype of `features`. Differentiable w.r.t. `features`.
@@ -121,8 +127,10 @@ def roi_align(
         raise ValueError(f"features must be [H, W, C], got shape {features.shape}.")
     _check_boxes(boxes, ndim=2)
     level = jnp.zeros(boxes.shape[:1], jnp.int32)
+    extents = None if extent is None else jnp.asarray(extent, jnp.int32)[None]
     return _roi_align_levels(
-        [features], [spatial_scale], boxes, level, bins, sampling_ratio, aligned, mode, method)
+        [features], [spatial_scale], boxes, level, bins, sampling_ratio, aligned, mode, method,
+        extents)
 
 
 def multilevel_roi_align(
@@ -137,6 +145,7 @@ def multilevel_roi_align(
     canonical_box_size: float = 224,
     canonical_level: int = 4,
     method: Method = "gather",
+    valid_size: jax.Array | None = None,
 ) -> jax.Array:
     """RoIAlign of each box on its FPN level (`assign_fpn_levels`), batched over images.
 
@@ -150,6 +159,8 @@ def multilevel_roi_align(
       output_size, sampling_ratio, aligned, mode, method: as in `roi_align`.
       min_level: level of `features[0]`.
       canonical_box_size, canonical_level: the level rule's constants.
+      valid_size: `[B, 2]` int (height, width) valid extent of each image in input pixels
+        (`extent.valid_size`); level `l` is clamped at `ceil(valid_size / 2**l)`. None: the maps.
 
     Returns:
       `[B, R, S_h, S_w, C]` pooled features, dtype of the features.
@@ -171,13 +182,21 @@ def multilevel_roi_align(
     max_level = min_level + len(features) - 1
     scales = [2.0**-level for level in range(min_level, max_level + 1)]
 
-    def one_image(levels: list[jax.Array], image_boxes: jax.Array) -> jax.Array:
+    if valid_size is None:
+        valid_size = jnp.tile(jnp.asarray(features[0].shape[1:3], jnp.int32) << min_level,
+                              (boxes.shape[0], 1))
+
+    def one_image(levels: list[jax.Array], image_boxes: jax.Array, image_valid: jax.Array):
         level = assign_fpn_levels(
             image_boxes, min_level, max_level, canonical_box_size, canonical_level) - min_level
+        extents = jnp.stack([
+            jnp.minimum(feature_extent(image_valid, 2**lvl), jnp.asarray(f.shape[:2]))
+            for lvl, f in enumerate(levels, start=min_level)])
         return _roi_align_levels(
-            levels, scales, image_boxes, level, bins, sampling_ratio, aligned, mode, method)
+            levels, scales, image_boxes, level, bins, sampling_ratio, aligned, mode, method,
+            extents)
 
-    return jax.vmap(one_image)(features, boxes)
+    return jax.vmap(one_image)(features, boxes, jnp.asarray(valid_size, jnp.int32))
 
 
 def _check_static_args(
@@ -215,8 +234,10 @@ def _roi_align_levels(
     aligned: bool,
     mode: str,
     method: str,
+    extents: jax.Array | None,
 ) -> jax.Array:
-    """RoIAlign of box `r` on `levels[level[r]]` (`[H_l, W_l, C]`, spatial scale `scales[l]`).
+    """RoIAlign of box `r` on `levels[level[r]]` (`[H_l, W_l, C]`, spatial scale `scales[l]`),
+    clamped at `extents [L, 2]` (valid height, width of each level; None: the whole maps).
 
     Returns `[R, S_h, S_w, C]` in the dtype of the levels."""
     dtype = jnp.promote_types(levels[0].dtype, jnp.float32)
@@ -224,9 +245,11 @@ def _roi_align_levels(
     scale = jnp.asarray(scales, dtype)[level]
     heights = np.array([f.shape[0] for f in levels])
     widths = np.array([f.shape[1] for f in levels])
-    ys = _axis_samples(boxes[:, 1], boxes[:, 3], scale, jnp.asarray(heights)[level],
+    if extents is None:
+        extents = jnp.asarray(np.stack([heights, widths], axis=1))
+    ys = _axis_samples(boxes[:, 1], boxes[:, 3], scale, extents[level, 0],
                        bins[0], sampling_ratio, aligned)
-    xs = _axis_samples(boxes[:, 0], boxes[:, 2], scale, jnp.asarray(widths)[level],
+    xs = _axis_samples(boxes[:, 0], boxes[:, 2], scale, extents[level, 1],
                        bins[1], sampling_ratio, aligned)
     if method == "gather":
         flat = jnp.concatenate([f.reshape(-1, f.shape[-1]) for f in levels])

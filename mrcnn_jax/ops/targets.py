@@ -33,6 +33,7 @@ def label_anchors(
     gt_valid: jnp.ndarray,
     fg_iou: float,
     bg_iou: float,
+    anchor_valid: jnp.ndarray | None = None,
 ) -> tuple[jnp.ndarray, jnp.ndarray]:
     """RPN anchor labels, torchvision's `Matcher(allow_low_quality_matches=True)`.
 
@@ -40,33 +41,52 @@ def label_anchors(
       anchors: [A, 4] anchors.
       gt_boxes: [M, 4] ground truth; gt_valid: [M] bool.
       fg_iou: IoU at/above which an anchor is positive; bg_iou: max IoU below which it is negative.
+      anchor_valid: [A] bool, anchors that exist (inside the image's valid extent); the others are
+        ignored (-1) and take no part in the low-quality matches. None: all exist.
 
     Returns:
       labels [A] int32 (1 positive, 0 negative, -1 ignored) and the matched GT index [A] int32.
       An anchor whose IoU with some valid GT equals that GT's best (non-zero) IoU is positive too.
-      With no valid GT every anchor is negative.
+      With no valid GT every existing anchor is negative.
     """
     iou = box_ops.pairwise_iou(gt_boxes, anchors)  # [M, A]
     iou = jnp.where(gt_valid[:, None], iou, -1.0)
+    if anchor_valid is not None:
+        iou = jnp.where(anchor_valid[None, :], iou, -1.0)
     max_iou = jnp.max(iou, axis=0)
     gt_index = jnp.argmax(iou, axis=0).astype(jnp.int32)
     labels = jnp.where(max_iou >= fg_iou, 1, jnp.where(max_iou < bg_iou, 0, -1))
     best_per_gt = jnp.max(iou, axis=1, keepdims=True)  # [M, 1]
     low_quality = jnp.any((iou == best_per_gt) & (best_per_gt > 0) & gt_valid[:, None], axis=0)
-    labels = jnp.where(low_quality, 1, labels).astype(jnp.int32)
-    return labels, gt_index
+    labels = jnp.where(low_quality, 1, labels)
+    if anchor_valid is not None:
+        labels = jnp.where(anchor_valid, labels, -1)
+    return labels.astype(jnp.int32), gt_index
+
+
+def _random_priority(key: jax.Array, ids: jnp.ndarray) -> jnp.ndarray:
+    """`[N]` int32 pseudo-random priorities in [0, 2^31), a function of (key, id) only.
+
+    Hashing each candidate's id (murmur3's finaliser) instead of drawing by position makes a
+    sample independent of where the candidates sit in a padded array: the same candidates with
+    the same ids are drawn in any layout.
+    """
+    x = ids.astype(jnp.uint32) * jnp.uint32(0x9E3779B9) + jax.random.bits(key, (), jnp.uint32)
+    x = (x ^ (x >> 16)) * jnp.uint32(0x85EBCA6B)
+    x = (x ^ (x >> 13)) * jnp.uint32(0xC2B2AE35)
+    return ((x ^ (x >> 16)) >> 1).astype(jnp.int32)
 
 
 def _take_random(
-    key: jax.Array, candidates: jnp.ndarray, k: int
+    key: jax.Array, candidates: jnp.ndarray, k: int, ids: jnp.ndarray
 ) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """Picks up to `k` random indices where `candidates [N]` is True.
+    """Picks up to `k` random indices where `candidates [N]` is True, by `_random_priority(ids)`.
 
     Returns `(indices [k] int32, count)`: the first `count = min(k, sum(candidates))` indices are
     distinct random candidates, the rest are padding. `k` may exceed `N` (the tail is then 0s).
     """
     top = min(k, candidates.shape[0])
-    priority = jnp.where(candidates, jax.random.uniform(key, candidates.shape), -1.0)
+    priority = jnp.where(candidates, _random_priority(key, ids), -1)
     _, indices = jax.lax.top_k(priority, top)
     indices = jnp.pad(indices.astype(jnp.int32), (0, k - top))
     count = jnp.minimum(jnp.sum(candidates), k)
@@ -88,18 +108,22 @@ def sample_balanced(
     negative: jnp.ndarray,
     batch_size: int,
     positive_fraction: float,
+    ids: jnp.ndarray | None = None,
 ) -> Sample:
     """Detectron2/torchvision `BalancedPositiveNegativeSampler` with a static output size.
 
     Draws `p = min(#positive, int(batch_size * positive_fraction))` positives and
     `min(#negative, batch_size - p)` negatives uniformly at random without replacement from the
     boolean masks `positive [N]`, `negative [N]` (disjoint). Slot `i < p` holds a positive, slots
-    `p <= i < p + n` negatives; `S = batch_size`.
+    `p <= i < p + n` negatives; `S = batch_size`. The draw depends on `key` and each candidate's
+    `ids [N]` int32 (default: its position), not on where it sits: give layout-independent ids
+    (e.g. `anchors.LevelAnchors.index`) to draw the same sample from any padded layout.
     """
     key_pos, key_neg = jax.random.split(key)
+    ids = jnp.arange(positive.shape[0], dtype=jnp.int32) if ids is None else ids
     max_positive = int(batch_size * positive_fraction)
-    pos_idx, num_pos = _take_random(key_pos, positive, max_positive)
-    neg_idx, num_neg_available = _take_random(key_neg, negative, batch_size)
+    pos_idx, num_pos = _take_random(key_pos, positive, max_positive, ids)
+    neg_idx, num_neg_available = _take_random(key_neg, negative, batch_size, ids)
     num_neg = jnp.minimum(num_neg_available, batch_size - num_pos)
     slot = jnp.arange(batch_size)
     is_positive = slot < num_pos

@@ -41,6 +41,8 @@ def mask_rcnn_losses(
         outputs.rpn_logits,
         outputs.rpn_deltas,
         outputs.anchors,
+        outputs.anchor_valid,
+        outputs.anchor_ids,
         batch["gt_boxes"],
         batch["gt_valid"],
         fg_iou=rpn.fg_iou,
