@@ -50,3 +50,40 @@ def numpy_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     inter = np.prod(np.clip(rb - lt, 0, None), axis=-1)
     union = area_a[:, None] + area_b[None, :] - inter
     return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+
+
+def anchor_labels_numpy(anchors, gt_boxes, gt_valid, fg_iou, bg_iou):
+    """Matcher with low-quality matches: labels 1/0/-1 and the argmax GT row of every anchor."""
+    rows = np.flatnonzero(gt_valid)
+    if len(rows) == 0:
+        return np.zeros(len(anchors), int), np.zeros(len(anchors), int)
+    iou = numpy_iou(gt_boxes[rows], anchors)  # [G, A]
+    best = iou.max(axis=0)
+    labels = np.where(best >= fg_iou, 1, np.where(best < bg_iou, 0, -1))
+    for g in range(len(rows)):
+        if iou[g].max() > 0:
+            labels[iou[g] == iou[g].max()] = 1
+    return labels, rows[iou.argmax(axis=0)]
+
+
+def encode_numpy(gt, ref, weights=(1.0, 1.0, 1.0, 1.0)):
+    """Faster R-CNN deltas of `gt` relative to `ref` (x1, y1, x2, y2), float64."""
+    gt, ref = gt.astype(np.float64), ref.astype(np.float64)
+    gw, gh = gt[:, 2] - gt[:, 0], gt[:, 3] - gt[:, 1]
+    rw, rh = ref[:, 2] - ref[:, 0], ref[:, 3] - ref[:, 1]
+    dx = (gt[:, 0] + gw / 2 - ref[:, 0] - rw / 2) / rw
+    dy = (gt[:, 1] + gh / 2 - ref[:, 1] - rh / 2) / rh
+    wx, wy, ww, wh = weights
+    return np.stack([wx * dx, wy * dy, ww * np.log(gw / rw), wh * np.log(gh / rh)], axis=1)
+
+
+def bce_numpy(logits, labels):
+    """Elementwise sigmoid binary cross-entropy of logits against (soft) labels, float64."""
+    logits = logits.astype(np.float64)
+    return np.maximum(logits, 0) - logits * labels + np.log1p(np.exp(-np.abs(logits)))
+
+
+def smooth_l1_numpy(x, beta):
+    """Elementwise smooth L1 (Huber / beta); `beta = 0` is plain L1."""
+    ax = np.abs(x)
+    return ax if beta == 0 else np.where(ax < beta, 0.5 * ax**2 / beta, ax - 0.5 * beta)

@@ -1,22 +1,22 @@
 """Tests for mrcnn_jax.ops.boxes against plain numpy and torchvision."""
 
+import functools
 import math
 
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from mrcnn_jax.ops import boxes as box_ops
+from mrcnn_jax.ops.boxes import smooth_l1
 
 WEIGHTS = [(1.0, 1.0, 1.0, 1.0), (10.0, 10.0, 5.0, 5.0)]
 
 
-def random_boxes(rng: np.random.Generator, n: int, extent: float = 100.0) -> np.ndarray:
-    """[n, 4] float32 boxes with corners in [0, extent] and sizes in [1, 40]."""
-    xy = rng.uniform(0, extent, (n, 2))
-    wh = rng.uniform(1, 40, (n, 2))
-    return np.concatenate([xy, xy + wh], axis=1).astype(np.float32)
+# [n, 4] float32 boxes with top-left corners in [0, 100) and sizes in [1, 40).
+random_boxes = functools.partial(helpers.random_boxes, extent=100.0, min_wh=1.0, max_wh=40.0)
 
 
 def edge_boxes() -> np.ndarray:
@@ -231,6 +231,21 @@ def test_clip_boxes_matches_torchvision():
     boxes = np.random.default_rng(7).uniform(-100, 300, (50, 4)).astype(np.float32)
     expected = torchvision.ops.clip_boxes_to_image(torch.from_numpy(boxes), (90, 130)).numpy()
     np.testing.assert_array_equal(box_ops.clip_boxes(jnp.asarray(boxes), (90, 130)), expected)
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0 / 9.0, 1.0, 2.5])
+def test_smooth_l1_matches_torch(beta):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    x = np.concatenate(
+        [rng.normal(0, 2, 200), [0.0, beta, -beta, beta * 0.999, -beta * 1.001, 1e-7, -3.0]]
+    ).astype(np.float32)
+    want = torch.nn.functional.smooth_l1_loss(
+        torch.as_tensor(x), torch.zeros(len(x)), reduction="none", beta=beta
+    ).numpy()
+    np.testing.assert_allclose(jax.jit(smooth_l1, static_argnums=1)(x, beta), want, rtol=1e-6)
+    grad = jax.vmap(jax.grad(smooth_l1), in_axes=(0, None))(x, beta)
+    assert np.isfinite(grad).all()
 
 
 def test_bad_static_arguments_raise():

@@ -1,72 +1,22 @@
-"""Mask R-CNN losses against torch's smooth L1 and a plain numpy computation of the five terms."""
+"""The summed Mask R-CNN loss (`train.losses.mask_rcnn_losses`) against a plain numpy computation
+of the five terms; each stage's loss alone is tested in test_rpn.py and test_roi_heads.py."""
 
 import functools
 
 import jax
 import numpy as np
-import pytest
 from conftest import tiny_config
-from references import numpy_iou
+from helpers import random_boxes
+from references import anchor_labels_numpy, bce_numpy, encode_numpy, smooth_l1_numpy
 
 from mrcnn_jax.modeling.mask_rcnn import TrainOutputs
 from mrcnn_jax.ops import targets
-from mrcnn_jax.ops.boxes import smooth_l1
 from mrcnn_jax.train.losses import mask_rcnn_losses
 
 NAMES = ("loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box_reg", "loss_mask")
 
 
-@pytest.mark.parametrize("beta", [0.0, 1.0 / 9.0, 1.0, 2.5])
-def test_smooth_l1_matches_torch(beta):
-    torch = pytest.importorskip("torch")
-    rng = np.random.default_rng(0)
-    x = np.concatenate(
-        [rng.normal(0, 2, 200), [0.0, beta, -beta, beta * 0.999, -beta * 1.001, 1e-7, -3.0]]
-    ).astype(np.float32)
-    want = torch.nn.functional.smooth_l1_loss(
-        torch.as_tensor(x), torch.zeros(len(x)), reduction="none", beta=beta
-    ).numpy()
-    np.testing.assert_allclose(jax.jit(smooth_l1, static_argnums=1)(x, beta), want, rtol=1e-6)
-    grad = jax.vmap(jax.grad(smooth_l1), in_axes=(0, None))(x, beta)
-    assert np.isfinite(grad).all()
-
-
 # --------------------------------------------------------------------------- numpy reference
-
-
-def anchor_labels_numpy(anchors, gt_boxes, gt_valid, fg_iou, bg_iou):
-    """Matcher with low-quality matches: labels 1/0/-1 and the argmax GT row of every anchor."""
-    rows = np.flatnonzero(gt_valid)
-    if len(rows) == 0:
-        return np.zeros(len(anchors), int), np.zeros(len(anchors), int)
-    iou = numpy_iou(gt_boxes[rows], anchors)  # [G, A]
-    best = iou.max(axis=0)
-    labels = np.where(best >= fg_iou, 1, np.where(best < bg_iou, 0, -1))
-    for g in range(len(rows)):
-        if iou[g].max() > 0:
-            labels[iou[g] == iou[g].max()] = 1
-    return labels, rows[iou.argmax(axis=0)]
-
-
-def encode_numpy(gt, ref, weights=(1.0, 1.0, 1.0, 1.0)):
-    """Faster R-CNN deltas of `gt` relative to `ref` (x1, y1, x2, y2), float64."""
-    gt, ref = gt.astype(np.float64), ref.astype(np.float64)
-    gw, gh = gt[:, 2] - gt[:, 0], gt[:, 3] - gt[:, 1]
-    rw, rh = ref[:, 2] - ref[:, 0], ref[:, 3] - ref[:, 1]
-    dx = (gt[:, 0] + gw / 2 - ref[:, 0] - rw / 2) / rw
-    dy = (gt[:, 1] + gh / 2 - ref[:, 1] - rh / 2) / rh
-    wx, wy, ww, wh = weights
-    return np.stack([wx * dx, wy * dy, ww * np.log(gw / rw), wh * np.log(gh / rh)], axis=1)
-
-
-def bce_numpy(logits, labels):
-    logits = logits.astype(np.float64)
-    return np.maximum(logits, 0) - logits * labels + np.log1p(np.exp(-np.abs(logits)))
-
-
-def smooth_l1_numpy(x, beta):
-    ax = np.abs(x)
-    return ax if beta == 0 else np.where(ax < beta, 0.5 * ax**2 / beta, ax - 0.5 * beta)
 
 
 def losses_numpy(outputs: TrainOutputs, batch, model_config, rpn_samples):
@@ -113,12 +63,6 @@ def losses_numpy(outputs: TrainOutputs, batch, model_config, rpn_samples):
 # --------------------------------------------------------------------------- a hand-made case
 
 
-def random_boxes(rng, n, extent=40.0, min_wh=8.0, max_wh=24.0):
-    xy = rng.uniform(0, extent, (n, 2))
-    wh = rng.uniform(min_wh, max_wh, (n, 2))
-    return np.concatenate([xy, xy + wh], axis=1).astype(np.float32)
-
-
 def make_case(seed=0, num_anchors=14, no_gt_images=(1,), mask_side=6):
     """Two images: image 0 has 2 valid GT (one a near copy of an anchor, one a low-quality
     match), the images in `no_gt_images` have none; RoI heads outputs with padding rows."""
@@ -126,7 +70,7 @@ def make_case(seed=0, num_anchors=14, no_gt_images=(1,), mask_side=6):
     model_config = tiny_config().model
     roi = model_config.roi_heads
     r, f, k = roi.batch_size_per_image, int(roi.batch_size_per_image * roi.positive_fraction), 3
-    anchors = random_boxes(rng, num_anchors)
+    anchors = random_boxes(rng, num_anchors, extent=40.0, min_wh=8.0, max_wh=24.0)
     anchors[1] = anchors[0] + np.float32(2)  # Overlapping anchors give ignored labels.
     gt_boxes = np.zeros((2, 3, 4), np.float32)
     gt_valid = np.zeros((2, 3), bool)

@@ -1,4 +1,5 @@
-"""Shapes, dtypes, layouts and torchvision numerics of the Mask R-CNN modules."""
+"""Shapes, dtypes, layouts and torchvision numerics of the backbone, FPN and whole Mask R-CNN
+(the RPN and RoI heads are tested in test_rpn.py and test_roi_heads.py)."""
 
 import functools
 import math
@@ -8,13 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import tiny_config
+from helpers import from_torch_nchw, oihw_to_hwio, random_variables, to_torch_nchw
 
 from mrcnn_jax.modeling.fpn import FPN
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 from mrcnn_jax.modeling.resnet import ResNet
-from mrcnn_jax.modeling.roi_heads import BoxHead, MaskHead
-from mrcnn_jax.modeling.rpn import RPNHead
-from mrcnn_jax.ops.anchors import generate_anchors
 
 
 def ceil_halvings(size: int, times: int) -> int:
@@ -22,40 +21,6 @@ def ceil_halvings(size: int, times: int) -> int:
     for _ in range(times):
         size = math.ceil(size / 2)
     return size
-
-
-def random_variables(module, rng: np.random.Generator, *args, **kwargs):
-    """Variables of `module.init(key, *args, **kwargs)` filled from numpy, plus their abstract
-    shapes/dtypes as `init` makes them.
-
-    Jitting `init` mostly compiles the threefry draws (tens of seconds on 2 CPU cores), so the
-    structure comes from `jax.eval_shape` and the values from `rng`: LeCun-normal kernels, small
-    random biases/offsets/means, scales and variances around 1."""
-    abstract = jax.eval_shape(functools.partial(module.init, **kwargs), jax.random.key(0), *args)
-
-    def fill(path, leaf):
-        name = path[-1].key
-        if name in ("kernel", "predictor_kernel"):
-            std = math.sqrt(1 / math.prod(leaf.shape[:-1]))
-            return rng.normal(0, std, leaf.shape).astype(leaf.dtype)
-        if name in ("scale", "var"):
-            return rng.uniform(0.5, 1.5, leaf.shape).astype(leaf.dtype)
-        return rng.normal(0, 0.1, leaf.shape).astype(leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(fill, abstract), abstract
-
-
-def oihw_to_hwio(weight) -> np.ndarray:
-    return weight.detach().numpy().transpose(2, 3, 1, 0)
-
-
-def to_torch_nchw(x):
-    torch = pytest.importorskip("torch")
-    return torch.as_tensor(np.asarray(x).transpose(0, 3, 1, 2).copy())
-
-
-def from_torch_nchw(x) -> np.ndarray:
-    return x.detach().numpy().transpose(0, 2, 3, 1)
 
 
 def assert_close_relative(got, want, rtol=1e-4):
@@ -193,119 +158,6 @@ def test_fpn_shapes_and_torchvision_numerics(height, width):
         assert_close_relative(out[name], from_torch_nchw(value), rtol=1e-5)
 
 
-# --------------------------------------------------------------------------- RPN head
-
-
-def test_rpn_head_output_order_matches_the_anchors():
-    """A hand-set head whose outputs encode (row, column, anchor) reads back in anchor order."""
-    num_anchors, shapes = 3, [(4, 6), (2, 3)]
-    # Features: channel 0 = row, channel 1 = column (non-negative, so the ReLU keeps them).
-    features = []
-    for h, w in shapes:
-        rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-        features.append(np.stack([rows, cols], -1)[None].astype(np.float32))
-    head = RPNHead(num_anchors)
-    abstract = jax.eval_shape(head.init, jax.random.key(0), features)["params"]
-    params = jax.tree_util.tree_map(lambda x: np.zeros(x.shape, x.dtype), abstract)
-    params["conv"]["kernel"][1, 1] = np.eye(2)  # Centre tap: identity.
-    params["objectness"]["kernel"][0, 0] = [[100] * num_anchors, [10] * num_anchors]
-    params["objectness"]["bias"][:] = np.arange(num_anchors)
-    # Deltas channel a * 4 + c = 1000 row + 100 column + 10 a + c.
-    params["deltas"]["kernel"][0, 0] = [[1000] * 4 * num_anchors, [100] * 4 * num_anchors]
-    params["deltas"]["bias"][:] = (10 * np.arange(num_anchors)[:, None] + np.arange(4)).ravel()
-    logits, deltas = head.apply({"params": params}, features)
-
-    anchors = generate_anchors((16, 24), shapes, ((8,), (16,)), (0.5, 1.0, 2.0))
-    for lvl, ((h, w), anchor) in enumerate(zip(shapes, anchors)):
-        assert logits[lvl].shape == (1, h * w * num_anchors)
-        assert deltas[lvl].shape == (1, h * w * num_anchors, 4)
-        n = np.arange(h * w * num_anchors)
-        row, col, a = n // (w * num_anchors), (n // num_anchors) % w, n % num_anchors
-        np.testing.assert_array_equal(logits[lvl][0], 100 * row + 10 * col + a)
-        want = 1000 * row + 100 * col + 10 * a
-        np.testing.assert_array_equal(deltas[lvl][0], want[:, None] + np.arange(4))
-        # The anchor of that row is centred on that cell and has that anchor's shape.
-        stride = 16 // h
-        np.testing.assert_allclose((anchor[:, 0] + anchor[:, 2]) / 2, col * stride)
-        np.testing.assert_allclose((anchor[:, 1] + anchor[:, 3]) / 2, row * stride)
-        np.testing.assert_array_equal(
-            anchor - anchor[a], (stride * np.stack([col - col[a], row - row[a]] * 2, 1))
-        )
-
-
-def test_rpn_head_matches_torchvision_layout():
-    torch = pytest.importorskip("torch")
-    from torchvision.models.detection.rpn import RPNHead as TorchRPNHead
-    from torchvision.models.detection.rpn import concat_box_prediction_layers
-
-    rng = np.random.default_rng(0)
-    features = [rng.normal(size=(2, h, w, 8)).astype(np.float32) for h, w in [(6, 5), (3, 3)]]
-    torch.manual_seed(0)
-    reference = TorchRPNHead(8, 3).eval()
-    with torch.no_grad():
-        for p in reference.parameters():
-            p.normal_(0, 0.3)
-        tv_logits, tv_deltas = reference([to_torch_nchw(f) for f in features])
-        tv_logits, tv_deltas = concat_box_prediction_layers(tv_logits, tv_deltas)
-    params = {
-        "conv": {
-            "kernel": oihw_to_hwio(reference.conv[0][0].weight),
-            "bias": reference.conv[0][0].bias.detach().numpy(),
-        },
-        "objectness": {
-            "kernel": oihw_to_hwio(reference.cls_logits.weight),
-            "bias": reference.cls_logits.bias.detach().numpy(),
-        },
-        "deltas": {
-            "kernel": oihw_to_hwio(reference.bbox_pred.weight),
-            "bias": reference.bbox_pred.bias.detach().numpy(),
-        },
-    }
-    logits, deltas = RPNHead(3).apply({"params": params}, features)
-    np.testing.assert_allclose(
-        np.concatenate(logits, 1).reshape(-1), tv_logits.numpy().reshape(-1), rtol=1e-5, atol=1e-5
-    )
-    np.testing.assert_allclose(
-        np.concatenate(deltas, 1).reshape(-1, 4), tv_deltas.numpy(), rtol=1e-5, atol=1e-5
-    )
-
-
-# --------------------------------------------------------------------------- RoI heads
-
-
-def test_box_head_shapes_and_numerics():
-    rng = np.random.default_rng(1)
-    x = rng.normal(size=(5, 7, 7, 6)).astype(np.float32)
-    head = BoxHead(num_classes=3, dim=16)
-    params = random_variables(head, rng, x)[0]["params"]
-    logits, deltas = head.apply({"params": params}, x)
-    assert logits.shape == (5, 4) and deltas.shape == (5, 3, 4)
-    assert logits.dtype == deltas.dtype == jnp.float32
-    dense = lambda h, name: h @ params[name]["kernel"] + params[name]["bias"]
-    h = np.maximum(dense(np.maximum(dense(x.reshape(5, -1), "fc1"), 0), "fc2"), 0)
-    np.testing.assert_allclose(logits, dense(h, "cls_score"), rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(deltas, dense(h, "bbox_pred").reshape(5, 3, 4), rtol=1e-4, atol=1e-5)
-
-
-def test_mask_head_predicts_the_requested_class():
-    rng = np.random.default_rng(2)
-    num_classes = 4
-    x = rng.normal(size=(6, 5, 5, 8)).astype(np.float32)
-    classes = np.array([0, 3, 1, 1, 2, 3], np.int32)
-    head = MaskHead(num_classes=num_classes, dim=12, num_convs=2)
-    params = random_variables(head, rng, x, classes)[0]["params"]
-    logits, state = head.apply(
-        {"params": params}, x, classes, capture_intermediates=lambda m, _: m.name == "deconv"
-    )
-    assert logits.shape == (6, 10, 10) and logits.dtype == jnp.float32
-    # All classes from the deconv output with the full 1x1 predictor, then the requested one.
-    deconv = np.maximum(np.asarray(state["intermediates"]["deconv"]["__call__"][0]), 0)
-    all_classes = deconv @ params["predictor_kernel"] + params["predictor_bias"]  # [N, 10, 10, K]
-    want = all_classes[np.arange(6), :, :, classes]
-    np.testing.assert_allclose(logits, want, rtol=1e-4, atol=1e-4)
-    assert np.abs(want - all_classes[..., 0]).max() > 1e-2  # The class choice matters.
-
-
 # --------------------------------------------------------------------------- MaskRCNN
 
 
@@ -385,16 +237,3 @@ def test_bfloat16_mask_rcnn_computes_in_bfloat16_with_float32_params_and_outputs
     }
     pyramid = state["intermediates"]["fpn"]["__call__"][0]
     assert {v.dtype for v in pyramid.values()} == {jnp.dtype(jnp.bfloat16)}
-
-
-def test_deconv2x2_equals_flax_conv_transpose():
-    import flax.linen as nn
-
-    from mrcnn_jax.modeling.roi_heads import Deconv2x2
-
-    x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 5, 6, 4)), jnp.float32)
-    reference = nn.ConvTranspose(7, (2, 2), strides=(2, 2))
-    variables = reference.init(jax.random.key(0), x)
-    variables = jax.tree_util.tree_map(lambda v: v + 0.1, variables)  # non-zero bias too
-    got = Deconv2x2(7).apply(variables, x)
-    np.testing.assert_allclose(got, reference.apply(variables, x), rtol=1e-5, atol=1e-6)

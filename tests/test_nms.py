@@ -1,5 +1,8 @@
 """Tests for mrcnn_jax.ops.nms against a plain numpy greedy NMS and torchvision."""
 
+import functools
+
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,11 +14,8 @@ jit_nms = jax.jit(nms, static_argnames="max_output")
 jit_batched_nms = jax.jit(batched_nms, static_argnames="max_output")
 
 
-def random_boxes(rng: np.random.Generator, n: int, extent: float = 100.0) -> np.ndarray:
-    """[n, 4] float32 boxes, dense enough that many pairs overlap."""
-    xy = rng.uniform(0, extent, (n, 2))
-    wh = rng.uniform(2, 40, (n, 2))
-    return np.concatenate([xy, xy + wh], axis=1).astype(np.float32)
+# [n, 4] float32 boxes, dense enough that many pairs overlap.
+random_boxes = functools.partial(helpers.random_boxes, extent=100.0, min_wh=2.0, max_wh=40.0)
 
 
 def edge_boxes() -> np.ndarray:

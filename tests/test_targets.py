@@ -1,36 +1,26 @@
-"""Training targets and per-image postprocessing against torchvision and plain numpy references.
+"""Training-target ops (`mrcnn_jax.ops.targets`) against torchvision and plain numpy references.
 
-Covers `mrcnn_jax.ops.targets` (match_boxes, label_anchors, sample_balanced, bilinear_weights,
-mask_targets), `roi_heads.sample_rois`, `roi_heads.detect_boxes` and `rpn.generate_proposals`.
+Covers match_boxes, label_anchors, sample_balanced, bilinear_weights and mask_targets; the stage
+functions built on them are tested in test_rpn.py (`generate_proposals`, `rpn_losses`) and
+test_roi_heads.py (`sample_rois`, `detect_boxes`, `fast_rcnn_loss`, `mask_loss`).
 """
-
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import random_boxes
 from references import numpy_iou
 
-from mrcnn_jax.modeling.roi_heads import detect_boxes, sample_rois
-from mrcnn_jax.modeling.rpn import generate_proposals
 from mrcnn_jax.ops import targets
 
 FG_IOU, BG_IOU = 0.7, 0.3
-BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
 
 jit_label_anchors = jax.jit(targets.label_anchors, static_argnames=("fg_iou", "bg_iou"))
 jit_sample_balanced = jax.jit(
     targets.sample_balanced, static_argnames=("batch_size", "positive_fraction")
 )
 jit_mask_targets = jax.jit(targets.mask_targets, static_argnames=("output_size", "sampling_ratio"))
-
-
-def random_boxes(rng: np.random.Generator, n: int, extent=64.0, min_wh=2.0, max_wh=30.0):
-    """[n, 4] float32 (x1, y1, x2, y2) boxes with top-left in [0, extent)."""
-    xy = rng.uniform(0, extent, (n, 2))
-    wh = rng.uniform(min_wh, max_wh, (n, 2))
-    return np.concatenate([xy, xy + wh], axis=1).astype(np.float32)
 
 
 # --------------------------------------------------------------------------- label_anchors
@@ -337,242 +327,3 @@ def test_mask_targets_of_degenerate_boxes_are_finite():
     assert np.isfinite(got).all() and (got >= 0).all() and (got <= 1 + 1e-6).all()
     want = mask_targets_numpy(gt_masks[:2], gt_boxes[:2], rois[:2], 4, 2)
     np.testing.assert_allclose(got[:2], want, rtol=1e-4, atol=1e-5)
-
-
-# --------------------------------------------------------------------------- sample_rois
-
-jit_sample_rois = jax.jit(
-    sample_rois,
-    static_argnames=("batch_size", "positive_fraction", "fg_iou", "box_reg_weights"),
-)
-
-
-def roi_case(rng, num_valid_gt=3):
-    """40 proposals (the last 6 padding) and 5 GT rows (the first `num_valid_gt` valid)."""
-    gt_boxes = random_boxes(rng, 5, extent=50, min_wh=10, max_wh=30)
-    gt_classes = rng.integers(0, 3, 5).astype(np.int32)
-    gt_valid = np.arange(5) < num_valid_gt
-    gt_classes[~gt_valid] = -1
-    proposals = random_boxes(rng, 40, extent=60, min_wh=4, max_wh=30)
-    # Some proposals near the GT so that there is foreground.
-    proposals[:8] = np.tile(gt_boxes[:2], (4, 1)) + rng.uniform(-3, 3, (8, 4)).astype(np.float32)
-    proposal_valid = np.arange(40) < 34
-    # Padding proposals (and invalid GT) sit on the GT: they would be foreground if sampled.
-    proposals[34:] = np.tile(gt_boxes[:3], (2, 1)) + np.float32(0.25)
-    gt_boxes[num_valid_gt:] = proposals[: 5 - num_valid_gt] + np.float32(0.125)
-    return proposals, proposal_valid, gt_boxes, gt_classes, gt_valid
-
-
-def check_sampled_rois(result, proposals, proposal_valid, gt_boxes, gt_classes, gt_valid):
-    """Each sampled RoI against a numpy/torchvision recomputation; returns the candidate rows."""
-    torch = pytest.importorskip("torch")
-    from torchvision.models.detection._utils import BoxCoder
-
-    candidates = np.concatenate([proposals, gt_boxes[gt_valid]])
-    iou = numpy_iou(gt_boxes[gt_valid], candidates)
-    valid_rows = np.flatnonzero(gt_valid)
-    rows = []
-    for k in np.flatnonzero(np.asarray(result.valid)):
-        roi = np.array(result.rois[k])
-        hits = np.flatnonzero((candidates == roi).all(axis=1))
-        assert len(hits) >= 1, f"sampled RoI {roi} is not a valid proposal or valid GT box"
-        c = hits[0]
-        assert c >= len(proposals) or proposal_valid[c], "a padding proposal was sampled"
-        rows.append(c)
-        if len(valid_rows) == 0:
-            fg, match = False, 0
-        else:
-            fg, match = iou[:, c].max() >= 0.5, valid_rows[np.argmax(iou[:, c])]
-        assert bool(result.is_foreground[k]) == fg
-        assert int(result.classes[k]) == (gt_classes[match] + 1 if fg else 0)
-        if fg:
-            assert int(result.gt_index[k]) == match
-            want = BoxCoder(BOX_WEIGHTS).encode_single(
-                torch.as_tensor(gt_boxes[match][None]), torch.as_tensor(roi[None])
-            )
-            np.testing.assert_allclose(result.box_targets[k], want[0].numpy(), rtol=1e-4, atol=1e-4)
-        else:
-            np.testing.assert_array_equal(result.box_targets[k], 0.0)
-    assert len(set(rows)) == len(rows), "a candidate was sampled twice"
-    padding = ~np.asarray(result.valid)
-    assert not np.asarray(result.is_foreground)[padding].any()
-    np.testing.assert_array_equal(np.asarray(result.classes)[padding], 0)
-    np.testing.assert_array_equal(np.asarray(result.box_targets)[padding], 0.0)
-    return np.array(rows, int), iou
-
-
-@pytest.mark.parametrize("batch_size, fraction", [(64, 1.0), (16, 0.25)])
-def test_sample_rois_targets(batch_size, fraction):
-    case = roi_case(np.random.default_rng(9))
-    proposals, proposal_valid, _, _, gt_valid = case
-    result = jit_sample_rois(
-        jax.random.key(0),
-        *case,
-        batch_size=batch_size,
-        positive_fraction=fraction,
-        fg_iou=0.5,
-        box_reg_weights=BOX_WEIGHTS,
-    )
-    rows, iou = check_sampled_rois(result, *case)
-    candidate_valid = np.concatenate([proposal_valid, np.ones(gt_valid.sum(), bool)])
-    num_fg, num_valid = int((iou.max(axis=0) >= 0.5)[candidate_valid].sum()), candidate_valid.sum()
-    p = min(num_fg, int(batch_size * fraction))
-    assert int(np.sum(result.is_foreground)) == p
-    assert int(np.sum(result.valid)) == min(num_valid, batch_size)
-    assert np.asarray(result.is_foreground)[:p].all()  # Foreground first.
-    if batch_size >= num_valid:  # Everything sampled: each valid GT box is a foreground RoI.
-        assert set(range(len(proposals), len(proposals) + gt_valid.sum())) <= set(rows.tolist())
-
-
-def test_sample_rois_without_gt_is_all_background():
-    case = roi_case(np.random.default_rng(10), num_valid_gt=0)
-    result = jit_sample_rois(
-        jax.random.key(1),
-        *case,
-        batch_size=16,
-        positive_fraction=0.25,
-        fg_iou=0.5,
-        box_reg_weights=BOX_WEIGHTS,
-    )
-    check_sampled_rois(result, *case)
-    assert not np.asarray(result.is_foreground).any()
-    assert int(np.sum(result.valid)) == 16
-    assert np.isfinite(np.asarray(result.box_targets)).all()
-
-
-# --------------------------------------------------------------------------- detect_boxes
-
-
-def torchvision_detections(
-    class_logits, box_deltas, proposals, image_size, score_thresh, nms_thresh, max_det
-):
-    """torchvision `RoIHeads.postprocess_detections` for one image, K foreground deltas."""
-    torch = pytest.importorskip("torch")
-    from torchvision.models.detection._utils import BoxCoder
-    from torchvision.ops import boxes as box_ops
-
-    num_classes = box_deltas.shape[1]
-    boxes = BoxCoder(BOX_WEIGHTS, bbox_xform_clip=np.log(1000.0 / 16)).decode_single(
-        torch.as_tensor(box_deltas.reshape(len(proposals), -1)), torch.as_tensor(proposals)
-    )
-    boxes = box_ops.clip_boxes_to_image(boxes.reshape(-1, num_classes, 4), tuple(image_size))
-    scores = torch.softmax(torch.as_tensor(class_logits), -1)[:, 1:]
-    labels = torch.arange(num_classes).view(1, -1).expand_as(scores)
-    boxes, scores, labels = boxes.reshape(-1, 4), scores.reshape(-1), labels.reshape(-1)
-    keep = torch.where(scores > score_thresh)[0]
-    boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-    keep = box_ops.remove_small_boxes(boxes, min_size=1e-2)
-    boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-    keep = box_ops.batched_nms(boxes, scores, labels, nms_thresh)[:max_det]
-    return boxes[keep].numpy(), scores[keep].numpy(), labels[keep].numpy()
-
-
-@pytest.mark.parametrize("max_det, score_thresh", [(12, 0.05), (100, 0.2)])
-def test_detect_boxes_matches_torchvision(max_det, score_thresh):
-    rng = np.random.default_rng(max_det)
-    p, k, image_size = 40, 3, (60, 80)
-    proposals = random_boxes(rng, p, extent=70, min_wh=3, max_wh=40)
-    proposals[0] = [10, 10, 10.004, 30]  # Decodes to a box narrower than 0.01 px.
-    valid = np.arange(p) < 34
-    class_logits = rng.normal(0, 2, (p, k + 1)).astype(np.float32)
-    box_deltas = rng.normal(0, 1, (p, k, 4)).astype(np.float32)
-    box_deltas[1, :, 2:] = 20  # Huge dw, dh: clamped before exp.
-    # Proposal 2 has one class score just below and one just above the threshold.
-    near = [score_thresh - 2e-3, score_thresh + 2e-3]
-    class_logits[2] = np.log([1 - sum(near) - 0.1, near[0], near[1], 0.1])
-    detect = jax.jit(
-        functools.partial(
-            detect_boxes,
-            box_reg_weights=BOX_WEIGHTS,
-            score_threshold=score_thresh,
-            nms_threshold=0.5,
-            max_detections=max_det,
-            pre_nms_topk=p * k,
-        )
-    )
-    got = detect(class_logits, box_deltas, proposals, valid, np.array(image_size, np.int32))
-    want_boxes, want_scores, want_labels = torchvision_detections(
-        class_logits[valid],
-        box_deltas[valid],
-        proposals[valid],
-        image_size,
-        score_thresh,
-        0.5,
-        max_det,
-    )
-    n = len(want_scores)
-    assert 0 < n and got.valid.shape == (max_det,)
-    np.testing.assert_array_equal(got.valid, np.arange(max_det) < n)
-    np.testing.assert_allclose(got.scores[:n], want_scores, rtol=1e-5)
-    np.testing.assert_array_equal(got.classes[:n], want_labels)
-    np.testing.assert_allclose(got.boxes[:n], want_boxes, rtol=1e-5, atol=1e-4)
-    np.testing.assert_array_equal(got.scores[n:], 0.0)
-    np.testing.assert_array_equal(got.boxes[n:], 0.0)
-    if max_det > n:  # The limit is not binding: some candidates were suppressed or dropped.
-        assert n < valid.sum() * k
-
-
-# --------------------------------------------------------------------------- generate_proposals
-
-
-def torchvision_proposals(
-    logits, deltas, anchors, image_size, pre_nms, post_nms, nms_thresh, min_size
-):
-    """torchvision `RegionProposalNetwork.filter_proposals` on decoded proposals, one image."""
-    torch = pytest.importorskip("torch")
-    from torchvision.models.detection.anchor_utils import AnchorGenerator
-    from torchvision.models.detection.rpn import RegionProposalNetwork
-
-    rpn = RegionProposalNetwork(
-        AnchorGenerator(),
-        torch.nn.Identity(),
-        fg_iou_thresh=0.7,
-        bg_iou_thresh=0.3,
-        batch_size_per_image=256,
-        positive_fraction=0.5,
-        pre_nms_top_n={"training": pre_nms, "testing": pre_nms},
-        post_nms_top_n={"training": post_nms, "testing": post_nms},
-        nms_thresh=nms_thresh,
-    ).eval()
-    rpn.min_size = min_size
-    all_anchors = torch.as_tensor(np.concatenate(anchors))
-    boxes = rpn.box_coder.decode_single(torch.as_tensor(np.concatenate(deltas)), all_anchors)
-    boxes, scores = rpn.filter_proposals(
-        boxes.reshape(1, -1, 4),
-        torch.as_tensor(np.concatenate(logits))[None],
-        [tuple(image_size)],
-        [len(a) for a in anchors],
-    )
-    return boxes[0].numpy(), scores[0].numpy()
-
-
-@pytest.mark.parametrize(
-    "pre_nms, post_nms, min_size", [(50, 40, 1e-3), (500, 300, 1e-3), (30, 60, 3.0)]
-)
-def test_generate_proposals_matches_torchvision(pre_nms, post_nms, min_size):
-    rng = np.random.default_rng(pre_nms + post_nms)
-    image_size = (60, 80)
-    sizes = (120, 40, 12)  # Anchors per level: the last has fewer than pre_nms_topk.
-    anchors = [random_boxes(rng, n, extent=90, min_wh=1, max_wh=40) for n in sizes]
-    logits = [rng.normal(0, 2, n).astype(np.float32) for n in sizes]
-    deltas = [rng.normal(0, 0.3, (n, 4)).astype(np.float32) for n in sizes]
-    propose = jax.jit(
-        functools.partial(
-            generate_proposals,
-            pre_nms_topk=pre_nms,
-            post_nms_topk=post_nms,
-            nms_threshold=0.7,
-            min_size=min_size,
-        )
-    )
-    got = propose(logits, deltas, anchors, np.array(image_size, np.int32))
-    want_boxes, want_scores = torchvision_proposals(
-        logits, deltas, anchors, image_size, pre_nms, post_nms, 0.7, min_size
-    )
-    n = len(want_scores)
-    assert got.valid.shape == (post_nms,) and 0 < n
-    np.testing.assert_array_equal(got.valid, np.arange(post_nms) < n)
-    np.testing.assert_allclose(got.boxes[:n], want_boxes, rtol=1e-5, atol=1e-4)
-    np.testing.assert_allclose(jax.nn.sigmoid(got.scores[:n]), want_scores, rtol=1e-5)
-    assert np.isneginf(np.asarray(got.scores[n:])).all()
-    np.testing.assert_array_equal(got.boxes[n:], 0.0)

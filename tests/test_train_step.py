@@ -5,34 +5,12 @@ import jax
 import numpy as np
 import pytest
 from conftest import tiny_config
+from helpers import synthetic_batch
 
 from mrcnn_jax import sharding
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 from mrcnn_jax.train import state as state_lib
 from mrcnn_jax.train import step as step_lib
-
-
-def synthetic_batch(config, rng: np.random.Generator, num_objects) -> dict:
-    """A train batch (CONTRACTS.md keys) with `num_objects[b]` random boxes+masks in image b."""
-    b, (h, w) = len(num_objects), config.data.image_size
-    m, s = config.data.max_instances, config.data.mask_size
-    batch = {
-        "image": rng.normal(size=(b, h, w, 3)).astype(np.float32),
-        "image_size": np.tile(np.array([h, w], np.int32), (b, 1)),
-        "gt_boxes": np.zeros((b, m, 4), np.float32),
-        "gt_classes": np.full((b, m), -1, np.int32),
-        "gt_valid": np.zeros((b, m), bool),
-        "gt_masks": np.zeros((b, m, s, s), np.uint8),
-    }
-    for i, n in enumerate(num_objects):
-        for j in range(n):
-            x1, y1 = rng.uniform(0, 0.6 * w), rng.uniform(0, 0.6 * h)
-            bw, bh = rng.uniform(6, 0.4 * w), rng.uniform(6, 0.4 * h)
-            batch["gt_boxes"][i, j] = [x1, y1, x1 + bw, y1 + bh]
-            batch["gt_classes"][i, j] = rng.integers(config.model.num_classes)
-            batch["gt_valid"][i, j] = True
-            batch["gt_masks"][i, j] = rng.uniform(size=(s, s)) > 0.3
-    return batch
 
 
 def make_trainer(config, devices):

@@ -1,0 +1,78 @@
+"""Generic test-data makers shared by the tests (numpy references live in `references.py`)."""
+
+import functools
+import math
+
+import jax
+import numpy as np
+import pytest
+
+
+def random_boxes(
+    rng: np.random.Generator, n: int, extent=64.0, min_wh=2.0, max_wh=30.0
+) -> np.ndarray:
+    """[n, 4] float32 (x1, y1, x2, y2) boxes: top-left uniform in [0, extent), width and height
+    uniform in [min_wh, max_wh) (two draws of `rng`: the corners, then the sizes)."""
+    xy = rng.uniform(0, extent, (n, 2))
+    wh = rng.uniform(min_wh, max_wh, (n, 2))
+    return np.concatenate([xy, xy + wh], axis=1).astype(np.float32)
+
+
+def synthetic_batch(config, rng: np.random.Generator, num_objects) -> dict:
+    """A train batch (CONTRACTS.md keys) with `num_objects[b]` random boxes+masks in image b."""
+    b, (h, w) = len(num_objects), config.data.image_size
+    m, s = config.data.max_instances, config.data.mask_size
+    batch = {
+        "image": rng.normal(size=(b, h, w, 3)).astype(np.float32),
+        "image_size": np.tile(np.array([h, w], np.int32), (b, 1)),
+        "gt_boxes": np.zeros((b, m, 4), np.float32),
+        "gt_classes": np.full((b, m), -1, np.int32),
+        "gt_valid": np.zeros((b, m), bool),
+        "gt_masks": np.zeros((b, m, s, s), np.uint8),
+    }
+    for i, n in enumerate(num_objects):
+        for j in range(n):
+            x1, y1 = rng.uniform(0, 0.6 * w), rng.uniform(0, 0.6 * h)
+            bw, bh = rng.uniform(6, 0.4 * w), rng.uniform(6, 0.4 * h)
+            batch["gt_boxes"][i, j] = [x1, y1, x1 + bw, y1 + bh]
+            batch["gt_classes"][i, j] = rng.integers(config.model.num_classes)
+            batch["gt_valid"][i, j] = True
+            batch["gt_masks"][i, j] = rng.uniform(size=(s, s)) > 0.3
+    return batch
+
+
+def random_variables(module, rng: np.random.Generator, *args, **kwargs):
+    """Variables of `module.init(key, *args, **kwargs)` filled from numpy, plus their abstract
+    shapes/dtypes as `init` makes them.
+
+    Jitting `init` mostly compiles the threefry draws (tens of seconds on 2 CPU cores), so the
+    structure comes from `jax.eval_shape` and the values from `rng`: LeCun-normal kernels, small
+    random biases/offsets/means, scales and variances around 1."""
+    abstract = jax.eval_shape(functools.partial(module.init, **kwargs), jax.random.key(0), *args)
+
+    def fill(path, leaf):
+        name = path[-1].key
+        if name in ("kernel", "predictor_kernel"):
+            std = math.sqrt(1 / math.prod(leaf.shape[:-1]))
+            return rng.normal(0, std, leaf.shape).astype(leaf.dtype)
+        if name in ("scale", "var"):
+            return rng.uniform(0.5, 1.5, leaf.shape).astype(leaf.dtype)
+        return rng.normal(0, 0.1, leaf.shape).astype(leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, abstract), abstract
+
+
+def oihw_to_hwio(weight) -> np.ndarray:
+    """A torch conv weight [out, in, h, w] as a Flax kernel [h, w, in, out]."""
+    return weight.detach().numpy().transpose(2, 3, 1, 0)
+
+
+def to_torch_nchw(x):
+    """An NHWC array as an NCHW torch tensor (skips the test without torch)."""
+    torch = pytest.importorskip("torch")
+    return torch.as_tensor(np.asarray(x).transpose(0, 3, 1, 2).copy())
+
+
+def from_torch_nchw(x) -> np.ndarray:
+    """An NCHW torch tensor as an NHWC numpy array."""
+    return x.detach().numpy().transpose(0, 2, 3, 1)
