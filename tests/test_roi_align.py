@@ -417,3 +417,50 @@ def test_bad_shapes(single_level):
         multilevel_roi_align([feature[None]], np.stack([boxes, boxes]), 2)
     with pytest.raises(ValueError, match="canonical_box_size"):
         assign_fpn_levels(boxes, 2, 5, canonical_box_size=0)
+
+
+# --------------------------------------------------------------------------- valid extents
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("method", METHODS)
+def test_extent_equals_torchvision_on_the_cropped_map(single_level, method, aligned):
+    """A map whose valid part is `extent` (anything beyond it) pools exactly what torchvision
+    pools from the map cropped to `extent`: samples clamp and vanish at the extent."""
+    feature, boxes = single_level
+    extent = (6, 8)
+    garbage = feature.copy()
+    garbage[extent[0]:] = 1e3
+    garbage[:, extent[1]:] = -1e3
+    out = jitted(roi_align, garbage, boxes, output_size=(3, 4), spatial_scale=SCALE,
+                 sampling_ratio=2, aligned=aligned, method=method, extent=np.array(extent))
+    cropped = feature[:extent[0], :extent[1]]
+    expected = torchvision_roi_align(cropped, boxes, (3, 4), SCALE, 2, aligned)
+    np.testing.assert_allclose(out, expected, **TOL)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_multilevel_valid_size_equals_torchvision_on_each_image_alone(multilevel_inputs, method):
+    """Per image, a valid size of (64, 96) px inside the 128 px canvas: each level clamps at
+    ceil(valid / 2**l), as torchvision on that image padded to (64, 96) alone. (A sample that
+    lands exactly on the extent, e.g. at row 12.0 of a 12-row map, is kept or dropped by 1-ulp
+    rounding differences; these sizes avoid that knife edge.)"""
+    features, boxes = multilevel_inputs
+    valid = np.array([[64, 96], [128, 32]], np.int32)
+    garbage = [f.copy() for f in features]
+    for level, f in enumerate(garbage, start=2):
+        for b, (h, w) in enumerate(valid):
+            f[b, -(-h // 2**level):] = 50.0
+            f[b, :, -(-w // 2**level):] = -50.0
+    out = jitted(multilevel_roi_align, garbage, boxes, output_size=3, method=method,
+                 valid_size=valid)
+    torch = pytest.importorskip("torch")
+    torchvision = pytest.importorskip("torchvision")
+    for b, (h, w) in enumerate(valid):
+        names = [f"p{i}" for i in range(len(features))]
+        pooler = torchvision.ops.MultiScaleRoIAlign(names, 3, 2)
+        x = {name: torch.from_numpy(f[b:b + 1, :-(-h // 2**lvl), :-(-w // 2**lvl)]).permute(
+                 0, 3, 1, 2).contiguous()
+             for lvl, (name, f) in enumerate(zip(names, features), start=2)}
+        expected = pooler(x, [torch.from_numpy(boxes[b])], [(int(h), int(w))])
+        np.testing.assert_allclose(out[b], expected.permute(0, 2, 3, 1).numpy(), **TOL)
