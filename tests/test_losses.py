@@ -27,13 +27,13 @@ def losses_numpy(outputs: TrainOutputs, batch, model_config, rpn_samples):
     rpn_cls = rpn_box = 0.0
     for b in range(num_images):
         labels, match = anchor_labels_numpy(
-            o.anchors, batch["gt_boxes"][b], batch["gt_valid"][b], rpn.fg_iou, rpn.bg_iou
+            o.anchors[b], batch["gt_boxes"][b], batch["gt_valid"][b], rpn.fg_iou, rpn.bg_iou
         )
         idx = rpn_samples[b]
         assert (labels[idx] >= 0).all()
         rpn_cls += bce_numpy(o.rpn_logits[b, idx], labels[idx]).sum()
         pos = idx[labels[idx] == 1]
-        deltas = encode_numpy(batch["gt_boxes"][b][match[pos]], o.anchors[pos])
+        deltas = encode_numpy(batch["gt_boxes"][b][match[pos]], o.anchors[b][pos])
         rpn_box += smooth_l1_numpy(o.rpn_deltas[b, pos] - deltas, rpn.smooth_l1_beta).sum()
     rpn_norm = rpn.batch_size_per_image * num_images
 
@@ -95,7 +95,9 @@ def make_case(seed=0, num_anchors=14, no_gt_images=(1,), mask_side=6):
     outputs = TrainOutputs(
         rpn_logits=rng.normal(0, 2, (2, num_anchors)).astype(np.float32),
         rpn_deltas=rng.normal(0, 0.3, (2, num_anchors, 4)).astype(np.float32),
-        anchors=anchors,
+        anchors=np.stack([anchors] * 2),
+        anchor_valid=np.ones((2, num_anchors), bool),
+        anchor_ids=np.tile(np.arange(num_anchors, dtype=np.int32), (2, 1)),
         class_logits=rng.normal(0, 2, (2, r, k + 1)).astype(np.float32),
         box_deltas=rng.normal(0, 1, (2, r, k, 4)).astype(np.float32),
         roi_classes=roi_classes,
@@ -126,11 +128,11 @@ def test_losses_with_every_anchor_sampled():
     model_config.rpn.batch_size_per_image = 32
     model_config.rpn.positive_fraction = 1.0
     labels, _ = anchor_labels_numpy(
-        outputs.anchors, batch["gt_boxes"][0], batch["gt_valid"][0], 0.7, 0.3
+        outputs.anchors[0], batch["gt_boxes"][0], batch["gt_valid"][0], 0.7, 0.3
     )
     assert {-1, 0, 1} <= set(labels.tolist()) and (labels == 1).sum() >= 2
     samples = [
-        np.flatnonzero(anchor_labels_numpy(outputs.anchors, g, v, 0.7, 0.3)[0] >= 0)
+        np.flatnonzero(anchor_labels_numpy(outputs.anchors[0], g, v, 0.7, 0.3)[0] >= 0)
         for g, v in zip(batch["gt_boxes"], batch["gt_valid"])
     ]
     keys = jax.random.split(jax.random.key(0), 2)
@@ -147,7 +149,7 @@ def test_losses_with_a_partial_rpn_sample():
     samples = []
     for b in range(2):
         labels, _ = anchor_labels_numpy(
-            outputs.anchors, batch["gt_boxes"][b], batch["gt_valid"][b], 0.7, 0.3
+            outputs.anchors[0], batch["gt_boxes"][b], batch["gt_valid"][b], 0.7, 0.3
         )
         assert (labels == 0).sum() > 6
         sample = targets.sample_balanced(keys[b], labels == 1, labels == 0, 6, 0.5)
@@ -160,7 +162,7 @@ def test_losses_with_a_partial_rpn_sample():
 def test_losses_without_gt_are_zero_for_boxes_and_masks_and_finite():
     outputs, batch, model_config = make_case(no_gt_images=(0, 1))
     model_config.rpn.batch_size_per_image = 32
-    samples = [np.arange(len(outputs.anchors))] * 2  # Everything is a sampled negative.
+    samples = [np.arange(len(outputs.anchors[0]))] * 2  # Everything is a sampled negative.
     keys = jax.random.split(jax.random.key(0), 2)
     losses = check_against_numpy(outputs, batch, model_config, keys, samples)
     for name in ("loss_rpn_box", "loss_box_reg", "loss_mask"):
@@ -185,7 +187,7 @@ def test_loss_gradients_against_numpy_differences():
     model_config.rpn.batch_size_per_image = 32
     model_config.rpn.positive_fraction = 1.0
     samples = [
-        np.flatnonzero(anchor_labels_numpy(outputs.anchors, g, v, 0.7, 0.3)[0] >= 0)
+        np.flatnonzero(anchor_labels_numpy(outputs.anchors[0], g, v, 0.7, 0.3)[0] >= 0)
         for g, v in zip(batch["gt_boxes"], batch["gt_valid"])
     ]
     keys = jax.random.split(jax.random.key(0), 2)
@@ -220,14 +222,11 @@ def test_replica_means_equal_the_global_batch_losses():
     keys = jax.random.split(jax.random.key(0), 2)
     whole = jax.jit(functools.partial(mask_rcnn_losses, config=model_config))(outputs, batch, keys)
     split = lambda x: x.reshape(2, 1, *x.shape[1:])
-    per_replica = outputs._replace(anchors=np.stack([outputs.anchors] * 2))
-    per_replica = jax.tree_util.tree_map(split, per_replica)._replace(
-        anchors=np.asarray(per_replica.anchors)
-    )
+    per_replica = jax.tree_util.tree_map(split, outputs)
     replicated = jax.jit(
         jax.vmap(
             lambda o, b, k: mask_rcnn_losses(o, b, k, model_config, axis_name="data"),
-            in_axes=(TrainOutputs(*[0] * 2, 0, *[0] * 9), 0, 0),
+            in_axes=(0, 0, 0),
             axis_name="data",
         )
     )(per_replica, jax.tree_util.tree_map(split, batch), keys.reshape(2, 1))

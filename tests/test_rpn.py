@@ -8,6 +8,7 @@ Mask R-CNN loss is tested in test_losses.py.
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import oihw_to_hwio, random_boxes, to_torch_nchw
@@ -42,8 +43,10 @@ def test_rpn_head_output_order_matches_the_anchors():
     params["deltas"]["bias"][:] = (10 * np.arange(num_anchors)[:, None] + np.arange(4)).ravel()
     logits, deltas = head.apply({"params": params}, features)
 
-    anchors = generate_anchors((16, 24), shapes, ((8,), (16,)), (0.5, 1.0, 2.0))
-    for lvl, ((h, w), anchor) in enumerate(zip(shapes, anchors)):
+    levels = generate_anchors(np.array([16, 24]), shapes, (4, 8), ((8,), (16,)), (0.5, 1.0, 2.0))
+    for lvl, ((h, w), level) in enumerate(zip(shapes, levels)):
+        anchor = np.asarray(level.boxes)
+        assert np.asarray(level.valid).all()
         assert logits[lvl].shape == (1, h * w * num_anchors)
         assert deltas[lvl].shape == (1, h * w * num_anchors, 4)
         n = np.arange(h * w * num_anchors)
@@ -202,16 +205,30 @@ def rpn_losses_numpy(logits, deltas, anchors, gt_boxes, gt_valid, samples, batch
 
 
 def jit_rpn_losses(batch_size, fraction, beta):
-    return jax.jit(
-        functools.partial(
-            rpn_losses,
-            fg_iou=FG_IOU,
-            bg_iou=BG_IOU,
-            batch_size_per_image=batch_size,
-            positive_fraction=fraction,
-            smooth_l1_beta=beta,
-        )
+    """`rpn_losses` of anchors `[A, 4]` shared by the images, all existing (valid, ids 0..A-1)."""
+    losses = functools.partial(
+        rpn_losses,
+        fg_iou=FG_IOU,
+        bg_iou=BG_IOU,
+        batch_size_per_image=batch_size,
+        positive_fraction=fraction,
+        smooth_l1_beta=beta,
     )
+
+    def shared(keys, logits, deltas, anchors, gt_boxes, gt_valid):
+        b, a = logits.shape
+        return losses(
+            keys,
+            logits,
+            deltas,
+            jnp.broadcast_to(anchors, (b, a, 4)),
+            jnp.ones((b, a), bool),
+            jnp.broadcast_to(jnp.arange(a, dtype=jnp.int32), (b, a)),
+            gt_boxes,
+            gt_valid,
+        )
+
+    return jax.jit(shared)
 
 
 @pytest.mark.parametrize(
@@ -266,3 +283,29 @@ def test_rpn_losses_without_gt_are_zero_for_boxes_and_finite():
     g_logits, g_deltas = jax.jit(jax.grad(total, argnums=(0, 1)))(logits, deltas)
     assert np.isfinite(g_logits).all() and np.isfinite(g_deltas).all()
     assert np.abs(g_deltas).max() == 0 and np.abs(g_logits).min() > 0
+
+
+def test_rpn_losses_never_sample_anchors_outside_the_extent():
+    """Anchors marked invalid (outside the image's valid extent) are neither positive nor
+    negative: the losses equal those of the valid anchors alone, whose ids are kept."""
+    logits, deltas, anchors, gt_boxes, gt_valid = rpn_case(5)
+    keep = np.arange(len(anchors)) % 3 != 2
+    keep[[0, 1, 5]] = True  # The GT's anchors stay.
+    ids = np.cumsum(keep) - 1  # ids of the valid anchors: 0..n-1 in order
+    keys = jax.random.split(jax.random.key(5), 2)
+    losses = functools.partial(
+        rpn_losses, fg_iou=FG_IOU, bg_iou=BG_IOU, batch_size_per_image=8,
+        positive_fraction=0.5, smooth_l1_beta=0.0,
+    )  # fmt: skip
+    b, a = logits.shape
+    full = jax.jit(losses)(
+        keys, logits, deltas, np.broadcast_to(anchors, (b, a, 4)), np.tile(keep, (b, 1)),
+        np.tile(ids, (b, 1)).astype(np.int32), gt_boxes, gt_valid,
+    )  # fmt: skip
+    n = int(keep.sum())
+    alone = jax.jit(losses)(
+        keys, logits[:, keep], deltas[:, keep], np.broadcast_to(anchors[keep], (b, n, 4)),
+        np.ones((b, n), bool), np.tile(np.arange(n), (b, 1)).astype(np.int32), gt_boxes, gt_valid,
+    )  # fmt: skip
+    assert float(alone[0]) > 0 and float(alone[1]) > 0
+    np.testing.assert_allclose(full, alone, rtol=1e-6)

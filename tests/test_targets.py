@@ -327,3 +327,51 @@ def test_mask_targets_of_degenerate_boxes_are_finite():
     assert np.isfinite(got).all() and (got >= 0).all() and (got <= 1 + 1e-6).all()
     want = mask_targets_numpy(gt_masks[:2], gt_boxes[:2], rois[:2], 4, 2)
     np.testing.assert_allclose(got[:2], want, rtol=1e-4, atol=1e-5)
+
+
+def test_sample_balanced_depends_on_ids_not_on_the_layout():
+    """The same candidates (same ids) inside a longer, padded and shuffled array are drawn
+    identically: what a canvas-independent sample of anchors needs."""
+    rng = np.random.default_rng(7)
+    n = 300
+    positive = rng.uniform(size=n) < 0.1
+    negative = ~positive & (rng.uniform(size=n) < 0.7)
+    ids = np.arange(n, dtype=np.int32)
+    key = jax.random.key(11)
+    sample = jax.jit(targets.sample_balanced, static_argnums=(3, 4))(
+        key, positive, negative, 64, 0.25, ids
+    )
+    # A layout with 200 extra non-candidates and the real candidates shuffled among them.
+    order = rng.permutation(n + 200)
+    big_pos = np.zeros(n + 200, bool)
+    big_neg = np.zeros(n + 200, bool)
+    big_ids = np.full(n + 200, -7, np.int32)
+    big_pos[order[:n]], big_neg[order[:n]], big_ids[order[:n]] = positive, negative, ids
+    moved = jax.jit(targets.sample_balanced, static_argnums=(3, 4))(
+        key, big_pos, big_neg, 64, 0.25, big_ids
+    )
+    valid = np.asarray(sample.valid)
+    np.testing.assert_array_equal(valid, np.asarray(moved.valid))
+    np.testing.assert_array_equal(
+        ids[np.asarray(sample.indices)[valid]], big_ids[np.asarray(moved.indices)[valid]]
+    )
+    np.testing.assert_array_equal(sample.is_positive, moved.is_positive)
+    assert int(sample.num_positive) == min(positive.sum(), 16)
+
+
+def test_label_anchors_ignores_anchors_outside_the_extent():
+    """Invalid anchors get -1 and take no part in the low-quality matches: the labels of the
+    valid ones equal those of the valid anchors alone."""
+    rng = np.random.default_rng(3)
+    anchors = random_boxes(rng, 40)
+    gt_boxes = random_boxes(rng, 3)
+    gt_valid = np.array([True, True, False])
+    valid = rng.uniform(size=40) < 0.6
+    labels, match = targets.label_anchors(anchors, gt_boxes, gt_valid, 0.5, 0.3, valid)
+    alone, alone_match = targets.label_anchors(anchors[valid], gt_boxes, gt_valid, 0.5, 0.3)
+    assert (np.asarray(labels)[~valid] == -1).all()
+    np.testing.assert_array_equal(np.asarray(labels)[valid], alone)
+    assigned = np.asarray(alone) >= 0
+    np.testing.assert_array_equal(
+        np.asarray(match)[valid][assigned], np.asarray(alone_match)[assigned]
+    )
