@@ -1,26 +1,35 @@
-"""Benchmarks, one subcommand each; every run prints one JSON line.
+r"""Benchmarks against torchvision, one subcommand each; every run prints one JSON line.
 
-    python scripts/benchmark.py roi_align [--repeats 5] [--methods gather einsum] [--backward]
-    python scripts/benchmark.py nms [--repeats 5] [--num-boxes 1000 4000]
-    python scripts/benchmark.py train [--sizes 512x512 832x1344] [--batch-size 2]
-    python scripts/benchmark.py infer [--sizes 512x512 832x1344] [--batch-size 2]
+  python scripts/benchmark.py roi_align [--output_sizes=7,14] [--methods=gather,einsum] [--backward]
+  python scripts/benchmark.py nms [--num_boxes=1000,4000] [--iou_threshold=0.7]
+  python scripts/benchmark.py train|infer [--sizes=512x512,832x1344] [--batch_size=2] [--matched]
 
-Times are the median wall-clock seconds over `--repeats` calls after `--warmup` calls (the first
-of which compiles), with `block_until_ready`. Where torchvision is installed, its op runs on the
-same inputs in the same process and `ratio` is ours / torchvision's (below 1: we are faster).
-To add a benchmark, write `add_<name>_command(subparsers)` that registers a parser whose `run`
-default returns the JSON-able result dict, and call it in `build_parser`.
+Times are the median wall-clock seconds over --repeats calls after --warmup calls (the first of
+which compiles), with `block_until_ready`. torchvision runs on the same inputs in the same process
+and `ratio` is ours / torchvision's (below 1: we are faster). A subcommand ignores the flags it
+does not use (--help says which). `train` and `infer` time R50-FPN Mask R-CNN
+(configs/coco_r50_fpn_1x.py) against torchvision's maskrcnn_resnet50_fpn and report the `work`
+per image of each: RoIs through the box head, and through the mask head the foreground RoIs
+(train) or detections (infer); ours are the static config sizes (padded slots included),
+torchvision's are counted by forward hooks; `matched` says whether they are equal (else `why`).
+--matched gives torchvision our RPN/RoI budgets and score threshold 0 (it returns
+detections_per_image detections, as ours); zero RPN box deltas and no proposal NMS suppression (its
+proposals are then the post_nms_topk best anchors, as many as our static slots: with random
+weights most of its proposals are otherwise degenerate or suppressed, e.g. 35-300 left at 256²);
+and in training at least as many GT objects as our foreground RoI slots (every GT box is also a
+proposal of IoU 1: a foreground RoI), so both fill every slot.
 """
 
-from __future__ import annotations
-
-import argparse
 import functools
 import json
+import os
+import re
+import resource
 import statistics
+import sys
 import time
-from collections.abc import Callable
-from typing import Any
+
+from absl import app, flags
 
 # torchvision segfaults when imported after tensorflow (see tests/conftest.py): import it first.
 try:
@@ -36,44 +45,60 @@ import numpy as np
 from mrcnn_jax.ops.nms import nms
 from mrcnn_jax.ops.roi_align import multilevel_roi_align
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for configs/
 
-def median_seconds(
-    fn: Callable[..., Any], fn_args: tuple, repeats: int, warmup: int
-) -> tuple[float, float]:
-    """(seconds of the first call, median seconds of `repeats` calls after `warmup` calls) of
-    `fn(*fn_args)`, which returns JAX arrays (blocked on) or anything else (already done)."""
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*fn_args))
-    first = time.perf_counter() - start
-    for _ in range(warmup - 1):
-        jax.block_until_ready(fn(*fn_args))
+# A help that starts with "<subcommand>[, <subcommand>...]: " names the only subcommands using it.
+flags.DEFINE_integer("repeats", None, "Timed calls (default 5, train/infer 3).", lower_bound=1)
+flags.DEFINE_integer("warmup", 1, "Untimed calls first (the first compiles).", lower_bound=1)
+flags.DEFINE_integer("seed", 0, "Seed of the random inputs.")
+flags.DEFINE_integer("batch_size", 2, "roi_align, train, infer: images per call.", lower_bound=1)
+flags.DEFINE_integer("image_size", 1024, "roi_align, nms: side of the square image (P2 is /4).")
+flags.DEFINE_integer("rois", 512, "roi_align: boxes per image.")
+flags.DEFINE_integer("channels", 256, "roi_align: feature channels.")
+flags.DEFINE_list("output_sizes", ["7", "14"], "roi_align: RoIAlign output sizes to time.")
+flags.DEFINE_integer("sampling_ratio", 2, "roi_align: samples per bin and axis.")
+flags.DEFINE_list("methods", ["gather", "einsum"], "roi_align: ours to time (einsum: ~13 GB).")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "roi_align: our feature dtype.")
+flags.DEFINE_bool("backward", False, "roi_align: time forward + backward w.r.t. the features.")
+flags.DEFINE_list("num_boxes", ["1000", "4000"], "nms: input box counts to time.")
+flags.DEFINE_integer("max_output", 1000, "nms: static output size.")
+flags.DEFINE_float("iou_threshold", 0.7, "nms: suppression IoU.")
+flags.DEFINE_list("sizes", ["512x512", "832x1344"], "train, infer: padded input sizes HxW.")
+flags.DEFINE_integer("num_objects", 10, "train: ground-truth objects per image.")
+flags.DEFINE_bool("skip_torchvision", False, "train, infer: do not time torchvision's model.")
+flags.DEFINE_bool("matched", False, "train, infer: make torchvision do our work (see above).")
+FLAGS = flags.FLAGS
+_LISTS = {  # flag: (regular expression of an item, what the items are)
+    "output_sizes": (r"\d+", "integers"),
+    "num_boxes": (r"\d+", "integers"),
+    "sizes": (r"\d+x\d+", "HxW sizes"),
+    "methods": ("gather|einsum", "gather, einsum"),
+}
+for _name, (_item, _what) in _LISTS.items():
+    _check = lambda values, item=_item: bool(values) and all(re.fullmatch(item, v) for v in values)
+    flags.register_validator(_name, _check, f"--{_name} must be a comma-separated list of {_what}")
+
+
+def measure(fn, *args) -> tuple[float, float, object]:
+    """(seconds of the first call, median seconds of --repeats calls after --warmup calls, the
+    last output) of `fn(*args)`, which returns JAX arrays (blocked on) or anything else."""
     times = []
-    for _ in range(repeats):
+    for _ in range(FLAGS.warmup + FLAGS.repeats):
         start = time.perf_counter()
-        jax.block_until_ready(fn(*fn_args))
+        out = jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - start)
-    return first, statistics.median(times)
+    return times[0], statistics.median(times[FLAGS.warmup :]), out
 
 
-def environment() -> dict[str, Any]:
-    """What the numbers were measured on."""
-    device = jax.devices()[0]
-    return {
-        "jax_backend": jax.default_backend(),
-        "jax_device": getattr(device, "device_kind", str(device)),
-        "jax": jax.__version__,
-        "torchvision": torchvision.__version__ if torchvision else None,
-        "torch_threads": torch.get_num_threads() if torch else None,
-    }
+def compare(first: float, ours: float, reference: float | None, digits: int) -> dict:
+    """Our first-call and steady-state seconds, torchvision's and the ratio (None without it)."""
+    ratio = None if reference is None else ours / reference
+    reference = None if reference is None else round(reference, digits)
+    times = {"first_call_seconds": round(first, digits), "seconds": round(ours, digits)}
+    return {**times, "torchvision_seconds": reference, "ratio": ratio}
 
 
-def random_boxes(
-    rng: np.random.Generator,
-    shape: tuple[int, ...],
-    image_size: int,
-    min_size: float,
-    max_size: float,
-) -> np.ndarray:
+def random_boxes(rng, shape, image_size: int, min_size: float, max_size: float) -> np.ndarray:
     """`[*shape, 4]` float32 (x1, y1, x2, y2): centres uniform in the image, sqrt(area)
     log-uniform in [min_size, max_size], aspect ratio log-uniform in [1/3, 3]."""
     centre = rng.uniform(0, image_size, (*shape, 2))
@@ -83,391 +108,252 @@ def random_boxes(
     return np.concatenate([centre - half, centre + half], -1).astype(np.float32)
 
 
-def proposal_like_boxes(
-    rng: np.random.Generator, num_boxes: int, image_size: int, boxes_per_object: int = 20
-) -> np.ndarray:
-    """`[num_boxes, 4]` float32 boxes in clusters of ~`boxes_per_object` jittered copies of
-    random objects (sides 16..image_size/4), so that NMS suppresses like on RPN proposals."""
-    objects = random_boxes(
-        rng, (max(1, num_boxes // boxes_per_object),), image_size, 16, image_size / 4
-    )
+def proposal_like_boxes(rng, num_boxes: int, image_size: int, per_object: int = 20) -> np.ndarray:
+    """`[num_boxes, 4]` float32 boxes in clusters of ~`per_object` jittered copies of random
+    objects (sides 16..image_size/4), so that NMS suppresses like on RPN proposals."""
+    objects = random_boxes(rng, (max(1, num_boxes // per_object),), image_size, 16, image_size / 4)
     boxes = objects[rng.integers(0, len(objects), num_boxes)]
     size = np.concatenate([boxes[:, 2:] - boxes[:, :2]] * 2, 1)
     return (boxes + 0.1 * size * rng.normal(size=boxes.shape)).astype(np.float32)
 
 
-def ratio(ours: float, reference: float | None) -> float | None:
-    return None if reference is None else ours / reference
-
-
-# ---------------------------------------------------------------------------------------------
-# roi_align
-
-
-def run_roi_align(args: argparse.Namespace) -> dict[str, Any]:
-    """Multilevel RoIAlign on P2..P5 of a square image, ours (each method) vs torchvision."""
-    rng = np.random.default_rng(args.seed)
-    levels = range(2, 6)
-    features = [
-        rng.normal(
-            size=(args.batch, args.image_size >> level, args.image_size >> level, args.channels)
-        ).astype(np.float32)
-        for level in levels
-    ]
-    boxes = random_boxes(rng, (args.batch, args.rois), args.image_size, 16, args.image_size)
-    jax_features = [jnp.asarray(f, args.dtype) for f in features]
-    jax_boxes = jnp.asarray(boxes)
-    results = []
-    for output_size in args.output_sizes:
-        reference = _torchvision_roi_align_seconds(features, boxes, output_size, args)
-        for method in args.methods:
-            pool = functools.partial(
-                multilevel_roi_align,
-                output_size=output_size,
-                sampling_ratio=args.sampling_ratio,
-                method=method,
-            )
-            step, inputs = jax.jit(pool), (jax_features, jax_boxes)
-            if args.backward:
-                cotangent = rng.normal(
-                    size=(*boxes.shape[:2], output_size, output_size, args.channels)
-                )
-                step = jax.jit(functools.partial(_forward_backward, pool))
-                inputs = (*inputs, jnp.asarray(cotangent, args.dtype))
-            first, seconds = median_seconds(step, inputs, args.repeats, args.warmup)
-            results.append(
-                {
-                    "output_size": output_size,
-                    "method": method,
-                    "first_call_seconds": round(first, 4),
-                    "seconds": round(seconds, 4),
-                    "torchvision_seconds": reference,
-                    "ratio": ratio(seconds, reference),
-                }
-            )
-    return {
-        "benchmark": "roi_align",
-        **environment(),
-        "config": {k: v for k, v in vars(args).items() if k != "run"},
-        "results": results,
-    }
-
-
-def _forward_backward(
-    pool: Callable[..., jax.Array],
-    features: list[jax.Array],
-    boxes: jax.Array,
-    cotangent: jax.Array,
-) -> tuple[jax.Array, list[jax.Array]]:
+def forward_backward(pool, features, boxes, cotangent):
     """`pool(features, boxes)` and its VJP w.r.t. the features for `cotangent`."""
     out, vjp = jax.vjp(lambda f: pool(f, boxes), features)
     return out, vjp(cotangent)[0]
 
 
-def _torchvision_roi_align_seconds(
-    features: list[np.ndarray], boxes: np.ndarray, output_size: int, args: argparse.Namespace
-) -> float | None:
-    """Median seconds of torchvision's MultiScaleRoIAlign on the same inputs (NCHW)."""
-    if torchvision is None or args.dtype != "float32":
+def run_roi_align() -> list[dict]:
+    """Multilevel RoIAlign on P2..P5 of a square image, ours (each method) vs torchvision."""
+    rng, size, channels = np.random.default_rng(FLAGS.seed), FLAGS.image_size, FLAGS.channels
+    shapes = [(FLAGS.batch_size, size >> level, size >> level, channels) for level in range(2, 6)]
+    features = [rng.normal(size=shape).astype(np.float32) for shape in shapes]
+    boxes = random_boxes(rng, (FLAGS.batch_size, FLAGS.rois), size, 16, size)
+    inputs = ([jnp.asarray(f, FLAGS.dtype) for f in features], jnp.asarray(boxes))
+    roi_align = functools.partial(multilevel_roi_align, sampling_ratio=FLAGS.sampling_ratio)
+    results = []
+    for output_size in map(int, FLAGS.output_sizes):
+        reference, args = torchvision_roi_align_seconds(features, boxes, output_size), inputs
+        if FLAGS.backward:
+            cotangent = rng.normal(size=(*boxes.shape[:2], output_size, output_size, channels))
+            args = (*inputs, jnp.asarray(cotangent, FLAGS.dtype))
+        for method in FLAGS.methods:
+            pool = functools.partial(roi_align, output_size=output_size, method=method)
+            step = functools.partial(forward_backward, pool) if FLAGS.backward else pool
+            first, seconds, _ = measure(jax.jit(step), *args)
+            result = {"output_size": output_size, "method": method}
+            results.append({**result, **compare(first, seconds, reference, 4)})
+    return results
+
+
+def torchvision_roi_align_seconds(features, boxes, output_size: int) -> float | None:
+    """Median seconds of torchvision's MultiScaleRoIAlign on the same inputs (NCHW, float32)."""
+    if torchvision is None or FLAGS.dtype != "float32":
         return None
     names = [f"p{level}" for level in range(2, 2 + len(features))]
-    pooler = torchvision.ops.MultiScaleRoIAlign(names, output_size, args.sampling_ratio)
-    x = {
-        name: torch.from_numpy(f).permute(0, 3, 1, 2).contiguous().requires_grad_(args.backward)
-        for name, f in zip(names, features)
-    }
-    torch_boxes = [torch.from_numpy(b) for b in boxes]
-    image_shapes = [(args.image_size, args.image_size)] * len(boxes)
+    pooler = torchvision.ops.MultiScaleRoIAlign(names, output_size, FLAGS.sampling_ratio)
+    to_nchw = lambda f: torch.from_numpy(f).permute(0, 3, 1, 2).contiguous()
+    x = {name: to_nchw(f).requires_grad_(FLAGS.backward) for name, f in zip(names, features)}
+    torch_boxes, image_shapes = [torch.from_numpy(b) for b in boxes], [(FLAGS.image_size,) * 2]
 
     def call() -> None:
-        with torch.set_grad_enabled(args.backward):
-            out = pooler(x, torch_boxes, image_shapes)
-            if args.backward:
+        with torch.set_grad_enabled(FLAGS.backward):
+            out = pooler(x, torch_boxes, image_shapes * len(boxes))
+            if FLAGS.backward:
                 out.backward(torch.ones_like(out))
 
-    return round(median_seconds(call, (), args.repeats, args.warmup)[1], 4)
+    return measure(call)[1]
 
 
-def add_roi_align_command(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
-        "roi_align", help="multilevel RoIAlign (P2-P5) vs torchvision MultiScaleRoIAlign"
-    )
-    parser.add_argument("--batch", type=int, default=2, help="images per call")
-    parser.add_argument("--rois", type=int, default=512, help="boxes per image")
-    parser.add_argument("--channels", type=int, default=256, help="feature channels")
-    parser.add_argument(
-        "--image-size",
-        type=int,
-        default=1024,
-        help="square input size; P2..P5 are image_size / 4 .. / 32",
-    )
-    parser.add_argument(
-        "--output-sizes", type=int, nargs="+", default=[7, 14], help="RoIAlign output sizes to time"
-    )
-    parser.add_argument("--sampling-ratio", type=int, default=2, help="samples per bin and axis")
-    parser.add_argument(
-        "--methods",
-        nargs="+",
-        default=["gather", "einsum"],
-        choices=["gather", "einsum"],
-        help="our strategies to time (einsum at 1024² and 14x14: ~13 GB, ~30 s)",
-    )
-    parser.add_argument(
-        "--dtype",
-        default="float32",
-        choices=["float32", "bfloat16"],
-        help="feature dtype for ours (torchvision is timed for float32 only)",
-    )
-    parser.add_argument(
-        "--backward",
-        action="store_true",
-        help="time forward + backward w.r.t. the features instead of forward",
-    )
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls (median reported)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed calls first (>= 1)")
-    parser.add_argument("--seed", type=int, default=0, help="random inputs seed")
-    parser.set_defaults(run=run_roi_align)
-
-
-# ---------------------------------------------------------------------------------------------
-# nms
-
-
-def run_nms(args: argparse.Namespace) -> dict[str, Any]:
-    """Greedy NMS of random boxes, ours vs torchvision.ops.nms (truncated to max_output)."""
-    rng = np.random.default_rng(args.seed)
-    step = jax.jit(
-        functools.partial(nms, iou_threshold=args.iou_threshold, max_output=args.max_output)
-    )
+def run_nms() -> list[dict]:
+    """Greedy NMS of proposal-like boxes, ours vs torchvision.ops.nms (truncated to max_output)."""
+    rng, threshold = np.random.default_rng(FLAGS.seed), FLAGS.iou_threshold
+    step = jax.jit(functools.partial(nms, iou_threshold=threshold, max_output=FLAGS.max_output))
     results = []
-    for num_boxes in args.num_boxes:
-        boxes = proposal_like_boxes(rng, num_boxes, args.image_size)
+    for num_boxes in map(int, FLAGS.num_boxes):
+        boxes = proposal_like_boxes(rng, num_boxes, FLAGS.image_size)
         scores = rng.uniform(size=num_boxes).astype(np.float32)
-        inputs = (jnp.asarray(boxes), jnp.asarray(scores))
-        first, seconds = median_seconds(step, inputs, args.repeats, args.warmup)
-        indices, valid = step(*inputs)
+        first, seconds, (indices, valid) = measure(step, jnp.asarray(boxes), jnp.asarray(scores))
         kept = np.asarray(indices)[np.asarray(valid)]
-        result = {
-            "num_boxes": num_boxes,
-            "first_call_seconds": round(first, 4),
-            "seconds": round(seconds, 5),
-            "kept": len(kept),
-        }
+        result = {"num_boxes": num_boxes, "kept": len(kept)}
+        reference = None
         if torchvision is not None:
-            torch_boxes, torch_scores = torch.from_numpy(boxes), torch.from_numpy(scores)
-            reference = median_seconds(
-                torchvision.ops.nms,
-                (torch_boxes, torch_scores, args.iou_threshold),
-                args.repeats,
-                args.warmup,
-            )[1]
-            expected = torchvision.ops.nms(torch_boxes, torch_scores, args.iou_threshold)
-            result.update(
-                torchvision_seconds=round(reference, 5),
-                ratio=seconds / reference,
-                same_as_torchvision=bool(np.array_equal(kept, expected.numpy()[: args.max_output])),
-            )
-        results.append(result)
-    return {
-        "benchmark": "nms",
-        **environment(),
-        "config": {k: v for k, v in vars(args).items() if k != "run"},
-        "results": results,
-    }
+            tv_inputs = (torch.from_numpy(boxes), torch.from_numpy(scores), threshold)
+            _, reference, expected = measure(torchvision.ops.nms, *tv_inputs)
+            same = np.array_equal(kept, expected.numpy()[: FLAGS.max_output])
+            result["same_as_torchvision"] = bool(same)
+        results.append({**result, **compare(first, seconds, reference, 5)})
+    return results
 
 
-def add_nms_command(subparsers: Any) -> None:
-    parser = subparsers.add_parser("nms", help="greedy NMS vs torchvision.ops.nms")
-    parser.add_argument(
-        "--num-boxes", type=int, nargs="+", default=[1000, 4000], help="input box counts to time"
-    )
-    parser.add_argument("--max-output", type=int, default=1000, help="static output size")
-    parser.add_argument("--iou-threshold", type=float, default=0.7, help="suppression IoU")
-    parser.add_argument(
-        "--image-size",
-        type=int,
-        default=1024,
-        help="boxes lie in a square image of this size, sides 16..size/4",
-    )
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls (median reported)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed calls first (>= 1)")
-    parser.add_argument("--seed", type=int, default=0, help="random inputs seed")
-    parser.set_defaults(run=run_nms)
-
-
-# ---------------------------------------------------------------------------------------------
-
-
-def synthetic_detection_batch(rng: np.random.Generator, config, num_objects: int) -> dict:
+def synthetic_detection_batch(rng, config, num_objects: int) -> dict:
     """A train batch (docs/CONTRACTS.md keys) of noise images with `num_objects` random boxes
-    and box-crop masks each; `config` fixes the image size, batch and padding."""
+    and random masks each; `config` fixes the image size, batch and padding."""
     b, (h, w) = config.train.batch_size, config.data.image_size
     m, s = config.data.max_instances, config.data.mask_size
     x1y1 = rng.uniform(0, 0.7, (b, m, 2)) * [w, h]
-    wh = rng.uniform(0.05, 0.3, (b, m, 2)) * [w, h]
+    boxes = np.concatenate([x1y1, x1y1 + rng.uniform(0.05, 0.3, (b, m, 2)) * [w, h]], -1)
     valid = np.arange(m)[None, :].repeat(b, 0) < num_objects
+    classes = rng.integers(0, config.model.num_classes, (b, m))
     return {
         "image": rng.normal(size=(b, h, w, 3)).astype(np.float32),
         "image_size": np.tile(np.array([h, w], np.int32), (b, 1)),
-        "gt_boxes": np.where(valid[..., None], np.concatenate([x1y1, x1y1 + wh], -1), 0).astype(
-            np.float32
-        ),
-        "gt_classes": np.where(valid, rng.integers(0, config.model.num_classes, (b, m)), -1).astype(
-            np.int32
-        ),
+        "gt_boxes": np.where(valid[..., None], boxes, 0).astype(np.float32),
+        "gt_classes": np.where(valid, classes, -1).astype(np.int32),
         "gt_valid": valid,
         "gt_masks": (rng.uniform(size=(b, m, s, s)) > 0.3) & valid[..., None, None],
     }
 
 
-def _torchvision_model_seconds(batch: dict, config, train: bool, args) -> float:
-    """Median seconds of torchvision's maskrcnn_resnet50_fpn on the same images (and targets)."""
-    h, w = config.data.image_size
-    model = torchvision.models.detection.maskrcnn_resnet50_fpn(
-        weights=None,
-        weights_backbone=None,
-        num_classes=config.model.num_classes + 1,
-        min_size=min(h, w),
-        max_size=max(h, w),
-    )
-    images = [torch.from_numpy(x).permute(2, 0, 1).contiguous() for x in batch["image"]]
+def our_model(config, batch: dict, train: bool):
+    """A no-argument function running one train step (the state carried over) or one inference
+    of our model, and the (box head, mask head) RoIs per image of either (static sizes)."""
+    from mrcnn_jax import sharding
+    from mrcnn_jax.modeling.mask_rcnn import MaskRCNN, num_foreground_slots
+    from mrcnn_jax.programs import evaluator
+    from mrcnn_jax.train import state as state_lib
+    from mrcnn_jax.train import step as step_lib
+
+    model = MaskRCNN.from_config(config.model, axis_name=sharding.AXIS)
+    mesh = sharding.create_mesh(jax.devices()[:1])
+    state, lr_fn = state_lib.create_train_state(jax.random.key(0), config, model)
+    state, r = sharding.replicate(state, mesh), config.model.roi_heads
     if not train:
-        model.eval()
-        return median_seconds(lambda: model(images), (), args.repeats, args.warmup)[1]
-    model.train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-    targets = []
-    for i in range(len(images)):
-        keep = batch["gt_valid"][i]
-        boxes = batch["gt_boxes"][i][keep]
-        masks = np.zeros((len(boxes), h, w), np.uint8)
-        for k, (x1, y1, x2, y2) in enumerate(boxes.astype(int)):
-            masks[k, y1:y2, x1:x2] = 1
-        targets.append(
-            {
-                "boxes": torch.from_numpy(boxes),
-                "labels": torch.from_numpy(batch["gt_classes"][i][keep] + 1).long(),
-                "masks": torch.from_numpy(masks),
-            }
+        predict, variables = evaluator.make_predict_step(model, mesh), evaluator.variables_of(state)
+        inputs = sharding.shard_batch({k: batch[k] for k in evaluator.MODEL_INPUTS}, mesh)
+        sizes = config.model.rpn.post_nms_topk_test, r.detections_per_image
+        return functools.partial(predict, variables, inputs), sizes
+    train_step = step_lib.make_train_step(config, mesh, lr_fn)
+    inputs, holder = sharding.shard_batch(batch, mesh), [state]
+
+    def run():
+        holder[0], metrics = train_step(holder[0], inputs, jax.random.key(0))
+        return metrics
+
+    return run, (r.batch_size_per_image, num_foreground_slots(r))
+
+
+def torchvision_model(config, batch: dict, train: bool) -> tuple[float, dict]:
+    """Median seconds of torchvision's maskrcnn_resnet50_fpn on the same images (and targets),
+    and the RoIs per image its box and mask heads saw (forward hooks) in the last call."""
+    (h, w), rpn, r = config.data.image_size, config.model.rpn, config.model.roi_heads
+    kwargs = dict(weights=None, weights_backbone=None, num_classes=config.model.num_classes + 1)
+    kwargs.update(min_size=min(h, w), max_size=max(h, w))
+    if FLAGS.matched:
+        kwargs.update(
+            rpn_pre_nms_top_n_train=rpn.pre_nms_topk_train,
+            rpn_pre_nms_top_n_test=rpn.pre_nms_topk_test,
+            rpn_post_nms_top_n_train=rpn.post_nms_topk_train,
+            rpn_post_nms_top_n_test=rpn.post_nms_topk_test,
+            rpn_nms_thresh=1.0,  # no suppression, see the module docstring
+            box_batch_size_per_image=r.batch_size_per_image,
+            box_positive_fraction=r.positive_fraction,
+            box_detections_per_img=r.detections_per_image,
+            box_score_thresh=0.0,
         )
+    torch.manual_seed(FLAGS.seed)
+    model = torchvision.models.detection.maskrcnn_resnet50_fpn(**kwargs)
+    for param in model.rpn.head.bbox_pred.parameters() if FLAGS.matched else ():
+        torch.nn.init.zeros_(param)  # RPN box deltas 0: proposals are anchors (module docstring)
+    images = [torch.from_numpy(x).permute(2, 0, 1).contiguous() for x in batch["image"]]
+    work, heads = {}, model.roi_heads
+    for key, head in (("box_head_rois", heads.box_head), ("mask_head_rois", heads.mask_head)):
+        count = lambda _, x, key=key: work.__setitem__(key, x[0].shape[0] / len(images))
+        head.register_forward_pre_hook(count)
+    if not train:
+        return measure(model.eval(), images)[1], work
+    optimizer = torch.optim.SGD(model.train().parameters(), lr=1e-4, momentum=0.9)
+    ys, xs, targets = np.arange(h)[:, None], np.arange(w), []
+    for boxes, classes, keep in zip(batch["gt_boxes"], batch["gt_classes"], batch["gt_valid"]):
+        x1, y1, x2, y2 = boxes[keep].astype(int).T[..., None, None]
+        masks = torch.from_numpy((ys >= y1) & (ys < y2) & (xs >= x1) & (xs < x2)).to(torch.uint8)
+        labels = torch.from_numpy(classes[keep] + 1).long()
+        targets.append({"boxes": torch.from_numpy(boxes[keep]), "labels": labels, "masks": masks})
 
     def step():
         optimizer.zero_grad()
-        loss = sum(model(images, targets).values())
-        loss.backward()
+        sum(model(images, targets).values()).backward()
         optimizer.step()
 
-    return median_seconds(step, (), args.repeats, args.warmup)[1]
+    return measure(step)[1], work
 
 
-def _jax_model_fn(config, batch: dict, train: bool) -> Callable[[], Any]:
-    """A no-argument function running one train step (state carried over) or one inference."""
-    from mrcnn_jax.train import loop, step
-    from mrcnn_jax.train import state as state_lib
-
-    model = loop.build_model(config)
-    mesh = step.create_mesh(jax.devices()[:1])
-    state, lr_fn = state_lib.create_train_state(jax.random.key(0), config, model)
-    state = step.replicate(state, mesh)
-    if train:
-        train_step = step.make_train_step(model, config, mesh, lr_fn)
-        inputs = step.shard_batch(batch, mesh)
-        holder = {"state": state}
-
-        def run():
-            holder["state"], metrics = train_step(holder["state"], inputs, jax.random.key(0))
-            return metrics
-
-        return run
-    predict = step.make_predict_step(model, mesh)
-    inputs = step.shard_batch({k: batch[k] for k in ("image", "image_size")}, mesh)
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
-    return lambda: predict(variables, inputs)
-
-
-def run_model(args: argparse.Namespace) -> dict[str, Any]:
-    """R50-FPN Mask R-CNN (configs/coco_r50_fpn_1x.py) train step or inference, on one device."""
-    import resource
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+def run_model(train: bool) -> list[dict]:
+    """R50-FPN Mask R-CNN train step or inference on one device, ours vs torchvision's."""
     from configs import coco_r50_fpn_1x
+    from mrcnn_jax.modeling.mask_rcnn import num_foreground_slots
 
-    train = args.command == "train"
-    rng = np.random.default_rng(args.seed)
-    results = []
-    for size in args.sizes:
+    rng, results = np.random.default_rng(FLAGS.seed), []
+    for size in FLAGS.sizes:
         config = coco_r50_fpn_1x.get_config()
         config.data.image_size = tuple(int(v) for v in size.split("x"))
-        config.train.batch_size = args.batch_size
-        batch = synthetic_detection_batch(rng, config, args.num_objects)
-        run = _jax_model_fn(config, batch, train)
-        first, seconds = median_seconds(run, (), args.repeats, args.warmup)
-        result = {
-            "image_size": size,
-            "first_call_seconds": round(first, 2),
-            "seconds": round(seconds, 3),
-            "peak_host_rss_gib": round(
-                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2
-            ),
-        }
+        config.train.batch_size = FLAGS.batch_size
+        num_objects = FLAGS.num_objects
+        if FLAGS.matched and train:  # a GT per foreground RoI slot
+            num_objects = max(num_objects, num_foreground_slots(config.model.roi_heads))
+        config.data.max_instances = max(config.data.max_instances, num_objects)
+        batch = synthetic_detection_batch(rng, config, num_objects)
+        run, (box_rois, mask_rois) = our_model(config, batch, train)
+        first, seconds, out = measure(run)
+        valid = out["num_fg_rois"] if train else np.mean(np.sum(out["valid"], 1))
+        ours = {"box_head_rois": box_rois, "mask_head_rois": mask_rois}
+        work = {"ours": {**ours, "valid_mask_head_rois": float(valid)}}
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+        result = {"image_size": size, **({"num_objects": num_objects} if train else {})}
+        result["peak_host_rss_gib"] = round(rss, 2)
         stats = jax.devices()[0].memory_stats() or {}
         if "peak_bytes_in_use" in stats:
             result["peak_device_gib"] = round(stats["peak_bytes_in_use"] / 2**30, 2)
-        if torchvision is not None and not args.skip_torchvision:
-            reference = _torchvision_model_seconds(batch, config, train, args)
-            result.update(torchvision_seconds=round(reference, 3), ratio=seconds / reference)
-        results.append(result)
-    return {
-        "benchmark": args.command,
-        **environment(),
-        "model": "R50-FPN",
-        "config": {k: v for k, v in vars(args).items() if k != "run"},
+        reference = None
+        if torchvision is not None and not FLAGS.skip_torchvision:
+            reference, theirs = torchvision_model(config, batch, train)
+            work["torchvision"] = theirs
+            why = [
+                f"{k}: torchvision {v:g}, ours {ours[k]}" for k, v in theirs.items() if v != ours[k]
+            ]
+            result["matched"] = not why
+            if why:
+                result["why"] = "; ".join(why) + ("" if FLAGS.matched else " (see --matched)")
+        results.append({**result, **compare(first, seconds, reference, 3), "work": work})
+    return results
+
+
+COMMANDS = {
+    "roi_align": run_roi_align,
+    "nms": run_nms,
+    "train": functools.partial(run_model, True),
+    "infer": functools.partial(run_model, False),
+}
+
+
+def flags_of(command: str) -> dict:
+    """The flags `command` reads: those whose help names no subcommand, or names it."""
+    scope = lambda flag: re.match(r"(?:<.*?>: )?([a-z_]+(, [a-z_]+)*): ", flag.help)  # enum: <a|b>
+    used = lambda flag: not scope(flag) or command in scope(flag)[1].split(", ")
+    return {f.name: f.value for f in FLAGS.get_key_flags_for_module(sys.argv[0]) if used(f)}
+
+
+def main(argv):
+    if len(argv) != 2 or argv[1] not in COMMANDS:
+        what = f"unknown subcommand {' '.join(argv[1:])!r}" if len(argv) > 1 else "no subcommand"
+        raise app.UsageError(f"{what}; expected one of: {', '.join(COMMANDS)}")
+    command, model = argv[1], argv[1] in ("train", "infer")
+    if FLAGS.repeats is None:
+        FLAGS.repeats = 3 if model else 5
+    results, device = COMMANDS[command](), jax.devices()[0]
+    output = {
+        "benchmark": command,
+        "jax_backend": jax.default_backend(),
+        "jax_device": getattr(device, "device_kind", str(device)),
+        "jax": jax.__version__,
+        "torchvision": torchvision.__version__ if torchvision else None,
+        "torch_threads": torch.get_num_threads() if torch else None,
+        **({"model": "R50-FPN"} if model else {}),
+        "config": {"command": command, **flags_of(command)},
         "results": results,
     }
-
-
-def add_model_commands(subparsers: Any) -> None:
-    for name, help_text in (
-        ("train", "one R50-FPN train step vs torchvision's"),
-        ("infer", "R50-FPN inference vs torchvision's"),
-    ):
-        parser = subparsers.add_parser(name, help=help_text)
-        parser.add_argument(
-            "--sizes",
-            nargs="+",
-            default=["512x512", "832x1344"],
-            help="padded input sizes HxW (multiples of 64)",
-        )
-        parser.add_argument("--batch-size", type=int, default=2, help="images per step")
-        parser.add_argument(
-            "--num-objects", type=int, default=10, help="ground-truth objects per image"
-        )
-        parser.add_argument("--repeats", type=int, default=3, help="timed calls (median)")
-        parser.add_argument("--warmup", type=int, default=1, help="untimed calls first")
-        parser.add_argument("--seed", type=int, default=0, help="random inputs seed")
-        parser.add_argument(
-            "--skip-torchvision", action="store_true", help="do not time torchvision's model"
-        )
-        parser.set_defaults(run=run_model)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    add_roi_align_command(subparsers)
-    add_nms_command(subparsers)
-    add_model_commands(subparsers)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    if getattr(args, "warmup", 1) < 1 or getattr(args, "repeats", 1) < 1:
-        raise SystemExit("--warmup and --repeats must be >= 1")
-    print(json.dumps(args.run(args)), flush=True)
+    print(json.dumps(output), flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

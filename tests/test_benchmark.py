@@ -1,0 +1,70 @@
+"""scripts/benchmark.py: the op benchmarks at tiny sizes print one JSON line; bad subcommands are
+refused. (The train/infer benchmarks compile an R50 and are not run here.)"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from absl import app
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, "scripts", "benchmark.py")
+
+
+RUNS = {  # name: arguments; run concurrently (each mostly waits on imports and compiles)
+    "nms": ["nms", "--num_boxes=200", "--repeats=1"],
+    "roi_align": ["roi_align", "--image_size=64", "--rois=8", "--channels=8", "--batch_size=1",
+                  "--output_sizes=7", "--repeats=1"],
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def outputs() -> dict[str, dict]:
+    """The JSON line (the last stdout line) of each of RUNS, run from the repo root."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    processes = {
+        name: subprocess.Popen(
+            [sys.executable, SCRIPT, *args], cwd=REPO, env=env, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+        for name, args in RUNS.items()
+    }  # fmt: skip
+    results = {}
+    for name, process in processes.items():
+        stdout, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, f"{name}: {stderr[-3000:]}"
+        results[name] = json.loads(stdout.strip().splitlines()[-1])
+    return results
+
+
+def test_nms_reports_kept_boxes_and_ratio(outputs):
+    output = outputs["nms"]
+    assert output["benchmark"] == "nms"
+    assert output["config"]["num_boxes"] == ["200"] and "rois" not in output["config"]
+    (result,) = output["results"]
+    assert result["num_boxes"] == 200 and 0 < result["kept"] <= 200
+    assert result["same_as_torchvision"] is True
+    assert result["ratio"] > 0 and result["seconds"] >= 0
+
+
+def test_roi_align_reports_a_ratio_per_method(outputs):
+    results = outputs["roi_align"]["results"]
+    assert [r["method"] for r in results] == ["gather", "einsum"]
+    for result in results:
+        assert result["output_size"] == 7
+        assert result["ratio"] > 0 and result["torchvision_seconds"] > 0
+
+
+def test_unknown_subcommand_is_a_usage_error():
+    spec = importlib.util.spec_from_file_location("benchmark_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # defines its flags; main() refuses before reading them
+    with pytest.raises(
+        app.UsageError, match=r"unknown subcommand 'bogus'; expected one of: roi_al"
+    ):
+        module.main(["benchmark.py", "bogus"])
+    with pytest.raises(app.UsageError, match="no subcommand"):
+        module.main(["benchmark.py"])
