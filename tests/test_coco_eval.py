@@ -18,6 +18,7 @@ from mrcnn_jax.evaluation import (
     evaluate_coco,
     paste_masks,
 )
+from mrcnn_jax.evaluation.coco_eval import boxes_to_original
 
 pytestmark = pytest.mark.filterwarnings(  # pycocotools' decode under numpy 2
     "ignore:__array__ implementation:DeprecationWarning"
@@ -27,9 +28,10 @@ LABEL_TO_CATEGORY = {0: 3, 1: 17, 2: 42}
 CATEGORY_TO_LABEL = {c: label for label, c in LABEL_TO_CATEGORY.items()}
 MASK_SIZE = 28
 BATCH, DETECTIONS = 3, 5
-# image id -> (height, width, scale of the resized input)
-IMAGES = {1: (200, 240, 1.5), 2: (100, 90, 0.8), 3: (80, 80, 1.0), 4: (64, 96, 2.0),
-          5: (50, 50, 1.0)}
+# image id -> (height, width, (height, width) of the resized input): the axes' ratios differ, as
+# with torchvision's floored resize.
+IMAGES = {1: (200, 240, (300, 359)), 2: (100, 90, (80, 71)), 3: (80, 80, (80, 80)),
+          4: (64, 96, (128, 191)), 5: (50, 50, (50, 50))}
 FED_IMAGES = (1, 2, 4, 3)  # image 5 has annotations but is never fed
 
 
@@ -151,7 +153,8 @@ def _batches(detections, rng):
     image_ids += [None] * (-len(image_ids) % BATCH)
     batches = []
     for start in range(0, len(image_ids), BATCH):
-        batch = {"image_id": np.full(BATCH, 999, np.int64), "scale": np.ones(BATCH, np.float32),
+        batch = {"image_id": np.full(BATCH, 999, np.int64),
+                 "image_size": np.full((BATCH, 2), 32, np.int32),
                  "orig_size": np.full((BATCH, 2), 64, np.int32), "valid": np.zeros(BATCH, bool)}
         outputs = {
             "boxes": np.tile(np.array([5, 5, 40, 40], np.float32), (BATCH, DETECTIONS, 1)),
@@ -163,11 +166,12 @@ def _batches(detections, rng):
         for b, image_id in enumerate(image_ids[start:start + BATCH]):
             if image_id is None:
                 continue
-            height, width, scale = IMAGES[image_id]
-            batch["image_id"][b], batch["scale"][b], batch["valid"][b] = image_id, scale, True
-            batch["orig_size"][b] = height, width
+            height, width, resized = IMAGES[image_id]
+            batch["image_id"][b], batch["valid"][b] = image_id, True
+            batch["image_size"][b], batch["orig_size"][b] = resized, (height, width)
+            ratio_h, ratio_w = np.float32(resized) / np.float32([height, width])
             for d, (label, score, box, mask) in enumerate(detections[image_id]):
-                outputs["boxes"][b, d] = box * scale
+                outputs["boxes"][b, d] = box * [ratio_w, ratio_h, ratio_w, ratio_h]
                 outputs["scores"][b, d], outputs["classes"][b, d] = score, label
                 outputs["masks"][b, d], outputs["valid"][b, d] = mask, True
         batches.append((batch, outputs))
@@ -276,29 +280,31 @@ def test_metrics_equal_direct_pycocotools_on_imperfect_results(coco_gt, tmp_path
 
 def test_detections_to_coco_maps_boxes_labels_and_masks_back():
     rng = np.random.default_rng(2)
-    scale, (height, width) = 1.6, (50, 70)
+    image_size, (height, width) = (80, 140), (50, 70)  # y * 50/80 = 0.625, x * 70/140 = 0.5
     boxes = np.array([[8, 16, 48, 64], [-8, 20, 40, 100], [100, 0, 140, 30], [0, 0, 1, 1]],
                      np.float32)
     scores = np.array([0.9, 0.8, 0.7, 0.6], np.float32)
     classes = np.array([2, 0, 1, 7], np.int32)  # label 7 is padding: not looked up
     valid = np.array([True, True, True, False])
     masks = rng.random((4, MASK_SIZE, MASK_SIZE), dtype=np.float32)
-    results = detections_to_coco(11, boxes, scores, classes, masks, valid, scale, (height, width),
-                                 LABEL_TO_CATEGORY)
+    results = detections_to_coco(11, boxes, scores, classes, masks, valid, image_size,
+                                 (height, width), LABEL_TO_CATEGORY)
     json.dumps(results)
     assert [r["category_id"] for r in results] == [42, 3, 17]
     assert [r["image_id"] for r in results] == [11, 11, 11]
     np.testing.assert_allclose([r["score"] for r in results], scores[:3])
-    # boxes / 1.6 = [5, 10, 30, 40], [-5, 12.5, 25, 62.5], [62.5, 0, 87.5, 18.75]; then clipped.
-    expected_xywh = [[5, 10, 25, 30], [0, 12.5, 25, 37.5], [62.5, 0, 7.5, 18.75]]
+    # x * 0.5, y * 0.625: [4, 10, 24, 40], [-4, 12.5, 20, 62.5], [50, 0, 70, 18.75]; clipped.
+    expected_xywh = [[4, 10, 20, 30], [0, 12.5, 20, 37.5], [50, 0, 20, 18.75]]
     np.testing.assert_allclose([r["bbox"] for r in results], expected_xywh, atol=1e-5)
-    pasted = paste_masks(masks[:3], boxes[:3] / np.float32(scale), (height, width))
+    original = boxes_to_original(boxes[:3], image_size, (height, width))
+    np.testing.assert_array_equal(original, boxes[:3] * np.float32([0.5, 0.625, 0.5, 0.625]))
+    pasted = paste_masks(masks[:3], original, (height, width))
     for result, mask in zip(results, pasted):
         assert result["segmentation"]["size"] == [height, width]
         np.testing.assert_array_equal(mask_util.decode(result["segmentation"]), mask)
 
-    no_masks = detections_to_coco(11, boxes, scores, classes, None, valid, scale, (height, width),
-                                  LABEL_TO_CATEGORY)
+    no_masks = detections_to_coco(11, boxes, scores, classes, None, valid, image_size,
+                                  (height, width), LABEL_TO_CATEGORY)
     assert [{k: v for k, v in r.items() if k != "segmentation"} for r in results] == no_masks
 
 
@@ -353,9 +359,21 @@ def test_input_errors(coco_gt):
         stray.evaluate(coco_gt)
     with pytest.raises(ValueError, match="not in image_ids"):
         evaluate_coco(coco_gt, no_masks.results, [1], iou_types=("bbox",))
-    with pytest.raises(ValueError, match="scale"):
-        detections_to_coco(1, np.zeros((1, 4)), np.ones(1), np.zeros(1, int), None,
-                           np.ones(1, bool), 0.0, (10, 10), LABEL_TO_CATEGORY)
+    with pytest.raises(ValueError, match=r"batch lacks keys \['image_size'\]"):
+        CocoEvaluator(LABEL_TO_CATEGORY).add_batch(
+            {k: v for k, v in batch.items() if k != "image_size"}, outputs)
+    for image_size, orig_size, name in (((0, 10), (10, 10), "image_size"),
+                                        ((10, 10), (10, -3), "orig_size"),
+                                        ((10, np.nan), (10, 10), "image_size"),
+                                        ((10, 10.5), (10, 10), "image_size"),
+                                        ((10, 10, 3), (10, 10), "image_size")):
+        with pytest.raises(ValueError, match=f"{name} must be a positive \\(height, width\\)"):
+            detections_to_coco(1, np.zeros((1, 4)), np.ones(1), np.zeros(1, int), None,
+                               np.ones(1, bool), image_size, orig_size, LABEL_TO_CATEGORY)
+        with pytest.raises(ValueError, match=f"{name} must be a positive"):
+            boxes_to_original(np.zeros((1, 4)), image_size, orig_size)
+    with pytest.raises(ValueError, match=r"boxes must have shape \[\.\.\., 4\]"):
+        boxes_to_original(np.zeros((1, 3)), (10, 10), (10, 10))
     with pytest.raises(ValueError, match="scores"):
         detections_to_coco(1, np.zeros((2, 4)), np.ones(1), np.zeros(2, int), None,
-                           np.ones(2, bool), 1.0, (10, 10), LABEL_TO_CATEGORY)
+                           np.ones(2, bool), (10, 10), (10, 10), LABEL_TO_CATEGORY)

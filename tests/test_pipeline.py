@@ -1,6 +1,9 @@
 """The tf.data pipeline: batch keys, shapes and dtypes (docs/CONTRACTS.md), geometry against
-numpy/pycocotools references, flip and jitter consistency, bad input, determinism, resumption
-and per-process sharding."""
+numpy/pycocotools references, flip and jitter consistency, bad input, determinism, resumption,
+per-process sharding and the canvas checks. Parity with torchvision's resize:
+tests/test_pipeline_torchvision.py."""
+
+import math
 
 import ml_collections
 import numpy as np
@@ -15,6 +18,23 @@ from configs import shapes_r18
 from mrcnn_jax.data import masks, pipeline, shapes
 
 ONE = {"process_index": 0, "process_count": 1}
+
+
+def _resized(height: int, width: int, scale: float) -> list[int]:
+    """torchvision's resized size: floor(size * scale) in float64, at least 1."""
+    return [max(math.floor(height * scale), 1), max(math.floor(width * scale), 1)]
+
+
+def _ratios(resized, original) -> np.ndarray:
+    """Per-axis (h, w) float32 scale of the resampled image, torchvision's resize_boxes."""
+    return np.float32(resized) / np.float32(original)
+
+
+def _crop(mask, box, size: int, ratios, offset_xy=(0.0, 0.0)) -> np.ndarray:
+    """``box_crop`` for an image scaled per axis by ``ratios`` (h, w), then shifted by -offset."""
+    ratio_h, ratio_w = (float(r) for r in ratios)
+    shifted = np.asarray(box, np.float64) + np.tile(np.asarray(offset_xy, np.float64), 2)
+    return box_crop(mask, shifted / [ratio_w, ratio_h, ratio_w, ratio_h], size, 1.0)
 
 
 def _config(**data):
@@ -43,7 +63,6 @@ def _spec(config, train: bool) -> dict:
     if not train:
         spec["image_id"] = ((), np.int64)
         spec["orig_size"] = ((2,), np.int32)
-        spec["scale"] = ((), np.float32)
         spec["valid"] = ((), np.bool_)
     return spec
 
@@ -102,7 +121,7 @@ def test_train_batches_follow_the_contract(shapes_builder):
     _check_batches(batches, config, train=True, rows=4)
     for row in _rows(batches):
         h, w = row["image_size"]
-        assert (h, w) == (43, 64)  # 40x60 fitted into 64x64: scale 64/60
+        assert (h, w) == (42, 64)  # 40x60 fitted into 64x64: floor(40 * 64 / 60)
         assert not row["image"][h:].any() and not row["image"][:, w:].any()
         valid = row["gt_valid"]
         assert 1 <= valid.sum() <= 4 and not valid[valid.sum() :].any()
@@ -130,10 +149,9 @@ def test_eval_batches_match_pycocotools_references(coco):
     for image_id, image in ((int(ex["image/id"]), ex["image"]) for ex in originals):
         row = rows[image_id]
         height, width = image.shape[:2]
-        scale = min(64 / height, 64 / width)
-        size = [round(height * scale), round(width * scale)]
+        size = _resized(height, width, min(64 / height, 64 / width))
+        ratios = _ratios(size, [height, width])
         assert row["orig_size"].tolist() == [height, width]
-        assert row["scale"] == pytest.approx(scale)
         assert row["image_size"].tolist() == size
         reference = tf.image.resize(image, size).numpy()
         np.testing.assert_allclose(_unnormalised(row, config), reference, atol=1e-3)
@@ -144,14 +162,15 @@ def test_eval_batches_match_pycocotools_references(coco):
         assert not row["gt_valid"][len(kept) :].any()
         for k, ann in enumerate(kept):
             x, y, w, h = ann["bbox"]
-            box = np.clip([x, y, x + w, y + h], 0, [width, height, width, height]) * scale
+            box = np.clip([x, y, x + w, y + h], 0, [width, height, width, height])
+            box = box * np.tile(ratios[::-1], 2)  # x by the width ratio, y by the height ratio
             np.testing.assert_allclose(row["gt_boxes"][k], box, atol=1e-3)
             assert row["gt_classes"][k] == {1: 0, 18: 16, 90: 79}[ann["category_id"]]
             assert row["gt_valid"][k] == (not ann["iscrowd"] and w > 0 and h > 0)
             if not row["gt_valid"][k]:
                 assert not row["gt_masks"][k].any()
                 continue
-            values = box_crop(index.annToMask(ann), row["gt_boxes"][k], 16, row["scale"])
+            values = _crop(index.annToMask(ann), row["gt_boxes"][k], 16, ratios)
             decided = np.abs(values - 0.5) > 1e-4  # skip points that sit on the threshold
             assert decided.mean() > 0.8
             np.testing.assert_array_equal(row["gt_masks"][k][decided], (values >= 0.5)[decided])
@@ -189,8 +208,9 @@ def test_objects_beyond_max_instances_are_cut_deterministically_with_one_warning
         for k, ann in enumerate(kept):
             x, y, w, h = ann["bbox"]
             box = np.clip([x, y, x + w, y + h], 0, [width, height, width, height])
+            ratios = _ratios(rows[image_id]["image_size"], rows[image_id]["orig_size"])
             np.testing.assert_allclose(
-                rows[image_id]["gt_boxes"][k] / rows[image_id]["scale"], box, atol=1e-3
+                rows[image_id]["gt_boxes"][k] / np.tile(ratios[::-1], 2), box, atol=1e-3
             )
 
 
@@ -248,12 +268,12 @@ def test_augmented_geometry_matches_numpy_references(
     example = next(shapes_builder.as_dataset(split="train[:1]").as_numpy_iterator())
     original = example["image"]
     height, width = original.shape[:2]
-    scale = np.float32(min(64 / height, 64 / width) * jitter)
-    resized = np.maximum(np.round(np.array([height, width]) * scale).astype(np.int32), 1)
+    resized = np.array(_resized(height, width, min(64 / height, 64 / width) * jitter), np.int32)
+    ratios = _ratios(resized, [height, width])
     offset = np.floor(np.array(fraction) * np.maximum(resized - 64, 0)).astype(np.int32)
 
     def fixed_augmentation(seed, h, w, data, train):
-        return tf.constant(flip), tf.constant(scale), tf.constant(resized), tf.constant(offset)
+        return tf.constant(flip), tf.constant(resized), tf.constant(offset)
 
     monkeypatch.setattr(pipeline, "_augmentation", fixed_augmentation)
     row = _rows(_take(pipeline.create_train_dataset(config, builder=shapes_builder, **ONE), 1))[0]
@@ -271,7 +291,7 @@ def test_augmented_geometry_matches_numpy_references(
     boxes = np.stack([xmin * width, ymin * height, xmax * width, ymax * height], axis=1)
     if flip:
         boxes[:, [0, 2]] = width - boxes[:, [2, 0]]
-    boxes = boxes * scale - np.tile(offset[::-1], 2)
+    boxes = boxes * np.tile(ratios[::-1], 2) - np.tile(offset[::-1], 2)
     content_h, content_w = image.shape[:2]
     boxes = np.clip(boxes, 0, [content_w, content_h, content_w, content_h])
     np.testing.assert_allclose(row["gt_boxes"][:n], boxes, atol=1e-3)
@@ -281,7 +301,7 @@ def test_augmented_geometry_matches_numpy_references(
     for k in np.flatnonzero(visible):
         mask = masks.decode_mask(objects["mask"][k], height, width)
         mask = mask[:, ::-1] if flip else mask
-        values = box_crop(mask, row["gt_boxes"][k], 16, scale, offset[::-1])
+        values = _crop(mask, row["gt_boxes"][k], 16, ratios, offset[::-1])
         decided = np.abs(values - 0.5) > 1e-4
         np.testing.assert_array_equal(row["gt_masks"][k][decided], (values >= 0.5)[decided])
 
@@ -299,7 +319,7 @@ def test_scale_jitter_varies_the_size_and_keeps_boxes_inside(shapes_builder, jit
         assert (sizes[:, 1] == 64).all()  # wider than 64 after scaling: cropped
         assert len(set(sizes[:, 0])) > 1
     else:
-        assert (sizes < [43, 64]).all() and len(set(sizes[:, 1])) > 1
+        assert (sizes < [42, 64]).all() and len(set(sizes[:, 1])) > 1
 
 
 def test_train_order_and_augmentation_are_seeded(shapes_builder):
@@ -335,14 +355,16 @@ def test_start_step_resumes_exactly_without_decoding_the_skipped_examples(
     assert len(decoded) < 100
 
 
-def _shard_boxes(builder, index: int, count: int, scale: float) -> set:
-    """First box of every example of a process's train shard, as the pipeline scales it."""
+def _shard_boxes(builder, index: int, count: int, ratios) -> set:
+    """First box of every example of a process's train shard, as the pipeline scales it (per
+    axis by ``ratios`` (h, w))."""
     split = tfds.split_for_jax_process("train", process_index=index, process_count=count)
     boxes = set()
     for ex in builder.as_dataset(split=split).as_numpy_iterator():
         height, width = ex["image"].shape[:2]
         ymin, xmin, ymax, xmax = ex["objects"]["bbox"][0]
-        box = np.array([xmin * width, ymin * height, xmax * width, ymax * height]) * scale
+        box = np.array([xmin * width, ymin * height, xmax * width, ymax * height])
+        box = box * np.tile(np.asarray(ratios, np.float32)[::-1], 2)
         boxes.add(tuple(np.round(box, 2)))
     return boxes
 
@@ -359,8 +381,9 @@ def test_each_process_reads_only_its_shard(shapes_builder):
         train = _take(pipeline.create_train_dataset(config, builder=shapes_builder, **place), 4)
         _check_batches(train, config, train=True, rows=2)
         seen = {tuple(np.round(r["gt_boxes"][0], 2)) for r in _rows(train)}
-        assert seen <= _shard_boxes(shapes_builder, index, 2, 64 / 60)
-        assert not seen & _shard_boxes(shapes_builder, 1 - index, 2, 64 / 60)
+        ratios = _ratios([42, 64], [40, 60])
+        assert seen <= _shard_boxes(shapes_builder, index, 2, ratios)
+        assert not seen & _shard_boxes(shapes_builder, 1 - index, 2, ratios)
     assert not ids[0] & ids[1] and ids[0] | ids[1] == {1, 2, 3, 4, 5}
 
 
@@ -373,32 +396,124 @@ def test_batch_size_must_split_over_processes(shapes_builder):
         )
 
 
+def _resize_config(image_size=(1344, 1344), short=800, long=1333, divisibility=32):
+    config = ml_collections.ConfigDict(
+        {
+            "data": {
+                "image_size": image_size,
+                "mean": (0.0, 0.0, 0.0),
+                "std": (1.0, 1.0, 1.0),
+                "resize_short_side": short,
+                "resize_max_long_side": long,
+                "hflip": False,
+                "scale_jitter": (1.0, 1.0),
+            },
+            "model": {"size_divisibility": divisibility},
+        }
+    )
+    return config
+
+
 @pytest.mark.parametrize(
     "shape, short, long, expected_size",
     [
-        ((480, 640), 800, 1333, (800, 1067)),  # torchvision's rule: shorter side to 800
+        ((480, 640), 800, 1333, (800, 1066)),  # torchvision's rule: shorter side to 800, floor
+        ((640, 480), 800, 1333, (1066, 800)),
+        ((300, 451), 800, 1333, (800, 1202)),
         ((400, 1200), 800, 1333, (444, 1333)),  # ... unless the longer side passes 1333
-        ((480, 640), 0, 0, (1008, 1344)),  # default: the largest size fitting image_size
+        ((1200, 400), 800, 1333, (1333, 444)),  # in either orientation
+        ((480, 640), 0, 0, (1008, 1344)),  # resize_short_side 0: the largest fitting image_size
+        ((2, 5000), 0, 0, (1, 1344)),  # at least one pixel (floor gives 0)
     ],
 )
 def test_resize_short_side_rule(shape, short, long, expected_size):
-    data = ml_collections.ConfigDict(
-        {
-            "image_size": (1344, 1344),
-            "mean": (0.0, 0.0, 0.0),
-            "std": (1.0, 1.0, 1.0),
-            "resize_short_side": short,
-            "resize_max_long_side": long,
-            "hflip": False,
-            "scale_jitter": (1.0, 1.0),
-        }
-    )
-    inputs, scale = pipeline.preprocess_image(np.full((*shape, 3), 7, np.uint8), data)
+    config = _resize_config(short=short, long=long)
+    inputs = pipeline.preprocess_image(np.full((*shape, 3), 7, np.uint8), config)
+    assert set(inputs) == {"image", "image_size"}
     assert tuple(inputs["image_size"]) == expected_size
     assert inputs["image"].shape == (1344, 1344, 3)
-    expected_scale = 1344 / max(shape)
-    if short:
-        expected_scale = min(expected_scale, short / min(shape), long / max(shape))
-    np.testing.assert_allclose(scale, expected_scale, rtol=1e-6)
     assert (inputs["image"][: expected_size[0], : expected_size[1]] == 7).all()
     assert (inputs["image"][expected_size[0] :] == 0).all()
+    assert (inputs["image"][:, expected_size[1] :] == 0).all()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            {"image_size": (100, 100)},
+            r"config.data.image_size=\(100, 100\) is not a multiple of "
+            r"config.model.size_divisibility=32: use \(128, 128\)",
+        ),
+        (
+            {"image_size": (1344, 1000), "divisibility": 64},
+            r"config.data.image_size=\(1344, 1000\) is not a multiple of "
+            r"config.model.size_divisibility=64: use \(1344, 1024\)",
+        ),
+        (
+            {"divisibility": 48},
+            r"config.model.size_divisibility=48 is not a positive multiple of 32 .*use 64",
+        ),
+        ({"divisibility": 0}, r"config.model.size_divisibility=0 is not a positive .*use 32"),
+        ({"divisibility": 16}, r"config.model.size_divisibility=16 is not a positive .*use 32"),
+        ({"image_size": (0, 64)}, r"config.data.image_size=\(0, 64\) must be two positive"),
+        ({"image_size": (64,)}, r"config.data.image_size=\(64,\) must be two positive"),
+        (
+            {"image_size": (1024, 1024)},
+            r"config.data.image_size=\(1024, 1024\) cannot hold every image resized with "
+            r"config.data.resize_short_side=800 and config.data.resize_max_long_side=1333: the "
+            r"longer side reaches 1333 in either orientation, 1344 once rounded up to "
+            r"config.model.size_divisibility=32; use image_size \(1344, 1344\) or "
+            r"resize_max_long_side <= 1024",
+        ),
+        (  # a landscape canvas is not enough: portrait images reach 1333 in height
+            {"image_size": (800, 1344)},
+            r"image_size=\(800, 1344\) cannot hold .* use image_size \(1344, 1344\) or "
+            r"resize_max_long_side <= 800",
+        ),
+        (
+            {"image_size": (1344, 1344), "long": 1345},
+            r"reaches 1345 .* 1376 once rounded up .* use image_size \(1376, 1376\)",
+        ),
+        (
+            {"long": 0},
+            r"config.data.resize_short_side=800 with config.data.resize_max_long_side=0 .*"
+            r"\(at most 1344 for config.data.image_size=\(1344, 1344\)\), or resize_short_side=0",
+        ),
+        ({"short": -1}, r"config.data.resize_short_side=-1 is negative"),
+        ({"short": 0, "long": -5}, r"config.data.resize_max_long_side=-5 is negative"),
+    ],
+)
+def test_canvas_checks_name_the_field_and_the_fix(overrides, message):
+    config = _resize_config(**overrides)
+    with pytest.raises(ValueError, match=message):
+        pipeline.check_canvas(config)
+    with pytest.raises(ValueError, match=message):
+        pipeline.preprocess_image(np.zeros((40, 60, 3), np.uint8), config)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},  # the defaults: 800 / 1333 in 1344²
+        {"image_size": (1344, 1376)},
+        {"image_size": (640, 640), "short": 512, "long": 640},
+        {"image_size": (96, 160), "short": 0, "long": 0},  # fit mode: any multiple of 32
+        {"image_size": (128, 128), "short": 0, "long": 0, "divisibility": 64},
+    ],
+)
+def test_canvas_checks_accept_canvases_that_hold_every_image(overrides):
+    pipeline.check_canvas(_resize_config(**overrides))
+
+
+def test_datasets_check_the_canvas_before_reading_data(monkeypatch):
+    """create_train_dataset / create_eval_dataset refuse a bad canvas before building anything."""
+
+    def no_builder(data):
+        raise AssertionError("the builder was asked for before the check")
+
+    monkeypatch.setattr(pipeline, "get_builder", no_builder)
+    config = _config(image_size=(100, 100))
+    for create in (pipeline.create_train_dataset, pipeline.create_eval_dataset):
+        with pytest.raises(ValueError, match=r"image_size=\(100, 100\) is not a multiple"):
+            create(config, **ONE)

@@ -1,16 +1,24 @@
 """tf.data input pipeline: TFDS examples -> fixed-shape numpy batches (docs/CONTRACTS.md "Batches").
 
 Per example (train): decode; pick at most ``max_instances`` objects; random horizontal flip;
-resize keeping the aspect ratio so the image fits ``image_size``, times a random factor from
-``scale_jitter`` (a too large result is randomly cropped to ``image_size``); normalise with
-``mean``/``std``; zero-pad bottom/right. Boxes follow the image (resized = original * scale) and
-are clipped to the content. Each kept mask is bilinearly sampled at the centres of an S×S grid
-over its final box and thresholded at 0.5, straight from the stored run lengths (``masks.py``).
-Eval: the same without flip, jitter or crop, plus image id, original size and scale.
+resize keeping the aspect ratio (see below), times a random factor from ``scale_jitter`` (a too
+large result is randomly cropped to ``image_size``); normalise with ``mean``/``std``; zero-pad
+bottom/right. Boxes follow the image and are clipped to the content. Each kept mask is bilinearly
+sampled at the centres of an S×S grid over its final box and thresholded at 0.5, straight from the
+stored run lengths (``masks.py``). Eval: the same without flip, jitter or crop, plus image id and
+original size.
 
-Resizing rounds the content to whole pixels, so the image grid can deviate from
-``original * scale`` by at most half a (resized) pixel at the far edge; boxes and masks use the
-exact scale.
+Resize (torchvision's ``GeneralizedRCNNTransform`` arithmetic): ``scale = min(resize_short_side /
+min(h, w), resize_max_long_side / max(h, w))`` with ``resize_short_side > 0``, else the largest
+scale fitting ``image_size``; the resized size is ``max(floor(size * scale), 1)`` per side, both in
+float64 as torchvision's Python floats and ``F.interpolate(scale_factor=scale,
+recompute_scale_factor=True)``. The image is resampled bilinearly (half-pixel centres, no
+antialiasing) to that size, so each axis is scaled by its own ratio ``resized / original``
+(float32, torchvision's ``resize_boxes``), which boxes and masks use.
+
+The config is checked before any data is read (``check_canvas``): ``image_size`` is a multiple
+of ``model.size_divisibility`` (a multiple of 32) and, with ``resize_short_side > 0``, holds the
+largest un-jittered resized image rounded up to it.
 
 Objects: crowd regions and boxes of zero area (or pushed out of the crop) stay in the ground
 truth with ``gt_valid`` False (and zero masks); images without objects give all-padding ground
@@ -74,16 +82,81 @@ def _select_objects(
     return order, tf.maximum(num_trainable - max_instances, 0)
 
 
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def check_canvas(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError unless the canvas ``config.data.image_size`` suits the resize settings.
+
+    ``model.size_divisibility`` must be a positive multiple of 32 and ``image_size`` a positive
+    multiple of it. With ``resize_short_side > 0`` the resized image (before jitter) must fit the
+    canvas once rounded up to ``size_divisibility``: its longer side reaches
+    ``resize_max_long_side`` in either orientation, so both canvas sides must be at least that,
+    rounded up (``resize_max_long_side = 0``, no cap, cannot fit any canvas). Train-time jitter
+    beyond the canvas is cropped.
+    """
+    data, divisibility = config.data, config.model.size_divisibility
+    if not _is_int(divisibility) or divisibility <= 0 or divisibility % 32:
+        suggestion = max(_round_up(divisibility, 32), 32) if _is_int(divisibility) else 32
+        raise ValueError(
+            f"config.model.size_divisibility={divisibility!r} is not a positive multiple of 32 "
+            f"(the stride of P5): use {suggestion}"
+        )
+    image_size = tuple(data.image_size)
+    if len(image_size) != 2 or not all(_is_int(s) and s > 0 for s in image_size):
+        raise ValueError(
+            f"config.data.image_size={data.image_size!r} must be two positive integers "
+            f"(height, width), multiples of config.model.size_divisibility={divisibility}"
+        )
+    image_size = tuple(int(s) for s in image_size)
+    if any(s % divisibility for s in image_size):
+        fixed = tuple(_round_up(s, divisibility) for s in image_size)
+        raise ValueError(
+            f"config.data.image_size={image_size} is not a multiple of "
+            f"config.model.size_divisibility={divisibility}: use {fixed}"
+        )
+    short, long = data.resize_short_side, data.resize_max_long_side
+    for name, value in (("resize_short_side", short), ("resize_max_long_side", long)):
+        if value < 0:
+            raise ValueError(f"config.data.{name}={value} is negative: use 0 or more")
+    if short <= 0:
+        return  # Fit the canvas: the content is at most image_size, a multiple of divisibility.
+    if long <= 0:
+        raise ValueError(
+            f"config.data.resize_short_side={short} with config.data.resize_max_long_side=0 (no "
+            f"cap) leaves the longer side unbounded, so no canvas holds every resized image: set "
+            f"config.data.resize_max_long_side (at most {min(image_size)} for "
+            f"config.data.image_size={image_size}), or resize_short_side=0 to fit the canvas"
+        )
+    needed = _round_up(long, divisibility)
+    if min(image_size) < needed:
+        raise ValueError(
+            f"config.data.image_size={image_size} cannot hold every image resized with "
+            f"config.data.resize_short_side={short} and config.data.resize_max_long_side={long}: "
+            f"the longer side reaches {long} in either orientation, {needed} once rounded up to "
+            f"config.model.size_divisibility={divisibility}; use image_size "
+            f"{(max(image_size[0], needed), max(image_size[1], needed))} or "
+            f"resize_max_long_side <= {min(image_size)}"
+        )
+
+
 def _base_scale(size: tf.Tensor, data: ml_collections.ConfigDict) -> tf.Tensor:
-    """The un-jittered scale of an image of ``size`` (h, w): the largest that fits ``image_size``;
-    with ``resize_short_side > 0`` at most Detectron2/torchvision's ``min(short / min(h, w),
-    max_long / max(h, w))`` (``resize_max_long_side``; 0 = no limit)."""
-    scale = tf.reduce_min(tf.constant(data.image_size, tf.float32) / size)
+    """The un-jittered float64 scale of an image of ``size`` [2] float64 (h, w): with
+    ``resize_short_side > 0`` torchvision's ``min(short / min(h, w), max_long / max(h, w))``
+    (``resize_max_long_side``; 0 = no cap, refused by ``check_canvas``), else the largest scale
+    that fits ``image_size``."""
     if data.resize_short_side > 0:
-        scale = tf.minimum(scale, data.resize_short_side / tf.reduce_min(size))
+        scale = tf.constant(data.resize_short_side, tf.float64) / tf.reduce_min(size)
         if data.resize_max_long_side > 0:
-            scale = tf.minimum(scale, data.resize_max_long_side / tf.reduce_max(size))
-    return scale
+            long_cap = tf.constant(data.resize_max_long_side, tf.float64) / tf.reduce_max(size)
+            scale = tf.minimum(scale, long_cap)
+        return scale
+    return tf.reduce_min(tf.constant(data.image_size, tf.float64) / size)
 
 
 def _augmentation(
@@ -92,9 +165,12 @@ def _augmentation(
     width: tf.Tensor,
     data: ml_collections.ConfigDict,
     train: bool,
-) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
-    """(flip bool, scale f32, resized size [2] int32, crop offset (y, x) [2] int32)."""
-    size = tf.cast(tf.stack([height, width]), tf.float32)
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """(flip bool, resized size (h, w) [2] int32, crop offset (y, x) [2] int32).
+
+    The resized size is ``max(floor(size * scale), 1)`` in float64, torchvision's
+    ``F.interpolate(scale_factor=scale, recompute_scale_factor=True)`` output size."""
+    size = tf.cast(tf.stack([height, width]), tf.float64)
     scale = _base_scale(size, data)
     flip = tf.constant(False)
     if train:
@@ -102,14 +178,21 @@ def _augmentation(
         if data.hflip:
             flip = tf.random.stateless_uniform([], flip_seed) < 0.5
         low, high = data.scale_jitter
-        scale *= tf.random.stateless_uniform([], jitter_seed, low, high)
-    resized = tf.maximum(tf.cast(tf.round(size * scale), tf.int32), 1)
+        jitter = tf.random.stateless_uniform([], jitter_seed, low, high)
+        scale *= tf.cast(jitter, tf.float64)
+    resized = tf.maximum(tf.cast(tf.floor(size * scale), tf.int32), 1)
     excess = tf.maximum(resized - tf.constant(data.image_size, tf.int32), 0)
     offset = tf.zeros([2], tf.int32)
     if train:
         fraction = tf.random.stateless_uniform([2], crop_seed)
         offset = tf.minimum(tf.cast(fraction * tf.cast(excess + 1, tf.float32), tf.int32), excess)
-    return flip, scale, resized, offset
+    return flip, resized, offset
+
+
+def _ratios(resized: tf.Tensor, height: tf.Tensor, width: tf.Tensor) -> tf.Tensor:
+    """Per-axis scale (h, w) [2] float32 of the resampled image: resized / original, in float32
+    as torchvision's ``resize_boxes``."""
+    return tf.cast(resized, tf.float32) / tf.cast(tf.stack([height, width]), tf.float32)
 
 
 def _transform_image(
@@ -133,17 +216,19 @@ def _transform_image(
 def _transform_boxes(
     boxes: tf.Tensor,
     flip: tf.Tensor,
-    scale: tf.Tensor,
+    ratios: tf.Tensor,
     offset: tf.Tensor,
     width: tf.Tensor,
     content: tf.Tensor,
 ) -> tf.Tensor:
-    """Original-pixel boxes [n, 4] -> flipped, scaled, shifted by -offset, clipped to content."""
+    """Original-pixel boxes [n, 4] -> flipped, scaled per axis by ``ratios`` (h, w), shifted by
+    -offset, clipped to content."""
     x1, y1, x2, y2 = tf.unstack(boxes, num=4, axis=-1)
     w = tf.cast(width, tf.float32)
     x1, x2 = tf.where(flip, w - x2, x1), tf.where(flip, w - x1, x2)
     shift = tf.cast(tf.stack([offset[1], offset[0], offset[1], offset[0]]), tf.float32)
-    boxes = tf.stack([x1, y1, x2, y2], axis=-1) * scale - shift
+    factors = tf.stack([ratios[1], ratios[0], ratios[1], ratios[0]])
+    boxes = tf.stack([x1, y1, x2, y2], axis=-1) * factors - shift
     limit = tf.cast(tf.stack([content[1], content[0], content[1], content[0]]), tf.float32)
     return tf.clip_by_value(boxes, 0.0, limit)
 
@@ -154,15 +239,15 @@ def _crop_masks(
     width: tf.Tensor,
     boxes: tf.Tensor,
     flip: tf.Tensor,
-    scale: tf.Tensor,
+    ratios: tf.Tensor,
     offset: tf.Tensor,
     mask_size: int,
 ) -> tf.Tensor:
     """[n] RLE strings of H×W masks + final boxes [n, 4] -> [n, S, S] uint8 GT-box crops.
 
     Output pixel (i, j) is the mask at the final-image point (x1 + (j + 0.5) w / S,
-    y1 + (i + 0.5) h / S) (CONTRACTS.md), mapped back through crop offset, scale and flip to the
-    original mask, sampled bilinearly and thresholded at 0.5.
+    y1 + (i + 0.5) h / S) (CONTRACTS.md), mapped back through crop offset, per-axis ratios and
+    flip to the original mask, sampled bilinearly and thresholded at 0.5.
     """
     x1, y1, x2, y2 = tf.unstack(boxes[:, :, tf.newaxis], num=4, axis=1)
     steps = (tf.range(mask_size, dtype=tf.float32) + 0.5) / mask_size
@@ -171,8 +256,8 @@ def _crop_masks(
     x = tf.tile(xs[:, tf.newaxis, :], [1, mask_size, 1])  # [n, S, S], x varies along columns
     y = tf.tile(ys[:, :, tf.newaxis], [1, 1, mask_size])
     # Final image -> (flipped) original pixels.
-    x = (x + tf.cast(offset[1], tf.float32)) / scale
-    y = (y + tf.cast(offset[0], tf.float32)) / scale
+    x = (x + tf.cast(offset[1], tf.float32)) / ratios[1]
+    y = (y + tf.cast(offset[0], tf.float32)) / ratios[0]
     x = tf.where(flip, tf.cast(width, tf.float32) - x, x)
     n = tf.shape(rles)[0]
     values = masks.sample_masks(
@@ -199,12 +284,13 @@ def _preprocess(
     boxes = tf.gather(boxes, keep)
     is_crowd = tf.gather(objects["is_crowd"], keep)
 
-    flip, scale, resized, offset = _augmentation(seed, height, width, data, train)
+    flip, resized, offset = _augmentation(seed, height, width, data, train)
+    ratios = _ratios(resized, height, width)
     image, content = _transform_image(image, flip, resized, offset, data)
-    boxes = _transform_boxes(boxes, flip, scale, offset, width, content)
+    boxes = _transform_boxes(boxes, flip, ratios, offset, width, content)
     valid = ~is_crowd & _positive_area(boxes)
     crops = _crop_masks(
-        tf.gather(objects["mask"], keep), height, width, boxes, flip, scale, offset, data.mask_size
+        tf.gather(objects["mask"], keep), height, width, boxes, flip, ratios, offset, data.mask_size
     )
     crops *= tf.cast(valid, tf.uint8)[:, tf.newaxis, tf.newaxis]
 
@@ -223,7 +309,6 @@ def _preprocess(
     if not train:
         out["image_id"] = example["image/id"]
         out["orig_size"] = tf.stack([height, width])
-        out["scale"] = scale
     return out
 
 
@@ -285,7 +370,11 @@ def create_train_dataset(
     Yields:
         {"image" [B,H,W,3] f32, "image_size" [B,2] i32, "gt_boxes" [B,M,4] f32 (x1,y1,x2,y2),
         "gt_classes" [B,M] i32 (-1 padding), "gt_valid" [B,M] bool, "gt_masks" [B,M,S,S] u8}.
+
+    Raises:
+        ValueError: from ``check_canvas``, before any data is read.
     """
+    check_canvas(config)
     data = config.data
     builder = builder or get_builder(data)
     index, count = _process(process_index, process_count)
@@ -356,9 +445,14 @@ def create_eval_dataset(
         builder, process_index, process_count: as ``create_train_dataset``.
 
     Yields:
-        The train keys (no augmentation) plus "image_id" [B] int64, "orig_size" [B,2] int32
-        (height, width), "scale" [B] f32 (resized = original * scale), "valid" [B] bool.
+        The train keys (no augmentation; "image_size" is the resized size) plus "image_id" [B]
+        int64, "orig_size" [B,2] int32 (height, width of the original image), "valid" [B] bool.
+        Boxes go back to the original per axis: x * orig_w / image_w, y * orig_h / image_h.
+
+    Raises:
+        ValueError: from ``check_canvas``, before any data is read.
     """
+    check_canvas(config)
     data = config.data
     builder = builder or get_builder(data)
     index, count = _process(process_index, process_count)
@@ -383,20 +477,26 @@ def create_eval_dataset(
     return _numpy_batches(_deterministic(dataset), data.max_instances)
 
 
-def preprocess_image(image: np.ndarray, data: ml_collections.ConfigDict) -> tuple[Batch, float]:
+def preprocess_image(image: np.ndarray, config: ml_collections.ConfigDict) -> Batch:
     """One decoded image as the eval pipeline prepares it, for inference outside tf.data.
 
     Args:
         image: [H, W, 3] uint8 RGB.
-        data: ``config.data`` (image_size, mean, std).
+        config: the experiment config (``data``: image_size, resize, mean, std;
+            ``model.size_divisibility`` for ``check_canvas``).
 
     Returns:
-        ({"image": [Ht, Wt, 3] f32 normalised and padded, "image_size": [2] i32 content size},
-        scale) with resized = original * scale.
+        {"image": [Ht, Wt, 3] f32 normalised and padded, "image_size": [2] i32 resized content
+        size}; boxes go back to the image per axis (x * W / image_size[1], y * H / image_size[0]).
+
+    Raises:
+        ValueError: from ``check_canvas``.
     """
+    check_canvas(config)
+    data = config.data
     image = tf.convert_to_tensor(image, tf.uint8)
     height, width = tf.shape(image)[0], tf.shape(image)[1]
     no_seed = tf.zeros([2], tf.int64)
-    flip, scale, resized, offset = _augmentation(no_seed, height, width, data, train=False)
+    flip, resized, offset = _augmentation(no_seed, height, width, data, train=False)
     image, content = _transform_image(image, flip, resized, offset, data)
-    return {"image": image.numpy(), "image_size": content.numpy()}, float(scale)
+    return {"image": image.numpy(), "image_size": content.numpy()}

@@ -1,14 +1,15 @@
 """COCO evaluation of fixed-size, padded model outputs with pycocotools.
 
 Per eval batch, call ``CocoEvaluator.add_batch(batch, outputs)`` with numpy (or jax) arrays:
-``batch`` holds ``image_id [B]``, ``scale [B]``, ``orig_size [B, 2]`` and ``valid [B]`` (False on
-rows padding the last batch), ``outputs`` the model's ``boxes [B, D, 4]``, ``scores [B, D]``,
-``classes [B, D]``, optionally ``masks [B, D, M, M]``, and ``valid [B, D]`` (see docs/CONTRACTS.md).
-Each real detection becomes one COCO result (boxes mapped back to the original image, masks pasted
-there and RLE-encoded). ``evaluate(coco_gt)`` runs ``COCOeval`` on exactly the images fed and
-returns its 12 summary numbers per IoU type under Detectron2's names (``bbox/AP``,
-``segm/AP50``...), on pycocotools' 0..1 scale (-1 where pycocotools finds a metric undefined,
-e.g. no ground truth).
+``batch`` holds ``image_id [B]``, ``image_size [B, 2]`` (height, width of the resized content),
+``orig_size [B, 2]`` and ``valid [B]`` (False on rows padding the last batch), ``outputs`` the
+model's ``boxes [B, D, 4]``, ``scores [B, D]``, ``classes [B, D]``, optionally
+``masks [B, D, M, M]``, and ``valid [B, D]`` (see docs/CONTRACTS.md). Each real detection becomes
+one COCO result (boxes mapped back to the original image per axis as torchvision's
+``transform.postprocess``, masks pasted there and RLE-encoded). ``evaluate(coco_gt)`` runs
+``COCOeval`` on exactly the images fed and returns its 12 summary numbers per IoU type under
+Detectron2's names (``bbox/AP``, ``segm/AP50``...), on pycocotools' 0..1 scale (-1 where
+pycocotools finds a metric undefined, e.g. no ground truth).
 """
 
 from __future__ import annotations
@@ -35,6 +36,42 @@ STAT_NAMES = (
 IOU_TYPES = ("bbox", "segm")
 
 
+def _positive_size(name: str, size) -> tuple[int, int]:
+    """``(height, width)`` as ints; ValueError unless two positive finite whole numbers."""
+    values = np.asarray(size, dtype=np.float64)
+    whole = values.shape == (2,) and (np.isfinite(values) & (values == np.round(values))).all()
+    if not (whole and (values > 0).all()):
+        raise ValueError(f"{name} must be a positive (height, width), got {size!r}")
+    return int(values[0]), int(values[1])
+
+
+def boxes_to_original(
+    boxes: np.ndarray, image_size: tuple[int, int], orig_size: tuple[int, int]
+) -> np.ndarray:
+    """Boxes in resized-input pixels -> original-image pixels, torchvision's ``resize_boxes``.
+
+    Args:
+      boxes: ``[..., 4]`` ``(x1, y1, x2, y2)`` in the resized image.
+      image_size: ``(height, width)`` of the resized content (the batch's ``image_size``).
+      orig_size: ``(height, width)`` of the original image.
+
+    Returns:
+      ``[..., 4]`` float32: x times ``orig_w / resized_w``, y times ``orig_h / resized_h`` (ratios
+      in float32, as torchvision), not clipped.
+
+    Raises:
+      ValueError: unless both sizes are positive ``(height, width)`` pairs and boxes ``[..., 4]``.
+    """
+    resized_h, resized_w = _positive_size("image_size", image_size)
+    orig_h, orig_w = _positive_size("orig_size", orig_size)
+    boxes = np.asarray(boxes, dtype=np.float32)
+    if boxes.shape[-1:] != (4,):
+        raise ValueError(f"boxes must have shape [..., 4], got {boxes.shape}")
+    ratio_h = np.float32(orig_h) / np.float32(resized_h)
+    ratio_w = np.float32(orig_w) / np.float32(resized_w)
+    return boxes * np.array([ratio_w, ratio_h, ratio_w, ratio_h], np.float32)
+
+
 def detections_to_coco(
     image_id: int,
     boxes: np.ndarray,
@@ -42,7 +79,7 @@ def detections_to_coco(
     classes: np.ndarray,
     masks: np.ndarray | None,
     valid: np.ndarray,
-    scale: float,
+    image_size: tuple[int, int],
     orig_size: tuple[int, int],
     label_to_category_id: Mapping[int, int],
 ) -> list[dict[str, Any]]:
@@ -55,19 +92,19 @@ def detections_to_coco(
       classes: ``[D]`` int contiguous labels ``0..K-1``.
       masks: ``[D, M, M]`` float probabilities of each detection's class over its box, or None.
       valid: ``[D]`` bool; False rows are padding and are skipped.
-      scale: resized = original * scale.
+      image_size: ``(height, width)`` of the resized image content the boxes are in.
       orig_size: ``(height, width)`` of the original image.
       label_to_category_id: contiguous label -> original COCO ``category_id``.
 
     Returns:
       For each valid row, in order: ``{"image_id", "category_id", "score", "bbox": [x, y, w, h]}``
-      with the box divided by ``scale`` and clipped to the original image, plus, when masks are
-      given, ``"segmentation"``: the COCO RLE (``counts`` as str) of the mask pasted with the
-      unclipped original-pixel box (see ``paste_masks``).
+      with the box mapped back per axis (``boxes_to_original``) and clipped to the original image,
+      plus, when masks are given, ``"segmentation"``: the COCO RLE (``counts`` as str) of the mask
+      pasted with the unclipped original-pixel box (see ``paste_masks``).
 
     Raises:
-      ValueError: on mismatched shapes, a non-positive scale, or a valid row whose label is not in
-        ``label_to_category_id``.
+      ValueError: on mismatched shapes, a size that is not a positive (height, width), or a valid
+        row whose label is not in ``label_to_category_id``.
     """
     boxes = np.asarray(boxes, dtype=np.float32)
     scores = np.asarray(scores, dtype=np.float32)
@@ -81,9 +118,8 @@ def detections_to_coco(
             raise ValueError(f"{name} must have shape [D] = {(num,)}, got {array.shape}")
     if masks is not None and np.shape(masks)[:1] != (num,):
         raise ValueError(f"masks must have shape [D, M, M] with D = {num}, got {np.shape(masks)}")
-    if not (np.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale must be a positive number, got {scale}")
-    height, width = (int(s) for s in orig_size)
+    _positive_size("image_size", image_size)
+    height, width = _positive_size("orig_size", orig_size)
 
     labels = [int(label) for label in classes[valid]]
     unknown = sorted(set(labels) - set(label_to_category_id))
@@ -92,7 +128,7 @@ def detections_to_coco(
             f"image {image_id}: labels {unknown} are not in label_to_category_id "
             f"(known labels: {sorted(label_to_category_id)})"
         )
-    orig_boxes = boxes[valid] / np.float32(scale)
+    orig_boxes = boxes_to_original(boxes[valid], image_size, orig_size)
     clipped = np.clip(orig_boxes, 0.0, [width, height, width, height])
     results = [
         {
@@ -215,8 +251,9 @@ class CocoEvaluator:
         """Adds one eval batch.
 
         Args:
-          batch: ``image_id [B]`` int, ``scale [B]`` float, ``orig_size [B, 2]`` int
-            (height, width), ``valid [B]`` bool (False on rows padding the batch; skipped).
+          batch: ``image_id [B]`` int, ``image_size [B, 2]`` int (height, width of the resized
+            content), ``orig_size [B, 2]`` int (height, width of the original image), ``valid [B]``
+            bool (False on rows padding the batch; skipped).
           outputs: ``boxes [B, D, 4]`` (x1, y1, x2, y2) resized-input pixels, ``scores [B, D]``,
             ``classes [B, D]`` contiguous labels, optionally ``masks [B, D, M, M]`` probabilities,
             ``valid [B, D]`` bool.
@@ -227,7 +264,7 @@ class CocoEvaluator:
         """
         arrays = {}
         for name, source, keys in (
-            ("batch", batch, ("image_id", "scale", "orig_size", "valid")),
+            ("batch", batch, ("image_id", "image_size", "orig_size", "valid")),
             ("outputs", outputs, ("boxes", "scores", "classes", "valid")),
         ):
             missing = [k for k in keys if k not in source]
@@ -246,7 +283,7 @@ class CocoEvaluator:
                 arrays["outputs/classes"][b],
                 None if masks is None else masks[b],
                 arrays["outputs/valid"][b],
-                float(arrays["batch/scale"][b]),
+                tuple(arrays["batch/image_size"][b]),
                 tuple(arrays["batch/orig_size"][b]),
                 self.label_to_category_id,
             )

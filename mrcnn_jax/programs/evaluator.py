@@ -21,7 +21,8 @@ from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 from mrcnn_jax.sharding import AXIS, shard_batch
 
 MODEL_INPUTS = ("image", "image_size")
-BATCH_METADATA = ("image_id", "scale", "orig_size", "valid")
+# What CocoEvaluator needs to map boxes back: image_size (resized) and orig_size give the ratios.
+BATCH_METADATA = ("image_id", "image_size", "orig_size", "valid")
 
 
 def make_predict_step(model: MaskRCNN, mesh: Mesh) -> Callable[[dict, dict], dict[str, jax.Array]]:

@@ -18,6 +18,7 @@ import numpy as np
 from etils import epath
 
 from mrcnn_jax.data import pipeline
+from mrcnn_jax.evaluation.coco_eval import boxes_to_original
 from mrcnn_jax.evaluation.masks import paste_masks
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 from mrcnn_jax.train import checkpoint as ckpt_lib
@@ -47,7 +48,7 @@ class Predictor:
             raise ValueError(
                 f"image must be an RGB uint8 array [H, W, 3], got {image.dtype} {image.shape}"
             )
-        inputs, scale = pipeline.preprocess_image(image, self.config.data)
+        inputs = pipeline.preprocess_image(image, self.config)
         out = jax.device_get(
             self._apply(
                 self.variables, jax.tree_util.tree_map(lambda x: jnp.asarray(x)[None], inputs)
@@ -56,7 +57,8 @@ class Predictor:
         out = {k: v[0] for k, v in out.items()}
         keep = out["valid"] & (out["scores"] >= score_threshold)
         height, width = image.shape[:2]
-        boxes = out["boxes"][keep] / scale
+        # torchvision's postprocess: x * W / resized_w, y * H / resized_h.
+        boxes = boxes_to_original(out["boxes"][keep], inputs["image_size"], (height, width))
         masks = paste_masks(out["masks"][keep], boxes, (height, width))
         boxes = np.clip(boxes, 0, [width, height, width, height])
         classes = out["classes"][keep]
