@@ -32,8 +32,9 @@ from configs import torchvision_r50_fpn_v1, torchvision_r50_fpn_v2
 from mrcnn_jax.convert import torchvision as convert
 from mrcnn_jax.data import pipeline
 from mrcnn_jax.evaluation.coco_eval import detections_to_coco
-from mrcnn_jax.modeling.mask_rcnn import RPN_LEVELS, MaskRCNN
+from mrcnn_jax.modeling.mask_rcnn import RPN_LEVELS, RPN_STRIDES, MaskRCNN
 from mrcnn_jax.modeling.resnet import make_norm
+from mrcnn_jax.ops import extent as extent_ops
 from mrcnn_jax.train import checkpoint
 
 torch = pytest.importorskip("torch")
@@ -113,6 +114,8 @@ def release_config(version: str) -> ml_collections.ConfigDict:
     module = {"v1": torchvision_r50_fpn_v1, "v2": torchvision_r50_fpn_v2}[version]
     config = module.get_config()
     config.data.image_size = IMAGE_SIZE
+    # Fit the canvas: for these landscape images, torchvision's min_size=192, max_size=256 rule.
+    config.data.resize_short_side = config.data.resize_max_long_side = 0
     return config
 
 
@@ -203,12 +206,14 @@ def torchvision_input(image: np.ndarray):
 
 @dataclasses.dataclass
 class TorchvisionRun:
-    """Everything torchvision computes for the test images (numpy, our layouts)."""
+    """Everything torchvision computes for the test images, each image run ALONE (a batch of
+    one, padded to its own size rounded up to 32: the dynamic reference of that image), in
+    numpy and our layouts."""
 
-    image: np.ndarray  # [B, H, W, 3] normalised, padded input (its transform's output).
+    image: np.ndarray  # [B, H, W, 3] its normalised inputs, zero-padded into our canvas.
     image_size: np.ndarray  # [B, 2] content sizes.
-    features: dict[str, np.ndarray]  # P2..P6, [B, H_l, W_l, C].
-    objectness: np.ndarray  # [B, A] logits, anchor order (level, row, column, anchor).
+    features: list[dict[str, np.ndarray]]  # per image, P2..P6 [H_l, W_l, C] of its own extent.
+    objectness: list[np.ndarray]  # per image [A_b] logits, anchor order (level, row, col, a).
     proposals: list[np.ndarray]  # per image [P_b, 4].
     class_logits: list[np.ndarray]  # per image [P_b, K + 1] on its proposals.
     box_deltas: list[np.ndarray]  # per image [P_b, K, 4] (background dropped).
@@ -218,43 +223,58 @@ class TorchvisionRun:
 
 
 def run_torchvision(
-    model, images: list[np.ndarray], num_classes: int, background_offset: float
+    model,
+    images: list[np.ndarray],
+    num_classes: int,
+    background_offset: float,
+    canvas: tuple[int, int],
 ) -> TorchvisionRun:
-    """Runs `model` stage by stage (calibrating its class scores on the way, see
-    `calibrate_class_scores`) and end to end."""
-    inputs = [torchvision_input(image) for image in images]
+    """Runs `model` stage by stage on each image alone (calibrating its class scores on the way
+    on all images' proposals, see `calibrate_class_scores`) and end to end."""
     rng = np.random.default_rng(1)
     mask_classes = rng.integers(num_classes, size=(len(images), MASK_ROIS))
+    heads = model.roi_heads
+    stages = []
     with torch.no_grad():
-        image_list, _ = model.transform(inputs)
-        features = model.backbone(image_list.tensors)
-        objectness, _ = model.rpn.head(list(features.values()))
-        proposals, _ = model.rpn(image_list, features)
-        heads = model.roi_heads
-        sizes = image_list.image_sizes
-        pooled = heads.box_roi_pool(features, proposals, sizes)
-        class_logits, box_regression = heads.box_predictor(heads.box_head(pooled))
+        for image in images:
+            image_list, _ = model.transform([torchvision_input(image)])
+            features = model.backbone(image_list.tensors)
+            objectness, _ = model.rpn.head(list(features.values()))
+            proposals, _ = model.rpn(image_list, features)
+            pooled = heads.box_roi_pool(features, proposals, image_list.image_sizes)
+            stages.append((image_list, features, objectness, proposals, pooled))
+        class_logits, box_regression = heads.box_predictor(
+            heads.box_head(torch.cat([pooled for *_, pooled in stages]))
+        )
         class_logits = calibrate_class_scores(model, class_logits, background_offset)
-        mask_rois = [p[:MASK_ROIS] for p in proposals]
-        mask_pooled = heads.mask_roi_pool(features, mask_rois, sizes)
-        mask_logits = heads.mask_predictor(heads.mask_head(mask_pooled))
-        detections = model(inputs)
-    counts = [len(p) for p in proposals]
-    mask_logits = mask_logits.reshape(len(images), MASK_ROIS, num_classes + 1, 28, 28)
+        mask_logits = []
+        for (image_list, features, _, proposals, _), classes in zip(stages, mask_classes):
+            pooled = heads.mask_roi_pool(
+                features, [proposals[0][:MASK_ROIS]], image_list.image_sizes
+            )
+            logits = heads.mask_predictor(heads.mask_head(pooled)).numpy()
+            mask_logits.append(logits[np.arange(MASK_ROIS), classes + 1])
+        detections = [model([torchvision_input(image)])[0] for image in images]
+    padded_inputs = np.zeros((len(images), *canvas, 3), np.float32)
+    for i, (image_list, *_) in enumerate(stages):
+        tensor = image_list.tensors[0].permute(1, 2, 0).numpy()
+        padded_inputs[i, : tensor.shape[0], : tensor.shape[1]] = tensor
+    counts = [len(proposals[0]) for *_, proposals, _ in stages]
     return TorchvisionRun(
-        image=image_list.tensors.permute(0, 2, 3, 1).numpy(),
-        image_size=np.array(sizes, np.int32),
-        features={
-            name: f.permute(0, 2, 3, 1).numpy() for name, f in zip(RPN_LEVELS, features.values())
-        },
-        objectness=torch.cat([o.permute(0, 2, 3, 1).flatten(1) for o in objectness], dim=1).numpy(),
-        proposals=[p.numpy() for p in proposals],
+        image=padded_inputs,
+        image_size=np.array([s[0].image_sizes[0] for s in stages], np.int32),
+        features=[
+            {name: f[0].permute(1, 2, 0).numpy() for name, f in zip(RPN_LEVELS, s[1].values())}
+            for s in stages
+        ],
+        objectness=[
+            torch.cat([o[0].permute(1, 2, 0).flatten() for o in s[2]]).numpy() for s in stages
+        ],
+        proposals=[s[3][0].numpy() for s in stages],
         class_logits=[x.numpy() for x in class_logits.split(counts)],
         box_deltas=[x.reshape(len(x), -1, 4)[:, 1:].numpy() for x in box_regression.split(counts)],
         mask_classes=mask_classes,
-        mask_logits=np.take_along_axis(
-            mask_logits.numpy(), mask_classes[:, :, None, None, None] + 1, axis=2
-        )[:, :, 0],
+        mask_logits=np.stack(mask_logits),
         detections=[{k: v.numpy() for k, v in d.items()} for d in detections],
     )
 
@@ -266,20 +286,25 @@ def probe(module: MaskRCNN, batch: dict, rois: jnp.ndarray, mask_classes: jnp.nd
     """Our model's intermediate results: features, objectness, proposals, and the box and mask
     heads on given RoIs `rois [B, R, 4]` (mask logits of `mask_classes [B, MASK_ROIS]` on the
     first `MASK_ROIS` of them)."""
-    pyramid = module.fpn(module.backbone(batch["image"]))
-    logits, deltas = module.rpn_head([pyramid[name] for name in RPN_LEVELS])
-    anchors = module._anchors(batch["image"].shape[1:3], pyramid)
+    valid_size = extent_ops.valid_size(
+        batch["image_size"], module.config.size_divisibility, batch["image"].shape[1:3]
+    )
+    pyramid = module.fpn(module.backbone(batch["image"], valid_size), valid_size)
+    levels = [pyramid[name] for name in RPN_LEVELS]
+    logits, deltas = module.rpn_head(levels, valid_size, RPN_STRIDES)
+    anchors = module._anchors(valid_size, pyramid)
     proposals = module._proposals(logits, deltas, anchors, batch["image_size"], train=False)
     b, r = rois.shape[:2]
-    pooled = module._pool(pyramid, rois, module.config.roi_heads.box_pooler_size)
+    pooled = module._pool(pyramid, rois, module.config.roi_heads.box_pooler_size, valid_size)
     class_logits, box_deltas = module.box_head(pooled.reshape(b * r, *pooled.shape[2:]))
     return {
         "features": pyramid,
         "objectness": jnp.concatenate(logits, axis=1),
+        "anchor_valid": jnp.concatenate([a.valid for a in anchors], axis=1),
         "proposals": proposals,
         "class_logits": class_logits.reshape(b, r, -1),
         "box_deltas": box_deltas.reshape(b, r, *box_deltas.shape[1:]),
-        "mask_logits": module._mask_logits(pyramid, rois[:, :MASK_ROIS], mask_classes),
+        "mask_logits": module._mask_logits(pyramid, rois[:, :MASK_ROIS], mask_classes, valid_size),
     }
 
 
@@ -294,13 +319,9 @@ def padded(arrays: list[np.ndarray], rows: int) -> np.ndarray:
 def our_input(images: list[np.ndarray], config) -> dict[str, np.ndarray]:
     """Our eval input (`pipeline.preprocess_image`, as eval and predict prepare images): resized to
     fit `config.data.image_size` (bilinear, half-pixel centres, no antialiasing), normalised with
-    `config.data.mean/std`, zero-padded; with the content sizes and the scales."""
-    prepared = [pipeline.preprocess_image(image, config.data) for image in images]
-    return {
-        "image": np.stack([inputs["image"] for inputs, _ in prepared]),
-        "image_size": np.stack([inputs["image_size"] for inputs, _ in prepared]),
-        "scale": np.array([scale for _, scale in prepared]),
-    }
+    `config.data.mean/std`, zero-padded; with the content sizes."""
+    prepared = [pipeline.preprocess_image(image, config) for image in images]
+    return {key: np.stack([inputs[key] for inputs in prepared]) for key in ("image", "image_size")}
 
 
 @dataclasses.dataclass
@@ -313,7 +334,7 @@ class Pair:
     torchvision: TorchvisionRun
     ours: dict  # `probe` on torchvision's input tensor and RoIs.
     ours_detections: dict  # `MaskRCNN(...)(train=False)` on our own preprocessing.
-    ours_scales: np.ndarray
+    ours_image_sizes: np.ndarray  # (height, width) of our resized inputs.
 
 
 def make_pair(size: str, version: str) -> Pair:
@@ -329,7 +350,9 @@ def make_pair(size: str, version: str) -> Pair:
     overwrite_eps(tv_model, bn_epsilon)
     seed_weights(tv_model, seed=0)
     images = make_images()
-    run = run_torchvision(tv_model, images, config.model.num_classes, BACKGROUND_OFFSET[size])
+    run = run_torchvision(
+        tv_model, images, config.model.num_classes, BACKGROUND_OFFSET[size], IMAGE_SIZE
+    )
 
     state_dict = convert.state_dict_to_numpy(tv_model.state_dict())
     variables = convert.convert_state_dict(state_dict, config.model, bn_epsilon=bn_epsilon)
@@ -349,7 +372,7 @@ def make_pair(size: str, version: str) -> Pair:
         run,
         jax.device_get(ours),
         jax.device_get(detections),
-        batch["scale"],
+        batch["image_size"],
     )
 
 
@@ -379,16 +402,25 @@ def test_input_is_identical_without_resize(pair):
 
 
 def test_backbone_and_fpn_features(pair):
-    for name in RPN_LEVELS:
-        error = relative_error(pair.ours["features"][name], pair.torchvision.features[name])
-        print(f"{name} features: relative error {error:.2e}")
-        assert error <= FEATURE_RTOL, name
+    """Each image's features on its extent equal torchvision's on that image alone (image 1,
+    128×256 in a 192×256 canvas, was padded to 192×256 when torchvision batched it)."""
+    for i, reference in enumerate(pair.torchvision.features):
+        for name in RPN_LEVELS:
+            h, w = reference[name].shape[:2]
+            error = relative_error(pair.ours["features"][name][i, :h, :w], reference[name])
+            print(f"image {i} {name} features: relative error {error:.2e}")
+            assert error <= FEATURE_RTOL, (i, name)
+            # Beyond the extent, the canvas holds zeros.
+            assert not np.asarray(pair.ours["features"][name][i, h:]).any()
 
 
 def test_rpn_objectness(pair):
-    error = relative_error(pair.ours["objectness"], pair.torchvision.objectness)
-    print(f"RPN objectness: relative error {error:.2e}")
-    assert error <= FEATURE_RTOL
+    for i, reference in enumerate(pair.torchvision.objectness):
+        ours = pair.ours["objectness"][i][pair.ours["anchor_valid"][i]]
+        assert ours.shape == reference.shape
+        error = relative_error(ours, reference)
+        print(f"image {i} RPN objectness: relative error {error:.2e}")
+        assert error <= FEATURE_RTOL
 
 
 def test_rpn_proposals(pair):
@@ -442,7 +474,7 @@ def decoded_results(pair: Pair, i: int) -> list[dict]:
         classes=d["classes"][i],
         masks=d["masks"][i],
         valid=d["valid"][i],
-        scale=pair.ours_scales[i],
+        image_size=pair.ours_image_sizes[i],
         orig_size=ORIGINAL_SIZES[i],
         label_to_category_id={label: label + 1 for label in range(pair.config.model.num_classes)},
     )

@@ -198,7 +198,9 @@ class MaskRCNN(nn.Module):
         )
         features = self.backbone(images, valid_size, train=train)
         pyramid = self.fpn(features, valid_size, train=train)
-        rpn_logits, rpn_deltas = self.rpn_head([pyramid[name] for name in RPN_LEVELS])
+        rpn_logits, rpn_deltas = self.rpn_head(
+            [pyramid[name] for name in RPN_LEVELS], valid_size, RPN_STRIDES
+        )
         anchors = self._anchors(valid_size, pyramid)
         proposals = self._proposals(rpn_logits, rpn_deltas, anchors, image_size, train)
         if train:

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mrcnn_jax.modeling.resnet import mask_outside
 from mrcnn_jax.ops import boxes as box_ops
 from mrcnn_jax.ops import nms as nms_ops
 from mrcnn_jax.ops import targets as target_ops
@@ -23,7 +24,9 @@ class RPNHead(nn.Module):
     has one, v2 two), then 1×1 objectness and box-delta convs.
 
     For each level `[B, H_l, W_l, C]` it returns objectness logits `[B, H_l·W_l·A]` and deltas
-    `[B, H_l·W_l·A, 4]` in the anchors' order (row, column, anchor), as torchvision.
+    `[B, H_l·W_l·A, 4]` in the anchors' order (row, column, anchor), as torchvision. With
+    `valid_size [B, 2]` and the levels' `strides`, each conv's input is zeroed outside the
+    images' valid extents (`ops/extent.py`), so a second conv never reads the first's padding.
     """
 
     num_anchors: int
@@ -32,7 +35,10 @@ class RPNHead(nn.Module):
 
     @nn.compact
     def __call__(
-        self, features: Sequence[jnp.ndarray]
+        self,
+        features: Sequence[jnp.ndarray],
+        valid_size: jnp.ndarray | None = None,
+        strides: Sequence[int] | None = None,
     ) -> tuple[list[jnp.ndarray], list[jnp.ndarray]]:
         dim = features[0].shape[-1]
         init = nn.initializers.normal(0.01)
@@ -54,11 +60,12 @@ class RPNHead(nn.Module):
             self.num_anchors * 4, (1, 1), kernel_init=init, dtype=self.dtype, name="deltas"
         )
         logits, deltas = [], []
-        for x in features:
+        strides = strides or [1] * len(features)
+        for x, stride in zip(features, strides):
             b = x.shape[0]
             h = x
             for layer in shared:
-                h = nn.relu(layer(h))
+                h = nn.relu(layer(mask_outside(h, valid_size, stride)))
             logits.append(cls(h).reshape(b, -1).astype(jnp.float32))
             deltas.append(reg(h).reshape(b, -1, 4).astype(jnp.float32))
         return logits, deltas
