@@ -69,7 +69,7 @@ def relative_error(ours, reference) -> float:
 # ------------------------------------------------------------------ the torchvision side
 
 
-def small_torchvision_model(num_classes: int, version: str = "v1"):
+def small_torchvision_model(num_classes: int, version: str = "v1", sizes=IMAGE_SIZE):
     """A ResNet-18 FPN-32 Mask R-CNN with narrow heads and `num_classes` + background, built like
     torchvision's `maskrcnn_resnet50_fpn` ("v1": frozen BN backbone, 2-FC box head) or `_v2`
     (BatchNorm in the backbone, FPN and heads, 2 RPN convs, 4-conv + 1-FC box head)."""
@@ -99,8 +99,8 @@ def small_torchvision_model(num_classes: int, version: str = "v1"):
         box_head = TwoMLPHead(32 * 7 * 7, 64)
     return tv_detection.MaskRCNN(
         backbone,
-        min_size=IMAGE_SIZE[0],
-        max_size=IMAGE_SIZE[1],
+        min_size=sizes[0],
+        max_size=sizes[1],
         rpn_head=RPNHead(32, 3, conv_depth=2 if v2 else 1),
         box_head=box_head,
         box_predictor=FastRCNNPredictor(64, num_classes + 1),
@@ -119,9 +119,9 @@ def release_config(version: str) -> ml_collections.ConfigDict:
     return config
 
 
-def small_config(version: str = "v1") -> ml_collections.ConfigDict:
-    """`release_config` shrunk to `small_torchvision_model`."""
-    config = release_config(version)
+def small_config(version: str = "v1", config=None) -> ml_collections.ConfigDict:
+    """`release_config` (or `config`) shrunk to `small_torchvision_model`."""
+    config = release_config(version) if config is None else config
     model = config.model
     model.num_classes = 10
     model.backbone_depth = 18
@@ -743,3 +743,88 @@ def test_convert_script(tmp_path, small_model):
         jax.tree_util.tree_map(
             np.testing.assert_array_equal, restored[collection], expected[collection]
         )
+
+
+# ------------------------------------------------------------------ photographs, the user path
+
+PHOTOS = ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg")  # 512², 400×600, 300×451,
+# 427×640: natural sizes, none a multiple of 32 after torchvision's resize (800 × 800..1202).
+
+
+def photographs() -> list[np.ndarray]:
+    """scikit-image's bundled photographs (read from its data folder; not imported)."""
+    import importlib.util
+
+    from mrcnn_jax.evaluation.visualize import read_image
+
+    spec = importlib.util.find_spec("skimage")
+    if spec is None:
+        pytest.skip("scikit-image (test extra) holds the photographs")
+    folder = Path(spec.submodule_search_locations[0]) / "data"
+    return [read_image(str(folder / name)) for name in PHOTOS]
+
+
+@pytest.fixture(scope="module", params=["v1", pytest.param("v2", marks=pytest.mark.slow)])
+def photo_pair(request, tmp_path_factory):
+    """torchvision's small model on the photographs at its defaults (800 / 1333), and the same
+    weights through the user path: convert -> checkpoint -> `mrcnn_jax.load_checkpoint` ->
+    predictor, on the COCO canvas (1344²) of the release config."""
+    import mrcnn_jax
+
+    version = request.param
+    module = {"v1": torchvision_r50_fpn_v1, "v2": torchvision_r50_fpn_v2}[version]
+    config = small_config(version, module.get_config())
+    tv_model = small_torchvision_model(config.model.num_classes, version, sizes=(800, 1333))
+    tv_model.eval()
+    overwrite_eps(tv_model, convert.RELEASES[version].bn_epsilon)
+    seed_weights(tv_model, seed=0)
+    images = photographs()
+    run = run_torchvision(
+        tv_model, images, config.model.num_classes, BACKGROUND_OFFSET["small"],
+        tuple(config.data.image_size),
+    )  # fmt: skip
+    variables = convert.convert_state_dict(
+        convert.state_dict_to_numpy(tv_model.state_dict()),
+        config.model,
+        bn_epsilon=convert.RELEASES[version].bn_epsilon,
+    )
+    workdir = tmp_path_factory.mktemp(f"photos_{version}")
+    checkpoint.save_variables(workdir, config, variables)
+    predictor = mrcnn_jax.load_checkpoint(workdir)
+    ours = [predictor(image, score_threshold=0.0) for image in images]
+    return images, run, ours
+
+
+@pytest.mark.parametrize("image", range(len(PHOTOS)))
+def test_photographs_give_torchvisions_detections(photo_pair, image):
+    """Same detections as torchvision on each photograph at its natural size: the same count and
+    labels, box IoU >= 0.999 (boxes under 1 px wide or high, where IoU is ill-conditioned: every
+    coordinate within 0.01 px), |score difference| <= 1e-4, pasted-mask IoU >= 0.99."""
+    images, run, ours = photo_pair
+    reference, mine = run.detections[image], ours[image]
+    count = len(reference["scores"])
+    assert count >= 5, "the seeded torchvision model detects too little to compare"
+    assert len(mine["scores"]) == count
+    labels = mine["classes"] + 1  # torchvision's label of our label l is l + 1
+    unmatched = list(range(count))
+    worst = {"box IoU": 1.0, "box px": 0.0, "score diff": 0.0, "mask IoU": 1.0}
+    for box, label, score, mask in zip(
+        reference["boxes"], reference["labels"], reference["scores"], reference["masks"][:, 0]
+    ):
+        candidates = [j for j in unmatched if labels[j] == label]
+        assert candidates, f"no detection of class {label} left to match"
+        ious = box_iou(
+            torch.from_numpy(box[None]), torch.from_numpy(mine["boxes"][candidates])
+        )[0].numpy()
+        best = candidates[int(ious.argmax())]
+        unmatched.remove(best)
+        worst["box px"] = max(worst["box px"], float(np.abs(mine["boxes"][best] - box).max()))
+        if min(box[2] - box[0], box[3] - box[1]) >= 1:
+            worst["box IoU"] = min(worst["box IoU"], float(ious.max()))
+        worst["score diff"] = max(worst["score diff"], abs(float(mine["scores"][best] - score)))
+        worst["mask IoU"] = min(worst["mask IoU"], mask_iou(mine["masks"][best], mask > 0.5))
+    print(f"{PHOTOS[image]} {images[image].shape[:2]}: {count} detections, {worst}")
+    assert worst["box IoU"] >= 0.999
+    assert worst["box px"] <= 0.01
+    assert worst["score diff"] <= 1e-4
+    assert worst["mask IoU"] >= 0.99
