@@ -123,8 +123,9 @@ class ResidualBlock(nn.Module):
     bottleneck (1×1 → strided 3×3 → 1×1, ResNet-50/101, output 4 · `features` channels), with a
     1×1 projection shortcut when the shape changes.
 
-    `x [B, H, W, C]` is at feature stride `in_stride` and zero outside the extents; so is the
-    output (at `in_stride · stride`)."""
+    `x [B, H, W, C]` is at feature stride `in_stride`; the inputs of its spatial (3×3) convs are
+    zeroed outside the extents, so what lies there in `x` never reaches a valid output. The
+    output (at `in_stride · stride`) is not masked: its consumers are 1×1 convs or mask first."""
 
     features: int
     stride: int
@@ -156,7 +157,7 @@ class ResidualBlock(nn.Module):
             residual = self.norm(name="downsample_bn")(
                 residual, mask=_bn_mask(valid_size, residual, stride)
             )
-        return mask_outside(nn.relu(y + residual), valid_size, stride)
+        return nn.relu(y + residual)
 
 
 class ResNet(nn.Module):
@@ -164,8 +165,9 @@ class ResNet(nn.Module):
 
     Input `images [B, H, W, 3]` (zero beyond each image's content) and optionally `valid_size
     [B, 2]` (each image's valid extent, `ops/extent.py`); output `{"C2": [B, H/4, W/4, c], ...,
-    "C5": [B, H/32, W/32, 8c]}` (sizes rounded up), c = 64 (basic blocks) or 256 (bottlenecks),
-    zero outside the extents.
+    "C5": [B, H/32, W/32, 8c]}` (sizes rounded up), c = 64 (basic blocks) or 256 (bottlenecks).
+    Inside the extents they are what the image alone computes; outside, anything (a consumer's
+    spatial conv masks its input first).
     """
 
     depth: int = 50
@@ -184,8 +186,8 @@ class ResNet(nn.Module):
         norm = make_norm(self.norm, train, self.axis_name, self.dtype)
         x = conv(64, 7, 2, "stem_conv", self.dtype)(images.astype(self.dtype))
         x = nn.relu(norm(name="stem_bn")(x, mask=_bn_mask(valid_size, x, 2)))
+        # The max pool's valid outputs read only valid inputs (stride 2, window 3, padding 1).
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-        x = mask_outside(x, valid_size, 4)
         outputs, stride = {}, 4
         for stage, num_blocks in enumerate(STAGE_BLOCKS[self.depth]):
             for block in range(num_blocks):
