@@ -1,9 +1,10 @@
 """COCO 2017, Mask R-CNN R50-FPN, Detectron2's 1× recipe in fixed-size form.
 
-Exactly `configs/default.py`: global batch 16, lr 0.02 with 1000 warm-up steps, 90k steps decayed
-×0.1 at 60k and 80k, frozen BN with the stem and res2 frozen (ImageNet-pretrained backbone
-expected), the shorter side resized to 800 (longer ≤ 1333) and padded into a 1344² canvas.
-Build the dataset first (see README "Train on COCO"):
+`configs/default.py` (global batch 16, lr 0.02 with 1000 warm-up steps, 90k steps decayed ×0.1 at
+60k and 80k, frozen BN with the stem and res2 frozen, the shorter side resized to 800 (longer
+≤ 1333) and padded into a 1344² canvas) starting from torchvision's ImageNet ResNet-50
+(`model.backbone_weights = "IMAGENET1K_V1"`: downloaded once; offline, pass the path of
+`resnet50-0676ba61.pth` instead). Build the dataset first (see README "Train on COCO"):
 
   python scripts/train.py --config=configs/coco_r50_fpn_1x.py \
       --config.data.manual_dir=/data/coco --workdir=/tmp/coco_r50_1x
@@ -16,4 +17,7 @@ from configs import default
 
 def get_config() -> ml_collections.ConfigDict:
     """Returns the COCO R50-FPN 1× config."""
-    return default.get_config()
+    config = default.get_config()
+    # torchvision's ImageNet ResNet-50 (downloaded once; or the path of its .pth when offline).
+    config.model.backbone_weights = "IMAGENET1K_V1"
+    return config

@@ -30,7 +30,9 @@ def get_config() -> ml_collections.ConfigDict:
     data.image_size = (1344, 1344)  # Canvas (H, W): multiple of model.size_divisibility.
     data.max_instances = 100  # Ground truth padded/truncated to this many objects per image.
     data.resize_short_side = 800  # > 0: shorter side resized to this; 0: fit image_size.
-    data.resize_max_long_side = 1333  # With resize_short_side: longer side ≤ this; 0: no cap.
+    # With resize_short_side > 0: longer side ≤ this (required > 0; image_size must hold it,
+    # rounded up to model.size_divisibility, in both orientations).
+    data.resize_max_long_side = 1333
     data.mask_size = 112  # GT masks are cropped to their box and resized to mask_size².
     data.mean = (123.675, 116.28, 103.53)  # RGB mean subtracted from 0–255 pixels.
     data.std = (58.395, 57.12, 57.375)  # RGB std the centred pixels are divided by.
@@ -46,6 +48,15 @@ def get_config() -> ml_collections.ConfigDict:
     model.backbone_depth = 50  # ResNet depth: 18, 34, 50 or 101.
     model.norm = "frozen"  # "frozen" (fixed affine), "batch" (per-replica stats) or "sync".
     model.freeze_at = 2  # 0: train all; 1: freeze stem; 2: freeze stem and res2.
+    # Backbone initialisation when training starts without a checkpoint: "" (random init), a
+    # torchvision ImageNet classification release of ResNet-`backbone_depth` ("IMAGENET1K_V1",
+    # torchvision's and Detectron2's torchvision-style recipes; downloaded once into
+    # $TORCH_HOME) or the path of such a state dict (.pth, e.g. `resnet50-0676ba61.pth`, read with
+    # `torch.load(weights_only=True)`; its `fc.*` is ignored). Needs the `torch` extra.
+    model.backbone_weights = ""
+    # `norm = "frozen"` or `freeze_at > 0` without `backbone_weights` freezes randomly
+    # initialised layers, so training refuses to start; True allows it (tests, experiments).
+    model.allow_random_frozen_backbone = False
     model.fpn_dim = 256  # Channels of every FPN level.
     model.fpn_norm = False  # BatchNorm after every FPN conv, in the `norm` mode (torchvision v2).
     model.dtype = "float32"  # Compute dtype: "float32" or "bfloat16" (params stay float32).
@@ -92,6 +103,11 @@ def get_config() -> ml_collections.ConfigDict:
     roi.nms_threshold = 0.5  # Per-class NMS IoU at inference.
     roi.detections_per_image = 100  # D: fixed number of (padded) detections per image.
     roi.detections_pre_nms_topk = 5000  # Highest-scoring (box, class) candidates entering NMS.
+    # How eval/predict paste each 28×28 mask into the image: "detectron2" (bilinear sampling of
+    # the map over the float box at pixel centres, >= 0.5; the convention of `aligned=True`
+    # models) or "torchvision" (legacy: 1-pixel zero pad, box expanded and truncated to ints,
+    # resized, > 0.5; what torchvision's `aligned=False` COCO numbers use).
+    roi.mask_paste = "detectron2"
 
     # ---------------------------------------------------------------- training
     config.train = train = ml_collections.ConfigDict()

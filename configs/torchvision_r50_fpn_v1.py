@@ -13,18 +13,17 @@ setting is torchvision's default:
   (2000/2000 in training), NMS 0.7, min size 1e-3;
 - RoIAlign 7×7 / 14×14 with `aligned=False`, `sampling_ratio=2`, torchvision's level mapper;
   box head 2×1024 FC, deltas weighted (10, 10, 5, 5); mask head 4×256 convs + deconv;
-- detections: score > 0.05, per-class NMS 0.5, 100 per image; masks pasted at threshold 0.5.
+- detections: score > 0.05, per-class NMS 0.5, 100 per image; masks pasted as torchvision's
+  `paste_masks_in_image` (`mask_paste = "torchvision"`: expanded integer box, > 0.5).
 - ImageNet mean/std on 0–255 pixels (torchvision's on 0–1 pixels, the same numbers).
 - 91-way COCO class layout: `num_classes = 90` (torchvision label l + 1 = our label l, COCO
   `category_id = l + 1`; `data.label_to_category_id` and `data.class_names` record it).
 
-Forced by static shapes: every image is padded to `data.image_size` = 1344² (torchvision pads a
-batch to its largest image rounded up to 32), which changes features within a receptive field of
-the bottom/right content edge, and the stride of P6 anchors when torchvision's padded size is not
-a multiple of 64. Candidate (box, class) pairs entering the final NMS are capped at
-`detections_pre_nms_topk` (torchvision has no cap). Not yet torchvision's: the input pipeline fits
-images into 1344² instead of resizing the shorter side to 800 (longer ≤ 1333). See
-docs/torchvision_weights.md for the effect of each.
+Input: torchvision's resize (shorter side 800, longer ≤ 1333, its float64 floor arithmetic) into a
+1344² canvas (`data.image_size`); each image's valid extent is its content rounded up to
+`model.size_divisibility` = 32, as torchvision pads. Forced by static shapes: candidate (box,
+class) pairs entering the final NMS are capped at `detections_pre_nms_topk` (torchvision has no
+cap). See docs/torchvision_weights.md.
 """
 
 import ml_collections
@@ -65,6 +64,7 @@ def get_config() -> ml_collections.ConfigDict:
     roi = model.roi_heads
     roi.aligned = False
     roi.smooth_l1_beta = 1.0 / 9.0  # torchvision's fastrcnn_loss.
+    roi.mask_paste = "torchvision"  # The paste torchvision's COCO mask AP is measured with.
 
     train = config.train
     train.num_steps = 26 * STEPS_PER_EPOCH

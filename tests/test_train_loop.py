@@ -5,6 +5,7 @@ shared. A persistent XLA compilation cache in a temporary directory lets the lat
 scripts run as subprocesses with the same 8 CPU devices) reuse its compiled programs.
 """
 
+import importlib
 import json
 import os
 import re
@@ -23,11 +24,15 @@ from conftest import tiny_config
 from jax.experimental.compilation_cache import compilation_cache
 
 import mrcnn_jax
+from configs import default as default_config
 from configs import shapes_r18
+from mrcnn_jax.convert import imagenet
 from mrcnn_jax.data import shapes
 from mrcnn_jax.evaluation import IOU_TYPES, STAT_NAMES
+from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 from mrcnn_jax.programs import trainer
 from mrcnn_jax.train import checkpoint as ckpt_lib
+from mrcnn_jax.train import state as state_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRIC_KEYS = {f"{t}/{n}" for t in IOU_TYPES for n in STAT_NAMES}
@@ -206,6 +211,108 @@ def test_resume_rejects_an_incompatible_config(trained, data_dir, tmp_path):
         trainer.train_and_evaluate(changed, str(workdir))
     assert (workdir / "config.json").read_text() == config_json
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4"]
+
+
+def test_a_frozen_backbone_without_weights_is_refused(data_dir, tmp_path):
+    """Frozen BN or frozen stages from a random init stop training before any work, with the
+    fields to set; the opt-in and backbone weights both lift the check."""
+    for overrides, says in (
+        ({"model.norm": "frozen"}, 'model.norm="frozen"'),
+        ({"model.freeze_at": 1}, "model.freeze_at=1 (untrained stem)"),
+    ):
+        config = run_config(data_dir, **overrides)
+        with pytest.raises(ValueError) as error:
+            trainer.train_and_evaluate(config, str(tmp_path / "run"))
+        message = str(error.value)
+        assert message.startswith(says)
+        for advice in (
+            "--config.model.backbone_weights=IMAGENET1K_V1",
+            "torchvision ResNet-18 .pth",
+            "--config.model.norm=batch --config.model.freeze_at=0",
+            "--config.model.allow_random_frozen_backbone=True",
+        ):
+            assert advice in message
+        opted_in = run_config(data_dir, **overrides, **{"model.allow_random_frozen_backbone": True})
+        trainer.check_backbone_init(opted_in.model)
+        with_weights = run_config(data_dir, **overrides, **{"model.backbone_weights": "x.pth"})
+        trainer.check_backbone_init(with_weights.model)
+    assert not list((tmp_path / "run" / "checkpoints").iterdir())
+    trainer.check_backbone_init(run_config(data_dir).model)  # batch norm, nothing frozen
+
+
+@pytest.mark.parametrize(
+    "name, paste",
+    [
+        ("coco_r50_fpn_1x", "detectron2"),
+        ("coco_r50_fpn_tpu", "detectron2"),
+        ("torchvision_r50_fpn_v1", "torchvision"),
+        ("torchvision_r50_fpn_v2", "torchvision"),
+        ("shapes_r18", "detectron2"),
+        ("coco_format", "detectron2"),
+    ],
+)
+def test_shipped_configs_freeze_only_pretrained_backbones(name, paste):
+    """Every recipe that freezes backbone layers names ImageNet weights (default.py, the bare
+    field reference, does not); the mask paste follows each recipe's RoIAlign convention."""
+    config = importlib.import_module(f"configs.{name}").get_config()
+    trainer.check_backbone_init(config.model)
+    if config.model.norm == "frozen" or config.model.freeze_at > 0:
+        assert config.model.backbone_weights == "IMAGENET1K_V1"
+    assert config.model.roi_heads.mask_paste == paste
+    assert config.model.roi_heads.aligned == (paste == "detectron2")
+
+
+def test_resume_ignores_how_the_backbone_was_initialised_and_how_masks_are_pasted(data_dir):
+    """Checkpoints written before these fields existed, or with other values, still restore."""
+    config = run_config(data_dir)
+    saved = json.loads(config.to_json())
+    del saved["model"]["backbone_weights"], saved["model"]["allow_random_frozen_backbone"]
+    saved["model"]["roi_heads"]["mask_paste"] = "torchvision"
+    assert ckpt_lib.config_mismatches(saved, config) == []
+    saved["model"]["fpn_dim"] = 8
+    assert ckpt_lib.config_mismatches(saved, config) == ["model.fpn_dim: checkpoint 8 vs config 16"]
+
+
+def test_the_default_config_alone_is_refused_for_want_of_weights():
+    with pytest.raises(ValueError, match=r"model\.backbone_weights is empty"):
+        trainer.check_backbone_init(default_config.get_config().model)
+
+
+def test_zero_steps_write_and_evaluate_the_initial_checkpoint(
+    compile_cache, data_dir, tmp_path, capsys
+):
+    """`num_steps = 0` with ImageNet backbone weights: checkpoint 0 holds the imported backbone
+    and the seeded init of everything else, and is evaluated. Resuming it needs no weights."""
+    torch = pytest.importorskip("torch")
+    torchvision_models = pytest.importorskip("torchvision.models")
+    torch.manual_seed(0)
+    weights = tmp_path / "resnet18.pth"
+    torch.save(torchvision_models.resnet18(weights=None).state_dict(), weights)
+    frozen = {"train.num_steps": 0, "model.norm": "frozen", "model.freeze_at": 2}
+    config = run_config(data_dir, **frozen, **{"model.backbone_weights": str(weights)})
+    workdir = tmp_path / "run"
+    metrics = trainer.train_and_evaluate(config, str(workdir))
+    assert f"Backbone initialised from {weights}" in capsys.readouterr().out
+    assert set(metrics) == METRIC_KEYS
+    assert [p.name for p in (workdir / "checkpoints").iterdir()] == ["0"]
+    (record,) = read_jsonl(workdir / "metrics.jsonl")
+    assert record == {"step": 0, **{f"eval/{k}": v for k, v in metrics.items()}}
+
+    state = final_state(workdir)
+    assert int(state["step"]) == 0
+    backbone = imagenet.backbone_variables(config.model)
+    assert_trees_equal(state["params"]["backbone"], backbone["params"]["backbone"])
+    assert_trees_equal(state["batch_stats"]["backbone"], backbone["batch_stats"]["backbone"])
+    init = state_lib.init_variables(
+        MaskRCNN.from_config(config.model), jax.random.key(config.seed), config.data.image_size
+    )
+    assert_trees_equal(state["params"]["fpn"], init["params"]["fpn"])
+
+    # A checkpoint to restore: no backbone weights needed (nor compared with the checkpoint's).
+    resumed = run_config(data_dir, **frozen)
+    assert trainer.train_and_evaluate(resumed, str(workdir)) == metrics
+    assert re.search(r"Resumed from \S+ at step 0\n", capsys.readouterr().out)
+    assert [p.name for p in (workdir / "checkpoints").iterdir()] == ["0"]
 
 
 # ------------------------------------------------------------------- load_checkpoint

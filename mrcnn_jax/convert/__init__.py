@@ -1,1 +1,2 @@
-"""Weight import from other frameworks (`torchvision`: torchvision's Mask R-CNN state dicts)."""
+"""Weight import from other frameworks: `torchvision` (torchvision's Mask R-CNN state dicts) and
+`imagenet` (torchvision's ImageNet classification ResNets as the backbone of a fresh model)."""

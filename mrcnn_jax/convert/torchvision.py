@@ -256,6 +256,59 @@ def variable_shapes(model_config: ml_collections.ConfigDict) -> dict[VariablePat
     return {path: tuple(x.shape) for path, x in traverse_util.flatten_dict(shapes).items()}
 
 
+def convert_variables(
+    state: Mapping[str, np.ndarray],
+    keys: Mapping[VariablePath, str],
+    shapes: Mapping[VariablePath, Shape],
+    model_config: ml_collections.ConfigDict,
+    *,
+    bn_epsilon: float,
+    what: str = "the state dict does not fit this model config",
+) -> dict[VariablePath, np.ndarray]:
+    """Converts the tensors `state[keys[path]]` to our variables at `path` of `shapes[path]`.
+
+    The layout change of each variable is `_layout`'s (kernels transposed, variances folded with
+    `bn_epsilon`, ...). Every key of `state` must be used by exactly one variable.
+
+    Returns:
+      `{path: float32 array}` for every path of `keys`.
+
+    Raises:
+      ValueError: starting with `what` and listing every variable whose tensor is missing, every
+        key of `state` that no variable uses, and every shape or dtype mismatch.
+    """
+    converted, missing, mismatched, used = {}, [], [], set()
+    for path, key in keys.items():
+        shape = shapes[path]
+        if key not in state:
+            missing.append(f"{key} (for {'/'.join(path)})")
+            continue
+        used.add(key)
+        layout = _layout(path, shape, model_config, bn_epsilon)
+        array = np.asarray(state[key])
+        if array.shape != layout.torch_shape(shape) or array.dtype != np.float32:
+            mismatched.append(
+                f"{key}: {array.dtype}{list(array.shape)}, expected "
+                f"float32{list(layout.torch_shape(shape))} for {'/'.join(path)} {list(shape)}"
+            )
+            continue
+        converted[path] = np.ascontiguousarray(layout.convert(array))
+    unmatched = sorted(set(state) - used)
+    problems = [
+        (f"{len(missing)} missing", missing),
+        (f"{len(unmatched)} unmatched", unmatched),
+        (f"{len(mismatched)} mismatched", mismatched),
+    ]
+    if missing or unmatched or mismatched:
+        raise ValueError(
+            f"{what}: "
+            + "; ".join(
+                f"{title} keys:\n  " + "\n  ".join(items) for title, items in problems if items
+            )
+        )
+    return converted
+
+
 def convert_state_dict(
     state_dict: Mapping[str, np.ndarray],
     model_config: ml_collections.ConfigDict,
@@ -279,40 +332,15 @@ def convert_state_dict(
       ValueError: listing every variable whose torchvision tensor is missing, every state-dict key
         that no variable uses, and every shape mismatch (e.g. another class count or depth).
     """
-    state = canonical_keys(state_dict)
-    converted, missing, mismatched, used = {}, [], [], set()
-    for path, shape in variable_shapes(model_config).items():
-        key = torchvision_key(path, model_config)
-        if key not in state:
-            missing.append(f"{key} (for {'/'.join(path)})")
-            continue
-        used.add(key)
-        layout = _layout(path, shape, model_config, bn_epsilon)
-        array = np.asarray(state[key])
-        if array.shape != layout.torch_shape(shape) or array.dtype != np.float32:
-            mismatched.append(
-                f"{key}: {array.dtype}{list(array.shape)}, expected "
-                f"float32{list(layout.torch_shape(shape))} for {'/'.join(path)} {list(shape)}"
-            )
-            continue
-        converted[path] = np.ascontiguousarray(layout.convert(array))
-    unmatched = sorted(set(state) - used)
-    problems = [
-        (f"{len(missing)} missing", missing),
-        (f"{len(unmatched)} unmatched", unmatched),
-        (f"{len(mismatched)} mismatched", mismatched),
-    ]
-    if missing or unmatched or mismatched:
-        raise ValueError(
-            "the state dict does not fit this model config: "
-            + "; ".join(
-                f"{title} keys:\n  " + "\n  ".join(items) for title, items in problems if items
-            )
-        )
+    shapes = variable_shapes(model_config)
+    keys = {path: torchvision_key(path, model_config) for path in shapes}
+    converted = convert_variables(
+        canonical_keys(state_dict), keys, shapes, model_config, bn_epsilon=bn_epsilon
+    )
     return traverse_util.unflatten_dict(converted)
 
 
-def _import_torch():
+def import_torch():
     """`torch`, or an ImportError that says how to install it."""
     try:
         import torch
@@ -329,7 +357,7 @@ def state_dict_to_numpy(state_dict: Mapping) -> dict[str, np.ndarray]:
     Integer `num_batches_tracked` counters are dropped; any other non-float tensor, non-tensor
     value or non-str key is an error.
     """
-    torch = _import_torch()
+    torch = import_torch()
     if not isinstance(state_dict, Mapping):
         raise ValueError(f"a state dict must be a mapping, got {type(state_dict).__name__}")
     out = {}
@@ -349,7 +377,7 @@ def state_dict_to_numpy(state_dict: Mapping) -> dict[str, np.ndarray]:
 
 def load_state_dict(path: epath.PathLike) -> dict[str, np.ndarray]:
     """Reads a torchvision `.pth` state dict (tensors only: `torch.load(weights_only=True)`)."""
-    torch = _import_torch()
+    torch = import_torch()
     with epath.Path(path).open("rb") as f:
         state_dict = torch.load(f, map_location="cpu", weights_only=True)
     return state_dict_to_numpy(state_dict)
@@ -367,10 +395,21 @@ def download_state_dict(version: str) -> dict[str, np.ndarray]:
     """
     if version not in RELEASES:
         raise ValueError(f"version must be one of {sorted(RELEASES)}, got {version!r}")
-    _import_torch()
+    import_torch()
     from torchvision.models import detection
 
     weights = getattr(detection, RELEASES[version].weights_enum).COCO_V1
+    return fetch_weights(weights, "scripts/convert_torchvision.py --state_dict=FILE")
+
+
+def fetch_weights(weights, pass_file_as: str) -> dict[str, np.ndarray]:
+    """The state dict of a torchvision `WeightsEnum` member, downloaded (hash checked) or read
+    from torch's cache with `weights_only=True`, as float32 numpy arrays.
+
+    Raises:
+      ConnectionError: the download failed; the message names the URL to fetch by other means
+        and how to pass the file (`pass_file_as`).
+    """
     try:
         state_dict = weights.get_state_dict(
             progress=True, check_hash=True, weights_only=True, map_location="cpu"
@@ -378,6 +417,6 @@ def download_state_dict(version: str) -> dict[str, np.ndarray]:
     except OSError as error:  # urllib's URLError and socket errors
         raise ConnectionError(
             f"could not download {weights.url} ({error}); fetch it elsewhere and pass the file "
-            "(scripts/convert_torchvision.py --state_dict=FILE)"
+            f"({pass_file_as})"
         ) from error
     return state_dict_to_numpy(state_dict)

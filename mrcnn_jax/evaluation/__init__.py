@@ -8,10 +8,11 @@ from mrcnn_jax.evaluation.coco_eval import (
     evaluate_coco,
     load_coco_gt,
 )
-from mrcnn_jax.evaluation.masks import expand_boxes_to_pixels, paste_masks
+from mrcnn_jax.evaluation.masks import PASTE_METHODS, expand_boxes_to_pixels, paste_masks
 
 __all__ = [
     "IOU_TYPES",
+    "PASTE_METHODS",
     "STAT_NAMES",
     "CocoEvaluator",
     "detections_to_coco",

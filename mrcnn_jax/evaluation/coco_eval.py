@@ -28,7 +28,7 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from mrcnn_jax.evaluation.masks import paste_masks
+from mrcnn_jax.evaluation.masks import PASTE_METHODS, paste_masks
 
 STAT_NAMES = (
     "AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"
@@ -82,6 +82,7 @@ def detections_to_coco(
     image_size: tuple[int, int],
     orig_size: tuple[int, int],
     label_to_category_id: Mapping[int, int],
+    mask_paste: str = "torchvision",
 ) -> list[dict[str, Any]]:
     """One image's padded detections as COCO result dicts (JSON-serialisable).
 
@@ -95,6 +96,8 @@ def detections_to_coco(
       image_size: ``(height, width)`` of the resized image content the boxes are in.
       orig_size: ``(height, width)`` of the original image.
       label_to_category_id: contiguous label -> original COCO ``category_id``.
+      mask_paste: ``paste_masks`` method, ``"detectron2"`` or ``"torchvision"`` (the model's
+        ``roi_heads.mask_paste``).
 
     Returns:
       For each valid row, in order: ``{"image_id", "category_id", "score", "bbox": [x, y, w, h]}``
@@ -140,7 +143,9 @@ def detections_to_coco(
         for label, score, (x1, y1, x2, y2) in zip(labels, scores[valid], clipped)
     ]
     if masks is not None:
-        pasted = paste_masks(np.asarray(masks)[valid], orig_boxes, (height, width))
+        pasted = paste_masks(
+            np.asarray(masks)[valid], orig_boxes, (height, width), method=mask_paste
+        )
         rles = mask_util.encode(pasted.transpose(1, 2, 0).view(np.uint8))
         for result, rle in zip(results, rles):
             result["segmentation"] = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
@@ -223,8 +228,11 @@ def evaluate_coco(
 class CocoEvaluator:
     """Accumulates COCO results over eval batches and evaluates them with pycocotools."""
 
-    def __init__(self, label_to_category_id: Mapping[int, int]):
-        """``label_to_category_id``: contiguous label ``0..K-1`` -> original COCO ``category_id``.
+    def __init__(
+        self, label_to_category_id: Mapping[int, int], mask_paste: str = "torchvision"
+    ):
+        """``label_to_category_id``: contiguous label ``0..K-1`` -> original COCO ``category_id``;
+        ``mask_paste``: how masks are pasted (``paste_masks`` method).
 
         Raises:
           ValueError: if two labels map to the same category id.
@@ -233,7 +241,10 @@ class CocoEvaluator:
         if len(set(categories)) != len(categories):
             raise ValueError(f"label_to_category_id maps several labels to one category id: "
                              f"{dict(label_to_category_id)}")
+        if mask_paste not in PASTE_METHODS:
+            raise ValueError(f"mask_paste must be one of {PASTE_METHODS}, got {mask_paste!r}")
         self.label_to_category_id = dict(label_to_category_id)
+        self.mask_paste = mask_paste
         self._results: list[dict[str, Any]] = []
         self._image_ids: dict[int, None] = {}  # an insertion-ordered set
 
@@ -286,6 +297,7 @@ class CocoEvaluator:
                 tuple(arrays["batch/image_size"][b]),
                 tuple(arrays["batch/orig_size"][b]),
                 self.label_to_category_id,
+                mask_paste=self.mask_paste,
             )
             self._image_ids[image_id] = None
 

@@ -69,7 +69,9 @@ def evaluate_split(
     category_ids = (
         config.data.label_to_category_id or schema.label_to_category_id(builder.info).tolist()
     )
-    evaluator = CocoEvaluator(dict(enumerate(category_ids)))
+    evaluator = CocoEvaluator(
+        dict(enumerate(category_ids)), mask_paste=config.model.roi_heads.mask_paste
+    )
     batches = pipeline.create_eval_dataset(config, builder=builder, split=split)
     total = pipeline.eval_num_batches(config, builder, split)
     show = progress and jax.process_index() == 0

@@ -59,7 +59,12 @@ class Predictor:
         height, width = image.shape[:2]
         # torchvision's postprocess: x * W / resized_w, y * H / resized_h.
         boxes = boxes_to_original(out["boxes"][keep], inputs["image_size"], (height, width))
-        masks = paste_masks(out["masks"][keep], boxes, (height, width))
+        masks = paste_masks(
+            out["masks"][keep],
+            boxes,
+            (height, width),
+            method=self.config.model.roi_heads.mask_paste,
+        )
         boxes = np.clip(boxes, 0, [width, height, width, height])
         classes = out["classes"][keep]
         return {

@@ -6,6 +6,10 @@ periodic evaluation (`programs.evaluator`), as flax's `examples/imagenet/train.p
 Resumable: the latest complete checkpoint in `<workdir>/checkpoints` is restored (state, step)
 and the input pipeline restarts at that step, so no example is skipped or repeated; the step's
 PRNG key is `fold_in(key(seed), step)`, so a resumed run draws what an uninterrupted one would.
+Without a checkpoint the model starts from its seeded initialisation with the backbone that
+`model.backbone_weights` names (torchvision ImageNet weights, `convert.imagenet`); a frozen
+backbone without such weights is refused (`check_backbone_init`). The final state is always
+checkpointed, so `train.num_steps = 0` writes (and evaluates) the initial checkpoint, step 0.
 Logs go to a tqdm bar, `<workdir>/metrics.jsonl` and TensorBoard event files (process 0).
 """
 
@@ -20,6 +24,7 @@ from etils import epath
 from tqdm import tqdm
 
 from mrcnn_jax import sharding
+from mrcnn_jax.convert import imagenet
 from mrcnn_jax.data import get_builder, pipeline, schema
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 from mrcnn_jax.programs import evaluator
@@ -89,22 +94,78 @@ def _check_finite(step: int, metrics: dict[str, float]) -> None:
         )
 
 
+def check_backbone_init(model: ml_collections.ConfigDict) -> None:
+    """Refuses to train a frozen backbone from random weights.
+
+    Frozen BatchNorm (`model.norm == "frozen"`) keeps its initial statistics and affine forever,
+    and `model.freeze_at > 0` never trains the stem (and res2): from a random initialisation
+    that silently cripples the model. Either needs `model.backbone_weights`, unless
+    `model.allow_random_frozen_backbone` opts in. Only for a run without a checkpoint: a
+    restored (e.g. converted) checkpoint brings its own backbone.
+
+    Raises:
+      ValueError: saying which fields to set.
+    """
+    frozen = []
+    if model.norm == "frozen":
+        frozen.append('model.norm="frozen" (fixed BatchNorm statistics)')
+    if model.freeze_at > 0:
+        layers = "stem and res2" if model.freeze_at >= 2 else "stem"
+        frozen.append(f"model.freeze_at={model.freeze_at} (untrained {layers})")
+    if frozen and not model.backbone_weights and not model.allow_random_frozen_backbone:
+        raise ValueError(
+            f"{' and '.join(frozen)} freeze backbone layers, but model.backbone_weights is "
+            "empty, so they would keep their random initialisation. Start from ImageNet "
+            "weights: --config.model.backbone_weights=IMAGENET1K_V1 (torchvision's, downloaded) "
+            f"or the path of a torchvision ResNet-{model.backbone_depth} .pth; or train from "
+            "scratch: --config.model.norm=batch --config.model.freeze_at=0; or accept a random "
+            "frozen backbone: --config.model.allow_random_frozen_backbone=True"
+        )
+
+
+def initial_variables(config: ml_collections.ConfigDict, model: MaskRCNN) -> dict:
+    """The seeded initialisation of `params` and `batch_stats`, with the backbone of
+    `config.model.backbone_weights` when it names any."""
+    variables = state_lib.init_variables(
+        model, jax.random.key(config.seed), tuple(config.data.image_size)
+    )
+    if config.model.backbone_weights:
+        variables = imagenet.with_backbone(variables, imagenet.backbone_variables(config.model))
+        _say(f"Backbone initialised from {config.model.backbone_weights}")
+    return variables
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains `config` in `workdir` (resuming if it has checkpoints), evaluates, returns metrics.
 
     Returns the final evaluation metrics (COCO bbox/segm numbers on `config.data.val_split`).
+
+    Raises:
+      ValueError: without a checkpoint to resume, a frozen backbone without weights
+        (`check_backbone_init`); a checkpoint of another architecture.
     """
     workdir = epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    manager = ckpt_lib.create_manager(workdir, max_to_keep=config.train.keep_checkpoints)
+    resuming = manager.latest_step() is not None
+    if not resuming:
+        try:
+            check_backbone_init(config.model)
+        except ValueError:
+            manager.close()
+            raise
     builder = get_builder(config.data)
     config = with_dataset_classes(config, builder)
     model = MaskRCNN.from_config(config.model, axis_name=sharding.AXIS)
     mesh = sharding.create_mesh()
-    state, learning_rate_fn = state_lib.create_train_state(
-        jax.random.key(config.seed), config, model
-    )
-    manager = ckpt_lib.create_manager(workdir, max_to_keep=config.train.keep_checkpoints)
-    if manager.latest_step() is not None:
+    if resuming:  # the restore overwrites every variable: skip reading backbone weights
+        variables = state_lib.init_variables(
+            model, jax.random.key(config.seed), tuple(config.data.image_size)
+        )
+    else:
+        variables = initial_variables(config, model)
+    state, learning_rate_fn = state_lib.train_state_from_variables(config, model, variables)
+    if resuming:
         state = ckpt_lib.restore(manager, state, config)
         _say(f"Resumed from {manager.directory} at step {int(state.step)}")
     if jax.process_index() == 0:  # after the restore: a rejected config must not replace it
@@ -137,6 +198,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
     last_log_time, last_log_step = time.time(), start_step
     eval_metrics = {}
+    saved_step = start_step if resuming else None
     for step in range(start_step, t.num_steps):
         batch = sharding.shard_batch(next(batches), mesh)
         state, metrics = train_step(state, batch, jax.random.fold_in(base_key, step))
@@ -152,11 +214,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         bar.update(1)
         if done % t.checkpoint_every == 0 or done == t.num_steps:
             ckpt_lib.save(manager, state, config)
+            saved_step = done
         if t.eval_every and done % t.eval_every == 0 and done != t.num_steps:
             eval_metrics = run_eval(done)
     bar.close()
-    manager.wait_until_finished()
     final_step = int(jax.device_get(state.step))
+    if saved_step != final_step:  # num_steps = 0 on a fresh workdir: checkpoint the initial state
+        ckpt_lib.save(manager, state, config)
+    manager.wait_until_finished()
     if final_step > start_step or not eval_metrics:
         eval_metrics = run_eval(final_step)
     writer.close()

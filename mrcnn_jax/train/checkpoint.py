@@ -20,6 +20,14 @@ from mrcnn_jax.train.state import TrainState
 
 # Config sections whose values must match for a checkpoint to be restored into a run.
 ARCHITECTURE_KEYS = ("model", "data.image_size")
+# Fields inside them that may differ: how a fresh run initialises its backbone (a restored
+# checkpoint brings its own) and how masks are pasted at evaluation. Checkpoints written before
+# these fields existed restore too.
+NON_ARCHITECTURE_KEYS = (
+    "model.backbone_weights",
+    "model.allow_random_frozen_backbone",
+    "model.roi_heads.mask_paste",
+)
 
 
 def checkpoint_dir(workdir: epath.PathLike) -> epath.Path:
@@ -86,13 +94,16 @@ def _flatten(prefix: str, value) -> dict[str, Any]:
 
 
 def config_mismatches(saved: dict, config: ml_collections.ConfigDict) -> list[str]:
-    """The `ARCHITECTURE_KEYS` fields (flattened) where `saved` (JSON) and `config` differ."""
+    """The `ARCHITECTURE_KEYS` fields (flattened) where `saved` (JSON) and `config` differ,
+    except `NON_ARCHITECTURE_KEYS`."""
     current = json.loads(config.to_json())
     problems = []
     for key in ARCHITECTURE_KEYS:
         old = _flatten(key, _lookup(saved, key))
         new = _flatten(key, _lookup(current, key))
         for name in sorted(set(old) | set(new)):
+            if name in NON_ARCHITECTURE_KEYS:
+                continue
             if old.get(name) != new.get(name):
                 problems.append(f"{name}: checkpoint {old.get(name)!r} vs config {new.get(name)!r}")
     return problems
