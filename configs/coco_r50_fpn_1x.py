@@ -4,7 +4,9 @@
 60k and 80k, frozen BN with the stem and res2 frozen, the shorter side resized to 800 (longer
 ≤ 1333) and padded into a 1344² canvas) starting from torchvision's ImageNet ResNet-50
 (`model.backbone_weights = "IMAGENET1K_V1"`: downloaded once; offline, pass the path of
-`resnet50-0676ba61.pth` instead). Build the dataset first (see README "Train on COCO"):
+`resnet50-0676ba61.pth` instead), with L1 box losses and no gradient clipping. Every field
+beside Detectron2's and torchvision's value, and each remaining difference: docs/coco_recipes.md.
+Build the dataset first (see README "Train on COCO"):
 
   python scripts/train.py --config=configs/coco_r50_fpn_1x.py \
       --config.data.manual_dir=/data/coco --workdir=/tmp/coco_r50_1x
@@ -20,4 +22,6 @@ def get_config() -> ml_collections.ConfigDict:
     config = default.get_config()
     # torchvision's ImageNet ResNet-50 (downloaded once; or the path of its .pth when offline).
     config.model.backbone_weights = "IMAGENET1K_V1"
+    config.model.rpn.smooth_l1_beta = 0.0  # Detectron2: L1 box losses in the RPN and the heads.
+    config.train.grad_clip_norm = 0.0  # Detectron2 does not clip gradients.
     return config

@@ -61,6 +61,7 @@ def get_config() -> ml_collections.ConfigDict:
     model = config.model
     model.num_classes = 90  # torchvision's 91 outputs minus background.
     model.rpn.post_nms_topk_train = 2000
+    model.rpn.smooth_l1_beta = 1.0 / 9.0  # torchvision's RPN box loss.
     roi = model.roi_heads
     roi.aligned = False
     roi.smooth_l1_beta = 1.0 / 9.0  # torchvision's fastrcnn_loss.
