@@ -63,7 +63,7 @@ def is_frozen(names: tuple[str, ...], model: ml_collections.ConfigDict) -> bool:
 
 
 def create_optimizer(
-    params, config: ml_collections.ConfigDict, learning_rate_fn: optax.Schedule
+    config: ml_collections.ConfigDict, learning_rate_fn: optax.Schedule
 ) -> optax.GradientTransformation:
     """SGD with momentum and weight decay (not on biases or norm parameters), frozen params kept.
 
@@ -111,7 +111,7 @@ def train_state_from_variables(
     optimizer, and the learning-rate schedule it uses."""
     learning_rate_fn = create_learning_rate_fn(config.train)
     params = jax.tree_util.tree_map(jnp.asarray, dict(variables["params"]))
-    tx = create_optimizer(params, config, learning_rate_fn)
+    tx = create_optimizer(config, learning_rate_fn)
     state = TrainState.create(
         apply_fn=model.apply,
         params=params,
