@@ -370,3 +370,32 @@ def test_mask_loss_replica_means_equal_the_global_batch_mean():
     np.testing.assert_allclose(
         np.mean(per_replica), jax.jit(mask_loss)(logits, mask_targets, valid), rtol=2e-5
     )
+
+
+def test_head_batchnorm_statistics_count_valid_rois_only():
+    """With BatchNorm in the heads (`norm="batch"`, training), padding RoIs full of garbage
+    change neither the valid RoIs' outputs nor the running statistics."""
+    rng = np.random.default_rng(4)
+    head = BoxHead(num_classes=3, dim=16, num_convs=2, conv_dim=8, num_fcs=1, norm="batch")
+    rois = rng.normal(size=(6, 7, 7, 4)).astype(np.float32)
+    valid = np.array([True, True, False, True, False, False])
+    variables = head.init(jax.random.key(0), rois)
+    apply = jax.jit(
+        lambda x, v: head.apply(variables, x, train=True, valid=v, mutable=["batch_stats"])
+    )
+    (logits, deltas), stats = apply(rois, valid)
+    garbage = rois.copy()
+    garbage[~valid] = 1e3 * rng.normal(size=garbage[~valid].shape)
+    (logits2, deltas2), stats2 = apply(garbage, valid)
+    np.testing.assert_allclose(logits2[valid], logits[valid], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(deltas2[valid], deltas[valid], rtol=1e-5, atol=1e-5)
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), stats, stats2
+    )
+    # The valid RoIs alone give the same statistics.
+    (_, _), alone = jax.jit(
+        lambda x: head.apply(variables, x, train=True, mutable=["batch_stats"])
+    )(rois[valid])
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), stats, alone
+    )

@@ -118,14 +118,16 @@ class MaskRCNN(nn.Module):
             num_convs=r.box_head_convs,
             conv_dim=r.box_head_conv_dim,
             num_fcs=r.box_head_fcs,
-            norm=r.head_norm,
+            norm=c.norm if r.head_norm else None,
+            axis_name=self.axis_name,
         )
         self.mask_head = MaskHead(
             num_classes=c.num_classes,
             dim=r.mask_head_dim,
             num_convs=r.mask_head_convs,
             dtype=dtype,
-            norm=r.head_norm,
+            norm=c.norm if r.head_norm else None,
+            axis_name=self.axis_name,
         )
 
     def _anchors(self, valid_size: jnp.ndarray, pyramid: dict) -> list[anchor_ops.LevelAnchors]:
@@ -167,11 +169,19 @@ class MaskRCNN(nn.Module):
             logits, deltas, [a.boxes for a in anchors], [a.valid for a in anchors], image_size
         )
 
-    def _mask_logits(self, pyramid, boxes, classes, valid_size) -> jnp.ndarray:
-        """Mask logits `[B, N, 28, 28]` of `classes [B, N]` (0..K-1) in `boxes [B, N, 4]`."""
+    def _mask_logits(
+        self, pyramid, boxes, classes, valid_size, train: bool = False, valid=None
+    ) -> jnp.ndarray:
+        """Mask logits `[B, N, 28, 28]` of `classes [B, N]` (0..K-1) in `boxes [B, N, 4]`;
+        `valid [B, N]` (training) marks the RoIs the head's BatchNorm statistics count."""
         b, n = classes.shape
         pooled = self._pool(pyramid, boxes, self.config.roi_heads.mask_pooler_size, valid_size)
-        logits = self.mask_head(pooled.reshape(b * n, *pooled.shape[2:]), classes.reshape(-1))
+        logits = self.mask_head(
+            pooled.reshape(b * n, *pooled.shape[2:]),
+            classes.reshape(-1),
+            train=train,
+            valid=None if valid is None else valid.reshape(-1),
+        )
         return logits.reshape(b, n, *logits.shape[1:])
 
     def __call__(self, batch: dict, *, train: bool, keys: jax.Array | None = None):
@@ -237,11 +247,22 @@ class MaskRCNN(nn.Module):
         )
         b, num_rois = targets.classes.shape
         pooled = self._pool(pyramid, targets.rois, r.box_pooler_size, valid_size)
-        class_logits, box_deltas = self.box_head(pooled.reshape(b * num_rois, *pooled.shape[2:]))
+        class_logits, box_deltas = self.box_head(
+            pooled.reshape(b * num_rois, *pooled.shape[2:]),
+            train=True,
+            valid=targets.valid.reshape(-1),
+        )
 
         f = num_foreground_slots(r)
         fg_classes = jnp.maximum(targets.classes[:, :f] - 1, 0)
-        mask_logits = self._mask_logits(pyramid, targets.rois[:, :f], fg_classes, valid_size)
+        mask_logits = self._mask_logits(
+            pyramid,
+            targets.rois[:, :f],
+            fg_classes,
+            valid_size,
+            train=True,
+            valid=targets.is_foreground[:, :f],
+        )
         gt_index = targets.gt_index[:, :f]
         take = jax.vmap(lambda x, i: x[i])
         mask_targets = jax.vmap(target_ops.mask_targets, in_axes=(0, 0, 0, None))(

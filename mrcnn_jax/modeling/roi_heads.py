@@ -5,7 +5,7 @@ Per-image functions (`sample_rois`, `detect_boxes`) are written for one image an
 `MaskRCNN`. Class indices inside the heads: 0 is background, dataset label `l` is `l + 1`.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -21,14 +21,22 @@ from mrcnn_jax.ops import targets as target_ops
 _msra_fill = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-def head_convs(x: jnp.ndarray, num_convs: int, dim: int, norm: bool, dtype) -> jnp.ndarray:
+def head_convs(
+    x: jnp.ndarray,
+    num_convs: int,
+    dim: int,
+    norm: Callable[..., nn.Module] | None,
+    dtype,
+    valid: jnp.ndarray | None = None,
+) -> jnp.ndarray:
     """`num_convs` 3×3 convs `conv1, conv2, ...` of width `dim`, each followed by ReLU.
 
-    With `norm`, each conv has no bias and is followed by BatchNorm `conv<i>_bn` that always uses
-    its stored statistics (torchvision v2's heads, for inference and fine-tuning; batch statistics
-    over padded RoIs would be wrong). Call inside a compact module: the layers become its children.
-    `x [N, S, S, C]` -> `[N, S, S, dim]`.
+    With `norm` (a `resnet.make_norm` constructor), each conv has no bias and is followed by
+    BatchNorm `conv<i>_bn` (torchvision v2's heads); in training, batch statistics count only the
+    RoIs where `valid [N]` is True (padding RoIs would bias them). Call inside a compact module:
+    the layers become its children. `x [N, S, S, C]` -> `[N, S, S, dim]`.
     """
+    mask = None if valid is None else valid[:, None, None, None]
     for i in range(num_convs):
         x = nn.Conv(
             dim,
@@ -40,7 +48,7 @@ def head_convs(x: jnp.ndarray, num_convs: int, dim: int, norm: bool, dtype) -> j
             name=f"conv{i + 1}",
         )(x)
         if norm:
-            x = make_norm("frozen", False, None, dtype)(name=f"conv{i + 1}_bn")(x)
+            x = norm(name=f"conv{i + 1}_bn")(x, mask=mask)
         x = nn.relu(x)
     return x
 
@@ -49,9 +57,10 @@ class BoxHead(nn.Module):
     """Optional 3×3 convs (`head_convs`: `num_convs` of width `conv_dim`), then `num_fcs` FCs
     (`dim`, ReLU) over the flattened RoI features, then class logits and box deltas.
 
-    torchvision v1: 2 FCs; v2: 4 convs with BatchNorm (`norm`) and 1 FC. Input `[N, S, S, C]` RoI
-    features; output class logits `[N, K + 1]` (index 0 background) and class-specific deltas
-    `[N, K, 4]` for the K foreground classes.
+    torchvision v1: 2 FCs; v2: 4 convs with BatchNorm (`norm`, a `resnet.NORM_MODES` value) and
+    1 FC. Input `[N, S, S, C]` RoI features (and in training `valid [N]`, the sampled RoIs, for
+    the BatchNorm statistics); output class logits `[N, K + 1]` (index 0 background) and
+    class-specific deltas `[N, K, 4]` for the K foreground classes.
     """
 
     num_classes: int
@@ -60,11 +69,15 @@ class BoxHead(nn.Module):
     num_convs: int = 0
     conv_dim: int = 256
     num_fcs: int = 2
-    norm: bool = False
+    norm: str | None = None
+    axis_name: str | None = None
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-        x = head_convs(x, self.num_convs, self.conv_dim, self.norm, self.dtype)
+    def __call__(
+        self, x: jnp.ndarray, train: bool = False, valid: jnp.ndarray | None = None
+    ) -> tuple[jnp.ndarray, jnp.ndarray]:
+        norm = make_norm(self.norm, train, self.axis_name, self.dtype) if self.norm else None
+        x = head_convs(x, self.num_convs, self.conv_dim, norm, self.dtype, valid)
         x = x.reshape(x.shape[0], -1)
         for i in range(self.num_fcs):
             x = nn.relu(nn.Dense(self.dim, dtype=self.dtype, name=f"fc{i + 1}")(x))
@@ -111,20 +124,29 @@ class MaskHead(nn.Module):
     """`num_convs` 3×3 convs (`head_convs`: `dim`, ReLU, BatchNorm with `norm` as torchvision v2),
     a 2×2 stride-2 deconv (ReLU), a per-class 1×1 predictor.
 
-    Input RoI features `[N, S, S, C]` and the foreground class of each RoI `classes [N]` (0..K-1);
-    output mask logits `[N, 2S, 2S]` of that class only (the per-class predictor is evaluated just
-    for the requested class, which is what the loss and inference need).
+    Input RoI features `[N, S, S, C]` and the foreground class of each RoI `classes [N]` (0..K-1)
+    (and in training `valid [N]`, the foreground slots, for the BatchNorm statistics); output
+    mask logits `[N, 2S, 2S]` of that class only (the per-class predictor is evaluated just for
+    the requested class, which is what the loss and inference need).
     """
 
     num_classes: int
     dim: int = 256
     num_convs: int = 4
     dtype: jnp.dtype = jnp.float32
-    norm: bool = False
+    norm: str | None = None
+    axis_name: str | None = None
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, classes: jnp.ndarray) -> jnp.ndarray:
-        x = head_convs(x, self.num_convs, self.dim, self.norm, self.dtype)
+    def __call__(
+        self,
+        x: jnp.ndarray,
+        classes: jnp.ndarray,
+        train: bool = False,
+        valid: jnp.ndarray | None = None,
+    ) -> jnp.ndarray:
+        norm = make_norm(self.norm, train, self.axis_name, self.dtype) if self.norm else None
+        x = head_convs(x, self.num_convs, self.dim, norm, self.dtype, valid)
         x = Deconv2x2(self.dim, dtype=self.dtype, name="deconv")(x)
         x = nn.relu(x)
         kernel = self.param(
