@@ -1,8 +1,13 @@
 """Device mesh and data placement shared by every program (training, evaluation, prediction).
 
-One 1-D mesh whose data axis `AXIS` spans every device of every host. Batches are split along
+One 1-D mesh whose data axis `AXIS` spans every device of every host, process-major: process
+`p`'s devices hold rows `[p·b, (p+1)·b)` of each global batch (`b` = global batch / number of
+processes), the rows that `mrcnn_jax.data.pipeline` gives that process. Batches are split along
 it (`shard_batch`); the train state and model variables are replicated on it (`replicate`).
+`initialize_distributed` starts JAX's multi-process runtime (scripts/train.py, scripts/eval.py).
 """
+
+import os
 
 import jax
 import numpy as np
@@ -11,18 +16,117 @@ from jax.sharding import PartitionSpec as P
 
 AXIS = "batch"
 
+# Environment variables that mark a cluster which `jax.distributed.initialize()` configures itself.
+CLUSTER_ENVIRONMENT = (
+    "JAX_COORDINATOR_ADDRESS",
+    "TPU_WORKER_HOSTNAMES",
+    "SLURM_NTASKS",
+    "OMPI_COMM_WORLD_SIZE",
+)
+
+
+def initialize_distributed(
+    multihost: bool | None = None,
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> None:
+    """Starts JAX's distributed runtime when this is one process of several; call it before
+    any other JAX call.
+
+    Either all three of `coordinator_address` ("host:port" of process 0, reachable from every
+    process), `num_processes` and `process_id` (0 .. num_processes - 1) are given: explicit
+    `jax.distributed.initialize(coordinator_address, num_processes, process_id)`; or none, and
+    `multihost` decides: True calls `jax.distributed.initialize()` with JAX's cluster
+    auto-detection (SLURM, Open MPI, Cloud TPU, ...), False does nothing, None (default) does
+    the former when an environment variable of `CLUSTER_ENVIRONMENT` is set. CPU devices of
+    several processes communicate over gloo, JAX's default CPU collectives. With several
+    processes it then connects all devices (`connect_devices`).
+
+    Raises:
+      ValueError: only some of the three are given, they are out of range, or `multihost` is
+        False with them.
+    """
+    explicit = {
+        "coordinator_address": coordinator_address,
+        "num_processes": num_processes,
+        "process_id": process_id,
+    }
+    given = [name for name, value in explicit.items() if value is not None]
+    if given and len(given) < len(explicit):
+        missing = [name for name in explicit if name not in given]
+        raise ValueError(
+            "--coordinator_address, --num_processes and --process_id go together (or none of "
+            f"them, for --multihost auto-detection): got {', '.join(f'--{n}' for n in given)} "
+            f"without {', '.join(f'--{n}' for n in missing)}"
+        )
+    if given:
+        if multihost is False:
+            raise ValueError(
+                "--nomultihost contradicts --coordinator_address/--num_processes/--process_id"
+            )
+        if num_processes < 1 or not 0 <= process_id < num_processes:
+            raise ValueError(
+                f"--process_id={process_id} must be in [0, --num_processes={num_processes})"
+            )
+        if ":" not in coordinator_address:
+            raise ValueError(
+                f"--coordinator_address={coordinator_address!r} must be host:port of process 0"
+            )
+        jax.distributed.initialize(
+            coordinator_address=coordinator_address,
+            num_processes=num_processes,
+            process_id=process_id,
+        )
+    else:
+        if multihost is None:
+            multihost = any(name in os.environ for name in CLUSTER_ENVIRONMENT)
+        if not multihost:
+            return
+        jax.distributed.initialize()
+    if jax.process_count() > 1:
+        connect_devices()
+
+
+def connect_devices() -> None:
+    """Runs one all-reduce over the mesh of `create_mesh()`, which connects its devices.
+
+    Called by `initialize_distributed` while the processes are still in step (initialisation
+    is a barrier). The communicators of a device group are made on its first collective and
+    then kept for later programs; on CPU (gloo) every process must reach that first collective
+    within 30 s of the others, which the first train step, reached after a compilation whose
+    time differs between processes (a persistent-cache hit on one, not another), need not.
+    Later collectives wait up to 30 minutes.
+
+    Raises:
+      RuntimeError: the all-reduce did not count every device.
+    """
+    mesh = create_mesh()
+    ones = jax.make_array_from_process_local_data(
+        NamedSharding(mesh, P(AXIS)), np.ones(jax.local_device_count(), np.int32)
+    )
+    count = jax.jit(
+        jax.shard_map(lambda x: jax.lax.psum(x, AXIS), mesh=mesh, in_specs=P(AXIS), out_specs=P())
+    )(ones)
+    count = int(np.asarray(count.addressable_data(0))[0])
+    if count != jax.device_count():
+        raise RuntimeError(f"an all-reduce over {jax.device_count()} devices counted {count}")
+
 
 def create_mesh(devices=None) -> Mesh:
-    """A 1-D mesh with data axis `AXIS` over `devices` (default: all devices of all hosts)."""
+    """A 1-D mesh with data axis `AXIS` over `devices` (default: all devices of all hosts),
+    ordered by process (stably: a process's devices keep their order), so that each process's
+    devices are one contiguous block of the batch axis."""
     devices = jax.devices() if devices is None else devices
+    devices = sorted(devices, key=lambda d: d.process_index)
     return Mesh(np.asarray(devices), (AXIS,))
 
 
 def shard_batch(batch: dict, mesh: Mesh) -> dict:
     """Turns this host's numpy batch into global arrays split along the batch axis.
 
-    On one host `batch` is the global batch; on several hosts each passes its local part (in
-    process order), as `mrcnn_jax.data.pipeline` yields it.
+    On one host `batch` is the global batch; on several hosts each passes its local part, rows
+    `[p·b, (p+1)·b)` of the global batch for process `p`, as `mrcnn_jax.data.pipeline` yields it.
     """
     sharding = NamedSharding(mesh, P(AXIS))
     return {
@@ -34,6 +138,19 @@ def replicate(tree, mesh: Mesh):
     """Places a pytree (e.g. the train state) on every device of `mesh`, replicated.
 
     Do this once before the first step: the step's outputs are replicated on the mesh, and an
-    input placed differently would make the second call recompile.
+    input placed differently would make the second call recompile. With several processes each
+    passes its own copy (the same values everywhere, e.g. restored from the same checkpoint):
+    arrays on this process's devices go through host memory, as JAX moves no data between
+    hosts in `device_put`.
     """
-    return jax.device_put(tree, NamedSharding(mesh, P()))
+    sharding = NamedSharding(mesh, P())
+    if jax.process_count() > 1:
+        tree = jax.tree_util.tree_map(_host_copy, tree)
+    return jax.device_put(tree, sharding)
+
+
+def _host_copy(x):
+    """A numpy copy of an array on this process's devices; anything else as it is."""
+    if isinstance(x, jax.Array) and x.is_fully_addressable:
+        return np.asarray(x)
+    return x

@@ -8,6 +8,11 @@ The model, its variables and the config (dataset included) come from the checkpo
 `<workdir>/detections_<step>.json` (the detections, COCO results format); with a --split other
 than the config's val split, the file names end in `_<split>` (other characters than letters,
 digits, `.` and `-` replaced by `_`).
+
+On several hosts run the same command on every host, as scripts/train.py (the same
+--multihost, --coordinator_address, --num_processes, --process_id flags; README "Multi-host"):
+each host evaluates its shard of the split, the predictions are gathered, and process 0 writes
+the files.
 """
 
 import json
@@ -25,6 +30,22 @@ _SPLIT = flags.DEFINE_string(
     "split",
     None,
     "TFDS split to evaluate, e.g. 'validation[:50]' (default: config.data.val_split).",
+)
+_MULTIHOST = flags.DEFINE_bool(
+    "multihost",
+    None,
+    "Call jax.distributed.initialize() (default: when a cluster environment is detected).",
+)
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address",
+    None,
+    "host:port of process 0's coordinator (with --num_processes and --process_id).",
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Number of processes (with --coordinator_address and --process_id)."
+)
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "This process's index, 0..num_processes-1 (with the other two)."
 )
 flags.mark_flag_as_required("workdir")
 
@@ -53,6 +74,12 @@ def main(argv):
 
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
+    try:
+        sharding.initialize_distributed(
+            _MULTIHOST.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value
+        )
+    except ValueError as error:
+        raise app.UsageError(str(error)) from error
     workdir = epath.Path(_WORKDIR.value)
     predictor = mrcnn_jax.load_checkpoint(workdir, _STEP.value)
     config = predictor.config

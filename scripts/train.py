@@ -2,9 +2,17 @@ r"""Trains (and finally evaluates) Mask R-CNN; resumes automatically from the wo
 
   python scripts/train.py --config=configs/shapes_r18.py --workdir=/tmp/shapes
   python scripts/train.py --config=configs/shapes_r18.py --config.train.num_steps=100 ...
+  # Only write (and evaluate) the initial checkpoint 0, e.g. the ImageNet-initialised model:
+  python scripts/train.py --config=configs/coco_r50_fpn_1x.py --config.train.num_steps=0 ...
 
 On several hosts (TPU pods, multi-node GPU) run the same command on every host: JAX's
-distributed runtime is initialised from the environment and each host feeds its own shard.
+distributed runtime is initialised from the cluster environment (SLURM, Open MPI, Cloud TPU;
+--multihost forces or, negated, disables it), or from --coordinator_address, --num_processes
+and --process_id, given together (README "Multi-host"). Every host reads the same global
+sequence of batches and decodes its slice of each, so a run gives the same losses, and resumes,
+on any number of hosts.
+
+  python scripts/train.py ... --coordinator_address=10.0.0.1:1234 --num_processes=2 --process_id=0
 """
 
 import os
@@ -22,6 +30,17 @@ _MULTIHOST = flags.DEFINE_bool(
     None,
     "Call jax.distributed.initialize() (default: when a cluster environment is detected).",
 )
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address",
+    None,
+    "host:port of process 0's coordinator (with --num_processes and --process_id).",
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Number of processes (with --coordinator_address and --process_id)."
+)
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "This process's index, 0..num_processes-1 (with the other two)."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -29,23 +48,17 @@ def main(argv):
     del argv
     import jax  # after absl parsed the flags, so XLA_FLAGS etc. set on the command line apply
 
+    from mrcnn_jax import sharding
     from mrcnn_jax.programs import trainer
 
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    multihost = _MULTIHOST.value
-    if multihost is None:
-        multihost = any(
-            v in os.environ
-            for v in (
-                "JAX_COORDINATOR_ADDRESS",
-                "TPU_WORKER_HOSTNAMES",
-                "SLURM_NTASKS",
-                "OMPI_COMM_WORLD_SIZE",
-            )
+    try:
+        sharding.initialize_distributed(
+            _MULTIHOST.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value
         )
-    if multihost:
-        jax.distributed.initialize()
+    except ValueError as error:
+        raise app.UsageError(str(error)) from error
     logging.info(
         "JAX process %d/%d, %d local / %d global devices",
         jax.process_index(),

@@ -1,7 +1,7 @@
 """The tf.data pipeline: batch keys, shapes and dtypes (docs/CONTRACTS.md), geometry against
 numpy/pycocotools references, flip and jitter consistency, bad input, determinism, resumption,
-per-process sharding and the canvas checks. Parity with torchvision's resize:
-tests/test_pipeline_torchvision.py."""
+the same global batches on any number of processes, eval shards and the canvas checks. Parity
+with torchvision's resize: tests/test_pipeline_torchvision.py."""
 
 import math
 
@@ -9,7 +9,6 @@ import ml_collections
 import numpy as np
 import pytest
 import tensorflow as tf
-import tensorflow_datasets as tfds
 import tiny_coco
 from pycocotools.coco import COCO
 from references import box_crop
@@ -355,36 +354,55 @@ def test_start_step_resumes_exactly_without_decoding_the_skipped_examples(
     assert len(decoded) < 100
 
 
-def _shard_boxes(builder, index: int, count: int, ratios) -> set:
-    """First box of every example of a process's train shard, as the pipeline scales it (per
-    axis by ``ratios`` (h, w))."""
-    split = tfds.split_for_jax_process("train", process_index=index, process_count=count)
-    boxes = set()
-    for ex in builder.as_dataset(split=split).as_numpy_iterator():
-        height, width = ex["image"].shape[:2]
-        ymin, xmin, ymax, xmax = ex["objects"]["bbox"][0]
-        box = np.array([xmin * width, ymin * height, xmax * width, ymax * height])
-        box = box * np.tile(np.asarray(ratios, np.float32)[::-1], 2)
-        boxes.add(tuple(np.round(box, 2)))
-    return boxes
+def _concatenated(slices: list[list[dict]]) -> list[dict]:
+    """Per step, the batches of the processes (``slices[p][step]``) concatenated in process
+    order."""
+    return [
+        {k: np.concatenate([s[step][k] for s in slices]) for k in slices[0][step]}
+        for step in range(len(slices[0]))
+    ]
 
 
-def test_each_process_reads_only_its_shard(shapes_builder):
+def test_global_batches_are_the_same_on_any_number_of_processes(shapes_builder):
+    """Process p of n yields rows [p·b, (p+1)·b) of the global batches that one process yields,
+    bit for bit (augmentation included), from step 0 and when resuming at step 3 (the 8-image
+    split is 2 batches of 4: the steps cross epochs)."""
+    config = _config(scale_jitter=(0.8, 1.2))
+    reference = _take(pipeline.create_train_dataset(config, builder=shapes_builder, **ONE), 8)
+    assert not all(_same(reference[0], b) for b in reference[1:])
+    for start in (0, 3):
+        for count in (1, 2, 4):
+            slices = [
+                _take(
+                    pipeline.create_train_dataset(
+                        config,
+                        builder=shapes_builder,
+                        start_step=start,
+                        process_index=index,
+                        process_count=count,
+                    ),
+                    5,
+                )
+                for index in range(count)
+            ]
+            _check_batches(slices[-1], config, train=True, rows=4 // count)
+            for step, batch in enumerate(_concatenated(slices), start):
+                assert _same(batch, reference[step]), (count, start, step)
+
+
+@pytest.mark.parametrize("count", [2, 4])
+def test_eval_shards_cover_every_image_once(shapes_builder, count):
     config = _config(hflip=False)
     ids = []
-    for index in range(2):
-        place = {"process_index": index, "process_count": 2}
+    num_batches = pipeline.eval_num_batches(config, shapes_builder, process_count=count)
+    assert num_batches == {2: 2, 4: 2}[count]  # shards of 3 + 2 / 2 + 1 + 1 + 1 images
+    for index in range(count):
+        place = {"process_index": index, "process_count": count}
         batches = list(pipeline.create_eval_dataset(config, builder=shapes_builder, **place))
-        _check_batches(batches, config, train=False, rows=2)
-        assert len(batches) == 2  # the same count on every process (shards of 3 and 2 images)
-        ids.append({int(r["image_id"]) for r in _rows(batches) if r["valid"]})
-        train = _take(pipeline.create_train_dataset(config, builder=shapes_builder, **place), 4)
-        _check_batches(train, config, train=True, rows=2)
-        seen = {tuple(np.round(r["gt_boxes"][0], 2)) for r in _rows(train)}
-        ratios = _ratios([42, 64], [40, 60])
-        assert seen <= _shard_boxes(shapes_builder, index, 2, ratios)
-        assert not seen & _shard_boxes(shapes_builder, 1 - index, 2, ratios)
-    assert not ids[0] & ids[1] and ids[0] | ids[1] == {1, 2, 3, 4, 5}
+        _check_batches(batches, config, train=False, rows=4 // count)
+        assert len(batches) == num_batches  # the same count on every process
+        ids.extend(int(r["image_id"]) for r in _rows(batches) if r["valid"])
+    assert sorted(ids) == [1, 2, 3, 4, 5]
 
 
 def test_batch_size_must_split_over_processes(shapes_builder):
