@@ -21,6 +21,7 @@ import re
 from absl import app, flags, logging
 
 from mrcnn_jax.evaluation import IOU_TYPES, STAT_NAMES
+from mrcnn_jax.programs import launch
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
 _STEP = flags.DEFINE_integer(
@@ -31,22 +32,7 @@ _SPLIT = flags.DEFINE_string(
     None,
     "TFDS split to evaluate, e.g. 'validation[:50]' (default: config.data.val_split).",
 )
-_MULTIHOST = flags.DEFINE_bool(
-    "multihost",
-    None,
-    "Call jax.distributed.initialize() (default: when a cluster environment is detected).",
-)
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator_address",
-    None,
-    "host:port of process 0's coordinator (with --num_processes and --process_id).",
-)
-_NUM_PROCESSES = flags.DEFINE_integer(
-    "num_processes", None, "Number of processes (with --coordinator_address and --process_id)."
-)
-_PROCESS_ID = flags.DEFINE_integer(
-    "process_id", None, "This process's index, 0..num_processes-1 (with the other two)."
-)
+launch.define_flags()
 flags.mark_flag_as_required("workdir")
 
 
@@ -74,12 +60,7 @@ def main(argv):
 
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
-    try:
-        sharding.initialize_distributed(
-            _MULTIHOST.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value
-        )
-    except ValueError as error:
-        raise app.UsageError(str(error)) from error
+    launch.initialize()
     workdir = epath.Path(_WORKDIR.value)
     predictor = mrcnn_jax.load_checkpoint(workdir, _STEP.value)
     config = predictor.config

@@ -21,26 +21,13 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from mrcnn_jax.programs import launch  # absl and flags only: JAX is imported after parsing
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for configs/
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl, TensorBoard logs.")
-_MULTIHOST = flags.DEFINE_bool(
-    "multihost",
-    None,
-    "Call jax.distributed.initialize() (default: when a cluster environment is detected).",
-)
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator_address",
-    None,
-    "host:port of process 0's coordinator (with --num_processes and --process_id).",
-)
-_NUM_PROCESSES = flags.DEFINE_integer(
-    "num_processes", None, "Number of processes (with --coordinator_address and --process_id)."
-)
-_PROCESS_ID = flags.DEFINE_integer(
-    "process_id", None, "This process's index, 0..num_processes-1 (with the other two)."
-)
+launch.define_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -48,17 +35,11 @@ def main(argv):
     del argv
     import jax  # after absl parsed the flags, so XLA_FLAGS etc. set on the command line apply
 
-    from mrcnn_jax import sharding
     from mrcnn_jax.programs import trainer
 
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    try:
-        sharding.initialize_distributed(
-            _MULTIHOST.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value
-        )
-    except ValueError as error:
-        raise app.UsageError(str(error)) from error
+    launch.initialize()
     logging.info(
         "JAX process %d/%d, %d local / %d global devices",
         jax.process_index(),
