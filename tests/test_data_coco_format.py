@@ -177,6 +177,7 @@ def test_grayscale_rgba_and_16_bit_images_are_read_as_8_bit_rgb(dataset):
             np.testing.assert_array_equal(image[..., 0], image[..., 2])
 
 
+@pytest.mark.slow
 def test_trains_and_evaluates_with_the_original_category_ids(dataset, tmp_path, monkeypatch):
     root, splits, _ = dataset
     config = coco_format_config.get_config()  # with tiny_config's sizes, on 8 CPU devices

@@ -15,7 +15,7 @@ from mrcnn_jax.train import state as state_lib
 from mrcnn_jax.train import step as step_lib
 
 RECIPES = {
-    "lsj_100ep": coco_r50_fpn_lsj_100ep,
+    "lsj_100ep": pytest.param(coco_r50_fpn_lsj_100ep, marks=pytest.mark.slow),
     "1x": pytest.param(coco_r50_fpn_1x, marks=pytest.mark.slow),
     "tpu": pytest.param(coco_r50_fpn_tpu, marks=pytest.mark.slow),
 }

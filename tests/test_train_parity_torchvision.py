@@ -87,6 +87,8 @@ from torchvision.models.detection._utils import (  # noqa: E402
     overwrite_eps,
 )
 
+pytestmark = pytest.mark.slow  # ~1 min of compiles; CI runs the slow tests
+
 IMAGE_SIZE = (128, 160)  # (H, W): torchvision min/max size, our canvas; a multiple of 32.
 NUM_OBJECTS = (4, 3)
 MAX_INSTANCES = 4

@@ -24,7 +24,7 @@ def make_trainer(config, devices):
     )
 
 
-@pytest.mark.parametrize("norm", ["frozen", "sync"])
+@pytest.mark.parametrize("norm", ["frozen", pytest.param("sync", marks=pytest.mark.slow)])
 def test_eight_devices_match_one_device(norm):
     assert jax.device_count() >= 8, "conftest should force 8 CPU devices"
     config = tiny_config(**{"model.norm": norm, "train.batch_size": 8})
