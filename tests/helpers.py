@@ -76,3 +76,24 @@ def to_torch_nchw(x):
 def from_torch_nchw(x) -> np.ndarray:
     """An NCHW torch tensor as an NHWC numpy array."""
     return x.detach().numpy().transpose(0, 2, 3, 1)
+
+
+def resize_config(image_size=(1344, 1344), short=800, long=1333, divisibility=32):
+    """A config of just what the resize rule reads: torchvision's (short, long) rule into an
+    `image_size` canvas, identity normalisation, no augmentation."""
+    import ml_collections
+
+    return ml_collections.ConfigDict(
+        {
+            "data": {
+                "image_size": image_size,
+                "mean": (0.0, 0.0, 0.0),
+                "std": (1.0, 1.0, 1.0),
+                "resize_short_side": short,
+                "resize_max_long_side": long,
+                "hflip": False,
+                "scale_jitter": (1.0, 1.0),
+            },
+            "model": {"size_divisibility": divisibility},
+        }
+    )

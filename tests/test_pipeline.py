@@ -5,11 +5,11 @@ with torchvision's resize: tests/test_pipeline_torchvision.py."""
 
 import math
 
-import ml_collections
 import numpy as np
 import pytest
 import tensorflow as tf
 import tiny_coco
+from helpers import resize_config
 from pycocotools.coco import COCO
 from references import box_crop
 
@@ -414,24 +414,6 @@ def test_batch_size_must_split_over_processes(shapes_builder):
         )
 
 
-def _resize_config(image_size=(1344, 1344), short=800, long=1333, divisibility=32):
-    config = ml_collections.ConfigDict(
-        {
-            "data": {
-                "image_size": image_size,
-                "mean": (0.0, 0.0, 0.0),
-                "std": (1.0, 1.0, 1.0),
-                "resize_short_side": short,
-                "resize_max_long_side": long,
-                "hflip": False,
-                "scale_jitter": (1.0, 1.0),
-            },
-            "model": {"size_divisibility": divisibility},
-        }
-    )
-    return config
-
-
 @pytest.mark.parametrize(
     "shape, short, long, expected_size",
     [
@@ -445,7 +427,7 @@ def _resize_config(image_size=(1344, 1344), short=800, long=1333, divisibility=3
     ],
 )
 def test_resize_short_side_rule(shape, short, long, expected_size):
-    config = _resize_config(short=short, long=long)
+    config = resize_config(short=short, long=long)
     inputs = pipeline.preprocess_image(np.full((*shape, 3), 7, np.uint8), config)
     assert set(inputs) == {"image", "image_size"}
     assert tuple(inputs["image_size"]) == expected_size
@@ -503,7 +485,7 @@ def test_resize_short_side_rule(shape, short, long, expected_size):
     ],
 )
 def test_canvas_checks_name_the_field_and_the_fix(overrides, message):
-    config = _resize_config(**overrides)
+    config = resize_config(**overrides)
     with pytest.raises(ValueError, match=message):
         pipeline.check_canvas(config)
     with pytest.raises(ValueError, match=message):
@@ -521,7 +503,7 @@ def test_canvas_checks_name_the_field_and_the_fix(overrides, message):
     ],
 )
 def test_canvas_checks_accept_canvases_that_hold_every_image(overrides):
-    pipeline.check_canvas(_resize_config(**overrides))
+    pipeline.check_canvas(resize_config(**overrides))
 
 
 def test_datasets_check_the_canvas_before_reading_data(monkeypatch):

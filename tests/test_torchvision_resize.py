@@ -12,8 +12,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("torchvision")  # before tensorflow (see conftest.py)
-import ml_collections  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from helpers import resize_config  # noqa: E402
 from torchvision.models.detection import transform as tv_transform  # noqa: E402
 
 from mrcnn_jax.data import pipeline  # noqa: E402
@@ -24,23 +24,6 @@ PHOTO_SIZES = (
     (300, 451), (640, 480), (480, 640), (427, 640), (640, 427), (400, 600), (333, 500),
     (500, 333), (612, 612), (375, 500), (480, 360), (424, 640), (512, 683), (1000, 900),
 )  # fmt: skip
-
-
-def _config(image_size=(1344, 1344), short=800, long=1333) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(
-        {
-            "data": {
-                "image_size": image_size,
-                "mean": (0.0, 0.0, 0.0),
-                "std": (1.0, 1.0, 1.0),
-                "resize_short_side": short,
-                "resize_max_long_side": long,
-                "hflip": False,
-                "scale_jitter": (1.0, 1.0),
-            },
-            "model": {"size_divisibility": 32},
-        }
-    )
 
 
 def _torchvision(min_size: int, max_size: int) -> tv_transform.GeneralizedRCNNTransform:
@@ -87,8 +70,8 @@ def test_resized_sizes_equal_torchvision(step):
     sizes, at torchvision's min_size=800, max_size=1333. Rounding instead of flooring differs
     on about half of them (300×451: 1203 vs 1202 wide; 640×480: 1067 vs 1066)."""
     sizes = _sweep(step)
-    _check_sizes(_config(), _torchvision(800, 1333), sizes)
-    ours = dict(zip(sizes, map(tuple, _our_sizes(_config(), sizes))))
+    _check_sizes(resize_config(), _torchvision(800, 1333), sizes)
+    ours = dict(zip(sizes, map(tuple, _our_sizes(resize_config(), sizes))))
     assert ours[(300, 451)] == (800, 1202) and ours[(640, 480)] == (1066, 800)
     assert ours[(427, 640)] == (800, 1199) and ours[(400, 600)] == (800, 1200)
 
@@ -96,7 +79,8 @@ def test_resized_sizes_equal_torchvision(step):
 def test_fit_mode_equals_torchvision_with_the_canvas_as_both_sizes():
     """resize_short_side = 0 into a square canvas C is torchvision's min_size = max_size = C."""
     sizes = [*_sweep(45), (49, 30), (98, 49), (64, 103)]  # (512 / h) * h < 512 for these
-    _check_sizes(_config(image_size=(512, 512), short=0, long=0), _torchvision(512, 512), sizes)
+    fit = resize_config(image_size=(512, 512), short=0, long=0)
+    _check_sizes(fit, _torchvision(512, 512), sizes)
 
 
 @pytest.mark.parametrize("size", (*PHOTO_SIZES[:8], (1000, 900)))
@@ -109,7 +93,7 @@ def test_resized_pixels_equal_torchvision(size):
     the coordinate times the step between neighbours, measured ≤ 7.6e-3 on 0-255 pixels (3e-5
     relative), while each is up to 1.6e-2 from the float64 value. Exact at integer ratios."""
     image = np.random.default_rng(sum(size)).integers(0, 256, (*size, 3), dtype=np.uint8)
-    ours = pipeline.preprocess_image(image, _config())
+    ours = pipeline.preprocess_image(image, resize_config())
     h, w = (int(v) for v in ours["image_size"])
     with torch.no_grad():
         tensor = torch.from_numpy(image).permute(2, 0, 1).float()
@@ -138,7 +122,7 @@ def test_boxes_scale_like_torchvision_resize_boxes(size):
     height, width = size
     corners = rng.uniform(0, 1, (50, 2, 2)) * [width, height]
     boxes = np.concatenate([corners.min(1), corners.max(1)], axis=1).astype(np.float32)
-    resized = tuple(int(s) for s in _our_sizes(_config(), [size])[0])
+    resized = tuple(int(s) for s in _our_sizes(resize_config(), [size])[0])
 
     ratios = pipeline._ratios(tf.constant(resized), tf.constant(height), tf.constant(width))
     ours = pipeline._transform_boxes(
