@@ -32,6 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
     data.image_size = (512, 512)
     data.resize_short_side = 0  # Images are resized to fit the canvas, keeping their aspect.
     data.resize_max_long_side = 0
+    data.train_short_sides = ()  # Scale augmentation comes from scale_jitter instead.
     data.max_instances = 50
     data.mask_size = 56
     data.scale_jitter = (0.75, 1.25)  # Small data: scale augmentation on top of flips.

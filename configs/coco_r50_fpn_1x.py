@@ -1,8 +1,9 @@
 """COCO 2017, Mask R-CNN R50-FPN, Detectron2's 1× recipe in fixed-size form.
 
 `configs/default.py` (global batch 16, lr 0.02 with 1000 warm-up steps, 90k steps decayed ×0.1 at
-60k and 80k, frozen BN with the stem and res2 frozen, the shorter side resized to 800 (longer
-≤ 1333) and padded into a 1344² canvas) starting from torchvision's ImageNet ResNet-50
+60k and 80k, frozen BN with the stem and res2 frozen, the shorter side drawn from 640..800 step
+32 in training and 800 at eval (longer ≤ 1333), padded into a 1344² canvas; images without
+annotations skipped, biases decayed) starting from torchvision's ImageNet ResNet-50
 (`model.backbone_weights = "IMAGENET1K_V1"`: downloaded once; offline, pass the path of
 `resnet50-0676ba61.pth` instead), with L1 box losses and no gradient clipping. Every field
 beside Detectron2's and torchvision's value, and each remaining difference: docs/coco_recipes.md.

@@ -9,9 +9,9 @@ and the heads (statistics over valid pixels and valid RoIs only), the 2-conv RPN
   python scripts/train.py --config=configs/coco_r50_fpn_lsj_100ep.py \
       --config.data.manual_dir=/data/coco --workdir=gs://.../coco_r50_lsj_100ep
 
-Differences from Detectron2's recipe: RoIAlign uses 2 samples per bin (Detectron2: adaptive),
-images without annotations train as all-negative (Detectron2 drops them), and weight decay skips
-biases (see docs/coco_recipes.md).
+Differences from Detectron2's recipe: RoIAlign uses 2 samples per bin (Detectron2: adaptive);
+see docs/coco_recipes.md. As there, images without annotations are skipped in training and
+biases decay (configs/default.py).
 """
 
 import ml_collections
@@ -29,6 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
     data.image_size = (1024, 1024)
     data.resize_short_side = 0  # Fit the 1024² canvas, then jitter and crop.
     data.resize_max_long_side = 0
+    data.train_short_sides = ()  # Large scale jitter replaces multi-scale resizing.
     data.scale_jitter = (0.1, 2.0)
 
     model = config.model

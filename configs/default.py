@@ -38,6 +38,12 @@ def get_config() -> ml_collections.ConfigDict:
     data.std = (58.395, 57.12, 57.375)  # RGB std the centred pixels are divided by.
     data.hflip = True  # Random horizontal flip at train time.
     data.scale_jitter = (1.0, 1.0)  # (min, max) random scale of the fitted image at train time.
+    # Multi-scale training: the shorter side of each training image is drawn uniformly from
+    # these (Detectron2's MIN_SIZE_TRAIN); () = resize_short_side, which eval always uses.
+    data.train_short_sides = (640, 672, 704, 736, 768, 800)
+    # Training skips images without a non-crowd object (Detectron2's FILTER_EMPTY_ANNOTATIONS,
+    # torchvision's references); False trains on them as all-negative images.
+    data.skip_empty_train_images = True
     data.shuffle_buffer = 1024  # Examples in the tf.data shuffle buffer.
     data.class_names = ()  # Names of labels 0..K-1; () = taken from the dataset at train start.
     data.label_to_category_id = ()  # COCO category id of each label; () = from the dataset.
@@ -120,7 +126,9 @@ def get_config() -> ml_collections.ConfigDict:
     train.decay_steps = (60_000, 80_000)  # "step" schedule: multiply lr by decay_factor at each.
     train.decay_factor = 0.1
     train.momentum = 0.9
-    train.weight_decay = 1e-4  # Not applied to norm scales/offsets and biases.
+    train.weight_decay = 1e-4  # On kernels (and biases, see below); never on norm parameters.
+    # Biases decay with weight_decay too (Detectron2's WEIGHT_DECAY_BIAS = WEIGHT_DECAY).
+    train.bias_weight_decay = True
     train.grad_clip_norm = 10.0  # Global-norm gradient clipping; 0 = off.
     train.log_every = 100  # Steps between scalar logs.
     train.checkpoint_every = 5000  # Steps between checkpoints (and one at the end).

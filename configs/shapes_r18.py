@@ -20,6 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
     data.max_instances = 16
     data.resize_short_side = 0  # Fit the 128² images into the canvas.
     data.resize_max_long_side = 0
+    data.train_short_sides = ()  # One scale (the canvas) for training too.
     data.mask_size = 56
 
     model = config.model

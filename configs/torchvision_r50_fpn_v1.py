@@ -57,6 +57,7 @@ def get_config() -> ml_collections.ConfigDict:
     # COCO leaves unused are named "N/A" (the model never predicts them with any confidence).
     config.data.class_names = TORCHVISION_COCO_CATEGORIES[1:]
     config.data.label_to_category_id = tuple(range(1, len(TORCHVISION_COCO_CATEGORIES)))
+    config.data.train_short_sides = ()  # torchvision's recipe trains at the shorter side 800.
 
     model = config.model
     model.num_classes = 90  # torchvision's 91 outputs minus background.

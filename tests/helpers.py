@@ -91,6 +91,7 @@ def resize_config(image_size=(1344, 1344), short=800, long=1333, divisibility=32
                 "std": (1.0, 1.0, 1.0),
                 "resize_short_side": short,
                 "resize_max_long_side": long,
+                "train_short_sides": (),
                 "hflip": False,
                 "scale_jitter": (1.0, 1.0),
             },

@@ -321,6 +321,79 @@ def test_scale_jitter_varies_the_size_and_keeps_boxes_inside(shapes_builder, jit
         assert (sizes < [42, 64]).all() and len(set(sizes[:, 1])) > 1
 
 
+def _short_side_config(**data):
+    """40×60 shapes images, shorter side 64 at eval (64×96 in a 96² canvas)."""
+    return _config(image_size=(96, 96), resize_short_side=64, resize_max_long_side=96, **data)
+
+
+def test_multi_scale_training_draws_each_shorter_side_uniformly(shapes_builder):
+    config = _short_side_config(train_short_sides=(32, 48, 64), hflip=False)
+    config.train.batch_size = 8
+    batches = _take(pipeline.create_train_dataset(config, builder=shapes_builder, **ONE), 30)
+    rows = _rows(batches)
+    sizes = [tuple(r["image_size"]) for r in rows]
+    counts = {size: sizes.count(size) for size in set(sizes)}
+    assert set(counts) == {(32, 48), (48, 72), (64, 96)}  # floor(40·s/40), floor(60·s/40)
+    assert all(60 <= c <= 100 for c in counts.values()), counts  # 240 draws, ~80 each
+    for row in rows:  # boxes follow the drawn scale: inside the content, the canvas zero beyond
+        h, w = row["image_size"]
+        assert (row["gt_boxes"][row["gt_valid"]][:, 2:] <= [w, h]).all()
+        assert not row["image"][h:].any() and not row["image"][:, w:].any()
+    evaluated = _eval_rows(config, shapes_builder)
+    assert {tuple(r["image_size"]) for r in evaluated.values()} == {(64, 96)}  # eval: 64
+
+
+def test_one_training_shorter_side_equal_to_the_eval_side_changes_nothing(shapes_builder):
+    """The side draw uses its own seed: flips and crops are those of a config without it."""
+    config = _short_side_config(scale_jitter=(0.8, 1.3))
+    plain = _take(pipeline.create_train_dataset(config, builder=shapes_builder, **ONE), 3)
+    config.data.train_short_sides = (64,)
+    drawn = _take(pipeline.create_train_dataset(config, builder=shapes_builder, **ONE), 3)
+    assert all(_same(a, b) for a, b in zip(plain, drawn))
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"resize_short_side": 0}, r"train_short_sides=\(640, 800\) must be .*got 0"),
+        ({"train_short_sides": (640, 0)}, r"train_short_sides=\(640, 0\) must be positive"),
+        ({"train_short_sides": (640.5,)}, r"train_short_sides=\(640.5,\) must be positive"),
+    ],
+)
+def test_bad_training_shorter_sides_are_refused(data, message):
+    config = resize_config(short=800)
+    config.data.train_short_sides = (640, 800)
+    config.data.update(data)
+    with pytest.raises(ValueError, match=message):
+        pipeline.check_canvas(config)
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_training_skips_images_without_a_non_crowd_object(coco, skip):
+    """tiny_coco's train split: images 3 (no annotations) and 4 (crowd only) train as
+    all-negative images unless skipped; the other three always train."""
+    builder, _ = coco
+    config = _config(skip_empty_train_images=skip)
+    rows = _rows(_take(pipeline.create_train_dataset(config, builder=builder, **ONE), 10))
+    negative = sum(not r["gt_valid"].any() for r in rows)
+    if skip:
+        assert negative == 0
+    else:
+        assert 40 * 2 / 5 * 0.5 < negative < 40 * 2 / 5 * 1.5  # 2 of 5 images, 40 rows
+
+
+def test_a_training_split_of_only_empty_images_is_a_clear_error(coco):
+    builder, _ = coco
+    config = _config(train_split="train[1:3]")  # the crowd-only and the unannotated image
+    batches = pipeline.create_train_dataset(config, builder=builder, **ONE)
+    with pytest.raises(
+        ValueError,
+        match=r"'train\[1:3\]' of 'shapes' has no example with a "
+        r"non-crowd object \(config.data.skip_empty_train_images=True",
+    ):
+        next(batches)
+
+
 def test_train_order_and_augmentation_are_seeded(shapes_builder):
     config = _config()
     first = _take(pipeline.create_train_dataset(config, builder=shapes_builder, **ONE), 3)

@@ -8,13 +8,16 @@ sampled at the centres of an S×S grid over its final box and thresholded at 0.5
 stored run lengths (``masks.py``). Eval: the same without flip, jitter or crop, plus image id and
 original size.
 
-Resize (torchvision's ``GeneralizedRCNNTransform`` arithmetic): ``scale = min(resize_short_side /
+Resize (torchvision's ``GeneralizedRCNNTransform`` arithmetic): ``scale = min(short /
 min(h, w), resize_max_long_side / max(h, w))`` with ``resize_short_side > 0``, else the largest
-scale fitting ``image_size``; the resized size is ``max(floor(size * scale), 1)`` per side, both in
-float64 as torchvision's Python floats and ``F.interpolate(scale_factor=scale,
-recompute_scale_factor=True)``. The image is resampled bilinearly (half-pixel centres, no
-antialiasing) to that size, so each axis is scaled by its own ratio ``resized / original``
-(float32, torchvision's ``resize_boxes``), which boxes and masks use.
+scale fitting ``image_size``; ``short`` is ``resize_short_side``, or in training one of
+``train_short_sides`` drawn uniformly per example when that is set (multi-scale training,
+Detectron2's ``ResizeShortestEdge(sample_style="choice")``, torchvision's random ``min_size``);
+the resized size is ``max(floor(size * scale), 1)`` per side, both in float64 as torchvision's
+Python floats and ``F.interpolate(scale_factor=scale, recompute_scale_factor=True)``. The image
+is resampled bilinearly (half-pixel centres, no antialiasing) to that size, so each axis is
+scaled by its own ratio ``resized / original`` (float32, torchvision's ``resize_boxes``), which
+boxes and masks use.
 
 The config is checked before any data is read (``check_canvas``): ``image_size`` is a multiple
 of ``model.size_divisibility`` (a multiple of 32) and, with ``resize_short_side > 0``, holds the
@@ -22,9 +25,12 @@ largest un-jittered resized image rounded up to it.
 
 Objects: crowd regions and boxes of zero area (or pushed out of the crop) stay in the ground
 truth with ``gt_valid`` False (and zero masks); images without objects give all-padding ground
-truth. An object with a positive-area box but an empty mask stays valid (the box trains) with an
-all-zero mask target. If an image has more
-than ``max_instances`` objects, the kept ones are the first in the order (trainable before crowd
+truth, except in training with ``skip_empty_train_images`` (Detectron2's
+``FILTER_EMPTY_ANNOTATIONS``, torchvision's ``_coco_remove_images_without_annotations``): images
+without a non-crowd object are dropped from the record stream before it is numbered, so the
+global order stays a function of the seed. An object with a positive-area box but an empty mask
+stays valid (the box trains) with an all-zero mask target. If an image has more than
+``max_instances`` objects, the kept ones are the first in the order (trainable before crowd
 or zero-area, then annotation order), and the first such image of a run logs a warning.
 
 Data order (train): the sequence of GLOBAL batches (``train.batch_size`` examples each) is a
@@ -99,6 +105,12 @@ def _select_objects(
     return order, tf.maximum(num_trainable - max_instances, 0)
 
 
+@tf.autograph.experimental.do_not_convert
+def _has_trainable_object(example: dict) -> tf.Tensor:
+    """Whether an (undecoded) example has an object that is not a crowd region."""
+    return tf.reduce_any(~example["objects"]["is_crowd"])
+
+
 def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
@@ -114,8 +126,9 @@ def check_canvas(config: ml_collections.ConfigDict) -> None:
     multiple of it. With ``resize_short_side > 0`` the resized image (before jitter) must fit the
     canvas once rounded up to ``size_divisibility``: its longer side reaches
     ``resize_max_long_side`` in either orientation, so both canvas sides must be at least that,
-    rounded up (``resize_max_long_side = 0``, no cap, cannot fit any canvas). Train-time jitter
-    beyond the canvas is cropped.
+    rounded up (``resize_max_long_side = 0``, no cap, cannot fit any canvas); the same holds for
+    every shorter side of ``train_short_sides`` (positive integers, only with
+    ``resize_short_side > 0``). Train-time jitter beyond the canvas is cropped.
     """
     data, divisibility = config.data, config.model.size_divisibility
     if not _is_int(divisibility) or divisibility <= 0 or divisibility % 32:
@@ -141,6 +154,13 @@ def check_canvas(config: ml_collections.ConfigDict) -> None:
     for name, value in (("resize_short_side", short), ("resize_max_long_side", long)):
         if value < 0:
             raise ValueError(f"config.data.{name}={value} is negative: use 0 or more")
+    sides = tuple(data.train_short_sides)
+    if sides and (short <= 0 or not all(_is_int(s) and s > 0 for s in sides)):
+        raise ValueError(
+            f"config.data.train_short_sides={sides!r} must be positive integers, used with "
+            f"config.data.resize_short_side > 0 (the eval shorter side; got {short}): e.g. "
+            f"(640, 672, 704, 736, 768, 800) with resize_short_side=800, or () for one side"
+        )
     if short <= 0:
         return  # Fit the canvas: the content is at most image_size, a multiple of divisibility.
     if long <= 0:
@@ -162,13 +182,18 @@ def check_canvas(config: ml_collections.ConfigDict) -> None:
         )
 
 
-def _base_scale(size: tf.Tensor, data: ml_collections.ConfigDict) -> tf.Tensor:
+def _base_scale(
+    size: tf.Tensor, data: ml_collections.ConfigDict, short_side: tf.Tensor | None = None
+) -> tf.Tensor:
     """The un-jittered float64 scale of an image of ``size`` [2] float64 (h, w): with
     ``resize_short_side > 0`` torchvision's ``min(short / min(h, w), max_long / max(h, w))``
-    (``resize_max_long_side``; 0 = no cap, refused by ``check_canvas``), else the largest scale
+    (``short`` = ``short_side`` [] float64 if given, else ``resize_short_side``;
+    ``resize_max_long_side``, 0 = no cap, refused by ``check_canvas``), else the largest scale
     that fits ``image_size``."""
     if data.resize_short_side > 0:
-        scale = tf.constant(data.resize_short_side, tf.float64) / tf.reduce_min(size)
+        if short_side is None:
+            short_side = tf.constant(data.resize_short_side, tf.float64)
+        scale = short_side / tf.reduce_min(size)
         if data.resize_max_long_side > 0:
             long_cap = tf.constant(data.resize_max_long_side, tf.float64) / tf.reduce_max(size)
             scale = tf.minimum(scale, long_cap)
@@ -188,7 +213,15 @@ def _augmentation(
     The resized size is ``max(floor(size * scale), 1)`` in float64, torchvision's
     ``F.interpolate(scale_factor=scale, recompute_scale_factor=True)`` output size."""
     size = tf.cast(tf.stack([height, width]), tf.float64)
-    scale = _base_scale(size, data)
+    short_side = None
+    if train and data.train_short_sides:  # Detectron2's ResizeShortestEdge, sample_style "choice"
+        choices = tf.constant(data.train_short_sides, tf.float64)
+        side_seed = tf.random.experimental.stateless_fold_in(seed, 3)  # the split below keeps
+        pick = tf.random.stateless_uniform(
+            [], side_seed, 0, len(data.train_short_sides), dtype=tf.int32
+        )
+        short_side = tf.gather(choices, pick)  # its draws: configs without sides are unchanged
+    scale = _base_scale(size, data, short_side)
     flip = tf.constant(False)
     if train:
         flip_seed, jitter_seed, crop_seed = tf.unstack(tf.random.split(seed, 3))
@@ -414,6 +447,8 @@ def create_train_dataset(
         read_config=tfds.ReadConfig(shuffle_seed=file_seed, try_autocache=False),
         decoders=_RAW_IMAGE,
     )
+    if data.skip_empty_train_images:
+        dataset = dataset.filter(_has_trainable_object)
     dataset = dataset.shuffle(data.shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=True)
     skipped = start_step * global_batch
     dataset = dataset.repeat().skip(skipped).enumerate(start=skipped)
@@ -436,7 +471,21 @@ def create_train_dataset(
 
     dataset = dataset.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     dataset = dataset.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-    return _numpy_batches(_deterministic(dataset), data.max_instances)
+    return _endless(_numpy_batches(_deterministic(dataset), data.max_instances), data)
+
+
+def _endless(batches: Iterator[Batch], data: ml_collections.ConfigDict) -> Iterator[Batch]:
+    """``batches`` (a repeated split, endless unless it holds no example), with a clear error
+    in place of a silent end."""
+    yield from batches
+    raise ValueError(
+        f"the training split {data.train_split!r} of {data.dataset!r} has no example"
+        + (
+            " with a non-crowd object (config.data.skip_empty_train_images=True drops the others)"
+            if data.skip_empty_train_images
+            else ""
+        )
+    )
 
 
 def eval_num_batches(

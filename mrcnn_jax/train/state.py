@@ -47,6 +47,20 @@ def _path_names(path) -> tuple[str, ...]:
     return tuple(getattr(k, "key", str(k)) for k in path)
 
 
+def _is_norm(names: tuple[str, ...]) -> bool:
+    """Whether the parameter at `names` belongs to a BatchNorm (`bn`, `bn1`, `conv1_bn`, ...)."""
+    return any(re.fullmatch(r"(.*_)?bn\d?", name) for name in names[:-1])
+
+
+def is_decayed(names: tuple[str, ...], train: ml_collections.ConfigDict) -> bool:
+    """Whether weight decay applies to the parameter at `names`: kernels always, biases when
+    `train.bias_weight_decay` (Detectron2), BatchNorm scales and offsets never."""
+    if names[-1] in ("kernel", "predictor_kernel"):
+        return True
+    is_bias = names[-1] in ("bias", "predictor_bias")
+    return bool(train.bias_weight_decay) and is_bias and not _is_norm(names)
+
+
 def is_frozen(names: tuple[str, ...], model: ml_collections.ConfigDict) -> bool:
     """Whether the parameter at `names` (module path + leaf name) is excluded from training.
 
@@ -55,8 +69,7 @@ def is_frozen(names: tuple[str, ...], model: ml_collections.ConfigDict) -> bool:
     """
     if names[0] != "backbone":
         return False
-    is_norm = any(re.fullmatch(r"(.*_)?bn\d?", name) for name in names[1:-1])
-    if model.norm == "frozen" and is_norm:
+    if model.norm == "frozen" and _is_norm(names):
         return True
     stage = names[1].split("_")[0]
     return (model.freeze_at >= 1 and stage == "stem") or (model.freeze_at >= 2 and stage == "res2")
@@ -65,7 +78,7 @@ def is_frozen(names: tuple[str, ...], model: ml_collections.ConfigDict) -> bool:
 def create_optimizer(
     config: ml_collections.ConfigDict, learning_rate_fn: optax.Schedule
 ) -> optax.GradientTransformation:
-    """SGD with momentum and weight decay (not on biases or norm parameters), frozen params kept.
+    """SGD with momentum and weight decay (`is_decayed`), frozen params (`is_frozen`) kept.
 
     Optional global-norm clipping (`train.grad_clip_norm > 0`) comes first, as in PyTorch.
     """
@@ -73,7 +86,7 @@ def create_optimizer(
 
     def decay_mask(tree):
         return jax.tree_util.tree_map_with_path(
-            lambda p, _: _path_names(p)[-1] in ("kernel", "predictor_kernel"), tree
+            lambda p, _: is_decayed(_path_names(p), train), tree
         )
 
     def labels(tree):
