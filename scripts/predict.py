@@ -1,25 +1,68 @@
-r"""Runs a training checkpoint on image files: draws the detections and saves them as COCO results.
+r"""Runs a training checkpoint on image files, folders and globs: draws the detections and saves
+them as COCO results.
 
-  python scripts/predict.py --workdir=/tmp/mrcnn_shapes photo.jpg more/*.png
+  python scripts/predict.py --workdir=/tmp/mrcnn_shapes photo.jpg
+  python scripts/predict.py --workdir=/tmp/mrcnn_shapes --recursive photos/ 'more/**/*.png'
+  python scripts/predict.py --workdir=/tmp/mrcnn_shapes --no_draw --batch_size=32 photos/
 
-For each image, `<out_dir>/<name>.png` (name = the file name without its extension) shows the
-detections scoring at least --score_threshold: masks in a semi-transparent colour per instance,
-boxes, class names and scores. `<out_dir>/detections.json` lists all of them in the COCO results
-format, in original image pixels, with the image's path (as given) as "file_name" in place of
-"image_id": `{"file_name", "category_id", "label", "class_name", "score", "bbox": [x, y, w, h],
-"segmentation": RLE}`. "category_id" is there when the checkpoint's config records
-`data.label_to_category_id` (e.g. configs/torchvision_r50_fpn_v1.py); "label" is the
-contiguous class 0..K-1.
+Inputs (after the flags, any number, in any mix):
+  - a file: read whatever its extension;
+  - a folder: its files ending in .jpg .jpeg .png .bmp .gif .webp (any case), sorted by name;
+    with --recursive also those of its subfolders (others are not looked at);
+  - a glob pattern, quoted so that the shell leaves it alone: expanded here with Python's
+    `glob.glob(pattern, recursive=True)` (`**` spans folders), every file it matches is read.
+An input that names no existing file or folder, a pattern matching no file and a folder holding
+no image file are errors (naming it) before the model loads. A file reached twice (same real
+path) is predicted once, under the first name it was reached by.
+
+The images are read, predicted, drawn and written streaming, --batch_size at a time (the next
+batch is read while one is predicted), split data-parallel over the process's local devices; a
+progress bar counts the images. A file that cannot be decoded (not an image, truncated, a format
+cv2 lacks) is named in a warning and skipped. The run ends with the line
+`N images, M detections, K unreadable[: file, ...]`; it exits with status 1 if no image could be
+read (and then writes nothing), else 0.
+
+Outputs, in --out_dir:
+  - `<name>.png` per image (not with --no_draw): the detections scoring at least
+    --score_threshold drawn on it (masks in a semi-transparent colour per instance, boxes, class
+    names and scores). `<name>` is the image's path relative to the deepest folder holding all
+    the inputs, with the extension removed, so `a/x.jpg` and `b/x.jpg` become `a/x.png` and
+    `b/x.png` (subfolders are created) and files given from one folder keep their bare names;
+    images whose names would still coincide (`x.jpg` beside `x.png`) keep their extension
+    (`x.jpg.png`, `x.png.png`).
+  - `detections.json`: every image's detections in the COCO results format, in original image
+    pixels, with the image's path (as given, or the folder joined with the file's path in it,
+    or as the glob matched it) as "file_name" in place of "image_id": `{"file_name",
+    "category_id", "label", "class_name", "score", "bbox": [x, y, w, h], "segmentation": RLE}`.
+    "category_id" is there when the checkpoint's config records `data.label_to_category_id`
+    (e.g. configs/torchvision_r50_fpn_v1.py); "label" is the contiguous class 0..K-1.
+
+Flags:
+  --workdir            training workdir holding checkpoints/ (required).
+  --checkpoint_step    checkpoint step to use (default: the latest).
+  --score_threshold    keep detections scoring at least this (0..1, default 0.5).
+  --out_dir            where the drawings and detections.json go (default:
+                       <workdir>/predictions).
+  --recursive          also take the image files in the subfolders of folder inputs.
+  --batch_size         images per program run, a multiple of the local device count (default:
+                       2 per local device); the last batch is padded, so one compilation serves all.
+  --no_draw            write only detections.json, no PNGs.
 """
 
+import glob
 import json
 import os
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator, Sequence
+from concurrent import futures
 from typing import Any
 
 import numpy as np
 from absl import app, flags, logging
 from pycocotools import mask as mask_util
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+IMAGES_PER_DEVICE = 2  # the default --batch_size per local device
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
 _STEP = flags.DEFINE_integer(
@@ -31,6 +74,18 @@ _SCORE_THRESHOLD = flags.DEFINE_float(
 _OUT_DIR = flags.DEFINE_string(
     "out_dir", None, "Where the drawings and detections.json go (default: <workdir>/predictions)."
 )
+_RECURSIVE = flags.DEFINE_bool(
+    "recursive",
+    False,
+    f"Folder inputs: also take the image files ({' '.join(IMAGE_EXTENSIONS)}) of subfolders.",
+)
+_BATCH_SIZE = flags.DEFINE_integer(
+    "batch_size",
+    None,
+    "Images per program run, split over the local devices: a positive multiple of their "
+    f"number (default: {IMAGES_PER_DEVICE} per local device). The last batch is padded.",
+)
+_NO_DRAW = flags.DEFINE_bool("no_draw", False, "Write only detections.json, no PNG drawings.")
 flags.mark_flag_as_required("workdir")
 
 
@@ -56,48 +111,182 @@ def coco_results(
     return results
 
 
-def _output_names(paths: list[str]) -> list[str]:
-    """`<name>.png` for each input; raises if two inputs would write the same file."""
-    names = [os.path.splitext(os.path.basename(p))[0] + ".png" for p in paths]
-    seen: dict[str, str] = {}
+def _is_image_file(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _folder_images(folder: str, recursive: bool) -> list[str]:
+    """The image files of `folder` (and of its subfolders if `recursive`), sorted."""
+    if not recursive:
+        names = sorted(os.listdir(folder))
+        return [
+            os.path.join(folder, n)
+            for n in names
+            if _is_image_file(n) and os.path.isfile(os.path.join(folder, n))
+        ]
+    paths = []
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        paths += [os.path.join(root, n) for n in sorted(files) if _is_image_file(n)]
+    return paths
+
+
+def collect_inputs(args: Sequence[str], recursive: bool) -> list[str]:
+    """The image paths that files, folders and glob patterns `args` name (see the module
+    docstring), in argument order, each real file once.
+
+    Raises:
+      app.UsageError: an argument names nothing to read.
+    """
+    paths, seen = [], set()
+    for arg in args:
+        if os.path.isfile(arg):
+            found = [arg]
+        elif os.path.isdir(arg):
+            found = _folder_images(arg, recursive)
+            if not found:
+                hint = "" if recursive else " (--recursive takes those of subfolders)"
+                raise app.UsageError(
+                    f"folder {arg!r} holds no image file ({' '.join(IMAGE_EXTENSIONS)}){hint}"
+                )
+        elif glob.has_magic(arg):
+            found = sorted(p for p in glob.glob(arg, recursive=True) if os.path.isfile(p))
+            if not found:
+                raise app.UsageError(f"pattern {arg!r} matches no file")
+        else:
+            raise app.UsageError(f"image file {arg!r} does not exist")
+        for path in found:
+            key = os.path.normcase(os.path.realpath(path))
+            if key not in seen:
+                seen.add(key)
+                paths.append(path)
+    return paths
+
+
+def output_names(paths: Sequence[str]) -> list[str]:
+    """The drawing's relative path `<name>.png` for each input (see the module docstring).
+
+    Raises:
+      app.UsageError: two inputs would still write the same file.
+    """
+    absolute = [os.path.abspath(p) for p in paths]
+    root = os.path.commonpath([os.path.dirname(p) for p in absolute])
+    relative = [os.path.relpath(p, root) for p in absolute]
+    stems = [os.path.splitext(r)[0] for r in relative]
+    counts: dict[str, int] = {}
+    for stem in stems:
+        counts[stem] = counts.get(stem, 0) + 1
+    names = [(stem if counts[stem] == 1 else rel) + ".png" for stem, rel in zip(stems, relative)]
+    drawn_by: dict[str, str] = {}
     for path, name in zip(paths, names):
-        if name in seen:
-            raise app.UsageError(f"{seen[name]!r} and {path!r} would both be drawn to {name}")
-        seen[name] = path
+        if name in drawn_by:
+            raise app.UsageError(f"{drawn_by[name]!r} and {path!r} would both be drawn to {name}")
+        drawn_by[name] = path
     return names
 
 
+def read_batches(
+    paths: Sequence[str], batch_size: int
+) -> Iterator[tuple[list[tuple[int, np.ndarray]], list[tuple[int, str]]]]:
+    """Reads `paths` in order and yields `(read, unreadable)` for each `batch_size` images read
+    (and once at the end): `read` pairs an index into `paths` with its `[H, W, 3]` uint8 RGB
+    image, `unreadable` an index with why it could not be read."""
+    import cv2
+
+    from mrcnn_jax.evaluation import visualize
+
+    read, unreadable = [], []
+    for index, path in enumerate(paths):
+        try:
+            read.append((index, visualize.read_image(path)))
+        except (OSError, ValueError, cv2.error) as e:  # cv2.error: e.g. an empty file
+            unreadable.append((index, str(e).strip()))
+        if len(read) == batch_size:
+            yield read, unreadable
+            read, unreadable = [], []
+    if read or unreadable:
+        yield read, unreadable
+
+
+def read_ahead(iterator: Iterator) -> Iterator:
+    """`iterator`'s items, the next one produced in a thread while the caller uses this one."""
+    with futures.ThreadPoolExecutor(1) as pool:
+        done = object()
+        upcoming = pool.submit(next, iterator, done)
+        while (item := upcoming.result()) is not done:
+            upcoming = pool.submit(next, iterator, done)
+            yield item
+
+
 def main(argv):
-    paths = argv[1:]
-    if not paths:
-        raise app.UsageError("give one or more image files after the flags")
-    import mrcnn_jax  # after absl parsed the flags, so XLA_FLAGS etc. set on the command line apply
+    if len(argv) < 2:
+        raise app.UsageError("give one or more image files, folders or glob patterns")
+    paths = collect_inputs(argv[1:], _RECURSIVE.value)  # before the model loads
+    names = output_names(paths)
+    import cv2
+    import jax  # after absl parsed the flags, so XLA_FLAGS etc. set on the command line apply
+    from tqdm import tqdm
+
+    import mrcnn_jax
     from mrcnn_jax.evaluation import visualize
 
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
-    names = _output_names(paths)
-    images = [visualize.read_image(p) for p in paths]  # bad files fail before the model loads
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)  # bad files: reported below
+    num_devices = jax.local_device_count()
+    batch_size = _BATCH_SIZE.value or IMAGES_PER_DEVICE * num_devices
+    if batch_size < 1 or batch_size % num_devices:
+        raise app.UsageError(
+            f"--batch_size={batch_size} must be a positive multiple of the {num_devices} "
+            "local devices"
+        )
     predictor = mrcnn_jax.load_checkpoint(_WORKDIR.value, _STEP.value)
     label_to_category_id = predictor.config.data.label_to_category_id or None
     out_dir = _OUT_DIR.value or os.path.join(_WORKDIR.value, "predictions")
     os.makedirs(out_dir, exist_ok=True)
-    detections = []
-    for path, name, image in zip(paths, names, images):
-        result = predictor(image, score_threshold=_SCORE_THRESHOLD.value)
-        drawn = visualize.draw_detections(
-            image, result["boxes"], result["masks"], result["scores"], result["class_names"]
-        )
-        visualize.write_image(os.path.join(out_dir, name), drawn)
-        detections += coco_results(result, path, label_to_category_id)
-        print(f"{path}: {len(result['scores'])} detections -> {os.path.join(out_dir, name)}")
-    with open(os.path.join(out_dir, "detections.json"), "w") as f:
+
+    detections, unreadable, num_read = [], [], 0
+    with tqdm(total=len(paths), unit="image", desc="predict") as bar:
+        for read, bad in read_ahead(read_batches(paths, batch_size)):
+            for index, error in bad:
+                bar.write(
+                    f"WARNING: skipping unreadable {paths[index]!r}: {error}", file=sys.stderr
+                )
+                unreadable.append(paths[index])
+            bar.update(len(bad))
+            results = predictor.predict_batch(
+                [image for _, image in read], _SCORE_THRESHOLD.value, batch_size=batch_size
+            )
+            for (index, image), result in zip(read, results):
+                detections += coco_results(result, paths[index], label_to_category_id)
+                if not _NO_DRAW.value:
+                    drawn = visualize.draw_detections(
+                        image,
+                        result["boxes"],
+                        result["masks"],
+                        result["scores"],
+                        result["class_names"],
+                    )
+                    path = os.path.join(out_dir, names[index])
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                    visualize.write_image(path, drawn)
+            num_read += len(read)
+            bar.update(len(read))
+
+    summary = f"{num_read} images, {len(detections)} detections, {len(unreadable)} unreadable"
+    print(summary + (": " + ", ".join(unreadable) if unreadable else ""), flush=True)
+    if not num_read:
+        print("no image could be read; nothing written", file=sys.stderr)
+        return 1
+    results_path = os.path.join(out_dir, "detections.json")
+    with open(results_path, "w") as f:
         json.dump(detections, f)
     print(
-        f"{len(detections)} detections of checkpoint step {predictor.step} -> "
-        f"{os.path.join(out_dir, 'detections.json')}",
+        f"{len(detections)} detections of checkpoint step {predictor.step} -> {results_path}"
+        + ("" if _NO_DRAW.value else f", drawings in {out_dir}"),
         flush=True,
     )
+    return 0
 
 
 if __name__ == "__main__":

@@ -3,12 +3,15 @@
     import mrcnn_jax
     predictor = mrcnn_jax.load_checkpoint("/tmp/shapes")  # a workdir or a checkpoint directory
     result = predictor(image)  # image: [H, W, 3] uint8 RGB numpy array
+    results = predictor.predict_batch(images)  # many images, batched over the local devices
 
 `result` holds the detections in ORIGINAL image pixels: `boxes [N, 4]` (x1, y1, x2, y2),
 `scores [N]`, `classes [N]` (contiguous labels), `class_names` (N strings), `masks [N, H, W]` bool.
+`predict_batch` returns one such dict per image, the same as calling the predictor on each.
 """
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -17,48 +20,141 @@ import ml_collections
 import numpy as np
 from etils import epath
 
+from mrcnn_jax import sharding
 from mrcnn_jax.data import pipeline
 from mrcnn_jax.evaluation.coco_eval import boxes_to_original
 from mrcnn_jax.evaluation.masks import paste_masks
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
+from mrcnn_jax.programs.evaluator import make_predict_step
 from mrcnn_jax.train import checkpoint as ckpt_lib
 
 
 @dataclasses.dataclass
 class Predictor:
-    """A model with its variables and config; call it on one image (see the module docstring)."""
+    """A model with its variables and config; call it on one image, or `predict_batch` on many
+    (see the module docstring).
+
+    `devices` are those `predict_batch` splits its batches over (default: this process's
+    devices, `jax.local_devices()`); the variables are placed on them at its first call (and
+    again if `variables` is replaced). `__call__` runs on JAX's default device.
+    """
 
     config: ml_collections.ConfigDict
     variables: dict[str, Any]
     step: int
+    devices: Sequence[jax.Device] | None = None
 
     def __post_init__(self):
-        model = MaskRCNN.from_config(self.config.model)
-        self._apply = jax.jit(lambda v, b: model.apply(v, b, train=False))
+        self._model = MaskRCNN.from_config(self.config.model)
+        self._apply = jax.jit(lambda v, b: self._model.apply(v, b, train=False))
+        self._mesh = sharding.create_mesh(list(self.devices or jax.local_devices()))
+        self._sharded_apply = make_predict_step(self._model, self._mesh)
+        self._placed: tuple[dict, dict] | None = None  # (variables, their replicas on the mesh)
 
     @property
     def class_names(self) -> list[str]:
         names = list(self.config.data.class_names)
         return names or [str(i) for i in range(self.config.model.num_classes)]
 
+    @property
+    def num_devices(self) -> int:
+        """How many devices `predict_batch` splits a batch over; its batch size is a multiple."""
+        return self._mesh.size
+
     def __call__(self, image: np.ndarray, score_threshold: float = 0.5) -> dict[str, Any]:
         """Detects objects in `image [H, W, 3]` uint8 RGB; keeps scores ≥ `score_threshold`."""
+        inputs = self._preprocess(image)
+        batch = jax.tree_util.tree_map(lambda x: jnp.asarray(x)[None], inputs)
+        out = jax.device_get(self._apply(self.variables, batch))
+        return self._detections(
+            {k: v[0] for k, v in out.items()}, inputs["image_size"], image, score_threshold
+        )
+
+    def predict_batch(
+        self,
+        images: Sequence[np.ndarray],
+        score_threshold: float = 0.5,
+        batch_size: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """`[self(image, score_threshold) for image in images]`, run `batch_size` images at a time
+        data-parallel over `devices`.
+
+        Each image is preprocessed alone (`pipeline.preprocess_image`, any size), the batches are
+        split evenly over the devices, and the last one is padded with blank canvases whose
+        detections are dropped, so every batch has one shape and the program compiles once per
+        `batch_size`. The next batch is dispatched before the previous one's masks are pasted.
+
+        Args:
+          images: `[H_i, W_i, 3]` uint8 RGB arrays, sizes may differ.
+          score_threshold: keep detections scoring at least this.
+          batch_size: images per program run, a positive multiple of `num_devices` (default
+            `num_devices`, one image per device).
+
+        Returns:
+          One dict per image, in order, as `__call__` returns (original image pixels).
+
+        Raises:
+          ValueError: `batch_size` is not a positive multiple of `num_devices`, or an image is
+            not `[H, W, 3]` uint8.
+        """
+        batch_size = self.num_devices if batch_size is None else batch_size
+        if batch_size < 1 or batch_size % self.num_devices:
+            raise ValueError(
+                f"batch_size={batch_size} must be a positive multiple of the "
+                f"{self.num_devices} devices"
+            )
+        variables = self._placed_variables()
+        results: list[dict[str, Any]] = []
+        pending = None  # (device outputs, inputs, images) of the batch in flight
+        for start in range(0, len(images), batch_size):
+            chunk = list(images[start : start + batch_size])
+            inputs = [self._preprocess(image) for image in chunk]
+            batch = _stack_padded(inputs, batch_size, tuple(self.config.data.image_size))
+            outputs = self._sharded_apply(variables, sharding.shard_batch(batch, self._mesh))
+            if pending is not None:
+                results += self._batch_detections(*pending, score_threshold)
+            pending = (outputs, inputs, chunk)
+        if pending is not None:
+            results += self._batch_detections(*pending, score_threshold)
+        return results
+
+    def _placed_variables(self) -> dict:
+        """`variables` replicated on the mesh, placed once (again if `variables` was replaced)."""
+        if self._placed is None or self._placed[0] is not self.variables:
+            self._placed = (self.variables, sharding.replicate(self.variables, self._mesh))
+        return self._placed[1]
+
+    def _preprocess(self, image: np.ndarray) -> dict[str, np.ndarray]:
+        """`{"image" [Ht, Wt, 3] f32 canvas, "image_size" [2] i32}` of one checked image."""
         image = np.asarray(image)
         if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
             raise ValueError(
                 f"image must be an RGB uint8 array [H, W, 3], got {image.dtype} {image.shape}"
             )
-        inputs = pipeline.preprocess_image(image, self.config)
-        out = jax.device_get(
-            self._apply(
-                self.variables, jax.tree_util.tree_map(lambda x: jnp.asarray(x)[None], inputs)
+        return pipeline.preprocess_image(image, self.config)
+
+    def _batch_detections(
+        self, outputs: dict, inputs: list[dict], images: list[np.ndarray], score_threshold: float
+    ) -> list[dict[str, Any]]:
+        """The detections of the real (not padding) rows of one batch's model outputs."""
+        outputs = jax.device_get(outputs)
+        return [
+            self._detections(
+                {k: v[i] for k, v in outputs.items()}, x["image_size"], image, score_threshold
             )
-        )
-        out = {k: v[0] for k, v in out.items()}
-        keep = out["valid"] & (out["scores"] >= score_threshold)
-        height, width = image.shape[:2]
+            for i, (x, image) in enumerate(zip(inputs, images))
+        ]
+
+    def _detections(
+        self, out: dict, image_size: np.ndarray, image: np.ndarray, threshold: float
+    ) -> dict[str, Any]:
+        """One image's model outputs (`[D, ...]`, see docs/CONTRACTS.md) as `__call__`'s result:
+        valid detections scoring ≥ `threshold`, boxes and pasted masks in the pixels of `image`
+        (the original), which the model saw resized to `image_size` [2] (height, width)."""
+        keep = out["valid"] & (out["scores"] >= threshold)
+        height, width = np.shape(image)[:2]
         # torchvision's postprocess: x * W / resized_w, y * H / resized_h.
-        boxes = boxes_to_original(out["boxes"][keep], inputs["image_size"], (height, width))
+        boxes = boxes_to_original(out["boxes"][keep], image_size, (height, width))
         masks = paste_masks(
             out["masks"][keep],
             boxes,
@@ -74,6 +170,19 @@ class Predictor:
             "class_names": [self.class_names[c] for c in classes],
             "masks": masks,
         }
+
+
+def _stack_padded(
+    inputs: list[dict[str, np.ndarray]], batch_size: int, canvas: tuple[int, int]
+) -> dict[str, np.ndarray]:
+    """`inputs` stacked into `{"image" [batch_size, Ht, Wt, 3], "image_size" [batch_size, 2]}`,
+    the rows after them blank canvases (zeros, the whole canvas as content)."""
+    blank = {
+        "image": np.zeros((*canvas, 3), np.float32),
+        "image_size": np.asarray(canvas, np.int32),
+    }
+    rows = inputs + [blank] * (batch_size - len(inputs))
+    return {k: np.stack([row[k] for row in rows]) for k in ("image", "image_size")}
 
 
 def _locate(path: epath.Path) -> tuple[epath.Path, int | None]:

@@ -1,0 +1,233 @@
+"""`Predictor.predict_batch` (batched, data-parallel over local devices) and scripts/predict.py
+over files, folders and globs.
+
+A tiny ResNet-18-FPN on a 128² canvas with random weights stands in for a trained model (its
+class scores spread out so that detections are not near-tied); the script reads it from a
+step-0 checkpoint. A persistent XLA cache lets the script's subprocesses (the same 8 CPU devices)
+reuse what this process compiled.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import cv2
+import jax
+import numpy as np
+import pytest
+from conftest import tiny_config
+from helpers import random_variables
+from jax.experimental.compilation_cache import compilation_cache
+
+from mrcnn_jax.modeling.mask_rcnn import MaskRCNN, dummy_inputs
+from mrcnn_jax.programs.predictor import Predictor
+from mrcnn_jax.train import checkpoint as ckpt_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIZES = [(100, 151), (160, 120), (128, 128), (77, 200)]  # natural (height, width), none 128²-fit
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+    """JAX's persistent compilation cache in a fresh directory for this module."""
+    path = tmp_path_factory.mktemp("xla_cache")
+    previous = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    compilation_cache.reset_cache()
+    yield path
+    jax.config.update("jax_compilation_cache_dir", previous)
+    compilation_cache.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def model_setup(compile_cache):
+    """(config, variables) of the small model: 128² canvas, every detection kept."""
+    config = tiny_config(
+        **{
+            "data.image_size": (128, 128),
+            "data.class_names": ("square", "circle", "triangle"),
+            "model.roi_heads.score_threshold": 0.0,
+        }
+    )
+    model = MaskRCNN.from_config(config.model)
+    variables, _ = random_variables(
+        model, np.random.default_rng(0), dummy_inputs((128, 128)), train=False
+    )
+    kernel = variables["params"]["box_head"]["cls_score"]["kernel"]
+    variables["params"]["box_head"]["cls_score"]["kernel"] = kernel * 40
+    return config, variables
+
+
+def natural_images(count: int, seed: int = 0) -> list[np.ndarray]:
+    """`count` smooth random uint8 RGB images cycling through SIZES."""
+    rng = np.random.default_rng(seed)
+    images = []
+    for i in range(count):
+        height, width = SIZES[i % len(SIZES)]
+        coarse = rng.uniform(0, 255, (height // 8 + 1, width // 8 + 1, 3)).astype(np.float32)
+        images.append(cv2.resize(coarse, (width, height)).astype(np.uint8))
+    return images
+
+
+def assert_same_detections(got: dict, want: dict, what: str):
+    assert len(want["scores"]) > 0, what
+    assert got["classes"].tolist() == want["classes"].tolist(), what
+    assert got["class_names"] == want["class_names"], what
+    np.testing.assert_allclose(got["scores"], want["scores"], rtol=1e-5, atol=1e-6, err_msg=what)
+    np.testing.assert_allclose(got["boxes"], want["boxes"], atol=1e-3, err_msg=what)
+    assert got["masks"].shape == want["masks"].shape, what
+    assert np.mean(got["masks"] != want["masks"]) < 1e-3, what
+
+
+@pytest.mark.parametrize(
+    "num_devices, batch_size, image_counts",
+    [(1, 2, (4, 3)), (8, 8, (8, 12))],
+    ids=["1_device", "8_devices"],
+)
+def test_predict_batch_equals_calls_one_image_at_a_time(
+    model_setup, num_devices, batch_size, image_counts
+):
+    """Image counts that `batch_size` divides and that it does not (the last batch padded; the
+    same compiled program), on 1 device and on the 8 CPU devices conftest.py forces."""
+    config, variables = model_setup
+    assert jax.local_device_count() == 8
+    predictor = Predictor(config, variables, step=0, devices=jax.local_devices()[:num_devices])
+    assert predictor.num_devices == num_devices
+    images = natural_images(max(image_counts))
+    want = [predictor(image, score_threshold=0.0) for image in images]
+    for count in image_counts:
+        got = predictor.predict_batch(images[:count], score_threshold=0.0, batch_size=batch_size)
+        assert len(got) == count
+        for index, (g, w, image) in enumerate(zip(got, want, images)):
+            assert g["masks"].shape[1:] == image.shape[:2]
+            assert_same_detections(g, w, f"{count} images, image {index}")
+    threshold = float(np.median(want[0]["scores"]))
+    (kept,) = predictor.predict_batch(images[:1], threshold, batch_size=batch_size)
+    assert kept["scores"].tolist() == [s for s in want[0]["scores"].tolist() if s >= threshold]
+    assert predictor.predict_batch([], batch_size=batch_size) == []
+    with pytest.raises(ValueError, match="multiple of the"):
+        predictor.predict_batch(images, batch_size=num_devices + 1 if num_devices > 1 else 0)
+    with pytest.raises(ValueError, match=r"uint8 array \[H, W, 3\]"):
+        predictor.predict_batch([images[0].astype(np.float32)], batch_size=batch_size)
+
+
+# ------------------------------------------------------------------- scripts/predict.py
+
+
+@pytest.fixture(scope="module")
+def workdir(model_setup, tmp_path_factory):
+    """A workdir whose step-0 checkpoint holds the small model."""
+    config, variables = model_setup
+    path = tmp_path_factory.mktemp("workdir")
+    ckpt_lib.save_variables(path, config, variables)
+    return path
+
+
+def run_script(*args, cache) -> subprocess.CompletedProcess:
+    """scripts/predict.py with this process's environment (the same 8 CPU devices)."""
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO, "scripts", "predict.py"), *map(str, args)],
+        env={**os.environ, "JAX_COMPILATION_CACHE_DIR": str(cache)},
+        cwd=REPO, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """Image files in folders, plus a corrupt JPEG and a text file; returns (root, good images
+    {path: image}, bad paths). Layout under root:
+
+        folder/a.png, folder/a.jpg (same stem), folder/bad.jpg, folder/notes.md (not an image
+        extension: not taken), folder/sub/c.png (only with --recursive)
+        globbed/d.png, globbed/readme.txt (matched by 'globbed/*')
+        e.bmp (given as a file)
+    """
+    root = tmp_path_factory.mktemp("inputs")
+    images = natural_images(5, seed=1)
+    good = {}
+    for name, image in zip(
+        ["folder/a.png", "folder/a.jpg", "folder/sub/c.png", "globbed/d.png", "e.bmp"], images
+    ):
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        assert cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+        good[str(path)] = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)  # JPEG: lossy
+    (root / "folder" / "bad.jpg").write_bytes(np.random.default_rng(0).bytes(3000))
+    (root / "folder" / "notes.md").write_text("not an image\n")
+    (root / "globbed" / "readme.txt").write_text("not an image either\n")
+    bad = [str(root / "folder" / "bad.jpg"), str(root / "globbed" / "readme.txt")]
+    return root, good, bad
+
+
+def test_predict_script_on_a_folder_a_glob_and_a_file(
+    model_setup, workdir, inputs, compile_cache, tmp_path
+):
+    config, variables = model_setup
+    root, good, bad = inputs
+    out_dir = tmp_path / "out"
+    args = [root / "folder", str(root / "globbed" / "*"), root / "e.bmp", root / "folder/a.png"]
+    result = run_script(
+        f"--workdir={workdir}", f"--out_dir={out_dir}", "--score_threshold=0", "--recursive",
+        "--batch_size=8", *args, cache=compile_cache,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-5000:]
+    for path in bad:
+        assert f"WARNING: skipping unreadable {path!r}" in result.stderr
+    detections = json.loads((out_dir / "detections.json").read_text())
+    assert {d["file_name"] for d in detections} == set(good)  # a.png once, no notes.md
+    predictor = Predictor(config, variables, step=0)
+    for path, image in good.items():
+        mine = [d for d in detections if d["file_name"] == path]
+        want = predictor(image, score_threshold=0.0)
+        assert [d["class_name"] for d in mine] == want["class_names"], path
+        np.testing.assert_allclose([d["score"] for d in mine], want["scores"], rtol=1e-5)
+        for d, (x1, y1, x2, y2) in zip(mine, want["boxes"].tolist()):
+            assert d["bbox"] == pytest.approx([x1, y1, x2 - x1, y2 - y1], abs=1e-3)
+            assert d["segmentation"]["size"] == list(image.shape[:2])
+    total = len(detections)
+    assert f"5 images, {total} detections, 2 unreadable: {', '.join(bad)}\n" in result.stdout
+    assert f"{total} detections of checkpoint step 0 -> {out_dir / 'detections.json'}" in (
+        result.stdout
+    )
+    # Names relative to `root` (the inputs' deepest common folder); a.png and a.jpg share a stem.
+    drawings = ["folder/a.png.png", "folder/a.jpg.png", "folder/sub/c.png", "globbed/d.png"]
+    drawn = sorted(str(p.relative_to(out_dir)) for p in out_dir.rglob("*.png"))
+    assert drawn == sorted([*drawings, "e.png"])
+    picture = cv2.imread(str(out_dir / "globbed" / "d.png"))
+    assert picture.shape == good[str(root / "globbed" / "d.png")].shape
+
+    no_draw = tmp_path / "no_draw"
+    result = run_script(
+        f"--workdir={workdir}", f"--out_dir={no_draw}", "--score_threshold=0", "--no_draw",
+        "--batch_size=8", root / "folder", cache=compile_cache,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert sorted(p.name for p in no_draw.iterdir()) == ["detections.json"]
+    names = {d["file_name"] for d in json.loads((no_draw / "detections.json").read_text())}
+    assert names == {str(root / "folder" / n) for n in ("a.png", "a.jpg")}  # not sub/c.png
+    assert "2 images, " in result.stdout and "1 unreadable: " in result.stdout
+
+
+def test_predict_script_names_what_it_cannot_use(workdir, inputs, compile_cache, tmp_path):
+    root, _, bad = inputs
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "sub" / "x.png").write_bytes(b"")
+    for arg, message in [
+        (tmp_path / "nowhere.jpg", f"image file {str(tmp_path / 'nowhere.jpg')!r} does not exist"),
+        (str(root / "*.gif"), f"pattern {str(root / '*.gif')!r} matches no file"),
+        (empty, f"folder {str(empty)!r} holds no image file"),
+    ]:
+        result = run_script(f"--workdir={workdir}", root / "e.bmp", arg, cache=compile_cache)
+        assert result.returncode != 0 and message in result.stderr, result.stderr[-3000:]
+    # Only unreadable files: every one named, nothing written, a failing status.
+    out_dir = tmp_path / "out"
+    result = run_script(
+        f"--workdir={workdir}", f"--out_dir={out_dir}", "--recursive", empty, *bad,
+        cache=compile_cache,
+    )  # fmt: skip
+    assert result.returncode == 1
+    unreadable = [str(empty / "sub" / "x.png"), *bad]
+    assert f"0 images, 0 detections, 3 unreadable: {', '.join(unreadable)}" in result.stdout
+    assert not (out_dir / "detections.json").exists()
