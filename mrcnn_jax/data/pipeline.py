@@ -574,10 +574,25 @@ def preprocess_image(image: np.ndarray, config: ml_collections.ConfigDict) -> Ba
         ValueError: from ``check_canvas``.
     """
     check_canvas(config)
-    data = config.data
-    image = tf.convert_to_tensor(image, tf.uint8)
+    image, content = resize_and_pad_tf(tf.convert_to_tensor(image, tf.uint8), config.data)
+    return {"image": image.numpy(), "image_size": content.numpy()}
+
+
+def resize_and_pad_tf(
+    image: tf.Tensor, data: ml_collections.ConfigDict
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """The eval resize of one image in TensorFlow ops (eager or inside a ``tf.function``).
+
+    Args:
+        image: [H, W, 3] uint8 RGB, H and W > 0 (may be dynamic).
+        data: ``config.data`` (image_size, resize_short_side, resize_max_long_side, mean, std);
+            the caller runs ``check_canvas`` on the whole config.
+
+    Returns:
+        (image [Ht, Wt, 3] f32: resized as the module docstring says, normalised, zero-padded
+        bottom/right to ``data.image_size``; image_size [2] int32: resized content (h, w)).
+    """
     height, width = tf.shape(image)[0], tf.shape(image)[1]
     no_seed = tf.zeros([2], tf.int64)
     flip, resized, offset = _augmentation(no_seed, height, width, data, train=False)
-    image, content = _transform_image(image, flip, resized, offset, data)
-    return {"image": image.numpy(), "image_size": content.numpy()}
+    return _transform_image(image, flip, resized, offset, data)

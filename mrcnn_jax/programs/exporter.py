@@ -1,0 +1,557 @@
+"""A checkpoint as a TensorFlow SavedModel holding the whole inference path.
+
+    from mrcnn_jax.programs import exporter
+    exporter.export_saved_model("/tmp/mrcnn_shapes", "/tmp/mrcnn_shapes_savedmodel")
+
+and, in a process with TensorFlow only (no JAX, no mrcnn_jax):
+
+    detect = tf.saved_model.load("/tmp/mrcnn_shapes_savedmodel").signatures["serving_default"]
+    result = detect(image=tf.constant(image))  # image: [H, W, 3] uint8 RGB, any size
+
+The graph runs what `mrcnn_jax.load_checkpoint(...)(image)` runs: the eval resize into the
+config's static canvas `data.image_size` (`pipeline.resize_and_pad_tf`, the pipeline's own TF
+code), the model (`MaskRCNN.from_config(config.model).apply(variables, batch, train=False)`,
+compiled from JAX), then in TF the predictor's postprocessing: valid detections scoring at least
+the threshold, boxes back to the original pixels per axis (`coco_eval.boxes_to_original`),
+clipped to the image, and optionally the masks pasted into it (`evaluation.masks.paste_masks`,
+`config.model.roi_heads.mask_paste`, re-implemented here in TF: `paste_masks_tf`).
+
+Signatures (every box is (x1, y1, x2, y2) float32 in ORIGINAL image pixels):
+
+- `serving_default`: `image` [H, W, 3] uint8 → `boxes [N, 4]`, `scores [N]` float32,
+  `labels [N]` int32 (contiguous 0..K-1), `classes [N]` int32 (the dataset's category ids,
+  `config.data.label_to_category_id`; where the config leaves that empty, the labels themselves),
+  `class_names [N]` string (`config.data.class_names`, or "0".."K-1" where empty),
+  `masks [N, S, S]` float32 probabilities over each (unclipped) box (S = 2 ×
+  `model.roi_heads.mask_pooler_size` = 28), and with `full_masks` `full_masks [N, H, W]` bool.
+  N counts the detections scoring ≥ the export's `score_threshold`, in the model's order
+  (descending score).
+- `serving_batch`: `images [B, Hmax, Wmax, 3]` uint8 (image b in its top-left
+  `image_sizes[b]` = (h, w) int32 corner, any padding) → the same keys padded to
+  `[B, D, ...]` (D = `model.roi_heads.detections_per_image`; padding rows 0, label/class -1,
+  name "") plus `num_detections [B]` int32; `full_masks [B, D, Hmax, Wmax]`, False beyond
+  each image. Row b equals `serving_default` on the image alone (bit for bit with
+  `batch_size` 1, where both run the same program; up to float rounding otherwise).
+
+Signatures cannot have optional inputs (TensorFlow binds every input of a signature), so they
+use the threshold given at export; the loaded object's functions take it as an optional input:
+`loaded.detect(image, score_threshold=0.3)` and `loaded.detect_batch(images, image_sizes,
+score_threshold=0.3)`. Also saved: `loaded.class_names`, `loaded.category_ids`, `loaded.step`
+(variables) and the checkpoint's config as the asset `assets/config.json`
+(`loaded.config_file.asset_path`).
+
+How the model gets into the graph. `jax2tf.convert` (native serialization) is what this does,
+step by step: `jax.export` lowers the jitted model to StableHLO (the `lax.while_loop` NMS and
+the gathers need no TF equivalent) for the chosen platforms, and an `XlaCallModule` op carries
+the module; the weights are TF variables passed in as arguments. jax2tf itself cannot do the
+job with the installed pair: it serializes for jax's own 4-week compatibility target
+(StableHLO 1.15.0 for jax 0.10), which TensorFlow 2.21's `XlaCallModule` (StableHLO 1.13.7)
+refuses to read. So the module is re-serialized (`jax.extend.mlir`) for the older of the two
+versions (`jaxlib`'s and TensorFlow's StableHLO bindings tell them), which both sides read.
+The batch dimension of each module is static: downgraded to 1.13.7, `top_k` becomes a
+composite whose decomposition keeps dynamic shapes, which TF's shape refinement rejects under
+a symbolic batch. `serving_default` runs a batch-1 module; `serving_batch` runs a `batch_size`
+module over chunks of the batch (the last chunk padded).
+"""
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.extend.mlir as jax_mlir
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tensorflow as tf
+from etils import epath
+from jax import export as jax_export
+from jaxlib.mlir.dialects import stablehlo as jax_stablehlo
+from tensorflow.compiler.mlir.stablehlo import stablehlo as tf_stablehlo
+from tensorflow.compiler.tf2xla.python import xla as tfxla
+
+from mrcnn_jax.data import pipeline
+from mrcnn_jax.evaluation.masks import PASTE_METHODS
+from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
+from mrcnn_jax.programs.predictor import Predictor, load_checkpoint
+
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+_INT32_MAX = np.iinfo(np.int32).max
+
+
+def check_exportable(config: ml_collections.ConfigDict, full_masks: bool) -> None:
+    """Raises ValueError, naming the config field, where the SavedModel cannot represent it.
+
+    The canvas and resize settings must pass `pipeline.check_canvas`; `data.class_names` and
+    `data.label_to_category_id`, where set, need one entry per class (`model.num_classes`),
+    the ids fitting int32; `data.mean`/`data.std` three values; with `full_masks`,
+    `model.roi_heads.mask_paste` one of `PASTE_METHODS`.
+    """
+    pipeline.check_canvas(config)
+    data, num_classes = config.data, config.model.num_classes
+    for name in ("class_names", "label_to_category_id"):
+        value = tuple(data[name])
+        if value and len(value) != num_classes:
+            raise ValueError(
+                f"config.data.{name} has {len(value)} entries but config.model.num_classes="
+                f"{num_classes}: give one per class or leave it empty"
+            )
+    ids = tuple(data.label_to_category_id)
+    if any(not isinstance(i, (int, np.integer)) or not 0 <= i <= _INT32_MAX for i in ids):
+        raise ValueError(
+            f"config.data.label_to_category_id={ids} must hold integer ids in [0, {_INT32_MAX}]"
+        )
+    for name in ("mean", "std"):
+        if len(tuple(data[name])) != 3:
+            raise ValueError(f"config.data.{name}={data[name]} must have 3 (RGB) values")
+    paste = config.model.roi_heads.mask_paste
+    if full_masks and paste not in PASTE_METHODS:
+        raise ValueError(
+            f"config.model.roi_heads.mask_paste={paste!r} is not one of {PASTE_METHODS}: "
+            "full masks cannot be pasted"
+        )
+
+
+# ------------------------------------------------------------------------ the model in TF
+
+
+def _tf_target_version() -> str:
+    """The StableHLO version both jax (its 4-week target) and TensorFlow's XlaCallModule read."""
+    jax_version = jax_stablehlo.get_version_from_compatibility_requirement(
+        jax_stablehlo.StablehloCompatibilityRequirement.WEEK_4
+    )
+    return tf_stablehlo.get_smaller_version(jax_version, tf_stablehlo.get_current_version())
+
+
+class _Model:
+    """The model at a static batch `[batch, Ht, Wt, 3]`, lowered by `jax.export` and run in TF
+    as an `XlaCallModule` op with the weights as arguments."""
+
+    def __init__(self, predictor: Predictor, batch: int, platforms: Sequence[str]):
+        model = MaskRCNN.from_config(predictor.config.model)
+        leaves, treedef = jax.tree_util.tree_flatten(predictor.variables)
+
+        def infer(weights, image, image_size):
+            variables = jax.tree_util.tree_unflatten(treedef, weights)
+            out = model.apply(variables, {"image": image, "image_size": image_size}, train=False)
+            floats = ("boxes", "scores", "masks")
+            return {k: v.astype(jnp.float32) if k in floats else v for k, v in out.items()}
+
+        canvas = tuple(predictor.config.data.image_size)
+        specs = (
+            [jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype) for x in leaves],
+            jax.ShapeDtypeStruct((batch, *canvas, 3), jnp.float32),
+            jax.ShapeDtypeStruct((batch, 2), jnp.int32),
+        )
+        self.exported = jax_export.export(jax.jit(infer), platforms=tuple(platforms))(*specs)
+        self.module = jax_mlir.serialize_portable_artifact(
+            self.exported.mlir_module(), _tf_target_version()
+        )
+
+    def __call__(self, weights: Sequence[tf.Variable], image, image_size) -> dict[str, tf.Tensor]:
+        """`image [batch, Ht, Wt, 3]` f32, `image_size [batch, 2]` i32 -> the model's outputs
+        (docs/CONTRACTS.md "Model output at inference")."""
+        e = self.exported
+        args = jax.tree_util.tree_leaves(((list(weights), image, image_size), {}))
+        results = tfxla.call_module(
+            [args[i] for i in sorted(e.module_kept_var_idx)],
+            version=e.calling_convention_version,
+            module=self.module,
+            Tout=[tf.as_dtype(a.dtype) for a in e.out_avals],
+            Sout=[a.shape for a in e.out_avals],
+            platforms=[p.upper() for p in e.platforms],
+            disabled_checks=[str(c) for c in e.disabled_safety_checks],
+            use_shardy_partitioner=jax.config.jax_use_shardy_partitioner,
+        )
+        return jax.tree_util.tree_unflatten(e.out_tree, results)
+
+
+# ------------------------------------------------------------------ postprocessing in TF
+
+
+def _linear_taps(in_size: int, out_size: tf.Tensor, dst: tf.Tensor):
+    """`masks._linear_resize_taps` for output positions `dst` (any shape, f32), clamped so
+    that positions outside `0..out_size-1` still index the map."""
+    scale = tf.cast(in_size, tf.float32) / tf.cast(out_size, tf.float32)
+    src = tf.maximum(scale * (dst + 0.5) - 0.5, 0.0)
+    i0 = tf.minimum(tf.cast(tf.floor(src), tf.int32), in_size - 1)
+    i1 = tf.minimum(i0 + 1, in_size - 1)
+    w1 = tf.clip_by_value(src - tf.cast(i0, tf.float32), 0.0, 1.0)
+    return i0, i1, 1.0 - w1, w1
+
+
+def _paste_one_torchvision(mask, box, height, width, canvas, threshold):
+    """`masks._paste_torchvision` of one `[M, M]` map into a `canvas` (Hc, Wc) bool image,
+    foreground only inside (height, width)."""
+    m = mask.shape[-1]
+    padded = tf.pad(mask, [[1, 1], [1, 1]])
+    scale = np.float32((m + 2) / m)
+    w_half = (box[2] - box[0]) * 0.5 * scale
+    h_half = (box[3] - box[1]) * 0.5 * scale
+    x_c, y_c = (box[2] + box[0]) * 0.5, (box[3] + box[1]) * 0.5
+    bx1, bx2 = tf.cast(x_c - w_half, tf.int32), tf.cast(x_c + w_half, tf.int32)  # truncation
+    by1, by2 = tf.cast(y_c - h_half, tf.int32), tf.cast(y_c + h_half, tf.int32)
+    xs, ys = tf.range(canvas[1]), tf.range(canvas[0])
+    cx0, cx1, wx0, wx1 = _linear_taps(
+        m + 2, tf.maximum(bx2 - bx1 + 1, 1), tf.cast(tf.maximum(xs - bx1, 0), tf.float32)
+    )
+    ry0, ry1, wy0, wy1 = _linear_taps(
+        m + 2, tf.maximum(by2 - by1 + 1, 1), tf.cast(tf.maximum(ys - by1, 0), tf.float32)
+    )
+    columns = tf.gather(padded, cx0, axis=1) * wx0 + tf.gather(padded, cx1, axis=1) * wx1
+    region = tf.gather(columns, ry0) * wy0[:, None] + tf.gather(columns, ry1) * wy1[:, None]
+    inside_x = (xs >= bx1) & (xs <= bx2) & (xs < width)
+    inside_y = (ys >= by1) & (ys <= by2) & (ys < height)
+    return (region > threshold) & inside_y[:, None] & inside_x[None, :]
+
+
+def _grid_taps(positions: tf.Tensor, lo: tf.Tensor, hi: tf.Tensor, m: int):
+    """`masks._grid_sample_taps` at the pixels `positions` [n] int32 of a box `lo..hi`."""
+    centres = tf.cast(positions, tf.float32) + 0.5
+    grid = (centres - lo) / (hi - lo) * 2.0 - 1.0
+    coord = (grid + 1.0) * np.float32(m / 2) - 0.5
+    floor = tf.floor(coord)
+    w1 = coord - floor
+    floor = tf.where(tf.math.is_finite(floor), floor, -1.0)
+    i0 = tf.cast(tf.clip_by_value(floor, -1.0, m), tf.int32) + 1
+    i1 = tf.cast(tf.clip_by_value(floor + 1.0, -1.0, m), tf.int32) + 1
+    return i0, i1, 1.0 - w1, w1
+
+
+def _paste_one_detectron2(mask, box, height, width, canvas, threshold):
+    """`masks._paste_detectron2` of one `[M, M]` map (same pixels, taps and summation order)."""
+    m = mask.shape[-1]
+    padded = tf.pad(mask, [[1, 1], [1, 1]])
+    xs, ys = tf.range(canvas[1]), tf.range(canvas[0])
+    cx0, cx1, e, w = _grid_taps(xs, box[0], box[2], m)
+    ry0, ry1, s, n = _grid_taps(ys, box[1], box[3], m)
+    north, south = tf.gather(padded, ry0), tf.gather(padded, ry1)  # [Hc, M + 2]
+    s, n, e, w = s[:, None], n[:, None], e[None, :], w[None, :]
+    region = (
+        tf.gather(north, cx0, axis=1) * (s * e)
+        + tf.gather(north, cx1, axis=1) * (s * w)
+        + tf.gather(south, cx0, axis=1) * (n * e)
+        + tf.gather(south, cx1, axis=1) * (n * w)
+    )
+    x0 = tf.maximum(tf.cast(tf.floor(box[0]), tf.int32) - 1, 0)
+    x1 = tf.minimum(tf.cast(tf.math.ceil(box[2]), tf.int32) + 1, width)
+    y0 = tf.maximum(tf.cast(tf.floor(box[1]), tf.int32) - 1, 0)
+    y1 = tf.minimum(tf.cast(tf.math.ceil(box[3]), tf.int32) + 1, height)
+    inside_x, inside_y = (xs >= x0) & (xs < x1), (ys >= y0) & (ys < y1)
+    return (region >= threshold) & inside_y[:, None] & inside_x[None, :]
+
+
+def paste_masks_tf(
+    masks: tf.Tensor,
+    boxes: tf.Tensor,
+    image_size: tf.Tensor,
+    method: str,
+    canvas: tf.Tensor | None = None,
+    threshold: float = 0.5,
+) -> tf.Tensor:
+    """`evaluation.masks.paste_masks` in TensorFlow ops, with the same float32 arithmetic.
+
+    Args:
+      masks: `[N, M, M]` float32 probabilities, each over its box (pixel (i, j) covers the point
+        (x1 + (j + 0.5) w / M, y1 + (i + 0.5) h / M)).
+      boxes: `[N, 4]` float32 (x1, y1, x2, y2) finite, in the image's pixels (unclipped).
+      image_size: `[2]` int32 (height, width) of the image, positive.
+      method: "detectron2" or "torchvision" (`config.model.roi_heads.mask_paste`).
+      canvas: `[2]` int32 (Hc, Wc) ≥ image_size, the output's size (default image_size);
+        pixels beyond the image are False.
+      threshold: foreground where the pasted probability is ≥ it (detectron2) or > it
+        (torchvision).
+
+    Returns:
+      `[N, Hc, Wc]` bool, equal to `paste_masks(masks, boxes, image_size, threshold,
+      method=method)` on the image.
+    """
+    if method not in PASTE_METHODS:
+        raise ValueError(f"method must be one of {PASTE_METHODS}, got {method!r}")
+    paste = _paste_one_detectron2 if method == "detectron2" else _paste_one_torchvision
+    image_size = tf.cast(image_size, tf.int32)
+    canvas = image_size if canvas is None else tf.cast(canvas, tf.int32)
+    return tf.map_fn(
+        lambda x: paste(x[0], x[1], image_size[0], image_size[1], canvas, threshold),
+        (tf.cast(masks, tf.float32), tf.cast(boxes, tf.float32)),
+        fn_output_signature=tf.TensorSpec([None, None], tf.bool),
+    )
+
+
+def _boxes_to_original(boxes: tf.Tensor, resized: tf.Tensor, orig: tf.Tensor) -> tf.Tensor:
+    """`coco_eval.boxes_to_original`: x * (orig_w / resized_w), y * (orig_h / resized_h), f32."""
+    ratios = tf.cast(orig, tf.float32) / tf.cast(resized, tf.float32)  # (h, w)
+    return boxes * tf.stack([ratios[1], ratios[0], ratios[1], ratios[0]])
+
+
+class _Detector:
+    """The TF computations of the saved functions: preprocess, model, postprocess.
+
+    `weights` are the variables' leaves (jax tree order), `names` [K] string and `ids` [K]
+    int32 the class names and category ids of labels 0..K-1: tf.Variables the saved module
+    tracks."""
+
+    def __init__(
+        self,
+        predictor: Predictor,
+        weights: Sequence[tf.Variable],
+        names: tf.Variable,
+        ids: tf.Variable,
+        *,
+        platforms: Sequence[str],
+        full_masks: bool,
+        batch_size: int,
+    ):
+        config = predictor.config
+        self.data, self.canvas = config.data, tuple(config.data.image_size)
+        self.weights, self.names, self.ids = weights, names, ids
+        self.paste = config.model.roi_heads.mask_paste if full_masks else None
+        self.batch_size = batch_size
+        self.single = _Model(predictor, 1, platforms)
+        self.batched = self.single if batch_size == 1 else _Model(predictor, batch_size, platforms)
+
+    def _preprocess(self, image: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        tf.debugging.assert_positive(
+            tf.shape(image)[:2], message="image height and width must be positive"
+        )
+        return pipeline.resize_and_pad_tf(image, self.data)
+
+    def _postprocess(self, out, resized, orig, threshold) -> tuple[dict, tf.Tensor]:
+        """One image's model outputs [D, ...] (resized to `resized`, originally `orig` (h, w))
+        -> (the outputs of the kept detections, first, padded to D; their unclipped boxes)."""
+        keep = out["valid"] & (out["scores"] >= threshold)
+        order = tf.argsort(tf.cast(~keep, tf.int32), stable=True)
+        out = {k: tf.gather(v, order) for k, v in out.items()}
+        keep = tf.gather(keep, order)
+        boxes = _boxes_to_original(out["boxes"], resized, orig)
+        labels = tf.where(keep, out["classes"], -1)
+        safe = tf.maximum(labels, 0)
+        limit = tf.cast(tf.stack([orig[1], orig[0], orig[1], orig[0]]), tf.float32)
+        result = {
+            "boxes": tf.where(keep[:, None], tf.clip_by_value(boxes, 0.0, limit), 0.0),
+            "scores": tf.where(keep, out["scores"], 0.0),
+            "labels": labels,
+            "classes": tf.where(keep, tf.gather(self.ids, safe), -1),
+            "class_names": tf.where(keep, tf.gather(self.names, safe), ""),
+            "masks": tf.where(keep[:, None, None], out["masks"], 0.0),
+            "num_detections": tf.reduce_sum(tf.cast(keep, tf.int32)),
+        }
+        return result, tf.where(keep[:, None], boxes, 0.0)
+
+    def detect(self, image: tf.Tensor, threshold: tf.Tensor) -> dict[str, tf.Tensor]:
+        """`image [H, W, 3]` uint8 -> the `serving_default` outputs (module docstring)."""
+        canvas, resized = self._preprocess(image)
+        out = self.single(self.weights, canvas[None], resized[None])
+        orig = tf.shape(image)[:2]
+        result, boxes = self._postprocess(
+            {k: v[0] for k, v in out.items()}, resized, orig, threshold
+        )
+        n = result.pop("num_detections")
+        result = {k: v[:n] for k, v in result.items()}
+        if self.paste:  # only the kept detections
+            result["full_masks"] = paste_masks_tf(result["masks"], boxes[:n], orig, self.paste)
+        return result
+
+    def detect_batch(self, images, image_sizes, threshold) -> dict[str, tf.Tensor]:
+        """`images [B, Hmax, Wmax, 3]` uint8, `image_sizes [B, 2]` -> `serving_batch` outputs."""
+        image_sizes = tf.cast(image_sizes, tf.int32)
+        tf.debugging.assert_less_equal(
+            image_sizes, tf.shape(images)[1:3][None], message="image_sizes beyond the images"
+        )
+        canvases, resized = tf.map_fn(
+            lambda x: self._preprocess(x[0][: x[1][0], : x[1][1]]),
+            (images, image_sizes),
+            fn_output_signature=(
+                tf.TensorSpec([*self.canvas, 3], tf.float32),
+                tf.TensorSpec([2], tf.int32),
+            ),
+        )
+        outputs = self._run_chunks(canvases, resized)
+        full_canvas = tf.shape(images)[1:3]
+
+        def postprocess(x):
+            out, size, orig = x
+            result, boxes = self._postprocess(out, size, orig, threshold)
+            if self.paste:
+                pasted = paste_masks_tf(result["masks"], boxes, orig, self.paste, full_canvas)
+                valid = tf.range(tf.shape(boxes)[0]) < result["num_detections"]
+                result["full_masks"] = pasted & valid[:, None, None]
+            return result
+
+        return tf.map_fn(
+            postprocess, (outputs, resized, image_sizes), fn_output_signature=self._output_spec()
+        )
+
+    def _run_chunks(self, canvases: tf.Tensor, resized: tf.Tensor) -> dict[str, tf.Tensor]:
+        """The `batch_size` model over a batch of any size B (last chunk padded) -> [B, D, ...]."""
+        b, size = tf.shape(canvases)[0], self.batch_size
+        pad = (-b) % size
+        canvases = tf.pad(canvases, [[0, pad], [0, 0], [0, 0], [0, 0]])
+        resized = tf.concat([resized, tf.tile([self.canvas], [pad, 1])], axis=0)
+        chunks = (
+            tf.reshape(canvases, [-1, size, *self.canvas, 3]),
+            tf.reshape(resized, [-1, size, 2]),
+        )
+        e = self.batched.exported
+        spec = jax.tree_util.tree_unflatten(
+            e.out_tree, [tf.TensorSpec(a.shape, tf.as_dtype(a.dtype)) for a in e.out_avals]
+        )
+        outputs = tf.map_fn(
+            lambda x: self.batched(self.weights, x[0], x[1]), chunks, fn_output_signature=spec
+        )
+        return {k: tf.reshape(v, [-1, *v.shape[2:]])[:b] for k, v in outputs.items()}
+
+    def _output_spec(self) -> dict[str, tf.TensorSpec]:
+        """`serving_batch`'s per-image outputs [D, ...]."""
+        avals = jax.tree_util.tree_unflatten(
+            self.single.exported.out_tree, self.single.exported.out_avals
+        )
+        d, mask = avals["masks"].shape[1], avals["masks"].shape[2:]
+        spec = {
+            "boxes": tf.TensorSpec([d, 4], tf.float32),
+            "scores": tf.TensorSpec([d], tf.float32),
+            "labels": tf.TensorSpec([d], tf.int32),
+            "classes": tf.TensorSpec([d], tf.int32),
+            "class_names": tf.TensorSpec([d], tf.string),
+            "masks": tf.TensorSpec([d, *mask], tf.float32),
+            "num_detections": tf.TensorSpec([], tf.int32),
+        }
+        if self.paste:
+            spec["full_masks"] = tf.TensorSpec([d, None, None], tf.bool)
+        return spec
+
+
+# ------------------------------------------------------------------------------ the export
+
+
+def _variable_name(path) -> str:
+    """`params/backbone/stem_conv/kernel` for a variables-tree path."""
+    return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
+def _module(
+    predictor: Predictor,
+    *,
+    platforms: Sequence[str],
+    full_masks: bool,
+    score_threshold: float,
+    batch_size: int,
+    config_path: str,
+) -> tuple[tf.Module, dict[str, Any]]:
+    """The tf.Module to save (variables, config asset, functions) and its signatures."""
+    config = predictor.config
+    module = tf.Module()
+    module.weights = [
+        tf.Variable(np.asarray(x), trainable=False, name=_variable_name(path))
+        for path, x in jax.tree_util.tree_leaves_with_path(predictor.variables)
+    ]
+    ids = tuple(config.data.label_to_category_id) or tuple(range(config.model.num_classes))
+    module.class_names = tf.Variable(predictor.class_names, trainable=False, name="class_names")
+    module.category_ids = tf.Variable(ids, dtype=tf.int32, trainable=False, name="category_ids")
+    module.step = tf.Variable(predictor.step, dtype=tf.int64, trainable=False, name="step")
+    module.config_file = tf.saved_model.Asset(config_path)
+    detector = _Detector(
+        predictor,
+        module.weights,
+        module.class_names,
+        module.category_ids,
+        platforms=platforms,
+        full_masks=full_masks,
+        batch_size=batch_size,
+    )
+
+    default = tf.constant(score_threshold, tf.float32)
+    image = tf.TensorSpec([None, None, 3], tf.uint8, name="image")
+    images = tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")
+    sizes = tf.TensorSpec([None, 2], tf.int32, name="image_sizes")
+    threshold = tf.TensorSpec([], tf.float32, name="score_threshold")
+
+    @tf.function(input_signature=[image, threshold], autograph=False)
+    def detect(image, score_threshold=default):
+        return detector.detect(image, score_threshold)
+
+    @tf.function(input_signature=[images, sizes, threshold], autograph=False)
+    def detect_batch(images, image_sizes, score_threshold=default):
+        return detector.detect_batch(images, image_sizes, score_threshold)
+
+    @tf.function(input_signature=[image], autograph=False)
+    def serving_default(image):
+        return detect(image, default)
+
+    @tf.function(input_signature=[images, sizes], autograph=False)
+    def serving_batch(images, image_sizes):
+        return detect_batch(images, image_sizes, default)
+
+    module.detect, module.detect_batch = detect, detect_batch
+    signatures = {
+        "serving_default": serving_default.get_concrete_function(),
+        "serving_batch": serving_batch.get_concrete_function(),
+    }
+    return module, signatures
+
+
+def export_saved_model(
+    source: Predictor | str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    checkpoint_step: int | None = None,
+    platforms: Sequence[str] = ("cpu",),
+    full_masks: bool = False,
+    score_threshold: float = 0.5,
+    batch_size: int = 1,
+) -> epath.Path:
+    """Writes a checkpoint's whole inference path as a TensorFlow SavedModel (module docstring).
+
+    Args:
+      source: a `Predictor` (`mrcnn_jax.load_checkpoint(...)`), or what `load_checkpoint`
+        takes: a workdir, its `checkpoints/` or one `checkpoints/<step>` directory.
+      out_dir: the SavedModel directory to create (absent or empty).
+      checkpoint_step: the checkpoint to load when `source` is a path (default: the latest).
+      platforms: what the model is compiled for, any of `PLATFORMS` (one module holds them
+        all; TF picks the one it runs on).
+      full_masks: also output the masks pasted into the image (`full_masks`, bool [N, H, W]),
+        as `config.model.roi_heads.mask_paste` says.
+      score_threshold: the signatures' threshold (and the functions' default): detections
+        scoring at least this are returned.
+      batch_size: the static batch of the model inside `serving_batch` (batches of any size
+        run in chunks of it).
+
+    Returns:
+      `out_dir`.
+
+    Raises:
+      ValueError: bad arguments, or a config the SavedModel cannot represent (`check_exportable`
+        names the field).
+      FileExistsError: `out_dir` is not empty.
+    """
+    unknown = sorted(set(platforms) - set(PLATFORMS))
+    if not platforms or unknown:
+        raise ValueError(f"platforms={tuple(platforms)} must be some of {PLATFORMS}")
+    if not 0.0 <= score_threshold <= 1.0:
+        raise ValueError(f"score_threshold={score_threshold} must be in [0, 1]")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be positive")
+    out_dir = epath.Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir} is not empty")
+    if isinstance(source, Predictor):
+        predictor = source
+    else:
+        predictor = load_checkpoint(source, checkpoint_step)
+    check_exportable(predictor.config, full_masks)
+    with tempfile.TemporaryDirectory() as tmp:
+        config_path = os.path.join(tmp, "config.json")
+        with open(config_path, "w") as f:
+            json.dump(json.loads(predictor.config.to_json()), f, indent=2)
+        module, signatures = _module(
+            predictor,
+            platforms=tuple(platforms),
+            full_masks=full_masks,
+            score_threshold=score_threshold,
+            batch_size=batch_size,
+            config_path=config_path,
+        )
+        tf.saved_model.save(module, str(out_dir), signatures=signatures)
+    return out_dir
