@@ -16,6 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
     config = coco_r50_fpn_1x.get_config()
     config.data.image_size = (1024, 1024)
     config.data.resize_max_long_side = 1024  # Shorter side 800, longer ≤ 1024: fits the canvas.
+    config.data.canvas_groups = ((832, 1024), (1024, 832))  # Training: landscape, portrait.
     config.model.dtype = "bfloat16"  # Compute in bf16; parameters and the optimizer stay fp32.
     config.model.norm = "sync"  # Cross-replica BN statistics over the data axis.
     config.model.freeze_at = 1

@@ -44,6 +44,17 @@ def get_config() -> ml_collections.ConfigDict:
     # Training skips images without a non-crowd object (Detectron2's FILTER_EMPTY_ANNOTATIONS,
     # torchvision's references); False trains on them as all-negative images.
     data.skip_empty_train_images = True
+    # Aspect-ratio grouping (training only; eval keeps image_size): canvases (H, W), multiples
+    # of model.size_divisibility, e.g. ((832, 1344), (1344, 832)) (landscape, portrait) instead
+    # of one square that pads every image. Each image goes to the first canvas holding its
+    # resized size (at the largest training shorter side); each global batch is one group,
+    # drawn per step from the seed and the step (so resumes and hosts agree); one compiled
+    # train step per canvas. Needs resize_short_side > 0. () = off: image_size only.
+    data.canvas_groups = ()
+    # Probability of each group per step; () = equal. Match the fraction of the training images
+    # in each group (pipeline.canvas_group_counts reads it from the image headers); else the
+    # images of an over-weighted group repeat more often than the others.
+    data.canvas_group_weights = ()
     data.shuffle_buffer = 1024  # Examples in the tf.data shuffle buffer.
     data.class_names = ()  # Names of labels 0..K-1; () = taken from the dataset at train start.
     data.label_to_category_id = ()  # COCO category id of each label; () = from the dataset.

@@ -45,13 +45,35 @@ skips ``N · batch_size`` undecoded records (exactly, on any number of processes
 on another number of hosts without repeating or skipping an example. One process gives the
 order it gave before this scheme (its seeds are those of the former process 0).
 
+Canvas groups (train, ``data.canvas_groups``, e.g. ``((832, 1344), (1344, 832))``; ``()`` =
+off, the scheme above with the one canvas ``image_size``): aspect-ratio grouping with static
+shapes (``canvas_groups.py``). Each training image belongs to the first group whose canvas holds
+its resized size, un-jittered at the largest training shorter side and rounded up to
+``model.size_divisibility`` (landscape and square images to a wide canvas, portrait ones to a
+tall one); the size is read from the encoded header, without decoding (JPEG frame header, PNG
+IHDR; any other format is decoded once more just for its size). Every global batch is ONE
+group: step ``s`` draws its group from ``config.seed`` and ``s`` only
+(``canvas_groups.step_groups``, probabilities ``data.canvas_group_weights``). Each group has its
+own record stream, built as the single stream above (its own file-order, shuffle and
+augmentation seeds, from ``[seed, 2, group]``) from the records of that group, filtered BEFORE
+numbering; batch ``s`` is the next batch of its group's stream, cropped and padded to the
+group's canvas. ``start_step=N`` skips, in each group's stream, ``(steps of that group among
+0..N-1) · batch_size`` undecoded records, counted exactly from the draws, so a resumed or
+multi-host run sees the same batches. The weights decide how often each stream is read: equal
+to the fraction of the training images in each group (``canvas_group_counts`` counts them from
+the headers), every image trains equally often; an over-weighted group's images repeat more
+often than the others'. The model's answer does not depend on the canvas
+(CONTRACTS.md), and the jitted train step compiles once per group. Eval keeps ``image_size``.
+
 Cost: decoding, augmentation and mask cropping (nearly all the work) stay split over the
 processes, but every process reads and parses the undecoded records of the whole split (the
 image bytes are not decoded): ``process_count`` times the reading of per-process file shards.
 For COCO (~160 kB a record), training on 1000 images/s in all, each host reads ~160 MB/s.
-Where that is too much, store the split as ArrayRecord and read it by index
-(``builder.as_data_source()`` with a Grain index sampler seeded from ``config.seed``): each
-process then fetches only the records of its own rows.
+With canvas groups every process reads the split once per group (each stream filters its own
+records: reading and header parsing, no decoding) and each group keeps its own shuffle buffer of
+``shuffle_buffer`` undecoded records. Where that is too much, store the split as ArrayRecord
+and read it by index (``builder.as_data_source()`` with a Grain index sampler seeded from
+``config.seed``): each process then fetches only the records of its own rows.
 
 Eval: each process reads its own ``tfds.split_for_jax_process`` shard (every image exactly once
 over the processes) padded to the same number of batches; the evaluator gathers them.
@@ -61,6 +83,7 @@ shapes at 128²; ~70 images/s for COCO-like 640×480 JPEGs at 512² and ~19 at 1
 instances, 28² masks, scale jitter).
 """
 
+import itertools
 from collections.abc import Iterator
 
 import jax
@@ -70,7 +93,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-from mrcnn_jax.data import get_builder, masks
+from mrcnn_jax.data import canvas_groups, get_builder, masks
 
 Batch = dict[str, np.ndarray]
 _RAW_IMAGE = {"image": tfds.decode.SkipDecoding()}
@@ -128,7 +151,9 @@ def check_canvas(config: ml_collections.ConfigDict) -> None:
     ``resize_max_long_side`` in either orientation, so both canvas sides must be at least that,
     rounded up (``resize_max_long_side = 0``, no cap, cannot fit any canvas); the same holds for
     every shorter side of ``train_short_sides`` (positive integers, only with
-    ``resize_short_side > 0``). Train-time jitter beyond the canvas is cropped.
+    ``resize_short_side > 0``). Train-time jitter beyond the canvas is cropped. With
+    ``canvas_groups``, ``canvas_groups.check`` too (eval keeps ``image_size``, which must still
+    hold both orientations).
     """
     data, divisibility = config.data, config.model.size_divisibility
     if not _is_int(divisibility) or divisibility <= 0 or divisibility % 32:
@@ -161,8 +186,9 @@ def check_canvas(config: ml_collections.ConfigDict) -> None:
             f"config.data.resize_short_side > 0 (the eval shorter side; got {short}): e.g. "
             f"(640, 672, 704, 736, 768, 800) with resize_short_side=800, or () for one side"
         )
-    if short <= 0:
-        return  # Fit the canvas: the content is at most image_size, a multiple of divisibility.
+    if short <= 0:  # Fit the canvas: the content is at most image_size, a multiple of it.
+        canvas_groups.check(config)  # refuses groups: they need resize_short_side > 0
+        return
     if long <= 0:
         raise ValueError(
             f"config.data.resize_short_side={short} with config.data.resize_max_long_side=0 (no "
@@ -180,6 +206,7 @@ def check_canvas(config: ml_collections.ConfigDict) -> None:
             f"{(max(image_size[0], needed), max(image_size[1], needed))} or "
             f"resize_max_long_side <= {min(image_size)}"
         )
+    canvas_groups.check(config)
 
 
 def _base_scale(
@@ -400,47 +427,33 @@ def _deterministic(dataset: tf.data.Dataset) -> tf.data.Dataset:
     return dataset.with_options(options)
 
 
-def create_train_dataset(
+def _group_data(data: ml_collections.ConfigDict, canvas: tuple[int, int]):
+    """``data`` with the canvas ``image_size`` of a canvas group (the resize with
+    ``resize_short_side > 0`` does not read it; crop and padding do)."""
+    data = data.copy_and_resolve_references()
+    data.image_size = canvas
+    return data
+
+
+def _canvas_group(example: dict, data: ml_collections.ConfigDict, divisibility: int) -> tf.Tensor:
+    """The canvas group (int32 scalar) of an undecoded example: the first of
+    ``data.canvas_groups`` holding its un-jittered resized size at the largest training shorter
+    side, rounded up to ``divisibility``; the size comes from the encoded header."""
+    size = tf.cast(canvas_groups.encoded_image_size(example["image"]), tf.float64)
+    short = tf.constant(canvas_groups.largest_train_short_side(data), tf.float64)
+    resized = tf.maximum(tf.cast(tf.floor(size * _base_scale(size, data, short)), tf.int32), 1)
+    return canvas_groups.first_holding(resized, canvas_groups.groups_of(data), divisibility)
+
+
+def _train_records(
     config: ml_collections.ConfigDict,
-    *,
-    builder: tfds.core.DatasetBuilder | None = None,
-    start_step: int = 0,
-    process_index: int | None = None,
-    process_count: int | None = None,
-) -> Iterator[Batch]:
-    """Endless iterator of this process's training batches (CONTRACTS.md "Batches", train keys).
-
-    Global batch ``s`` (``train.batch_size`` examples) depends only on ``config.seed``, the data
-    and ``s``; process ``p`` of ``n`` yields its rows ``[p·b, (p+1)·b)``, ``b = batch_size / n``,
-    so the slices of all processes, concatenated in process order, are the global batch whatever
-    ``n`` (module docstring, "Data order").
-
-    Args:
-        config: the experiment config (reads ``seed``, ``data`` and ``train.batch_size``, the
-            global batch; each process yields batch_size / process_count examples).
-        builder: dataset builder; default ``get_builder(config.data)``.
-        start_step: number of global batches to skip (resuming at step N), without decoding
-            them; the same on every process.
-        process_index, process_count: this process's place; default JAX's.
-
-    Yields:
-        {"image" [B,H,W,3] f32, "image_size" [B,2] i32, "gt_boxes" [B,M,4] f32 (x1,y1,x2,y2),
-        "gt_classes" [B,M] i32 (-1 padding), "gt_valid" [B,M] bool, "gt_masks" [B,M,S,S] u8}.
-
-    Raises:
-        ValueError: from ``check_canvas``, before any data is read.
-    """
-    check_canvas(config)
+    builder: tfds.core.DatasetBuilder,
+    file_seed: int,
+    group: int | None,
+) -> tf.data.Dataset:
+    """The undecoded training records, files in the order of ``file_seed``, without the empty
+    images when skipped, and only those of canvas group ``group`` unless it is None."""
     data = config.data
-    builder = builder or get_builder(data)
-    index, count = _process(process_index, process_count)
-    global_batch = config.train.batch_size
-    batch = _local_batch(global_batch, count)
-    # Seeds of config.seed alone, the same on every process. [seed, 0] are the seeds that
-    # process 0 used when each process read its own file shard, so one process keeps its order.
-    file_seed, shuffle_seed, augment_seed = (
-        int(s) for s in np.random.SeedSequence([config.seed, 0]).generate_state(3)
-    )
     dataset = builder.as_dataset(
         split=data.train_split,
         shuffle_files=True,
@@ -449,8 +462,38 @@ def create_train_dataset(
     )
     if data.skip_empty_train_images:
         dataset = dataset.filter(_has_trainable_object)
+    if group is not None:
+        divisibility = config.model.size_divisibility
+        dataset = dataset.filter(
+            tf.autograph.experimental.do_not_convert(
+                lambda example: tf.equal(_canvas_group(example, data, divisibility), group)
+            )
+        )
+    return dataset
+
+
+def _train_stream(
+    config: ml_collections.ConfigDict,
+    builder: tfds.core.DatasetBuilder,
+    seeds: tuple[int, int, int],
+    skipped: int,
+    place: tuple[int, int],
+    group: int | None = None,
+) -> Iterator[Batch]:
+    """One numbered record stream: this process's batches of it (module docstring, "Data order").
+
+    ``seeds`` are the (file order, shuffle, augmentation) seeds; the first ``skipped`` records
+    are dropped undecoded; ``place`` is (process index, count); ``group`` picks the records and
+    the canvas of one canvas group (None: all records, canvas ``data.image_size``).
+    """
+    data = config.data
+    if group is not None:
+        data = _group_data(data, canvas_groups.groups_of(data)[group])
+    (index, count), global_batch = place, config.train.batch_size
+    batch = _local_batch(global_batch, count)
+    file_seed, shuffle_seed, augment_seed = seeds
+    dataset = _train_records(config, builder, file_seed, group)
     dataset = dataset.shuffle(data.shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=True)
-    skipped = start_step * global_batch
     dataset = dataset.repeat().skip(skipped).enumerate(start=skipped)
 
     @tf.autograph.experimental.do_not_convert
@@ -471,13 +514,123 @@ def create_train_dataset(
 
     dataset = dataset.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     dataset = dataset.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-    return _endless(_numpy_batches(_deterministic(dataset), data.max_instances), data)
+    return _endless(_numpy_batches(_deterministic(dataset), data.max_instances), data, group)
 
 
-def _endless(batches: Iterator[Batch], data: ml_collections.ConfigDict) -> Iterator[Batch]:
+def _seeds(*entropy: int) -> tuple[int, int, int]:
+    """(file order, shuffle, augmentation) seeds of a record stream."""
+    return tuple(int(s) for s in np.random.SeedSequence(list(entropy)).generate_state(3))
+
+
+def create_train_dataset(
+    config: ml_collections.ConfigDict,
+    *,
+    builder: tfds.core.DatasetBuilder | None = None,
+    start_step: int = 0,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> Iterator[Batch]:
+    """Endless iterator of this process's training batches (CONTRACTS.md "Batches", train keys).
+
+    Global batch ``s`` (``train.batch_size`` examples) depends only on ``config.seed``, the data
+    and ``s``; process ``p`` of ``n`` yields its rows ``[p·b, (p+1)·b)``, ``b = batch_size / n``,
+    so the slices of all processes, concatenated in process order, are the global batch whatever
+    ``n`` (module docstring, "Data order"). With ``data.canvas_groups`` each batch is padded to
+    the canvas of the group that step ``s`` draws (``canvas_groups.step_groups``) and holds
+    images of that group only ("Canvas groups").
+
+    Args:
+        config: the experiment config (reads ``seed``, ``data`` and ``train.batch_size``, the
+            global batch; each process yields batch_size / process_count examples).
+        builder: dataset builder; default ``get_builder(config.data)``.
+        start_step: number of global batches to skip (resuming at step N), without decoding
+            them; the same on every process.
+        process_index, process_count: this process's place; default JAX's.
+
+    Yields:
+        {"image" [B,H,W,3] f32, "image_size" [B,2] i32, "gt_boxes" [B,M,4] f32 (x1,y1,x2,y2),
+        "gt_classes" [B,M] i32 (-1 padding), "gt_valid" [B,M] bool, "gt_masks" [B,M,S,S] u8};
+        (H, W) is ``data.image_size``, or the canvas of the step's group.
+
+    Raises:
+        ValueError: from ``check_canvas``, before any data is read.
+    """
+    check_canvas(config)
+    data = config.data
+    builder = builder or get_builder(data)
+    place = _process(process_index, process_count)
+    global_batch = config.train.batch_size
+    _local_batch(global_batch, place[1])
+    groups = canvas_groups.groups_of(data)
+    if not groups:
+        # Seeds of config.seed alone, the same on every process. [seed, 0] are the seeds that
+        # process 0 used when each process read its own file shard, so one process keeps its
+        # order.
+        seeds = _seeds(config.seed, 0)
+        return _train_stream(config, builder, seeds, start_step * global_batch, place)
+    earlier_steps = canvas_groups.steps_per_group(config, start_step)
+    streams = [
+        _train_stream(
+            config, builder, _seeds(config.seed, 2, g), int(n) * global_batch, place, group=g
+        )
+        for g, n in enumerate(earlier_steps)
+    ]
+    return _grouped_batches(streams, config, start_step)
+
+
+def _grouped_batches(
+    streams: list[Iterator[Batch]], config: ml_collections.ConfigDict, start_step: int
+) -> Iterator[Batch]:
+    """Batch ``s`` (from ``start_step``) is the next batch of the stream of step s's group."""
+    chunk = 1024  # steps whose groups are drawn at once
+    for first in itertools.count(start_step, chunk):
+        for group in canvas_groups.step_groups(config, np.arange(first, first + chunk)):
+            yield next(streams[group])
+
+
+def canvas_group_counts(
+    config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder | None = None
+) -> np.ndarray:
+    """[G] int64: how many training records fall in each of ``data.canvas_groups``.
+
+    One pass over the undecoded training split (after ``skip_empty_train_images``), reading
+    only the image headers (``canvas_groups.encoded_image_size``); its fractions are the
+    ``data.canvas_group_weights`` that sample every image equally often.
+
+    Raises:
+        ValueError: from ``check_canvas``, or without ``canvas_groups``.
+    """
+    check_canvas(config)
+    groups = canvas_groups.groups_of(config.data)
+    if not groups:
+        raise ValueError("config.data.canvas_groups is () (off): there are no groups to count")
+    builder = builder or get_builder(config.data)
+    records = _train_records(config, builder, file_seed=0, group=None)
+    divisibility = config.model.size_divisibility
+    which = records.map(
+        tf.autograph.experimental.do_not_convert(
+            lambda example: _canvas_group(example, config.data, divisibility)
+        ),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
+    counts = np.zeros(len(groups), np.int64)
+    for block in which.batch(4096).as_numpy_iterator():
+        counts += np.bincount(block, minlength=len(groups))
+    return counts
+
+
+def _endless(
+    batches: Iterator[Batch], data: ml_collections.ConfigDict, group: int | None = None
+) -> Iterator[Batch]:
     """``batches`` (a repeated split, endless unless it holds no example), with a clear error
     in place of a silent end."""
     yield from batches
+    where = ""
+    if group is not None:
+        where = (
+            f" in canvas group {group}, {canvas_groups.groups_of(data)[group]} (config.data."
+            f"canvas_groups; give it config.data.canvas_group_weights 0 or remove it)"
+        )
     raise ValueError(
         f"the training split {data.train_split!r} of {data.dataset!r} has no example"
         + (
@@ -485,6 +638,7 @@ def _endless(batches: Iterator[Batch], data: ml_collections.ConfigDict) -> Itera
             if data.skip_empty_train_images
             else ""
         )
+        + where
     )
 
 

@@ -11,6 +11,12 @@ Without a checkpoint the model starts from its seeded initialisation with the ba
 backbone without such weights is refused (`check_backbone_init`). The final state is always
 checkpointed, so `train.num_steps = 0` writes (and evaluates) the initial checkpoint, step 0.
 Logs go to a tqdm bar, `<workdir>/metrics.jsonl` and TensorBoard event files (process 0).
+
+With `data.canvas_groups` the batches come in one shape per group (the step's group is drawn
+from the seed and the step, so a resumed run gets the same canvas at each step): the jitted
+step compiles once per canvas, the first time a step of that group comes, and never again
+(the model's answer does not depend on the canvas, CONTRACTS.md). Evaluation keeps
+`data.image_size`.
 """
 
 import json
@@ -199,8 +205,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     last_log_time, last_log_step = time.time(), start_step
     eval_metrics = {}
     saved_step = start_step if resuming else None
+    canvases = set()  # of the batches so far: a new one compiles the step (once per group)
     for step in range(start_step, t.num_steps):
-        batch = sharding.shard_batch(next(batches), mesh)
+        batch = next(batches)
+        canvas = batch["image"].shape[1:3]
+        if canvas not in canvases and config.data.canvas_groups:
+            _say(f"step {step}: compiling the train step for the {canvas[0]}x{canvas[1]} canvas")
+        canvases.add(canvas)
+        batch = sharding.shard_batch(batch, mesh)
         state, metrics = train_step(state, batch, jax.random.fold_in(base_key, step))
         done = step + 1
         if done % t.log_every == 0 or done % t.checkpoint_every == 0 or done == t.num_steps:
