@@ -101,6 +101,14 @@ def get_config() -> ml_collections.ConfigDict:
     roi.batch_size_per_image = 512  # RoIs sampled per image for the box/mask heads.
     roi.positive_fraction = 0.25  # Max fraction of foreground RoIs.
     roi.fg_iou = 0.5  # RoI IoU at/above which it is foreground.
+    # Mask-head budget (training): a replica of B images trains its mask head on
+    # G = mask_rois_per_image * B slots filled with the foreground RoIs of all its images, so
+    # its cost follows the positives rather than the F = batch_size_per_image *
+    # positive_fraction slots per image (mostly padding). Positives that fit are all taken
+    # (the loss is unchanged); beyond G, G of them are drawn uniformly. Per image, so a config
+    # means the same on any number of devices. 0 (or >= F): every foreground slot, no budget:
+    # with no measurement of COCO's positives per image at every step, COCO keeps all F.
+    roi.mask_rois_per_image = 0
     roi.box_head_convs = 0  # 3×3 convs before the box head's FCs (torchvision v2: 4).
     roi.box_head_conv_dim = 256  # Width of those convs.
     roi.box_head_fcs = 2  # FC layers of the box head (torchvision v2: 1).

@@ -3,30 +3,50 @@ r"""Benchmarks against torchvision, one subcommand each; every run prints one JS
   python scripts/benchmark.py roi_align [--output_sizes=7,14] [--methods=gather,einsum] [--backward]
   python scripts/benchmark.py nms [--num_boxes=1000,4000] [--iou_threshold=0.7]
   python scripts/benchmark.py train|infer [--sizes=512x512,832x1344] [--batch_size=2] [--matched]
+  python scripts/benchmark.py train --mask_rois_per_image=0,32   # two budgets, alternating calls
+  python scripts/benchmark.py breakdown [--model_config=shapes_r18 --sizes=128x128 --batch_size=8]
 
 Times are the median wall-clock seconds over --repeats calls after --warmup calls (the first of
 which compiles), with `block_until_ready`. torchvision runs on the same inputs in the same process
 and `ratio` is ours / torchvision's (below 1: we are faster). A subcommand ignores the flags it
 does not use (--help says which). `train` and `infer` time R50-FPN Mask R-CNN
-(configs/coco_r50_fpn_1x.py) against torchvision's maskrcnn_resnet50_fpn and report the `work`
-per image of each: RoIs through the box head, and through the mask head the foreground RoIs
-(train) or detections (infer); ours are the static config sizes (padded slots included),
-torchvision's are counted by forward hooks; `matched` says whether they are equal (else `why`).
+(configs/coco_r50_fpn_1x.py; another with --model_config, then without torchvision) against
+torchvision's maskrcnn_resnet50_fpn and report the `work` per image of each: RoIs through the box
+head, and through the mask head the foreground RoIs (train) or detections (infer); ours are the
+static config sizes (padded slots included: in training the mask slots G / B of
+`model.roi_heads.mask_rois_per_image`), torchvision's are counted by forward hooks; `matched`
+says whether they are equal (else `why`).
 --matched gives torchvision our RPN/RoI budgets and score threshold 0 (it returns
 detections_per_image detections, as ours); zero RPN box deltas and no proposal NMS suppression (its
 proposals are then the post_nms_topk best anchors, as many as our static slots: with random
 weights most of its proposals are otherwise degenerate or suppressed, e.g. 35-300 left at 256²);
-and in training at least as many GT objects as our foreground RoI slots (every GT box is also a
-proposal of IoU 1: a foreground RoI), so both fill every slot.
+and in training at least as many GT objects as our mask slots per image (every GT box is also a
+proposal of IoU 1: a foreground RoI) and a positive fraction that caps its foreground RoIs at that
+number, so both fill every slot.
+--mask_rois_per_image=a,b,... times our train step at each mask-head budget, the calls of the
+variants interleaved so that the machine's load hits each alike; each row's `ratio` is against
+the same torchvision run (with --matched, one per budget).
+
+`breakdown` profiles our train step (`jax.profiler`, --repeats steps after --warmup) and sums the
+time of every XLA op by the stage that its name stack names (`jax.named_scope`s and Flax module
+names: backbone+fpn, rpn_head, proposals, roi_sampling, box_roi_align, box_head, mask_roi_align,
+mask_budget, mask_head, mask_targets, losses, optimizer), forward and backward apart (ops under
+`transpose(...)`); ops the compiler made without a name take the stage of their nearest named
+neighbour. `op_seconds` may exceed the step's wall time where independent ops overlap.
 """
 
+import collections
 import functools
+import glob
+import gzip
+import importlib
 import json
 import os
 import re
 import resource
 import statistics
 import sys
+import tempfile
 import time
 
 from absl import app, flags
@@ -67,27 +87,50 @@ flags.DEFINE_list("sizes", ["512x512", "832x1344"], "train, infer: padded input 
 flags.DEFINE_integer("num_objects", 10, "train: ground-truth objects per image.")
 flags.DEFINE_bool("skip_torchvision", False, "train, infer: do not time torchvision's model.")
 flags.DEFINE_bool("matched", False, "train, infer: make torchvision do our work (see above).")
+flags.DEFINE_list(
+    "mask_rois_per_image",
+    None,
+    "train, breakdown: values of model.roi_heads.mask_rois_per_image to time (0: every "
+    "foreground slot); several alternate in one process. Default: the config's.",
+)
+flags.DEFINE_string(
+    "model_config",
+    "coco_r50_fpn_1x",
+    "train, infer, breakdown: configs/ module of our model (torchvision runs only against "
+    "coco_r50_fpn_1x).",
+)
 FLAGS = flags.FLAGS
+MODEL_NAMES = {"coco_r50_fpn_1x": "R50-FPN"}  # --model_config: the name in the output
 _LISTS = {  # flag: (regular expression of an item, what the items are)
     "output_sizes": (r"\d+", "integers"),
     "num_boxes": (r"\d+", "integers"),
     "sizes": (r"\d+x\d+", "HxW sizes"),
     "methods": ("gather|einsum", "gather, einsum"),
+    "mask_rois_per_image": (r"\d+", "integers"),
 }
 for _name, (_item, _what) in _LISTS.items():
-    _check = lambda values, item=_item: bool(values) and all(re.fullmatch(item, v) for v in values)
+    _check = lambda values, item=_item: (
+        values is None or (bool(values) and all(re.fullmatch(item, v) for v in values))
+    )
     flags.register_validator(_name, _check, f"--{_name} must be a comma-separated list of {_what}")
 
 
 def measure(fn, *args) -> tuple[float, float, object]:
     """(seconds of the first call, median seconds of --repeats calls after --warmup calls, the
     last output) of `fn(*args)`, which returns JAX arrays (blocked on) or anything else."""
-    times = []
+    return measure_alternating([functools.partial(fn, *args)])[0]
+
+
+def measure_alternating(fns) -> list[tuple[float, float, object]]:
+    """`measure` of each of the no-argument `fns`, their calls interleaved (the first call of
+    each, then the second of each, ...) so that a changing load hits every one alike."""
+    times, outs = [[] for _ in fns], [None] * len(fns)
     for _ in range(FLAGS.warmup + FLAGS.repeats):
-        start = time.perf_counter()
-        out = jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return times[0], statistics.median(times[FLAGS.warmup :]), out
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            outs[i] = jax.block_until_ready(fn())
+            times[i].append(time.perf_counter() - start)
+    return [(t[0], statistics.median(t[FLAGS.warmup :]), out) for t, out in zip(times, outs)]
 
 
 def compare(first: float, ours: float, reference: float | None, digits: int) -> dict:
@@ -205,11 +248,49 @@ def synthetic_detection_batch(rng, config, num_objects: int) -> dict:
     }
 
 
+class OurTrainStep:
+    """Our train step on fixed inputs, the state carried over: each call runs one step (the first
+    compiles it) and returns its metrics; `compiled` is the program once compiled."""
+
+    def __init__(self, train_step, state, inputs):
+        self.train_step, self.state, self.inputs, self.compiled = train_step, state, inputs, None
+
+    def __call__(self) -> dict:
+        key = jax.random.key(0)
+        if self.compiled is None:
+            self.compiled = self.train_step.lower(self.state, self.inputs, key).compile()
+        self.state, metrics = self.compiled(self.state, self.inputs, key)
+        return metrics
+
+
+def mask_rois_per_image(config) -> float:
+    """Our mask-head training slots per image: G / B."""
+    from mrcnn_jax.modeling.mask_rcnn import num_mask_slots
+
+    batch = config.train.batch_size
+    return num_mask_slots(config.model.roi_heads, batch) / batch
+
+
+def our_configs(size: str) -> list:
+    """The --model_config config at `size` (HxW) and --batch_size, one per
+    --mask_rois_per_image value (one with the config's own without the flag)."""
+    module = importlib.import_module(f"configs.{FLAGS.model_config}")
+    configs = []
+    for value in FLAGS.mask_rois_per_image or [None]:
+        config = module.get_config()
+        config.data.image_size = tuple(int(v) for v in size.split("x"))
+        config.train.batch_size = FLAGS.batch_size
+        if value is not None:
+            config.model.roi_heads.mask_rois_per_image = int(value)
+        configs.append(config)
+    return configs
+
+
 def our_model(config, batch: dict, train: bool):
-    """A no-argument function running one train step (the state carried over) or one inference
-    of our model, and the (box head, mask head) RoIs per image of either (static sizes)."""
+    """A no-argument function running one train step (`OurTrainStep`) or one inference of our
+    model, and the (box head, mask head) RoIs per image of either (static sizes)."""
     from mrcnn_jax import sharding
-    from mrcnn_jax.modeling.mask_rcnn import MaskRCNN, num_foreground_slots
+    from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
     from mrcnn_jax.programs import evaluator
     from mrcnn_jax.train import state as state_lib
     from mrcnn_jax.train import step as step_lib
@@ -224,18 +305,14 @@ def our_model(config, batch: dict, train: bool):
         sizes = config.model.rpn.post_nms_topk_test, r.detections_per_image
         return functools.partial(predict, variables, inputs), sizes
     train_step = step_lib.make_train_step(config, mesh, lr_fn)
-    inputs, holder = sharding.shard_batch(batch, mesh), [state]
-
-    def run():
-        holder[0], metrics = train_step(holder[0], inputs, jax.random.key(0))
-        return metrics
-
-    return run, (r.batch_size_per_image, num_foreground_slots(r))
+    step = OurTrainStep(train_step, state, sharding.shard_batch(batch, mesh))
+    return step, (r.batch_size_per_image, mask_rois_per_image(config))
 
 
 def torchvision_model(config, batch: dict, train: bool) -> tuple[float, dict]:
     """Median seconds of torchvision's maskrcnn_resnet50_fpn on the same images (and targets),
-    and the RoIs per image its box and mask heads saw (forward hooks) in the last call."""
+    and the RoIs per image its box and mask heads saw (forward hooks) in the last call. With
+    --matched in training, its foreground RoIs are capped at our mask slots per image."""
     (h, w), rpn, r = config.data.image_size, config.model.rpn, config.model.roi_heads
     kwargs = dict(weights=None, weights_backbone=None, num_classes=config.model.num_classes + 1)
     kwargs.update(min_size=min(h, w), max_size=max(h, w))
@@ -247,7 +324,7 @@ def torchvision_model(config, batch: dict, train: bool) -> tuple[float, dict]:
             rpn_post_nms_top_n_test=rpn.post_nms_topk_test,
             rpn_nms_thresh=1.0,  # no suppression, see the module docstring
             box_batch_size_per_image=r.batch_size_per_image,
-            box_positive_fraction=r.positive_fraction,
+            box_positive_fraction=mask_rois_per_image(config) / r.batch_size_per_image,
             box_detections_per_img=r.detections_per_image,
             box_score_thresh=0.0,
         )
@@ -278,43 +355,193 @@ def torchvision_model(config, batch: dict, train: bool) -> tuple[float, dict]:
     return measure(step)[1], work
 
 
-def run_model(train: bool) -> list[dict]:
-    """R50-FPN Mask R-CNN train step or inference on one device, ours vs torchvision's."""
-    from configs import coco_r50_fpn_1x
-    from mrcnn_jax.modeling.mask_rcnn import num_foreground_slots
+def with_torchvision() -> bool:
+    return (
+        torchvision is not None
+        and not FLAGS.skip_torchvision
+        and (FLAGS.model_config == "coco_r50_fpn_1x")
+    )
 
+
+def run_model(train: bool) -> list[dict]:
+    """Our train step (at each --mask_rois_per_image, alternating) or inference on one device,
+    against torchvision's R50-FPN Mask R-CNN."""
     rng, results = np.random.default_rng(FLAGS.seed), []
     for size in FLAGS.sizes:
-        config = coco_r50_fpn_1x.get_config()
-        config.data.image_size = tuple(int(v) for v in size.split("x"))
-        config.train.batch_size = FLAGS.batch_size
+        configs = our_configs(size) if train else our_configs(size)[:1]
         num_objects = FLAGS.num_objects
-        if FLAGS.matched and train:  # a GT per foreground RoI slot
-            num_objects = max(num_objects, num_foreground_slots(config.model.roi_heads))
-        config.data.max_instances = max(config.data.max_instances, num_objects)
-        batch = synthetic_detection_batch(rng, config, num_objects)
-        run, (box_rois, mask_rois) = our_model(config, batch, train)
-        first, seconds, out = measure(run)
-        valid = out["num_fg_rois"] if train else np.mean(np.sum(out["valid"], 1))
-        ours = {"box_head_rois": box_rois, "mask_head_rois": mask_rois}
-        work = {"ours": {**ours, "valid_mask_head_rois": float(valid)}}
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-        result = {"image_size": size, **({"num_objects": num_objects} if train else {})}
-        result["peak_host_rss_gib"] = round(rss, 2)
-        stats = jax.devices()[0].memory_stats() or {}
-        if "peak_bytes_in_use" in stats:
-            result["peak_device_gib"] = round(stats["peak_bytes_in_use"] / 2**30, 2)
-        reference = None
-        if torchvision is not None and not FLAGS.skip_torchvision:
-            reference, theirs = torchvision_model(config, batch, train)
-            work["torchvision"] = theirs
-            why = [
-                f"{k}: torchvision {v:g}, ours {ours[k]}" for k, v in theirs.items() if v != ours[k]
-            ]
-            result["matched"] = not why
-            if why:
-                result["why"] = "; ".join(why) + ("" if FLAGS.matched else " (see --matched)")
-        results.append({**result, **compare(first, seconds, reference, 3), "work": work})
+        if FLAGS.matched and train:  # a GT per mask slot
+            num_objects = max(num_objects, *(int(mask_rois_per_image(c)) for c in configs))
+        for config in configs:
+            config.data.max_instances = max(config.data.max_instances, num_objects)
+        batch = synthetic_detection_batch(rng, configs[0], num_objects)
+        ours = [our_model(config, batch, train) for config in configs]
+        timed = measure_alternating([run for run, _ in ours])
+        references = {}  # torchvision's (seconds, work) by the mask slots it is matched to
+        for config, (_, (box_rois, mask_rois)), (first, seconds, out) in zip(configs, ours, timed):
+            valid = out["num_mask_rois"] if train else np.mean(np.sum(out["valid"], 1))
+            work_ours = {"box_head_rois": box_rois, "mask_head_rois": mask_rois}
+            work = {"ours": {**work_ours, "valid_mask_head_rois": float(valid)}}
+            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+            result = {"image_size": size, **({"num_objects": num_objects} if train else {})}
+            if train:
+                result["mask_rois_per_image"] = config.model.roi_heads.mask_rois_per_image
+            result["peak_host_rss_gib"] = round(rss, 2)
+            stats = jax.devices()[0].memory_stats() or {}
+            if "peak_bytes_in_use" in stats:
+                result["peak_device_gib"] = round(stats["peak_bytes_in_use"] / 2**30, 2)
+            reference = None
+            if with_torchvision():
+                key = mask_rois if FLAGS.matched and train else None
+                if key not in references:
+                    references[key] = torchvision_model(config, batch, train)
+                reference, theirs = references[key]
+                work["torchvision"] = theirs
+                why = [
+                    f"{k}: torchvision {v:g}, ours {work_ours[k]:g}"
+                    for k, v in theirs.items()
+                    if v != work_ours[k]
+                ]
+                result["matched"] = not why
+                if why:
+                    result["why"] = "; ".join(why) + ("" if FLAGS.matched else " (see --matched)")
+            results.append({**result, **compare(first, seconds, reference, 3), "work": work})
+    return results
+
+
+# Stage: the components of an op's name stack that put it there (the first stage that matches).
+STAGES = {
+    "optimizer": ("optimizer",),
+    "losses": ("losses",),
+    "backbone+fpn": ("backbone", "fpn"),
+    "rpn_head": ("rpn_head",),
+    "proposals": ("proposals",),
+    "roi_sampling": ("sample_rois",),
+    "box_roi_align": ("box_roi_align",),
+    "box_head": ("box_head",),
+    "mask_roi_align": ("mask_roi_align",),
+    "mask_budget": ("sample_mask_rois",),
+    "mask_head": ("mask_head",),
+    "mask_targets": ("mask_targets",),
+}
+_CONTROL_FLOW = ("while", "conditional", "call")  # their body's ops are traced on their own
+_INSTRUCTION = re.compile(r"^\s+(?:ROOT )?%?([\w.\-]+) = .*?\s([a-z][\w\-]*)\((.*)$")
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$")
+
+
+def hlo_stages(hlo_text: str) -> dict[str, tuple[str, str] | None]:
+    """Each instruction of an optimised HLO module: (stage, "forward" or "backward") from its
+    `op_name` metadata or else from that of the nearest instruction along its users (a layout
+    copy takes its consumer's), then along its operands, then the instruction calling its
+    computation; ("other", ...) when none has one. None for control flow, whose bodies'
+    instructions are traced (and counted) on their own."""
+    op_names, users, operands, computation_of, caller = (
+        {},
+        collections.defaultdict(list),
+        {},
+        {},
+        {},
+    )
+    control_flow, computation = set(), None
+    for line in hlo_text.splitlines():
+        if match := _COMPUTATION.match(line):
+            computation = match[1]
+        elif match := _INSTRUCTION.match(line):
+            name, opcode, rest = match.groups()
+            if opcode in _CONTROL_FLOW:
+                control_flow.add(name)
+            op_names[name] = (re.findall(r'op_name="([^"]*)"', rest) or [None])[0]
+            operands[name] = re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
+            for operand in operands[name]:
+                users[operand].append(name)
+            for called in re.findall(r"(?:calls|body|condition|to_apply)=%([\w.\-]+)", rest):
+                caller[called] = name
+            computation_of[name] = computation
+
+    def nearest_name(name: str, max_depth: int = 8) -> str | None:
+        for edges in (users, operands):
+            level, seen = [name], {name}
+            for _ in range(max_depth):
+                named = [op_names[n] for n in level if op_names.get(n)]
+                if named:
+                    return named[0]
+                level = [m for n in level for m in edges.get(n, ()) if m not in seen]
+                seen.update(level)
+        outer = caller.get(computation_of[name])
+        return nearest_name(outer) if outer else None
+
+    stages = {}
+    for name in op_names:
+        op_name = nearest_name(name) or ""
+        parts = [re.sub(r"^(?:\w+\()+|\)+$", "", p) for p in op_name.split("/")]  # jvp(losses)
+        stage = next((s for s, marks in STAGES.items() if any(m in parts for m in marks)), "other")
+        stages[name] = (stage, "backward" if "transpose(" in op_name else "forward")
+    return {name: None if name in control_flow else stage for name, stage in stages.items()}
+
+
+def traced_op_seconds(trace_dir: str, module: str) -> dict[str, float]:
+    """Total seconds of each HLO instruction of `module` in the perfetto trace under
+    `trace_dir` (`jax.profiler.trace(..., create_perfetto_trace=True)`)."""
+    (path,) = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
+    with gzip.open(path) as f:
+        events = json.load(f)["traceEvents"]
+    seconds = collections.Counter()
+    for event in events:
+        args = event.get("args", {})
+        if event.get("ph") == "X" and args.get("hlo_module") == module and "hlo_op" in args:
+            seconds[args["hlo_op"]] += event["dur"] * 1e-6
+    return seconds
+
+
+def stage_seconds(step: OurTrainStep) -> tuple[float, dict]:
+    """Wall seconds per step under the profiler, and seconds per step of each stage's ops
+    (forward, backward and their share of all ops), over --repeats profiled steps."""
+    with tempfile.TemporaryDirectory() as trace_dir:
+        start = time.perf_counter()
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+            for _ in range(FLAGS.repeats):
+                jax.block_until_ready(step())
+        profiled = (time.perf_counter() - start) / FLAGS.repeats
+        hlo = step.compiled.as_text()
+        op_seconds = traced_op_seconds(trace_dir, re.match(r"HloModule ([\w.\-]+)", hlo)[1])
+    stages = hlo_stages(hlo)
+    per_stage = {s: {"forward": 0.0, "backward": 0.0} for s in [*STAGES, "other"]}
+    for name, seconds in op_seconds.items():
+        stage = stages.get(name, ("other", "forward"))
+        if stage is not None:
+            per_stage[stage[0]][stage[1]] += seconds / FLAGS.repeats
+    total = sum(sum(times.values()) for times in per_stage.values())
+    return profiled, {
+        stage: {
+            **{k: round(v, 4) for k, v in times.items()},
+            "share": round(sum(times.values()) / total, 3),
+        }
+        for stage, times in per_stage.items()
+        if sum(times.values())
+    }
+
+
+def run_breakdown() -> list[dict]:
+    """Our train step's seconds per stage (see the module docstring), at each --sizes and
+    --mask_rois_per_image, from a profile of --repeats steps after the timed ones."""
+    rng, results = np.random.default_rng(FLAGS.seed), []
+    for size in FLAGS.sizes:
+        configs = our_configs(size)
+        batch = synthetic_detection_batch(rng, configs[0], FLAGS.num_objects)
+        for config in configs:
+            step, _ = our_model(config, batch, train=True)
+            first, seconds, _ = measure(step)
+            profiled, stages = stage_seconds(step)
+            op_seconds = sum(v["forward"] + v["backward"] for v in stages.values())
+            results.append({
+                "image_size": size,
+                "mask_rois_per_image": config.model.roi_heads.mask_rois_per_image,
+                "first_call_seconds": round(first, 2),
+                "seconds": round(seconds, 3),
+                "profiled_seconds": round(profiled, 3),
+                "op_seconds": round(op_seconds, 3),
+                "stages": stages,
+            })  # fmt: skip
     return results
 
 
@@ -323,6 +550,7 @@ COMMANDS = {
     "nms": run_nms,
     "train": functools.partial(run_model, True),
     "infer": functools.partial(run_model, False),
+    "breakdown": run_breakdown,
 }
 
 
@@ -337,7 +565,7 @@ def main(argv):
     if len(argv) != 2 or argv[1] not in COMMANDS:
         what = f"unknown subcommand {' '.join(argv[1:])!r}" if len(argv) > 1 else "no subcommand"
         raise app.UsageError(f"{what}; expected one of: {', '.join(COMMANDS)}")
-    command, model = argv[1], argv[1] in ("train", "infer")
+    command, model = argv[1], argv[1] in ("train", "infer", "breakdown")
     if FLAGS.repeats is None:
         FLAGS.repeats = 3 if model else 5
     results, device = COMMANDS[command](), jax.devices()[0]
@@ -348,7 +576,7 @@ def main(argv):
         "jax": jax.__version__,
         "torchvision": torchvision.__version__ if torchvision else None,
         "torch_threads": torch.get_num_threads() if torch else None,
-        **({"model": "R50-FPN"} if model else {}),
+        **({"model": MODEL_NAMES.get(FLAGS.model_config, FLAGS.model_config)} if model else {}),
         "config": {"command": command, **flags_of(command)},
         "results": results,
     }

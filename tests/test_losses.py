@@ -1,16 +1,19 @@
 """The summed Mask R-CNN loss (`train.losses.mask_rcnn_losses`) against a plain numpy computation
-of the five terms; each stage's loss alone is tested in test_rpn.py and test_roi_heads.py."""
+of the five terms; each stage's loss alone is tested in test_rpn.py and test_roi_heads.py. The
+mask-head budget (`model.roi_heads.mask_rois_per_image`) leaves the losses and gradients of a
+batch whose positives fit it unchanged."""
 
 import functools
 
 import jax
 import numpy as np
 from conftest import tiny_config
-from helpers import random_boxes
+from helpers import random_boxes, synthetic_batch
 from references import anchor_labels_numpy, bce_numpy, encode_numpy, smooth_l1_numpy
 
-from mrcnn_jax.modeling.mask_rcnn import TrainOutputs
+from mrcnn_jax.modeling.mask_rcnn import MaskRCNN, TrainOutputs
 from mrcnn_jax.ops import targets
+from mrcnn_jax.train import state as state_lib
 from mrcnn_jax.train.losses import mask_rcnn_losses
 
 NAMES = ("loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box_reg", "loss_mask")
@@ -105,9 +108,9 @@ def make_case(seed=0, num_anchors=14, no_gt_images=(1,), mask_side=6):
             (roi_classes > 0)[..., None], rng.normal(0, 1, (2, r, 4)), 0
         ).astype(np.float32),
         roi_valid=np.stack([roi_valid, roi_valid]),
-        mask_logits=rng.normal(0, 3, (2, f, mask_side, mask_side)).astype(np.float32),
-        mask_targets=rng.uniform(0, 1, (2, f, mask_side, mask_side)).astype(np.float32),
-        mask_valid=mask_valid,
+        mask_logits=rng.normal(0, 3, (2 * f, mask_side, mask_side)).astype(np.float32),
+        mask_targets=rng.uniform(0, 1, (2 * f, mask_side, mask_side)).astype(np.float32),
+        mask_valid=mask_valid.reshape(-1),  # G = 2 F: every foreground slot (no budget)
         num_proposals=np.array([20, 20], np.int32),
     )
     return outputs, {"gt_boxes": gt_boxes, "gt_valid": gt_valid}, model_config
@@ -218,10 +221,10 @@ def test_loss_gradients_against_numpy_differences():
 def test_replica_means_equal_the_global_batch_losses():
     """pmean over replicas of the per-replica losses == the losses of the whole batch."""
     outputs, batch, model_config = make_case(no_gt_images=())
-    outputs = outputs._replace(mask_valid=np.array([[True, False, False, False], [True] * 4]))
+    outputs = outputs._replace(mask_valid=np.array([True, False, False, False] + [True] * 4))
     keys = jax.random.split(jax.random.key(0), 2)
     whole = jax.jit(functools.partial(mask_rcnn_losses, config=model_config))(outputs, batch, keys)
-    split = lambda x: x.reshape(2, 1, *x.shape[1:])
+    split = lambda x: x.reshape(2, -1, *x.shape[1:])  # images; mask slots: G / 2 per replica
     per_replica = jax.tree_util.tree_map(split, outputs)
     replicated = jax.jit(
         jax.vmap(
@@ -232,3 +235,52 @@ def test_replica_means_equal_the_global_batch_losses():
     )(per_replica, jax.tree_util.tree_map(split, batch), keys.reshape(2, 1))
     for name in (*NAMES, "loss"):
         np.testing.assert_allclose(np.mean(replicated[name]), whole[name], rtol=1e-5, err_msg=name)
+
+
+# --------------------------------------------------------------------------- the mask-head budget
+
+
+def test_budgeted_mask_head_gives_the_losses_and_gradients_of_all_slots():
+    """G = 3 per image of F = 4 foreground slots: image 0 has no object, so the positives always
+    fit; the losses, gradients and BatchNorm statistics (heads with BatchNorm, which counts only
+    the taken slots) equal those of all B·F slots, on a batch with objects and on one without."""
+    overrides = {"train.batch_size": 4, "model.roi_heads.head_norm": True}
+    configs = [
+        tiny_config(**overrides, **{"model.roi_heads.mask_rois_per_image": n}) for n in (0, 3)
+    ]
+    assert configs[0].model.norm == "batch"
+    variables = state_lib.init_variables(
+        MaskRCNN.from_config(configs[0].model), jax.random.key(0), (64, 64)
+    )
+    roi_keys, rpn_keys = jax.random.split(jax.random.key(3), (2, 4))
+
+    def grad_fn(config):
+        model = MaskRCNN.from_config(config.model)
+
+        def loss_fn(params, batch):
+            outputs, updates = model.apply(
+                {"params": params, "batch_stats": variables["batch_stats"]},
+                batch, train=True, keys=roi_keys, mutable=["batch_stats"],
+            )  # fmt: skip
+            losses = mask_rcnn_losses(outputs, batch, rpn_keys, config.model)
+            return losses["loss"], (losses, updates["batch_stats"], outputs.mask_valid)
+
+        return jax.jit(jax.grad(loss_fn, has_aux=True))
+
+    steps = [grad_fn(config) for config in configs]
+    rng = np.random.default_rng(2)
+    for counts in ([0, 3, 1, 4], [0, 0, 0, 0]):
+        batch = synthetic_batch(configs[0], rng, counts)
+        results = [jax.device_get(step(variables["params"], batch)) for step in steps]
+        (grads0, (losses0, stats0, valid0)), (grads1, (losses1, stats1, valid1)) = results
+        assert valid0.shape == (16,) and valid1.shape == (12,)
+        assert valid1.sum() == valid0.sum() and (valid0.sum() > 0) == (sum(counts) > 0)
+        for name, value in losses0.items():
+            np.testing.assert_allclose(losses1[name], value, rtol=1e-6, atol=1e-8, err_msg=name)
+        for (path, a), b in zip(
+            jax.tree_util.tree_leaves_with_path((grads0, stats0)),
+            jax.tree_util.tree_leaves((grads1, stats1)),
+        ):
+            scale = np.abs(a).max() + 1e-12
+            assert np.abs(a - b).max() <= 1e-5 * scale, jax.tree_util.keystr(path)
+    assert losses0["loss_mask"] == 0  # the batch without objects

@@ -2,7 +2,8 @@
 
 Covers `BoxHead`, `MaskHead` (and its `Deconv2x2`), `sample_rois` (torchvision's box coder and
 numpy IoU), `detect_boxes` (torchvision's `postprocess_detections`) and the stage losses
-`fast_rcnn_loss` and `mask_loss` (numpy). The summed Mask R-CNN loss is tested in test_losses.py.
+`fast_rcnn_loss` and `mask_loss` (numpy), and the mask-head budget (`sample_mask_rois`). The
+summed Mask R-CNN loss is tested in test_losses.py.
 """
 
 import functools
@@ -20,6 +21,7 @@ from mrcnn_jax.modeling.roi_heads import (
     detect_boxes,
     fast_rcnn_loss,
     mask_loss,
+    sample_mask_rois,
     sample_rois,
 )
 
@@ -399,3 +401,77 @@ def test_head_batchnorm_statistics_count_valid_rois_only():
     jax.tree_util.tree_map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), stats, alone
     )
+
+
+# --------------------------------------------------------------------------- the mask-head budget
+
+
+def foreground_slots(slots, counts):
+    """`[B, F]` bool foreground slots, `counts[b]` of them first in image b (as `sample_rois`)."""
+    return np.arange(slots)[None, :] < np.asarray(counts)[:, None]
+
+
+@pytest.mark.parametrize("counts", [[0, 3, 1, 4], [0, 0, 0, 0], [4, 4, 0, 0]])
+def test_sample_mask_rois_takes_every_foreground_slot_that_fits(counts):
+    foreground = foreground_slots(4, counts)
+    keys = jax.random.split(jax.random.key(0), 4)
+    index, valid = jax.jit(sample_mask_rois, static_argnums=2)(keys, foreground, 8)
+    taken = np.flatnonzero(foreground.reshape(-1))
+    assert index.shape == valid.shape == (8,) and index.dtype == jnp.int32
+    np.testing.assert_array_equal(valid, np.arange(8) < len(taken))
+    np.testing.assert_array_equal(np.asarray(index)[: len(taken)], taken)  # image-major order
+    assert (np.asarray(index)[len(taken) :] == 0).all()
+
+
+def test_sample_mask_rois_overflow_is_uniform_and_deterministic():
+    """P = 14 positives in 4 images, G = 5: G distinct positives every time, each positive taken
+    with frequency G / P over many keys, the same draw for the same keys."""
+    counts, budget, num_draws = [6, 0, 3, 5], 5, 4000
+    foreground = foreground_slots(8, counts)
+    positives = np.flatnonzero(foreground.reshape(-1))
+    draw = jax.jit(jax.vmap(lambda key: sample_mask_rois(jax.random.split(key, 4), foreground, 5)))
+    index, valid = jax.device_get(draw(jax.random.split(jax.random.key(1), num_draws)))
+    assert valid.all()
+    assert all(len(set(row)) == budget and set(row) <= set(positives) for row in index)
+    assert (np.diff(index, axis=1) > 0).all()  # image-major order
+    frequency = np.bincount(index.reshape(-1), minlength=foreground.size)[positives] / num_draws
+    p = budget / len(positives)
+    np.testing.assert_allclose(frequency, p, atol=4 * np.sqrt(p * (1 - p) / num_draws))
+    again = jax.device_get(draw(jax.random.split(jax.random.key(1), num_draws)))
+    np.testing.assert_array_equal(again[0], index)
+
+
+def test_budgeted_mask_head_equals_all_slots_when_they_fit():
+    """The mask head (BatchNorm in training) and `mask_loss` on the G gathered slots give the
+    loss, gradients and BatchNorm statistics of all B·F slots, padding slots full of garbage."""
+    rng = np.random.default_rng(5)
+    b, f, budget = 3, 4, 7
+    foreground = foreground_slots(f, [3, 0, 4])
+    features = rng.normal(size=(b * f, 6, 6, 5)).astype(np.float32)
+    features[~foreground.reshape(-1)] = 1e3 * rng.normal(size=(5, 6, 6, 5))
+    classes = rng.integers(0, 3, b * f).astype(np.int32)
+    mask_targets = rng.uniform(size=(b * f, 12, 12)).astype(np.float32)
+    head = MaskHead(num_classes=3, dim=8, num_convs=2, norm="batch")
+    variables = head.init(jax.random.key(0), features, classes)
+    index, valid = sample_mask_rois(jax.random.split(jax.random.key(2), b), foreground, budget)
+
+    def loss(params, x, take):
+        slots = (x, classes, mask_targets, foreground.reshape(-1))
+        if take:
+            slots = (*(a[index] for a in slots[:3]), valid)
+        logits, stats = head.apply(
+            {"params": params, "batch_stats": variables["batch_stats"]},
+            *slots[:2], train=True, valid=slots[3], mutable=["batch_stats"],
+        )  # fmt: skip
+        return mask_loss(logits, slots[2], slots[3]), stats
+
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True), static_argnums=2)
+    (want, want_stats), want_grads = grad(variables["params"], features, False)
+    (got, got_stats), got_grads = grad(variables["params"], features, True)
+    assert float(want) > 0
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    for (path, a), g in zip(
+        jax.tree_util.tree_leaves_with_path((want_grads, want_stats)),
+        jax.tree_util.tree_leaves((got_grads, got_stats)),
+    ):
+        np.testing.assert_allclose(g, a, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))

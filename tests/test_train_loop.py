@@ -173,7 +173,7 @@ def test_train_and_evaluate_writes_logs_checkpoints_and_metrics(trained):
     train_keys = {
         "step", "train/loss", "train/loss_rpn_cls", "train/loss_rpn_box", "train/loss_cls",
         "train/loss_box_reg", "train/loss_mask", "train/num_proposals", "train/num_fg_rois",
-        "train/grad_norm", "train/learning_rate", "train/steps_per_second",
+        "train/num_mask_rois", "train/grad_norm", "train/learning_rate", "train/steps_per_second",
     }  # fmt: skip
     for record in train_records:
         assert set(record) == train_keys

@@ -337,7 +337,7 @@ def parity() -> Parity:
         "rpn_labelled": [int((x >= 0).sum()) for x in anchor_labels],
         "rpn_positive": [int((x == 1).sum()) for x in anchor_labels],
         "rois": [int(x) for x in outputs.roi_valid.sum(1)],
-        "foreground_rois": [int(x) for x in outputs.mask_valid.sum(1)],
+        "foreground_rois": [int(x) for x in (outputs.roi_classes > 0).sum(1)],
         "proposals_and_gt": [
             int(p) + n for p, n in zip(outputs.num_proposals, batch["gt_valid"].sum(1))
         ],

@@ -1,5 +1,6 @@
-"""The jitted data-parallel train step: 8 devices == 1 device, no recompiles, finite on edge
-cases."""
+"""The jitted data-parallel train step: 8 devices == 1 device (also with a mask-head budget
+whose positives fit), no recompiles, finite on edge cases and when the positives overflow the
+mask-head budget."""
 
 import jax
 import numpy as np
@@ -24,10 +25,22 @@ def make_trainer(config, devices):
     )
 
 
-@pytest.mark.parametrize("norm", ["frozen", pytest.param("sync", marks=pytest.mark.slow)])
-def test_eight_devices_match_one_device(norm):
+# F = 8 foreground slots per image and a budget of 5 (G = 40 on one device, 5 per replica on 8):
+# the batch's images have at most 5 positives, so every positive is taken in both runs.
+MASK_BUDGET = {"model.roi_heads.positive_fraction": 0.5, "model.roi_heads.mask_rois_per_image": 5}
+
+
+@pytest.mark.parametrize(
+    "norm, overrides",
+    [
+        ("frozen", {}),
+        pytest.param("frozen", MASK_BUDGET, id="frozen-mask_budget"),
+        pytest.param("sync", {}, marks=pytest.mark.slow),
+    ],
+)
+def test_eight_devices_match_one_device(norm, overrides):
     assert jax.device_count() >= 8, "conftest should force 8 CPU devices"
-    config = tiny_config(**{"model.norm": norm, "train.batch_size": 8})
+    config = tiny_config(**{"model.norm": norm, "train.batch_size": 8, **overrides})
     batch = synthetic_batch(config, np.random.default_rng(0), [1, 2, 3, 0, 2, 1, 3, 4])
     results = []
     for devices in (jax.devices()[:1], jax.devices()[:8]):
@@ -40,6 +53,8 @@ def test_eight_devices_match_one_device(norm):
             metrics8[name], metrics1[name], rtol=1e-4, atol=1e-6, err_msg=name
         )
     assert metrics1["loss_mask"] > 0 and metrics1["loss_box_reg"] > 0
+    for metrics in (metrics1, metrics8):  # every positive trained the mask head
+        assert metrics["num_mask_rois"] == metrics["num_fg_rois"]
     flat1 = jax.tree_util.tree_leaves_with_path(params1)
     flat8 = jax.tree_util.tree_leaves(params8)
     for (path, a), b in zip(flat1, flat8):
@@ -70,3 +85,25 @@ def test_batch_size_not_divisible_by_devices_is_a_clear_error():
     config = tiny_config(**{"train.batch_size": 3})
     with pytest.raises(ValueError, match="not divisible"):
         make_trainer(config, jax.devices()[:2])
+
+
+def test_mask_budget_overflow_subsamples_stays_finite_and_does_not_recompile():
+    """A budget of 1 mask RoI per image (G = 2 per replica of 2 images): steps whose positives
+    overflow it train the mask head on exactly G of them, a step without objects on none."""
+    config = tiny_config(**{"train.batch_size": 4, "model.roi_heads.mask_rois_per_image": 1})
+    m = config.data.max_instances
+    state, train_step, mesh = make_trainer(config, jax.devices()[:2])
+    rng = np.random.default_rng(2)
+    for step, counts in enumerate(([m, 2, 3, m], [1, m, 3, 2], [0, 0, 0, 0])):
+        batch = synthetic_batch(config, rng, counts)
+        state, metrics = train_step(state, sharding.shard_batch(batch, mesh), jax.random.key(step))
+        metrics = jax.device_get(metrics)
+        assert all(np.isfinite(v) for v in metrics.values()), (counts, metrics)
+        if sum(counts):  # every replica overflows: 2 RoIs of its 2 images, 1 per image
+            assert metrics["num_fg_rois"] > 1 and metrics["num_mask_rois"] == 1
+            assert metrics["loss_mask"] > 0
+        else:
+            assert metrics["num_mask_rois"] == metrics["loss_mask"] == 0
+    finite = jax.tree_util.tree_map(lambda x: np.isfinite(np.asarray(x)).all(), state.params)
+    assert all(jax.tree_util.tree_leaves(finite))
+    assert train_step._cache_size() == 1

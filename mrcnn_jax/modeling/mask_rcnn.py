@@ -20,7 +20,13 @@ import ml_collections
 
 from mrcnn_jax.modeling.fpn import FPN
 from mrcnn_jax.modeling.resnet import ResNet
-from mrcnn_jax.modeling.roi_heads import BoxHead, MaskHead, detect_boxes, sample_rois
+from mrcnn_jax.modeling.roi_heads import (
+    BoxHead,
+    MaskHead,
+    detect_boxes,
+    sample_mask_rois,
+    sample_rois,
+)
 from mrcnn_jax.modeling.rpn import RPNHead, generate_proposals
 from mrcnn_jax.ops import anchors as anchor_ops
 from mrcnn_jax.ops import extent as extent_ops
@@ -31,10 +37,12 @@ RPN_LEVELS = ("P2", "P3", "P4", "P5", "P6")
 RPN_STRIDES = (4, 8, 16, 32, 64)
 ROI_LEVELS = ("P2", "P3", "P4", "P5")
 MASK_SIZE_FACTOR = 2  # The mask head's deconv doubles the pooled size (14 → 28).
+_MASK_SAMPLE_STREAM = 0x6D61736B  # folded into each image's key for `sample_mask_rois`
 
 
 class TrainOutputs(NamedTuple):
-    """What the losses need, for a batch of B images (R sampled RoIs, F foreground slots)."""
+    """What the losses need, for a replica's batch of B images (R sampled RoIs per image; G mask
+    slots for the whole replica, `num_mask_slots`)."""
 
     rpn_logits: jnp.ndarray  # [B, A] objectness logits over all levels' anchors.
     rpn_deltas: jnp.ndarray  # [B, A, 4].
@@ -46,9 +54,9 @@ class TrainOutputs(NamedTuple):
     roi_classes: jnp.ndarray  # [B, R] int32 targets (0 background).
     roi_box_targets: jnp.ndarray  # [B, R, 4].
     roi_valid: jnp.ndarray  # [B, R] bool.
-    mask_logits: jnp.ndarray  # [B, F, 28, 28] logits of each foreground RoI's GT class.
-    mask_targets: jnp.ndarray  # [B, F, 28, 28] soft targets in [0, 1].
-    mask_valid: jnp.ndarray  # [B, F] bool: the slot holds a foreground RoI.
+    mask_logits: jnp.ndarray  # [G, 28, 28] logits of each mask slot's GT class.
+    mask_targets: jnp.ndarray  # [G, 28, 28] soft targets in [0, 1].
+    mask_valid: jnp.ndarray  # [G] bool: the slot holds a (taken) foreground RoI.
     num_proposals: jnp.ndarray  # [B] valid proposals per image.
 
 
@@ -61,8 +69,19 @@ def dummy_inputs(image_shape: tuple[int, int]) -> dict[str, jnp.ndarray]:
 
 
 def num_foreground_slots(roi_config: ml_collections.ConfigDict) -> int:
-    """F: the RoI slots that can hold foreground (the only ones the mask head sees in training)."""
+    """F: the RoI slots of an image that can hold foreground (the first F of its sample)."""
     return int(roi_config.batch_size_per_image * roi_config.positive_fraction)
+
+
+def num_mask_slots(roi_config: ml_collections.ConfigDict, num_images: int) -> int:
+    """G: the mask head's training slots for a replica of `num_images` images,
+    `mask_rois_per_image * num_images`; with `mask_rois_per_image` 0 (or at least F), all
+    `F * num_images` foreground slots (no budget)."""
+    f = num_foreground_slots(roi_config)
+    per_image = roi_config.mask_rois_per_image
+    if per_image < 0:
+        raise ValueError(f"model.roi_heads.mask_rois_per_image must be >= 0, got {per_image}")
+    return min(per_image, f) * num_images if per_image else f * num_images
 
 
 class MaskRCNN(nn.Module):
@@ -138,19 +157,23 @@ class MaskRCNN(nn.Module):
         )
         return jax.vmap(generate)(valid_size)
 
-    def _pool(self, pyramid: dict, boxes: jnp.ndarray, output_size: int, valid_size) -> jnp.ndarray:
+    def _pool(
+        self, pyramid: dict, boxes, output_size: int, valid_size, scope: str = "roi_align"
+    ) -> jnp.ndarray:
+        """RoIAlign `[B, N, S, S, C]` of `boxes [B, N, 4]`; `scope` names the stage in profiles."""
         r = self.config.roi_heads
-        return roi_align_ops.multilevel_roi_align(
-            [pyramid[name] for name in ROI_LEVELS],
-            boxes,
-            output_size,
-            min_level=2,
-            sampling_ratio=r.sampling_ratio,
-            aligned=r.aligned,
-            mode=r.roi_align_mode,
-            method=r.roi_align_method,
-            valid_size=valid_size,
-        )
+        with jax.named_scope(scope):
+            return roi_align_ops.multilevel_roi_align(
+                [pyramid[name] for name in ROI_LEVELS],
+                boxes,
+                output_size,
+                min_level=2,
+                sampling_ratio=r.sampling_ratio,
+                aligned=r.aligned,
+                mode=r.roi_align_mode,
+                method=r.roi_align_method,
+                valid_size=valid_size,
+            )
 
     def _proposals(self, logits, deltas, anchors, image_size, train: bool):
         rpn = self.config.rpn
@@ -165,23 +188,18 @@ class MaskRCNN(nn.Module):
             nms_threshold=rpn.nms_threshold,
             min_size=rpn.min_size,
         )
-        return jax.vmap(propose)(
-            logits, deltas, [a.boxes for a in anchors], [a.valid for a in anchors], image_size
-        )
+        with jax.named_scope("proposals"):
+            return jax.vmap(propose)(
+                logits, deltas, [a.boxes for a in anchors], [a.valid for a in anchors], image_size
+            )
 
-    def _mask_logits(
-        self, pyramid, boxes, classes, valid_size, train: bool = False, valid=None
-    ) -> jnp.ndarray:
-        """Mask logits `[B, N, 28, 28]` of `classes [B, N]` (0..K-1) in `boxes [B, N, 4]`;
-        `valid [B, N]` (training) marks the RoIs the head's BatchNorm statistics count."""
+    def _mask_logits(self, pyramid, boxes, classes, valid_size) -> jnp.ndarray:
+        """Mask logits `[B, N, 28, 28]` of `classes [B, N]` (0..K-1) in `boxes [B, N, 4]`."""
         b, n = classes.shape
-        pooled = self._pool(pyramid, boxes, self.config.roi_heads.mask_pooler_size, valid_size)
-        logits = self.mask_head(
-            pooled.reshape(b * n, *pooled.shape[2:]),
-            classes.reshape(-1),
-            train=train,
-            valid=None if valid is None else valid.reshape(-1),
+        pooled = self._pool(
+            pyramid, boxes, self.config.roi_heads.mask_pooler_size, valid_size, "mask_roi_align"
         )
+        logits = self.mask_head(pooled.reshape(b * n, *pooled.shape[2:]), classes.reshape(-1))
         return logits.reshape(b, n, *logits.shape[1:])
 
     def __call__(self, batch: dict, *, train: bool, keys: jax.Array | None = None):
@@ -192,7 +210,8 @@ class MaskRCNN(nn.Module):
             `image_size [B, 2]` int32 (height, width of the content); in training also
             `gt_boxes [B, M, 4]`, `gt_classes [B, M]`, `gt_valid [B, M]`, `gt_masks [B, M, S, S]`.
           train: training mode (batch-statistics BN, RoI sampling, `TrainOutputs`).
-          keys: `[B]` PRNG keys, one per image, for RoI sampling (training only).
+          keys: `[B]` PRNG keys, one per image, for RoI sampling and the mask-head budget's
+            draw (training only).
 
         Returns:
           `TrainOutputs` in training; otherwise a dict with `boxes [B, D, 4]`, `scores [B, D]`,
@@ -237,39 +256,25 @@ class MaskRCNN(nn.Module):
             fg_iou=r.fg_iou,
             box_reg_weights=r.box_reg_weights,
         )
-        targets = jax.vmap(sample)(
-            keys,
-            proposals.boxes,
-            proposals.valid,
-            batch["gt_boxes"],
-            batch["gt_classes"],
-            batch["gt_valid"],
-        )
+        with jax.named_scope("sample_rois"):
+            targets = jax.vmap(sample)(
+                keys,
+                proposals.boxes,
+                proposals.valid,
+                batch["gt_boxes"],
+                batch["gt_classes"],
+                batch["gt_valid"],
+            )
         b, num_rois = targets.classes.shape
-        pooled = self._pool(pyramid, targets.rois, r.box_pooler_size, valid_size)
+        pooled = self._pool(pyramid, targets.rois, r.box_pooler_size, valid_size, "box_roi_align")
         class_logits, box_deltas = self.box_head(
             pooled.reshape(b * num_rois, *pooled.shape[2:]),
             train=True,
             valid=targets.valid.reshape(-1),
         )
 
-        f = num_foreground_slots(r)
-        fg_classes = jnp.maximum(targets.classes[:, :f] - 1, 0)
-        mask_logits = self._mask_logits(
-            pyramid,
-            targets.rois[:, :f],
-            fg_classes,
-            valid_size,
-            train=True,
-            valid=targets.is_foreground[:, :f],
-        )
-        gt_index = targets.gt_index[:, :f]
-        take = jax.vmap(lambda x, i: x[i])
-        mask_targets = jax.vmap(target_ops.mask_targets, in_axes=(0, 0, 0, None))(
-            take(batch["gt_masks"], gt_index).astype(jnp.float32),
-            take(batch["gt_boxes"], gt_index),
-            targets.rois[:, :f],
-            r.mask_pooler_size * MASK_SIZE_FACTOR,
+        mask_logits, mask_targets, mask_valid = self._train_masks(
+            batch, valid_size, pyramid, targets, keys
         )
         return TrainOutputs(
             rpn_logits=jnp.concatenate(rpn_logits, axis=1),
@@ -284,14 +289,46 @@ class MaskRCNN(nn.Module):
             roi_valid=targets.valid,
             mask_logits=mask_logits,
             mask_targets=jax.lax.stop_gradient(mask_targets),
-            mask_valid=targets.is_foreground[:, :f],
+            mask_valid=mask_valid,
             num_proposals=jnp.sum(proposals.valid, axis=1),
         )
+
+    def _train_masks(self, batch, valid_size, pyramid, targets, keys):
+        """Mask logits, targets `[G, 28, 28]` and validity `[G]` of the replica's G mask slots,
+        filled from the first F (foreground) slots of every image (`sample_mask_rois`).
+
+        Without a budget (G = B·F) the slots hold every foreground RoI, compacted. The gather
+        also keeps XLA:CPU from fusing RoIAlign into the layout copy that the first conv's
+        weight gradient reads (docs/performance.md)."""
+        r = self.config.roi_heads
+        b, f = targets.classes.shape[0], num_foreground_slots(r)
+        pooled = self._pool(
+            pyramid, targets.rois[:, :f], r.mask_pooler_size, valid_size, "mask_roi_align"
+        )
+        with jax.named_scope("sample_mask_rois"):
+            mask_keys = jax.vmap(lambda k: jax.random.fold_in(k, _MASK_SAMPLE_STREAM))(keys)
+            foreground = targets.is_foreground[:, :f]
+            index, valid = sample_mask_rois(mask_keys, foreground, num_mask_slots(r, b))
+            take = lambda x: x[:, :f].reshape(b * f, *x.shape[2:])[index]
+            features = pooled.reshape(b * f, *pooled.shape[2:])[index]
+            classes, rois = jnp.maximum(take(targets.classes) - 1, 0), take(targets.rois)
+            gt = (index // f, take(targets.gt_index))
+        logits = self.mask_head(features, classes, train=True, valid=valid)
+        with jax.named_scope("mask_targets"):
+            mask_targets = target_ops.mask_targets(
+                batch["gt_masks"][gt].astype(jnp.float32),
+                batch["gt_boxes"][gt],
+                rois,
+                r.mask_pooler_size * MASK_SIZE_FACTOR,
+            )
+        return logits, mask_targets, valid
 
     def _inference(self, pyramid, proposals, image_size, valid_size) -> dict[str, jnp.ndarray]:
         r = self.config.roi_heads
         b, p = proposals.valid.shape
-        pooled = self._pool(pyramid, proposals.boxes, r.box_pooler_size, valid_size)
+        pooled = self._pool(
+            pyramid, proposals.boxes, r.box_pooler_size, valid_size, "box_roi_align"
+        )
         class_logits, box_deltas = self.box_head(pooled.reshape(b * p, *pooled.shape[2:]))
         detect = lambda logits, deltas, boxes, valid, size: detect_boxes(
             logits,

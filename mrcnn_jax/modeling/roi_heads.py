@@ -212,6 +212,38 @@ def sample_rois(
     )
 
 
+def sample_mask_rois(
+    keys: jax.Array, foreground: jnp.ndarray, budget: int
+) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """The foreground slots of a replica's B images that the mask head trains on: `budget` (G)
+    slots filled from all images, so the mask head's cost follows the replica's positives.
+
+    When the P foreground slots fit (P ≤ G) every one is taken; otherwise G of them are drawn
+    uniformly without replacement (the G highest of independent random priorities, image b's
+    drawn from `keys[b]`, so the draw is deterministic and does not depend on how the batch is
+    split over devices). Taken slots come first, in image-major order, then padding.
+
+    Args:
+      keys: `[B]` PRNG keys, one per image.
+      foreground: `[B, F]` bool, the RoI sample's foreground slots (`RoITargets.is_foreground`
+        of its first F slots).
+      budget: G, static, at most `B * F`.
+
+    Returns:
+      `(index [G] int32, valid [G] bool)`: `index` into the flattened `[B * F]` slots (0 on
+      padding), `valid` the taken ones (`min(P, G)` of them).
+    """
+    b, f = foreground.shape
+    if not 0 < budget <= b * f:
+        raise ValueError(f"the mask RoI budget must be in [1, {b * f}], got {budget}")
+    bits = jax.vmap(lambda key: jax.random.bits(key, (f,), jnp.uint32))(keys)
+    priority = jnp.where(foreground, (bits >> 1).astype(jnp.int32), -1).reshape(-1)
+    top_priority, top = jax.lax.top_k(priority, budget)
+    index = jnp.sort(jnp.where(top_priority >= 0, top, b * f))
+    valid = index < b * f
+    return jnp.where(valid, index, 0).astype(jnp.int32), valid
+
+
 class Detections(NamedTuple):
     """Fixed-size detections of one image (or a batch, with a leading B)."""
 
@@ -313,8 +345,9 @@ def mask_loss(
     """Per-pixel sigmoid BCE of the GT class's mask, mean over foreground RoIs (`maskrcnn_loss`).
 
     Args:
-      mask_logits: `[B, F, S, S]` logits of each foreground slot's GT class.
-      mask_targets: `[B, F, S, S]` soft targets in [0, 1]; mask_valid: `[B, F]` bool.
+      mask_logits: `[..., S, S]` logits of each mask slot's GT class (the model's `[G, S, S]`).
+      mask_targets: `[..., S, S]` soft targets in [0, 1]; mask_valid: `[...]` bool, the slots
+        holding a foreground RoI.
       axis_name: the data-parallel axis, or None outside shard_map/pmap.
 
     Returns:

@@ -39,7 +39,9 @@ def make_train_step(
 
     `state` is replicated, `batch` holds global arrays sharded over the mesh
     (`sharding.shard_batch`), `key` is the step's PRNG key. The state's buffers are donated.
-    Metrics are global-batch means.
+    Metrics are global-batch means: the losses, per image `num_proposals`, `num_fg_rois`
+    (foreground RoIs sampled) and `num_mask_rois` (those the mask head trained on: fewer only
+    when they overflow `model.roi_heads.mask_rois_per_image`), `grad_norm`, `learning_rate`.
     """
     global_batch = config.train.batch_size
     if global_batch % mesh.size:
@@ -55,17 +57,20 @@ def make_train_step(
             outputs, updates = state.apply_fn(
                 variables, batch, train=True, keys=roi_keys, mutable=["batch_stats"]
             )
-            losses = mask_rcnn_losses(outputs, batch, rpn_keys, config.model, AXIS)
+            with jax.named_scope("losses"):  # stage names in profiles (benchmark.py breakdown)
+                losses = mask_rcnn_losses(outputs, batch, rpn_keys, config.model, AXIS)
             return losses["loss"], (losses, updates, outputs)
 
         grads, (losses, updates, outputs) = jax.grad(loss_fn, has_aux=True)(state.params)
-        grads = jax.lax.pmean(grads, AXIS)
-        batch_stats = jax.lax.pmean(updates["batch_stats"], AXIS)
-        new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+        with jax.named_scope("optimizer"):
+            grads = jax.lax.pmean(grads, AXIS)
+            batch_stats = jax.lax.pmean(updates["batch_stats"], AXIS)
+            new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
         metrics = {
             **losses,
             "num_proposals": jnp.mean(outputs.num_proposals.astype(jnp.float32)),
-            "num_fg_rois": jnp.mean(jnp.sum(outputs.mask_valid, axis=1).astype(jnp.float32)),
+            "num_fg_rois": jnp.mean(jnp.sum(outputs.roi_classes > 0, axis=1).astype(jnp.float32)),
+            "num_mask_rois": jnp.sum(outputs.mask_valid) / batch["image"].shape[0],
             "grad_norm": optax.tree.norm(grads),
         }
         metrics = jax.lax.pmean(metrics, AXIS)
