@@ -7,6 +7,8 @@ build an 8-device mesh on a CPU-only machine. Single-device tests simply use ``j
 import os
 import sys
 
+import pytest
+
 os.environ.setdefault("XLA_FLAGS", "")
 if "--xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
@@ -49,3 +51,19 @@ def tiny_config(**overrides):
             node = node[name]
         node[leaf] = value
     return config
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+    """Turns on JAX's persistent compilation cache in a fresh directory for the requesting
+    module (scripts it runs in subprocesses can point at the same directory)."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+
+    path = tmp_path_factory.mktemp("xla_cache")
+    previous = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    compilation_cache.reset_cache()
+    yield path
+    jax.config.update("jax_compilation_cache_dir", previous)
+    compilation_cache.reset_cache()

@@ -22,7 +22,7 @@ import tiny_coco
 from conftest import tiny_config
 from helpers import resize_config
 from test_pipeline import ONE, _concatenated, _config, _eval_rows, _rows, _same, _take
-from test_train_loop import assert_trees_equal, compile_cache, final_state  # noqa: F401
+from test_train_loop import assert_trees_equal, final_state
 
 from mrcnn_jax import sharding
 from mrcnn_jax.data import canvas_groups, pipeline, shapes

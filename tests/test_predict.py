@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 from helpers import random_variables
-from jax.experimental.compilation_cache import compilation_cache
 
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN, dummy_inputs
 from mrcnn_jax.programs.predictor import Predictor
@@ -26,18 +25,6 @@ from mrcnn_jax.train import checkpoint as ckpt_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZES = [(100, 151), (160, 120), (128, 128), (77, 200)]  # natural (height, width), none 128²-fit
-
-
-@pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-    """JAX's persistent compilation cache in a fresh directory for this module."""
-    path = tmp_path_factory.mktemp("xla_cache")
-    previous = jax.config.jax_compilation_cache_dir
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    compilation_cache.reset_cache()
-    yield path
-    jax.config.update("jax_compilation_cache_dir", previous)
-    compilation_cache.reset_cache()
 
 
 @pytest.fixture(scope="module")

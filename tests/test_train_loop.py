@@ -21,7 +21,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import tiny_config
-from jax.experimental.compilation_cache import compilation_cache
 
 import mrcnn_jax
 from configs import default as default_config
@@ -37,18 +36,6 @@ from mrcnn_jax.train import state as state_lib
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRIC_KEYS = {f"{t}/{n}" for t in IOU_TYPES for n in STAT_NAMES}
 NUM_STEPS = 4
-
-
-@pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-    """Turns on JAX's persistent compilation cache in a fresh directory for this module."""
-    path = tmp_path_factory.mktemp("xla_cache")
-    previous = jax.config.jax_compilation_cache_dir
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    compilation_cache.reset_cache()
-    yield path
-    jax.config.update("jax_compilation_cache_dir", previous)
-    compilation_cache.reset_cache()
 
 
 @pytest.fixture(scope="module")
