@@ -297,9 +297,9 @@ class MaskRCNN(nn.Module):
         """Mask logits, targets `[G, 28, 28]` and validity `[G]` of the replica's G mask slots,
         filled from the first F (foreground) slots of every image (`sample_mask_rois`).
 
-        Without a budget (G = B·F) the slots hold every foreground RoI, compacted. The gather
-        also keeps XLA:CPU from fusing RoIAlign into the layout copy that the first conv's
-        weight gradient reads (docs/performance.md)."""
+        Without a budget (G = B·F) the slots hold every foreground RoI, compacted. RoIAlign runs
+        per image on all F slots before the gather (it needs each image's pyramid and extent), so
+        the budget saves the mask head's convolutions, not RoIAlign."""
         r = self.config.roi_heads
         b, f = targets.classes.shape[0], num_foreground_slots(r)
         pooled = self._pool(
