@@ -116,6 +116,7 @@ def release_config(version: str) -> ml_collections.ConfigDict:
     config.data.image_size = IMAGE_SIZE
     # Fit the canvas: for these landscape images, torchvision's min_size=192, max_size=256 rule.
     config.data.resize_short_side = config.data.resize_max_long_side = 0
+    config.data.canvas_groups = ()  # Groups need a canvas-independent resize.
     return config
 
 
