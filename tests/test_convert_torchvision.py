@@ -381,7 +381,7 @@ def make_pair(size: str, version: str) -> Pair:
     scope="module",
     params=[
         "small-v1",
-        "small-v2",
+        pytest.param("small-v2", marks=pytest.mark.slow),  # v1 runs the shared converter by default
         pytest.param("r50-v1", marks=pytest.mark.slow),
         pytest.param("r50-v2", marks=pytest.mark.slow),
     ],

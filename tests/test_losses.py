@@ -7,6 +7,7 @@ import functools
 
 import jax
 import numpy as np
+import pytest
 from conftest import tiny_config
 from helpers import random_boxes, synthetic_batch
 from references import anchor_labels_numpy, bce_numpy, encode_numpy, smooth_l1_numpy
@@ -240,6 +241,7 @@ def test_replica_means_equal_the_global_batch_losses():
 # --------------------------------------------------------------------------- the mask-head budget
 
 
+@pytest.mark.slow  # two full-model gradients; the head alone: test_roi_heads (seconds)
 def test_budgeted_mask_head_gives_the_losses_and_gradients_of_all_slots():
     """G = 3 per image of F = 4 foreground slots: image 0 has no object, so the positives always
     fit; the losses, gradients and BatchNorm statistics (heads with BatchNorm, which counts only

@@ -34,7 +34,7 @@ MASK_BUDGET = {"model.roi_heads.positive_fraction": 0.5, "model.roi_heads.mask_r
     "norm, overrides",
     [
         ("frozen", {}),
-        pytest.param("frozen", MASK_BUDGET, id="frozen-mask_budget"),
+        pytest.param("frozen", MASK_BUDGET, id="frozen-mask_budget", marks=pytest.mark.slow),
         pytest.param("sync", {}, marks=pytest.mark.slow),
     ],
 )
@@ -87,6 +87,7 @@ def test_batch_size_not_divisible_by_devices_is_a_clear_error():
         make_trainer(config, jax.devices()[:2])
 
 
+@pytest.mark.slow  # overflow sampling itself: test_roi_heads (seconds)
 def test_mask_budget_overflow_subsamples_stays_finite_and_does_not_recompile():
     """A budget of 1 mask RoI per image (G = 2 per replica of 2 images): steps whose positives
     overflow it train the mask head on exactly G of them, a step without objects on none."""
