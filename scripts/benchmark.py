@@ -2,6 +2,7 @@ r"""Benchmarks against torchvision, one subcommand each; every run prints one JS
 
   python scripts/benchmark.py roi_align [--output_sizes=7,14] [--methods=gather,einsum] [--backward]
   python scripts/benchmark.py nms [--num_boxes=1000,4000] [--iou_threshold=0.7]
+  python scripts/benchmark.py conv [--image_size=512 --batch_size=2 --rois=128]
   python scripts/benchmark.py train|infer [--sizes=512x512,832x1344] [--batch_size=2] [--matched]
   python scripts/benchmark.py train --mask_rois_per_image=0,32   # two budgets, alternating calls
   python scripts/benchmark.py breakdown [--model_config=shapes_r18 --sizes=128x128 --batch_size=8]
@@ -26,6 +27,11 @@ number, so both fill every slot.
 --mask_rois_per_image=a,b,... times our train step at each mask-head budget, the calls of the
 variants interleaved so that the machine's load hits each alike; each row's `ratio` is against
 the same torchvision run (with --matched, one per budget).
+
+`conv` times forward + backward (input and kernel gradients) of the conv layers of R50-FPN Mask
+R-CNN at --image_size² and --batch_size (the mask head's on --rois 14×14 RoIs per image): ours
+(`ops/conv.py`, the kernel gradient as matmuls on CPU) against XLA's own
+`lax.conv_general_dilated` gradient (`xla_seconds`, `ratio_to_xla`) and torch's conv2d.
 
 `breakdown` profiles our train step (`jax.profiler`, --repeats steps after --warmup) and sums the
 time of every XLA op by the stage that its name stack names (`jax.named_scope`s and Flax module
@@ -62,6 +68,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mrcnn_jax.ops.conv import conv_general_dilated
 from mrcnn_jax.ops.nms import nms
 from mrcnn_jax.ops.roi_align import multilevel_roi_align
 
@@ -71,9 +78,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 flags.DEFINE_integer("repeats", None, "Timed calls (default 5, train/infer 3).", lower_bound=1)
 flags.DEFINE_integer("warmup", 1, "Untimed calls first (the first compiles).", lower_bound=1)
 flags.DEFINE_integer("seed", 0, "Seed of the random inputs.")
-flags.DEFINE_integer("batch_size", 2, "roi_align, train, infer: images per call.", lower_bound=1)
-flags.DEFINE_integer("image_size", 1024, "roi_align, nms: side of the square image (P2 is /4).")
-flags.DEFINE_integer("rois", 512, "roi_align: boxes per image.")
+flags.DEFINE_integer(
+    "batch_size", 2, "roi_align, conv, train, infer: images per call.", lower_bound=1
+)
+flags.DEFINE_integer("image_size", 1024, "roi_align, nms, conv: side of the square image.")
+flags.DEFINE_integer("rois", 512, "roi_align, conv: boxes per image (conv: mask-head RoIs).")
 flags.DEFINE_integer("channels", 256, "roi_align: feature channels.")
 flags.DEFINE_list("output_sizes", ["7", "14"], "roi_align: RoIAlign output sizes to time.")
 flags.DEFINE_integer("sampling_ratio", 2, "roi_align: samples per bin and axis.")
@@ -226,6 +235,68 @@ def run_nms() -> list[dict]:
             same = np.array_equal(kept, expected.numpy()[: FLAGS.max_output])
             result["same_as_torchvision"] = bool(same)
         results.append({**result, **compare(first, seconds, reference, 5)})
+    return results
+
+
+def conv_layers() -> list[tuple[str, tuple[int, int, int, int], int, int, int]]:
+    """R50-FPN Mask R-CNN conv layers at --image_size and --batch_size: (name, input
+    [B, H, W, C], kernel, stride, output channels)."""
+    b, s, n = FLAGS.batch_size, FLAGS.image_size, FLAGS.batch_size * FLAGS.rois
+    return [
+        ("stem 7x7/2 3->64", (b, s, s, 3), 7, 2, 64),
+        ("res2 3x3 64->64", (b, s // 4, s // 4, 64), 3, 1, 64),
+        ("res2 1x1 64->256", (b, s // 4, s // 4, 64), 1, 1, 256),
+        ("res3 3x3/2 128->128", (b, s // 4, s // 4, 128), 3, 2, 128),
+        ("res4 3x3 256->256", (b, s // 16, s // 16, 256), 3, 1, 256),
+        ("res4 1x1 256->1024", (b, s // 16, s // 16, 256), 1, 1, 1024),
+        ("res5 3x3 512->512", (b, s // 32, s // 32, 512), 3, 1, 512),
+        ("fpn/rpn P2 3x3 256->256", (b, s // 4, s // 4, 256), 3, 1, 256),
+        ("mask head 3x3 256->256", (n, 14, 14, 256), 3, 1, 256),
+    ]
+
+
+def conv_forward_backward(conv, x, w, stride: int):
+    """`conv(x, w)` (padding `k // 2`) and its VJP w.r.t. both for a cotangent of ones."""
+    k = w.shape[0]
+    y, vjp = jax.vjp(lambda x, w: conv(x, w, (stride, stride), ((k // 2, k // 2),) * 2), x, w)
+    return y, vjp(jnp.ones_like(y))
+
+
+def xla_conv(x, w, strides, padding):
+    return jax.lax.conv_general_dilated(
+        x, w, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+
+def torch_conv_seconds(x: np.ndarray, w: np.ndarray, stride: int) -> float | None:
+    """Median seconds of torch's conv2d forward + backward (both gradients) on the same arrays."""
+    if torch is None:
+        return None
+    tx = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().requires_grad_()
+    tw = torch.from_numpy(w).permute(3, 2, 0, 1).contiguous().requires_grad_()
+    pad = w.shape[0] // 2
+    return measure(
+        lambda: torch.nn.functional.conv2d(tx, tw, stride=stride, padding=pad).sum().backward()
+    )[1]
+
+
+def run_conv() -> list[dict]:
+    """Forward + both gradients of each of `conv_layers()`: ours, XLA's, torch's."""
+    rng, results = np.random.default_rng(FLAGS.seed), []
+    for name, shape, k, stride, out in conv_layers():
+        x = rng.normal(size=shape).astype(np.float32)
+        w = rng.normal(size=(k, k, shape[-1], out)) / np.sqrt(k * k * shape[-1])
+        w = w.astype(np.float32)
+        steps = [
+            functools.partial(
+                jax.jit(conv_forward_backward, static_argnums=(0, 3)), conv, x, w, stride
+            )
+            for conv in (conv_general_dilated, xla_conv)
+        ]
+        (first, ours, _), (_, xla, _) = measure_alternating(steps)
+        result = {"layer": name, "input": list(shape), "xla_seconds": round(xla, 4)}
+        result["ratio_to_xla"] = round(ours / xla, 3)
+        results.append({**result, **compare(first, ours, torch_conv_seconds(x, w, stride), 4)})
     return results
 
 
@@ -548,6 +619,7 @@ def run_breakdown() -> list[dict]:
 COMMANDS = {
     "roi_align": run_roi_align,
     "nms": run_nms,
+    "conv": run_conv,
     "train": functools.partial(run_model, True),
     "infer": functools.partial(run_model, False),
     "breakdown": run_breakdown,

@@ -18,6 +18,7 @@ RUNS = {  # name: arguments; run concurrently (each mostly waits on imports and 
     "nms": ["nms", "--num_boxes=200", "--repeats=1"],
     "roi_align": ["roi_align", "--image_size=64", "--rois=8", "--channels=8", "--batch_size=1",
                   "--output_sizes=7", "--repeats=1"],
+    "conv": ["conv", "--image_size=64", "--batch_size=1", "--rois=2", "--repeats=1"],
 }  # fmt: skip
 
 
@@ -55,6 +56,15 @@ def test_roi_align_reports_a_ratio_per_method(outputs):
     assert [r["method"] for r in results] == ["gather", "einsum"]
     for result in results:
         assert result["output_size"] == 7
+        assert result["ratio"] > 0 and result["torchvision_seconds"] > 0
+
+
+def test_conv_reports_each_layer_against_xla_and_torch(outputs):
+    results = outputs["conv"]["results"]
+    assert len(results) == 9 and results[0]["layer"].startswith("stem")
+    assert results[-1]["input"] == [2, 14, 14, 256]  # --rois x --batch_size mask-head RoIs
+    for result in results:
+        assert result["ratio_to_xla"] > 0 and result["xla_seconds"] > 0
         assert result["ratio"] > 0 and result["torchvision_seconds"] > 0
 
 

@@ -3,7 +3,7 @@
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mrcnn_jax.modeling.resnet import make_norm, mask_outside
+from mrcnn_jax.modeling.resnet import Conv, make_norm, mask_outside
 from mrcnn_jax.ops.extent import extent_mask
 
 
@@ -49,7 +49,7 @@ class FPN(nn.Module):
             pad = kernel // 2
             if kernel > 1:
                 x = mask_outside(x, valid_size, 2**level)
-            x = nn.Conv(
+            x = Conv(
                 self.dim,
                 (kernel, kernel),
                 padding=((pad, pad), (pad, pad)),

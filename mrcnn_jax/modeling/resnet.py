@@ -16,7 +16,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mrcnn_jax.ops.conv import conv_general_dilated
 from mrcnn_jax.ops.extent import extent_mask
+
+# Every conv layer of the model: `nn.Conv` with a kernel gradient fast on CPU (`ops/conv.py`).
+Conv = partial(nn.Conv, conv_general_dilated=conv_general_dilated)
 
 STAGE_BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 NORM_MODES = ("frozen", "batch", "sync")
@@ -107,7 +111,7 @@ def _bn_mask(valid_size: jnp.ndarray | None, x: jnp.ndarray, stride: int):
 def conv(features: int, kernel: int, stride: int = 1, name: str | None = None, dtype=jnp.float32):
     """A bias-free convolution with torchvision's symmetric padding `kernel // 2`."""
     pad = kernel // 2
-    return nn.Conv(
+    return Conv(
         features,
         (kernel, kernel),
         strides=(stride, stride),

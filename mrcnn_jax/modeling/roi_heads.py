@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mrcnn_jax.modeling.resnet import make_norm
+from mrcnn_jax.modeling.resnet import Conv, make_norm
 from mrcnn_jax.ops import boxes as box_ops
 from mrcnn_jax.ops import nms as nms_ops
 from mrcnn_jax.ops import targets as target_ops
@@ -38,7 +38,7 @@ def head_convs(
     """
     mask = None if valid is None else valid[:, None, None, None]
     for i in range(num_convs):
-        x = nn.Conv(
+        x = Conv(
             dim,
             (3, 3),
             padding=((1, 1), (1, 1)),

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mrcnn_jax.modeling.resnet import mask_outside
+from mrcnn_jax.modeling.resnet import Conv, mask_outside
 from mrcnn_jax.ops import boxes as box_ops
 from mrcnn_jax.ops import nms as nms_ops
 from mrcnn_jax.ops import targets as target_ops
@@ -43,7 +43,7 @@ class RPNHead(nn.Module):
         dim = features[0].shape[-1]
         init = nn.initializers.normal(0.01)
         shared = [
-            nn.Conv(
+            Conv(
                 dim,
                 (3, 3),
                 padding=((1, 1), (1, 1)),
@@ -53,12 +53,8 @@ class RPNHead(nn.Module):
             )
             for i in range(self.num_convs)
         ]
-        cls = nn.Conv(
-            self.num_anchors, (1, 1), kernel_init=init, dtype=self.dtype, name="objectness"
-        )
-        reg = nn.Conv(
-            self.num_anchors * 4, (1, 1), kernel_init=init, dtype=self.dtype, name="deltas"
-        )
+        cls = Conv(self.num_anchors, (1, 1), kernel_init=init, dtype=self.dtype, name="objectness")
+        reg = Conv(self.num_anchors * 4, (1, 1), kernel_init=init, dtype=self.dtype, name="deltas")
         logits, deltas = [], []
         strides = strides or [1] * len(features)
         for x, stride in zip(features, strides):
