@@ -41,6 +41,22 @@ def synthetic_batch(config, rng: np.random.Generator, num_objects) -> dict:
     return batch
 
 
+def loss_gradient_fn(model, model_config, batch_stats, roi_keys, rpn_keys):
+    """Jitted `(params, batch) -> (grads, (losses, new batch_stats, outputs.mask_valid))` of
+    `mask_rcnn_losses` over `model` in training (fixed RoI-sampling and RPN-sampling keys)."""
+    from mrcnn_jax.train.losses import mask_rcnn_losses
+
+    def loss_fn(params, batch):
+        outputs, updates = model.apply(
+            {"params": params, "batch_stats": batch_stats},
+            batch, train=True, keys=roi_keys, mutable=["batch_stats"],
+        )  # fmt: skip
+        losses = mask_rcnn_losses(outputs, batch, rpn_keys, model_config)
+        return losses["loss"], (losses, updates["batch_stats"], outputs.mask_valid)
+
+    return jax.jit(jax.grad(loss_fn, has_aux=True))
+
+
 def random_variables(module, rng: np.random.Generator, *args, **kwargs):
     """Variables of `module.init(key, *args, **kwargs)` filled from numpy, plus their abstract
     shapes/dtypes as `init` makes them.

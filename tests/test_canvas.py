@@ -8,10 +8,10 @@ import jax
 import numpy as np
 import pytest
 from conftest import tiny_config
+from helpers import loss_gradient_fn
 
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 from mrcnn_jax.train import state as state_lib
-from mrcnn_jax.train.losses import mask_rcnn_losses
 
 SIZES = [(50, 41), (64, 30)]  # content (height, width) of the two images
 CANVASES = [(64, 64), (96, 160), (160, 96)]
@@ -72,20 +72,12 @@ def test_a_train_step_is_the_same_on_every_canvas(setup):
     roi_keys = jax.random.split(jax.random.key(3), 2)
     rpn_keys = jax.random.split(jax.random.key(4), 2)
 
-    def loss_fn(params, batch):
-        outputs, updates = model.apply(
-            {"params": params, "batch_stats": variables["batch_stats"]},
-            batch, train=True, keys=roi_keys, mutable=["batch_stats"],
-        )  # fmt: skip
-        losses = mask_rcnn_losses(outputs, batch, rpn_keys, config.model)
-        return losses["loss"], (losses, updates["batch_stats"])
-
-    step = jax.jit(jax.grad(loss_fn, has_aux=True))
+    step = loss_gradient_fn(model, config.model, variables["batch_stats"], roi_keys, rpn_keys)
     results = [
         jax.device_get(step(variables["params"], {**on_canvas(contents, c), **targets}))
         for c in CANVASES[:2]
     ]
-    (grads0, (losses0, stats0)), (grads1, (losses1, stats1)) = results
+    (grads0, (losses0, stats0, _)), (grads1, (losses1, stats1, _)) = results
     assert losses0["loss_mask"] > 0 and losses0["loss_box_reg"] > 0
     for name, value in losses0.items():
         np.testing.assert_allclose(losses1[name], value, rtol=1e-5, err_msg=name)

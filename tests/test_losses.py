@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 from conftest import tiny_config
-from helpers import random_boxes, synthetic_batch
+from helpers import loss_gradient_fn, random_boxes, synthetic_batch
 from references import anchor_labels_numpy, bce_numpy, encode_numpy, smooth_l1_numpy
 
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN, TrainOutputs
@@ -256,20 +256,12 @@ def test_budgeted_mask_head_gives_the_losses_and_gradients_of_all_slots():
     )
     roi_keys, rpn_keys = jax.random.split(jax.random.key(3), (2, 4))
 
-    def grad_fn(config):
-        model = MaskRCNN.from_config(config.model)
-
-        def loss_fn(params, batch):
-            outputs, updates = model.apply(
-                {"params": params, "batch_stats": variables["batch_stats"]},
-                batch, train=True, keys=roi_keys, mutable=["batch_stats"],
-            )  # fmt: skip
-            losses = mask_rcnn_losses(outputs, batch, rpn_keys, config.model)
-            return losses["loss"], (losses, updates["batch_stats"], outputs.mask_valid)
-
-        return jax.jit(jax.grad(loss_fn, has_aux=True))
-
-    steps = [grad_fn(config) for config in configs]
+    steps = [
+        loss_gradient_fn(
+            MaskRCNN.from_config(c.model), c.model, variables["batch_stats"], roi_keys, rpn_keys
+        )
+        for c in configs
+    ]
     rng = np.random.default_rng(2)
     for counts in ([0, 3, 1, 4], [0, 0, 0, 0]):
         batch = synthetic_batch(configs[0], rng, counts)
