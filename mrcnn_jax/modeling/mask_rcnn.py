@@ -316,8 +316,8 @@ class MaskRCNN(nn.Module):
         logits = self.mask_head(features, classes, train=True, valid=valid)
         with jax.named_scope("mask_targets"):
             mask_targets = target_ops.mask_targets(
-                batch["gt_masks"][gt].astype(jnp.float32),
-                batch["gt_boxes"][gt],
+                jnp.asarray(batch["gt_masks"])[gt].astype(jnp.float32),  # numpy batches too
+                jnp.asarray(batch["gt_boxes"])[gt],
                 rois,
                 r.mask_pooler_size * MASK_SIZE_FACTOR,
             )
