@@ -113,7 +113,7 @@ def kernel_gradient(
     """The gradient `[kh, kw, C, O]` of a conv's kernel, as matmuls (see the module docstring).
 
     `lhs [B, H, W, C]` the conv's input, `cotangent [B, H', W', O]` that of its output. Float32
-    accumulation; the result has `lhs`'s dtype.
+    accumulation and result (the caller casts it to the kernel's dtype).
     """
     (kh, kw), (sh, sw) = kernel_size, strides
     _, ho, wo, _ = cotangent.shape
