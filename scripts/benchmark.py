@@ -68,7 +68,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mrcnn_jax.ops.conv import conv_general_dilated
+from mrcnn_jax.ops.conv import conv_general_dilated, uses_winograd
 from mrcnn_jax.ops.nms import nms
 from mrcnn_jax.ops.roi_align import multilevel_roi_align
 
@@ -247,6 +247,7 @@ def conv_layers() -> list[tuple[str, tuple[int, int, int, int], int, int, int]]:
         ("res2 3x3 64->64", (b, s // 4, s // 4, 64), 3, 1, 64),
         ("res2 1x1 64->256", (b, s // 4, s // 4, 64), 1, 1, 256),
         ("res3 3x3/2 128->128", (b, s // 4, s // 4, 128), 3, 2, 128),
+        ("res3 3x3 128->128", (b, s // 8, s // 8, 128), 3, 1, 128),
         ("res4 3x3 256->256", (b, s // 16, s // 16, 256), 3, 1, 256),
         ("res4 1x1 256->1024", (b, s // 16, s // 16, 256), 1, 1, 1024),
         ("res5 3x3 512->512", (b, s // 32, s // 32, 512), 3, 1, 512),
@@ -295,6 +296,9 @@ def run_conv() -> list[dict]:
         ]
         (first, ours, _), (_, xla, _) = measure_alternating(steps)
         result = {"layer": name, "input": list(shape), "xla_seconds": round(xla, 4)}
+        result["winograd"] = uses_winograd(
+            shape, w.shape, (stride, stride), ((k // 2, k // 2),) * 2
+        )
         result["ratio_to_xla"] = round(ours / xla, 3)
         results.append({**result, **compare(first, ours, torch_conv_seconds(x, w, stride), 4)})
     return results

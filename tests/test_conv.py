@@ -1,10 +1,11 @@
-"""`ops/conv.py`: the convolution every layer uses, whose kernel gradient is matmuls on CPU.
+"""`ops/conv.py`: the convolution every layer uses (kernel gradient as matmuls, Winograd 3×3).
 
 Forward values and both gradients against a numpy convolution written here (explicit padding and
 a loop over kernel taps) and against XLA's own `lax.conv_general_dilated` gradients, for 1×1,
 3×3 and 7×7 kernels, strides 1 and 2, symmetric, asymmetric and "SAME" padding, maps on both
 sides of the one-matmul (im2col) threshold and output sizes that leave the last padded rows
-unread; bfloat16 inputs; and the clear errors for what it does not support.
+unread; the Winograd F(2×2, 3×3) path on even, odd, one-pixel and layer-sized maps, and which
+layers take it; bfloat16 inputs; and the clear errors for what it does not support.
 """
 
 import jax
@@ -81,6 +82,82 @@ def test_values_and_gradients_match_numpy_and_xla(case):
     dx_xla, dw_xla = jax.vjp(xla, x, kernel)[1](dy)
     np.testing.assert_allclose(dx, dx_xla, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(dw, dw_xla, rtol=1e-5, atol=1e-4)
+
+
+WINOGRAD_CASES = {  # (B, H, W, C, O): stride 1, padding 1
+    "even": (2, 8, 6, 5, 3),
+    "odd-height-and-width": (3, 7, 9, 4, 6),
+    "one-pixel": (2, 1, 1, 3, 2),
+    "one-row": (1, 1, 6, 2, 3),
+    "rois-14x14": (5, 14, 14, 8, 4),
+}
+
+
+@pytest.mark.parametrize("shape", WINOGRAD_CASES.values(), ids=WINOGRAD_CASES.keys())
+def test_winograd_values_and_gradients_match_numpy(shape, monkeypatch):
+    """Small maps forced through Winograd (thresholds lowered) against the numpy convolution."""
+    monkeypatch.setattr(conv_ops, "_WINOGRAD_MIN_CHANNELS", 1)
+    monkeypatch.setattr(conv_ops, "_WINOGRAD_MIN_PIXELS", 1)
+    b, h, w, c, o = shape
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(b, h, w, c)).astype(np.float32)
+    kernel = rng.normal(size=(3, 3, c, o)).astype(np.float32)
+    pads = ((1, 1), (1, 1))
+    assert conv_ops.uses_winograd(x.shape, kernel.shape, (1, 1), pads)
+    ours = jax.jit(lambda x, kernel: conv_ops.conv_general_dilated(x, kernel, (1, 1), pads))
+    assert "conv_general_dilated" not in str(
+        jax.make_jaxpr(jax.grad(lambda *a: ours(*a).sum()))(x, kernel)
+    )
+    y, vjp = jax.vjp(ours, x, kernel)
+    np.testing.assert_allclose(y, conv_numpy(x, kernel, (1, 1), pads), rtol=1e-5, atol=1e-5)
+    dy = rng.normal(size=y.shape).astype(np.float32)
+    for got, want in zip(vjp(dy), numpy_gradients(x, kernel, (1, 1), pads, dy)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_winograd_on_a_layer_sized_map():
+    """At the real thresholds (128 channels, 2 × 32² pixels): an RPN/res4-sized 3×3 layer."""
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(2, 32, 33, 128)).astype(np.float32)
+    kernel = (rng.normal(size=(3, 3, 128, 130)) / 34).astype(np.float32)
+    pads = ((1, 1), (1, 1))
+    assert conv_ops.uses_winograd(x.shape, kernel.shape, (1, 1), pads)
+    y, vjp = jax.vjp(
+        jax.jit(lambda x, k: conv_ops.conv_general_dilated(x, k, (1, 1), pads)), x, kernel
+    )
+    np.testing.assert_allclose(y, conv_numpy(x, kernel, (1, 1), pads), rtol=1e-4, atol=1e-4)
+    dy = rng.normal(size=y.shape).astype(np.float32)
+    for got, want in zip(vjp(dy), numpy_gradients(x, kernel, (1, 1), pads, dy)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-3)
+
+
+@pytest.mark.parametrize(
+    "lhs, rhs, strides, padding, dtype, expected",
+    [
+        ((2, 128, 128, 256), (3, 3, 256, 256), (1, 1), ((1, 1), (1, 1)), jnp.float32, True),
+        ((256, 14, 14, 256), (3, 3, 256, 256), (1, 1), ((1, 1), (1, 1)), jnp.float32, True),
+        ((2, 32, 32, 128), (3, 3, 128, 128), (1, 1), ((1, 1), (1, 1)), jnp.float32, True),
+        ((2, 16, 16, 512), (3, 3, 512, 512), (1, 1), ((1, 1), (1, 1)), jnp.float32, False),
+        ((2, 128, 128, 64), (3, 3, 64, 64), (1, 1), ((1, 1), (1, 1)), jnp.float32, False),
+        ((2, 128, 128, 256), (3, 3, 256, 256), (2, 2), ((1, 1), (1, 1)), jnp.float32, False),
+        ((2, 128, 128, 256), (3, 3, 256, 256), (1, 1), ((0, 2), (1, 1)), jnp.float32, False),
+        ((2, 128, 128, 256), (1, 1, 256, 256), (1, 1), ((0, 0), (0, 0)), jnp.float32, False),
+        ((2, 128, 128, 256), (3, 3, 256, 256), (1, 1), ((1, 1), (1, 1)), jnp.bfloat16, False),
+    ],
+    ids=[
+        "p2",
+        "mask-head",
+        "threshold",
+        "res5-small-map",
+        "64-channels",
+        "stride-2",
+        "asymmetric-padding",
+        "1x1",
+        "bfloat16",
+    ],
+)
+def test_which_layers_use_winograd(lhs, rhs, strides, padding, dtype, expected):
+    assert conv_ops.uses_winograd(lhs, rhs, strides, padding, dtype, dtype) is expected
 
 
 def test_bfloat16_keeps_dtypes_and_accumulates_in_float32():

@@ -1,4 +1,4 @@
-"""2-D convolution whose kernel gradient is a sum of matmuls on CPU (every conv layer uses it).
+"""2-D convolution with fast CPU gradients and Winograd 3x3 layers (every conv layer uses it).
 
 XLA:CPU computes the gradient of `lax.conv_general_dilated` with respect to its kernel as a
 convolution whose window is the whole output map, 5-20x slower than the forward convolution on
@@ -11,8 +11,21 @@ gradient is a matmul,
 so `conv_general_dilated` here computes the forward and the input gradient as XLA does and, on
 CPU, the kernel gradient as those `kh * kw` matmuls over strided slices of the padded input (one
 matmul over all taps, im2col, for maps of at most `_IM2COL_MAX_PIXELS` pixels, where the slices'
-overhead dominates). On other backends (GPU, TPU), whose convolution gradients are fast, it is
-`lax.conv_general_dilated` itself. Results equal XLA's up to float rounding (summation order).
+overhead dominates).
+
+The wide 3x3 stride-1 layers (FPN outputs, RPN head, mask head, ResNet's res3-res5 3x3 convs:
+float32, at least `_WINOGRAD_MIN_CHANNELS` channels in and out, `_WINOGRAD_MIN_PIXELS` output
+pixels) run on CPU as Winograd's minimal filtering F(2x2, 3x3) (Lavin & Gray, "Fast Algorithms
+for Convolutional Neural Networks", 2016): each 4x4 input tile `d` (stride 2) and the kernel `g`
+are transformed, `V = B^T d B`, `U = G g G^T`, multiplied channel-wise as 16 matmuls
+`M[r, s] = V[r, s] @ U[r, s]` (2.25x fewer multiplications than the direct convolution), and
+each 2x2 output tile is `A^T M A`. The input gradient is the same algorithm on the cotangent with
+the kernel flipped (a stride-1 "same" 3x3 convolution transposed is one), and the kernel
+gradient is the algorithm transposed: `dU[r, s] = V[r, s]^T (A dY A^T)[r, s]`, `dW = G^T dU G`.
+
+On other backends (GPU, TPU), whose convolutions and gradients are fast, it is
+`lax.conv_general_dilated` itself. Results equal XLA's up to float rounding (summation order;
+Winograd's transforms add a relative error of about 2e-6 in float32).
 """
 
 from __future__ import annotations
@@ -22,9 +35,16 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 _IM2COL_MAX_PIXELS = 32 * 32  # kernel gradient over all taps in one matmul up to this map size
+_WINOGRAD_MIN_CHANNELS = 128  # below, the tile transforms cost more than the matmuls save
+_WINOGRAD_MIN_PIXELS = 2 * 32 * 32  # output pixels (B * H * W) below which XLA's conv is faster
+# F(2x2, 3x3) (Lavin & Gray 2016): input transform B^T [4, 4], kernel G [4, 3], output A^T [2, 4].
+_WINOGRAD_BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float32)
+_WINOGRAD_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float32)
+_WINOGRAD_AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float32)
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
 
@@ -73,7 +93,35 @@ def conv_general_dilated(
     strides = tuple(int(s) for s in window_strides)
     if jax.default_backend() != "cpu":
         return _conv(lhs, rhs, strides, padding, precision)
+    if uses_winograd(lhs.shape, rhs.shape, strides, padding, lhs.dtype, rhs.dtype):
+        return _conv_winograd(lhs, rhs, precision)
     return _conv_matmul_kernel_grad(lhs, rhs, strides, padding, precision)
+
+
+def uses_winograd(
+    lhs_shape: Sequence[int],
+    rhs_shape: Sequence[int],
+    strides: Sequence[int],
+    padding: Sequence[tuple[int, int]],
+    lhs_dtype=jnp.float32,
+    rhs_dtype=jnp.float32,
+) -> bool:
+    """Whether a CPU convolution of these shapes runs as Winograd F(2x2, 3x3).
+
+    3x3 kernel, stride 1, padding 1 on every side ("same"), float32, at least
+    `_WINOGRAD_MIN_CHANNELS` input and output channels and `_WINOGRAD_MIN_PIXELS` output pixels
+    (`B * H * W`): where `scripts/benchmark.py conv` measured it faster than XLA's convolution.
+    """
+    b, h, w, c = lhs_shape
+    return bool(
+        tuple(rhs_shape[:2]) == (3, 3)
+        and tuple(strides) == (1, 1)
+        and tuple(tuple(p) for p in padding) == ((1, 1), (1, 1))
+        and jnp.dtype(lhs_dtype) == jnp.float32
+        and jnp.dtype(rhs_dtype) == jnp.float32
+        and min(c, rhs_shape[3]) >= _WINOGRAD_MIN_CHANNELS
+        and b * h * w >= _WINOGRAD_MIN_PIXELS
+    )
 
 
 def _conv(lhs, rhs, strides, padding, precision):
@@ -129,3 +177,83 @@ def kernel_gradient(
     else:
         grad = product("bhwkc,bhwo->kco", jnp.stack(taps, axis=3), cotangent)
     return grad.reshape(kh, kw, *grad.shape[1:])
+
+
+def _combine(matrix: np.ndarray, terms: list) -> list:
+    """`[sum_a matrix[r, a] * terms[a] for each row r]`, skipping zero coefficients."""
+    rows = []
+    for coefficients in matrix:
+        total = None
+        for coefficient, term in zip(coefficients.tolist(), terms):
+            if coefficient == 0:
+                continue
+            term = term if coefficient == 1 else -term if coefficient == -1 else coefficient * term
+            total = term if total is None else total + term
+        rows.append(total)
+    return rows
+
+
+def _winograd_input_tiles(x: jax.Array) -> list[list[jax.Array]]:
+    """`V = B^T d B` of every 4x4 tile `d` of `x [B, H, W, C]` padded by 1 (tiles at stride 2).
+
+    Returns `V[r][s]`, each `[B, ceil(H / 2), ceil(W / 2), C]` (odd sizes: one more zero row or
+    column at the bottom/right, whose outputs are cropped).
+    """
+    _, h, w, _ = x.shape
+    th, tw = -(-h // 2), -(-w // 2)
+    padded = jnp.pad(x, ((0, 0), (1, 2 * th - h + 1), (1, 2 * tw - w + 1), (0, 0)))
+    d = [[padded[:, a : a + 2 * th : 2, b : b + 2 * tw : 2] for b in range(4)] for a in range(4)]
+    columns = [_combine(_WINOGRAD_BT, [d[a][b] for a in range(4)]) for b in range(4)]
+    return [_combine(_WINOGRAD_BT, [columns[b][r] for b in range(4)]) for r in range(4)]
+
+
+def _winograd_conv(x: jax.Array, w: jax.Array, precision) -> jax.Array:
+    """`x [B, H, W, C]` conv `w [3, 3, C, O]`, stride 1, padding 1: `[B, H, W, O]` (float32)."""
+    b, h, width, _ = x.shape
+    v = _winograd_input_tiles(x)
+    u = jnp.einsum("ra,abco,sb->rsco", _WINOGRAD_G, w, _WINOGRAD_G, precision=precision)
+    m = [
+        [jnp.einsum("bhwc,co->bhwo", v[r][s], u[r, s], precision=precision) for s in range(4)]
+        for r in range(4)
+    ]
+    columns = [_combine(_WINOGRAD_AT, [m[r][s] for r in range(4)]) for s in range(4)]
+    y = [_combine(_WINOGRAD_AT, [columns[s][i] for s in range(4)]) for i in range(2)]
+    y = jnp.stack([jnp.stack(y[i], axis=3) for i in range(2)], axis=2)  # [B, th, 2, tw, 2, O]
+    return y.reshape(b, 2 * y.shape[1], 2 * y.shape[3], -1)[:, :h, :width]
+
+
+def _winograd_kernel_gradient(x: jax.Array, cotangent: jax.Array, precision) -> jax.Array:
+    """`dW [3, 3, C, O]` of `_winograd_conv(x, w)` for the output cotangent `[B, H, W, O]`."""
+    _, h, w, _ = cotangent.shape
+    th, tw = -(-h // 2), -(-w // 2)
+    padded = jnp.pad(cotangent, ((0, 0), (0, 2 * th - h), (0, 2 * tw - w), (0, 0)))
+    phases = [[padded[:, i::2, j::2] for j in range(2)] for i in range(2)]
+    columns = [_combine(_WINOGRAD_AT.T, [phases[i][j] for i in range(2)]) for j in range(2)]
+    dm = [_combine(_WINOGRAD_AT.T, [columns[j][r] for j in range(2)]) for r in range(4)]
+    v = _winograd_input_tiles(x)
+    du = jnp.einsum(
+        "kbhwc,kbhwo->kco",
+        jnp.stack([v[r][s] for r in range(4) for s in range(4)]),
+        jnp.stack([dm[r][s] for r in range(4) for s in range(4)]),
+        precision=precision,
+    ).reshape(4, 4, x.shape[-1], cotangent.shape[-1])
+    return jnp.einsum("ra,sb,rsco->abco", _WINOGRAD_G, _WINOGRAD_G, du, precision=precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv_winograd(lhs, rhs, precision):
+    return _winograd_conv(lhs, rhs, precision)
+
+
+def _winograd_forward(lhs, rhs, precision):
+    return _winograd_conv(lhs, rhs, precision), (lhs, rhs)
+
+
+def _winograd_backward(precision, residuals, cotangent):
+    lhs, rhs = residuals
+    flipped = rhs[::-1, ::-1].transpose(0, 1, 3, 2)  # a "same" 3x3 conv's transpose
+    d_lhs = _winograd_conv(cotangent, flipped, precision)
+    return d_lhs, _winograd_kernel_gradient(lhs, cotangent, precision)
+
+
+_conv_winograd.defvjp(_winograd_forward, _winograd_backward)
