@@ -56,3 +56,38 @@ def test_weight_decay_groups(bias_decay, norm, freeze_at):
         kind = "frozen" if frozen else "norm" if not _expected_decay(path, True) else leaf
         kinds[kind.replace("predictor_", "")] += 1
     assert kinds["kernel"] and kinds["bias"] and kinds["norm" if norm == "batch" else "frozen"]
+
+
+def test_frozen_stages_get_no_gradient_and_no_backward_pass():
+    """`model.freeze_at` stops gradients at the frozen stages' output (torchvision's
+    `requires_grad=False`): their parameters' gradients are exactly zero, nothing of their backward
+    is traced, and every other gradient equals the one without the stop."""
+    from mrcnn_jax.modeling.resnet import ResNet
+
+    images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32)
+    variables = ResNet(depth=18, norm="batch").init(jax.random.key(0), images)
+
+    def grad_fn(freeze_at):
+        def loss(params):
+            outputs, _ = ResNet(depth=18, norm="batch", freeze_at=freeze_at).apply(
+                {**variables, "params": params}, images, train=True, mutable=["batch_stats"]
+            )
+            return sum(jnp.sum(jnp.sin(c)) for c in outputs.values())
+
+        return jax.grad(loss)
+
+    grads = {f: grad_fn(f)(variables["params"]) for f in (0, 1, 2)}
+    for freeze_at, frozen in ((1, ("stem",)), (2, ("stem", "res2"))):
+        for name, tree in grads[freeze_at].items():
+            leaves = jax.tree_util.tree_leaves(tree)
+            if name.startswith(frozen):
+                assert all(not np.any(leaf) for leaf in leaves), (freeze_at, name)
+            else:
+                for got, want in zip(leaves, jax.tree_util.tree_leaves(grads[0][name])):
+                    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=name)
+                    assert np.any(got), name
+    traced = [
+        str(jax.make_jaxpr(grad_fn(f))(variables["params"])).count(" dot_general")
+        for f in (0, 1, 2)
+    ]
+    assert traced[0] > traced[1] > traced[2], traced

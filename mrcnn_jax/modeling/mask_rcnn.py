@@ -117,7 +117,11 @@ class MaskRCNN(nn.Module):
             )
         r = c.roi_heads
         self.backbone = ResNet(
-            depth=c.backbone_depth, norm=c.norm, axis_name=self.axis_name, dtype=dtype
+            depth=c.backbone_depth,
+            norm=c.norm,
+            freeze_at=c.freeze_at,
+            axis_name=self.axis_name,
+            dtype=dtype,
         )
         self.fpn = FPN(
             dim=c.fpn_dim,

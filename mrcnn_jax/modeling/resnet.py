@@ -172,10 +172,15 @@ class ResNet(nn.Module):
     "C5": [B, H/32, W/32, 8c]}` (sizes rounded up), c = 64 (basic blocks) or 256 (bottlenecks).
     Inside the extents they are what the image alone computes; outside, anything (a consumer's
     spatial conv masks its input first).
+
+    `freeze_at` stops gradients at the output of the frozen stages (1: the stem, 2: the stem and
+    res2), as torchvision's and Detectron2's `requires_grad=False` do, so their backward pass is
+    not computed; the optimizer (`train/state.is_frozen`) keeps their parameters unchanged.
     """
 
     depth: int = 50
     norm: str = "frozen"
+    freeze_at: int = 0
     axis_name: str | None = None
     dtype: jnp.dtype = jnp.float32
 
@@ -192,6 +197,8 @@ class ResNet(nn.Module):
         x = nn.relu(norm(name="stem_bn")(x, mask=_bn_mask(valid_size, x, 2)))
         # The max pool's valid outputs read only valid inputs (stride 2, window 3, padding 1).
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        if self.freeze_at >= 1:
+            x = jax.lax.stop_gradient(x)
         outputs, stride = {}, 4
         for stage, num_blocks in enumerate(STAGE_BLOCKS[self.depth]):
             for block in range(num_blocks):
@@ -206,5 +213,7 @@ class ResNet(nn.Module):
                     name=f"res{stage + 2}_{block}",
                 )(x, valid_size)
                 stride *= block_stride
+            if self.freeze_at >= stage + 2:
+                x = jax.lax.stop_gradient(x)
             outputs[f"C{stage + 2}"] = x
         return outputs
