@@ -41,7 +41,8 @@ def make_train_step(
     (`sharding.shard_batch`), `key` is the step's PRNG key. The state's buffers are donated.
     Metrics are global-batch means: the losses, per image `num_proposals`, `num_fg_rois`
     (foreground RoIs sampled) and `num_mask_rois` (those the mask head trained on: fewer only
-    when they overflow `model.roi_heads.mask_rois_per_image`), `grad_norm`, `learning_rate`.
+    when they overflow `model.roi_heads.mask_rois_per_image`), `grad_norm` (the stages frozen by
+    `model.freeze_at` get no gradient, so it does not count them), `learning_rate`.
     """
     global_batch = config.train.batch_size
     if global_batch % mesh.size:
