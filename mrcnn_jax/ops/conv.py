@@ -24,8 +24,10 @@ the kernel flipped (a stride-1 "same" 3x3 convolution transposed is one), and th
 gradient is the algorithm transposed: `dU[r, s] = V[r, s]^T (A dY A^T)[r, s]`, `dW = G^T dU G`.
 
 On other backends (GPU, TPU), whose convolutions and gradients are fast, it is
-`lax.conv_general_dilated` itself. Results equal XLA's up to float rounding (summation order;
-Winograd's transforms add a relative error of about 2e-6 in float32).
+`lax.conv_general_dilated` itself. The path is chosen per platform when the program is lowered
+(`lax.platform_dependent`), so a program exported for several platforms (`scripts/export.py
+--platforms=cpu,cuda,tpu`) runs each platform's own. Results equal XLA's up to float rounding
+(summation order; Winograd's transforms add a relative error of about 2e-6 in float32).
 """
 
 from __future__ import annotations
@@ -91,11 +93,12 @@ def conv_general_dilated(
     if any(p < 0 for pair in padding for p in pair):
         raise ValueError(f"conv_general_dilated needs non-negative padding, got {padding}")
     strides = tuple(int(s) for s in window_strides)
-    if jax.default_backend() != "cpu":
-        return _conv(lhs, rhs, strides, padding, precision)
     if uses_winograd(lhs.shape, rhs.shape, strides, padding, lhs.dtype, rhs.dtype):
-        return _conv_winograd(lhs, rhs, precision)
-    return _conv_matmul_kernel_grad(lhs, rhs, strides, padding, precision)
+        cpu = lambda lhs, rhs: _conv_winograd(lhs, rhs, precision)
+    else:
+        cpu = lambda lhs, rhs: _conv_matmul_kernel_grad(lhs, rhs, strides, padding, precision)
+    default = lambda lhs, rhs: _conv(lhs, rhs, strides, padding, precision)
+    return lax.platform_dependent(lhs, rhs, cpu=cpu, default=default)
 
 
 def uses_winograd(
