@@ -60,8 +60,8 @@ def test_weight_decay_groups(bias_decay, norm, freeze_at):
 
 def test_frozen_stages_get_no_gradient_and_no_backward_pass():
     """`model.freeze_at` stops gradients at the frozen stages' output (torchvision's
-    `requires_grad=False`): their parameters' gradients are exactly zero, nothing of their backward
-    is traced, and every other gradient equals the one without the stop."""
+    `requires_grad=False`): their parameters' gradients are exactly zero, their backward is not in
+    the program, and every other gradient equals the one without the stop (freeze_at 2 vs 0)."""
     from mrcnn_jax.modeling.resnet import ResNet
 
     images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32)
@@ -76,18 +76,16 @@ def test_frozen_stages_get_no_gradient_and_no_backward_pass():
 
         return jax.grad(loss)
 
-    grads = {f: grad_fn(f)(variables["params"]) for f in (0, 1, 2)}
-    for freeze_at, frozen in ((1, ("stem",)), (2, ("stem", "res2"))):
-        for name, tree in grads[freeze_at].items():
-            leaves = jax.tree_util.tree_leaves(tree)
-            if name.startswith(frozen):
-                assert all(not np.any(leaf) for leaf in leaves), (freeze_at, name)
-            else:
-                for got, want in zip(leaves, jax.tree_util.tree_leaves(grads[0][name])):
-                    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=name)
-                    assert np.any(got), name
-    traced = [
-        str(jax.make_jaxpr(grad_fn(f))(variables["params"])).count(" dot_general")
-        for f in (0, 1, 2)
-    ]
-    assert traced[0] > traced[1] > traced[2], traced
+    lowered = {f: jax.jit(grad_fn(f)).lower(variables["params"]) for f in (0, 2)}
+    grads = {f: lowered[f].compile()(variables["params"]) for f in lowered}
+    for name, tree in grads[2].items():
+        leaves = jax.tree_util.tree_leaves(tree)
+        if name.startswith(("stem", "res2")):
+            assert all(not np.any(leaf) for leaf in leaves), name
+        else:
+            for got, want in zip(leaves, jax.tree_util.tree_leaves(grads[0][name])):
+                np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=name)
+                assert np.any(got), name
+    # the stem's and res2's kernel gradients (matmuls on CPU) are not in the program at all
+    matmuls = {f: lowered[f].as_text().count("dot_general") for f in lowered}
+    assert matmuls[0] > matmuls[2], matmuls
