@@ -89,3 +89,11 @@ def test_frozen_stages_get_no_gradient_and_no_backward_pass():
     # the stem's and res2's kernel gradients (matmuls on CPU) are not in the program at all
     matmuls = {f: lowered[f].as_text().count("dot_general") for f in lowered}
     assert matmuls[0] > matmuls[2], matmuls
+
+
+@pytest.mark.parametrize("freeze_at", [3, -1])
+def test_unsupported_freeze_at_is_a_clear_error(freeze_at):
+    from mrcnn_jax.modeling.resnet import ResNet
+
+    with pytest.raises(ValueError, match=f"model.freeze_at must be 0 .* got {freeze_at}"):
+        ResNet(depth=18, freeze_at=freeze_at).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))

@@ -192,6 +192,11 @@ class ResNet(nn.Module):
             raise ValueError(
                 f"ResNet depth must be one of {sorted(STAGE_BLOCKS)}, got {self.depth}"
             )
+        if self.freeze_at not in (0, 1, 2):  # the optimizer's groups (state.is_frozen) know 0-2
+            raise ValueError(
+                f"model.freeze_at must be 0 (train all), 1 (freeze the stem) or 2 (the stem and "
+                f"res2), got {self.freeze_at}"
+            )
         norm = make_norm(self.norm, train, self.axis_name, self.dtype)
         x = conv(64, 7, 2, "stem_conv", self.dtype)(images.astype(self.dtype))
         x = nn.relu(norm(name="stem_bn")(x, mask=_bn_mask(valid_size, x, 2)))
