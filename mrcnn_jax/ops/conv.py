@@ -13,10 +13,11 @@ CPU, the kernel gradient as those `kh * kw` matmuls over strided slices of the p
 matmul over all taps, im2col, for maps of at most `_IM2COL_MAX_PIXELS` pixels, where the slices'
 overhead dominates).
 
-The wide 3x3 stride-1 layers (FPN outputs, RPN head, mask head, ResNet's res3-res5 3x3 convs:
-float32, at least `_WINOGRAD_MIN_CHANNELS` channels in and out, `_WINOGRAD_MIN_PIXELS` output
-pixels) run on CPU as Winograd's minimal filtering F(2x2, 3x3) (Lavin & Gray, "Fast Algorithms
-for Convolutional Neural Networks", 2016): each 4x4 input tile `d` (stride 2) and the kernel `g`
+The 3x3 stride-1 layers (FPN outputs, RPN head, mask head, ResNet's 3x3 convs: float32, at
+least `_WINOGRAD_MIN_CHANNELS` channels in and out, `_WINOGRAD_MIN_PIXELS` output pixels, and
+below `_WINOGRAD_WIDE_CHANNELS` channels only small inputs; `uses_winograd`) run on CPU as
+Winograd's minimal filtering F(2x2, 3x3) (Lavin & Gray, "Fast Algorithms for Convolutional
+Neural Networks", 2016): each 4x4 input tile `d` (stride 2) and the kernel `g`
 are transformed, `V = B^T d B`, `U = G g G^T`, multiplied channel-wise as 16 matmuls
 `M[r, s] = V[r, s] @ U[r, s]` (2.25x fewer multiplications than the direct convolution), and
 each 2x2 output tile is `A^T M A`. The input gradient is the same algorithm on the cotangent with
@@ -41,7 +42,9 @@ import numpy as np
 from jax import lax
 
 _IM2COL_MAX_PIXELS = 32 * 32  # kernel gradient over all taps in one matmul up to this map size
-_WINOGRAD_MIN_CHANNELS = 128  # below, the tile transforms cost more than the matmuls save
+_WINOGRAD_MIN_CHANNELS = 32  # below, the tile transforms cost more than the matmuls save
+_WINOGRAD_WIDE_CHANNELS = 128  # from here on, Winograd wins at any map size above the minimum
+_WINOGRAD_NARROW_MAX_INPUT = 2**21  # narrower layers win only up to this many input floats
 _WINOGRAD_MIN_PIXELS = 2 * 32 * 32  # output pixels (B * H * W) below which XLA's conv is faster
 # F(2x2, 3x3) (Lavin & Gray 2016): input transform B^T [4, 4], kernel G [4, 3], output A^T [2, 4].
 _WINOGRAD_BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float32)
@@ -113,17 +116,22 @@ def uses_winograd(
 
     3x3 kernel, stride 1, padding 1 on every side ("same"), float32, at least
     `_WINOGRAD_MIN_CHANNELS` input and output channels and `_WINOGRAD_MIN_PIXELS` output pixels
-    (`B * H * W`): where `scripts/benchmark.py conv` measured it faster than XLA's convolution.
+    (`B * H * W`); below `_WINOGRAD_WIDE_CHANNELS` channels only for inputs of fewer than
+    `_WINOGRAD_NARROW_MAX_INPUT` floats (the ResNet-18 / 64-channel FPN layers of the shapes
+    config, not R50's res2 at 512²): where `scripts/benchmark.py conv` measured it faster than
+    XLA's convolution, forward and both gradients.
     """
     b, h, w, c = lhs_shape
+    channels = min(c, rhs_shape[3])
     return bool(
         tuple(rhs_shape[:2]) == (3, 3)
         and tuple(strides) == (1, 1)
         and tuple(tuple(p) for p in padding) == ((1, 1), (1, 1))
         and jnp.dtype(lhs_dtype) == jnp.float32
         and jnp.dtype(rhs_dtype) == jnp.float32
-        and min(c, rhs_shape[3]) >= _WINOGRAD_MIN_CHANNELS
+        and channels >= _WINOGRAD_MIN_CHANNELS
         and b * h * w >= _WINOGRAD_MIN_PIXELS
+        and (channels >= _WINOGRAD_WIDE_CHANNELS or b * h * w * c < _WINOGRAD_NARROW_MAX_INPUT)
     )
 
 
