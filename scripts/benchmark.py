@@ -57,6 +57,11 @@ import time
 
 from absl import app, flags
 
+from mrcnn_jax.programs import launch
+
+if __name__ == "__main__":  # before torch and JAX are imported, which it would import twice
+    launch.use_huge_pages()
+
 # torchvision segfaults when imported after tensorflow (see tests/conftest.py): import it first.
 try:
     import torch

@@ -12,6 +12,8 @@ import os
 
 from absl import app, flags, logging
 
+from mrcnn_jax.programs import launch
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
 _STEP = flags.DEFINE_integer(
     "checkpoint_step", None, "Checkpoint step to export (default: the latest)."
@@ -73,4 +75,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    launch.use_huge_pages()
     app.run(main)

@@ -61,6 +61,8 @@ import numpy as np
 from absl import app, flags, logging
 from pycocotools import mask as mask_util
 
+from mrcnn_jax.programs import launch
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 IMAGES_PER_DEVICE = 2  # the default --batch_size per local device
 
@@ -290,4 +292,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    launch.use_huge_pages()
     app.run(main)

@@ -53,4 +53,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    launch.use_huge_pages()
     app.run(main)
