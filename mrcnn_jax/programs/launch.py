@@ -3,8 +3,8 @@
 `define_flags()` registers `--multihost`, `--coordinator_address`, `--num_processes` and
 `--process_id`; `initialize()` (after absl parsed them, before any other JAX call) passes them to
 `mrcnn_jax.sharding.initialize_distributed`, turning its ValueErrors into usage errors.
-`use_huge_pages()` (first thing in scripts/train.py, eval.py, predict.py, benchmark.py) restarts
-the script with glibc's malloc on transparent huge pages.
+`use_huge_pages()` (first thing in scripts/train.py, eval.py, predict.py, export.py,
+benchmark.py) restarts the script with glibc's malloc on transparent huge pages.
 """
 
 import os
