@@ -17,10 +17,10 @@ The 3x3 stride-1 layers (FPN outputs, RPN head, mask head, ResNet's 3x3 convs: f
 least `_WINOGRAD_MIN_CHANNELS` channels in and out, `_WINOGRAD_MIN_PIXELS` output pixels, and
 below `_WINOGRAD_WIDE_CHANNELS` channels only small inputs; `uses_winograd`) run on CPU as
 Winograd's minimal filtering F(2x2, 3x3) (Lavin & Gray, "Fast Algorithms for Convolutional
-Neural Networks", 2016): each 4x4 input tile `d` (stride 2) and the kernel `g`
-are transformed, `V = B^T d B`, `U = G g G^T`, multiplied channel-wise as 16 matmuls
-`M[r, s] = V[r, s] @ U[r, s]` (2.25x fewer multiplications than the direct convolution), and
-each 2x2 output tile is `A^T M A`. The input gradient is the same algorithm on the cotangent with
+Neural Networks", 2016): each 4x4 input tile `d` (stride 2) and the kernel `g` are transformed,
+`V = B^T d B`, `U = G g G^T`, multiplied channel-wise as 16 matmuls `M[r, s] = V[r, s] @ U[r, s]`
+(2.25x fewer multiplications than the direct convolution), and each 2x2 output tile is
+`A^T M A`. The input gradient is the same algorithm on the cotangent with
 the kernel flipped (a stride-1 "same" 3x3 convolution transposed is one), and the kernel
 gradient is the algorithm transposed: `dU[r, s] = V[r, s]^T (A dY A^T)[r, s]`, `dW = G^T dU G`.
 
