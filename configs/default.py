@@ -144,7 +144,9 @@ def get_config() -> ml_collections.ConfigDict:
     train.schedule = "step"  # "cosine" or "step".
     train.decay_steps = (60_000, 80_000)  # "step" schedule: multiply lr by decay_factor at each.
     train.decay_factor = 0.1
-    train.momentum = 0.9
+    train.optimizer = "sgd"  # "sgd" (with momentum, L2 weight decay) or "adamw" (decoupled).
+    train.momentum = 0.9  # sgd only.
+    train.adam_betas = (0.9, 0.999)  # adamw only: (b1, b2).
     train.weight_decay = 1e-4  # On kernels (and biases, see below); never on norm parameters.
     # Biases decay with weight_decay too (Detectron2's WEIGHT_DECAY_BIAS = WEIGHT_DECAY).
     train.bias_weight_decay = True

@@ -1,8 +1,8 @@
 """The README's main job: Mask R-CNN R18-FPN on the synthetic shapes set, trainable on a 2-core CPU.
 
 `configs/default.py` (every field documented there) with a toy's sizes: 128² images, a
-ResNet-18-FPN of width 64 trained from scratch with batch-statistics BN, anchors 8–128 and small
-RoI budgets (see ../shared/DESIGN.md "Where the time goes").
+ResNet-18-FPN of width 64 trained from scratch with batch-statistics BN and AdamW, anchors 8–128
+and small RoI budgets (see ../shared/DESIGN.md "Where the time goes").
 """
 
 import ml_collections
@@ -50,13 +50,16 @@ def get_config() -> ml_collections.ConfigDict:
 
     train = config.train
     train.batch_size = 8
-    train.num_steps = 1000
-    train.base_lr = 0.01
+    # From scratch, AdamW learns this task far faster than the COCO recipes' SGD (500 steps,
+    # one run each, segm AP: SGD lr 0.01 0.444, SGD 0.04 0.718, AdamW 1e-3 0.810; 400 steps:
+    # AdamW 1e-3 0.759, 2e-3 0.809, 300 steps: 2e-3 0.632, 4e-3 0.563; docs/performance.md).
+    train.optimizer = "adamw"
+    train.num_steps = 400
+    train.base_lr = 0.002
     train.warmup_steps = 100
     train.schedule = "cosine"
-    train.decay_steps = (700, 900)
     train.log_every = 20
-    train.checkpoint_every = 250
+    train.checkpoint_every = 100
     train.eval_every = 0
 
     config.eval.batch_size = 8

@@ -1,9 +1,11 @@
-"""The optimizer's parameter groups: which tensors decay (kernels, biases per
-`train.bias_weight_decay`, never BatchNorm) and which are frozen, checked on a first SGD update."""
+"""The optimizers: which tensors decay (kernels, biases per `train.bias_weight_decay`, never
+BatchNorm) and which are frozen, checked on a first update of SGD and of AdamW; AdamW's updates
+against Adam written out in numpy."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from configs import shapes_r18
@@ -33,14 +35,18 @@ def _expected_decay(path: str, bias_decay: bool) -> bool:
     return leaf.endswith("kernel") or (bias_decay and leaf.endswith("bias"))
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 @pytest.mark.parametrize("bias_decay", [True, False])
 @pytest.mark.parametrize("norm, freeze_at", [("batch", 0), ("frozen", 2)])
-def test_weight_decay_groups(bias_decay, norm, freeze_at):
+def test_weight_decay_groups(optimizer, bias_decay, norm, freeze_at):
     config = shapes_r18.get_config()
+    config.train.optimizer = optimizer
     config.train.bias_weight_decay = bias_decay
     config.model.norm, config.model.freeze_at = norm, freeze_at
     lr = config.train.base_lr * config.train.warmup_factor
-    decay_step = -lr * config.train.weight_decay  # SGD's first step on g + wd·p, p = 1, g = 0
+    # The first step on p = 1, g = 0: SGD's on g + wd·p; AdamW's Adam part is 0/(0 + eps) = 0
+    # and its decoupled decay lr·wd·p.
+    decay_step = -lr * config.train.weight_decay
     updates = _first_updates(config)
     kinds = {"kernel": 0, "bias": 0, "norm": 0, "frozen": 0}
     for path, values in updates.items():
@@ -97,3 +103,63 @@ def test_unsupported_freeze_at_is_a_clear_error(freeze_at):
 
     with pytest.raises(ValueError, match=f"model.freeze_at must be 0 .* got {freeze_at}"):
         ResNet(depth=18, freeze_at=freeze_at).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+
+
+def test_adamw_follows_adam_with_decoupled_decay():
+    """Three AdamW steps on random gradients equal Adam written out in numpy (bias-corrected
+    moments, eps outside the square root, decay `lr·wd·p` on decayed params only, clipping of
+    the global norm first); frozen params never move."""
+    config = shapes_r18.get_config()
+    config.train.optimizer = "adamw"
+    config.train.adam_betas = (0.8, 0.95)
+    config.train.weight_decay = 0.05
+    config.train.grad_clip_norm = 30.0
+    config.model.norm, config.model.freeze_at = "batch", 1
+    learning_rate_fn = state_lib.create_learning_rate_fn(config.train)
+    optimizer = state_lib.create_optimizer(config, learning_rate_fn)
+    shapes = MaskRCNN.from_config(config.model).variable_shapes((64, 64))["params"]
+    rng = np.random.default_rng(0)
+    params = jax.tree_util.tree_map(lambda s: rng.normal(size=s.shape).astype(np.float32), shapes)
+    opt_state = optimizer.init(params)
+
+    (b1, b2), eps, wd = config.train.adam_betas, 1e-8, config.train.weight_decay
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+    names = [tuple(getattr(k, "key", k) for k in p) for p, _ in
+             jax.tree_util.tree_leaves_with_path(params)]  # fmt: skip
+    frozen = [state_lib.is_frozen(name, config.model) for name in names]
+    want = [np.asarray(x, np.float64) for x in jax.tree_util.tree_leaves(params)]
+    m = [np.zeros_like(x) for x in want]
+    v = [np.zeros_like(x) for x in want]
+    got = params
+    for t in range(1, 4):
+        grads = jax.tree_util.tree_map(
+            lambda s: (0.1 * rng.normal(size=s.shape)).astype(np.float32), shapes
+        )
+        updates, opt_state = optimizer.update(grads, opt_state, got)
+        got = optax.apply_updates(got, updates)
+
+        flat = [np.asarray(g, np.float64) for g in jax.tree_util.tree_leaves(grads)]
+        # the clipping is inside the trained group: its norm counts trained params only
+        norm = np.sqrt(sum(np.sum(g**2) for g, f in zip(flat, frozen) if not f))
+        lr = float(learning_rate_fn(t - 1))
+        for i, (name, g) in enumerate(zip(names, flat)):
+            if frozen[i]:
+                continue
+            g = g * min(1.0, config.train.grad_clip_norm / norm)
+            m[i] = b1 * m[i] + (1 - b1) * g
+            v[i] = b2 * v[i] + (1 - b2) * g * g
+            step = (m[i] / (1 - b1**t)) / (np.sqrt(v[i] / (1 - b2**t)) + eps)
+            if state_lib.is_decayed(name, config.train):
+                step = step + wd * want[i]
+            want[i] = want[i] - lr * step
+    for path, actual, expected in zip(paths, jax.tree_util.tree_leaves(got), want):
+        np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-6, err_msg=path)
+    stem = params["backbone"]["stem_conv"]["kernel"]
+    np.testing.assert_array_equal(got["backbone"]["stem_conv"]["kernel"], stem)
+
+
+def test_an_unknown_optimizer_is_a_clear_error():
+    config = shapes_r18.get_config()
+    config.train.optimizer = "adam"
+    with pytest.raises(ValueError, match=r"train\.optimizer must be 'sgd' or 'adamw', got 'adam'"):
+        state_lib.create_optimizer(config, state_lib.create_learning_rate_fn(config.train))

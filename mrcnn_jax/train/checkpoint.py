@@ -109,6 +109,12 @@ def config_mismatches(saved: dict, config: ml_collections.ConfigDict) -> list[st
     return problems
 
 
+def saved_optimizer(saved: dict) -> str:
+    """`train.optimizer` of a saved config (JSON); checkpoints written before the field existed
+    were trained with SGD."""
+    return saved.get("train", {}).get("optimizer", "sgd")
+
+
 def load_config(manager: ocp.CheckpointManager, step: int) -> dict:
     """The config (as a JSON dict) stored with checkpoint `step`."""
     restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
@@ -123,25 +129,54 @@ def restore(
 ) -> TrainState:
     """Restores checkpoint `step` (default: the latest) into the structure of `state`.
 
+    A checkpoint of another `train.optimizer` restores only at step 0 (converted weights,
+    `save_variables`), where every optimizer's state is its initial one: `state` keeps its own.
+
     Raises:
       FileNotFoundError: there is no (complete) checkpoint.
-      ValueError: the checkpoint was written with a different architecture; the message lists
-        the differing config fields.
+      ValueError: the checkpoint was written with a different architecture (the message lists
+        the differing config fields), or trained past step 0 with another optimizer.
     """
     step = manager.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"no complete checkpoint in {manager.directory}")
-    problems = config_mismatches(load_config(manager, step), config)
+    saved = load_config(manager, step)
+    problems = config_mismatches(saved, config)
     if problems:
         raise ValueError(
             f"checkpoint {manager.directory}/{step} was written with another config:\n  "
             + "\n  ".join(problems)
+        )
+    optimizer = saved_optimizer(saved)
+    if optimizer != config.train.optimizer:
+        if step:
+            raise ValueError(
+                f"checkpoint {manager.directory}/{step} was trained with train.optimizer="
+                f"{optimizer!r}, the config asks for {config.train.optimizer!r}: its optimizer "
+                f"state cannot continue under another optimizer. Resume with "
+                f"--config.train.optimizer={optimizer}, or train in a new --workdir."
+            )
+        raw = restore_raw(manager, step)
+        return state.replace(
+            params=_like(state.params, raw["params"]),
+            batch_stats=_like(state.batch_stats, raw.get("batch_stats") or {}),
         )
     target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state_tree(state))
     restored = manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
     )["state"]
     return state.replace(**restored)
+
+
+def _like(target, values):
+    """`values` (numpy) as arrays placed like the leaves of `target`, same tree and shapes."""
+
+    def place(t, v):
+        if t.shape != v.shape:
+            raise ValueError(f"checkpoint array of shape {v.shape} where {t.shape} is expected")
+        return jax.device_put(v.astype(t.dtype), t.sharding)
+
+    return jax.tree_util.tree_map(place, target, values)
 
 
 def restore_raw(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Train state, learning-rate schedule and optimizer (SGD with momentum, Detectron2-style)."""
+"""Train state, learning-rate schedule and optimizer (SGD with momentum, Detectron2-style, or
+AdamW)."""
 
 import re
 from typing import Any
@@ -78,9 +79,13 @@ def is_frozen(names: tuple[str, ...], model: ml_collections.ConfigDict) -> bool:
 def create_optimizer(
     config: ml_collections.ConfigDict, learning_rate_fn: optax.Schedule
 ) -> optax.GradientTransformation:
-    """SGD with momentum and weight decay (`is_decayed`), frozen params (`is_frozen`) kept.
+    """`train.optimizer` with weight decay on `is_decayed` params; frozen params (`is_frozen`)
+    kept.
 
-    Optional global-norm clipping (`train.grad_clip_norm > 0`) comes first, as in PyTorch.
+    "sgd": SGD with `train.momentum` on the gradient plus `weight_decay` × params (L2, as
+    PyTorch's SGD and Detectron2). "adamw": Adam with `train.adam_betas` and decoupled weight
+    decay (`learning_rate × weight_decay × params` per step, as PyTorch's AdamW). Optional
+    global-norm clipping (`train.grad_clip_norm > 0`) comes first, as in PyTorch.
     """
     train = config.train
 
@@ -97,10 +102,20 @@ def create_optimizer(
     steps = []
     if train.grad_clip_norm > 0:
         steps.append(optax.clip_by_global_norm(train.grad_clip_norm))
-    steps += [
-        optax.add_decayed_weights(train.weight_decay, mask=decay_mask),
-        optax.sgd(learning_rate_fn, momentum=train.momentum),
-    ]
+    if train.optimizer == "sgd":
+        steps += [
+            optax.add_decayed_weights(train.weight_decay, mask=decay_mask),
+            optax.sgd(learning_rate_fn, momentum=train.momentum),
+        ]
+    elif train.optimizer == "adamw":
+        b1, b2 = train.adam_betas
+        steps.append(
+            optax.adamw(
+                learning_rate_fn, b1=b1, b2=b2, weight_decay=train.weight_decay, mask=decay_mask
+            )
+        )
+    else:
+        raise ValueError(f"train.optimizer must be 'sgd' or 'adamw', got {train.optimizer!r}")
     return optax.multi_transform(
         {"train": optax.chain(*steps), "frozen": optax.set_to_zero()}, labels
     )
