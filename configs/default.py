@@ -109,6 +109,12 @@ def get_config() -> ml_collections.ConfigDict:
     # means the same on any number of devices. 0 (or >= F): every foreground slot, no budget:
     # with no measurement of COCO's positives per image at every step, COCO keeps all F.
     roi.mask_rois_per_image = 0
+    # Training: the mask head runs over its G slots this many at a time and skips the chunks
+    # that hold no positive (forward and backward), so its work follows the replica's
+    # positives rounded up to a chunk, with the same loss and gradients as one pass. 0 = one
+    # pass over all G slots. Not applied to heads with batch statistics (head_norm with norm
+    # "batch"/"sync"), whose moments span all slots.
+    roi.mask_head_chunk = 32
     roi.box_head_convs = 0  # 3×3 convs before the box head's FCs (torchvision v2: 4).
     roi.box_head_conv_dim = 256  # Width of those convs.
     roi.box_head_fcs = 2  # FC layers of the box head (torchvision v2: 1).

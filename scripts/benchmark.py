@@ -5,6 +5,7 @@ r"""Benchmarks against torchvision, one subcommand each; every run prints one JS
   python scripts/benchmark.py conv [--image_size=512 --batch_size=2 --rois=128]
   python scripts/benchmark.py train|infer [--sizes=512x512,832x1344] [--batch_size=2] [--matched]
   python scripts/benchmark.py train --mask_rois_per_image=0,32   # two budgets, alternating calls
+  python scripts/benchmark.py train --mask_head_chunk=0,32       # one pass / chunks of 32
   python scripts/benchmark.py breakdown [--model_config=shapes_r18 --sizes=128x128 --batch_size=8]
 
 Times are the median wall-clock seconds over --repeats calls after --warmup calls (the first of
@@ -14,9 +15,10 @@ does not use (--help says which). `train` and `infer` time R50-FPN Mask R-CNN
 (configs/coco_r50_fpn_1x.py; another with --model_config, then without torchvision) against
 torchvision's maskrcnn_resnet50_fpn and report the `work` per image of each: RoIs through the box
 head, and through the mask head the foreground RoIs (train) or detections (infer); ours are the
-static config sizes (padded slots included: in training the mask slots G / B of
-`model.roi_heads.mask_rois_per_image`), torchvision's are counted by forward hooks; `matched`
-says whether they are equal (else `why`).
+static config sizes (padded slots included) but for the mask head in training: the slots of the
+chunks it ran (`model.roi_heads.mask_head_chunk`; all G / B slots of
+`model.roi_heads.mask_rois_per_image` without chunks); torchvision's are counted by forward
+hooks; `matched` says whether they are equal (else `why`).
 --matched gives torchvision our RPN/RoI budgets and score threshold 0 (it returns
 detections_per_image detections, as ours); zero RPN box deltas and no proposal NMS suppression (its
 proposals are then the post_nms_topk best anchors, as many as our static slots: with random
@@ -24,7 +26,8 @@ weights most of its proposals are otherwise degenerate or suppressed, e.g. 35-30
 and in training at least as many GT objects as our mask slots per image (every GT box is also a
 proposal of IoU 1: a foreground RoI) and a positive fraction that caps its foreground RoIs at that
 number, so both fill every slot.
---mask_rois_per_image=a,b,... times our train step at each mask-head budget, the calls of the
+--mask_rois_per_image=a,b,... times our train step at each mask-head budget (and
+--mask_head_chunk=c,d,... at each chunk size, crossed with the budgets), the calls of the
 variants interleaved so that the machine's load hits each alike; each row's `ratio` is against
 the same torchvision run (with --matched, one per budget).
 
@@ -46,6 +49,7 @@ import functools
 import glob
 import gzip
 import importlib
+import itertools
 import json
 import os
 import re
@@ -107,6 +111,12 @@ flags.DEFINE_list(
     "train, breakdown: values of model.roi_heads.mask_rois_per_image to time (0: every "
     "foreground slot); several alternate in one process. Default: the config's.",
 )
+flags.DEFINE_list(
+    "mask_head_chunk",
+    None,
+    "train, breakdown: values of model.roi_heads.mask_head_chunk to time (0: one pass over all "
+    "mask slots), each with every --mask_rois_per_image, alternating. Default: the config's.",
+)
 flags.DEFINE_string(
     "model_config",
     "coco_r50_fpn_1x",
@@ -121,6 +131,7 @@ _LISTS = {  # flag: (regular expression of an item, what the items are)
     "sizes": (r"\d+x\d+", "HxW sizes"),
     "methods": ("gather|einsum", "gather, einsum"),
     "mask_rois_per_image": (r"\d+", "integers"),
+    "mask_head_chunk": (r"\d+", "integers"),
 }
 for _name, (_item, _what) in _LISTS.items():
     _check = lambda values, item=_item: (
@@ -352,16 +363,20 @@ def mask_rois_per_image(config) -> float:
 
 
 def our_configs(size: str) -> list:
-    """The --model_config config at `size` (HxW) and --batch_size, one per
-    --mask_rois_per_image value (one with the config's own without the flag)."""
+    """The --model_config config at `size` (HxW) and --batch_size, one per pair of
+    --mask_rois_per_image and --mask_head_chunk values (the config's own without the flags)."""
     module = importlib.import_module(f"configs.{FLAGS.model_config}")
     configs = []
-    for value in FLAGS.mask_rois_per_image or [None]:
+    for budget, chunk in itertools.product(
+        FLAGS.mask_rois_per_image or [None], FLAGS.mask_head_chunk or [None]
+    ):
         config = module.get_config()
         config.data.image_size = tuple(int(v) for v in size.split("x"))
         config.train.batch_size = FLAGS.batch_size
-        if value is not None:
-            config.model.roi_heads.mask_rois_per_image = int(value)
+        if budget is not None:
+            config.model.roi_heads.mask_rois_per_image = int(budget)
+        if chunk is not None:
+            config.model.roi_heads.mask_head_chunk = int(chunk)
         configs.append(config)
     return configs
 
@@ -444,8 +459,10 @@ def with_torchvision() -> bool:
 
 
 def run_model(train: bool) -> list[dict]:
-    """Our train step (at each --mask_rois_per_image, alternating) or inference on one device,
-    against torchvision's R50-FPN Mask R-CNN."""
+    """Our train step (at each --mask_rois_per_image and --mask_head_chunk, alternating) or
+    inference on one device, against torchvision's R50-FPN Mask R-CNN."""
+    from mrcnn_jax.modeling.mask_rcnn import num_mask_head_slots_run
+
     rng, results = np.random.default_rng(FLAGS.seed), []
     for size in FLAGS.sizes:
         configs = our_configs(size) if train else our_configs(size)[:1]
@@ -461,11 +478,16 @@ def run_model(train: bool) -> list[dict]:
         for config, (_, (box_rois, mask_rois)), (first, seconds, out) in zip(configs, ours, timed):
             valid = out["num_mask_rois"] if train else np.mean(np.sum(out["valid"], 1))
             work_ours = {"box_head_rois": box_rois, "mask_head_rois": mask_rois}
+            if train:  # the chunks of slots its mask head ran (all G slots without chunks)
+                b = config.train.batch_size
+                run = num_mask_head_slots_run(config.model, b, round(float(valid) * b))
+                work_ours["mask_head_rois"] = run / b
             work = {"ours": {**work_ours, "valid_mask_head_rois": float(valid)}}
             rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
             result = {"image_size": size, **({"num_objects": num_objects} if train else {})}
             if train:
                 result["mask_rois_per_image"] = config.model.roi_heads.mask_rois_per_image
+                result["mask_head_chunk"] = config.model.roi_heads.mask_head_chunk
             result["peak_host_rss_gib"] = round(rss, 2)
             stats = jax.devices()[0].memory_stats() or {}
             if "peak_bytes_in_use" in stats:
@@ -616,6 +638,7 @@ def run_breakdown() -> list[dict]:
             results.append({
                 "image_size": size,
                 "mask_rois_per_image": config.model.roi_heads.mask_rois_per_image,
+                "mask_head_chunk": config.model.roi_heads.mask_head_chunk,
                 "first_call_seconds": round(first, 2),
                 "seconds": round(seconds, 3),
                 "profiled_seconds": round(profiled, 3),

@@ -12,7 +12,7 @@ from conftest import tiny_config
 from helpers import loss_gradient_fn, random_boxes, synthetic_batch
 from references import anchor_labels_numpy, bce_numpy, encode_numpy, smooth_l1_numpy
 
-from mrcnn_jax.modeling.mask_rcnn import MaskRCNN, TrainOutputs
+from mrcnn_jax.modeling.mask_rcnn import MaskRCNN, TrainOutputs, num_mask_head_slots_run
 from mrcnn_jax.ops import targets
 from mrcnn_jax.train import state as state_lib
 from mrcnn_jax.train.losses import mask_rcnn_losses
@@ -238,7 +238,43 @@ def test_replica_means_equal_the_global_batch_losses():
         np.testing.assert_allclose(np.mean(replicated[name]), whole[name], rtol=1e-5, err_msg=name)
 
 
-# --------------------------------------------------------------------------- the mask-head budget
+# --------------------------------------------------------------------------- mask-head layouts
+
+
+def assert_same_losses_and_gradients(configs, batch_counts, seed: int = 2):
+    """Each config's losses, gradients and BatchNorm statistics equal the first config's on
+    batches with `batch_counts` objects per image (same variables and sampling keys); returns
+    the mask-slot validity `[G]` of every config on the last batch."""
+    variables = state_lib.init_variables(
+        MaskRCNN.from_config(configs[0].model), jax.random.key(0), (64, 64)
+    )
+    num_images = configs[0].train.batch_size
+    roi_keys, rpn_keys = jax.random.split(jax.random.key(3), (2, num_images))
+    steps = [
+        loss_gradient_fn(
+            MaskRCNN.from_config(c.model), c.model, variables["batch_stats"], roi_keys, rpn_keys
+        )
+        for c in configs
+    ]
+    rng = np.random.default_rng(seed)
+    for counts in batch_counts:
+        batch = synthetic_batch(configs[0], rng, counts)
+        results = [jax.device_get(step(variables["params"], batch)) for step in steps]
+        grads0, (losses0, stats0, valid0) = results[0]
+        assert (valid0.sum() > 0) == (sum(counts) > 0)
+        if not sum(counts):
+            assert losses0["loss_mask"] == 0
+        for grads, (losses, stats, valid) in results[1:]:
+            assert valid.sum() == valid0.sum()
+            for name, value in losses0.items():
+                np.testing.assert_allclose(losses[name], value, rtol=1e-6, atol=1e-8, err_msg=name)
+            for (path, a), b in zip(
+                jax.tree_util.tree_leaves_with_path((grads0, stats0)),
+                jax.tree_util.tree_leaves((grads, stats)),
+            ):
+                scale = np.abs(a).max() + 1e-12
+                assert np.abs(a - b).max() <= 1e-5 * scale, jax.tree_util.keystr(path)
+    return [valid for _, (_, _, valid) in results]
 
 
 @pytest.mark.slow  # two full-model gradients; the head alone: test_roi_heads (seconds)
@@ -251,30 +287,61 @@ def test_budgeted_mask_head_gives_the_losses_and_gradients_of_all_slots():
         tiny_config(**overrides, **{"model.roi_heads.mask_rois_per_image": n}) for n in (0, 3)
     ]
     assert configs[0].model.norm == "batch"
-    variables = state_lib.init_variables(
-        MaskRCNN.from_config(configs[0].model), jax.random.key(0), (64, 64)
-    )
-    roi_keys, rpn_keys = jax.random.split(jax.random.key(3), (2, 4))
+    valid0, valid1 = assert_same_losses_and_gradients(configs, ([0, 3, 1, 4], [0, 0, 0, 0]))
+    assert valid0.shape == (16,) and valid1.shape == (12,)
 
-    steps = [
-        loss_gradient_fn(
-            MaskRCNN.from_config(c.model), c.model, variables["batch_stats"], roi_keys, rpn_keys
+
+def test_chunked_mask_head_gives_the_losses_and_gradients_of_one_pass():
+    """`mask_head_chunk` 3 over G = 16 slots (6 chunks, the last padded): chunks without a taken
+    slot are skipped, and the losses and gradients equal one pass over all slots, on batches
+    with no positive, some (partly filled chunks) and all slots taken. The heads carry frozen
+    BatchNorm (torchvision v2), so its stored statistics are read inside the loop."""
+    overrides = {
+        "train.batch_size": 4,
+        "model.norm": "frozen",
+        "model.allow_random_frozen_backbone": True,
+        "model.roi_heads.head_norm": True,
+    }
+    configs = [tiny_config(**overrides, **{"model.roi_heads.mask_head_chunk": n}) for n in (0, 3)]
+    assert_same_losses_and_gradients(configs, ([0, 3, 1, 4], [0, 0, 0, 0], [4, 4, 4, 4]))
+
+
+@pytest.mark.parametrize("norm, chunked", [("frozen", True), ("batch", False)])
+def test_the_mask_head_is_chunked_only_without_batch_statistics(norm, chunked):
+    """A mask head normalising with batch statistics (whose moments span all G slots) makes one
+    pass whatever `mask_head_chunk` says: its training program has no more loops than with
+    chunking off; a frozen-BatchNorm head gets the chunk loop."""
+    batch, keys = None, jax.random.split(jax.random.key(0), 4)
+    loops = []
+    for chunk in (0, 3):
+        config = tiny_config(
+            **{
+                "train.batch_size": 4,
+                "model.norm": norm,
+                "model.roi_heads.head_norm": True,
+                "model.roi_heads.mask_head_chunk": chunk,
+            }
         )
-        for c in configs
-    ]
-    rng = np.random.default_rng(2)
-    for counts in ([0, 3, 1, 4], [0, 0, 0, 0]):
-        batch = synthetic_batch(configs[0], rng, counts)
-        results = [jax.device_get(step(variables["params"], batch)) for step in steps]
-        (grads0, (losses0, stats0, valid0)), (grads1, (losses1, stats1, valid1)) = results
-        assert valid0.shape == (16,) and valid1.shape == (12,)
-        assert valid1.sum() == valid0.sum() and (valid0.sum() > 0) == (sum(counts) > 0)
-        for name, value in losses0.items():
-            np.testing.assert_allclose(losses1[name], value, rtol=1e-6, atol=1e-8, err_msg=name)
-        for (path, a), b in zip(
-            jax.tree_util.tree_leaves_with_path((grads0, stats0)),
-            jax.tree_util.tree_leaves((grads1, stats1)),
-        ):
-            scale = np.abs(a).max() + 1e-12
-            assert np.abs(a - b).max() <= 1e-5 * scale, jax.tree_util.keystr(path)
-    assert losses0["loss_mask"] == 0  # the batch without objects
+        model = MaskRCNN.from_config(config.model)
+        variables = model.variable_shapes((64, 64))
+        batch = batch or synthetic_batch(config, np.random.default_rng(0), [1, 2, 0, 1])
+        apply = functools.partial(model.apply, train=True, keys=keys, mutable=["batch_stats"])
+        loops.append(jax.jit(apply).lower(variables, batch).as_text().count("stablehlo.while"))
+    assert loops[1] == loops[0] + chunked
+
+
+def test_mask_head_slots_run_follow_the_taken_slots():
+    """`num_mask_head_slots_run`: whole chunks up to the last taken slot; G without chunks (chunk
+    0, a chunk of at least G, or a head with batch statistics)."""
+    roi = {"model.roi_heads.batch_size_per_image": 512, "model.roi_heads.mask_rois_per_image": 0}
+    config = tiny_config(**roi).model  # G = F = 128 per image
+    config.roi_heads.mask_head_chunk = 32
+    runs = [num_mask_head_slots_run(config, 2, taken) for taken in (0, 1, 23, 32, 33, 256)]
+    assert runs == [0, 32, 32, 32, 64, 256]
+    config.roi_heads.mask_head_chunk = 3  # G = 256 is no multiple: the last chunk is padded
+    assert num_mask_head_slots_run(config, 2, 256) == 258
+    for chunk, head_norm in ((0, False), (256, False), (32, True)):
+        config.roi_heads.mask_head_chunk, config.roi_heads.head_norm = chunk, head_norm
+        assert num_mask_head_slots_run(config, 2, 23) == 256
+    config.norm = "frozen"  # stored statistics: chunked
+    assert num_mask_head_slots_run(config, 2, 23) == 32

@@ -291,11 +291,12 @@ def test_shipped_configs_freeze_only_pretrained_backbones(name, paste):
     assert config.model.roi_heads.aligned == (paste == "detectron2")
 
 
-def test_resume_ignores_how_the_backbone_was_initialised_and_how_masks_are_pasted(data_dir):
+def test_resume_ignores_backbone_init_mask_paste_and_mask_head_chunk(data_dir):
     """Checkpoints written before these fields existed, or with other values, still restore."""
     config = run_config(data_dir)
     saved = json.loads(config.to_json())
     del saved["model"]["backbone_weights"], saved["model"]["allow_random_frozen_backbone"]
+    del saved["model"]["roi_heads"]["mask_head_chunk"]
     saved["model"]["roi_heads"]["mask_paste"] = "torchvision"
     assert ckpt_lib.config_mismatches(saved, config) == []
     saved["model"]["fpn_dim"] = 8

@@ -1,6 +1,6 @@
 """The jitted data-parallel train step: 8 devices == 1 device (also with a mask-head budget
-whose positives fit), no recompiles, finite on edge cases and when the positives overflow the
-mask-head budget."""
+whose positives fit, and with the mask head in chunks), no recompiles, finite on edge cases and
+when the positives overflow the mask-head budget."""
 
 import jax
 import numpy as np
@@ -35,6 +35,8 @@ MASK_BUDGET = {"model.roi_heads.positive_fraction": 0.5, "model.roi_heads.mask_r
     [
         ("frozen", {}),
         pytest.param("frozen", MASK_BUDGET, id="frozen-mask_budget", marks=pytest.mark.slow),
+        # chunks of 3 of G = 32 slots on one device (11 chunks) and of 4 per replica on 8
+        pytest.param("frozen", {"model.roi_heads.mask_head_chunk": 3}, id="frozen-mask_chunks"),
         pytest.param("sync", {}, marks=pytest.mark.slow),
     ],
 )

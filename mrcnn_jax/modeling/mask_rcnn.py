@@ -84,6 +84,28 @@ def num_mask_slots(roi_config: ml_collections.ConfigDict, num_images: int) -> in
     return min(per_image, f) * num_images if per_image else f * num_images
 
 
+def mask_head_chunk_size(model_config: ml_collections.ConfigDict, num_slots: int) -> int:
+    """C: how many of its `num_slots` (G) training slots the mask head takes at a time, skipping
+    chunks without a taken slot; 0 for one pass over all of them.
+
+    `roi_heads.mask_head_chunk` when it is below G and the head has no batch statistics (with
+    `head_norm` in "batch"/"sync" mode their moments span all G slots, so it makes one pass).
+    """
+    c = model_config.roi_heads.mask_head_chunk
+    batch_statistics = model_config.roi_heads.head_norm and model_config.norm in ("batch", "sync")
+    return c if 0 < c < num_slots and not batch_statistics else 0
+
+
+def num_mask_head_slots_run(
+    model_config: ml_collections.ConfigDict, num_images: int, num_taken: int
+) -> int:
+    """The mask-head slots a replica of `num_images` images computes in training when
+    `num_taken` of its G slots hold positives: whole chunks up to the last taken slot, or G."""
+    g = num_mask_slots(model_config.roi_heads, num_images)
+    c = mask_head_chunk_size(model_config, g)
+    return -(-num_taken // c) * c if c else g
+
+
 class MaskRCNN(nn.Module):
     """Mask R-CNN over NHWC images. `config` is the `config.model` section (frozen); build it
     with `MaskRCNN.from_config`."""
@@ -317,7 +339,7 @@ class MaskRCNN(nn.Module):
             features = pooled.reshape(b * f, *pooled.shape[2:])[index]
             classes, rois = jnp.maximum(take(targets.classes) - 1, 0), take(targets.rois)
             gt = (index // f, take(targets.gt_index))
-        logits = self.mask_head(features, classes, train=True, valid=valid)
+        logits = self._train_mask_head(features, classes, valid)
         with jax.named_scope("mask_targets"):
             mask_targets = target_ops.mask_targets(
                 jnp.asarray(batch["gt_masks"])[gt].astype(jnp.float32),  # numpy batches too
@@ -326,6 +348,44 @@ class MaskRCNN(nn.Module):
                 r.mask_pooler_size * MASK_SIZE_FACTOR,
             )
         return logits, mask_targets, valid
+
+    def _train_mask_head(self, features, classes, valid) -> jnp.ndarray:
+        """The mask head on the replica's G slots (`features [G, S, S, C]`, `classes [G]`,
+        `valid [G]`, taken slots first): logits `[G, 2S, 2S]`.
+
+        With a chunk size C (`mask_head_chunk_size`) the slots go through the head C at a time
+        (`nn.scan`), and a chunk holding no taken slot is skipped (`nn.cond`) in the forward
+        and the backward pass: its logits are 0 and, being invalid, carry no loss. The head's
+        work then follows the replica's positives, rounded up to C, while every logit of a
+        taken slot is what one pass over all G slots gives (the head works per RoI).
+        """
+        g = features.shape[0]
+        c = mask_head_chunk_size(self.config, g)
+        if not c:
+            return self.mask_head(features, classes, train=True, valid=valid)
+        n = -(-g // c)
+        pad = lambda x: jnp.pad(x, [(0, n * c - g)] + [(0, 0)] * (x.ndim - 1))
+        chunks = [pad(x).reshape(n, c, *x.shape[1:]) for x in (features, classes, valid)]
+        size = MASK_SIZE_FACTOR * features.shape[1]
+
+        def run(head, x, cls, v):
+            return head(x, cls, train=True, valid=v)
+
+        def skip(head, x, cls, v):
+            del head, cls, v
+            return jnp.zeros((x.shape[0], size, size), jnp.float32)
+
+        def body(head, carry, xs):
+            return carry, nn.cond(jnp.any(xs[2]), run, skip, head, *xs)
+
+        scan = nn.scan(
+            body,
+            variable_broadcast=True,
+            split_rngs={"params": False},
+            length=n,
+        )
+        _, logits = scan(self.mask_head, None, tuple(chunks))
+        return logits.reshape(n * c, size, size)[:g]
 
     def _inference(self, pyramid, proposals, image_size, valid_size) -> dict[str, jnp.ndarray]:
         r = self.config.roi_heads
