@@ -57,6 +57,16 @@ with torchvision's own targets is within `NATIVE_MASK_RTOL` of ours (measured 1.
 and the gradients) torchvision's `project_masks_on_boxes` is replaced by our targets on the
 same crops, the rest of its mask loss unchanged.
 
+Gradients through a ReLU are discontinuous at 0: an input within float32 rounding of 0 (~1e-6 of
+the activations) may pass on one side and not the other, and on res5's 4×5
+maps one such position moves a whole channel's kernel gradient (one ReLU input of 4e-7 in
+res5_0 gave a relative error of 3.9e-2 there and ~4e-3 in the layers below it with jax 0.10.2).
+`separate_relu_inputs` conditions the problem, as well-separated scores do for top-k: in every
+channel with a ReLU input within `RELU_MARGIN` of 0 (trainable ResNet stages, RPN head, mask
+head), it shifts the bias before the ReLU to put 0 in a gap between the inputs, on both sides
+alike (torchvision's weights are converted after it; here 75 channels). The gradients then
+agree to ≤ 9e-6 (before: ≤ 2.2e-4 with no ReLU input near 0, 3.9e-2 with one).
+
 Time: ~40 s on 2 CPU cores (compiling our step's gradient is most of it; ~60-70 s when the
 cores are shared).
 """
@@ -98,10 +108,12 @@ ROI_BATCH = RPN_POST_NMS + MAX_INSTANCES  # ≥ proposals + GT.
 ROI_POSITIVE_FRACTION = 1 / 16  # 62 foreground slots.
 
 # Tolerances: terms relative to torchvision's (measured ≤ 8.5e-7; 2.4e-6 in variants);
-# gradients max |diff| / max |torchvision| per tensor (the issue's 1e-3; measured ≤ 2.2e-4);
+# gradients max |diff| / max |torchvision| per tensor (measured ≤ 9e-6 with the ReLU inputs
+# separated, module docstring; the parity issue asked for 1e-3);
 # loss_mask on torchvision's own targets.
+RELU_MARGIN = 1e-4  # ~100× float32 rounding of the activations (module docstring).
 LOSS_RTOL = 2e-5
-GRAD_RTOL = 1e-3
+GRAD_RTOL = 1e-4
 NATIVE_MASK_RTOL = 5e-3
 
 # Our term -> (torchvision's term, the stage whose normalisation it has).
@@ -142,6 +154,73 @@ def torchvision_model(num_classes: int):
         if not name.startswith(("layer4", "layer3", "layer2")):
             parameter.requires_grad_(False)
     return model.train()
+
+
+def relu_sites(model) -> list:
+    """The ReLUs whose inputs `separate_relu_inputs` conditions, in forward order, as
+    `(relu module, call, bias)`: the module's forward pre-hook sees the input of call `call`
+    (None: of all its calls, e.g. the RPN head's over the levels) and `bias` [C] is added just
+    before it. The box head (functional ReLUs on 64 features of ~2000 RoIs) is not conditioned:
+    its gradients agree to 2e-5 as they are.
+
+    A ResNet block calls its in-place `relu` after each BatchNorm but the last, then on the last
+    BatchNorm's output plus the identity: call `i` is shifted through `bn{i + 1}`'s bias, the
+    last call through the last BatchNorm's.
+    """
+    body, heads = model.backbone.body, model.roi_heads
+    sites = []
+    for block in [block for layer in (body.layer2, body.layer3, body.layer4) for block in layer]:
+        norms = [m for name, m in block.named_children() if re.fullmatch(r"bn\d", name)]
+        sites += [(block.relu, call, norm.bias) for call, norm in enumerate(norms)]
+    conv_relus = [*model.rpn.head.conv, *heads.mask_head]  # Conv2dNormActivation: conv, ReLU
+    sites += [(relu, None, conv.bias) for conv, relu in conv_relus]
+    sites.append((heads.mask_predictor.relu, None, heads.mask_predictor.conv5_mask.bias))
+    return sites
+
+
+def relu_inputs(model, images, targets, sites) -> list:
+    """Each site's ReLU input in a training forward pass, as `[C, positions]`."""
+    calls = {id(relu): [] for relu, _, _ in sites}
+    hooks = [
+        relu.register_forward_pre_hook(
+            lambda module, args: calls[id(module)].append(
+                args[0].detach().transpose(0, 1).flatten(1)  # before the in-place ReLU
+            )
+        )
+        for relu in {id(relu): relu for relu, _, _ in sites}.values()
+    ]
+    with torch.no_grad():
+        model(images, targets)
+    for hook in hooks:
+        hook.remove()
+    return [
+        torch.cat(calls[id(relu)], 1) if call is None else calls[id(relu)][call]
+        for relu, call, _ in sites
+    ]
+
+
+def separate_relu_inputs(model, images, targets, margin: float = RELU_MARGIN) -> int:
+    """Shifts, in place, the bias before each ReLU of `relu_sites` in each channel whose inputs
+    come within `margin` of 0, so that 0 falls in the middle of the nearest gap of at least
+    `2 · margin` between that channel's inputs. Returns the number of channels shifted.
+
+    Sites are conditioned in forward order, as a shift moves every activation after it.
+    """
+    sites = relu_sites(model)
+    shifts = 0
+    for i, (_, _, bias) in enumerate(sites):
+        x = relu_inputs(model, images, targets, sites[i : i + 1])[0]
+        for c in torch.nonzero((x.abs() < margin).any(1)).ravel().tolist():
+            values = torch.sort(x[c]).values
+            low, high = values[:-1], values[1:]
+            middle = (low + high) / 2
+            middle[high - low < 2 * margin] = float("inf")
+            with torch.no_grad():
+                bias[c] -= middle[middle.abs().argmin()]
+            shifts += 1
+    nearest = [float(x.abs().min()) for x in relu_inputs(model, images, targets, sites)]
+    assert min(nearest) >= margin / 2, nearest
+    return shifts
 
 
 def make_data(num_classes: int, mask_size: int):
@@ -287,6 +366,7 @@ def parity() -> Parity:
     num_classes = config.model.num_classes
     model = torchvision_model(num_classes)
     images, targets, gt = make_data(num_classes, config.data.mask_size)
+    separate_relu_inputs(model, images, targets)
     state = convert.state_dict_to_numpy(model.state_dict())
     variables = convert.convert_state_dict(
         state, config.model, bn_epsilon=convert.RELEASES["v1"].bn_epsilon
