@@ -57,10 +57,10 @@ with torchvision's own targets is within `NATIVE_MASK_RTOL` of ours (measured 1.
 and the gradients) torchvision's `project_masks_on_boxes` is replaced by our targets on the
 same crops, the rest of its mask loss unchanged.
 
-Gradients through a ReLU are discontinuous at 0: an input within float32 rounding of 0 (~1e-6 of
-the activations) may pass on one side and not the other, and on res5's 4×5
-maps one such position moves a whole channel's kernel gradient (one ReLU input of 4e-7 in
-res5_0 gave a relative error of 3.9e-2 there and ~4e-3 in the layers below it with jax 0.10.2).
+Gradients through a ReLU are discontinuous at 0: an input within float32 rounding of 0 (~1e-6
+of the activations) may pass on one side and not the other, and on res5's 4×5 maps one such
+position moves a whole channel's kernel gradient (one ReLU input of 4e-7 in res5_0 gave a
+relative error of 3.9e-2 there and ~4e-3 in the layers below it with jax 0.10.2).
 `separate_relu_inputs` conditions the problem, as well-separated scores do for top-k: in every
 channel with a ReLU input within `RELU_MARGIN` of 0 (trainable ResNet stages, RPN head, mask
 head), it shifts the bias before the ReLU to put 0 in a gap between the inputs, on both sides
@@ -199,15 +199,14 @@ def relu_inputs(model, images, targets, sites) -> list:
     ]
 
 
-def separate_relu_inputs(model, images, targets, margin: float = RELU_MARGIN) -> int:
+def separate_relu_inputs(model, images, targets, margin: float = RELU_MARGIN) -> None:
     """Shifts, in place, the bias before each ReLU of `relu_sites` in each channel whose inputs
     come within `margin` of 0, so that 0 falls in the middle of the nearest gap of at least
-    `2 · margin` between that channel's inputs. Returns the number of channels shifted.
+    `2 · margin` between that channel's inputs.
 
     Sites are conditioned in forward order, as a shift moves every activation after it.
     """
     sites = relu_sites(model)
-    shifts = 0
     for i, (_, _, bias) in enumerate(sites):
         x = relu_inputs(model, images, targets, sites[i : i + 1])[0]
         for c in torch.nonzero((x.abs() < margin).any(1)).ravel().tolist():
@@ -217,10 +216,8 @@ def separate_relu_inputs(model, images, targets, margin: float = RELU_MARGIN) ->
             middle[high - low < 2 * margin] = float("inf")
             with torch.no_grad():
                 bias[c] -= middle[middle.abs().argmin()]
-            shifts += 1
     nearest = [float(x.abs().min()) for x in relu_inputs(model, images, targets, sites)]
     assert min(nearest) >= margin / 2, nearest
-    return shifts
 
 
 def make_data(num_classes: int, mask_size: int):
