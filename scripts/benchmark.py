@@ -9,9 +9,10 @@ r"""Benchmarks against torchvision, one subcommand each; every run prints one JS
   python scripts/benchmark.py breakdown [--model_config=shapes_r18 --sizes=128x128 --batch_size=8]
 
 Times are the median wall-clock seconds over --repeats calls after --warmup calls (the first of
-which compiles), with `block_until_ready`. torchvision runs on the same inputs in the same process
-and `ratio` is ours / torchvision's (below 1: we are faster). A subcommand ignores the flags it
-does not use (--help says which). `train` and `infer` time R50-FPN Mask R-CNN
+which compiles: no compilation cache unless JAX_COMPILATION_CACHE_DIR is set, reported as
+`compilation_cache`), with `block_until_ready`. torchvision runs on the same inputs in the same
+process and `ratio` is ours / torchvision's (below 1: we are faster). A subcommand ignores the
+flags it does not use (--help says which). `train` and `infer` time R50-FPN Mask R-CNN
 (configs/coco_r50_fpn_1x.py; another with --model_config, then without torchvision) against
 torchvision's maskrcnn_resnet50_fpn and report the `work` per image of each: RoIs through the box
 head, and through the mask head the foreground RoIs (train) or detections (infer); ours are the
@@ -680,6 +681,8 @@ def main(argv):
         "jax": jax.__version__,
         "torchvision": torchvision.__version__ if torchvision else None,
         "torch_threads": torch.get_num_threads() if torch else None,
+        # Set: first calls may load compiled programs instead of compiling them (not cold).
+        "compilation_cache": jax.config.jax_compilation_cache_dir or None,
         **({"model": MODEL_NAMES.get(FLAGS.model_config, FLAGS.model_config)} if model else {}),
         "config": {"command": command, **flags_of(command)},
         "results": results,

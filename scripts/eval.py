@@ -88,4 +88,5 @@ def main(argv):
 
 if __name__ == "__main__":
     launch.use_huge_pages()
+    launch.use_compilation_cache()
     app.run(main)

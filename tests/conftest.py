@@ -16,6 +16,9 @@ if "--xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# The scripts keep compiled programs in ~/.cache (launch.use_compilation_cache); the scripts that
+# tests start do not, unless a test gives them a folder of its own.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "")
 
 # torchvision segfaults when it is imported after tensorflow in one process (torch 2.14.1,
 # torchvision 0.29.1, tensorflow-cpu 2.21); importing it first is safe. Reference tests only.

@@ -44,6 +44,7 @@ def outputs() -> dict[str, dict]:
 def test_nms_reports_kept_boxes_and_ratio(outputs):
     output = outputs["nms"]
     assert output["benchmark"] == "nms"
+    assert output["compilation_cache"] is None  # cold compiles (tests/conftest.py sets none)
     assert output["config"]["num_boxes"] == ["200"] and "rois" not in output["config"]
     (result,) = output["results"]
     assert result["num_boxes"] == 200 and 0 < result["kept"] <= 200
