@@ -22,7 +22,7 @@ print(json.dumps({"dir": jax.config.jax_compilation_cache_dir,
 """
 
 
-def run(tmp_path, **env_overrides) -> dict:
+def run(tmp_path, stderr=None, **env_overrides) -> dict:
     script = tmp_path / "script.py"
     script.write_text(SCRIPT)
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
@@ -30,8 +30,10 @@ def run(tmp_path, **env_overrides) -> dict:
     env.update(JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", **env_overrides)
     out = subprocess.run(
         [sys.executable, str(script)], env=env, capture_output=True, text=True, check=True
-    ).stdout
-    return json.loads(out.splitlines()[-1])
+    )
+    if stderr is not None:
+        stderr.append(out.stderr)
+    return json.loads(out.stdout.splitlines()[-1])
 
 
 def cache_entries(path) -> list[str]:
@@ -61,6 +63,15 @@ def test_empty_folder_turns_it_off(tmp_path):
     result = run(tmp_path, JAX_COMPILATION_CACHE_DIR="")
     assert not result["dir"]
     assert not (tmp_path / "xdg").exists()
+
+
+def test_unwritable_default_folder_runs_without_cache(tmp_path):
+    (tmp_path / "file").write_text("")  # XDG_CACHE_HOME under a file: no folder can be made
+    stderr = []
+    result = run(tmp_path, stderr, XDG_CACHE_HOME=str(tmp_path / "file" / "cache"))
+    assert result["dir"] is None
+    assert "compilation cache off" in stderr[0] and "JAX_COMPILATION_CACHE_DIR" in stderr[0]
+    assert "persistent compilation cache" not in stderr[0]  # no warning per compile from JAX
 
 
 def test_default_folder_names_the_machine(monkeypatch, tmp_path):

@@ -94,7 +94,8 @@ def use_compilation_cache() -> None:
     """Turns on JAX's persistent compilation cache in `default_compilation_cache_dir()`, at
     most `DEFAULT_COMPILATION_CACHE_BYTES` (least recently used programs evicted), unless the
     environment already sets `JAX_COMPILATION_CACHE_DIR` (a folder of one's own, or empty to turn
-    the cache off). Call it before JAX is imported: JAX reads the variables at import.
+    the cache off). Where the folder cannot be made (a read-only home), it says so on stderr and
+    leaves the cache off. Call it before JAX is imported: JAX reads the variables at import.
 
     A later run of the same program (resuming training, eval.py after training, predict.py
     again) then loads it instead of compiling it: the R50-FPN train step at 512² compiles in
@@ -105,7 +106,13 @@ def use_compilation_cache() -> None:
     """
     if COMPILATION_CACHE_DIR in os.environ:
         return
-    os.environ[COMPILATION_CACHE_DIR] = default_compilation_cache_dir()
+    path = default_compilation_cache_dir()
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as error:  # a read-only home: run without the cache, once warned
+        print(f"compilation cache off ({error}); set {COMPILATION_CACHE_DIR}", file=sys.stderr)
+        return
+    os.environ[COMPILATION_CACHE_DIR] = path
     os.environ.setdefault(COMPILATION_CACHE_MAX_SIZE, str(DEFAULT_COMPILATION_CACHE_BYTES))
 
 
