@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mrcnn_jax.modeling.scan_layers import scan_layers
 from mrcnn_jax.ops.conv import conv_general_dilated
 from mrcnn_jax.ops.extent import extent_mask
 
@@ -206,18 +207,24 @@ class ResNet(nn.Module):
             x = jax.lax.stop_gradient(x)
         outputs, stride = {}, 4
         for stage, num_blocks in enumerate(STAGE_BLOCKS[self.depth]):
-            for block in range(num_blocks):
-                block_stride = 2 if (stage > 0 and block == 0) else 1
-                x = ResidualBlock(
-                    features=64 * 2**stage,
-                    stride=block_stride,
-                    norm=norm,
-                    bottleneck=self.depth >= 50,
-                    in_stride=stride,
-                    dtype=self.dtype,
-                    name=f"res{stage + 2}_{block}",
-                )(x, valid_size)
-                stride *= block_stride
+            block_stride = 2 if stage > 0 else 1
+            block = partial(
+                ResidualBlock,
+                features=64 * 2**stage,
+                norm=norm,
+                bottleneck=self.depth >= 50,
+                dtype=self.dtype,
+            )
+            x = block(stride=block_stride, in_stride=stride, name=f"res{stage + 2}_0")(
+                x, valid_size
+            )
+            stride *= block_stride
+            # Blocks 1.. keep the shape: one compiled block (`scan_layers`).
+            repeats = [
+                [block(stride=1, in_stride=stride, name=f"res{stage + 2}_{i}")]
+                for i in range(1, num_blocks)
+            ]
+            x = scan_layers(self, repeats, lambda b, y: b[0](y, valid_size), x)
             if self.freeze_at >= stage + 2:
                 x = jax.lax.stop_gradient(x)
             outputs[f"C{stage + 2}"] = x

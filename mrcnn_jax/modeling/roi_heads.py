@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from mrcnn_jax.modeling.resnet import Conv, make_norm
+from mrcnn_jax.modeling.scan_layers import scan_layers
 from mrcnn_jax.ops import boxes as box_ops
 from mrcnn_jax.ops import nms as nms_ops
 from mrcnn_jax.ops import targets as target_ops
@@ -22,6 +23,7 @@ _msra_fill = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
 def head_convs(
+    parent: nn.Module,
     x: jnp.ndarray,
     num_convs: int,
     dim: int,
@@ -33,24 +35,33 @@ def head_convs(
 
     With `norm` (a `resnet.make_norm` constructor), each conv has no bias and is followed by
     BatchNorm `conv<i>_bn` (torchvision v2's heads); in training, batch statistics count only the
-    RoIs where `valid [N]` is True (padding RoIs would bias them). Call inside a compact module:
-    the layers become its children. `x [N, S, S, C]` -> `[N, S, S, dim]`.
+    RoIs where `valid [N]` is True (padding RoIs would bias them). Call from a compact method of
+    `parent`: the layers become its children. `x [N, S, S, C]` -> `[N, S, S, dim]`.
     """
     mask = None if valid is None else valid[:, None, None, None]
-    for i in range(num_convs):
-        x = Conv(
+    layers = []
+    for i in range(1, num_convs + 1):
+        conv = Conv(
             dim,
             (3, 3),
             padding=((1, 1), (1, 1)),
             use_bias=not norm,
             kernel_init=_msra_fill,
             dtype=dtype,
-            name=f"conv{i + 1}",
-        )(x)
+            name=f"conv{i}",
+        )
+        layers.append([conv, norm(name=f"conv{i}_bn")] if norm else [conv])
+
+    def step(layer, x):
+        x = layer[0](x)
         if norm:
-            x = norm(name=f"conv{i + 1}_bn")(x, mask=mask)
-        x = nn.relu(x)
-    return x
+            x = layer[1](x, mask=mask)
+        return nn.relu(x)
+
+    if layers and x.shape[-1] != dim:
+        x, layers = step(layers[0], x), layers[1:]
+    # The layers with `dim` channels in and out: one compiled layer (`scan_layers`).
+    return scan_layers(parent, layers, step, x)
 
 
 class BoxHead(nn.Module):
@@ -77,7 +88,7 @@ class BoxHead(nn.Module):
         self, x: jnp.ndarray, train: bool = False, valid: jnp.ndarray | None = None
     ) -> tuple[jnp.ndarray, jnp.ndarray]:
         norm = make_norm(self.norm, train, self.axis_name, self.dtype) if self.norm else None
-        x = head_convs(x, self.num_convs, self.conv_dim, norm, self.dtype, valid)
+        x = head_convs(self, x, self.num_convs, self.conv_dim, norm, self.dtype, valid)
         x = x.reshape(x.shape[0], -1)
         for i in range(self.num_fcs):
             x = nn.relu(nn.Dense(self.dim, dtype=self.dtype, name=f"fc{i + 1}")(x))
@@ -146,7 +157,7 @@ class MaskHead(nn.Module):
         valid: jnp.ndarray | None = None,
     ) -> jnp.ndarray:
         norm = make_norm(self.norm, train, self.axis_name, self.dtype) if self.norm else None
-        x = head_convs(x, self.num_convs, self.dim, norm, self.dtype, valid)
+        x = head_convs(self, x, self.num_convs, self.dim, norm, self.dtype, valid)
         x = Deconv2x2(self.dim, dtype=self.dtype, name="deconv")(x)
         x = nn.relu(x)
         kernel = self.param(
