@@ -39,7 +39,9 @@ def scan_layers(
       fewer than two layers, the layers are simply called in turn. Otherwise the result
       equals that of the loop up to float rounding, gradients included, and the updates of
       mutable collections (BatchNorm's running statistics in training) land in each layer's
-      own variables as the loop would leave them.
+      own variables as the loop would leave them. Variables the layers only read are not
+      written back (under `nn.scan(variable_broadcast=True)`, as the chunked mask head runs,
+      writing them would be an error).
     """
     if parent.is_initializing() or len(layers) < 2:
         for layer in layers:
@@ -63,18 +65,28 @@ def scan_layers(
         {c for v in per_layer[0] for c in v if c != "params" and parent.is_mutable_collection(c)}
     )
 
+    written = []  # (module index, collection, path) of each leaf the layer writes, in order
+
     def body(x, variables):
         bound = [t.bind(v, mutable=mutable) for t, v in zip(templates, variables)]
         x = step(bound, x)
-        return x, [{c: b.variables[c] for c in mutable if c in b.variables} for b in bound]
+        written.clear()
+        leaves = []
+        for j, (module, before) in enumerate(zip(bound, variables)):
+            for collection in mutable:
+                old = dict(jax.tree_util.tree_leaves_with_path(before.get(collection, {})))
+                new = module.variables.get(collection, {})
+                for path, leaf in jax.tree_util.tree_leaves_with_path(new):
+                    if leaf is not old.get(path):  # only what was written: reading stays a read
+                        written.append((j, collection, path))
+                        leaves.append(leaf)
+        return x, leaves
 
     x, updates = jax.lax.scan(body, x, stacked)
-    for i, layer in enumerate(layers):
-        for module, collections in zip(layer, updates):
-            for collection, tree in collections.items():
-                for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-                    scope = module.scope
-                    for key in path[:-1]:
-                        scope = scope.push(key.key, reuse=True)
-                    scope.put_variable(collection, path[-1].key, leaf[i])
+    for (j, collection, path), values in zip(written, updates):
+        for i, layer in enumerate(layers):
+            scope = layer[j].scope
+            for key in path[:-1]:
+                scope = scope.push(key.key, reuse=True)
+            scope.put_variable(collection, path[-1].key, values[i])
     return x
