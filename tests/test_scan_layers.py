@@ -23,8 +23,7 @@ def loop(parent, layers, step, x):
 
 
 class DenseNormStack(nn.Module):
-    """`num_layers` of Dense -> BatchNorm -> ReLU (`width` -> `width`), optionally after a
-    first Dense of another width that must stay out of the scan."""
+    """`num_layers` of Dense -> BatchNorm -> ReLU (`width` -> `width`) through `apply_layers`."""
 
     num_layers: int
     width: int = 8

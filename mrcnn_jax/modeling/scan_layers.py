@@ -4,10 +4,10 @@ A ResNet stage repeats one block 2-22 times and the mask head one 3×3 conv 4 ti
 each repetition (forward and backward) is traced and becomes its own kernels in the program
 (R50's train step: 4376 kernels, 3056 with the scan; R101's: 7912, 3653); under `lax.scan`
 over the layers' stacked variables there is one copy, which shortens tracing, the first step
-and, for deep stages, every step (docs/performance.md). The variables stay where the unrolled layers
-keep them (`res4_1/conv1/kernel`, `conv2/bias`, ...), so checkpoints, converted torchvision
-weights and the optimizer's parameter groups see the same tree either way; the stacking is a
-copy inside the program.
+and, for deep stages, every step (docs/performance.md). The variables stay where the unrolled
+layers keep them (`res4_1/conv1/kernel`, `conv2/bias`, ...), so checkpoints, converted
+torchvision weights and the optimizer's parameter groups see the same tree either way; the
+stacking is a copy inside the program.
 """
 
 from collections.abc import Callable, Sequence
@@ -50,12 +50,9 @@ def scan_layers(
             x = step(layer, x)
         return x
     per_layer = [[module.variables for module in layer] for layer in layers]
-    first = jax.tree.structure(per_layer[0])
-    for layer, variables in zip(layers, per_layer):
-        shapes = jax.tree.map(jnp.shape, variables)
-        if jax.tree.structure(variables) != first or shapes != jax.tree.map(
-            jnp.shape, per_layer[0]
-        ):
+    first_shapes = jax.tree.map(jnp.shape, per_layer[0])
+    for layer, variables in zip(layers[1:], per_layer[1:]):
+        if jax.tree.map(jnp.shape, variables) != first_shapes:  # names, nesting and shapes
             names = [module.name for module in layer]
             raise ValueError(
                 f"scan_layers: the variables of {names} differ in structure or shape from those "
