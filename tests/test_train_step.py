@@ -110,3 +110,52 @@ def test_mask_budget_overflow_subsamples_stays_finite_and_does_not_recompile():
     finite = jax.tree_util.tree_map(lambda x: np.isfinite(np.asarray(x)).all(), state.params)
     assert all(jax.tree_util.tree_leaves(finite))
     assert train_step._cache_size() == 1
+
+
+class FakeDevice:
+    platform = "tpu"
+
+
+def test_compiler_options_fast_compile_preset_on_cpu_only(monkeypatch):
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    preset = {step_lib.CPU_OPT_PRESET: step_lib.FAST_COMPILE}
+    assert step_lib.accepts_compiler_options(tuple(preset.items()))  # this jaxlib has it
+    assert step_lib.compiler_options(jax.devices()[:2]) == preset
+    assert step_lib.compiler_options([FakeDevice()]) is None
+    assert step_lib.compiler_options([jax.devices()[0], FakeDevice()]) is None
+    # The user's own preset wins (XLA reads XLA_FLAGS when the backend starts).
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_opt_preset=CPU_OPT_PRESET_DEFAULT")
+    assert step_lib.compiler_options(jax.devices()[:1]) is None
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    assert step_lib.compiler_options(jax.devices()[:1]) == preset
+    # A jaxlib whose XLA lacks the option or the value: no options rather than an error.
+    assert not step_lib.accepts_compiler_options(((step_lib.CPU_OPT_PRESET, "NO_SUCH_PRESET"),))
+    assert not step_lib.accepts_compiler_options((("xla_cpu_no_such_option", "1"),))
+    monkeypatch.setattr(step_lib, "accepts_compiler_options", lambda options: False)
+    assert step_lib.compiler_options(jax.devices()[:1]) is None
+
+
+def test_fast_compile_preset_gives_the_default_step(monkeypatch):
+    """The step compiled with the CPU preset (as make_train_step does) and without it: the same
+    losses and updated parameters up to float rounding."""
+    config = tiny_config(**{"train.batch_size": 2})
+    batch = synthetic_batch(config, np.random.default_rng(3), [2, 1])
+    results = []
+    for flags in ("", "--xla_cpu_opt_preset=CPU_OPT_PRESET_DEFAULT"):
+        monkeypatch.setenv("XLA_FLAGS", flags)
+        state, train_step, mesh = make_trainer(config, jax.devices()[:1])
+        inputs = sharding.shard_batch(batch, mesh)
+        compiled = train_step.lower(state, inputs, jax.random.key(1)).compile()
+        new_state, metrics = compiled(state, inputs, jax.random.key(1))
+        # The preset merges fewer fusions: a different program, not the same one cached.
+        fusions = compiled.as_text().count(" fusion(")
+        results.append((fusions, *jax.device_get((new_state.params, metrics))))
+    (fusions_preset, params_preset, metrics_preset), (fusions, params, metrics) = results
+    assert fusions_preset != fusions
+    assert metrics["loss_mask"] > 0 and metrics["loss_box_reg"] > 0
+    for name in ("loss", "loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box_reg", "loss_mask"):
+        np.testing.assert_allclose(metrics_preset[name], metrics[name], rtol=1e-5, err_msg=name)
+    for (path, a), b in zip(
+        jax.tree_util.tree_leaves_with_path(params), jax.tree_util.tree_leaves(params_preset)
+    ):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
