@@ -135,6 +135,7 @@ def test_compiler_options_fast_compile_preset_on_cpu_only(monkeypatch):
     assert step_lib.compiler_options(jax.devices()[:1]) is None
 
 
+@pytest.mark.slow  # two compiles (~50 s); every other step test runs with the preset
 def test_fast_compile_preset_gives_the_default_step(monkeypatch):
     """The step compiled with the CPU preset (as make_train_step does) and without it: the same
     losses and updated parameters up to float rounding."""
