@@ -30,8 +30,13 @@ MASK_SIZE = 28
 BATCH, DETECTIONS = 3, 5
 # image id -> (height, width, (height, width) of the resized input): the axes' ratios differ, as
 # with torchvision's floored resize.
-IMAGES = {1: (200, 240, (300, 359)), 2: (100, 90, (80, 71)), 3: (80, 80, (80, 80)),
-          4: (64, 96, (128, 191)), 5: (50, 50, (50, 50))}
+IMAGES = {
+    1: (200, 240, (300, 359)),
+    2: (100, 90, (80, 71)),
+    3: (80, 80, (80, 80)),
+    4: (64, 96, (128, 191)),
+    5: (50, 50, (50, 50)),
+}
 FED_IMAGES = (1, 2, 4, 3)  # image 5 has annotations but is never fed
 
 
@@ -79,17 +84,23 @@ def _annotation(ann_id, image_id, category_id, segmentation, iscrowd):
     else:
         rle = segmentation
     return {
-        "id": ann_id, "image_id": image_id, "category_id": category_id,
-        "segmentation": segmentation, "iscrowd": iscrowd,
-        "area": float(mask_util.area(rle)), "bbox": [float(v) for v in mask_util.toBbox(rle)],
+        "id": ann_id,
+        "image_id": image_id,
+        "category_id": category_id,
+        "segmentation": segmentation,
+        "iscrowd": iscrowd,
+        "area": float(mask_util.area(rle)),
+        "bbox": [float(v) for v in mask_util.toBbox(rle)],
     }
 
 
 @pytest.fixture(scope="module")
 def gt_path(tmp_path_factory):
     dataset = {
-        "images": [{"id": i, "height": h, "width": w, "file_name": f"{i}.jpg"}
-                   for i, (h, w, _) in IMAGES.items()],
+        "images": [
+            {"id": i, "height": h, "width": w, "file_name": f"{i}.jpg"}
+            for i, (h, w, _) in IMAGES.items()
+        ],
         "categories": [{"id": c, "name": f"cat{c}"} for c in (3, 17, 42)],
         "annotations": [_annotation(k + 1, *gt) for k, gt in enumerate(_ground_truth())],
     }
@@ -137,8 +148,12 @@ def _perfect_detections(coco_gt):
     for ann in coco_gt.loadAnns(coco_gt.getAnnIds(imgIds=list(FED_IMAGES), iscrowd=False)):
         box = _xyxy(ann["bbox"])
         detections[ann["image_id"]].append(
-            (CATEGORY_TO_LABEL[ann["category_id"]], 0.9 - 0.1 * len(detections[ann["image_id"]]),
-             box, _bilinear_crop(coco_gt.annToMask(ann), box))
+            (
+                CATEGORY_TO_LABEL[ann["category_id"]],
+                0.9 - 0.1 * len(detections[ann["image_id"]]),
+                box,
+                _bilinear_crop(coco_gt.annToMask(ann), box),
+            )
         )
     return detections
 
@@ -153,9 +168,12 @@ def _batches(detections, rng):
     image_ids += [None] * (-len(image_ids) % BATCH)
     batches = []
     for start in range(0, len(image_ids), BATCH):
-        batch = {"image_id": np.full(BATCH, 999, np.int64),
-                 "image_size": np.full((BATCH, 2), 32, np.int32),
-                 "orig_size": np.full((BATCH, 2), 64, np.int32), "valid": np.zeros(BATCH, bool)}
+        batch = {
+            "image_id": np.full(BATCH, 999, np.int64),
+            "image_size": np.full((BATCH, 2), 32, np.int32),
+            "orig_size": np.full((BATCH, 2), 64, np.int32),
+            "valid": np.zeros(BATCH, bool),
+        }
         outputs = {
             "boxes": np.tile(np.array([5, 5, 40, 40], np.float32), (BATCH, DETECTIONS, 1)),
             "scores": np.full((BATCH, DETECTIONS), 0.99, np.float32),
@@ -163,7 +181,7 @@ def _batches(detections, rng):
             "masks": rng.random((BATCH, DETECTIONS, MASK_SIZE, MASK_SIZE), dtype=np.float32),
             "valid": np.zeros((BATCH, DETECTIONS), bool),
         }
-        for b, image_id in enumerate(image_ids[start:start + BATCH]):
+        for b, image_id in enumerate(image_ids[start : start + BATCH]):
             if image_id is None:
                 continue
             height, width, resized = IMAGES[image_id]
@@ -202,7 +220,9 @@ def _dilate(mask):
     """3x3 binary dilation."""
     padded = np.pad(mask, 1)
     height, width = mask.shape
-    return np.any([padded[dy:dy + height, dx:dx + width] for dy in range(3) for dx in range(3)], 0)
+    return np.any(
+        [padded[dy : dy + height, dx : dx + width] for dy in range(3) for dx in range(3)], 0
+    )
 
 
 def test_crops_of_ground_truth_paste_back_near_the_boundary(coco_gt):
@@ -217,8 +237,9 @@ def test_crops_of_ground_truth_paste_back_near_the_boundary(coco_gt):
             continue
         height, width, _ = IMAGES[image_id]
         anns = coco_gt.loadAnns(coco_gt.getAnnIds(imgIds=[image_id], iscrowd=False))
-        pasted = paste_masks(np.stack([d[3] for d in dets]), np.stack([d[2] for d in dets]),
-                             (height, width))
+        pasted = paste_masks(
+            np.stack([d[3] for d in dets]), np.stack([d[2] for d in dets]), (height, width)
+        )
         for ann, mask in zip(anns, pasted):
             gt = coco_gt.annToMask(ann).astype(bool)
             assert not (mask & ~_dilate(_dilate(gt))).any()
@@ -231,8 +252,14 @@ def test_perfect_detections_give_perfect_ap(coco_gt, gt_path):
     detections = _perfect_detections(coco_gt)
     # A detection on the crowd region is ignored, not a false positive.
     crowd = coco_gt.loadAnns(coco_gt.getAnnIds(imgIds=[1], iscrowd=True))[0]
-    detections[1].append((0, 0.05, _xyxy(crowd["bbox"]),
-                          _bilinear_crop(coco_gt.annToMask(crowd), _xyxy(crowd["bbox"]))))
+    detections[1].append(
+        (
+            0,
+            0.05,
+            _xyxy(crowd["bbox"]),
+            _bilinear_crop(coco_gt.annToMask(crowd), _xyxy(crowd["bbox"])),
+        )
+    )
     evaluator = _evaluator(detections, rng)
     assert evaluator.image_ids == list(FED_IMAGES)
     assert len(evaluator.results) == sum(len(d) for d in detections.values())
@@ -281,14 +308,16 @@ def test_metrics_equal_direct_pycocotools_on_imperfect_results(coco_gt, tmp_path
 def test_detections_to_coco_maps_boxes_labels_and_masks_back():
     rng = np.random.default_rng(2)
     image_size, (height, width) = (80, 140), (50, 70)  # y * 50/80 = 0.625, x * 70/140 = 0.5
-    boxes = np.array([[8, 16, 48, 64], [-8, 20, 40, 100], [100, 0, 140, 30], [0, 0, 1, 1]],
-                     np.float32)
+    boxes = np.array(
+        [[8, 16, 48, 64], [-8, 20, 40, 100], [100, 0, 140, 30], [0, 0, 1, 1]], np.float32
+    )
     scores = np.array([0.9, 0.8, 0.7, 0.6], np.float32)
     classes = np.array([2, 0, 1, 7], np.int32)  # label 7 is padding: not looked up
     valid = np.array([True, True, True, False])
     masks = rng.random((4, MASK_SIZE, MASK_SIZE), dtype=np.float32)
-    results = detections_to_coco(11, boxes, scores, classes, masks, valid, image_size,
-                                 (height, width), LABEL_TO_CATEGORY)
+    results = detections_to_coco(
+        11, boxes, scores, classes, masks, valid, image_size, (height, width), LABEL_TO_CATEGORY
+    )
     json.dumps(results)
     assert [r["category_id"] for r in results] == [42, 3, 17]
     assert [r["image_id"] for r in results] == [11, 11, 11]
@@ -303,8 +332,9 @@ def test_detections_to_coco_maps_boxes_labels_and_masks_back():
         assert result["segmentation"]["size"] == [height, width]
         np.testing.assert_array_equal(mask_util.decode(result["segmentation"]), mask)
 
-    no_masks = detections_to_coco(11, boxes, scores, classes, None, valid, image_size,
-                                  (height, width), LABEL_TO_CATEGORY)
+    no_masks = detections_to_coco(
+        11, boxes, scores, classes, None, valid, image_size, (height, width), LABEL_TO_CATEGORY
+    )
     assert [{k: v for k, v in r.items() if k != "segmentation"} for r in results] == no_masks
 
 
@@ -361,19 +391,40 @@ def test_input_errors(coco_gt):
         evaluate_coco(coco_gt, no_masks.results, [1], iou_types=("bbox",))
     with pytest.raises(ValueError, match=r"batch lacks keys \['image_size'\]"):
         CocoEvaluator(LABEL_TO_CATEGORY).add_batch(
-            {k: v for k, v in batch.items() if k != "image_size"}, outputs)
-    for image_size, orig_size, name in (((0, 10), (10, 10), "image_size"),
-                                        ((10, 10), (10, -3), "orig_size"),
-                                        ((10, np.nan), (10, 10), "image_size"),
-                                        ((10, 10.5), (10, 10), "image_size"),
-                                        ((10, 10, 3), (10, 10), "image_size")):
+            {k: v for k, v in batch.items() if k != "image_size"}, outputs
+        )
+    for image_size, orig_size, name in (
+        ((0, 10), (10, 10), "image_size"),
+        ((10, 10), (10, -3), "orig_size"),
+        ((10, np.nan), (10, 10), "image_size"),
+        ((10, 10.5), (10, 10), "image_size"),
+        ((10, 10, 3), (10, 10), "image_size"),
+    ):
         with pytest.raises(ValueError, match=f"{name} must be a positive \\(height, width\\)"):
-            detections_to_coco(1, np.zeros((1, 4)), np.ones(1), np.zeros(1, int), None,
-                               np.ones(1, bool), image_size, orig_size, LABEL_TO_CATEGORY)
+            detections_to_coco(
+                1,
+                np.zeros((1, 4)),
+                np.ones(1),
+                np.zeros(1, int),
+                None,
+                np.ones(1, bool),
+                image_size,
+                orig_size,
+                LABEL_TO_CATEGORY,
+            )
         with pytest.raises(ValueError, match=f"{name} must be a positive"):
             boxes_to_original(np.zeros((1, 4)), image_size, orig_size)
     with pytest.raises(ValueError, match=r"boxes must have shape \[\.\.\., 4\]"):
         boxes_to_original(np.zeros((1, 3)), (10, 10), (10, 10))
     with pytest.raises(ValueError, match="scores"):
-        detections_to_coco(1, np.zeros((2, 4)), np.ones(1), np.zeros(2, int), None,
-                           np.ones(2, bool), (10, 10), (10, 10), LABEL_TO_CATEGORY)
+        detections_to_coco(
+            1,
+            np.zeros((2, 4)),
+            np.ones(1),
+            np.zeros(2, int),
+            None,
+            np.ones(2, bool),
+            (10, 10),
+            (10, 10),
+            LABEL_TO_CATEGORY,
+        )

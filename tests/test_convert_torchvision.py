@@ -814,9 +814,9 @@ def test_photographs_give_torchvisions_detections(photo_pair, image):
     ):
         candidates = [j for j in unmatched if labels[j] == label]
         assert candidates, f"no detection of class {label} left to match"
-        ious = box_iou(
-            torch.from_numpy(box[None]), torch.from_numpy(mine["boxes"][candidates])
-        )[0].numpy()
+        ious = box_iou(torch.from_numpy(box[None]), torch.from_numpy(mine["boxes"][candidates]))[
+            0
+        ].numpy()
         best = candidates[int(ious.argmax())]
         unmatched.remove(best)
         worst["box px"] = max(worst["box px"], float(np.abs(mine["boxes"][best] - box).max()))

@@ -54,7 +54,8 @@ def test_overfit_two_images():
             "train.batch_size": 2,
             "train.num_steps": 300,
             "train.warmup_steps": 20,
-            "train.base_lr": 0.01, "train.grad_clip_norm": 10.0,
+            "train.base_lr": 0.01,
+            "train.grad_clip_norm": 10.0,
         }
     )
     batch, objects = shapes_batch(config, [0, 1])

@@ -17,24 +17,28 @@ TOL = {"atol": 1e-5, "rtol": 1e-5}
 
 # Feature map [H=9, W=11] at spatial scale 0.5, i.e. an 18 x 22 image.
 HEIGHT, WIDTH, SCALE = 9, 11, 0.5
-EDGE_BOXES = np.array([
-    [-6, -4, 8, 10],              # partly outside, top left
-    [15, 12, 30, 25],             # partly outside, bottom right
-    [-20, -20, -6, -5],           # wholly outside: every sample above/left of -1
-    [30, 30, 40, 44],             # wholly outside: every sample below/right of H, W
-    [23.5, 0, 30, 5],             # outside in x only (x > W)
-    [5, 5, 5, 9],                 # zero width
-    [6, 6, 6, 6],                 # zero width and height
-    [3.2, 4.1, 3.5, 4.3],         # smaller than one feature pixel
-    [-1000, -1000, 5000, 5000],   # huge
-    [0, 0, 22, 18],               # exactly the whole map
-    [0, 0, 0, 0],                 # padding row
-    [10, 10, 4, 6],               # inverted
-], np.float32)
+EDGE_BOXES = np.array(
+    [
+        [-6, -4, 8, 10],  # partly outside, top left
+        [15, 12, 30, 25],  # partly outside, bottom right
+        [-20, -20, -6, -5],  # wholly outside: every sample above/left of -1
+        [30, 30, 40, 44],  # wholly outside: every sample below/right of H, W
+        [23.5, 0, 30, 5],  # outside in x only (x > W)
+        [5, 5, 5, 9],  # zero width
+        [6, 6, 6, 6],  # zero width and height
+        [3.2, 4.1, 3.5, 4.3],  # smaller than one feature pixel
+        [-1000, -1000, 5000, 5000],  # huge
+        [0, 0, 22, 18],  # exactly the whole map
+        [0, 0, 0, 0],  # padding row
+        [10, 10, 4, 6],  # inverted
+    ],
+    np.float32,
+)
 
 
-def random_boxes(rng: np.random.Generator, n: int, height: float, width: float,
-                 max_size: float | None = None) -> np.ndarray:
+def random_boxes(
+    rng: np.random.Generator, n: int, height: float, width: float, max_size: float | None = None
+) -> np.ndarray:
     """[n, 4] boxes with centres in (and a bit around) the image and log-uniform sides in
     [0.3, max_size] (default 1.5 times the image)."""
     centre = rng.uniform(-0.2, 1.2, (n, 2)) * [width, height]
@@ -62,12 +66,17 @@ def bilinear_np(feature: np.ndarray, y: float, x: float) -> np.ndarray:
         x_high = x_low + 1
     ly, lx = y - y_low, x - x_low
     hy, hx = 1 - ly, 1 - lx
-    return (hy * hx * feature[y_low, x_low] + hy * lx * feature[y_low, x_high]
-            + ly * hx * feature[y_high, x_low] + ly * lx * feature[y_high, x_high])
+    return (
+        hy * hx * feature[y_low, x_low]
+        + hy * lx * feature[y_low, x_high]
+        + ly * hx * feature[y_high, x_low]
+        + ly * lx * feature[y_high, x_high]
+    )
 
 
-def roi_align_np(feature, boxes, output_size, spatial_scale, sampling_ratio=2, aligned=False,
-                 mode="avg"):
+def roi_align_np(
+    feature, boxes, output_size, spatial_scale, sampling_ratio=2, aligned=False, mode="avg"
+):
     """Loop reference: [H, W, C], [R, 4] -> [R, S_h, S_w, C] float64."""
     bins_h, bins_w = (output_size, output_size) if np.isscalar(output_size) else output_size
     feature = np.asarray(feature, np.float64)
@@ -82,10 +91,14 @@ def roi_align_np(feature, boxes, output_size, spatial_scale, sampling_ratio=2, a
         for p in range(bins_h):
             for q in range(bins_w):
                 samples = [
-                    bilinear_np(feature,
-                                y1 + p * bin_h + (i + 0.5) * bin_h / sampling_ratio,
-                                x1 + q * bin_w + (j + 0.5) * bin_w / sampling_ratio)
-                    for i in range(sampling_ratio) for j in range(sampling_ratio)]
+                    bilinear_np(
+                        feature,
+                        y1 + p * bin_h + (i + 0.5) * bin_h / sampling_ratio,
+                        x1 + q * bin_w + (j + 0.5) * bin_w / sampling_ratio,
+                    )
+                    for i in range(sampling_ratio)
+                    for j in range(sampling_ratio)
+                ]
                 out[r, p, q] = np.mean(samples, 0) if mode == "avg" else np.max(samples, 0)
     return out
 
@@ -95,23 +108,47 @@ def fpn_levels_np(boxes, min_level, max_level, canonical_box_size=224, canonical
     boxes = np.asarray(boxes, np.float32)
     area = np.maximum((boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1]), 0)
     with np.errstate(divide="ignore"):
-        level = np.floor(np.float32(canonical_level)
-                         + np.log2(np.sqrt(area) / np.float32(canonical_box_size))
-                         + np.float32(1e-6))
+        level = np.floor(
+            np.float32(canonical_level)
+            + np.log2(np.sqrt(area) / np.float32(canonical_box_size))
+            + np.float32(1e-6)
+        )
     return np.clip(level, min_level, max_level).astype(np.int32)
 
 
-def multilevel_np(features, boxes, output_size, min_level=2, sampling_ratio=2, aligned=False,
-                  mode="avg", canonical_box_size=224, canonical_level=4):
+def multilevel_np(
+    features,
+    boxes,
+    output_size,
+    min_level=2,
+    sampling_ratio=2,
+    aligned=False,
+    mode="avg",
+    canonical_box_size=224,
+    canonical_level=4,
+):
     """Per-box `roi_align_np` on the box's level: list of [B, H_l, W_l, C], [B, R, 4]."""
     max_level = min_level + len(features) - 1
     levels = fpn_levels_np(boxes, min_level, max_level, canonical_box_size, canonical_level)
-    return np.stack([
-        np.concatenate([
-            roi_align_np(features[level - min_level][b], boxes[b, r:r + 1], output_size,
-                         2.0**-level, sampling_ratio, aligned, mode)
-            for r, level in enumerate(levels[b])])
-        for b in range(len(boxes))])
+    return np.stack(
+        [
+            np.concatenate(
+                [
+                    roi_align_np(
+                        features[level - min_level][b],
+                        boxes[b, r : r + 1],
+                        output_size,
+                        2.0**-level,
+                        sampling_ratio,
+                        aligned,
+                        mode,
+                    )
+                    for r, level in enumerate(levels[b])
+                ]
+            )
+            for b in range(len(boxes))
+        ]
+    )
 
 
 def jitted(fn, *args, **static):
@@ -132,7 +169,12 @@ def torchvision_roi_align(feature, boxes, output_size, spatial_scale, sampling_r
     torchvision = pytest.importorskip("torchvision")
     out = torchvision.ops.roi_align(
         torch.from_numpy(np.asarray(feature)).permute(2, 0, 1)[None],
-        [torch.from_numpy(np.asarray(boxes))], output_size, spatial_scale, sampling_ratio, aligned)
+        [torch.from_numpy(np.asarray(boxes))],
+        output_size,
+        spatial_scale,
+        sampling_ratio,
+        aligned,
+    )
     return out.permute(0, 2, 3, 1).numpy()
 
 
@@ -140,8 +182,9 @@ def torchvision_roi_align(feature, boxes, output_size, spatial_scale, sampling_r
 def test_numpy_reference_matches_torchvision(single_level, aligned):
     feature, boxes = single_level
     expected = torchvision_roi_align(feature, boxes, (3, 4), SCALE, 2, aligned)
-    np.testing.assert_allclose(roi_align_np(feature, boxes, (3, 4), SCALE, 2, aligned),
-                               expected, **TOL)
+    np.testing.assert_allclose(
+        roi_align_np(feature, boxes, (3, 4), SCALE, 2, aligned), expected, **TOL
+    )
 
 
 @pytest.mark.parametrize("aligned", [False, True])
@@ -149,21 +192,39 @@ def test_numpy_reference_matches_torchvision(single_level, aligned):
 @pytest.mark.parametrize("method", METHODS)
 def test_roi_align_matches_numpy(single_level, method, mode, aligned):
     feature, boxes = single_level
-    out = jitted(roi_align, feature, boxes, output_size=(3, 4), spatial_scale=SCALE,
-                 sampling_ratio=2, aligned=aligned, mode=mode, method=method)
+    out = jitted(
+        roi_align,
+        feature,
+        boxes,
+        output_size=(3, 4),
+        spatial_scale=SCALE,
+        sampling_ratio=2,
+        aligned=aligned,
+        mode=mode,
+        method=method,
+    )
     assert out.shape == (len(boxes), 3, 4, 3) and out.dtype == jnp.float32
-    np.testing.assert_allclose(out, roi_align_np(feature, boxes, (3, 4), SCALE, 2, aligned, mode),
-                               **TOL)
+    np.testing.assert_allclose(
+        out, roi_align_np(feature, boxes, (3, 4), SCALE, 2, aligned, mode), **TOL
+    )
 
 
-@pytest.mark.parametrize(("output_size", "sampling_ratio", "aligned"),
-                         [(7, 1, False), ((2, 3), 3, True)])
+@pytest.mark.parametrize(
+    ("output_size", "sampling_ratio", "aligned"), [(7, 1, False), ((2, 3), 3, True)]
+)
 @pytest.mark.parametrize("method", METHODS)
-def test_roi_align_matches_torchvision(single_level, method, aligned, output_size,
-                                       sampling_ratio):
+def test_roi_align_matches_torchvision(single_level, method, aligned, output_size, sampling_ratio):
     feature, boxes = single_level
-    out = jitted(roi_align, feature, boxes, output_size=output_size, spatial_scale=SCALE,
-                 sampling_ratio=sampling_ratio, aligned=aligned, method=method)
+    out = jitted(
+        roi_align,
+        feature,
+        boxes,
+        output_size=output_size,
+        spatial_scale=SCALE,
+        sampling_ratio=sampling_ratio,
+        aligned=aligned,
+        method=method,
+    )
     expected = torchvision_roi_align(feature, boxes, output_size, SCALE, sampling_ratio, aligned)
     np.testing.assert_allclose(out, expected, **TOL)
 
@@ -175,8 +236,9 @@ def test_samples_on_the_validity_boundary(method):
     feature = np.random.default_rng(1).normal(size=(HEIGHT, WIDTH, 2)).astype(np.float32)
     centres = np.array([[-1, -1], [WIDTH, HEIGHT], [-1.25, 3], [4, HEIGHT + 0.25]], np.float32)
     boxes = np.concatenate([centres - 1, centres + 1], 1)  # scale 1, size 2: sample at centre
-    out = jitted(roi_align, feature, boxes, output_size=1, spatial_scale=1.0, sampling_ratio=1,
-                 method=method)
+    out = jitted(
+        roi_align, feature, boxes, output_size=1, spatial_scale=1.0, sampling_ratio=1, method=method
+    )
     expected = np.stack([feature[0, 0], feature[-1, -1], np.zeros(2), np.zeros(2)])
     np.testing.assert_allclose(out[:, 0, 0], expected, **TOL)
     np.testing.assert_allclose(out, torchvision_roi_align(feature, boxes, 1, 1.0, 1, False), **TOL)
@@ -198,14 +260,25 @@ def test_eager_equals_jit(single_level, multilevel_inputs, method):
     np.testing.assert_allclose(
         roi_align(feature, boxes, 2, SCALE, method=method),
         jitted(roi_align, feature, boxes, output_size=2, spatial_scale=SCALE, method=method),
-        atol=1e-6, rtol=1e-6)
+        atol=1e-6,
+        rtol=1e-6,
+    )
     features, boxes = multilevel_inputs
     features = features[2:]  # P4, P5
     np.testing.assert_allclose(
         multilevel_roi_align(features, boxes, 2, min_level=4, mode="max", method=method),
-        jitted(multilevel_roi_align, features, boxes, output_size=2, min_level=4, mode="max",
-               method=method),
-        atol=1e-6, rtol=1e-6)
+        jitted(
+            multilevel_roi_align,
+            features,
+            boxes,
+            output_size=2,
+            min_level=4,
+            mode="max",
+            method=method,
+        ),
+        atol=1e-6,
+        rtol=1e-6,
+    )
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -213,8 +286,9 @@ def test_boxes_outside_pool_to_zero(single_level, method):
     """Reference-free check: boxes wholly outside the map, and the huge box whose samples all
     fall outside, give exactly 0; every output is finite."""
     feature, _ = single_level
-    out = np.asarray(jitted(roi_align, feature, EDGE_BOXES, output_size=3, spatial_scale=SCALE,
-                            method=method))
+    out = np.asarray(
+        jitted(roi_align, feature, EDGE_BOXES, output_size=3, spatial_scale=SCALE, method=method)
+    )
     np.testing.assert_array_equal(out[[2, 3, 4, 8]], 0)
     assert np.isfinite(out).all() and np.all(np.abs(out[[5, 6, 7, 9, 10, 11]]) > 0)
 
@@ -223,8 +297,9 @@ def test_boxes_outside_pool_to_zero(single_level, method):
 def test_bfloat16_features(single_level, method):
     feature, boxes = single_level
     feature16 = jnp.asarray(feature, jnp.bfloat16)
-    fn = jax.jit(functools.partial(roi_align, boxes=boxes, output_size=3, spatial_scale=SCALE,
-                                   method=method))
+    fn = jax.jit(
+        functools.partial(roi_align, boxes=boxes, output_size=3, spatial_scale=SCALE, method=method)
+    )
     out = fn(feature16)
     assert out.dtype == jnp.bfloat16
     expected = roi_align_np(np.asarray(feature16, np.float32), boxes, 3, SCALE)
@@ -240,8 +315,10 @@ IMAGE = 128  # P2..P5 of a 128 x 128 image: 32, 16, 8, 4 pixels
 
 
 def pyramid(rng, batch=2, channels=2, min_level=2, num_levels=4, image=IMAGE):
-    return [rng.normal(size=(batch, image >> level, image >> level, channels)).astype(np.float32)
-            for level in range(min_level, min_level + num_levels)]
+    return [
+        rng.normal(size=(batch, image >> level, image >> level, channels)).astype(np.float32)
+        for level in range(min_level, min_level + num_levels)
+    ]
 
 
 @pytest.fixture
@@ -249,21 +326,31 @@ def multilevel_inputs():
     rng = np.random.default_rng(2)
     features = pyramid(rng)
     edge = EDGE_BOXES * (IMAGE / 22)
-    level_edges = np.array([[0, 0, 112, 112], [10, 10, 234, 234], [-50, 20, 398, 468],
-                            [0, 0, 111.9, 112]], np.float32)  # sqrt(area) 112, 224, 448, <112
-    boxes = np.stack([np.concatenate([random_boxes(rng, 24, IMAGE, IMAGE, 900), edge, level_edges])
-                      for _ in range(2)])
+    level_edges = np.array(
+        [[0, 0, 112, 112], [10, 10, 234, 234], [-50, 20, 398, 468], [0, 0, 111.9, 112]], np.float32
+    )  # sqrt(area) 112, 224, 448, <112
+    boxes = np.stack(
+        [
+            np.concatenate([random_boxes(rng, 24, IMAGE, IMAGE, 900), edge, level_edges])
+            for _ in range(2)
+        ]
+    )
     return features, boxes
 
 
-def torchvision_multiscale(features, boxes, output_size, sampling_ratio, canonical_box_size=224,
-                           canonical_level=4):
+def torchvision_multiscale(
+    features, boxes, output_size, sampling_ratio, canonical_box_size=224, canonical_level=4
+):
     torch = pytest.importorskip("torch")
     torchvision = pytest.importorskip("torchvision")
     names = [f"p{i}" for i in range(len(features))]
     pooler = torchvision.ops.MultiScaleRoIAlign(
-        names, output_size, sampling_ratio, canonical_scale=canonical_box_size,
-        canonical_level=canonical_level)
+        names,
+        output_size,
+        sampling_ratio,
+        canonical_scale=canonical_box_size,
+        canonical_level=canonical_level,
+    )
     x = {name: torch.from_numpy(f).permute(0, 3, 1, 2) for name, f in zip(names, features)}
     out = pooler(x, [torch.from_numpy(b) for b in boxes], [(IMAGE, IMAGE)] * len(boxes))
     return out.permute(0, 2, 3, 1).numpy().reshape(*boxes.shape[:2], *out.shape[2:4], -1)
@@ -281,8 +368,16 @@ def test_multilevel_matches_torchvision(multilevel_inputs, method):
 @pytest.mark.parametrize("method", METHODS)
 def test_multilevel_canonical_constants_match_torchvision(multilevel_inputs, method):
     features, boxes = multilevel_inputs
-    out = jitted(multilevel_roi_align, features, boxes / 4, output_size=(2, 3), sampling_ratio=1,
-                 canonical_box_size=16, canonical_level=3, method=method)
+    out = jitted(
+        multilevel_roi_align,
+        features,
+        boxes / 4,
+        output_size=(2, 3),
+        sampling_ratio=1,
+        canonical_box_size=16,
+        canonical_level=3,
+        method=method,
+    )
     expected = torchvision_multiscale(features, boxes / 4, (2, 3), 1, 16, 3)
     np.testing.assert_allclose(out, expected, **TOL)
 
@@ -292,8 +387,16 @@ def test_multilevel_canonical_constants_match_torchvision(multilevel_inputs, met
 def test_multilevel_matches_numpy(multilevel_inputs, method, mode, aligned):
     features, boxes = multilevel_inputs
     features, boxes = [f[:, :, :, :1] for f in features[1:]], boxes[:, ::2]  # P3..P5, 1 channel
-    out = jitted(multilevel_roi_align, features, boxes, output_size=2, min_level=3,
-                 aligned=aligned, mode=mode, method=method)
+    out = jitted(
+        multilevel_roi_align,
+        features,
+        boxes,
+        output_size=2,
+        min_level=3,
+        aligned=aligned,
+        mode=mode,
+        method=method,
+    )
     expected = multilevel_np(features, boxes, 2, min_level=3, aligned=aligned, mode=mode)
     np.testing.assert_allclose(out, expected, **TOL)
 
@@ -316,15 +419,17 @@ def test_assign_fpn_levels_matches_torchvision():
     rng = np.random.default_rng(3)
     # 111.9999 and 223.9998 sit within 1e-6 below a level boundary in log2 units, where the
     # epsilon after the log (torchvision) and inside it (Detectron2) disagree.
-    sides = np.array([0, 1e-3, 55.9, 56, 111.99, 111.9999, 112, 223.9998, 224, 448, 895, 896,
-                      1e5], np.float32)
+    sides = np.array(
+        [0, 1e-3, 55.9, 56, 111.99, 111.9999, 112, 223.9998, 224, 448, 895, 896, 1e5], np.float32
+    )
     exact = np.stack([np.zeros_like(sides), np.zeros_like(sides), sides, sides], 1)
     boxes = np.concatenate([exact, random_boxes(rng, 200, 800, 800)])
     expected = poolers.LevelMapper(2, 5)([torch.from_numpy(boxes)]).numpy() + 2
     np.testing.assert_array_equal(assign_fpn_levels(jnp.asarray(boxes), 2, 5), expected)
-    np.testing.assert_array_equal(expected[:len(sides)], [2, 2, 2, 2, 2, 2, 3, 3, 4, 5, 5, 5, 5])
-    np.testing.assert_array_equal(assign_fpn_levels(boxes[:, None], 3, 4)[:, 0],
-                                  np.clip(expected, 3, 4))
+    np.testing.assert_array_equal(expected[: len(sides)], [2, 2, 2, 2, 2, 2, 3, 3, 4, 5, 5, 5, 5])
+    np.testing.assert_array_equal(
+        assign_fpn_levels(boxes[:, None], 3, 4)[:, 0], np.clip(expected, 3, 4)
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,8 +450,15 @@ def test_check_grads(method, mode, aligned):
     with jax.enable_x64(True):
         feature = jnp.asarray(rng.normal(size=(5, 6, 2)))
         boxes = jnp.asarray(inside_boxes(rng, 3, 5, 6, 0.5))
-        fn = functools.partial(roi_align, boxes=boxes, output_size=2, spatial_scale=0.5,
-                               aligned=aligned, mode=mode, method=method)
+        fn = functools.partial(
+            roi_align,
+            boxes=boxes,
+            output_size=2,
+            spatial_scale=0.5,
+            aligned=aligned,
+            mode=mode,
+            method=method,
+        )
         check_grads(jax.jit(fn), (feature,), order=1, modes=("rev",), eps=1e-4)
 
 
@@ -357,8 +469,9 @@ def test_multilevel_grads_equal_across_methods(multilevel_inputs, mode):
     cotangent = rng.normal(size=(*boxes.shape[:2], 3, 3, 2)).astype(np.float32)
     grads = []
     for method in METHODS:
-        fn = jax.jit(functools.partial(multilevel_roi_align, output_size=3, mode=mode,
-                                       method=method))
+        fn = jax.jit(
+            functools.partial(multilevel_roi_align, output_size=3, mode=mode, method=method)
+        )
         grads.append(jax.vjp(fn, features, boxes)[1](cotangent))
     (gather_features, gather_boxes), (einsum_features, einsum_boxes) = grads
     for gather_grad, einsum_grad in zip(gather_features, einsum_features):
@@ -375,8 +488,14 @@ def test_multilevel_check_grads(method):
     with jax.enable_x64(True):
         features = [jnp.asarray(rng.normal(size=(1, 16 >> i, 16 >> i, 1))) for i in range(2)]
         boxes = jnp.asarray([[[1.0, 2.0, 9.0, 8.0], [0.5, 0.5, 3.0, 2.5]]])  # levels 3 and 2
-        fn = functools.partial(multilevel_roi_align, boxes=boxes, output_size=2,
-                               canonical_box_size=4, canonical_level=3, method=method)
+        fn = functools.partial(
+            multilevel_roi_align,
+            boxes=boxes,
+            output_size=2,
+            canonical_box_size=4,
+            canonical_level=3,
+            method=method,
+        )
         check_grads(jax.jit(fn), (features,), order=1, modes=("rev",), eps=1e-4)
 
 
@@ -384,14 +503,17 @@ def test_multilevel_check_grads(method):
 # Bad static arguments
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [
-    ({"sampling_ratio": 0}, "sampling_ratio"),
-    ({"sampling_ratio": -1}, "sampling_ratio"),
-    ({"output_size": 0}, "output_size"),
-    ({"output_size": (2, 3, 4)}, "output_size"),
-    ({"mode": "sum"}, "mode"),
-    ({"method": "loop"}, "method"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"sampling_ratio": 0}, "sampling_ratio"),
+        ({"sampling_ratio": -1}, "sampling_ratio"),
+        ({"output_size": 0}, "output_size"),
+        ({"output_size": (2, 3, 4)}, "output_size"),
+        ({"mode": "sum"}, "mode"),
+        ({"method": "loop"}, "method"),
+    ],
+)
 def test_bad_static_arguments(single_level, kwargs, match):
     feature, boxes = single_level
     args = {"output_size": 2, **kwargs}
@@ -430,11 +552,20 @@ def test_extent_equals_torchvision_on_the_cropped_map(single_level, method, alig
     feature, boxes = single_level
     extent = (6, 8)
     garbage = feature.copy()
-    garbage[extent[0]:] = 1e3
-    garbage[:, extent[1]:] = -1e3
-    out = jitted(roi_align, garbage, boxes, output_size=(3, 4), spatial_scale=SCALE,
-                 sampling_ratio=2, aligned=aligned, method=method, extent=np.array(extent))
-    cropped = feature[:extent[0], :extent[1]]
+    garbage[extent[0] :] = 1e3
+    garbage[:, extent[1] :] = -1e3
+    out = jitted(
+        roi_align,
+        garbage,
+        boxes,
+        output_size=(3, 4),
+        spatial_scale=SCALE,
+        sampling_ratio=2,
+        aligned=aligned,
+        method=method,
+        extent=np.array(extent),
+    )
+    cropped = feature[: extent[0], : extent[1]]
     expected = torchvision_roi_align(cropped, boxes, (3, 4), SCALE, 2, aligned)
     np.testing.assert_allclose(out, expected, **TOL)
 
@@ -450,17 +581,21 @@ def test_multilevel_valid_size_equals_torchvision_on_each_image_alone(multilevel
     garbage = [f.copy() for f in features]
     for level, f in enumerate(garbage, start=2):
         for b, (h, w) in enumerate(valid):
-            f[b, -(-h // 2**level):] = 50.0
-            f[b, :, -(-w // 2**level):] = -50.0
-    out = jitted(multilevel_roi_align, garbage, boxes, output_size=3, method=method,
-                 valid_size=valid)
+            f[b, -(-h // 2**level) :] = 50.0
+            f[b, :, -(-w // 2**level) :] = -50.0
+    out = jitted(
+        multilevel_roi_align, garbage, boxes, output_size=3, method=method, valid_size=valid
+    )
     torch = pytest.importorskip("torch")
     torchvision = pytest.importorskip("torchvision")
     for b, (h, w) in enumerate(valid):
         names = [f"p{i}" for i in range(len(features))]
         pooler = torchvision.ops.MultiScaleRoIAlign(names, 3, 2)
-        x = {name: torch.from_numpy(f[b:b + 1, :-(-h // 2**lvl), :-(-w // 2**lvl)]).permute(
-                 0, 3, 1, 2).contiguous()
-             for lvl, (name, f) in enumerate(zip(names, features), start=2)}
+        x = {
+            name: torch.from_numpy(f[b : b + 1, : -(-h // 2**lvl), : -(-w // 2**lvl)])
+            .permute(0, 3, 1, 2)
+            .contiguous()
+            for lvl, (name, f) in enumerate(zip(names, features), start=2)
+        }
         expected = pooler(x, [torch.from_numpy(boxes[b])], [(int(h), int(w))])
         np.testing.assert_allclose(out[b], expected.permute(0, 2, 3, 1).numpy(), **TOL)

@@ -31,7 +31,18 @@ from pycocotools.cocoeval import COCOeval
 from mrcnn_jax.evaluation.masks import PASTE_METHODS, paste_masks
 
 STAT_NAMES = (
-    "AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"
+    "AP",
+    "AP50",
+    "AP75",
+    "APs",
+    "APm",
+    "APl",
+    "AR1",
+    "AR10",
+    "AR100",
+    "ARs",
+    "ARm",
+    "ARl",
 )
 IOU_TYPES = ("bbox", "segm")
 
@@ -198,8 +209,10 @@ def evaluate_coco(
         raise ValueError(f"category ids {missing_categories} are not in the ground truth")
     result_images = {r["image_id"] for r in results}
     if not result_images <= set(image_ids):
-        raise ValueError(f"results for images {sorted(result_images - set(image_ids))[:10]} "
-                         "that are not in image_ids")
+        raise ValueError(
+            f"results for images {sorted(result_images - set(image_ids))[:10]} "
+            "that are not in image_ids"
+        )
 
     metrics = {}
     for iou_type in iou_types:
@@ -228,9 +241,7 @@ def evaluate_coco(
 class CocoEvaluator:
     """Accumulates COCO results over eval batches and evaluates them with pycocotools."""
 
-    def __init__(
-        self, label_to_category_id: Mapping[int, int], mask_paste: str = "torchvision"
-    ):
+    def __init__(self, label_to_category_id: Mapping[int, int], mask_paste: str = "torchvision"):
         """``label_to_category_id``: contiguous label ``0..K-1`` -> original COCO ``category_id``;
         ``mask_paste``: how masks are pasted (``paste_masks`` method).
 
@@ -239,8 +250,10 @@ class CocoEvaluator:
         """
         categories = list(label_to_category_id.values())
         if len(set(categories)) != len(categories):
-            raise ValueError(f"label_to_category_id maps several labels to one category id: "
-                             f"{dict(label_to_category_id)}")
+            raise ValueError(
+                f"label_to_category_id maps several labels to one category id: "
+                f"{dict(label_to_category_id)}"
+            )
         if mask_paste not in PASTE_METHODS:
             raise ValueError(f"mask_paste must be one of {PASTE_METHODS}, got {mask_paste!r}")
         self.label_to_category_id = dict(label_to_category_id)

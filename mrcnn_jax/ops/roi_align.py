@@ -129,8 +129,17 @@ def roi_align(
     level = jnp.zeros(boxes.shape[:1], jnp.int32)
     extents = None if extent is None else jnp.asarray(extent, jnp.int32)[None]
     return _roi_align_levels(
-        [features], [spatial_scale], boxes, level, bins, sampling_ratio, aligned, mode, method,
-        extents)
+        [features],
+        [spatial_scale],
+        boxes,
+        level,
+        bins,
+        sampling_ratio,
+        aligned,
+        mode,
+        method,
+        extents,
+    )
 
 
 def multilevel_roi_align(
@@ -174,27 +183,37 @@ def multilevel_roi_align(
     if len({(f.shape[0], f.shape[3], f.dtype) for f in features}) != 1:
         raise ValueError(
             "features must share batch size, channels and dtype, got "
-            f"{[(f.shape, str(f.dtype)) for f in features]}.")
+            f"{[(f.shape, str(f.dtype)) for f in features]}."
+        )
     _check_boxes(boxes, ndim=3)
     if boxes.shape[0] != features[0].shape[0]:
         raise ValueError(
-            f"boxes batch {boxes.shape[0]} differs from features batch {features[0].shape[0]}.")
+            f"boxes batch {boxes.shape[0]} differs from features batch {features[0].shape[0]}."
+        )
     max_level = min_level + len(features) - 1
     scales = [2.0**-level for level in range(min_level, max_level + 1)]
 
     if valid_size is None:
-        valid_size = jnp.tile(jnp.asarray(features[0].shape[1:3], jnp.int32) << min_level,
-                              (boxes.shape[0], 1))
+        valid_size = jnp.tile(
+            jnp.asarray(features[0].shape[1:3], jnp.int32) << min_level, (boxes.shape[0], 1)
+        )
 
     def one_image(levels: list[jax.Array], image_boxes: jax.Array, image_valid: jax.Array):
-        level = assign_fpn_levels(
-            image_boxes, min_level, max_level, canonical_box_size, canonical_level) - min_level
-        extents = jnp.stack([
-            jnp.minimum(feature_extent(image_valid, 2**lvl), jnp.asarray(f.shape[:2]))
-            for lvl, f in enumerate(levels, start=min_level)])
+        level = (
+            assign_fpn_levels(
+                image_boxes, min_level, max_level, canonical_box_size, canonical_level
+            )
+            - min_level
+        )
+        extents = jnp.stack(
+            [
+                jnp.minimum(feature_extent(image_valid, 2**lvl), jnp.asarray(f.shape[:2]))
+                for lvl, f in enumerate(levels, start=min_level)
+            ]
+        )
         return _roi_align_levels(
-            levels, scales, image_boxes, level, bins, sampling_ratio, aligned, mode, method,
-            extents)
+            levels, scales, image_boxes, level, bins, sampling_ratio, aligned, mode, method, extents
+        )
 
     return jax.vmap(one_image)(features, boxes, jnp.asarray(valid_size, jnp.int32))
 
@@ -209,7 +228,8 @@ def _check_static_args(
     if int(sampling_ratio) != sampling_ratio or sampling_ratio <= 0:
         raise ValueError(
             f"sampling_ratio must be a positive int (adaptive sampling is not static-shape), "
-            f"got {sampling_ratio}.")
+            f"got {sampling_ratio}."
+        )
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}.")
     if method not in _METHODS:
@@ -247,19 +267,23 @@ def _roi_align_levels(
     widths = np.array([f.shape[1] for f in levels])
     if extents is None:
         extents = jnp.asarray(np.stack([heights, widths], axis=1))
-    ys = _axis_samples(boxes[:, 1], boxes[:, 3], scale, extents[level, 0],
-                       bins[0], sampling_ratio, aligned)
-    xs = _axis_samples(boxes[:, 0], boxes[:, 2], scale, extents[level, 1],
-                       bins[1], sampling_ratio, aligned)
+    ys = _axis_samples(
+        boxes[:, 1], boxes[:, 3], scale, extents[level, 0], bins[0], sampling_ratio, aligned
+    )
+    xs = _axis_samples(
+        boxes[:, 0], boxes[:, 2], scale, extents[level, 1], bins[1], sampling_ratio, aligned
+    )
     if method == "gather":
         flat = jnp.concatenate([f.reshape(-1, f.shape[-1]) for f in levels])
         offsets = np.cumsum(heights * widths) - heights * widths
-        out = _pool_gather(flat, jnp.asarray(offsets)[level], jnp.asarray(widths)[level],
-                           ys, xs, mode)
+        out = _pool_gather(
+            flat, jnp.asarray(offsets)[level], jnp.asarray(widths)[level], ys, xs, mode
+        )
     else:
         out = sum(
             _pool_einsum(feature.astype(dtype), ys, xs, level == k, mode)
-            for k, feature in enumerate(levels))
+            for k, feature in enumerate(levels)
+        )
     return out.astype(levels[0].dtype)
 
 
@@ -343,7 +367,8 @@ def _weighted_gather(flat: jax.Array, index: jax.Array, weight: jax.Array) -> ja
     and is ~3x faster on CPU."""
     return sum(
         _take_rows(flat, index[..., t]).astype(weight.dtype) * weight[..., t, None]
-        for t in range(index.shape[-1]))
+        for t in range(index.shape[-1])
+    )
 
 
 def _weighted_gather_fwd(
@@ -371,15 +396,22 @@ def _weighted_gather_bwd(
         chunk_index, chunk_weight, chunk_grad = chunk
         updates = chunk_weight[..., None] * chunk_grad[..., None, :]
         grad_flat = grad_flat.at[chunk_index.reshape(-1)].add(
-            updates.reshape(-1, channels), mode="promise_in_bounds")
+            updates.reshape(-1, channels), mode="promise_in_bounds"
+        )
         return grad_flat, None
 
     grad_flat, _ = jax.lax.scan(
-        scatter_chunk, jnp.zeros(flat.shape, grad.dtype),
-        (chunked(index), chunked(weight), chunked(grad)))
+        scatter_chunk,
+        jnp.zeros(flat.shape, grad.dtype),
+        (chunked(index), chunked(weight), chunked(grad)),
+    )
     grad_weight = jnp.stack(
-        [jnp.sum(_take_rows(flat, index[..., t]).astype(grad.dtype) * grad, axis=-1)
-         for t in range(index.shape[-1])], axis=-1)
+        [
+            jnp.sum(_take_rows(flat, index[..., t]).astype(grad.dtype) * grad, axis=-1)
+            for t in range(index.shape[-1])
+        ],
+        axis=-1,
+    )
     return grad_flat.astype(flat.dtype), None, grad_weight
 
 
@@ -416,8 +448,9 @@ def _pool_einsum(
     out = jnp.einsum("rpwc,rqw->rpqc", rows, wx)
     if mode == "avg":
         return out
-    samples = out.reshape(num_boxes, bins_h, sampling_ratio, bins_w, sampling_ratio,
-                          feature.shape[2])
+    samples = out.reshape(
+        num_boxes, bins_h, sampling_ratio, bins_w, sampling_ratio, feature.shape[2]
+    )
     return jnp.max(samples, axis=(2, 4))
 
 
