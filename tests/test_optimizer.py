@@ -158,6 +158,58 @@ def test_adamw_follows_adam_with_decoupled_decay():
     np.testing.assert_array_equal(got["backbone"]["stem_conv"]["kernel"], stem)
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_a_new_train_state_is_what_train_state_create_builds(optimizer):
+    """`train_state_from_variables` (its optimizer init jitted) equals flax's
+    `TrainState.create`: step 0, the variables, and `tx.init(params)` run eagerly, leaf for leaf
+    (structure, dtypes, values)."""
+    config = shapes_r18.get_config()
+    config.train.optimizer = optimizer
+    model = MaskRCNN.from_config(config.model)
+    rng = np.random.default_rng(0)
+    variables = jax.tree_util.tree_map(
+        lambda s: rng.normal(size=s.shape).astype(s.dtype), model.variable_shapes((64, 64))
+    )
+    state, _ = state_lib.train_state_from_variables(config, model, variables)
+    want = state_lib.TrainState.create(
+        apply_fn=model.apply,
+        params=variables["params"],
+        tx=state.tx,
+        batch_stats=variables["batch_stats"],
+    )
+    assert state.step == 0 and state.apply_fn == model.apply
+    for got, expected in ((state.opt_state, want.opt_state), (state.params, want.params),
+                          (state.batch_stats, want.batch_stats)):  # fmt: skip
+        assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(expected)
+        for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(expected)):
+            assert a.dtype == b.dtype
+            np.testing.assert_array_equal(a, b)
+
+
+def test_zero_variables_have_the_init_shapes_and_compile_nothing():
+    """`zero_variables` (the target of a resume's restore) has `init_variables`' tree, shapes
+    and dtypes, holds zeros, and compiles no XLA program (it is traced only)."""
+    model = MaskRCNN.from_config(shapes_r18.get_config().model)
+    compiles = []
+
+    def listener(event: str, duration: float, **kwargs) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        zeros = state_lib.zero_variables(model)
+        assert not compiles
+        initial = state_lib.init_variables(model, jax.random.key(0), (64, 64))
+        assert compiles  # the listener sees compiles: init_variables compiles the model's init
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert jax.tree_util.tree_structure(zeros) == jax.tree_util.tree_structure(initial)
+    for z, v in zip(jax.tree_util.tree_leaves(zeros), jax.tree_util.tree_leaves(initial)):
+        assert isinstance(z, np.ndarray) and (z.shape, z.dtype) == (v.shape, v.dtype)
+        assert not z.any()
+
+
 def test_an_unknown_optimizer_is_a_clear_error():
     config = shapes_r18.get_config()
     config.train.optimizer = "adam"

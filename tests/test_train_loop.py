@@ -180,11 +180,19 @@ def test_train_and_evaluate_writes_logs_checkpoints_and_metrics(trained):
     assert {"train/loss", "train/learning_rate", "eval/bbox/AP", "eval/segm/AP"} <= tags
 
 
-def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(trained, tmp_path, capsys):
-    """Resuming at step 2 (the run's final checkpoint removed) ends where the run ended."""
+def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(
+    trained, tmp_path, capsys, monkeypatch
+):
+    """Resuming at step 2 (the run's final checkpoint removed) ends where the run ended, without
+    running the model's init (the restore overwrites every variable)."""
     _, config, metrics = trained
     workdir = copy_workdir(trained, tmp_path)
     shutil.rmtree(workdir / "checkpoints" / str(NUM_STEPS))
+
+    def no_init(*args, **kwargs):
+        raise AssertionError("a resumed run initialised the model's variables")
+
+    monkeypatch.setattr(state_lib, "init_variables", no_init)
     resumed_metrics = trainer.train_and_evaluate(config, str(workdir))
     assert re.search(r"Resumed from \S+ at step 2\n", capsys.readouterr().out)
     assert_trees_equal(final_state(workdir), final_state(trained[0]))

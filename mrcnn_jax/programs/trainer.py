@@ -164,10 +164,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     config = with_dataset_classes(config, builder)
     model = MaskRCNN.from_config(config.model, axis_name=sharding.AXIS)
     mesh = sharding.create_mesh()
-    if resuming:  # the restore overwrites every variable: skip reading backbone weights
-        variables = state_lib.init_variables(
-            model, jax.random.key(config.seed), tuple(config.data.image_size)
-        )
+    if resuming:  # the restore overwrites every variable: no init, no backbone weights read
+        variables = state_lib.zero_variables(model)
     else:
         variables = initial_variables(config, model)
     state, learning_rate_fn = state_lib.train_state_from_variables(config, model, variables)
