@@ -198,7 +198,7 @@ def test_zero_variables_have_the_init_shapes_and_compile_nothing():
 
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
-        zeros = state_lib.zero_variables(model)
+        zeros = state_lib.zero_variables(model, (64, 64))
         assert not compiles
         initial = state_lib.init_variables(model, jax.random.key(0), (64, 64))
         assert compiles  # the listener sees compiles: init_variables compiles the model's init

@@ -165,7 +165,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     model = MaskRCNN.from_config(config.model, axis_name=sharding.AXIS)
     mesh = sharding.create_mesh()
     if resuming:  # the restore overwrites every variable: no init, no backbone weights read
-        variables = state_lib.zero_variables(model)
+        variables = state_lib.zero_variables(model, tuple(config.data.image_size))
     else:
         variables = initial_variables(config, model)
     state, learning_rate_fn = state_lib.train_state_from_variables(config, model, variables)

@@ -132,15 +132,17 @@ def init_variables(model: MaskRCNN, key: jax.Array, image_shape: tuple[int, int]
     return flax.core.unfreeze(variables)
 
 
-def zero_variables(model: MaskRCNN) -> dict:
-    """`params` and `batch_stats` of the model's shapes and dtypes, all zeros (host numpy).
+def zero_variables(model: MaskRCNN, image_shape: tuple[int, int]) -> dict:
+    """`params` and `batch_stats` as `init_variables` makes them for `image_shape` (H, W) inputs
+    (same tree, shapes, dtypes), all zeros, as host numpy arrays.
 
     The target of a restore that overwrites every variable (resuming a run): traced with
-    `jax.eval_shape`, so none of `init_variables`' compile and run (~5 s for shapes_r18, ~7 s
+    `jax.eval_shape`, so none of `init_variables`' compile and run (~5 s for shapes_r18, ~8 s
     for R50-FPN on a 2-core CPU) is spent on values that are thrown away.
     """
     return jax.tree_util.tree_map(
-        lambda s: np.zeros(s.shape, s.dtype), flax.core.unfreeze(model.variable_shapes())
+        lambda s: np.zeros(s.shape, s.dtype),
+        flax.core.unfreeze(model.variable_shapes(image_shape)),
     )
 
 
