@@ -19,12 +19,9 @@ step compiles once per canvas, the first time a step of that group comes, and ne
 `data.image_size`.
 """
 
-import concurrent.futures
-import itertools
 import json
 import math
 import time
-from collections.abc import Callable
 
 import jax
 import ml_collections
@@ -144,37 +141,6 @@ def initial_variables(config: ml_collections.ConfigDict, model: MaskRCNN) -> dic
     return variables
 
 
-def abstract_train_state(
-    config: ml_collections.ConfigDict, model: MaskRCNN, mesh: jax.sharding.Mesh
-) -> state_lib.TrainState:
-    """The train state's shapes, dtypes and placement (replicated on `mesh`, as
-    `sharding.replicate` puts it), traced only: what the train step is lowered for."""
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    shapes = jax.eval_shape(
-        lambda variables: state_lib.train_state_from_variables(config, model, variables)[0],
-        model.variable_shapes(tuple(config.data.image_size)),
-    )
-    return jax.tree_util.tree_map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), shapes
-    )
-
-
-def compile_in_background(
-    train_step: Callable, state: state_lib.TrainState, batch: dict, key: jax.Array
-) -> concurrent.futures.Future:
-    """Lowers and compiles `train_step` for (`state`, `batch`, `key`) in a thread.
-
-    JAX keeps the program in the caches the jitted step's own calls read, so the first call
-    with arguments of these shapes, dtypes and placements runs it without compiling again:
-    building the state meanwhile (the model's init, a restore) overlaps the tracing and the
-    compile. Wait for the future before that call (the call would otherwise compile too).
-    """
-    executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile")
-    future = executor.submit(lambda: train_step.lower(state, batch, key).compile())
-    executor.shutdown(wait=False)
-    return future
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains `config` in `workdir` (resuming if it has checkpoints), evaluates, returns metrics.
 
@@ -198,48 +164,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     config = with_dataset_classes(config, builder)
     model = MaskRCNN.from_config(config.model, axis_name=sharding.AXIS)
     mesh = sharding.create_mesh()
-    t = config.train
-    start_step = manager.latest_step() or 0
-    train_step = step_lib.make_train_step(
-        config, mesh, state_lib.create_learning_rate_fn(config.train)
-    )
-    base_key = jax.random.key(config.seed)
-    batches = (
-        sharding.shard_batch(batch, mesh)
-        for batch in pipeline.create_train_dataset(config, builder=builder, start_step=start_step)
-    )
-    if resuming:  # refuse another architecture before any work
-        ckpt_lib.check_restorable(manager, config, start_step)
-    abstract = abstract_train_state(config, model, mesh)
-    compiling = None
-    if start_step < t.num_steps:  # the first step's program compiles while the state is built
-        first = next(batches)
-        batches = itertools.chain([first], batches)
-        key = jax.random.fold_in(base_key, start_step)
-        compiling = compile_in_background(train_step, abstract, first, key)
     if resuming:  # the restore overwrites every variable: no init, no backbone weights read
         variables = state_lib.zero_variables(model, tuple(config.data.image_size))
     else:
         variables = initial_variables(config, model)
-    state, _ = state_lib.train_state_from_variables(config, model, variables)
+    state, learning_rate_fn = state_lib.train_state_from_variables(config, model, variables)
     if resuming:
         state = ckpt_lib.restore(manager, state, config)
         _say(f"Resumed from {manager.directory} at step {int(state.step)}")
     if jax.process_index() == 0:  # after the restore: a rejected config must not replace it
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-    # The optimizer object the program was compiled for: the state's static fields are part of
-    # its pytree structure, and another (equal) optimizer would make the first call compile again.
-    state = sharding.replicate(state.replace(tx=abstract.tx), mesh)
-    if int(jax.device_get(state.step)) != start_step:
-        raise ValueError(
-            f"checkpoint {manager.directory}/{start_step} holds step {int(state.step)}: "
-            "a checkpoint's directory is named by its step"
-        )
+    state = sharding.replicate(state, mesh)
+    start_step = int(jax.device_get(state.step))
     _say(f"Model: {state_lib.count_params(state.params):,} parameters on {mesh.size} devices")
+
+    train_step = step_lib.make_train_step(config, mesh, learning_rate_fn)
     predict_step = evaluator.make_predict_step(model, mesh)
-    if compiling is not None:
-        compiling.result()  # raises what the compile raised
+    batches = pipeline.create_train_dataset(config, builder=builder, start_step=start_step)
     writer = MetricWriter(workdir)
+    base_key = jax.random.key(config.seed)
+    t = config.train
 
     def run_eval(step: int) -> dict[str, float]:
         metrics = evaluator.evaluate_split(
@@ -266,6 +210,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if canvas not in canvases and config.data.canvas_groups:
             _say(f"step {step}: compiling the train step for the {canvas[0]}x{canvas[1]} canvas")
         canvases.add(canvas)
+        batch = sharding.shard_batch(batch, mesh)
         state, metrics = train_step(state, batch, jax.random.fold_in(base_key, step))
         done = step + 1
         if done % t.log_every == 0 or done % t.checkpoint_every == 0 or done == t.num_steps:

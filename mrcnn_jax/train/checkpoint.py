@@ -142,7 +142,22 @@ def restore(
     step = manager.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"no complete checkpoint in {manager.directory}")
-    if not check_restorable(manager, config, step):
+    saved = load_config(manager, step)
+    problems = config_mismatches(saved, config)
+    if problems:
+        raise ValueError(
+            f"checkpoint {manager.directory}/{step} was written with another config:\n  "
+            + "\n  ".join(problems)
+        )
+    optimizer = saved_optimizer(saved)
+    if optimizer != config.train.optimizer:
+        if step:
+            raise ValueError(
+                f"checkpoint {manager.directory}/{step} was trained with train.optimizer="
+                f"{optimizer!r}, the config asks for {config.train.optimizer!r}: its optimizer "
+                f"state cannot continue under another optimizer. Resume with "
+                f"--config.train.optimizer={optimizer}, or train in a new --workdir."
+            )
         raw = restore_raw(manager, step)
         return state.replace(
             params=_like(state.params, raw["params"]),
@@ -153,36 +168,6 @@ def restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
     )["state"]
     return state.replace(**restored)
-
-
-def check_restorable(
-    manager: ocp.CheckpointManager, config: ml_collections.ConfigDict, step: int
-) -> bool:
-    """Checks that checkpoint `step` restores under `config`; returns whether its optimizer
-    state does too (same `train.optimizer`; otherwise only its variables restore, at step 0).
-
-    Raises:
-      ValueError: the checkpoint was written with a different architecture (the message lists
-        the differing config fields), or trained past step 0 with another optimizer.
-    """
-    saved = load_config(manager, step)
-    problems = config_mismatches(saved, config)
-    if problems:
-        raise ValueError(
-            f"checkpoint {manager.directory}/{step} was written with another config:\n  "
-            + "\n  ".join(problems)
-        )
-    optimizer = saved_optimizer(saved)
-    if optimizer == config.train.optimizer:
-        return True
-    if step:
-        raise ValueError(
-            f"checkpoint {manager.directory}/{step} was trained with train.optimizer="
-            f"{optimizer!r}, the config asks for {config.train.optimizer!r}: its optimizer "
-            f"state cannot continue under another optimizer. Resume with "
-            f"--config.train.optimizer={optimizer}, or train in a new --workdir."
-        )
-    return False
 
 
 def _like(target, values):

@@ -156,7 +156,7 @@ def train_state_from_variables(
     tx = create_optimizer(config, learning_rate_fn)
     state = TrainState(  # what `TrainState.create` builds, the optimizer's init jitted:
         # eagerly its zeros_like per parameter shape are op-by-op compiles, ~1 s on a 2-core CPU.
-        step=jnp.zeros((), jnp.int32),  # not weak-typed: as restored, and across hosts
+        step=0,
         apply_fn=model.apply,
         params=params,
         tx=tx,
