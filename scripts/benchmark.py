@@ -66,6 +66,7 @@ from mrcnn_jax.programs import launch
 
 if __name__ == "__main__":  # before torch and JAX are imported, which it would import twice
     launch.use_huge_pages()
+    launch.use_fast_cpu_codegen()
 
 # torchvision segfaults when imported after tensorflow (see tests/conftest.py): import it first.
 try:

@@ -7,7 +7,9 @@ compilation cache.
 `use_huge_pages()` (first thing in scripts/train.py, eval.py, predict.py, export.py,
 benchmark.py) restarts the script with glibc's malloc on transparent huge pages.
 `use_compilation_cache()` (scripts/train.py, eval.py, predict.py, export.py, before JAX is
-imported) keeps compiled programs on disk between runs.
+imported) keeps compiled programs on disk between runs. `use_fast_cpu_codegen()` (the same
+scripts and benchmark.py, before JAX is imported) has XLA:CPU's LLVM pipeline leave loops
+unrolled no further, a faster compile at the same step time.
 """
 
 import os
@@ -16,6 +18,9 @@ import sys
 from absl import app, flags
 
 HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb"
+XLA_FLAGS = "XLA_FLAGS"
+BACKEND_EXTRA_OPTIONS = "--xla_backend_extra_options"
+CPU_CODEGEN_OPTIONS = "xla_cpu_disable_loop_unrolling"
 COMPILATION_CACHE_DIR = "JAX_COMPILATION_CACHE_DIR"
 COMPILATION_CACHE_MAX_SIZE = "JAX_COMPILATION_CACHE_MAX_SIZE"
 DEFAULT_COMPILATION_CACHE_BYTES = 4 * 2**30
@@ -114,6 +119,30 @@ def use_compilation_cache() -> None:
         return
     os.environ[COMPILATION_CACHE_DIR] = path
     os.environ.setdefault(COMPILATION_CACHE_MAX_SIZE, str(DEFAULT_COMPILATION_CACHE_BYTES))
+
+
+def use_fast_cpu_codegen() -> None:
+    """Adds `--xla_backend_extra_options=xla_cpu_disable_loop_unrolling` to `XLA_FLAGS`: XLA:CPU
+    then compiles its kernels without LLVM's loop unrolling. On the project's 2-core CPU
+    (docs/performance.md) the R50-FPN train step at 512² compiles in 16.1 s instead of 18.6 s
+    (means of 4 and 5 processes), the shapes_r18 step in 16.8 s instead of 20.1 s and R50
+    inference in 4.5 s instead of 5.2 s, at the same step time; inference outputs are
+    bit-identical, train losses agree to float32 rounding. Other backends ignore the option (XLA
+    hands LLVM only the extra options whose names do not start with `xla_`).
+
+    Nothing changes when `XLA_FLAGS` already sets `--xla_backend_extra_options` (the user's
+    options win). To opt out, name an option no one reads there:
+    `XLA_FLAGS=--xla_backend_extra_options=xla_keep_defaults` (not an empty value: XLA would
+    hand LLVM an empty argument and stop). XLA reads `XLA_FLAGS` when JAX starts its backends,
+    so call it before that (the scripts call it before importing JAX); in a notebook, set the
+    variable before starting Jupyter.
+    """
+    flags = os.environ.get(XLA_FLAGS, "")
+    if BACKEND_EXTRA_OPTIONS in flags:
+        return
+    os.environ[XLA_FLAGS] = " ".join(
+        filter(None, [flags, f"{BACKEND_EXTRA_OPTIONS}={CPU_CODEGEN_OPTIONS}"])
+    )
 
 
 def default_compilation_cache_dir() -> str:
