@@ -10,11 +10,16 @@ import time
 
 import pytest
 
+from mrcnn_jax.programs import launch
+
 os.environ.setdefault("XLA_FLAGS", "")
 if "--xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
+# Compile as the scripts do (no LLVM loop unrolling), so that a test may compare a script's
+# result with one computed here bit for bit; scripts that tests start inherit it.
+launch.use_fast_cpu_codegen()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # The scripts keep compiled programs in ~/.cache (launch.use_compilation_cache); the scripts that
 # tests start do not, unless a test gives them a folder of its own.
