@@ -10,9 +10,10 @@ r"""Benchmarks against torchvision, one subcommand each; every run prints one JS
 
 Times are the median wall-clock seconds over --repeats calls after --warmup calls (the first of
 which compiles: no compilation cache unless JAX_COMPILATION_CACHE_DIR is set, reported as
-`compilation_cache`), with `block_until_ready`. torchvision runs on the same inputs in the same
-process and `ratio` is ours / torchvision's (below 1: we are faster). A subcommand ignores the
-flags it does not use (--help says which). `train` and `infer` time R50-FPN Mask R-CNN
+`compilation_cache`; `xla_flags` reports XLA_FLAGS, with the scripts' codegen option from
+`launch.use_fast_cpu_codegen`), with `block_until_ready`. torchvision runs on the same inputs in
+the same process and `ratio` is ours / torchvision's (below 1: we are faster). A subcommand
+ignores the flags it does not use (--help says which). `train` and `infer` time R50-FPN Mask R-CNN
 (configs/coco_r50_fpn_1x.py; another with --model_config, then without torchvision) against
 torchvision's maskrcnn_resnet50_fpn and report the `work` per image of each: RoIs through the box
 head, and through the mask head the foreground RoIs (train) or detections (infer); ours are the
@@ -684,6 +685,7 @@ def main(argv):
         "torch_threads": torch.get_num_threads() if torch else None,
         # Set: first calls may load compiled programs instead of compiling them (not cold).
         "compilation_cache": jax.config.jax_compilation_cache_dir or None,
+        "xla_flags": os.environ.get("XLA_FLAGS"),  # with launch.use_fast_cpu_codegen's option
         **({"model": MODEL_NAMES.get(FLAGS.model_config, FLAGS.model_config)} if model else {}),
         "config": {"command": command, **flags_of(command)},
         "results": results,

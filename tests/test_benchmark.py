@@ -10,6 +10,8 @@ import sys
 import pytest
 from absl import app
 
+from mrcnn_jax.programs import launch
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "scripts", "benchmark.py")
 
@@ -25,7 +27,13 @@ RUNS = {  # name: arguments; run concurrently (each mostly waits on imports and 
 @pytest.fixture(scope="module")
 def outputs() -> dict[str, dict]:
     """The JSON line (the last stdout line) of each of RUNS, run from the repo root."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    # Without tests/conftest.py's codegen option, which the script must add itself.
+    own = f"{launch.BACKEND_EXTRA_OPTIONS}={launch.CPU_CODEGEN_OPTIONS}"
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": os.environ["XLA_FLAGS"].replace(own, ""),
+    }
     processes = {
         name: subprocess.Popen(
             [sys.executable, SCRIPT, *args], cwd=REPO, env=env, text=True,
@@ -45,6 +53,7 @@ def test_nms_reports_kept_boxes_and_ratio(outputs):
     output = outputs["nms"]
     assert output["benchmark"] == "nms"
     assert output["compilation_cache"] is None  # cold compiles (tests/conftest.py sets none)
+    assert launch.CPU_CODEGEN_OPTIONS in output["xla_flags"]  # compiled as the other scripts do
     assert output["config"]["num_boxes"] == ["200"] and "rois" not in output["config"]
     (result,) = output["results"]
     assert result["num_boxes"] == 200 and 0 < result["kept"] <= 200
