@@ -8,8 +8,8 @@ compilation cache.
 benchmark.py) restarts the script with glibc's malloc on transparent huge pages.
 `use_compilation_cache()` (scripts/train.py, eval.py, predict.py, export.py, before JAX is
 imported) keeps compiled programs on disk between runs. `use_fast_cpu_codegen()` (the same
-scripts and benchmark.py, before JAX is imported) has XLA:CPU's LLVM pipeline leave loops
-unrolled no further, a faster compile at the same step time.
+scripts, benchmark.py and tests/conftest.py, before JAX starts) has XLA:CPU compile without
+LLVM's loop unrolling: a faster compile at the same step time.
 """
 
 import os
