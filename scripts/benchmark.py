@@ -66,8 +66,7 @@ from absl import app, flags
 from mrcnn_jax.programs import launch
 
 if __name__ == "__main__":  # before torch and JAX are imported, which it would import twice
-    launch.use_huge_pages()
-    launch.use_fast_cpu_codegen()
+    launch.set_up_process(compilation_cache=False)
 
 # torchvision segfaults when imported after tensorflow (see tests/conftest.py): import it first.
 try:

@@ -53,7 +53,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    launch.use_huge_pages()
-    launch.use_compilation_cache()
-    launch.use_fast_cpu_codegen()
+    launch.set_up_process()
     app.run(main)

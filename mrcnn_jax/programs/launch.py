@@ -4,12 +4,12 @@ compilation cache.
 `define_flags()` registers `--multihost`, `--coordinator_address`, `--num_processes` and
 `--process_id`; `initialize()` (after absl parsed them, before any other JAX call) passes them to
 `mrcnn_jax.sharding.initialize_distributed`, turning its ValueErrors into usage errors.
-`use_huge_pages()` (first thing in scripts/train.py, eval.py, predict.py, export.py,
-benchmark.py) restarts the script with glibc's malloc on transparent huge pages.
-`use_compilation_cache()` (scripts/train.py, eval.py, predict.py, export.py, before JAX is
-imported) keeps compiled programs on disk between runs. `use_fast_cpu_codegen()` (the same
-scripts, benchmark.py and tests/conftest.py, before JAX starts) has XLA:CPU compile without
-LLVM's loop unrolling: a faster compile at the same step time.
+`set_up_process()` (first thing in scripts/train.py, eval.py, predict.py, export.py and
+benchmark.py, before JAX is imported) calls the three set-ups below: `use_huge_pages()` restarts
+the script with glibc's malloc on transparent huge pages, `use_compilation_cache()` (all but
+benchmark.py) keeps compiled programs on disk between runs and `use_fast_cpu_codegen()` (also
+tests/conftest.py) has XLA:CPU compile without LLVM's loop unrolling: a faster compile at the
+same step time.
 """
 
 import os
@@ -57,6 +57,16 @@ def initialize() -> None:
         sharding.initialize_distributed(**{name: holder.value for name, holder in _FLAGS.items()})
     except ValueError as error:
         raise app.UsageError(str(error)) from error
+
+
+def set_up_process(compilation_cache: bool = True) -> None:
+    """What a script does before importing JAX: `use_huge_pages()` (may restart the process),
+    then `use_compilation_cache()` unless `compilation_cache` is False (benchmark.py times cold
+    compiles), then `use_fast_cpu_codegen()`."""
+    use_huge_pages()
+    if compilation_cache:
+        use_compilation_cache()
+    use_fast_cpu_codegen()
 
 
 def use_huge_pages() -> None:
