@@ -11,16 +11,18 @@ r"""Benchmarks against torchvision, one subcommand each; every run prints one JS
 Times are the median wall-clock seconds over --repeats calls after --warmup calls (the first of
 which compiles: no compilation cache unless JAX_COMPILATION_CACHE_DIR is set, reported as
 `compilation_cache`; `xla_flags` reports XLA_FLAGS, with the scripts' codegen option from
-`launch.use_fast_cpu_codegen`), with `block_until_ready`. torchvision runs on the same inputs in
-the same process and `ratio` is ours / torchvision's (below 1: we are faster). A subcommand
-ignores the flags it does not use (--help says which). `train` and `infer` time R50-FPN Mask R-CNN
-(configs/coco_r50_fpn_1x.py; another with --model_config, then without torchvision) against
-torchvision's maskrcnn_resnet50_fpn and report the `work` per image of each: RoIs through the box
-head, and through the mask head the foreground RoIs (train) or detections (infer); ours are the
-static config sizes (padded slots included) but for the mask head in training: the slots of the
-chunks it ran (`model.roi_heads.mask_head_chunk`; all G / B slots of
-`model.roi_heads.mask_rois_per_image` without chunks); torchvision's are counted by forward
-hooks; `matched` says whether they are equal (else `why`).
+`launch.use_fast_cpu_codegen`), with `block_until_ready`. `train` and `infer` split our first call
+in `first_call`: tracing, lowering, compiling, the first run and the system CPU seconds of that run
+(the kernel faulting in fresh memory, chiefly XLA's temporary buffer of `temp_gib`). torchvision
+runs on the same inputs in the same process and `ratio` is ours / torchvision's (below 1: we are
+faster). A subcommand ignores the flags it does not use (--help says which). `train` and `infer`
+time R50-FPN Mask R-CNN (configs/coco_r50_fpn_1x.py; another with --model_config, then without
+torchvision) against torchvision's maskrcnn_resnet50_fpn and report the `work` per image of each:
+RoIs through the box head, and through the mask head the foreground RoIs (train) or detections
+(infer); ours are the static config sizes (padded slots included) but for the mask head in training:
+the slots of the chunks it ran (`model.roi_heads.mask_head_chunk`; all G / B slots of
+`model.roi_heads.mask_rois_per_image` without chunks); torchvision's are counted by forward hooks;
+`matched` says whether they are equal (else `why`).
 --matched gives torchvision our RPN/RoI budgets and score threshold 0 (it returns
 detections_per_image detections, as ours); zero RPN box deltas and no proposal NMS suppression (its
 proposals are then the post_nms_topk best anchors, as many as our static slots: with random
@@ -341,19 +343,48 @@ def synthetic_detection_batch(rng, config, num_objects: int) -> dict:
     }
 
 
-class OurTrainStep:
-    """Our train step on fixed inputs, the state carried over: each call runs one step (the first
-    compiles it) and returns its metrics; `compiled` is the program once compiled."""
+class OurProgram:
+    """Our jitted `program` on fixed `args`: each call runs it once and returns its outputs
+    (with `carry`, a train step's: the new state, the first output, replaces the first argument
+    and the call returns the metrics). The first call traces, lowers and compiles it apart and
+    records `first_call`: the seconds of each, of the first run (blocked on) and of the system
+    CPU time the process spent during that run (mostly faulting in the memory the run touches
+    first: XLA's temporary buffer, `temp_gib`); `compiled` is the compiled program."""
 
-    def __init__(self, train_step, state, inputs):
-        self.train_step, self.state, self.inputs, self.compiled = train_step, state, inputs, None
+    def __init__(self, program, *args, carry: bool = False):
+        self.program, self.args, self.carry = program, args, carry
+        self.compiled, self.first_call = None, None
 
-    def __call__(self) -> dict:
-        key = jax.random.key(0)
-        if self.compiled is None:
-            self.compiled = self.train_step.lower(self.state, self.inputs, key).compile()
-        self.state, metrics = self.compiled(self.state, self.inputs, key)
-        return metrics
+    def __call__(self):
+        if self.compiled is not None:
+            return self._run()
+        times = [time.perf_counter()]
+        traced = self.program.trace(*self.args)
+        times.append(time.perf_counter())
+        lowered = traced.lower()
+        times.append(time.perf_counter())
+        self.compiled = lowered.compile()
+        times.append(time.perf_counter())
+        system = resource.getrusage(resource.RUSAGE_SELF).ru_stime
+        out = jax.block_until_ready(self._run())
+        times.append(time.perf_counter())
+        system = resource.getrusage(resource.RUSAGE_SELF).ru_stime - system
+        seconds = [round(b - a, 2) for a, b in itertools.pairwise(times)]
+        memory = self.compiled.memory_analysis()
+        phases = ("trace_seconds", "lower_seconds", "compile_seconds", "run_seconds")
+        self.first_call = {
+            **dict(zip(phases, seconds)),
+            "run_system_seconds": round(system, 2),
+            "temp_gib": round(memory.temp_size_in_bytes / 2**30, 2) if memory else None,
+        }
+        return out
+
+    def _run(self):
+        out = self.compiled(*self.args)
+        if not self.carry:
+            return out
+        self.args = (out[0], *self.args[1:])
+        return out[1]
 
 
 def mask_rois_per_image(config) -> float:
@@ -384,8 +415,8 @@ def our_configs(size: str) -> list:
 
 
 def our_model(config, batch: dict, train: bool):
-    """A no-argument function running one train step (`OurTrainStep`) or one inference of our
-    model, and the (box head, mask head) RoIs per image of either (static sizes)."""
+    """An `OurProgram` running one train step or one inference of our model, and the (box head,
+    mask head) RoIs per image of either (static sizes)."""
     from mrcnn_jax import sharding
     from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
     from mrcnn_jax.programs import evaluator
@@ -400,9 +431,11 @@ def our_model(config, batch: dict, train: bool):
         predict, variables = evaluator.make_predict_step(model, mesh), evaluator.variables_of(state)
         inputs = sharding.shard_batch({k: batch[k] for k in evaluator.MODEL_INPUTS}, mesh)
         sizes = config.model.rpn.post_nms_topk_test, r.detections_per_image
-        return functools.partial(predict, variables, inputs), sizes
+        return OurProgram(predict, variables, inputs), sizes
     train_step = step_lib.make_train_step(config, mesh, lr_fn)
-    step = OurTrainStep(train_step, state, sharding.shard_batch(batch, mesh))
+    step = OurProgram(
+        train_step, state, sharding.shard_batch(batch, mesh), jax.random.key(0), carry=True
+    )
     return step, (r.batch_size_per_image, mask_rois_per_image(config))
 
 
@@ -477,7 +510,9 @@ def run_model(train: bool) -> list[dict]:
         ours = [our_model(config, batch, train) for config in configs]
         timed = measure_alternating([run for run, _ in ours])
         references = {}  # torchvision's (seconds, work) by the mask slots it is matched to
-        for config, (_, (box_rois, mask_rois)), (first, seconds, out) in zip(configs, ours, timed):
+        for config, (program, (box_rois, mask_rois)), (first, seconds, out) in zip(
+            configs, ours, timed
+        ):
             valid = out["num_mask_rois"] if train else np.mean(np.sum(out["valid"], 1))
             work_ours = {"box_head_rois": box_rois, "mask_head_rois": mask_rois}
             if train:  # the chunks of slots its mask head ran (all G slots without chunks)
@@ -509,7 +544,8 @@ def run_model(train: bool) -> list[dict]:
                 result["matched"] = not why
                 if why:
                     result["why"] = "; ".join(why) + ("" if FLAGS.matched else " (see --matched)")
-            results.append({**result, **compare(first, seconds, reference, 3), "work": work})
+            timing = compare(first, seconds, reference, 3)
+            results.append({**result, **timing, "first_call": program.first_call, "work": work})
     return results
 
 
@@ -597,7 +633,7 @@ def traced_op_seconds(trace_dir: str, module: str) -> dict[str, float]:
     return seconds
 
 
-def stage_seconds(step: OurTrainStep) -> tuple[float, dict]:
+def stage_seconds(step: OurProgram) -> tuple[float, dict]:
     """Wall seconds per step under the profiler, and seconds per step of each stage's ops
     (forward, backward and their share of all ops), over --repeats profiled steps."""
     with tempfile.TemporaryDirectory() as trace_dir:

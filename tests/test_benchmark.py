@@ -1,5 +1,6 @@
 """scripts/benchmark.py: the op benchmarks at tiny sizes print one JSON line; bad subcommands are
-refused. (The train/infer benchmarks compile an R50 and are not run here.)"""
+refused; `OurProgram` (the train/infer timing) on a toy program. (The train/infer benchmarks
+compile an R50 and are not run here.)"""
 
 import importlib.util
 import json
@@ -79,10 +80,49 @@ def test_conv_reports_each_layer_against_xla_and_torch(outputs):
         assert result["ratio"] > 0 and result["torchvision_seconds"] > 0
 
 
-def test_unknown_subcommand_is_a_usage_error():
+@pytest.fixture(scope="module")
+def benchmark_module():
+    """scripts/benchmark.py imported (it defines its flags; nothing runs)."""
     spec = importlib.util.spec_from_file_location("benchmark_script", SCRIPT)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # defines its flags; main() refuses before reading them
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_our_program_splits_the_first_call_and_carries_the_state(benchmark_module):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    traces = []
+
+    @jax.jit
+    def step(state, x):
+        traces.append(1)
+        return state + x, {"total": jnp.sum(state + x)}
+
+    x = np.arange(6, dtype=np.float32)
+    program = benchmark_module.OurProgram(step, jnp.zeros(6), x, carry=True)
+    assert program.first_call is None
+    assert float(program()["total"]) == 15.0  # the first call: state 0 + x
+    first = program.first_call
+    assert set(first) == {
+        "trace_seconds", "lower_seconds", "compile_seconds", "run_seconds",
+        "run_system_seconds", "temp_gib",
+    }  # fmt: skip
+    assert all(v >= 0 for v in first.values())
+    assert float(program()["total"]) == 30.0  # the new state carried over: 2x
+    assert float(program()["total"]) == 45.0
+    assert len(traces) == 1 and program.first_call == first  # compiled once, recorded once
+    assert np.array_equal(program.args[1], x)
+
+    plain = benchmark_module.OurProgram(jax.jit(lambda a: a * 2), x)  # no carry: the outputs
+    np.testing.assert_array_equal(plain(), 2 * x)
+    np.testing.assert_array_equal(plain(), 2 * x)
+
+
+def test_unknown_subcommand_is_a_usage_error(benchmark_module):
+    module = benchmark_module  # main() refuses before reading its flags
     with pytest.raises(
         app.UsageError, match=r"unknown subcommand 'bogus'; expected one of: roi_al"
     ):
