@@ -11,14 +11,14 @@ r"""Benchmarks against torchvision, one subcommand each; every run prints one JS
 Times are the median wall-clock seconds over --repeats calls after --warmup calls (the first of
 which compiles: no compilation cache unless JAX_COMPILATION_CACHE_DIR is set, reported as
 `compilation_cache`; `xla_flags` reports XLA_FLAGS, with the scripts' codegen option from
-`launch.use_fast_cpu_codegen`), with `block_until_ready`. `train` and `infer` split our first call
-in `first_call`: tracing, lowering, compiling, the first run and the system CPU seconds of that run
-(the kernel faulting in fresh memory, chiefly XLA's temporary buffer of `temp_gib`). torchvision
-runs on the same inputs in the same process and `ratio` is ours / torchvision's (below 1: we are
-faster). A subcommand ignores the flags it does not use (--help says which). `train` and `infer`
-time R50-FPN Mask R-CNN (configs/coco_r50_fpn_1x.py; another with --model_config, then without
-torchvision) against torchvision's maskrcnn_resnet50_fpn and report the `work` per image of each:
-RoIs through the box head, and through the mask head the foreground RoIs (train) or detections
+`launch.use_fast_cpu_codegen`), with `block_until_ready`. `train`, `infer`, `breakdown` split our
+first call in `first_call`: tracing, lowering, compiling, the first run and the system CPU seconds
+of that run (the kernel faulting in fresh memory, chiefly XLA's temporary buffer of `temp_gib`).
+torchvision runs on the same inputs in the same process and `ratio` is ours / torchvision's (below
+1: we are faster). A subcommand ignores the flags it does not use (--help says which). `train` and
+`infer` time R50-FPN Mask R-CNN (configs/coco_r50_fpn_1x.py; another with --model_config, then
+without torchvision) against torchvision's maskrcnn_resnet50_fpn and report the `work` per image of
+each: RoIs through the box head, and through the mask head the foreground RoIs (train) or detections
 (infer); ours are the static config sizes (padded slots included) but for the mask head in training:
 the slots of the chunks it ran (`model.roi_heads.mask_head_chunk`; all G / B slots of
 `model.roi_heads.mask_rois_per_image` without chunks); torchvision's are counted by forward hooks;
@@ -678,6 +678,7 @@ def run_breakdown() -> list[dict]:
                 "mask_rois_per_image": config.model.roi_heads.mask_rois_per_image,
                 "mask_head_chunk": config.model.roi_heads.mask_head_chunk,
                 "first_call_seconds": round(first, 2),
+                "first_call": step.first_call,
                 "seconds": round(seconds, 3),
                 "profiled_seconds": round(profiled, 3),
                 "op_seconds": round(op_seconds, 3),
