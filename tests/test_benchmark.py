@@ -1,6 +1,6 @@
 """scripts/benchmark.py: the op benchmarks at tiny sizes print one JSON line; bad subcommands are
-refused; `OurProgram` (the train/infer timing) on a toy program. (The train/infer benchmarks
-compile an R50 and are not run here.)"""
+refused; `OurProgram` (the train/infer/breakdown timing) on a toy program. (The train/infer
+benchmarks compile an R50 and are not run here.)"""
 
 import importlib.util
 import json
@@ -8,6 +8,9 @@ import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 from absl import app
 
@@ -90,10 +93,6 @@ def benchmark_module():
 
 
 def test_our_program_splits_the_first_call_and_carries_the_state(benchmark_module):
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
     traces = []
 
     @jax.jit
