@@ -169,14 +169,17 @@ def test_which_layers_use_winograd(lhs, rhs, strides, padding, dtype, expected):
 @pytest.mark.parametrize("platforms", [("cuda",), ("tpu",), ("cuda", "tpu")])
 def test_other_platforms_get_xlas_convolution(platforms):
     """A program lowered for GPU/TPU (`jax.export`, as scripts/export.py does) holds XLA's own
-    convolution, not the CPU paths, for a layer that takes Winograd on CPU."""
+    convolution, not the CPU paths, for a layer that takes Winograd on CPU: forward and
+    gradients."""
     x, kernel = jnp.ones((2, 32, 32, 128)), jnp.ones((3, 3, 128, 128))
     assert conv_ops.uses_winograd(x.shape, kernel.shape, (1, 1), ((1, 1), (1, 1)))
     conv = lambda x, k: conv_ops.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)))
-    text = jax_export.export(jax.jit(conv), platforms=platforms)(x, kernel).mlir_module()
-    assert "stablehlo.convolution" in text and "dot_general" not in text
-    cpu = jax_export.export(jax.jit(conv), platforms=("cpu",))(x, kernel).mlir_module()
-    assert "stablehlo.convolution" not in cpu and "dot_general" in cpu
+    grad = jax.grad(lambda x, k: conv(x, k).sum(), argnums=(0, 1))
+    for program in (conv, grad):
+        text = jax_export.export(jax.jit(program), platforms=platforms)(x, kernel).mlir_module()
+        assert "stablehlo.convolution" in text and "dot_general" not in text
+        cpu = jax_export.export(jax.jit(program), platforms=("cpu",))(x, kernel).mlir_module()
+        assert "stablehlo.convolution" not in cpu and "dot_general" in cpu
 
 
 def test_bfloat16_keeps_dtypes_and_accumulates_in_float32():
