@@ -19,6 +19,7 @@ from mrcnn_jax.evaluation import (
     paste_masks,
 )
 from mrcnn_jax.evaluation.coco_eval import boxes_to_original
+from mrcnn_jax.programs.evaluator import coco_from_dict
 
 pytestmark = pytest.mark.filterwarnings(  # pycocotools' decode under numpy 2
     "ignore:__array__ implementation:DeprecationWarning"
@@ -389,6 +390,11 @@ def test_input_errors(coco_gt):
         stray.evaluate(coco_gt)
     with pytest.raises(ValueError, match="not in image_ids"):
         evaluate_coco(coco_gt, no_masks.results, [1], iou_types=("bbox",))
+    from_zero = copy.deepcopy(coco_gt.dataset)
+    for annotation in from_zero["annotations"]:
+        annotation["id"] -= 1
+    with pytest.raises(ValueError, match="annotation with id 0"):
+        evaluate_coco(coco_from_dict(from_zero), no_masks.results, [1, 2], iou_types=("bbox",))
     with pytest.raises(ValueError, match=r"batch lacks keys \['image_size'\]"):
         CocoEvaluator(LABEL_TO_CATEGORY).add_batch(
             {k: v for k, v in batch.items() if k != "image_size"}, outputs

@@ -16,7 +16,8 @@ from etils import epath
 from pycocotools.coco import COCO
 
 from configs import coco_format as coco_format_config
-from mrcnn_jax.data import coco_format, masks, schema
+from mrcnn_jax.data import coco_format, coco_json, masks, schema
+from mrcnn_jax.evaluation import evaluate_coco
 from mrcnn_jax.programs import evaluator, trainer
 
 # Listed out of id order: labels follow ascending id (apple 0, fig 1, kiwi 2).
@@ -202,6 +203,28 @@ def test_trains_and_evaluates_with_the_original_category_ids(dataset, tmp_path, 
     results = json.loads(results_path.read_text())
     assert results and {r["category_id"] for r in results} <= {3, 17, 42}
     assert {r["image_id"] for r in results} == set(VAL)
+
+
+def test_annotation_ids_from_0_are_renumbered_for_pycocotools(tmp_path):
+    """Exports that number annotations from 0: pycocotools' matching reads id 0 as "unmatched",
+    so the eval ground truth numbers them 1..N; the ground truth as detections scores AP 1."""
+    splits = write_dataset(epath.Path(tmp_path))
+
+    def from_zero(dataset):
+        for number, annotation in enumerate(dataset["annotations"]):
+            annotation["id"] = number
+
+    _edit_json(splits, "validation", from_zero)
+    builder = coco_format.build_coco_format(splits, str(tmp_path / "tfds"))
+    ground_truth = coco_json.coco_ground_truth(builder, "validation")
+    annotations = ground_truth["annotations"]
+    assert sorted(a["id"] for a in annotations) == list(range(1, len(annotations) + 1))
+    results = [
+        {k: a[k] for k in ("image_id", "category_id", "bbox", "segmentation")} | {"score": 0.9}
+        for a in annotations
+    ]
+    metrics = evaluate_coco(evaluator.coco_from_dict(ground_truth), results, list(VAL))
+    assert metrics["bbox/AP"] == pytest.approx(1.0) and metrics["segm/AP"] == pytest.approx(1.0)
 
 
 def test_the_cache_key_follows_the_jsons_and_the_image_files(tmp_path):

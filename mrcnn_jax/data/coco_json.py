@@ -22,6 +22,9 @@ def coco_ground_truth(builder: tfds.core.DatasetBuilder, split: str) -> dict[str
     Images: {id, file_name, height, width}; annotations: {id, image_id, category_id (the
     dataset's own ids), bbox [x, y, w, h] in original pixels, area, iscrowd, segmentation
     (compressed RLE {size: [h, w], counts: str})}; categories: {id, name} in label order.
+    Annotations keep their ids, unless one of them is 0 (as in exports numbered from 0):
+    pycocotools' matching takes 0 for "no ground truth matched", so the split's annotations are
+    then numbered 1..N in order instead.
     """
     dataset = builder.as_dataset(
         split=split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()}
@@ -56,6 +59,9 @@ def coco_ground_truth(builder: tfds.core.DatasetBuilder, split: str) -> dict[str
                     },
                 }
             )
+    if any(annotation["id"] == 0 for annotation in annotations):
+        for number, annotation in enumerate(annotations, start=1):
+            annotation["id"] = number
     return {
         "images": images,
         "annotations": annotations,

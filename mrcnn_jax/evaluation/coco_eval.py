@@ -192,13 +192,20 @@ def evaluate_coco(
       value is 0.0 and a warning is issued.
 
     Raises:
-      ValueError: on an unknown IoU type, image ids or category ids absent from ``coco_gt``, or
+      ValueError: on an unknown IoU type, image ids or category ids absent from ``coco_gt``,
+        an annotation id 0 in ``coco_gt`` (pycocotools would count its matches as misses), or
         "segm" requested for results without masks.
     """
     unknown_types = [t for t in iou_types if t not in IOU_TYPES]
     if unknown_types:
         raise ValueError(f"iou_types must be among {IOU_TYPES}, got {list(iou_types)}")
     coco_gt = load_coco_gt(coco_gt)
+    if 0 in coco_gt.anns:
+        raise ValueError(
+            "the ground truth has an annotation with id 0, which pycocotools' matching takes for "
+            "'no ground truth matched' (its detections would count as misses): number the "
+            "annotations from 1"
+        )
     image_ids = sorted({int(i) for i in image_ids})
     missing_images = sorted(set(image_ids) - set(coco_gt.getImgIds()))
     if missing_images:
