@@ -5,12 +5,15 @@ import copy
 import io
 import json
 
+import jax
 import numpy as np
 import pytest
+from jax.experimental import multihost_utils
 from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from mrcnn_jax import sharding
 from mrcnn_jax.evaluation import (
     STAT_NAMES,
     CocoEvaluator,
@@ -19,7 +22,7 @@ from mrcnn_jax.evaluation import (
     paste_masks,
 )
 from mrcnn_jax.evaluation.coco_eval import boxes_to_original
-from mrcnn_jax.programs.evaluator import coco_from_dict
+from mrcnn_jax.programs import evaluator as eval_program
 
 pytestmark = pytest.mark.filterwarnings(  # pycocotools' decode under numpy 2
     "ignore:__array__ implementation:DeprecationWarning"
@@ -394,7 +397,8 @@ def test_input_errors(coco_gt):
     for annotation in from_zero["annotations"]:
         annotation["id"] -= 1
     with pytest.raises(ValueError, match="annotation with id 0"):
-        evaluate_coco(coco_from_dict(from_zero), no_masks.results, [1, 2], iou_types=("bbox",))
+        gt = eval_program.coco_from_dict(from_zero)
+        evaluate_coco(gt, no_masks.results, [1, 2], iou_types=("bbox",))
     with pytest.raises(ValueError, match=r"batch lacks keys \['image_size'\]"):
         CocoEvaluator(LABEL_TO_CATEGORY).add_batch(
             {k: v for k, v in batch.items() if k != "image_size"}, outputs
@@ -434,3 +438,14 @@ def test_input_errors(coco_gt):
             (10, 10),
             LABEL_TO_CATEGORY,
         )
+
+
+def test_image_ids_of_any_size_survive_the_gather():
+    """Eval gathers image ids through JAX (int32): ids of 2**31 or more come back whole."""
+    ids = np.array([0, 7, 2**31 - 1, 2**31, 20230101120000, -5, 2**62 - 1], np.int64)
+    mesh = sharding.create_mesh(jax.devices()[:1])
+    sharded = sharding.shard_batch({"image_id": eval_program.image_id_parts(ids)}, mesh)
+    gathered = multihost_utils.process_allgather(sharded, tiled=True)["image_id"]
+    np.testing.assert_array_equal(eval_program.image_id_of(gathered), ids)
+    with pytest.raises(ValueError, match=r"below 2\*\*62 in magnitude, got \[4611686018427387904"):
+        eval_program.image_id_parts(np.array([1, 2**62]))

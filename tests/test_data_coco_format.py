@@ -32,16 +32,17 @@ TRAIN = {
     5: ("deep.png", (32, 32), "gray16", [(51, 3, 4, 4, 20, 22)]),
     6: ("empty.png", (32, 40), "rgb", []),
 }
+TIMESTAMP_ID = 20230101120008  # an image id of 2**31 or more, beyond JAX's int32
 VAL = {
     7: ("val1.jpg", (48, 48), "rgb", [(71, 3, 4, 4, 20, 20), (72, 17, 26, 24, 18, 20)]),
-    8: ("val2.png", (40, 64), "rgb", [(81, 42, 10, 6, 40, 28)]),
+    TIMESTAMP_ID: ("val2.png", (40, 64), "rgb", [(81, 42, 10, 6, 40, 28)]),
 }
 
 
 def _pixels(size: tuple[int, int], objects: list, seed: int) -> np.ndarray:
     """[H, W, 3] uint8 RGB: a gradient background with each object's box filled in its colour."""
     ys, xs = np.mgrid[: size[0], : size[1]]
-    background = [90 + 2 * ys + seed, 140 - xs, 100 + xs + ys]
+    background = [90 + 2 * ys + seed % 256, 140 - xs, 100 + xs + ys]
     image = np.stack(background, axis=-1).clip(0, 255).astype(np.uint8)
     for _, category_id, x, y, w, h in objects:
         image[y : y + h, x : x + w] = COLOURS[category_id]
@@ -359,7 +360,8 @@ def test_polygon_parts_of_fewer_than_3_points_beside_valid_ones_are_dropped(tmp_
     splits = write_dataset(root)
     _edit_json(splits, "validation", lambda d: _ann(d, 81)["segmentation"].append([1, 1, 60, 30]))
     builder = coco_format.build_coco_format(splits, str(root / "tfds"))
-    mask = masks.decode_mask(_examples(builder, "validation")[8]["objects"]["mask"][0], 40, 64)
+    example = _examples(builder, "validation")[TIMESTAMP_ID]
+    mask = masks.decode_mask(example["objects"]["mask"][0], 40, 64)
     coco = COCO()
     coco.dataset = split_json(VAL)  # without the 2-point part
     coco.createIndex()

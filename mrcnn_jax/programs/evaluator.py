@@ -77,16 +77,37 @@ def evaluate_split(
     show = progress and jax.process_index() == 0
     for batch in tqdm(batches, total=total, desc=f"eval {split}", disable=not show, leave=False):
         inputs = shard_batch({k: batch[k] for k in MODEL_INPUTS}, mesh)
-        batch["image_id"] = batch["image_id"].astype(np.int32)  # COCO ids fit; JAX has no int64
+        batch["image_id"] = image_id_parts(batch["image_id"])
         metadata = shard_batch({k: batch[k] for k in BATCH_METADATA}, mesh)
         outputs = predict_step(variables, inputs)
         outputs, metadata = multihost_utils.process_allgather((outputs, metadata), tiled=True)
-        evaluator.add_batch(metadata, outputs)
+        evaluator.add_batch({**metadata, "image_id": image_id_of(metadata["image_id"])}, outputs)
     ground_truth = coco_json.coco_ground_truth(builder, pipeline.eval_split(config, split))
     if results_path and jax.process_index() == 0:
         evaluator.write_results(results_path)
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its tables
         return evaluator.evaluate(coco_from_dict(ground_truth))
+
+
+def image_id_parts(image_id: np.ndarray) -> np.ndarray:
+    """`[B]` int64 image ids as `[B, 2]` int32 `(id >> 31, id & (2**31 - 1))`: JAX gathers them
+    across hosts without 64-bit types, and ids of 2**31 or more (e.g. dates) stay whole.
+
+    Raises:
+      ValueError: for an id of magnitude 2**62 or more, naming it.
+    """
+    image_id = np.asarray(image_id, np.int64)
+    high, low = image_id >> 31, image_id & (2**31 - 1)
+    too_large = image_id[(high < -(2**31)) | (high >= 2**31)]
+    if too_large.size:
+        raise ValueError(f"image ids must be below 2**62 in magnitude, got {too_large.tolist()}")
+    return np.stack([high, low], axis=-1).astype(np.int32)
+
+
+def image_id_of(parts) -> np.ndarray:
+    """The `[B]` int64 image ids of `image_id_parts`' `[B, 2]`."""
+    parts = np.asarray(parts, np.int64)
+    return (parts[..., 0] << 31) + parts[..., 1]
 
 
 def variables_of(state) -> dict:
