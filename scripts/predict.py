@@ -15,6 +15,9 @@ An input that names no existing file or folder, a pattern matching no file and a
 no image file are errors (naming it) before the model loads. A file reached twice (same real
 path) is predicted once, under the first name it was reached by.
 
+Each image is read as its stored pixels, exactly as the training and eval pipeline reads it (an
+EXIF orientation is not applied: a phone photo stored sideways is predicted, drawn and reported
+sideways, in the file's own pixel grid, which is what the coordinates of detections.json refer to).
 The images are read, predicted, drawn and written streaming, --batch_size at a time (the next
 batch is read while one is predicted), split data-parallel over the process's local devices; a
 progress bar counts the images. A file that cannot be decoded (not an image, truncated, a format

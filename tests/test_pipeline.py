@@ -5,9 +5,11 @@ with torchvision's resize: tests/test_pipeline_torchvision.py."""
 
 import math
 
+import cv2
 import numpy as np
 import pytest
 import tensorflow as tf
+import tensorflow_datasets as tfds
 import tiny_coco
 from helpers import resize_config
 from pycocotools.coco import COCO
@@ -15,6 +17,7 @@ from references import box_crop
 
 from configs import shapes_r18
 from mrcnn_jax.data import masks, pipeline, shapes
+from mrcnn_jax.evaluation import visualize
 
 ONE = {"process_index": 0, "process_count": 1}
 
@@ -137,6 +140,38 @@ def _kept(anns: list[dict], max_instances: int) -> list[dict]:
     return (first + [a for a, t in zip(anns, trainable) if not t])[:max_instances]
 
 
+def _opencv_rgb(encoded: bytes) -> np.ndarray:
+    """[H, W, 3] uint8 RGB as OpenCV decodes the file (libjpeg's accurate DCT, as PIL)."""
+    flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+    return cv2.cvtColor(cv2.imdecode(np.frombuffer(encoded, np.uint8), flags), cv2.COLOR_BGR2RGB)
+
+
+def _with_exif_orientation(jpeg: bytes, orientation: int) -> bytes:
+    """The JPEG with an EXIF APP1 segment holding only an Orientation tag (0x0112)."""
+    tiff = b"MM\x00\x2a\x00\x00\x00\x08" + b"\x00\x01"  # big-endian header, one IFD entry
+    tiff += b"\x01\x12\x00\x03\x00\x00\x00\x01" + orientation.to_bytes(2, "big") + b"\x00" * 6
+    segment = b"Exif\x00\x00" + tiff
+    return jpeg[:2] + b"\xff\xe1" + (len(segment) + 2).to_bytes(2, "big") + segment + jpeg[2:]
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_jpeg_pixels_are_those_of_libjpeg_and_predict(orientation, tmp_path):
+    """The pipeline decodes a JPEG to the pixels OpenCV/PIL give (accurate DCT, not TF's fast
+    default) and that `visualize.read_image` (scripts/predict.py) gives: the stored grid, an EXIF
+    rotation (6: 90 degrees, as phones write) not applied by either."""
+    rng = np.random.default_rng(0)
+    rgb = (rng.normal(128, 40, (48, 64, 3)) + np.mgrid[:48, :64, :3][1]).clip(0, 255)
+    _, jpeg = cv2.imencode(".jpg", rgb.astype(np.uint8), [cv2.IMWRITE_JPEG_QUALITY, 90])
+    encoded = _with_exif_orientation(jpeg.tobytes(), orientation)
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(encoded)
+    decoded = pipeline._decode_image(tf.constant(encoded)).numpy()
+    assert decoded.shape == (48, 64, 3)
+    np.testing.assert_array_equal(decoded, _opencv_rgb(encoded))
+    np.testing.assert_array_equal(decoded, visualize.read_image(path))
+    assert (tf.io.decode_jpeg(encoded, channels=3).numpy() != decoded).mean() > 0.1
+
+
 def test_eval_batches_match_pycocotools_references(coco):
     builder, index = coco
     config = _config(max_instances=4)  # image 5 has 5 annotations
@@ -144,8 +179,9 @@ def test_eval_batches_match_pycocotools_references(coco):
     _check_batches(batches, config, train=False, rows=4)
     rows = {int(r["image_id"]): r for r in _rows(batches) if r["valid"]}
     assert sorted(rows) == [1, 2, 3, 4, 5] and len(batches) == 2
-    originals = builder.as_dataset(split="train").as_numpy_iterator()
-    for image_id, image in ((int(ex["image/id"]), ex["image"]) for ex in originals):
+    raw = {"image": tfds.decode.SkipDecoding()}
+    originals = builder.as_dataset(split="train", decoders=raw).as_numpy_iterator()
+    for image_id, image in ((int(ex["image/id"]), _opencv_rgb(ex["image"])) for ex in originals):
         row = rows[image_id]
         height, width = image.shape[:2]
         size = _resized(height, width, min(64 / height, 64 / width))

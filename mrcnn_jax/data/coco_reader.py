@@ -5,11 +5,12 @@ The format (as CVAT, Label Studio, labelme converters and COCO itself write it):
 segmentation (polygons, RLE or uncompressed RLE), optional iscrowd and area}) and ``categories``
 ({id, name}). Labels 0..K-1 follow ascending category id; every object keeps its category id.
 
-Images are stored as the original bytes and read everywhere with
-``tf.io.decode_image(channels=3)``: JPEG, PNG, BMP or GIF; grayscale becomes RGB (the gray value
-in all three channels), the alpha channel of RGBA and gray+alpha PNGs is dropped, and 16-bit PNGs
-become 8-bit (the high byte: value // 256). Each split logs how many images were read so. Other
-formats (TIFF, WebP) must be converted to PNG or JPEG first.
+Images are stored as the original bytes and read everywhere as ``tf.io.decode_image(channels=3)``
+reads them (JPEGs with libjpeg's accurate DCT, as PIL and OpenCV; an EXIF orientation is not
+applied, so annotations refer to the stored pixel grid): JPEG, PNG, BMP or GIF; grayscale becomes
+RGB (the gray value in all three channels), the alpha channel of RGBA and gray+alpha PNGs is
+dropped, and 16-bit PNGs become 8-bit (the high byte: value // 256). Each split logs how many
+images were read so. Other formats (TIFF, WebP) must be converted to PNG or JPEG first.
 
 Bad input raises ValueError naming the json and the image or annotation id: a missing or
 undecodable image file, or one whose size differs from the json; duplicate image or annotation

@@ -101,8 +101,17 @@ _TRAIN_KEYS = ("image", "image_size", "gt_boxes", "gt_classes", "gt_valid", "gt_
 
 
 def _decode_image(encoded: tf.Tensor) -> tf.Tensor:
-    """JPEG/PNG bytes -> [H, W, 3] uint8."""
-    return tf.io.decode_image(encoded, channels=3, expand_animations=False)
+    """JPEG/PNG bytes -> [H, W, 3] uint8, the stored pixels (no EXIF rotation).
+
+    JPEGs with libjpeg's accurate integer DCT, the pixels PIL (torchvision, Detectron2) and
+    OpenCV (`visualize.read_image`, scripts/predict.py) decode; TF's default, its fast DCT,
+    differs by up to a few grey levels on most pixels.
+    """
+    return tf.cond(
+        tf.io.is_jpeg(encoded),
+        lambda: tf.io.decode_jpeg(encoded, channels=3, dct_method="INTEGER_ACCURATE"),
+        lambda: tf.io.decode_image(encoded, channels=3, expand_animations=False),
+    )
 
 
 def _pixel_boxes(bbox: tf.Tensor, height: tf.Tensor, width: tf.Tensor) -> tf.Tensor:

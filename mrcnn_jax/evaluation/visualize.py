@@ -28,7 +28,9 @@ _FONT = cv2.FONT_HERSHEY_SIMPLEX
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """Reads an image file (any format cv2 decodes: JPEG, PNG, BMP, ...) as ``[H, W, 3]`` uint8 RGB.
 
-    Grey images are expanded to three channels and an alpha channel is dropped.
+    Grey images are expanded to three channels and an alpha channel is dropped. The stored
+    pixels, as the training and eval pipeline decodes them (and torchvision's PIL reading): an
+    EXIF orientation is not applied, so boxes and masks refer to the file's own pixel grid.
 
     Raises:
       FileNotFoundError: `path` is not an existing file.
@@ -37,7 +39,8 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image file {path!r} does not exist")
-    image = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_COLOR)
+    flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+    image = cv2.imdecode(np.fromfile(path, np.uint8), flags)
     if image is None:
         raise ValueError(f"cannot read image file {path!r}: not an image format cv2 decodes")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
