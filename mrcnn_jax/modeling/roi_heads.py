@@ -333,7 +333,10 @@ def fast_rcnn_loss(
 
     Returns:
       `(loss_cls, loss_box_reg)`: softmax CE over sampled RoIs and smooth L1 of the GT class's
-      deltas over foreground RoIs, both divided by `batch_size_per_image · B` (Detectron2).
+      deltas over foreground RoIs, both divided by `batch_size_per_image · B`, a constant (so
+      that replicas average to the global batch's loss). Detectron2 and torchvision divide by
+      the number of RoIs sampled: the same whenever every slot is filled (COCO, where 1000
+      proposals fill all 512).
     """
     norm = batch_size_per_image * class_logits.shape[0]
     ce = optax.softmax_cross_entropy_with_integer_labels(class_logits, roi_classes)
