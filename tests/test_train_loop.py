@@ -250,6 +250,37 @@ def test_a_step_zero_checkpoint_restores_under_any_optimizer(data_dir, tmp_path)
     assert ckpt_lib.saved_optimizer(saved) == "sgd"
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+@pytest.mark.parametrize("saved_clip, clip", [(0.0, 10.0), (10.0, 0.0)])
+def test_resume_turns_gradient_clipping_on_or_off(optimizer, saved_clip, clip, data_dir, tmp_path):
+    """What the non-finite loss error advises (set train.grad_clip_norm and resume): the clipping
+    stage holds no arrays, and the optimizer state carries over whole, in the new chain."""
+    configs = [
+        run_config(data_dir, **{"train.optimizer": optimizer, "train.grad_clip_norm": norm})
+        for norm in (saved_clip, clip)
+    ]
+    model = MaskRCNN.from_config(configs[0].model)
+    variables = state_lib.zero_variables(model, configs[0].data.image_size)
+    saved, _ = state_lib.train_state_from_variables(configs[0], model, variables)
+    rng = np.random.default_rng(0)
+    opt_state = jax.tree_util.tree_map(
+        lambda x: rng.normal(size=x.shape).astype(x.dtype), saved.opt_state
+    )
+    saved = saved.replace(step=5, opt_state=opt_state)
+    manager = ckpt_lib.create_manager(tmp_path)
+    ckpt_lib.save(manager, saved, configs[0])
+    manager.wait_until_finished()
+    fresh, _ = state_lib.train_state_from_variables(configs[1], model, variables)
+    restored = ckpt_lib.restore(manager, fresh, configs[1])
+    manager.close()
+    structure = jax.tree_util.tree_structure
+    assert structure(saved.opt_state) != structure(fresh.opt_state)
+    assert structure(restored.opt_state) == structure(fresh.opt_state)
+    assert int(restored.step) == 5
+    for got, want in zip(*map(jax.tree_util.tree_leaves, (restored.opt_state, opt_state))):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_a_frozen_backbone_without_weights_is_refused(data_dir, tmp_path):
     """Frozen BN or frozen stages from a random init stop training before any work, with the
     fields to set; the opt-in and backbone weights both lift the check."""

@@ -133,6 +133,8 @@ def restore(
 
     A checkpoint of another `train.optimizer` restores only at step 0 (converted weights,
     `save_variables`), where every optimizer's state is its initial one: `state` keeps its own.
+    Gradient clipping may be turned on or off (`train.grad_clip_norm`, as the non-finite loss
+    error advises): its stage holds no arrays, so the optimizer state carries over whole.
 
     Raises:
       FileNotFoundError: there is no (complete) checkpoint.
@@ -163,11 +165,38 @@ def restore(
             params=_like(state.params, raw["params"]),
             batch_stats=_like(state.batch_stats, raw.get("batch_stats") or {}),
         )
+    saved_clip = float(saved.get("train", {}).get("grad_clip_norm", config.train.grad_clip_norm))
     target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state_tree(state))
+    if (saved_clip > 0) != (config.train.grad_clip_norm > 0):
+        target["opt_state"] = _opt_state_with_clipping(
+            target["opt_state"], state.params, config, saved_clip
+        )
     restored = manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
     )["state"]
-    return state.replace(**restored)
+    leaves = jax.tree_util.tree_leaves(restored["opt_state"])
+    opt_state = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(state.opt_state), leaves)
+    return state.replace(**{**restored, "opt_state": opt_state})
+
+
+def _opt_state_with_clipping(
+    target, params, config: ml_collections.ConfigDict, grad_clip_norm: float
+):
+    """`target`, the optimizer state's arrays (ShapeDtypeStructs), in the tree of the optimizer
+    with `train.grad_clip_norm = grad_clip_norm` over `params`: the clipping stage holds no
+    arrays, so both trees have the same arrays in the same order."""
+    other = ml_collections.ConfigDict(config.to_dict())
+    other.train.grad_clip_norm = grad_clip_norm
+    tx = state_lib.create_optimizer(other, state_lib.create_learning_rate_fn(other.train))
+    saved = jax.eval_shape(tx.init, params)
+    leaves = jax.tree_util.tree_leaves(target)
+    shapes = [(x.shape, x.dtype) for x in jax.tree_util.tree_leaves(saved)]
+    if shapes != [(x.shape, x.dtype) for x in leaves]:
+        raise ValueError(
+            f"the optimizer state under train.grad_clip_norm={grad_clip_norm} does not match "
+            "this config's arrays"
+        )
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(saved), leaves)
 
 
 def _like(target, values):
