@@ -159,7 +159,7 @@ def get_config() -> ml_collections.ConfigDict:
     train.grad_clip_norm = 10.0  # Global-norm gradient clipping; 0 = off.
     train.log_every = 100  # Steps between scalar logs.
     train.checkpoint_every = 5000  # Steps between checkpoints (and one at the end).
-    train.keep_checkpoints = 3  # Checkpoints kept in the workdir.
+    train.keep_checkpoints = 3  # The newest checkpoints kept in the workdir; 0 = all.
     train.eval_every = 10_000  # Steps between evaluations on the val split; 0 = only at the end.
 
     # ---------------------------------------------------------------- evaluation

@@ -211,6 +211,56 @@ def test_resume_rejects_an_incompatible_config(trained, data_dir, tmp_path):
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4"]
 
 
+BAD_CONFIGS = {
+    "train.log_every": (0, r"config\.train\.log_every=0 must be a positive number of steps"),
+    "train.checkpoint_every": (0, r"config\.train\.checkpoint_every=0 must be a positive"),
+    "train.num_steps": (-5, r"config\.train\.num_steps=-5 must be 0 or more"),
+    "train.keep_checkpoints": (-1, r"config\.train\.keep_checkpoints=-1 must be 0 or more"),
+    "eval.batch_size": (0, r"config\.eval\.batch_size=0 must be at least 1"),
+    "data.max_instances": (0, r"config\.data\.max_instances=0 must be at least 1"),
+    "data.mean": ((0.5,) * 4, r"config\.data\.mean=\(0\.5, 0\.5, 0\.5, 0\.5\) must have 3"),
+    "data.image_size": ((128,), r"config\.data\.image_size=\(128,\) must be two positive"),
+    "data.val_split": ("val", r"config\.data\.val_split='val' is not a split of shapes"),
+    "data.train_split": ("train[:10", r"config\.data\.train_split='train\[:10' is not a split"),
+    "model.anchor_sizes": (
+        ((8, 16), (16,), (32,), (64,), (128,)),
+        r"must give every RPN level the same number of sizes",
+    ),
+}
+
+
+@pytest.mark.parametrize("field", sorted(BAD_CONFIGS))
+def test_a_config_that_does_not_fit_is_refused_before_training(field, data_dir, tmp_path):
+    """Values that used to fail only after compiling or after training (a modulo by zero, an
+    unknown eval split), or deep in TF/JAX: one error naming the field, and no checkpoint."""
+    value, message = BAD_CONFIGS[field]
+    config = run_config(data_dir, **{field: value})
+    with pytest.raises(ValueError, match=message):
+        trainer.train_and_evaluate(config, str(tmp_path))
+    assert not list((tmp_path / "checkpoints").glob("*"))
+
+
+def test_an_interrupt_right_after_a_save_keeps_it_and_keep_0_keeps_all(
+    trained, data_dir, tmp_path, monkeypatch
+):
+    """Ctrl-C (or any error) while a checkpoint is being written asynchronously: it is completed
+    before the run stops. `train.keep_checkpoints=0` keeps every checkpoint."""
+    workdir = copy_workdir(trained, tmp_path)
+    overrides = {"train.num_steps": 6, "train.checkpoint_every": 1, "train.keep_checkpoints": 0}
+    save = ckpt_lib.save
+
+    def save_then_interrupt(manager, state, config):
+        save(manager, state, config)
+        if int(state.step) == 6:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt_lib, "save", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train_and_evaluate(run_config(data_dir, **overrides), str(workdir))
+    names = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+    assert names == ["2", "4", "5", "6"]
+
+
 def test_resume_with_another_optimizer_is_refused_past_step_zero(trained, data_dir, tmp_path):
     """An AdamW run's checkpoint does not continue under SGD (its state has no momentum to
     resume): a clear error naming both, the checkpoints kept."""
@@ -498,6 +548,23 @@ def test_eval_script_reproduces_the_logged_metrics(trained, compile_cache):
     expected = mrcnn_jax.load_checkpoint(workdir)(image, score_threshold=0.0)
     scores = sorted(d["score"] for d in detections if d["image_id"] == 1)
     assert scores and scores == pytest.approx(sorted(expected["scores"]), rel=1e-4, abs=1e-6)
+
+
+def test_eval_script_on_three_devices_gives_the_eight_device_metrics(
+    trained, compile_cache, tmp_path
+):
+    """The run's eval batch (8) does not split over 3 devices: eval.py rounds it up to 9 (the
+    padding rows are skipped) and scores the checkpoint as the 8-device run did."""
+    _, _, metrics = trained
+    workdir = copy_workdir(trained, tmp_path)
+    call = script_call("eval.py", [f"--workdir={workdir}"], compile_cache)
+    flags = re.sub(r"device_count=\d+", "device_count=3", call["env"]["XLA_FLAGS"])
+    call["env"]["XLA_FLAGS"] = flags
+    subprocess.run(**call, check=True, capture_output=True, timeout=600)
+    saved = json.loads((workdir / f"eval_{NUM_STEPS}.json").read_text())
+    assert saved.pop("step") == NUM_STEPS and saved.pop("split") == "validation"
+    assert saved == pytest.approx(metrics, abs=1e-6)
+    assert json.loads((workdir / f"detections_{NUM_STEPS}.json").read_text())
 
 
 def test_predict_script_draws_and_writes_coco_results(trained, compile_cache, tmp_path):

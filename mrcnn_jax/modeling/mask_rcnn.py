@@ -137,6 +137,11 @@ class MaskRCNN(nn.Module):
                 f"model.anchor_sizes needs one tuple per RPN level {RPN_LEVELS}, "
                 f"got {len(c.anchor_sizes)}"
             )
+        if len({len(sizes) for sizes in c.anchor_sizes}) != 1:
+            raise ValueError(
+                f"model.anchor_sizes={c.anchor_sizes} must give every RPN level the same number "
+                "of sizes: one RPN head, shared by the levels, predicts each level's anchors"
+            )
         r = c.roi_heads
         self.backbone = ResNet(
             depth=c.backbone_depth,

@@ -61,11 +61,16 @@ def evaluate_split(
 
     Every process feeds its shard; predictions and batch metadata are gathered to every host and
     scored there (the same numbers everywhere). `config.eval.max_images > 0` limits the images.
+    The batch is `eval_batch_size(config, mesh.size)`.
 
     Returns:
       `{"bbox/AP": ..., ..., "segm/ARl": ...}`: the 12 COCOeval numbers per IoU type, 0–1 scale.
     """
     split = split or config.data.val_split
+    batch_size = eval_batch_size(config, mesh.size)
+    if batch_size != config.eval.batch_size:
+        config = ml_collections.ConfigDict(config.to_dict())
+        config.eval.batch_size = batch_size
     category_ids = (
         config.data.label_to_category_id or schema.label_to_category_id(builder.info).tolist()
     )
@@ -87,6 +92,19 @@ def evaluate_split(
         evaluator.write_results(results_path)
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its tables
         return evaluator.evaluate(coco_from_dict(ground_truth))
+
+
+def eval_batch_size(config: ml_collections.ConfigDict, num_devices: int) -> int:
+    """`config.eval.batch_size` rounded up to a multiple of `num_devices`, so that any number of
+    devices evaluates any config (rows that pad a batch are skipped: the metrics do not change).
+
+    Raises:
+      ValueError: `config.eval.batch_size` is not positive.
+    """
+    batch_size = config.eval.batch_size
+    if batch_size < 1:
+        raise ValueError(f"config.eval.batch_size={batch_size} must be at least 1")
+    return -(-batch_size // num_devices) * num_devices
 
 
 def image_id_parts(image_id: np.ndarray) -> np.ndarray:

@@ -84,9 +84,9 @@ _INT32_MAX = np.iinfo(np.int32).max
 def check_exportable(config: ml_collections.ConfigDict, full_masks: bool) -> None:
     """Raises ValueError, naming the config field, where the SavedModel cannot represent it.
 
-    The canvas and resize settings must pass `pipeline.check_canvas`; `data.class_names` and
-    `data.label_to_category_id`, where set, need one entry per class (`model.num_classes`),
-    the ids fitting int32; `data.mean`/`data.std` three values; with `full_masks`,
+    The data settings must pass `pipeline.check_canvas` (canvas, resize, `data.mean`/`data.std`
+    three values); `data.class_names` and `data.label_to_category_id`, where set, need one entry
+    per class (`model.num_classes`), the ids fitting int32; with `full_masks`,
     `model.roi_heads.mask_paste` one of `PASTE_METHODS`.
     """
     pipeline.check_canvas(config)
@@ -103,9 +103,6 @@ def check_exportable(config: ml_collections.ConfigDict, full_masks: bool) -> Non
         raise ValueError(
             f"config.data.label_to_category_id={ids} must hold integer ids in [0, {_INT32_MAX}]"
         )
-    for name in ("mean", "std"):
-        if len(tuple(data[name])) != 3:
-            raise ValueError(f"config.data.{name}={data[name]} must have 3 (RGB) values")
     paste = config.model.roi_heads.mask_paste
     if full_masks and paste not in PASTE_METHODS:
         raise ValueError(

@@ -129,6 +129,46 @@ def check_backbone_init(model: ml_collections.ConfigDict) -> None:
         )
 
 
+def check_train_config(config: ml_collections.ConfigDict) -> None:
+    """Refuses, before any work, a config that would only fail later (after compiling the step,
+    or after training): the data settings (`pipeline.check_canvas`) and the schedule.
+
+    `train.log_every` and `train.checkpoint_every` are positive numbers of steps;
+    `train.num_steps`, `train.eval_every` (0: only at the end) and `train.keep_checkpoints`
+    (0: all) are 0 or more; `eval.batch_size` is positive (`evaluator.eval_batch_size`).
+
+    Raises:
+      ValueError: naming the field and its value.
+    """
+    pipeline.check_canvas(config)
+    evaluator.eval_batch_size(config, jax.device_count())
+    t = config.train
+    for name in ("log_every", "checkpoint_every"):
+        if t[name] < 1:
+            raise ValueError(f"config.train.{name}={t[name]!r} must be a positive number of steps")
+    for name, zero in (
+        ("num_steps", "no training"),
+        ("eval_every", "only at the end"),
+        ("keep_checkpoints", "all"),
+    ):
+        if t[name] < 0:
+            raise ValueError(f"config.train.{name}={t[name]!r} must be 0 or more (0: {zero})")
+
+
+def check_splits(config: ml_collections.ConfigDict, builder) -> None:
+    """Raises ValueError, naming the field and the dataset's splits, unless `data.train_split`
+    and `data.val_split` are splits of `builder` (TFDS syntax: `validation[:100]` too)."""
+    for name in ("train_split", "val_split"):
+        split = config.data[name]
+        try:
+            builder.info.splits[split]
+        except (KeyError, ValueError) as e:
+            raise ValueError(
+                f"config.data.{name}={split!r} is not a split of {builder.info.full_name} "
+                f"(its splits: {sorted(builder.info.splits)}): {e}"
+            ) from e
+
+
 def initial_variables(config: ml_collections.ConfigDict, model: MaskRCNN) -> dict:
     """The seeded initialisation of `params` and `batch_stats`, with the backbone of
     `config.model.backbone_weights` when it names any."""
@@ -147,20 +187,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     Returns the final evaluation metrics (COCO bbox/segm numbers on `config.data.val_split`).
 
     Raises:
-      ValueError: without a checkpoint to resume, a frozen backbone without weights
-        (`check_backbone_init`); a checkpoint of another architecture.
+      ValueError: a config that does not fit (`check_train_config`, `check_splits`); without a
+        checkpoint to resume, a frozen backbone without weights (`check_backbone_init`); a
+        checkpoint of another architecture.
     """
+    check_train_config(config)
     workdir = epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    manager = ckpt_lib.create_manager(workdir, max_to_keep=config.train.keep_checkpoints)
+    manager = ckpt_lib.create_manager(workdir, max_to_keep=config.train.keep_checkpoints or None)
+    try:
+        return _train_and_evaluate(config, workdir, manager)
+    finally:  # also on an error or Ctrl-C: a checkpoint being written is completed, not lost
+        manager.wait_until_finished()
+        manager.close()
+
+
+def _train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: epath.Path, manager
+) -> dict[str, float]:
     resuming = manager.latest_step() is not None
     if not resuming:
-        try:
-            check_backbone_init(config.model)
-        except ValueError:
-            manager.close()
-            raise
+        check_backbone_init(config.model)
     builder = get_builder(config.data)
+    check_splits(config, builder)
     config = with_dataset_classes(config, builder)
     model = MaskRCNN.from_config(config.model, axis_name=sharding.AXIS)
     mesh = sharding.create_mesh()
@@ -235,7 +284,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if final_step > start_step or not eval_metrics:
         eval_metrics = run_eval(final_step)
     writer.close()
-    manager.close()
     return eval_metrics
 
 
