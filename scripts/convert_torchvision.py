@@ -12,6 +12,7 @@ reads its tensors from a `.pth` file (`torch.load(weights_only=True)`) instead o
 The result, `<out>/checkpoints/0/` with the config, is read by `mrcnn_jax.load_checkpoint(out)`,
 `scripts/eval.py` and `scripts/predict.py`, and can be fine-tuned with `scripts/train.py
 --workdir=<out>`. Needs the `torch` extra: `pip install 'mrcnn_jax[torch]'`.
+An argument that is not a flag (e.g. `config.model.x=1`, its `--` missing) is a usage error.
 """
 
 import importlib.util
@@ -55,7 +56,8 @@ def release_config(path: Path):
 
 
 def main(argv):
-    del argv
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     release = convert.RELEASES[_WEIGHTS.value]
     config = _CONFIG.value if _CONFIG.value is not None else release_config(REPO / release.config)
     bn_epsilon = release.bn_epsilon if _BN_EPSILON.value is None else _BN_EPSILON.value

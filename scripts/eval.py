@@ -3,11 +3,15 @@ r"""Evaluates a training checkpoint with COCO metrics (bbox and segm) on a split
   python scripts/eval.py --workdir=/tmp/mrcnn_shapes
   python scripts/eval.py --workdir=/tmp/mrcnn_shapes --checkpoint_step=2000 --split=train
 
-The model, its variables and the config (dataset included) come from the checkpoint. Prints the
-12 COCO numbers per IoU type and writes `<workdir>/eval_<step>.json` (the metrics) and
-`<workdir>/detections_<step>.json` (the detections, COCO results format); with a --split other
-than the config's val split, the file names end in `_<split>` (other characters than letters,
-digits, `.` and `-` replaced by `_`).
+--workdir is a training workdir (its latest checkpoint is evaluated), its `checkpoints/` folder
+or one `checkpoints/<step>` folder. The model, its variables and the config (dataset included)
+come from the checkpoint. Prints the 12 COCO numbers per IoU type and writes
+`<workdir>/eval_<step>.json` (the metrics) and `<workdir>/detections_<step>.json` (the
+detections, COCO results format), `<workdir>` being the training workdir also when --workdir
+names a checkpoint folder in it; with a --split other than the config's val split, the file
+names end in `_<split>` (other characters than letters, digits, `.` and `-` replaced by `_`).
+A --workdir without a complete checkpoint (or without the --checkpoint_step one) is a usage
+error.
 
 On several hosts run the same command on every host, as scripts/train.py (the same
 --multihost, --coordinator_address, --num_processes, --process_id flags; README "Multi-host"):
@@ -23,7 +27,12 @@ from absl import app, flags, logging
 from mrcnn_jax.evaluation import IOU_TYPES, STAT_NAMES
 from mrcnn_jax.programs import launch
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
+_WORKDIR = flags.DEFINE_string(
+    "workdir",
+    None,
+    "Training workdir holding checkpoints/ (or its checkpoints/ or checkpoints/<step> folder); "
+    "the results are written into the workdir.",
+)
 _STEP = flags.DEFINE_integer(
     "checkpoint_step", None, "Checkpoint step to evaluate (default: the latest)."
 )
@@ -50,19 +59,21 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     import jax  # after absl parsed the flags, so XLA_FLAGS etc. set on the command line apply
-    from etils import epath
 
-    import mrcnn_jax
     from mrcnn_jax import sharding
     from mrcnn_jax.data import get_builder
     from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
     from mrcnn_jax.programs import evaluator
+    from mrcnn_jax.programs import predictor as predictor_lib
 
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
     launch.initialize()
-    workdir = epath.Path(_WORKDIR.value)
-    predictor = mrcnn_jax.load_checkpoint(workdir, _STEP.value)
+    try:  # a checkpoint folder names its workdir, where the results go
+        workdir, step = predictor_lib.locate_checkpoint(_WORKDIR.value, _STEP.value)
+        predictor = predictor_lib.load_checkpoint(workdir, step)
+    except (ValueError, FileNotFoundError) as error:  # name what to fix
+        raise app.UsageError(str(error)) from error
     config = predictor.config
     split = _SPLIT.value or config.data.val_split
     suffix = str(predictor.step)

@@ -11,9 +11,11 @@ Inputs (after the flags, any number, in any mix):
     with --recursive also those of its subfolders (others are not looked at);
   - a glob pattern, quoted so that the shell leaves it alone: expanded here with Python's
     `glob.glob(pattern, recursive=True)` (`**` spans folders), every file it matches is read.
-An input that names no existing file or folder, a pattern matching no file and a folder holding
-no image file are errors (naming it) before the model loads. A file reached twice (same real
-path) is predicted once, under the first name it was reached by.
+An input that names no existing file or folder, a pattern matching no file, a folder holding
+no image file, a --score_threshold outside [0, 1], a --workdir without the checkpoint and an
+--out_dir that cannot be created (e.g. a regular file) are errors (naming it) before the model
+loads. A file reached twice (same real path) is predicted once, under the first name it was
+reached by.
 
 Each image is read as its stored pixels, exactly as the training and eval pipeline reads it (an
 EXIF orientation is not applied: a phone photo stored sideways is predicted, drawn and reported
@@ -41,11 +43,13 @@ Outputs, in --out_dir:
     (e.g. configs/torchvision_r50_fpn_v1.py); "label" is the contiguous class 0..K-1.
 
 Flags:
-  --workdir            training workdir holding checkpoints/ (required).
-  --checkpoint_step    checkpoint step to use (default: the latest).
-  --score_threshold    keep detections scoring at least this (0..1, default 0.5).
+  --workdir            training workdir holding checkpoints/, or its checkpoints/ or
+                       checkpoints/<step> folder (required).
+  --checkpoint_step    checkpoint step to use (default: the latest, or that of --workdir).
+  --score_threshold    keep detections scoring at least this (in [0, 1], default 0.5).
   --out_dir            where the drawings and detections.json go (default:
-                       <workdir>/predictions).
+                       <workdir>/predictions, in the training workdir also when --workdir names
+                       a checkpoint folder).
   --recursive          also take the image files in the subfolders of folder inputs.
   --batch_size         images per program run, a multiple of the local device count (default:
                        2 per local device); the last batch is padded, so one compilation serves all.
@@ -69,15 +73,20 @@ from mrcnn_jax.programs import launch
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 IMAGES_PER_DEVICE = 2  # the default --batch_size per local device
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Training workdir holding checkpoints/ (or its checkpoints/<step> folder)."
+)
 _STEP = flags.DEFINE_integer(
     "checkpoint_step", None, "Checkpoint step to use (default: the latest)."
 )
 _SCORE_THRESHOLD = flags.DEFINE_float(
-    "score_threshold", 0.5, "Keep detections scoring at least this (0..1)."
+    "score_threshold", 0.5, "Keep detections scoring at least this (in [0, 1])."
 )
 _OUT_DIR = flags.DEFINE_string(
-    "out_dir", None, "Where the drawings and detections.json go (default: <workdir>/predictions)."
+    "out_dir",
+    None,
+    "Where the drawings and detections.json go (default: <workdir>/predictions, in the "
+    "training workdir).",
 )
 _RECURSIVE = flags.DEFINE_bool(
     "recursive",
@@ -226,14 +235,16 @@ def read_ahead(iterator: Iterator) -> Iterator:
 def main(argv):
     if len(argv) < 2:
         raise app.UsageError("give one or more image files, folders or glob patterns")
+    if not 0.0 <= _SCORE_THRESHOLD.value <= 1.0:  # NaN is not either
+        raise app.UsageError(f"--score_threshold={_SCORE_THRESHOLD.value} must be in [0, 1]")
     paths = collect_inputs(argv[1:], _RECURSIVE.value)  # before the model loads
     names = output_names(paths)
     import cv2
     import jax  # after absl parsed the flags, so XLA_FLAGS etc. set on the command line apply
     from tqdm import tqdm
 
-    import mrcnn_jax
     from mrcnn_jax.evaluation import visualize
+    from mrcnn_jax.programs import predictor as predictor_lib
 
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
@@ -245,10 +256,14 @@ def main(argv):
             f"--batch_size={batch_size} must be a positive multiple of the {num_devices} "
             "local devices"
         )
-    predictor = mrcnn_jax.load_checkpoint(_WORKDIR.value, _STEP.value)
+    try:  # name what to fix
+        workdir, step = predictor_lib.locate_checkpoint(_WORKDIR.value, _STEP.value)
+        out_dir = _OUT_DIR.value or os.path.join(str(workdir), "predictions")
+        os.makedirs(out_dir, exist_ok=True)  # FileExistsError: it is a regular file
+        predictor = predictor_lib.load_checkpoint(workdir, step)
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as error:
+        raise app.UsageError(str(error)) from error
     label_to_category_id = predictor.config.data.label_to_category_id or None
-    out_dir = _OUT_DIR.value or os.path.join(_WORKDIR.value, "predictions")
-    os.makedirs(out_dir, exist_ok=True)
 
     detections, unreadable, num_read = [], [], 0
     with tqdm(total=len(paths), unit="image", desc="predict") as bar:

@@ -13,6 +13,10 @@ sequence of batches and decodes its slice of each, so a run gives the same losse
 on any number of hosts.
 
   python scripts/train.py ... --coordinator_address=10.0.0.1:1234 --num_processes=2 --process_id=0
+
+Config overrides are flags (`--config.train.num_steps=100`); an argument that is not a flag
+(e.g. `config.train.num_steps=100`, its `--` missing) is a usage error, as is a --workdir that
+cannot be created (a regular file).
 """
 
 import os
@@ -32,7 +36,14 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-    del argv
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from etils import epath
+
+    try:  # what the trainer does first, with a message naming what to fix
+        epath.Path(_WORKDIR.value).mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as error:  # a regular file in the way
+        raise app.UsageError(str(error)) from error
     import jax  # after absl parsed the flags, so XLA_FLAGS etc. set on the command line apply
 
     from mrcnn_jax.programs import trainer

@@ -1,5 +1,6 @@
 """`Predictor.predict_batch` (batched, data-parallel over local devices) and scripts/predict.py
-over files, folders and globs.
+over files, folders and globs; the inputs the predictor, `load_checkpoint` and the predict and
+eval scripts refuse; where the scripts write given a checkpoint folder as --workdir.
 
 A tiny ResNet-18-FPN on a 128² canvas with random weights stands in for a trained model (its
 class scores spread out so that detections are not near-tied); the script reads it from a
@@ -9,8 +10,10 @@ reuse what this process compiled.
 
 import json
 import os
+import re
 import subprocess
 import sys
+import types
 
 import cv2
 import jax
@@ -19,8 +22,9 @@ import pytest
 from conftest import tiny_config
 from helpers import random_variables
 
+import mrcnn_jax
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN, dummy_inputs
-from mrcnn_jax.programs.predictor import Predictor
+from mrcnn_jax.programs.predictor import Predictor, locate_checkpoint
 from mrcnn_jax.train import checkpoint as ckpt_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -99,6 +103,58 @@ def test_predict_batch_equals_calls_one_image_at_a_time(
         predictor.predict_batch([images[0].astype(np.float32)], batch_size=batch_size)
 
 
+def test_predictor_refuses_a_score_threshold_outside_0_1_and_an_empty_image(model_setup):
+    """Both entry points name the bad input instead of silently returning 0 (or every)
+    detections, or crashing in the resize; nothing is compiled."""
+    config, variables = model_setup
+    predictor = Predictor(config, variables, step=0, devices=jax.local_devices()[:1])
+    image = natural_images(1)[0]
+    for threshold in (50, 1.5, -0.1, float("nan")):
+        message = rf"score_threshold={threshold} must be in \[0, 1\]"
+        with pytest.raises(ValueError, match=message):
+            predictor(image, score_threshold=threshold)
+        with pytest.raises(ValueError, match=message):
+            predictor.predict_batch([image], score_threshold=threshold)
+        with pytest.raises(ValueError, match=message):
+            predictor.predict_batch([], score_threshold=threshold)
+    for shape in [(0, 0, 3), (0, 50, 3), (50, 0, 3)]:
+        message = re.escape(f"image must be at least 1x1 pixels [H, W, 3], got {shape}")
+        with pytest.raises(ValueError, match=message):
+            predictor(np.zeros(shape, np.uint8))
+        with pytest.raises(ValueError, match=message):  # refused before the batch runs
+            predictor.predict_batch([image, np.zeros(shape, np.uint8)], batch_size=2)
+
+
+def test_load_checkpoint_refuses_variables_of_another_dtype(model_setup, tmp_path):
+    """Right names and shapes, int32 values: refused, naming the variable and both dtypes."""
+    config, variables = model_setup
+    params = jax.tree_util.tree_map(np.asarray, variables["params"])
+    params["box_head"]["cls_score"]["bias"] = params["box_head"]["cls_score"]["bias"].astype(
+        np.int32
+    )
+    state = types.SimpleNamespace(
+        step=np.int32(0), params=params, batch_stats=variables["batch_stats"], opt_state={}
+    )
+    manager = ckpt_lib.create_manager(tmp_path)
+    ckpt_lib.save(manager, state, config)
+    manager.wait_until_finished()
+    manager.close()
+    message = (
+        r"checkpoint .*/0 params: \['box_head'\]\['cls_score'\]\['bias'\] has dtype int32, "
+        r"the config needs float32"
+    )
+    with pytest.raises(ValueError, match=message):
+        mrcnn_jax.load_checkpoint(tmp_path)
+
+
+def test_locate_checkpoint_names_the_workdir_of_a_checkpoint_folder(workdir):
+    for path in (workdir, workdir / "checkpoints", workdir / "checkpoints" / "0"):
+        assert locate_checkpoint(path) == (workdir, 0)
+        assert locate_checkpoint(str(path), step=0) == (workdir, 0)
+    with pytest.raises(FileNotFoundError, match=r"no complete checkpoint 7 .*\[0\]"):
+        locate_checkpoint(workdir, step=7)
+
+
 # ------------------------------------------------------------------- scripts/predict.py
 
 
@@ -111,10 +167,10 @@ def workdir(model_setup, tmp_path_factory):
     return path
 
 
-def run_script(*args, cache) -> subprocess.CompletedProcess:
-    """scripts/predict.py with this process's environment (the same 8 CPU devices)."""
+def run_script(*args, cache, script: str = "predict.py") -> subprocess.CompletedProcess:
+    """scripts/<script> with this process's environment (the same 8 CPU devices)."""
     return subprocess.run(
-        [sys.executable, os.path.join(REPO, "scripts", "predict.py"), *map(str, args)],
+        [sys.executable, os.path.join(REPO, "scripts", script), *map(str, args)],
         env={**os.environ, "JAX_COMPILATION_CACHE_DIR": str(cache)},
         cwd=REPO, capture_output=True, text=True, timeout=600, check=False,
     )  # fmt: skip
@@ -218,3 +274,54 @@ def test_predict_script_names_what_it_cannot_use(workdir, inputs, compile_cache,
     unreadable = [str(empty / "sub" / "x.png"), *bad]
     assert f"0 images, 0 detections, 3 unreadable: {', '.join(unreadable)}" in result.stdout
     assert not (out_dir / "detections.json").exists()
+
+
+def test_scripts_refuse_a_bad_threshold_step_or_out_dir_naming_it(
+    workdir, inputs, compile_cache, tmp_path
+):
+    """Usage errors (exit status 1, the message, no traceback), before the model loads."""
+    root, _, _ = inputs
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    missing_step = f"no complete checkpoint 7 in {workdir / 'checkpoints'} (found steps [0])"
+    for script, args, message in [
+        ("predict.py", ["--score_threshold=50"], "--score_threshold=50.0 must be in [0, 1]"),
+        ("predict.py", ["--score_threshold=nan"], "--score_threshold=nan must be in [0, 1]"),
+        ("predict.py", ["--checkpoint_step=7"], missing_step),
+        ("predict.py", [f"--out_dir={a_file}"], f"File exists: {str(a_file)!r}"),
+        ("eval.py", ["--checkpoint_step=7"], missing_step),
+    ]:
+        if script == "predict.py":
+            args.append(root / "e.bmp")
+        result = run_script(f"--workdir={workdir}", *args, cache=compile_cache, script=script)
+        assert result.returncode == 1, (args, result.stderr[-3000:])
+        assert message in result.stderr, (args, result.stderr[-3000:])
+        assert "Traceback" not in result.stderr, (args, result.stderr[-3000:])
+
+
+def test_scripts_write_into_the_workdir_of_a_checkpoint_folder(
+    model_setup, inputs, compile_cache, tmp_path
+):
+    """`--workdir=<workdir>/checkpoints/0`: predict.py's default --out_dir and eval.py's files
+    are in <workdir>, as with `--workdir=<workdir>`, not in the checkpoint folder."""
+    config, variables = model_setup
+    config = config.copy_and_resolve_references()
+    config.data.data_dir = str(tmp_path / "tfds")
+    config.data.shapes_num_train = config.data.shapes_num_val = config.eval.batch_size = 8
+    workdir = tmp_path / "workdir"
+    folder = ckpt_lib.save_variables(workdir, config, variables)
+    assert folder == workdir / "checkpoints" / "0"
+    stored = sorted(p.name for p in folder.iterdir())
+    root, _, _ = inputs
+    result = run_script(
+        f"--workdir={folder}", "--no_draw", "--batch_size=8", root / "e.bmp",
+        cache=compile_cache,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert (workdir / "predictions" / "detections.json").is_file()
+    result = run_script(f"--workdir={folder}", cache=compile_cache, script="eval.py")
+    assert result.returncode == 0, result.stderr[-5000:]
+    eval_results = json.loads((workdir / "eval_0.json").read_text())
+    assert (eval_results["step"], eval_results["split"]) == (0, "validation")
+    assert (workdir / "detections_0.json").is_file()
+    assert sorted(p.name for p in folder.iterdir()) == stored

@@ -8,6 +8,8 @@
 `result` holds the detections in ORIGINAL image pixels: `boxes [N, 4]` (x1, y1, x2, y2),
 `scores [N]`, `classes [N]` (contiguous labels), `class_names` (N strings), `masks [N, H, W]` bool.
 `predict_batch` returns one such dict per image, the same as calling the predictor on each.
+`locate_checkpoint(path)` says which workdir and step `load_checkpoint(path)` reads, loading
+nothing (scripts/eval.py writes its results into that workdir).
 """
 
 import dataclasses
@@ -62,7 +64,14 @@ class Predictor:
         return self._mesh.size
 
     def __call__(self, image: np.ndarray, score_threshold: float = 0.5) -> dict[str, Any]:
-        """Detects objects in `image [H, W, 3]` uint8 RGB; keeps scores ≥ `score_threshold`."""
+        """Detects objects in `image [H, W, 3]` uint8 RGB (H, W ≥ 1); keeps scores ≥
+        `score_threshold`, in [0, 1].
+
+        Raises:
+          ValueError: `image` is not a non-empty `[H, W, 3]` uint8 array, or `score_threshold`
+            is not in [0, 1].
+        """
+        _check_score_threshold(score_threshold)
         inputs = self._preprocess(image)
         batch = jax.tree_util.tree_map(lambda x: jnp.asarray(x)[None], inputs)
         out = jax.device_get(self._apply(self.variables, batch))
@@ -85,8 +94,8 @@ class Predictor:
         `batch_size`. The next batch is dispatched before the previous one's masks are pasted.
 
         Args:
-          images: `[H_i, W_i, 3]` uint8 RGB arrays, sizes may differ.
-          score_threshold: keep detections scoring at least this.
+          images: `[H_i, W_i, 3]` uint8 RGB arrays (H_i, W_i ≥ 1), sizes may differ.
+          score_threshold: keep detections scoring at least this, in [0, 1].
           batch_size: images per program run, a positive multiple of `num_devices` (default
             `num_devices`, one image per device).
 
@@ -94,9 +103,10 @@ class Predictor:
           One dict per image, in order, as `__call__` returns (original image pixels).
 
         Raises:
-          ValueError: `batch_size` is not a positive multiple of `num_devices`, or an image is
-            not `[H, W, 3]` uint8.
+          ValueError: `batch_size` is not a positive multiple of `num_devices`, `score_threshold`
+            is not in [0, 1], or an image is not `[H, W, 3]` uint8 with H, W ≥ 1.
         """
+        _check_score_threshold(score_threshold)
         batch_size = self.num_devices if batch_size is None else batch_size
         if batch_size < 1 or batch_size % self.num_devices:
             raise ValueError(
@@ -131,6 +141,8 @@ class Predictor:
             raise ValueError(
                 f"image must be an RGB uint8 array [H, W, 3], got {image.dtype} {image.shape}"
             )
+        if not image.shape[0] or not image.shape[1]:
+            raise ValueError(f"image must be at least 1x1 pixels [H, W, 3], got {image.shape}")
         return pipeline.preprocess_image(image, self.config)
 
     def _batch_detections(
@@ -172,6 +184,12 @@ class Predictor:
         }
 
 
+def _check_score_threshold(score_threshold: float) -> None:
+    """Raises ValueError unless `score_threshold` is in [0, 1] (NaN is not)."""
+    if not 0.0 <= score_threshold <= 1.0:
+        raise ValueError(f"score_threshold={score_threshold} must be in [0, 1]")
+
+
 def _stack_padded(
     inputs: list[dict[str, np.ndarray]], batch_size: int, canvas: tuple[int, int]
 ) -> dict[str, np.ndarray]:
@@ -199,21 +217,56 @@ def _locate(path: epath.Path) -> tuple[epath.Path, int | None]:
 
 
 def _check_tree(restored, expected, what: str) -> None:
-    """Raises ValueError naming the first leaf whose path or shape differs."""
+    """Raises ValueError naming the first leaf whose path, shape or dtype differs."""
     got = {
-        jax.tree_util.keystr(p): np.shape(x)
+        jax.tree_util.keystr(p): (np.shape(x), np.result_type(x))
         for p, x in jax.tree_util.tree_leaves_with_path(restored)
     }
     want = {
-        jax.tree_util.keystr(p): tuple(x.shape)
+        jax.tree_util.keystr(p): (tuple(x.shape), np.dtype(x.dtype))
         for p, x in jax.tree_util.tree_leaves_with_path(expected)
     }
     missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
     if missing or unexpected:
         raise ValueError(f"{what}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    for name, shape in want.items():
-        if got[name] != shape:
-            raise ValueError(f"{what}: {name} has shape {got[name]}, the config needs {shape}")
+    for name, (shape, dtype) in want.items():
+        got_shape, got_dtype = got[name]
+        if got_shape != shape:
+            raise ValueError(f"{what}: {name} has shape {got_shape}, the config needs {shape}")
+        if got_dtype != dtype:
+            raise ValueError(f"{what}: {name} has dtype {got_dtype}, the config needs {dtype}")
+
+
+def _open(path: str | epath.PathLike, step: int | None):
+    """(read-only checkpoint manager, workdir, step) of `locate_checkpoint(path, step)`."""
+    workdir, path_step = _locate(epath.Path(path))
+    manager = ckpt_lib.create_manager(workdir, read_only=True)
+    step = step if step is not None else path_step
+    step = manager.latest_step() if step is None else step
+    if step is None or step not in manager.all_steps():
+        found = manager.all_steps()
+        manager.close()
+        raise FileNotFoundError(
+            f"no complete checkpoint{'' if step is None else f' {step}'} in "
+            f"{manager.directory} (found steps {found})"
+        )
+    return manager, workdir, step
+
+
+def locate_checkpoint(
+    path: str | epath.PathLike, step: int | None = None
+) -> tuple[epath.Path, int]:
+    """(workdir, step) of the checkpoint that `load_checkpoint(path, step)` loads; loads nothing.
+
+    The workdir is the training workdir holding `checkpoints/`, also when `path` is its
+    `checkpoints/` directory or one `checkpoints/<step>` directory.
+
+    Raises:
+      FileNotFoundError: no complete checkpoint there.
+    """
+    manager, workdir, step = _open(path, step)
+    manager.close()
+    return workdir, step
 
 
 def load_checkpoint(path: str | epath.PathLike, step: int | None = None) -> Predictor:
@@ -221,31 +274,26 @@ def load_checkpoint(path: str | epath.PathLike, step: int | None = None) -> Pred
 
     Args:
       path: a training workdir (the latest checkpoint is used), its `checkpoints/` directory, or
-        one `checkpoints/<step>` directory.
+        one `checkpoints/<step>` directory (`locate_checkpoint` says which workdir and step).
       step: a specific step (overrides the one in `path`).
 
     Raises:
       FileNotFoundError: no complete checkpoint there.
-      ValueError: the stored parameters do not fit the stored config.
+      ValueError: the stored parameters do not fit the stored config (a variable's path, shape
+        or dtype differs from the model's).
     """
-    workdir, path_step = _locate(epath.Path(path))
-    manager = ckpt_lib.create_manager(workdir, read_only=True)
-    step = step if step is not None else path_step
-    step = manager.latest_step() if step is None else step
-    if step is None or step not in manager.all_steps():
-        raise FileNotFoundError(
-            f"no complete checkpoint{'' if step is None else f' {step}'} in "
-            f"{manager.directory} (found steps {manager.all_steps()})"
-        )
+    manager, _, step = _open(path, step)
     config = ml_collections.ConfigDict(ckpt_lib.load_config(manager, step))
     state = ckpt_lib.restore_raw(manager, step)
     expected = MaskRCNN.from_config(config.model).variable_shapes(tuple(config.data.image_size))
     variables = {"params": state["params"], "batch_stats": state.get("batch_stats") or {}}
-    for collection in ("params", "batch_stats"):
-        _check_tree(
-            variables[collection],
-            expected.get(collection, {}),
-            f"checkpoint {manager.directory}/{step} {collection}",
-        )
-    manager.close()
+    try:
+        for collection in ("params", "batch_stats"):
+            _check_tree(
+                variables[collection],
+                expected.get(collection, {}),
+                f"checkpoint {manager.directory}/{step} {collection}",
+            )
+    finally:
+        manager.close()
     return Predictor(config=config, variables=variables, step=step)

@@ -1,0 +1,58 @@
+"""The scripts' usage errors that need no checkpoint: each names the bad argument (exit status 1,
+absl's usage message, no traceback). scripts/predict.py's and scripts/eval.py's errors about a
+checkpoint are in tests/test_predict.py."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_script(name: str, *args) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO, "scripts", name), *map(str, args)],
+        cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+
+
+def assert_usage_error(result: subprocess.CompletedProcess, message: str):
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert message in result.stderr, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("name", ["train.py", "convert_torchvision.py"])
+def test_a_config_override_without_its_dashes_is_refused(name, tmp_path):
+    """Refused before anything runs (flags that would fail fast otherwise: a regular file as
+    the workdir, a missing state dict)."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    flags = {
+        "train.py": ["--config=configs/shapes_r18.py", f"--workdir={a_file}"],
+        "convert_torchvision.py": [f"--out={tmp_path / 'out'}", f"--state_dict={a_file}.pth"],
+    }[name]
+    result = run_script(name, *flags, "config.train.num_steps=5", "extra")
+    assert_usage_error(result, "unexpected arguments: ['config.train.num_steps=5', 'extra']")
+    assert sorted(os.listdir(tmp_path)) == ["a_file"]
+
+
+def test_train_refuses_a_workdir_that_is_a_regular_file(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    result = run_script("train.py", "--config=configs/shapes_r18.py", f"--workdir={a_file}")
+    assert_usage_error(result, f"File exists: {str(a_file)!r}")
+
+
+@pytest.mark.parametrize("name", ["eval.py", "predict.py"])
+def test_a_workdir_without_checkpoints_is_refused(name, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for workdir in (empty, tmp_path / "missing"):
+        inputs = [__file__] if name == "predict.py" else []  # an existing file, never read
+        result = run_script(name, f"--workdir={workdir}", *inputs)
+        assert_usage_error(
+            result, f"{workdir} is neither a workdir with checkpoints/ nor a checkpoints/<step>"
+        )
