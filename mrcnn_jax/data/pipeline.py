@@ -151,6 +151,21 @@ def _is_int(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
+def check_data(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError, naming the field, unless the data settings fit: `check_canvas`,
+    ``data.mean`` and ``data.std`` three (RGB) values, ``data.max_instances`` at least 1."""
+    check_canvas(config)
+    data = config.data
+    for name in ("mean", "std"):
+        if len(tuple(data[name])) != 3:
+            raise ValueError(f"config.data.{name}={data[name]} must have 3 (RGB) values")
+    if data.max_instances < 1:
+        raise ValueError(
+            f"config.data.max_instances={data.max_instances} must be at least 1 (the objects "
+            "kept per image)"
+        )
+
+
 def check_canvas(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError unless the canvas ``config.data.image_size`` suits the resize settings.
 
@@ -162,18 +177,9 @@ def check_canvas(config: ml_collections.ConfigDict) -> None:
     every shorter side of ``train_short_sides`` (positive integers, only with
     ``resize_short_side > 0``). Train-time jitter beyond the canvas is cropped. With
     ``canvas_groups``, ``canvas_groups.check`` too (eval keeps ``image_size``, which must still
-    hold both orientations). ``data.mean`` and ``data.std`` have three (RGB) values and
-    ``data.max_instances`` is at least 1.
+    hold both orientations).
     """
     data, divisibility = config.data, config.model.size_divisibility
-    for name in ("mean", "std"):
-        if len(tuple(data[name])) != 3:
-            raise ValueError(f"config.data.{name}={data[name]} must have 3 (RGB) values")
-    if data.max_instances < 1:
-        raise ValueError(
-            f"config.data.max_instances={data.max_instances} must be at least 1 (the objects "
-            "kept per image)"
-        )
     if not _is_int(divisibility) or divisibility <= 0 or divisibility % 32:
         suggestion = max(_round_up(divisibility, 32), 32) if _is_int(divisibility) else 32
         raise ValueError(

@@ -84,12 +84,12 @@ _INT32_MAX = np.iinfo(np.int32).max
 def check_exportable(config: ml_collections.ConfigDict, full_masks: bool) -> None:
     """Raises ValueError, naming the config field, where the SavedModel cannot represent it.
 
-    The data settings must pass `pipeline.check_canvas` (canvas, resize, `data.mean`/`data.std`
+    The data settings must pass `pipeline.check_data` (canvas, resize, `data.mean`/`data.std`
     three values); `data.class_names` and `data.label_to_category_id`, where set, need one entry
     per class (`model.num_classes`), the ids fitting int32; with `full_masks`,
     `model.roi_heads.mask_paste` one of `PASTE_METHODS`.
     """
-    pipeline.check_canvas(config)
+    pipeline.check_data(config)
     data, num_classes = config.data, config.model.num_classes
     for name in ("class_names", "label_to_category_id"):
         value = tuple(data[name])

@@ -131,7 +131,7 @@ def check_backbone_init(model: ml_collections.ConfigDict) -> None:
 
 def check_train_config(config: ml_collections.ConfigDict) -> None:
     """Refuses, before any work, a config that would only fail later (after compiling the step,
-    or after training): the data settings (`pipeline.check_canvas`) and the schedule.
+    or after training): the data settings (`pipeline.check_data`) and the schedule.
 
     `train.log_every` and `train.checkpoint_every` are positive numbers of steps;
     `train.num_steps`, `train.eval_every` (0: only at the end) and `train.keep_checkpoints`
@@ -140,7 +140,7 @@ def check_train_config(config: ml_collections.ConfigDict) -> None:
     Raises:
       ValueError: naming the field and its value.
     """
-    pipeline.check_canvas(config)
+    pipeline.check_data(config)
     evaluator.eval_batch_size(config, jax.device_count())
     t = config.train
     for name in ("log_every", "checkpoint_every"):
