@@ -25,7 +25,9 @@ import time
 
 import jax
 import ml_collections
+import orbax.checkpoint as ocp
 import tensorflow as tf
+import tensorflow_datasets as tfds
 from etils import epath
 from tqdm import tqdm
 
@@ -155,7 +157,7 @@ def check_train_config(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"config.train.{name}={t[name]!r} must be 0 or more (0: {zero})")
 
 
-def check_splits(config: ml_collections.ConfigDict, builder) -> None:
+def check_splits(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder) -> None:
     """Raises ValueError, naming the field and the dataset's splits, unless `data.train_split`
     and `data.val_split` are splits of `builder` (TFDS syntax: `validation[:100]` too)."""
     for name in ("train_split", "val_split"):
@@ -203,7 +205,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 def _train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: epath.Path, manager
+    config: ml_collections.ConfigDict, workdir: epath.Path, manager: ocp.CheckpointManager
 ) -> dict[str, float]:
     resuming = manager.latest_step() is not None
     if not resuming:
