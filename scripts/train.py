@@ -40,10 +40,9 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from etils import epath
 
-    try:  # what the trainer does first, with a message naming what to fix
-        epath.Path(_WORKDIR.value).mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError) as error:  # a regular file in the way
-        raise app.UsageError(str(error)) from error
+    workdir = epath.Path(_WORKDIR.value)
+    if workdir.exists() and not workdir.is_dir():  # checked before the trainer creates it
+        raise app.UsageError(f"--workdir={_WORKDIR.value} is a file, not a folder")
     import jax  # after absl parsed the flags, so XLA_FLAGS etc. set on the command line apply
 
     from mrcnn_jax.programs import trainer

@@ -43,7 +43,7 @@ def test_train_refuses_a_workdir_that_is_a_regular_file(tmp_path):
     a_file = tmp_path / "a_file"
     a_file.write_text("")
     result = run_script("train.py", "--config=configs/shapes_r18.py", f"--workdir={a_file}")
-    assert_usage_error(result, f"File exists: {str(a_file)!r}")
+    assert_usage_error(result, f"--workdir={a_file} is a file, not a folder")
 
 
 @pytest.mark.parametrize("name", ["eval.py", "predict.py"])
