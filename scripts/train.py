@@ -16,7 +16,7 @@ on any number of hosts.
 
 Config overrides are flags (`--config.train.num_steps=100`); an argument that is not a flag
 (e.g. `config.train.num_steps=100`, its `--` missing) is a usage error, as is a --workdir that
-cannot be created (a regular file).
+is a regular file.
 """
 
 import os

@@ -140,10 +140,8 @@ def _conv(lhs, rhs, strides, padding, precision):
     )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def _conv_per_platform(lhs, rhs, strides, padding, precision, winograd):
-    """The convolution, its CPU path and XLA's chosen per platform in the forward and in the
-    backward apart, so that differentiating it never differentiates a conditional."""
+def _platform_conv(lhs, rhs, strides, padding, precision, winograd):
+    """The convolution: Winograd's on CPU where `winograd`, else XLA's."""
     if not winograd:
         return _conv(lhs, rhs, strides, padding, precision)
     return lax.platform_dependent(
@@ -154,8 +152,13 @@ def _conv_per_platform(lhs, rhs, strides, padding, precision, winograd):
     )
 
 
+# The path is chosen per platform in the forward and in the backward apart, so that
+# differentiating a layer never differentiates a conditional.
+_conv_per_platform = jax.custom_vjp(_platform_conv, nondiff_argnums=(2, 3, 4, 5))
+
+
 def _forward(lhs, rhs, strides, padding, precision, winograd):
-    return _conv_per_platform(lhs, rhs, strides, padding, precision, winograd), (lhs, rhs)
+    return _platform_conv(lhs, rhs, strides, padding, precision, winograd), (lhs, rhs)
 
 
 def _backward(strides, padding, precision, winograd, residuals, cotangent):
