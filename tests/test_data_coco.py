@@ -170,6 +170,13 @@ BAD_ANNOTATIONS = {
     "duplicate id": (lambda d: _ann(d, 202).update(id=201), "annotation id 201 appears twice"),
     "duplicate image": (lambda d: d["images"][1].update(id=1), "image id 1 appears twice"),
     "not a segmentation": (lambda d: _ann(d, 202).update(segmentation=7), "id 202: segmentation"),
+    "iscrowd '0'": (lambda d: _ann(d, 202).update(iscrowd="0"), "id 202: iscrowd '0' is not 0"),
+    "iscrowd '1'": (lambda d: _ann(d, 201).update(iscrowd="1"), "id 201: iscrowd '1' is not 0"),
+    "iscrowd 2": (lambda d: _ann(d, 202).update(iscrowd=2), "id 202: iscrowd 2 is not 0 or 1"),
+    "iscrowd null": (lambda d: _ann(d, 202).update(iscrowd=None), "id 202: iscrowd None is not"),
+    "area 'abc'": (lambda d: _ann(d, 202).update(area="abc"), "id 202: area 'abc' is not a"),
+    "negative area": (lambda d: _ann(d, 202).update(area=-1), "id 202: area -1 is not a finite"),
+    "nan area": (lambda d: _ann(d, 103).update(area=float("nan")), "id 103: area nan is not a"),
 }
 
 
@@ -179,6 +186,43 @@ def test_malformed_annotation_errors_name_the_file_and_annotation(case, manual_d
     with pytest.raises(ValueError, match=message) as error:
         _examples_of(_mutated(edit), manual_dir, tmp_path)
     assert str(tmp_path / "instances.json") in str(error.value)
+
+
+@pytest.mark.parametrize("iscrowd, is_crowd", [(True, True), (False, False), (0, False), (1, True)])
+def test_iscrowd_is_0_or_1_as_integer_or_boolean(iscrowd, is_crowd, manual_dir, tmp_path):
+    dataset = _mutated(lambda d: _ann(d, 202).update(iscrowd=iscrowd))
+    objects = _examples_of(dataset, manual_dir, tmp_path)[1][1]["objects"]
+    assert [o["is_crowd"] for o in objects if o["id"] == 202] == [is_crowd]
+
+
+def _areas(dataset: dict, manual_dir, tmp_path) -> dict[int, float]:
+    """Annotation id -> the area the reader stores."""
+    examples = _examples_of(dataset, manual_dir, tmp_path)
+    return {o["id"]: o["area"] for _, example in examples for o in example["objects"]}
+
+
+def test_a_null_area_is_computed_from_the_mask_as_an_absent_one(manual_dir, tmp_path):
+    absent = _areas(_mutated(lambda d: _ann(d, 202).pop("area")), manual_dir, tmp_path)
+    null = _areas(_mutated(lambda d: _ann(d, 202).update(area=None)), manual_dir, tmp_path)
+    dataset = tiny_coco.train_json()
+    mask = _coco(dataset).annToMask(_ann(dataset, 202))
+    assert null == absent and null[202] == float(mask.sum()) > 0
+
+
+def test_an_area_of_0_on_a_non_empty_mask_is_computed_with_one_warning(
+    manual_dir, tmp_path, caplog
+):
+    def zero_areas(dataset):
+        for ann_id in (101, 202, 203):  # 203's mask is non-empty (one polygon of 3 points)
+            _ann(dataset, ann_id)["area"] = 0
+
+    with caplog.at_level("WARNING"):
+        areas = _areas(_mutated(zero_areas), manual_dir, tmp_path)
+    stated = {a["id"]: a["area"] for a in tiny_coco.train_json()["annotations"]}
+    assert areas == pytest.approx(stated) and min(areas[i] for i in (101, 202, 203)) > 0
+    warnings = [r.getMessage() for r in caplog.records if "area of 0" in r.getMessage()]
+    assert len(warnings) == 1
+    assert str(tmp_path / "instances.json") in warnings[0] and "[101, 202, 203]" in warnings[0]
 
 
 @pytest.mark.parametrize(

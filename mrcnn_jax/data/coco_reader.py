@@ -4,6 +4,9 @@ The format (as CVAT, Label Studio, labelme converters and COCO itself write it):
 ({id, file_name, height, width}), ``annotations`` ({id, image_id, category_id, bbox [x, y, w, h],
 segmentation (polygons, RLE or uncompressed RLE), optional iscrowd and area}) and ``categories``
 ({id, name}). Labels 0..K-1 follow ascending category id; every object keeps its category id.
+``iscrowd`` is 0 or 1 (or false/true; absent means 0). ``area`` (COCO evaluation sorts objects into
+small, medium and large by it) is the mask's pixel count where absent or null, and where 0 on an
+object whose mask is not empty (one warning per file).
 
 Images are stored as the original bytes and read everywhere as ``tf.io.decode_image(channels=3)``
 reads them (JPEGs with libjpeg's accurate DCT, as PIL and OpenCV; an EXIF orientation is not
@@ -17,7 +20,8 @@ undecodable image file, or one whose size differs from the json; duplicate image
 ids; a category id not listed in ``categories``; annotations without ``segmentation`` (all of
 them are counted: Mask R-CNN needs a mask for every object); an annotation whose polygons all have
 fewer than 3 points (its mask would be empty; optional, COCO 2017 has a few); a malformed box,
-polygon or RLE. Polygon parts of fewer than 3 points beside valid ones are dropped (one warning
+polygon or RLE; an ``iscrowd`` other than 0 or 1 (such as "0"); an ``area`` that is not a finite
+number >= 0. Polygon parts of fewer than 3 points beside valid ones are dropped (one warning
 per file), boxes reaching outside their image are clipped (one warning per file), and images
 without annotations are kept with ``image/has_annotations`` False.
 """
@@ -132,6 +136,17 @@ def _check_annotation(ann: dict, images: dict, category_ids: list[int], path: ep
         and box[3] >= 0
     ):
         raise ValueError(f"{where}: bbox {box} is not [x, y, w, h] with finite w, h >= 0")
+    iscrowd = ann.get("iscrowd", 0)
+    if not (isinstance(iscrowd, int) and iscrowd in (0, 1)):  # bool is an int
+        raise ValueError(f"{where}: iscrowd {iscrowd!r} is not 0 or 1 (or false/true)")
+    area = ann.get("area")
+    if area is not None and not (
+        isinstance(area, (int, float)) and not isinstance(area, bool) and 0 <= area < math.inf
+    ):
+        raise ValueError(
+            f"{where}: area {area!r} is not a finite number >= 0 (leave it out or null to have it "
+            "computed from the mask)"
+        )
 
 
 def _polygon_parts(ann: dict, path: epath.Path) -> tuple[int, int]:
@@ -267,6 +282,14 @@ def _outside(box: Sequence[float], image: dict) -> bool:
     return x < 0 or y < 0 or x + w > image["width"] or y + h > image["height"]
 
 
+def _area(ann: dict, rle: bytes, height: int, width: int) -> float:
+    """The annotation's ``area`` (checked by ``_check_annotation``); the pixel count of its mask
+    (compressed-RLE ``rle`` of H×W) where the area is absent, null or 0."""
+    if ann.get("area"):
+        return float(ann["area"])
+    return float(mask_utils.area({"size": [height, width], "counts": rle}))
+
+
 def _objects(anns: list[dict], height: int, width: int, label_of: dict, path: epath.Path) -> list:
     """The ``objects`` entries of one image's annotations."""
     objects = []
@@ -275,7 +298,6 @@ def _objects(anns: list[dict], height: int, width: int, label_of: dict, path: ep
             rle = segmentation_to_rle(ann["segmentation"], height, width)
         except Exception as e:  # pycocotools raises bare Exceptions on malformed polygons
             raise ValueError(f"{path}: annotation id {ann['id']}: {e}") from e
-        area = ann.get("area", mask_utils.area({"size": [height, width], "counts": rle}))
         objects.append(
             schema.make_object(
                 annotation_id=ann["id"],
@@ -285,7 +307,7 @@ def _objects(anns: list[dict], height: int, width: int, label_of: dict, path: ep
                 label=label_of[ann["category_id"]],
                 category_id=ann["category_id"],
                 is_crowd=bool(ann.get("iscrowd", 0)),
-                area=float(area),
+                area=_area(ann, rle, height, width),
                 mask_rle=rle,
             )
         )
@@ -317,7 +339,7 @@ def coco_examples(
             f"absent {first_ids(absent)}"
         )
     label_of = {int(c): label for label, (c, _) in enumerate(categories)}
-    clipped, converted = [], collections.Counter()
+    clipped, zero_area, converted = [], [], collections.Counter()
     for image in annotations.images:
         anns = annotations.annotations.get(image["id"], [])
         encoded, conversion = _read_image(image, image_dir, path)
@@ -325,6 +347,8 @@ def coco_examples(
             converted[conversion] += 1
         height, width = int(image["height"]), int(image["width"])
         clipped += [a["id"] for a in anns if _outside(a["bbox"], image)]
+        objects = _objects(anns, height, width, label_of, path)
+        zero_area += [a["id"] for a, o in zip(anns, objects) if a.get("area") == 0 and o["area"]]
         yield (
             image["id"],
             {
@@ -333,13 +357,19 @@ def coco_examples(
                 "image/filename": image["file_name"],
                 "image/size": [height, width],
                 "image/has_annotations": bool(anns),
-                "objects": _objects(anns, height, width, label_of, path),
+                "objects": objects,
             },
         )
     if clipped:
         logging.warning(
             "%s: %d boxes reach outside their image and were clipped (annotation ids %s)",
             path, len(clipped), first_ids(clipped),
+        )  # fmt: skip
+    if zero_area:
+        logging.warning(
+            "%s: %d annotations state an area of 0 but have a non-empty mask; their area was "
+            "computed from the mask (annotation ids %s)",
+            path, len(zero_area), first_ids(zero_area),
         )  # fmt: skip
     if converted:
         kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(converted.items()))
