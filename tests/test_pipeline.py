@@ -499,19 +499,30 @@ def test_global_batches_are_the_same_on_any_number_of_processes(shapes_builder):
                 assert _same(batch, reference[step]), (count, start, step)
 
 
-@pytest.mark.parametrize("count", [2, 4])
-def test_eval_shards_cover_every_image_once(shapes_builder, count):
+@pytest.mark.parametrize(
+    "count, max_images, num_batches",
+    [
+        (2, 0, 2),  # shards of 3 + 2 images, 2 rows a batch
+        (4, 0, 2),  # 2 + 1 + 1 + 1, 1 row a batch
+        (4, 3, 1),  # 1 + 1 + 1 + 0: the last process yields only padding
+        (2, 1, 1),  # 1 + 0
+    ],
+)
+def test_eval_shards_cover_every_image_once(shapes_builder, count, max_images, num_batches):
     config = _config(hflip=False)
+    config.eval.max_images = max_images
     ids = []
-    num_batches = pipeline.eval_num_batches(config, shapes_builder, process_count=count)
-    assert num_batches == {2: 2, 4: 2}[count]  # shards of 3 + 2 / 2 + 1 + 1 + 1 images
+    assert pipeline.eval_num_batches(config, shapes_builder, process_count=count) == num_batches
     for index in range(count):
         place = {"process_index": index, "process_count": count}
         batches = list(pipeline.create_eval_dataset(config, builder=shapes_builder, **place))
         _check_batches(batches, config, train=False, rows=4 // count)
         assert len(batches) == num_batches  # the same count on every process
         ids.extend(int(r["image_id"]) for r in _rows(batches) if r["valid"])
-    assert sorted(ids) == [1, 2, 3, 4, 5]
+    alone = list(pipeline.create_eval_dataset(config, builder=shapes_builder, **ONE))
+    expected = [int(r["image_id"]) for r in _rows(alone) if r["valid"]]
+    assert len(expected) == (max_images or 5)
+    assert sorted(ids) == sorted(expected)
 
 
 def test_batch_size_must_split_over_processes(shapes_builder):

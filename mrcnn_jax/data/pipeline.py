@@ -83,6 +83,7 @@ shapes at 128²; ~70 images/s for COCO-like 640×480 JPEGs at 512² and ~19 at 1
 instances, 28² masks, scale jitter).
 """
 
+import functools
 import itertools
 from collections.abc import Iterator
 
@@ -153,16 +154,29 @@ def _is_int(value) -> bool:
 
 def check_data(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError, naming the field, unless the data settings fit: `check_canvas`,
-    ``data.mean`` and ``data.std`` three (RGB) values, ``data.max_instances`` at least 1."""
+    ``data.mean`` three (RGB) values and ``data.std`` three positive ones, ``data.max_instances``,
+    ``data.mask_size`` and ``data.shuffle_buffer`` at least 1, ``data.scale_jitter`` a
+    (low, high) pair with 0 < low <= high."""
     check_canvas(config)
     data = config.data
     for name in ("mean", "std"):
-        if len(tuple(data[name])) != 3:
-            raise ValueError(f"config.data.{name}={data[name]} must have 3 (RGB) values")
-    if data.max_instances < 1:
+        values = tuple(data[name])
+        if len(values) != 3 or not all(np.isfinite(v) for v in values):
+            raise ValueError(f"config.data.{name}={data[name]} must have 3 (RGB) finite values")
+    if min(data.std) <= 0:
+        raise ValueError(f"config.data.std={data.std} must be positive (pixels are divided by it)")
+    for name, what in (
+        ("max_instances", "the objects kept per image"),
+        ("mask_size", "the side of each stored ground-truth mask"),
+        ("shuffle_buffer", "the examples tf.data shuffles among"),
+    ):
+        if not _is_int(data[name]) or data[name] < 1:
+            raise ValueError(f"config.data.{name}={data[name]!r} must be at least 1 ({what})")
+    jitter = tuple(data.scale_jitter)
+    if len(jitter) != 2 or not 0 < jitter[0] <= jitter[1] < np.inf:
         raise ValueError(
-            f"config.data.max_instances={data.max_instances} must be at least 1 (the objects "
-            "kept per image)"
+            f"config.data.scale_jitter={data.scale_jitter} must be (low, high) with "
+            "0 < low <= high, the range of the random scale (1.0, 1.0: none)"
         )
 
 
@@ -675,8 +689,7 @@ def eval_num_batches(
     """Batches every process yields for ``split`` (the same count on all processes)."""
     count = _process(None, process_count)[1]
     batch = _local_batch(config.eval.batch_size, count)
-    total = builder.info.splits[eval_split(config, split)].num_examples
-    per_process = -(-total // count)
+    per_process = -(-_num_eval_examples(config, builder, split) // count)
     return -(-per_process // batch)
 
 
@@ -684,6 +697,12 @@ def eval_split(config: ml_collections.ConfigDict, split: str | None) -> str:
     """The eval split, limited to its first ``config.eval.max_images`` images when that is > 0."""
     split = split or config.data.val_split
     return f"{split}[:{config.eval.max_images}]" if config.eval.max_images else split
+
+
+def _num_eval_examples(
+    config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder, split: str | None
+) -> int:
+    return builder.info.splits[eval_split(config, split)].num_examples
 
 
 def create_eval_dataset(
@@ -717,10 +736,15 @@ def create_eval_dataset(
     index, count = _process(process_index, process_count)
     batch = _local_batch(config.eval.batch_size, count)
     num_batches = eval_num_batches(config, builder, split, count)
-    shard = tfds.split_for_jax_process(
-        eval_split(config, split), process_index=index, process_count=count
-    )
-    dataset = builder.as_dataset(split=shard, shuffle_files=False, decoders=_RAW_IMAGE)
+    read = functools.partial(builder.as_dataset, shuffle_files=False, decoders=_RAW_IMAGE)
+    if index < _num_eval_examples(config, builder, split):
+        shard = tfds.split_for_jax_process(
+            eval_split(config, split), process_index=index, process_count=count
+        )
+        dataset = read(split=shard)
+    else:  # More processes than images: TFDS gives the last ones an empty shard (an error to
+        # read), they yield padding only, so that every process joins every batch's gather.
+        dataset = read(split=eval_split(config, split)).take(0)
     seed = tf.zeros([2], tf.int64)  # unused without augmentation
 
     @tf.autograph.experimental.do_not_convert
