@@ -71,11 +71,13 @@ def test_frozen_stages_get_no_gradient_and_no_backward_pass():
     from mrcnn_jax.modeling.resnet import ResNet
 
     images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32)
-    variables = ResNet(depth=18, norm="batch").init(jax.random.key(0), images)
+    # "frozen" norm: the forward pass is the same for every freeze_at (with "batch", the frozen
+    # stages use stored statistics, the others batch statistics: the next test).
+    variables = ResNet(depth=18, norm="frozen").init(jax.random.key(0), images)
 
     def grad_fn(freeze_at):
         def loss(params):
-            outputs, _ = ResNet(depth=18, norm="batch", freeze_at=freeze_at).apply(
+            outputs, _ = ResNet(depth=18, norm="frozen", freeze_at=freeze_at).apply(
                 {**variables, "params": params}, images, train=True, mutable=["batch_stats"]
             )
             return sum(jnp.sum(jnp.sin(c)) for c in outputs.values())
@@ -95,6 +97,45 @@ def test_frozen_stages_get_no_gradient_and_no_backward_pass():
     # the stem's and res2's kernel gradients (matmuls on CPU) are not in the program at all
     matmuls = {f: lowered[f].as_text().count("dot_general") for f in lowered}
     assert matmuls[0] > matmuls[2], matmuls
+
+
+@pytest.mark.parametrize("norm", ["batch", "sync"])
+@pytest.mark.parametrize("freeze_at", [1, 2])
+def test_frozen_stages_keep_their_batchnorm_statistics(norm, freeze_at):
+    """With batch statistics ("batch", "sync"), the BatchNorm layers of the stages that
+    `freeze_at` freezes behave as Detectron2's FrozenBatchNorm2d: in training they normalise
+    with their stored statistics, which stay as they were; the later stages use and update
+    batch statistics."""
+    from mrcnn_jax.modeling.resnet import ResNet
+
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.normal(size=(2, 32, 32, 3)), jnp.float32)
+    variables = ResNet(depth=18).init(jax.random.key(0), images)
+    # Stored statistics far from these images' moments, so that using either shows.
+    stats = jax.tree_util.tree_map(
+        lambda x: jnp.asarray(rng.uniform(0.5, 2.0, x.shape), jnp.float32),
+        variables["batch_stats"],
+    )
+    variables = {**variables, "batch_stats": stats}
+    model = ResNet(depth=18, norm=norm, freeze_at=freeze_at, axis_name="data")
+    train = jax.vmap(  # one replica, so that "sync" has its axis
+        lambda x: model.apply(variables, x, train=True, mutable=["batch_stats"]),
+        axis_name="data",
+    )
+    outputs, updates = jax.tree_util.tree_map(lambda x: x[0], train(images[None]))
+    inference = ResNet(depth=18, norm=norm, freeze_at=freeze_at).apply(variables, images)
+
+    frozen = ("stem",) if freeze_at == 1 else ("stem", "res2")
+    for name, before in stats.items():
+        after = updates["batch_stats"][name]
+        same = all(
+            np.array_equal(a, b)
+            for a, b in zip(jax.tree_util.tree_leaves(after), jax.tree_util.tree_leaves(before))
+        )
+        assert same == name.startswith(frozen), name
+    c2 = np.abs(outputs["C2"] - inference["C2"]).max()
+    assert (c2 == 0) if freeze_at == 2 else (c2 > 1e-2), c2
+    assert np.abs(outputs["C3"] - inference["C3"]).max() > 1e-2
 
 
 @pytest.mark.parametrize("freeze_at", [3, -1])

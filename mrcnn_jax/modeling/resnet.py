@@ -176,7 +176,9 @@ class ResNet(nn.Module):
 
     `freeze_at` stops gradients at the output of the frozen stages (1: the stem, 2: the stem and
     res2), as torchvision's and Detectron2's `requires_grad=False` do, so their backward pass is
-    not computed; the optimizer (`train/state.is_frozen`) keeps their parameters unchanged.
+    not computed; the optimizer (`train/state.is_frozen`) keeps their parameters unchanged. Their
+    BatchNorm always normalises with its stored statistics and never updates them, whatever
+    `norm` says (Detectron2's `freeze()` makes them FrozenBatchNorm2d).
     """
 
     depth: int = 50
@@ -199,8 +201,11 @@ class ResNet(nn.Module):
                 f"res2), got {self.freeze_at}"
             )
         norm = make_norm(self.norm, train, self.axis_name, self.dtype)
+        frozen_norm = make_norm("frozen", train, self.axis_name, self.dtype)
+        # Part 1 is the stem, part 2 res2, ...: the frozen ones keep their statistics.
+        part_norm = lambda part: frozen_norm if part <= self.freeze_at else norm
         x = conv(64, 7, 2, "stem_conv", self.dtype)(images.astype(self.dtype))
-        x = nn.relu(norm(name="stem_bn")(x, mask=_bn_mask(valid_size, x, 2)))
+        x = nn.relu(part_norm(1)(name="stem_bn")(x, mask=_bn_mask(valid_size, x, 2)))
         # The max pool's valid outputs read only valid inputs (stride 2, window 3, padding 1).
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         if self.freeze_at >= 1:
@@ -211,7 +216,7 @@ class ResNet(nn.Module):
             block = partial(
                 ResidualBlock,
                 features=64 * 2**stage,
-                norm=norm,
+                norm=part_norm(stage + 2),
                 bottleneck=self.depth >= 50,
                 dtype=self.dtype,
             )
