@@ -9,6 +9,8 @@ r"""Converts torchvision's COCO Mask R-CNN weights into a checkpoint of this pro
 
 `--weights` names the release (its architecture, config and BatchNorm epsilon); `--state_dict`
 reads its tensors from a `.pth` file (`torch.load(weights_only=True)`) instead of downloading.
+A state dict's box head tells its release, which is then the default of `--weights` (and so of
+the config and the epsilon); a `--weights` naming the other release is a usage error.
 The result, `<out>/checkpoints/0/` with the config, is read by `mrcnn_jax.load_checkpoint(out)`,
 `scripts/eval.py` and `scripts/predict.py`, and can be fine-tuned with `scripts/train.py
 --workdir=<out>`. Needs the `torch` extra: `pip install 'mrcnn_jax[torch]'`.
@@ -58,16 +60,24 @@ def release_config(path: Path):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    release = convert.RELEASES[_WEIGHTS.value]
-    config = _CONFIG.value if _CONFIG.value is not None else release_config(REPO / release.config)
-    bn_epsilon = release.bn_epsilon if _BN_EPSILON.value is None else _BN_EPSILON.value
+    name = _WEIGHTS.value
     if _STATE_DICT.value:
         state_dict = convert.load_state_dict(_STATE_DICT.value)
+        found = convert.release_of(state_dict)
+        if found and found != name and flags.FLAGS["weights"].present:
+            raise app.UsageError(
+                f"--state_dict={_STATE_DICT.value} holds the {found} architecture "
+                f"({convert.RELEASES[found].builder}), not --weights={name}'s"
+            )
+        name = found or name
     else:
-        state_dict = convert.download_state_dict(_WEIGHTS.value)
+        state_dict = convert.download_state_dict(name)
+    release = convert.RELEASES[name]
+    config = _CONFIG.value if _CONFIG.value is not None else release_config(REPO / release.config)
+    bn_epsilon = release.bn_epsilon if _BN_EPSILON.value is None else _BN_EPSILON.value
     variables = convert.convert_state_dict(state_dict, config.model, bn_epsilon=bn_epsilon)
     directory = checkpoint.save_variables(_OUT.value, config, variables)
-    print(f"wrote {directory} ({len(state_dict)} tensors, BatchNorm eps {bn_epsilon})")
+    print(f"wrote {directory} ({name}: {len(state_dict)} tensors, BatchNorm eps {bn_epsilon})")
 
 
 if __name__ == "__main__":

@@ -715,35 +715,74 @@ def test_converted_checkpoint_loads(tmp_path, small_model):
         checkpoint.save_variables(tmp_path, config, variables)
 
 
-def test_convert_script(tmp_path, small_model):
-    """scripts/convert_torchvision.py on a local .pth, with the v1 release's BN eps (0)."""
-    torch.save(small_model.state_dict(), tmp_path / "small.pth")
+def small_v2_model():
+    """A seeded small torchvision v2 model (BN eps 1e-5, as torchvision's v2 and ImageNet-based
+    models), in eval."""
+    model = small_torchvision_model(small_config("v2").model.num_classes, "v2").eval()
+    seed_weights(model, seed=2)
+    return model
+
+
+def test_release_of_tells_the_architecture(small_model):
+    v1 = convert.state_dict_to_numpy(small_model.state_dict())
+    v2 = convert.state_dict_to_numpy(small_v2_model().state_dict())
+    assert convert.release_of(v1) == "v1"
+    assert convert.release_of(v2) == "v2"
+    assert convert.release_of({k: v for k, v in v1.items() if k.startswith("backbone.")}) is None
+
+
+def run_convert_script(tmp_path, model, version: str, *flags: str) -> subprocess.CompletedProcess:
+    """scripts/convert_torchvision.py on `model`'s state dict (a local .pth), the release's
+    config shrunk to the small models by flags, into tmp_path/out."""
+    torch.save(model.state_dict(), tmp_path / "small.pth")
     overrides = {
         "model.backbone_depth": 18,
         "model.fpn_dim": 32,
         "model.num_classes": 10,
         "model.roi_heads.box_head_dim": 64,
+        "model.roi_heads.box_head_conv_dim": 16,
         "model.roi_heads.mask_head_dim": 32,
     }
     command = [
         sys.executable,
         str(REPO / "scripts" / "convert_torchvision.py"),
-        "--weights=v1",
+        *flags,
         f"--state_dict={tmp_path / 'small.pth'}",
         f"--out={tmp_path / 'out'}",
-        f"--config={REPO / 'configs' / 'torchvision_r50_fpn_v1.py'}",
+        f"--config={REPO / 'configs' / f'torchvision_r50_fpn_{version}.py'}",
         *(f"--config.{key}={value}" for key, value in overrides.items()),
     ]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, check=False)
+    return subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, check=False)
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_convert_script(tmp_path, small_model, version):
+    """scripts/convert_torchvision.py on a local .pth without --weights: the state dict's
+    release gives the BatchNorm eps (0 for v1, 1e-5 for v2)."""
+    model = small_model if version == "v1" else small_v2_model()
+    result = run_convert_script(tmp_path, model, version)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "wrote" in result.stdout
+    eps = convert.RELEASES[version].bn_epsilon
+    assert f"{version}: " in result.stdout and f"BatchNorm eps {eps}" in result.stdout
     manager = checkpoint.create_manager(tmp_path / "out", read_only=True)
     restored = checkpoint.restore_raw(manager, 0)
-    expected = converted(small_model)
+    state = convert.state_dict_to_numpy(model.state_dict())
+    expected = convert.convert_state_dict(state, small_config(version).model, bn_epsilon=eps)
     for collection in ("params", "batch_stats"):
         jax.tree_util.tree_map(
             np.testing.assert_array_equal, restored[collection], expected[collection]
         )
+
+
+def test_convert_script_refuses_weights_of_the_other_release(tmp_path):
+    """v2 tensors with --weights=v1 (whose eps, 0, would skew every v2 BatchNorm): a usage error
+    naming both, and nothing written."""
+    result = run_convert_script(tmp_path, small_v2_model(), "v2", "--weights=v1")
+    assert result.returncode != 0
+    assert "holds the v2 architecture (maskrcnn_resnet50_fpn_v2), not --weights=v1" in (
+        result.stderr
+    )
+    assert not (tmp_path / "out").exists()
 
 
 # ------------------------------------------------------------------ photographs, the user path

@@ -247,6 +247,18 @@ def canonical_keys(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray
     return out
 
 
+def release_of(state_dict: Mapping[str, np.ndarray]) -> str | None:
+    """The `RELEASES` key whose architecture `state_dict` has, told by its box head: "v1" for
+    two FCs (`roi_heads.box_head.fc6`), "v2" for convolutions first (`roi_heads.box_head.0.0`);
+    None for neither (not a torchvision Mask R-CNN state dict)."""
+    keys = canonical_keys(state_dict)
+    if "roi_heads.box_head.fc6.weight" in keys:
+        return "v1"
+    if "roi_heads.box_head.0.0.weight" in keys:
+        return "v2"
+    return None
+
+
 def variable_shapes(model_config: ml_collections.ConfigDict) -> dict[VariablePath, Shape]:
     """Shapes of every variable of the model of `model_config`, keyed by (collection, ..., leaf).
 
