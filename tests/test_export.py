@@ -4,8 +4,9 @@ One 128² ResNet-18 shapes checkpoint (random weights, so no training) is export
 module by scripts/export.py, for cpu, cuda and tpu at once, with full masks. A fresh subprocess
 in which jax, jaxlib, flax and mrcnn_jax cannot be imported (TensorFlow imports jax on its own
 when it is installed, `tensorflow/lite/python/util.py`, so they are blocked rather than merely
-not imported) loads it, runs every signature, the README snippet and the threshold input, and
-hands the results back; they are compared with the JAX predictor on the same images.
+not imported) loads it, runs every signature, the README snippet and the threshold input, an
+image with no detection, an empty batch and inputs the functions must refuse, and hands the
+results back; they are compared with the JAX predictor on the same images.
 """
 
 import dataclasses
@@ -36,6 +37,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZES = ((100, 151), (160, 120), (57, 200))  # (height, width): natural, non-square
 CATEGORY_IDS = (3, 5, 7)
 BLOCKED = ("jax", "jaxlib", "flax", "mrcnn_jax", "optax", "orbax")
+# image_sizes for one image of a 160 x 200 batch: below 1 (a slice [:h, :w] takes -5 as 195),
+# and a row too many
+BAD_SIZES = ([[-1, -1]], [[100, -5]], [[-100, 151]], [[0, 151]], [[100, 151], [100, 151]])
+BAD_THRESHOLDS = (2.0, -0.1, float("nan"))
 
 
 def random_checkpoint(workdir, config, fc2_offset: float = 0.0, seed: int = 0) -> None:
@@ -52,6 +57,12 @@ def random_checkpoint(workdir, config, fc2_offset: float = 0.0, seed: int = 0) -
     variables = jax.tree_util.tree_map(np.asarray, variables)
     variables["params"]["box_head"]["fc2"]["bias"] -= fc2_offset
     checkpoint.save_variables(workdir, config, variables)
+
+
+def flat_image() -> np.ndarray:
+    """A flat grey `[40, 60, 3]` uint8 image: the random shapes model scores nothing on it
+    above 0.3, below the threshold the tests pick (so no detection passes it)."""
+    return np.full((40, 60, 3), 100, np.uint8)
 
 
 def make_images(sizes=SIZES, seed: int = 0) -> list[np.ndarray]:
@@ -101,6 +112,15 @@ with open(sys.argv[1], "rb") as f:
     job = pickle.load(f)
 loaded = tf.saved_model.load(job["dir"])
 numpy = lambda d: {{k: v.numpy() for k, v in d.items()}}
+
+
+def attempt(call):  # call()'s outputs as numpy, or the message of its TF error
+    try:
+        return numpy(call())
+    except tf.errors.InvalidArgumentError as e:
+        return e.message
+
+
 single = loaded.signatures["serving_default"]
 out = {{"default": [numpy(single(image=tf.constant(i))) for i in job["images"]]}}
 out["batch"] = numpy(
@@ -112,6 +132,26 @@ out["threshold_0"] = numpy(loaded.detect(tf.constant(job["images"][0]), score_th
 out["batch_threshold_0"] = numpy(
     loaded.detect_batch(tf.constant(job["batch"]), job["sizes"], score_threshold=0.0)
 )
+if "flat" in job:  # no detection; an empty batch; inputs to refuse
+    image, batch = tf.constant(job["images"][0]), tf.constant(job["batch"][:1])
+    out["flat"] = attempt(lambda: single(image=tf.constant(job["flat"])))
+    out["threshold_1"] = attempt(lambda: loaded.detect(image, score_threshold=1.0))
+    out["empty_batch"] = attempt(
+        lambda: loaded.detect_batch(
+            tf.zeros([0, 50, 70, 3], tf.uint8), tf.zeros([0, 2], tf.int32), score_threshold=0.5
+        )
+    )
+    out["bad_sizes"] = [
+        attempt(lambda: loaded.detect_batch(batch, tf.constant(s, tf.int32), 0.5))
+        for s in job["bad_sizes"]
+    ]
+    out["bad_thresholds"] = [
+        (
+            attempt(lambda: loaded.detect(image, score_threshold=t)),
+            attempt(lambda: loaded.detect_batch(batch, job["sizes"][:1], score_threshold=t)),
+        )
+        for t in job["bad_thresholds"]
+    ]
 if job["snippet"]:
     namespace = {{"image": job["images"][1]}}
     exec(job["snippet"], namespace)
@@ -260,6 +300,9 @@ def tf_outputs(saved_model, tmp_path_factory):
         "snippet": readme_snippet().replace(
             '"/tmp/mrcnn_shapes_savedmodel"', repr(str(saved_model))
         ),
+        "flat": flat_image(),
+        "bad_sizes": BAD_SIZES,
+        "bad_thresholds": BAD_THRESHOLDS,
     }
     return run_tf_only(tmp_path_factory.mktemp("tf_only"), job)
 
@@ -305,6 +348,54 @@ def test_serving_batch_equals_serving_default(tf_outputs):
     np.testing.assert_array_equal(
         everything["num_detections"][0], len(tf_outputs["threshold_0"]["scores"])
     )
+
+
+def assert_empty(result: dict, batch: tuple[int, ...], height: int, width: int) -> None:
+    """`result` holds no detection: every output `[*batch, 0, ...]` (`full_masks` `[..., 0,
+    height, width]`) of its dtype; `batch` is () for `serving_default`."""
+    assert isinstance(result, dict), result  # not an error message
+    shapes = {
+        "boxes": ((4,), np.float32),
+        "scores": ((), np.float32),
+        "labels": ((), np.int32),
+        "classes": ((), np.int32),
+        "class_names": ((), object),
+        "masks": ((28, 28), np.float32),
+        "full_masks": ((height, width), bool),
+    }
+    for key, (shape, dtype) in shapes.items():
+        assert result[key].shape == (*batch, 0, *shape), key
+        assert result[key].dtype == dtype, key
+
+
+def test_no_detection_gives_empty_results_with_full_masks(tf_outputs, predictor, expected):
+    """An image on which no detection passes the threshold (the export's, or 1.0 given to
+    `detect`) gives empty outputs, as the predictor gives none."""
+    assert len(predictor(flat_image(), score_threshold=expected[0])["scores"]) == 0
+    assert_empty(tf_outputs["flat"], (), *flat_image().shape[:2])
+    assert_empty(tf_outputs["threshold_1"], (), *SIZES[0])
+
+
+def test_an_empty_batch_gives_outputs_of_batch_0(tf_outputs):
+    result = tf_outputs["empty_batch"]
+    d = shapes_config().model.roi_heads.detections_per_image
+    assert isinstance(result, dict), result
+    for key, shape in (("boxes", (d, 4)), ("masks", (d, 28, 28)), ("full_masks", (d, 50, 70))):
+        assert result[key].shape == (0, *shape), key
+    for key in ("scores", "labels", "classes", "class_names", "num_detections"):
+        assert result[key].shape == ((0, d) if key != "num_detections" else (0,)), key
+
+
+def test_bad_image_sizes_are_refused(tf_outputs):
+    for size, message in zip(BAD_SIZES, tf_outputs["bad_sizes"]):
+        assert isinstance(message, str) and "image_sizes" in message, (size, message)
+
+
+def test_score_thresholds_outside_0_1_are_refused(tf_outputs):
+    for threshold, messages in zip(BAD_THRESHOLDS, tf_outputs["bad_thresholds"]):
+        for message in messages:  # detect, detect_batch
+            assert isinstance(message, str), (threshold, message)
+            assert "score_threshold" in message, (threshold, message)
 
 
 def test_readme_snippet_runs_in_the_tf_only_process(tf_outputs):
@@ -360,7 +451,8 @@ def test_a_batched_model_runs_any_batch_in_chunks(tmp_path):
 @pytest.mark.parametrize("method", PASTE_METHODS)
 def test_paste_masks_tf_equals_paste_masks(method):
     """On boxes inside, across and outside the image, sub-pixel and empty ones, and masks with
-    values exactly at the threshold (0.5 is foreground for detectron2, not for torchvision)."""
+    values exactly at the threshold (0.5 is foreground for detectron2, not for torchvision);
+    no masks give `[0, Hc, Wc]`."""
     rng = np.random.default_rng(0)
     n, m, (h, w) = 40, 28, (70, 97)
     xy = rng.uniform(-30, 110, (n, 2))
@@ -378,6 +470,8 @@ def test_paste_masks_tf_equals_paste_masks(method):
     wider = wider.numpy()
     np.testing.assert_array_equal(wider[:, :h, :w], want)
     assert not wider[:, h:].any() and not wider[:, :, w:].any()
+    none = paste(masks[:0], boxes[:0], tf.constant([h, w]), method, canvas=tf.constant([80, 120]))
+    assert none.shape == (0, 80, 120) and none.dtype == tf.bool
 
 
 def test_configs_it_cannot_represent_are_refused(predictor, tmp_path):

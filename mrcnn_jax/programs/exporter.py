@@ -25,18 +25,21 @@ Signatures (every box is (x1, y1, x2, y2) float32 in ORIGINAL image pixels):
   `masks [N, S, S]` float32 probabilities over each (unclipped) box (S = 2 ×
   `model.roi_heads.mask_pooler_size` = 28), and with `full_masks` `full_masks [N, H, W]` bool.
   N counts the detections scoring ≥ the export's `score_threshold`, in the model's order
-  (descending score).
+  (descending score); N = 0 gives every output with a leading dimension 0.
 - `serving_batch`: `images [B, Hmax, Wmax, 3]` uint8 (image b in its top-left
   `image_sizes[b]` = (h, w) int32 corner, any padding) → the same keys padded to
   `[B, D, ...]` (D = `model.roi_heads.detections_per_image`; padding rows 0, label/class -1,
   name "") plus `num_detections [B]` int32; `full_masks [B, D, Hmax, Wmax]`, False beyond
   each image. Row b equals `serving_default` on the image alone (bit for bit with
-  `batch_size` 1, where both run the same program; up to float rounding otherwise).
+  `batch_size` 1, where both run the same program; up to float rounding otherwise). B may be
+  0. `image_sizes` needs one row per image, each in 1..(Hmax, Wmax).
 
 Signatures cannot have optional inputs (TensorFlow binds every input of a signature), so they
 use the threshold given at export; the loaded object's functions take it as an optional input:
 `loaded.detect(image, score_threshold=0.3)` and `loaded.detect_batch(images, image_sizes,
-score_threshold=0.3)`. Also saved: `loaded.class_names`, `loaded.category_ids`, `loaded.step`
+score_threshold=0.3)`, in [0, 1] as the predictor's. Inputs the functions refuse (a threshold
+outside [0, 1] or NaN, bad `image_sizes`, an empty image) raise `tf.errors.InvalidArgumentError`
+naming the input. Also saved: `loaded.class_names`, `loaded.category_ids`, `loaded.step`
 (variables) and the checkpoint's config as the asset `assets/config.json`
 (`loaded.config_file.asset_path`).
 
@@ -57,7 +60,7 @@ module over chunks of the batch (the last chunk padded).
 import json
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -262,25 +265,64 @@ def paste_masks_tf(
         (torchvision).
 
     Returns:
-      `[N, Hc, Wc]` bool, equal to `paste_masks(masks, boxes, image_size, threshold,
-      method=method)` on the image.
+      `[N, Hc, Wc]` bool (N may be 0), equal to `paste_masks(masks, boxes, image_size,
+      threshold, method=method)` on the image.
     """
     if method not in PASTE_METHODS:
         raise ValueError(f"method must be one of {PASTE_METHODS}, got {method!r}")
     paste = _paste_one_detectron2 if method == "detectron2" else _paste_one_torchvision
     image_size = tf.cast(image_size, tf.int32)
     canvas = image_size if canvas is None else tf.cast(canvas, tf.int32)
-    return tf.map_fn(
+    return _map_or_empty(
         lambda x: paste(x[0], x[1], image_size[0], image_size[1], canvas, threshold),
         (tf.cast(masks, tf.float32), tf.cast(boxes, tf.float32)),
-        fn_output_signature=tf.TensorSpec([None, None], tf.bool),
+        tf.TensorSpec([None, None], tf.bool),
+        lambda: tf.zeros([0, canvas[0], canvas[1]], tf.bool),
     )
+
+
+def _map_or_empty(fn: Callable[[Any], Any], elems: Any, spec: Any, empty: Callable[[], Any]) -> Any:
+    """`tf.map_fn(fn, elems, fn_output_signature=spec)`, or `empty()` (the same structure with
+    leading dimension 0) where `elems` have no rows: TF cannot stack zero results of a shape it
+    does not fully know (`spec` with None dimensions, such as the image's size)."""
+    rows = tf.shape(tf.nest.flatten(elems)[0])[0]
+    return tf.cond(rows > 0, lambda: tf.map_fn(fn, elems, fn_output_signature=spec), empty)
 
 
 def _boxes_to_original(boxes: tf.Tensor, resized: tf.Tensor, orig: tf.Tensor) -> tf.Tensor:
     """`coco_eval.boxes_to_original`: x * (orig_w / resized_w), y * (orig_h / resized_h), f32."""
     ratios = tf.cast(orig, tf.float32) / tf.cast(resized, tf.float32)  # (h, w)
     return boxes * tf.stack([ratios[1], ratios[0], ratios[1], ratios[0]])
+
+
+def _checked_threshold(threshold: tf.Tensor) -> tf.Tensor:
+    """`threshold` [] f32, run only after a check that it is in [0, 1] (NaN is not), as the
+    predictor checks its `score_threshold`: the graph raises InvalidArgumentError otherwise."""
+    in_range = (threshold >= 0.0) & (threshold <= 1.0)
+    check = tf.debugging.Assert(in_range, ["score_threshold must be in [0, 1], got", threshold])
+    with tf.control_dependencies([check]):
+        return tf.identity(threshold)
+
+
+def _checked_image_sizes(image_sizes: tf.Tensor, images: tf.Tensor) -> tf.Tensor:
+    """`image_sizes [B, 2]` int32 (h, w), run only after checks that there is one per image of
+    `images [B, Hmax, Wmax, 3]` and each is in 1..(Hmax, Wmax) (a slice `[:h, :w]` would take
+    a negative size as counted from the end): InvalidArgumentError otherwise."""
+    checks = [
+        tf.debugging.assert_equal(
+            tf.shape(image_sizes)[0],
+            tf.shape(images)[0],
+            message="image_sizes must have one row (height, width) per image",
+        ),
+        tf.debugging.assert_greater_equal(
+            image_sizes, 1, message="image_sizes below 1: heights and widths must be positive"
+        ),
+        tf.debugging.assert_less_equal(
+            image_sizes, tf.shape(images)[1:3][None], message="image_sizes beyond the images"
+        ),
+    ]
+    with tf.control_dependencies(checks):
+        return tf.identity(image_sizes)
 
 
 class _Detector:
@@ -338,7 +380,9 @@ class _Detector:
         return result, tf.where(keep[:, None], boxes, 0.0)
 
     def detect(self, image: tf.Tensor, threshold: tf.Tensor) -> dict[str, tf.Tensor]:
-        """`image [H, W, 3]` uint8 -> the `serving_default` outputs (module docstring)."""
+        """`image [H, W, 3]` uint8, `threshold` [] f32 in [0, 1] -> the `serving_default`
+        outputs (module docstring)."""
+        threshold = _checked_threshold(threshold)
         canvas, resized = self._preprocess(image)
         out = self.single(self.weights, canvas[None], resized[None])
         orig = tf.shape(image)[:2]
@@ -352,11 +396,10 @@ class _Detector:
         return result
 
     def detect_batch(self, images, image_sizes, threshold) -> dict[str, tf.Tensor]:
-        """`images [B, Hmax, Wmax, 3]` uint8, `image_sizes [B, 2]` -> `serving_batch` outputs."""
-        image_sizes = tf.cast(image_sizes, tf.int32)
-        tf.debugging.assert_less_equal(
-            image_sizes, tf.shape(images)[1:3][None], message="image_sizes beyond the images"
-        )
+        """`images [B, Hmax, Wmax, 3]` uint8 (B ≥ 0), `image_sizes [B, 2]` int32 (h, w) in
+        1..(Hmax, Wmax), `threshold` [] f32 in [0, 1] -> `serving_batch` outputs."""
+        threshold = _checked_threshold(threshold)
+        image_sizes = _checked_image_sizes(tf.cast(image_sizes, tf.int32), images)
         canvases, resized = tf.map_fn(
             lambda x: self._preprocess(x[0][: x[1][0], : x[1][1]]),
             (images, image_sizes),
@@ -377,9 +420,15 @@ class _Detector:
                 result["full_masks"] = pasted & valid[:, None, None]
             return result
 
-        return tf.map_fn(
-            postprocess, (outputs, resized, image_sizes), fn_output_signature=self._output_spec()
-        )
+        spec = self._output_spec()
+
+        def no_images():
+            shapes = {k: [0, *s.shape] for k, s in spec.items()}
+            if self.paste:
+                shapes["full_masks"] = [0, spec["full_masks"].shape[0], *tf.unstack(full_canvas)]
+            return {k: tf.zeros(shapes[k], s.dtype) for k, s in spec.items()}
+
+        return _map_or_empty(postprocess, (outputs, resized, image_sizes), spec, no_images)
 
     def _run_chunks(self, canvases: tf.Tensor, resized: tf.Tensor) -> dict[str, tf.Tensor]:
         """The `batch_size` model over a batch of any size B (last chunk padded) -> [B, D, ...]."""
