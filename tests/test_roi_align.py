@@ -570,6 +570,31 @@ def test_extent_equals_torchvision_on_the_cropped_map(single_level, method, alig
     np.testing.assert_allclose(out, expected, **TOL)
 
 
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("method", METHODS)
+def test_an_empty_extent_pools_zeros(multilevel_inputs, method, aligned):
+    """An image of valid size (0, 0), as the rows padding an eval batch: every box pools exactly
+    0 (nothing is read, not even the map's first pixel), beside a real image, gradients too."""
+    features, boxes = multilevel_inputs
+    valid = np.array([[64, 96], [0, 0]], np.int32)
+    boxes = boxes.copy()
+    boxes[1, :2] = 0.0  # the zero box (0, 0, 0, 0) of a padding row, and real boxes
+    pool = lambda f: multilevel_roi_align(
+        f, boxes, output_size=3, method=method, aligned=aligned, valid_size=valid
+    )
+    out = np.asarray(jax.jit(pool)(features))
+    np.testing.assert_array_equal(out[1], 0)
+    assert np.abs(out[0]).max() > 0
+    grads = jax.grad(lambda f: jnp.sum(pool(f) ** 2))(features)
+    for g in grads:
+        np.testing.assert_array_equal(np.asarray(g)[1], 0)
+
+
+def test_nan_boxes_get_the_lowest_level():
+    boxes = jnp.array([[0, 0, np.nan, 10], [np.nan] * 4, [0, 0, 500, 500]], jnp.float32)
+    np.testing.assert_array_equal(assign_fpn_levels(boxes, 2, 5), [2, 2, 5])
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_multilevel_valid_size_equals_torchvision_on_each_image_alone(multilevel_inputs, method):
     """Per image, a valid size of (64, 96) px inside the 128 px canvas: each level clamps at

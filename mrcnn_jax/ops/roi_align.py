@@ -72,7 +72,10 @@ def assign_fpn_levels(
 
     `level = floor(canonical_level + log2(sqrt(area) / canonical_box_size) + 1e-6)` clipped to
     `[min_level, max_level]`; the epsilon is added after the log (Detectron2 puts it inside).
-    Boxes with a negative area count as area 0 (they go to `min_level`).
+    Boxes with a negative area count as area 0 (they go to `min_level`), as do NaN boxes. Under
+    `jit` XLA computes the division as a product with 1/canonical_box_size and log2 through log,
+    so a box whose side lies within ~1e-7 (relative) of a level boundary (56, 112, 224, 448 px)
+    may get the level next to torchvision's.
 
     Args:
       boxes: `[..., 4]` float `(x1, y1, x2, y2)` in input-image pixels.
@@ -89,6 +92,7 @@ def assign_fpn_levels(
         raise ValueError(f"canonical_box_size must be positive, got {canonical_box_size}.")
     size = jnp.sqrt(jnp.maximum(box_area(boxes), 0))
     level = jnp.floor(canonical_level + jnp.log2(size / canonical_box_size) + 1e-6)
+    level = jnp.where(jnp.isnan(level), min_level, level)
     return jnp.clip(level, min_level, max_level).astype(jnp.int32)
 
 
@@ -319,12 +323,13 @@ def _axis_samples(
     bin_size, roi_start = bin_size[:, None, None], roi_start[:, None, None]
     pos = roi_start + bin_index * bin_size + sample_index * bin_size / sampling_ratio
     extent = size.astype(pos.dtype)[:, None, None]
-    inside = (pos >= -1) & (pos <= extent)
+    # An extent of 0 (an eval batch's padding rows) has no sample: every tap is pixel 0, weight 0.
+    inside = (pos >= -1) & (pos <= extent) & (extent > 0)
     pos = jnp.where(inside, jnp.clip(pos, 0, extent - 1), 0)
     low = jnp.floor(pos)
     frac = pos - low
     low = low.astype(jnp.int32)
-    high = jnp.minimum(low + 1, size[:, None, None] - 1)
+    high = jnp.minimum(low + 1, jnp.maximum(size[:, None, None] - 1, 0))
     index = jnp.stack([low, high], axis=-1)
     weight = jnp.stack([1 - frac, frac], axis=-1) * inside[..., None]
     return index, weight
