@@ -14,6 +14,8 @@ from helpers import from_torch_nchw, oihw_to_hwio, random_variables, to_torch_nc
 from mrcnn_jax.modeling.fpn import FPN
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 from mrcnn_jax.modeling.resnet import ResNet
+from mrcnn_jax.modeling.roi_heads import BoxHead, MaskHead
+from mrcnn_jax.modeling.rpn import RPNHead
 
 
 def ceil_halvings(size: int, times: int) -> int:
@@ -237,3 +239,26 @@ def test_bfloat16_mask_rcnn_computes_in_bfloat16_with_float32_params_and_outputs
     }
     pyramid = state["intermediates"]["fpn"]["__call__"][0]
     assert {v.dtype for v in pyramid.values()} == {jnp.dtype(jnp.bfloat16)}
+
+
+def test_bfloat16_heads_predict_in_float32():
+    """With `dtype` bfloat16 the heads' hidden layers compute in bf16, their predictors (RPN
+    objectness and deltas, box head class scores and deltas, the mask predictor) in float32: the
+    outputs are not bf16 values cast up (bf16 deltas are coordinates off by up to ~1 px on large
+    boxes; bf16 scores tie by the dozen in a top-k)."""
+    rng = np.random.default_rng(0)
+    normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+    bf16 = jnp.bfloat16
+    heads = [
+        (RPNHead(num_anchors=3, dtype=bf16), ([normal(2, 8, 8, 16), normal(2, 4, 4, 16)],)),
+        (BoxHead(num_classes=3, dim=16, dtype=bf16), (normal(6, 7, 7, 16),)),
+        (MaskHead(num_classes=3, dim=8, num_convs=1, dtype=bf16), (normal(6, 14, 14, 16),
+                                                                    jnp.array([0, 1, 2] * 2))),
+    ]  # fmt: skip
+    for head, inputs in heads:
+        variables = head.init(jax.random.key(0), *inputs)
+        for x in jax.tree_util.tree_leaves(head.apply(variables, *inputs)):
+            assert x.dtype == jnp.float32, type(head).__name__
+            x = np.asarray(x)
+            rounded = np.asarray(jnp.asarray(x).astype(bf16).astype(jnp.float32))
+            assert np.mean(x == rounded) < 0.05, type(head).__name__

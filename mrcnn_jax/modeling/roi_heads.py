@@ -71,7 +71,8 @@ class BoxHead(nn.Module):
     torchvision v1: 2 FCs; v2: 4 convs with BatchNorm (`norm`, a `resnet.NORM_MODES` value) and
     1 FC. Input `[N, S, S, C]` RoI features (and in training `valid [N]`, the sampled RoIs, for
     the BatchNorm statistics); output class logits `[N, K + 1]` (index 0 background) and
-    class-specific deltas `[N, K, 4]` for the K foreground classes.
+    class-specific deltas `[N, K, 4]` for the K foreground classes, both float32 (the two
+    predictors compute in float32 whatever `dtype`).
     """
 
     num_classes: int
@@ -92,22 +93,20 @@ class BoxHead(nn.Module):
         x = x.reshape(x.shape[0], -1)
         for i in range(self.num_fcs):
             x = nn.relu(nn.Dense(self.dim, dtype=self.dtype, name=f"fc{i + 1}")(x))
+        # The predictors compute in float32 whatever `dtype` (bf16 deltas are coarse coordinates).
         logits = nn.Dense(
             self.num_classes + 1,
-            dtype=self.dtype,
+            dtype=jnp.float32,
             name="cls_score",
             kernel_init=nn.initializers.normal(0.01),
         )(x)
         deltas = nn.Dense(
             self.num_classes * 4,
-            dtype=self.dtype,
+            dtype=jnp.float32,
             name="bbox_pred",
             kernel_init=nn.initializers.normal(0.001),
         )(x)
-        return (
-            logits.astype(jnp.float32),
-            deltas.reshape(-1, self.num_classes, 4).astype(jnp.float32),
-        )
+        return logits, deltas.reshape(-1, self.num_classes, 4)
 
 
 class Deconv2x2(nn.Module):
@@ -137,8 +136,9 @@ class MaskHead(nn.Module):
 
     Input RoI features `[N, S, S, C]` and the foreground class of each RoI `classes [N]` (0..K-1)
     (and in training `valid [N]`, the foreground slots, for the BatchNorm statistics); output
-    mask logits `[N, 2S, 2S]` of that class only (the per-class predictor is evaluated just for
-    the requested class, which is what the loss and inference need).
+    float32 mask logits `[N, 2S, 2S]` of that class only (the per-class predictor, in float32
+    whatever `dtype`, is evaluated just for the requested class, which is what the loss and
+    inference need).
     """
 
     num_classes: int
@@ -164,8 +164,8 @@ class MaskHead(nn.Module):
             "predictor_kernel", nn.initializers.normal(0.001), (self.dim, self.num_classes)
         )
         bias = self.param("predictor_bias", nn.initializers.zeros, (self.num_classes,))
-        logits = jnp.einsum("nhwd,dn->nhw", x, kernel[:, classes].astype(self.dtype))
-        return logits.astype(jnp.float32) + bias[classes][:, None, None]
+        logits = jnp.einsum("nhwd,dn->nhw", x.astype(jnp.float32), kernel[:, classes])
+        return logits + bias[classes][:, None, None]  # in float32, as the other predictors
 
 
 class RoITargets(NamedTuple):

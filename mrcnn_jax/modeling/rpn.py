@@ -24,7 +24,8 @@ class RPNHead(nn.Module):
     has one, v2 two), then 1×1 objectness and box-delta convs.
 
     For each level `[B, H_l, W_l, C]` it returns objectness logits `[B, H_l·W_l·A]` and deltas
-    `[B, H_l·W_l·A, 4]` in the anchors' order (row, column, anchor), as torchvision. With
+    `[B, H_l·W_l·A, 4]` (float32, computed in float32 from the `dtype` features) in the anchors'
+    order (row, column, anchor), as torchvision. With
     `valid_size [B, 2]` and the levels' `strides`, each conv's input is zeroed outside the
     images' valid extents (`ops/extent.py`), so a second conv never reads the first's padding.
     """
@@ -53,8 +54,10 @@ class RPNHead(nn.Module):
             )
             for i in range(self.num_convs)
         ]
-        cls = Conv(self.num_anchors, (1, 1), kernel_init=init, dtype=self.dtype, name="objectness")
-        reg = Conv(self.num_anchors * 4, (1, 1), kernel_init=init, dtype=self.dtype, name="deltas")
+        # The 1×1 predictors compute in float32 whatever `dtype` (bf16 outputs would quantise the
+        # deltas by up to ~1 px on large anchors and tie most of the top-k scores).
+        cls = Conv(self.num_anchors, (1, 1), kernel_init=init, dtype=jnp.float32, name="objectness")
+        reg = Conv(self.num_anchors * 4, (1, 1), kernel_init=init, dtype=jnp.float32, name="deltas")
         logits, deltas = [], []
         strides = strides or [1] * len(features)
         for x, stride in zip(features, strides):
@@ -62,8 +65,8 @@ class RPNHead(nn.Module):
             h = x
             for layer in shared:
                 h = nn.relu(layer(mask_outside(h, valid_size, stride)))
-            logits.append(cls(h).reshape(b, -1).astype(jnp.float32))
-            deltas.append(reg(h).reshape(b, -1, 4).astype(jnp.float32))
+            logits.append(cls(h).reshape(b, -1))
+            deltas.append(reg(h).reshape(b, -1, 4))
         return logits, deltas
 
 
