@@ -103,8 +103,11 @@ def coco_format_config(
 class CocoFormat(tfds.core.GeneratorBasedBuilder):
     """A COCO-format dataset given by its config (``coco_format_config``): masks, category ids."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}  # noqa: RUF012 (TFDS class attribute)
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {  # noqa: RUF012 (TFDS class attribute)
+        "1.0.0": "Initial release.",
+        "1.1.0": "objects/coco_bbox (the unclipped box, for COCO evaluation); area in float64.",
+    }
     # TFDS 4.9's own lookup of the code path needs importlib_resources on Python >= 3.9.
     code_path = epath.Path(__file__)
     # Keep annotations whose polygons all have < 3 points, with an empty mask, instead of failing.

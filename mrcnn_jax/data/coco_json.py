@@ -1,10 +1,9 @@
 """A dataset split as a COCO-format ground-truth json, for pycocotools evaluation.
 
-Works for every builder of the shared schema. Boxes come back from TFDS' normalised float32
-boxes, rounded to 1/1000 pixel (exact for COCO's 2-decimal and shapes' integer boxes, except
-where the builder clipped a box to its image); masks are the stored compressed RLE. For COCO
-2017 the official ``annotations/instances_val2017.json`` in the manual dir is equivalent and can
-be used instead.
+Works for every builder of the shared schema. Boxes and areas are the annotation file's own
+(``objects/coco_bbox``, unclipped, and ``area``, both float64), masks the stored compressed RLE,
+so COCOeval gives the numbers it gives on the annotation file itself. For COCO 2017 the official
+``annotations/instances_val2017.json`` in the manual dir is equivalent and can be used instead.
 """
 
 import json
@@ -43,14 +42,12 @@ def coco_ground_truth(builder: tfds.core.DatasetBuilder, split: str) -> dict[str
         )
         objects = example["objects"]
         for k, annotation_id in enumerate(objects["id"]):
-            ymin, xmin, ymax, xmax = (float(v) for v in objects["bbox"][k])
-            box = [xmin * width, ymin * height, (xmax - xmin) * width, (ymax - ymin) * height]
             annotations.append(
                 {
                     "id": int(annotation_id),
                     "image_id": image_id,
                     "category_id": int(objects["category_id"][k]),
-                    "bbox": [round(v, 3) for v in box],
+                    "bbox": [float(v) for v in objects["coco_bbox"][k]],
                     "area": float(objects["area"][k]),
                     "iscrowd": int(objects["is_crowd"][k]),
                     "segmentation": {

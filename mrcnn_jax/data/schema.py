@@ -9,9 +9,12 @@ One example = one image:
   annotation (kept: they are real images, and train as all-background).
 - ``objects``: a sequence, one entry per annotation, in annotation-file order:
   ``id`` int64 (annotation id), ``bbox`` normalised (ymin, xmin, ymax, xmax) clipped to the image
-  (TFDS ``BBoxFeature``), ``label`` contiguous class 0..K-1, ``category_id`` int64 (the dataset's
-  own id), ``is_crowd`` bool, ``area`` float32 (the annotation's area in original pixels), ``mask``
-  string (pycocotools compressed-RLE counts of the image-sized mask, see ``masks.py``).
+  (TFDS ``BBoxFeature``; what training reads), ``coco_bbox`` float64 [4] (the annotation's own
+  [x, y, w, h] in original pixels, unclipped: what COCO evaluation matches detections against),
+  ``label`` contiguous class 0..K-1, ``category_id`` int64 (the dataset's own id), ``is_crowd``
+  bool, ``area`` float64 (the annotation's area in original pixels, exactly as given: COCO
+  evaluation sorts objects into small/medium/large by it), ``mask`` string (pycocotools
+  compressed-RLE counts of the image-sized mask, see ``masks.py``).
 
 The label ↔ category-id map and the class names are in the dataset info (``info.metadata`` and
 the ``label`` ClassLabel), so evaluation and prediction read them from any builder.
@@ -23,6 +26,13 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+
+
+def _float64(shape: tuple[int, ...]) -> tfds.features.Tensor:
+    """A float64 feature stored as raw bytes: a ``tf.train.Example`` float list is float32."""
+    return tfds.features.Tensor(
+        shape=shape, dtype=np.float64, encoding=tfds.features.Encoding.BYTES
+    )
 
 
 def instance_features(
@@ -43,10 +53,11 @@ def instance_features(
                 {
                     "id": tfds.features.Scalar(dtype=np.int64),
                     "bbox": tfds.features.BBoxFeature(),
+                    "coco_bbox": _float64((4,)),
                     "label": tfds.features.ClassLabel(names=list(class_names)),
                     "category_id": tfds.features.Scalar(dtype=np.int64),
                     "is_crowd": tfds.features.Scalar(dtype=np.bool_),
-                    "area": tfds.features.Scalar(dtype=np.float32),
+                    "area": _float64(()),
                     "mask": tfds.features.Tensor(shape=(), dtype=tf.string),
                 }
             ),
@@ -72,7 +83,8 @@ def make_object(
 ) -> dict[str, Any]:
     """Builds one ``objects`` entry from a COCO-style box [x, y, w, h] in pixels of a H×W image.
 
-    The box is clipped to the image (a box entirely outside becomes a zero-area box at the border).
+    ``bbox`` is the box clipped to the image (a box entirely outside becomes a zero-area box at
+    the border); ``coco_bbox`` keeps it as given.
     """
     x, y, w, h = (float(v) for v in box_xywh)
     xmin, xmax = np.clip([x, x + w], 0.0, width) / width
@@ -80,6 +92,7 @@ def make_object(
     return {
         "id": int(annotation_id),
         "bbox": tfds.features.BBox(ymin=ymin, xmin=xmin, ymax=ymax, xmax=xmax),
+        "coco_bbox": np.array([x, y, w, h], np.float64),
         "label": int(label),
         "category_id": int(category_id),
         "is_crowd": bool(is_crowd),

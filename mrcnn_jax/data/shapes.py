@@ -142,8 +142,11 @@ def _example(seed: int, split: str, index: int, image_size: tuple[int, int]) -> 
 class Shapes(tfds.core.GeneratorBasedBuilder):
     """Synthetic circles / squares / triangles with visible-pixel instance masks."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}  # noqa: RUF012 (TFDS class attribute)
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {  # noqa: RUF012 (TFDS class attribute)
+        "1.0.0": "Initial release.",
+        "1.1.0": "objects/coco_bbox (the unclipped box, for COCO evaluation); area in float64.",
+    }
     BUILDER_CONFIGS = [ShapesConfig(name="default", description="2000/200 images of 128x128.")]  # noqa: RUF012
     # TFDS 4.9's own lookup of the code path needs importlib_resources on Python >= 3.9.
     code_path = epath.Path(__file__)
