@@ -361,11 +361,12 @@ def test_unknown_label_raises(coco_gt):
 def test_bad_label_mappings_raise(coco_gt):
     with pytest.raises(ValueError, match="several labels to one category"):
         CocoEvaluator({0: 3, 1: 3})
-    evaluator = CocoEvaluator({0: 3, 1: 17, 2: 99})  # 99 is no category of the ground truth
+    # 99 is no category of the ground truth: its results are left out, named in a warning.
+    evaluator = CocoEvaluator({0: 3, 1: 17, 2: 99})
     for batch, outputs in _batches(_perfect_detections(coco_gt), np.random.default_rng(5)):
         evaluator.add_batch(batch, outputs)
-    with pytest.raises(ValueError, match=r"category ids \[99\]"):
-        evaluator.evaluate(coco_gt)
+    with pytest.warns(UserWarning, match=r"category ids absent from the ground truth .*\{99: "):
+        assert evaluator.evaluate(coco_gt)["bbox/AP"] < 1.0
 
 
 def test_input_errors(coco_gt):
@@ -393,6 +394,15 @@ def test_input_errors(coco_gt):
         stray.evaluate(coco_gt)
     with pytest.raises(ValueError, match="not in image_ids"):
         evaluate_coco(coco_gt, no_masks.results, [1], iou_types=("bbox",))
+    # Categories absent from the ground truth (torchvision's "N/A" ids) are left out, as COCOeval
+    # leaves them; results none of whose categories it has mean a wrong label map.
+    ids = no_masks.image_ids
+    extra = [dict(r, category_id=99) for r in no_masks.results[:3]]
+    with pytest.warns(UserWarning, match=r"3 results of category ids absent .*\{99: 3\}"):
+        got = evaluate_coco(coco_gt, no_masks.results + extra, ids, iou_types=("bbox",))
+    assert got == evaluate_coco(coco_gt, no_masks.results, ids, iou_types=("bbox",))
+    with pytest.raises(ValueError, match=r"none of the results' category ids \[99\]"):
+        evaluate_coco(coco_gt, extra, ids, iou_types=("bbox",))
     from_zero = copy.deepcopy(coco_gt.dataset)
     for annotation in from_zero["annotations"]:
         annotation["id"] -= 1

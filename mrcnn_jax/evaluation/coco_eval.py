@@ -14,6 +14,7 @@ pycocotools finds a metric undefined, e.g. no ground truth).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import io
 import json
@@ -192,9 +193,11 @@ def evaluate_coco(
       value is 0.0 and a warning is issued.
 
     Raises:
-      ValueError: on an unknown IoU type, image ids or category ids absent from ``coco_gt``,
-        an annotation id 0 in ``coco_gt`` (pycocotools would count its matches as misses), or
-        "segm" requested for results without masks.
+      ValueError: on an unknown IoU type, image ids absent from ``coco_gt``, results none of
+        whose category ids is in ``coco_gt`` (a wrong label map), an annotation id 0 in
+        ``coco_gt`` (pycocotools would count its matches as misses), or "segm" requested for
+        results without masks. Results of other categories absent from ``coco_gt`` (e.g.
+        torchvision's "N/A" classes) are left out with a warning, as COCOeval leaves them out.
     """
     unknown_types = [t for t in iou_types if t not in IOU_TYPES]
     if unknown_types:
@@ -210,10 +213,22 @@ def evaluate_coco(
     missing_images = sorted(set(image_ids) - set(coco_gt.getImgIds()))
     if missing_images:
         raise ValueError(f"image ids {missing_images[:10]} are not in the ground truth")
-    result_categories = {r["category_id"] for r in results}
-    missing_categories = sorted(result_categories - set(coco_gt.getCatIds()))
-    if missing_categories:
-        raise ValueError(f"category ids {missing_categories} are not in the ground truth")
+    known = set(coco_gt.getCatIds())
+    missing = collections.Counter(
+        r["category_id"] for r in results if r["category_id"] not in known
+    )
+    if missing and len(missing) == len({r["category_id"] for r in results}):
+        raise ValueError(
+            f"none of the results' category ids {sorted(missing)} is in the ground truth "
+            f"({sorted(known)[:10]}...): is the label -> category id map the dataset's?"
+        )
+    if missing:  # COCOeval scores only the ground truth's categories: these would not count
+        warnings.warn(
+            f"{sum(missing.values())} results of category ids absent from the ground truth are "
+            f"left out, as COCOeval leaves them: {dict(sorted(missing.items()))} (results per id)",
+            stacklevel=2,
+        )
+        results = [r for r in results if r["category_id"] in known]
     result_images = {r["image_id"] for r in results}
     if not result_images <= set(image_ids):
         raise ValueError(
