@@ -172,6 +172,10 @@ def check_data(config: ml_collections.ConfigDict) -> None:
     ):
         if not _is_int(data[name]) or data[name] < 1:
             raise ValueError(f"config.data.{name}={data[name]!r} must be at least 1 ({what})")
+    if data.dataset == "shapes":
+        for name in ("shapes_num_train", "shapes_num_val"):
+            if not _is_int(data[name]) or data[name] < 1:
+                raise ValueError(f"config.data.{name}={data[name]!r} must be at least 1 image")
     jitter = tuple(data.scale_jitter)
     if len(jitter) != 2 or not 0 < jitter[0] <= jitter[1] < np.inf:
         raise ValueError(

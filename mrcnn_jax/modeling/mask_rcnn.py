@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from mrcnn_jax.modeling.checks import check_model_config
 from mrcnn_jax.modeling.fpn import FPN
 from mrcnn_jax.modeling.resnet import ResNet
 from mrcnn_jax.modeling.roi_heads import (
@@ -117,7 +118,9 @@ class MaskRCNN(nn.Module):
     def from_config(
         cls, model_config: ml_collections.ConfigDict, axis_name: str | None = None
     ) -> "MaskRCNN":
-        """The model of `config.model`; `axis_name` is the data-parallel axis (sync BN)."""
+        """The model of `config.model` (`checks.check_model_config`: ValueError naming a bad
+        field); `axis_name` is the data-parallel axis (sync BN)."""
+        check_model_config(model_config)
         return cls(config=ml_collections.FrozenConfigDict(model_config), axis_name=axis_name)
 
     def variable_shapes(self, image_shape: tuple[int, int] = (128, 128)) -> dict:

@@ -34,6 +34,8 @@ from tqdm import tqdm
 from mrcnn_jax import sharding
 from mrcnn_jax.convert import imagenet
 from mrcnn_jax.data import get_builder, pipeline, schema
+from mrcnn_jax.evaluation.masks import PASTE_METHODS
+from mrcnn_jax.modeling.checks import check_model_config
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 from mrcnn_jax.programs import evaluator
 from mrcnn_jax.train import checkpoint as ckpt_lib
@@ -73,8 +75,9 @@ def _say(message: str) -> None:
 
 
 def with_dataset_classes(config: ml_collections.ConfigDict, builder) -> ml_collections.ConfigDict:
-    """A copy of `config` with the dataset's `data.class_names` (and `data.label_to_category_id`
-    unless the config sets it); checks `model.num_classes`.
+    """A copy of `config` with the dataset's `data.class_names` and `data.label_to_category_id`
+    where the config leaves them empty; checks `model.num_classes` and that given names and ids
+    have one entry per class of the dataset (ids distinct).
 
     `model.num_classes = 0` means "as many as the dataset has" and is set to that number.
     """
@@ -85,9 +88,20 @@ def with_dataset_classes(config: ml_collections.ConfigDict, builder) -> ml_colle
             f"{builder.info.full_name} has {len(names)} classes: set --config.model.num_classes="
             f"{len(names)}"
         )
+    for name in ("class_names", "label_to_category_id"):
+        given = tuple(config.data[name])
+        if given and len(given) != len(names):
+            raise ValueError(
+                f"config.data.{name} has {len(given)} entries but dataset "
+                f"{builder.info.full_name} has {len(names)} classes ({names[:5]}...); "
+                "leave it empty to take the dataset's"
+            )
+    ids = tuple(config.data.label_to_category_id)
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"config.data.label_to_category_id={ids} repeats a category id")
     config = ml_collections.ConfigDict(config.to_dict())
     config.model.num_classes = len(names)
-    config.data.class_names = tuple(names)
+    config.data.class_names = tuple(config.data.class_names) or tuple(names)
     if not config.data.label_to_category_id:
         config.data.label_to_category_id = tuple(schema.label_to_category_id(builder.info).tolist())
     return config
@@ -133,7 +147,10 @@ def check_backbone_init(model: ml_collections.ConfigDict) -> None:
 
 def check_train_config(config: ml_collections.ConfigDict) -> None:
     """Refuses, before any work, a config that would only fail later (after compiling the step,
-    or after training): the data settings (`pipeline.check_data`) and the schedule.
+    or after training), deep in JAX, or not at all: the data settings (`pipeline.check_data`),
+    the model's (`checks.check_model_config`), the optimizer and schedule
+    (`state.check_train_settings`), `model.roi_heads.mask_paste`, `seed` and `eval.max_images`
+    (0 or more), and the step counts:
 
     `train.log_every` and `train.checkpoint_every` are positive numbers of steps;
     `train.num_steps`, `train.eval_every` (0: only at the end) and `train.keep_checkpoints`
@@ -143,7 +160,17 @@ def check_train_config(config: ml_collections.ConfigDict) -> None:
       ValueError: naming the field and its value.
     """
     pipeline.check_data(config)
+    check_model_config(config.model)
+    state_lib.check_train_settings(config.train)
     evaluator.eval_batch_size(config, jax.device_count())
+    if config.model.roi_heads.mask_paste not in PASTE_METHODS:
+        raise ValueError(
+            f"config.model.roi_heads.mask_paste={config.model.roi_heads.mask_paste!r} must be "
+            f"one of {PASTE_METHODS}"
+        )
+    for name, value in (("seed", config.seed), ("eval.max_images", config.eval.max_images)):
+        if not isinstance(value, int) or value < 0:
+            raise ValueError(f"config.{name}={value!r} must be an integer >= 0")
     t = config.train
     for name in ("log_every", "checkpoint_every"):
         if t[name] < 1:

@@ -1,7 +1,9 @@
 """Train state, learning-rate schedule and optimizer (SGD with momentum, Detectron2-style, or
 AdamW)."""
 
+import math
 import re
+from collections.abc import Callable
 from typing import Any
 
 import flax
@@ -19,6 +21,45 @@ class TrainState(train_state.TrainState):
     """`params`, `opt_state`, `step` plus the BatchNorm statistics."""
 
     batch_stats: Any = None
+
+
+SCHEDULES = ("cosine", "step")
+OPTIMIZERS = ("sgd", "adamw")
+
+
+def check_train_settings(train: ml_collections.ConfigDict) -> None:
+    """Raises ValueError, naming the field, unless `config.train`'s batch, learning-rate
+    schedule and optimizer values are in range: `batch_size` >= 1, `base_lr` > 0,
+    `warmup_steps` >= 0, `warmup_factor` in [0, 1], `decay_steps` steps >= 0, `decay_factor` in
+    (0, 1], `momentum` and each of `adam_betas` in [0, 1), `weight_decay` and `grad_clip_norm`
+    >= 0, and a known `schedule` and `optimizer`. Decay steps beyond `num_steps` are allowed:
+    a run may stop early and resume with more steps on the same schedule."""
+
+    def number(name: str, ok: Callable[[float], bool], rule: str) -> None:
+        value = train[name]
+        if not (_is_real(value) and ok(value)):
+            raise ValueError(f"config.train.{name}={train[name]!r} must be {rule}")
+
+    number("batch_size", lambda v: v >= 1 and v == int(v), "a positive number of images")
+    number("base_lr", lambda v: v > 0, "positive (the peak learning rate)")
+    number("warmup_steps", lambda v: v >= 0 and v == int(v), "0 or more steps")
+    number("warmup_factor", lambda v: 0 <= v <= 1, "in [0, 1] (of base_lr at step 0)")
+    number("decay_factor", lambda v: 0 < v <= 1, "in (0, 1] (the lr is multiplied by it)")
+    number("momentum", lambda v: 0 <= v < 1, "in [0, 1)")
+    number("weight_decay", lambda v: v >= 0, "0 or more")
+    number("grad_clip_norm", lambda v: v >= 0, "0 (off) or more")
+    if not all(_is_real(s) and s >= 0 and s == int(s) for s in train.decay_steps):
+        raise ValueError(f"config.train.decay_steps={train.decay_steps!r} must be steps >= 0")
+    betas = tuple(train.adam_betas)
+    if len(betas) != 2 or not all(_is_real(b) and 0 <= b < 1 for b in betas):
+        raise ValueError(f"config.train.adam_betas={train.adam_betas!r} must be (b1, b2) in [0, 1)")
+    for name, choices in (("schedule", SCHEDULES), ("optimizer", OPTIMIZERS)):
+        if train[name] not in choices:
+            raise ValueError(f"config.train.{name}={train[name]!r} must be one of {choices}")
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def create_learning_rate_fn(train: ml_collections.ConfigDict) -> optax.Schedule:
@@ -40,7 +81,7 @@ def create_learning_rate_fn(train: ml_collections.ConfigDict) -> optax.Schedule:
             {int(s) - train.warmup_steps: train.decay_factor for s in train.decay_steps},
         )
     else:
-        raise ValueError(f"train.schedule must be 'cosine' or 'step', got {train.schedule!r}")
+        raise ValueError(f"train.schedule must be one of {SCHEDULES}, got {train.schedule!r}")
     return optax.join_schedules([warmup, decay], [train.warmup_steps])
 
 
@@ -115,7 +156,7 @@ def create_optimizer(
             )
         )
     else:
-        raise ValueError(f"train.optimizer must be 'sgd' or 'adamw', got {train.optimizer!r}")
+        raise ValueError(f"train.optimizer must be one of {OPTIMIZERS}, got {train.optimizer!r}")
     return optax.multi_transform(
         {"train": optax.chain(*steps), "frozen": optax.set_to_zero()}, labels
     )
