@@ -12,10 +12,16 @@ Inputs (after the flags, any number, in any mix):
   - a glob pattern, quoted so that the shell leaves it alone: expanded here with Python's
     `glob.glob(pattern, recursive=True)` (`**` spans folders), every file it matches is read.
 An input that names no existing file or folder, a pattern matching no file, a folder holding
-no image file, a --score_threshold outside [0, 1], a --workdir without the checkpoint and an
---out_dir that cannot be created (e.g. a regular file) are errors (naming it) before the model
-loads. A file reached twice (same real path) is predicted once, under the first name it was
-reached by.
+no image file, a --score_threshold outside [0, 1], a --batch_size that is not a positive
+multiple of the local device count, a --workdir without the checkpoint and an --out_dir that
+cannot be created (e.g. a regular file) are errors (naming it) before the model loads. A file
+reached twice (same real path) is predicted once, under the first name it was reached by.
+
+The inputs are never written: an output (a drawing or detections.json) that is an input file,
+also through a symlink or a hard link, is an error naming both, before the model loads. So is,
+when drawing, an --out_dir where the same command run again would read the drawings as images:
+a folder input itself or, with --recursive, any folder below it (e.g. `--recursive photos/
+--out_dir=photos/predictions`); choose an --out_dir outside the inputs.
 
 Each image is read as its stored pixels, exactly as the training and eval pipeline reads it (an
 EXIF orientation is not applied: a phone photo stored sideways is predicted, drawn and reported
@@ -49,10 +55,11 @@ Flags:
   --score_threshold    keep detections scoring at least this (in [0, 1], default 0.5).
   --out_dir            where the drawings and detections.json go (default:
                        <workdir>/predictions, in the training workdir also when --workdir names
-                       a checkpoint folder).
+                       a checkpoint folder); not where the inputs are read from (see above).
   --recursive          also take the image files in the subfolders of folder inputs.
-  --batch_size         images per program run, a multiple of the local device count (default:
-                       2 per local device); the last batch is padded, so one compilation serves all.
+  --batch_size         images per program run, a positive multiple of the local device count
+                       (default: 2 per local device); the last batch is padded, so one
+                       compilation serves all.
   --no_draw            write only detections.json, no PNGs.
 """
 
@@ -86,7 +93,8 @@ _OUT_DIR = flags.DEFINE_string(
     "out_dir",
     None,
     "Where the drawings and detections.json go (default: <workdir>/predictions, in the "
-    "training workdir).",
+    "training workdir). Refused if an output is an input, or if the drawings would go where "
+    "the inputs are read from (a folder input, with --recursive also below it).",
 )
 _RECURSIVE = flags.DEFINE_bool(
     "recursive",
@@ -199,6 +207,61 @@ def output_names(paths: Sequence[str]) -> list[str]:
     return names
 
 
+def check_outputs(
+    args: Sequence[str],
+    paths: Sequence[str],
+    drawings: Sequence[str],
+    results_path: str,
+    recursive: bool,
+) -> None:
+    """Refuses outputs that would overwrite or, on a second run, be read as the inputs.
+
+    Args:
+      args: the input arguments (files, folders, glob patterns), as `collect_inputs` took them.
+      paths: the image files they name (`collect_inputs(args, recursive)`).
+      drawings: the drawings this run writes (none with --no_draw).
+      results_path: the detections.json it writes.
+      recursive: whether folder inputs include their subfolders.
+
+    Raises:
+      app.UsageError: an output is an existing input file (the same file: also through a
+        symlink or a hard link), or a drawing lies in a folder input (or, with `recursive`,
+        below it), naming the input and the output.
+    """
+    inputs = {}  # (device, inode) -> path
+    for path in paths:
+        stat = os.stat(path)
+        inputs.setdefault((stat.st_dev, stat.st_ino), path)
+    for what, output in [*(("drawing", d) for d in drawings), ("results", results_path)]:
+        try:
+            stat = os.stat(output)
+        except OSError:  # not there (yet): no input either
+            continue
+        if (source := inputs.get((stat.st_dev, stat.st_ino))) is not None:
+            raise app.UsageError(
+                f"the {what} {output!r} would overwrite the input {source!r} (the same file): "
+                "choose an --out_dir outside the inputs"
+            )
+    first_drawing = {}  # the folder of drawings -> the first drawing in it
+    for drawing in drawings:
+        first_drawing.setdefault(os.path.dirname(drawing), drawing)
+    real_folders = {  # with a trailing separator: "/a/bc/" does not start with "/a/b/"
+        os.path.join(os.path.realpath(folder), ""): drawing
+        for folder, drawing in first_drawing.items()
+    }
+    for arg in args:
+        if os.path.isdir(arg):
+            folder = os.path.join(os.path.realpath(arg), "")
+            for parent, drawing in real_folders.items():
+                if parent == folder or (recursive and parent.startswith(folder)):
+                    raise app.UsageError(
+                        f"the drawing {drawing!r} would be in the input folder {arg!r}"
+                        f"{' (read with --recursive)' if recursive else ''}, where running "
+                        "this again reads it as an image: choose an --out_dir outside the "
+                        "inputs (or --no_draw)"
+                    )
+
+
 def read_batches(
     paths: Sequence[str], batch_size: int
 ) -> Iterator[tuple[list[tuple[int, np.ndarray]], list[tuple[int, str]]]]:
@@ -250,7 +313,9 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)  # bad files: reported below
     num_devices = jax.local_device_count()
-    batch_size = _BATCH_SIZE.value or IMAGES_PER_DEVICE * num_devices
+    batch_size = _BATCH_SIZE.value
+    if batch_size is None:
+        batch_size = IMAGES_PER_DEVICE * num_devices
     if batch_size < 1 or batch_size % num_devices:
         raise app.UsageError(
             f"--batch_size={batch_size} must be a positive multiple of the {num_devices} "
@@ -259,6 +324,9 @@ def main(argv):
     try:  # name what to fix
         workdir, step = predictor_lib.locate_checkpoint(_WORKDIR.value, _STEP.value)
         out_dir = _OUT_DIR.value or os.path.join(str(workdir), "predictions")
+        drawings = [] if _NO_DRAW.value else [os.path.join(out_dir, name) for name in names]
+        results_path = os.path.join(out_dir, "detections.json")
+        check_outputs(argv[1:], paths, drawings, results_path, _RECURSIVE.value)
         os.makedirs(out_dir, exist_ok=True)  # FileExistsError: it is a regular file
         predictor = predictor_lib.load_checkpoint(workdir, step)
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as error:
@@ -287,9 +355,8 @@ def main(argv):
                         result["scores"],
                         result["class_names"],
                     )
-                    path = os.path.join(out_dir, names[index])
-                    os.makedirs(os.path.dirname(path), exist_ok=True)
-                    visualize.write_image(path, drawn)
+                    os.makedirs(os.path.dirname(drawings[index]), exist_ok=True)
+                    visualize.write_image(drawings[index], drawn)
             num_read += len(read)
             bar.update(len(read))
 
@@ -298,7 +365,6 @@ def main(argv):
     if not num_read:
         print("no image could be read; nothing written", file=sys.stderr)
         return 1
-    results_path = os.path.join(out_dir, "detections.json")
     with open(results_path, "w") as f:
         json.dump(detections, f)
     print(

@@ -1,6 +1,7 @@
 """`Predictor.predict_batch` (batched, data-parallel over local devices) and scripts/predict.py
 over files, folders and globs; the inputs the predictor, `load_checkpoint` and the predict and
-eval scripts refuse; where the scripts write given a checkpoint folder as --workdir.
+eval scripts refuse (predict.py: an --out_dir among its inputs); the predictor's variables kept
+on the devices; where the scripts write given a checkpoint folder as --workdir.
 
 A tiny ResNet-18-FPN on a 128² canvas with random weights stands in for a trained model (its
 class scores spread out so that detections are not near-tied); the script reads it from a
@@ -23,6 +24,7 @@ from conftest import tiny_config
 from helpers import random_variables
 
 import mrcnn_jax
+from mrcnn_jax import sharding
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN, dummy_inputs
 from mrcnn_jax.programs.predictor import Predictor, locate_checkpoint
 from mrcnn_jax.train import checkpoint as ckpt_lib
@@ -92,6 +94,7 @@ def test_predict_batch_equals_calls_one_image_at_a_time(
         assert len(got) == count
         for index, (g, w, image) in enumerate(zip(got, want, images)):
             assert g["masks"].shape[1:] == image.shape[:2]
+            assert g["boxes"].dtype == w["boxes"].dtype == np.float32  # not float64
             assert_same_detections(g, w, f"{count} images, image {index}")
     threshold = float(np.median(want[0]["scores"]))
     (kept,) = predictor.predict_batch(images[:1], threshold, batch_size=batch_size)
@@ -125,6 +128,74 @@ def test_predictor_refuses_a_score_threshold_outside_0_1_and_an_empty_image(mode
             predictor.predict_batch([image, np.zeros(shape, np.uint8)], batch_size=2)
 
 
+def test_predictor_places_the_variables_once_and_again_when_one_is_replaced(
+    model_setup, monkeypatch
+):
+    """Both entry points use the variables placed on the devices once (not copied from host
+    memory at every call), placed again after an array of `variables` was replaced in place in
+    its dict (the same results from both), or `variables` itself; an in-place write into an
+    array, which the placed copy would not see, raises."""
+    config, variables = model_setup
+    placed = []  # the trees sharding.replicate put on the devices
+    replicate = sharding.replicate
+
+    def counting_replicate(tree, mesh):
+        placed.append(tree)
+        return replicate(tree, mesh)
+
+    monkeypatch.setattr(sharding, "replicate", counting_replicate)
+    copy = jax.tree_util.tree_map(np.array, variables)  # the fixture's arrays stay as they are
+    predictor = Predictor(config, copy, step=0, devices=jax.local_devices()[:1])
+    image = natural_images(1)[0]
+    before = predictor(image, score_threshold=0.0)
+    assert len(placed) == 1
+    (batched,) = predictor.predict_batch([image], 0.0, batch_size=2)
+    assert_same_detections(batched, before, "batched")
+    assert_same_detections(predictor(image, 0.0), before, "again")
+    assert len(placed) == 1
+    cls_score = predictor.variables["params"]["box_head"]["cls_score"]
+    with pytest.raises(ValueError, match="read-only"):
+        cls_score["bias"] += 20
+    cls_score["bias"] = cls_score["bias"] + np.float32([0, 0, 0, 1000])  # all triangles
+    (batched,) = predictor.predict_batch([image], 0.0, batch_size=2)
+    after = predictor(image, 0.0)
+    assert len(placed) == 2
+    assert_same_detections(batched, after, "new bias")
+    assert set(after["class_names"]) == {"triangle"} != set(before["class_names"])
+    predictor.variables = jax.tree_util.tree_map(np.array, variables)
+    assert_same_detections(predictor(image, 0.0), before, "old variables")
+    assert len(placed) == 3
+
+
+def test_predictor_takes_grey_and_rgba_images_and_refers_batches_to_predict_batch(model_setup):
+    """Grey and RGBA converted as `visualize.read_image` converts such files; float32 boxes and
+    scores; a batch given to `__call__` (or one image to `predict_batch`) names the other."""
+    config, variables = model_setup
+    predictor = Predictor(config, variables, step=0, devices=jax.local_devices()[:1])
+    image = natural_images(1)[0]  # [100, 151, 3]
+    for batch, got in [(np.stack([image, image]), "(2, 100, 151, 3)"), ([image] * 2, "list of 2")]:
+        message = f"got a batch of images ({got}): use predictor.predict_batch(images)"
+        with pytest.raises(ValueError, match=re.escape(message)):
+            predictor(batch)
+    message = "got an array (100, 151, 3): use predictor(image) or predict_batch([image])"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        predictor.predict_batch(image)
+    with pytest.raises(ValueError, match=re.escape("uint8 array [H, W, 3] (or grey [H, W]")):
+        predictor(image[..., :2])
+    grey = image[..., 1]
+    want = predictor(np.repeat(grey[..., None], 3, axis=-1), score_threshold=0.0)
+    assert_same_detections(predictor(grey, 0.0), want, "[H, W]")
+    assert_same_detections(predictor(grey[..., None], 0.0), want, "[H, W, 1]")
+    (batched,) = predictor.predict_batch([grey], 0.0, batch_size=2)
+    assert_same_detections(batched, want, "[H, W], batched")
+    rgba = np.dstack([image, np.full(image.shape[:2], 9, np.uint8)])
+    assert_same_detections(predictor(rgba, 0.0), predictor(image, 0.0), "RGBA")
+    stacked = predictor.predict_batch(np.stack([image, image]), 0.0, batch_size=2)
+    assert_same_detections(stacked[1], predictor(image, 0.0), "[B, H, W, 3]")
+    for result in (want, batched):
+        assert (result["boxes"].dtype, result["scores"].dtype) == (np.float32, np.float32)
+
+
 def test_load_checkpoint_refuses_variables_of_another_dtype(model_setup, tmp_path):
     """Right names and shapes, int32 values: refused, naming the variable and both dtypes."""
     config, variables = model_setup
@@ -153,6 +224,19 @@ def test_locate_checkpoint_names_the_workdir_of_a_checkpoint_folder(workdir):
         assert locate_checkpoint(str(path), step=0) == (workdir, 0)
     with pytest.raises(FileNotFoundError, match=r"no complete checkpoint 7 .*\[0\]"):
         locate_checkpoint(workdir, step=7)
+
+
+def test_a_checkpoint_step_is_an_integer(workdir):
+    """Integer-like steps are taken; others (the string "0") are refused naming their type,
+    not looked for among the stored steps."""
+    for step in ("0", 0.0, True):
+        message = re.escape(f"step must be an int, got {type(step).__name__} {step!r}")
+        with pytest.raises(TypeError, match=message):
+            locate_checkpoint(workdir, step=step)
+        with pytest.raises(TypeError, match=message):
+            mrcnn_jax.load_checkpoint(workdir, step=step)
+    assert locate_checkpoint(workdir, step=np.int64(0)) == (workdir, 0)
+    assert type(locate_checkpoint(workdir, step=np.int64(0))[1]) is int
 
 
 # ------------------------------------------------------------------- scripts/predict.py
@@ -297,6 +381,37 @@ def test_scripts_refuse_a_bad_threshold_step_or_out_dir_naming_it(
         assert result.returncode == 1, (args, result.stderr[-3000:])
         assert message in result.stderr, (args, result.stderr[-3000:])
         assert "Traceback" not in result.stderr, (args, result.stderr[-3000:])
+
+
+def test_predict_script_refuses_an_out_dir_among_its_inputs(workdir, compile_cache, tmp_path):
+    """An output that is an input (here through a symlink to the input folder), or drawings that
+    running the command again would read (below a folder read with --recursive): usage errors
+    naming both, before the model loads; the inputs are left as they were, nothing is
+    written."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name, image in zip(["x.png", "y.jpg"], natural_images(2, seed=2)):
+        assert cv2.imwrite(str(photos / name), image)
+    stored = {p: p.read_bytes() for p in photos.iterdir()}
+    (tmp_path / "link").symlink_to(photos)
+    drawn = photos / "drawn"
+    for args, message in [
+        (
+            [f"--out_dir={tmp_path / 'link'}", photos],
+            f"the drawing {str(tmp_path / 'link' / 'x.png')!r} would overwrite the input "
+            f"{str(photos / 'x.png')!r} (the same file)",
+        ),
+        (
+            [f"--out_dir={drawn}", "--recursive", photos],
+            f"the drawing {str(drawn / 'x.png')!r} would be in the input folder {str(photos)!r} "
+            "(read with --recursive)",
+        ),
+    ]:
+        result = run_script(f"--workdir={workdir}", *args, cache=compile_cache)
+        assert result.returncode == 1, (args, result.stderr[-3000:])
+        assert message in result.stderr, (args, result.stderr[-3000:])
+        assert "Traceback" not in result.stderr, (args, result.stderr[-3000:])
+        assert {p: p.read_bytes() for p in photos.iterdir()} == stored, args
 
 
 def test_scripts_write_into_the_workdir_of_a_checkpoint_folder(

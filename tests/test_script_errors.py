@@ -56,3 +56,10 @@ def test_a_workdir_without_checkpoints_is_refused(name, tmp_path):
         assert_usage_error(
             result, f"{workdir} is neither a workdir with checkpoints/ nor a checkpoints/<step>"
         )
+
+
+def test_predict_refuses_a_batch_size_of_0(tmp_path):
+    """0 is refused as any size that is not a positive multiple of the local device count is,
+    not taken as the default; before the workdir is looked at."""
+    result = run_script("predict.py", f"--workdir={tmp_path}", "--batch_size=0", __file__)
+    assert_usage_error(result, "--batch_size=0 must be a positive multiple of the")

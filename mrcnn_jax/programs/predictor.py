@@ -5,19 +5,22 @@
     result = predictor(image)  # image: [H, W, 3] uint8 RGB numpy array
     results = predictor.predict_batch(images)  # many images, batched over the local devices
 
-`result` holds the detections in ORIGINAL image pixels: `boxes [N, 4]` (x1, y1, x2, y2),
-`scores [N]`, `classes [N]` (contiguous labels), `class_names` (N strings), `masks [N, H, W]` bool.
+`result` holds the detections in ORIGINAL image pixels: `boxes [N, 4]` float32 (x1, y1, x2, y2),
+`scores [N]` float32, `classes [N]` (contiguous labels), `class_names` (N strings),
+`masks [N, H, W]` bool. Grey (`[H, W]`, `[H, W, 1]`) and RGBA (`[H, W, 4]`) uint8 images are
+taken as `evaluation.visualize.read_image` reads such files: grey repeated into R, G and B, the
+alpha channel dropped.
 `predict_batch` returns one such dict per image, the same as calling the predictor on each.
 `locate_checkpoint(path)` says which workdir and step `load_checkpoint(path)` reads, loading
 nothing (scripts/eval.py writes its results into that workdir).
 """
 
 import dataclasses
+import operator
 from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from etils import epath
@@ -31,14 +34,28 @@ from mrcnn_jax.programs.evaluator import make_predict_step
 from mrcnn_jax.train import checkpoint as ckpt_lib
 
 
+@dataclasses.dataclass(frozen=True)
+class _Placed:
+    """A `Predictor`'s variables on its devices, and the arrays they were placed from."""
+
+    leaves: list  # jax.tree_util.tree_leaves(variables) when placed
+    treedef: Any
+    replicated: dict  # on every device of the mesh (predict_batch's)
+    on_first_device: dict  # their copy on the mesh's first device (__call__'s), no new memory
+
+
 @dataclasses.dataclass
 class Predictor:
     """A model with its variables and config; call it on one image, or `predict_batch` on many
     (see the module docstring).
 
     `devices` are those `predict_batch` splits its batches over (default: this process's
-    devices, `jax.local_devices()`); the variables are placed on them at its first call (and
-    again if `variables` is replaced). `__call__` runs on JAX's default device.
+    devices, `jax.local_devices()`); `__call__` runs on the first of them. The variables are
+    placed on the devices once, at the first call of either, and again whenever `variables` or
+    any array in it has been replaced (`predictor.variables["params"]["box_head"] = ...`), so
+    both always use the current values. Numpy arrays in `variables` are made read-only when
+    placed: an in-place write (`kernel[0] = x`, `kernel += x`), which the placed copies would
+    not see, raises instead; assign a new array.
     """
 
     config: ml_collections.ConfigDict
@@ -51,7 +68,8 @@ class Predictor:
         self._apply = jax.jit(lambda v, b: self._model.apply(v, b, train=False))
         self._mesh = sharding.create_mesh(list(self.devices or jax.local_devices()))
         self._sharded_apply = make_predict_step(self._model, self._mesh)
-        self._placed: tuple[dict, dict] | None = None  # (variables, their replicas on the mesh)
+        self._device = self._mesh.devices.flat[0]  # __call__'s
+        self._placed: _Placed | None = None
 
     @property
     def class_names(self) -> list[str]:
@@ -64,17 +82,25 @@ class Predictor:
         return self._mesh.size
 
     def __call__(self, image: np.ndarray, score_threshold: float = 0.5) -> dict[str, Any]:
-        """Detects objects in `image [H, W, 3]` uint8 RGB (H, W ≥ 1); keeps scores ≥
-        `score_threshold`, in [0, 1].
+        """Detects objects in `image [H, W, 3]` uint8 RGB (H, W ≥ 1; grey `[H, W]`, `[H, W, 1]`
+        and RGBA `[H, W, 4]` are converted, see the module docstring); keeps scores ≥
+        `score_threshold`, in [0, 1]. Many images: `predict_batch`.
 
         Raises:
-          ValueError: `image` is not a non-empty `[H, W, 3]` uint8 array, or `score_threshold`
-            is not in [0, 1].
+          ValueError: `image` is not one non-empty uint8 image of those shapes (a batch
+            `[B, H, W, 3]` or a list of images: the message says to use `predict_batch`), or
+            `score_threshold` is not in [0, 1].
         """
         _check_score_threshold(score_threshold)
+        if isinstance(image, list | tuple) or np.ndim(image) == 4:
+            got = f"list of {len(image)}" if isinstance(image, list | tuple) else np.shape(image)
+            raise ValueError(
+                f"predictor(image) takes one image [H, W, 3], got a batch of images ({got}): "
+                "use predictor.predict_batch(images)"
+            )
         inputs = self._preprocess(image)
-        batch = jax.tree_util.tree_map(lambda x: jnp.asarray(x)[None], inputs)
-        out = jax.device_get(self._apply(self.variables, batch))
+        batch = jax.device_put({k: v[None] for k, v in inputs.items()}, self._device)
+        out = jax.device_get(self._apply(self._placed_variables().on_first_device, batch))
         return self._detections(
             {k: v[0] for k, v in out.items()}, inputs["image_size"], image, score_threshold
         )
@@ -94,7 +120,8 @@ class Predictor:
         `batch_size`. The next batch is dispatched before the previous one's masks are pasted.
 
         Args:
-          images: `[H_i, W_i, 3]` uint8 RGB arrays (H_i, W_i ≥ 1), sizes may differ.
+          images: `[H_i, W_i, 3]` uint8 RGB arrays (H_i, W_i ≥ 1; grey and RGBA converted as
+            by `__call__`), sizes may differ; or one `[B, H, W, 3]` array.
           score_threshold: keep detections scoring at least this, in [0, 1].
           batch_size: images per program run, a positive multiple of `num_devices` (default
             `num_devices`, one image per device).
@@ -104,16 +131,22 @@ class Predictor:
 
         Raises:
           ValueError: `batch_size` is not a positive multiple of `num_devices`, `score_threshold`
-            is not in [0, 1], or an image is not `[H, W, 3]` uint8 with H, W ≥ 1.
+            is not in [0, 1], `images` is one image (`[H, W, 3]`) rather than several, or an
+            image is not one `__call__` takes.
         """
         _check_score_threshold(score_threshold)
+        if isinstance(images, np.ndarray | jax.Array) and images.ndim != 4:
+            raise ValueError(
+                f"predict_batch(images) takes a sequence of images or a [B, H, W, 3] array, got "
+                f"an array {images.shape}: use predictor(image) or predict_batch([image])"
+            )
         batch_size = self.num_devices if batch_size is None else batch_size
         if batch_size < 1 or batch_size % self.num_devices:
             raise ValueError(
                 f"batch_size={batch_size} must be a positive multiple of the "
                 f"{self.num_devices} devices"
             )
-        variables = self._placed_variables()
+        variables = self._placed_variables().replicated
         results: list[dict[str, Any]] = []
         pending = None  # (device outputs, inputs, images) of the batch in flight
         for start in range(0, len(images), batch_size):
@@ -128,22 +161,31 @@ class Predictor:
             results += self._batch_detections(*pending, score_threshold)
         return results
 
-    def _placed_variables(self) -> dict:
-        """`variables` replicated on the mesh, placed once (again if `variables` was replaced)."""
-        if self._placed is None or self._placed[0] is not self.variables:
-            self._placed = (self.variables, sharding.replicate(self.variables, self._mesh))
-        return self._placed[1]
+    def _placed_variables(self) -> _Placed:
+        """`variables` on the devices: placed at the first call, and again when `variables` or
+        one of its arrays is not the object placed last (compared by identity, the placed
+        objects kept so that their ids are not reused)."""
+        leaves, treedef = jax.tree_util.tree_flatten(self.variables)
+        placed = self._placed
+        if (
+            placed is None
+            or placed.treedef != treedef
+            or any(new is not old for new, old in zip(leaves, placed.leaves, strict=True))
+        ):
+            for leaf in leaves:
+                if isinstance(leaf, np.ndarray):
+                    leaf.flags.writeable = False  # in-place writes would not reach the copies
+            replicated = sharding.replicate(self.variables, self._mesh)
+            on_first_device = jax.tree_util.tree_map(
+                lambda x: next(s.data for s in x.addressable_shards if s.device == self._device),
+                replicated,
+            )
+            self._placed = placed = _Placed(leaves, treedef, replicated, on_first_device)
+        return placed
 
     def _preprocess(self, image: np.ndarray) -> dict[str, np.ndarray]:
         """`{"image" [Ht, Wt, 3] f32 canvas, "image_size" [2] i32}` of one checked image."""
-        image = np.asarray(image)
-        if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
-            raise ValueError(
-                f"image must be an RGB uint8 array [H, W, 3], got {image.dtype} {image.shape}"
-            )
-        if not image.shape[0] or not image.shape[1]:
-            raise ValueError(f"image must be at least 1x1 pixels [H, W, 3], got {image.shape}")
-        return pipeline.preprocess_image(image, self.config)
+        return pipeline.preprocess_image(_as_rgb(image), self.config)
 
     def _batch_detections(
         self, outputs: dict, inputs: list[dict], images: list[np.ndarray], score_threshold: float
@@ -173,15 +215,40 @@ class Predictor:
             (height, width),
             method=self.config.model.roi_heads.mask_paste,
         )
-        boxes = np.clip(boxes, 0, [width, height, width, height])
+        boxes = np.clip(boxes, 0, np.asarray([width, height, width, height], np.float32))
         classes = out["classes"][keep]
         return {
-            "boxes": boxes,
+            "boxes": boxes.astype(np.float32, copy=False),
             "scores": out["scores"][keep],
             "classes": classes,
             "class_names": [self.class_names[c] for c in classes],
             "masks": masks,
         }
+
+
+def _as_rgb(image: np.ndarray) -> np.ndarray:
+    """`image` as `[H, W, 3]` uint8 RGB: grey `[H, W]` or `[H, W, 1]` repeated into three
+    channels, RGBA `[H, W, 4]` without its alpha channel (as `visualize.read_image` reads such
+    files).
+
+    Raises:
+      ValueError: `image` is not uint8 of one of those shapes with H, W ≥ 1.
+    """
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or not (
+        image.ndim == 2 or (image.ndim == 3 and image.shape[-1] in (1, 3, 4))
+    ):
+        raise ValueError(
+            f"image must be an RGB uint8 array [H, W, 3] (or grey [H, W], [H, W, 1], RGBA "
+            f"[H, W, 4]), got {image.dtype} {image.shape}"
+        )
+    if not image.shape[0] or not image.shape[1]:
+        raise ValueError(f"image must be at least 1x1 pixels [H, W, 3], got {image.shape}")
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.shape[-1] == 1:
+        return np.repeat(image, 3, axis=-1)
+    return image[..., :3]
 
 
 def _check_score_threshold(score_threshold: float) -> None:
@@ -237,8 +304,23 @@ def _check_tree(restored, expected, what: str) -> None:
             raise ValueError(f"{what}: {name} has dtype {got_dtype}, the config needs {dtype}")
 
 
+def _check_step(step: Any) -> int:
+    """`step` as an int: ints and integer-like objects (`operator.index`, e.g. `np.int64`).
+
+    Raises:
+      TypeError: anything else (a string such as "400", a float, a bool), naming its type.
+    """
+    if not isinstance(step, bool):
+        try:
+            return operator.index(step)
+        except TypeError:
+            pass
+    raise TypeError(f"step must be an int, got {type(step).__name__} {step!r}")
+
+
 def _open(path: str | epath.PathLike, step: int | None):
     """(read-only checkpoint manager, workdir, step) of `locate_checkpoint(path, step)`."""
+    step = None if step is None else _check_step(step)
     workdir, path_step = _locate(epath.Path(path))
     manager = ckpt_lib.create_manager(workdir, read_only=True)
     step = step if step is not None else path_step
@@ -263,6 +345,7 @@ def locate_checkpoint(
 
     Raises:
       FileNotFoundError: no complete checkpoint there.
+      TypeError: `step` is not an integer.
     """
     manager, workdir, step = _open(path, step)
     manager.close()
@@ -275,10 +358,12 @@ def load_checkpoint(path: str | epath.PathLike, step: int | None = None) -> Pred
     Args:
       path: a training workdir (the latest checkpoint is used), its `checkpoints/` directory, or
         one `checkpoints/<step>` directory (`locate_checkpoint` says which workdir and step).
-      step: a specific step (overrides the one in `path`).
+      step: a specific step (overrides the one in `path`): an int (or integer-like, e.g.
+        `np.int64`).
 
     Raises:
       FileNotFoundError: no complete checkpoint there.
+      TypeError: `step` is not an integer (e.g. the string "400").
       ValueError: the stored parameters do not fit the stored config (a variable's path, shape
         or dtype differs from the model's).
     """
