@@ -13,13 +13,13 @@ from typing import Any
 import ml_collections
 
 from mrcnn_jax.modeling.resnet import NORM_MODES, STAGE_BLOCKS
+from mrcnn_jax.ops import roi_align
 
 DTYPES = ("float32", "bfloat16")
-ROI_ALIGN_MODES = ("avg", "max")
-ROI_ALIGN_METHODS = ("gather", "einsum")
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
+    """A finite int or float, not a bool."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -33,9 +33,7 @@ def _at_least(low: int) -> tuple[Callable[[Any], bool], str]:
 
 def _fraction(low_open: bool, high_open: bool = False) -> tuple[Callable[[Any], bool], str]:
     def ok(v: Any) -> bool:
-        return (
-            _is_number(v) and (v > 0 if low_open else v >= 0) and (v < 1 if high_open else v <= 1)
-        )
+        return is_number(v) and (v > 0 if low_open else v >= 0) and (v < 1 if high_open else v <= 1)
 
     return ok, f"in {'(' if low_open else '['}0, 1{')' if high_open else ']'}"
 
@@ -50,13 +48,13 @@ def _positive_numbers(count: int | None = None) -> tuple[Callable[[Any], bool], 
         return (
             bool(values)
             and (count is None or len(values) == count)
-            and all(_is_number(x) and x > 0 for x in values)
+            and all(is_number(x) and x > 0 for x in values)
         )
 
     return ok, f"{count or 'one or more'} positive numbers"
 
 
-_NON_NEGATIVE = ((lambda v: _is_number(v) and v >= 0), "a number >= 0")
+_NON_NEGATIVE = ((lambda v: is_number(v) and v >= 0), "a number >= 0")
 
 # field (relative to config.model) -> (test, what it must be).
 _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
@@ -93,8 +91,8 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "roi_heads.box_pooler_size": _at_least(1),
     "roi_heads.mask_pooler_size": _at_least(1),
     "roi_heads.sampling_ratio": _at_least(1),
-    "roi_heads.roi_align_mode": _one_of(ROI_ALIGN_MODES),
-    "roi_heads.roi_align_method": _one_of(ROI_ALIGN_METHODS),
+    "roi_heads.roi_align_mode": _one_of(roi_align.MODES),
+    "roi_heads.roi_align_method": _one_of(roi_align.METHODS),
     "roi_heads.box_reg_weights": _positive_numbers(4),
     "roi_heads.smooth_l1_beta": _NON_NEGATIVE,
     "roi_heads.score_threshold": _fraction(low_open=False),

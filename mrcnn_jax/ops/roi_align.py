@@ -56,9 +56,9 @@ from mrcnn_jax.ops.extent import feature_extent
 Mode = Literal["avg", "max"]
 Method = Literal["gather", "einsum"]
 
-_MODES = ("avg", "max")
+MODES = ("avg", "max")
 _SCATTER_CHUNK_ELEMENTS = 2**22  # updates per scatter-add in the gather VJP (16 MiB of float32)
-_METHODS = ("gather", "einsum")
+METHODS = ("gather", "einsum")
 
 
 def assign_fpn_levels(
@@ -234,10 +234,10 @@ def _check_static_args(
             f"sampling_ratio must be a positive int (adaptive sampling is not static-shape), "
             f"got {sampling_ratio}."
         )
-    if mode not in _MODES:
-        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}.")
-    if method not in _METHODS:
-        raise ValueError(f"method must be one of {_METHODS}, got {method!r}.")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
     return int(bins[0]), int(bins[1])
 
 

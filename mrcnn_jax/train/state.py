@@ -1,7 +1,6 @@
 """Train state, learning-rate schedule and optimizer (SGD with momentum, Detectron2-style, or
 AdamW)."""
 
-import math
 import re
 from collections.abc import Callable
 from typing import Any
@@ -14,6 +13,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
+from mrcnn_jax.modeling.checks import is_number
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN, dummy_inputs
 
 
@@ -37,7 +37,7 @@ def check_train_settings(train: ml_collections.ConfigDict) -> None:
 
     def number(name: str, ok: Callable[[float], bool], rule: str) -> None:
         value = train[name]
-        if not (_is_real(value) and ok(value)):
+        if not (is_number(value) and ok(value)):
             raise ValueError(f"config.train.{name}={train[name]!r} must be {rule}")
 
     number("batch_size", lambda v: v >= 1 and v == int(v), "a positive number of images")
@@ -48,18 +48,14 @@ def check_train_settings(train: ml_collections.ConfigDict) -> None:
     number("momentum", lambda v: 0 <= v < 1, "in [0, 1)")
     number("weight_decay", lambda v: v >= 0, "0 or more")
     number("grad_clip_norm", lambda v: v >= 0, "0 (off) or more")
-    if not all(_is_real(s) and s >= 0 and s == int(s) for s in train.decay_steps):
+    if not all(is_number(s) and s >= 0 and s == int(s) for s in train.decay_steps):
         raise ValueError(f"config.train.decay_steps={train.decay_steps!r} must be steps >= 0")
     betas = tuple(train.adam_betas)
-    if len(betas) != 2 or not all(_is_real(b) and 0 <= b < 1 for b in betas):
+    if len(betas) != 2 or not all(is_number(b) and 0 <= b < 1 for b in betas):
         raise ValueError(f"config.train.adam_betas={train.adam_betas!r} must be (b1, b2) in [0, 1)")
     for name, choices in (("schedule", SCHEDULES), ("optimizer", OPTIMIZERS)):
         if train[name] not in choices:
             raise ValueError(f"config.train.{name}={train[name]!r} must be one of {choices}")
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def create_learning_rate_fn(train: ml_collections.ConfigDict) -> optax.Schedule:
