@@ -11,6 +11,21 @@ def mask_runs(mask: np.ndarray) -> np.ndarray:
     return np.concatenate([[0], runs]) if flat[0] else runs
 
 
+def visible_extent(mask: np.ndarray, window, snap: float = 1e-3) -> np.ndarray | None:
+    """Tight (x1, y1, x2, y2) box of the union of `mask`'s pixel squares [c, c+1) × [r, r+1)
+    clipped to `window` (x1, y1, x2, y2), its edges within `snap` of an integer moved onto it
+    first, or None if no pixel overlaps it with positive area."""
+    window = np.asarray(window, np.float64)
+    window = np.where(np.abs(window - np.round(window)) < snap, np.round(window), window)
+    rows, cols = np.nonzero(mask)
+    x1, y1 = np.maximum(cols, window[0]), np.maximum(rows, window[1])
+    x2, y2 = np.minimum(cols + 1.0, window[2]), np.minimum(rows + 1.0, window[3])
+    hit = (x1 < x2) & (y1 < y2)
+    if not hit.any():
+        return None
+    return np.array([x1[hit].min(), y1[hit].min(), x2[hit].max(), y2[hit].max()])
+
+
 def bilinear_sample(mask: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Bilinear value of a zero-extended mask at points (x, y); pixel centres at k + 0.5."""
     padded = np.pad(mask.astype(np.float64), 1)  # padded[r + 1, c + 1] = mask[r, c]

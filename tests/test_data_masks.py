@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from pycocotools import mask as mask_utils
-from references import bilinear_sample, mask_runs
+from references import bilinear_sample, mask_runs, visible_extent
 
 from mrcnn_jax.data import masks
 
@@ -68,3 +68,43 @@ def test_sample_masks_with_no_masks():
     counts = masks.rle_counts(tf.zeros([0], tf.string))
     values = masks.sample_masks(counts, 4, 5, tf.zeros([0, 7]), tf.zeros([0, 7]))
     assert values.shape == (0, 7)
+
+
+@pytest.mark.parametrize("index", range(15))
+def test_visible_extents_match_numpy_on_random_and_edge_windows(index):
+    """Windows inside, across and outside the mask, fractional, zero-size, larger than it and a
+    rounding error away from pixel edges (snapped onto them)."""
+    mask = _masks()[index]
+    h, w = mask.shape
+    rng = np.random.default_rng(index)
+    windows = [
+        (0, 0, w, h),
+        (-5.5, -3.25, w + 7.0, h + 2.5),
+        (0.5, 0.75, w - 0.25, h - 0.5),
+        (w / 2, h / 2, w / 2, h),  # zero width
+        (w + 1.0, 0, w + 9.0, h),  # outside
+        (w - 0.3, h - 0.6, w + 4.0, h + 4.0),  # the last pixel's corner only
+        (0.9996, 0.0004, w - 1.0004, h - 0.9997),  # edges float rounding away from pixel edges
+    ]
+    for _ in range(20):
+        x = np.sort(rng.uniform(-2, w + 2, 2))
+        y = np.sort(rng.uniform(-2, h + 2, 2))
+        windows.append((x[0], y[0], x[1], y[1]))
+    counts = masks.rle_counts(tf.constant([masks.encode_mask(mask)] * len(windows)))
+    for k, window in enumerate(windows):
+        window = np.float32(window)
+        boxes, visible, nonempty = masks.visible_extents(counts[k : k + 1], h, tf.constant(window))
+        expected = visible_extent(mask, window)
+        assert bool(nonempty[0]) == bool(mask.any())
+        assert bool(visible[0]) == (expected is not None), (window, expected)
+        if expected is None:
+            assert not boxes.numpy().any()
+        else:
+            np.testing.assert_allclose(boxes[0].numpy(), expected, atol=1e-5, err_msg=str(window))
+
+
+def test_visible_extents_of_no_masks():
+    boxes, visible, nonempty = masks.visible_extents(
+        masks.rle_counts(tf.zeros([0], tf.string)), 4, tf.constant([0.0, 0.0, 4.0, 4.0])
+    )
+    assert boxes.shape == (0, 4) and visible.shape == (0,) and nonempty.shape == (0,)

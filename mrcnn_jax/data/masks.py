@@ -36,6 +36,9 @@ def decode_mask(rle: bytes, height: int, width: int) -> np.ndarray:
     return mask_utils.decode({"size": [int(height), int(width)], "counts": rle})
 
 
+SNAP = 1e-3  # Pixels (`visible_extents`): far above float32 rounding of window edges.
+
+
 def rle_counts(rles: tf.Tensor) -> tf.RaggedTensor:
     """Decodes compressed-RLE strings to run lengths, as pycocotools' ``rleFrString``, in TF ops.
 
@@ -117,3 +120,70 @@ def sample_masks(
     weights = tf.stack([(1 - fu) * (1 - fv), fu * (1 - fv), (1 - fu) * fv, fu * fv], axis=-1)
     values = tf.reduce_sum(on * weights, axis=-1)
     return tf.cast(tf.reshape(values, [-1, num_points]), tf.float32)
+
+
+def visible_extents(
+    counts: tf.RaggedTensor, height: tf.Tensor, window: tf.Tensor
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Bounding boxes of the run-length masks' parts inside a window, pixels as unit squares.
+
+    Pixel (row r, column c) is the square [c, c+1) × [r, r+1); a mask's visible part is the union
+    of its pixels' squares intersected with `window`. A window edge within ``SNAP`` of a pixel
+    boundary is moved onto it first, so float rounding of the edge does not decide whether a pixel
+    the window merely touches is in. Each run of mask pixels covers at most three
+    rectangles (the rest of its first column, whole columns, the start of its last column), so the
+    cost is O(runs), with no full-image mask.
+
+    Args:
+        counts: [N, (R_n)] int64 run lengths (``rle_counts``) of masks `height` rows high.
+        height: scalar int, the masks' height.
+        window: [4] float32 (x1, y1, x2, y2) in the masks' pixels.
+
+    Returns:
+        boxes: [N, 4] float32 (x1, y1, x2, y2), the tight box of each mask's visible part (zeros
+            where nothing is visible).
+        visible: [N] bool, some mask pixel overlaps the (snapped) window with positive area.
+        nonempty: [N] bool, the mask has a pixel at all.
+    """
+    height = tf.cast(height, tf.int64)
+    runs = counts.to_tensor()  # [N, R], zero-length padding runs
+    stops = tf.cumsum(runs, axis=1)  # one past each run's last pixel, column-major
+    starts = stops - runs
+    position = tf.range(tf.shape(runs, out_type=tf.int64)[1])[tf.newaxis, :]
+    on = tf.equal(position % 2, 1) & (runs > 0)
+    first_col, first_row = starts // height, starts % height
+    last_col, last_row = (stops - 1) // height, (stops - 1) % height
+    spans_columns = last_col > first_col
+    # Rectangles [col_lo, col_hi] × [row_lo, row_hi] (inclusive): first column, whole columns, last.
+    col_lo = tf.stack([first_col, first_col + 1, last_col], axis=-1)
+    col_hi = tf.stack([first_col, last_col - 1, last_col], axis=-1)
+    zeros = tf.zeros_like(first_row)
+    row_lo = tf.stack([first_row, zeros, zeros], axis=-1)
+    row_hi = tf.stack(
+        [tf.where(spans_columns, height - 1, last_row), zeros + height - 1, last_row], axis=-1
+    )
+    present = tf.stack([on, on & (last_col - first_col >= 2), on & spans_columns], axis=-1)
+
+    def as_float(x):
+        return tf.cast(x, tf.float32)
+
+    nearest = tf.round(window)
+    window = tf.where(tf.abs(window - nearest) < SNAP, nearest, window)
+    x1 = tf.maximum(as_float(col_lo), window[0])
+    y1 = tf.maximum(as_float(row_lo), window[1])
+    x2 = tf.minimum(as_float(col_hi + 1), window[2])
+    y2 = tf.minimum(as_float(row_hi + 1), window[3])
+    hit = present & (x1 < x2) & (y1 < y2)  # [N, R, 3]
+    inf = tf.constant(np.inf, tf.float32)
+    visible = tf.reduce_any(hit, axis=[1, 2])
+    boxes = tf.stack(
+        [
+            tf.reduce_min(tf.where(hit, x1, inf), axis=[1, 2]),
+            tf.reduce_min(tf.where(hit, y1, inf), axis=[1, 2]),
+            tf.reduce_max(tf.where(hit, x2, -inf), axis=[1, 2]),
+            tf.reduce_max(tf.where(hit, y2, -inf), axis=[1, 2]),
+        ],
+        axis=-1,
+    )
+    boxes = tf.where(visible[:, tf.newaxis], boxes, tf.zeros_like(boxes))
+    return boxes, visible, tf.reduce_any(on, axis=1)
