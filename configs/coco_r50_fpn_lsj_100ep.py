@@ -10,9 +10,14 @@ steps over the 117,266 annotated images; Detectron2 counts 184,375 over 118k).
   python scripts/train.py --config=configs/coco_r50_fpn_lsj_100ep.py \
       --config.data.manual_dir=/data/coco --workdir=gs://.../coco_r50_lsj_100ep
 
-Differences from Detectron2's recipe: RoIAlign uses 2 samples per bin (Detectron2: adaptive);
-see docs/coco_recipes.md. As there, images without annotations are skipped in training and
-biases decay (configs/default.py).
+As in Detectron2's recipe, the boxes of objects the random crop cuts are recomputed from their
+masks' visible parts (objects with no visible pixel are dropped: `recompute_boxes`), images are
+shrunk with antialiasing (PIL's bilinear resize there), images without annotations are skipped
+in training and biases decay (configs/default.py). Differences: RoIAlign uses 2 samples per bin
+(Detectron2: adaptive; see docs/coco_recipes.md); Detectron2's `FixedSizeCrop` pads every
+image to 1024² with grey (128) and the model sees that padding as image (anchors, proposals
+clipped to 1024), where here the padding beyond the content rounded up to 32 is no image
+(CONTRACTS.md: padding never changes the answer).
 """
 
 import ml_collections
@@ -32,6 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
     data.resize_max_long_side = 0
     data.train_short_sides = ()  # Large scale jitter replaces multi-scale resizing.
     data.scale_jitter = (0.1, 2.0)
+    data.resize_antialias = True  # Detectron2 shrinks with PIL's (antialiased) bilinear resize.
 
     model = config.model
     model.backbone_weights = ""  # From scratch.

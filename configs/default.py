@@ -19,8 +19,8 @@ def get_config() -> ml_collections.ConfigDict:
     data.dataset = "coco_instances"  # TFDS builder: "coco_instances", "coco_format" or "shapes".
     data.data_dir = ""  # TFDS data dir; "" = TFDS default (~/tensorflow_datasets).
     data.manual_dir = ""  # Where the COCO zips/folders are (coco_instances only).
-    data.train_split = "train"
-    data.val_split = "validation"
+    data.train_split = "train"  # TFDS split spec trained on (slices and sums work).
+    data.val_split = "validation"  # TFDS split spec evaluated (eval.max_images limits it).
     data.train_json = ""  # coco_format only: COCO-format annotation json of the train split.
     data.train_images = ""  # coco_format only: folder its image file_names are relative to.
     data.val_json = ""  # coco_format only: the same for the validation split (evaluated).
@@ -37,6 +37,10 @@ def get_config() -> ml_collections.ConfigDict:
     data.mean = (123.675, 116.28, 103.53)  # RGB mean subtracted from 0–255 pixels.
     data.std = (58.395, 57.12, 57.375)  # RGB std the centred pixels are divided by.
     data.hflip = True  # Random horizontal flip at train time.
+    # Antialiased resizing: shrinking widens the bilinear filter to the scale (PIL's bilinear
+    # resize, which Detectron2 uses); False = torchvision's F.interpolate (no antialiasing).
+    # Only shrinking differs (large-scale jitter's small scales); enlarging is the same.
+    data.resize_antialias = False
     data.scale_jitter = (1.0, 1.0)  # (min, max) random scale of the fitted image at train time.
     # Multi-scale training: the shorter side of each training image is drawn uniformly from
     # these (Detectron2's MIN_SIZE_TRAIN); () = resize_short_side, which eval always uses.
@@ -63,7 +67,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.model = model = ml_collections.ConfigDict()
     model.num_classes = 80  # Foreground classes (0 = the dataset's); box head adds background.
     model.backbone_depth = 50  # ResNet depth: 18, 34, 50 or 101.
-    model.norm = "frozen"  # "frozen" (fixed affine), "batch" (per-replica stats) or "sync".
+    # "frozen" (fixed affine), "batch" (per-device batch statistics: they depend on the images
+    # per device, so resuming on another number of devices changes training; a resume warns)
+    # or "sync" (statistics over the global batch, the same on any number of devices).
+    model.norm = "frozen"
     model.freeze_at = 2  # 0: train all; 1: freeze stem; 2: freeze stem and res2.
     # Backbone initialisation when training starts without a checkpoint: "" (random init), a
     # torchvision ImageNet classification release of ResNet-`backbone_depth` ("IMAGENET1K_V1",

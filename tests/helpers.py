@@ -110,6 +110,7 @@ def resize_config(image_size=(1344, 1344), short=800, long=1333, divisibility=32
                 "train_short_sides": (),
                 "hflip": False,
                 "scale_jitter": (1.0, 1.0),
+                "resize_antialias": False,
             },
             "model": {"size_divisibility": divisibility},
         }

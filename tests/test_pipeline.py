@@ -13,7 +13,7 @@ import tensorflow_datasets as tfds
 import tiny_coco
 from helpers import resize_config
 from pycocotools.coco import COCO
-from references import box_crop
+from references import box_crop, visible_extent
 
 from configs import shapes_r18
 from mrcnn_jax.data import masks, pipeline, shapes
@@ -258,7 +258,35 @@ def test_eval_pads_the_last_batch_and_honours_max_images(shapes_builder):
     assert all(not any(v.any() for v in row.values()) for row in padding)
     config.eval.max_images = 3
     rows = _eval_rows(config, shapes_builder, split="validation")
-    assert len(rows) == 3 and pipeline.eval_split(config, None) == "validation[:3]"
+    assert len(rows) == 3 and pipeline.eval_split(config, shapes_builder, None) == "validation[0:3]"
+
+
+@pytest.mark.parametrize(
+    "split, max_images, expected",
+    [
+        ("validation[1:4]", 2, "validation[1:3]"),
+        ("validation[1:4]", 9, "validation[1:4]"),
+        ("validation[:60%]", 2, "validation[0:2]"),
+        ("train+validation", 10, "train[0:8]+validation[0:2]"),
+        ("validation[3:]+train[:2]", 3, "validation[3:5]+train[0:1]"),
+        ("validation[2:4]", 0, "validation[2:4]"),
+    ],
+)
+def test_max_images_limits_any_split_spec_to_its_first_images(
+    shapes_builder, split, max_images, expected
+):
+    """`eval.max_images` on a sliced or summed split (8 train, 5 validation images): the first
+    images of the whole spec; appending `[:N]` made 'validation[1:4][:2]', which TFDS refuses
+    after training, and limited only the last part of a sum."""
+    config = _config()
+    config.eval.max_images = max_images
+    limited = pipeline.eval_split(config, shapes_builder, split)
+    assert limited == expected
+    batches = pipeline.create_eval_dataset(config, builder=shapes_builder, split=split, **ONE)
+    ids = [int(r["image_id"]) for r in _rows(list(batches)) if r["valid"]]
+    reference = shapes_builder.as_dataset(split=split, shuffle_files=False)
+    first = [int(e["image/id"]) for e in reference.take(max_images or 100).as_numpy_iterator()]
+    assert sorted(ids) == sorted(first)
 
 
 def test_horizontal_flip_moves_image_boxes_and_masks_together(shapes_builder):
@@ -328,17 +356,136 @@ def test_augmented_geometry_matches_numpy_references(
         boxes[:, [0, 2]] = width - boxes[:, [2, 0]]
     boxes = boxes * np.tile(ratios[::-1], 2) - np.tile(offset[::-1], 2)
     content_h, content_w = image.shape[:2]
-    boxes = np.clip(boxes, 0, [content_w, content_h, content_w, content_h])
-    np.testing.assert_allclose(row["gt_boxes"][:n], boxes, atol=1e-3)
-    assert row["gt_classes"][:n].tolist() == objects["label"].tolist()
+    limit = [content_w, content_h, content_w, content_h]
+    clipped = np.clip(boxes, 0, limit)
+    cropped = resized > 64  # (h, w)
+    window = np.array([offset[1], offset[0], offset[1] + content_w, offset[0] + content_h])
+    window = window / np.tile(ratios[::-1], 2)  # the crop in the (flipped) original's pixels
+    cut_objects = 0
+    for k in range(n):  # a box the crop cuts: its visible mask's (pixel squares), within the box
+        mask = masks.decode_mask(objects["mask"][k], height, width)
+        mask = mask[:, ::-1] if flip else mask
+        outside = (boxes[k, :2] < 0) | (boxes[k, 2:] > limit[:2])  # (x, y)
+        if not (outside & cropped[::-1]).any() or not mask.any():
+            continue
+        cut_objects += 1
+        extent = visible_extent(mask, window)
+        if extent is None:
+            clipped[k] = 0.0
+            continue
+        extent = extent * np.tile(ratios[::-1], 2) - np.tile(offset[::-1], 2)
+        clipped[k, :2] = np.maximum(clipped[k, :2], extent[:2])
+        clipped[k, 2:] = np.maximum(np.minimum(clipped[k, 2:], extent[2:]), clipped[k, :2])
+    boxes = clipped
     visible = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
     assert row["gt_valid"][:n].tolist() == visible.tolist()
+    np.testing.assert_allclose(row["gt_boxes"][:n][visible], boxes[visible], atol=1e-3)
+    assert row["gt_classes"][:n].tolist() == objects["label"].tolist()
+    assert cut_objects > 0 or not cropped.any(), "no object cut: the case tests nothing"
     for k in np.flatnonzero(visible):
         mask = masks.decode_mask(objects["mask"][k], height, width)
         mask = mask[:, ::-1] if flip else mask
         values = _crop(mask, row["gt_boxes"][k], 16, ratios, offset[::-1])
         decided = np.abs(values - 0.5) > 1e-4
         np.testing.assert_array_equal(row["gt_masks"][k][decided], (values >= 0.5)[decided])
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_a_cut_object_gets_its_visible_masks_box_and_one_with_nothing_visible_is_dropped(
+    monkeypatch, flip
+):
+    """A disc and a thin diagonal band in a 200² photo, ×2 (400²) into a 128² canvas, the crop
+    window the photo's x ∈ [135, 199), y ∈ [120, 184): the disc's box is that of its visible part
+    (its clipped box would reach over background to the disc's bounding corner), the band, whose
+    box the crop still overlaps but whose pixels it leaves out, is no longer a valid object
+    (Detectron2's LSJ recompute_boxes), and an object inside the crop keeps its box."""
+    size = 200
+    yy, xx = np.mgrid[0:size, 0:size] + 0.5
+    disc = (xx - 100) ** 2 + (yy - 100) ** 2 <= 50**2
+    band = (np.abs(xx + yy - 200) <= 3) & (xx > 20) & (xx < 180)
+    uncut = (xx > 150) & (xx < 170) & (yy > 140) & (yy < 160)
+    objects = [disc, band, uncut]
+
+    def tight(mask):
+        rows, cols = np.nonzero(mask)
+        return np.array([cols.min(), rows.min(), cols.max() + 1.0, rows.max() + 1.0])
+
+    boxes = np.array([tight(m) for m in objects]) / size
+    image = np.zeros((size, size, 3), np.uint8)
+    for k, mask in enumerate(objects):
+        image[mask] = 60 * (k + 1)
+    example = {
+        "image": tf.io.encode_png(image),
+        "objects": {
+            "bbox": tf.constant(boxes[:, [1, 0, 3, 2]], tf.float32),
+            "is_crowd": tf.constant([False] * 3),
+            "mask": tf.constant([masks.encode_mask(m) for m in objects]),
+            "label": tf.constant([0, 1, 2], tf.int64),
+        },
+    }
+    ratio, offset = 2.0, np.array([240, 270])  # (y, x) in the 400² resized photo
+    offset_x = 400 - 128 - offset[1] if flip else offset[1]  # the same window of the photo
+    monkeypatch.setattr(
+        pipeline,
+        "_augmentation",
+        lambda *_: (tf.constant(flip), tf.constant([400, 400]), tf.constant([offset[0], offset_x])),
+    )
+    config = _config(image_size=(128, 128), mask_size=28, max_instances=4)
+    row = pipeline._preprocess(example, tf.zeros([2], tf.int64), config.data, train=True)
+
+    def final(box):  # photo pixels -> the canvas
+        box = box * ratio - np.tile(offset[::-1], 2)
+        return np.array([128 - box[2], box[1], 128 - box[0], box[3]]) if flip else box
+
+    assert row["gt_valid"].numpy().tolist() == [True, False, True, False]
+    window = np.concatenate([offset[::-1], offset[::-1] + 128]) / ratio
+    expected = final(visible_extent(disc, window))
+    np.testing.assert_allclose(row["gt_boxes"][0].numpy(), expected, atol=1e-3)
+    clipped = np.clip(final(tight(disc)), 0, 128)
+    assert expected[3] < clipped[3] - 20  # the visible part ends far above the clipped box
+    assert not row["gt_masks"][1].numpy().any()
+    np.testing.assert_allclose(row["gt_boxes"][2].numpy(), final(tight(uncut)), atol=1e-3)
+
+
+@pytest.mark.parametrize("size", [(48, 64), (130, 173), (960, 1280)])
+def test_resize_antialias_shrinks_as_pils_bilinear_resize(size):
+    """`data.resize_antialias` (the LSJ recipe): shrinking a noise photo matches PIL's bilinear
+    resize (Detectron2's) to rounding; without it, torchvision's F.interpolate arithmetic
+    (plain bilinear: at ×0.1 each pixel averages ~2×2 source pixels, so the noise stays);
+    enlarging is the same either way."""
+    image_module = pytest.importorskip("PIL.Image")
+    photo = np.random.default_rng(0).integers(0, 256, (480, 640, 3)).astype(np.uint8)
+    reference = np.asarray(image_module.fromarray(photo).resize(size[::-1], image_module.BILINEAR))
+    ours = {}
+    for antialias in (False, True):
+        data = resize_config(image_size=(960, 1280)).data
+        data.resize_antialias = antialias
+        image, content = pipeline._transform_image(
+            tf.constant(photo), tf.constant(False), tf.constant(size), tf.zeros([2], tf.int32), data
+        )
+        assert content.numpy().tolist() == list(size)
+        ours[antialias] = image.numpy()[: size[0], : size[1]]
+    del data["resize_antialias"]  # the config of a checkpoint saved before the field existed
+    old, _ = pipeline._transform_image(
+        tf.constant(photo), tf.constant(False), tf.constant(size), tf.zeros([2], tf.int32), data
+    )
+    plain = tf.image.resize(photo, size, method="bilinear").numpy()
+    np.testing.assert_allclose(ours[False], plain, atol=1e-3)
+    np.testing.assert_array_equal(old.numpy()[: size[0], : size[1]], ours[False])
+    assert np.abs(ours[True] - reference).mean() < 0.5
+    if size[0] < 480:
+        assert np.abs(ours[False] - reference).mean() > 10  # aliased
+    else:
+        np.testing.assert_allclose(ours[True], ours[False], atol=1e-3)
+
+
+@pytest.mark.parametrize("field", ["hflip", "resize_antialias"])
+def test_flags_of_the_data_must_be_bools(field):
+    config = _config()
+    with config.ignore_type():
+        config.data[field] = "yes"
+    with pytest.raises(ValueError, match=rf"config\.data\.{field}='yes' must be True or False"):
+        pipeline.check_data(config)
 
 
 @pytest.mark.parametrize("jitter", [(1.3, 1.8), (0.6, 0.8)])

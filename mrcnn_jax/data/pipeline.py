@@ -3,7 +3,9 @@
 Per example (train): decode; pick at most ``max_instances`` objects; random horizontal flip;
 resize keeping the aspect ratio (see below), times a random factor from ``scale_jitter`` (a too
 large result is randomly cropped to ``image_size``); normalise with ``mean``/``std``; zero-pad
-bottom/right. Boxes follow the image and are clipped to the content. Each kept mask is bilinearly
+bottom/right. Boxes follow the image and are clipped to the content; the box of an object the crop
+cuts becomes that of its mask's part inside the crop (``_fit_boxes_to_crop``, Detectron2's LSJ
+``recompute_boxes``), so no box covers background the crop left in. Each kept mask is bilinearly
 sampled at the centres of an S×S grid over its final box and thresholded at 0.5, straight from the
 stored run lengths (``masks.py``). Eval: the same without flip, jitter or crop, plus image id and
 original size.
@@ -15,15 +17,17 @@ scale fitting ``image_size``; ``short`` is ``resize_short_side``, or in training
 Detectron2's ``ResizeShortestEdge(sample_style="choice")``, torchvision's random ``min_size``);
 the resized size is ``max(floor(size * scale), 1)`` per side, both in float64 as torchvision's
 Python floats and ``F.interpolate(scale_factor=scale, recompute_scale_factor=True)``. The image
-is resampled bilinearly (half-pixel centres, no antialiasing) to that size, so each axis is
-scaled by its own ratio ``resized / original`` (float32, torchvision's ``resize_boxes``), which
-boxes and masks use.
+is resampled bilinearly (half-pixel centres; no antialiasing unless ``resize_antialias``, which
+widens the filter when shrinking as PIL's bilinear resize, Detectron2's) to that size, so each
+axis is scaled by its own ratio ``resized / original`` (float32, torchvision's
+``resize_boxes``), which boxes and masks use.
 
 The config is checked before any data is read (``check_canvas``): ``image_size`` is a multiple
 of ``model.size_divisibility`` (a multiple of 32) and, with ``resize_short_side > 0``, holds the
 largest un-jittered resized image rounded up to it.
 
-Objects: crowd regions and boxes of zero area (or pushed out of the crop) stay in the ground
+Objects: crowd regions and boxes of zero area (or pushed out of the crop, or whose mask the crop
+leaves out) stay in the ground
 truth with ``gt_valid`` False (and zero masks); images without objects give all-padding ground
 truth, except in training with ``skip_empty_train_images`` (Detectron2's
 ``FILTER_EMPTY_ANNOTATIONS``, torchvision's ``_coco_remove_images_without_annotations``): images
@@ -156,7 +160,7 @@ def check_data(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError, naming the field, unless the data settings fit: `check_canvas`,
     ``data.mean`` three (RGB) values and ``data.std`` three positive ones, ``data.max_instances``,
     ``data.mask_size`` and ``data.shuffle_buffer`` at least 1, ``data.scale_jitter`` a
-    (low, high) pair with 0 < low <= high."""
+    (low, high) pair with 0 < low <= high, ``data.hflip`` and ``data.resize_antialias`` bools."""
     check_canvas(config)
     data = config.data
     for name in ("mean", "std"):
@@ -176,6 +180,9 @@ def check_data(config: ml_collections.ConfigDict) -> None:
         for name in ("shapes_num_train", "shapes_num_val"):
             if not _is_int(data[name]) or data[name] < 1:
                 raise ValueError(f"config.data.{name}={data[name]!r} must be at least 1 image")
+    for name in ("hflip", "resize_antialias"):
+        if not isinstance(data.get(name, False), (bool, np.bool_)):
+            raise ValueError(f"config.data.{name}={data[name]!r} must be True or False")
     jitter = tuple(data.scale_jitter)
     if len(jitter) != 2 or not 0 < jitter[0] <= jitter[1] < np.inf:
         raise ValueError(
@@ -323,7 +330,8 @@ def _transform_image(
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """[H, W, 3] uint8 -> (normalised, zero-padded [Ht, Wt, 3] f32, content size [2] int32)."""
     image = tf.cond(flip, lambda: tf.image.flip_left_right(image), lambda: image)
-    image = tf.image.resize(image, resized, method="bilinear")
+    antialias = data.get("resize_antialias", False)  # configs saved before the field: False
+    image = tf.image.resize(image, resized, method="bilinear", antialias=antialias)
     target_h, target_w = data.image_size
     image = image[offset[0] : offset[0] + target_h, offset[1] : offset[1] + target_w]
     content = tf.shape(image)[:2]
@@ -352,8 +360,48 @@ def _transform_boxes(
     return tf.clip_by_value(boxes, 0.0, limit)
 
 
+def _fit_boxes_to_crop(
+    boxes: tf.Tensor,
+    counts: tf.RaggedTensor,
+    height: tf.Tensor,
+    width: tf.Tensor,
+    flip: tf.Tensor,
+    resized: tf.Tensor,
+    ratios: tf.Tensor,
+    offset: tf.Tensor,
+    content: tf.Tensor,
+    image_size: tuple[int, int],
+) -> tf.Tensor:
+    """Original-pixel boxes [n, 4] -> the same, those of objects the crop cuts fitted to it.
+
+    An object is cut when, along an axis the random crop shortens (resized size > canvas), its
+    box reaches outside the crop. Its box becomes the box of its mask's part inside the crop
+    (``masks.visible_extents``: mask pixels as unit squares) intersected with its own box, as
+    Detectron2's LSJ recipe recomputes boxes from the cropped masks (``recompute_boxes``); if no
+    mask pixel is inside, the box collapses to zero area, so the object is not valid. Clipping
+    alone would keep a loose box over background (a diagonal object's corner) and objects whose
+    visible part is empty. Objects with an empty mask keep their box; uncut objects are
+    unchanged.
+    """
+    start = tf.cast(offset, tf.float32) / ratios  # the crop window (y, x) in (flipped) original
+    stop = tf.cast(offset + content, tf.float32) / ratios  # pixels
+    w = tf.cast(width, tf.float32)
+    x_lo = tf.where(flip, w - stop[1], start[1])
+    x_hi = tf.where(flip, w - start[1], stop[1])
+    window = tf.stack([x_lo, start[0], x_hi, stop[0]])
+    cropped = resized > tf.constant(image_size, tf.int32)  # (h, w)
+    x1, y1, x2, y2 = tf.unstack(boxes, num=4, axis=-1)
+    cut = (cropped[0] & ((y1 < window[1]) | (y2 > window[3]))) | (
+        cropped[1] & ((x1 < window[0]) | (x2 > window[2]))
+    )
+    extents, _, nonempty = masks.visible_extents(counts, height, window)
+    low = tf.maximum(boxes[:, :2], extents[:, :2])
+    fitted = tf.concat([low, tf.maximum(tf.minimum(boxes[:, 2:], extents[:, 2:]), low)], axis=1)
+    return tf.where((cut & nonempty)[:, tf.newaxis], fitted, boxes)
+
+
 def _crop_masks(
-    rles: tf.Tensor,
+    counts: tf.RaggedTensor,
     height: tf.Tensor,
     width: tf.Tensor,
     boxes: tf.Tensor,
@@ -362,7 +410,7 @@ def _crop_masks(
     offset: tf.Tensor,
     mask_size: int,
 ) -> tf.Tensor:
-    """[n] RLE strings of H×W masks + final boxes [n, 4] -> [n, S, S] uint8 GT-box crops.
+    """Run lengths [n, (R)] of H×W masks + final boxes [n, 4] -> [n, S, S] uint8 GT-box crops.
 
     Output pixel (i, j) is the mask at the final-image point (x1 + (j + 0.5) w / S,
     y1 + (i + 0.5) h / S) (CONTRACTS.md), mapped back through crop offset, per-axis ratios and
@@ -378,9 +426,9 @@ def _crop_masks(
     x = (x + tf.cast(offset[1], tf.float32)) / ratios[1]
     y = (y + tf.cast(offset[0], tf.float32)) / ratios[0]
     x = tf.where(flip, tf.cast(width, tf.float32) - x, x)
-    n = tf.shape(rles)[0]
+    n = tf.shape(boxes)[0]
     values = masks.sample_masks(
-        masks.rle_counts(rles), height, width, tf.reshape(x, [n, -1]), tf.reshape(y, [n, -1])
+        counts, height, width, tf.reshape(x, [n, -1]), tf.reshape(y, [n, -1])
     )
     return tf.cast(tf.reshape(values, [n, mask_size, mask_size]) >= 0.5, tf.uint8)
 
@@ -406,11 +454,13 @@ def _preprocess(
     flip, resized, offset = _augmentation(seed, height, width, data, train)
     ratios = _ratios(resized, height, width)
     image, content = _transform_image(image, flip, resized, offset, data)
+    counts = masks.rle_counts(tf.gather(objects["mask"], keep))
+    boxes = _fit_boxes_to_crop(
+        boxes, counts, height, width, flip, resized, ratios, offset, content, data.image_size
+    )
     boxes = _transform_boxes(boxes, flip, ratios, offset, width, content)
     valid = ~is_crowd & _positive_area(boxes)
-    crops = _crop_masks(
-        tf.gather(objects["mask"], keep), height, width, boxes, flip, ratios, offset, data.mask_size
-    )
+    crops = _crop_masks(counts, height, width, boxes, flip, ratios, offset, data.mask_size)
     crops *= tf.cast(valid, tf.uint8)[:, tf.newaxis, tf.newaxis]
 
     m, s = data.max_instances, data.mask_size
@@ -697,16 +747,36 @@ def eval_num_batches(
     return -(-per_process // batch)
 
 
-def eval_split(config: ml_collections.ConfigDict, split: str | None) -> str:
-    """The eval split, limited to its first ``config.eval.max_images`` images when that is > 0."""
+def eval_split(
+    config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder, split: str | None
+) -> str:
+    """The eval split (default ``config.data.val_split``), limited to its first
+    ``config.eval.max_images`` images when that is > 0.
+
+    Any TFDS split spec works: a slice (``validation[10:50]``, ``validation[:50%]``) or a sum
+    (``train+validation``) is first made absolute on the builder's split sizes, so the limit
+    takes the first images of the whole spec (appending ``[:N]`` to it would not parse, or, for
+    a sum, would limit only its last part).
+    """
     split = split or config.data.val_split
-    return f"{split}[:{config.eval.max_images}]" if config.eval.max_images else split
+    limit = config.eval.max_images
+    if not limit:
+        return split
+    parts = []
+    for part in tfds.core.ReadInstruction.from_spec(split).to_absolute(builder.info.splits):
+        size = builder.info.splits[part.splitname].num_examples  # TFDS may leave None bounds
+        indices = range(size)[part.from_ : part.to]
+        take = min(len(indices), limit)
+        if take > 0:
+            parts.append(f"{part.splitname}[{indices.start}:{indices.start + take}]")
+        limit -= take
+    return "+".join(parts) or split  # an empty spec stays itself
 
 
 def _num_eval_examples(
     config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder, split: str | None
 ) -> int:
-    return builder.info.splits[eval_split(config, split)].num_examples
+    return builder.info.splits[eval_split(config, builder, split)].num_examples
 
 
 def create_eval_dataset(
@@ -743,12 +813,12 @@ def create_eval_dataset(
     read = functools.partial(builder.as_dataset, shuffle_files=False, decoders=_RAW_IMAGE)
     if index < _num_eval_examples(config, builder, split):
         shard = tfds.split_for_jax_process(
-            eval_split(config, split), process_index=index, process_count=count
+            eval_split(config, builder, split), process_index=index, process_count=count
         )
         dataset = read(split=shard)
     else:  # More processes than images: TFDS gives the last ones an empty shard (an error to
         # read), they yield padding only, so that every process joins every batch's gather.
-        dataset = read(split=eval_split(config, split)).take(0)
+        dataset = read(split=eval_split(config, builder, split)).take(0)
     seed = tf.zeros([2], tf.int64)  # unused without augmentation
 
     @tf.autograph.experimental.do_not_convert

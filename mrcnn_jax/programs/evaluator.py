@@ -87,7 +87,7 @@ def evaluate_split(
         outputs = predict_step(variables, inputs)
         outputs, metadata = multihost_utils.process_allgather((outputs, metadata), tiled=True)
         evaluator.add_batch({**metadata, "image_id": image_id_of(metadata["image_id"])}, outputs)
-    ground_truth = coco_json.coco_ground_truth(builder, pipeline.eval_split(config, split))
+    ground_truth = coco_json.coco_ground_truth(builder, pipeline.eval_split(config, builder, split))
     if results_path and jax.process_index() == 0:
         evaluator.write_results(results_path)
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its tables
