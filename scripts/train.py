@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl, TensorBoard logs.")
 launch.define_flags()
+flags.adopt_module_key_flags(launch)  # --help lists them too
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -45,6 +46,13 @@ def main(argv):
         raise app.UsageError(f"--workdir={_WORKDIR.value} is a file, not a folder")
     import jax  # after absl parsed the flags, so XLA_FLAGS etc. set on the command line apply
 
+    from mrcnn_jax.convert import imagenet
+
+    if imagenet.is_release_name(_CONFIG.value.model.backbone_weights):
+        try:  # before TensorFlow (the trainer's): imported after it, torchvision segfaults
+            imagenet.import_torchvision()
+        except ImportError:  # no torch: the trainer says so if it needs the weights (a resume
+            pass  # does not)
     from mrcnn_jax.programs import trainer
 
     if not flags.FLAGS["verbosity"].present:

@@ -63,3 +63,34 @@ def test_predict_refuses_a_batch_size_of_0(tmp_path):
     not taken as the default; before the workdir is looked at."""
     result = run_script("predict.py", f"--workdir={tmp_path}", "--batch_size=0", __file__)
     assert_usage_error(result, "--batch_size=0 must be a positive multiple of the")
+
+
+def test_train_with_a_torchvision_release_does_not_crash_importing_torchvision(tmp_path):
+    """`model.backbone_weights` naming a release (the COCO recipes): torchvision is imported
+    after TensorFlow otherwise, which killed the process (segmentation fault, exit -11). There is
+    no release V9, so the run stops at the weights (no download) with the message that says so."""
+    result = run_script(
+        "train.py", "--config=configs/shapes_r18.py", f"--workdir={tmp_path / 'run'}",
+        "--config.model.backbone_weights=IMAGENET1K_V9", "--config.train.num_steps=0",
+        "--config.data.shapes_num_train=4", "--config.data.shapes_num_val=2",
+        f"--config.data.data_dir={tmp_path / 'data'}",
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "model.backbone_weights='IMAGENET1K_V9': torchvision's ResNet18_Weights has" in (
+        result.stderr
+    )
+
+
+def test_reading_a_release_after_tensorflow_is_an_error_not_a_crash():
+    code = (
+        "import tensorflow\n"
+        "from mrcnn_jax.convert import imagenet\n"
+        "imagenet.download_backbone_state_dict('IMAGENET1K_V1', 50)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "RuntimeError: reading torchvision's ImageNet releases needs torchvision" in (
+        result.stderr
+    )

@@ -17,6 +17,7 @@ eps 1e-5, the same as ours, so the fold leaves the variances unchanged.
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Iterable, Mapping
 
 import ml_collections
@@ -101,9 +102,31 @@ def convert_backbone_state_dict(
     return traverse_util.unflatten_dict(converted)
 
 
-def _weights_enum(depth: int):
+def import_torchvision():
+    """Imports torchvision, which must come before TensorFlow in a process.
+
+    torchvision imported after TensorFlow kills the process with a segmentation fault (torch
+    2.14.1, torchvision 0.29.1, tensorflow-cpu 2.21), so `scripts/train.py` calls this before
+    importing the input pipeline when `model.backbone_weights` names a release.
+
+    Raises:
+      RuntimeError: TensorFlow is imported and torchvision is not; the message says what to do.
+    """
     tv_convert.import_torch()
-    from torchvision import models
+    if "torchvision" not in sys.modules and "tensorflow" in sys.modules:
+        raise RuntimeError(
+            "reading torchvision's ImageNet releases needs torchvision, which crashes the process "
+            "when imported after TensorFlow: `import torchvision` before anything that imports "
+            "TensorFlow (mrcnn_jax.data, the trainer), or set model.backbone_weights to the "
+            ".pth file of the weights"
+        )
+    import torchvision
+
+    return torchvision
+
+
+def _weights_enum(depth: int):
+    models = import_torchvision().models
 
     if depth not in _WEIGHTS_ENUMS:
         raise ValueError(f"no torchvision ImageNet weights for ResNet depth {depth}")
