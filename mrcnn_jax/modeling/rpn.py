@@ -96,7 +96,9 @@ def generate_proposals(
     anchors decoded with weights (1, 1, 1, 1) and clipped to `image_size`; boxes smaller than
     `min_size` are dropped; NMS at `nms_threshold` runs independently per level; the
     `post_nms_topk` best survivors over all levels are returned sorted by score, padded with
-    `valid=False`.
+    `valid=False`. Scores are the logits (torchvision ranks NMS and the final merge by their
+    sigmoid): the same sets, but where float32 sigmoids tie (logits above ~10) the order of the
+    tied proposals may differ from torchvision's.
 
     Args:
       logits: per level `[N_l]` objectness logits. deltas: per level `[N_l, 4]`.
