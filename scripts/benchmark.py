@@ -19,12 +19,16 @@ torchvision runs on the same inputs in the same process and `ratio` is ours / to
 `infer` time R50-FPN Mask R-CNN (configs/coco_r50_fpn_1x.py; another with --model_config, then
 without torchvision) against torchvision's maskrcnn_resnet50_fpn and report the `work` per image of
 each: RoIs through the box head, and through the mask head the foreground RoIs (train) or detections
-(infer); ours are the static config sizes (padded slots included) but for the mask head in training:
+(infer), and at inference the (box, class) candidates of the final NMS; ours are the static config
+sizes (padded slots included) but for the mask head in training:
 the slots of the chunks it ran (`model.roi_heads.mask_head_chunk`; all G / B slots of
 `model.roi_heads.mask_rois_per_image` without chunks); torchvision's are counted by forward hooks;
 `matched` says whether they are equal (else `why`).
---matched gives torchvision our RPN/RoI budgets and score threshold 0 (it returns
-detections_per_image detections, as ours); zero RPN box deltas and no proposal NMS suppression (its
+--matched gives torchvision our RPN/RoI budgets and, at inference, the score threshold at which
+as many (box, class) candidates per image enter its final NMS as enter ours (our static
+`detections_pre_nms_topk` of them; found on an untimed first call; `nms_candidates` in `work`,
+counted before torchvision drops boxes under 0.01 px) and our detections_per_image; zero RPN
+box deltas and no proposal NMS suppression (its
 proposals are then the post_nms_topk best anchors, as many as our static slots: with random
 weights most of its proposals are otherwise degenerate or suppressed, e.g. 35-300 left at 256²);
 and in training at least as many GT objects as our mask slots per image (every GT box is also a
@@ -88,11 +92,13 @@ from mrcnn_jax.ops.roi_align import multilevel_roi_align
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for configs/
 
 # A help that starts with "<subcommand>[, <subcommand>...]: " names the only subcommands using it.
-flags.DEFINE_integer("repeats", None, "Timed calls (default 5, train/infer 3).", lower_bound=1)
+flags.DEFINE_integer(
+    "repeats", None, "Timed calls (default 5; train, infer, breakdown: 3).", lower_bound=1
+)
 flags.DEFINE_integer("warmup", 1, "Untimed calls first (the first compiles).", lower_bound=1)
 flags.DEFINE_integer("seed", 0, "Seed of the random inputs.")
 flags.DEFINE_integer(
-    "batch_size", 2, "roi_align, conv, train, infer: images per call.", lower_bound=1
+    "batch_size", 2, "roi_align, conv, train, infer, breakdown: images per call.", lower_bound=1
 )
 flags.DEFINE_integer("image_size", 1024, "roi_align, nms, conv: side of the square image.")
 flags.DEFINE_integer("rois", 512, "roi_align, conv: boxes per image (conv: mask-head RoIs).")
@@ -105,8 +111,10 @@ flags.DEFINE_bool("backward", False, "roi_align: time forward + backward w.r.t. 
 flags.DEFINE_list("num_boxes", ["1000", "4000"], "nms: input box counts to time.")
 flags.DEFINE_integer("max_output", 1000, "nms: static output size.")
 flags.DEFINE_float("iou_threshold", 0.7, "nms: suppression IoU.")
-flags.DEFINE_list("sizes", ["512x512", "832x1344"], "train, infer: padded input sizes HxW.")
-flags.DEFINE_integer("num_objects", 10, "train: ground-truth objects per image.")
+flags.DEFINE_list(
+    "sizes", ["512x512", "832x1344"], "train, infer, breakdown: padded input sizes HxW."
+)
+flags.DEFINE_integer("num_objects", 10, "train, breakdown: ground-truth objects per image.")
 flags.DEFINE_bool("skip_torchvision", False, "train, infer: do not time torchvision's model.")
 flags.DEFINE_bool("matched", False, "train, infer: make torchvision do our work (see above).")
 flags.DEFINE_list(
@@ -430,7 +438,8 @@ def our_model(config, batch: dict, train: bool):
     if not train:
         predict, variables = evaluator.make_predict_step(model, mesh), evaluator.variables_of(state)
         inputs = sharding.shard_batch({k: batch[k] for k in evaluator.MODEL_INPUTS}, mesh)
-        sizes = config.model.rpn.post_nms_topk_test, r.detections_per_image
+        proposals = config.model.rpn.post_nms_topk_test
+        sizes = proposals, r.detections_per_image
         return OurProgram(predict, variables, inputs), sizes
     train_step = step_lib.make_train_step(config, mesh, lr_fn)
     step = OurProgram(
@@ -468,7 +477,20 @@ def torchvision_model(config, batch: dict, train: bool) -> tuple[float, dict]:
         count = lambda _, x, key=key: work.__setitem__(key, x[0].shape[0] / len(images))
         head.register_forward_pre_hook(count)
     if not train:
-        return measure(model.eval(), images)[1], work
+        scores = {}  # the last call's foreground class scores, [RoIs, K]
+        keep = lambda _, __, out: scores.__setitem__("last", torch.softmax(out[0], -1)[:, 1:])
+        heads.box_predictor.register_forward_hook(keep)
+        model.eval()
+        if FLAGS.matched:  # the threshold that sends as many candidates to NMS as ours
+            with torch.no_grad():
+                model(images)
+            pooled = scores["last"].flatten()
+            k = min(len(images) * r.detections_pre_nms_topk, pooled.numel())
+            kth = torch.topk(pooled, k).values[-1]
+            heads.score_thresh = float(torch.nextafter(kth, torch.tensor(-1.0)))
+        seconds = measure(model, images)[1]
+        passed = (scores["last"] > heads.score_thresh).sum().item()
+        return seconds, {**work, "nms_candidates": passed / len(images)}
     optimizer = torch.optim.SGD(model.train().parameters(), lr=1e-4, momentum=0.9)
     ys, xs, targets = np.arange(h)[:, None], np.arange(w), []
     for boxes, classes, keep in zip(batch["gt_boxes"], batch["gt_classes"], batch["gt_valid"]):
@@ -515,6 +537,11 @@ def run_model(train: bool) -> list[dict]:
         ):
             valid = out["num_mask_rois"] if train else np.mean(np.sum(out["valid"], 1))
             work_ours = {"box_head_rois": box_rois, "mask_head_rois": mask_rois}
+            if not train:  # (box, class) candidates of the final NMS: a static top-k
+                r = config.model.roi_heads
+                work_ours["nms_candidates"] = min(
+                    r.detections_pre_nms_topk, box_rois * config.model.num_classes
+                )
             if train:  # the chunks of slots its mask head ran (all G slots without chunks)
                 b = config.train.batch_size
                 run = num_mask_head_slots_run(config.model, b, round(float(valid) * b))
