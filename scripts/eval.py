@@ -11,7 +11,9 @@ detections, COCO results format), `<workdir>` being the training workdir also wh
 names a checkpoint folder in it; with a --split other than the config's val split, the file
 names end in `_<split>` (other characters than letters, digits, `.` and `-` replaced by `_`).
 A --workdir without a complete checkpoint (or without the --checkpoint_step one) is a usage
-error.
+error; so is a --checkpoint_step (or checkpoint folder) that is not a complete checkpoint, e.g.
+after an interrupted copy (the message names what it lacks), while the latest one is looked for
+among the complete ones only (a later incomplete folder is skipped with a warning).
 
 On several hosts run the same command on every host, as scripts/train.py (the same
 --multihost, --coordinator_address, --num_processes, --process_id flags; README "Multi-host"):
@@ -42,6 +44,7 @@ _SPLIT = flags.DEFINE_string(
     "TFDS split to evaluate, e.g. 'validation[:50]' (default: config.data.val_split).",
 )
 launch.define_flags()
+flags.adopt_module_key_flags(launch)  # --help lists them too
 flags.mark_flag_as_required("workdir")
 
 
@@ -61,7 +64,7 @@ def main(argv):
     import jax  # after absl parsed the flags, so XLA_FLAGS etc. set on the command line apply
 
     from mrcnn_jax import sharding
-    from mrcnn_jax.data import get_builder
+    from mrcnn_jax.data import get_builder, pipeline
     from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
     from mrcnn_jax.programs import evaluator
     from mrcnn_jax.programs import predictor as predictor_lib
@@ -79,13 +82,21 @@ def main(argv):
     suffix = str(predictor.step)
     if split != config.data.val_split:
         suffix += "_" + re.sub(r"[^\w.-]+", "_", split)
+    builder = get_builder(config.data)
+    try:
+        builder.info.splits[pipeline.eval_split(config, builder, split)]
+    except (KeyError, ValueError) as error:
+        raise app.UsageError(
+            f"--split={split!r} is not a split of {builder.info.full_name} (its splits: "
+            f"{sorted(builder.info.splits)}): {error}"
+        ) from error
     mesh = sharding.create_mesh()
     metrics = evaluator.evaluate_split(
         evaluator.make_predict_step(MaskRCNN.from_config(config.model), mesh),
         sharding.replicate(predictor.variables, mesh),
         config,
         mesh,
-        get_builder(config.data),
+        builder,
         split=split,
         results_path=str(workdir / f"detections_{suffix}.json"),
     )

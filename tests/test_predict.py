@@ -363,7 +363,8 @@ def test_predict_script_names_what_it_cannot_use(workdir, inputs, compile_cache,
 def test_scripts_refuse_a_bad_threshold_step_or_out_dir_naming_it(
     workdir, inputs, compile_cache, tmp_path
 ):
-    """Usage errors (exit status 1, the message, no traceback), before the model loads."""
+    """Usage errors (exit status 1, the message, no traceback), before the model loads (an
+    eval split TFDS does not know: before it compiles)."""
     root, _, _ = inputs
     a_file = tmp_path / "a_file"
     a_file.write_text("")
@@ -374,6 +375,7 @@ def test_scripts_refuse_a_bad_threshold_step_or_out_dir_naming_it(
         ("predict.py", ["--checkpoint_step=7"], missing_step),
         ("predict.py", [f"--out_dir={a_file}"], f"File exists: {str(a_file)!r}"),
         ("eval.py", ["--checkpoint_step=7"], missing_step),
+        ("eval.py", ["--split=valid"], "--split='valid' is not a split of"),
     ]:
         if script == "predict.py":
             args.append(root / "e.bmp")

@@ -323,15 +323,11 @@ def _open(path: str | epath.PathLike, step: int | None):
     step = None if step is None else _check_step(step)
     workdir, path_step = _locate(epath.Path(path))
     manager = ckpt_lib.create_manager(workdir, read_only=True)
-    step = step if step is not None else path_step
-    step = manager.latest_step() if step is None else step
-    if step is None or step not in manager.all_steps():
-        found = manager.all_steps()
+    try:  # the latest complete step (incomplete folders skipped, with a warning), or a check
+        step = ckpt_lib.choose_step(manager, step if step is not None else path_step)
+    except FileNotFoundError:
         manager.close()
-        raise FileNotFoundError(
-            f"no complete checkpoint{'' if step is None else f' {step}'} in "
-            f"{manager.directory} (found steps {found})"
-        )
+        raise
     return manager, workdir, step
 
 
@@ -341,10 +337,14 @@ def locate_checkpoint(
     """(workdir, step) of the checkpoint that `load_checkpoint(path, step)` loads; loads nothing.
 
     The workdir is the training workdir holding `checkpoints/`, also when `path` is its
-    `checkpoints/` directory or one `checkpoints/<step>` directory.
+    `checkpoints/` directory or one `checkpoints/<step>` directory. Without a step (in `step` or
+    `path`) it is the latest complete checkpoint: later step folders that are not complete
+    checkpoints (e.g. an interrupted copy, `checkpoint.missing_parts`) are skipped with a
+    warning naming them.
 
     Raises:
-      FileNotFoundError: no complete checkpoint there.
+      FileNotFoundError: no complete checkpoint there, or the step asked for is not one (the
+        message names its folder, what it lacks and the complete steps).
       TypeError: `step` is not an integer.
     """
     manager, workdir, step = _open(path, step)
@@ -356,13 +356,16 @@ def load_checkpoint(path: str | epath.PathLike, step: int | None = None) -> Pred
     """Loads the model, variables and config of a checkpoint for inference.
 
     Args:
-      path: a training workdir (the latest checkpoint is used), its `checkpoints/` directory, or
-        one `checkpoints/<step>` directory (`locate_checkpoint` says which workdir and step).
+      path: a training workdir (the latest complete checkpoint is used), its `checkpoints/`
+        directory, or one `checkpoints/<step>` directory (`locate_checkpoint` says which
+        workdir and step).
       step: a specific step (overrides the one in `path`): an int (or integer-like, e.g.
         `np.int64`).
 
     Raises:
-      FileNotFoundError: no complete checkpoint there.
+      FileNotFoundError: no complete checkpoint there, or the step asked for is not one (its
+        folder lacks files, e.g. after an interrupted copy: the message names them and the
+        complete steps).
       TypeError: `step` is not an integer (e.g. the string "400").
       ValueError: the stored parameters do not fit the stored config (a variable's path, shape
         or dtype differs from the model's).

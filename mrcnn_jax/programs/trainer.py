@@ -6,6 +6,10 @@ periodic evaluation (`programs.evaluator`), as flax's `examples/imagenet/train.p
 Resumable: the latest complete checkpoint in `<workdir>/checkpoints` is restored (state, step)
 and the input pipeline restarts at that step, so no example is skipped or repeated; the step's
 PRNG key is `fold_in(key(seed), step)`, so a resumed run draws what an uninterrupted one would.
+Step folders that are not complete checkpoints (an interrupted copy) are renamed
+`<step>.incomplete`, with a warning, and their steps saved again. With `model.norm="batch"`
+(per-device BatchNorm statistics) a resume with other images per device than the checkpoint
+recorded trains another function: it warns, naming both (`checkpoint.images_per_device_warning`).
 Without a checkpoint the model starts from its seeded initialisation with the backbone that
 `model.backbone_weights` names (torchvision ImageNet weights, `convert.imagenet`); a frozen
 backbone without such weights is refused (`check_backbone_init`). The final state is always
@@ -28,6 +32,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from absl import logging
 from etils import epath
 from tqdm import tqdm
 
@@ -186,11 +191,14 @@ def check_train_config(config: ml_collections.ConfigDict) -> None:
 
 def check_splits(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder) -> None:
     """Raises ValueError, naming the field and the dataset's splits, unless `data.train_split`
-    and `data.val_split` are splits of `builder` (TFDS syntax: `validation[:100]` too)."""
+    and `data.val_split` are splits of `builder` (TFDS syntax: `validation[:100]` too), the
+    latter also as evaluated (its first `eval.max_images` images)."""
     for name in ("train_split", "val_split"):
         split = config.data[name]
         try:
             builder.info.splits[split]
+            if name == "val_split":
+                builder.info.splits[pipeline.eval_split(config, builder, split)]
         except (KeyError, ValueError) as e:
             raise ValueError(
                 f"config.data.{name}={split!r} is not a split of {builder.info.full_name} "
@@ -219,6 +227,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       ValueError: a config that does not fit (`check_train_config`, `check_splits`); without a
         checkpoint to resume, a frozen backbone without weights (`check_backbone_init`); a
         checkpoint of another architecture.
+      FileNotFoundError: `<workdir>/checkpoints` holds step folders but none is a complete
+        checkpoint (`checkpoint.resume_step`, naming them and what they lack).
     """
     check_train_config(config)
     workdir = epath.Path(workdir)
@@ -234,7 +244,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 def _train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: epath.Path, manager: ocp.CheckpointManager
 ) -> dict[str, float]:
-    resuming = manager.latest_step() is not None
+    resume_step = ckpt_lib.resume_step(manager)  # the latest complete checkpoint
+    resuming = resume_step is not None
     if not resuming:
         check_backbone_init(config.model)
     builder = get_builder(config.data)
@@ -248,8 +259,12 @@ def _train_and_evaluate(
         variables = initial_variables(config, model)
     state, learning_rate_fn = state_lib.train_state_from_variables(config, model, variables)
     if resuming:
-        state = ckpt_lib.restore(manager, state, config)
+        state = ckpt_lib.restore(manager, state, config, step=resume_step)
+        ckpt_lib.set_aside_incomplete(manager)  # so that their steps are saved again
         _say(f"Resumed from {manager.directory} at step {int(state.step)}")
+        warning = ckpt_lib.images_per_device_warning(manager, resume_step, config, mesh.size)
+        if warning and jax.process_index() == 0:
+            logging.warning(warning)
     if jax.process_index() == 0:  # after the restore: a rejected config must not replace it
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     state = sharding.replicate(state, mesh)

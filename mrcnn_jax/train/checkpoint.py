@@ -3,7 +3,15 @@
 A checkpoint directory `<workdir>/checkpoints/<step>/` holds two items: `state` (params,
 batch_stats, opt_state, step) and `config` (the full ConfigDict as JSON). Orbax writes each
 checkpoint into a temporary directory and renames it when complete, so a crash mid-save leaves
-no checkpoint that `latest_step` would return.
+no checkpoint that `latest_step` would return. A step folder made otherwise, e.g. by a copy
+(cp, rsync) that was interrupted, may lack files: `missing_parts` names them, `latest_step`
+skips such folders with a warning, `choose_step` refuses one named explicitly, and a resumed
+run starts from the latest complete one (`resume_step`) and sets them aside
+(`set_aside_incomplete`).
+
+Each checkpoint also records the devices it was trained on (`run_metadata`): with per-device
+BatchNorm statistics (`model.norm="batch"`) the images per device are part of the function
+trained, and a resume with another number warns (`images_per_device_warning`).
 """
 
 import json
@@ -12,6 +20,7 @@ from typing import Any
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
@@ -30,6 +39,13 @@ NON_ARCHITECTURE_KEYS = (
     "model.roi_heads.mask_paste",
     "model.roi_heads.mask_head_chunk",
 )
+
+
+# Orbax's step metadata, in every checkpoint step folder (with the commit time when finished).
+STEP_METADATA = "_CHECKPOINT_METADATA"
+# What `save` records in its `custom_metadata`.
+NUM_DEVICES_KEY = "num_devices"
+IMAGES_PER_DEVICE_KEY = "images_per_device"
 
 
 def checkpoint_dir(workdir: epath.PathLike) -> epath.Path:
@@ -68,15 +84,226 @@ def state_tree(state: TrainState) -> dict[str, Any]:
 
 
 def save(manager: ocp.CheckpointManager, state: TrainState, config) -> None:
-    """Saves `state` at its step (asynchronously; call `manager.wait_until_finished()` to block)."""
+    """Saves `state` at its step (asynchronously; call `manager.wait_until_finished()` to block).
+
+    Records the number of devices (all processes') and the training images per device in the
+    step's metadata (`run_metadata`).
+    """
     step = int(jax.device_get(state.step))
+    num_devices = jax.device_count()
+    per_device = config.train.batch_size / num_devices
     manager.save(
         step,
         args=ocp.args.Composite(
             state=ocp.args.StandardSave(state_tree(state)),
             config=ocp.args.JsonSave(json.loads(config.to_json())),
         ),
+        custom_metadata={
+            NUM_DEVICES_KEY: num_devices,
+            IMAGES_PER_DEVICE_KEY: int(per_device) if per_device.is_integer() else per_device,
+        },
     )
+
+
+def step_dir(manager: ocp.CheckpointManager, step: int) -> epath.Path:
+    """The folder of checkpoint `step` (which may not exist)."""
+    return epath.Path(manager.directory) / str(step)
+
+
+def missing_parts(folder: epath.PathLike) -> list[str]:
+    """What a finished checkpoint has that the step folder `folder` lacks: [] for a complete one.
+
+    Orbax writes a checkpoint in a temporary folder that it renames when finished, so a folder
+    with a step's name lacks files only when made otherwise, e.g. by an interrupted copy. A
+    finished one holds orbax's step metadata (`_CHECKPOINT_METADATA`), the config item
+    (`config/metadata`) and the state item's tree metadata (`state/_METADATA`) and, stored as
+    OCDBT (orbax's default), its database manifest (`state/manifest.ocdbt`). The array data
+    themselves are not checked.
+    """
+    folder = epath.Path(folder)
+    if not folder.is_dir():
+        return ["everything (it is not a folder)"]
+    wanted = [STEP_METADATA, "config/metadata", "state/_METADATA"]
+    missing = [name for name in wanted if not (folder / name).is_file()]
+    if "state/_METADATA" not in missing:
+        try:
+            use_ocdbt = json.loads((folder / "state" / "_METADATA").read_text()).get("use_ocdbt")
+        except (OSError, ValueError, AttributeError):
+            return [*missing, "a readable state/_METADATA"]
+        if use_ocdbt and not (folder / "state" / "manifest.ocdbt").is_file():
+            missing.append("state/manifest.ocdbt")
+    return missing
+
+
+def complete_steps(manager: ocp.CheckpointManager) -> list[int]:
+    """The steps of `manager` (increasing) whose folders are complete checkpoints."""
+    return [s for s in manager.all_steps() if not missing_parts(step_dir(manager, s))]
+
+
+def _incomplete(manager: ocp.CheckpointManager, step: int, missing: list[str]) -> str:
+    return (
+        f"checkpoint folder {step_dir(manager, step)} is incomplete (it lacks "
+        f"{', '.join(missing)}; an interrupted copy?)"
+    )
+
+
+def latest_step(manager: ocp.CheckpointManager, warn: bool = True) -> int | None:
+    """The latest step whose folder is a complete checkpoint (`missing_parts`), None if none is.
+
+    Later step folders that are not complete checkpoints are skipped, each (`warn`) with a
+    warning that names it and what it lacks.
+    """
+    for step in sorted(manager.all_steps(), reverse=True):
+        missing = missing_parts(step_dir(manager, step))
+        if not missing:
+            return step
+        if warn:
+            logging.warning(
+                "Skipping checkpoint folder %s: not a complete checkpoint (it lacks %s; an "
+                "interrupted copy?)",
+                step_dir(manager, step),
+                ", ".join(missing),
+            )
+    return None
+
+
+def choose_step(manager: ocp.CheckpointManager, step: int | None = None) -> int:
+    """`step`, or the latest complete step (`latest_step`) when None, checked to be a complete
+    checkpoint of `manager`.
+
+    Raises:
+      FileNotFoundError: there is no such step, or its folder is not a complete checkpoint (the
+        message names the folder, what it lacks and the complete steps), or `step` is None and
+        no step folder is complete.
+    """
+    if step is None:
+        step = latest_step(manager)
+        if step is None:
+            incomplete = [
+                _incomplete(manager, s, missing_parts(step_dir(manager, s)))
+                for s in manager.all_steps()
+            ]
+            raise FileNotFoundError(
+                f"no complete checkpoint in {manager.directory}"
+                + (": " + "; ".join(incomplete) if incomplete else "")
+            )
+        return step
+    found = complete_steps(manager)
+    if step not in manager.all_steps():
+        raise FileNotFoundError(
+            f"no complete checkpoint {step} in {manager.directory} (found steps {found})"
+        )
+    missing = missing_parts(step_dir(manager, step))
+    if missing:
+        raise FileNotFoundError(
+            f"{_incomplete(manager, step, missing)}; the complete checkpoints in "
+            f"{manager.directory} are steps {found}"
+        )
+    return step
+
+
+def resume_step(manager: ocp.CheckpointManager) -> int | None:
+    """The step a run in `manager`'s directory resumes from: the latest complete checkpoint
+    (later incomplete folders are left to `set_aside_incomplete`), None for a fresh run.
+
+    Raises:
+      FileNotFoundError: there are step folders but none is a complete checkpoint (naming them
+        and what they lack): a fresh start would train over the run they came from.
+    """
+    step = latest_step(manager, warn=False)
+    if step is None and manager.all_steps():
+        raise FileNotFoundError(
+            f"no complete checkpoint to resume in {manager.directory}: "
+            + "; ".join(
+                _incomplete(manager, s, missing_parts(step_dir(manager, s)))
+                for s in manager.all_steps()
+            )
+            + ". Complete the copy, remove those folders, or train in a new --workdir."
+        )
+    return step
+
+
+def set_aside_incomplete(manager: ocp.CheckpointManager) -> list[epath.Path]:
+    """Renames every step folder of `manager` that is not a complete checkpoint to
+    `<step>.incomplete` (`.incomplete-2`, `-3`... if taken), which orbax ignores, so that a
+    resumed run saves its own checkpoints at those steps (orbax would skip the save of a step at
+    or below the latest folder, and fail on an existing one). Nothing is deleted; each folder
+    moved is logged with a warning. Process 0 renames, the others wait for it. Returns the new
+    paths.
+    """
+    moved = []
+    if jax.process_index() == 0:
+        for step in manager.all_steps():
+            folder = step_dir(manager, step)
+            missing = missing_parts(folder)
+            if not missing:
+                continue
+            target, n = folder.with_name(f"{step}.incomplete"), 1
+            while target.exists():
+                n += 1
+                target = folder.with_name(f"{step}.incomplete-{n}")
+            folder.rename(target)
+            moved.append(target)
+            logging.warning("%s: moved to %s", _incomplete(manager, step, missing), target)
+    if jax.process_count() > 1:  # every process, whatever it saw: none passes before the renames
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("mrcnn_jax: incomplete checkpoints set aside")
+    manager.reload()
+    return moved
+
+
+def run_metadata(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+    """What `save` recorded about the run with checkpoint `step`: `num_devices` and
+    `images_per_device` (training images per device); `{}` for checkpoints written before it
+    recorded them (or by other means)."""
+    try:
+        metadata = json.loads((step_dir(manager, step) / STEP_METADATA).read_text())
+    except (OSError, ValueError):
+        return {}
+    return (metadata.get("custom_metadata") if isinstance(metadata, dict) else None) or {}
+
+
+def images_per_device_warning(
+    manager: ocp.CheckpointManager,
+    step: int,
+    config: ml_collections.ConfigDict,
+    num_devices: int,
+) -> str | None:
+    """Why resuming checkpoint `step` with `config` on `num_devices` devices trains another
+    function than the run that wrote it, or None.
+
+    With `model.norm="batch"` every BatchNorm layer that uses batch statistics (the backbone's
+    and, with `model.fpn_norm` / `model.roi_heads.head_norm`, those of the FPN and heads)
+    normalises over the images of one device, so the images per device
+    (`train.batch_size / devices`) are part of what is trained. None when they are the same,
+    when the norm is "frozen" or "sync" (statistics over the global batch), at step 0 (nothing
+    trained yet) or when the checkpoint did not record its devices (written before it did).
+    """
+    if config.model.norm != "batch" or not step:
+        return None
+    recorded = run_metadata(manager, step)
+    saved_devices = recorded.get(NUM_DEVICES_KEY)
+    saved_per_device = recorded.get(IMAGES_PER_DEVICE_KEY)
+    per_device = config.train.batch_size / num_devices
+    if not saved_devices or saved_per_device is None or saved_per_device == per_device:
+        return None
+    return (
+        f'model.norm="batch" normalises over the images of each device: checkpoint '
+        f"{step_dir(manager, step)} was trained with {_count(saved_per_device, 'image')} per "
+        f"device ({_count(saved_devices, 'device')}), this run has {per_device:g} "
+        f"(train.batch_size={config.train.batch_size} on {_count(num_devices, 'device')}), so "
+        "its BatchNorm statistics, and the training, differ from an uninterrupted run. Resume "
+        f"on {_count(saved_devices, 'device')} with train.batch_size="
+        f"{saved_per_device * saved_devices:g} to continue it exactly, or use "
+        "--config.model.norm=sync (statistics over the whole batch, the same on any number of "
+        "devices) in new runs."
+    )
+
+
+def _count(n: float, noun: str) -> str:
+    """`n` and `noun`, plural unless `n` is 1: "1 device", "8 devices", "0.5 images"."""
+    return f"{n:g} {noun}{'' if n == 1 else 's'}"
 
 
 def _lookup(config_dict: dict, dotted: str):
@@ -137,13 +364,11 @@ def restore(
     error advises): its stage holds no arrays, so the optimizer state carries over whole.
 
     Raises:
-      FileNotFoundError: there is no (complete) checkpoint.
+      FileNotFoundError: there is no (complete) checkpoint (`choose_step`).
       ValueError: the checkpoint was written with a different architecture (the message lists
         the differing config fields), or trained past step 0 with another optimizer.
     """
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no complete checkpoint in {manager.directory}")
+    step = choose_step(manager, step)
     saved = load_config(manager, step)
     problems = config_mismatches(saved, config)
     if problems:

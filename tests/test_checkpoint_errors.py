@@ -1,0 +1,283 @@
+"""Checkpoint step folders that are not complete checkpoints (an interrupted copy), and resuming
+per-device BatchNorm statistics (`model.norm="batch"`) on another number of images per device.
+
+The checkpoints are written by `checkpoint.save` from zero variables of a tiny shapes config;
+the trainer tests replace its compiled parts (the train step counts steps, the evaluation
+returns zeros) and its input pipeline, so that they exercise the resume itself in seconds.
+"""
+
+import itertools
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from conftest import tiny_config
+from helpers import synthetic_batch
+
+import mrcnn_jax
+from mrcnn_jax.data import get_builder, pipeline
+from mrcnn_jax.evaluation import IOU_TYPES, STAT_NAMES
+from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
+from mrcnn_jax.programs import evaluator, trainer
+from mrcnn_jax.programs.predictor import locate_checkpoint
+from mrcnn_jax.train import checkpoint as ckpt_lib
+from mrcnn_jax.train import state as state_lib
+from mrcnn_jax.train import step as step_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEP = 4  # of the complete checkpoint
+BATCH = 8  # one image per CPU device (conftest: 8 devices)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+def run_config(data_dir: str, **overrides):
+    """`tiny_config` (`model.norm="batch"`, as configs/shapes_r18.py) on an 8/8-image shapes
+    set, batch 8, 6 steps, checkpoints every 2: a resume at step 4 saves step 6."""
+    return tiny_config(
+        **{
+            "data.data_dir": data_dir,
+            "data.shapes_num_train": 8,
+            "data.shapes_num_val": 8,
+            "train.batch_size": BATCH,
+            "eval.batch_size": BATCH,
+            "train.num_steps": 6,
+            "train.checkpoint_every": 2,
+            "train.log_every": 1,
+            **overrides,
+        }
+    )
+
+
+def write_checkpoint(workdir, config, step: int = STEP) -> None:
+    """Checkpoint `step` of zero variables in `workdir`, as the trainer writes it."""
+    model = MaskRCNN.from_config(config.model)
+    variables = state_lib.zero_variables(model, tuple(config.data.image_size))
+    state, _ = state_lib.train_state_from_variables(config, model, variables)
+    manager = ckpt_lib.create_manager(workdir)
+    ckpt_lib.save(manager, state.replace(step=step), config)
+    manager.wait_until_finished()
+    manager.close()
+
+
+@pytest.fixture(scope="module")
+def saved(data_dir, tmp_path_factory):
+    """(workdir with the complete checkpoint `STEP`, its config with the dataset's classes)."""
+    config = run_config(data_dir)
+    config = trainer.with_dataset_classes(config, get_builder(config.data))
+    workdir = tmp_path_factory.mktemp("saved")
+    write_checkpoint(workdir, config)
+    return workdir, config
+
+
+def copy_workdir(saved, tmp_path):
+    return shutil.copytree(saved[0], tmp_path / "workdir")
+
+
+def make_incomplete(workdir, how: str, step: int = 6):
+    """A folder `checkpoints/<step>` as an interrupted copy leaves it: `empty` (mkdir), or a copy
+    of checkpoint `STEP` without its `state/` item or without the state's OCDBT manifest."""
+    folder = workdir / "checkpoints" / str(step)
+    if how == "empty":
+        folder.mkdir()
+    else:
+        shutil.copytree(workdir / "checkpoints" / str(STEP), folder)
+        if how == "no_state":
+            shutil.rmtree(folder / "state")
+        else:
+            (folder / "state" / "manifest.ocdbt").unlink()
+    return folder
+
+
+LACKS = {
+    "empty": "_CHECKPOINT_METADATA, config/metadata, state/_METADATA",
+    "no_state": "state/_METADATA",
+    "no_manifest": "state/manifest.ocdbt",
+}
+
+
+def warnings_naming(caplog, text: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if text in r.getMessage()]
+
+
+# ------------------------------------------------------------------- incomplete step folders
+
+
+@pytest.mark.parametrize("how", sorted(LACKS))
+def test_the_latest_incomplete_folder_is_skipped_and_refused_when_named(
+    how, saved, tmp_path, caplog
+):
+    """load_checkpoint / locate_checkpoint used to stop with orbax's bare KeyError ('Item
+    "config" was not found in the checkpoint. Available items: []') naming no path."""
+    workdir = copy_workdir(saved, tmp_path)
+    folder = make_incomplete(workdir, how)
+    with caplog.at_level("WARNING"):
+        assert locate_checkpoint(workdir / "checkpoints") == (workdir, STEP)
+        assert mrcnn_jax.load_checkpoint(workdir).step == STEP
+    warning = warnings_naming(caplog, f"Skipping checkpoint folder {folder}: not a complete")[0]
+    assert f"(it lacks {LACKS[how]};" in warning
+
+    message = rf"{re.escape(str(folder))} is incomplete \(it lacks {re.escape(LACKS[how])};"
+    message += rf".* complete checkpoints in .* are steps \[{STEP}\]"
+    for path, step in ((workdir, 6), (folder, None)):
+        with pytest.raises(FileNotFoundError, match=message):
+            mrcnn_jax.load_checkpoint(path, step)
+
+
+def test_without_a_complete_checkpoint_the_incomplete_folders_are_named(saved, tmp_path):
+    workdir = copy_workdir(saved, tmp_path)
+    folder = make_incomplete(workdir, "no_state")
+    shutil.rmtree(workdir / "checkpoints" / str(STEP))
+    with pytest.raises(
+        FileNotFoundError,
+        match=rf"no complete checkpoint in .*: checkpoint folder {re.escape(str(folder))} is "
+        r"incomplete \(it lacks state/_METADATA",
+    ):
+        mrcnn_jax.load_checkpoint(workdir)
+
+
+@pytest.mark.parametrize("name", ["eval.py", "predict.py", "export.py"])
+def test_scripts_refuse_an_incomplete_checkpoint_with_a_usage_error(name, saved, tmp_path):
+    """Named explicitly (`checkpoints/6`): exit status 1, the folder and what it lacks, no
+    traceback (was orbax's KeyError traceback)."""
+    workdir = copy_workdir(saved, tmp_path)
+    folder = make_incomplete(workdir, "empty")
+    extra = {
+        "eval.py": [],
+        "predict.py": [__file__],  # an existing file, never read
+        "export.py": [f"--out={tmp_path / 'exported'}"],
+    }[name]
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "scripts", name), f"--workdir={folder}", *extra],
+        cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert f"{folder} is incomplete (it lacks _CHECKPOINT_METADATA" in result.stderr
+    assert f"are steps [{STEP}]" in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+
+
+# ------------------------------------------------------------------- resuming
+
+
+def fake_compiled_parts(monkeypatch, config) -> None:
+    """The trainer's train step only counts steps, its evaluation returns zeros, and its batches
+    are one synthetic batch: what a resume restores, sets aside and saves stays real."""
+
+    def make_train_step(config, mesh, learning_rate_fn):
+        return lambda state, batch, key: (state.replace(step=state.step + 1), {"loss": 0.0})
+
+    batch = synthetic_batch(config, np.random.default_rng(0), [1] * BATCH)
+    monkeypatch.setattr(step_lib, "make_train_step", make_train_step)
+    monkeypatch.setattr(
+        pipeline, "create_train_dataset", lambda *args, **kwargs: itertools.repeat(batch)
+    )
+    metrics = {f"{t}/{n}": 0.0 for t in IOU_TYPES for n in STAT_NAMES}
+    monkeypatch.setattr(evaluator, "evaluate_split", lambda *args, **kwargs: metrics)
+
+
+def test_resume_sets_an_incomplete_folder_aside_and_saves_its_step(
+    saved, tmp_path, monkeypatch, capsys, caplog
+):
+    """An interrupted copy left `checkpoints/6` beside the complete 4: the run resumes at 4
+    (was a KeyError), moves the folder to `6.incomplete` (kept, with a warning) and writes its
+    own checkpoint 6 (orbax skips saving a step at or below an existing step folder)."""
+    workdir = copy_workdir(saved, tmp_path)
+    folder = make_incomplete(workdir, "empty")
+    (folder / "a_partial_file").write_text("kept")
+    fake_compiled_parts(monkeypatch, saved[1])
+    with caplog.at_level("WARNING"):
+        trainer.train_and_evaluate(run_config(saved[1].data.data_dir), str(workdir))
+    assert re.search(rf"Resumed from \S+ at step {STEP}\n", capsys.readouterr().out)
+    manager = ckpt_lib.create_manager(workdir, read_only=True)
+    assert ckpt_lib.complete_steps(manager) == manager.all_steps() == [STEP, 6]
+    assert int(ckpt_lib.restore_raw(manager, 6)["step"]) == 6
+    manager.close()
+    aside = workdir / "checkpoints" / "6.incomplete"
+    assert (aside / "a_partial_file").read_text() == "kept"
+    (warning,) = warnings_naming(caplog, f"moved to {aside}")
+    assert f"{folder} is incomplete (it lacks _CHECKPOINT_METADATA" in warning
+
+
+def test_resume_refuses_a_workdir_whose_only_checkpoint_is_incomplete(saved, tmp_path, monkeypatch):
+    """Not a fresh start over the run the folder came from; nothing is moved."""
+    workdir = copy_workdir(saved, tmp_path)
+    folder = make_incomplete(workdir, "no_manifest")
+    shutil.rmtree(workdir / "checkpoints" / str(STEP))
+    fake_compiled_parts(monkeypatch, saved[1])
+    with pytest.raises(FileNotFoundError, match=rf"{re.escape(str(folder))} is incomplete"):
+        trainer.train_and_evaluate(run_config(saved[1].data.data_dir), str(workdir))
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["6"]
+
+
+# ------------------------------------------------------------------- images per device
+
+
+def test_resume_on_other_images_per_device_warns_under_batch_statistics(
+    saved, tmp_path, monkeypatch, caplog
+):
+    """A `model.norm="batch"` checkpoint recorded on 1 device (8 images per device), resumed on
+    the 8 CPU devices (1 per device): a warning naming both and suggesting norm="sync"; the run
+    goes on. The auditor measured a different loss after such a resume (8 devices -> 1)."""
+    _, config = saved
+    workdir = tmp_path / "workdir"
+    with monkeypatch.context() as fake:  # the checkpoint as one device writes it
+        fake.setattr(jax, "device_count", lambda: 1)
+        write_checkpoint(workdir, config)
+    manager = ckpt_lib.create_manager(workdir, read_only=True)
+    assert ckpt_lib.run_metadata(manager, STEP) == {"num_devices": 1, "images_per_device": 8}
+    manager.close()
+    fake_compiled_parts(monkeypatch, config)
+    with caplog.at_level("WARNING"):
+        trainer.train_and_evaluate(run_config(config.data.data_dir), str(workdir))
+    (warning,) = warnings_naming(caplog, "images per device")
+    expected = "8 images per device (1 device), this run has 1 (train.batch_size=8 on 8 devices)"
+    assert f"was trained with {expected}" in warning
+    assert "Resume on 1 device with train.batch_size=8 to continue it exactly" in warning
+    assert "--config.model.norm=sync" in warning
+    assert jax.device_count() == 8
+
+
+@pytest.mark.parametrize(
+    "norm, recorded, step, warns",
+    [
+        ("batch", {"num_devices": 1, "images_per_device": 8}, STEP, True),
+        ("batch", {"num_devices": 8, "images_per_device": 1}, STEP, False),  # the same
+        ("batch", {}, STEP, False),  # written before the devices were recorded
+        ("batch", {"num_devices": 1, "images_per_device": 8}, 0, False),  # nothing trained
+        ("sync", {"num_devices": 1, "images_per_device": 8}, STEP, False),
+        ("frozen", {"num_devices": 1, "images_per_device": 8}, STEP, False),
+    ],
+)
+def test_images_per_device_warning(norm, recorded, step, warns, saved, tmp_path):
+    """Only per-device statistics (`model.norm="batch"`, also in the FPN and heads) depend on
+    the images per device; a checkpoint without the record (older) still loads."""
+    workdir = copy_workdir(saved, tmp_path)
+    folder = workdir / "checkpoints" / str(STEP)
+    metadata = json.loads((folder / ckpt_lib.STEP_METADATA).read_text())
+    metadata["custom_metadata"] = recorded
+    (folder / ckpt_lib.STEP_METADATA).write_text(json.dumps(metadata))
+    config = run_config(saved[1].data.data_dir, **{"model.norm": norm})
+    manager = ckpt_lib.create_manager(workdir, read_only=True)
+    warning = ckpt_lib.images_per_device_warning(manager, step, config, num_devices=8)
+    manager.close()
+    assert (warning is not None) == warns, warning
+    if warns:
+        assert "8 images per device (1 device), this run has 1" in warning
+    assert mrcnn_jax.load_checkpoint(workdir).step == STEP
+
+
+def test_save_records_the_devices(saved):
+    manager = ckpt_lib.create_manager(saved[0], read_only=True)
+    recorded = ckpt_lib.run_metadata(manager, STEP)
+    manager.close()
+    assert recorded == {"num_devices": 8, "images_per_device": 1}
