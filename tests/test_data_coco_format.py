@@ -10,14 +10,15 @@ import pathlib
 import cv2
 import numpy as np
 import pytest
+import tensorflow as tf
 import tensorflow_datasets as tfds
 from conftest import tiny_config
 from etils import epath
 from pycocotools.coco import COCO
 
 from configs import coco_format as coco_format_config
-from mrcnn_jax.data import coco_format, coco_json, masks, schema
-from mrcnn_jax.evaluation import evaluate_coco
+from mrcnn_jax.data import coco_format, coco_json, coco_reader, masks, pipeline, schema
+from mrcnn_jax.evaluation import evaluate_coco, visualize
 from mrcnn_jax.programs import evaluator, trainer
 
 # Listed out of id order: labels follow ascending id (apple 0, fig 1, kiwi 2).
@@ -367,3 +368,36 @@ def test_polygon_parts_of_fewer_than_3_points_beside_valid_ones_are_dropped(tmp_
     coco.createIndex()
     assert mask.any()
     np.testing.assert_array_equal(mask, coco.annToMask(coco.anns[81]))
+
+
+def test_formats_other_than_jpeg_and_png_are_stored_as_the_pixels_predict_reads(tmp_path):
+    """A palette BMP (TF's decoder read its colour indices as grey: 0 and 1 for red and blue),
+    a GIF whose canvas is larger than its first frame (TF: the frame, 37×61; annotation tools
+    and OpenCV: the canvas, 50×80), a 1-bit BMP (TF refuses it) and a WebP: the stored image,
+    as the input pipeline decodes it, equals `visualize.read_image` of the file, whose size the
+    json states. JPEG and PNG keep their bytes; a file OpenCV cannot read is an error naming it."""
+    image_module = pytest.importorskip("PIL.Image")
+    rgb = np.zeros((50, 80, 3), np.uint8)
+    rgb[:, :40] = (255, 0, 0)
+    rgb[:, 40:] = (0, 0, 255)
+    image_module.fromarray(rgb).quantize(2).save(tmp_path / "palette.bmp")
+    image_module.fromarray(rgb).convert("1").save(tmp_path / "one_bit.bmp")
+    image_module.fromarray(rgb).save(tmp_path / "lossless.webp", lossless=True)
+    image_module.fromarray(rgb[:37, :61]).save(tmp_path / "canvas.gif")
+    gif = bytearray((tmp_path / "canvas.gif").read_bytes())
+    gif[6:10] = (80).to_bytes(2, "little") + (50).to_bytes(2, "little")  # the logical screen
+    (tmp_path / "canvas.gif").write_bytes(bytes(gif))
+    cv2.imwrite(str(tmp_path / "photo.png"), rgb[..., ::-1])
+    for k, name in enumerate(["palette.bmp", "one_bit.bmp", "lossless.webp", "canvas.gif"]):
+        entry = {"id": k, "file_name": name, "height": 50, "width": 80}
+        stored, conversion = coco_reader._read_image(entry, tmp_path, tmp_path / "a.json")
+        assert conversion == "stored as PNG"
+        decoded = pipeline._decode_image(tf.constant(stored)).numpy()
+        np.testing.assert_array_equal(decoded, visualize.read_image(tmp_path / name), err_msg=name)
+    entry = {"id": 9, "file_name": "photo.png", "height": 50, "width": 80}
+    stored, conversion = coco_reader._read_image(entry, tmp_path, tmp_path / "a.json")
+    assert stored == (tmp_path / "photo.png").read_bytes() and conversion is None
+    (tmp_path / "notes.bmp").write_bytes(b"BM not really an image")
+    entry = {"id": 7, "file_name": "notes.bmp", "height": 50, "width": 80}
+    with pytest.raises(ValueError, match=r"notes\.bmp: cannot read or decode image id 7"):
+        coco_reader._read_image(entry, tmp_path, tmp_path / "a.json")

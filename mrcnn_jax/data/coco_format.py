@@ -103,10 +103,11 @@ def coco_format_config(
 class CocoFormat(tfds.core.GeneratorBasedBuilder):
     """A COCO-format dataset given by its config (``coco_format_config``): masks, category ids."""
 
-    VERSION = tfds.core.Version("1.1.0")
+    VERSION = tfds.core.Version("1.2.0")
     RELEASE_NOTES = {  # noqa: RUF012 (TFDS class attribute)
         "1.0.0": "Initial release.",
         "1.1.0": "objects/coco_bbox (the unclipped box, for COCO evaluation); area in float64.",
+        "1.2.0": "Images neither JPEG nor PNG stored as the PNG of OpenCV's decoding.",
     }
     # TFDS 4.9's own lookup of the code path needs importlib_resources on Python >= 3.9.
     code_path = epath.Path(__file__)

@@ -8,12 +8,15 @@ segmentation (polygons, RLE or uncompressed RLE), optional iscrowd and area}) an
 small, medium and large by it) is the mask's pixel count where absent or null, and where 0 on an
 object whose mask is not empty (one warning per file).
 
-Images are stored as the original bytes and read everywhere as ``tf.io.decode_image(channels=3)``
-reads them (JPEGs with libjpeg's accurate DCT, as PIL and OpenCV; an EXIF orientation is not
-applied, so annotations refer to the stored pixel grid): JPEG, PNG, BMP or GIF; grayscale becomes
-RGB (the gray value in all three channels), the alpha channel of RGBA and gray+alpha PNGs is
-dropped, and 16-bit PNGs become 8-bit (the high byte: value // 256). Each split logs how many
-images were read so. Other formats (TIFF, WebP) must be converted to PNG or JPEG first.
+JPEG and PNG images are stored as the original bytes and read everywhere as
+``tf.io.decode_image(channels=3)`` reads them (JPEGs with libjpeg's accurate DCT, as PIL and
+OpenCV; an EXIF orientation is not applied, so annotations refer to the stored pixel grid);
+grayscale becomes RGB (the gray value in all three channels), the alpha channel of RGBA and
+gray+alpha PNGs is dropped, and 16-bit PNGs become 8-bit (the high byte: value // 256). Images
+of any other format OpenCV reads (BMP, GIF, WebP, TIFF, ...) are stored as the PNG of OpenCV's
+8-bit RGB decoding, the pixels ``visualize.read_image`` (scripts/predict.py) reads: TF's own
+decoders read a palette BMP's indices as grey and a GIF's first frame without its canvas. Each
+split logs how many images were read so.
 
 Bad input raises ValueError naming the json and the image or annotation id: a missing or
 undecodable image file, or one whose size differs from the json; duplicate image or annotation
@@ -33,6 +36,7 @@ import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import cv2
 import numpy as np
 import tensorflow as tf
 from absl import logging
@@ -45,6 +49,7 @@ _IMAGE_KEYS = ("id", "file_name", "height", "width")
 _ANNOTATION_KEYS = ("id", "image_id", "category_id", "bbox")
 _LISTED_IDS = 5  # ids quoted in an error or warning about many annotations
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_JPEG_SIGNATURE = b"\xff\xd8\xff"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,14 +263,28 @@ def _conversion(encoded: bytes, channels: int) -> str | None:
     return {1: "grayscale", 2: "gray+alpha", 3: None, 4: "RGBA"}[channels]
 
 
+def _as_png(encoded: bytes) -> bytes | None:
+    """The PNG of OpenCV's 8-bit RGB decoding of an image file's bytes (stored pixels, no EXIF
+    rotation, as ``visualize.read_image``), or None if OpenCV cannot decode them."""
+    flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+    bgr = cv2.imdecode(np.frombuffer(encoded, np.uint8), flags)
+    return None if bgr is None else cv2.imencode(".png", bgr)[1].tobytes()
+
+
 def _read_image(image: dict, image_dir: epath.Path, path: epath.Path) -> tuple[bytes, str | None]:
-    """(encoded bytes, conversion) of an image entry; checks it decodes to its stated size."""
+    """(encoded bytes, conversion) of an image entry (JPEG or PNG: as stored; any other format:
+    ``_as_png``); checks it decodes to its stated size."""
     file = image_dir / image["file_name"]
     size = (int(image["height"]), int(image["width"]))
+    conversion = None
     try:
         encoded = file.read_bytes()
+        if not encoded.startswith((_PNG_SIGNATURE, _JPEG_SIGNATURE)):
+            encoded, conversion = _as_png(encoded), "stored as PNG"
+            if encoded is None:
+                raise ValueError("not an image format OpenCV decodes")
         shape = tf.io.decode_image(encoded, channels=0, expand_animations=False).shape
-    except (OSError, tf.errors.OpError) as e:
+    except (OSError, ValueError, tf.errors.OpError) as e:
         raise ValueError(f"{file}: cannot read or decode image id {image['id']}: {e}") from e
     if tuple(shape[:2]) != size:
         hint = " (rotated by its EXIF orientation?)" if tuple(shape[1::-1]) == size else ""
@@ -273,7 +292,7 @@ def _read_image(image: dict, image_dir: epath.Path, path: epath.Path) -> tuple[b
             f"{file}: image id {image['id']} decodes to {tuple(shape[:2])}, but {path} says "
             f"(height, width) = {size}{hint}"
         )
-    return encoded, _conversion(encoded, shape[2])
+    return encoded, conversion or _conversion(encoded, shape[2])
 
 
 def _outside(box: Sequence[float], image: dict) -> bool:
