@@ -14,12 +14,16 @@ on any number of hosts.
 
   python scripts/train.py ... --coordinator_address=10.0.0.1:1234 --num_processes=2 --process_id=0
 
+SIGTERM (a preempted VM, a scheduler) stops training after the current step, checkpoints it
+and exits with status 143; running the same command resumes from there.
+
 Config overrides are flags (`--config.train.num_steps=100`); an argument that is not a flag
 (e.g. `config.train.num_steps=100`, its `--` missing) is a usage error, as is a --workdir that
 is a regular file.
 """
 
 import os
+import signal
 import sys
 
 from absl import app, flags, logging
@@ -65,7 +69,11 @@ def main(argv):
         jax.local_device_count(),
         jax.device_count(),
     )
-    metrics = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    try:
+        metrics = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except trainer.Preempted as preempted:
+        print(preempted, flush=True)
+        sys.exit(128 + signal.SIGTERM)  # as if SIGTERM had ended it, once the checkpoint is safe
     if jax.process_index() == 0:
         print(trainer.final_summary(metrics), flush=True)
 

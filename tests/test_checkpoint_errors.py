@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -281,3 +282,38 @@ def test_save_records_the_devices(saved):
     recorded = ckpt_lib.run_metadata(manager, STEP)
     manager.close()
     assert recorded == {"num_devices": 8, "images_per_device": 1}
+
+
+def test_sigterm_checkpoints_the_step_it_interrupts_and_a_rerun_resumes(
+    saved, tmp_path, monkeypatch
+):
+    """SIGTERM during step 5 (a preempted VM): the step finishes, checkpoint 5 is written (not on
+    the every-2 schedule) and `Preempted` names it; before, the process died and the run lost
+    the step since checkpoint 4. The handler is the previous one again afterwards, and running
+    again resumes at 5 and finishes at 6."""
+    workdir = copy_workdir(saved, tmp_path)
+    fake_compiled_parts(monkeypatch, saved[1])
+
+    def make_train_step(config, mesh, learning_rate_fn):
+        def train_step(state, batch, key):
+            if int(state.step) == STEP:  # step 5 runs
+                os.kill(os.getpid(), signal.SIGTERM)
+            return state.replace(step=state.step + 1), {"loss": 0.0}
+
+        return train_step
+
+    monkeypatch.setattr(step_lib, "make_train_step", make_train_step)
+    before = signal.getsignal(signal.SIGTERM)
+    config = run_config(saved[1].data.data_dir)
+    with pytest.raises(trainer.Preempted, match=r"stopped at step 5 on SIGTERM .*checkpoint"):
+        trainer.train_and_evaluate(config, str(workdir))
+    assert signal.getsignal(signal.SIGTERM) == before
+    manager = ckpt_lib.create_manager(workdir, read_only=True)
+    assert manager.all_steps() == [STEP, STEP + 1]
+    assert int(ckpt_lib.restore_raw(manager, STEP + 1)["step"]) == STEP + 1
+    manager.close()
+    fake_compiled_parts(monkeypatch, saved[1])
+    trainer.train_and_evaluate(config, str(workdir))
+    manager = ckpt_lib.create_manager(workdir, read_only=True)
+    assert manager.all_steps() == [STEP, STEP + 1, 6]
+    manager.close()

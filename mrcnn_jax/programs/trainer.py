@@ -15,6 +15,8 @@ Without a checkpoint the model starts from its seeded initialisation with the ba
 backbone without such weights is refused (`check_backbone_init`). The final state is always
 checkpointed, so `train.num_steps = 0` writes (and evaluates) the initial checkpoint, step 0.
 Logs go to a tqdm bar, `<workdir>/metrics.jsonl` and TensorBoard event files (process 0).
+SIGTERM (a preempted TPU VM or spot instance, a scheduler's stop) ends training after the step
+being run, which is checkpointed first, with `Preempted` (scripts/train.py exits with 143).
 
 With `data.canvas_groups` the batches come in one shape per group (the step's group is drawn
 from the seed and the step, so a resumed run gets the same canvas at each step): the jitted
@@ -23,9 +25,13 @@ step compiles once per canvas, the first time a step of that group comes, and ne
 `data.image_size`.
 """
 
+import contextlib
 import json
 import math
+import signal
+import threading
 import time
+from collections.abc import Iterator
 
 import jax
 import ml_collections
@@ -229,20 +235,57 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         checkpoint of another architecture.
       FileNotFoundError: `<workdir>/checkpoints` holds step folders but none is a complete
         checkpoint (`checkpoint.resume_step`, naming them and what they lack).
+      Preempted: SIGTERM arrived (one process), or JAX's preemption service reported it (several
+        processes): the step being run is finished and checkpointed first.
     """
     check_train_config(config)
     workdir = epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     manager = ckpt_lib.create_manager(workdir, max_to_keep=config.train.keep_checkpoints or None)
     try:
-        return _train_and_evaluate(config, workdir, manager)
+        with _stop_on_sigterm() as stop:
+            return _train_and_evaluate(config, workdir, manager, stop)
     finally:  # also on an error or Ctrl-C: a checkpoint being written is completed, not lost
         manager.wait_until_finished()
         manager.close()
 
 
+class Preempted(Exception):
+    """Training stopped at `step` on SIGTERM (a preempted VM, a scheduler): the state there is
+    checkpointed, and the same command resumes from it."""
+
+    def __init__(self, step: int, directory: epath.PathLike):
+        super().__init__(
+            f"stopped at step {step} on SIGTERM (preemption) with checkpoint {directory}/{step} "
+            "saved; run the same command to resume from it"
+        )
+        self.step = step
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm() -> Iterator[threading.Event]:
+    """An event that SIGTERM sets during the block, for one process run from the main thread.
+
+    With several processes JAX's preemption service takes SIGTERM and the checkpoint manager
+    reports it at a step that every process reaches (`reached_preemption`); a Python handler
+    would replace the service's own. The previous handler is restored after the block.
+    """
+    stop = threading.Event()
+    if jax.process_count() > 1 or threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: epath.Path, manager: ocp.CheckpointManager
+    config: ml_collections.ConfigDict,
+    workdir: epath.Path,
+    manager: ocp.CheckpointManager,
+    stop: threading.Event,
 ) -> dict[str, float]:
     resume_step = ckpt_lib.resume_step(manager)  # the latest complete checkpoint
     resuming = resume_step is not None
@@ -318,6 +361,13 @@ def _train_and_evaluate(
         if done % t.checkpoint_every == 0 or done == t.num_steps:
             ckpt_lib.save(manager, state, config)
             saved_step = done
+        if stop.is_set() or manager.reached_preemption(done):
+            if saved_step != done:
+                ckpt_lib.save(manager, state, config)
+            manager.wait_until_finished()
+            bar.close()
+            writer.close()
+            raise Preempted(done, manager.directory)
         if t.eval_every and done % t.eval_every == 0 and done != t.num_steps:
             eval_metrics = run_eval(done)
     bar.close()
