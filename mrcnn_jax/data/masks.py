@@ -124,7 +124,7 @@ def sample_masks(
 
 def visible_extents(
     counts: tf.RaggedTensor, height: tf.Tensor, window: tf.Tensor
-) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+) -> tuple[tf.Tensor, tf.Tensor]:
     """Bounding boxes of the run-length masks' parts inside a window, pixels as unit squares.
 
     Pixel (row r, column c) is the square [c, c+1) × [r, r+1); a mask's visible part is the union
@@ -140,9 +140,9 @@ def visible_extents(
         window: [4] float32 (x1, y1, x2, y2) in the masks' pixels.
 
     Returns:
-        boxes: [N, 4] float32 (x1, y1, x2, y2), the tight box of each mask's visible part (zeros
-            where nothing is visible).
-        visible: [N] bool, some mask pixel overlaps the (snapped) window with positive area.
+        boxes: [N, 4] float32 (x1, y1, x2, y2), the tight box of each mask's visible part, of
+            positive area; zeros where no mask pixel overlaps the (snapped) window with positive
+            area.
         nonempty: [N] bool, the mask has a pixel at all.
     """
     height = tf.cast(height, tf.int64)
@@ -186,4 +186,4 @@ def visible_extents(
         axis=-1,
     )
     boxes = tf.where(visible[:, tf.newaxis], boxes, tf.zeros_like(boxes))
-    return boxes, visible, tf.reduce_any(on, axis=1)
+    return boxes, tf.reduce_any(on, axis=1)
