@@ -394,10 +394,14 @@ def _fit_boxes_to_crop(
     cut = (cropped[0] & ((y1 < window[1]) | (y2 > window[3]))) | (
         cropped[1] & ((x1 < window[0]) | (x2 > window[2]))
     )
-    extents, nonempty = masks.visible_extents(counts, height, window)
-    low = tf.maximum(boxes[:, :2], extents[:, :2])
-    fitted = tf.concat([low, tf.maximum(tf.minimum(boxes[:, 2:], extents[:, 2:]), low)], axis=1)
-    return tf.where((cut & nonempty)[:, tf.newaxis], fitted, boxes)
+
+    def fit() -> tf.Tensor:
+        extents, nonempty = masks.visible_extents(counts, height, window)
+        low = tf.maximum(boxes[:, :2], extents[:, :2])
+        high = tf.maximum(tf.minimum(boxes[:, 2:], extents[:, 2:]), low)
+        return tf.where((cut & nonempty)[:, tf.newaxis], tf.concat([low, high], axis=1), boxes)
+
+    return tf.cond(tf.reduce_any(cut), fit, lambda: boxes)  # no runs read when nothing is cut
 
 
 def _crop_masks(

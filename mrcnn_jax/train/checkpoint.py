@@ -147,6 +147,17 @@ def _incomplete(manager: ocp.CheckpointManager, step: int, missing: list[str]) -
     )
 
 
+def _none_complete(manager: ocp.CheckpointManager, purpose: str = "") -> str:
+    """Why `manager` has no complete checkpoint (`purpose`, e.g. " to resume"): each step
+    folder, and what it lacks."""
+    folders = [
+        _incomplete(manager, s, missing_parts(step_dir(manager, s))) for s in manager.all_steps()
+    ]
+    return f"no complete checkpoint{purpose} in {manager.directory}" + (
+        ": " + "; ".join(folders) if folders else ""
+    )
+
+
 def latest_step(manager: ocp.CheckpointManager, warn: bool = True) -> int | None:
     """The latest step whose folder is a complete checkpoint (`missing_parts`), None if none is.
 
@@ -179,14 +190,7 @@ def choose_step(manager: ocp.CheckpointManager, step: int | None = None) -> int:
     if step is None:
         step = latest_step(manager)
         if step is None:
-            incomplete = [
-                _incomplete(manager, s, missing_parts(step_dir(manager, s)))
-                for s in manager.all_steps()
-            ]
-            raise FileNotFoundError(
-                f"no complete checkpoint in {manager.directory}"
-                + (": " + "; ".join(incomplete) if incomplete else "")
-            )
+            raise FileNotFoundError(_none_complete(manager))
         return step
     found = complete_steps(manager)
     if step not in manager.all_steps():
@@ -213,11 +217,7 @@ def resume_step(manager: ocp.CheckpointManager) -> int | None:
     step = latest_step(manager, warn=False)
     if step is None and manager.all_steps():
         raise FileNotFoundError(
-            f"no complete checkpoint to resume in {manager.directory}: "
-            + "; ".join(
-                _incomplete(manager, s, missing_parts(step_dir(manager, s)))
-                for s in manager.all_steps()
-            )
+            _none_complete(manager, " to resume")
             + ". Complete the copy, remove those folders, or train in a new --workdir."
         )
     return step
