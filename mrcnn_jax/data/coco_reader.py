@@ -36,6 +36,7 @@ import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import cv2
 import numpy as np
 import tensorflow as tf
 from absl import logging
@@ -43,7 +44,6 @@ from etils import epath
 from pycocotools import mask as mask_utils
 
 from mrcnn_jax.data import masks, schema
-from mrcnn_jax.evaluation import visualize
 
 _IMAGE_KEYS = ("id", "file_name", "height", "width")
 _ANNOTATION_KEYS = ("id", "image_id", "category_id", "bbox")
@@ -264,10 +264,12 @@ def _conversion(encoded: bytes, channels: int) -> str | None:
 
 
 def _as_png(encoded: bytes) -> bytes | None:
-    """The PNG of OpenCV's 8-bit RGB decoding of an image file's bytes (``visualize.read_image``'s
-    pixels), or None if OpenCV cannot decode them."""
-    rgb = visualize.decode_image(encoded)
-    return None if rgb is None else tf.io.encode_png(rgb).numpy()
+    """The PNG of OpenCV's 8-bit RGB decoding of an image file's bytes (stored pixels, no EXIF
+    rotation, as ``visualize.read_image``, whose flags these are: data/ cannot import
+    evaluation/, tests/test_contracts.py), or None if OpenCV cannot decode them."""
+    flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+    bgr = cv2.imdecode(np.frombuffer(encoded, np.uint8), flags)
+    return None if bgr is None else cv2.imencode(".png", bgr)[1].tobytes()
 
 
 def _read_image(image: dict, image_dir: epath.Path, path: epath.Path) -> tuple[bytes, str | None]:

@@ -39,18 +39,11 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image file {path!r} does not exist")
-    image = decode_image(np.fromfile(path, np.uint8))
+    flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+    image = cv2.imdecode(np.fromfile(path, np.uint8), flags)
     if image is None:
         raise ValueError(f"cannot read image file {path!r}: not an image format cv2 decodes")
-    return image
-
-
-def decode_image(encoded: bytes | np.ndarray) -> np.ndarray | None:
-    """An image file's bytes as ``[H, W, 3]`` uint8 RGB, as `read_image` reads the file (its
-    stored pixels), or None if cv2 cannot decode them."""
-    flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
-    image = cv2.imdecode(np.frombuffer(encoded, np.uint8), flags)
-    return None if image is None else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
 def write_image(path: str | os.PathLike, image: np.ndarray) -> None:
