@@ -7,8 +7,15 @@ compose them (`programs`).
 
 __version__ = "0.1.0"
 
+from typing import TYPE_CHECKING
 
-def load_checkpoint(path, step=None):
+if TYPE_CHECKING:  # the import needs TF and JAX: done lazily below
+    import os
+
+    from mrcnn_jax.programs.predictor import Predictor
+
+
+def load_checkpoint(path: "str | os.PathLike", step: int | None = None) -> "Predictor":
     """See `mrcnn_jax.programs.predictor.load_checkpoint` (imported lazily: it needs TF, JAX)."""
     from mrcnn_jax.programs.predictor import load_checkpoint as _load
 

@@ -8,6 +8,8 @@ it (`shard_batch`); the train state and model variables are replicated on it (`r
 """
 
 import os
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -113,7 +115,7 @@ def connect_devices() -> None:
         raise RuntimeError(f"an all-reduce over {jax.device_count()} devices counted {count}")
 
 
-def create_mesh(devices=None) -> Mesh:
+def create_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A 1-D mesh with data axis `AXIS` over `devices` (default: all devices of all hosts),
     ordered by process (stably: a process's devices keep their order), so that each process's
     devices are one contiguous block of the batch axis."""
@@ -134,7 +136,7 @@ def shard_batch(batch: dict, mesh: Mesh) -> dict:
     }
 
 
-def replicate(tree, mesh: Mesh):
+def replicate(tree: Any, mesh: Mesh) -> Any:
     """Places a pytree (e.g. the train state) on every device of `mesh`, replicated.
 
     Do this once before the first step: the step's outputs are replicated on the mesh, and an

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 import sys
+import types
 from collections.abc import Iterable, Mapping
 
 import ml_collections
@@ -102,7 +103,7 @@ def convert_backbone_state_dict(
     return traverse_util.unflatten_dict(converted)
 
 
-def import_torchvision():
+def import_torchvision() -> types.ModuleType:
     """Imports torchvision, which must come before TensorFlow in a process.
 
     torchvision imported after TensorFlow kills the process with a segmentation fault (torch

@@ -37,8 +37,9 @@ PyTorch is needed only to read `.pth` files or download weights (`load_state_dic
 from __future__ import annotations
 
 import re
+import types
 from collections.abc import Callable, Mapping
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import ml_collections
 import numpy as np
@@ -352,7 +353,7 @@ def convert_state_dict(
     return traverse_util.unflatten_dict(converted)
 
 
-def import_torch():
+def import_torch() -> types.ModuleType:
     """`torch`, or an ImportError that says how to install it."""
     try:
         import torch
@@ -414,7 +415,7 @@ def download_state_dict(version: str) -> dict[str, np.ndarray]:
     return fetch_weights(weights, "scripts/convert_torchvision.py --state_dict=FILE")
 
 
-def fetch_weights(weights, pass_file_as: str) -> dict[str, np.ndarray]:
+def fetch_weights(weights: Any, pass_file_as: str) -> dict[str, np.ndarray]:
     """The state dict of a torchvision `WeightsEnum` member, downloaded (hash checked) or read
     from torch's cache with `weights_only=True`, as float32 numpy arrays.
 

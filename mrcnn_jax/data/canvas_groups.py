@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import ml_collections
 import numpy as np
+import numpy.typing as npt
 import tensorflow as tf
 
 _EXAMPLE = "e.g. ((832, 1344), (1344, 832)) (landscape, portrait)"
@@ -148,7 +149,7 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-def step_groups(config: ml_collections.ConfigDict, steps) -> np.ndarray:
+def step_groups(config: ml_collections.ConfigDict, steps: npt.ArrayLike) -> np.ndarray:
     """The canvas group of each global step in ``steps`` (int array) -> [len] int64.
 
     Stateless: step ``s`` draws ``u = (SplitMix64 output s of a key from config.seed) / 2**64``

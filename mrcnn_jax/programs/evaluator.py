@@ -8,6 +8,7 @@ from collections.abc import Callable
 import jax
 import ml_collections
 import numpy as np
+import numpy.typing as npt
 import tensorflow_datasets as tfds
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
@@ -19,6 +20,7 @@ from mrcnn_jax.data import coco_json, pipeline, schema
 from mrcnn_jax.evaluation.coco_eval import CocoEvaluator
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 from mrcnn_jax.sharding import AXIS, shard_batch
+from mrcnn_jax.train.state import TrainState
 
 MODEL_INPUTS = ("image", "image_size")
 # What CocoEvaluator needs to map boxes back: image_size (resized) and orig_size give the ratios.
@@ -122,13 +124,13 @@ def image_id_parts(image_id: np.ndarray) -> np.ndarray:
     return np.stack([high, low], axis=-1).astype(np.int32)
 
 
-def image_id_of(parts) -> np.ndarray:
+def image_id_of(parts: npt.ArrayLike) -> np.ndarray:
     """The `[B]` int64 image ids of `image_id_parts`' `[B, 2]`."""
     parts = np.asarray(parts, np.int64)
     return (parts[..., 0] << 31) + parts[..., 1]
 
 
-def variables_of(state) -> dict:
+def variables_of(state: TrainState) -> dict:
     """The `{"params", "batch_stats"}` a model needs for inference, from a train state."""
     return {"params": state.params, "batch_stats": state.batch_stats}
 

@@ -85,7 +85,9 @@ def _say(message: str) -> None:
         tqdm.write(message)
 
 
-def with_dataset_classes(config: ml_collections.ConfigDict, builder) -> ml_collections.ConfigDict:
+def with_dataset_classes(
+    config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder
+) -> ml_collections.ConfigDict:
     """A copy of `config` with the dataset's `data.class_names` and `data.label_to_category_id`
     where the config leaves them empty; checks `model.num_classes` and that given names and ids
     have one entry per class of the dataset (ids distinct).

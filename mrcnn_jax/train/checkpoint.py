@@ -83,7 +83,9 @@ def state_tree(state: TrainState) -> dict[str, Any]:
     }
 
 
-def save(manager: ocp.CheckpointManager, state: TrainState, config) -> None:
+def save(
+    manager: ocp.CheckpointManager, state: TrainState, config: ml_collections.ConfigDict
+) -> None:
     """Saves `state` at its step (asynchronously; call `manager.wait_until_finished()` to block).
 
     Records the number of devices (all processes') and the training images per device in the

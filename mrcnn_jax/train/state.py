@@ -211,6 +211,6 @@ def create_train_state(
     return train_state_from_variables(config, model, variables)
 
 
-def count_params(params) -> int:
+def count_params(params: Any) -> int:
     """Number of scalars in a parameter tree."""
     return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
