@@ -10,6 +10,9 @@ come from the checkpoint. Prints the 12 COCO numbers per IoU type and writes
 detections, COCO results format), `<workdir>` being the training workdir also when --workdir
 names a checkpoint folder in it; with a --split other than the config's val split, the file
 names end in `_<split>` (other characters than letters, digits, `.` and `-` replaced by `_`).
+--out_dir writes them elsewhere (a read-only workdir: checked before evaluating). The
+dataset's categories must be the model's: a dataset rebuilt from an edited annotation file
+(a category added, its ids changed) is a usage error naming the categories the model lacks.
 A --workdir without a complete checkpoint (or without the --checkpoint_step one) is a usage
 error; so is a --checkpoint_step (or checkpoint folder) that is not a complete checkpoint, e.g.
 after an interrupted copy (the message names what it lacks), while the latest one is looked for
@@ -33,7 +36,7 @@ _WORKDIR = flags.DEFINE_string(
     "workdir",
     None,
     "Training workdir holding checkpoints/ (or its checkpoints/ or checkpoints/<step> folder); "
-    "the results are written into the workdir.",
+    "the results are written into the workdir unless --out_dir is given.",
 )
 _STEP = flags.DEFINE_integer(
     "checkpoint_step", None, "Checkpoint step to evaluate (default: the latest)."
@@ -42,6 +45,12 @@ _SPLIT = flags.DEFINE_string(
     "split",
     None,
     "TFDS split to evaluate, e.g. 'validation[:50]' (default: config.data.val_split).",
+)
+_OUT_DIR = flags.DEFINE_string(
+    "out_dir",
+    None,
+    "Folder for eval_<step>.json and detections_<step>.json (default: the training workdir); "
+    "created if missing.",
 )
 launch.define_flags()
 flags.adopt_module_key_flags(launch)  # --help lists them too
@@ -62,6 +71,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     import jax  # after absl parsed the flags, so XLA_FLAGS etc. set on the command line apply
+    from etils import epath
 
     from mrcnn_jax import sharding
     from mrcnn_jax.data import get_builder, pipeline
@@ -90,6 +100,15 @@ def main(argv):
             f"--split={split!r} is not a split of {builder.info.full_name} (its splits: "
             f"{sorted(builder.info.splits)}): {error}"
         ) from error
+    try:
+        evaluator.check_dataset_classes(config, builder)
+    except ValueError as error:
+        raise app.UsageError(str(error)) from error
+    out_dir = epath.Path(_OUT_DIR.value) if _OUT_DIR.value else workdir
+    if jax.process_index() == 0:
+        launch.make_output_folder(
+            out_dir, "--out_dir" if _OUT_DIR.value else "the workdir; --out_dir writes elsewhere"
+        )
     mesh = sharding.create_mesh()
     metrics = evaluator.evaluate_split(
         evaluator.make_predict_step(MaskRCNN.from_config(config.model), mesh),
@@ -98,10 +117,10 @@ def main(argv):
         mesh,
         builder,
         split=split,
-        results_path=str(workdir / f"detections_{suffix}.json"),
+        results_path=str(out_dir / f"detections_{suffix}.json"),
     )
     if jax.process_index() == 0:
-        (workdir / f"eval_{suffix}.json").write_text(
+        (out_dir / f"eval_{suffix}.json").write_text(
             json.dumps({"step": predictor.step, "split": split, **metrics}, indent=2)
         )
         print(f"checkpoint step {predictor.step}, split {split}:")

@@ -14,8 +14,8 @@ Inputs (after the flags, any number, in any mix):
 An input that names no existing file or folder, a pattern matching no file, a folder holding
 no image file, a --score_threshold outside [0, 1], a --batch_size that is not a positive
 multiple of the local device count, a --workdir without the checkpoint and an --out_dir that
-cannot be created (e.g. a regular file) are errors (naming it) before the model loads. A file
-reached twice (same real path) is predicted once, under the first name it was reached by.
+cannot be created or written to (a regular file, read-only) are errors (naming it) before the
+model loads. A file reached twice (same real path) is predicted once, under the first name it was reached by.
 
 The inputs are never written: an output (a drawing or detections.json) that is an input file,
 also through a symlink or a hard link, is an error naming both, before the model loads. So is,
@@ -327,7 +327,7 @@ def main(argv):
         drawings = [] if _NO_DRAW.value else [os.path.join(out_dir, name) for name in names]
         results_path = os.path.join(out_dir, "detections.json")
         check_outputs(argv[1:], paths, drawings, results_path, _RECURSIVE.value)
-        os.makedirs(out_dir, exist_ok=True)  # FileExistsError: it is a regular file
+        launch.make_output_folder(out_dir, "--out_dir")
         predictor = predictor_lib.load_checkpoint(workdir, step)
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as error:
         raise app.UsageError(str(error)) from error

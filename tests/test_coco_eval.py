@@ -459,3 +459,54 @@ def test_image_ids_of_any_size_survive_the_gather():
     np.testing.assert_array_equal(eval_program.image_id_of(gathered), ids)
     with pytest.raises(ValueError, match=r"below 2\*\*62 in magnitude, got \[4611686018427387904"):
         eval_program.image_id_parts(np.array([1, 2**62]))
+
+
+def _builder_with(names, ids):
+    """A stand-in for a TFDS builder: the parts `schema.class_names` and
+    `schema.label_to_category_id` read."""
+    from types import SimpleNamespace
+
+    label = SimpleNamespace(names=list(names))
+    info = SimpleNamespace(
+        features={"objects": {"label": label}},
+        metadata={"category_ids": list(ids)},
+        full_name="my_coco/1.0.0",
+    )
+    return SimpleNamespace(info=info, data_dir="/data/my_coco")
+
+
+def _classes_config(num_classes, names=(), ids=()):
+    import ml_collections
+
+    return ml_collections.ConfigDict(
+        {
+            "model": {"num_classes": num_classes},
+            "data": {"class_names": tuple(names), "label_to_category_id": tuple(ids)},
+        }
+    )
+
+
+def test_check_dataset_classes_refuses_categories_the_model_lacks(caplog):
+    """A model trained on categories 1, 3 ("cat", "dog") scored on the dataset rebuilt with a
+    category 7 added: refused, naming it (the metrics would count it as never detected)."""
+    builder = _builder_with(["cat", "dog", "bird"], [1, 3, 7])
+    config = _classes_config(2, ["cat", "dog"], [1, 3])
+    with pytest.raises(ValueError, match=r"does not predict: \[\(7, 'bird'\)\]"):
+        eval_program.check_dataset_classes(config, builder)
+    config = _classes_config(3, ["cat", "dog", "bird"], [1, 2, 7])  # ids renumbered
+    with pytest.raises(ValueError, match=r"\[\(3, 'dog'\)\].*label_to_category_id=\[1, 2, 7\]"):
+        eval_program.check_dataset_classes(config, builder)
+    with pytest.raises(ValueError, match=r"the model has 2 classes but dataset my_coco/1\.0\.0"):
+        eval_program.check_dataset_classes(_classes_config(2), builder)  # ids from the dataset
+    eval_program.check_dataset_classes(_classes_config(3), builder)
+    # More labels than the dataset's categories (torchvision's 90 on COCO's 80) is fine, and
+    # names that differ in case or '_' only are not reported.
+    caplog.set_level("WARNING")
+    config = _classes_config(4, ["Cat", "x", "dog", "wild_bird"], [1, 2, 3, 7])
+    eval_program.check_dataset_classes(
+        config, _builder_with(["cat", "dog", "wild bird"], [1, 3, 7])
+    )
+    assert not caplog.records
+    config = _classes_config(3, ["cat", "hound", "bird"], [1, 3, 7])
+    eval_program.check_dataset_classes(config, builder)
+    assert "(3, 'hound', 'dog')" in caplog.text

@@ -373,9 +373,10 @@ def test_scripts_refuse_a_bad_threshold_step_or_out_dir_naming_it(
         ("predict.py", ["--score_threshold=50"], "--score_threshold=50.0 must be in [0, 1]"),
         ("predict.py", ["--score_threshold=nan"], "--score_threshold=nan must be in [0, 1]"),
         ("predict.py", ["--checkpoint_step=7"], missing_step),
-        ("predict.py", [f"--out_dir={a_file}"], f"File exists: {str(a_file)!r}"),
+        ("predict.py", [f"--out_dir={a_file}"], f"cannot write into {a_file} (--out_dir)"),
         ("eval.py", ["--checkpoint_step=7"], missing_step),
         ("eval.py", ["--split=valid"], "--split='valid' is not a split of"),
+        ("eval.py", [f"--out_dir={a_file}/sub"], f"cannot write into {a_file}/sub (--out_dir)"),
     ]:
         if script == "predict.py":
             args.append(root / "e.bmp")
@@ -442,3 +443,12 @@ def test_scripts_write_into_the_workdir_of_a_checkpoint_folder(
     assert (eval_results["step"], eval_results["split"]) == (0, "validation")
     assert (workdir / "detections_0.json").is_file()
     assert sorted(p.name for p in folder.iterdir()) == stored
+    out_dir = tmp_path / "elsewhere" / "results"  # --out_dir: created, the workdir untouched
+    in_workdir = sorted(p.name for p in workdir.iterdir())
+    result = run_script(
+        f"--workdir={folder}", f"--out_dir={out_dir}", cache=compile_cache, script="eval.py"
+    )
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert sorted(p.name for p in out_dir.iterdir()) == ["detections_0.json", "eval_0.json"]
+    assert json.loads((out_dir / "eval_0.json").read_text()) == eval_results
+    assert sorted(p.name for p in workdir.iterdir()) == in_workdir

@@ -10,6 +10,7 @@ import ml_collections
 import numpy as np
 import numpy.typing as npt
 import tensorflow_datasets as tfds
+from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
@@ -49,6 +50,57 @@ def coco_from_dict(dataset: dict) -> COCO:
     return coco
 
 
+def check_dataset_classes(
+    config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder
+) -> None:
+    """Raises ValueError unless the model can be scored on the dataset's categories.
+
+    The ground truth is scored under the dataset's category ids, the detections under
+    `data.label_to_category_id` (label l -> category id; empty: the dataset's own, label by
+    label). Every dataset category must be one the model predicts (a model may predict more:
+    torchvision's 90 labels on COCO's 80 categories), and with empty ids `model.num_classes`
+    must be the dataset's count; otherwise the metrics would be wrong without a word, as after
+    a dataset rebuilt from an edited annotation file. Names that differ for the same id (case,
+    `_` and spaces aside) only warn: a config may name its classes its own way.
+    """
+    names = schema.class_names(builder.info)
+    ids = schema.label_to_category_id(builder.info).tolist()
+    where = f"dataset {builder.info.full_name} in {builder.data_dir}"
+    model_ids = list(config.data.label_to_category_id)
+    if not model_ids:
+        if config.model.num_classes != len(names):
+            raise ValueError(
+                f"the model has {config.model.num_classes} classes but {where} has {len(names)} "
+                f"({names[:8]}) and config.data.label_to_category_id is empty"
+            )
+        return
+    missing = [(i, n) for i, n in zip(ids, names, strict=True) if i not in model_ids]
+    if missing:
+        raise ValueError(
+            f"{where} has categories the model does not predict: {missing[:8]} (id, name) are "
+            f"not in config.data.label_to_category_id={model_ids[:16]}; was the dataset rebuilt "
+            "from another annotation file after training?"
+        )
+    model_names = dict(zip(model_ids, config.data.class_names or (), strict=False))
+
+    def plain(name: str) -> str:
+        return " ".join(name.replace("_", " ").lower().split())
+
+    renamed = [
+        (i, model_names[i], n)
+        for i, n in zip(ids, names, strict=True)
+        if i in model_names and plain(model_names[i]) != plain(n)
+    ]
+    if renamed:
+        logging.warning(
+            "%d categories of %s have other names in the config (id, config, dataset): %s; "
+            "they are scored by id",
+            len(renamed),
+            where,
+            renamed[:8],
+        )
+
+
 def evaluate_split(
     predict_step: Callable,
     variables: dict,
@@ -69,6 +121,7 @@ def evaluate_split(
       `{"bbox/AP": ..., ..., "segm/ARl": ...}`: the 12 COCOeval numbers per IoU type, 0–1 scale.
     """
     split = split or config.data.val_split
+    check_dataset_classes(config, builder)
     batch_size = eval_batch_size(config, mesh.size)
     if batch_size != config.eval.batch_size:
         config = ml_collections.ConfigDict(config.to_dict())

@@ -13,6 +13,7 @@ same step time.
 """
 
 import os
+import re
 import sys
 
 from absl import app, flags
@@ -47,6 +48,47 @@ def define_flags() -> None:
     _FLAGS["process_id"] = flags.DEFINE_integer(
         "process_id", None, "This process's index, 0..num_processes-1 (with the other two)."
     )
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing (`app.run(main, flags_parser=launch.parse_flags)`), where a config
+    override naming no field (`--config.train.num_stpes=5`) is a usage error naming the flag,
+    as other bad flags are, instead of ml_collections' KeyError traceback."""
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError) as error:  # ml_collections: no such field
+        name = re.search(r"[A-Za-z_]\w*", str(error))
+        name = name.group() if name else "?"
+        overrides = [a.split("=", 1)[0] for a in argv[1:] if a.lstrip("-").startswith("config.")]
+        if not overrides:
+            raise
+        flag = next((a for a in overrides if name in a.lstrip("-").split(".")), "--config.*")
+        suggestion = re.search(r'Did you mean "(\w+)"', str(error))
+        print(
+            f"FATAL Flags parsing error: flag {flag}: the config has no field {name!r}"
+            + (f' (did you mean "{suggestion.group(1)}"?)' if suggestion else ""),
+            file=sys.stderr,
+        )
+        print("Pass --helpshort or --helpfull to see help on flags.", file=sys.stderr)
+        sys.exit(1)
+
+
+def make_output_folder(folder: str | os.PathLike, flag: str) -> None:
+    """Creates `folder` (and its parents) and writes a file there, so that outputs that cannot be
+    written are a usage error naming `flag` before the work, not an error after it.
+
+    Raises:
+      app.UsageError: the folder cannot be made (a regular file in its path, no permission)
+        or written to (read-only).
+    """
+    import tempfile
+
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise app.UsageError(f"cannot write into {folder} ({flag}): {error}") from error
 
 
 def initialize() -> None:

@@ -296,6 +296,7 @@ def _train_and_evaluate(
     builder = get_builder(config.data)
     check_splits(config, builder)
     config = with_dataset_classes(config, builder)
+    evaluator.check_dataset_classes(config, builder)  # before training, not at its first eval
     model = MaskRCNN.from_config(config.model, axis_name=sharding.AXIS)
     mesh = sharding.create_mesh()
     if resuming:  # the restore overwrites every variable: no init, no backbone weights read
