@@ -15,7 +15,8 @@ An input that names no existing file or folder, a pattern matching no file, a fo
 no image file, a --score_threshold outside [0, 1], a --batch_size that is not a positive
 multiple of the local device count, a --workdir without the checkpoint and an --out_dir that
 cannot be created or written to (a regular file, read-only) are errors (naming it) before the
-model loads. A file reached twice (same real path) is predicted once, under the first name it was reached by.
+model loads. A file reached twice (same real path) is predicted once, under the first name it
+was reached by.
 
 The inputs are never written: an output (a drawing or detections.json) that is an input file,
 also through a symlink or a hard link, is an error naming both, before the model loads. So is,

@@ -112,8 +112,8 @@ def test_predictor_refuses_a_score_threshold_outside_0_1_and_an_empty_image(mode
     config, variables = model_setup
     predictor = Predictor(config, variables, step=0, devices=jax.local_devices()[:1])
     image = natural_images(1)[0]
-    for threshold in (50, 1.5, -0.1, float("nan")):
-        message = rf"score_threshold={threshold} must be in \[0, 1\]"
+    for threshold in (50, 1.5, -0.1, float("nan"), "0.5", None, True):
+        message = re.escape(f"score_threshold={threshold!r} must be a number in [0, 1]")
         with pytest.raises(ValueError, match=message):
             predictor(image, score_threshold=threshold)
         with pytest.raises(ValueError, match=message):
@@ -194,6 +194,48 @@ def test_predictor_takes_grey_and_rgba_images_and_refers_batches_to_predict_batc
     assert_same_detections(stacked[1], predictor(image, 0.0), "[B, H, W, 3]")
     for result in (want, batched):
         assert (result["boxes"].dtype, result["scores"].dtype) == (np.float32, np.float32)
+
+
+def test_predictor_converts_pil_images_of_8_bit_modes_and_refuses_others(model_setup):
+    """`np.asarray` of a PIL image is its stored values: a palette image's indices ([H, W], read
+    as grey), CMYK's four channels (read as RGBA). Such images are converted to RGB by PIL; a
+    16-bit one is refused, naming its mode."""
+    image_module = pytest.importorskip("PIL.Image")
+    config, variables = model_setup
+    predictor = Predictor(config, variables, step=0, devices=jax.local_devices()[:1])
+    image = natural_images(1)[0]
+    want = predictor(image, 0.0)
+    cmyk = image_module.fromarray(image).convert("CMYK")  # 255 - RGB, K = 0: exact both ways
+    assert np.asarray(cmyk).shape[-1] == 4
+    assert_same_detections(predictor(cmyk, 0.0), want, "CMYK")
+    colours = (image // 64 * 64 + 32).astype(np.uint8)  # 64 colours: a palette holds them
+    table, indices = np.unique(colours.reshape(-1, 3), axis=0, return_inverse=True)
+    palette = image_module.fromarray(indices.reshape(image.shape[:2]).astype(np.uint8), "P")
+    palette.putpalette(table.flatten().tolist())
+    assert np.asarray(palette).ndim == 2  # colour indices
+    (batched,) = predictor.predict_batch([palette], 0.0, batch_size=2)
+    assert_same_detections(batched, predictor(colours, 0.0), "palette")
+    grey16 = image_module.fromarray(image[..., 0].astype(np.uint16) * 257)
+    with pytest.raises(ValueError, match="PIL image of mode 'I;16'"):
+        predictor(grey16)
+
+
+def test_predict_batch_takes_iterables_and_names_bad_arguments(model_setup):
+    config, variables = model_setup
+    predictor = Predictor(config, variables, step=0, devices=jax.local_devices()[:1])
+    images = natural_images(2)
+    want = predictor.predict_batch(images, 0.0, batch_size=2)
+    for got in (predictor.predict_batch(iter(images), 0.0, batch_size=2),
+                predictor.predict_batch(tuple(images), 0.0, batch_size=2)):  # fmt: skip
+        for a, b in zip(got, want, strict=True):
+            assert_same_detections(a, b, "iterable")
+    with pytest.raises(ValueError, match=re.escape("got a dict: pass list(images.values())")):
+        predictor.predict_batch({"a": images[0]})
+    with pytest.raises(ValueError, match="got a int"):
+        predictor.predict_batch(3)
+    for batch_size in ("2", 2.0, True):
+        with pytest.raises(ValueError, match=re.escape(f"batch_size={batch_size!r} must be")):
+            predictor.predict_batch(images, batch_size=batch_size)
 
 
 def test_load_checkpoint_refuses_variables_of_another_dtype(model_setup, tmp_path):

@@ -16,8 +16,9 @@ nothing (scripts/eval.py writes its results into that workdir).
 """
 
 import dataclasses
+import numbers
 import operator
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -32,6 +33,10 @@ from mrcnn_jax.evaluation.masks import paste_masks
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 from mrcnn_jax.programs.evaluator import make_predict_step
 from mrcnn_jax.train import checkpoint as ckpt_lib
+
+# PIL modes `predictor(image)` converts to RGB with `image.convert("RGB")`: 1-bit, 8-bit grey,
+# palette and colour modes (the alpha channel, where there is one, dropped).
+PIL_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +103,8 @@ class Predictor:
                 f"predictor(image) takes one image [H, W, 3], got a batch of images ({got}): "
                 "use predictor.predict_batch(images)"
             )
-        inputs = self._preprocess(image)
+        image = _as_rgb(image)
+        inputs = pipeline.preprocess_image(image, self.config)
         batch = jax.device_put({k: v[None] for k, v in inputs.items()}, self._device)
         out = jax.device_get(self._apply(self._placed_variables().on_first_device, batch))
         return self._detections(
@@ -140,18 +146,26 @@ class Predictor:
                 f"predict_batch(images) takes a sequence of images or a [B, H, W, 3] array, got "
                 f"an array {images.shape}: use predictor(image) or predict_batch([image])"
             )
-        batch_size = self.num_devices if batch_size is None else batch_size
-        if batch_size < 1 or batch_size % self.num_devices:
+        if isinstance(images, Mapping) or not isinstance(images, Iterable):
+            hint = ": pass list(images.values())" if isinstance(images, Mapping) else ""
             raise ValueError(
-                f"batch_size={batch_size} must be a positive multiple of the "
+                "predict_batch(images) takes a sequence of images or a [B, H, W, 3] array, got "
+                f"a {type(images).__name__}{hint}"
+            )
+        if not isinstance(images, np.ndarray | jax.Array):
+            images = list(images)  # a generator, a tuple
+        batch_size = self.num_devices if batch_size is None else batch_size
+        if not _is_int(batch_size) or batch_size < 1 or batch_size % self.num_devices:
+            raise ValueError(
+                f"batch_size={batch_size!r} must be a positive multiple of the "
                 f"{self.num_devices} devices"
             )
         variables = self._placed_variables().replicated
         results: list[dict[str, Any]] = []
         pending = None  # (device outputs, inputs, images) of the batch in flight
         for start in range(0, len(images), batch_size):
-            chunk = list(images[start : start + batch_size])
-            inputs = [self._preprocess(image) for image in chunk]
+            chunk = [_as_rgb(image) for image in images[start : start + batch_size]]
+            inputs = [pipeline.preprocess_image(image, self.config) for image in chunk]
             batch = _stack_padded(inputs, batch_size, tuple(self.config.data.image_size))
             outputs = self._sharded_apply(variables, sharding.shard_batch(batch, self._mesh))
             if pending is not None:
@@ -182,10 +196,6 @@ class Predictor:
             )
             self._placed = placed = _Placed(leaves, treedef, replicated, on_first_device)
         return placed
-
-    def _preprocess(self, image: np.ndarray) -> dict[str, np.ndarray]:
-        """`{"image" [Ht, Wt, 3] f32 canvas, "image_size" [2] i32}` of one checked image."""
-        return pipeline.preprocess_image(_as_rgb(image), self.config)
 
     def _batch_detections(
         self, outputs: dict, inputs: list[dict], images: list[np.ndarray], score_threshold: float
@@ -229,11 +239,22 @@ class Predictor:
 def _as_rgb(image: np.ndarray) -> np.ndarray:
     """`image` as `[H, W, 3]` uint8 RGB: grey `[H, W]` or `[H, W, 1]` repeated into three
     channels, RGBA `[H, W, 4]` without its alpha channel (as `visualize.read_image` reads such
-    files).
+    files). A PIL image of an 8-bit mode (`PIL_MODES`: palette, CMYK, YCbCr, grey, ...) is
+    converted to RGB by PIL (`np.asarray` alone would read a palette image's indices as grey
+    and CMYK as RGBA).
 
     Raises:
-      ValueError: `image` is not uint8 of one of those shapes with H, W ≥ 1.
+      ValueError: `image` is not uint8 of one of those shapes with H, W ≥ 1, or is a PIL image
+        of another mode (16-bit, float: convert it yourself).
     """
+    mode = getattr(image, "mode", None)
+    if isinstance(mode, str) and callable(getattr(image, "convert", None)):  # a PIL image
+        if mode not in PIL_MODES:
+            raise ValueError(
+                f"image is a PIL image of mode {mode!r}: convert it to one of {PIL_MODES} "
+                "(8-bit), e.g. image.convert('RGB') after scaling its values to 0-255"
+            )
+        image = image.convert("RGB")
     image = np.asarray(image)
     if image.dtype != np.uint8 or not (
         image.ndim == 2 or (image.ndim == 3 and image.shape[-1] in (1, 3, 4))
@@ -251,10 +272,18 @@ def _as_rgb(image: np.ndarray) -> np.ndarray:
     return image[..., :3]
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _check_score_threshold(score_threshold: float) -> None:
-    """Raises ValueError unless `score_threshold` is in [0, 1] (NaN is not)."""
-    if not 0.0 <= score_threshold <= 1.0:
-        raise ValueError(f"score_threshold={score_threshold} must be in [0, 1]")
+    """Raises ValueError unless `score_threshold` is a number in [0, 1] (NaN is not)."""
+    if (
+        not isinstance(score_threshold, numbers.Real)
+        or isinstance(score_threshold, bool)
+        or not 0.0 <= score_threshold <= 1.0
+    ):
+        raise ValueError(f"score_threshold={score_threshold!r} must be a number in [0, 1]")
 
 
 def _stack_padded(
