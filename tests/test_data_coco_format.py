@@ -5,7 +5,9 @@ and every bad input's error, with nothing left half-built."""
 import copy
 import functools
 import json
+import math
 import pathlib
+import re
 
 import cv2
 import numpy as np
@@ -323,6 +325,42 @@ BAD_INPUT = {
         lambda d: d["categories"][0].update(name="kiwifruit"),
         "val.json lists categories .* but .*train.json lists .*same categories",
     ),
+    "string annotation id": (
+        "train",
+        lambda d: _ann(d, 22).update(id="a1"),
+        "train.json: annotation entry #3 has a non-integer id 'a1' \\(COCO ids are integers\\)",
+    ),
+    "null annotation id": (
+        "train",
+        lambda d: _ann(d, 41).update(id=None),
+        "train.json: annotation entry #5 has a non-integer id None",
+    ),
+    "null image id": (
+        "validation",
+        lambda d: d["images"][1].update(id=None),
+        "val.json: image entry #1 has a non-integer id None",
+    ),
+    "height 'abc'": (
+        "train",
+        lambda d: d["images"][0].update(height="abc"),
+        "train.json: image id 1: height 'abc' is not a positive integer",
+    ),
+    "width 0": (
+        "validation",
+        lambda d: d["images"][0].update(width=0),
+        "val.json: image id 7: width 0 is not a positive integer",
+    ),
+    "file_name 5": (
+        "train",
+        lambda d: d["images"][3].update(file_name=5),
+        "train.json: image id 4: file_name 5 is not a file name",
+    ),
+    "garbage RLE counts": (  # refused while building: the build leaves nothing either
+        "train",
+        lambda d: _ann(d, 31).update(segmentation={"size": [40, 40], "counts": "hello world"}),
+        "train.json: annotation id 31: RLE counts 'hello world' are not a valid COCO "
+        "compressed-RLE string",
+    ),
 }
 
 
@@ -341,6 +379,67 @@ def test_bad_input_errors_name_the_file_and_id_and_leave_nothing(case, tmp_path)
     assert _leftovers(tmp_path / "tfds") == []
 
 
+def _fail_on_wild_polygons(monkeypatch) -> None:
+    """Makes pycocotools' polygon rasteriser fail the test where it would allocate tens of GB (and
+    the process be killed): at a coordinate that is not a finite number or is far outside."""
+    rasterise = coco_reader.mask_utils.frPyObjects
+
+    def guarded(objects, height, width):
+        if isinstance(objects, list):
+            for v in (v for polygon in objects for v in polygon):
+                if not (isinstance(v, (int, float)) and math.isfinite(v)) or abs(v) > 1e4:
+                    pytest.fail(f"pycocotools was given the polygon coordinate {v!r}")
+        return rasterise(objects, height, width)
+
+    monkeypatch.setattr(coco_reader.mask_utils, "frPyObjects", guarded)
+
+
+@pytest.mark.parametrize(
+    "value, problem",
+    [
+        (float("nan"), "is not a finite number"),
+        (float("inf"), "is not a finite number"),
+        (float("-inf"), "is not a finite number"),
+        ("12", "is not a finite number"),
+        (None, "is not a finite number"),
+        (1e9, "lies more than the image's larger side \\(40 pixels\\) outside the image"),
+        (-41, "lies more than the image's larger side \\(40 pixels\\) outside the image"),
+    ],
+)
+def test_polygon_coordinates_are_finite_and_near_the_image_before_rasterising(
+    value, problem, tmp_path, monkeypatch
+):
+    """NaN, inf or 1e9 made pycocotools allocate ~23 GB (the process was killed, no message):
+    each is refused, naming the json and annotation, when the json is read (before the build
+    starts), and by ``segmentation_to_rle`` itself, before pycocotools sees it."""
+    _fail_on_wild_polygons(monkeypatch)
+    splits = write_dataset(epath.Path(tmp_path))
+    _edit_json(splits, "train", lambda d: _ann(d, 31)["segmentation"][0].__setitem__(2, value))
+    message = f"train.json: annotation id 31: polygon coordinate {re.escape(repr(value))} {problem}"
+    with pytest.raises(ValueError, match=message):
+        coco_format.coco_format_config(splits)
+    with pytest.raises(ValueError, match=problem):
+        coco_reader.segmentation_to_rle([[8, 8, value, 8, 32, 32]], 40, 40)
+    coco_reader.segmentation_to_rle([[-40, 8, 80, 8, 32, 80]], 40, 40)  # at the limit
+
+
+@pytest.mark.parametrize(
+    "counts, problem",
+    [
+        ("hello world", "are not a valid COCO compressed-RLE string"),
+        ("5:0P", "are not a valid COCO compressed-RLE string"),  # the last run unfinished
+        ("zzzz", "are not a valid COCO compressed-RLE string"),  # beyond pycocotools' '0'..'o'
+        ("\u00e9", "are not a valid COCO compressed-RLE string"),
+        ("OQb1", "are not a valid COCO compressed-RLE string \\(a run length < 0\\)"),  # -1, 1601
+        (5, "are neither a list of run lengths nor a string"),
+        ([1, -1, 1600], "RLE counts are not all integers >= 0"),
+    ],
+)
+def test_malformed_rle_counts_are_refused_with_a_plain_reason(counts, problem):
+    with pytest.raises(ValueError, match=problem):
+        coco_reader.segmentation_to_rle({"size": [40, 40], "counts": counts}, 40, 40)
+
+
 def test_an_undecodable_image_fails_the_build_and_leaves_nothing(tmp_path):
     root = epath.Path(tmp_path)
     splits = write_dataset(root)
@@ -354,6 +453,51 @@ def test_an_undecodable_image_fails_the_build_and_leaves_nothing(tmp_path):
     image.write_bytes(good)
     builder = coco_format.build_coco_format(splits, str(root / "tfds"))
     assert builder.info.splits["train"].num_examples == len(TRAIN)
+
+
+def test_an_empty_image_file_fails_the_build_naming_it_and_leaves_nothing(tmp_path, monkeypatch):
+    root = epath.Path(tmp_path)
+    splits = write_dataset(root)
+    (root / "images" / "gray.jpg").write_bytes(b"")
+    message = r"gray\.jpg: cannot read or decode image id 3: the file is empty \(0 bytes\)"
+    with pytest.raises(ValueError, match=message):
+        coco_format.build_coco_format(splits, str(root / "tfds"))
+    assert _leftovers(root / "tfds") == []
+
+    def refuse(*args):
+        raise cv2.error("OpenCV(4) error: (-215:Assertion failed)")
+
+    monkeypatch.setattr(coco_reader.cv2, "imdecode", refuse)  # as for a zero-byte file
+    (root / "images" / "notes.bmp").write_bytes(b"BM not really an image")
+    entry = {"id": 9, "file_name": "notes.bmp", "height": 50, "width": 80}
+    with pytest.raises(ValueError, match=r"notes\.bmp: cannot read or decode image id 9: OpenCV"):
+        coco_reader._read_image(entry, root / "images", root / "a.json")
+
+
+def test_boxes_of_zero_area_or_far_from_their_mask_get_one_warning(tmp_path, caplog):
+    """A bbox [0, 0, 0, 0] or of zero width makes an object untrainable; one written [x1, y1, x2,
+    y2] is too large: one warning counts them (the boxes are kept as given). True boxes, even of a
+    two-pixel object, are not reported."""
+    splits = write_dataset(epath.Path(tmp_path))
+
+    def misplace(dataset):
+        _ann(dataset, 11)["bbox"] = [0, 0, 0, 0]
+        _ann(dataset, 21)["bbox"][2] = 0
+        square = [[30, 20, 40, 20, 40, 30, 30, 30]]  # written [x1, y1, x2, y2], read 40×30
+        _ann(dataset, 41).update(bbox=[30, 20, 40, 30], segmentation=square)
+        tiny = [[10.4, 10.4, 12.6, 10.4, 12.6, 12.6, 10.4, 12.6]]  # its bbox as tools write it
+        _ann(dataset, 31).update(bbox=[10.4, 10.4, 2.2, 2.2], segmentation=tiny)
+
+    _edit_json(splits, "train", misplace)
+    categories = sorted((c["id"], c["name"]) for c in CATEGORIES)
+    with caplog.at_level("WARNING"):
+        for split in ("train", "validation"):
+            list(coco_reader.coco_examples(*splits[split], categories))
+    warnings = [r.getMessage() for r in caplog.records if "far from their mask" in r.getMessage()]
+    assert len(warnings) == 1
+    assert warnings[0].startswith(f"{splits['train'][0]}: 3 of 7 annotations have a bbox of zero")
+    assert "annotation ids [11, 21, 41]" in warnings[0]
+    assert "is each bbox [x, y, width, height] in pixels of its image?" in warnings[0]
 
 
 def test_polygon_parts_of_fewer_than_3_points_beside_valid_ones_are_dropped(tmp_path):

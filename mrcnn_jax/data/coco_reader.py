@@ -18,15 +18,21 @@ of any other format OpenCV reads (BMP, GIF, WebP, TIFF, ...) are stored as the P
 decoders read a palette BMP's indices as grey and a GIF's first frame without its canvas. Each
 split logs how many images were read so.
 
-Bad input raises ValueError naming the json and the image or annotation id: a missing or
-undecodable image file, or one whose size differs from the json; duplicate image or annotation
-ids; a category id not listed in ``categories``; annotations without ``segmentation`` (all of
-them are counted: Mask R-CNN needs a mask for every object); an annotation whose polygons all have
-fewer than 3 points (its mask would be empty; optional, COCO 2017 has a few); a malformed box,
-polygon or RLE; an ``iscrowd`` other than 0 or 1 (such as "0"); an ``area`` that is not a finite
-number >= 0. Polygon parts of fewer than 3 points beside valid ones are dropped (one warning
-per file), boxes reaching outside their image are clipped (one warning per file), and images
-without annotations are kept with ``image/has_annotations`` False.
+Bad input raises ValueError naming the json and the image or annotation id: a missing, empty or
+undecodable image file, or one whose size differs from the json; image or annotation ids that are
+not integers, or repeat; an image ``height`` or ``width`` that is not a positive integer, or a
+``file_name`` that is not a string; a category id not listed in ``categories``; annotations
+without ``segmentation`` (all of them are counted: Mask R-CNN needs a mask for every object); an
+annotation whose polygons all have fewer than 3 points (its mask would be empty; optional, COCO
+2017 has a few); a malformed box, polygon or RLE, such as a polygon coordinate that is not a
+finite number or lies farther outside the image than the image's larger side (pycocotools'
+memory grows with the coordinates: NaN or 1e9 would ask it for tens of GB); an ``iscrowd`` other
+than 0 or 1 (such as "0"); an ``area`` that is not a finite number >= 0. Polygon parts of fewer
+than 3 points beside valid ones are dropped (one warning per file), boxes reaching outside their
+image are clipped (one warning per file), boxes of zero area or far from their mask (IoU of the
+box and the mask's bounding box below 0.5, as a box written [x1, y1, x2, y2] instead of [x, y,
+width, height] gives) are kept as given with one warning per file, and images without
+annotations are kept with ``image/has_annotations`` False.
 """
 
 import collections
@@ -48,6 +54,7 @@ from mrcnn_jax.data import masks, schema
 _IMAGE_KEYS = ("id", "file_name", "height", "width")
 _ANNOTATION_KEYS = ("id", "image_id", "category_id", "bbox")
 _LISTED_IDS = 5  # ids quoted in an error or warning about many annotations
+_MIN_BOX_MASK_IOU = 0.5  # a box overlapping its mask's bounding box less is reported
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _JPEG_SIGNATURE = b"\xff\xd8\xff"
 
@@ -87,15 +94,42 @@ def _load_json(path: epath.Path) -> dict[str, Any]:
     return data
 
 
+def _is_id(value: Any) -> bool:
+    """Whether ``value`` is a COCO id: an integer (not a bool), stored as int64."""
+    return isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63
+
+
+def _is_whole(value: Any) -> bool:
+    """Whether ``value`` is an integer number >= 0 (3 or 3.0; not a bool or a string)."""
+    whole = (isinstance(value, int) and not isinstance(value, bool)) or (
+        isinstance(value, float) and value.is_integer()
+    )
+    return whole and value >= 0
+
+
 def _check_images(images: list[dict], path: epath.Path) -> None:
-    """Raises ValueError naming the file and image if an image entry lacks a key or repeats."""
+    """Raises ValueError naming the file and image if an image entry lacks a key, has a key of the
+    wrong type or repeats."""
     seen = set()
     for i, image in enumerate(images):
+        if not isinstance(image, dict):
+            raise ValueError(f"{path}: image entry #{i} is not an object: {str(image)[:80]}")
         missing = [k for k in _IMAGE_KEYS if k not in image]
         if missing:
             raise ValueError(f"{path}: image entry #{i} (id {image.get('id')}) lacks {missing}")
-        if not isinstance(image["id"], int):
+        if not _is_id(image["id"]):
             raise ValueError(f"{path}: image entry #{i} has a non-integer id {image['id']!r}")
+        for key in ("height", "width"):
+            if not (_is_whole(image[key]) and image[key] > 0):
+                raise ValueError(
+                    f"{path}: image id {image['id']}: {key} {image[key]!r} is not a positive "
+                    "integer"
+                )
+        if not (isinstance(image["file_name"], str) and image["file_name"]):
+            raise ValueError(
+                f"{path}: image id {image['id']}: file_name {image['file_name']!r} is not a "
+                "file name (a non-empty string)"
+            )
         if image["id"] in seen:
             raise ValueError(f"{path}: image id {image['id']} appears twice")
         seen.add(image["id"])
@@ -119,12 +153,22 @@ def _categories(entries: list[dict], path: epath.Path) -> tuple[tuple[int, str],
     return tuple(sorted(found))
 
 
-def _check_annotation(ann: dict, images: dict, category_ids: list[int], path: epath.Path) -> None:
-    """Raises ValueError naming the file and annotation id if ``ann`` is malformed."""
+def _check_annotation(
+    ann: dict, index: int, images: dict, category_ids: list[int], path: epath.Path
+) -> None:
+    """Raises ValueError naming the file and annotation id (or entry ``index``, where the id is
+    bad) if ``ann`` is malformed."""
+    if not isinstance(ann, dict):
+        raise ValueError(f"{path}: annotation entry #{index} is not an object: {str(ann)[:80]}")
     where = f"{path}: annotation id {ann.get('id')}"
     missing = [k for k in _ANNOTATION_KEYS if k not in ann]
     if missing:
         raise ValueError(f"{where}: missing {missing}")
+    if not _is_id(ann["id"]):
+        raise ValueError(
+            f"{path}: annotation entry #{index} has a non-integer id {ann['id']!r} (COCO ids "
+            "are integers)"
+        )
     if ann["image_id"] not in images:
         raise ValueError(f"{where}: image_id {ann['image_id']} is not in 'images'")
     if ann["category_id"] not in category_ids:
@@ -154,10 +198,36 @@ def _check_annotation(ann: dict, images: dict, category_ids: list[int], path: ep
         )
 
 
-def _polygon_parts(ann: dict, path: epath.Path) -> tuple[int, int]:
+def _polygon_problem(polygon: list, height: int, width: int) -> str | None:
+    """Why a polygon part of a height×width image must not be rasterised, or None.
+
+    pycocotools' memory grows with the coordinates (NaN, inf or 1e9 ask it for tens of GB), so
+    each must be a finite number at most the image's larger side outside the image.
+    """
+    try:
+        finite = math.isfinite(sum(polygon))  # NaN or inf anywhere: not finite
+    except (TypeError, OverflowError):
+        finite = False
+    if not finite:
+        for v in polygon:
+            if not (isinstance(v, int) or (isinstance(v, float) and math.isfinite(v))):
+                return f"polygon coordinate {repr(v)[:40]} is not a finite number"
+    side = max(height, width)
+    low, high = min(polygon, default=0), max(polygon, default=0)
+    if low < -side or high > 2 * side:
+        far = repr(low if low < -side else high)[:40]
+        return (
+            f"polygon coordinate {far} lies more than the image's larger side ({side} pixels) "
+            f"outside the image of width {width} and height {height}"
+        )
+    return None
+
+
+def _polygon_parts(ann: dict, image: dict, path: epath.Path) -> tuple[int, int]:
     """(polygon parts, parts with fewer than 3 points) of an annotation; (0, 0) for RLE.
 
-    Raises ValueError naming the annotation if a part is not a list of an even number of values.
+    Raises ValueError naming the annotation if a part is not a list of an even number of values,
+    or has a coordinate that is not a finite number or lies far outside ``image``.
     """
     segmentation = ann["segmentation"]
     if not isinstance(segmentation, list):
@@ -167,10 +237,16 @@ def _polygon_parts(ann: dict, path: epath.Path) -> tuple[int, int]:
             f"{path}: annotation id {ann['id']}: a polygon has an odd number of coordinates or is "
             f"not a list: {str(segmentation)[:80]}"
         )
+    for polygon in segmentation:
+        problem = _polygon_problem(polygon, int(image["height"]), int(image["width"]))
+        if problem:
+            raise ValueError(f"{path}: annotation id {ann['id']}: {problem}")
     return len(segmentation), sum(1 for p in segmentation if len(p) < 6)
 
 
-def _check_masks(annotations: list[dict], path: epath.Path, allow_empty_masks: bool) -> None:
+def _check_masks(
+    annotations: list[dict], images: dict, path: epath.Path, allow_empty_masks: bool
+) -> None:
     """Checks that every annotation has a segmentation that gives a mask; warns on dropped parts.
 
     Raises ValueError with the count and the first annotation ids of the annotations without
@@ -184,7 +260,7 @@ def _check_masks(annotations: list[dict], path: epath.Path, allow_empty_masks: b
             f"'segmentation' (annotation ids {first_ids(unsegmented)}). Mask R-CNN learns a mask "
             "for every object: export the annotations with polygons or RLE masks, not boxes only."
         )
-    parts = {a["id"]: _polygon_parts(a, path) for a in annotations}
+    parts = {a["id"]: _polygon_parts(a, images[a["image_id"]], path) for a in annotations}
     empty = [i for i, (total, short) in parts.items() if total and short == total]
     if empty and not allow_empty_masks:
         raise ValueError(
@@ -218,13 +294,13 @@ def read_annotation_file(path: epath.PathLike, allow_empty_masks: bool = False) 
     category_ids = [c for c, _ in categories]
     by_image = collections.defaultdict(list)
     seen = set()
-    for ann in data["annotations"]:
-        _check_annotation(ann, images, category_ids, path)
+    for index, ann in enumerate(data["annotations"]):
+        _check_annotation(ann, index, images, category_ids, path)
         if ann["id"] in seen:
             raise ValueError(f"{path}: annotation id {ann['id']} appears twice")
         seen.add(ann["id"])
         by_image[ann["image_id"]].append(ann)
-    _check_masks(data["annotations"], path, allow_empty_masks)
+    _check_masks(data["annotations"], images, path, allow_empty_masks)
     return AnnotationFile(path, data["images"], dict(by_image), categories)
 
 
@@ -232,25 +308,46 @@ def segmentation_to_rle(segmentation: Any, height: int, width: int) -> bytes:
     """Compressed-RLE counts of a COCO segmentation (polygons, RLE or uncompressed RLE).
 
     Polygon parts with fewer than 3 points (which pycocotools would read as boxes) are left out;
-    none left gives an empty mask. Raises ValueError on malformed input; the caller adds the
-    annotation id.
+    none left gives an empty mask. Raises ValueError on malformed input (checked before
+    pycocotools sees it); the caller adds the annotation id.
     """
     if isinstance(segmentation, list):  # of even-length lists (checked by _polygon_parts)
+        for polygon in segmentation:
+            problem = _polygon_problem(polygon, height, width)
+            if problem:
+                raise ValueError(problem)
         polygons = [p for p in segmentation if len(p) >= 6]
         if not polygons:
             return masks.encode_mask(np.zeros([height, width], np.uint8))
         return mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))["counts"]
     if not isinstance(segmentation, dict) or "counts" not in segmentation:
         raise ValueError(f"segmentation is neither polygons nor RLE: {str(segmentation)[:80]}")
-    if list(segmentation.get("size", [])) != [height, width]:
-        raise ValueError(f"RLE size {segmentation.get('size')} != image size {[height, width]}")
+    size = segmentation.get("size")
+    if not isinstance(size, list) or size != [height, width]:
+        raise ValueError(f"RLE size {size} != image size {[height, width]}")
     counts = segmentation["counts"]
-    if isinstance(counts, list):
+    if isinstance(counts, list):  # uncompressed RLE
+        if not all(_is_whole(c) for c in counts):
+            raise ValueError(
+                f"RLE counts are not all integers >= 0 (run lengths): {str(counts)[:80]}"
+            )
         total = sum(counts)
-        counts = mask_utils.frPyObjects(segmentation, height, width)["counts"]
+        if total == height * width:
+            counts = mask_utils.frPyObjects(segmentation, height, width)["counts"]
     else:
-        counts = counts.encode("ascii") if isinstance(counts, str) else counts
-        total = int(tf.reduce_sum(masks.rle_counts(tf.constant([counts]))))
+        given = f"RLE counts {repr(counts)[:80]}"
+        counts = counts.encode() if isinstance(counts, str) else counts
+        if not isinstance(counts, bytes):
+            raise ValueError(f"{given} are neither a list of run lengths nor a string")
+        # pycocotools' characters are '0'..'o'; the last one must end its run (bit 0x20 unset).
+        if any(not 48 <= c <= 111 for c in counts) or (counts and (counts[-1] - 48) & 0x20):
+            raise ValueError(f"{given} are not a valid COCO compressed-RLE string")
+        runs = masks.rle_counts(tf.constant([counts])).flat_values
+        if int(tf.size(runs)) and int(tf.reduce_min(runs)) < 0:
+            raise ValueError(
+                f"{given} are not a valid COCO compressed-RLE string (a run length < 0)"
+            )
+        total = int(tf.reduce_sum(runs))
     if total != height * width:
         raise ValueError(f"RLE runs cover {total} pixels, image has {height * width}")
     return counts
@@ -280,12 +377,14 @@ def _read_image(image: dict, image_dir: epath.Path, path: epath.Path) -> tuple[b
     conversion = None
     try:
         encoded = file.read_bytes()
+        if not encoded:
+            raise ValueError("the file is empty (0 bytes)")
         if not encoded.startswith((_PNG_SIGNATURE, _JPEG_SIGNATURE)):
             encoded, conversion = _as_png(encoded), "stored as PNG"
             if encoded is None:
                 raise ValueError("not an image format OpenCV decodes")
         shape = tf.io.decode_image(encoded, channels=0, expand_animations=False).shape
-    except (OSError, ValueError, tf.errors.OpError) as e:
+    except (OSError, ValueError, cv2.error, tf.errors.OpError) as e:
         raise ValueError(f"{file}: cannot read or decode image id {image['id']}: {e}") from e
     if tuple(shape[:2]) != size:
         hint = " (rotated by its EXIF orientation?)" if tuple(shape[1::-1]) == size else ""
@@ -300,6 +399,26 @@ def _outside(box: Sequence[float], image: dict) -> bool:
     """Whether a COCO [x, y, w, h] box reaches outside its image."""
     x, y, w, h = box
     return x < 0 or y < 0 or x + w > image["width"] or y + h > image["height"]
+
+
+def _box_misses_mask(box: Sequence[float], rle: bytes, height: int, width: int) -> bool:
+    """Whether a COCO [x, y, w, h] box, clipped to the H×W image, has zero area or overlaps the
+    bounding box of its non-empty mask (compressed-RLE ``rle``) with an IoU below
+    ``_MIN_BOX_MASK_IOU``; both boxes grown by a pixel on every side first, so that a tiny
+    object's box is not reported for a pixel of rasterisation."""
+    mx, my, mw, mh = (float(v) for v in mask_utils.toBbox({"size": [height, width], "counts": rle}))
+    if not mw:  # an empty mask (allow_empty_masks)
+        return False
+    x, y, w, h = (float(v) for v in box)
+    x1, x2 = (min(max(v, 0.0), width) for v in (x, x + w))
+    y1, y2 = (min(max(v, 0.0), height) for v in (y, y + h))
+    if x1 == x2 or y1 == y2:
+        return True
+    overlap_w = max(min(x2, mx + mw) - max(x1, mx) + 2, 0.0)
+    overlap_h = max(min(y2, my + mh) - max(y1, my) + 2, 0.0)
+    overlap = overlap_w * overlap_h
+    union = (x2 - x1 + 2) * (y2 - y1 + 2) + (mw + 2) * (mh + 2) - overlap
+    return overlap < _MIN_BOX_MASK_IOU * union
 
 
 def _area(ann: dict, rle: bytes, height: int, width: int) -> float:
@@ -359,7 +478,7 @@ def coco_examples(
             f"absent {first_ids(absent)}"
         )
     label_of = {int(c): label for label, (c, _) in enumerate(categories)}
-    clipped, zero_area, converted = [], [], collections.Counter()
+    clipped, zero_area, off_mask, converted = [], [], [], collections.Counter()
     for image in annotations.images:
         anns = annotations.annotations.get(image["id"], [])
         encoded, conversion = _read_image(image, image_dir, path)
@@ -369,6 +488,11 @@ def coco_examples(
         clipped += [a["id"] for a in anns if _outside(a["bbox"], image)]
         objects = _objects(anns, height, width, label_of, path)
         zero_area += [a["id"] for a, o in zip(anns, objects) if a.get("area") == 0 and o["area"]]
+        off_mask += [
+            a["id"]
+            for a, o in zip(anns, objects)
+            if _box_misses_mask(a["bbox"], o["mask"], height, width)
+        ]
         yield (
             image["id"],
             {
@@ -390,6 +514,14 @@ def coco_examples(
             "%s: %d annotations state an area of 0 but have a non-empty mask; their area was "
             "computed from the mask (annotation ids %s)",
             path, len(zero_area), first_ids(zero_area),
+        )  # fmt: skip
+    if off_mask:
+        total = sum(len(anns) for anns in annotations.annotations.values())
+        logging.warning(
+            "%s: %d of %d annotations have a bbox of zero area or far from their mask (IoU with "
+            "the mask's bounding box below %s; annotation ids %s): is each bbox [x, y, width, "
+            "height] in pixels of its image? Training and evaluation use the boxes as given.",
+            path, len(off_mask), total, _MIN_BOX_MASK_IOU, first_ids(off_mask),
         )  # fmt: skip
     if converted:
         kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(converted.items()))
