@@ -145,6 +145,18 @@ if "flat" in job:  # no detection; an empty batch; inputs to refuse
         attempt(lambda: loaded.detect_batch(batch, tf.constant(s, tf.int32), 0.5))
         for s in job["bad_sizes"]
     ]
+    image = job["images"][0]
+    batch_signature = loaded.signatures["serving_batch"]
+    out["bad_images"] = [  # grey, RGBA, a batch of one: the signatures do not check shapes
+        attempt(lambda: single(image=tf.constant(image[..., 0]))),
+        attempt(lambda: single(image=tf.constant(image[..., [0, 1, 2, 2]]))),
+        attempt(lambda: single(image=tf.constant(image[None]))),
+        attempt(lambda: batch_signature(
+            images=tf.constant(job["batch"][:1, ..., [0, 1, 2, 2]]),
+            image_sizes=tf.constant(job["sizes"][:1]),
+        )),
+    ]
+    image = tf.constant(image)
     out["bad_thresholds"] = [
         (
             attempt(lambda: loaded.detect(image, score_threshold=t)),
@@ -389,6 +401,18 @@ def test_an_empty_batch_gives_outputs_of_batch_0(tf_outputs):
 def test_bad_image_sizes_are_refused(tf_outputs):
     for size, message in zip(BAD_SIZES, tf_outputs["bad_sizes"]):
         assert isinstance(message, str) and "image_sizes" in message, (size, message)
+
+
+def test_images_of_another_shape_are_refused_naming_the_input(tf_outputs):
+    images = make_images()
+    shapes = [images[0].shape[:2], (*images[0].shape[:2], 4), (1, *images[0].shape)]
+    for shape, message in zip([*shapes, None], tf_outputs["bad_images"], strict=True):
+        assert isinstance(message, str), (shape, message)
+        if shape is None:  # serving_batch, [1, H, W, 4]
+            assert "images must be [B, H, W, 3] uint8 RGB" in message, message
+        else:
+            assert "image must be [H, W, 3] uint8 RGB" in message, (shape, message)
+            assert " ".join(map(str, shape)) in message, (shape, message)
 
 
 def test_score_thresholds_outside_0_1_are_refused(tf_outputs):

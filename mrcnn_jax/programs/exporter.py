@@ -37,11 +37,12 @@ Signatures (every box is (x1, y1, x2, y2) float32 in ORIGINAL image pixels):
 Signatures cannot have optional inputs (TensorFlow binds every input of a signature), so they
 use the threshold given at export; the loaded object's functions take it as an optional input:
 `loaded.detect(image, score_threshold=0.3)` and `loaded.detect_batch(images, image_sizes,
-score_threshold=0.3)`, in [0, 1] as the predictor's. Inputs the functions refuse (a threshold
-outside [0, 1] or NaN, bad `image_sizes`, an empty image) raise `tf.errors.InvalidArgumentError`
-naming the input. Also saved: `loaded.class_names`, `loaded.category_ids`, `loaded.step`
-(variables) and the checkpoint's config as the asset `assets/config.json`
-(`loaded.config_file.asset_path`).
+score_threshold=0.3)`, in [0, 1] as the predictor's. Inputs the functions and signatures refuse
+(a threshold outside [0, 1] or NaN, bad `image_sizes`, an empty image, an image that is not
+`[H, W, 3]`: grey or RGBA, which unlike the predictor they do not convert) raise
+`tf.errors.InvalidArgumentError` naming the input. Also saved: `loaded.class_names`,
+`loaded.category_ids`, `loaded.step` (variables) and the checkpoint's config as the asset
+`assets/config.json` (`loaded.config_file.asset_path`).
 
 How the model gets into the graph. `jax2tf.convert` (native serialization) is what this does,
 step by step: `jax.export` lowers the jitted model to StableHLO (the `lax.while_loop` NMS and
@@ -304,6 +305,22 @@ def _checked_threshold(threshold: tf.Tensor) -> tf.Tensor:
         return tf.identity(threshold)
 
 
+def _checked_images(images: tf.Tensor, rank: int) -> tf.Tensor:
+    """`images` (`[H, W, 3]` for rank 3, `[B, H, W, 3]` for rank 4), run only after a check of
+    its shape: a signature's call does not enforce its input's shape (grey `[H, W]` or RGBA
+    `[H, W, 4]` would fail deep in the graph, naming no input). The rank is checked through the
+    element count, as the signature's static rank would fold `tf.rank` to a constant."""
+    shape = tf.shape(images)
+    dims = tf.pad(shape, [[0, rank]])[:rank]  # zeros past a lower rank: a count of 0
+    ok = tf.equal(tf.size(images), tf.reduce_prod(dims)) & tf.equal(dims[-1], 3)
+    name = "image must be [H, W, 3]" if rank == 3 else "images must be [B, H, W, 3]"
+    check = tf.debugging.Assert(
+        ok, [f"{name} uint8 RGB (convert grey and RGBA), got", shape], summarize=8
+    )
+    with tf.control_dependencies([check]):
+        return tf.identity(images)
+
+
 def _checked_image_sizes(image_sizes: tf.Tensor, images: tf.Tensor) -> tf.Tensor:
     """`image_sizes [B, 2]` int32 (h, w), run only after checks that there is one per image of
     `images [B, Hmax, Wmax, 3]` and each is in 1..(Hmax, Wmax) (a slice `[:h, :w]` would take
@@ -383,6 +400,7 @@ class _Detector:
         """`image [H, W, 3]` uint8, `threshold` [] f32 in [0, 1] -> the `serving_default`
         outputs (module docstring)."""
         threshold = _checked_threshold(threshold)
+        image = _checked_images(image, rank=3)
         canvas, resized = self._preprocess(image)
         out = self.single(self.weights, canvas[None], resized[None])
         orig = tf.shape(image)[:2]
@@ -399,6 +417,7 @@ class _Detector:
         """`images [B, Hmax, Wmax, 3]` uint8 (B ≥ 0), `image_sizes [B, 2]` int32 (h, w) in
         1..(Hmax, Wmax), `threshold` [] f32 in [0, 1] -> `serving_batch` outputs."""
         threshold = _checked_threshold(threshold)
+        images = _checked_images(images, rank=4)
         image_sizes = _checked_image_sizes(tf.cast(image_sizes, tf.int32), images)
         canvases, resized = tf.map_fn(
             lambda x: self._preprocess(x[0][: x[1][0], : x[1][1]]),
