@@ -94,12 +94,14 @@ def main(argv):
         suffix += "_" + re.sub(r"[^\w.-]+", "_", split)
     builder = get_builder(config.data)
     try:
-        builder.info.splits[pipeline.eval_split(config, builder, split)]
+        num_images = builder.info.splits[pipeline.eval_split(config, builder, split)].num_examples
     except (KeyError, ValueError) as error:
         raise app.UsageError(
             f"--split={split!r} is not a split of {builder.info.full_name} (its splits: "
             f"{sorted(builder.info.splits)}): {error}"
         ) from error
+    if not num_images:
+        raise app.UsageError(f"--split={split!r} selects no image of {builder.info.full_name}")
     try:
         evaluator.check_dataset_classes(config, builder)
     except ValueError as error:

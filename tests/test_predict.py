@@ -418,6 +418,7 @@ def test_scripts_refuse_a_bad_threshold_step_or_out_dir_naming_it(
         ("predict.py", [f"--out_dir={a_file}"], f"cannot write into {a_file} (--out_dir)"),
         ("eval.py", ["--checkpoint_step=7"], missing_step),
         ("eval.py", ["--split=valid"], "--split='valid' is not a split of"),
+        ("eval.py", ["--split=validation[:0]"], "--split='validation[:0]' selects no image of"),
         ("eval.py", [f"--out_dir={a_file}/sub"], f"cannot write into {a_file}/sub (--out_dir)"),
     ]:
         if script == "predict.py":
