@@ -1,5 +1,6 @@
-"""Checkpoint step folders that are not complete checkpoints (an interrupted copy), and resuming
-per-device BatchNorm statistics (`model.norm="batch"`) on another number of images per device.
+"""Checkpoint step folders that are not complete checkpoints (an interrupted copy) or whose files
+are damaged (corrupt array data, a config that is not JSON), and resuming per-device BatchNorm
+statistics (`model.norm="batch"`) on another number of images per device.
 
 The checkpoints are written by `checkpoint.save` from zero variables of a tiny shapes config;
 the trainer tests replace its compiled parts (the train step counts steps, the evaluation
@@ -59,10 +60,18 @@ def run_config(data_dir: str, **overrides):
     )
 
 
-def write_checkpoint(workdir, config, step: int = STEP) -> None:
-    """Checkpoint `step` of zero variables in `workdir`, as the trainer writes it."""
+def write_checkpoint(workdir, config, step: int = STEP, random_small: bool = False) -> None:
+    """Checkpoint `step` of zero variables in `workdir`, as the trainer writes it; with
+    `random_small` the variables of up to 4096 numbers are random instead (~200 KB of array data
+    in OCDBT data files: zeros compress into the b-tree itself)."""
     model = MaskRCNN.from_config(config.model)
     variables = state_lib.zero_variables(model, tuple(config.data.image_size))
+    if random_small:
+        rng = np.random.default_rng(0)
+        variables = jax.tree_util.tree_map(
+            lambda x: rng.standard_normal(x.shape).astype(x.dtype) if x.size <= 4096 else x,
+            variables,
+        )
     state, _ = state_lib.train_state_from_variables(config, model, variables)
     manager = ckpt_lib.create_manager(workdir)
     ckpt_lib.save(manager, state.replace(step=step), config)
@@ -165,6 +174,137 @@ def test_scripts_refuse_an_incomplete_checkpoint_with_a_usage_error(name, saved,
     assert f"{folder} is incomplete (it lacks _CHECKPOINT_METADATA" in result.stderr
     assert f"are steps [{STEP}]" in result.stderr
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
+
+
+# ------------------------------------------------------------------- damaged files
+
+
+@pytest.fixture(scope="module")
+def saved_data(saved, tmp_path_factory):
+    """(workdir with checkpoint `STEP` holding random arrays in OCDBT data files, its config)."""
+    workdir = tmp_path_factory.mktemp("saved_data")
+    write_checkpoint(workdir, saved[1], random_small=True)
+    return workdir, saved[1]
+
+
+def damage_data(workdir, how: str):
+    """Damages checkpoint `STEP`'s state as a bad copy or disk would: its largest OCDBT data file
+    (the arrays) `truncated` to half, `deleted` or `overwritten` at its start (64 bytes; inside
+    a chunk, changed bytes go unnoticed: the chunks carry no checksum), or a byte of its b-tree
+    (`state/d/`, which has checksums) `flipped`. Returns the step folder."""
+    folder = workdir / "checkpoints" / str(STEP)
+    if how == "flipped":
+        (path,) = (folder / "state" / "d").iterdir()
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+        return folder
+    path = max((p for p in (folder / "state").rglob("*") if p.is_file()), key=os.path.getsize)
+    assert path.parent.parent.name.startswith("ocdbt.process_"), path
+    data = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "deleted":
+        path.unlink()
+    else:
+        path.write_bytes(b"\xff" * 64 + data[64:])
+    return folder
+
+
+def add_other_step(workdir, step: int = 2):
+    """A complete copy of checkpoint `STEP` as checkpoint `step`, for the errors to suggest."""
+    shutil.copytree(workdir / "checkpoints" / str(STEP), workdir / "checkpoints" / str(step))
+
+
+@pytest.mark.parametrize("how", ["truncated", "deleted", "overwritten", "flipped"])
+def test_corrupt_array_data_is_refused_naming_the_step_folder(how, saved_data, tmp_path):
+    """load_checkpoint used to stop with orbax's bare `Exception: Encountered error while reading
+    array index ...` and a ~2 KB TensorStore spec (the b-tree: TensorStore's ValueError, spec
+    included), the trainer's restore too."""
+    workdir = copy_workdir(saved_data, tmp_path)
+    add_other_step(workdir)
+    folder = damage_data(workdir, how)
+    message = (
+        rf"checkpoint folder {re.escape(str(folder))} is corrupt or truncated: its arrays cannot "
+        rf"be read \(.*\)\. .*the other complete checkpoints in .* are steps \[2\]\.$"
+    )
+    with pytest.raises(ckpt_lib.CorruptCheckpointError, match=message) as error:
+        mrcnn_jax.load_checkpoint(workdir, STEP)
+    assert isinstance(error.value, ValueError)  # what the scripts turn into a usage error
+    assert "tensorstore_spec" not in str(error.value) and "TensorStore({" not in str(error.value)
+    assert len(str(error.value)) < 1200
+    assert mrcnn_jax.load_checkpoint(workdir, 2).step == 2  # the copy is fine
+
+    config = saved_data[1]
+    model = MaskRCNN.from_config(config.model)
+    variables = state_lib.zero_variables(model, tuple(config.data.image_size))
+    state, _ = state_lib.train_state_from_variables(config, model, variables)
+    manager = ckpt_lib.create_manager(workdir, read_only=True)
+    try:
+        with pytest.raises(ckpt_lib.CorruptCheckpointError, match=message):
+            ckpt_lib.restore(manager, state, config, step=STEP)
+    finally:
+        manager.close()
+
+
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        (b'{"data": {x', r"is not valid JSON \(Expecting property name enclosed in double quotes"),
+        (b"\xff\xfe{}", r"is not valid JSON \('utf-8' codec can't decode"),
+        (b"", r"is not valid JSON \(Expecting value"),
+        (b"[1, 2]", r"holds a list, not a config"),
+    ],
+)
+def test_a_config_that_is_not_json_is_refused_naming_the_file(content, problem, saved, tmp_path):
+    """load_checkpoint and the scripts used to say only `Expecting property name enclosed in
+    double quotes: line 1 column 11`, naming no file."""
+    workdir = copy_workdir(saved, tmp_path)
+    path = workdir / "checkpoints" / str(STEP) / "config" / "metadata"
+    path.write_bytes(content)
+    message = (
+        rf"checkpoint folder {re.escape(str(path.parent.parent))} is corrupt or truncated: "
+        rf"{re.escape(str(path))} {problem}.*holds no other complete checkpoint\.$"
+    )
+    with pytest.raises(ckpt_lib.CorruptCheckpointError, match=message):
+        mrcnn_jax.load_checkpoint(workdir)
+    manager = ckpt_lib.create_manager(workdir, read_only=True)
+    try:
+        with pytest.raises(ckpt_lib.CorruptCheckpointError, match=message):
+            ckpt_lib.load_config(manager, STEP)
+    finally:
+        manager.close()
+
+
+@pytest.mark.parametrize(
+    "name, damage",
+    [("eval.py", "data"), ("predict.py", "data"), ("export.py", "data"), ("predict.py", "config")],
+)
+def test_scripts_refuse_a_damaged_checkpoint_with_a_usage_error(name, damage, saved_data, tmp_path):
+    """Exit status 1 and the step folder (or file), no traceback: was ~230 lines of asyncio
+    tracebacks ending in `RuntimeError: Event loop is closed` (data), or JSON's message naming
+    no file (config)."""
+    workdir = copy_workdir(saved_data, tmp_path)
+    if damage == "data":
+        folder = damage_data(workdir, "truncated")
+        expected = f"checkpoint folder {folder} is corrupt or truncated: its arrays cannot be read"
+    else:
+        path = workdir / "checkpoints" / str(STEP) / "config" / "metadata"
+        path.write_text('{"data": {x')
+        expected = f"{path} is not valid JSON (Expecting property name"
+    extra = {
+        "eval.py": [],
+        "predict.py": [__file__],  # an existing file, never read
+        "export.py": [f"--out={tmp_path / 'exported'}"],
+    }[name]
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "scripts", name), f"--workdir={workdir}", *extra],
+        cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert expected in result.stderr, result.stderr[-3000:]
+    for noise in ("Traceback", "asyncio", "Event loop is closed", "tensorstore_spec"):
+        assert noise not in result.stderr, result.stderr[-3000:]
 
 
 # ------------------------------------------------------------------- resuming

@@ -12,10 +12,20 @@ run starts from the latest complete one (`resume_step`) and sets them aside
 Each checkpoint also records the devices it was trained on (`run_metadata`): with per-device
 BatchNorm statistics (`model.norm="batch"`) the images per device are part of the function
 trained, and a resume with another number warns (`images_per_device_warning`).
+
+A complete folder whose files are damaged (bytes changed, a data file truncated or deleted, the
+config not JSON) is refused with a `CorruptCheckpointError` naming the folder or file (and the
+other complete steps), instead of orbax's or TensorStore's error.
 """
 
+import gc
 import json
-from typing import Any
+import logging as std_logging
+import re
+import sys
+import warnings
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import jax
 import ml_collections
@@ -26,6 +36,8 @@ from etils import epath
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 from mrcnn_jax.train import state as state_lib
 from mrcnn_jax.train.state import TrainState
+
+T = TypeVar("T")
 
 # Config sections whose values must match for a checkpoint to be restored into a run.
 ARCHITECTURE_KEYS = ("model", "data.image_size")
@@ -46,6 +58,128 @@ STEP_METADATA = "_CHECKPOINT_METADATA"
 # What `save` records in its `custom_metadata`.
 NUM_DEVICES_KEY = "num_devices"
 IMAGES_PER_DEVICE_KEY = "images_per_device"
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint whose files are all there but cannot be read: their bytes were changed, a
+    data file was truncated or deleted (e.g. a damaged copy or disk), or the config is not JSON.
+    The message names the step folder (or file) and the other complete steps."""
+
+
+# TensorStore's errors (ValueErrors) start with an absl status code, e.g. "OUT_OF_RANGE: Error
+# reading ...", or "Error opening ..."; most end with the store's spec (~2 KB).
+_TENSORSTORE_ERROR = re.compile(
+    r"^(CANCELLED|UNKNOWN|INVALID_ARGUMENT|DEADLINE_EXCEEDED|NOT_FOUND|ALREADY_EXISTS|"
+    r"PERMISSION_DENIED|RESOURCE_EXHAUSTED|FAILED_PRECONDITION|ABORTED|OUT_OF_RANGE|"
+    r"UNIMPLEMENTED|INTERNAL|UNAVAILABLE|DATA_LOSS|UNAUTHENTICATED): |"
+    r"\[tensorstore_spec=|in OCDBT database at "
+)
+# Orbax's wrapper of a failed array read (a bare `Exception`, TensorStore's error as its cause).
+_ORBAX_READ_ERROR = "Encountered error while reading array index"
+
+
+def _read_failure(error: BaseException) -> str | None:
+    """What TensorStore said when reading a checkpoint's arrays failed in `error` (or one of the
+    errors it was raised from), shortened to its first line without the TensorStore spec; None
+    when `error` is no such failure (e.g. a tree that does not match the target)."""
+    seen, found = set(), None
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        message = str(error)
+        if _TENSORSTORE_ERROR.search(message):
+            found = message  # the innermost one names the file (and the byte range)
+        elif found is None and message.startswith(_ORBAX_READ_ERROR):
+            found = _ORBAX_READ_ERROR.lower()
+        error = error.__cause__ or error.__context__
+    if found is None:
+        return None
+    found = found.split("\n", 1)[0].split(" [tensorstore_spec=", 1)[0]
+    return found if len(found) <= 500 else found[:500] + "..."
+
+
+def _corrupt(manager: ocp.CheckpointManager, step: int, what: str) -> CorruptCheckpointError:
+    """The error for checkpoint `step` of `manager` being unreadable (`what`: the problem, naming
+    the file where known), listing the other complete steps."""
+    steps = [s for s in complete_steps(manager) if s != step]
+    others = (
+        f"the other complete checkpoints in {manager.directory} are steps {steps}"
+        if steps
+        else f"{manager.directory} holds no other complete checkpoint"
+    )
+    return CorruptCheckpointError(
+        f"checkpoint folder {step_dir(manager, step)} is corrupt or truncated: {what}. Copy it "
+        f"again from where it was written, or move it away; {others}."
+    )
+
+
+def _read_arrays(manager: ocp.CheckpointManager, step: int, read: Callable[[], T]) -> T:
+    """`read()`, which reads the arrays of checkpoint `step` (their metadata or data).
+
+    Data bytes changed inside a chunk are found only where they break its compression: the
+    checkpoint's b-tree nodes carry checksums, the arrays' chunks do not.
+
+    Raises:
+      CorruptCheckpointError: reading failed in TensorStore (a data file truncated, deleted or
+        with other bytes), naming the step folder, TensorStore's reason (without its ~2 KB spec)
+        and the other complete steps. Not chained to orbax's error: that holds the asyncio tasks
+        of the other reads, each of which would log its traceback ("Task exception was never
+        retrieved", hundreds of lines) when collected; they are collected here, silently.
+      Exception: any other error of `read` (e.g. a tree that does not fit), unchanged.
+    """
+    try:
+        return read()
+    except Exception as error:  # orbax wraps TensorStore's error in a bare `Exception`
+        reason = _read_failure(error)
+        if reason is None:
+            raise
+    _ignore_callbacks_on_closed_loops()
+    _collect_failed_reads()  # `error` is gone with the except clause
+    raise _corrupt(manager, step, f"its arrays cannot be read ({reason})")
+
+
+def _ignore_callbacks_on_closed_loops() -> None:
+    """From now on (installed once), drops the `RuntimeError: Event loop is closed` that
+    TensorStore reports for each read still in flight when orbax closed the event loop of a
+    failed restore (through `sys.unraisablehook`, dozens of tracebacks printed after the error,
+    from its threads). Every other unraisable exception goes to the previous hook."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_callbacks_on_closed_loops", False):
+        return
+
+    def hook(unraisable) -> None:
+        if not (
+            unraisable.object is None
+            and type(unraisable.exc_value) is RuntimeError
+            and str(unraisable.exc_value) == "Event loop is closed"
+        ):
+            previous(unraisable)
+
+    hook.drops_callbacks_on_closed_loops = True
+    sys.unraisablehook = hook
+
+
+def _collect_failed_reads() -> None:
+    """Collects what a failed read left (asyncio tasks holding the errors of orbax's other reads
+    of the same checkpoint) without the traceback that asyncio logs for each."""
+    logger = std_logging.getLogger("asyncio")
+    disabled, hook = logger.disabled, sys.unraisablehook
+    logger.disabled, sys.unraisablehook = True, lambda unraisable: None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # coroutines never awaited
+            gc.collect()
+    finally:
+        logger.disabled, sys.unraisablehook = disabled, hook
+
+
+def _restore_arrays(manager: ocp.CheckpointManager, step: int, target) -> dict[str, Any]:
+    """The `state` item of checkpoint `step` restored into `target` (`StandardRestore`).
+
+    Raises:
+      CorruptCheckpointError: reading the arrays failed (`_read_arrays`).
+    """
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(target))
+    return _read_arrays(manager, step, lambda: manager.restore(step, args=args))["state"]
 
 
 def checkpoint_dir(workdir: epath.PathLike) -> epath.Path:
@@ -347,9 +481,21 @@ def saved_optimizer(saved: dict) -> str:
 
 
 def load_config(manager: ocp.CheckpointManager, step: int) -> dict:
-    """The config (as a JSON dict) stored with checkpoint `step`."""
-    restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-    return restored["config"]
+    """The config (as a JSON dict) stored with checkpoint `step`.
+
+    Raises:
+      CorruptCheckpointError: the stored config (`<step>/config/metadata`) is not a JSON object
+        (e.g. damaged bytes); the message names the file and the other complete steps.
+    """
+    path = step_dir(manager, step) / "config" / "metadata"
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise _corrupt(manager, step, f"{path} is not valid JSON ({error})") from error
+    config = restored["config"]
+    if not isinstance(config, dict):
+        raise _corrupt(manager, step, f"{path} holds a {type(config).__name__}, not a config")
+    return config
 
 
 def restore(
@@ -367,6 +513,8 @@ def restore(
 
     Raises:
       FileNotFoundError: there is no (complete) checkpoint (`choose_step`).
+      CorruptCheckpointError: its config or arrays cannot be read (a file damaged, truncated or
+        deleted), naming the step folder or file and the other complete steps.
       ValueError: the checkpoint was written with a different architecture (the message lists
         the differing config fields), or trained past step 0 with another optimizer.
     """
@@ -398,9 +546,7 @@ def restore(
         target["opt_state"] = _opt_state_with_clipping(
             target["opt_state"], state.params, config, saved_clip
         )
-    restored = manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
-    )["state"]
+    restored = _restore_arrays(manager, step, target)
     leaves = jax.tree_util.tree_leaves(restored["opt_state"])
     opt_state = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(state.opt_state), leaves)
     return state.replace(**{**restored, "opt_state": opt_state})
@@ -444,16 +590,17 @@ def restore_raw(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
     built from the stored shapes and dtypes and placed on this process's first local device, so
     orbax never tries to rebuild the saved device mesh. For inference: callers validate the tree
     against their model (see `mrcnn_jax.programs.predictor`).
+
+    Raises:
+      CorruptCheckpointError: the arrays cannot be read (a data file truncated, deleted or with
+        other bytes), naming the step folder and the other complete steps.
     """
-    metadata = manager.item_metadata(step)["state"]
+    metadata = _read_arrays(manager, step, lambda: manager.item_metadata(step))["state"]
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree_util.tree_map(
         lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), metadata
     )
-    restored = manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
-    )
-    return jax.device_get(restored["state"])
+    return jax.device_get(_restore_arrays(manager, step, target))
 
 
 def save_variables(
