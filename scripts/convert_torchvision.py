@@ -14,7 +14,9 @@ the config and the epsilon); a `--weights` naming the other release is a usage e
 The result, `<out>/checkpoints/0/` with the config, is read by `mrcnn_jax.load_checkpoint(out)`,
 `scripts/eval.py` and `scripts/predict.py`, and can be fine-tuned with `scripts/train.py
 --workdir=<out>`. Needs the `torch` extra: `pip install 'mrcnn_jax[torch]'`.
-An argument that is not a flag (e.g. `config.model.x=1`, its `--` missing) is a usage error.
+An argument that is not a flag (e.g. `config.model.x=1`, its `--` missing) is a usage error, as
+is a `--state_dict` file that is no state dict (a failed download's web page, a truncated file, a
+whole model saved with `torch.save(model)`: Python objects besides tensors are never loaded).
 """
 
 import importlib.util
@@ -28,6 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # configs/ import each other as the `configs` package.
 
 from mrcnn_jax.convert import torchvision as convert  # noqa: E402
+from mrcnn_jax.programs import launch  # noqa: E402
 from mrcnn_jax.train import checkpoint  # noqa: E402
 
 _WEIGHTS = flags.DEFINE_enum(
@@ -62,7 +65,10 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     name = _WEIGHTS.value
     if _STATE_DICT.value:
-        state_dict = convert.load_state_dict(_STATE_DICT.value)
+        try:
+            state_dict = convert.load_state_dict(_STATE_DICT.value)
+        except (ValueError, OSError) as error:  # no state dict there: names the file
+            raise app.UsageError(f"--state_dict: {error}") from error
         found = convert.release_of(state_dict)
         if found and found != name and flags.FLAGS["weights"].present:
             raise app.UsageError(
@@ -81,4 +87,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=launch.parse_flags)

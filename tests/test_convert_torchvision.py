@@ -14,7 +14,7 @@ heads built like torchvision's v1/v2 (the conversion is the same code path, seco
 
 import dataclasses
 import json
-import pickle
+import os
 import re
 import subprocess
 import sys
@@ -661,8 +661,94 @@ def test_load_state_dict_reads_tensors_only(tmp_path, small_model):
         np.testing.assert_array_equal, loaded, convert.state_dict_to_numpy(small_model.state_dict())
     )
     torch.save({"a.weight": NotATensor()}, tmp_path / "evil.pth")
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(ValueError, match=r"holds Python objects besides tensors \(\S+NotATensor\)"):
         convert.load_state_dict(tmp_path / "evil.pth")
+
+
+class CreatesAFile:
+    """Unpickled, it would run `touch <path>` (harmless; the test checks it never runs)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.path}",)
+
+
+def bad_state_dict(tmp_path: Path, small_model, kind: str) -> Path:
+    """A `.pth` file that is no state dict, as users get them: a failed download's `page` (HTML),
+    a whole `model` (`torch.save(model)`), a `truncated` download, a `malicious` pickle (that
+    would create tmp_path/pwned), a `list` of tensors; or a `missing` file."""
+    path = tmp_path / f"{kind}.pth"
+    if kind == "page":
+        path.write_text("<!DOCTYPE html>\n<html><head><title>404 Not Found</title></head></html>\n")
+    elif kind == "model":
+        torch.save(small_model, path)
+    elif kind == "truncated":
+        torch.save(small_model.state_dict(), path)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif kind == "malicious":
+        torch.save({"backbone.body.conv1.weight": CreatesAFile(tmp_path / "pwned")}, path)
+    elif kind == "list":
+        torch.save(list(small_model.state_dict().values()), path)
+    return path
+
+
+BAD_STATE_DICTS = {  # kind -> what the error says about the file
+    "page": r"cannot read {path}: it is not a file written by `torch\.save` \(a web page",
+    "model": (
+        r"cannot read {path}: it holds Python objects besides tensors "
+        r"\(torchvision\.models\.detection\.mask_rcnn\.MaskRCNN\), e\.g\. a whole model saved "
+        r"with `torch\.save\(model\)`; they are not loaded"
+    ),
+    "truncated": r"cannot read {path}: it is truncated or damaged \(an interrupted download\?\)",
+    "malicious": r"cannot read {path}: it holds Python objects besides tensors \(\w+\.system\)",
+    "list": r"{path} is no state dict: a state dict must be a mapping, got list",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_STATE_DICTS))
+def test_a_file_that_is_no_state_dict_is_refused_naming_it(tmp_path, small_model, kind):
+    """Was torch's error naming no file: `KeyError: 101` or "Unsupported operand" (a web page),
+    the weights_only error advising `weights_only=False` (a whole model), `PytorchStreamReader
+    failed ... central directory` (truncated), "GLOBAL posix.system blocked" (malicious). The
+    file is still read with `weights_only=True`: the malicious pickle's command never runs."""
+    path = bad_state_dict(tmp_path, small_model, kind)
+    expected = BAD_STATE_DICTS[kind].format(path=re.escape(str(path)))
+    with pytest.raises(ValueError, match=expected) as error:
+        convert.load_state_dict(path)
+    message = str(error.value)
+    assert message.endswith(
+        "expected a PyTorch state dict, a file of tensors written with "
+        "`torch.save(model.state_dict(), path)` such as torchvision's released .pth weights"
+    )
+    assert "weights_only" not in message and "safe_globals" not in message
+    if kind != "list":  # no chained torch error whose traceback would advise weights_only=False
+        assert error.value.__cause__ is None and error.value.__context__ is None
+    assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("kind", ["page", "model", "missing"])
+def test_convert_script_refuses_a_file_that_is_no_state_dict(tmp_path, small_model, kind):
+    """A usage error naming the file (was torch's traceback), nothing written."""
+    path = bad_state_dict(tmp_path, small_model, kind)
+    command = [
+        sys.executable,
+        str(REPO / "scripts" / "convert_torchvision.py"),
+        f"--state_dict={path}",
+        f"--out={tmp_path / 'out'}",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, check=False)
+    assert result.returncode == 1, result.stderr[-3000:]
+    expected = {
+        "page": f"--state_dict: cannot read {path}: it is not a file written by `torch.save`",
+        "model": f"--state_dict: cannot read {path}: it holds Python objects besides tensors",
+        "missing": f"--state_dict: [Errno 2] No such file or directory: '{path}'",
+    }[kind]
+    assert expected in result.stderr, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "weights_only=False" not in result.stderr and "set to `False`" not in result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_download_reads_torchvision_cache(tmp_path, monkeypatch, small_model):

@@ -39,6 +39,39 @@ def test_a_config_override_without_its_dashes_is_refused(name, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["a_file"]
 
 
+@pytest.mark.parametrize("name", ["train.py", "convert_torchvision.py"])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--config.train.foo=1", "flag --config.train.foo: the config has no field 'foo'"),
+        (
+            "--config.trian.num_steps=1",
+            "flag --config.trian.num_steps: the config has no field 'trian' "
+            '(did you mean "train"?)',
+        ),
+        (
+            "--config.model.rpn.pre_nms_topk_tran=5",
+            "flag --config.model.rpn.pre_nms_topk_tran: the config has no field "
+            "'pre_nms_topk_tran' (did you mean \"pre_nms_topk_train\"?)",
+        ),
+    ],
+)
+def test_a_config_override_naming_no_field_is_a_usage_error(name, override, message, tmp_path):
+    """ml_collections raises KeyError/AttributeError while absl parses the flags: without
+    `launch.parse_flags` that was a traceback through absl and ml_collections."""
+    flags = {
+        "train.py": ["--config=configs/shapes_r18.py", f"--workdir={tmp_path / 'w'}"],
+        "convert_torchvision.py": [
+            "--config=configs/torchvision_r50_fpn_v1.py",  # overrides need it there
+            f"--out={tmp_path / 'out'}",
+            f"--state_dict={tmp_path}.pth",
+        ],
+    }[name]
+    result = run_script(name, *flags, override)
+    assert_usage_error(result, message)
+    assert not os.listdir(tmp_path)
+
+
 def test_train_refuses_a_workdir_that_is_a_regular_file(tmp_path):
     a_file = tmp_path / "a_file"
     a_file.write_text("")

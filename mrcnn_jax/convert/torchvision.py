@@ -388,12 +388,59 @@ def state_dict_to_numpy(state_dict: Mapping) -> dict[str, np.ndarray]:
     return out
 
 
+# What `load_state_dict` reads, in its errors.
+_EXPECTED_FILE = (
+    "expected a PyTorch state dict, a file of tensors written with "
+    "`torch.save(model.state_dict(), path)` such as torchvision's released .pth weights"
+)
+
+
+def _unreadable(error: Exception) -> str:
+    """Why `torch.load(weights_only=True)` failed with `error`, in a few words, without torch's
+    advice to load with `weights_only=False` (which runs any code a downloaded file holds)."""
+    message = str(error)
+    blocked = re.search(r"GLOBAL ([\w.]+)", message)
+    if blocked:  # e.g. torch.save(model): the module's class; or a pickle calling os.system
+        return (
+            f"it holds Python objects besides tensors ({blocked[1]}), e.g. a whole model saved "
+            "with `torch.save(model)`; they are not loaded, as loading them could run any code "
+            "the file holds"
+        )
+    if "PytorchStreamReader" in message:  # a zip archive without its end
+        return "it is truncated or damaged (an interrupted download?)"
+    if "weights_only" in message:  # torch's advice: only the unpickler's complaint is kept
+        operand = re.search(r"Unsupported operand \S+", message)
+        message = operand[0] if operand else ""
+    detail = f"{type(error).__name__}: {message.strip()[:100]}".rstrip(": ")
+    return (
+        "it is not a file written by `torch.save` (a web page or an error message saved by a "
+        f"failed download? an empty file?; torch.load: {detail})"
+    )
+
+
 def load_state_dict(path: epath.PathLike) -> dict[str, np.ndarray]:
-    """Reads a torchvision `.pth` state dict (tensors only: `torch.load(weights_only=True)`)."""
+    """Reads a torchvision `.pth` state dict (tensors only: `torch.load(weights_only=True)`).
+
+    Raises:
+      OSError: `path` cannot be opened (e.g. FileNotFoundError), naming it.
+      ValueError: the file is no state dict (not written by `torch.save`, truncated, a whole
+        model or other Python objects, which are never loaded, or not str -> float tensor
+        entries), naming `path`, the problem and what is expected.
+    """
     torch = import_torch()
     with epath.Path(path).open("rb") as f:
-        state_dict = torch.load(f, map_location="cpu", weights_only=True)
-    return state_dict_to_numpy(state_dict)
+        try:
+            state_dict = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as error:  # pickle.UnpicklingError, RuntimeError, KeyError, EOFError...
+            reason = _unreadable(error)
+        else:
+            reason = None
+    if reason is not None:  # raised here, not chained to torch's error and its advice
+        raise ValueError(f"cannot read {path}: {reason}; {_EXPECTED_FILE}")
+    try:
+        return state_dict_to_numpy(state_dict)
+    except ValueError as error:
+        raise ValueError(f"{path} is no state dict: {error}; {_EXPECTED_FILE}") from error
 
 
 def download_state_dict(version: str) -> dict[str, np.ndarray]:
