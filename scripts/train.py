@@ -69,8 +69,12 @@ def main(argv):
         jax.local_device_count(),
         jax.device_count(),
     )
+    from mrcnn_jax.train.checkpoint import CorruptCheckpointError
+
     try:
         metrics = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except CorruptCheckpointError as error:  # resuming from a damaged copy: say which, no trace
+        raise app.UsageError(str(error)) from error
     except trainer.Preempted as preempted:
         print(preempted, flush=True)
         sys.exit(128 + signal.SIGTERM)  # as if SIGTERM had ended it, once the checkpoint is safe

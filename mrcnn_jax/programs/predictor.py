@@ -397,14 +397,15 @@ def load_checkpoint(path: str | epath.PathLike, step: int | None = None) -> Pred
         complete steps).
       TypeError: `step` is not an integer (e.g. the string "400").
       ValueError: the stored parameters do not fit the stored config (a variable's path, shape
-        or dtype differs from the model's).
+        or dtype differs from the model's); `ckpt_lib.CorruptCheckpointError`, a ValueError:
+        its files are damaged (the message names the step folder or file).
     """
     manager, _, step = _open(path, step)
-    config = ml_collections.ConfigDict(ckpt_lib.load_config(manager, step))
-    state = ckpt_lib.restore_raw(manager, step)
-    expected = MaskRCNN.from_config(config.model).variable_shapes(tuple(config.data.image_size))
-    variables = {"params": state["params"], "batch_stats": state.get("batch_stats") or {}}
     try:
+        config = ml_collections.ConfigDict(ckpt_lib.load_config(manager, step))
+        state = ckpt_lib.restore_raw(manager, step)
+        expected = MaskRCNN.from_config(config.model).variable_shapes(tuple(config.data.image_size))
+        variables = {"params": state["params"], "batch_stats": state.get("batch_stats") or {}}
         for collection in ("params", "batch_stats"):
             _check_tree(
                 variables[collection],
