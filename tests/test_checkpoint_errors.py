@@ -155,21 +155,27 @@ def test_without_a_complete_checkpoint_the_incomplete_folders_are_named(saved, t
         mrcnn_jax.load_checkpoint(workdir)
 
 
+def run_script(name: str, workdir, tmp_path) -> subprocess.CompletedProcess:
+    """scripts/eval.py, predict.py or export.py on `workdir`, with the other arguments each
+    needs (predict.py: an existing file it does not read before the checkpoint loads)."""
+    extra = {
+        "eval.py": [],
+        "predict.py": [__file__],
+        "export.py": [f"--out={tmp_path / 'exported'}"],
+    }[name]
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO, "scripts", name), f"--workdir={workdir}", *extra],
+        cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize("name", ["eval.py", "predict.py", "export.py"])
 def test_scripts_refuse_an_incomplete_checkpoint_with_a_usage_error(name, saved, tmp_path):
     """Named explicitly (`checkpoints/6`): exit status 1, the folder and what it lacks, no
     traceback (was orbax's KeyError traceback)."""
     workdir = copy_workdir(saved, tmp_path)
     folder = make_incomplete(workdir, "empty")
-    extra = {
-        "eval.py": [],
-        "predict.py": [__file__],  # an existing file, never read
-        "export.py": [f"--out={tmp_path / 'exported'}"],
-    }[name]
-    result = subprocess.run(
-        [sys.executable, os.path.join(REPO, "scripts", name), f"--workdir={folder}", *extra],
-        cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
+    result = run_script(name, folder, tmp_path)
     assert result.returncode == 1, result.stderr[-3000:]
     assert f"{folder} is incomplete (it lacks _CHECKPOINT_METADATA" in result.stderr
     assert f"are steps [{STEP}]" in result.stderr
@@ -292,15 +298,7 @@ def test_scripts_refuse_a_damaged_checkpoint_with_a_usage_error(name, damage, sa
         path = workdir / "checkpoints" / str(STEP) / "config" / "metadata"
         path.write_text('{"data": {x')
         expected = f"{path} is not valid JSON (Expecting property name"
-    extra = {
-        "eval.py": [],
-        "predict.py": [__file__],  # an existing file, never read
-        "export.py": [f"--out={tmp_path / 'exported'}"],
-    }[name]
-    result = subprocess.run(
-        [sys.executable, os.path.join(REPO, "scripts", name), f"--workdir={workdir}", *extra],
-        cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
+    result = run_script(name, workdir, tmp_path)
     assert result.returncode == 1, result.stderr[-3000:]
     assert expected in result.stderr, result.stderr[-3000:]
     for noise in ("Traceback", "asyncio", "Event loop is closed", "tensorstore_spec"):
