@@ -379,6 +379,21 @@ def test_paste_masks_detectron2_threshold_is_inclusive():
     assert not paste_masks(masks, boxes, (H, W), method="torchvision").any()
 
 
+def test_paste_masks_detectron2_region_has_a_one_pixel_margin():
+    """Detectron2 samples one pixel beyond the box's rounded-out edges: with box [10, 10, 60, 30]
+    and an all-ones 28×28 map, the centre of column 9 maps to x = -0.78 in map cells, whose east
+    tap (map column 0) weighs 0.22 ≥ 0.2, so column 9 is foreground (column 60 alike), while
+    row 9 (y = -1.2, both taps off the map) is not; columns and rows 8 and below lie outside the
+    region."""
+    masks = np.ones((1, 28, 28), np.float32)
+    boxes = np.array([[10.0, 10.0, 60.0, 30.0]], np.float32)
+    expected = detectron2_paste_numpy(masks, boxes, (H, W), threshold=0.2)
+    assert expected[0, 10:30, 9].all() and expected[0, 10:30, 60].all()
+    assert not expected[0, :, :9].any() and not expected[0, 9].any()
+    out = paste_masks(masks, boxes, (H, W), 0.2, method="detectron2")
+    np.testing.assert_array_equal(out, expected)
+
+
 # ------------------------------------------------------------------ pasting small objects
 
 

@@ -211,6 +211,27 @@ def test_eval_batches_match_pycocotools_references(coco):
             np.testing.assert_array_equal(row["gt_masks"][k][decided], (values >= 0.5)[decided])
 
 
+def test_gt_mask_crop_counts_a_value_of_exactly_one_half_as_foreground():
+    """The crop thresholds with ``>= 0.5`` (the checks above skip such ties): a 4×4 mask with two
+    of its columns on, box (0, 0, 4, 4), one sample at (2, 2), halfway between the centres of
+    columns 1 and 2, reads exactly 0.5 and gives 1, whichever half is on."""
+    # Column-major run lengths (pycocotools order): columns 0-1 on, or columns 2-3 on.
+    counts = tf.ragged.constant([[0, 8, 8], [8, 8]], dtype=tf.int64)
+    crops = pipeline._crop_masks(
+        counts,
+        tf.constant(4),
+        tf.constant(4),
+        tf.constant([[0.0, 0.0, 4.0, 4.0]] * 2),
+        tf.constant(False),
+        tf.constant([1.0, 1.0]),
+        tf.constant([0, 0]),
+        1,
+    )
+    values = masks.sample_masks(counts, 4, 4, tf.fill([2, 1], 2.0), tf.fill([2, 1], 2.0))
+    np.testing.assert_array_equal(values.numpy(), 0.5)
+    np.testing.assert_array_equal(crops.numpy(), np.ones((2, 1, 1), np.uint8))
+
+
 def test_empty_images_crowd_only_images_and_empty_masks(coco):
     builder, _ = coco
     rows = _eval_rows(_config(), builder)

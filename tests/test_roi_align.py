@@ -417,16 +417,22 @@ def test_assign_fpn_levels_matches_torchvision():
     torch = pytest.importorskip("torch")
     poolers = pytest.importorskip("torchvision.ops.poolers")
     rng = np.random.default_rng(3)
-    # 111.9999 and 223.9998 sit within 1e-6 below a level boundary in log2 units, where the
-    # epsilon after the log (torchvision) and inside it (Detectron2) disagree.
+    # In log2 units below a level boundary (float32 sides): 111.9999 and 223.9998 sit ~1.28e-6
+    # below, beyond torchvision's epsilon of 1e-6 added after the log, so they stay on the lower
+    # level; 111.99996, 223.9999 and 223.99995 sit 4.9e-7, 6.9e-7 and 2.9e-7 below, within it,
+    # so torchvision lifts them to the upper level (where Detectron2, whose 1e-8 sits inside the
+    # log, and a rule without the epsilon keep them on the lower one).
+    below_112, below_224 = [111.99, 111.9999, 111.99996], [223.9998, 223.9999, 223.99995]
     sides = np.array(
-        [0, 1e-3, 55.9, 56, 111.99, 111.9999, 112, 223.9998, 224, 448, 895, 896, 1e5], np.float32
+        [0, 1e-3, 55.9, 56, *below_112, 112, *below_224, 224, 448, 895, 896, 1e5], np.float32
     )
     exact = np.stack([np.zeros_like(sides), np.zeros_like(sides), sides, sides], 1)
     boxes = np.concatenate([exact, random_boxes(rng, 200, 800, 800)])
     expected = poolers.LevelMapper(2, 5)([torch.from_numpy(boxes)]).numpy() + 2
     np.testing.assert_array_equal(assign_fpn_levels(jnp.asarray(boxes), 2, 5), expected)
-    np.testing.assert_array_equal(expected[: len(sides)], [2, 2, 2, 2, 2, 2, 3, 3, 4, 5, 5, 5, 5])
+    np.testing.assert_array_equal(
+        expected[: len(sides)], [2, 2, 2, 2, 2, 2, 3, 3, 3, 4, 4, 4, 5, 5, 5, 5]
+    )
     np.testing.assert_array_equal(
         assign_fpn_levels(boxes[:, None], 3, 4)[:, 0], np.clip(expected, 3, 4)
     )

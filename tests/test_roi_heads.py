@@ -178,6 +178,37 @@ def test_sample_rois_without_gt_is_all_background():
     assert np.isfinite(np.asarray(result.box_targets)).all()
 
 
+def test_sample_rois_iou_equal_to_fg_iou_is_foreground():
+    """IoU exactly `fg_iou` is foreground (Detectron2/torchvision `Matcher`: `iou >= high`).
+
+    GT [0, 0, 10, 10]: proposal [0, 0, 10, 20] has IoU 100 / 200 = 0.5 exactly (foreground), and
+    [0, 0, 10, 20.5] has IoU 100 / 205 < 0.5 (background).
+    """
+    proposals = np.array([[0, 0, 10, 20], [0, 0, 10, 20.5]], np.float32)
+    gt_boxes = np.array([[0, 0, 10, 10], [0, 0, 0, 0]], np.float32)
+    gt_classes = np.array([1, -1], np.int32)
+    gt_valid = np.array([True, False])
+    result = jit_sample_rois(
+        jax.random.key(0),
+        proposals,
+        np.ones(2, bool),
+        gt_boxes,
+        gt_classes,
+        gt_valid,
+        batch_size=4,
+        positive_fraction=1.0,
+        fg_iou=0.5,
+        box_reg_weights=BOX_WEIGHTS,
+    )
+    rois, is_fg = np.asarray(result.rois), np.asarray(result.is_foreground)
+    assert np.asarray(result.valid)[:3].all() and not np.asarray(result.valid)[3]
+    foreground = {tuple(r) for r in rois[:3][is_fg[:3]].tolist()}
+    background = {tuple(r) for r in rois[:3][~is_fg[:3]].tolist()}
+    assert foreground == {(0, 0, 10, 20), (0, 0, 10, 10)}  # the IoU-0.5 proposal and the GT box
+    assert background == {(0, 0, 10, 20.5)}
+    assert sorted(np.asarray(result.classes)[:3].tolist()) == [0, 2, 2]
+
+
 # --------------------------------------------------------------------------- detect_boxes
 
 
@@ -205,7 +236,7 @@ def torchvision_detections(
     return boxes[keep].numpy(), scores[keep].numpy(), labels[keep].numpy()
 
 
-@pytest.mark.parametrize("max_det, score_thresh", [(12, 0.05), (100, 0.2)])
+@pytest.mark.parametrize("max_det, score_thresh", [(12, 0.05), (100, 0.2), (50, 0.25)])
 def test_detect_boxes_matches_torchvision(max_det, score_thresh):
     rng = np.random.default_rng(max_det)
     p, k, image_size = 40, 3, (60, 80)
@@ -218,6 +249,12 @@ def test_detect_boxes_matches_torchvision(max_det, score_thresh):
     # Proposal 2 has one class score just below and one just above the threshold.
     near = [score_thresh - 2e-3, score_thresh + 2e-3]
     class_logits[2] = np.log([1 - sum(near) - 0.1, near[0], near[1], 0.1])
+    # Proposal 3's 4 equal logits give each class a float32 softmax of exactly 0.25: at the
+    # threshold 0.25 torchvision (`scores > thresh`) drops all 3 candidates.
+    if score_thresh == 0.25:
+        class_logits[3] = 0.0
+        exp = np.exp(class_logits[3] - class_logits[3].max())
+        assert (exp / exp.sum() == np.float32(0.25)).all()
     detect = jax.jit(
         functools.partial(
             detect_boxes,

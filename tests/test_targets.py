@@ -160,7 +160,9 @@ def candidate_masks(rng, n, num_pos, num_neg):
         (100, 40, 0, 16, 0.5),  # No negative.
         (100, 0, 0, 8, 0.5),  # Nothing to sample.
         (10, 4, 5, 16, 1.0),  # Batch larger than the candidate array.
-        (50, 20, 20, 10, 0.25),  # int(2.5) = 2 positives.
+        # 10 * 0.25 = 2.5: int() gives 2 positives, but so would round() (half to even).
+        (50, 20, 20, 10, 0.25),
+        (50, 20, 20, 6, 0.25),  # 6 * 0.25 = 1.5: int() gives 1 positive, round() would give 2.
     ],
 )
 def test_sample_balanced_counts_and_membership(n, num_pos, num_neg, batch_size, fraction):
