@@ -78,13 +78,8 @@ def test_mask_slots_get_their_rois_class_and_mask_target_and_box_targets_their_w
     ]
     predictor["predictor_kernel"] = np.zeros_like(predictor["predictor_kernel"])
     predictor["predictor_bias"] = 10 * np.arange(predictor["predictor_bias"].size, dtype=np.float32)
-    out, _ = model.apply(
-        {**variables, "params": params},
-        batch,
-        train=True,
-        keys=jax.random.split(jax.random.key(1), 2),
-        mutable=["batch_stats"],
-    )
+    apply = jax.jit(lambda v, x, k: model.apply(v, x, train=True, keys=k, mutable=["batch_stats"]))
+    out, _ = apply({**variables, "params": params}, batch, jax.random.split(jax.random.key(1), 2))
     out = jax.tree_util.tree_map(np.asarray, out)
 
     weights = tuple(config.model.roi_heads.box_reg_weights)
