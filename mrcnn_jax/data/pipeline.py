@@ -90,6 +90,7 @@ instances, 28² masks, scale jitter).
 import functools
 import itertools
 from collections.abc import Iterator
+from typing import Any
 
 import jax
 import ml_collections
@@ -152,7 +153,8 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-def _is_int(value) -> bool:
+def is_int(value: Any) -> bool:
+    """An integer (Python's or numpy's), not a bool."""
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
@@ -174,11 +176,11 @@ def check_data(config: ml_collections.ConfigDict) -> None:
         ("mask_size", "the side of each stored ground-truth mask"),
         ("shuffle_buffer", "the examples tf.data shuffles among"),
     ):
-        if not _is_int(data[name]) or data[name] < 1:
+        if not is_int(data[name]) or data[name] < 1:
             raise ValueError(f"config.data.{name}={data[name]!r} must be at least 1 ({what})")
     if data.dataset == "shapes":
         for name in ("shapes_num_train", "shapes_num_val"):
-            if not _is_int(data[name]) or data[name] < 1:
+            if not is_int(data[name]) or data[name] < 1:
                 raise ValueError(f"config.data.{name}={data[name]!r} must be at least 1 image")
     for name in ("hflip", "resize_antialias"):
         if not isinstance(data.get(name, False), (bool, np.bool_)):
@@ -205,14 +207,14 @@ def check_canvas(config: ml_collections.ConfigDict) -> None:
     hold both orientations).
     """
     data, divisibility = config.data, config.model.size_divisibility
-    if not _is_int(divisibility) or divisibility <= 0 or divisibility % 32:
-        suggestion = max(_round_up(divisibility, 32), 32) if _is_int(divisibility) else 32
+    if not is_int(divisibility) or divisibility <= 0 or divisibility % 32:
+        suggestion = max(_round_up(divisibility, 32), 32) if is_int(divisibility) else 32
         raise ValueError(
             f"config.model.size_divisibility={divisibility!r} is not a positive multiple of 32 "
             f"(the stride of P5): use {suggestion}"
         )
     image_size = tuple(data.image_size)
-    if len(image_size) != 2 or not all(_is_int(s) and s > 0 for s in image_size):
+    if len(image_size) != 2 or not all(is_int(s) and s > 0 for s in image_size):
         raise ValueError(
             f"config.data.image_size={data.image_size!r} must be two positive integers "
             f"(height, width), multiples of config.model.size_divisibility={divisibility}"
@@ -229,7 +231,7 @@ def check_canvas(config: ml_collections.ConfigDict) -> None:
         if value < 0:
             raise ValueError(f"config.data.{name}={value} is negative: use 0 or more")
     sides = tuple(data.train_short_sides)
-    if sides and (short <= 0 or not all(_is_int(s) and s > 0 for s in sides)):
+    if sides and (short <= 0 or not all(is_int(s) and s > 0 for s in sides)):
         raise ValueError(
             f"config.data.train_short_sides={sides!r} must be positive integers, used with "
             f"config.data.resize_short_side > 0 (the eval shorter side; got {short}): e.g. "

@@ -155,7 +155,7 @@ class Predictor:
         if not isinstance(images, np.ndarray | jax.Array):
             images = list(images)  # a generator, a tuple
         batch_size = self.num_devices if batch_size is None else batch_size
-        if not _is_int(batch_size) or batch_size < 1 or batch_size % self.num_devices:
+        if not pipeline.is_int(batch_size) or batch_size < 1 or batch_size % self.num_devices:
             raise ValueError(
                 f"batch_size={batch_size!r} must be a positive multiple of the "
                 f"{self.num_devices} devices"
@@ -270,10 +270,6 @@ def _as_rgb(image: np.ndarray) -> np.ndarray:
     if image.shape[-1] == 1:
         return np.repeat(image, 3, axis=-1)
     return image[..., :3]
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _check_score_threshold(score_threshold: float) -> None:
