@@ -74,20 +74,23 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def make_output_folder(folder: str | os.PathLike, flag: str) -> None:
-    """Creates `folder` (and its parents) and writes a file there, so that outputs that cannot be
-    written are a usage error naming `flag` before the work, not an error after it.
+    """Creates `folder` (and its parents; a local path or a `gs://` one, through `epath`) and
+    writes and deletes an empty file there, so that outputs that cannot be written are a usage
+    error naming `flag` before the work, not an error after it.
 
     Raises:
       app.UsageError: the folder cannot be made (a regular file in its path, no permission)
         or written to (read-only).
     """
-    import tempfile
+    from etils import epath
 
+    path = epath.Path(folder)
+    probe = path / f".write_check_{os.getpid()}"
     try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder):
-            pass
-    except OSError as error:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except Exception as error:  # OSError locally; the storage backend's own errors elsewhere
         raise app.UsageError(f"cannot write into {folder} ({flag}): {error}") from error
 
 
