@@ -115,13 +115,14 @@ def evaluate_split(
 
     Every process feeds its shard; predictions and batch metadata are gathered to every host and
     scored there (the same numbers everywhere). `config.eval.max_images > 0` limits the images.
-    The batch is `eval_batch_size(config, mesh.size)`.
+    The batch is `eval_batch_size(config, mesh.size)`. Check the config against the dataset
+    first, once (`check_dataset_classes`: the trainer before training, eval.py before
+    evaluating), not at every call.
 
     Returns:
       `{"bbox/AP": ..., ..., "segm/ARl": ...}`: the 12 COCOeval numbers per IoU type, 0–1 scale.
     """
     split = split or config.data.val_split
-    check_dataset_classes(config, builder)
     batch_size = eval_batch_size(config, mesh.size)
     if batch_size != config.eval.batch_size:
         config = ml_collections.ConfigDict(config.to_dict())
