@@ -122,54 +122,58 @@ def _read_arrays(manager: ocp.CheckpointManager, step: int, read: Callable[[], T
       CorruptCheckpointError: reading failed in TensorStore (a data file truncated, deleted or
         with other bytes), naming the step folder, TensorStore's reason (without its ~2 KB spec)
         and the other complete steps. Not chained to orbax's error: that holds the asyncio tasks
-        of the other reads, each of which would log its traceback ("Task exception was never
-        retrieved", hundreds of lines) when collected; they are collected here, silently.
+        of the other reads; they are collected here, and what they report is dropped
+        (`_drop_reports_of_failed_reads`).
       Exception: any other error of `read` (e.g. a tree that does not fit), unchanged.
     """
+    _drop_reports_of_failed_reads()  # before reading: TensorStore's threads report at once
     try:
         return read()
     except Exception as error:  # orbax wraps TensorStore's error in a bare `Exception`
         reason = _read_failure(error)
         if reason is None:
             raise
-    _ignore_callbacks_on_closed_loops()
-    _collect_failed_reads()  # `error` is gone with the except clause
+    with warnings.catch_warnings():  # `error` is gone with the except clause
+        warnings.simplefilter("ignore")  # coroutines never awaited
+        gc.collect()  # now, rather than at some later point (or at exit)
     raise _corrupt(manager, step, f"its arrays cannot be read ({reason})")
 
 
-def _ignore_callbacks_on_closed_loops() -> None:
-    """From now on (installed once), drops the `RuntimeError: Event loop is closed` that
-    TensorStore reports for each read still in flight when orbax closed the event loop of a
-    failed restore (through `sys.unraisablehook`, dozens of tracebacks printed after the error,
-    from its threads). Every other unraisable exception goes to the previous hook."""
+class _FailedReadRecords(std_logging.Filter):
+    """Drops asyncio's records of a failed read ("Task exception was never retrieved", each
+    with orbax's error, TensorStore's cause and its ~2 KB spec)."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return not (record.exc_info and _read_failure(record.exc_info[1]) is not None)
+
+
+def _drop_reports_of_failed_reads() -> None:
+    """Installs, once, the filters that drop what orbax's other reads of a failed restore
+    report after its error (dozens of tracebacks, from TensorStore's threads, when their asyncio
+    tasks and coroutines are collected, or at exit): a `sys.unraisablehook` that passes every
+    other unraisable exception to the previous hook, and `_FailedReadRecords` on asyncio's
+    logger. They drop orbax's and TensorStore's read errors (`_read_failure`; the error of the
+    restore itself is raised) and, with no object, the `RuntimeError: Event loop is closed` of
+    each read still in flight when orbax closed the restore's event loop."""
+    asyncio_logger = std_logging.getLogger("asyncio")
+    if not any(isinstance(f, _FailedReadRecords) for f in asyncio_logger.filters):
+        asyncio_logger.addFilter(_FailedReadRecords())
     previous = sys.unraisablehook
-    if getattr(previous, "drops_callbacks_on_closed_loops", False):
+    if getattr(previous, "drops_failed_reads", False):
         return
 
     def hook(unraisable) -> None:
-        if not (
+        error = unraisable.exc_value
+        closed_loop = (
             unraisable.object is None
-            and type(unraisable.exc_value) is RuntimeError
-            and str(unraisable.exc_value) == "Event loop is closed"
-        ):
+            and type(error) is RuntimeError
+            and str(error) == "Event loop is closed"
+        )
+        if not (closed_loop or _read_failure(error) is not None):
             previous(unraisable)
 
-    hook.drops_callbacks_on_closed_loops = True
+    hook.drops_failed_reads = True
     sys.unraisablehook = hook
-
-
-def _collect_failed_reads() -> None:
-    """Collects what a failed read left (asyncio tasks holding the errors of orbax's other reads
-    of the same checkpoint) without the traceback that asyncio logs for each."""
-    logger = std_logging.getLogger("asyncio")
-    disabled, hook = logger.disabled, sys.unraisablehook
-    logger.disabled, sys.unraisablehook = True, lambda unraisable: None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # coroutines never awaited
-            gc.collect()
-    finally:
-        logger.disabled, sys.unraisablehook = disabled, hook
 
 
 def _restore_arrays(manager: ocp.CheckpointManager, step: int, target) -> dict[str, Any]:
