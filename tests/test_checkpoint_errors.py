@@ -202,13 +202,13 @@ def damage_data(workdir, how: str):
     (`state/d/`, which has checksums) `flipped`. Returns the step folder."""
     folder = workdir / "checkpoints" / str(STEP)
     if how == "flipped":
-        (path,) = (folder / "state" / "d").iterdir()
+        path = max((folder / "state" / "d").iterdir(), key=os.path.getsize)
         data = bytearray(path.read_bytes())
         data[len(data) // 2] ^= 0xFF
         path.write_bytes(bytes(data))
         return folder
-    path = max((p for p in (folder / "state").rglob("*") if p.is_file()), key=os.path.getsize)
-    assert path.parent.parent.name.startswith("ocdbt.process_"), path
+    # The arrays are in one data file or, when written under load, several: the largest one.
+    path = max((folder / "state").glob("ocdbt.process_*/d/*"), key=os.path.getsize)
     data = path.read_bytes()
     if how == "truncated":
         path.write_bytes(data[: len(data) // 2])
