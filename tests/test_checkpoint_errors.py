@@ -196,10 +196,12 @@ def saved_data(saved, tmp_path_factory):
 
 
 def damage_data(workdir, how: str):
-    """Damages checkpoint `STEP`'s state as a bad copy or disk would: its largest OCDBT data file
-    (the arrays) `truncated` to half, `deleted` or `overwritten` at its start (64 bytes; inside
-    a chunk, changed bytes go unnoticed: the chunks carry no checksum), or a byte of its b-tree
-    (`state/d/`, which has checksums) `flipped`. Returns the step folder."""
+    """Damages checkpoint `STEP`'s state as a bad copy or disk would: its OCDBT data files (the
+    arrays, in one file or, written under load, ~10) each `truncated` to 16 bytes, `deleted` or
+    `overwritten` with 0xff (inside a chunk, changed bytes go unnoticed where they leave it
+    decodable: the chunks carry no checksum), or a byte of its b-tree (`state/d/`, which has
+    checksums) `flipped`. Every data file, as a file may hold data for only some arrays, or only
+    b-tree nodes that the merged b-tree no longer reads. Returns the step folder."""
     folder = workdir / "checkpoints" / str(STEP)
     if how == "flipped":
         path = max((folder / "state" / "d").iterdir(), key=os.path.getsize)
@@ -207,15 +209,15 @@ def damage_data(workdir, how: str):
         data[len(data) // 2] ^= 0xFF
         path.write_bytes(bytes(data))
         return folder
-    # The arrays are in one data file or, when written under load, several: the largest one.
-    path = max((folder / "state").glob("ocdbt.process_*/d/*"), key=os.path.getsize)
-    data = path.read_bytes()
-    if how == "truncated":
-        path.write_bytes(data[: len(data) // 2])
-    elif how == "deleted":
-        path.unlink()
-    else:
-        path.write_bytes(b"\xff" * 64 + data[64:])
+    paths = sorted((folder / "state").glob("ocdbt.process_*/d/*"))
+    assert paths, f"no OCDBT data files in {folder / 'state'}"
+    for path in paths:
+        if how == "truncated":
+            path.write_bytes(path.read_bytes()[:16])
+        elif how == "deleted":
+            path.unlink()
+        else:
+            path.write_bytes(b"\xff" * path.stat().st_size)
     return folder
 
 
@@ -240,7 +242,7 @@ def test_corrupt_array_data_is_refused_naming_the_step_folder(how, saved_data, t
         mrcnn_jax.load_checkpoint(workdir, STEP)
     assert isinstance(error.value, ValueError)  # what the scripts turn into a usage error
     assert "tensorstore_spec" not in str(error.value) and "TensorStore({" not in str(error.value)
-    assert len(str(error.value)) < 1200
+    assert len(str(error.value).replace(str(workdir), "")) < 800  # paths aside
     assert mrcnn_jax.load_checkpoint(workdir, 2).step == 2  # the copy is fine
 
     config = saved_data[1]

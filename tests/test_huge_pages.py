@@ -2,6 +2,7 @@
 
 import json
 import os
+import platform
 import subprocess
 import sys
 
@@ -77,7 +78,23 @@ def test_other_tunables_are_kept_and_an_explicit_setting_is_left_alone(tmp_path)
     assert opted_out[1]["after"] == "glibc.malloc.hugetlb=0"
 
 
+def _thp_mode() -> str:
+    with open(launch._THP_SETTING) as setting:
+        return setting.read()
+
+
+def _glibc_version() -> tuple[int, ...]:
+    return tuple(int(part) for part in platform.libc_ver()[1].split(".") if part.isdigit())
+
+
 @needs_huge_pages
+@pytest.mark.skipif(
+    not launch._huge_pages_available()
+    or "[madvise]" not in _thp_mode()
+    or _glibc_version() < (2, 35),
+    reason="transparent huge pages not in madvise mode (with [always] every block gets them) "
+    "or glibc before 2.35 (no glibc.malloc.hugetlb)",
+)
 def test_huge_pages_take_far_fewer_page_faults(tmp_path):
     """Touching a fresh 256 MiB malloc block: 65 536 faults of 4 KiB pages without the tunable,
     about 640 with it (2 MiB pages; the reason for `use_huge_pages`)."""
