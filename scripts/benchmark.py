@@ -289,8 +289,8 @@ def run_paste() -> list[dict]:
             from torchvision.models.detection.roi_heads import paste_masks_in_image
 
             tv_inputs = (torch.from_numpy(masks)[:, None], torch.from_numpy(boxes))
-            paste = functools.partial(paste_masks_in_image, img_shape=(height, width), padding=1)
-            _, reference, pasted = measure(paste, *tv_inputs)
+            tv_paste = functools.partial(paste_masks_in_image, img_shape=(height, width), padding=1)
+            _, reference, pasted = measure(tv_paste, *tv_inputs)
             expected = pasted[:, 0].numpy() > 0.5
         for method in PASTE_METHODS:
             paste = functools.partial(paste_masks, image_size=(height, width), method=method)
