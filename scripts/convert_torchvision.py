@@ -82,7 +82,10 @@ def main(argv):
     config = _CONFIG.value if _CONFIG.value is not None else release_config(REPO / release.config)
     bn_epsilon = release.bn_epsilon if _BN_EPSILON.value is None else _BN_EPSILON.value
     variables = convert.convert_state_dict(state_dict, config.model, bn_epsilon=bn_epsilon)
-    directory = checkpoint.save_variables(_OUT.value, config, variables)
+    try:
+        directory = checkpoint.save_variables(_OUT.value, config, variables)
+    except checkpoint.CheckpointWriteError as error:  # e.g. a full disk: say where, no trace
+        sys.exit(f"error: {error}")
     print(f"wrote {directory} ({name}: {len(state_dict)} tensors, BatchNorm eps {bn_epsilon})")
 
 

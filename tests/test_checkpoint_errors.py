@@ -33,6 +33,7 @@ from mrcnn_jax.programs.predictor import locate_checkpoint
 from mrcnn_jax.train import checkpoint as ckpt_lib
 from mrcnn_jax.train import state as state_lib
 from mrcnn_jax.train import step as step_lib
+from mrcnn_jax.train import storage_errors
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEP = 4  # of the complete checkpoint
@@ -309,44 +310,76 @@ def test_scripts_refuse_a_damaged_checkpoint_with_a_usage_error(name, damage, sa
         assert noise not in result.stderr, result.stderr[-3000:]
 
 
-def test_reports_of_failed_reads_are_dropped_and_nothing_else(monkeypatch):
-    """What orbax's other reads of a failed restore report later, from TensorStore's threads or
-    when collected (at exit in CI: dozens of `Exception ignored in: <coroutine object
-    _read_array_index_and_device_put>` and asyncio's "Task exception was never retrieved", each
-    with a ~2 KB spec), is dropped; every other report passes unchanged."""
+def test_reports_of_failed_reads_and_writes_are_dropped_and_nothing_else(monkeypatch):
+    """What orbax's other reads or writes of a failed restore or save report later, from
+    TensorStore's threads or when collected (at exit in CI: dozens of `Exception ignored in:
+    <coroutine object _read_array_index_and_device_put>` and asyncio's "Task exception was never
+    retrieved", each with a ~2 KB spec), or in orbax's error logs, is dropped; every other report
+    passes unchanged."""
     reported = []
     monkeypatch.setattr(sys, "unraisablehook", reported.append)
-    asyncio_logger = logging.getLogger("asyncio")
-    monkeypatch.setattr(asyncio_logger, "filters", [])
-    ckpt_lib._drop_reports_of_failed_reads()
-    ckpt_lib._drop_reports_of_failed_reads()  # installed once
-    assert len(asyncio_logger.filters) == 1
+    loggers = [logging.getLogger(name) for name in ("asyncio", "absl")]
+    for logger in loggers:
+        monkeypatch.setattr(logger, "filters", [])
+    storage_errors.drop_reports_of_failures()
+    storage_errors.drop_reports_of_failures()  # installed once
+    assert [len(logger.filters) for logger in loggers] == [1, 1]
 
-    tensorstore = ValueError('OUT_OF_RANGE: Error reading "params.x/0" in OCDBT database at ...')
+    read = ValueError('OUT_OF_RANGE: Error reading "params.x/0" in OCDBT database at ...')
     orbax = Exception("Encountered error while reading array index: (slice(0, 3, 1),). See ...")
-    orbax.__cause__ = tensorstore
+    orbax.__cause__ = read
+    write = ValueError(
+        'RESOURCE_EXHAUSTED: Error writing "params.x/0" in OCDBT database at local file "/w/": '
+        "Failed to write 10 bytes to file 6: No space left on device [os_error_code='28'] "
+        '[tensorstore_spec=\'{"driver":"zarr"}\']'
+    )
     closed = RuntimeError("Event loop is closed")
     other = RuntimeError("something else")
     coroutine = object()  # what an unraisable exception is reported in
     unraisable = [
         (orbax, coroutine, False),
-        (tensorstore, None, False),
+        (read, None, False),
+        (write, coroutine, False),
         (closed, None, False),
         (closed, coroutine, True),  # not a callback on a closed loop
         (other, None, True),
         (ValueError("Error reading the user's file"), coroutine, True),
+        (OSError(28, "No space left on device"), coroutine, True),  # not TensorStore's
     ]
     for error, obj, passes in unraisable:
         report = types.SimpleNamespace(exc_value=error, object=obj)
         sys.unraisablehook(report)
         assert (reported[-1:] == [report]) == passes, (error, obj)
 
-    def record(error):
+    def record(name, error):
         exc_info = None if error is None else (type(error), error, None)
-        return logging.LogRecord("asyncio", logging.ERROR, "", 0, "Task exception", (), exc_info)
+        return logging.LogRecord(name, logging.ERROR, "", 0, "Task exception", (), exc_info)
 
-    for error, passes in [(orbax, False), (tensorstore, False), (other, True), (None, True)]:
-        assert asyncio_logger.filter(record(error)) == passes, error
+    for logger in loggers:
+        for error, passes in [(orbax, False), (write, False), (other, True), (None, True)]:
+            assert logger.filter(record(logger.name, error)) == passes, (logger.name, error)
+
+
+def test_the_storage_failure_is_tensorstores_first_line_or_an_os_error():
+    """One line, without the ~2 KB spec; over 500 characters, its start (what failed) and end
+    (the OS's reason); an `OSError` only where asked for (orbax writes small files itself)."""
+    find = storage_errors.storage_failure
+    spec = ' [tensorstore_spec=\'{"driver": "zarr", "kvstore": "..."}\']'
+    write = ValueError(f"RESOURCE_EXHAUSTED: Error writing: {'x' * 600}: No space left{spec}\nmore")
+    wrapped = Exception("Save Finalize thread failed")
+    wrapped.__context__ = write
+    shortened = find(wrapped)
+    assert len(shortened) <= 500
+    assert shortened.startswith("RESOURCE_EXHAUSTED: Error writing: xxx")
+    assert " ... " in shortened and shortened.endswith("xxx: No space left")
+    short = ValueError(f'NOT_FOUND: Error reading "a/0" in OCDBT database at "/w/"{spec}')
+    assert find(short) == 'NOT_FOUND: Error reading "a/0" in OCDBT database at "/w/"'
+    disk_full = OSError(28, "No space left on device", "/w/config/metadata")
+    assert find(disk_full) is None
+    assert find(disk_full, os_errors=True) == (
+        "[Errno 28] No space left on device: '/w/config/metadata'"
+    )
+    assert find(ValueError("tree structures differ"), os_errors=True) is None
 
 
 # ------------------------------------------------------------------- resuming

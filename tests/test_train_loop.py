@@ -655,6 +655,34 @@ def test_train_script_resumes_after_sigkill(trained, compile_cache, tmp_path):
     assert_trees_equal(final_state(workdir), final_state(trained[0]))
 
 
+def test_a_failed_checkpoint_write_is_one_clear_error_and_the_rerun_resumes(
+    trained, compile_cache, tmp_path
+):
+    """A checkpoint that cannot be written (here: files limited to 1 MiB, as on a full disk)
+    stops train.py with one line naming the folder, the OS's reason and the complete checkpoints
+    kept; was ~270 KB of tracebacks from orbax's writes, the reason ~2 KB into one of them."""
+    workdir = copy_workdir(trained, tmp_path)
+    shutil.rmtree(workdir / "checkpoints" / str(NUM_STEPS))  # resumes at 2, writes 4
+    args = ["--config=configs/shapes_r18.py", *config_flags(trained[1]), f"--workdir={workdir}"]
+    call = script_call("train.py", args, compile_cache)
+    # Writing a file past 1 MiB fails (EFBIG, "File too large") instead of killing (SIGXFSZ).
+    limited = ["bash", "-c", 'trap "" XFSZ; ulimit -f 1024; exec "$0" "$@"', *call.pop("args")]
+    result = subprocess.run(limited, **call, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    assert errors[0].startswith(f"error: writing a checkpoint to {workdir}/checkpoints failed ")
+    assert "File too large" in errors[0]
+    assert "the complete checkpoints there, steps [2], are untouched" in errors[0]
+    for noise in ("Traceback", "tensorstore_spec", "Exception ignored", "Event loop is closed"):
+        assert noise not in result.stderr, result.stderr[-3000:]
+    assert len(result.stderr) < 5000, result.stderr[-3000:]
+
+    result = script("train.py", *args, cache=compile_cache)
+    assert re.search(r"Resumed from \S+ at step 2\n", result.stdout + result.stderr)
+    assert_trees_equal(final_state(workdir), final_state(trained[0]))
+
+
 @pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(trained, data_dir, tmp_path):
     workdir = copy_workdir(trained, tmp_path)

@@ -239,6 +239,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         checkpoint (`checkpoint.resume_step`, naming them and what they lack).
       Preempted: SIGTERM arrived (one process), or JAX's preemption service reported it (several
         processes): the step being run is finished and checkpointed first.
+      checkpoint.CheckpointWriteError: a checkpoint could not be written (e.g. the disk is
+        full); the complete ones are kept, and the same call resumes from the latest.
     """
     check_train_config(config)
     workdir = epath.Path(workdir)
@@ -248,7 +250,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         with _stop_on_sigterm() as stop:
             return _train_and_evaluate(config, workdir, manager, stop)
     finally:  # also on an error or Ctrl-C: a checkpoint being written is completed, not lost
-        manager.wait_until_finished()
+        ckpt_lib.finish_writes(manager)
         manager.close()
 
 
@@ -343,41 +345,43 @@ def _train_and_evaluate(
     eval_metrics = {}
     saved_step = start_step if resuming else None
     canvases = set()  # of the batches so far: a new one compiles the step (once per group)
-    for step in range(start_step, t.num_steps):
-        batch = next(batches)
-        canvas = batch["image"].shape[1:3]
-        if canvas not in canvases and config.data.canvas_groups:
-            _say(f"step {step}: compiling the train step for the {canvas[0]}x{canvas[1]} canvas")
-        canvases.add(canvas)
-        batch = sharding.shard_batch(batch, mesh)
-        state, metrics = train_step(state, batch, jax.random.fold_in(base_key, step))
-        done = step + 1
-        if done % t.log_every == 0 or done % t.checkpoint_every == 0 or done == t.num_steps:
-            scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            _check_finite(done, scalars)
-            now = time.time()
-            scalars["steps_per_second"] = (done - last_log_step) / max(now - last_log_time, 1e-9)
-            last_log_time, last_log_step = now, done
-            writer.write(done, {f"train/{k}": v for k, v in scalars.items()})
-            bar.set_postfix(loss=f"{scalars['loss']:.3f}", sps=f"{scalars['steps_per_second']:.2f}")
-        bar.update(1)
-        if done % t.checkpoint_every == 0 or done == t.num_steps:
-            ckpt_lib.save(manager, state, config)
-            saved_step = done
-        if stop.is_set() or manager.reached_preemption(done):
-            if saved_step != done:
+    with bar:  # closed also on an error, before its message
+        for step in range(start_step, t.num_steps):
+            batch = next(batches)
+            canvas = batch["image"].shape[1:3]
+            if canvas not in canvases and config.data.canvas_groups:
+                size = f"{canvas[0]}x{canvas[1]}"
+                _say(f"step {step}: compiling the train step for the {size} canvas")
+            canvases.add(canvas)
+            batch = sharding.shard_batch(batch, mesh)
+            state, metrics = train_step(state, batch, jax.random.fold_in(base_key, step))
+            done = step + 1
+            if done % t.log_every == 0 or done % t.checkpoint_every == 0 or done == t.num_steps:
+                scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                _check_finite(done, scalars)
+                now = time.time()
+                elapsed = max(now - last_log_time, 1e-9)
+                scalars["steps_per_second"] = (done - last_log_step) / elapsed
+                last_log_time, last_log_step = now, done
+                writer.write(done, {f"train/{k}": v for k, v in scalars.items()})
+                sps = scalars["steps_per_second"]
+                bar.set_postfix(loss=f"{scalars['loss']:.3f}", sps=f"{sps:.2f}")
+            bar.update(1)
+            if done % t.checkpoint_every == 0 or done == t.num_steps:
                 ckpt_lib.save(manager, state, config)
-            manager.wait_until_finished()
-            bar.close()
-            writer.close()
-            raise Preempted(done, manager.directory)
-        if t.eval_every and done % t.eval_every == 0 and done != t.num_steps:
-            eval_metrics = run_eval(done)
-    bar.close()
+                saved_step = done
+            if stop.is_set() or manager.reached_preemption(done):
+                if saved_step != done:
+                    ckpt_lib.save(manager, state, config)
+                ckpt_lib.finish_writes(manager)
+                writer.close()
+                raise Preempted(done, manager.directory)
+            if t.eval_every and done % t.eval_every == 0 and done != t.num_steps:
+                eval_metrics = run_eval(done)
     final_step = int(jax.device_get(state.step))
     if saved_step != final_step:  # num_steps = 0 on a fresh workdir: checkpoint the initial state
         ckpt_lib.save(manager, state, config)
-    manager.wait_until_finished()
+    ckpt_lib.finish_writes(manager)
     if final_step > start_step or not eval_metrics:
         eval_metrics = run_eval(final_step)
     writer.close()

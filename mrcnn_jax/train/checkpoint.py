@@ -15,16 +15,19 @@ trained, and a resume with another number warns (`images_per_device_warning`).
 
 A complete folder whose files are damaged (bytes changed, a data file truncated or deleted, the
 config not JSON) is refused with a `CorruptCheckpointError` naming the folder or file (and the
-other complete steps), instead of orbax's or TensorStore's error.
+other complete steps), instead of orbax's or TensorStore's error. A checkpoint that cannot be
+written (a full disk, a quota) raises a `CheckpointWriteError` saying why, the free space and
+which complete checkpoints remain; what orbax's other reads and writes report besides is dropped
+(`storage_errors`).
 """
 
+import contextlib
 import gc
 import json
-import logging as std_logging
-import re
-import sys
+import os
+import shutil
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import jax
@@ -35,6 +38,7 @@ from etils import epath
 
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 from mrcnn_jax.train import state as state_lib
+from mrcnn_jax.train import storage_errors
 from mrcnn_jax.train.state import TrainState
 
 T = TypeVar("T")
@@ -66,35 +70,10 @@ class CorruptCheckpointError(ValueError):
     The message names the step folder (or file) and the other complete steps."""
 
 
-# TensorStore's errors (ValueErrors) start with an absl status code, e.g. "OUT_OF_RANGE: Error
-# reading ...", or "Error opening ..."; most end with the store's spec (~2 KB).
-_TENSORSTORE_ERROR = re.compile(
-    r"^(CANCELLED|UNKNOWN|INVALID_ARGUMENT|DEADLINE_EXCEEDED|NOT_FOUND|ALREADY_EXISTS|"
-    r"PERMISSION_DENIED|RESOURCE_EXHAUSTED|FAILED_PRECONDITION|ABORTED|OUT_OF_RANGE|"
-    r"UNIMPLEMENTED|INTERNAL|UNAVAILABLE|DATA_LOSS|UNAUTHENTICATED): |"
-    r"\[tensorstore_spec=|in OCDBT database at "
-)
-# Orbax's wrapper of a failed array read (a bare `Exception`, TensorStore's error as its cause).
-_ORBAX_READ_ERROR = "Encountered error while reading array index"
-
-
-def _read_failure(error: BaseException) -> str | None:
-    """What TensorStore said when reading a checkpoint's arrays failed in `error` (or one of the
-    errors it was raised from), shortened to its first line without the TensorStore spec; None
-    when `error` is no such failure (e.g. a tree that does not match the target)."""
-    seen, found = set(), None
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        message = str(error)
-        if _TENSORSTORE_ERROR.search(message):
-            found = message  # the innermost one names the file (and the byte range)
-        elif found is None and message.startswith(_ORBAX_READ_ERROR):
-            found = _ORBAX_READ_ERROR.lower()
-        error = error.__cause__ or error.__context__
-    if found is None:
-        return None
-    found = found.split("\n", 1)[0].split(" [tensorstore_spec=", 1)[0]
-    return found if len(found) <= 500 else found[:500] + "..."
+class CheckpointWriteError(OSError):
+    """Writing a checkpoint failed: a full disk, a quota, a read-only or vanished folder. The
+    message says what the storage said, the free space where known, and which complete
+    checkpoints remain (untouched: orbax renames a checkpoint into place only when written)."""
 
 
 def _corrupt(manager: ocp.CheckpointManager, step: int, what: str) -> CorruptCheckpointError:
@@ -112,6 +91,68 @@ def _corrupt(manager: ocp.CheckpointManager, step: int, what: str) -> CorruptChe
     )
 
 
+def _collect_failed_tasks() -> None:
+    """Collects the asyncio tasks and coroutines of a failed restore or save now, rather than at
+    some later point or at exit (where their reports are noise, e.g. `ImportError: sys.meta_path
+    is None` from orbax's write coroutines)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # coroutines never awaited
+        gc.collect()
+
+
+def _free_space(directory: epath.Path) -> str:
+    """The free space on the disk of a local `directory` (or of its nearest existing parent) as
+    ", N MiB free on its disk"; "" where unknown (e.g. cloud storage)."""
+    path = os.fspath(directory)
+    if "://" in path:
+        return ""
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    try:
+        free = shutil.disk_usage(path).free
+    except OSError:
+        return ""
+    return f", {free / 2**20:.0f} MiB free on its disk"
+
+
+@contextlib.contextmanager
+def _writing(manager: ocp.CheckpointManager) -> Iterator[None]:
+    """Runs a save or a wait for saves of `manager`, turning a failed write into a
+    `CheckpointWriteError` (orbax's is a ~2 KB TensorStore spec amid hundreds of lines of
+    reports from its other writes, which are dropped)."""
+    storage_errors.drop_reports_of_failures()  # before writing: threads report at once
+    try:
+        yield
+        return
+    except Exception as error:
+        reason = storage_errors.storage_failure(error, os_errors=True)
+        if reason is None:
+            raise
+    _collect_failed_tasks()
+    steps = complete_steps(manager)
+    kept = (
+        f"the complete checkpoints there, steps {steps}, are untouched"
+        if steps
+        else "it holds no complete checkpoint yet"
+    )
+    free = _free_space(manager.directory)
+    raise CheckpointWriteError(
+        f"writing a checkpoint to {manager.directory} failed ({reason}){free}; {kept}. Free "
+        "some space (or choose another folder) and run the same command again: a training run "
+        "resumes from the latest complete checkpoint."
+    )
+
+
+def finish_writes(manager: ocp.CheckpointManager) -> None:
+    """Blocks until the checkpoints being written by `manager` are complete.
+
+    Raises:
+      CheckpointWriteError: writing one failed (e.g. the disk is full), naming the folder.
+    """
+    with _writing(manager):
+        manager.wait_until_finished()
+
+
 def _read_arrays(manager: ocp.CheckpointManager, step: int, read: Callable[[], T]) -> T:
     """`read()`, which reads the arrays of checkpoint `step` (their metadata or data).
 
@@ -123,57 +164,18 @@ def _read_arrays(manager: ocp.CheckpointManager, step: int, read: Callable[[], T
         with other bytes), naming the step folder, TensorStore's reason (without its ~2 KB spec)
         and the other complete steps. Not chained to orbax's error: that holds the asyncio tasks
         of the other reads; they are collected here, and what they report is dropped
-        (`_drop_reports_of_failed_reads`).
+        (`storage_errors.drop_reports_of_failures`).
       Exception: any other error of `read` (e.g. a tree that does not fit), unchanged.
     """
-    _drop_reports_of_failed_reads()  # before reading: TensorStore's threads report at once
+    storage_errors.drop_reports_of_failures()  # before reading: threads report at once
     try:
         return read()
     except Exception as error:  # orbax wraps TensorStore's error in a bare `Exception`
-        reason = _read_failure(error)
+        reason = storage_errors.storage_failure(error)
         if reason is None:
             raise
-    with warnings.catch_warnings():  # `error` is gone with the except clause
-        warnings.simplefilter("ignore")  # coroutines never awaited
-        gc.collect()  # now, rather than at some later point (or at exit)
+    _collect_failed_tasks()  # `error` is gone with the except clause
     raise _corrupt(manager, step, f"its arrays cannot be read ({reason})")
-
-
-class _FailedReadRecords(std_logging.Filter):
-    """Drops asyncio's records of a failed read ("Task exception was never retrieved", each
-    with orbax's error, TensorStore's cause and its ~2 KB spec)."""
-
-    def filter(self, record: std_logging.LogRecord) -> bool:
-        return not (record.exc_info and _read_failure(record.exc_info[1]) is not None)
-
-
-def _drop_reports_of_failed_reads() -> None:
-    """Installs, once, the filters that drop what orbax's other reads of a failed restore
-    report after its error (dozens of tracebacks, from TensorStore's threads, when their asyncio
-    tasks and coroutines are collected, or at exit): a `sys.unraisablehook` that passes every
-    other unraisable exception to the previous hook, and `_FailedReadRecords` on asyncio's
-    logger. They drop orbax's and TensorStore's read errors (`_read_failure`; the error of the
-    restore itself is raised) and, with no object, the `RuntimeError: Event loop is closed` of
-    each read still in flight when orbax closed the restore's event loop."""
-    asyncio_logger = std_logging.getLogger("asyncio")
-    if not any(isinstance(f, _FailedReadRecords) for f in asyncio_logger.filters):
-        asyncio_logger.addFilter(_FailedReadRecords())
-    previous = sys.unraisablehook
-    if getattr(previous, "drops_failed_reads", False):
-        return
-
-    def hook(unraisable) -> None:
-        error = unraisable.exc_value
-        closed_loop = (
-            unraisable.object is None
-            and type(error) is RuntimeError
-            and str(error) == "Event loop is closed"
-        )
-        if not (closed_loop or _read_failure(error) is not None):
-            previous(unraisable)
-
-    hook.drops_failed_reads = True
-    sys.unraisablehook = hook
 
 
 def _restore_arrays(manager: ocp.CheckpointManager, step: int, target) -> dict[str, Any]:
@@ -224,25 +226,30 @@ def state_tree(state: TrainState) -> dict[str, Any]:
 def save(
     manager: ocp.CheckpointManager, state: TrainState, config: ml_collections.ConfigDict
 ) -> None:
-    """Saves `state` at its step (asynchronously; call `manager.wait_until_finished()` to block).
+    """Saves `state` at its step (asynchronously; call `finish_writes(manager)` to block).
 
     Records the number of devices (all processes') and the training images per device in the
     step's metadata (`run_metadata`).
+
+    Raises:
+      CheckpointWriteError: writing this or the previous checkpoint (which orbax waits for
+        first) failed, e.g. the disk is full.
     """
     step = int(jax.device_get(state.step))
     num_devices = jax.device_count()
     per_device = config.train.batch_size / num_devices
-    manager.save(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state_tree(state)),
-            config=ocp.args.JsonSave(json.loads(config.to_json())),
-        ),
-        custom_metadata={
-            NUM_DEVICES_KEY: num_devices,
-            IMAGES_PER_DEVICE_KEY: int(per_device) if per_device.is_integer() else per_device,
-        },
-    )
+    with _writing(manager):
+        manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state_tree(state)),
+                config=ocp.args.JsonSave(json.loads(config.to_json())),
+            ),
+            custom_metadata={
+                NUM_DEVICES_KEY: num_devices,
+                IMAGES_PER_DEVICE_KEY: int(per_device) if per_device.is_integer() else per_device,
+            },
+        )
 
 
 def step_dir(manager: ocp.CheckpointManager, step: int) -> epath.Path:
@@ -618,6 +625,7 @@ def save_variables(
 
     Raises:
       FileExistsError: `workdir` already holds checkpoints.
+      CheckpointWriteError: writing failed (e.g. the disk is full).
     """
     manager = create_manager(workdir)
     if manager.latest_step() is not None:
@@ -626,6 +634,6 @@ def save_variables(
         config, MaskRCNN.from_config(config.model), variables
     )
     save(manager, state, config)
-    manager.wait_until_finished()
+    finish_writes(manager)
     manager.close()
     return checkpoint_dir(workdir) / "0"
