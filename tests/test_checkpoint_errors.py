@@ -382,6 +382,43 @@ def test_the_storage_failure_is_tensorstores_first_line_or_an_os_error():
     assert find(ValueError("tree structures differ"), os_errors=True) is None
 
 
+@pytest.mark.parametrize(
+    "directory, free_mib, warns",
+    [("local", 300, False), ("local", 223, True), ("local", 0, True), ("gs://b/w", 0, False)],
+)
+def test_disk_space_warning_when_two_checkpoints_do_not_fit(
+    directory, free_mib, warns, tmp_path, monkeypatch
+):
+    """A state of 112 MiB (all four parts counted) needs 224 MiB: the next checkpoint is written
+    beside the previous one. Unknown free space (cloud storage) gives no warning."""
+    mib = 2**20
+    state = types.SimpleNamespace(
+        step=np.zeros((), np.int32),
+        params={"w": np.zeros(10 * mib, np.float32)},  # 40 MiB
+        batch_stats={"mean": np.zeros(mib // 2, np.float32)},  # 2 MiB
+        opt_state=(np.zeros(14 * mib, np.float32), np.zeros(14 * mib // 4, np.float32)),
+    )  # 40 + 2 + 56 + 14 = 112 MiB, with the step's 4 bytes
+    path = tmp_path / "workdir" / "checkpoints" if directory == "local" else directory
+    manager = types.SimpleNamespace(directory=path)
+    seen = []
+
+    def disk_usage(where):
+        seen.append(where)
+        return types.SimpleNamespace(free=free_mib * mib)
+
+    monkeypatch.setattr(ckpt_lib.shutil, "disk_usage", disk_usage)
+    warning = ckpt_lib.disk_space_warning(manager, state)
+    if not warns:
+        assert warning is None
+        return
+    assert warning == (
+        f"{free_mib} MiB free on the disk of {path}, and a checkpoint of this run takes about "
+        "112 MiB: writing checkpoints will fail (training then stops, keeping the complete "
+        "ones). Free some space or choose another --workdir."
+    )
+    assert seen == [str(tmp_path)]  # the nearest folder that exists
+
+
 # ------------------------------------------------------------------- resuming
 
 

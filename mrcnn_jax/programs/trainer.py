@@ -315,6 +315,9 @@ def _train_and_evaluate(
             logging.warning(warning)
     if jax.process_index() == 0:  # after the restore: a rejected config must not replace it
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+        warning = ckpt_lib.disk_space_warning(manager, state)
+        if warning:
+            logging.warning(warning)
     state = sharding.replicate(state, mesh)
     start_step = int(jax.device_get(state.step))
     _say(f"Model: {state_lib.count_params(state.params):,} parameters on {mesh.size} devices")

@@ -100,19 +100,37 @@ def _collect_failed_tasks() -> None:
         gc.collect()
 
 
-def _free_space(directory: epath.Path) -> str:
-    """The free space on the disk of a local `directory` (or of its nearest existing parent) as
-    ", N MiB free on its disk"; "" where unknown (e.g. cloud storage)."""
+def _free_bytes(directory: epath.Path) -> int | None:
+    """The free space on the disk of a local `directory` (or of its nearest existing parent), in
+    bytes; None where unknown (e.g. cloud storage)."""
     path = os.fspath(directory)
     if "://" in path:
-        return ""
+        return None
     while not os.path.exists(path) and os.path.dirname(path) != path:
         path = os.path.dirname(path)
     try:
-        free = shutil.disk_usage(path).free
+        return shutil.disk_usage(path).free
     except OSError:
-        return ""
-    return f", {free / 2**20:.0f} MiB free on its disk"
+        return None
+
+
+def _mib(num_bytes: float) -> str:
+    return f"{num_bytes / 2**20:.0f} MiB"
+
+
+def disk_space_warning(manager: ocp.CheckpointManager, state: TrainState) -> str | None:
+    """A warning when the disk of `manager`'s folder has room for fewer than two checkpoints of
+    `state` (a checkpoint is written beside the previous one, which goes only afterwards, if at
+    all), or None; None also where the free space is unknown (e.g. cloud storage)."""
+    size = sum(leaf.nbytes for leaf in jax.tree.leaves(state_tree(state)))
+    free = _free_bytes(manager.directory)
+    if free is None or free >= 2 * size:
+        return None
+    return (
+        f"{_mib(free)} free on the disk of {manager.directory}, and a checkpoint of this run takes "
+        f"about {_mib(size)}: writing checkpoints will fail (training then stops, keeping the "
+        "complete ones). Free some space or choose another --workdir."
+    )
 
 
 @contextlib.contextmanager
@@ -135,7 +153,8 @@ def _writing(manager: ocp.CheckpointManager) -> Iterator[None]:
         if steps
         else "it holds no complete checkpoint yet"
     )
-    free = _free_space(manager.directory)
+    free = _free_bytes(manager.directory)
+    free = "" if free is None else f", {_mib(free)} free on its disk"
     raise CheckpointWriteError(
         f"writing a checkpoint to {manager.directory} failed ({reason}){free}; {kept}. Free "
         "some space (or choose another folder) and run the same command again: a training run "
