@@ -396,8 +396,8 @@ def test_disk_space_warning_when_two_checkpoints_do_not_fit(
         step=np.zeros((), np.int32),
         params={"w": np.zeros(10 * mib, np.float32)},  # 40 MiB
         batch_stats={"mean": np.zeros(mib // 2, np.float32)},  # 2 MiB
-        opt_state=(np.zeros(14 * mib, np.float32), np.zeros(14 * mib // 4, np.float32)),
-    )  # 40 + 2 + 56 + 14 = 112 MiB, with the step's 4 bytes
+        opt_state=(np.zeros(14 * mib, np.float32), np.zeros(14 * mib // 4, np.float32), 0),
+    )  # 40 + 2 + 56 + 14 = 112 MiB, with the step's 4 bytes and a count's 8 (a Python int)
     path = tmp_path / "workdir" / "checkpoints" if directory == "local" else directory
     manager = types.SimpleNamespace(directory=path)
     seen = []

@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
@@ -122,7 +123,8 @@ def disk_space_warning(manager: ocp.CheckpointManager, state: TrainState) -> str
     """A warning when the disk of `manager`'s folder has room for fewer than two checkpoints of
     `state` (a checkpoint is written beside the previous one, which goes only afterwards, if at
     all), or None; None also where the free space is unknown (e.g. cloud storage)."""
-    size = sum(leaf.nbytes for leaf in jax.tree.leaves(state_tree(state)))
+    leaves = jax.tree.leaves(state_tree(state))  # arrays (no copy to the host) and Python scalars
+    size = sum(x.nbytes if hasattr(x, "nbytes") else np.asarray(x).nbytes for x in leaves)
     free = _free_bytes(manager.directory)
     if free is None or free >= 2 * size:
         return None
