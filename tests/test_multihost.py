@@ -180,8 +180,9 @@ def test_two_processes_train_resume_and_evaluate_as_one(tmp_path, launches):
     while not first.is_dir() and killed.alive() and time.time() < killed.deadline:
         assert killed.failure() is None, killed.failure()
         time.sleep(0.05)
+    ended = killed.failure()  # before the kill: the exit status and output of a crash
     killed.kill()
-    assert first.is_dir(), "the 2-process run ended or timed out before its first checkpoint"
+    assert first.is_dir(), ended or "the 2-process run timed out before its first checkpoint"
     assert all(p.returncode == -signal.SIGKILL for p in killed.processes)
     killed_at = latest_step(two)
     assert killed_at < NUM_STEPS, "killed after the last checkpoint: nothing to resume"

@@ -632,18 +632,20 @@ def test_train_script_resumes_after_sigkill(trained, compile_cache, tmp_path):
     uninterrupted run (the `trained` fixture, same config) ends, bit for bit."""
     workdir = tmp_path / "killed"
     args = ["--config=configs/shapes_r18.py", *config_flags(trained[1]), f"--workdir={workdir}"]
-    process = subprocess.Popen(
-        **script_call("train.py", args, compile_cache),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    log = tmp_path / "killed.log"
+    with log.open("w") as output:
+        process = subprocess.Popen(
+            **script_call("train.py", args, compile_cache), stdout=output, stderr=output
+        )
     first = workdir / "checkpoints" / "2"
     deadline = time.time() + 600
     while not first.is_dir() and process.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert first.is_dir(), "train.py ended or timed out before its first checkpoint"
+    assert first.is_dir(), (
+        f"train.py ended or timed out before its first checkpoint:\n{log.read_text()[-5000:]}"
+    )
     assert process.returncode == -signal.SIGKILL
     manager = ckpt_lib.create_manager(workdir, read_only=True)
     assert manager.latest_step() == 2, "killed after the last checkpoint: nothing to resume"
