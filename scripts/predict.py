@@ -357,7 +357,10 @@ def main(argv):
                         result["class_names"],
                     )
                     os.makedirs(os.path.dirname(drawings[index]), exist_ok=True)
-                    visualize.write_image(drawings[index], drawn)
+                    try:
+                        visualize.write_image(drawings[index], drawn)
+                    except OSError as error:  # e.g. a full disk: the file and why, no trace
+                        sys.exit(f"error: cannot write {drawings[index]}: {error.strerror}")
             num_read += len(read)
             bar.update(len(read))
 
@@ -366,8 +369,11 @@ def main(argv):
     if not num_read:
         print("no image could be read; nothing written", file=sys.stderr)
         return 1
-    with open(results_path, "w") as f:
-        json.dump(detections, f)
+    try:
+        with open(results_path, "w") as f:
+            json.dump(detections, f)
+    except OSError as error:
+        sys.exit(f"error: cannot write {results_path}: {error.strerror}")
     print(
         f"{len(detections)} detections of checkpoint step {predictor.step} -> {results_path}"
         + ("" if _NO_DRAW.value else f", drawings in {out_dir}"),

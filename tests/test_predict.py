@@ -402,6 +402,29 @@ def test_predict_script_names_what_it_cannot_use(workdir, inputs, compile_cache,
     assert not (out_dir / "detections.json").exists()
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+@pytest.mark.parametrize("output", ["e.png", "detections.json"])
+def test_predict_script_on_a_full_disk_names_the_file(
+    output, workdir, inputs, compile_cache, tmp_path
+):
+    """A write that fails (here into /dev/full, whose writes fail as on a full disk: ENOSPC)
+    ends predict.py with the file and the reason, no traceback; was `ValueError: cv2 could not
+    write '…/e.png' (does its directory exist?)` under a traceback for a drawing."""
+    root, _, _ = inputs
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    (out_dir / output).symlink_to("/dev/full")
+    no_draw = ["--no_draw"] if output == "detections.json" else []
+    result = run_script(
+        f"--workdir={workdir}", f"--out_dir={out_dir}", *no_draw, root / "e.bmp",
+        cache=compile_cache,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr[-3000:]
+    expected = f"error: cannot write {out_dir / output}: No space left on device"
+    assert expected in result.stderr, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+
+
 def test_scripts_refuse_a_bad_threshold_step_or_out_dir_naming_it(
     workdir, inputs, compile_cache, tmp_path
 ):

@@ -1,5 +1,7 @@
 """Drawing detections and reading/writing images (mrcnn_jax.evaluation.visualize)."""
 
+import errno
+import os
 import re
 
 import numpy as np
@@ -104,7 +106,26 @@ def test_read_image_errors_name_the_file(tmp_path):
         visualize.read_image(not_an_image)
 
 
-@pytest.mark.parametrize("name", ["image.unknown", "no_such_dir/image.png"])
-def test_write_image_errors_name_the_file(tmp_path, name):
-    with pytest.raises(ValueError, match=re.escape(name)):
+@pytest.mark.parametrize(
+    "name, error",
+    [
+        ("image.unknown", ValueError),
+        ("image", ValueError),
+        ("no_such_dir/image.png", FileNotFoundError),
+    ],
+)
+def test_write_image_errors_name_the_file(tmp_path, name, error):
+    with pytest.raises(error, match=re.escape(name)):
         visualize.write_image(tmp_path / name, np.zeros((4, 4, 3), np.uint8))
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_a_failed_image_write_names_the_file_and_leaves_nothing(tmp_path):
+    """Writes into /dev/full fail as on a full disk (ENOSPC), with no file name: the error names
+    the path (cv2.imwrite said only False: "does its directory exist?")."""
+    path = tmp_path / "full.png"
+    path.symlink_to("/dev/full")
+    with pytest.raises(OSError, match=re.escape(f"No space left on device: '{path}'")) as failure:
+        visualize.write_image(path, np.zeros((4, 4, 3), np.uint8))
+    assert failure.value.errno == errno.ENOSPC
+    assert not os.path.lexists(path)

@@ -4,6 +4,7 @@ Images are ``[H, W, 3]`` uint8 RGB numpy arrays throughout; cv2's BGR order stay
 `read_image` and `write_image`.
 """
 
+import contextlib
 import os
 
 import cv2
@@ -50,16 +51,29 @@ def write_image(path: str | os.PathLike, image: np.ndarray) -> None:
     """Writes ``[H, W, 3]`` uint8 RGB `image` to `path`; the format follows the extension.
 
     Raises:
-      ValueError: `image` is not ``[H, W, 3]`` uint8, or cv2 cannot write `path`.
+      ValueError: `image` is not ``[H, W, 3]`` uint8, or no encoder handles the extension.
+      OSError: the file cannot be written (no such folder, a full disk, no permission), with
+        the system's reason and `path`; nothing is left at `path` after a failed write.
     """
     _check_image(image)
     path = os.fspath(path)
-    try:
-        written = cv2.imwrite(path, cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    try:  # encoded here, written below: cv2.imwrite says only False, whatever went wrong
+        encoded, data = cv2.imencode(
+            os.path.splitext(path)[1], cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+        )
     except cv2.error as e:  # e.g. an extension no encoder handles
-        raise ValueError(f"cv2 could not write {path!r}: {e}") from e
-    if not written:
-        raise ValueError(f"cv2 could not write {path!r} (does its directory exist?)")
+        raise ValueError(f"cv2 could not encode {path!r}: {e}") from e
+    if not encoded:
+        raise ValueError(f"cv2 could not encode {path!r}")
+    try:
+        with open(path, "wb") as f:
+            f.write(data.tobytes())
+    except OSError as e:
+        if e.filename is not None:  # e.g. no such folder: the error names `path`
+            raise
+        with contextlib.suppress(OSError):
+            os.remove(path)  # no partial image left behind
+        raise OSError(e.errno, e.strerror, path) from e  # e.g. a full disk, said without a path
 
 
 def _check_image(image: np.ndarray) -> None:
