@@ -122,6 +122,16 @@ def warnings_naming(caplog, text: str) -> list[str]:
     return [r.getMessage() for r in caplog.records if text in r.getMessage()]
 
 
+def test_a_read_only_manager_warns_of_nothing(saved, caplog):
+    """eval.py, predict.py and export.py printed orbax's "Given directory is read only=…" and
+    "read_only=True, setting save_interval_steps=0" warnings, twice each, on every run."""
+    with caplog.at_level(logging.INFO, logger="absl"):
+        ckpt_lib.create_manager(saved[0], read_only=True).close()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    filters = logging.getLogger("absl").filters
+    assert not any(isinstance(f, ckpt_lib._ReadOnlyNotice) for f in filters)  # only while made
+
+
 # ------------------------------------------------------------------- incomplete step folders
 
 

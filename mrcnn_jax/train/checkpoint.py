@@ -24,6 +24,7 @@ which complete checkpoints remain; what orbax's other reads and writes report be
 import contextlib
 import gc
 import json
+import logging as std_logging
 import os
 import shutil
 import warnings
@@ -214,24 +215,39 @@ def checkpoint_dir(workdir: epath.PathLike) -> epath.Path:
     return epath.Path(workdir) / "checkpoints"
 
 
+class _ReadOnlyNotice(std_logging.Filter):
+    """Drops orbax's warning that a read-only manager's folder "is read only" (the folder is
+    not; the manager only reads it): printed by eval.py, predict.py and export.py each time."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return record.msg != "Given directory is read only=%s"
+
+
 def create_manager(
     workdir: epath.PathLike, max_to_keep: int | None = None, read_only: bool = False
 ) -> ocp.CheckpointManager:
-    """A `CheckpointManager` over `<workdir>/checkpoints` with async saving."""
+    """A `CheckpointManager` over `<workdir>/checkpoints`, saving asynchronously, or only reading
+    with `read_only`."""
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep,
+        save_interval_steps=0 if read_only else 1,  # orbax warns when it sets 0 itself
         create=not read_only,
         read_only=read_only,
         enable_async_checkpointing=not read_only,
     )
-    return ocp.CheckpointManager(
-        checkpoint_dir(workdir),
-        options=options,
-        item_handlers={
-            "state": ocp.StandardCheckpointHandler(),
-            "config": ocp.JsonCheckpointHandler(),
-        },
-    )
+    notice, absl_logger = _ReadOnlyNotice(), std_logging.getLogger("absl")
+    absl_logger.addFilter(notice)
+    try:
+        return ocp.CheckpointManager(
+            checkpoint_dir(workdir),
+            options=options,
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "config": ocp.JsonCheckpointHandler(),
+            },
+        )
+    finally:
+        absl_logger.removeFilter(notice)
 
 
 def state_tree(state: TrainState) -> dict[str, Any]:
