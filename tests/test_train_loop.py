@@ -657,19 +657,24 @@ def test_train_script_resumes_after_sigkill(trained, compile_cache, tmp_path):
     assert_trees_equal(final_state(workdir), final_state(trained[0]))
 
 
-def test_a_failed_checkpoint_write_is_one_clear_error_and_the_rerun_resumes(
-    trained, compile_cache, tmp_path
-):
-    """A checkpoint that cannot be written (here: files limited to 1 MiB, as on a full disk)
-    stops train.py with one line naming the folder, the OS's reason and the complete checkpoints
-    kept; was ~270 KB of tracebacks from orbax's writes, the reason ~2 KB into one of them."""
+def train_with_failing_writes(trained, cache, tmp_path) -> tuple:
+    """scripts/train.py resuming a copy of the trained workdir at step 2, with writes of files
+    past 1 MiB failing (EFBIG, "File too large", as on a full disk, instead of SIGXFSZ): its
+    checkpoint 4 cannot be written. Returns (workdir, train.py's arguments, the result)."""
     workdir = copy_workdir(trained, tmp_path)
-    shutil.rmtree(workdir / "checkpoints" / str(NUM_STEPS))  # resumes at 2, writes 4
+    shutil.rmtree(workdir / "checkpoints" / str(NUM_STEPS))
     args = ["--config=configs/shapes_r18.py", *config_flags(trained[1]), f"--workdir={workdir}"]
-    call = script_call("train.py", args, compile_cache)
-    # Writing a file past 1 MiB fails (EFBIG, "File too large") instead of killing (SIGXFSZ).
+    call = script_call("train.py", args, cache)
     limited = ["bash", "-c", 'trap "" XFSZ; ulimit -f 1024; exec "$0" "$@"', *call.pop("args")]
     result = subprocess.run(limited, **call, capture_output=True, text=True, timeout=600)
+    return workdir, args, result
+
+
+def test_a_failed_checkpoint_write_is_one_clear_error(trained, compile_cache, tmp_path):
+    """A checkpoint that cannot be written stops train.py with one line naming the folder, the
+    OS's reason and the complete checkpoints kept; was ~270 KB of tracebacks from orbax's
+    writes, the reason ~2 KB into one of them."""
+    workdir, _, result = train_with_failing_writes(trained, compile_cache, tmp_path)
     assert result.returncode == 1, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, result.stderr[-3000:]
@@ -680,6 +685,15 @@ def test_a_failed_checkpoint_write_is_one_clear_error_and_the_rerun_resumes(
         assert noise not in result.stderr, result.stderr[-3000:]
     assert len(result.stderr) < 5000, result.stderr[-3000:]
 
+
+@pytest.mark.slow
+def test_the_rerun_after_a_failed_checkpoint_write_resumes_exactly(
+    trained, compile_cache, tmp_path
+):
+    """Once the space is back, the same command resumes from the complete checkpoint (orbax
+    replaces the partial one) and ends where the uninterrupted run ends, bit for bit."""
+    workdir, args, result = train_with_failing_writes(trained, compile_cache, tmp_path)
+    assert result.returncode == 1, result.stderr[-3000:]
     result = script("train.py", *args, cache=compile_cache)
     assert re.search(r"Resumed from \S+ at step 2\n", result.stdout + result.stderr)
     assert_trees_equal(final_state(workdir), final_state(trained[0]))
