@@ -15,6 +15,7 @@ it. ``pipeline`` composes one record stream per group from them.
 """
 
 from collections.abc import Sequence
+from typing import Any
 
 import ml_collections
 import numpy as np
@@ -49,11 +50,13 @@ def largest_train_short_side(data: ml_collections.ConfigDict) -> int:
     return max(tuple(data.train_short_sides) or (data.resize_short_side,))
 
 
-def _round_up(value: int, multiple: int) -> int:
+def round_up(value: int, multiple: int) -> int:
+    """The smallest multiple of `multiple` that is at least `value`."""
     return -(-value // multiple) * multiple
 
 
-def _is_int(value) -> bool:
+def is_int(value: Any) -> bool:
+    """An integer (Python's or numpy's), not a bool."""
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
@@ -77,7 +80,7 @@ def check(config: ml_collections.ConfigDict) -> None:
     if not raw:
         return
     if not all(
-        isinstance(g, (tuple, list)) and len(g) == 2 and all(_is_int(s) and s > 0 for s in g)
+        isinstance(g, (tuple, list)) and len(g) == 2 and all(is_int(s) and s > 0 for s in g)
         for g in raw
     ):
         raise ValueError(
@@ -87,7 +90,7 @@ def check(config: ml_collections.ConfigDict) -> None:
     groups = groups_of(data)
     for i, group in enumerate(groups):
         if group[0] % divisibility or group[1] % divisibility:
-            fixed = tuple(_round_up(s, divisibility) for s in group)
+            fixed = tuple(round_up(s, divisibility) for s in group)
             raise ValueError(
                 f"config.data.canvas_groups[{i}]={group} is not a multiple of "
                 f"config.model.size_divisibility={divisibility}: use {fixed}"
@@ -101,7 +104,7 @@ def check(config: ml_collections.ConfigDict) -> None:
         )
     short, long = largest_train_short_side(data), data.resize_max_long_side
     short = min(short, long)  # the cap bounds the shorter side too (check_canvas: long > 0)
-    bound_short, bound_long = _round_up(short, divisibility), _round_up(long, divisibility)
+    bound_short, bound_long = round_up(short, divisibility), round_up(long, divisibility)
     which = "config.data.resize_short_side"
     if data.train_short_sides:
         which = "the largest of config.data.train_short_sides"

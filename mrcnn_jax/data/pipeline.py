@@ -90,7 +90,6 @@ instances, 28² masks, scale jitter).
 import functools
 import itertools
 from collections.abc import Iterator
-from typing import Any
 
 import jax
 import ml_collections
@@ -100,6 +99,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from mrcnn_jax.data import canvas_groups, get_builder, masks
+from mrcnn_jax.data.canvas_groups import is_int, round_up
 
 Batch = dict[str, np.ndarray]
 _RAW_IMAGE = {"image": tfds.decode.SkipDecoding()}
@@ -147,15 +147,6 @@ def _select_objects(
 def _has_trainable_object(example: dict) -> tf.Tensor:
     """Whether an (undecoded) example has an object that is not a crowd region."""
     return tf.reduce_any(~example["objects"]["is_crowd"])
-
-
-def _round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
-
-
-def is_int(value: Any) -> bool:
-    """An integer (Python's or numpy's), not a bool."""
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def check_data(config: ml_collections.ConfigDict) -> None:
@@ -208,7 +199,7 @@ def check_canvas(config: ml_collections.ConfigDict) -> None:
     """
     data, divisibility = config.data, config.model.size_divisibility
     if not is_int(divisibility) or divisibility <= 0 or divisibility % 32:
-        suggestion = max(_round_up(divisibility, 32), 32) if is_int(divisibility) else 32
+        suggestion = max(round_up(divisibility, 32), 32) if is_int(divisibility) else 32
         raise ValueError(
             f"config.model.size_divisibility={divisibility!r} is not a positive multiple of 32 "
             f"(the stride of P5): use {suggestion}"
@@ -221,7 +212,7 @@ def check_canvas(config: ml_collections.ConfigDict) -> None:
         )
     image_size = tuple(int(s) for s in image_size)
     if any(s % divisibility for s in image_size):
-        fixed = tuple(_round_up(s, divisibility) for s in image_size)
+        fixed = tuple(round_up(s, divisibility) for s in image_size)
         raise ValueError(
             f"config.data.image_size={image_size} is not a multiple of "
             f"config.model.size_divisibility={divisibility}: use {fixed}"
@@ -247,7 +238,7 @@ def check_canvas(config: ml_collections.ConfigDict) -> None:
             f"config.data.resize_max_long_side (at most {min(image_size)} for "
             f"config.data.image_size={image_size}), or resize_short_side=0 to fit the canvas"
         )
-    needed = _round_up(long, divisibility)
+    needed = round_up(long, divisibility)
     if min(image_size) < needed:
         raise ValueError(
             f"config.data.image_size={image_size} cannot hold every image resized with "
