@@ -10,13 +10,15 @@ come from the checkpoint. Prints the 12 COCO numbers per IoU type and writes
 detections, COCO results format), `<workdir>` being the training workdir also when --workdir
 names a checkpoint folder in it; with a --split other than the config's val split, the file
 names end in `_<split>` (other characters than letters, digits, `.` and `-` replaced by `_`).
---out_dir writes them elsewhere (a read-only workdir: checked before evaluating). The
-dataset's categories must be the model's: a dataset rebuilt from an edited annotation file
-(a category added, its ids changed) is a usage error naming the categories the model lacks.
-A --workdir without a complete checkpoint (or without the --checkpoint_step one) is a usage
-error; so is a --checkpoint_step (or checkpoint folder) that is not a complete checkpoint, e.g.
-after an interrupted copy (the message names what it lacks), while the latest one is looked for
-among the complete ones only (a later incomplete folder is skipped with a warning).
+--out_dir writes them elsewhere (a read-only workdir: checked before evaluating). A file that
+cannot be written after all (a full disk) ends the run with `error: cannot write <file>:
+<reason>`, exit status 1, and no partial file. The dataset's categories must be the model's: a
+dataset rebuilt from an edited annotation file (a category added, its ids changed) is a usage
+error naming the categories the model lacks. A --workdir without a complete checkpoint (or
+without the --checkpoint_step one) is a usage error; so is a --checkpoint_step (or checkpoint
+folder) that is not a complete checkpoint, e.g. after an interrupted copy (the message names
+what it lacks), while the latest one is looked for among the complete ones only (a later
+incomplete folder is skipped with a warning).
 
 On several hosts run the same command on every host, as scripts/train.py (the same
 --multihost, --coordinator_address, --num_processes, --process_id flags; README "Multi-host"):
@@ -26,10 +28,11 @@ the files.
 
 import json
 import re
+import sys
 
 from absl import app, flags, logging
 
-from mrcnn_jax.evaluation import IOU_TYPES, STAT_NAMES
+from mrcnn_jax.evaluation import IOU_TYPES, STAT_NAMES, output
 from mrcnn_jax.programs import launch
 
 _WORKDIR = flags.DEFINE_string(
@@ -112,19 +115,25 @@ def main(argv):
             out_dir, "--out_dir" if _OUT_DIR.value else "the workdir; --out_dir writes elsewhere"
         )
     mesh = sharding.create_mesh()
-    metrics = evaluator.evaluate_split(
-        evaluator.make_predict_step(MaskRCNN.from_config(config.model), mesh),
-        sharding.replicate(predictor.variables, mesh),
-        config,
-        mesh,
-        builder,
-        split=split,
-        results_path=str(out_dir / f"detections_{suffix}.json"),
-    )
-    if jax.process_index() == 0:
-        (out_dir / f"eval_{suffix}.json").write_text(
-            json.dumps({"step": predictor.step, "split": split, **metrics}, indent=2)
+    results_path, metrics_path = (out_dir / f"{n}_{suffix}.json" for n in ("detections", "eval"))
+    try:
+        metrics = evaluator.evaluate_split(
+            evaluator.make_predict_step(MaskRCNN.from_config(config.model), mesh),
+            sharding.replicate(predictor.variables, mesh),
+            config,
+            mesh,
+            builder,
+            split=split,
+            results_path=str(results_path),
         )
+        if jax.process_index() == 0:
+            summary = {"step": predictor.step, "split": split, **metrics}
+            output.write_file(metrics_path, lambda f: json.dump(summary, f, indent=2))
+    except OSError as error:  # e.g. a full disk: the file and why, no trace
+        if error.filename not in (str(results_path), str(metrics_path)):
+            raise
+        sys.exit(f"error: cannot write {error.filename}: {error.strerror}")
+    if jax.process_index() == 0:
         print(f"checkpoint step {predictor.step}, split {split}:")
         print(metrics_table(metrics), flush=True)
 

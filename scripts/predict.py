@@ -307,7 +307,7 @@ def main(argv):
     import jax  # after absl parsed the flags, so XLA_FLAGS etc. set on the command line apply
     from tqdm import tqdm
 
-    from mrcnn_jax.evaluation import visualize
+    from mrcnn_jax.evaluation import output, visualize
     from mrcnn_jax.programs import predictor as predictor_lib
 
     if not flags.FLAGS["verbosity"].present:
@@ -370,9 +370,8 @@ def main(argv):
         print("no image could be read; nothing written", file=sys.stderr)
         return 1
     try:
-        with open(results_path, "w") as f:
-            json.dump(detections, f)
-    except OSError as error:
+        output.write_file(results_path, lambda f: json.dump(detections, f))
+    except OSError as error:  # e.g. a full disk: the file and why, no trace
         sys.exit(f"error: cannot write {results_path}: {error.strerror}")
     print(
         f"{len(detections)} detections of checkpoint step {predictor.step} -> {results_path}"

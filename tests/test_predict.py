@@ -487,7 +487,8 @@ def test_scripts_write_into_the_workdir_of_a_checkpoint_folder(
     model_setup, inputs, compile_cache, tmp_path
 ):
     """`--workdir=<workdir>/checkpoints/0`: predict.py's default --out_dir and eval.py's files
-    are in <workdir>, as with `--workdir=<workdir>`, not in the checkpoint folder."""
+    are in <workdir>, as with `--workdir=<workdir>`, not in the checkpoint folder. eval.py on a
+    full disk ends with the file and the reason, no traceback and no partial file."""
     config, variables = model_setup
     config = config.copy_and_resolve_references()
     config.data.data_dir = str(tmp_path / "tfds")
@@ -518,3 +519,16 @@ def test_scripts_write_into_the_workdir_of_a_checkpoint_folder(
     assert sorted(p.name for p in out_dir.iterdir()) == ["detections_0.json", "eval_0.json"]
     assert json.loads((out_dir / "eval_0.json").read_text()) == eval_results
     assert sorted(p.name for p in workdir.iterdir()) == in_workdir
+    if not os.path.exists("/dev/full"):
+        return
+    full = tmp_path / "full"  # a full disk: writes to /dev/full fail with ENOSPC
+    full.mkdir()
+    (full / "detections_0.json").symlink_to("/dev/full")
+    result = run_script(
+        f"--workdir={folder}", f"--out_dir={full}", cache=compile_cache, script="eval.py"
+    )
+    assert result.returncode == 1, result.stderr[-5000:]
+    expected = f"error: cannot write {full / 'detections_0.json'}: No space left on device"
+    assert expected in result.stderr, result.stderr[-5000:]
+    assert "Traceback" not in result.stderr, result.stderr[-5000:]
+    assert not any(full.iterdir())  # no partial detections, no metrics file

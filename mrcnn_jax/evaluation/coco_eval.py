@@ -30,6 +30,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from mrcnn_jax.evaluation.masks import PASTE_METHODS, paste_masks
+from mrcnn_jax.evaluation.output import write_file
 
 STAT_NAMES = (
     "AP",
@@ -337,9 +338,12 @@ class CocoEvaluator:
             self._image_ids[image_id] = None
 
     def write_results(self, path: str | os.PathLike) -> None:
-        """Writes the accumulated results as a COCO results json (loadable by ``COCO.loadRes``)."""
-        with open(path, "w") as f:
-            json.dump(self._results, f)
+        """Writes the accumulated results as a COCO results json (loadable by ``COCO.loadRes``).
+
+        Raises:
+          OSError: it cannot be written, naming `path` (``output.write_file``).
+        """
+        write_file(path, lambda f: json.dump(self._results, f))
 
     def evaluate(
         self, coco_gt: COCO | str | os.PathLike, iou_types: Sequence[str] = IOU_TYPES

@@ -4,11 +4,12 @@ Images are ``[H, W, 3]`` uint8 RGB numpy arrays throughout; cv2's BGR order stay
 `read_image` and `write_image`.
 """
 
-import contextlib
 import os
 
 import cv2
 import numpy as np
+
+from mrcnn_jax.evaluation.output import write_file
 
 # Instance colours (RGB), cycled in detection order: matplotlib's "tab10".
 PALETTE = (
@@ -65,15 +66,7 @@ def write_image(path: str | os.PathLike, image: np.ndarray) -> None:
         raise ValueError(f"cv2 could not encode {path!r}: {e}") from e
     if not encoded:
         raise ValueError(f"cv2 could not encode {path!r}")
-    try:
-        with open(path, "wb") as f:
-            f.write(data.tobytes())
-    except OSError as e:
-        if e.filename is not None:  # e.g. no such folder: the error names `path`
-            raise
-        with contextlib.suppress(OSError):
-            os.remove(path)  # no partial image left behind
-        raise OSError(e.errno, e.strerror, path) from e  # e.g. a full disk, said without a path
+    write_file(path, lambda f: f.write(data.tobytes()), binary=True)
 
 
 def _check_image(image: np.ndarray) -> None:

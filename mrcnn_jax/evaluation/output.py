@@ -1,0 +1,35 @@
+"""`write_file`: an output file (a drawing, a results json) whose failed write says which file
+and why, and leaves nothing behind."""
+
+import os
+from collections.abc import Callable
+from typing import IO
+
+from etils import epath
+
+
+def write_file(
+    path: str | os.PathLike, write: Callable[[IO], object], binary: bool = False
+) -> None:
+    """Opens `path` (a local path or a `gs://` one, through `epath`) for writing, bytes with
+    `binary`, else text, and calls `write(file)`.
+
+    Raises:
+      OSError: a local file cannot be written (no such folder, a full disk, no permission),
+        with the system's reason and `path` (a full disk's error carries no file name of its
+        own).
+      Whatever `write` raises. Nothing is left at `path` after a failed write.
+    """
+    path = epath.Path(path)
+    try:
+        with path.open("wb" if binary else "w") as f:
+            write(f)
+    except BaseException as e:
+        if not (isinstance(e, OSError) and e.filename is not None):  # e.g. no such folder
+            try:
+                path.unlink(missing_ok=True)  # no partial file left behind
+            except OSError:
+                pass
+        if isinstance(e, OSError) and e.filename is None:  # e.g. a full disk, said without a path
+            raise OSError(e.errno, e.strerror, os.fspath(path)) from e
+        raise
