@@ -38,3 +38,18 @@ def test_a_missing_folder_is_named_and_a_failed_write_callback_leaves_nothing(tm
     with pytest.raises(TypeError, match="not JSON serializable"):  # half written, then fails
         output.write_file(path, lambda f: json.dump([1] * 10_000 + [object()], f))
     assert not path.exists()
+
+
+def test_a_gs_path_is_written_through_epaths_storage_backend(tmp_path, monkeypatch):
+    """`gs://` (a TPU pod's workdir) goes to epath's storage backend (TensorFlow's gfile where
+    TF is installed, as here), mocked onto a local folder; Python's own `open` would fail."""
+    from etils.epath import backend
+
+    def local_open(path, mode):  # a bucket has no folders to make first
+        local = str(path).replace("gs://", f"{tmp_path}/")
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        return open(local, mode)
+
+    monkeypatch.setattr(backend.tf_backend, "open", local_open)
+    output.write_file("gs://bucket/results.json", lambda f: json.dump([1], f))
+    assert json.loads((tmp_path / "bucket" / "results.json").read_text()) == [1]
