@@ -5,6 +5,7 @@ and every bad input's error, with nothing left half-built."""
 import copy
 import functools
 import json
+import logging
 import math
 import pathlib
 import re
@@ -207,6 +208,30 @@ def test_trains_and_evaluates_with_the_original_category_ids(dataset, tmp_path, 
     results = json.loads(results_path.read_text())
     assert results and {r["category_id"] for r in results} <= {3, 17, 42}
     assert {r["image_id"] for r in results} == set(VAL)
+
+
+def test_tfds_warnings_about_tfds_itself_are_dropped_and_only_there(tmp_path, caplog):
+    """Building prints no "Using custom data configuration: CocoFormatConfig(<every field>)"
+    (a build per set of files is the design) and reading none of TFDS's "`FeatureConnector.dtype`
+    is deprecated. Please change your code ..." (its own code reads it; TFDS prints it only the
+    first 10 times in a process). The filter is gone afterwards."""
+    splits = write_dataset(epath.Path(tmp_path))
+    config = coco_format_config.get_config()
+    config.data.image_size, config.eval.batch_size = (64, 64), 2
+    config.data.val_json, config.data.val_images = (str(p) for p in splits["validation"])
+    with caplog.at_level("WARNING"):
+        builder = coco_format.build_coco_format(splits, str(tmp_path / "tfds"))
+        coco_json.coco_ground_truth(builder, "validation")
+        next(iter(pipeline.create_eval_dataset(config, builder=builder)))
+    notices = ("custom data configuration", "is deprecated")
+    assert not [r.getMessage() for r in caplog.records if any(n in r.getMessage() for n in notices)]
+    with caplog.at_level("WARNING"):
+        tfds_logger = logging.getLogger("absl")
+        tfds_logger.warning("Using custom data configuration: %s", builder.builder_config.name)
+        tfds_logger.warning("`FeatureConnector.dtype` is deprecated. Please change your code")
+    messages = [r.getMessage() for r in caplog.records]
+    assert f"Using custom data configuration: {builder.builder_config.name}" in messages
+    assert "`FeatureConnector.dtype` is deprecated. Please change your code" in messages
 
 
 def test_annotation_ids_from_0_are_renumbered_for_pycocotools(tmp_path):

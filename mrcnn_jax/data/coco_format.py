@@ -150,6 +150,7 @@ def build_coco_format(
 ) -> CocoFormat:
     """Builds ``splits`` (split -> (annotation json, image folder)) into ``data_dir`` unless a
     build of exactly these files is there already, and returns the prepared builder."""
-    builder = CocoFormat(data_dir=data_dir, config=coco_format_config(splits))
+    with schema.tfds_notices_dropped():
+        builder = CocoFormat(data_dir=data_dir, config=coco_format_config(splits))
     builder.download_and_prepare()
     return builder

@@ -25,9 +25,10 @@ def coco_ground_truth(builder: tfds.core.DatasetBuilder, split: str) -> dict[str
     pycocotools' matching takes 0 for "no ground truth matched", so the split's annotations are
     then numbered 1..N in order instead.
     """
-    dataset = builder.as_dataset(
-        split=split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()}
-    )
+    with schema.tfds_notices_dropped():
+        dataset = builder.as_dataset(
+            split=split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()}
+        )
     images, annotations = [], []
     for example in dataset.as_numpy_iterator():
         height, width = (int(v) for v in example["image/size"])

@@ -98,7 +98,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-from mrcnn_jax.data import canvas_groups, get_builder, masks
+from mrcnn_jax.data import canvas_groups, get_builder, masks, schema
 from mrcnn_jax.data.canvas_groups import is_int, round_up
 
 Batch = dict[str, np.ndarray]
@@ -543,12 +543,13 @@ def _train_records(
     """The undecoded training records, files in the order of ``file_seed``, without the empty
     images when skipped, and only those of canvas group ``group`` unless it is None."""
     data = config.data
-    dataset = builder.as_dataset(
-        split=data.train_split,
-        shuffle_files=True,
-        read_config=tfds.ReadConfig(shuffle_seed=file_seed, try_autocache=False),
-        decoders=_RAW_IMAGE,
-    )
+    with schema.tfds_notices_dropped():
+        dataset = builder.as_dataset(
+            split=data.train_split,
+            shuffle_files=True,
+            read_config=tfds.ReadConfig(shuffle_seed=file_seed, try_autocache=False),
+            decoders=_RAW_IMAGE,
+        )
     if data.skip_empty_train_images:
         dataset = dataset.filter(_has_trainable_object)
     if group is not None:
@@ -808,14 +809,15 @@ def create_eval_dataset(
     batch = _local_batch(config.eval.batch_size, count)
     num_batches = eval_num_batches(config, builder, split, count)
     read = functools.partial(builder.as_dataset, shuffle_files=False, decoders=_RAW_IMAGE)
-    if index < _num_eval_examples(config, builder, split):
-        shard = tfds.split_for_jax_process(
-            eval_split(config, builder, split), process_index=index, process_count=count
-        )
-        dataset = read(split=shard)
-    else:  # More processes than images: TFDS gives the last ones an empty shard (an error to
-        # read), they yield padding only, so that every process joins every batch's gather.
-        dataset = read(split=eval_split(config, builder, split)).take(0)
+    with schema.tfds_notices_dropped():
+        if index < _num_eval_examples(config, builder, split):
+            shard = tfds.split_for_jax_process(
+                eval_split(config, builder, split), process_index=index, process_count=count
+            )
+            dataset = read(split=shard)
+        else:  # More processes than images: TFDS gives the last ones an empty shard (an error
+            # to read), they yield padding only, so that every process joins every batch's gather.
+            dataset = read(split=eval_split(config, builder, split)).take(0)
     seed = tf.zeros([2], tf.int64)  # unused without augmentation
 
     @tf.autograph.experimental.do_not_convert

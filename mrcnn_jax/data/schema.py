@@ -20,12 +20,39 @@ The label ↔ category-id map and the class names are in the dataset info (``inf
 the ``label`` ClassLabel), so evaluation and prediction read them from any builder.
 """
 
-from collections.abc import Sequence
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+
+
+class _TfdsNotices(logging.Filter):
+    """Drops TFDS's warnings about TFDS itself: decoding the byte-encoded features (`_float64`)
+    reads TFDS's own deprecated `FeatureConnector.dtype` ("Please change your code to use
+    ...", twice per pipeline), and each coco_format build is a "custom data configuration" by
+    design (one per set of files; the message prints the whole config)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        return not (
+            message.startswith(("`FeatureConnector.dtype` is deprecated", "`TensorInfo.dtype`"))
+            or message == "Using custom data configuration: %s"
+        )
+
+
+@contextlib.contextmanager
+def tfds_notices_dropped() -> Iterator[None]:
+    """Within it, `_TfdsNotices`' warnings are dropped (around `as_dataset` and building)."""
+    notices, absl_logger = _TfdsNotices(), logging.getLogger("absl")
+    absl_logger.addFilter(notices)
+    try:
+        yield
+    finally:
+        absl_logger.removeFilter(notices)
 
 
 def _float64(shape: tuple[int, ...]) -> tfds.features.Tensor:
