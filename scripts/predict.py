@@ -305,6 +305,7 @@ def main(argv):
     names = output_names(paths)
     import cv2
     import jax  # after absl parsed the flags, so XLA_FLAGS etc. set on the command line apply
+    from etils import epath
     from tqdm import tqdm
 
     from mrcnn_jax.evaluation import output, visualize
@@ -356,8 +357,8 @@ def main(argv):
                         result["scores"],
                         result["class_names"],
                     )
-                    os.makedirs(os.path.dirname(drawings[index]), exist_ok=True)
-                    try:
+                    try:  # its folder (a gs:// one too) and the image, through epath
+                        epath.Path(drawings[index]).parent.mkdir(parents=True, exist_ok=True)
                         visualize.write_image(drawings[index], drawn)
                     except OSError as error:  # e.g. a full disk: the file and why, no trace
                         sys.exit(f"error: cannot write {drawings[index]}: {error.strerror}")
