@@ -5,10 +5,13 @@ r"""Exports a training checkpoint as a TensorFlow SavedModel (preprocessing, mod
 The SavedModel needs only TensorFlow to run: `tf.saved_model.load(OUT).signatures[
 "serving_default"](image=uint8 [H, W, 3])` gives the detections in the image's pixels, and
 `"serving_batch"` takes padded batches. See `mrcnn_jax/programs/exporter.py` for the signatures,
-their outputs and the saved assets.
+their outputs and the saved assets. --out must be absent or empty; a SavedModel that cannot
+be written (a full disk) ends the run with `error: writing the SavedModel to <out> failed
+(<reason>); ...`, exit status 1, and --out as it was (what was written is removed).
 """
 
 import os
+import sys
 
 from absl import app, flags, logging
 
@@ -64,6 +67,8 @@ def main(argv):
             score_threshold=_SCORE_THRESHOLD.value,
             batch_size=_BATCH_SIZE.value,
         )
+    except exporter.ExportWriteError as error:  # e.g. a full disk: where, why, nothing left
+        sys.exit(f"error: {error}")
     except (ValueError, FileExistsError, FileNotFoundError) as error:  # name what to fix
         raise app.UsageError(str(error)) from error
     size = sum(

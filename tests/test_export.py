@@ -532,6 +532,33 @@ def test_configs_it_cannot_represent_are_refused(predictor, tmp_path):
         exporter.export_saved_model(predictor, tmp_path / "c")
 
 
+def test_a_failed_write_leaves_the_out_dir_as_it_was_and_says_why(predictor, tmp_path, monkeypatch):
+    """A SavedModel write that fails midway (here TF's `SaveV2` on a full disk, after the
+    variables folder exists) is an `ExportWriteError` naming the folder and TF's reason; the
+    folder is removed, or emptied when it existed empty, so the same export can run again (an
+    `out_dir` that is not empty is refused)."""
+
+    def save_on_a_full_disk(module, out, signatures):
+        os.makedirs(os.path.join(out, "variables"))
+        with open(os.path.join(out, "variables", "part-00000"), "wb") as f:
+            f.write(b"partial")
+        raise tf.errors.ResourceExhaustedError(
+            None, None, "{{function_node __wrapped__SaveV2}} part-00000; No space left on device"
+        )
+
+    monkeypatch.setattr(tf.saved_model, "save", save_on_a_full_disk)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for out, left in ((tmp_path / "absent", None), (empty, [])):
+        expected = (
+            f"writing the SavedModel to {out} failed (part-00000; No space left on device); "
+            "what it had written is removed"
+        )
+        with pytest.raises(exporter.ExportWriteError, match=re.escape(expected)):
+            exporter.export_saved_model(predictor, out)
+        assert (sorted(out.iterdir()) if out.exists() else None) == left
+
+
 @pytest.mark.slow
 def test_torchvision_r50_config_exports(tmp_path):
     """configs/torchvision_r50_fpn_v1.py (1344² canvas, 91-way COCO labels, torchvision paste)

@@ -60,6 +60,7 @@ module over chunks of the batch (the last chunk padded).
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -82,6 +83,14 @@ from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 from mrcnn_jax.programs.predictor import Predictor, load_checkpoint
 
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+
+
+class ExportWriteError(OSError):
+    """The SavedModel could not be written (a full disk, a quota, no permission): the message
+    says where and why; what the export had written is removed, so the same command can run
+    again once the cause is fixed."""
+
+
 _INT32_MAX = np.iinfo(np.int32).max
 
 
@@ -590,6 +599,7 @@ def export_saved_model(
       ValueError: bad arguments, or a config the SavedModel cannot represent (`check_exportable`
         names the field).
       FileExistsError: `out_dir` is not empty.
+      ExportWriteError: writing the SavedModel failed; `out_dir` is as it was (absent or empty).
     """
     unknown = sorted(set(platforms) - set(PLATFORMS))
     if not platforms or unknown:
@@ -599,7 +609,8 @@ def export_saved_model(
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be positive")
     out_dir = epath.Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
+    existed = out_dir.exists()
+    if existed and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} is not empty")
     if isinstance(source, Predictor):
         predictor = source
@@ -618,5 +629,26 @@ def export_saved_model(
             batch_size=batch_size,
             config_path=config_path,
         )
-        tf.saved_model.save(module, str(out_dir), signatures=signatures)
+        try:
+            tf.saved_model.save(module, str(out_dir), signatures=signatures)
+        except (OSError, tf.errors.OpError) as error:
+            _remove_written(out_dir, existed)
+            reason = error.message if isinstance(error, tf.errors.OpError) else str(error)
+            reason = re.sub(r"^\{\{[^}]*\}\}\s*", "", reason)  # TF's "{{function_node ...}}"
+            raise ExportWriteError(
+                f"writing the SavedModel to {out_dir} failed ({reason}); what it had written "
+                "is removed"
+            ) from error
     return out_dir
+
+
+def _remove_written(out_dir: epath.Path, existed: bool) -> None:
+    """Leaves `out_dir` as a failed export found it: absent, or (when it `existed`) empty."""
+    if not existed:
+        out_dir.rmtree(missing_ok=True)
+        return
+    for child in out_dir.iterdir():
+        if child.is_dir():
+            child.rmtree()
+        else:
+            child.unlink()
