@@ -75,8 +75,8 @@ def main(argv):
         metrics = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except CorruptCheckpointError as error:  # resuming from a damaged copy: say which, no trace
         raise app.UsageError(str(error)) from error
-    except CheckpointWriteError as error:  # e.g. a full disk: what, where, and what is kept
-        sys.exit(f"error: {error}")
+    except (CheckpointWriteError, trainer.MetricsWriteError) as error:  # e.g. a full disk:
+        sys.exit(f"error: {error}")  # what, where, and what is kept
     except trainer.Preempted as preempted:
         print(preempted, flush=True)
         sys.exit(128 + signal.SIGTERM)  # as if SIGTERM had ended it, once the checkpoint is safe

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import tiny_config
+from etils import epath
 
 import mrcnn_jax
 from configs import default as default_config
@@ -684,6 +685,18 @@ def test_a_failed_checkpoint_write_is_one_clear_error(trained, compile_cache, tm
     for noise in ("Traceback", "tensorstore_spec", "Exception ignored", "Event loop is closed"):
         assert noise not in result.stderr, result.stderr[-3000:]
     assert len(result.stderr) < 5000, result.stderr[-3000:]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_metrics_that_cannot_be_written_are_one_clear_error(tmp_path):
+    """`metrics.jsonl` on a full disk (here /dev/full: ENOSPC) is a `MetricsWriteError` naming the
+    workdir and the reason, which train.py prints as one line (as a failed checkpoint write);
+    was a traceback ending in `OSError: [Errno 28] No space left on device`."""
+    (tmp_path / "metrics.jsonl").symlink_to("/dev/full")
+    writer = trainer.MetricWriter(epath.Path(tmp_path))
+    message = f"writing the training metrics to {tmp_path} failed (No space left on device); "
+    with pytest.raises(trainer.MetricsWriteError, match=re.escape(message)):
+        writer.write(2, {"train/loss": 1.0})
 
 
 @pytest.mark.slow

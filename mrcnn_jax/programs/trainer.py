@@ -54,24 +54,39 @@ from mrcnn_jax.train import state as state_lib
 from mrcnn_jax.train import step as step_lib
 
 
+class MetricsWriteError(OSError):
+    """Writing the training metrics (`metrics.jsonl`, TensorBoard events) failed: a full disk, a
+    quota, a vanished folder. The message says where and why; the checkpoints are kept."""
+
+
 class MetricWriter:
     """Writes scalars to `metrics.jsonl` and TensorBoard in the workdir (process 0 only)."""
 
     def __init__(self, workdir: epath.Path):
+        self._workdir = workdir
         self._active = jax.process_index() == 0
         if self._active:
             self._jsonl = (workdir / "metrics.jsonl").open("a")
             self._tb = tf.summary.create_file_writer(str(workdir / "tensorboard"))
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
+        """Appends `scalars` at `step`; raises `MetricsWriteError` if they cannot be written."""
         if not self._active:
             return
-        self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
-        self._jsonl.flush()
-        with self._tb.as_default(step=step):
-            for name, value in scalars.items():
-                tf.summary.scalar(name, value)
-        self._tb.flush()
+        try:
+            self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+            self._jsonl.flush()
+            with self._tb.as_default(step=step):
+                for name, value in scalars.items():
+                    tf.summary.scalar(name, value)
+            self._tb.flush()
+        except (OSError, tf.errors.OpError) as error:
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+            raise MetricsWriteError(
+                f"writing the training metrics to {self._workdir} failed ({reason}); the "
+                "checkpoints written so far are kept. Free some space and run the same command "
+                "again: a training run resumes from the latest complete checkpoint."
+            ) from error
 
     def close(self) -> None:
         if self._active:
@@ -241,6 +256,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         processes): the step being run is finished and checkpointed first.
       checkpoint.CheckpointWriteError: a checkpoint could not be written (e.g. the disk is
         full); the complete ones are kept, and the same call resumes from the latest.
+      MetricsWriteError: the metrics could not be written (e.g. the disk is full); likewise.
     """
     check_train_config(config)
     workdir = epath.Path(workdir)
