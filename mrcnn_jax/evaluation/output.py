@@ -1,6 +1,7 @@
 """`write_file`: an output file (a drawing, a results json) whose failed write says which file
 and why, and leaves nothing behind."""
 
+import contextlib
 import os
 from collections.abc import Callable
 from typing import IO
@@ -24,12 +25,17 @@ def write_file(
     try:
         with path.open("wb" if binary else "w") as f:
             write(f)
-    except BaseException as e:
-        if not (isinstance(e, OSError) and e.filename is not None):  # e.g. no such folder
-            try:
-                path.unlink(missing_ok=True)  # no partial file left behind
-            except OSError:
-                pass
-        if isinstance(e, OSError) and e.filename is None:  # e.g. a full disk, said without a path
-            raise OSError(e.errno, e.strerror, os.fspath(path)) from e
+    except OSError as e:
+        if e.filename is not None:  # e.g. no such folder: nothing written, the error names `path`
+            raise
+        _remove(path)
+        raise OSError(e.errno, e.strerror, os.fspath(path)) from e  # e.g. a full disk
+    except BaseException:  # e.g. `write`'s own error, or Ctrl-C
+        _remove(path)
         raise
+
+
+def _remove(path: epath.Path) -> None:
+    """Removes a partial file; a failure to do so is not the error to report."""
+    with contextlib.suppress(OSError):
+        path.unlink(missing_ok=True)
