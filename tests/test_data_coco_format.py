@@ -9,6 +9,7 @@ import logging
 import math
 import pathlib
 import re
+import tempfile
 
 import cv2
 import numpy as np
@@ -20,7 +21,7 @@ from etils import epath
 from pycocotools.coco import COCO
 
 from configs import coco_format as coco_format_config
-from mrcnn_jax.data import coco_format, coco_json, coco_reader, masks, pipeline, schema
+from mrcnn_jax.data import coco_format, coco_json, coco_reader, masks, pipeline, schema, shapes
 from mrcnn_jax.evaluation import evaluate_coco, visualize
 from mrcnn_jax.programs import evaluator, trainer
 
@@ -232,6 +233,24 @@ def test_tfds_warnings_about_tfds_itself_are_dropped_and_only_there(tmp_path, ca
     messages = [r.getMessage() for r in caplog.records]
     assert f"Using custom data configuration: {builder.builder_config.name}" in messages
     assert "`FeatureConnector.dtype` is deprecated. Please change your code" in messages
+
+
+def test_building_a_set_leaves_nothing_in_the_temporary_folder(tmp_path, monkeypatch, caplog):
+    """TFDS looks every new builder up in its public bucket and leaves an empty `tmp*tfds`
+    folder behind (one per train.py or eval.py run that builds a set); ours skip the lookup.
+    A shapes set of a custom size is no "custom data configuration" warning either."""
+    system_tmp = tmp_path / "system_tmp"
+    system_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
+    splits = write_dataset(epath.Path(tmp_path))
+    coco_format.build_coco_format(splits, str(tmp_path / "tfds"))
+    with caplog.at_level("WARNING"):
+        builder = shapes.build_shapes(str(tmp_path / "tfds"), num_train=2, num_val=1)
+    assert sorted(p.name for p in system_tmp.iterdir()) == []
+    assert not [r for r in caplog.records if "custom data configuration" in r.getMessage()]
+    # What TFDS's own DatasetInfo does there (so the check above can fail):
+    tfds.core.DatasetInfo.initialize_from_bucket(builder.info)
+    assert [p.name for p in system_tmp.iterdir()] != []
 
 
 def test_annotation_ids_from_0_are_renumbered_for_pycocotools(tmp_path):

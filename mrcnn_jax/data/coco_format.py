@@ -124,7 +124,7 @@ class CocoFormat(tfds.core.GeneratorBasedBuilder):
         return {split: (json, images) for split, json, images in self.builder_config.split_files}
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
+        return schema.LocalDatasetInfo(
             builder=self,
             description=type(self).__doc__,
             features=schema.instance_features([n for _, n in self.categories()], None),

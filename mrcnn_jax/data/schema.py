@@ -33,8 +33,9 @@ import tensorflow_datasets as tfds
 class _TfdsNotices(logging.Filter):
     """Drops TFDS's warnings about TFDS itself: decoding the byte-encoded features (`_float64`)
     reads TFDS's own deprecated `FeatureConnector.dtype` ("Please change your code to use
-    ...", twice per pipeline), and each coco_format build is a "custom data configuration" by
-    design (one per set of files; the message prints the whole config)."""
+    ...", twice per pipeline), and each coco_format build (one per set of files) or shapes set of
+    a custom size is a "custom data configuration" by design (the message prints the whole
+    config)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = str(record.msg)
@@ -53,6 +54,18 @@ def tfds_notices_dropped() -> Iterator[None]:
         yield
     finally:
         absl_logger.removeFilter(notices)
+
+
+class LocalDatasetInfo(tfds.core.DatasetInfo):
+    """The dataset info of a set built on this machine (shapes, COCO-format files).
+
+    TFDS looks up every builder whose data is not prepared yet in its public bucket
+    (`initialize_from_bucket`); for these sets it can find nothing, and it leaves an empty
+    `tmp*tfds` folder in the system's temporary folder each time. Here the lookup is skipped.
+    """
+
+    def initialize_from_bucket(self) -> None:
+        """Nothing to look up: the set exists only where it is built."""
 
 
 def _float64(shape: tuple[int, ...]) -> tfds.features.Tensor:
