@@ -21,7 +21,16 @@ from etils import epath
 from pycocotools.coco import COCO
 
 from configs import coco_format as coco_format_config
-from mrcnn_jax.data import coco_format, coco_json, coco_reader, masks, pipeline, schema, shapes
+from mrcnn_jax.data import (
+    coco_format,
+    coco_json,
+    coco_reader,
+    masks,
+    pipeline,
+    schema,
+    shapes,
+    with_absolute_paths,
+)
 from mrcnn_jax.evaluation import evaluate_coco, visualize
 from mrcnn_jax.programs import evaluator, trainer
 
@@ -233,6 +242,23 @@ def test_tfds_warnings_about_tfds_itself_are_dropped_and_only_there(tmp_path, ca
     messages = [r.getMessage() for r in caplog.records]
     assert f"Using custom data configuration: {builder.builder_config.name}" in messages
     assert "`FeatureConnector.dtype` is deprecated. Please change your code" in messages
+
+
+def test_data_paths_are_made_absolute_for_the_stored_config(tmp_path, monkeypatch):
+    """Relative paths are taken from the current folder and `~` is expanded (TFDS expands it in
+    data_dir); empty fields and URLs stay as given."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", "/home/someone")
+    config = coco_format_config.get_config()
+    config.data.train_json, config.data.train_images = "mydata/train.json", "../images"
+    config.data.val_json, config.data.val_images = "gs://bucket/val.json", str(tmp_path / "v")
+    config.data.data_dir, config.data.manual_dir = "~/tensorflow_datasets", ""
+    resolved = with_absolute_paths(config).data
+    assert resolved.train_json == str(tmp_path / "mydata" / "train.json")
+    assert resolved.train_images == str(tmp_path.parent / "images")
+    assert (resolved.val_json, resolved.val_images) == ("gs://bucket/val.json", str(tmp_path / "v"))
+    assert (resolved.data_dir, resolved.manual_dir) == ("/home/someone/tensorflow_datasets", "")
+    assert config.data.train_json == "mydata/train.json"  # a copy
 
 
 def test_building_a_set_leaves_nothing_in_the_temporary_folder(tmp_path, monkeypatch, caplog):

@@ -411,20 +411,25 @@ def test_the_default_config_alone_is_refused_for_want_of_weights():
 
 
 def test_zero_steps_write_and_evaluate_the_initial_checkpoint(
-    compile_cache, data_dir, tmp_path, capsys
+    compile_cache, data_dir, tmp_path, capsys, monkeypatch
 ):
     """`num_steps = 0` with ImageNet backbone weights: checkpoint 0 holds the imported backbone
-    and the seeded init of everything else, and is evaluated. Resuming it needs no weights."""
+    and the seeded init of everything else, and is evaluated. Resuming it needs no weights.
+
+    Every path is relative to the current folder (as the README's `--workdir=runs/mydata`):
+    the checkpoint is written (orbax refuses relative paths) and the config stored with it
+    names the data absolutely, so that eval.py finds it from any folder."""
     torch = pytest.importorskip("torch")
     torchvision_models = pytest.importorskip("torchvision.models")
     torch.manual_seed(0)
-    weights = tmp_path / "resnet18.pth"
-    torch.save(torchvision_models.resnet18(weights=None).state_dict(), weights)
+    monkeypatch.chdir(tmp_path)
+    torch.save(torchvision_models.resnet18(weights=None).state_dict(), "resnet18.pth")
     frozen = {"train.num_steps": 0, "model.norm": "frozen", "model.freeze_at": 2}
-    config = run_config(data_dir, **frozen, **{"model.backbone_weights": str(weights)})
+    relative_data = os.path.relpath(data_dir)
+    config = run_config(relative_data, **frozen, **{"model.backbone_weights": "resnet18.pth"})
+    metrics = trainer.train_and_evaluate(config, "run")
     workdir = tmp_path / "run"
-    metrics = trainer.train_and_evaluate(config, str(workdir))
-    assert f"Backbone initialised from {weights}" in capsys.readouterr().out
+    assert "Backbone initialised from resnet18.pth" in capsys.readouterr().out
     assert set(metrics) == METRIC_KEYS
     assert [p.name for p in (workdir / "checkpoints").iterdir()] == ["0"]
     (record,) = read_jsonl(workdir / "metrics.jsonl")
@@ -441,10 +446,15 @@ def test_zero_steps_write_and_evaluate_the_initial_checkpoint(
     assert_trees_equal(state["params"]["fpn"], init["params"]["fpn"])
 
     # A checkpoint to restore: no backbone weights needed (nor compared with the checkpoint's).
-    resumed = run_config(data_dir, **frozen)
-    assert trainer.train_and_evaluate(resumed, str(workdir)) == metrics
+    resumed = run_config(relative_data, **frozen)
+    assert trainer.train_and_evaluate(resumed, "run") == metrics
     assert re.search(r"Resumed from \S+ at step 0\n", capsys.readouterr().out)
     assert [p.name for p in (workdir / "checkpoints").iterdir()] == ["0"]
+
+    stored = json.loads((workdir / "config.json").read_text())
+    assert relative_data != data_dir and stored["data"]["data_dir"] == data_dir
+    monkeypatch.chdir(workdir)  # a notebook elsewhere, a relative path
+    assert mrcnn_jax.load_checkpoint("checkpoints/0").config.data.data_dir == data_dir
 
 
 # ------------------------------------------------------------------- load_checkpoint

@@ -9,10 +9,29 @@
 - ``pipeline``: fixed-shape numpy batches for training and evaluation.
 """
 
+import os
+
 import ml_collections
 import tensorflow_datasets as tfds
 
 from mrcnn_jax.data import coco_format, coco_instances, shapes
+
+# The `config.data` fields that name files or folders.
+PATH_FIELDS = ("data_dir", "manual_dir", "train_json", "train_images", "val_json", "val_images")
+
+
+def with_absolute_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of `config` whose `config.data` paths (`PATH_FIELDS`) are absolute: `~` is
+    expanded (as TFDS does for `data_dir`) and a relative path is taken from the current folder,
+    as this process reads it, so that the config stored with the checkpoints names the same
+    files from any folder (eval.py, notebooks). Empty fields and URLs (`gs://...`) are kept.
+    """
+    config = ml_collections.ConfigDict(config.to_dict())
+    for field in PATH_FIELDS:
+        path = config.data[field]
+        if path and "://" not in path:
+            config.data[field] = os.path.abspath(os.path.expanduser(path))
+    return config
 
 
 def get_builder(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:

@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from mrcnn_jax import sharding
 from mrcnn_jax.convert import imagenet
-from mrcnn_jax.data import get_builder, pipeline, schema
+from mrcnn_jax.data import get_builder, pipeline, schema, with_absolute_paths
 from mrcnn_jax.evaluation.masks import PASTE_METHODS
 from mrcnn_jax.modeling.checks import check_model_config
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
@@ -259,6 +259,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       MetricsWriteError: the metrics could not be written (e.g. the disk is full); likewise.
     """
     check_train_config(config)
+    config = with_absolute_paths(config)  # as stored with the checkpoints, for eval.py
     workdir = epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     manager = ckpt_lib.create_manager(workdir, max_to_keep=config.train.keep_checkpoints or None)
