@@ -3,6 +3,7 @@ annToMask, category maps both ways, the COCO json export, and clear errors on ba
 
 import copy
 import json
+import re
 import shutil
 
 import numpy as np
@@ -260,7 +261,7 @@ def test_an_area_of_0_on_a_non_empty_mask_is_computed_with_one_warning(
 @pytest.mark.parametrize(
     "content, message",
     [
-        ("{not json", "cannot read the annotation file as JSON"),
+        ("{not json", "the annotation file is not JSON"),
         ('{"images": [], "annotations": []}', "no 'categories' list"),
         ('{"images": [{"id": 4}], "annotations": [], "categories": []}', "image entry #0 \\(id 4"),
         ('{"images": [], "annotations": [], "categories": []}', "categories differ"),
@@ -270,6 +271,24 @@ def test_malformed_annotation_file_names_the_file(content, message, manual_dir, 
     with pytest.raises(ValueError, match=message) as error:
         _examples_of(content, manual_dir, tmp_path)
     assert str(tmp_path / "instances.json") in str(error.value)
+
+
+def test_a_missing_annotation_file_is_named_with_the_folder_it_was_looked_for_in(
+    tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(
+        ValueError,
+        match=f"^mydata/train.json: cannot read the annotation file "
+        f"from {re.escape(str(tmp_path))}: .*No such file",
+    ):
+        coco_reader.read_annotation_file("mydata/train.json")
+    with pytest.raises(
+        ValueError,
+        match=f"^{re.escape(str(tmp_path))}/a.json: cannot read the "
+        "annotation file: .*No such file",
+    ):
+        coco_reader.read_annotation_file(tmp_path / "a.json")
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "wrong size", "missing"])

@@ -39,6 +39,7 @@ import collections
 import dataclasses
 import json
 import math
+import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -85,9 +86,15 @@ def first_ids(items: Sequence[Any]) -> str:
 def _load_json(path: epath.Path) -> dict[str, Any]:
     """The json of ``path`` with its three top-level lists checked."""
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: cannot read the annotation file as JSON: {e}") from e
+        text = path.read_text()
+    except OSError as e:
+        name = os.fspath(path)
+        relative = "" if os.path.isabs(name) or "://" in name else f" from {os.getcwd()}"
+        raise ValueError(f"{path}: cannot read the annotation file{relative}: {e}") from e
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"{path}: the annotation file is not JSON: {e}") from e
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key) if isinstance(data, dict) else None, list):
             raise ValueError(f"{path}: no '{key}' list at the top level")
