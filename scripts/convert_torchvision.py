@@ -63,6 +63,7 @@ def release_config(path: Path):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    config = launch.config_of(_CONFIG)  # before reading the weights: a bad file is refused now
     name = _WEIGHTS.value
     if _STATE_DICT.value:
         try:
@@ -79,7 +80,8 @@ def main(argv):
     else:
         state_dict = convert.download_state_dict(name)
     release = convert.RELEASES[name]
-    config = _CONFIG.value if _CONFIG.value is not None else release_config(REPO / release.config)
+    if config is None:
+        config = release_config(REPO / release.config)
     bn_epsilon = release.bn_epsilon if _BN_EPSILON.value is None else _BN_EPSILON.value
     variables = convert.convert_state_dict(state_dict, config.model, bn_epsilon=bn_epsilon)
     try:

@@ -17,7 +17,11 @@ from absl import app, flags, logging
 
 from mrcnn_jax.programs import launch
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
+_WORKDIR = flags.DEFINE_string(
+    "workdir",
+    None,
+    "Training workdir holding checkpoints/ (or its checkpoints/ or checkpoints/<step> folder).",
+)
 _STEP = flags.DEFINE_integer(
     "checkpoint_step", None, "Checkpoint step to export (default: the latest)."
 )

@@ -82,7 +82,9 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 IMAGES_PER_DEVICE = 2  # the default --batch_size per local device
 
 _WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Training workdir holding checkpoints/ (or its checkpoints/<step> folder)."
+    "workdir",
+    None,
+    "Training workdir holding checkpoints/ (or its checkpoints/ or checkpoints/<step> folder).",
 )
 _STEP = flags.DEFINE_integer(
     "checkpoint_step", None, "Checkpoint step to use (default: the latest)."

@@ -18,8 +18,11 @@ SIGTERM (a preempted VM, a scheduler) stops training after the current step, che
 and exits with status 143; running the same command resumes from there.
 
 Config overrides are flags (`--config.train.num_steps=100`); an argument that is not a flag
-(e.g. `config.train.num_steps=100`, its `--` missing) is a usage error, as is a --workdir that
-is a regular file.
+(e.g. `config.train.num_steps=100`, its `--` missing) is a usage error, as are a --workdir that
+is a regular file, a --config file that cannot be opened, and a config that does not fit (e.g.
+an image size that is not a multiple of model.size_divisibility), each named before any work.
+Relative paths (--workdir, the data's files) are taken from the current folder; the config
+stored with the checkpoints names the data's absolutely, so eval.py runs from any folder.
 """
 
 import os
@@ -45,6 +48,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from etils import epath
 
+    config = launch.config_of(_CONFIG)
     workdir = epath.Path(_WORKDIR.value)
     if workdir.exists() and not workdir.is_dir():  # checked before the trainer creates it
         raise app.UsageError(f"--workdir={_WORKDIR.value} is a file, not a folder")
@@ -52,13 +56,17 @@ def main(argv):
 
     from mrcnn_jax.convert import imagenet
 
-    if imagenet.is_release_name(_CONFIG.value.model.backbone_weights):
+    if imagenet.is_release_name(config.model.backbone_weights):
         try:  # before TensorFlow (the trainer's): imported after it, torchvision segfaults
             imagenet.import_torchvision()
         except ImportError:  # no torch: the trainer says so if it needs the weights (a resume
             pass  # does not)
     from mrcnn_jax.programs import trainer
 
+    try:  # a config that does not fit: one line naming the field, before any work
+        trainer.check_train_config(config)
+    except ValueError as error:
+        raise app.UsageError(str(error)) from error
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     launch.initialize()
@@ -72,7 +80,7 @@ def main(argv):
     from mrcnn_jax.train.checkpoint import CheckpointWriteError, CorruptCheckpointError
 
     try:
-        metrics = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+        metrics = trainer.train_and_evaluate(config, _WORKDIR.value)
     except CorruptCheckpointError as error:  # resuming from a damaged copy: say which, no trace
         raise app.UsageError(str(error)) from error
     except (CheckpointWriteError, trainer.MetricsWriteError) as error:  # e.g. a full disk:

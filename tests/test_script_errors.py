@@ -72,6 +72,36 @@ def test_a_config_override_naming_no_field_is_a_usage_error(name, override, mess
     assert not os.listdir(tmp_path)
 
 
+@pytest.mark.parametrize("name", ["train.py", "convert_torchvision.py"])
+def test_a_config_file_that_cannot_be_opened_is_a_usage_error(name, tmp_path):
+    """ml_collections defers the failure to the config's first use: an OSError chained to
+    another. The message names the flag, the file and, for a relative path, the folder."""
+    flags = {
+        "train.py": [f"--workdir={tmp_path / 'w'}"],
+        "convert_torchvision.py": [f"--out={tmp_path / 'out'}", f"--state_dict={tmp_path}.pth"],
+    }[name]
+    result = run_script(name, "--config=configs/shapes_r81.py", *flags)
+    assert_usage_error(
+        result,
+        f"--config=configs/shapes_r81.py: No such file or directory (looked for from {REPO})",
+    )
+    assert not os.listdir(tmp_path)
+
+
+def test_train_refuses_a_config_that_does_not_fit_before_any_work(tmp_path):
+    result = run_script(
+        "train.py",
+        "--config=configs/shapes_r18.py",
+        f"--workdir={tmp_path / 'w'}",
+        "--config.data.image_size=(300, 451)",
+    )
+    assert_usage_error(
+        result,
+        "config.data.image_size=(300, 451) is not a multiple of config.model.size_divisibility=32",
+    )
+    assert not os.listdir(tmp_path)
+
+
 def test_train_refuses_a_workdir_that_is_a_regular_file(tmp_path):
     a_file = tmp_path / "a_file"
     a_file.write_text("")

@@ -15,6 +15,7 @@ same step time.
 import os
 import re
 import sys
+from typing import Any
 
 from absl import app, flags
 
@@ -71,6 +72,30 @@ def parse_flags(argv: list[str]) -> list[str]:
         )
         print("Pass --helpshort or --helpfull to see help on flags.", file=sys.stderr)
         sys.exit(1)
+
+
+def config_of(flag: flags.FlagHolder) -> Any:
+    """The value of a `config_flags.DEFINE_config_file` flag (a ConfigDict, or None unset).
+
+    ml_collections keeps a config file it could not open (no such file, no permission) as an
+    object that raises at first use, a chained OSError traceback; here it is a usage error
+    naming the flag, the file, why, and the folder a relative path was taken from. A config
+    file whose own code fails (a syntax error, an exception in `get_config`) keeps its
+    traceback: it points at the line.
+    """
+    config = flag.value
+    if config is None:
+        return None
+    try:
+        config.get("model")  # the first use of a config that failed to load raises
+    except OSError as error:
+        path = flags.FLAGS[flag.name].config_filename
+        reason = re.findall(r"\[Errno \d+\] ([^:\n]+)", str(error.__cause__ or error))
+        where = "" if os.path.isabs(path) else f" (looked for from {os.getcwd()})"
+        raise app.UsageError(
+            f"--{flag.name}={path}: {reason[-1] if reason else error}{where}"
+        ) from error
+    return config
 
 
 def make_output_folder(folder: str | os.PathLike, flag: str) -> None:
