@@ -63,13 +63,15 @@ def main(argv):
             pass  # does not)
     from mrcnn_jax.programs import trainer
 
-    try:  # a config that does not fit: one line naming the field, before any work
-        trainer.check_train_config(config)
-    except ValueError as error:
-        raise app.UsageError(str(error)) from error
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     launch.initialize()
+    # A config that does not fit is one line naming the field, before any work; after the
+    # distributed set-up, as the checks ask JAX for the devices.
+    try:
+        trainer.check_train_config(config)
+    except ValueError as error:
+        raise app.UsageError(str(error)) from error
     logging.info(
         "JAX process %d/%d, %d local / %d global devices",
         jax.process_index(),
