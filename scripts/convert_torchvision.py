@@ -16,14 +16,18 @@ The result, `<out>/checkpoints/0/` with the config, is read by `mrcnn_jax.load_c
 --workdir=<out>`. Needs the `torch` extra: `pip install 'mrcnn_jax[torch]'`.
 An argument that is not a flag (e.g. `config.model.x=1`, its `--` missing) is a usage error, as
 is a `--state_dict` file that is no state dict (a failed download's web page, a truncated file, a
-whole model saved with `torch.save(model)`: Python objects besides tensors are never loaded).
+whole model saved with `torch.save(model)`: Python objects besides tensors are never loaded),
+the state dict of another network, one that does not fit the config (a model fine-tuned on
+another number of classes: the message gives the flags that convert it), a config whose
+`data.class_names` or `data.label_to_category_id` do not have one entry per class, and an
+`--out` that already holds checkpoints.
 """
 
 import importlib.util
 import sys
 from pathlib import Path
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,10 +64,29 @@ def release_config(path: Path):
     return module.get_config()
 
 
+def class_count_hint(state_dict: dict, config, release: convert.Release) -> str:
+    """Advice for a state dict whose box predictor has another number of classes than `config`
+    (a model fine-tuned on other data), or ""."""
+    scores = state_dict.get("roi_heads.box_predictor.cls_score.weight")
+    if scores is None or scores.shape[0] - 1 == config.model.num_classes:
+        return ""
+    return (
+        f"\nIts box predictor has {scores.shape[0]} outputs: a model fine-tuned on "
+        f"{scores.shape[0] - 1} classes (and background). Convert it with "
+        f"--config={release.config} --config.model.num_classes={scores.shape[0] - 1} "
+        "--config.data.class_names=\"('name 1', ...)\" --config.data.label_to_category_id=()"
+    )
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax logs every part of the save at INFO
     config = launch.config_of(_CONFIG)  # before reading the weights: a bad file is refused now
+    existing = checkpoint.checkpoint_dir(_OUT.value)
+    if existing.is_dir() and any(existing.iterdir()):
+        raise app.UsageError(f"--out={_OUT.value} already holds checkpoints ({existing})")
     name = _WEIGHTS.value
     if _STATE_DICT.value:
         try:
@@ -71,6 +94,12 @@ def main(argv):
         except (ValueError, OSError) as error:  # no state dict there: names the file
             raise app.UsageError(f"--state_dict: {error}") from error
         found = convert.release_of(state_dict)
+        if found is None:
+            raise app.UsageError(
+                f"--state_dict={_STATE_DICT.value} is not a torchvision Mask R-CNN state dict "
+                f"(no box head of v1 or v2 among its {len(state_dict)} tensors, e.g. "
+                f"{', '.join(list(state_dict)[:3])})"
+            )
         if found and found != name and flags.FLAGS["weights"].present:
             raise app.UsageError(
                 f"--state_dict={_STATE_DICT.value} holds the {found} architecture "
@@ -82,8 +111,21 @@ def main(argv):
     release = convert.RELEASES[name]
     if config is None:
         config = release_config(REPO / release.config)
+    for field in ("class_names", "label_to_category_id"):  # the release's 90, another count
+        given = config.data[field]
+        if given and len(given) != config.model.num_classes:
+            raise app.UsageError(
+                f"config.data.{field} has {len(given)} entries but config.model.num_classes="
+                f"{config.model.num_classes}: give one per class, e.g. "
+                f'--config.data.{field}="(...)", or () for none'
+            )
     bn_epsilon = release.bn_epsilon if _BN_EPSILON.value is None else _BN_EPSILON.value
-    variables = convert.convert_state_dict(state_dict, config.model, bn_epsilon=bn_epsilon)
+    try:
+        variables = convert.convert_state_dict(state_dict, config.model, bn_epsilon=bn_epsilon)
+    except ValueError as error:  # e.g. fine-tuned on another number of classes
+        source = f"--state_dict={_STATE_DICT.value}" if _STATE_DICT.value else f"--weights={name}"
+        hint = class_count_hint(state_dict, config, release)
+        raise app.UsageError(f"{source} does not fit the config: {error}{hint}") from error
     try:
         directory = checkpoint.save_variables(_OUT.value, config, variables)
     except checkpoint.CheckpointWriteError as error:  # e.g. a full disk: say where, no trace

@@ -828,6 +828,8 @@ def run_convert_script(tmp_path, model, version: str, *flags: str) -> subprocess
         "model.roi_heads.box_head_dim": 64,
         "model.roi_heads.box_head_conv_dim": 16,
         "model.roi_heads.mask_head_dim": 32,
+        "data.class_names": "()",  # the release's 90 COCO names do not fit 10 classes
+        "data.label_to_category_id": "()",
     }
     command = [
         sys.executable,
@@ -858,6 +860,26 @@ def test_convert_script(tmp_path, small_model, version):
         jax.tree_util.tree_map(
             np.testing.assert_array_equal, restored[collection], expected[collection]
         )
+
+
+def test_convert_script_says_what_does_not_fit_in_one_line(tmp_path, small_model):
+    """A Mask R-CNN fine-tuned on another number of classes (the flags that convert it), the
+    state dict of another network, and an --out that holds checkpoints already: usage errors,
+    no traceback."""
+    result = run_convert_script(tmp_path, small_torchvision_model(4, "v1"), "v1")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "its box predictor has 5 outputs: a model fine-tuned on 4 classes" in (
+        result.stderr.lower()
+    )
+    assert "--config.model.num_classes=4 --config.data.class_names=" in result.stderr
+    result = run_convert_script(tmp_path, small_model.backbone, "v1")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "small.pth is not a torchvision Mask R-CNN state dict" in result.stderr
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "out" / "checkpoints" / "0").mkdir(parents=True)
+    result = run_convert_script(tmp_path, small_model, "v1")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert f"--out={tmp_path / 'out'} already holds checkpoints" in result.stderr
 
 
 def test_convert_script_refuses_weights_of_the_other_release(tmp_path):
