@@ -76,7 +76,7 @@ def main(argv):
     import jax  # after absl parsed the flags, so XLA_FLAGS etc. set on the command line apply
     from etils import epath
 
-    from mrcnn_jax import sharding
+    from mrcnn_jax import paths, sharding
     from mrcnn_jax.data import get_builder, pipeline
     from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
     from mrcnn_jax.programs import evaluator
@@ -109,7 +109,7 @@ def main(argv):
         evaluator.check_dataset_classes(config, builder)
     except ValueError as error:
         raise app.UsageError(str(error)) from error
-    out_dir = epath.Path(_OUT_DIR.value) if _OUT_DIR.value else workdir
+    out_dir = epath.Path(paths.absolute(_OUT_DIR.value)) if _OUT_DIR.value else workdir
     if jax.process_index() == 0:
         launch.make_output_folder(
             out_dir, "--out_dir" if _OUT_DIR.value else "the workdir; --out_dir writes elsewhere"

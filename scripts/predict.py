@@ -310,6 +310,7 @@ def main(argv):
     from etils import epath
     from tqdm import tqdm
 
+    from mrcnn_jax import paths as paths_lib
     from mrcnn_jax.evaluation import output, visualize
     from mrcnn_jax.programs import predictor as predictor_lib
 
@@ -327,7 +328,11 @@ def main(argv):
         )
     try:  # name what to fix
         workdir, step = predictor_lib.locate_checkpoint(_WORKDIR.value, _STEP.value)
-        out_dir = _OUT_DIR.value or os.path.join(str(workdir), "predictions")
+        out_dir = (
+            paths_lib.absolute(_OUT_DIR.value)
+            if _OUT_DIR.value
+            else os.path.join(str(workdir), "predictions")
+        )
         drawings = [] if _NO_DRAW.value else [os.path.join(out_dir, name) for name in names]
         results_path = os.path.join(out_dir, "detections.json")
         check_outputs(argv[1:], paths, drawings, results_path, _RECURSIVE.value)

@@ -21,8 +21,9 @@ Config overrides are flags (`--config.train.num_steps=100`); an argument that is
 (e.g. `config.train.num_steps=100`, its `--` missing) is a usage error, as are a --workdir that
 is a regular file, a --config file that cannot be opened, and a config that does not fit (e.g.
 an image size that is not a multiple of model.size_divisibility), each named before any work.
-Relative paths (--workdir, the data's files) are taken from the current folder; the config
-stored with the checkpoints names the data's absolutely, so eval.py runs from any folder.
+Relative paths (--workdir, the data's files) are taken from the current folder and a `~` in
+them is expanded (a shell leaves `--workdir=~/x` as it is); the config stored with the
+checkpoints names the data's absolutely, so eval.py runs from any folder.
 """
 
 import os
@@ -48,8 +49,10 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from etils import epath
 
+    from mrcnn_jax import paths
+
     config = launch.config_of(_CONFIG)
-    workdir = epath.Path(_WORKDIR.value)
+    workdir = epath.Path(paths.absolute(_WORKDIR.value))
     if workdir.exists() and not workdir.is_dir():  # checked before the trainer creates it
         raise app.UsageError(f"--workdir={_WORKDIR.value} is a file, not a folder")
     import jax  # after absl parsed the flags, so XLA_FLAGS etc. set on the command line apply

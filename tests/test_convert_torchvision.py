@@ -784,13 +784,15 @@ def test_label_map_matches_torchvision_and_coco():
         assert coco_names[label_to_category[label]] == names[label]
 
 
-def test_converted_checkpoint_loads(tmp_path, small_model):
-    """`checkpoint.save_variables` writes what `mrcnn_jax.load_checkpoint` restores as converted."""
+def test_converted_checkpoint_loads(tmp_path, small_model, monkeypatch):
+    """`checkpoint.save_variables` writes what `mrcnn_jax.load_checkpoint` restores as converted;
+    a `~` in its workdir is expanded (scripts/convert_torchvision.py --out=~/...)."""
     import mrcnn_jax
 
     config = small_config()
     variables = converted(small_model)
-    directory = checkpoint.save_variables(tmp_path, config, variables)
+    monkeypatch.setenv("HOME", str(tmp_path.parent))
+    directory = checkpoint.save_variables(f"~/{tmp_path.name}", config, variables)
     assert directory == tmp_path / "checkpoints" / "0"
     predictor = mrcnn_jax.load_checkpoint(tmp_path)
     assert predictor.step == 0

@@ -498,7 +498,7 @@ def test_paste_masks_tf_equals_paste_masks(method):
     assert none.shape == (0, 80, 120) and none.dtype == tf.bool
 
 
-def test_configs_it_cannot_represent_are_refused(predictor, tmp_path):
+def test_configs_it_cannot_represent_are_refused(predictor, tmp_path, monkeypatch):
     config = predictor.config
     cases = {
         "data.class_names": ("class_names", ("a", "b")),
@@ -528,8 +528,9 @@ def test_configs_it_cannot_represent_are_refused(predictor, tmp_path):
         exporter.export_saved_model(predictor, tmp_path / "b", platforms=("metal",))
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "x").write_text("")
-    with pytest.raises(FileExistsError):
-        exporter.export_saved_model(predictor, tmp_path / "c")
+    monkeypatch.setenv("HOME", str(tmp_path))  # `~` expanded (scripts/export.py --out=~/c)
+    with pytest.raises(FileExistsError, match=re.escape(f"{tmp_path / 'c'} is not empty")):
+        exporter.export_saved_model(predictor, "~/c")
 
 
 def test_a_failed_write_leaves_the_out_dir_as_it_was_and_says_why(predictor, tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ reuse what this process compiled.
 
 import json
 import os
+import pathlib
 import re
 import subprocess
 import sys
@@ -124,8 +125,8 @@ def test_predictor_refuses_a_score_threshold_outside_0_1_and_an_empty_image(mode
         message = re.escape(f"image must be at least 1x1 pixels [H, W, 3], got {shape}")
         with pytest.raises(ValueError, match=message):
             predictor(np.zeros(shape, np.uint8))
-        with pytest.raises(ValueError, match=message):  # refused before the batch runs
-            predictor.predict_batch([image, np.zeros(shape, np.uint8)], batch_size=2)
+        with pytest.raises(ValueError, match=re.escape("images[1]: ") + message):  # before
+            predictor.predict_batch([image, np.zeros(shape, np.uint8)], batch_size=2)  # the run
 
 
 def test_predictor_places_the_variables_once_and_again_when_one_is_replaced(
@@ -233,6 +234,12 @@ def test_predict_batch_takes_iterables_and_names_bad_arguments(model_setup):
         predictor.predict_batch({"a": images[0]})
     with pytest.raises(ValueError, match="got a int"):
         predictor.predict_batch(3)
+    path = "photos/a.jpg"  # a file name, not pixels: said so, with the function that reads it
+    message = re.escape(f"image is a file name ({path!r}), not its pixels: read it first")
+    with pytest.raises(ValueError, match=message):
+        predictor(path)
+    with pytest.raises(ValueError, match=re.escape("images[2]: ") + message):
+        predictor.predict_batch([*images, pathlib.Path(path)], batch_size=2)
     for batch_size in ("2", 2.0, True):
         with pytest.raises(ValueError, match=re.escape(f"batch_size={batch_size!r} must be")):
             predictor.predict_batch(images, batch_size=batch_size)
@@ -293,11 +300,17 @@ def workdir(model_setup, tmp_path_factory):
     return path
 
 
-def run_script(*args, cache, script: str = "predict.py") -> subprocess.CompletedProcess:
-    """scripts/<script> with this process's environment (the same 8 CPU devices)."""
+def run_script(
+    *args, cache, script: str = "predict.py", home: str | None = None
+) -> subprocess.CompletedProcess:
+    """scripts/<script> with this process's environment (the same 8 CPU devices), HOME set to
+    `home` if given."""
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(cache)}
+    if home is not None:
+        env["HOME"] = str(home)
     return subprocess.run(
         [sys.executable, os.path.join(REPO, "scripts", script), *map(str, args)],
-        env={**os.environ, "JAX_COMPILATION_CACHE_DIR": str(cache)},
+        env=env,
         cwd=REPO, capture_output=True, text=True, timeout=600, check=False,
     )  # fmt: skip
 
@@ -366,10 +379,10 @@ def test_predict_script_on_a_folder_a_glob_and_a_file(
     picture = cv2.imread(str(out_dir / "globbed" / "d.png"))
     assert picture.shape == good[str(root / "globbed" / "d.png")].shape
 
-    no_draw = tmp_path / "no_draw"
+    no_draw = tmp_path / "no_draw"  # `~` expanded (a shell leaves `--out_dir=~/...` as it is)
     result = run_script(
-        f"--workdir={workdir}", f"--out_dir={no_draw}", "--score_threshold=0", "--no_draw",
-        "--batch_size=8", root / "folder", cache=compile_cache,
+        f"--workdir={workdir}", "--out_dir=~/no_draw", "--score_threshold=0", "--no_draw",
+        "--batch_size=8", root / "folder", cache=compile_cache, home=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-5000:]
     assert sorted(p.name for p in no_draw.iterdir()) == ["detections.json"]
@@ -512,9 +525,10 @@ def test_scripts_write_into_the_workdir_of_a_checkpoint_folder(
     assert sorted(p.name for p in folder.iterdir()) == stored
     out_dir = tmp_path / "elsewhere" / "results"  # --out_dir: created, the workdir untouched
     in_workdir = sorted(p.name for p in workdir.iterdir())
-    result = run_script(
-        f"--workdir={folder}", f"--out_dir={out_dir}", cache=compile_cache, script="eval.py"
-    )
+    result = run_script(  # `~` expanded in both (a shell leaves `--workdir=~/...` as it is)
+        "--workdir=~/workdir/checkpoints/0", "--out_dir=~/elsewhere/results",
+        cache=compile_cache, script="eval.py", home=tmp_path,
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr[-5000:]
     assert sorted(p.name for p in out_dir.iterdir()) == ["detections_0.json", "eval_0.json"]
     assert json.loads((out_dir / "eval_0.json").read_text()) == eval_results

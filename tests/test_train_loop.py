@@ -416,20 +416,22 @@ def test_zero_steps_write_and_evaluate_the_initial_checkpoint(
     """`num_steps = 0` with ImageNet backbone weights: checkpoint 0 holds the imported backbone
     and the seeded init of everything else, and is evaluated. Resuming it needs no weights.
 
-    Every path is relative to the current folder (as the README's `--workdir=runs/mydata`):
-    the checkpoint is written (orbax refuses relative paths) and the config stored with it
-    names the data absolutely, so that eval.py finds it from any folder."""
+    Every path is relative to the current folder (as the README's `--workdir=runs/mydata`) or
+    starts with `~`: the checkpoint is written (orbax refuses relative paths), `~` is expanded
+    (a shell leaves `--workdir=~/...` as it is), and the config stored with the checkpoint names
+    the data absolutely, so that eval.py finds it from any folder."""
     torch = pytest.importorskip("torch")
     torchvision_models = pytest.importorskip("torchvision.models")
     torch.manual_seed(0)
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
     torch.save(torchvision_models.resnet18(weights=None).state_dict(), "resnet18.pth")
     frozen = {"train.num_steps": 0, "model.norm": "frozen", "model.freeze_at": 2}
     relative_data = os.path.relpath(data_dir)
-    config = run_config(relative_data, **frozen, **{"model.backbone_weights": "resnet18.pth"})
+    config = run_config(relative_data, **frozen, **{"model.backbone_weights": "~/resnet18.pth"})
     metrics = trainer.train_and_evaluate(config, "run")
     workdir = tmp_path / "run"
-    assert "Backbone initialised from resnet18.pth" in capsys.readouterr().out
+    assert "Backbone initialised from ~/resnet18.pth" in capsys.readouterr().out
     assert set(metrics) == METRIC_KEYS
     assert [p.name for p in (workdir / "checkpoints").iterdir()] == ["0"]
     (record,) = read_jsonl(workdir / "metrics.jsonl")
@@ -447,14 +449,16 @@ def test_zero_steps_write_and_evaluate_the_initial_checkpoint(
 
     # A checkpoint to restore: no backbone weights needed (nor compared with the checkpoint's).
     resumed = run_config(relative_data, **frozen)
-    assert trainer.train_and_evaluate(resumed, "run") == metrics
+    assert trainer.train_and_evaluate(resumed, "~/run") == metrics
     assert re.search(r"Resumed from \S+ at step 0\n", capsys.readouterr().out)
     assert [p.name for p in (workdir / "checkpoints").iterdir()] == ["0"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["resnet18.pth", "run"]  # no "~"
 
     stored = json.loads((workdir / "config.json").read_text())
     assert relative_data != data_dir and stored["data"]["data_dir"] == data_dir
     monkeypatch.chdir(workdir)  # a notebook elsewhere, a relative path
     assert mrcnn_jax.load_checkpoint("checkpoints/0").config.data.data_dir == data_dir
+    assert mrcnn_jax.load_checkpoint("~/run").step == 0
 
 
 # ------------------------------------------------------------------- load_checkpoint

@@ -26,6 +26,7 @@ import numpy as np
 from etils import epath
 from flax import traverse_util
 
+from mrcnn_jax import paths as paths_lib
 from mrcnn_jax.convert import torchvision as tv_convert
 
 IMAGENET_BN_EPSILON = 1e-5  # torchvision's ResNets: `nn.BatchNorm2d` default eps.
@@ -152,14 +153,15 @@ def download_backbone_state_dict(release: str, depth: int) -> dict[str, np.ndarr
 
 
 def read_backbone_state_dict(source: str, depth: int) -> dict[str, np.ndarray]:
-    """The state dict `model.backbone_weights = source` names: a release or a `.pth` path.
+    """The state dict `model.backbone_weights = source` names: a release or a `.pth` path
+    (`~` expanded, relative to the current folder).
 
     Raises:
       FileNotFoundError: `source` is neither a release name nor an existing file.
     """
     if is_release_name(source):
         return download_backbone_state_dict(source, depth)
-    path = epath.Path(source)
+    path = epath.Path(paths_lib.absolute(source))
     if not path.exists():
         raise FileNotFoundError(
             f"model.backbone_weights={source!r} is no file; give the path of a torchvision "

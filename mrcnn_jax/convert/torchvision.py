@@ -46,6 +46,7 @@ import numpy as np
 from etils import epath
 from flax import traverse_util
 
+from mrcnn_jax import paths
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 from mrcnn_jax.modeling.resnet import BN_EPSILON
 
@@ -428,7 +429,7 @@ def load_state_dict(path: epath.PathLike) -> dict[str, np.ndarray]:
         entries), naming `path`, the problem and what is expected.
     """
     torch = import_torch()
-    with epath.Path(path).open("rb") as f:
+    with epath.Path(paths.absolute(path)).open("rb") as f:
         try:
             state_dict = torch.load(f, map_location="cpu", weights_only=True)
         except Exception as error:  # pickle.UnpicklingError, RuntimeError, KeyError, EOFError...

@@ -9,11 +9,10 @@
 - ``pipeline``: fixed-shape numpy batches for training and evaluation.
 """
 
-import os
-
 import ml_collections
 import tensorflow_datasets as tfds
 
+from mrcnn_jax import paths
 from mrcnn_jax.data import coco_format, coco_instances, shapes
 
 # The `config.data` fields that name files or folders.
@@ -28,9 +27,7 @@ def with_absolute_paths(config: ml_collections.ConfigDict) -> ml_collections.Con
     """
     config = ml_collections.ConfigDict(config.to_dict())
     for field in PATH_FIELDS:
-        path = config.data[field]
-        if path and "://" not in path:
-            config.data[field] = os.path.abspath(os.path.expanduser(path))
+        config.data[field] = paths.absolute(config.data[field])
     return config
 
 

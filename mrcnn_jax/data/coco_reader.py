@@ -50,6 +50,7 @@ from absl import logging
 from etils import epath
 from pycocotools import mask as mask_utils
 
+from mrcnn_jax import paths
 from mrcnn_jax.data import masks, schema
 
 _IMAGE_KEYS = ("id", "file_name", "height", "width")
@@ -89,7 +90,7 @@ def _load_json(path: epath.Path) -> dict[str, Any]:
         text = path.read_text()
     except OSError as e:
         name = os.fspath(path)
-        relative = "" if os.path.isabs(name) or "://" in name else f" from {os.getcwd()}"
+        relative = "" if os.path.isabs(name) or paths.is_url(name) else f" from {os.getcwd()}"
         raise ValueError(f"{path}: cannot read the annotation file{relative}: {e}") from e
     try:
         data = json.loads(text)

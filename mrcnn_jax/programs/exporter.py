@@ -77,6 +77,7 @@ from jaxlib.mlir.dialects import stablehlo as jax_stablehlo
 from tensorflow.compiler.mlir.stablehlo import stablehlo as tf_stablehlo
 from tensorflow.compiler.tf2xla.python import xla as tfxla
 
+from mrcnn_jax import paths
 from mrcnn_jax.data import pipeline
 from mrcnn_jax.evaluation.masks import PASTE_METHODS
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
@@ -581,7 +582,7 @@ def export_saved_model(
     Args:
       source: a `Predictor` (`mrcnn_jax.load_checkpoint(...)`), or what `load_checkpoint`
         takes: a workdir, its `checkpoints/` or one `checkpoints/<step>` directory.
-      out_dir: the SavedModel directory to create (absent or empty).
+      out_dir: the SavedModel directory to create (absent or empty; `~` expanded).
       checkpoint_step: the checkpoint to load when `source` is a path (default: the latest).
       platforms: what the model is compiled for, any of `PLATFORMS` (one module holds them
         all; TF picks the one it runs on).
@@ -608,7 +609,7 @@ def export_saved_model(
         raise ValueError(f"score_threshold={score_threshold} must be in [0, 1]")
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be positive")
-    out_dir = epath.Path(out_dir)
+    out_dir = epath.Path(paths.absolute(out_dir))
     existed = out_dir.exists()
     if existed and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} is not empty")

@@ -18,6 +18,7 @@ nothing (scripts/eval.py writes its results into that workdir).
 import dataclasses
 import numbers
 import operator
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -26,7 +27,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from mrcnn_jax import sharding
+from mrcnn_jax import paths, sharding
 from mrcnn_jax.data import pipeline
 from mrcnn_jax.evaluation.coco_eval import boxes_to_original
 from mrcnn_jax.evaluation.masks import paste_masks
@@ -164,7 +165,9 @@ class Predictor:
         results: list[dict[str, Any]] = []
         pending = None  # (device outputs, inputs, images) of the batch in flight
         for start in range(0, len(images), batch_size):
-            chunk = [_as_rgb(image) for image in images[start : start + batch_size]]
+            chunk = [
+                _batch_image(images, i) for i in range(start, min(start + batch_size, len(images)))
+            ]
             inputs = [pipeline.preprocess_image(image, self.config) for image in chunk]
             batch = _stack_padded(inputs, batch_size, tuple(self.config.data.image_size))
             outputs = self._sharded_apply(variables, sharding.shard_batch(batch, self._mesh))
@@ -244,9 +247,14 @@ def _as_rgb(image: np.ndarray) -> np.ndarray:
     and CMYK as RGBA).
 
     Raises:
-      ValueError: `image` is not uint8 of one of those shapes with H, W ≥ 1, or is a PIL image
-        of another mode (16-bit, float: convert it yourself).
+      ValueError: `image` is not uint8 of one of those shapes with H, W ≥ 1, is a PIL image
+        of another mode (16-bit, float: convert it yourself), or is a file name.
     """
+    if isinstance(image, str | bytes | os.PathLike):
+        raise ValueError(
+            f"image is a file name ({os.fspath(image)!r}), not its pixels: read it first, e.g. "
+            "with mrcnn_jax.evaluation.visualize.read_image(path)"
+        )
     mode = getattr(image, "mode", None)
     if isinstance(mode, str) and callable(getattr(image, "convert", None)):  # a PIL image
         if mode not in PIL_MODES:
@@ -270,6 +278,14 @@ def _as_rgb(image: np.ndarray) -> np.ndarray:
     if image.shape[-1] == 1:
         return np.repeat(image, 3, axis=-1)
     return image[..., :3]
+
+
+def _batch_image(images: Sequence[np.ndarray], index: int) -> np.ndarray:
+    """`_as_rgb(images[index])`, its ValueError naming the index (`images[7]: ...`)."""
+    try:
+        return _as_rgb(images[index])
+    except ValueError as error:
+        raise ValueError(f"images[{index}]: {error}") from None
 
 
 def _check_score_threshold(score_threshold: float) -> None:
@@ -346,7 +362,7 @@ def _check_step(step: Any) -> int:
 def _open(path: str | epath.PathLike, step: int | None):
     """(read-only checkpoint manager, workdir, step) of `locate_checkpoint(path, step)`."""
     step = None if step is None else _check_step(step)
-    workdir, path_step = _locate(epath.Path(path))
+    workdir, path_step = _locate(epath.Path(paths.absolute(path)))
     manager = ckpt_lib.create_manager(workdir, read_only=True)
     try:  # the latest complete step (incomplete folders skipped, with a warning), or a check
         step = ckpt_lib.choose_step(manager, step if step is not None else path_step)
@@ -383,7 +399,8 @@ def load_checkpoint(path: str | epath.PathLike, step: int | None = None) -> Pred
     Args:
       path: a training workdir (the latest complete checkpoint is used), its `checkpoints/`
         directory, or one `checkpoints/<step>` directory (`locate_checkpoint` says which
-        workdir and step).
+        workdir and step); a local path has `~` expanded, a relative one is taken from the
+        current folder.
       step: a specific step (overrides the one in `path`): an int (or integer-like, e.g.
         `np.int64`).
 

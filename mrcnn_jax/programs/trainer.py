@@ -42,7 +42,7 @@ from absl import logging
 from etils import epath
 from tqdm import tqdm
 
-from mrcnn_jax import sharding
+from mrcnn_jax import paths, sharding
 from mrcnn_jax.convert import imagenet
 from mrcnn_jax.data import get_builder, pipeline, schema, with_absolute_paths
 from mrcnn_jax.evaluation.masks import PASTE_METHODS
@@ -244,6 +244,9 @@ def initial_variables(config: ml_collections.ConfigDict, model: MaskRCNN) -> dic
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains `config` in `workdir` (resuming if it has checkpoints), evaluates, returns metrics.
 
+    `workdir` is a local folder (`~` expanded, relative to the current folder) or a URL
+    (`gs://...`); so are the data's paths, stored absolute in the checkpoints' config.
+
     Returns the final evaluation metrics (COCO bbox/segm numbers on `config.data.val_split`).
 
     Raises:
@@ -260,7 +263,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """
     check_train_config(config)
     config = with_absolute_paths(config)  # as stored with the checkpoints, for eval.py
-    workdir = epath.Path(workdir)
+    workdir = epath.Path(paths.absolute(workdir))
     workdir.mkdir(parents=True, exist_ok=True)
     manager = ckpt_lib.create_manager(workdir, max_to_keep=config.train.keep_checkpoints or None)
     try:

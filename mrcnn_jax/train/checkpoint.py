@@ -38,6 +38,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from mrcnn_jax import paths
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 from mrcnn_jax.train import state as state_lib
 from mrcnn_jax.train import storage_errors
@@ -102,16 +103,11 @@ def _collect_failed_tasks() -> None:
         gc.collect()
 
 
-def _is_url(path: str) -> bool:
-    """Whether `path` names cloud storage (`gs://...`) rather than a local path."""
-    return "://" in path
-
-
 def _free_bytes(directory: epath.Path) -> int | None:
     """The free space on the disk of a local `directory` (or of its nearest existing parent), in
     bytes; None where unknown (e.g. cloud storage)."""
     path = os.fspath(directory)
-    if _is_url(path):
+    if paths.is_url(path):
         return None
     while not os.path.exists(path) and os.path.dirname(path) != path:
         path = os.path.dirname(path)
@@ -217,9 +213,9 @@ def _restore_arrays(manager: ocp.CheckpointManager, step: int, target) -> dict[s
 
 def checkpoint_dir(workdir: epath.PathLike) -> epath.Path:
     """Where the checkpoints of a workdir live: `<workdir>/checkpoints`, a local workdir made
-    absolute (relative to the current folder), as orbax refuses relative paths."""
-    path = os.fspath(workdir)
-    return epath.Path(path if _is_url(path) else os.path.abspath(path)) / "checkpoints"
+    absolute (`paths.absolute`: `~` expanded, relative to the current folder), as orbax refuses
+    relative paths."""
+    return epath.Path(paths.absolute(workdir)) / "checkpoints"
 
 
 class _ReadOnlyNotice(std_logging.Filter):
