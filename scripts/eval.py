@@ -95,7 +95,7 @@ def main(argv):
     suffix = str(predictor.step)
     if split != config.data.val_split:
         suffix += "_" + re.sub(r"[^\w.-]+", "_", split)
-    builder = get_builder(config.data)
+    builder = get_builder(config.data, pipeline.split_names(split))  # only the files it reads
     try:
         num_images = builder.info.splits[pipeline.eval_split(config, builder, split)].num_examples
     except (KeyError, ValueError) as error:

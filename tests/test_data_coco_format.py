@@ -7,8 +7,11 @@ import functools
 import json
 import logging
 import math
+import os
 import pathlib
 import re
+import subprocess
+import sys
 import tempfile
 
 import cv2
@@ -25,6 +28,7 @@ from mrcnn_jax.data import (
     coco_format,
     coco_json,
     coco_reader,
+    get_builder,
     masks,
     pipeline,
     schema,
@@ -33,6 +37,8 @@ from mrcnn_jax.data import (
 )
 from mrcnn_jax.evaluation import evaluate_coco, visualize
 from mrcnn_jax.programs import evaluator, trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Listed out of id order: labels follow ascending id (apple 0, fig 1, kiwi 2).
 CATEGORIES = [{"id": 42, "name": "kiwi"}, {"id": 3, "name": "apple"}, {"id": 17, "name": "fig"}]
@@ -194,8 +200,14 @@ def test_grayscale_rgba_and_16_bit_images_are_read_as_8_bit_rgb(dataset):
 
 
 @pytest.mark.slow
-def test_trains_and_evaluates_with_the_original_category_ids(dataset, tmp_path, monkeypatch):
+def test_trains_and_evaluates_with_the_original_category_ids(
+    dataset, tmp_path, monkeypatch, compile_cache
+):
+    """...and scripts/eval.py gives the final evaluation's numbers again where the train json
+    is gone (a run evaluated on another machine)."""
     root, splits, _ = dataset
+    train_json = tmp_path / "train.json"  # a copy, deleted before eval.py
+    train_json.write_bytes(splits["train"][0].read_bytes())
     config = coco_format_config.get_config()  # with tiny_config's sizes, on 8 CPU devices
     tiny = tiny_config(**{"train.batch_size": 8, "train.num_steps": 2, "train.log_every": 1})
     for field in ("image_size", "max_instances", "mask_size"):
@@ -204,7 +216,7 @@ def test_trains_and_evaluates_with_the_original_category_ids(dataset, tmp_path, 
     config.model.num_classes = 0  # from the json, as configs/coco_format.py has it
     config.model.roi_heads.score_threshold = 0.0  # an untrained model still detects
     config.data.data_dir = str(root / "tfds")
-    config.data.train_json, config.data.train_images = (str(p) for p in splits["train"])
+    config.data.train_json, config.data.train_images = str(train_json), str(splits["train"][1])
     config.data.val_json, config.data.val_images = (str(p) for p in splits["validation"])
     results_path = tmp_path / "results.json"  # the final evaluation's detections, written
     evaluate_split = functools.partial(evaluator.evaluate_split, results_path=str(results_path))
@@ -218,6 +230,17 @@ def test_trains_and_evaluates_with_the_original_category_ids(dataset, tmp_path, 
     results = json.loads(results_path.read_text())
     assert results and {r["category_id"] for r in results} <= {3, 17, 42}
     assert {r["image_id"] for r in results} == set(VAL)
+
+    train_json.unlink()
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "scripts", "eval.py"), f"--workdir={tmp_path / 'run'}"],
+        env={**os.environ, "JAX_COMPILATION_CACHE_DIR": str(compile_cache)},
+        capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert f"The train split is left out (not needed here): {train_json}" in result.stderr
+    evaluated = json.loads((tmp_path / "run" / "eval_2.json").read_text())
+    assert {k: evaluated[k] for k in metrics} == metrics
 
 
 def test_tfds_warnings_about_tfds_itself_are_dropped_and_only_there(tmp_path, caplog):
@@ -332,6 +355,34 @@ def test_a_second_build_reuses_the_first(dataset, monkeypatch):
     monkeypatch.setattr(coco_format.CocoFormat, "_generate_examples", fail)
     again = coco_format.build_coco_format(splits, str(root / "tfds"))
     assert again.data_dir == builder.data_dir
+
+
+def test_a_split_not_needed_is_left_out_when_its_files_are_gone(tmp_path, caplog):
+    """eval.py on a machine without the train files: the validation split is built alone, with
+    the joint build's examples and a warning naming what is missing; where the train split is
+    read (training: every split), the error names its file, as before."""
+    splits = write_dataset(epath.Path(tmp_path))
+    config = coco_format_config.get_config()
+    config.data.data_dir = str(tmp_path / "tfds")
+    (config.data.train_json, config.data.train_images) = map(str, splits["train"])
+    (config.data.val_json, config.data.val_images) = map(str, splits["validation"])
+    joint = get_builder(config.data, pipeline.split_names("validation[:2]"))
+    assert sorted(joint.info.splits) == ["train", "validation"]  # both there: the joint build
+    assert get_builder(config.data).data_dir == joint.data_dir
+    train_json = splits["train"][0]
+    train_json.unlink()
+    with caplog.at_level("WARNING"):
+        alone = get_builder(config.data, ["validation"])
+    assert sorted(alone.info.splits) == ["validation"] and alone.data_dir != joint.data_dir
+    warning = f"The train split is left out (not needed here): {train_json}: cannot read the"
+    assert any(r.getMessage().startswith(warning) for r in caplog.records)
+    want, got = _examples(joint, "validation"), _examples(alone, "validation")
+    assert sorted(got) == sorted(want) == sorted(VAL)
+    for image_id, example in want.items():
+        tf.nest.map_structure(np.testing.assert_array_equal, got[image_id], example)
+    for needed in (None, ["train"], ["train", "validation"], ["no_such_split"]):
+        with pytest.raises(ValueError, match=re.escape(f"{train_json}: cannot read the")):
+            get_builder(config.data, needed)
 
 
 def _edit_json(splits: dict, split: str, edit) -> None:

@@ -9,6 +9,8 @@
 - ``pipeline``: fixed-shape numpy batches for training and evaluation.
 """
 
+from collections.abc import Collection
+
 import ml_collections
 import tensorflow_datasets as tfds
 
@@ -31,7 +33,9 @@ def with_absolute_paths(config: ml_collections.ConfigDict) -> ml_collections.Con
     return config
 
 
-def get_builder(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+def get_builder(
+    data: ml_collections.ConfigDict, splits: Collection[str] | None = None
+) -> tfds.core.DatasetBuilder:
     """Returns the prepared builder of ``config.data``, building it first if needed.
 
     "shapes" (``data.shapes_num_train`` / ``data.shapes_num_val`` images of 128×128) is generated
@@ -39,6 +43,10 @@ def get_builder(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     files in ``data.manual_dir`` on first use (an hour or so); "coco_format" is built from
     ``data.train_json``/``train_images`` and ``data.val_json``/``val_images`` on first use and
     again whenever one of those files changes.
+
+    ``splits``: the split names that will be read (default: all). A "coco_format" split not
+    among them is left out, with a warning, when its files cannot be read (the train files of
+    a run evaluated on another machine); the build of both is used while they can.
     """
     data_dir = data.data_dir or None
     if data.dataset == "shapes":
@@ -53,11 +61,13 @@ def get_builder(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
         )
         return builder
     if data.dataset == "coco_format":
-        splits = {
+        files = {
             "train": (data.train_json, data.train_images),
             "validation": (data.val_json, data.val_images),
         }
-        return coco_format.build_coco_format(splits, data_dir)
+        needed = set(files).intersection(splits or ())  # none known: all of them
+        optional = set(files) - needed if needed else ()
+        return coco_format.build_coco_format(files, data_dir, optional)
     raise ValueError(
         f"config.data.dataset is {data.dataset!r}; "
         "expected 'shapes', 'coco_instances' or 'coco_format'"

@@ -9,22 +9,24 @@ ascending category id and the original ids are kept in every object and in the d
 (``schema.label_to_category_id``), so evaluation reports them. All splits must list the same
 categories, and each needs at least one annotation.
 
-Caching: the builder config's name is the train json's name plus a hash of every split's json
-bytes and of the (file name, size, modification time in seconds) of every image the json lists,
+Caching: the builder config's name is the first split's json name plus a hash of every split's
+json bytes and of the (file name, size, modification time in seconds) of every image it lists,
 so the built dataset (``<data_dir>/coco_format/<name>/``) is reused while nothing changed and a
 new one is built as soon as a json or an image file changes. Each json and the presence of every
 image file are checked before anything is written (see ``coco_reader`` for the checks); an image
 that does not decode stops the TFDS build, which leaves nothing behind. Old builds stay until
-deleted.
+deleted. A split the caller does not need (``optional``: eval.py reads one split) is left out
+when its files cannot be read, which makes a build of the other splits alone.
 """
 
 import dataclasses
 import hashlib
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from typing import Any
 
 import tensorflow_datasets as tfds
+from absl import logging
 from etils import epath
 
 from mrcnn_jax.data import coco_reader, schema
@@ -55,32 +57,51 @@ class CocoFormatConfig(tfds.core.BuilderConfig):
     categories: tuple[tuple[int, str], ...] = ()
 
 
+def _read_split(
+    split: str, annotation_file: epath.PathLike, image_dir: epath.PathLike
+) -> tuple[coco_reader.AnnotationFile, bytes]:
+    """The checked annotations of one split and the hash of its image files (ValueError)."""
+    if not str(annotation_file) or not str(image_dir):
+        raise ValueError(f"split {split!r}: both its annotation json and image folder must be set")
+    annotations = coco_reader.read_annotation_file(annotation_file)
+    if not annotations.annotations:
+        raise ValueError(
+            f"{annotations.path}: the {split} split has no annotations "
+            f"({len(annotations.images)} images); it needs at least one annotated image"
+        )
+    return annotations, _image_files_digest(annotations, epath.Path(image_dir))
+
+
 def coco_format_config(
     splits: Mapping[str, tuple[epath.PathLike, epath.PathLike]],
+    optional: Collection[str] = (),
 ) -> CocoFormatConfig:
     """Reads and checks every split's json and image list; names the config by their hash.
 
     Args:
         splits: split name -> (annotation json, image folder), e.g. {"train": (...),
             "validation": (...)}.
+        optional: splits left out, with a warning saying why, when their files cannot be read
+            or fail the checks: eval.py needs only the split it evaluates (the train files may
+            stay on the machine that trained). The config then names the other splits only, a
+            dataset of its own.
 
     Raises:
-        ValueError: on any bad input the module docstring lists, on a split without annotations
-            and on splits with different categories, naming the file and image or annotation id.
+        ValueError: on any bad input the module docstring lists in a split not `optional`, on a
+            split without annotations and on splits with different categories, naming the file
+            and image or annotation id.
     """
     digest = hashlib.sha256()
-    categories, split_files = None, []
+    categories, split_files, left_out = None, [], []
     for split, (annotation_file, image_dir) in sorted(splits.items()):
-        if not str(annotation_file) or not str(image_dir):
-            raise ValueError(
-                f"split {split!r}: both its annotation json and image folder must be set"
-            )
-        annotations = coco_reader.read_annotation_file(annotation_file)
-        if not annotations.annotations:
-            raise ValueError(
-                f"{annotations.path}: the {split} split has no annotations "
-                f"({len(annotations.images)} images); it needs at least one annotated image"
-            )
+        try:
+            annotations, image_files_digest = _read_split(split, annotation_file, image_dir)
+        except ValueError as error:
+            if split not in optional:
+                raise
+            logging.warning("The %s split is left out (not needed here): %s", split, error)
+            left_out.append(str(error))
+            continue
         if categories is None:
             categories, first = annotations.categories, annotations.path
         elif annotations.categories != categories:
@@ -89,8 +110,10 @@ def coco_format_config(
                 f"lists {list(categories)}; all splits need the same categories"
             )
         digest.update(split.encode() + b"\0" + annotations.path.read_bytes() + b"\0")
-        digest.update(_image_files_digest(annotations, epath.Path(image_dir)))
+        digest.update(image_files_digest)
         split_files.append((split, str(annotations.path), str(image_dir)))
+    if not split_files:
+        raise ValueError(f"no split can be read: {'; '.join(left_out)}")
     stem = re.sub(r"[^a-z0-9]+", "_", epath.Path(split_files[0][1]).stem.lower()).strip("_")
     return CocoFormatConfig(
         name=f"{stem or 'coco'}_{digest.hexdigest()[:16]}",
@@ -146,11 +169,14 @@ class CocoFormat(tfds.core.GeneratorBasedBuilder):
 
 
 def build_coco_format(
-    splits: Mapping[str, tuple[epath.PathLike, epath.PathLike]], data_dir: str | None = None
+    splits: Mapping[str, tuple[epath.PathLike, epath.PathLike]],
+    data_dir: str | None = None,
+    optional: Collection[str] = (),
 ) -> CocoFormat:
     """Builds ``splits`` (split -> (annotation json, image folder)) into ``data_dir`` unless a
-    build of exactly these files is there already, and returns the prepared builder."""
+    build of exactly these files is there already, and returns the prepared builder; the
+    ``optional`` splits are left out when their files cannot be read (``coco_format_config``)."""
     with schema.tfds_notices_dropped():
-        builder = CocoFormat(data_dir=data_dir, config=coco_format_config(splits))
+        builder = CocoFormat(data_dir=data_dir, config=coco_format_config(splits, optional))
     builder.download_and_prepare()
     return builder

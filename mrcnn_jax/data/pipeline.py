@@ -89,6 +89,7 @@ instances, 28² masks, scale jitter).
 
 import functools
 import itertools
+import re
 from collections.abc import Iterator
 
 import jax
@@ -743,6 +744,11 @@ def eval_num_batches(
     batch = _local_batch(config.eval.batch_size, count)
     per_process = -(-_num_eval_examples(config, builder, split) // count)
     return -(-per_process // batch)
+
+
+def split_names(spec: str) -> list[str]:
+    """The splits a TFDS split spec reads: ["validation", "train"] for "validation[:5%]+train"."""
+    return re.findall(r"(?:^|\+)\s*(\w+)", spec)
 
 
 def eval_split(
