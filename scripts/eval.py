@@ -96,13 +96,9 @@ def main(argv):
     if split != config.data.val_split:
         suffix += "_" + re.sub(r"[^\w.-]+", "_", split)
     builder = get_builder(config.data, pipeline.split_names(split))  # only the files it reads
-    try:
-        num_images = builder.info.splits[pipeline.eval_split(config, builder, split)].num_examples
-    except (KeyError, ValueError) as error:
-        raise app.UsageError(
-            f"--split={split!r} is not a split of {builder.info.full_name} (its splits: "
-            f"{sorted(builder.info.splits)}): {error}"
-        ) from error
+    if error := pipeline.split_error(builder, split):
+        raise app.UsageError(f"--split={split!r} {error}")
+    num_images = builder.info.splits[pipeline.eval_split(config, builder, split)].num_examples
     if not num_images:
         raise app.UsageError(f"--split={split!r} selects no image of {builder.info.full_name}")
     try:

@@ -310,6 +310,22 @@ def test_max_images_limits_any_split_spec_to_its_first_images(
     assert sorted(ids) == sorted(first)
 
 
+def test_split_names_and_why_a_split_spec_cannot_be_read(shapes_builder):
+    """An unknown split name says which splits there are; a slice out of range or a spec that
+    does not parse gives the split sizes and TFDS's reason (8 train, 5 validation images)."""
+    assert pipeline.split_names("validation[:5%]+train [2:]") == ["validation", "train"]
+    for spec in ("validation", "validation[1:3]", "train[:50%]+validation", "validation[:0]"):
+        assert pipeline.split_error(shapes_builder, spec) is None, spec
+    name = shapes_builder.info.full_name
+    unknown = f"is not a split of {name} (its splits: ['train', 'validation'])"
+    for spec in ("val", "train+val[:2]"):
+        assert pipeline.split_error(shapes_builder, spec) == unknown, spec
+    sizes = f"does not select images of {name} (train: 8, validation: 5 images): "
+    out_of_range = pipeline.split_error(shapes_builder, "validation[9:]")
+    assert out_of_range == sizes + "Requested slice [9:5] incompatible with 5 examples."
+    assert pipeline.split_error(shapes_builder, "train[:10").startswith(sizes)
+
+
 def test_horizontal_flip_moves_image_boxes_and_masks_together(shapes_builder):
     config = _config(train_split="train[:1]", hflip=True)
     plain = next(iter(_eval_rows(config, shapes_builder, split="train[:1]").values()))

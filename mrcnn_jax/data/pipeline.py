@@ -751,6 +751,25 @@ def split_names(spec: str) -> list[str]:
     return re.findall(r"(?:^|\+)\s*(\w+)", spec)
 
 
+def split_error(builder: tfds.core.DatasetBuilder, spec: str) -> str | None:
+    """Why `builder` cannot read the TFDS split spec `spec`, to follow the spec in a message
+    ("is not a split of <dataset> (its splits: ...)", or "does not select images of <dataset>
+    (<split sizes>): <TFDS's reason>" for a slice out of range or a spec that does not parse);
+    None when it can."""
+    splits = builder.info.splits
+    try:
+        splits[spec]
+        return None
+    except (KeyError, ValueError) as error:
+        reason = str(error).splitlines()[-1] if str(error) else type(error).__name__
+    name = builder.info.full_name
+    unknown = [split for split in split_names(spec) if split not in splits]
+    if unknown:
+        return f"is not a split of {name} (its splits: {sorted(splits)})"
+    sizes = ", ".join(f"{split}: {splits[split].num_examples}" for split in sorted(splits))
+    return f"does not select images of {name} ({sizes} images): {reason}"
+
+
 def eval_split(
     config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder, split: str | None
 ) -> str:

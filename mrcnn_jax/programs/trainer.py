@@ -218,15 +218,10 @@ def check_splits(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBu
     latter also as evaluated (its first `eval.max_images` images)."""
     for name in ("train_split", "val_split"):
         split = config.data[name]
-        try:
-            builder.info.splits[split]
-            if name == "val_split":
-                builder.info.splits[pipeline.eval_split(config, builder, split)]
-        except (KeyError, ValueError) as e:
-            raise ValueError(
-                f"config.data.{name}={split!r} is not a split of {builder.info.full_name} "
-                f"(its splits: {sorted(builder.info.splits)}): {e}"
-            ) from e
+        if name == "val_split" and not pipeline.split_error(builder, split):
+            split = pipeline.eval_split(config, builder, split)  # its first eval.max_images
+        if error := pipeline.split_error(builder, split):
+            raise ValueError(f"config.data.{name}={config.data[name]!r} {error}")
 
 
 def initial_variables(config: ml_collections.ConfigDict, model: MaskRCNN) -> dict:
