@@ -95,7 +95,8 @@ def main(argv):
     suffix = str(predictor.step)
     if split != config.data.val_split:
         suffix += "_" + re.sub(r"[^\w.-]+", "_", split)
-    builder = get_builder(config.data, pipeline.split_names(split))  # only the files it reads
+    with launch.errors_in_one_line(ValueError, OSError):  # the data's files, named
+        builder = get_builder(config.data, pipeline.split_names(split))  # only those it reads
     if error := pipeline.split_error(builder, split):
         raise app.UsageError(f"--split={split!r} {error}")
     num_images = builder.info.splits[pipeline.eval_split(config, builder, split)].num_examples

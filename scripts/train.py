@@ -21,6 +21,11 @@ Config overrides are flags (`--config.train.num_steps=100`); an argument that is
 (e.g. `config.train.num_steps=100`, its `--` missing) is a usage error, as are a --workdir that
 is a regular file, a --config file that cannot be opened, and a config that does not fit (e.g.
 an image size that is not a multiple of model.size_divisibility), each named before any work.
+Later errors that name what to fix end the run with one line, `error: ...` (exit status 1;
+`--verbosity=0` adds the traceback): a config that does not fit the data or the checkpoint
+being resumed, data or backbone weights that cannot be read, a damaged checkpoint, a full disk,
+and a --workdir that another train.py is training in (each run locks its workdir). Ctrl-C
+(exit status 130) keeps every complete checkpoint.
 Relative paths (--workdir, the data's files) are taken from the current folder and a `~` in
 them is expanded (a shell leaves `--workdir=~/x` as it is); the config stored with the
 checkpoints names the data's absolutely, so eval.py runs from any folder.
@@ -82,17 +87,23 @@ def main(argv):
         jax.local_device_count(),
         jax.device_count(),
     )
-    from mrcnn_jax.train.checkpoint import CheckpointWriteError, CorruptCheckpointError
+    from mrcnn_jax.train.checkpoint import checkpoint_dir
 
-    try:
-        metrics = trainer.train_and_evaluate(config, _WORKDIR.value)
-    except CorruptCheckpointError as error:  # resuming from a damaged copy: say which, no trace
-        raise app.UsageError(str(error)) from error
-    except (CheckpointWriteError, trainer.MetricsWriteError) as error:  # e.g. a full disk:
-        sys.exit(f"error: {error}")  # what, where, and what is kept
+    try:  # Errors naming what to fix, in one line: a config that does not fit the data or the
+        # checkpoint, data or weights files that cannot be used, a damaged checkpoint, a full
+        # disk (what is kept), a workdir another run is training in.
+        with launch.errors_in_one_line(ValueError, OSError, trainer.WorkdirInUseError):
+            metrics = trainer.train_and_evaluate(config, _WORKDIR.value)
     except trainer.Preempted as preempted:
         print(preempted, flush=True)
         sys.exit(128 + signal.SIGTERM)  # as if SIGTERM had ended it, once the checkpoint is safe
+    except KeyboardInterrupt:  # a checkpoint being written was completed (train_and_evaluate)
+        print(
+            f"interrupted: the complete checkpoints in {checkpoint_dir(workdir)} are kept; run "
+            "the same command to resume from the latest",
+            file=sys.stderr,
+        )
+        sys.exit(128 + signal.SIGINT)
     if jax.process_index() == 0:
         print(trainer.final_summary(metrics), flush=True)
 

@@ -2,6 +2,7 @@
 absl's usage message, no traceback). scripts/predict.py's and scripts/eval.py's errors about a
 checkpoint are in tests/test_predict.py."""
 
+import fcntl
 import os
 import subprocess
 import sys
@@ -107,6 +108,41 @@ def test_train_refuses_a_workdir_that_is_a_regular_file(tmp_path):
     a_file.write_text("")
     result = run_script("train.py", "--config=configs/shapes_r18.py", f"--workdir={a_file}")
     assert_usage_error(result, f"--workdir={a_file} is a file, not a folder")
+
+
+def test_train_ends_later_errors_in_one_line_and_refuses_a_workdir_in_use(tmp_path):
+    """A config that does not fit the data (known once the dataset is built) ends the run with
+    `error: ...` and no traceback (which `--verbosity=0` shows); a workdir whose lock another
+    train.py holds is refused before any work, naming that run (two runs in one workdir wrote
+    each other's checkpoints and interleaved their metrics)."""
+    common = [
+        "--config=configs/shapes_r18.py",
+        f"--config.data.data_dir={tmp_path / 'tfds'}",
+        "--config.data.shapes_num_train=8",
+        "--config.data.shapes_num_val=8",
+    ]
+    message = "error: config.model.num_classes=4 but dataset shapes/"
+    for verbosity in ([], ["--verbosity=0"]):
+        result = run_script(
+            "train.py", *common, f"--workdir={tmp_path / 'w'}", "--config.model.num_classes=4",
+            *verbosity,
+        )  # fmt: skip
+        assert result.returncode == 1, result.stderr[-3000:]
+        assert message in result.stderr, result.stderr[-3000:]
+        assert ("Traceback" in result.stderr) == bool(verbosity), result.stderr[-3000:]
+
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    with open(busy / ".train.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        lock.write("pid 4242 on elsewhere\n")
+        lock.flush()
+        result = run_script("train.py", *common, f"--workdir={busy}")
+    assert result.returncode == 1, result.stderr[-3000:]
+    message = f"error: {busy} is in use by another training run (pid 4242 on elsewhere; lock"
+    assert message in result.stderr, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert os.listdir(busy) == [".train.lock"]
 
 
 @pytest.mark.parametrize("name", ["eval.py", "predict.py"])

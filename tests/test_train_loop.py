@@ -185,19 +185,71 @@ def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(
     trained, tmp_path, capsys, monkeypatch
 ):
     """Resuming at step 2 (the run's final checkpoint removed) ends where the run ended, without
-    running the model's init (the restore overwrites every variable)."""
+    running the model's init (the restore overwrites every variable), and metrics.jsonl has
+    the uninterrupted run's rows: those the stopped run logged after step 2 are dropped, not
+    repeated. Run again, the finished run trains nothing, says so, and evaluates again in the
+    place of its eval row."""
     _, config, metrics = trained
     workdir = copy_workdir(trained, tmp_path)
     shutil.rmtree(workdir / "checkpoints" / str(NUM_STEPS))
+    with (workdir / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 4, "train/loss"')  # torn by a crash
+
+    def timeless(rows):  # the rows without their timings
+        return [{k: v for k, v in r.items() if "per_second" not in k} for r in rows]
+
+    want = timeless(read_jsonl(trained[0] / "metrics.jsonl"))
+    assert [r["step"] for r in want] == [1, 2, 3, 4, 4]  # the last: the eval
 
     def no_init(*args, **kwargs):
         raise AssertionError("a resumed run initialised the model's variables")
 
     monkeypatch.setattr(state_lib, "init_variables", no_init)
     resumed_metrics = trainer.train_and_evaluate(config, str(workdir))
-    assert re.search(r"Resumed from \S+ at step 2\n", capsys.readouterr().out)
+    out = capsys.readouterr().out
+    assert re.search(r"Resumed from \S+ at step 2\n", out)
+    assert "metrics.jsonl: dropped 4 rows logged after step 2, the checkpoint resumed" in out
     assert_trees_equal(final_state(workdir), final_state(trained[0]))
     assert resumed_metrics == metrics
+    assert timeless(read_jsonl(workdir / "metrics.jsonl")) == want
+
+    config_json = (workdir / "config.json").read_text()
+    other_lr = run_config(config.data.data_dir, **{"train.base_lr": 0.5})
+    assert trainer.train_and_evaluate(other_lr, str(workdir)) == metrics
+    out = capsys.readouterr().out
+    assert "Checkpoint step 4 >= config.train.num_steps=4: nothing to train" in out
+    assert "metrics.jsonl: dropped 1 rows logged after step 4" in out
+    assert timeless(read_jsonl(workdir / "metrics.jsonl")) == want
+    assert (workdir / "config.json").read_text() == config_json  # not the lr it did not use
+
+
+def test_resume_warns_of_another_learning_rate_or_other_classes(data_dir):
+    """Changes that a checkpoint fits but that make the resumed run differ: a schedule giving
+    another learning rate at the resumed step (a cosine run extended: high again), another
+    dataset's classes. Nothing at step 0 (fine-tuning converted weights) or without changes."""
+    config = run_config(data_dir, **{"train.num_steps": 400})
+    config.data.class_names = ("circle", "square", "triangle")
+    stored = json.loads(config.to_json_best_effort())
+    assert trainer.resume_warnings(stored, config, 400) == []
+    longer = config.copy_and_resolve_references()
+    longer.train.num_steps, longer.train.base_lr = 800, config.train.base_lr / 2
+    schedule = state_lib.create_learning_rate_fn
+    now, before = (float(schedule(c.train)(400)) for c in (longer, config))
+    assert now > 100 * before  # the cosine decayed to ~0 at 400; stretched, about half way
+    assert trainer.resume_warnings(stored, longer, 400) == [
+        f"the learning rate at step 400 is {now:.3g} under this config's schedule, "
+        f"{before:.3g} under the checkpoint's (train.base_lr {config.train.base_lr!r} -> "
+        f"{longer.train.base_lr!r}, train.num_steps 400 -> 800): it follows the config given now"
+    ]
+    other = config.copy_and_resolve_references()
+    other.data.class_names = ("red", "green", "blue")
+    assert trainer.resume_warnings(stored, other, 400) == [
+        "the checkpoint was trained on the classes ['circle', 'square', 'triangle'], this run "
+        "trains on ['red', 'green', 'blue'] (shapes): the labels change meaning"
+    ]
+    assert trainer.resume_warnings(stored, longer, 0) == []
+    del stored["train"]["warmup_steps"]  # a config of an older release: its schedule unknown
+    assert trainer.resume_warnings(stored, longer, 400) == []
 
 
 def test_resume_rejects_an_incompatible_config(trained, data_dir, tmp_path):
@@ -218,6 +270,7 @@ BAD_CONFIGS = {
     "train.num_steps": (-5, r"config\.train\.num_steps=-5 must be 0 or more"),
     "train.keep_checkpoints": (-1, r"config\.train\.keep_checkpoints=-1 must be 0 or more"),
     "eval.batch_size": (0, r"config\.eval\.batch_size=0 must be at least 1"),
+    "train.batch_size": (3, r"config\.train\.batch_size=3 is not divisible by the 8 devices"),
     "data.max_instances": (0, r"config\.data\.max_instances=0 must be at least 1"),
     "data.mean": ((0.5,) * 4, r"config\.data\.mean=\(0\.5, 0\.5, 0\.5, 0\.5\) must have 3"),
     "data.std": ((1.0, 0.0, 1.0), r"config\.data\.std=\(1\.0, 0\.0, 1\.0\) must be positive"),

@@ -12,12 +12,14 @@ tests/conftest.py) has XLA:CPU compile without LLVM's loop unrolling: a faster c
 same step time.
 """
 
+import contextlib
 import os
 import re
 import sys
+from collections.abc import Iterator
 from typing import Any
 
-from absl import app, flags
+from absl import app, flags, logging
 
 HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb"
 XLA_FLAGS = "XLA_FLAGS"
@@ -117,6 +119,19 @@ def make_output_folder(folder: str | os.PathLike, flag: str) -> None:
         probe.unlink()
     except Exception as error:  # OSError locally; the storage backend's own errors elsewhere
         raise app.UsageError(f"cannot write into {folder} ({flag}): {error}") from error
+
+
+@contextlib.contextmanager
+def errors_in_one_line(*types: type[BaseException]) -> Iterator[None]:
+    """Ends the script with `error: <message>` (exit status 1) on an error of `types` raised in
+    the block: errors whose message names the bad input (a config field, a data or weights
+    file, a checkpoint), which a traceback would bury. The traceback is logged at INFO level
+    (`--verbosity=0` shows it)."""
+    try:
+        yield
+    except types as error:
+        logging.info("The traceback of the error below:", exc_info=True)
+        sys.exit(f"error: {error}")
 
 
 def initialize() -> None:

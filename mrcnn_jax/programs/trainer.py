@@ -26,12 +26,15 @@ step compiles once per canvas, the first time a step of that group comes, and ne
 """
 
 import contextlib
+import fcntl
 import json
 import math
+import os
 import signal
+import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import jax
 import ml_collections
@@ -60,26 +63,43 @@ class MetricsWriteError(OSError):
 
 
 class MetricWriter:
-    """Writes scalars to `metrics.jsonl` and TensorBoard in the workdir (process 0 only)."""
+    """Writes scalars to `metrics.jsonl` and TensorBoard in the workdir (process 0 only).
 
-    def __init__(self, workdir: epath.Path):
+    A run resumed at `resumed_step` first drops from `metrics.jsonl` the rows of later steps
+    (logged after the last checkpoint by the run that stopped: they are trained and logged
+    again) and, with `eval_again`, the eval rows at `resumed_step`, so that every step has one
+    row, as in an uninterrupted run. TensorBoard's event files are kept as written.
+    """
+
+    def __init__(
+        self, workdir: epath.Path, resumed_step: int | None = None, eval_again: bool = False
+    ):
         self._workdir = workdir
         self._active = jax.process_index() == 0
         if self._active:
-            self._jsonl = (workdir / "metrics.jsonl").open("a")
+            path = workdir / "metrics.jsonl"
+            if resumed_step is not None and path.exists():
+                self._guarded(lambda: _drop_rows_after(path, resumed_step, eval_again))
+            self._jsonl = path.open("a")
             self._tb = tf.summary.create_file_writer(str(workdir / "tensorboard"))
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         """Appends `scalars` at `step`; raises `MetricsWriteError` if they cannot be written."""
-        if not self._active:
-            return
+        if self._active:
+            self._guarded(lambda: self._write(step, scalars))
+
+    def _write(self, step: int, scalars: dict[str, float]) -> None:
+        self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+        self._jsonl.flush()
+        with self._tb.as_default(step=step):
+            for name, value in scalars.items():
+                tf.summary.scalar(name, value)
+        self._tb.flush()
+
+    def _guarded(self, write: Callable[[], None]) -> None:
+        """Runs `write`, raising `MetricsWriteError` if the files cannot be written."""
         try:
-            self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
-            self._jsonl.flush()
-            with self._tb.as_default(step=step):
-                for name, value in scalars.items():
-                    tf.summary.scalar(name, value)
-            self._tb.flush()
+            write()
         except (OSError, tf.errors.OpError) as error:
             reason = error.strerror if isinstance(error, OSError) and error.strerror else error
             raise MetricsWriteError(
@@ -92,6 +112,33 @@ class MetricWriter:
         if self._active:
             self._jsonl.close()
             self._tb.close()
+
+
+def _drop_rows_after(path: epath.Path, step: int, eval_rows_at_step: bool) -> None:
+    """Rewrites the jsonl file `path` without its rows of steps after `step`, without its eval
+    rows at `step` if `eval_rows_at_step`, and without a torn last line (no newline)."""
+    lines = path.read_text().splitlines(keepends=True)
+
+    def dropped(line: str) -> bool:
+        if not line.endswith("\n"):
+            return True
+        try:
+            row = json.loads(line)
+            row_step = int(row["step"])
+        except (ValueError, TypeError, KeyError):
+            return False  # not a row of ours: kept
+        at_step = row_step == step and any(key.startswith("eval/") for key in row)
+        return row_step > step or (eval_rows_at_step and at_step)
+
+    kept = [line for line in lines if not dropped(line)]
+    if len(kept) < len(lines):
+        partial = path.parent / f"{path.name}.tmp"
+        partial.write_text("".join(kept))
+        partial.replace(path)  # at once: the old rows or the new, never half
+        _say(
+            f"{path.name}: dropped {len(lines) - len(kept)} rows logged after step {step}, the "
+            "checkpoint resumed (their steps are logged again)"
+        )
 
 
 def _say(message: str) -> None:
@@ -182,7 +229,8 @@ def check_train_config(config: ml_collections.ConfigDict) -> None:
 
     `train.log_every` and `train.checkpoint_every` are positive numbers of steps;
     `train.num_steps`, `train.eval_every` (0: only at the end) and `train.keep_checkpoints`
-    (0: all) are 0 or more; `eval.batch_size` is positive (`evaluator.eval_batch_size`).
+    (0: all) are 0 or more; `eval.batch_size` is positive (`evaluator.eval_batch_size`) and
+    `train.batch_size` a multiple of the device count.
 
     Raises:
       ValueError: naming the field and its value.
@@ -191,6 +239,11 @@ def check_train_config(config: ml_collections.ConfigDict) -> None:
     check_model_config(config.model)
     state_lib.check_train_settings(config.train)
     evaluator.eval_batch_size(config, jax.device_count())
+    if config.train.batch_size % jax.device_count():
+        raise ValueError(
+            f"config.train.batch_size={config.train.batch_size} is not divisible by the "
+            f"{jax.device_count()} devices: use a multiple of {jax.device_count()}"
+        )
     if config.model.roi_heads.mask_paste not in PASTE_METHODS:
         raise ValueError(
             f"config.model.roi_heads.mask_paste={config.model.roi_heads.mask_paste!r} must be "
@@ -236,6 +289,43 @@ def initial_variables(config: ml_collections.ConfigDict, model: MaskRCNN) -> dic
     return variables
 
 
+def resume_warnings(stored: dict, config: ml_collections.ConfigDict, step: int) -> list[str]:
+    """What a run resumed at `step` does differently from the run that wrote the checkpoint
+    (its config `stored`), though the checkpoint fits: another learning rate at `step` (a
+    schedule follows `config.train`: e.g. a larger `num_steps` stretches a cosine decay back
+    up), or other classes (another dataset with as many: the labels change meaning). None at
+    step 0: converted or initial weights start any run (fine-tuning)."""
+    if step == 0:
+        return []
+    warnings = []
+    stored_train = stored.get("train", {})
+    try:
+        schedule = state_lib.create_learning_rate_fn(ml_collections.ConfigDict(stored_train))
+        before = float(schedule(step))
+    except (AttributeError, KeyError, ValueError):  # a config of an older release: not compared
+        before = None
+    now = float(state_lib.create_learning_rate_fn(config.train)(step))
+    if before is not None and not math.isclose(before, now, rel_tol=1e-6, abs_tol=1e-12):
+        train = json.loads(config.train.to_json_best_effort())  # tuples as the stored lists
+        changed = [
+            f"train.{name} {stored_train[name]!r} -> {value!r}"
+            for name, value in sorted(train.items())
+            if name in stored_train and stored_train[name] != value
+        ]
+        warnings.append(
+            f"the learning rate at step {step} is {now:.3g} under this config's schedule, "
+            f"{before:.3g} under the checkpoint's ({', '.join(changed)}): it follows the "
+            "config given now"
+        )
+    names = tuple(stored.get("data", {}).get("class_names") or ())
+    if names and tuple(config.data.class_names) != names:
+        warnings.append(
+            f"the checkpoint was trained on the classes {list(names)}, this run trains on "
+            f"{list(config.data.class_names)} ({config.data.dataset}): the labels change meaning"
+        )
+    return warnings
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains `config` in `workdir` (resuming if it has checkpoints), evaluates, returns metrics.
 
@@ -255,18 +345,63 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       checkpoint.CheckpointWriteError: a checkpoint could not be written (e.g. the disk is
         full); the complete ones are kept, and the same call resumes from the latest.
       MetricsWriteError: the metrics could not be written (e.g. the disk is full); likewise.
+      WorkdirInUseError: another training run is using `workdir` (`_workdir_lock`).
     """
     check_train_config(config)
     config = with_absolute_paths(config)  # as stored with the checkpoints, for eval.py
     workdir = epath.Path(paths.absolute(workdir))
     workdir.mkdir(parents=True, exist_ok=True)
-    manager = ckpt_lib.create_manager(workdir, max_to_keep=config.train.keep_checkpoints or None)
-    try:
-        with _stop_on_sigterm() as stop:
-            return _train_and_evaluate(config, workdir, manager, stop)
-    finally:  # also on an error or Ctrl-C: a checkpoint being written is completed, not lost
-        ckpt_lib.finish_writes(manager)
-        manager.close()
+    with _workdir_lock(workdir):
+        manager = ckpt_lib.create_manager(
+            workdir, max_to_keep=config.train.keep_checkpoints or None
+        )
+        try:
+            with _stop_on_sigterm() as stop:
+                return _train_and_evaluate(config, workdir, manager, stop)
+        finally:  # also on an error or Ctrl-C: a checkpoint being written is completed, not lost
+            ckpt_lib.finish_writes(manager)
+            manager.close()
+
+
+class WorkdirInUseError(RuntimeError):
+    """Another training run holds the workdir's lock: two runs in one workdir would write each
+    other's checkpoints and interleave their metrics."""
+
+
+LOCK_FILE = ".train.lock"
+
+
+@contextlib.contextmanager
+def _workdir_lock(workdir: epath.Path) -> Iterator[None]:
+    """Holds an exclusive lock on `<workdir>/.train.lock` (`flock`, released by the system when
+    the process ends, however it ends) during the block; process 0 of a local workdir only
+    (cloud storage has no locks). The file stays, naming the last holder.
+
+    Raises:
+      WorkdirInUseError: another process holds it, naming that process.
+    """
+    if jax.process_index() != 0 or paths.is_url(str(workdir)):
+        yield
+        return
+    path = workdir / LOCK_FILE
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise WorkdirInUseError(
+                f"{workdir} is in use by another training run ({holder}; lock file {path}): "
+                "wait for it to end, or train in another --workdir"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.ctime()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 class Preempted(Exception):
@@ -325,11 +460,19 @@ def _train_and_evaluate(
         state = ckpt_lib.restore(manager, state, config, step=resume_step)
         ckpt_lib.set_aside_incomplete(manager)  # so that their steps are saved again
         _say(f"Resumed from {manager.directory} at step {int(state.step)}")
-        warning = ckpt_lib.images_per_device_warning(manager, resume_step, config, mesh.size)
-        if warning and jax.process_index() == 0:
-            logging.warning(warning)
-    if jax.process_index() == 0:  # after the restore: a rejected config must not replace it
+        warnings = [ckpt_lib.images_per_device_warning(manager, resume_step, config, mesh.size)]
+        warnings += resume_warnings(ckpt_lib.load_config(manager, resume_step), config, resume_step)
+        for warning in filter(None, warnings):
+            if jax.process_index() == 0:
+                logging.warning(warning)
+    if resuming and resume_step >= config.train.num_steps:
+        _say(
+            f"Checkpoint step {resume_step} >= config.train.num_steps={config.train.num_steps}: "
+            "nothing to train (a larger num_steps trains on); evaluating it"
+        )
+    elif jax.process_index() == 0:  # after the restore: a rejected config must not replace it
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    if jax.process_index() == 0:
         warning = ckpt_lib.disk_space_warning(manager, state)
         if warning:
             logging.warning(warning)
@@ -340,7 +483,9 @@ def _train_and_evaluate(
     train_step = step_lib.make_train_step(config, mesh, learning_rate_fn)
     predict_step = evaluator.make_predict_step(model, mesh)
     batches = pipeline.create_train_dataset(config, builder=builder, start_step=start_step)
-    writer = MetricWriter(workdir)
+    writer = MetricWriter(
+        workdir, start_step if resuming else None, eval_again=start_step >= config.train.num_steps
+    )
     base_key = jax.random.key(config.seed)
     t = config.train
 
