@@ -147,18 +147,33 @@ def test_every_problem_of_a_state_dict_is_listed_in_one_error(tmp_path):
     assert "fc." not in message  # the ImageNet classifier is expected and ignored
 
 
-def test_a_checkpoint_of_another_depth_lists_its_keys(tmp_path):
+def test_a_state_dict_of_another_depth_or_network_is_one_line_naming_it(tmp_path):
+    """A ResNet-18's weights for a ResNet-50 backbone (was a list of 188 keys), or another
+    network's: the file, what it holds and the field to change."""
     path = saved_state_dict(random_resnet(18), tmp_path)
     config = tiny_config(**{"model.backbone_depth": 50, "model.backbone_weights": path})
     with pytest.raises(ValueError) as error:
         imagenet.backbone_variables(config.model)
-    message = str(error.value)
-    assert message.startswith("the state dict does not fit the ResNet-50 backbone")
-    assert "\n  layer1.0.conv3.weight (for params/backbone/res2_0/conv3/kernel)\n" in message
-    assert (
-        "\n  layer1.0.conv1.weight: float32[64, 64, 3, 3], expected float32[64, 64, 1, 1]"
-        in message
+    assert str(error.value) == (
+        f"model.backbone_weights={path!r}: the state dict is a ResNet-18's, the config's "
+        "backbone a ResNet-50 (model.backbone_depth): give a ResNet-50's weights, or set "
+        "--config.model.backbone_depth=18"
     )
+    other = {"features.0.weight": np.zeros((8, 3, 3, 3), np.float32)}
+    with pytest.raises(ValueError) as error:
+        imagenet.convert_backbone_state_dict(other, config.model)
+    assert str(error.value) == (
+        "the state dict is not a torchvision classification ResNet's (no layer1-layer4 blocks "
+        "among its 1 tensors, e.g. features.0.weight); give a torchvision ResNet-50 state dict"
+    )
+
+
+def test_resnet_depth_tells_every_torchvision_resnet():
+    models = pytest.importorskip("torchvision.models")
+    for depth in (18, 34, 50, 101, 152):
+        keys = dict.fromkeys(getattr(models, f"resnet{depth}")(weights=None).state_dict())
+        assert imagenet.resnet_depth(keys) == depth
+    assert imagenet.resnet_depth({"conv1.weight": None}) is None
 
 
 def test_release_names_download_and_name_the_url_when_offline(monkeypatch):

@@ -418,10 +418,17 @@ def test_a_frozen_backbone_without_weights_is_refused(data_dir, tmp_path):
             assert advice in message
         opted_in = run_config(data_dir, **overrides, **{"model.allow_random_frozen_backbone": True})
         trainer.check_backbone_init(opted_in.model)
-        with_weights = run_config(data_dir, **overrides, **{"model.backbone_weights": "x.pth"})
+        weights = tmp_path / "x.pth"
+        weights.write_bytes(b"")  # only its existence is checked here
+        with_weights = run_config(data_dir, **overrides, **{"model.backbone_weights": str(weights)})
         trainer.check_backbone_init(with_weights.model)
     assert not list((tmp_path / "run" / "checkpoints").iterdir())
     trainer.check_backbone_init(run_config(data_dir).model)  # batch norm, nothing frozen
+    # A mistyped weights path: refused before the dataset is built (COCO's takes an hour).
+    missing = run_config(str(tmp_path / "tfds"), **{"model.backbone_weights": "resnet18.ph"})
+    with pytest.raises(FileNotFoundError, match=r"model\.backbone_weights='resnet18\.ph' is no"):
+        trainer.train_and_evaluate(missing, str(tmp_path / "run"))
+    assert not (tmp_path / "tfds").exists()
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ import re
 import sys
 import types
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import ml_collections
 import numpy as np
@@ -61,6 +62,26 @@ def backbone_keys(
     }
 
 
+def resnet_depth(state_dict: Mapping[str, Any]) -> int | None:
+    """The depth of the torchvision ResNet whose keys `state_dict` has (18, 34, 50, 101, 152),
+    told by its block type (a third conv: bottleneck) and its blocks per stage; None if its
+    keys are not a ResNet's."""
+    blocks = [0] * 4
+    for key in state_dict:
+        if match := re.match(r"layer([1-4])\.(\d+)\.", key):
+            stage = int(match[1]) - 1
+            blocks[stage] = max(blocks[stage], int(match[2]) + 1)
+    bottleneck = "layer1.0.conv3.weight" in state_dict
+    depths = {
+        ((2, 2, 2, 2), False): 18,
+        ((3, 4, 6, 3), False): 34,
+        ((3, 4, 6, 3), True): 50,
+        ((3, 4, 23, 3), True): 101,
+        ((3, 8, 36, 3), True): 152,
+    }
+    return depths.get((tuple(blocks), bottleneck))
+
+
 def convert_backbone_state_dict(
     state_dict: Mapping[str, np.ndarray],
     model_config: ml_collections.ConfigDict,
@@ -80,14 +101,28 @@ def convert_backbone_state_dict(
       numpy arrays: the backbone subtree of what `MaskRCNN.init` creates, nothing else.
 
     Raises:
-      ValueError: one message listing every missing key, every key no variable uses (other than
-        the classifier `fc.*`) and every shape mismatch (e.g. another depth).
+      ValueError: the state dict is not a ResNet's, or one of another depth (`resnet_depth`),
+        saying so; otherwise one message listing every missing key, every key no variable
+        uses (other than the classifier `fc.*`) and every shape mismatch.
     """
     state = {
         k: v
         for k, v in state_dict.items()
         if not k.startswith(_IGNORED_PREFIXES) and not k.endswith(".num_batches_tracked")
     }
+    depth, want = resnet_depth(state), model_config.backbone_depth
+    if depth is None:
+        raise ValueError(
+            f"the state dict is not a torchvision classification ResNet's (no layer1-layer4 "
+            f"blocks among its {len(state)} tensors, e.g. {', '.join(list(state)[:3])}); give a "
+            f"torchvision ResNet-{want} state dict"
+        )
+    if depth != want:
+        raise ValueError(
+            f"the state dict is a ResNet-{depth}'s, the config's backbone a ResNet-{want} "
+            f"(model.backbone_depth): give a ResNet-{want}'s weights, or set "
+            f"--config.model.backbone_depth={depth}"
+        )
     shapes = tv_convert.variable_shapes(model_config)
     keys = backbone_keys(model_config, shapes)
     converted = tv_convert.convert_variables(
@@ -161,22 +196,29 @@ def read_backbone_state_dict(source: str, depth: int) -> dict[str, np.ndarray]:
     """
     if is_release_name(source):
         return download_backbone_state_dict(source, depth)
-    path = epath.Path(paths_lib.absolute(source))
-    if not path.exists():
+    check_backbone_file(source, depth)
+    return tv_convert.load_state_dict(paths_lib.absolute(source))
+
+
+def check_backbone_file(source: str, depth: int) -> None:
+    """Raises FileNotFoundError, saying what to give, unless `source` (not a release name) is
+    an existing file: checked before a dataset is built, so a mistyped path fails at once."""
+    if not epath.Path(paths_lib.absolute(source)).is_file():
         raise FileNotFoundError(
             f"model.backbone_weights={source!r} is no file; give the path of a torchvision "
             f"ResNet-{depth} state dict (.pth) or a release name such as 'IMAGENET1K_V1'"
         )
-    return tv_convert.load_state_dict(path)
 
 
 def backbone_variables(model_config: ml_collections.ConfigDict) -> dict[str, dict]:
     """The backbone variables `model_config.backbone_weights` names, converted (see
     `convert_backbone_state_dict`)."""
-    state_dict = read_backbone_state_dict(
-        model_config.backbone_weights, model_config.backbone_depth
-    )
-    return convert_backbone_state_dict(state_dict, model_config)
+    source = model_config.backbone_weights
+    state_dict = read_backbone_state_dict(source, model_config.backbone_depth)
+    try:
+        return convert_backbone_state_dict(state_dict, model_config)
+    except ValueError as error:
+        raise ValueError(f"model.backbone_weights={source!r}: {error}") from None
 
 
 def with_backbone(variables: Mapping[str, dict], backbone: Mapping[str, dict]) -> dict[str, dict]:

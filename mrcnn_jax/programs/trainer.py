@@ -200,9 +200,14 @@ def check_backbone_init(model: ml_collections.ConfigDict) -> None:
     `model.allow_random_frozen_backbone` opts in. Only for a run without a checkpoint: a
     restored (e.g. converted) checkpoint brings its own backbone.
 
+    A `model.backbone_weights` path is checked to be a file here, before the dataset is built.
+
     Raises:
       ValueError: saying which fields to set.
+      FileNotFoundError: `model.backbone_weights` names no file (nor a release).
     """
+    if model.backbone_weights and not imagenet.is_release_name(model.backbone_weights):
+        imagenet.check_backbone_file(model.backbone_weights, model.backbone_depth)
     frozen = []
     if model.norm == "frozen":
         frozen.append('model.norm="frozen" (fixed BatchNorm statistics)')
