@@ -9,7 +9,7 @@ annotations skipped, biases decayed) starting from torchvision's ImageNet ResNet
 aspect-ratio grouping (`data.canvas_groups`: landscape images in 832×1344, portrait ones in
 1344×832; eval keeps 1344²). Every field beside Detectron2's and torchvision's value, and each
 remaining difference: docs/coco_recipes.md.
-Build the dataset first (see README "Train on COCO"):
+Build the dataset first (see README "Train on COCO 2017"):
 
   python scripts/train.py --config=configs/coco_r50_fpn_1x.py \
       --config.data.manual_dir=/data/coco --workdir=/tmp/coco_r50_1x

@@ -129,7 +129,8 @@ def check(config: ml_collections.ConfigDict) -> None:
             raise ValueError(
                 f"config.data.canvas_groups[{i}]={group} would never get an image: each image "
                 f"goes to the first group holding it, and the earlier groups {earlier} hold "
-                f"every image it could; remove it or put it first"
+                f"every image it could; remove it or put it first (--config.data."
+                f"canvas_groups=() trains on one canvas, data.image_size)"
             )
     weights = tuple(data.get("canvas_group_weights", ()))
     if weights and (
