@@ -28,7 +28,7 @@ from configs import default as default_config
 from configs import shapes_r18
 from mrcnn_jax.convert import imagenet
 from mrcnn_jax.data import shapes
-from mrcnn_jax.evaluation import IOU_TYPES, STAT_NAMES
+from mrcnn_jax.evaluation import IOU_TYPES, STAT_NAMES, coco_eval
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 from mrcnn_jax.programs import trainer
 from mrcnn_jax.train import checkpoint as ckpt_lib
@@ -221,6 +221,30 @@ def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(
     assert "metrics.jsonl: dropped 1 rows logged after step 4" in out
     assert timeless(read_jsonl(workdir / "metrics.jsonl")) == want
     assert (workdir / "config.json").read_text() == config_json  # not the lr it did not use
+
+
+def test_sigterm_during_the_evaluation_stops_it_and_a_rerun_evaluates(
+    trained, tmp_path, monkeypatch
+):
+    """SIGTERM during the final evaluation (a preemption's grace period is shorter than a COCO
+    evaluation): it stops before the next batch with `Preempted` (was: the evaluation ran on and
+    the run exited 0); running again evaluates the checkpoint, with the uninterrupted metrics."""
+    _, config, metrics = trained
+    workdir = copy_workdir(trained, tmp_path)
+    add_batch = coco_eval.CocoEvaluator.add_batch
+    batches = []
+
+    def add_batch_then_sigterm(self, *args, **kwargs):
+        batches.append(1)
+        os.kill(os.getpid(), signal.SIGTERM)  # the trainer's handler sets its stop event
+        return add_batch(self, *args, **kwargs)
+
+    monkeypatch.setattr(coco_eval.CocoEvaluator, "add_batch", add_batch_then_sigterm)
+    with pytest.raises(trainer.Preempted, match=rf"stopped at step {NUM_STEPS} on SIGTERM"):
+        trainer.train_and_evaluate(config, str(workdir))
+    assert len(batches) == 1  # the only eval batch: stopped before the scoring
+    monkeypatch.setattr(coco_eval.CocoEvaluator, "add_batch", add_batch)
+    assert trainer.train_and_evaluate(config, str(workdir)) == metrics
 
 
 def test_resume_warns_of_another_learning_rate_or_other_classes(data_dir):

@@ -3,6 +3,7 @@ COCOeval (bbox and segm)."""
 
 import contextlib
 import io
+import threading
 from collections.abc import Callable
 
 import jax
@@ -101,6 +102,10 @@ def check_dataset_classes(
         )
 
 
+class EvaluationStopped(Exception):
+    """`evaluate_split`'s `stop` event was set (SIGTERM during a training run's evaluation)."""
+
+
 def evaluate_split(
     predict_step: Callable,
     variables: dict,
@@ -110,6 +115,7 @@ def evaluate_split(
     split: str | None = None,
     results_path: str | None = None,
     progress: bool = True,
+    stop: threading.Event | None = None,
 ) -> dict[str, float]:
     """COCO bbox and segm metrics of the model on `split` (default `config.data.val_split`).
 
@@ -119,8 +125,15 @@ def evaluate_split(
     first, once (`check_dataset_classes`: the trainer before training, eval.py before
     evaluating), not at every call.
 
+    `stop` (one process: the trainer's SIGTERM event) is checked before each batch and before
+    the scoring.
+
     Returns:
       `{"bbox/AP": ..., ..., "segm/ARl": ...}`: the 12 COCOeval numbers per IoU type, 0–1 scale.
+
+    Raises:
+      EvaluationStopped: `stop` was set (a preemption's grace period is shorter than a COCO
+        evaluation).
     """
     split = split or config.data.val_split
     batch_size = eval_batch_size(config, mesh.size)
@@ -137,12 +150,16 @@ def evaluate_split(
     total = pipeline.eval_num_batches(config, builder, split)
     show = progress and jax.process_index() == 0
     for batch in tqdm(batches, total=total, desc=f"eval {split}", disable=not show, leave=False):
+        if stop is not None and stop.is_set():
+            raise EvaluationStopped
         inputs = shard_batch({k: batch[k] for k in MODEL_INPUTS}, mesh)
         batch["image_id"] = image_id_parts(batch["image_id"])
         metadata = shard_batch({k: batch[k] for k in BATCH_METADATA}, mesh)
         outputs = predict_step(variables, inputs)
         outputs, metadata = multihost_utils.process_allgather((outputs, metadata), tiled=True)
         evaluator.add_batch({**metadata, "image_id": image_id_of(metadata["image_id"])}, outputs)
+    if stop is not None and stop.is_set():  # before the scoring too (a minute on COCO)
+        raise EvaluationStopped
     ground_truth = coco_json.coco_ground_truth(builder, pipeline.eval_split(config, builder, split))
     if results_path and jax.process_index() == 0:
         evaluator.write_results(results_path)

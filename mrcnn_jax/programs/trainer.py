@@ -16,7 +16,8 @@ backbone without such weights is refused (`check_backbone_init`). The final stat
 checkpointed, so `train.num_steps = 0` writes (and evaluates) the initial checkpoint, step 0.
 Logs go to a tqdm bar, `<workdir>/metrics.jsonl` and TensorBoard event files (process 0).
 SIGTERM (a preempted TPU VM or spot instance, a scheduler's stop) ends training after the step
-being run, which is checkpointed first, with `Preempted` (scripts/train.py exits with 143).
+being run, which is checkpointed first, with `Preempted` (scripts/train.py exits with 143); during
+an evaluation (one process) it ends before the next eval batch, the step checkpointed as well.
 
 With `data.canvas_groups` the batches come in one shape per group (the step's group is drawn
 from the seed and the step, so a resumed run gets the same canvas at each step): the jitted
@@ -494,10 +495,21 @@ def _train_and_evaluate(
     base_key = jax.random.key(config.seed)
     t = config.train
 
+    def stop_at(step: int) -> None:
+        """SIGTERM or a preemption: checkpoints `step` unless done, and stops training."""
+        if saved_step != step:
+            ckpt_lib.save(manager, state, config)
+        ckpt_lib.finish_writes(manager)
+        writer.close()
+        raise Preempted(step, manager.directory)
+
     def run_eval(step: int) -> dict[str, float]:
-        metrics = evaluator.evaluate_split(
-            predict_step, evaluator.variables_of(state), config, mesh, builder
-        )
+        try:
+            metrics = evaluator.evaluate_split(
+                predict_step, evaluator.variables_of(state), config, mesh, builder, stop=stop
+            )
+        except evaluator.EvaluationStopped:
+            stop_at(step)
         writer.write(step, {f"eval/{k}": v for k, v in metrics.items()})
         _say(f"step {step} eval: {evaluator.metrics_summary(metrics)}")
         return metrics
@@ -539,16 +551,13 @@ def _train_and_evaluate(
                 ckpt_lib.save(manager, state, config)
                 saved_step = done
             if stop.is_set() or manager.reached_preemption(done):
-                if saved_step != done:
-                    ckpt_lib.save(manager, state, config)
-                ckpt_lib.finish_writes(manager)
-                writer.close()
-                raise Preempted(done, manager.directory)
+                stop_at(done)
             if t.eval_every and done % t.eval_every == 0 and done != t.num_steps:
                 eval_metrics = run_eval(done)
     final_step = int(jax.device_get(state.step))
     if saved_step != final_step:  # num_steps = 0 on a fresh workdir: checkpoint the initial state
         ckpt_lib.save(manager, state, config)
+        saved_step = final_step
     ckpt_lib.finish_writes(manager)
     if final_step > start_step or not eval_metrics:
         eval_metrics = run_eval(final_step)
