@@ -218,7 +218,7 @@ def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(
     assert trainer.train_and_evaluate(other_lr, str(workdir)) == metrics
     out = capsys.readouterr().out
     assert "Checkpoint step 4 >= config.train.num_steps=4: nothing to train" in out
-    assert "metrics.jsonl: dropped 1 rows logged after step 4" in out
+    assert "metrics.jsonl: dropped 1 row logged after step 4" in out
     assert timeless(read_jsonl(workdir / "metrics.jsonl")) == want
     assert (workdir / "config.json").read_text() == config_json  # not the lr it did not use
 

@@ -35,8 +35,14 @@ MASK_BUDGET = {"model.roi_heads.positive_fraction": 0.5, "model.roi_heads.mask_r
     [
         ("frozen", {}),
         pytest.param("frozen", MASK_BUDGET, id="frozen-mask_budget", marks=pytest.mark.slow),
-        # chunks of 3 of G = 32 slots on one device (11 chunks) and of 4 per replica on 8
-        pytest.param("frozen", {"model.roi_heads.mask_head_chunk": 3}, id="frozen-mask_chunks"),
+        # chunks of 3 of G = 32 slots on one device (11 chunks) and of 4 per replica on 8 (slow:
+        # test_losses checks chunks against one pass, the default case 8 devices against 1)
+        pytest.param(
+            "frozen",
+            {"model.roi_heads.mask_head_chunk": 3},
+            id="frozen-mask_chunks",
+            marks=pytest.mark.slow,
+        ),
         pytest.param("sync", {}, marks=pytest.mark.slow),
     ],
 )

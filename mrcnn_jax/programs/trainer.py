@@ -36,6 +36,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import NoReturn
 
 import jax
 import ml_collections
@@ -136,9 +137,10 @@ def _drop_rows_after(path: epath.Path, step: int, eval_rows_at_step: bool) -> No
         partial = path.parent / f"{path.name}.tmp"
         partial.write_text("".join(kept))
         partial.replace(path)  # at once: the old rows or the new, never half
+        dropped_rows = len(lines) - len(kept)
         _say(
-            f"{path.name}: dropped {len(lines) - len(kept)} rows logged after step {step}, the "
-            "checkpoint resumed (their steps are logged again)"
+            f"{path.name}: dropped {dropped_rows} row{'s' * (dropped_rows != 1)} logged after "
+            f"step {step}, the checkpoint resumed (their steps are logged again)"
         )
 
 
@@ -495,7 +497,7 @@ def _train_and_evaluate(
     base_key = jax.random.key(config.seed)
     t = config.train
 
-    def stop_at(step: int) -> None:
+    def stop_at(step: int) -> NoReturn:
         """SIGTERM or a preemption: checkpoints `step` unless done, and stops training."""
         if saved_step != step:
             ckpt_lib.save(manager, state, config)
