@@ -293,8 +293,12 @@ def test_a_checkpoint_step_is_an_integer(workdir):
 
 @pytest.fixture(scope="module")
 def workdir(model_setup, tmp_path_factory):
-    """A workdir whose step-0 checkpoint holds the small model."""
+    """A workdir whose step-0 checkpoint holds the small model, its data a small shapes set in
+    a temporary folder (eval.py builds it; not in ~/tensorflow_datasets)."""
     config, variables = model_setup
+    config = config.copy_and_resolve_references()
+    config.data.data_dir = str(tmp_path_factory.mktemp("tfds"))
+    config.data.shapes_num_train = config.data.shapes_num_val = 8
     path = tmp_path_factory.mktemp("workdir")
     ckpt_lib.save_variables(path, config, variables)
     return path
