@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # configs/ import each other as the `configs` package.
 
 from mrcnn_jax.convert import torchvision as convert  # noqa: E402
+from mrcnn_jax.modeling.checks import check_class_fields  # noqa: E402
 from mrcnn_jax.programs import launch  # noqa: E402
 from mrcnn_jax.train import checkpoint  # noqa: E402
 
@@ -100,7 +101,7 @@ def main(argv):
                 f"(no box head of v1 or v2 among its {len(state_dict)} tensors, e.g. "
                 f"{', '.join(list(state_dict)[:3])})"
             )
-        if found and found != name and flags.FLAGS["weights"].present:
+        if found != name and flags.FLAGS["weights"].present:
             raise app.UsageError(
                 f"--state_dict={_STATE_DICT.value} holds the {found} architecture "
                 f"({convert.RELEASES[found].builder}), not --weights={name}'s"
@@ -111,14 +112,10 @@ def main(argv):
     release = convert.RELEASES[name]
     if config is None:
         config = release_config(REPO / release.config)
-    for field in ("class_names", "label_to_category_id"):  # the release's 90, another count
-        given = config.data[field]
-        if given and len(given) != config.model.num_classes:
-            raise app.UsageError(
-                f"config.data.{field} has {len(given)} entries but config.model.num_classes="
-                f"{config.model.num_classes}: give one per class, e.g. "
-                f'--config.data.{field}="(...)", or () for none'
-            )
+    try:  # e.g. the release's 90 class names with another num_classes
+        check_class_fields(config)
+    except ValueError as error:
+        raise app.UsageError(str(error)) from error
     bn_epsilon = release.bn_epsilon if _BN_EPSILON.value is None else _BN_EPSILON.value
     try:
         variables = convert.convert_state_dict(state_dict, config.model, bn_epsilon=bn_epsilon)

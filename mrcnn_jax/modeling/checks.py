@@ -1,4 +1,5 @@
-"""`check_model_config`: the `config.model` values the model can be built from, checked up front.
+"""`check_model_config`: the `config.model` values the model can be built from, checked up front;
+`check_class_fields`: the per-class `config.data` fields against `model.num_classes`.
 
 A bad value otherwise surfaces late (at the first compile, after the dataset is built), deep in
 JAX (`top_k`'s "k must be nonnegative", a division by zero in an initializer), or not at all: an
@@ -131,3 +132,16 @@ def check_model_config(model: ml_collections.ConfigDict) -> None:
             f"config.model.roi_heads.batch_size_per_image={roi.batch_size_per_image} times "
             f"positive_fraction={roi.positive_fraction} must keep at least 1 foreground RoI"
         )
+
+
+def check_class_fields(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError unless `config.data.class_names` and `config.data.label_to_category_id`
+    are empty or hold one entry per class (`config.model.num_classes`), naming the field."""
+    for name in ("class_names", "label_to_category_id"):
+        given = tuple(config.data[name])
+        if given and len(given) != config.model.num_classes:
+            raise ValueError(
+                f"config.data.{name} has {len(given)} entries but config.model.num_classes="
+                f"{config.model.num_classes}: give one per class, e.g. "
+                f'--config.data.{name}="(...)", or () for none'
+            )

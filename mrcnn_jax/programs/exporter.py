@@ -80,6 +80,7 @@ from tensorflow.compiler.tf2xla.python import xla as tfxla
 from mrcnn_jax import paths
 from mrcnn_jax.data import pipeline
 from mrcnn_jax.evaluation.masks import PASTE_METHODS
+from mrcnn_jax.modeling.checks import check_class_fields
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 from mrcnn_jax.programs.predictor import Predictor, load_checkpoint
 
@@ -104,15 +105,8 @@ def check_exportable(config: ml_collections.ConfigDict, full_masks: bool) -> Non
     `model.roi_heads.mask_paste` one of `PASTE_METHODS`.
     """
     pipeline.check_data(config)
-    data, num_classes = config.data, config.model.num_classes
-    for name in ("class_names", "label_to_category_id"):
-        value = tuple(data[name])
-        if value and len(value) != num_classes:
-            raise ValueError(
-                f"config.data.{name} has {len(value)} entries but config.model.num_classes="
-                f"{num_classes}: give one per class or leave it empty"
-            )
-    ids = tuple(data.label_to_category_id)
+    check_class_fields(config)
+    ids = tuple(config.data.label_to_category_id)
     if any(not isinstance(i, (int, np.integer)) or not 0 <= i <= _INT32_MAX for i in ids):
         raise ValueError(
             f"config.data.label_to_category_id={ids} must hold integer ids in [0, {_INT32_MAX}]"
