@@ -45,6 +45,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
+from jax.sharding import Mesh
 from tqdm import tqdm
 
 from mrcnn_jax import paths, sharding
@@ -228,7 +229,7 @@ def check_backbone_init(model: ml_collections.ConfigDict) -> None:
         )
 
 
-def check_train_config(config: ml_collections.ConfigDict) -> None:
+def check_train_config(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
     """Refuses, before any work, a config that would only fail later (after compiling the step,
     or after training), deep in JAX, or not at all: the data settings (`pipeline.check_data`),
     the model's (`checks.check_model_config`), the optimizer and schedule
@@ -238,7 +239,8 @@ def check_train_config(config: ml_collections.ConfigDict) -> None:
     `train.log_every` and `train.checkpoint_every` are positive numbers of steps;
     `train.num_steps`, `train.eval_every` (0: only at the end) and `train.keep_checkpoints`
     (0: all) are 0 or more; `eval.batch_size` is positive (`evaluator.eval_batch_size`) and
-    `train.batch_size` a multiple of the device count.
+    `train.batch_size` a multiple of `num_devices` (default: all devices, as the mesh of
+    `train_and_evaluate`).
 
     Raises:
       ValueError: naming the field and its value.
@@ -246,11 +248,12 @@ def check_train_config(config: ml_collections.ConfigDict) -> None:
     pipeline.check_data(config)
     check_model_config(config.model)
     state_lib.check_train_settings(config.train)
-    evaluator.eval_batch_size(config, jax.device_count())
-    if config.train.batch_size % jax.device_count():
+    num_devices = jax.device_count() if num_devices is None else num_devices
+    evaluator.eval_batch_size(config, num_devices)
+    if config.train.batch_size % num_devices:
         raise ValueError(
             f"config.train.batch_size={config.train.batch_size} is not divisible by the "
-            f"{jax.device_count()} devices: use a multiple of {jax.device_count()}"
+            f"{num_devices} devices: use a multiple of {num_devices}"
         )
     if config.model.roi_heads.mask_paste not in PASTE_METHODS:
         raise ValueError(
@@ -355,7 +358,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       MetricsWriteError: the metrics could not be written (e.g. the disk is full); likewise.
       WorkdirInUseError: another training run is using `workdir` (`_workdir_lock`).
     """
-    check_train_config(config)
+    mesh = sharding.create_mesh()
+    check_train_config(config, mesh.size)
     config = with_absolute_paths(config)  # as stored with the checkpoints, for eval.py
     workdir = epath.Path(paths.absolute(workdir))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -365,7 +369,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         )
         try:
             with _stop_on_sigterm() as stop:
-                return _train_and_evaluate(config, workdir, manager, stop)
+                return _train_and_evaluate(config, workdir, manager, mesh, stop)
         finally:  # also on an error or Ctrl-C: a checkpoint being written is completed, not lost
             ckpt_lib.finish_writes(manager)
             manager.close()
@@ -447,6 +451,7 @@ def _train_and_evaluate(
     config: ml_collections.ConfigDict,
     workdir: epath.Path,
     manager: ocp.CheckpointManager,
+    mesh: Mesh,
     stop: threading.Event,
 ) -> dict[str, float]:
     resume_step = ckpt_lib.resume_step(manager)  # the latest complete checkpoint
@@ -458,7 +463,6 @@ def _train_and_evaluate(
     config = with_dataset_classes(config, builder)
     evaluator.check_dataset_classes(config, builder)  # before training, not at its first eval
     model = MaskRCNN.from_config(config.model, axis_name=sharding.AXIS)
-    mesh = sharding.create_mesh()
     if resuming:  # the restore overwrites every variable: no init, no backbone weights read
         variables = state_lib.zero_variables(model, tuple(config.data.image_size))
     else:
