@@ -125,6 +125,8 @@ def small_config(version: str = "v1", config=None) -> ml_collections.ConfigDict:
     config = release_config(version) if config is None else config
     model = config.model
     model.num_classes = 10
+    for name in ("class_names", "label_to_category_id"):  # one per class
+        config.data[name] = tuple(config.data[name])[: model.num_classes]
     model.backbone_depth = 18
     model.fpn_dim = 32
     model.roi_heads.box_head_dim = 64
@@ -786,7 +788,8 @@ def test_label_map_matches_torchvision_and_coco():
 
 def test_converted_checkpoint_loads(tmp_path, small_model, monkeypatch):
     """`checkpoint.save_variables` writes what `mrcnn_jax.load_checkpoint` restores as converted;
-    a `~` in its workdir is expanded (scripts/convert_torchvision.py --out=~/...)."""
+    a `~` in its workdir is expanded (scripts/convert_torchvision.py --out=~/...); class names
+    that are not one per class are refused before anything is written."""
     import mrcnn_jax
 
     config = small_config()
@@ -801,6 +804,10 @@ def test_converted_checkpoint_loads(tmp_path, small_model, monkeypatch):
     jax.tree_util.tree_map(np.testing.assert_array_equal, predictor.variables, variables)
     with pytest.raises(FileExistsError):
         checkpoint.save_variables(tmp_path, config, variables)
+    config.data.class_names = config.data.class_names[:-1]
+    with pytest.raises(ValueError, match=r"config\.data\.class_names has 9 entries"):
+        checkpoint.save_variables(tmp_path / "other", config, variables)
+    assert not (tmp_path / "other").exists()
 
 
 def small_v2_model():

@@ -39,6 +39,7 @@ from absl import logging
 from etils import epath
 
 from mrcnn_jax import paths
+from mrcnn_jax.modeling.checks import check_class_fields
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 from mrcnn_jax.train import state as state_lib
 from mrcnn_jax.train import storage_errors
@@ -664,9 +665,12 @@ def save_variables(
     for converted weights. Returns the checkpoint directory.
 
     Raises:
+      ValueError: `config.data.class_names` or `label_to_category_id` has not one entry per
+        class (`checks.check_class_fields`): the predictor would name the classes wrongly.
       FileExistsError: `workdir` already holds checkpoints.
       CheckpointWriteError: writing failed (e.g. the disk is full).
     """
+    check_class_fields(config)
     manager = create_manager(workdir)
     if manager.latest_step() is not None:
         raise FileExistsError(f"{checkpoint_dir(workdir)} already holds checkpoints")
