@@ -85,4 +85,4 @@ def main(argv):
 
 if __name__ == "__main__":
     launch.set_up_process()
-    app.run(main)
+    launch.run(main)

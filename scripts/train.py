@@ -110,4 +110,4 @@ def main(argv):
 
 if __name__ == "__main__":
     launch.set_up_process()
-    app.run(main, flags_parser=launch.parse_flags)
+    launch.run(main, flags_parser=launch.parse_flags)

@@ -1,6 +1,7 @@
 """The scripts' usage errors that need no checkpoint: each names the bad argument (exit status 1,
-absl's usage message, no traceback). scripts/predict.py's and scripts/eval.py's errors about a
-checkpoint are in tests/test_predict.py."""
+one `error: ...` line, no traceback, not behind absl's usage message: `launch.run`).
+scripts/predict.py's and scripts/eval.py's errors about a checkpoint are in
+tests/test_predict.py."""
 
 import fcntl
 import os
@@ -23,6 +24,7 @@ def assert_usage_error(result: subprocess.CompletedProcess, message: str):
     assert result.returncode == 1, result.stderr[-3000:]
     assert message in result.stderr, result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "\nflags:\n" not in result.stderr, result.stderr[-3000:]  # absl's usage message
 
 
 @pytest.mark.parametrize("name", ["train.py", "convert_torchvision.py"])
@@ -37,6 +39,10 @@ def test_a_config_override_without_its_dashes_is_refused(name, tmp_path):
     }[name]
     result = run_script(name, *flags, "config.train.num_steps=5", "extra")
     assert_usage_error(result, "unexpected arguments: ['config.train.num_steps=5', 'extra']")
+    assert result.stderr.endswith(
+        "error: unexpected arguments: ['config.train.num_steps=5', 'extra']\n"
+        f"(`{os.path.join(REPO, 'scripts', name)} --help` describes the script and its flags)\n"
+    ), result.stderr[-3000:]
     assert sorted(os.listdir(tmp_path)) == ["a_file"]
 
 

@@ -1,5 +1,5 @@
-"""Process set-up shared by the scripts: JAX's distributed runtime flags, huge pages and the
-compilation cache.
+"""Process set-up shared by the scripts: JAX's distributed runtime flags, huge pages, the
+compilation cache, and errors in one line (`run`, `errors_in_one_line`).
 
 `define_flags()` registers `--multihost`, `--coordinator_address`, `--num_processes` and
 `--process_id`; `initialize()` (after absl parsed them, before any other JAX call) passes them to
@@ -16,7 +16,7 @@ import contextlib
 import os
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from absl import app, flags, logging
@@ -119,6 +119,21 @@ def make_output_folder(folder: str | os.PathLike, flag: str) -> None:
         probe.unlink()
     except Exception as error:  # OSError locally; the storage backend's own errors elsewhere
         raise app.UsageError(f"cannot write into {folder} ({flag}): {error}") from error
+
+
+def run(main: Callable[[list[str]], Any], **kwargs: Any) -> None:
+    """`absl.app.run(main, **kwargs)` for the scripts, where a usage error (`app.UsageError`: a
+    bad flag value, input file or folder) ends the script with `error: <message>` and one line
+    naming `--help` (exit status 1), instead of absl's usage message: the script's whole
+    docstring and flag list (40-90 lines) above the one line that matters."""
+
+    def main_with_short_usage_errors(argv: list[str]) -> Any:
+        try:
+            return main(argv)
+        except app.UsageError as error:
+            sys.exit(f"error: {error}\n(`{sys.argv[0]} --help` describes the script and its flags)")
+
+    app.run(main_with_short_usage_errors, **kwargs)
 
 
 @contextlib.contextmanager
