@@ -10,20 +10,25 @@ r"""Converts torchvision's COCO Mask R-CNN weights into a checkpoint of this pro
 `--weights` names the release (its architecture, config and BatchNorm epsilon); `--state_dict`
 reads its tensors from a `.pth` file (`torch.load(weights_only=True)`) instead of downloading.
 A state dict's box head tells its release, which is then the default of `--weights` (and so of
-the config and the epsilon); a `--weights` naming the other release is a usage error.
+the config and the epsilon); a `--weights` naming the other release is a usage error. A state
+dict holding BatchNorm step counters (`num_batches_tracked`: a model torchvision built without
+pretrained weights, e.g. to train it) converts with eps 1e-5, torch.nn.BatchNorm2d's;
+`--bn_epsilon` overrides either, and the last line says which eps was used and why.
 The result, `<out>/checkpoints/0/` with the config, is read by `mrcnn_jax.load_checkpoint(out)`,
 `scripts/eval.py` and `scripts/predict.py`, and can be fine-tuned with `scripts/train.py
 --workdir=<out>`. Needs the `torch` extra: `pip install 'mrcnn_jax[torch]'`.
 An argument that is not a flag (e.g. `config.model.x=1`, its `--` missing) is a usage error, as
 is a `--state_dict` file that is no state dict (a failed download's web page, a truncated file, a
 whole model saved with `torch.save(model)`: Python objects besides tensors are never loaded),
-the state dict of another network, one that does not fit the config (a model fine-tuned on
-another number of classes: the message gives the flags that convert it), a config whose
-`data.class_names` or `data.label_to_category_id` do not have one entry per class, and an
-`--out` that already holds checkpoints.
+the state dict of another network, a `--config` of the other release's architecture, a state
+dict that does not fit the config (a model fine-tuned on another number of classes: the message
+gives the flags that convert it, quoted for the shell), a config whose `data.class_names` or
+`data.label_to_category_id` do not have one entry per class, and an `--out` that already holds
+checkpoints.
 """
 
 import importlib.util
+import shlex
 import sys
 from pathlib import Path
 
@@ -51,8 +56,10 @@ _CONFIG = config_flags.DEFINE_config_file(
 _BN_EPSILON = flags.DEFINE_float(
     "bn_epsilon",
     None,
-    "BatchNorm eps of the source model; default: the release's (0 for v1, as torchvision sets "
-    "it when loading those weights). A model trained from ImageNet weights uses 1e-5.",
+    "BatchNorm eps of the source model; default: 1e-5 (torch.nn.BatchNorm2d's) if the state "
+    "dict holds BatchNorm step counters (num_batches_tracked), else the release's (0 for v1, "
+    "as torchvision sets it when loading its COCO weights). A v1 model fine-tuned from "
+    "ImageNet weights (frozen BatchNorm, no counters) needs --bn_epsilon=1e-5.",
 )
 flags.mark_flags_as_required(["out"])
 
@@ -67,15 +74,20 @@ def release_config(path: Path):
 
 def class_count_hint(state_dict: dict, config, release: convert.Release) -> str:
     """Advice for a state dict whose box predictor has another number of classes than `config`
-    (a model fine-tuned on other data), or ""."""
+    (a model fine-tuned on other data), or "". The flags are quoted for a POSIX shell."""
     scores = state_dict.get("roi_heads.box_predictor.cls_score.weight")
     if scores is None or scores.shape[0] - 1 == config.model.num_classes:
         return ""
+    flags_to_give = [
+        f"--config={release.config}",
+        f"--config.model.num_classes={scores.shape[0] - 1}",
+        '--config.data.class_names=("name 1", ...)',
+        "--config.data.label_to_category_id=()",
+    ]
     return (
         f"\nIts box predictor has {scores.shape[0]} outputs: a model fine-tuned on "
         f"{scores.shape[0] - 1} classes (and background). Convert it with "
-        f"--config={release.config} --config.model.num_classes={scores.shape[0] - 1} "
-        "--config.data.class_names=\"('name 1', ...)\" --config.data.label_to_category_id=()"
+        f"{shlex.join(flags_to_give)}"
     )
 
 
@@ -112,23 +124,40 @@ def main(argv):
     release = convert.RELEASES[name]
     if config is None:
         config = release_config(REPO / release.config)
+    elif convert.release_of_config(config.model) != name:
+        source = f"--state_dict={_STATE_DICT.value}" if _STATE_DICT.value else f"--weights={name}"
+        raise app.UsageError(
+            f"{source} holds the {name} architecture ({release.builder}), but "
+            f"--config={flags.FLAGS['config'].config_filename} builds "
+            f"{convert.release_of_config(config.model)}'s box head: give "
+            f"--config={release.config} (the default)"
+        )
     try:  # e.g. the release's 90 class names with another num_classes
         check_class_fields(config)
     except ValueError as error:
         raise app.UsageError(str(error)) from error
-    bn_epsilon = release.bn_epsilon if _BN_EPSILON.value is None else _BN_EPSILON.value
+    if _BN_EPSILON.value is not None:
+        bn_epsilon, why = _BN_EPSILON.value, "--bn_epsilon"
+    else:
+        bn_epsilon = convert.source_bn_epsilon(state_dict, name)
+        why = (
+            f"the {name} release's"
+            if bn_epsilon == release.bn_epsilon
+            else "torch.nn.BatchNorm2d's: the state dict has its step counters"
+        )
     try:
         variables = convert.convert_state_dict(state_dict, config.model, bn_epsilon=bn_epsilon)
     except ValueError as error:  # e.g. fine-tuned on another number of classes
         source = f"--state_dict={_STATE_DICT.value}" if _STATE_DICT.value else f"--weights={name}"
         hint = class_count_hint(state_dict, config, release)
-        raise app.UsageError(f"{source} does not fit the config: {error}{hint}") from error
+        raise app.UsageError(f"{source}: {error}{hint}") from error
     try:
         directory = checkpoint.save_variables(_OUT.value, config, variables)
     except checkpoint.CheckpointWriteError as error:  # e.g. a full disk: say where, no trace
         sys.exit(f"error: {error}")
-    print(f"wrote {directory} ({name}: {len(state_dict)} tensors, BatchNorm eps {bn_epsilon})")
+    tensors = len(convert.canonical_keys(state_dict))
+    print(f"wrote {directory} ({name}: {tensors} tensors, BatchNorm eps {bn_epsilon}, {why})")
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=launch.parse_flags)
+    launch.run(main, flags_parser=launch.parse_flags)

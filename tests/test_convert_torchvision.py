@@ -16,6 +16,8 @@ import dataclasses
 import json
 import os
 import re
+import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -642,7 +644,11 @@ def test_state_dict_validation():
         "bn.num_batches_tracked": torch.tensor(3),
     }
     out = convert.state_dict_to_numpy(good)
-    assert list(out) == ["a.weight"] and out["a.weight"].dtype == np.float32
+    assert list(out) == ["a.weight", "bn.num_batches_tracked"]
+    assert out["a.weight"].dtype == np.float32 and out["bn.num_batches_tracked"].dtype == np.int64
+    assert convert.source_bn_epsilon(out, "v1") == 1e-5
+    del out["bn.num_batches_tracked"]
+    assert convert.source_bn_epsilon(out, "v1") == 0.0
     with pytest.raises(ValueError, match="floating-point"):
         convert.state_dict_to_numpy({"a.weight": torch.ones(2, dtype=torch.int32)})
     with pytest.raises(ValueError, match=r"str -> torch\.Tensor"):
@@ -827,9 +833,9 @@ def test_release_of_tells_the_architecture(small_model):
 
 
 def run_convert_script(tmp_path, model, version: str, *flags: str) -> subprocess.CompletedProcess:
-    """scripts/convert_torchvision.py on `model`'s state dict (a local .pth), the release's
-    config shrunk to the small models by flags, into tmp_path/out."""
-    torch.save(model.state_dict(), tmp_path / "small.pth")
+    """scripts/convert_torchvision.py on `model`'s state dict (or `model`, a state dict) as a
+    local .pth, the release's config shrunk to the small models by flags, into tmp_path/out."""
+    torch.save(model if isinstance(model, dict) else model.state_dict(), tmp_path / "small.pth")
     overrides = {
         "model.backbone_depth": 18,
         "model.fpn_dim": 32,
@@ -880,7 +886,13 @@ def test_convert_script_says_what_does_not_fit_in_one_line(tmp_path, small_model
     assert "its box predictor has 5 outputs: a model fine-tuned on 4 classes" in (
         result.stderr.lower()
     )
-    assert "--config.model.num_classes=4 --config.data.class_names=" in result.stderr
+    advice = shlex.split(result.stderr.split("Convert it with ")[1].splitlines()[0])
+    assert advice == [  # pasted into a shell as printed
+        "--config=configs/torchvision_r50_fpn_v1.py",
+        "--config.model.num_classes=4",
+        '--config.data.class_names=("name 1", ...)',
+        "--config.data.label_to_category_id=()",
+    ]
     result = run_convert_script(tmp_path, small_model.backbone, "v1")
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert "small.pth is not a torchvision Mask R-CNN state dict" in result.stderr
@@ -892,14 +904,52 @@ def test_convert_script_says_what_does_not_fit_in_one_line(tmp_path, small_model
 
 
 def test_convert_script_refuses_weights_of_the_other_release(tmp_path):
-    """v2 tensors with --weights=v1 (whose eps, 0, would skew every v2 BatchNorm): a usage error
-    naming both, and nothing written."""
+    """v2 tensors with --weights=v1 (whose eps, 0, would skew every v2 BatchNorm) or with the v1
+    config, and v1 tensors with the v2 config: a usage error naming both, and nothing written
+    (the config's was a list of 88 keys)."""
     result = run_convert_script(tmp_path, small_v2_model(), "v2", "--weights=v1")
     assert result.returncode != 0
     assert "holds the v2 architecture (maskrcnn_resnet50_fpn_v2), not --weights=v1" in (
         result.stderr
     )
+    for state_dict, config in (("v2", "v1"), ("v1", "v2")):
+        model = small_v2_model() if state_dict == "v2" else small_torchvision_model(10)
+        result = run_convert_script(tmp_path, model, config)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        builder = convert.RELEASES[state_dict].builder
+        assert (
+            f"small.pth holds the {state_dict} architecture ({builder}), but --config="
+            f"{REPO / 'configs' / f'torchvision_r50_fpn_{config}.py'} builds {config}'s box head: "
+            f"give --config=configs/torchvision_r50_fpn_{state_dict}.py (the default)"
+        ) in result.stderr, result.stderr[-3000:]
+        assert "missing keys" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_convert_script_takes_the_eps_of_trainable_batchnorm(tmp_path, small_model):
+    """A v1 state dict with BatchNorm step counters (torch.nn.BatchNorm2d layers, as
+    torchvision builds a model without pretrained weights) converts with their eps, 1e-5, not
+    the COCO release's 0, and says so; --bn_epsilon overrides it."""
+    state_dict = small_model.state_dict()
+    bn_layers = {key.rsplit(".", 1)[0] for key in state_dict if key.endswith(".running_var")}
+    counters = {f"{layer}.num_batches_tracked": torch.tensor(7) for layer in bn_layers}
+    result = run_convert_script(tmp_path, {**state_dict, **counters}, "v1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (
+        f"v1: {len(state_dict)} tensors, BatchNorm eps 1e-05, torch.nn.BatchNorm2d's: the "
+        "state dict has its step counters)"
+    ) in result.stdout
+    manager = checkpoint.create_manager(tmp_path / "out", read_only=True)
+    restored = checkpoint.restore_raw(manager, 0)
+    state = convert.state_dict_to_numpy(state_dict)
+    expected = convert.convert_state_dict(state, small_config().model, bn_epsilon=1e-5)
+    jax.tree_util.tree_map(
+        np.testing.assert_array_equal, restored["batch_stats"], expected["batch_stats"]
+    )
+    shutil.rmtree(tmp_path / "out")
+    result = run_convert_script(tmp_path, {**state_dict, **counters}, "v1", "--bn_epsilon=0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "BatchNorm eps 0.0, --bn_epsilon)" in result.stdout
 
 
 # ------------------------------------------------------------------ photographs, the user path

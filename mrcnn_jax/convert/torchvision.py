@@ -75,8 +75,10 @@ RELEASES = {
     ),
 }
 
-# State-dict entries that carry no weights (BatchNorm's step counter).
+# State-dict entries that carry no weights: the step counters of `torch.nn.BatchNorm2d` layers
+# (`FrozenBatchNorm2d` has none).
 _IGNORED_SUFFIXES = (".num_batches_tracked",)
+TORCH_BN_EPSILON = 1e-5  # torch.nn.BatchNorm2d's default eps, which torchvision's builders keep
 
 # Old torchvision spellings (before the modules' `_version = 2`) -> current ones.
 _LEGACY_KEYS: tuple[tuple[str, str | Callable[[re.Match], str]], ...] = (
@@ -261,6 +263,25 @@ def release_of(state_dict: Mapping[str, np.ndarray]) -> str | None:
     return None
 
 
+def release_of_config(model_config: ml_collections.ConfigDict) -> str:
+    """The `RELEASES` key whose box head `model_config` builds, as `release_of` tells a state
+    dict's: "v2" for convolutions first (`roi_heads.box_head_convs`), else "v1"."""
+    return "v2" if model_config.roi_heads.box_head_convs else "v1"
+
+
+def source_bn_epsilon(state_dict: Mapping[str, np.ndarray], version: str) -> float:
+    """The BatchNorm eps of the torchvision model that `state_dict`, of release `version`'s
+    architecture, comes from: torch's default `TORCH_BN_EPSILON` when it holds BatchNorm step
+    counters (`num_batches_tracked`: trainable `nn.BatchNorm2d` layers, as torchvision builds
+    them without pretrained weights), else the release's (`RELEASES[version].bn_epsilon`: v1's
+    COCO weights go into `FrozenBatchNorm2d` layers with eps 0). Counters cannot tell a v1 model
+    fine-tuned from ImageNet weights (frozen layers with eps 1e-5, no counters) from the COCO
+    release: that one needs the eps given (`scripts/convert_torchvision.py --bn_epsilon`)."""
+    if any(key.endswith(_IGNORED_SUFFIXES) for key in state_dict):
+        return TORCH_BN_EPSILON
+    return RELEASES[version].bn_epsilon
+
+
 def variable_shapes(model_config: ml_collections.ConfigDict) -> dict[VariablePath, Shape]:
     """Shapes of every variable of the model of `model_config`, keyed by (collection, ..., leaf).
 
@@ -368,8 +389,9 @@ def import_torch() -> types.ModuleType:
 def state_dict_to_numpy(state_dict: Mapping) -> dict[str, np.ndarray]:
     """A torch state dict (str -> floating `torch.Tensor`) as float32 numpy arrays.
 
-    Integer `num_batches_tracked` counters are dropped; any other non-float tensor, non-tensor
-    value or non-str key is an error.
+    BatchNorm's integer `num_batches_tracked` counters are kept as int64 (they tell the source's
+    eps, `source_bn_epsilon`; the conversions skip them); any other non-float tensor,
+    non-tensor value or non-str key is an error.
     """
     torch = import_torch()
     if not isinstance(state_dict, Mapping):
@@ -382,6 +404,7 @@ def state_dict_to_numpy(state_dict: Mapping) -> dict[str, np.ndarray]:
                 f"{type(value).__name__}"
             )
         if key.endswith(_IGNORED_SUFFIXES):
+            out[key] = value.detach().to(device="cpu", dtype=torch.int64).numpy()
             continue
         if not value.is_floating_point():
             raise ValueError(f"{key}: expected a floating-point tensor, got {value.dtype}")
