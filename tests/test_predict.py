@@ -103,8 +103,15 @@ def test_predict_batch_equals_calls_one_image_at_a_time(
     assert predictor.predict_batch([], batch_size=batch_size) == []
     with pytest.raises(ValueError, match="multiple of the"):
         predictor.predict_batch(images, batch_size=num_devices + 1 if num_devices > 1 else 0)
-    with pytest.raises(ValueError, match=r"uint8 array \[H, W, 3\]"):
-        predictor.predict_batch([images[0].astype(np.float32)], batch_size=batch_size)
+    # Refused with the conversion of torch's habits: floats in [0, 1], channels first.
+    message = r"uint8 array \[H, W, 3\].*float32.*: floats in \[0, 1\]\? \(image \* 255\)"
+    with pytest.raises(ValueError, match=message):
+        predictor.predict_batch([images[0].astype(np.float32) / 255], batch_size=batch_size)
+    message = r"got uint8 \(3, \d+, \d+\): channels first\? image.transpose\(1, 2, 0\)"
+    with pytest.raises(ValueError, match=message):
+        predictor(images[0].transpose(2, 0, 1))
+    with pytest.raises(ValueError, match=r"16 bits\? \(image >> 8\)"):
+        predictor(images[0].astype(np.uint16) * 257)
 
 
 def test_predictor_refuses_a_score_threshold_outside_0_1_and_an_empty_image(model_setup):

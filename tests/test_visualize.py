@@ -102,8 +102,20 @@ def test_read_image_errors_name_the_file(tmp_path):
         visualize.read_image(missing)
     not_an_image = tmp_path / "notes.jpg"
     not_an_image.write_text("hello")
-    with pytest.raises(ValueError, match=r"notes\.jpg"):
+    with pytest.raises(ValueError, match=r"notes\.jpg'?: not an image format cv2 decodes"):
         visualize.read_image(not_an_image)
+    # Files cut short (an interrupted copy) are named by their format.
+    image = np.random.default_rng(0).integers(0, 256, (60, 80, 3), np.uint8)
+    for extension, kind, keep in ((".jpg", "JPEG", 300), (".png", "PNG", 40)):
+        whole = tmp_path / f"whole{extension}"
+        visualize.write_image(whole, image)
+        cut = tmp_path / f"cut{extension}"
+        cut.write_bytes(whole.read_bytes()[:keep])
+        message = (
+            f"cut\\{extension}'?: a {kind} file cv2 cannot decode \\(truncated or damaged\\?\\)"
+        )
+        with pytest.raises(ValueError, match=message):
+            visualize.read_image(cut)
 
 
 @pytest.mark.parametrize(

@@ -36,16 +36,34 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 
     Raises:
       FileNotFoundError: `path` is not an existing file.
-      ValueError: the file is not an image cv2 can decode.
+      ValueError: the file is not an image cv2 can decode (named as a truncated or damaged
+        JPEG, PNG, GIF or BMP file when it starts as one).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image file {path!r} does not exist")
     flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
-    image = cv2.imdecode(np.fromfile(path, np.uint8), flags)
+    data = np.fromfile(path, np.uint8)
+    image = cv2.imdecode(data, flags)
     if image is None:
-        raise ValueError(f"cannot read image file {path!r}: not an image format cv2 decodes")
+        kind = next((k for magic, k in _SIGNATURES if data[: len(magic)].tobytes() == magic), None)
+        reason = (
+            f"a {kind} file cv2 cannot decode (truncated or damaged?)"
+            if kind
+            else "not an image format cv2 decodes"
+        )
+        raise ValueError(f"cannot read image file {path!r}: {reason}")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+# The first bytes of the formats that cameras and browsers write, to tell a damaged file of a
+# known format from a file of another kind.
+_SIGNATURES = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"GIF8", "GIF"),
+    (b"BM", "BMP"),
+)
 
 
 def write_image(path: str | os.PathLike, image: np.ndarray) -> None:

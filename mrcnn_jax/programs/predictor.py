@@ -269,7 +269,7 @@ def _as_rgb(image: np.ndarray) -> np.ndarray:
     ):
         raise ValueError(
             f"image must be an RGB uint8 array [H, W, 3] (or grey [H, W], [H, W, 1], RGBA "
-            f"[H, W, 4]), got {image.dtype} {image.shape}"
+            f"[H, W, 4]), got {image.dtype} {image.shape}{_conversion_hint(image)}"
         )
     if not image.shape[0] or not image.shape[1]:
         raise ValueError(f"image must be at least 1x1 pixels [H, W, 3], got {image.shape}")
@@ -278,6 +278,18 @@ def _as_rgb(image: np.ndarray) -> np.ndarray:
     if image.shape[-1] == 1:
         return np.repeat(image, 3, axis=-1)
     return image[..., :3]
+
+
+def _conversion_hint(image: np.ndarray) -> str:
+    """How to turn `image`, refused by `_as_rgb`, into uint8 `[H, W, 3]`, for the common
+    layouts of other libraries (torch's channels-first floats in [0, 1], 16-bit files), or ""."""
+    if image.ndim == 3 and image.shape[0] in (1, 3, 4) and image.shape[-1] not in (1, 3, 4):
+        return ": channels first? image.transpose(1, 2, 0) puts them last"
+    if np.issubdtype(image.dtype, np.floating):
+        return ": floats in [0, 1]? (image * 255).round().astype(np.uint8) gives 8-bit pixels"
+    if image.dtype == np.uint16:
+        return ": 16 bits? (image >> 8).astype(np.uint8) gives 8-bit pixels"
+    return ""
 
 
 def _batch_image(images: Sequence[np.ndarray], index: int) -> np.ndarray:
@@ -319,8 +331,14 @@ def _locate(path: epath.Path) -> tuple[epath.Path, int | None]:
         return path.parent, None
     if path.name.isdigit() and path.parent.name == "checkpoints":
         return path.parent.parent, int(path.name)
+    hint = ""
+    if path.suffix in (".pth", ".pt") and path.is_file():
+        hint = (
+            ": a PyTorch file? torchvision Mask R-CNN weights convert into a workdir with "
+            f"scripts/convert_torchvision.py --state_dict={path} --out=DIR"
+        )
     raise FileNotFoundError(
-        f"{path} is neither a workdir with checkpoints/ nor a checkpoints/<step> directory"
+        f"{path} is neither a workdir with checkpoints/ nor a checkpoints/<step> directory{hint}"
     )
 
 
