@@ -27,6 +27,8 @@ a folder input itself or, with --recursive, any folder below it (e.g. `--recursi
 Each image is read as its stored pixels, exactly as the training and eval pipeline reads it (an
 EXIF orientation is not applied: a phone photo stored sideways is predicted, drawn and reported
 sideways, in the file's own pixel grid, which is what the coordinates of detections.json refer to).
+With --exif_orientation each image is first turned as its EXIF tag says (as photo viewers show
+it), and the drawings and detections.json refer to the turned image.
 The images are read, predicted, drawn and written streaming, --batch_size at a time (the next
 batch is read while one is predicted), split data-parallel over the process's local devices; a
 progress bar counts the images. A file that cannot be decoded (not an image, truncated, a format
@@ -62,6 +64,8 @@ Flags:
                        (default: 2 per local device); the last batch is padded, so one
                        compilation serves all.
   --no_draw            write only detections.json, no PNGs.
+  --exif_orientation   turn each image as its EXIF orientation says before predicting (default:
+                       the stored pixels, as training and evaluation read them).
 """
 
 import glob
@@ -111,6 +115,13 @@ _BATCH_SIZE = flags.DEFINE_integer(
     f"number (default: {IMAGES_PER_DEVICE} per local device). The last batch is padded.",
 )
 _NO_DRAW = flags.DEFINE_bool("no_draw", False, "Write only detections.json, no PNG drawings.")
+_EXIF_ORIENTATION = flags.DEFINE_bool(
+    "exif_orientation",
+    False,
+    "Turn each image as its EXIF orientation tag says (as photo viewers show phone photos) "
+    "before predicting; the drawings and detections.json then refer to the turned image. "
+    "Default: the stored pixels, as training and evaluation read them.",
+)
 flags.mark_flag_as_required("workdir")
 
 
@@ -266,11 +277,12 @@ def check_outputs(
 
 
 def read_batches(
-    paths: Sequence[str], batch_size: int
+    paths: Sequence[str], batch_size: int, exif_orientation: bool = False
 ) -> Iterator[tuple[list[tuple[int, np.ndarray]], list[tuple[int, str]]]]:
     """Reads `paths` in order and yields `(read, unreadable)` for each `batch_size` images read
     (and once at the end): `read` pairs an index into `paths` with its `[H, W, 3]` uint8 RGB
-    image, `unreadable` an index with why it could not be read."""
+    image (turned as its EXIF orientation says with `exif_orientation`), `unreadable` an index
+    with why it could not be read."""
     import cv2
 
     from mrcnn_jax.evaluation import visualize
@@ -278,7 +290,7 @@ def read_batches(
     read, unreadable = [], []
     for index, path in enumerate(paths):
         try:
-            read.append((index, visualize.read_image(path)))
+            read.append((index, visualize.read_image(path, exif_orientation=exif_orientation)))
         except (OSError, ValueError, cv2.error) as e:  # cv2.error: e.g. an empty file
             unreadable.append((index, str(e).strip()))
         if len(read) == batch_size:
@@ -344,7 +356,7 @@ def main(argv):
 
     detections, unreadable, num_read = [], [], 0
     with tqdm(total=len(paths), unit="image", desc="predict") as bar:
-        for read, bad in read_ahead(read_batches(paths, batch_size)):
+        for read, bad in read_ahead(read_batches(paths, batch_size, _EXIF_ORIENTATION.value)):
             for index, error in bad:
                 bar.write(
                     f"WARNING: skipping unreadable {paths[index]!r}: {error}", file=sys.stderr

@@ -115,3 +115,13 @@ def resize_config(image_size=(1344, 1344), short=800, long=1333, divisibility=32
             "model": {"size_divisibility": divisibility},
         }
     )
+
+
+def write_sideways_jpeg(path, image: np.ndarray) -> None:
+    """`image` as a JPEG whose EXIF orientation (6) tells viewers to turn it 90° clockwise, as
+    phones store photos taken upright."""
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: the 0th row is the visual right-hand side
+    Image.fromarray(image).save(path, exif=exif, quality=95)

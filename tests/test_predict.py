@@ -22,10 +22,11 @@ import jax
 import numpy as np
 import pytest
 from conftest import tiny_config
-from helpers import random_variables
+from helpers import random_variables, write_sideways_jpeg
 
 import mrcnn_jax
 from mrcnn_jax import sharding
+from mrcnn_jax.evaluation import visualize
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN, dummy_inputs
 from mrcnn_jax.programs.predictor import Predictor, locate_checkpoint
 from mrcnn_jax.train import checkpoint as ckpt_lib
@@ -390,16 +391,28 @@ def test_predict_script_on_a_folder_a_glob_and_a_file(
     picture = cv2.imread(str(out_dir / "globbed" / "d.png"))
     assert picture.shape == good[str(root / "globbed" / "d.png")].shape
 
-    no_draw = tmp_path / "no_draw"  # `~` expanded (a shell leaves `--out_dir=~/...` as it is)
+    # `~` expanded (a shell leaves `--out_dir=~/...` as it is); a phone photo stored sideways
+    # (EXIF orientation 6) turned upright with --exif_orientation, the others as stored.
+    no_draw = tmp_path / "no_draw"
+    sideways = tmp_path / "sideways.jpg"
+    write_sideways_jpeg(sideways, good[str(root / "globbed" / "d.png")])
     result = run_script(
         f"--workdir={workdir}", "--out_dir=~/no_draw", "--score_threshold=0", "--no_draw",
-        "--batch_size=8", root / "folder", cache=compile_cache, home=tmp_path,
+        "--exif_orientation", "--batch_size=8", root / "folder", sideways, cache=compile_cache,
+        home=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-5000:]
     assert sorted(p.name for p in no_draw.iterdir()) == ["detections.json"]
-    names = {d["file_name"] for d in json.loads((no_draw / "detections.json").read_text())}
-    assert names == {str(root / "folder" / n) for n in ("a.png", "a.jpg")}  # not sub/c.png
-    assert "2 images, " in result.stdout and "1 unreadable: " in result.stdout
+    detections = json.loads((no_draw / "detections.json").read_text())
+    names = {d["file_name"] for d in detections}
+    assert names == {*(str(root / "folder" / n) for n in ("a.png", "a.jpg")), str(sideways)}
+    assert "3 images, " in result.stdout and "1 unreadable: " in result.stdout
+    upright = visualize.read_image(sideways, exif_orientation=True)
+    assert upright.shape[:2] == visualize.read_image(sideways).shape[1::-1]
+    want = predictor(upright, score_threshold=0.0)
+    mine = [d for d in detections if d["file_name"] == str(sideways)]
+    np.testing.assert_allclose([d["score"] for d in mine], want["scores"], rtol=1e-5)
+    assert {tuple(d["segmentation"]["size"]) for d in mine} == {upright.shape[:2]}
 
 
 def test_predict_script_names_what_it_cannot_use(workdir, inputs, compile_cache, tmp_path):

@@ -6,6 +6,7 @@ import re
 
 import numpy as np
 import pytest
+from helpers import write_sideways_jpeg
 
 from mrcnn_jax.evaluation import visualize
 
@@ -94,6 +95,25 @@ def test_image_round_trip(tmp_path):
     path = tmp_path / "image.png"
     visualize.write_image(path, image)
     np.testing.assert_array_equal(visualize.read_image(path), image)  # RGB order kept
+
+
+def test_read_image_turns_by_exif_orientation_only_when_asked(tmp_path):
+    """Stored pixels by default (as the input pipeline reads them); turned 90° clockwise for
+    orientation 6 with `exif_orientation=True`, as PIL's `ImageOps.exif_transpose` does."""
+    from PIL import Image, ImageOps
+
+    rows, cols = np.mgrid[:30, :50]  # smooth, and no symmetry a wrong turn would keep
+    image = np.stack([rows * 8, cols * 5, rows * 2 + cols * 3], axis=-1).astype(np.uint8)
+    path = tmp_path / "sideways.jpg"
+    write_sideways_jpeg(path, image)
+    stored = visualize.read_image(path)
+    assert stored.shape == (30, 50, 3)
+    turned = visualize.read_image(path, exif_orientation=True)
+    np.testing.assert_array_equal(turned, np.rot90(stored, k=-1))
+    with Image.open(path) as reference:
+        reference = np.asarray(ImageOps.exif_transpose(reference).convert("RGB"))
+    assert reference.shape == turned.shape == (50, 30, 3)
+    assert np.abs(reference.astype(int) - turned).mean() < 2  # another JPEG decoder
 
 
 def test_read_image_errors_name_the_file(tmp_path):

@@ -27,12 +27,15 @@ PALETTE = (
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
+def read_image(path: str | os.PathLike, *, exif_orientation: bool = False) -> np.ndarray:
     """Reads an image file (any format cv2 decodes: JPEG, PNG, BMP, ...) as ``[H, W, 3]`` uint8 RGB.
 
-    Grey images are expanded to three channels and an alpha channel is dropped. The stored
-    pixels, as the training and eval pipeline decodes them (and torchvision's PIL reading): an
-    EXIF orientation is not applied, so boxes and masks refer to the file's own pixel grid.
+    Grey images are expanded to three channels and an alpha channel is dropped. By default the
+    stored pixels, as the training and eval pipeline decodes them (and torchvision's PIL
+    reading): an EXIF orientation is not applied, so boxes and masks refer to the file's own
+    pixel grid. With `exif_orientation=True` the image is turned (and mirrored) as its EXIF
+    orientation tag says, as photo viewers show it (a phone photo taken upright is often
+    stored sideways): boxes and masks then refer to the turned image.
 
     Raises:
       FileNotFoundError: `path` is not an existing file.
@@ -42,7 +45,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image file {path!r} does not exist")
-    flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+    flags = cv2.IMREAD_COLOR | (0 if exif_orientation else cv2.IMREAD_IGNORE_ORIENTATION)
     data = np.fromfile(path, np.uint8)
     image = cv2.imdecode(data, flags)
     if image is None:
