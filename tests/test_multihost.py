@@ -48,10 +48,11 @@ def free_port() -> int:
 
 
 class Launch:
-    """`num_processes` processes of scripts/<script> with `devices` CPU devices each, stdout and
-    stderr in files under `logs`; `wait()` bounds them in time, `kill()` ends those alive."""
+    """`num_processes` processes of scripts/<script> with `devices` CPU devices each (process i
+    given `args` and `per_process[i]`), stdout and stderr in files under `logs`; `wait()` bounds
+    them in time, `kill()` ends those alive."""
 
-    def __init__(self, script, args, num_processes, devices, logs, cache):
+    def __init__(self, script, args, num_processes, devices, logs, cache, per_process=None):
         env = {k: v for k, v in os.environ.items() if k not in _DROPPED_ENV}
         env.update(
             JAX_PLATFORMS="cpu",
@@ -74,7 +75,13 @@ class Launch:
             with out.open("w") as stdout, err.open("w") as stderr:
                 self.processes.append(
                     subprocess.Popen(
-                        [sys.executable, os.path.join(REPO, "scripts", script), *args, *place],
+                        [
+                            sys.executable,
+                            os.path.join(REPO, "scripts", script),
+                            *args,
+                            *(per_process[i] if per_process else []),
+                            *place,
+                        ],
                         env=env,
                         cwd=REPO,
                         stdout=stdout,
@@ -248,6 +255,32 @@ def test_two_processes_train_resume_and_evaluate_as_one(tmp_path, launches):
     assert {f"eval/{k}": v for k, v in saved.items()} == pytest.approx(expected, abs=1e-6)
     assert (evals["2x2"]["step"], evals["2x2"]["split"]) == (NUM_STEPS, "validation")
     print(f"total wall {time.time() - start:.0f} s")
+
+
+def test_processes_given_different_flags_all_stop_naming_them(tmp_path, launches):
+    """A flag typed on one host only (here num_steps and the workdir) made every process wait
+    in a collective the others never reach, forever; now each stops before training with the
+    same error, naming the process and what differs (`processes.check_processes_agree`)."""
+    args = ["--config=configs/shapes_r18.py", f"--config.data.data_dir={tmp_path / 'tfds'}"]
+    per_process = [
+        [f"--workdir={tmp_path / 'run'}"],
+        [f"--workdir={tmp_path / 'other'}", "--config.train.num_steps=8"],
+    ]
+    launched = launches("train.py", args, 2, 1, tmp_path / "logs", tmp_path / "cache", per_process)
+    while launched.alive() and time.time() < launched.deadline:
+        time.sleep(0.2)
+    outputs = [launched.output(i) for i in range(2)]
+    message = (
+        "error: the processes of this run disagree (give every process the same flags, "
+        "--process_id aside, and one shared --workdir): process 1: its config differs from "
+        "process 0's: train.num_steps=8 (process 0: 400); its workdir "
+        f"{tmp_path / 'other'} is not process 0's {tmp_path / 'run'}\n"
+    )
+    for process, output in zip(launched.processes, outputs):
+        assert process.returncode == 1, output[-3000:]
+        assert message in output, output[-3000:]
+    assert not (tmp_path / "tfds").exists()  # before the data
+    assert os.listdir(tmp_path / "run") == []  # no token file left
 
 
 @pytest.mark.parametrize(

@@ -54,7 +54,7 @@ from mrcnn_jax.data import get_builder, pipeline, schema, with_absolute_paths
 from mrcnn_jax.evaluation.masks import PASTE_METHODS
 from mrcnn_jax.modeling.checks import check_model_config
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
-from mrcnn_jax.programs import evaluator
+from mrcnn_jax.programs import evaluator, processes
 from mrcnn_jax.train import checkpoint as ckpt_lib
 from mrcnn_jax.train import state as state_lib
 from mrcnn_jax.train import step as step_lib
@@ -348,7 +348,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     Raises:
       ValueError: a config that does not fit (`check_train_config`, `check_splits`); without a
         checkpoint to resume, a frozen backbone without weights (`check_backbone_init`); a
-        checkpoint of another architecture.
+        checkpoint of another architecture; processes of one run given different configs or
+        workdirs, or a workdir they do not share (`processes.check_processes_agree`).
       FileNotFoundError: `<workdir>/checkpoints` holds step folders but none is a complete
         checkpoint (`checkpoint.resume_step`, naming them and what they lack).
       Preempted: SIGTERM arrived (one process), or JAX's preemption service reported it (several
@@ -363,6 +364,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     config = with_absolute_paths(config)  # as stored with the checkpoints, for eval.py
     workdir = epath.Path(paths.absolute(workdir))
     workdir.mkdir(parents=True, exist_ok=True)
+    processes.check_processes_agree(config, workdir)  # several processes: before they wait
     with _workdir_lock(workdir):
         manager = ckpt_lib.create_manager(
             workdir, max_to_keep=config.train.keep_checkpoints or None
