@@ -8,6 +8,7 @@ it (`shard_batch`); the train state and model variables are replicated on it (`r
 """
 
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -43,7 +44,8 @@ def initialize_distributed(
     auto-detection (SLURM, Open MPI, Cloud TPU, ...), False does nothing, None (default) does
     the former when an environment variable of `CLUSTER_ENVIRONMENT` is set. CPU devices of
     several processes communicate over gloo, JAX's default CPU collectives. With several
-    processes it then connects all devices (`connect_devices`).
+    processes it then connects all devices (`connect_devices`). With the explicit flags it says
+    first, on stderr, that it waits for the processes to connect (JAX waits 5 minutes).
 
     Raises:
       ValueError: only some of the three are given, they are out of range, or `multihost` is
@@ -75,6 +77,12 @@ def initialize_distributed(
             raise ValueError(
                 f"--coordinator_address={coordinator_address!r} must be host:port of process 0"
             )
+        print(  # it waits silently for all processes (5 minutes), then aborts in C++
+            f"Process {process_id} of {num_processes}: waiting for every process to connect to "
+            f"the coordinator at {coordinator_address} (up to 5 minutes)",
+            file=sys.stderr,
+            flush=True,
+        )
         jax.distributed.initialize(
             coordinator_address=coordinator_address,
             num_processes=num_processes,

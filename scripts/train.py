@@ -19,13 +19,16 @@ and exits with status 143; running the same command resumes from there.
 
 Config overrides are flags (`--config.train.num_steps=100`); an argument that is not a flag
 (e.g. `config.train.num_steps=100`, its `--` missing) is a usage error, as are a --workdir that
-is a regular file, a --config file that cannot be opened, and a config that does not fit (e.g.
-an image size that is not a multiple of model.size_divisibility), each named before any work.
+is a regular file or cannot be created or written (a file in its path, read-only), a --config
+file that cannot be opened, and a config that does not fit (e.g. an image size that is not a
+multiple of model.size_divisibility), each named before any work.
 Later errors that name what to fix end the run with one line, `error: ...` (exit status 1;
 `--verbosity=0` adds the traceback): a config that does not fit the data or the checkpoint
 being resumed, data or backbone weights that cannot be read, a damaged checkpoint, a full disk,
 and a --workdir that another train.py is training in (each run locks its workdir). Ctrl-C
-(exit status 130) keeps every complete checkpoint.
+(exit status 130) keeps every complete checkpoint; with several processes, the first Ctrl-C of
+one stops them all at a step they all reach, checkpointed (exit status 143), and a second one
+stops that process at once.
 Relative paths (--workdir, the data's files) are taken from the current folder and a `~` in
 them is expanded (a shell leaves `--workdir=~/x` as it is); the config stored with the
 checkpoints names the data's absolutely, so eval.py runs from any folder.
@@ -80,6 +83,7 @@ def main(argv):
         trainer.check_train_config(config)
     except ValueError as error:
         raise app.UsageError(str(error)) from error
+    launch.make_output_folder(workdir, "--workdir")  # e.g. below a file, or read-only
     logging.info(
         "JAX process %d/%d, %d local / %d global devices",
         jax.process_index(),

@@ -1,15 +1,16 @@
 """Multi-host for real: scripts/train.py and scripts/eval.py as 2 JAX processes × 2 CPU devices on
 localhost (gloo collectives), against 1 process × 4 devices.
 
-The 2×2 run is killed (SIGKILL, both processes) after its first checkpoint and relaunched; it
-resumes, finishes and evaluates. A 1×4 run of the same config sees the same global batches, so it
-must log the same per-step losses and end with the same parameters, up to float rounding: gloo's
-ring all-reduce sums the devices' gradients in another order than the in-process one (about 1
-ulp), and discrete choices (proposal top-k and NMS, RoI sampling) later amplify that; 4 steps stay
-within rtol 1e-4 (measured: losses equal to 6 digits, params within 6% of the tolerance), 6 do
-not. scripts/eval.py on 2 processes must score every val image exactly once and give what 1
-process gives on the same checkpoint. Every process is bounded in time and killed in a
-`finally`. The README's "Multi-host" section shows the same commands.
+The 2×2 run is interrupted (Ctrl-C on one process) after its first checkpoint: both processes
+stop at a step they both reach, checkpointed; relaunched, it resumes, finishes and evaluates. A
+1×4 run of the same config sees the same global batches, so it must log the same per-step losses
+and end with the same parameters, up to float rounding: gloo's ring all-reduce sums the devices'
+gradients in another order than the in-process one (about 1 ulp), and discrete choices (proposal
+top-k and NMS, RoI sampling) later amplify that; 4 steps stay within rtol 1e-4 (measured: losses
+equal to 6 digits, params within 6% of the tolerance), 6 do not. scripts/eval.py on 2 processes
+must score every val image exactly once and give what 1 process gives on the same checkpoint.
+Every process is bounded in time and killed in a `finally`. The README's "Multi-host" section
+shows the same commands. Processes given different flags stop before training, naming them.
 """
 
 import json
@@ -148,6 +149,20 @@ def train_records(workdir) -> dict[int, dict]:
     return {step: repeats[-1] for step, repeats in sorted(records.items())}
 
 
+def logged_steps(workdir) -> set[int]:
+    """The steps with a `train/*` record in metrics.jsonl so far (a line being written aside)."""
+    path = workdir / "metrics.jsonl"
+    steps = set()
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "train/loss" in record:
+            steps.add(record["step"])
+    return steps
+
+
 def eval_record(workdir) -> dict:
     (record,) = [r for r in read_jsonl(workdir / "metrics.jsonl") if "eval/bbox/AP" in r]
     return record
@@ -181,18 +196,23 @@ def test_two_processes_train_resume_and_evaluate_as_one(tmp_path, launches):
     train_args = ["--config=configs/shapes_r18.py", *config_flags(config)]
     two, one = tmp_path / "two_by_two", tmp_path / "one_by_four"
 
-    # 2 processes × 2 devices, killed after the first checkpoint.
+    # 2 processes × 2 devices; Ctrl-C on process 1 once step 1 is logged stops both at a step
+    # they both reach, checkpointed (it left process 0 waiting in a collective forever).
     killed = launches("train.py", [*train_args, f"--workdir={two}"], 2, 2, tmp_path / "a", cache)
-    first = two / "checkpoints" / "2"
-    while not first.is_dir() and killed.alive() and time.time() < killed.deadline:
+    while 1 not in logged_steps(two) and killed.alive() and time.time() < killed.deadline:
         assert killed.failure() is None, killed.failure()
+        time.sleep(0.02)
+    assert 1 in logged_steps(two), killed.failure() or "the 2-process run timed out at step 1"
+    killed.processes[1].send_signal(signal.SIGINT)
+    while killed.alive() and time.time() < killed.deadline:
         time.sleep(0.05)
-    ended = killed.failure()  # before the kill: the exit status and output of a crash
-    killed.kill()
-    assert first.is_dir(), ended or "the 2-process run timed out before its first checkpoint"
-    assert all(p.returncode == -signal.SIGKILL for p in killed.processes)
+    outputs = [killed.output(i) for i in range(2)]
+    assert [p.returncode for p in killed.processes] == [128 + signal.SIGTERM] * 2, outputs
     killed_at = latest_step(two)
-    assert killed_at < NUM_STEPS, "killed after the last checkpoint: nothing to resume"
+    assert "interrupted: every process stops at the next step they all reach" in outputs[1]
+    for output in outputs:
+        assert f"stopped at step {killed_at} on SIGTERM" in output, output[-3000:]
+    assert killed_at < NUM_STEPS, "stopped after the last checkpoint: nothing to resume"
 
     resumed = launches("train.py", [*train_args, f"--workdir={two}"], 2, 2, tmp_path / "b", cache)
     outputs = resumed.wait()

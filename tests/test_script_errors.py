@@ -114,6 +114,9 @@ def test_train_refuses_a_workdir_that_is_a_regular_file(tmp_path):
     a_file.write_text("")
     result = run_script("train.py", "--config=configs/shapes_r18.py", f"--workdir={a_file}")
     assert_usage_error(result, f"--workdir={a_file} is a file, not a folder")
+    below = a_file / "run"  # was `error: [Errno 20] Not a directory: ...`, after the set-up
+    result = run_script("train.py", "--config=configs/shapes_r18.py", f"--workdir={below}")
+    assert_usage_error(result, f"cannot write into {below} (--workdir): [Errno 20] Not a directory")
 
 
 def test_train_ends_later_errors_in_one_line_and_refuses_a_workdir_in_use(tmp_path):

@@ -33,6 +33,7 @@ import math
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -436,17 +437,35 @@ def _stop_on_sigterm() -> Iterator[threading.Event]:
 
     With several processes JAX's preemption service takes SIGTERM and the checkpoint manager
     reports it at a step that every process reaches (`reached_preemption`); a Python handler
-    would replace the service's own. The previous handler is restored after the block.
+    would replace the service's own. There the first Ctrl-C (SIGINT) of a process is handed to
+    that service as SIGTERM, so that all processes stop together, checkpointed, instead of this
+    one alone leaving the others waiting in a collective forever; a second Ctrl-C interrupts
+    this process at once (KeyboardInterrupt). The previous handler is restored after the block.
     """
     stop = threading.Event()
-    if jax.process_count() > 1 or threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread():
         yield stop
         return
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    if jax.process_count() > 1:
+
+        def on_interrupt(signum, frame) -> None:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            print(
+                "interrupted: every process stops at the next step they all reach, with a "
+                "checkpoint (Ctrl-C again stops this process at once)",
+                file=sys.stderr,
+                flush=True,
+            )
+            os.kill(os.getpid(), signal.SIGTERM)  # to JAX's preemption service
+
+        handled, handler = signal.SIGINT, on_interrupt
+    else:
+        handled, handler = signal.SIGTERM, lambda signum, frame: stop.set()
+    previous = signal.signal(handled, handler)
     try:
         yield stop
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(handled, previous)
 
 
 def _train_and_evaluate(
