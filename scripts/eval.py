@@ -23,7 +23,8 @@ incomplete folder is skipped with a warning).
 On several hosts run the same command on every host, as scripts/train.py (the same
 --multihost, --coordinator_address, --num_processes, --process_id flags; README "Multi-host"):
 each host evaluates its shard of the split, the predictions are gathered, and process 0 writes
-the files.
+the files. Processes that would evaluate another checkpoint or split, or write elsewhere, stop
+first with one usage error naming the process and the flag's values.
 """
 
 import json
@@ -79,7 +80,7 @@ def main(argv):
     from mrcnn_jax import paths, sharding
     from mrcnn_jax.data import get_builder, pipeline
     from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
-    from mrcnn_jax.programs import evaluator
+    from mrcnn_jax.programs import evaluator, processes
     from mrcnn_jax.programs import predictor as predictor_lib
 
     if not flags.FLAGS["verbosity"].present:
@@ -92,6 +93,17 @@ def main(argv):
         raise app.UsageError(str(error)) from error
     config = predictor.config
     split = _SPLIT.value or config.data.val_split
+    out_dir = epath.Path(paths.absolute(_OUT_DIR.value)) if _OUT_DIR.value else workdir
+    try:  # several processes given other flags would wait for each other forever
+        processes.check_processes_agree(
+            {
+                "checkpoint": str(workdir / "checkpoints" / str(predictor.step)),
+                "split": split,
+                "out_dir": str(out_dir),
+            }
+        )
+    except ValueError as error:
+        raise app.UsageError(str(error)) from error
     suffix = str(predictor.step)
     if split != config.data.val_split:
         suffix += "_" + re.sub(r"[^\w.-]+", "_", split)
@@ -106,7 +118,6 @@ def main(argv):
         evaluator.check_dataset_classes(config, builder)
     except ValueError as error:
         raise app.UsageError(str(error)) from error
-    out_dir = epath.Path(paths.absolute(_OUT_DIR.value)) if _OUT_DIR.value else workdir
     if jax.process_index() == 0:
         launch.make_output_folder(
             out_dir, "--out_dir" if _OUT_DIR.value else "the workdir; --out_dir writes elsewhere"

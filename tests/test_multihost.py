@@ -274,6 +274,15 @@ def test_two_processes_train_resume_and_evaluate_as_one(tmp_path, launches):
     expected = {k: v for k, v in eval_record(two).items() if k != "step"}
     assert {f"eval/{k}": v for k, v in saved.items()} == pytest.approx(expected, abs=1e-6)
     assert (evals["2x2"]["step"], evals["2x2"]["split"]) == (NUM_STEPS, "validation")
+    # eval.py processes given different flags stop, naming them, before evaluating.
+    other = launches(
+        "eval.py", [f"--workdir={two}"], 2, 2, tmp_path / "split", cache, [[], ["--split=train"]]
+    )
+    while other.alive() and time.time() < other.deadline:
+        time.sleep(0.2)
+    for i, process in enumerate(other.processes):
+        assert process.returncode == 1, other.output(i)[-3000:]
+        assert 'process 1: split="train" (process 0: "validation")' in other.output(i)
     print(f"total wall {time.time() - start:.0f} s")
 
 
@@ -292,9 +301,8 @@ def test_processes_given_different_flags_all_stop_naming_them(tmp_path, launches
     outputs = [launched.output(i) for i in range(2)]
     message = (
         "error: the processes of this run disagree (give every process the same flags, "
-        "--process_id aside, and one shared --workdir): process 1: its config differs from "
-        "process 0's: train.num_steps=8 (process 0: 400); its workdir "
-        f"{tmp_path / 'other'} is not process 0's {tmp_path / 'run'}\n"
+        "--process_id aside, and one shared workdir): process 1: config.train.num_steps=8 "
+        f'(process 0: 400), workdir="{tmp_path / "other"}" (process 0: "{tmp_path / "run"}")\n'
     )
     for process, output in zip(launched.processes, outputs):
         assert process.returncode == 1, output[-3000:]

@@ -4,7 +4,7 @@ Processes given different configs (a flag typed on one host only) or workdirs wo
 each would wait in a collective the others never reach, forever (SIGTERM included), or in the
 first checkpoint's commit when the workdir is not one folder they all share (a local disk per
 host). `check_processes_agree` compares them at the start of `trainer.train_and_evaluate` and
-raises the same error on every process, naming what differs.
+of scripts/eval.py and raises the same error on every process, naming what differs.
 """
 
 import json
@@ -12,7 +12,6 @@ import secrets
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
@@ -49,9 +48,9 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: tree}
 
 
-def config_differences(first: dict, mine: dict) -> list[str]:
-    """The fields of config dict `mine` that differ from `first`'s (process 0's), as
-    `name=value (process 0: value)`, sorted by name."""
+def differences(first: dict, mine: dict) -> list[str]:
+    """The entries of the nested dict `mine` that differ from `first`'s (process 0's), as
+    `dotted.name=value (process 0: value)`, sorted by name."""
     a, b = _flat(first), _flat(mine)
     missing = object()
 
@@ -66,51 +65,49 @@ def config_differences(first: dict, mine: dict) -> list[str]:
 
 
 def agreement_problems(first: dict, mine: dict, token_seen: str | None) -> list[str]:
-    """Why this process cannot train with process 0: `first` and `mine` are their
-    `{"config", "workdir", "token"}` (process 0's token: what it wrote into the workdir's
-    `TOKEN_FILE`), `token_seen` what this process reads there (None: no such file)."""
-    problems = []
-    differences = config_differences(first["config"], mine["config"])
-    if differences:
-        listed = ", ".join(differences[:_MAX_LISTED])
-        more = len(differences) - _MAX_LISTED
-        listed += f" and {more} more" if more > 0 else ""
-        problems.append(f"its config differs from process 0's: {listed}")
-    if mine["workdir"] != first["workdir"]:
-        problems.append(f"its workdir {mine['workdir']} is not process 0's {first['workdir']}")
-    elif token_seen != first["token"]:
-        problems.append(
-            f"it does not see the file process 0 wrote into {mine['workdir']} ({TOKEN_FILE}): "
-            "the workdir must be one folder that every process shares (gs://..., NFS), not a "
-            "local disk per host"
-        )
-    return problems
+    """Why this process cannot run with process 0: `first` and `mine` are their `{"settings",
+    "folder", "token"}` (`token`: what process 0 wrote into `TOKEN_FILE` of the shared folder,
+    `folder`; None: no folder to check), `token_seen` what this process reads there (None: no
+    such file)."""
+    found = differences(first["settings"], mine["settings"])
+    if found:
+        listed = ", ".join(found[:_MAX_LISTED])
+        more = len(found) - _MAX_LISTED
+        return [listed + (f" and {more} more" if more > 0 else "")]
+    if first["token"] is not None and token_seen != first["token"]:
+        return [
+            f"it does not see the file process 0 wrote into {first['folder']} ({TOKEN_FILE}): "
+            "it must be one folder that every process shares (gs://..., NFS), not a local disk "
+            "per host"
+        ]
+    return []
 
 
-def check_processes_agree(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
-    """With several processes (a collective: all call it), checks that each was given process
-    0's config and workdir, and sees what process 0 writes into the workdir. Does nothing with
-    one process.
+def check_processes_agree(settings: dict[str, Any], folder: epath.Path | None = None) -> None:
+    """With several processes (a collective: all call it), checks that each has process 0's
+    `settings` (a JSON-able nested dict: the config, the paths and flags that must be the same
+    everywhere) and, if `folder` is given (a folder all must share, e.g. the workdir; it must
+    be in `settings` too), sees what process 0 writes there. Does nothing with one process.
 
     Raises:
       ValueError: on every process, naming each process that disagrees and why (the first
-        differing config fields, or the workdir).
+        differing settings, or the folder it does not share).
     """
     if jax.process_count() == 1:
         return
-    mine = {"config": json.loads(config.to_json_best_effort()), "workdir": str(workdir)}
-    token_file = workdir / TOKEN_FILE
-    if jax.process_index() == 0:
+    mine = {"settings": settings, "folder": str(folder), "token": None}
+    token_file = folder / TOKEN_FILE if folder is not None else None
+    if token_file is not None and jax.process_index() == 0:
         mine["token"] = secrets.token_hex(8)
         token_file.write_text(mine["token"])
     first = json.loads(broadcast_text(json.dumps(mine)))  # after process 0 wrote the token
-    token_seen = token_file.read_text() if token_file.exists() else None
+    token_seen = token_file.read_text() if token_file and token_file.exists() else None
     problems = gather_texts("; ".join(agreement_problems(first, mine, token_seen)))
-    if jax.process_index() == 0:
+    if token_file is not None and jax.process_index() == 0:
         token_file.unlink(missing_ok=True)
     disagreeing = [f"process {i}: {text}" for i, text in enumerate(problems) if text]
     if disagreeing:
         raise ValueError(
             "the processes of this run disagree (give every process the same flags, "
-            f"--process_id aside, and one shared --workdir): {'; '.join(disagreeing)}"
+            f"--process_id aside, and one shared workdir): {'; '.join(disagreeing)}"
         )

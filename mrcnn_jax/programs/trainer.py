@@ -365,7 +365,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     config = with_absolute_paths(config)  # as stored with the checkpoints, for eval.py
     workdir = epath.Path(paths.absolute(workdir))
     workdir.mkdir(parents=True, exist_ok=True)
-    processes.check_processes_agree(config, workdir)  # several processes: before they wait
+    processes.check_processes_agree(  # several processes: before they wait for each other
+        {"config": json.loads(config.to_json_best_effort()), "workdir": str(workdir)}, workdir
+    )
     with _workdir_lock(workdir):
         manager = ckpt_lib.create_manager(
             workdir, max_to_keep=config.train.keep_checkpoints or None
