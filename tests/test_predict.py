@@ -283,6 +283,18 @@ def test_locate_checkpoint_names_the_workdir_of_a_checkpoint_folder(workdir):
         locate_checkpoint(workdir, step=7)
 
 
+def test_torchvision_weights_given_as_the_workdir_are_sent_to_the_converter(tmp_path):
+    weights = tmp_path / "model.pth"
+    weights.write_bytes(b"PK")
+    message = (
+        f"{weights} is neither a workdir with checkpoints/ nor a checkpoints/<step> directory: "
+        "a PyTorch file? torchvision Mask R-CNN weights convert into a workdir with "
+        f"scripts/convert_torchvision.py --state_dict={weights} --out=DIR"
+    )
+    with pytest.raises(FileNotFoundError, match=re.escape(message)):
+        locate_checkpoint(weights)
+
+
 def test_a_checkpoint_step_is_an_integer(workdir):
     """Integer-like steps are taken; others (the string "0") are refused naming their type,
     not looked for among the stored steps."""

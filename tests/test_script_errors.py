@@ -158,18 +158,12 @@ def test_train_ends_later_errors_in_one_line_and_refuses_a_workdir_in_use(tmp_pa
 def test_a_workdir_without_checkpoints_is_refused(name, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    weights = tmp_path / "model.pth"  # torchvision weights, not converted
-    weights.write_bytes(b"PK")
-    for workdir in (empty, tmp_path / "missing", weights):
+    for workdir in (empty, tmp_path / "missing"):
         inputs = [__file__] if name == "predict.py" else []  # an existing file, never read
         result = run_script(name, f"--workdir={workdir}", *inputs)
         assert_usage_error(
             result, f"{workdir} is neither a workdir with checkpoints/ nor a checkpoints/<step>"
         )
-    assert (
-        f"<step> directory: a PyTorch file? torchvision Mask R-CNN weights convert into a "
-        f"workdir with scripts/convert_torchvision.py --state_dict={weights} --out=DIR"
-    ) in result.stderr
 
 
 def test_predict_refuses_a_batch_size_of_0(tmp_path):
