@@ -16,16 +16,15 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-TOKEN_FILE = ".process_0_token"  # in the workdir, while the processes check it is shared
-_MAX_LISTED = 8  # differing config fields named in an error
+TOKEN_FILE = ".process_0_token"  # in the shared folder while the processes check it
+_MAX_LISTED = 8  # differing settings named in an error
 
 
 def broadcast_text(text: str) -> str:
     """Process 0's `text`, on every process (a collective: every process must call it)."""
     data = np.frombuffer(text.encode(), np.uint8)
     size = int(multihost_utils.broadcast_one_to_all(np.int32(data.size)))
-    padded = np.zeros(size, np.uint8)
-    padded[: min(size, data.size)] = data[:size]
+    padded = data if jax.process_index() == 0 else np.zeros(size, np.uint8)  # others: ignored
     return np.asarray(multihost_utils.broadcast_one_to_all(padded)).tobytes().decode()
 
 
