@@ -122,14 +122,13 @@ def main(argv):
     else:
         state_dict = convert.download_state_dict(name)
     release = convert.RELEASES[name]
+    source = f"--state_dict={_STATE_DICT.value}" if _STATE_DICT.value else f"--weights={name}"
     if config is None:
         config = release_config(REPO / release.config)
-    elif convert.release_of_config(config.model) != name:
-        source = f"--state_dict={_STATE_DICT.value}" if _STATE_DICT.value else f"--weights={name}"
+    elif (built := convert.release_of_config(config.model)) != name:
         raise app.UsageError(
             f"{source} holds the {name} architecture ({release.builder}), but "
-            f"--config={flags.FLAGS['config'].config_filename} builds "
-            f"{convert.release_of_config(config.model)}'s box head: give "
+            f"--config={flags.FLAGS['config'].config_filename} builds {built}'s box head: give "
             f"--config={release.config} (the default)"
         )
     try:  # e.g. the release's 90 class names with another num_classes
@@ -148,7 +147,6 @@ def main(argv):
     try:
         variables = convert.convert_state_dict(state_dict, config.model, bn_epsilon=bn_epsilon)
     except ValueError as error:  # e.g. fine-tuned on another number of classes
-        source = f"--state_dict={_STATE_DICT.value}" if _STATE_DICT.value else f"--weights={name}"
         hint = class_count_hint(state_dict, config, release)
         raise app.UsageError(f"{source}: {error}{hint}") from error
     try:
