@@ -78,8 +78,15 @@ def get_config() -> ml_collections.ConfigDict:
     # $TORCH_HOME) or the path of such a state dict (.pth, e.g. `resnet50-0676ba61.pth`, read with
     # `torch.load(weights_only=True)`; its `fc.*` is ignored). Needs the `torch` extra.
     model.backbone_weights = ""
-    # `norm = "frozen"` or `freeze_at > 0` without `backbone_weights` freezes randomly
-    # initialised layers, so training refuses to start; True allows it (tests, experiments).
+    # Every variable from a checkpoint when training starts without one of its own (a workdir,
+    # its checkpoints/ or one checkpoints/<step>, e.g. torchvision's COCO weights converted by
+    # scripts/convert_torchvision.py): fine-tuning. Its architecture must be this one, the
+    # classes aside: the class predictors are mapped by class name, classes it lacks start
+    # fresh (`train.transfer`). Exclusive with `backbone_weights`; ignored when resuming.
+    model.init_from = ""
+    # `norm = "frozen"` or `freeze_at > 0` without `backbone_weights` or `init_from` freezes
+    # randomly initialised layers, so training refuses to start; True allows it (tests,
+    # experiments).
     model.allow_random_frozen_backbone = False
     model.fpn_dim = 256  # Channels of every FPN level.
     model.fpn_norm = False  # BatchNorm after every FPN conv, in the `norm` mode (torchvision v2).

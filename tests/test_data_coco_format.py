@@ -15,6 +15,8 @@ import sys
 import tempfile
 
 import cv2
+import jax
+import ml_collections
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -36,7 +38,10 @@ from mrcnn_jax.data import (
     with_absolute_paths,
 )
 from mrcnn_jax.evaluation import evaluate_coco, visualize
+from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 from mrcnn_jax.programs import evaluator, trainer
+from mrcnn_jax.train import checkpoint as ckpt_lib
+from mrcnn_jax.train import state as state_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -201,10 +206,11 @@ def test_grayscale_rgba_and_16_bit_images_are_read_as_8_bit_rgb(dataset):
 
 @pytest.mark.slow
 def test_trains_and_evaluates_with_the_original_category_ids(
-    dataset, tmp_path, monkeypatch, compile_cache
+    dataset, tmp_path, monkeypatch, compile_cache, capsys
 ):
-    """...and scripts/eval.py gives the final evaluation's numbers again where the train json
-    is gone (a run evaluated on another machine)."""
+    """...starting from a checkpoint of other classes (`model.init_from`, fine-tuning), and
+    scripts/eval.py gives the final evaluation's numbers again where the train json is gone (a
+    run evaluated on another machine)."""
     root, splits, _ = dataset
     train_json = tmp_path / "train.json"  # a copy, deleted before eval.py
     train_json.write_bytes(splits["train"][0].read_bytes())
@@ -218,12 +224,24 @@ def test_trains_and_evaluates_with_the_original_category_ids(
     config.data.data_dir = str(root / "tfds")
     config.data.train_json, config.data.train_images = str(train_json), str(splits["train"][1])
     config.data.val_json, config.data.val_images = (str(p) for p in splits["validation"])
+    source = ml_collections.ConfigDict(config.to_dict())  # the same model on other classes
+    source.model.num_classes = 4
+    source.data.class_names = ("fig", "pear", "apple", "plum")
+    source.data.label_to_category_id = (1, 2, 3, 4)
+    model = MaskRCNN.from_config(source.model)
+    source_variables = state_lib.init_variables(model, jax.random.key(7), (64, 64))
+    ckpt_lib.save_variables(tmp_path / "source", source, source_variables)
+    config.model.init_from = str(tmp_path / "source")
     results_path = tmp_path / "results.json"  # the final evaluation's detections, written
     evaluate_split = functools.partial(evaluator.evaluate_split, results_path=str(results_path))
     monkeypatch.setattr(evaluator, "evaluate_split", evaluate_split)
 
     metrics = trainer.train_and_evaluate(config, str(tmp_path / "run"))
     assert {"bbox/AP", "segm/AP"} <= set(metrics)
+    assert (
+        f"Initialised from config.model.init_from='{tmp_path / 'source'}' (step 0): every "
+        "variable; the class predictors of 2 of 3 classes (apple, fig), fresh for (kiwi)"
+    ) in capsys.readouterr().out
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["model"]["num_classes"] == 3
     assert saved["data"]["class_names"] == ["apple", "fig", "kiwi"]

@@ -490,7 +490,7 @@ def test_resume_ignores_backbone_init_mask_paste_and_mask_head_chunk(data_dir):
 
 
 def test_the_default_config_alone_is_refused_for_want_of_weights():
-    with pytest.raises(ValueError, match=r"model\.backbone_weights is empty"):
+    with pytest.raises(ValueError, match=r"model\.backbone_weights and model\.init_from are empty"):
         trainer.check_backbone_init(default_config.get_config().model)
 
 

@@ -411,6 +411,29 @@ def locate_checkpoint(
     return workdir, step
 
 
+def read_checkpoint(
+    path: str | epath.PathLike, step: int | None = None
+) -> tuple[ml_collections.ConfigDict, dict[str, Any], int]:
+    """(config, variables, step) of the checkpoint that `load_checkpoint(path, step)` loads:
+    `variables` holds `params` and `batch_stats` as numpy arrays, checked to fit the stored
+    config's model (every path, shape and dtype); arguments and errors as `load_checkpoint`'s."""
+    manager, _, step = _open(path, step)
+    try:
+        config = ml_collections.ConfigDict(ckpt_lib.load_config(manager, step))
+        state = ckpt_lib.restore_raw(manager, step)
+        expected = MaskRCNN.from_config(config.model).variable_shapes(tuple(config.data.image_size))
+        variables = {"params": state["params"], "batch_stats": state.get("batch_stats") or {}}
+        for collection in ("params", "batch_stats"):
+            _check_tree(
+                variables[collection],
+                expected.get(collection, {}),
+                f"checkpoint {manager.directory}/{step} {collection}",
+            )
+    finally:
+        manager.close()
+    return config, variables, step
+
+
 def load_checkpoint(path: str | epath.PathLike, step: int | None = None) -> Predictor:
     """Loads the model, variables and config of a checkpoint for inference.
 
@@ -431,18 +454,5 @@ def load_checkpoint(path: str | epath.PathLike, step: int | None = None) -> Pred
         or dtype differs from the model's); `ckpt_lib.CorruptCheckpointError`, a ValueError:
         its files are damaged (the message names the step folder or file).
     """
-    manager, _, step = _open(path, step)
-    try:
-        config = ml_collections.ConfigDict(ckpt_lib.load_config(manager, step))
-        state = ckpt_lib.restore_raw(manager, step)
-        expected = MaskRCNN.from_config(config.model).variable_shapes(tuple(config.data.image_size))
-        variables = {"params": state["params"], "batch_stats": state.get("batch_stats") or {}}
-        for collection in ("params", "batch_stats"):
-            _check_tree(
-                variables[collection],
-                expected.get(collection, {}),
-                f"checkpoint {manager.directory}/{step} {collection}",
-            )
-    finally:
-        manager.close()
+    config, variables, step = read_checkpoint(path, step)
     return Predictor(config=config, variables=variables, step=step)

@@ -55,10 +55,11 @@ from mrcnn_jax.data import get_builder, pipeline, schema, with_absolute_paths
 from mrcnn_jax.evaluation.masks import PASTE_METHODS
 from mrcnn_jax.modeling.checks import check_model_config
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
-from mrcnn_jax.programs import evaluator, processes
+from mrcnn_jax.programs import evaluator, predictor, processes
 from mrcnn_jax.train import checkpoint as ckpt_lib
 from mrcnn_jax.train import state as state_lib
 from mrcnn_jax.train import step as step_lib
+from mrcnn_jax.train import transfer
 
 
 class MetricsWriteError(OSError):
@@ -201,30 +202,45 @@ def check_backbone_init(model: ml_collections.ConfigDict) -> None:
 
     Frozen BatchNorm (`model.norm == "frozen"`) keeps its initial statistics and affine forever,
     and `model.freeze_at > 0` never trains the stem (and res2): from a random initialisation
-    that silently cripples the model. Either needs `model.backbone_weights`, unless
-    `model.allow_random_frozen_backbone` opts in. Only for a run without a checkpoint: a
-    restored (e.g. converted) checkpoint brings its own backbone.
+    that silently cripples the model. Either needs `model.backbone_weights` or
+    `model.init_from`, unless `model.allow_random_frozen_backbone` opts in. Only for a run
+    without a checkpoint: a restored (e.g. converted) checkpoint brings its own backbone.
 
-    A `model.backbone_weights` path is checked to be a file here, before the dataset is built.
+    A `model.backbone_weights` path is checked to be a file, and `model.init_from` to hold a
+    complete checkpoint, here, before the dataset is built.
 
     Raises:
-      ValueError: saying which fields to set.
-      FileNotFoundError: `model.backbone_weights` names no file (nor a release).
+      ValueError: saying which fields to set; both `backbone_weights` and `init_from` set.
+      FileNotFoundError: `model.backbone_weights` names no file (nor a release), or
+        `model.init_from` no checkpoint.
     """
+    if model.backbone_weights and model.init_from:
+        raise ValueError(
+            f"config.model.init_from={model.init_from!r} brings the backbone too: leave "
+            f"config.model.backbone_weights={model.backbone_weights!r} empty"
+        )
     if model.backbone_weights and not imagenet.is_release_name(model.backbone_weights):
         imagenet.check_backbone_file(model.backbone_weights, model.backbone_depth)
+    if model.init_from:
+        try:
+            predictor.locate_checkpoint(model.init_from)
+        except FileNotFoundError as error:
+            raise FileNotFoundError(f"config.model.init_from: {error}") from error
     frozen = []
     if model.norm == "frozen":
         frozen.append('model.norm="frozen" (fixed BatchNorm statistics)')
     if model.freeze_at > 0:
         layers = "stem and res2" if model.freeze_at >= 2 else "stem"
         frozen.append(f"model.freeze_at={model.freeze_at} (untrained {layers})")
-    if frozen and not model.backbone_weights and not model.allow_random_frozen_backbone:
+    trained = model.backbone_weights or model.init_from
+    if frozen and not trained and not model.allow_random_frozen_backbone:
         raise ValueError(
-            f"{' and '.join(frozen)} freeze backbone layers, but model.backbone_weights is "
-            "empty, so they would keep their random initialisation. Start from ImageNet "
-            "weights: --config.model.backbone_weights=IMAGENET1K_V1 (torchvision's, downloaded) "
-            f"or the path of a torchvision ResNet-{model.backbone_depth} .pth; or train from "
+            f"{' and '.join(frozen)} freeze backbone layers, but model.backbone_weights and "
+            "model.init_from are empty, so they would keep their random initialisation. Start "
+            "from ImageNet weights: --config.model.backbone_weights=IMAGENET1K_V1 (torchvision's, "
+            f"downloaded) or the path of a torchvision ResNet-{model.backbone_depth} .pth; or "
+            "from a trained model: --config.model.init_from=WORKDIR (e.g. torchvision's COCO "
+            "weights converted by scripts/convert_torchvision.py); or train from "
             "scratch: --config.model.norm=batch --config.model.freeze_at=0; or accept a random "
             "frozen backbone: --config.model.allow_random_frozen_backbone=True"
         )
@@ -291,14 +307,75 @@ def check_splits(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBu
 
 def initial_variables(config: ml_collections.ConfigDict, model: MaskRCNN) -> dict:
     """The seeded initialisation of `params` and `batch_stats`, with the backbone of
-    `config.model.backbone_weights` when it names any."""
+    `config.model.backbone_weights` when it names any, or every variable of the
+    `config.model.init_from` checkpoint (`init_from_checkpoint`)."""
     variables = state_lib.init_variables(
         model, jax.random.key(config.seed), tuple(config.data.image_size)
     )
     if config.model.backbone_weights:
         variables = imagenet.with_backbone(variables, imagenet.backbone_variables(config.model))
         _say(f"Backbone initialised from {config.model.backbone_weights}")
+    if config.model.init_from:
+        variables = init_from_checkpoint(config, variables)
     return variables
+
+
+def init_from_checkpoint(config: ml_collections.ConfigDict, variables: dict) -> dict:
+    """`variables` (this config's initial ones) replaced by those of the checkpoint
+    `config.model.init_from` (`transfer.transfer_variables`): the class predictors mapped by
+    class name (`config.data.class_names`, set from the dataset), classes the checkpoint lacks
+    left as initialised. Says which classes were taken, and warns about `config.model` fields
+    that differ from the checkpoint's (its weights were trained with those).
+
+    Raises:
+      ValueError: the checkpoint's architecture is not this config's (a variable missing or of
+        another shape), naming the variables and the differing config fields; or it cannot be
+        read (`predictor.read_checkpoint`).
+    """
+    model = config.model
+    source_config, source, step = predictor.read_checkpoint(model.init_from)
+    names = list(config.data.class_names)
+    sources = transfer.class_sources(
+        names, list(source_config.data.class_names), model.num_classes,
+        source_config.model.num_classes,
+    )  # fmt: skip
+    saved = json.loads(source_config.to_json())
+    differences = [
+        line
+        for line in ckpt_lib.config_mismatches(saved, config)
+        if not line.startswith(("model.num_classes:", "data.image_size:"))
+    ]
+    where = f"config.model.init_from={model.init_from!r} (step {step})"
+    try:
+        variables = transfer.transfer_variables(variables, source, sources)
+    except ValueError as error:
+        differ = f" The model configs differ: {'; '.join(differences)}." if differences else ""
+        raise ValueError(
+            f"{where} does not fit this model (only the classes may differ): {error}.{differ}"
+        ) from error
+    names = names or [str(j) for j in range(model.num_classes)]
+    taken = [name for name, source_class in zip(names, sources) if source_class is not None]
+    new = [name for name, source_class in zip(names, sources) if source_class is None]
+    _say(
+        f"Initialised from {where}: every variable; the class predictors of "
+        f"{len(taken)} of {len(names)} classes{_listed(taken)}"
+        + (f", fresh for{_listed(new)}" if new else "")
+    )
+    if differences and jax.process_index() == 0:
+        logging.warning(
+            "config.model differs from that of %s, whose weights were trained with it: %s",
+            model.init_from,
+            "; ".join(differences),
+        )
+    return variables
+
+
+def _listed(names: list[str], most: int = 8) -> str:
+    """' (a, b, c)', at most `most` names and how many more; '' for none."""
+    if not names:
+        return ""
+    more = f", {len(names) - most} more" if len(names) > most else ""
+    return f" ({', '.join(names[:most])}{more})"
 
 
 def resume_warnings(stored: dict, config: ml_collections.ConfigDict, step: int) -> list[str]:

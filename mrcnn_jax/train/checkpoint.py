@@ -49,12 +49,13 @@ T = TypeVar("T")
 
 # Config sections whose values must match for a checkpoint to be restored into a run.
 ARCHITECTURE_KEYS = ("model", "data.image_size")
-# Fields inside them that may differ: how a fresh run initialises its backbone (a restored
+# Fields inside them that may differ: how a fresh run initialises its weights (a restored
 # checkpoint brings its own), how masks are pasted at evaluation and how the mask head's
 # training slots are batched (the same function). Checkpoints written before these fields
 # existed restore too.
 NON_ARCHITECTURE_KEYS = (
     "model.backbone_weights",
+    "model.init_from",
     "model.allow_random_frozen_backbone",
     "model.roi_heads.mask_paste",
     "model.roi_heads.mask_head_chunk",
