@@ -133,10 +133,11 @@ def test_init_from_maps_the_classes_of_a_saved_checkpoint_and_checks_the_config(
         trainer.init_from_checkpoint(other, random_like(other, 2))
     message = str(error.value)
     assert message.startswith(
-        f"config.model.init_from='{tmp_path / 'source'}' (step 0) does not fit this model "
-        "(only the classes may differ): "
+        f"config.model.init_from='{tmp_path / 'source'}' (step 0) has another architecture than "
+        "this config's (only the classes may differ): its model config differs: model.fpn_dim: "
+        "checkpoint 16 vs config 8. 22 variables do not fit: "
     )
-    assert message.endswith("The model configs differ: model.fpn_dim: checkpoint 16 vs config 8.")
+    assert message.endswith("configs/coco_format_torchvision.py)")
 
 
 def test_init_from_is_checked_before_any_work_and_lifts_the_frozen_backbone_refusal(tmp_path):

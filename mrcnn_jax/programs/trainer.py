@@ -349,9 +349,11 @@ def init_from_checkpoint(config: ml_collections.ConfigDict, variables: dict) -> 
     try:
         variables = transfer.transfer_variables(variables, source, sources)
     except ValueError as error:
-        differ = f" The model configs differ: {'; '.join(differences)}." if differences else ""
+        differ = f"its model config differs: {'; '.join(differences)}. " if differences else ""
         raise ValueError(
-            f"{where} does not fit this model (only the classes may differ): {error}.{differ}"
+            f"{where} has another architecture than this config's (only the classes may "
+            f"differ): {differ}{error}. Train with its model settings (for torchvision's "
+            "converted weights: configs/coco_format_torchvision.py)"
         ) from error
     names = names or [str(j) for j in range(model.num_classes)]
     taken = [name for name, source_class in zip(names, sources) if source_class is not None]
@@ -590,7 +592,8 @@ def _train_and_evaluate(
             logging.warning(warning)
     state = sharding.replicate(state, mesh)
     start_step = int(jax.device_get(state.step))
-    _say(f"Model: {state_lib.count_params(state.params):,} parameters on {mesh.size} devices")
+    devices = f"{mesh.size} device{'s' if mesh.size > 1 else ''}"
+    _say(f"Model: {state_lib.count_params(state.params):,} parameters on {devices}")
 
     train_step = step_lib.make_train_step(config, mesh, learning_rate_fn)
     predict_step = evaluator.make_predict_step(model, mesh)
