@@ -109,6 +109,24 @@ def test_train_refuses_a_config_that_does_not_fit_before_any_work(tmp_path):
     assert not os.listdir(tmp_path)
 
 
+def test_a_tuple_override_given_twice_is_refused_where_a_scalar_takes_the_last(tmp_path):
+    """ml_collections joins a tuple field's values given twice (absl's last-one-wins for a
+    scalar): (256, 256, 320, 320) would be refused as an image size, naming no repetition."""
+    flags = ["--config=configs/shapes_r18.py", f"--workdir={tmp_path / 'w'}"]
+    result = run_script(
+        "train.py", *flags, "--config.data.image_size=(256, 256)", "--config.seed=1",
+        "--config.data.image_size=(320, 320)",
+    )  # fmt: skip
+    assert_usage_error(
+        result,
+        "error: --config.data.image_size is given 2 times ((256, 256), (320, 320)); "
+        "ml_collections would join the tuples into (256, 256, 320, 320): give it once",
+    )
+    result = run_script("train.py", *flags, "--config.seed=1", "--config.seed=-1")
+    assert_usage_error(result, "error: config.seed=-1 must be an integer >= 0")
+    assert not os.listdir(tmp_path)
+
+
 def test_train_refuses_a_workdir_that_is_a_regular_file(tmp_path):
     a_file = tmp_path / "a_file"
     a_file.write_text("")

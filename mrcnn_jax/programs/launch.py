@@ -97,7 +97,27 @@ def config_of(flag: flags.FlagHolder) -> Any:
         raise app.UsageError(
             f"--{flag.name}={path}: {reason[-1] if reason else error}{where}"
         ) from error
+    _check_repeated_tuples(flag.name, config, sys.argv[1:])
     return config
+
+
+def _check_repeated_tuples(name: str, config: Any, argv: list[str]) -> None:
+    """Refuses a tuple field given twice on the command line (`--config.data.image_size=(256,
+    256) ... --config.data.image_size=(320, 320)`): ml_collections joins the two tuples, where
+    a scalar given twice takes the last value as absl does."""
+    given = [a.lstrip("-").split("=", 1) for a in argv if a.lstrip("-").startswith(f"{name}.")]
+    fields: dict[str, list[str]] = {}
+    for field, *value in given:
+        fields.setdefault(field, []).append(value[0] if value else "")
+    for field, values in fields.items():
+        node = config
+        for key in field.split(".")[1:]:
+            node = node[key]
+        if len(values) > 1 and isinstance(node, tuple | list):
+            raise app.UsageError(
+                f"--{field} is given {len(values)} times ({', '.join(values)}); ml_collections "
+                f"would join the tuples into {tuple(node)}: give it once"
+            )
 
 
 def make_output_folder(folder: str | os.PathLike, flag: str) -> None:
