@@ -364,6 +364,35 @@ def test_the_cache_key_follows_the_jsons_and_the_image_files(tmp_path):
     assert coco_format.coco_format_config(splits).name == edited_image
 
 
+def test_a_build_says_why_and_names_the_earlier_builds_it_keeps(tmp_path, caplog):
+    """Building is announced with its reason; a json edited since an earlier build names that
+    build, left on disk, as deletable; another json's builds are not named; a reuse is silent."""
+    splits = write_dataset(epath.Path(tmp_path))
+    data_dir = tmp_path / "tfds"
+    other = {"train": (tmp_path / "train_val.json", splits["train"][1])}  # a json named alike
+    other["train"][0].write_bytes(splits["train"][0].read_bytes())
+    with caplog.at_level("WARNING"):
+        coco_format.build_coco_format(other, str(data_dir))
+        caplog.clear()
+        first = coco_format.build_coco_format(splits, str(data_dir))
+    folder = epath.Path(first.data_dir).parent
+    files = f"train: {splits['train'][0]}, validation: {splits['validation'][0]}"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"Building {folder} from {files}: the first use of these files"
+    ]
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        coco_format.build_coco_format(splits, str(data_dir))
+    assert not caplog.records
+    _edit_json(splits, "train", lambda d: d["annotations"][0]["bbox"].__setitem__(0, 5))
+    with caplog.at_level("WARNING"):
+        second = coco_format.build_coco_format(splits, str(data_dir))
+    assert [r.getMessage() for r in caplog.records] == [
+        f"Building {epath.Path(second.data_dir).parent} from {files}: its files changed since "
+        f"the builds in {folder.name} (not deleted: delete them when no run needs them)"
+    ]
+
+
 def test_a_second_build_reuses_the_first(dataset, monkeypatch):
     root, splits, builder = dataset
 
@@ -401,6 +430,10 @@ def test_a_split_not_needed_is_left_out_when_its_files_are_gone(tmp_path, caplog
     for needed in (None, ["train"], ["train", "validation"], ["no_such_split"]):
         with pytest.raises(ValueError, match=re.escape(f"{train_json}: cannot read the")):
             get_builder(config.data, needed)
+    config.data.val_json = config.data.val_images = ""  # fields left unset: named
+    message = "config.data.dataset='coco_format' needs config.data.val_json and "
+    with pytest.raises(ValueError, match=re.escape(message + "config.data.val_images (the vali")):
+        get_builder(config.data, ["validation"])
 
 
 def _edit_json(splits: dict, split: str, edit) -> None:
@@ -504,8 +537,11 @@ BAD_INPUT = {
 
 
 def _leftovers(data_dir: pathlib.Path) -> list[str]:
-    """Files (not empty folders) under ``data_dir``."""
-    return [str(p) for p in pathlib.Path(data_dir).rglob("*") if p.is_file()]
+    """Files and folders under ``data_dir`` but TFDS's empty `downloads/extracted/` (made for
+    every build) and the builder's `coco_format/`: no folder that looks like a build."""
+    ignored = {"downloads", "downloads/extracted", "coco_format"}
+    paths = (p.relative_to(data_dir).as_posix() for p in pathlib.Path(data_dir).rglob("*"))
+    return sorted(set(paths) - ignored)
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUT))

@@ -61,11 +61,15 @@ def get_builder(
         )
         return builder
     if data.dataset == "coco_format":
-        files = {
-            "train": (data.train_json, data.train_images),
-            "validation": (data.val_json, data.val_images),
-        }
-        needed = set(files).intersection(splits or ())  # none known: all of them
+        fields = {"train": ("train_json", "train_images"), "validation": ("val_json", "val_images")}
+        needed = set(fields).intersection(splits or ())  # none known: all of them
+        for split in sorted(needed or fields):
+            if unset := [f"config.data.{name}" for name in fields[split] if not data[name]]:
+                raise ValueError(
+                    f"config.data.dataset='coco_format' needs {' and '.join(unset)} (the "
+                    f"{split} split's annotation json and image folder)"
+                )
+        files = {split: (data[ann], data[images]) for split, (ann, images) in fields.items()}
         optional = set(files) - needed if needed else ()
         return coco_format.build_coco_format(files, data_dir, optional)
     raise ValueError(

@@ -15,8 +15,9 @@ so the built dataset (``<data_dir>/coco_format/<name>/``) is reused while nothin
 new one is built as soon as a json or an image file changes. Each json and the presence of every
 image file are checked before anything is written (see ``coco_reader`` for the checks); an image
 that does not decode stops the TFDS build, which leaves nothing behind. Old builds stay until
-deleted. A split the caller does not need (``optional``: eval.py reads one split) is left out
-when its files cannot be read, which makes a build of the other splits alone.
+deleted: a build logs why it runs and names them (``earlier_builds``). A split the caller
+does not need (``optional``: eval.py reads one split) is left out when its files cannot be
+read, which makes a build of the other splits alone.
 """
 
 import dataclasses
@@ -168,6 +169,14 @@ class CocoFormat(tfds.core.GeneratorBasedBuilder):
         )
 
 
+def earlier_builds(folder: epath.Path) -> list[epath.Path]:
+    """The other builds beside ``folder`` (``<data_dir>/coco_format/<name>``) of a json of the
+    same name: builds of earlier versions of the same files, usually."""
+    name = re.compile(re.escape(folder.name.rsplit("_", 1)[0]) + "_[0-9a-f]{16}")
+    others = folder.parent.iterdir() if folder.parent.is_dir() else ()
+    return sorted(p for p in others if name.fullmatch(p.name) and p.name != folder.name)
+
+
 def build_coco_format(
     splits: Mapping[str, tuple[epath.PathLike, epath.PathLike]],
     data_dir: str | None = None,
@@ -178,5 +187,23 @@ def build_coco_format(
     ``optional`` splits are left out when their files cannot be read (``coco_format_config``)."""
     with schema.tfds_notices_dropped():
         builder = CocoFormat(data_dir=data_dir, config=coco_format_config(splits, optional))
-    builder.download_and_prepare()
+    if not (epath.Path(builder.data_dir) / "dataset_info.json").exists():  # not built yet
+        folder = epath.Path(builder.data_dir).parent  # (`is_prepared` logs a false alarm)
+        others = earlier_builds(folder)
+        logging.warning(
+            "Building %s from %s: %s",
+            folder,
+            builder.builder_config.description.removeprefix("Built from ").rstrip("."),
+            f"its files changed since the builds in {', '.join(p.name for p in others)} (not "
+            "deleted: delete them when no run needs them)"
+            if others
+            else "the first use of these files",
+        )
+    try:
+        builder.download_and_prepare()
+    except BaseException:  # TFDS removes its unfinished files but keeps this build's folder
+        folder = epath.Path(builder.data_dir).parent  # <data_dir>/coco_format/<config name>
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+        raise
     return builder
