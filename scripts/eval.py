@@ -5,7 +5,9 @@ r"""Evaluates a training checkpoint with COCO metrics (bbox and segm) on a split
 
 --workdir is a training workdir (its latest checkpoint is evaluated), its `checkpoints/` folder
 or one `checkpoints/<step>` folder. The model, its variables and the config (dataset included)
-come from the checkpoint. Prints the 12 COCO numbers per IoU type and writes
+come from the checkpoint; so does the image limit of the training's evaluations,
+`config.eval.max_images` (said when it applies; --max_images overrides it, 0: the whole split).
+Prints the 12 COCO numbers per IoU type and writes
 `<workdir>/eval_<step>.json` (the metrics) and `<workdir>/detections_<step>.json` (the
 detections, COCO results format), `<workdir>` being the training workdir also when --workdir
 names a checkpoint folder in it; with a --split other than the config's val split, the file
@@ -50,6 +52,14 @@ _SPLIT = flags.DEFINE_string(
     None,
     "TFDS split to evaluate, e.g. 'validation[:50]' (default: config.data.val_split).",
 )
+_MAX_IMAGES = flags.DEFINE_integer(
+    "max_images",
+    None,
+    "Evaluate only the first N images of the split; 0: all of them (default: the checkpoint's "
+    "config.eval.max_images, the limit of the training's evaluations, which is said when it "
+    "applies).",
+    lower_bound=0,
+)
 _OUT_DIR = flags.DEFINE_string(
     "out_dir",
     None,
@@ -92,6 +102,8 @@ def main(argv):
     except (ValueError, FileNotFoundError) as error:  # name what to fix
         raise app.UsageError(str(error)) from error
     config = predictor.config
+    if _MAX_IMAGES.value is not None:
+        config.eval.max_images = _MAX_IMAGES.value
     split = _SPLIT.value or config.data.val_split
     out_dir = epath.Path(paths.absolute(_OUT_DIR.value)) if _OUT_DIR.value else workdir
     try:  # several processes given other flags would wait for each other forever
@@ -99,6 +111,7 @@ def main(argv):
             {
                 "checkpoint": str(workdir / "checkpoints" / str(predictor.step)),
                 "split": split,
+                "max_images": config.eval.max_images,
                 "out_dir": str(out_dir),
             }
         )
@@ -114,6 +127,11 @@ def main(argv):
     num_images = builder.info.splits[pipeline.eval_split(config, builder, split)].num_examples
     if not num_images:
         raise app.UsageError(f"--split={split!r} selects no image of {builder.info.full_name}")
+    in_split = builder.info.splits[split].num_examples
+    images = f"{num_images} images"
+    if num_images < in_split:
+        flag = "--max_images" if _MAX_IMAGES.value else "the checkpoint's config.eval.max_images"
+        images = f"the first {num_images} of its {in_split} images ({flag}; --max_images=0: all)"
     try:
         evaluator.check_dataset_classes(config, builder)
     except ValueError as error:
@@ -135,14 +153,14 @@ def main(argv):
             results_path=str(results_path),
         )
         if jax.process_index() == 0:
-            summary = {"step": predictor.step, "split": split, **metrics}
+            summary = {"step": predictor.step, "split": split, "num_images": num_images, **metrics}
             output.write_file(metrics_path, lambda f: json.dump(summary, f, indent=2))
     except OSError as error:  # e.g. a full disk: the file and why, no trace
         if error.filename not in (str(results_path), str(metrics_path)):
             raise
         sys.exit(f"error: cannot write {error.filename}: {error.strerror}")
     if jax.process_index() == 0:
-        print(f"checkpoint step {predictor.step}, split {split}:")
+        print(f"checkpoint step {predictor.step}, split {split}, {images}:")
         print(metrics_table(metrics), flush=True)
 
 

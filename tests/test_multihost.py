@@ -270,7 +270,7 @@ def test_two_processes_train_resume_and_evaluate_as_one(tmp_path, launches):
             np.testing.assert_allclose(got[2], want[2], rtol=1e-5, atol=1e-3)
     assert evals["2x2"] == pytest.approx(evals["1x4"], abs=1e-6)
     # ... and the numbers of the 2-process run's own final evaluation.
-    saved = {k: v for k, v in evals["2x2"].items() if k not in ("step", "split")}
+    saved = {k: v for k, v in evals["2x2"].items() if k not in ("step", "split", "num_images")}
     expected = {k: v for k, v in eval_record(two).items() if k != "step"}
     assert {f"eval/{k}": v for k, v in saved.items()} == pytest.approx(expected, abs=1e-6)
     assert (evals["2x2"]["step"], evals["2x2"]["split"]) == (NUM_STEPS, "validation")

@@ -536,12 +536,15 @@ def test_scripts_write_into_the_workdir_of_a_checkpoint_folder(
     model_setup, inputs, compile_cache, tmp_path
 ):
     """`--workdir=<workdir>/checkpoints/0`: predict.py's default --out_dir and eval.py's files
-    are in <workdir>, as with `--workdir=<workdir>`, not in the checkpoint folder. eval.py on a
-    full disk ends with the file and the reason, no traceback and no partial file."""
+    are in <workdir>, as with `--workdir=<workdir>`, not in the checkpoint folder. eval.py
+    says when it scores only the checkpoint's `eval.max_images` of the split, and
+    `--max_images=0` scores all. eval.py on a full disk ends with the file and the reason, no
+    traceback and no partial file."""
     config, variables = model_setup
     config = config.copy_and_resolve_references()
     config.data.data_dir = str(tmp_path / "tfds")
     config.data.shapes_num_train = config.data.shapes_num_val = config.eval.batch_size = 8
+    config.eval.max_images = 6
     workdir = tmp_path / "workdir"
     folder = ckpt_lib.save_variables(workdir, config, variables)
     assert folder == workdir / "checkpoints" / "0"
@@ -555,9 +558,23 @@ def test_scripts_write_into_the_workdir_of_a_checkpoint_folder(
     assert (workdir / "predictions" / "detections.json").is_file()
     result = run_script(f"--workdir={folder}", cache=compile_cache, script="eval.py")
     assert result.returncode == 0, result.stderr[-5000:]
+    assert (
+        "checkpoint step 0, split validation, the first 6 of its 8 images (the checkpoint's "
+        "config.eval.max_images; --max_images=0: all):"
+    ) in result.stdout
     eval_results = json.loads((workdir / "eval_0.json").read_text())
     assert (eval_results["step"], eval_results["split"]) == (0, "validation")
-    assert (workdir / "detections_0.json").is_file()
+    assert eval_results["num_images"] == 6
+    limited = {d["image_id"] for d in json.loads((workdir / "detections_0.json").read_text())}
+    assert len(limited) <= 6
+    result = run_script(
+        f"--workdir={folder}", "--max_images=0", f"--out_dir={tmp_path / 'all'}",
+        cache=compile_cache, script="eval.py",
+    )  # fmt: skip
+    assert "checkpoint step 0, split validation, 8 images:" in result.stdout, result.stderr[-3000:]
+    assert json.loads((tmp_path / "all" / "eval_0.json").read_text())["num_images"] == 8
+    detections = json.loads((tmp_path / "all" / "detections_0.json").read_text())
+    assert {d["image_id"] for d in detections} > limited  # the other 2 images scored too
     assert sorted(p.name for p in folder.iterdir()) == stored
     out_dir = tmp_path / "elsewhere" / "results"  # --out_dir: created, the workdir untouched
     in_workdir = sorted(p.name for p in workdir.iterdir())

@@ -630,7 +630,9 @@ def _train_and_evaluate(
         disable=jax.process_index() != 0,
         dynamic_ncols=True,
     )
-    last_log_time, last_log_step = time.time(), start_step
+    # steps_per_second measures training: a window's steps over its time, without the steps
+    # that compile (the first one; one per canvas group) and the checkpoints and evaluations.
+    window_start, window_steps = time.time(), 0
     eval_metrics = {}
     saved_step = start_step if resuming else None
     canvases = set()  # of the batches so far: a new one compiles the step (once per group)
@@ -638,31 +640,45 @@ def _train_and_evaluate(
         for step in range(start_step, t.num_steps):
             batch = next(batches)
             canvas = batch["image"].shape[1:3]
-            if canvas not in canvases and config.data.canvas_groups:
+            compiles = canvas not in canvases
+            if compiles and config.data.canvas_groups:
                 size = f"{canvas[0]}x{canvas[1]}"
                 _say(f"step {step}: compiling the train step for the {size} canvas")
             canvases.add(canvas)
             batch = sharding.shard_batch(batch, mesh)
             state, metrics = train_step(state, batch, jax.random.fold_in(base_key, step))
             done = step + 1
+            if compiles:
+                jax.block_until_ready(metrics)
+                window_start, window_steps = time.time(), 0
+            else:
+                window_steps += 1
             if done % t.log_every == 0 or done % t.checkpoint_every == 0 or done == t.num_steps:
                 scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 _check_finite(done, scalars)
                 now = time.time()
-                elapsed = max(now - last_log_time, 1e-9)
-                scalars["steps_per_second"] = (done - last_log_step) / elapsed
-                last_log_time, last_log_step = now, done
+                postfix = {"loss": f"{scalars['loss']:.3f}"}
+                if window_steps:  # none in a window of only the compiling step
+                    sps = scalars["steps_per_second"] = window_steps / max(now - window_start, 1e-9)
+                    postfix["sps"] = f"{sps:.2f}"
+                window_start, window_steps = now, 0
                 writer.write(done, {f"train/{k}": v for k, v in scalars.items()})
-                sps = scalars["steps_per_second"]
-                bar.set_postfix(loss=f"{scalars['loss']:.3f}", sps=f"{sps:.2f}")
+                bar.set_postfix(postfix)
             bar.update(1)
-            if done % t.checkpoint_every == 0 or done == t.num_steps:
+            checkpoint = done % t.checkpoint_every == 0 or done == t.num_steps
+            evaluate = t.eval_every and done % t.eval_every == 0 and done != t.num_steps
+            if checkpoint or evaluate:  # their time is left out of the window, not the steps'
+                jax.block_until_ready(state)
+                paused = time.time()
+            if checkpoint:
                 ckpt_lib.save(manager, state, config)
                 saved_step = done
             if stop.is_set() or manager.reached_preemption(done):
                 stop_at(done)
-            if t.eval_every and done % t.eval_every == 0 and done != t.num_steps:
+            if evaluate:
                 eval_metrics = run_eval(done)
+            if checkpoint or evaluate:
+                window_start += time.time() - paused
     final_step = int(jax.device_get(state.step))
     if saved_step != final_step:  # num_steps = 0 on a fresh workdir: checkpoint the initial state
         ckpt_lib.save(manager, state, config)
