@@ -22,6 +22,10 @@ folder) that is not a complete checkpoint, e.g. after an interrupted copy (the m
 what it lacks), while the latest one is looked for among the complete ones only (a later
 incomplete folder is skipped with a warning).
 
+--json=FILE --images=FOLDER evaluates a COCO-format annotation file instead (e.g. a held-out
+test set; built like configs/coco_format.py's splits, into the config's data dir): its
+categories must be the model's, and the files are named `eval_<step>_<json name>.json`.
+
 On several hosts run the same command on every host, as scripts/train.py (the same
 --multihost, --coordinator_address, --num_processes, --process_id flags; README "Multi-host"):
 each host evaluates its shard of the split, the predictions are gathered, and process 0 writes
@@ -52,6 +56,14 @@ _SPLIT = flags.DEFINE_string(
     None,
     "TFDS split to evaluate, e.g. 'validation[:50]' (default: config.data.val_split).",
 )
+_JSON = flags.DEFINE_string(
+    "json",
+    None,
+    "A COCO-format annotation json to evaluate instead of the config's dataset (e.g. a held-out "
+    "test set; with --images, its image folder): its categories must be the model's. The "
+    "result files end in _<json name>.",
+)
+_IMAGES = flags.DEFINE_string("images", None, "The image folder of --json's file_names.")
 _MAX_IMAGES = flags.DEFINE_integer(
     "max_images",
     None,
@@ -81,9 +93,29 @@ def metrics_table(metrics: dict[str, float]) -> str:
     return "\n".join(rows)
 
 
+def with_json_split(data, json_path: str, images: str):
+    """`data` (a checkpoint's `config.data`) reading the COCO-format `json_path` and `images`
+    as its val split, a `coco_format` dataset of that split alone."""
+    from mrcnn_jax import paths
+
+    data = data.copy_and_resolve_references()
+    data.dataset = "coco_format"
+    data.train_json = data.train_images = ""
+    data.val_json, data.val_images = paths.absolute(json_path), paths.absolute(images)
+    data.val_split = "validation"
+    return data
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if bool(_JSON.value) != bool(_IMAGES.value):
+        raise app.UsageError("--json and --images go together: the json and its image folder")
+    if _JSON.value and _SPLIT.value:
+        raise app.UsageError(
+            f"--split={_SPLIT.value} picks a split of the config's dataset: with --json the json "
+            "is what is evaluated"
+        )
     import jax  # after absl parsed the flags, so XLA_FLAGS etc. set on the command line apply
     from etils import epath
 
@@ -104,6 +136,8 @@ def main(argv):
     config = predictor.config
     if _MAX_IMAGES.value is not None:
         config.eval.max_images = _MAX_IMAGES.value
+    if _JSON.value:
+        config.data = with_json_split(config.data, _JSON.value, _IMAGES.value)
     split = _SPLIT.value or config.data.val_split
     out_dir = epath.Path(paths.absolute(_OUT_DIR.value)) if _OUT_DIR.value else workdir
     try:  # several processes given other flags would wait for each other forever
@@ -111,6 +145,7 @@ def main(argv):
             {
                 "checkpoint": str(workdir / "checkpoints" / str(predictor.step)),
                 "split": split,
+                "json": config.data.val_json if _JSON.value else "",
                 "max_images": config.eval.max_images,
                 "out_dir": str(out_dir),
             }
@@ -118,7 +153,9 @@ def main(argv):
     except ValueError as error:
         raise app.UsageError(str(error)) from error
     suffix = str(predictor.step)
-    if split != config.data.val_split:
+    if _JSON.value:
+        suffix += "_" + re.sub(r"[^\w.-]+", "_", epath.Path(_JSON.value).stem)
+    elif split != config.data.val_split:
         suffix += "_" + re.sub(r"[^\w.-]+", "_", split)
     with launch.errors_in_one_line(ValueError, OSError):  # the data's files, named
         builder = get_builder(config.data, pipeline.split_names(split))  # only those it reads

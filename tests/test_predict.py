@@ -23,9 +23,11 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 from helpers import random_variables, write_sideways_jpeg
+from pycocotools import mask as mask_utils
 
 import mrcnn_jax
 from mrcnn_jax import sharding
+from mrcnn_jax.data import shapes
 from mrcnn_jax.evaluation import visualize
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN, dummy_inputs
 from mrcnn_jax.programs.predictor import Predictor, locate_checkpoint
@@ -532,6 +534,33 @@ def test_predict_script_refuses_an_out_dir_among_its_inputs(workdir, compile_cac
         assert {p: p.read_bytes() for p in photos.iterdir()} == stored, args
 
 
+def write_shapes_json(folder: pathlib.Path, num_images: int) -> pathlib.Path:
+    """The first `num_images` images of the shapes val split as PNGs and a COCO json
+    (`folder/test.json`, the shapes' category ids, image ids as in the TFDS split)."""
+    folder.mkdir()
+    images, annotations = [], []
+    for index in range(num_images):
+        image, objects = shapes.generate_image(0, "validation", index, (128, 128))
+        cv2.imwrite(str(folder / f"{index}.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+        images.append({"id": index + 1, "file_name": f"{index}.png", "height": 128, "width": 128})
+        for label, mask in objects:
+            rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+            annotations.append({
+                "id": len(annotations) + 1, "image_id": index + 1, "iscrowd": 0,
+                "category_id": shapes.CATEGORY_IDS[label], "area": float(mask.sum()),
+                "bbox": mask_utils.toBbox(rle).tolist(),
+                "segmentation": {"size": rle["size"], "counts": rle["counts"].decode()},
+            })  # fmt: skip
+    categories = [
+        {"id": i, "name": n} for i, n in zip(shapes.CATEGORY_IDS, shapes.CLASS_NAMES, strict=True)
+    ]
+    path = folder / "test.json"
+    path.write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": categories})
+    )
+    return path
+
+
 def test_scripts_write_into_the_workdir_of_a_checkpoint_folder(
     model_setup, inputs, compile_cache, tmp_path
 ):
@@ -575,6 +604,24 @@ def test_scripts_write_into_the_workdir_of_a_checkpoint_folder(
     assert json.loads((tmp_path / "all" / "eval_0.json").read_text())["num_images"] == 8
     detections = json.loads((tmp_path / "all" / "detections_0.json").read_text())
     assert {d["image_id"] for d in detections} > limited  # the other 2 images scored too
+    # The same 8 images as a COCO-format json (a held-out set, say): the same detections.
+    json_path = write_shapes_json(tmp_path / "held_out", 8)
+    result = run_script(
+        f"--workdir={folder}", "--max_images=0", f"--out_dir={tmp_path / 'all'}",
+        f"--json={json_path}", f"--images={json_path.parent}",
+        cache=compile_cache, script="eval.py",
+    )  # fmt: skip
+    assert "checkpoint step 0, split validation, 8 images:" in result.stdout, result.stderr[-3000:]
+    held_out = json.loads((tmp_path / "all" / "detections_0_test.json").read_text())
+    assert len(held_out) == len(detections) > 0
+
+    def same(a: dict, b: dict) -> bool:  # near-equal scores may come in either order
+        ids = (a["image_id"], a["category_id"]) == (b["image_id"], b["category_id"])
+        close = np.allclose(a["bbox"], b["bbox"], atol=1e-3)
+        return ids and close and abs(a["score"] - b["score"]) < 1e-5
+
+    assert all(any(same(got, want) for want in detections) for got in held_out)
+    assert json.loads((tmp_path / "all" / "eval_0_test.json").read_text())["num_images"] == 8
     assert sorted(p.name for p in folder.iterdir()) == stored
     out_dir = tmp_path / "elsewhere" / "results"  # --out_dir: created, the workdir untouched
     in_workdir = sorted(p.name for p in workdir.iterdir())

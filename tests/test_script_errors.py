@@ -184,6 +184,16 @@ def test_a_workdir_without_checkpoints_is_refused(name, tmp_path):
         )
 
 
+def test_eval_refuses_json_without_images_or_with_a_split_before_the_workdir(tmp_path):
+    for flags, message in (
+        (["--json=test.json"], "--json and --images go together"),
+        (["--images=images/"], "--json and --images go together"),
+        (["--json=t.json", "--images=i/", "--split=train"], "--split=train picks a split of"),
+    ):
+        result = run_script("eval.py", f"--workdir={tmp_path}", *flags)
+        assert_usage_error(result, message)
+
+
 def test_predict_refuses_a_batch_size_of_0(tmp_path):
     """0 is refused as any size that is not a positive multiple of the local device count is,
     not taken as the default; before the workdir is looked at."""

@@ -69,7 +69,11 @@ def get_builder(
                     f"config.data.dataset='coco_format' needs {' and '.join(unset)} (the "
                     f"{split} split's annotation json and image folder)"
                 )
-        files = {split: (data[ann], data[images]) for split, (ann, images) in fields.items()}
+        files = {  # a split not needed and not given at all is left out without a word
+            split: (data[ann], data[images])
+            for split, (ann, images) in fields.items()
+            if split in (needed or fields) or data[ann] or data[images]
+        }
         optional = set(files) - needed if needed else ()
         return coco_format.build_coco_format(files, data_dir, optional)
     raise ValueError(
