@@ -334,11 +334,9 @@ def init_from_checkpoint(config: ml_collections.ConfigDict, variables: dict) -> 
     """
     model = config.model
     source_config, source, step = predictor.read_checkpoint(model.init_from)
-    names = list(config.data.class_names)
-    sources = transfer.class_sources(
-        names, list(source_config.data.class_names), model.num_classes,
-        source_config.model.num_classes,
-    )  # fmt: skip
+    names, source_names = list(config.data.class_names), list(source_config.data.class_names)
+    num_classes = (model.num_classes, source_config.model.num_classes)
+    sources = transfer.class_sources(names, source_names, *num_classes)
     saved = json.loads(source_config.to_json())
     differences = [
         line
