@@ -147,20 +147,30 @@ def evaluate_split(
         dict(enumerate(category_ids)), mask_paste=config.model.roi_heads.mask_paste
     )
     batches = pipeline.create_eval_dataset(config, builder=builder, split=split)
-    total = pipeline.eval_num_batches(config, builder, split)
+    evaluated = pipeline.eval_split(config, builder, split)
     show = progress and jax.process_index() == 0
-    for batch in tqdm(batches, total=total, desc=f"eval {split}", disable=not show, leave=False):
-        if stop is not None and stop.is_set():
-            raise EvaluationStopped
-        inputs = shard_batch({k: batch[k] for k in MODEL_INPUTS}, mesh)
-        batch["image_id"] = image_id_parts(batch["image_id"])
-        metadata = shard_batch({k: batch[k] for k in BATCH_METADATA}, mesh)
-        outputs = predict_step(variables, inputs)
-        outputs, metadata = multihost_utils.process_allgather((outputs, metadata), tiled=True)
-        evaluator.add_batch({**metadata, "image_id": image_id_of(metadata["image_id"])}, outputs)
+    bar = tqdm(
+        total=builder.info.splits[evaluated].num_examples,
+        desc=f"eval {split}",
+        unit="img",
+        disable=not show,
+        leave=False,
+    )
+    with bar:
+        for batch in batches:
+            if stop is not None and stop.is_set():
+                raise EvaluationStopped
+            inputs = shard_batch({k: batch[k] for k in MODEL_INPUTS}, mesh)
+            batch["image_id"] = image_id_parts(batch["image_id"])
+            metadata = shard_batch({k: batch[k] for k in BATCH_METADATA}, mesh)
+            outputs = predict_step(variables, inputs)
+            outputs, metadata = multihost_utils.process_allgather((outputs, metadata), tiled=True)
+            image_ids = image_id_of(metadata["image_id"])
+            evaluator.add_batch({**metadata, "image_id": image_ids}, outputs)
+            bar.update(int(np.count_nonzero(metadata["valid"])))  # padding rows aside
     if stop is not None and stop.is_set():  # before the scoring too (a minute on COCO)
         raise EvaluationStopped
-    ground_truth = coco_json.coco_ground_truth(builder, pipeline.eval_split(config, builder, split))
+    ground_truth = coco_json.coco_ground_truth(builder, evaluated)
     if results_path and jax.process_index() == 0:
         evaluator.write_results(results_path)
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its tables
