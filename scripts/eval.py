@@ -22,9 +22,11 @@ folder) that is not a complete checkpoint, e.g. after an interrupted copy (the m
 what it lacks), while the latest one is looked for among the complete ones only (a later
 incomplete folder is skipped with a warning).
 
---json=FILE --images=FOLDER evaluates a COCO-format annotation file instead (e.g. a held-out
-test set; built like configs/coco_format.py's splits, into the config's data dir): its
-categories must be the model's, and the files are named `eval_<step>_<json name>.json`.
+--json=FILE --images=FOLDER evaluates a COCO-format annotation file instead, all its images
+(e.g. a held-out test set; built like configs/coco_format.py's splits, into the config's data
+dir): its category ids must be the model's, and a json none of whose names is the model's for
+the same id is refused (its ids mean other classes). The files are named
+`eval_<step>_<json name>.json` and record the json's path.
 
 On several hosts run the same command on every host, as scripts/train.py (the same
 --multihost, --coordinator_address, --num_processes, --process_id flags; README "Multi-host"):
@@ -60,8 +62,9 @@ _JSON = flags.DEFINE_string(
     "json",
     None,
     "A COCO-format annotation json to evaluate instead of the config's dataset (e.g. a held-out "
-    "test set; with --images, its image folder): its categories must be the model's. The "
-    "result files end in _<json name>.",
+    "test set; with --images, its image folder), all its images unless --max_images: its "
+    "category ids must be the model's, with the same names (case, _ and spaces aside) for at "
+    "least one. The result files end in _<json name> and record its path.",
 )
 _IMAGES = flags.DEFINE_string("images", None, "The image folder of --json's file_names.")
 _MAX_IMAGES = flags.DEFINE_integer(
@@ -134,10 +137,11 @@ def main(argv):
     except (ValueError, FileNotFoundError) as error:  # name what to fix
         raise app.UsageError(str(error)) from error
     config = predictor.config
+    if _JSON.value:  # all its images unless --max_images: the training's limit is not its
+        config.data = with_json_split(config.data, _JSON.value, _IMAGES.value)
+        config.eval.max_images = 0
     if _MAX_IMAGES.value is not None:
         config.eval.max_images = _MAX_IMAGES.value
-    if _JSON.value:
-        config.data = with_json_split(config.data, _JSON.value, _IMAGES.value)
     split = _SPLIT.value or config.data.val_split
     out_dir = epath.Path(paths.absolute(_OUT_DIR.value)) if _OUT_DIR.value else workdir
     try:  # several processes given other flags would wait for each other forever
@@ -169,8 +173,8 @@ def main(argv):
     if num_images < in_split:
         flag = "--max_images" if _MAX_IMAGES.value else "the checkpoint's config.eval.max_images"
         images = f"the first {num_images} of its {in_split} images ({flag}; --max_images=0: all)"
-    try:
-        evaluator.check_dataset_classes(config, builder)
+    try:  # another json's ids must name the model's classes
+        evaluator.check_dataset_classes(config, builder, strict_names=bool(_JSON.value))
     except ValueError as error:
         raise app.UsageError(str(error)) from error
     if jax.process_index() == 0:
@@ -179,25 +183,28 @@ def main(argv):
         )
     mesh = sharding.create_mesh()
     results_path, metrics_path = (out_dir / f"{n}_{suffix}.json" for n in ("detections", "eval"))
-    try:
-        metrics = evaluator.evaluate_split(
-            evaluator.make_predict_step(MaskRCNN.from_config(config.model), mesh),
-            sharding.replicate(predictor.variables, mesh),
-            config,
-            mesh,
-            builder,
-            split=split,
-            results_path=str(results_path),
-        )
+    try:  # a ValueError (e.g. no detection of the ground truth's categories): one line
+        with launch.errors_in_one_line(ValueError):
+            metrics = evaluator.evaluate_split(
+                evaluator.make_predict_step(MaskRCNN.from_config(config.model), mesh),
+                sharding.replicate(predictor.variables, mesh),
+                config,
+                mesh,
+                builder,
+                split=split,
+                results_path=str(results_path),
+            )
         if jax.process_index() == 0:
-            summary = {"step": predictor.step, "split": split, "num_images": num_images, **metrics}
+            evaluated = {"json": config.data.val_json} if _JSON.value else {"split": split}
+            summary = {"step": predictor.step, **evaluated, "num_images": num_images, **metrics}
             output.write_file(metrics_path, lambda f: json.dump(summary, f, indent=2))
     except OSError as error:  # e.g. a full disk: the file and why, no trace
         if error.filename not in (str(results_path), str(metrics_path)):
             raise
         sys.exit(f"error: cannot write {error.filename}: {error.strerror}")
     if jax.process_index() == 0:
-        print(f"checkpoint step {predictor.step}, split {split}, {images}:")
+        evaluated = f"json {config.data.val_json}" if _JSON.value else f"split {split}"
+        print(f"checkpoint step {predictor.step}, {evaluated}, {images}:")
         print(metrics_table(metrics), flush=True)
 
 

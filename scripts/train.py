@@ -81,7 +81,9 @@ def main(argv):
     # distributed set-up, as the checks ask JAX for the devices.
     try:
         trainer.check_train_config(config)
-    except ValueError as error:
+        if not trainer.has_checkpoint(workdir):  # a fresh run: its weights' sources too
+            trainer.check_backbone_init(config.model)
+    except (ValueError, FileNotFoundError) as error:
         raise app.UsageError(str(error)) from error
     launch.make_output_folder(workdir, "--workdir")  # e.g. below a file, or read-only
     logging.info(

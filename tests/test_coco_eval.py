@@ -510,3 +510,21 @@ def test_check_dataset_classes_refuses_categories_the_model_lacks(caplog):
     config = _classes_config(3, ["cat", "hound", "bird"], [1, 3, 7])
     eval_program.check_dataset_classes(config, builder)
     assert "(3, 'hound', 'dog')" in caplog.text
+
+
+def test_check_dataset_classes_refuses_other_names_for_every_id_when_strict(caplog):
+    """eval.py --json: a json whose ids all name other classes than the model's (in its
+    `label_to_category_id`, or label by label without one) is refused; one name in common
+    (case and '_' aside) leaves warnings; without `strict_names` only warnings."""
+    builder = _builder_with(["square", "triangle", "circle"], [1, 2, 3])
+    for ids in ([1, 2, 3], []):
+        config = _classes_config(3, ["circle", "square", "triangle"], ids)
+        message = r"\(id, model's, dataset's\): \[\(1, 'circle', 'square'\), \(2, 'square', "
+        with pytest.raises(ValueError, match=message):
+            eval_program.check_dataset_classes(config, builder, strict_names=True)
+        caplog.clear()
+        eval_program.check_dataset_classes(config, builder)
+        assert "3 categories of dataset my_coco/1.0.0 in /data/my_coco have other" in caplog.text
+        config.data.class_names = ("circle", "Triangle", "square")  # one the same
+        eval_program.check_dataset_classes(config, builder, strict_names=True)
+    eval_program.check_dataset_classes(_classes_config(3), builder, strict_names=True)  # no names

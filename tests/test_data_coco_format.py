@@ -366,10 +366,12 @@ def test_the_cache_key_follows_the_jsons_and_the_image_files(tmp_path):
 
 def test_a_build_says_why_and_names_the_earlier_builds_it_keeps(tmp_path, caplog):
     """Building is announced with its reason; a json edited since an earlier build names that
-    build, left on disk, as deletable; another json's builds are not named; a reuse is silent."""
+    build, left on disk, as deletable; another dataset's builds are not named (its json has the
+    same file name, in another folder); a reuse is silent."""
     splits = write_dataset(epath.Path(tmp_path))
     data_dir = tmp_path / "tfds"
-    other = {"train": (tmp_path / "train_val.json", splits["train"][1])}  # a json named alike
+    (tmp_path / "other").mkdir()
+    other = {"train": (tmp_path / "other" / "train.json", splits["train"][1])}
     other["train"][0].write_bytes(splits["train"][0].read_bytes())
     with caplog.at_level("WARNING"):
         coco_format.build_coco_format(other, str(data_dir))

@@ -605,13 +605,15 @@ def test_scripts_write_into_the_workdir_of_a_checkpoint_folder(
     detections = json.loads((tmp_path / "all" / "detections_0.json").read_text())
     assert {d["image_id"] for d in detections} > limited  # the other 2 images scored too
     # The same 8 images as a COCO-format json (a held-out set, say): the same detections.
+    # All its images, whatever the checkpoint's eval.max_images (6).
     json_path = write_shapes_json(tmp_path / "held_out", 8)
     result = run_script(
-        f"--workdir={folder}", "--max_images=0", f"--out_dir={tmp_path / 'all'}",
+        f"--workdir={folder}", f"--out_dir={tmp_path / 'all'}",
         f"--json={json_path}", f"--images={json_path.parent}",
         cache=compile_cache, script="eval.py",
     )  # fmt: skip
-    assert "checkpoint step 0, split validation, 8 images:" in result.stdout, result.stderr[-3000:]
+    header = f"checkpoint step 0, json {json_path}, 8 images:"
+    assert header in result.stdout, result.stderr[-3000:]
     held_out = json.loads((tmp_path / "all" / "detections_0_test.json").read_text())
     assert len(held_out) == len(detections) > 0
 
@@ -621,7 +623,24 @@ def test_scripts_write_into_the_workdir_of_a_checkpoint_folder(
         return ids and close and abs(a["score"] - b["score"]) < 1e-5
 
     assert all(any(same(got, want) for want in detections) for got in held_out)
-    assert json.loads((tmp_path / "all" / "eval_0_test.json").read_text())["num_images"] == 8
+    summary = json.loads((tmp_path / "all" / "eval_0_test.json").read_text())
+    assert (summary["json"], summary["num_images"]) == (str(json_path), 8)
+    assert "split" not in summary
+    # The same ids naming other classes: refused before the model runs.
+    renamed = json.loads(json_path.read_text())
+    for category, name in zip(renamed["categories"], ("circle", "triangle", "square")):
+        category["name"] = name
+    (json_path.parent / "renamed.json").write_text(json.dumps(renamed))
+    result = run_script(
+        f"--workdir={folder}", f"--out_dir={tmp_path / 'renamed'}",
+        f"--json={json_path.parent / 'renamed.json'}", f"--images={json_path.parent}",
+        cache=compile_cache, script="eval.py",
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "has the model's name for its id (id, model's, dataset's): [(1, 'square', 'circle')" in (
+        result.stderr
+    )
+    assert not (tmp_path / "renamed").exists()
     assert sorted(p.name for p in folder.iterdir()) == stored
     out_dir = tmp_path / "elsewhere" / "results"  # --out_dir: created, the workdir untouched
     in_workdir = sorted(p.name for p in workdir.iterdir())

@@ -127,6 +127,15 @@ def test_a_tuple_override_given_twice_is_refused_where_a_scalar_takes_the_last(t
     assert not os.listdir(tmp_path)
 
 
+def test_train_refuses_weights_that_cannot_start_it_before_making_the_workdir(tmp_path):
+    result = run_script(
+        "train.py", "--config=configs/shapes_r18.py", f"--workdir={tmp_path / 'w'}",
+        f"--config.model.init_from={tmp_path / 'nowhere'}",
+    )  # fmt: skip
+    assert_usage_error(result, f"error: config.model.init_from: {tmp_path / 'nowhere'} is neither")
+    assert not os.listdir(tmp_path)
+
+
 def test_train_refuses_a_workdir_that_is_a_regular_file(tmp_path):
     a_file = tmp_path / "a_file"
     a_file.write_text("")

@@ -251,7 +251,8 @@ def test_sigterm_during_the_evaluation_stops_it_and_a_rerun_evaluates(
 def test_resume_warns_of_another_learning_rate_or_other_classes(data_dir):
     """Changes that a checkpoint fits but that make the resumed run differ: a schedule giving
     another learning rate at the resumed step (a cosine run extended: high again), another
-    dataset's classes. Nothing at step 0 (fine-tuning converted weights) or without changes."""
+    dataset's classes, an init_from the resume does not use. Nothing at step 0 (fine-tuning
+    converted weights) or without changes."""
     config = run_config(data_dir, **{"train.num_steps": 400})
     config.data.class_names = ("circle", "square", "triangle")
     stored = json.loads(config.to_json_best_effort())
@@ -275,6 +276,20 @@ def test_resume_warns_of_another_learning_rate_or_other_classes(data_dir):
     assert trainer.resume_warnings(stored, longer, 0) == []
     del stored["train"]["warmup_steps"]  # a config of an older release: its schedule unknown
     assert trainer.resume_warnings(stored, longer, 400) == []
+    # init_from names another source than the run's: not used, said (the same: nothing).
+    elsewhere = config.copy_and_resolve_references()
+    elsewhere.model.init_from = "/runs/coco"
+    warning = (
+        "config.model.init_from='/runs/coco' is not used: the run resumes from its own "
+        "checkpoint (step 400{}); a new fine-tuning needs a new workdir"
+    )
+    assert trainer.resume_warnings(stored, elsewhere, 400) == [warning.format("")]
+    stored["model"]["init_from"] = "/runs/tv"
+    assert trainer.resume_warnings(stored, elsewhere, 0) == [
+        warning.replace("400", "0").format(", itself started from '/runs/tv'")
+    ]
+    elsewhere.model.init_from = "/runs/tv"
+    assert trainer.resume_warnings(stored, elsewhere, 400) == []
 
 
 def test_resume_rejects_an_incompatible_config(trained, data_dir, tmp_path):

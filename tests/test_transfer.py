@@ -137,13 +137,24 @@ def test_init_from_maps_the_classes_of_a_saved_checkpoint_and_checks_the_config(
         "this config's (only the classes may differ): its model config differs: model.fpn_dim: "
         "checkpoint 16 vs config 8. 22 variables do not fit: "
     )
-    assert message.endswith("configs/coco_format_torchvision.py)")
+    assert message.endswith(". Train with its model fields")
+    v2 = {"model.roi_heads.mask_paste": "torchvision", "model.roi_heads.box_head_convs": 1}
+    ckpt_lib.save_variables(tmp_path / "v2", tiny_config(**v2), random_like(tiny_config(**v2), 1))
+    config.model.init_from = str(tmp_path / "v2")  # converted torchvision v2 weights, say
+    with pytest.raises(ValueError) as error:
+        trainer.init_from_checkpoint(config, fresh)
+    assert str(error.value).endswith(
+        "Train with its model fields (on COCO-format data: configs/coco_format_torchvision.py:v2)"
+    )
 
 
 def test_init_from_is_checked_before_any_work_and_lifts_the_frozen_backbone_refusal(tmp_path):
     missing = tiny_config(**{"model.init_from": str(tmp_path / "nowhere")})
     with pytest.raises(FileNotFoundError, match=r"^config\.model\.init_from: .*nowhere is neither"):
         trainer.check_backbone_init(missing.model)
+    torch_file = tiny_config(**{"model.init_from": str(tmp_path / "resnet50.pth")})
+    with pytest.raises(ValueError, match=r"is a PyTorch file, not a checkpoint: an ImageNet Res"):
+        trainer.check_backbone_init(torch_file.model)
     both = tiny_config(**{"model.init_from": "x", "model.backbone_weights": "IMAGENET1K_V1"})
     with pytest.raises(ValueError, match=r"brings the backbone too: leave config\.model\.backbone"):
         trainer.check_backbone_init(both.model)

@@ -22,6 +22,7 @@ read, which makes a build of the other splits alone.
 
 import dataclasses
 import hashlib
+import json
 import re
 from collections.abc import Collection, Iterator, Mapping
 from typing import Any
@@ -145,7 +146,7 @@ class CocoFormat(tfds.core.GeneratorBasedBuilder):
     def split_files(self, dl_manager: tfds.download.DownloadManager) -> dict[str, tuple]:
         """split -> (annotation json, image folder)."""
         del dl_manager  # local files
-        return {split: (json, images) for split, json, images in self.builder_config.split_files}
+        return {split: (ann, images) for split, ann, images in self.builder_config.split_files}
 
     def _info(self) -> tfds.core.DatasetInfo:
         return schema.LocalDatasetInfo(
@@ -169,12 +170,20 @@ class CocoFormat(tfds.core.GeneratorBasedBuilder):
         )
 
 
-def earlier_builds(folder: epath.Path) -> list[epath.Path]:
-    """The other builds beside ``folder`` (``<data_dir>/coco_format/<name>``) of a json of the
-    same name: builds of earlier versions of the same files, usually."""
-    name = re.compile(re.escape(folder.name.rsplit("_", 1)[0]) + "_[0-9a-f]{16}")
-    others = folder.parent.iterdir() if folder.parent.is_dir() else ()
-    return sorted(p for p in others if name.fullmatch(p.name) and p.name != folder.name)
+def earlier_builds(folder: epath.Path, description: str) -> list[epath.Path]:
+    """The other builds beside ``folder`` (``<data_dir>/coco_format/<name>``) built from the same
+    json paths (their dataset info's ``description``): earlier versions of these files."""
+    others = []
+    for build in sorted(folder.parent.iterdir()) if folder.parent.is_dir() else ():
+        for info in build.glob("*/dataset_info.json"):
+            try:
+                same = json.loads(info.read_text()).get("configDescription") == description
+            except (OSError, ValueError):  # unreadable: not ours to judge
+                same = False
+            if same and build.name != folder.name:
+                others.append(build)
+                break
+    return others
 
 
 def build_coco_format(
@@ -189,7 +198,7 @@ def build_coco_format(
         builder = CocoFormat(data_dir=data_dir, config=coco_format_config(splits, optional))
     if not (epath.Path(builder.data_dir) / "dataset_info.json").exists():  # not built yet
         folder = epath.Path(builder.data_dir).parent  # (`is_prepared` logs a false alarm)
-        others = earlier_builds(folder)
+        others = earlier_builds(folder, builder.builder_config.description)
         logging.warning(
             "Building %s from %s: %s",
             folder,

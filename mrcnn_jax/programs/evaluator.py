@@ -23,6 +23,7 @@ from mrcnn_jax.evaluation.coco_eval import CocoEvaluator
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 from mrcnn_jax.sharding import AXIS, shard_batch
 from mrcnn_jax.train.state import TrainState
+from mrcnn_jax.train.transfer import plain_name
 
 MODEL_INPUTS = ("image", "image_size")
 # What CocoEvaluator needs to map boxes back: image_size (resized) and orig_size give the ratios.
@@ -52,7 +53,9 @@ def coco_from_dict(dataset: dict) -> COCO:
 
 
 def check_dataset_classes(
-    config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder
+    config: ml_collections.ConfigDict,
+    builder: tfds.core.DatasetBuilder,
+    strict_names: bool = False,
 ) -> None:
     """Raises ValueError unless the model can be scored on the dataset's categories.
 
@@ -62,7 +65,9 @@ def check_dataset_classes(
     torchvision's 90 labels on COCO's 80 categories), and with empty ids `model.num_classes`
     must be the dataset's count; otherwise the metrics would be wrong without a word, as after
     a dataset rebuilt from an edited annotation file. Names that differ for the same id (case,
-    `_` and spaces aside) only warn: a config may name its classes its own way.
+    `_` and spaces aside, `transfer.plain_name`) only warn: a config may name its classes its
+    own way; with `strict_names` (another annotation file given for evaluation) a dataset
+    none of whose names is the model's for the same id is refused.
     """
     names = schema.class_names(builder.info)
     ids = schema.label_to_category_id(builder.info).tolist()
@@ -74,7 +79,7 @@ def check_dataset_classes(
                 f"the model has {config.model.num_classes} classes but {where} has {len(names)} "
                 f"({names[:8]}) and config.data.label_to_category_id is empty"
             )
-        return
+        model_ids = ids  # scored label by label
     missing = [(i, n) for i, n in zip(ids, names, strict=True) if i not in model_ids]
     if missing:
         raise ValueError(
@@ -83,15 +88,13 @@ def check_dataset_classes(
             "from another annotation file after training?"
         )
     model_names = dict(zip(model_ids, config.data.class_names or (), strict=False))
-
-    def plain(name: str) -> str:
-        return " ".join(name.replace("_", " ").lower().split())
-
-    renamed = [
-        (i, model_names[i], n)
-        for i, n in zip(ids, names, strict=True)
-        if i in model_names and plain(model_names[i]) != plain(n)
-    ]
+    named = [(i, model_names[i], n) for i, n in zip(ids, names, strict=True) if i in model_names]
+    renamed = [(i, mine, n) for i, mine, n in named if plain_name(mine) != plain_name(n)]
+    if strict_names and renamed and len(renamed) == len(named):
+        raise ValueError(
+            f"no category of {where} has the model's name for its id (id, model's, "
+            f"dataset's): {renamed[:8]}: its ids mean other classes than the model's"
+        )
     if renamed:
         logging.warning(
             "%d categories of %s have other names in the config (id, config, dataset): %s; "

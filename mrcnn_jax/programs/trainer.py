@@ -51,6 +51,7 @@ from tqdm import tqdm
 
 from mrcnn_jax import paths, sharding
 from mrcnn_jax.convert import imagenet
+from mrcnn_jax.convert import torchvision as torchvision_convert
 from mrcnn_jax.data import get_builder, pipeline, schema, with_absolute_paths
 from mrcnn_jax.evaluation.masks import PASTE_METHODS
 from mrcnn_jax.modeling.checks import check_model_config
@@ -221,6 +222,13 @@ def check_backbone_init(model: ml_collections.ConfigDict) -> None:
         )
     if model.backbone_weights and not imagenet.is_release_name(model.backbone_weights):
         imagenet.check_backbone_file(model.backbone_weights, model.backbone_depth)
+    if str(model.init_from).endswith((".pth", ".pt")):
+        raise ValueError(
+            f"config.model.init_from={model.init_from!r} is a PyTorch file, not a checkpoint: "
+            "an ImageNet ResNet goes into config.model.backbone_weights; torchvision's Mask "
+            f"R-CNN weights convert into a checkpoint with scripts/convert_torchvision.py "
+            f"--state_dict={model.init_from} --out=DIR, and init_from names DIR"
+        )
     if model.init_from:
         try:
             predictor.locate_checkpoint(model.init_from)
@@ -244,6 +252,15 @@ def check_backbone_init(model: ml_collections.ConfigDict) -> None:
             "scratch: --config.model.norm=batch --config.model.freeze_at=0; or accept a random "
             "frozen backbone: --config.model.allow_random_frozen_backbone=True"
         )
+
+
+def has_checkpoint(workdir: epath.PathLike) -> bool:
+    """Whether `workdir` holds a complete checkpoint, which a run there resumes from."""
+    try:
+        predictor.locate_checkpoint(workdir)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def check_train_config(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
@@ -348,10 +365,13 @@ def init_from_checkpoint(config: ml_collections.ConfigDict, variables: dict) -> 
         variables = transfer.transfer_variables(variables, source, sources)
     except ValueError as error:
         differ = f"its model config differs: {'; '.join(differences)}. " if differences else ""
+        hint = "its model fields"
+        if source_config.model.roi_heads.mask_paste == "torchvision":  # torchvision's, converted
+            release = torchvision_convert.release_of_config(source_config.model)
+            hint += f" (on COCO-format data: configs/coco_format_torchvision.py:{release})"
         raise ValueError(
             f"{where} has another architecture than this config's (only the classes may "
-            f"differ): {differ}{error}. Train with its model settings (for torchvision's "
-            "converted weights: configs/coco_format_torchvision.py)"
+            f"differ): {differ}{error}. Train with {hint}"
         ) from error
     names = names or [str(j) for j in range(model.num_classes)]
     taken = [name for name, source_class in zip(names, sources) if source_class is not None]
@@ -382,11 +402,20 @@ def resume_warnings(stored: dict, config: ml_collections.ConfigDict, step: int) 
     """What a run resumed at `step` does differently from the run that wrote the checkpoint
     (its config `stored`), though the checkpoint fits: another learning rate at `step` (a
     schedule follows `config.train`: e.g. a larger `num_steps` stretches a cosine decay back
-    up), or other classes (another dataset with as many: the labels change meaning). None at
-    step 0: converted or initial weights start any run (fine-tuning)."""
-    if step == 0:
-        return []
+    up), or other classes (another dataset with as many: the labels change meaning); or a
+    `model.init_from` other than the run's own, which a resume does not use. No learning rate
+    or classes at step 0: converted or initial weights start any run (fine-tuning)."""
     warnings = []
+    stored_from = stored.get("model", {}).get("init_from", "")
+    if config.model.init_from and config.model.init_from != stored_from:
+        started = f", itself started from {stored_from!r}" if stored_from else ""
+        warnings.append(
+            f"config.model.init_from={config.model.init_from!r} is not used: the run resumes "
+            f"from its own checkpoint (step {step}{started}); a new fine-tuning needs a new "
+            "workdir"
+        )
+    if step == 0:
+        return warnings
     stored_train = stored.get("train", {})
     try:
         schedule = state_lib.create_learning_rate_fn(ml_collections.ConfigDict(stored_train))

@@ -30,22 +30,29 @@ CLASS_LAYERS: dict[tuple[str, ...], tuple[int, int]] = {
 _MAX_LISTED = 6
 
 
+def plain_name(name: str) -> str:
+    """`name` compared without case, `_` or extra spaces ("Traffic_Light" ~ "traffic light"):
+    how class names are matched here and by `evaluator.check_dataset_classes`."""
+    return " ".join(name.replace("_", " ").lower().split())
+
+
 def class_sources(
     names: Sequence[str], source_names: Sequence[str], num_classes: int, source_num_classes: int
 ) -> list[int | None]:
     """For each of the `num_classes` classes, the source class whose slices it takes, or None.
 
-    By name: class `j` takes the source class named `names[j]`, if exactly one is (torchvision's
-    COCO layout repeats "N/A"). Without names on either side (an empty tuple), class `j` takes
-    source class `j` when both have as many classes, and none otherwise.
+    By name (`plain_name`: case, `_` and spaces aside): class `j` takes the source class named
+    `names[j]`, if exactly one is (torchvision's COCO layout repeats "N/A"). Without names on
+    either side (an empty tuple), class `j` takes source class `j` when both have as many
+    classes, and none otherwise.
     """
     if not names or not source_names:
         same = num_classes == source_num_classes
         return [j if same else None for j in range(num_classes)]
     index = {}
-    for i, name in enumerate(source_names):
+    for i, name in enumerate(map(plain_name, source_names)):
         index[name] = None if name in index else i  # repeated names match nothing
-    return [index.get(name) for name in names]
+    return [index.get(plain_name(name)) for name in names]
 
 
 def _name(path: tuple[str, ...]) -> str:
