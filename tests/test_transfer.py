@@ -62,6 +62,8 @@ def test_class_sources_match_by_unique_name_or_by_position_without_names():
     assert transfer.class_sources((), (), 3, 3) == [0, 1, 2]
     assert transfer.class_sources((), SOURCE_NAMES, 5, 5) == [0, 1, 2, 3, 4]
     assert transfer.class_sources(names, (), 4, 3) == [None] * 4
+    exported = ("Apple", "KIWI", "wild_fig")  # case, '_' and spaces aside, as the evaluator
+    assert transfer.class_sources(exported, ("apple", "wild  fig", "kiwi"), 3, 3) == [0, 2, 1]
 
 
 @pytest.mark.parametrize(
