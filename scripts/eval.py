@@ -72,7 +72,7 @@ _MAX_IMAGES = flags.DEFINE_integer(
     None,
     "Evaluate only the first N images of the split; 0: all of them (default: the checkpoint's "
     "config.eval.max_images, the limit of the training's evaluations, which is said when it "
-    "applies).",
+    "applies; with --json: all).",
     lower_bound=0,
 )
 _OUT_DIR = flags.DEFINE_string(
