@@ -156,6 +156,7 @@ def main(argv):
         )
     except ValueError as error:
         raise app.UsageError(str(error)) from error
+    evaluated = ("json", config.data.val_json) if _JSON.value else ("split", split)
     suffix = str(predictor.step)
     if _JSON.value:
         suffix += "_" + re.sub(r"[^\w.-]+", "_", epath.Path(_JSON.value).stem)
@@ -195,16 +196,15 @@ def main(argv):
                 results_path=str(results_path),
             )
         if jax.process_index() == 0:
-            evaluated = {"json": config.data.val_json} if _JSON.value else {"split": split}
-            summary = {"step": predictor.step, **evaluated, "num_images": num_images, **metrics}
+            summary = {"step": predictor.step, evaluated[0]: evaluated[1], "num_images": num_images}
+            summary.update(metrics)
             output.write_file(metrics_path, lambda f: json.dump(summary, f, indent=2))
     except OSError as error:  # e.g. a full disk: the file and why, no trace
         if error.filename not in (str(results_path), str(metrics_path)):
             raise
         sys.exit(f"error: cannot write {error.filename}: {error.strerror}")
     if jax.process_index() == 0:
-        evaluated = f"json {config.data.val_json}" if _JSON.value else f"split {split}"
-        print(f"checkpoint step {predictor.step}, {evaluated}, {images}:")
+        print(f"checkpoint step {predictor.step}, {' '.join(evaluated)}, {images}:")
         print(metrics_table(metrics), flush=True)
 
 

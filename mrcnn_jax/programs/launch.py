@@ -110,10 +110,12 @@ def _check_repeated_tuples(name: str, config: Any, argv: list[str]) -> None:
     for field, *value in given:
         fields.setdefault(field, []).append(value[0] if value else "")
     for field, values in fields.items():
+        if len(values) < 2:
+            continue
         node = config
         for key in field.split(".")[1:]:
             node = node[key]
-        if len(values) > 1 and isinstance(node, tuple | list):
+        if isinstance(node, tuple | list):
             raise app.UsageError(
                 f"--{field} is given {len(values)} times ({', '.join(values)}); ml_collections "
                 f"would join the tuples into {tuple(node)}: give it once"

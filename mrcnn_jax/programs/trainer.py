@@ -619,7 +619,7 @@ def _train_and_evaluate(
             logging.warning(warning)
     state = sharding.replicate(state, mesh)
     start_step = int(jax.device_get(state.step))
-    devices = f"{mesh.size} device{'s' if mesh.size > 1 else ''}"
+    devices = ckpt_lib.count_of(mesh.size, "device")
     _say(f"Model: {state_lib.count_params(state.params):,} parameters on {devices}")
 
     train_step = step_lib.make_train_step(config, mesh, learning_rate_fn)

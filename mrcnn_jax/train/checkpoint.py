@@ -479,18 +479,18 @@ def images_per_device_warning(
         return None
     return (
         f'model.norm="batch" normalises over the images of each device: checkpoint '
-        f"{step_dir(manager, step)} was trained with {_count(saved_per_device, 'image')} per "
-        f"device ({_count(saved_devices, 'device')}), this run has {per_device:g} "
-        f"(train.batch_size={config.train.batch_size} on {_count(num_devices, 'device')}), so "
+        f"{step_dir(manager, step)} was trained with {count_of(saved_per_device, 'image')} per "
+        f"device ({count_of(saved_devices, 'device')}), this run has {per_device:g} "
+        f"(train.batch_size={config.train.batch_size} on {count_of(num_devices, 'device')}), so "
         "its BatchNorm statistics, and the training, differ from an uninterrupted run. Resume "
-        f"on {_count(saved_devices, 'device')} with train.batch_size="
+        f"on {count_of(saved_devices, 'device')} with train.batch_size="
         f"{saved_per_device * saved_devices:g} to continue it exactly, or use "
         "--config.model.norm=sync (statistics over the whole batch, the same on any number of "
         "devices) in new runs."
     )
 
 
-def _count(n: float, noun: str) -> str:
+def count_of(n: float, noun: str) -> str:
     """`n` and `noun`, plural unless `n` is 1: "1 device", "8 devices", "0.5 images"."""
     return f"{n:g} {noun}{'' if n == 1 else 's'}"
 
