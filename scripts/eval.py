@@ -26,7 +26,9 @@ incomplete folder is skipped with a warning).
 (e.g. a held-out test set; built like configs/coco_format.py's splits, into the config's data
 dir): its category ids must be the model's, and a json none of whose names is the model's for
 the same id is refused (its ids mean other classes). The files are named
-`eval_<step>_<json name>.json` and record the json's path.
+`eval_<step>_<json name>.json` and record the json's path; results there of another json of
+the same name (or of a split of that name) are not overwritten: a usage error asks for another
+--out_dir.
 
 On several hosts run the same command on every host, as scripts/train.py (the same
 --multihost, --coordinator_address, --num_processes, --process_id flags; README "Multi-host"):
@@ -38,11 +40,15 @@ first with one usage error naming the process and the flag's values.
 import json
 import re
 import sys
+from typing import TYPE_CHECKING
 
 from absl import app, flags, logging
 
 from mrcnn_jax.evaluation import IOU_TYPES, STAT_NAMES, output
 from mrcnn_jax.programs import launch
+
+if TYPE_CHECKING:
+    from etils import epath
 
 _WORKDIR = flags.DEFINE_string(
     "workdir",
@@ -64,7 +70,8 @@ _JSON = flags.DEFINE_string(
     "A COCO-format annotation json to evaluate instead of the config's dataset (e.g. a held-out "
     "test set; with --images, its image folder), all its images unless --max_images: its "
     "category ids must be the model's, with the same names (case, _ and spaces aside) for at "
-    "least one. The result files end in _<json name> and record its path.",
+    "least one. The result files end in _<json name> and record its path (another json's "
+    "results of that name are not overwritten).",
 )
 _IMAGES = flags.DEFINE_string("images", None, "The image folder of --json's file_names.")
 _MAX_IMAGES = flags.DEFINE_integer(
@@ -178,12 +185,17 @@ def main(argv):
         evaluator.check_dataset_classes(config, builder, strict_names=bool(_JSON.value))
     except ValueError as error:
         raise app.UsageError(str(error)) from error
+    results_path, metrics_path = (out_dir / f"{n}_{suffix}.json" for n in ("detections", "eval"))
+    if other := _results_of_other_data(metrics_path, evaluated):
+        raise app.UsageError(
+            f"{metrics_path} holds the results of {other}, not of {' '.join(evaluated)}: "
+            "give another --out_dir to keep both"
+        )
     if jax.process_index() == 0:
         launch.make_output_folder(
             out_dir, "--out_dir" if _OUT_DIR.value else "the workdir; --out_dir writes elsewhere"
         )
     mesh = sharding.create_mesh()
-    results_path, metrics_path = (out_dir / f"{n}_{suffix}.json" for n in ("detections", "eval"))
     try:  # a ValueError (e.g. no detection of the ground truth's categories): one line
         with launch.errors_in_one_line(ValueError):
             metrics = evaluator.evaluate_split(
@@ -206,6 +218,20 @@ def main(argv):
     if jax.process_index() == 0:
         print(f"checkpoint step {predictor.step}, {' '.join(evaluated)}, {images}:")
         print(metrics_table(metrics), flush=True)
+
+
+def _results_of_other_data(metrics_path: "epath.Path", evaluated: tuple[str, str]) -> str:
+    """What an earlier `eval_<step>_<name>.json` at `metrics_path` evaluated ("json <path>" or
+    "split <name>") when it is not `evaluated` (two jsons of one file name, a json named like a
+    split); "" when there is no such file, it is of the same data, or unreadable."""
+    try:
+        summary = json.loads(metrics_path.read_text())
+    except (OSError, ValueError):
+        return ""
+    earlier = next(((k, summary[k]) for k in ("json", "split") if k in summary), None)
+    if earlier is None or earlier == evaluated:
+        return ""
+    return f"{earlier[0]} {earlier[1]}"
 
 
 if __name__ == "__main__":

@@ -626,6 +626,17 @@ def test_scripts_write_into_the_workdir_of_a_checkpoint_folder(
     summary = json.loads((tmp_path / "all" / "eval_0_test.json").read_text())
     assert (summary["json"], summary["num_images"]) == (str(json_path), 8)
     assert "split" not in summary
+    # Another json of the same file name into the same --out_dir: refused, nothing overwritten.
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "test.json").write_text(json_path.read_text())
+    result = run_script(
+        f"--workdir={folder}", f"--out_dir={tmp_path / 'all'}",
+        f"--json={tmp_path / 'other' / 'test.json'}", f"--images={json_path.parent}",
+        cache=compile_cache, script="eval.py",
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert f"eval_0_test.json holds the results of json {json_path}, not of json " in result.stderr
+    assert json.loads((tmp_path / "all" / "eval_0_test.json").read_text()) == summary
     # The same ids naming other classes: refused before the model runs.
     renamed = json.loads(json_path.read_text())
     for category, name in zip(renamed["categories"], ("circle", "triangle", "square")):
