@@ -256,6 +256,7 @@ def test_objects_beyond_max_instances_are_cut_deterministically_with_one_warning
         rows = _eval_rows(config, builder)
     warnings = [r for r in caplog.records if "max_instances=2" in r.getMessage()]
     assert len(warnings) == 1
+    assert warnings[0].getMessage().startswith("Image id 5 has 2 objects more than")  # the most
     for image_id, expected in ((1, [101, 102]), (5, [501, 502]), (2, [202, 201])):
         kept = _kept(index.imgToAnns[image_id], 2)
         assert [a["id"] for a in kept] == expected
@@ -453,6 +454,7 @@ def test_a_cut_object_gets_its_visible_masks_box_and_one_with_nothing_visible_is
         image[mask] = 60 * (k + 1)
     example = {
         "image": tf.io.encode_png(image),
+        "image/id": tf.constant(1, tf.int64),
         "objects": {
             "bbox": tf.constant(boxes[:, [1, 0, 3, 2]], tf.float32),
             "is_crowd": tf.constant([False] * 3),

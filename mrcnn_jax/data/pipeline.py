@@ -472,6 +472,7 @@ def _preprocess(
         "gt_valid": tf.ensure_shape(_pad_rows(valid, m, False), (m,)),
         "gt_masks": tf.ensure_shape(_pad_rows(crops, m, 0), (m, s, s)),
         "_num_dropped": num_dropped,
+        "_image_id": example["image/id"],  # for the warning; popped with _num_dropped
     }
     if not train:
         out["image_id"] = example["image/id"]
@@ -497,13 +498,15 @@ def _numpy_batches(dataset: tf.data.Dataset, max_instances: int) -> Iterator[Bat
     """Yields the batches as numpy dicts, warning once if objects beyond max_instances were cut."""
     warned = False
     for batch in dataset.as_numpy_iterator():
-        dropped = batch.pop("_num_dropped")
+        dropped, image_ids = batch.pop("_num_dropped"), batch.pop("_image_id")
         if dropped.any() and not warned:
+            most = int(np.argmax(dropped))
             logging.warning(
-                "An image has %d objects more than max_instances=%d; kept the first (non-crowd "
-                "objects first, then annotation order). Raise config.data.max_instances to keep "
-                "all. Warned once per iterator.",
-                int(dropped.max()),
+                "Image id %d has %d objects more than max_instances=%d; kept the first "
+                "(non-crowd objects first, then annotation order). Raise "
+                "config.data.max_instances to keep all. Warned once per iterator.",
+                int(image_ids[most]),
+                int(dropped[most]),
                 max_instances,
             )
             warned = True
@@ -601,7 +604,7 @@ def _train_stream(
     def preprocess(position: tf.Tensor, example: dict) -> dict:
         seed = tf.random.experimental.stateless_fold_in(base_seed, position)  # global position
         out = _preprocess(example, seed, data, train=True)
-        return {k: out[k] for k in (*_TRAIN_KEYS, "_num_dropped")}
+        return {k: out[k] for k in (*_TRAIN_KEYS, "_num_dropped", "_image_id")}
 
     dataset = dataset.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     dataset = dataset.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
