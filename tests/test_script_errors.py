@@ -239,3 +239,21 @@ def test_reading_a_release_after_tensorflow_is_an_error_not_a_crash():
     assert "RuntimeError: reading torchvision's ImageNet releases needs torchvision" in (
         result.stderr
     )
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["train.py", "eval.py", "predict.py", "export.py", "benchmark.py", "convert_torchvision.py"],
+)
+def test_help_describes_the_script_and_makes_no_cache_folder(name, tmp_path):
+    """`--help` prints the script's docstring and its flags; it makes no compilation cache
+    folder (`launch.set_up_process` does nothing for a help request)."""
+    env = {**os.environ, "HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    del env["JAX_COMPILATION_CACHE_DIR"]  # the conftest's "" (no cache): the default's folder
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "scripts", name), "--help"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, check=False, env=env,
+    )  # fmt: skip
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert f"{name}:" in result.stdout + result.stderr  # absl's list of the script's flags
+    assert not os.listdir(tmp_path)

@@ -181,10 +181,16 @@ def initialize() -> None:
         raise app.UsageError(str(error)) from error
 
 
+_HELP_FLAGS = ("-h", "-?", "--help", "--helpshort", "--helpfull", "--helpxml")
+
+
 def set_up_process(compilation_cache: bool = True) -> None:
     """What a script does before importing JAX: `use_huge_pages()` (may restart the process),
     then `use_compilation_cache()` unless `compilation_cache` is False (benchmark.py times cold
-    compiles), then `use_fast_cpu_codegen()`."""
+    compiles), then `use_fast_cpu_codegen()`. Nothing for a help request (`--help`, `-h`,
+    `--helpfull`, ...): it makes no cache folder and has no program to speed up."""
+    if any(arg.split("=")[0] in _HELP_FLAGS for arg in sys.argv[1:]):
+        return
     use_huge_pages()
     if compilation_cache:
         use_compilation_cache()
