@@ -7,8 +7,8 @@ them as COCO results.
 
 Inputs (after the flags, any number, in any mix):
   - a file: read whatever its extension;
-  - a folder: its files ending in .jpg .jpeg .png .bmp .gif .webp (any case), sorted by name;
-    with --recursive also those of its subfolders (others are not looked at);
+  - a folder: its files ending in .jpg .jpeg .png .bmp .gif .webp .tif .tiff (any case), sorted
+    by name; with --recursive also those of its subfolders (others are not looked at);
   - a glob pattern, quoted so that the shell leaves it alone: expanded here with Python's
     `glob.glob(pattern, recursive=True)` (`**` spans folders), every file it matches is read.
 An input that names no existing file or folder, a pattern matching no file, a folder holding
@@ -82,7 +82,7 @@ from pycocotools import mask as mask_util
 
 from mrcnn_jax.programs import launch
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 IMAGES_PER_DEVICE = 2  # the default --batch_size per local device
 
 _WORKDIR = flags.DEFINE_string(

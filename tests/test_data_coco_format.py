@@ -529,6 +529,11 @@ BAD_INPUT = {
         lambda d: d["images"][3].update(file_name=5),
         "train.json: image id 4: file_name 5 is not a file name",
     ),
+    "image id of 2**62": (
+        "validation",
+        lambda d: d["images"][1].update(id=2**62),
+        "val.json: image entry #1 has the id 4611686018427387904, of magnitude 2\\*\\*62 or more",
+    ),
     "garbage RLE counts": (  # refused while building: the build leaves nothing either
         "train",
         lambda d: _ann(d, 31).update(segmentation={"size": [40, 40], "counts": "hello world"}),
@@ -675,6 +680,86 @@ def test_boxes_of_zero_area_or_far_from_their_mask_get_one_warning(tmp_path, cap
     assert warnings[0].startswith(f"{splits['train'][0]}: 3 of 7 annotations have a bbox of zero")
     assert "annotation ids [11, 21, 41]" in warnings[0]
     assert "is each bbox [x, y, width, height] in pixels of its image?" in warnings[0]
+
+
+def jpeg_with_orientation(image: np.ndarray, orientation: int, byte_order: str) -> bytes:
+    """A JPEG of RGB ``image`` with an EXIF block (TIFF layout in ``byte_order``, "II" or "MM")
+    holding only the orientation tag, inserted after the start-of-image marker."""
+    order = {"II": "little", "MM": "big"}[byte_order]
+    entry = (
+        (0x0112).to_bytes(2, order)  # tag: orientation
+        + (3).to_bytes(2, order)  # type SHORT
+        + (1).to_bytes(4, order)  # count
+        + orientation.to_bytes(2, order)
+        + bytes(2)
+    )
+    tiff = byte_order.encode() + (42).to_bytes(2, order) + (8).to_bytes(4, order)
+    tiff += (1).to_bytes(2, order) + entry + bytes(4)  # one entry, no next directory
+    app1 = b"Exif\0\0" + tiff
+    encoded = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))[1].tobytes()
+    return encoded[:2] + b"\xff\xe1" + (len(app1) + 2).to_bytes(2, "big") + app1 + encoded[2:]
+
+
+@pytest.mark.parametrize("byte_order", ["II", "MM"])
+def test_the_exif_orientation_read_is_the_one_opencv_applies(byte_order):
+    """OpenCV turns the image as the tag says unless told not to: the reference."""
+    image = _pixels((24, 40), [(1, 3, 4, 2, 10, 6)], seed=0)
+    for orientation in range(1, 9):
+        encoded = jpeg_with_orientation(image, orientation, byte_order)
+        assert coco_reader._exif_orientation(encoded) == orientation
+        buffer = np.frombuffer(encoded, np.uint8)
+        stored = cv2.imdecode(buffer, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+        shown = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
+        turned = shown.shape != stored.shape or not np.array_equal(shown, stored)
+        assert turned == (orientation != 1)
+        assert (shown.shape[:2] == stored.shape[1::-1]) == (orientation >= 5)
+    plain = cv2.imencode(".jpg", image)[1].tobytes()
+    for encoded in (plain, cv2.imencode(".png", image)[1].tobytes(), plain[:3] + b"\xe1\xff"):
+        assert coco_reader._exif_orientation(encoded) == 1  # no tag, a PNG, a truncated segment
+
+
+def test_turned_photos_empty_masks_and_boxes_outside_get_one_warning_each(tmp_path, caplog):
+    """Legitimate exports that train otherwise than a user may think are each said once per
+    file: JPEGs with an EXIF orientation (read as stored; on square images their sizes agree
+    with the json), a polygon of points on one line (an empty mask) and a box past the image's
+    edge (clipped for training, evaluated as given). A json with a UTF-8 byte order mark (as
+    some Windows tools write) is read."""
+    splits = write_dataset(epath.Path(tmp_path))
+    for name, orientation in (("gray.jpg", 3), ("val1.jpg", 6)):  # both square
+        path = tmp_path / "images" / name
+        image = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+        path.write_bytes(jpeg_with_orientation(image, orientation, "II"))
+
+    def edit(dataset):
+        _ann(dataset, 31)["segmentation"] = [[8, 8, 20, 20, 32, 32]]
+        _ann(dataset, 12).update(
+            bbox=[50, 10, 24, 28], segmentation=[[50, 10, 74, 10, 74, 38, 50, 38]]
+        )
+
+    _edit_json(splits, "train", edit)
+    train_json = splits["train"][0]
+    train_json.write_bytes(b"\xef\xbb\xbf" + train_json.read_bytes())
+    categories = sorted((c["id"], c["name"]) for c in CATEGORIES)
+    with caplog.at_level("WARNING"):
+        examples = {
+            split: dict(coco_reader.coco_examples(*splits[split], categories))
+            for split in ("train", "validation")
+        }
+    assert len(examples["train"]) == len(TRAIN) and len(examples["validation"]) == len(VAL)
+    messages = [r.getMessage() for r in caplog.records]
+
+    def said(text: str) -> list[str]:
+        return [m for m in messages if text in m]
+
+    turned = said("carry an EXIF orientation")
+    assert [m.split(":")[0] for m in turned] == [str(p) for p, _ in splits.values()], messages
+    assert "1 images" in turned[0] and "(image ids [3])" in turned[0]
+    assert "(image ids [7])" in turned[1]
+    (empty,) = said("have a mask of no pixel")
+    assert empty.startswith(f"{train_json}: 1 annotations") and "annotation ids [31]" in empty
+    (outside,) = said("boxes reach outside their image")
+    assert outside.startswith(f"{train_json}: 1 boxes") and "annotation ids [12]" in outside
+    assert not said("far from their mask")  # the box past the edge still fits its mask
 
 
 def test_polygon_parts_of_fewer_than_3_points_beside_valid_ones_are_dropped(tmp_path):

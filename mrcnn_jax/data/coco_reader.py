@@ -9,30 +9,32 @@ small, medium and large by it) is the mask's pixel count where absent or null, a
 object whose mask is not empty (one warning per file).
 
 JPEG and PNG images are stored as the original bytes and read everywhere as
-``tf.io.decode_image(channels=3)`` reads them (JPEGs with libjpeg's accurate DCT, as PIL and
-OpenCV; an EXIF orientation is not applied, so annotations refer to the stored pixel grid);
-grayscale becomes RGB (the gray value in all three channels), the alpha channel of RGBA and
-gray+alpha PNGs is dropped, and 16-bit PNGs become 8-bit (the high byte: value // 256). Images
-of any other format OpenCV reads (BMP, GIF, WebP, TIFF, ...) are stored as the PNG of OpenCV's
-8-bit RGB decoding, the pixels ``visualize.read_image`` (scripts/predict.py) reads: TF's own
-decoders read a palette BMP's indices as grey and a GIF's first frame without its canvas. Each
-split logs how many images were read so.
+``tf.io.decode_image(channels=3)`` reads them (JPEGs with libjpeg's accurate DCT, as PIL and OpenCV;
+an EXIF orientation is not applied, so annotations refer to the stored pixel grid: one warning per
+file lists the JPEGs that carry one); grayscale becomes RGB (the gray value in all three channels),
+the alpha channel of RGBA and gray+alpha PNGs is dropped, and 16-bit PNGs become 8-bit (the high
+byte: value // 256). Images of any other format OpenCV reads (BMP, GIF, WebP, TIFF, ...) are stored
+as the PNG of OpenCV's 8-bit RGB decoding, the pixels ``visualize.read_image`` (scripts/predict.py)
+reads: TF's own decoders read a palette BMP's indices as grey and a GIF's first frame without its
+canvas. Each split logs how many images were read so.
 
-Bad input raises ValueError naming the json and the image or annotation id: a missing, empty or
-undecodable image file, or one whose size differs from the json; image or annotation ids that are
-not integers, or repeat; an image ``height`` or ``width`` that is not a positive integer, or a
-``file_name`` that is not a string; a category id not listed in ``categories``; annotations
-without ``segmentation`` (all of them are counted: Mask R-CNN needs a mask for every object); an
-annotation whose polygons all have fewer than 3 points (its mask would be empty; optional, COCO
-2017 has a few); a malformed box, polygon or RLE, such as a polygon coordinate that is not a
-finite number or lies farther outside the image than the image's larger side (pycocotools'
+The json may start with a UTF-8 byte order mark. Bad input raises ValueError naming the json and the
+image or annotation id: a missing, empty or undecodable image file, or one whose size differs from
+the json; image or annotation ids that are not integers, or repeat; an image id of magnitude 2**62
+or more (``schema.IMAGE_ID_LIMIT``); an image ``height`` or ``width`` that is not a positive
+integer, or a ``file_name`` that is not a string; a category id not listed in ``categories``;
+annotations without ``segmentation`` (all of them are counted: Mask R-CNN needs a mask for every
+object); an annotation whose polygons all have fewer than 3 points (its mask would be empty;
+optional, COCO 2017 has a few); a malformed box, polygon or RLE, such as a polygon coordinate that
+is not a finite number or lies farther outside the image than the image's larger side (pycocotools'
 memory grows with the coordinates: NaN or 1e9 would ask it for tens of GB); an ``iscrowd`` other
-than 0 or 1 (such as "0"); an ``area`` that is not a finite number >= 0. Polygon parts of fewer
-than 3 points beside valid ones are dropped (one warning per file), boxes reaching outside their
-image are clipped (one warning per file), boxes of zero area or far from their mask (IoU of the
-box and the mask's bounding box below 0.5, as a box written [x1, y1, x2, y2] instead of [x, y,
-width, height] gives) are kept as given with one warning per file, and images without
-annotations are kept with ``image/has_annotations`` False.
+than 0 or 1 (such as "0"); an ``area`` that is not a finite number >= 0. Polygon parts of fewer than
+3 points beside valid ones are dropped (one warning per file), boxes reaching outside their image
+are clipped for training and evaluated as given, as pycocotools does (one warning per file), masks
+of no pixel (a polygon of points on one line) are kept as empty mask targets (one warning per file),
+boxes of zero area or far from their mask (IoU of the box and the mask's bounding box below 0.5, as
+a box written [x1, y1, x2, y2] instead of [x, y, width, height] gives) are kept as given with one
+warning per file, and images without annotations are kept with ``image/has_annotations`` False.
 """
 
 import collections
@@ -87,7 +89,7 @@ def first_ids(items: Sequence[Any]) -> str:
 def _load_json(path: epath.Path) -> dict[str, Any]:
     """The json of ``path`` with its three top-level lists checked."""
     try:
-        text = path.read_text()
+        text = path.read_bytes()  # json.loads skips a byte order mark (as Windows tools write)
     except OSError as e:
         name = os.fspath(path)
         relative = "" if os.path.isabs(name) or paths.is_url(name) else f" from {os.getcwd()}"
@@ -127,6 +129,11 @@ def _check_images(images: list[dict], path: epath.Path) -> None:
             raise ValueError(f"{path}: image entry #{i} (id {image.get('id')}) lacks {missing}")
         if not _is_id(image["id"]):
             raise ValueError(f"{path}: image entry #{i} has a non-integer id {image['id']!r}")
+        if not -schema.IMAGE_ID_LIMIT <= image["id"] < schema.IMAGE_ID_LIMIT:
+            raise ValueError(
+                f"{path}: image entry #{i} has the id {image['id']}, of magnitude 2**62 or more: "
+                "the evaluation takes ids below 2**62 (renumber the images)"
+            )
         for key in ("height", "width"):
             if not (_is_whole(image[key]) and image[key] > 0):
                 raise ValueError(
@@ -403,6 +410,40 @@ def _read_image(image: dict, image_dir: epath.Path, path: epath.Path) -> tuple[b
     return encoded, conversion or _conversion(encoded, shape[2])
 
 
+def _exif_orientation(encoded: bytes) -> int:
+    """The EXIF orientation (1–8) of a JPEG file's bytes: 1 (as stored) without the tag, for a
+    malformed one and for other formats."""
+    if not encoded.startswith(_JPEG_SIGNATURE):
+        return 1
+    at = 2
+    while at + 4 <= len(encoded) and encoded[at] == 0xFF:
+        marker, length = encoded[at + 1], int.from_bytes(encoded[at + 2 : at + 4], "big")
+        if marker in (0xD9, 0xDA):  # the end, or the scan: no EXIF after the pixels start
+            break
+        segment = encoded[at + 4 : at + 2 + length]
+        if marker == 0xE1 and segment.startswith(b"Exif\0\0"):
+            return _tiff_orientation(segment[6:])
+        at += 2 + length
+    return 1
+
+
+def _tiff_orientation(tiff: bytes) -> int:
+    """The orientation tag (0x0112) of an EXIF block's first directory (TIFF layout), or 1."""
+    order = {b"II": "little", b"MM": "big"}.get(tiff[:2])
+    if order is None or len(tiff) < 8:
+        return 1
+    directory = int.from_bytes(tiff[4:8], order)
+    count = int.from_bytes(tiff[directory : directory + 2], order)
+    for k in range(count):
+        entry = tiff[directory + 2 + 12 * k : directory + 14 + 12 * k]
+        if len(entry) < 12:
+            break
+        if int.from_bytes(entry[:2], order) == 0x0112:  # a SHORT, its value first
+            value = int.from_bytes(entry[8:10], order)
+            return value if 1 <= value <= 8 else 1
+    return 1
+
+
 def _outside(box: Sequence[float], image: dict) -> bool:
     """Whether a COCO [x, y, w, h] box reaches outside its image."""
     x, y, w, h = box
@@ -427,6 +468,11 @@ def _box_misses_mask(box: Sequence[float], rle: bytes, height: int, width: int) 
     overlap = overlap_w * overlap_h
     union = (x2 - x1 + 2) * (y2 - y1 + 2) + (mw + 2) * (mh + 2) - overlap
     return overlap < _MIN_BOX_MASK_IOU * union
+
+
+def _empty_mask(rle: bytes, height: int, width: int) -> bool:
+    """Whether the compressed-RLE mask ``rle`` of an H×W image has no pixel."""
+    return not mask_utils.area({"size": [height, width], "counts": rle})
 
 
 def _area(ann: dict, rle: bytes, height: int, width: int) -> float:
@@ -487,15 +533,19 @@ def coco_examples(
         )
     label_of = {int(c): label for label, (c, _) in enumerate(categories)}
     clipped, zero_area, off_mask, converted = [], [], [], collections.Counter()
+    turned, empty = [], []
     for image in annotations.images:
         anns = annotations.annotations.get(image["id"], [])
         encoded, conversion = _read_image(image, image_dir, path)
         if conversion:
             converted[conversion] += 1
+        if _exif_orientation(encoded) != 1:
+            turned.append(image["id"])
         height, width = int(image["height"]), int(image["width"])
         clipped += [a["id"] for a in anns if _outside(a["bbox"], image)]
         objects = _objects(anns, height, width, label_of, path)
         zero_area += [a["id"] for a, o in zip(anns, objects) if a.get("area") == 0 and o["area"]]
+        empty += [a["id"] for a, o in zip(anns, objects) if _empty_mask(o["mask"], height, width)]
         off_mask += [
             a["id"]
             for a, o in zip(anns, objects)
@@ -514,8 +564,24 @@ def coco_examples(
         )
     if clipped:
         logging.warning(
-            "%s: %d boxes reach outside their image and were clipped (annotation ids %s)",
+            "%s: %d boxes reach outside their image (annotation ids %s): training clips them; "
+            "COCO evaluation, as pycocotools on this file, matches detections (inside the image) "
+            "against the boxes as given, so their bbox IoU stays below 1",
             path, len(clipped), first_ids(clipped),
+        )  # fmt: skip
+    if turned:
+        logging.warning(
+            "%s: %d images carry an EXIF orientation that turns or mirrors them in photo viewers "
+            "(image ids %s): training reads their pixels as stored, as the annotations must "
+            "refer to them; annotations drawn on the turned image do not fit",
+            path, len(turned), first_ids(turned),
+        )  # fmt: skip
+    if empty:
+        logging.warning(
+            "%s: %d annotations have a mask of no pixel (e.g. a polygon of points on one line, "
+            "or smaller than a pixel; annotation ids %s): they train their boxes with an empty "
+            "mask target, and COCO's segm evaluation cannot match them",
+            path, len(empty), first_ids(empty),
         )  # fmt: skip
     if zero_area:
         logging.warning(

@@ -3,8 +3,8 @@
 One example = one image:
 - ``image``: uint8 [H, W, 3] (JPEG for COCO, PNG for shapes, the files as given for other
   COCO-format data; all decode with ``tf.io.decode_image(channels=3)``).
-- ``image/id`` int64 (the COCO image id), ``image/filename`` text, ``image/size`` int32 [2]
-  (height, width).
+- ``image/id`` int64 (the COCO image id, of magnitude below ``IMAGE_ID_LIMIT``),
+  ``image/filename`` text, ``image/size`` int32 [2] (height, width).
 - ``image/has_annotations`` bool: False for images the annotation file lists without any
   annotation (kept: they are real images, and train as all-background).
 - ``objects``: a sequence, one entry per annotation, in annotation-file order:
@@ -28,6 +28,10 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+
+# Image ids lie in [-IMAGE_ID_LIMIT, IMAGE_ID_LIMIT): the evaluation gathers them across hosts as
+# two int32 halves (`evaluator.image_id_parts`).
+IMAGE_ID_LIMIT = 2**62
 
 
 class _TfdsNotices(logging.Filter):
