@@ -493,7 +493,7 @@ def test_check_dataset_classes_refuses_categories_the_model_lacks(caplog):
     config = _classes_config(2, ["cat", "dog"], [1, 3])
     with pytest.raises(ValueError, match=r"does not predict: \[\(7, 'bird'\)\]"):
         eval_program.check_dataset_classes(config, builder)
-    config = _classes_config(3, ["cat", "dog", "bird"], [1, 2, 7])  # ids renumbered
+    config = _classes_config(3, ["cat", "hound", "bird"], [1, 2, 7])  # ids renumbered
     with pytest.raises(ValueError, match=r"\[\(3, 'dog'\)\].*label_to_category_id=\[1, 2, 7\]"):
         eval_program.check_dataset_classes(config, builder)
     with pytest.raises(ValueError, match=r"the model has 2 classes but dataset my_coco/1\.0\.0"):
@@ -516,15 +516,37 @@ def test_check_dataset_classes_refuses_other_names_for_every_id_when_strict(capl
     """eval.py --json: a json whose ids all name other classes than the model's (in its
     `label_to_category_id`, or label by label without one) is refused; one name in common
     (case and '_' aside) leaves warnings; without `strict_names` only warnings."""
-    builder = _builder_with(["square", "triangle", "circle"], [1, 2, 3])
+    builder = _builder_with(["leaf", "stone", "cup"], [1, 2, 3])
     for ids in ([1, 2, 3], []):
         config = _classes_config(3, ["circle", "square", "triangle"], ids)
-        message = r"\(id, model's, dataset's\): \[\(1, 'circle', 'square'\), \(2, 'square', "
+        message = r"\(id, model's, dataset's\): \[\(1, 'circle', 'leaf'\), \(2, 'square', "
         with pytest.raises(ValueError, match=message):
             eval_program.check_dataset_classes(config, builder, strict_names=True)
         caplog.clear()
         eval_program.check_dataset_classes(config, builder)
         assert "3 categories of dataset my_coco/1.0.0 in /data/my_coco have other" in caplog.text
-        config.data.class_names = ("circle", "Triangle", "square")  # one the same
+        config.data.class_names = ("Leaf", "square", "triangle")  # one the same
         eval_program.check_dataset_classes(config, builder, strict_names=True)
     eval_program.check_dataset_classes(_classes_config(3), builder, strict_names=True)  # no names
+
+
+@pytest.mark.parametrize("strict_names", [False, True])
+def test_check_dataset_classes_refuses_the_models_names_under_other_ids(strict_names):
+    """Another export of the same labels, numbered otherwise (two ids swapped; all renumbered
+    from 1): refused, naming each moved class, strict or not; names repeated in the model
+    (torchvision's "N/A") match nothing."""
+    config = _classes_config(4, ["circle", "square", "triangle", "N/A"], [1, 5, 9, 11])
+    swapped = _builder_with(["square", "circle", "triangle"], [1, 5, 9])
+    message = (
+        r"other ids \(name, dataset's id, model's id\): \[\('square', 1, 5\), \('circle', 5, 1\)\]"
+    )
+    with pytest.raises(ValueError, match=message):
+        eval_program.check_dataset_classes(config, swapped, strict_names=strict_names)
+    renumbered = _builder_with(["Circle", "square", "triangle"], [1, 2, 3])
+    message = r"\[\('square', 2, 5\), \('triangle', 3, 9\)\]: each would be scored"
+    with pytest.raises(ValueError, match=message):
+        eval_program.check_dataset_classes(config, renumbered, strict_names=strict_names)
+    config.data.class_names = ("circle", "square", "N/A", "N/A")
+    eval_program.check_dataset_classes(  # "triangle" is 9 in both, "N/A" is no name
+        config, _builder_with(["circle", "square", "N/A"], [1, 5, 9]), strict_names=strict_names
+    )

@@ -43,7 +43,7 @@ def model_setup(compile_cache):
     config = tiny_config(
         **{
             "data.image_size": (128, 128),
-            "data.class_names": ("square", "circle", "triangle"),
+            "data.class_names": shapes.CLASS_NAMES,
             "model.roi_heads.score_threshold": 0.0,
         }
     )
@@ -347,7 +347,7 @@ def inputs(tmp_path_factory):
     {path: image}, bad paths). Layout under root:
 
         folder/a.png, folder/a.jpg (same stem), folder/bad.jpg, folder/notes.md (not an image
-        extension: not taken), folder/sub/c.png (only with --recursive)
+        extension: not taken), folder/sub/c.TIF (only with --recursive)
         globbed/d.png, globbed/readme.txt (matched by 'globbed/*')
         e.bmp (given as a file)
     """
@@ -355,7 +355,7 @@ def inputs(tmp_path_factory):
     images = natural_images(5, seed=1)
     good = {}
     for name, image in zip(
-        ["folder/a.png", "folder/a.jpg", "folder/sub/c.png", "globbed/d.png", "e.bmp"], images
+        ["folder/a.png", "folder/a.jpg", "folder/sub/c.TIF", "globbed/d.png", "e.bmp"], images
     ):
         path = root / name
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -639,7 +639,7 @@ def test_scripts_write_into_the_workdir_of_a_checkpoint_folder(
     assert json.loads((tmp_path / "all" / "eval_0_test.json").read_text()) == summary
     # The same ids naming other classes: refused before the model runs.
     renamed = json.loads(json_path.read_text())
-    for category, name in zip(renamed["categories"], ("circle", "triangle", "square")):
+    for category, name in zip(renamed["categories"], ("leaf", "stone", "cup")):
         category["name"] = name
     (json_path.parent / "renamed.json").write_text(json.dumps(renamed))
     result = run_script(
@@ -648,7 +648,7 @@ def test_scripts_write_into_the_workdir_of_a_checkpoint_folder(
         cache=compile_cache, script="eval.py",
     )  # fmt: skip
     assert result.returncode == 1, result.stderr[-3000:]
-    assert "has the model's name for its id (id, model's, dataset's): [(1, 'square', 'circle')" in (
+    assert "has the model's name for its id (id, model's, dataset's): [(1, 'circle', 'leaf')" in (
         result.stderr
     )
     assert not (tmp_path / "renamed").exists()

@@ -1,6 +1,7 @@
 """The evaluation program: the sharded inference step, run over a dataset split and scored with
 COCOeval (bbox and segm)."""
 
+import collections
 import contextlib
 import io
 import threading
@@ -67,7 +68,8 @@ def check_dataset_classes(
     a dataset rebuilt from an edited annotation file. Names that differ for the same id (case,
     `_` and spaces aside, `transfer.plain_name`) only warn: a config may name its classes its
     own way; with `strict_names` (another annotation file given for evaluation) a dataset
-    none of whose names is the model's for the same id is refused.
+    none of whose names is the model's for the same id is refused. A dataset category named as
+    the model names another id is refused (ids permuted, e.g. another export of the same labels).
     """
     names = schema.class_names(builder.info)
     ids = schema.label_to_category_id(builder.info).tolist()
@@ -80,6 +82,20 @@ def check_dataset_classes(
                 f"({names[:8]}) and config.data.label_to_category_id is empty"
             )
         model_ids = ids  # scored label by label
+    model_names = dict(zip(model_ids, config.data.class_names or (), strict=False))
+    model_id_of = {plain_name(n): i for i, n in model_names.items()}
+    named_once = collections.Counter(plain_name(n) for n in model_names.values())
+    moved = [
+        (n, i, model_id_of[plain_name(n)])
+        for i, n in zip(ids, names, strict=True)
+        if named_once[plain_name(n)] == 1 and model_id_of[plain_name(n)] != i
+    ]
+    if moved:
+        raise ValueError(
+            f"{where} has the model's classes under other ids (name, dataset's id, model's id): "
+            f"{moved[:8]}: each would be scored against another class's detections; give its "
+            "categories the model's ids"
+        )
     missing = [(i, n) for i, n in zip(ids, names, strict=True) if i not in model_ids]
     if missing:
         raise ValueError(
@@ -87,7 +103,6 @@ def check_dataset_classes(
             f"not in config.data.label_to_category_id={model_ids[:16]}; was the dataset rebuilt "
             "from another annotation file after training?"
         )
-    model_names = dict(zip(model_ids, config.data.class_names or (), strict=False))
     named = [(i, model_names[i], n) for i, n in zip(ids, names, strict=True) if i in model_names]
     renamed = [(i, mine, n) for i, mine, n in named if plain_name(mine) != plain_name(n)]
     if strict_names and renamed and len(renamed) == len(named):
@@ -202,7 +217,7 @@ def image_id_parts(image_id: np.ndarray) -> np.ndarray:
     """
     image_id = np.asarray(image_id, np.int64)
     high, low = image_id >> 31, image_id & (2**31 - 1)
-    too_large = image_id[(high < -(2**31)) | (high >= 2**31)]
+    too_large = image_id[(image_id < -schema.IMAGE_ID_LIMIT) | (image_id >= schema.IMAGE_ID_LIMIT)]
     if too_large.size:
         raise ValueError(f"image ids must be below 2**62 in magnitude, got {too_large.tolist()}")
     return np.stack([high, low], axis=-1).astype(np.int32)
