@@ -11,7 +11,8 @@ Prints the 12 COCO numbers per IoU type and writes
 `<workdir>/eval_<step>.json` (the metrics) and `<workdir>/detections_<step>.json` (the
 detections, COCO results format), `<workdir>` being the training workdir also when --workdir
 names a checkpoint folder in it; with a --split other than the config's val split, the file
-names end in `_<split>` (other characters than letters, digits, `.` and `-` replaced by `_`).
+names end in `_<split>` (each run of characters other than letters, digits, `.` and `-` becomes
+one `_`: `--split='validation[:16]'` gives `eval_<step>_validation_16_.json`).
 --out_dir writes them elsewhere (a read-only workdir: checked before evaluating). A file that
 cannot be written after all (a full disk) ends the run with `error: cannot write <file>:
 <reason>`, exit status 1, and no partial file. The dataset's categories must be the model's: a
@@ -25,7 +26,8 @@ incomplete folder is skipped with a warning).
 --json=FILE --images=FOLDER evaluates a COCO-format annotation file instead, all its images
 (e.g. a held-out test set; built like configs/coco_format.py's splits, into the config's data
 dir): its category ids must be the model's, and a json none of whose names is the model's for
-the same id is refused (its ids mean other classes). The files are named
+the same id is refused (its ids mean other classes), and so is one naming the model's classes
+under other ids (another export of the same labels). The files are named
 `eval_<step>_<json name>.json` and record the json's path; results there of another json of
 the same name (or of a split of that name) are not overwritten: a usage error asks for another
 --out_dir.
@@ -70,8 +72,9 @@ _JSON = flags.DEFINE_string(
     "A COCO-format annotation json to evaluate instead of the config's dataset (e.g. a held-out "
     "test set; with --images, its image folder), all its images unless --max_images: its "
     "category ids must be the model's, with the same names (case, _ and spaces aside) for at "
-    "least one. The result files end in _<json name> and record its path (another json's "
-    "results of that name are not overwritten).",
+    "least one, and none of the model's names under another id. The result files end in "
+    "_<json name> and record its path (another json's results of that name are not "
+    "overwritten).",
 )
 _IMAGES = flags.DEFINE_string("images", None, "The image folder of --json's file_names.")
 _MAX_IMAGES = flags.DEFINE_integer(

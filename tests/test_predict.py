@@ -110,6 +110,9 @@ def test_predict_batch_equals_calls_one_image_at_a_time(
     message = r"uint8 array \[H, W, 3\].*float32.*: floats in \[0, 1\]\? \(image \* 255\)"
     with pytest.raises(ValueError, match=message):
         predictor.predict_batch([images[0].astype(np.float32) / 255], batch_size=batch_size)
+    message = r"float64.*: floats in \[0, 255\]\? image.round\(\).clip\(0, 255\)"
+    with pytest.raises(ValueError, match=message):  # not told to multiply by 255 again
+        predictor(images[0] * 1.0)
     message = r"got uint8 \(3, \d+, \d+\): channels first\? image.transpose\(1, 2, 0\)"
     with pytest.raises(ValueError, match=message):
         predictor(images[0].transpose(2, 0, 1))

@@ -282,11 +282,17 @@ def _as_rgb(image: np.ndarray) -> np.ndarray:
 
 def _conversion_hint(image: np.ndarray) -> str:
     """How to turn `image`, refused by `_as_rgb`, into uint8 `[H, W, 3]`, for the common
-    layouts of other libraries (torch's channels-first floats in [0, 1], 16-bit files), or ""."""
+    layouts of other libraries (torch's channels-first floats in [0, 1], floats in [0, 255] from
+    arithmetic on pixels, 16-bit files), or ""."""
     if image.ndim == 3 and image.shape[0] in (1, 3, 4) and image.shape[-1] not in (1, 3, 4):
         return ": channels first? image.transpose(1, 2, 0) puts them last"
     if np.issubdtype(image.dtype, np.floating):
-        return ": floats in [0, 1]? (image * 255).round().astype(np.uint8) gives 8-bit pixels"
+        finite = image[np.isfinite(image)]
+        if finite.size and finite.min() >= 0 and finite.max() <= 1:
+            return ": floats in [0, 1]? (image * 255).round().astype(np.uint8) gives 8-bit pixels"
+        return (
+            ": floats in [0, 255]? image.round().clip(0, 255).astype(np.uint8) gives 8-bit pixels"
+        )
     if image.dtype == np.uint16:
         return ": 16 bits? (image >> 8).astype(np.uint8) gives 8-bit pixels"
     return ""
