@@ -152,6 +152,11 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     passes its own copy (the same values everywhere, e.g. restored from the same checkpoint):
     arrays on this process's devices go through host memory, as JAX moves no data between
     hosts in `device_put`.
+
+    The result may share buffers with `tree` (on one device it is `tree`'s own arrays): the
+    train step donates its state, so after the first step `tree`'s arrays are deleted. Keep a
+    copy (`jax.tree_util.tree_map(jnp.copy, tree)`, or host `jax.device_get(tree)`) to start
+    from the same state again.
     """
     sharding = NamedSharding(mesh, P())
     if jax.process_count() > 1:

@@ -65,6 +65,16 @@ def test_bad_model_values_name_the_field(field, value):
         MaskRCNN.from_config(config.model)  # the predictor and exporter build models so
 
 
+def test_a_model_is_not_built_for_0_classes():
+    """`num_classes = 0` in a config means the dataset's count, set by `with_dataset_classes`
+    (train.py); built as it is, the model failed at its first call with a division by zero."""
+    config = default.get_config()
+    config.model.num_classes = 0
+    checks.check_model_config(config.model)
+    with pytest.raises(ValueError, match=r"num_classes=0: .*trainer\.with_dataset_classes"):
+        MaskRCNN.from_config(config.model)
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -100,6 +110,11 @@ def test_bad_train_values_name_the_field(field, value):
     _set(config.train, field, value)
     with pytest.raises(ValueError, match=rf"^config\.train\.{field}=.* must be"):
         state_lib.check_train_settings(config.train)
+    # The library's entry points check too (a notebook builds the optimizer without train.py).
+    with pytest.raises(ValueError, match=rf"^config\.train\.{field}=.* must be"):
+        state_lib.create_learning_rate_fn(config.train)
+    with pytest.raises(ValueError, match=rf"^config\.train\.{field}=.* must be"):
+        state_lib.create_optimizer(config, lambda step: 0.01)
 
 
 def test_a_schedule_longer_than_the_run_is_allowed():

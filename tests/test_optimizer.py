@@ -255,6 +255,6 @@ def test_an_unknown_optimizer_is_a_clear_error():
     config = shapes_r18.get_config()
     config.train.optimizer = "adam"
     with pytest.raises(
-        ValueError, match=r"optimizer must be one of \('sgd', 'adamw'\), got 'adam'"
+        ValueError, match=r"config\.train\.optimizer='adam' must be one of \('sgd', 'adamw'\)"
     ):
         state_lib.create_optimizer(config, state_lib.create_learning_rate_fn(config.train))

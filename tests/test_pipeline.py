@@ -47,6 +47,7 @@ def _config(**data):
     config.data.shuffle_buffer = 16
     config.train.batch_size = 4
     config.eval.batch_size = 4
+    config.model.num_classes = 0  # the dataset's: shapes' 3, tiny_coco's 80
     config.data.update(data)
     return config
 
@@ -718,6 +719,32 @@ def test_batch_size_must_split_over_processes(shapes_builder):
         pipeline.create_train_dataset(
             config, builder=shapes_builder, process_index=0, process_count=2
         )
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("data.max_instances", 0, r"config\.data\.max_instances=0 must be at least 1"),
+        ("data.mask_size", 0, r"config\.data\.mask_size=0 must be at least 1"),
+        ("data.mean", (0.0, 0.0), r"config\.data\.mean=\(0\.0, 0\.0\) must have 3"),
+        ("train.batch_size", 0, r"config\.train\.batch_size=0 must be at least 1 image"),
+        ("model.num_classes", 2, r"num_classes=2 but dataset shapes.* has 3 classes: set it to 3"),
+    ],
+)
+def test_the_train_dataset_refuses_settings_that_fail_later(shapes_builder, field, value, message):
+    """A notebook calls `create_train_dataset` without train.py's `check_train_config`: these
+    gave empty ground truth (max_instances, mask_size 0), a TF graph error (mean), a tf.data
+    error (batch 0) or labels beyond the model's classes, whose loss is NaN (num_classes)."""
+    config = _config()
+    section, name = field.split(".")
+    with config[section].ignore_type():
+        config[section][name] = value
+    with pytest.raises(ValueError, match=message):
+        pipeline.create_train_dataset(config, builder=shapes_builder, **ONE)
+    if field == "model.num_classes":  # the dataset's count (3), or 0 for it, are taken
+        for num_classes in (3, 0):
+            config.model.num_classes = num_classes
+            next(pipeline.create_train_dataset(config, builder=shapes_builder, **ONE))
 
 
 @pytest.mark.parametrize(

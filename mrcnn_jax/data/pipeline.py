@@ -647,13 +647,25 @@ def create_train_dataset(
         (H, W) is ``data.image_size``, or the canvas of the step's group.
 
     Raises:
-        ValueError: from ``check_canvas``, before any data is read.
+        ValueError: from ``check_data``; for a ``train.batch_size`` below 1 or not divisible by
+            the process count; for a ``model.num_classes`` other than the dataset's (0: the
+            dataset's count, ``trainer.with_dataset_classes`` sets it): labels beyond the
+            model's classes would make the loss NaN. Before any data is read.
     """
-    check_canvas(config)
+    check_data(config)
     data = config.data
-    builder = builder or get_builder(data)
-    place = _process(process_index, process_count)
     global_batch = config.train.batch_size
+    if not is_int(global_batch) or global_batch < 1:
+        raise ValueError(f"config.train.batch_size={global_batch!r} must be at least 1 image")
+    builder = builder or get_builder(data)
+    num_classes = len(schema.class_names(builder.info))
+    if config.model.num_classes not in (0, num_classes):
+        raise ValueError(
+            f"config.model.num_classes={config.model.num_classes} but dataset "
+            f"{builder.info.full_name} has {num_classes} classes: set it to {num_classes} "
+            "(trainer.with_dataset_classes(config, builder) sets it and the class names)"
+        )
+    place = _process(process_index, process_count)
     _local_batch(global_batch, place[1])
     groups = canvas_groups.groups_of(data)
     if not groups:

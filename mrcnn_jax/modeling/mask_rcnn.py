@@ -119,8 +119,15 @@ class MaskRCNN(nn.Module):
         cls, model_config: ml_collections.ConfigDict, axis_name: str | None = None
     ) -> "MaskRCNN":
         """The model of `config.model` (`checks.check_model_config`: ValueError naming a bad
-        field); `axis_name` is the data-parallel axis (sync BN)."""
+        field); `axis_name` is the data-parallel axis (sync BN). `num_classes` must be set:
+        a config's 0 ("the dataset's count") is resolved by `trainer.with_dataset_classes`."""
         check_model_config(model_config)
+        if model_config.num_classes < 1:
+            raise ValueError(
+                f"config.model.num_classes={model_config.num_classes}: a model needs its number "
+                "of classes (0 means the dataset's count: trainer.with_dataset_classes(config, "
+                "builder) sets it, as train.py does)"
+            )
         return cls(config=ml_collections.FrozenConfigDict(model_config), axis_name=axis_name)
 
     def variable_shapes(self, image_shape: tuple[int, int] = (128, 128)) -> dict:

@@ -62,8 +62,10 @@ def create_learning_rate_fn(train: ml_collections.ConfigDict) -> optax.Schedule:
     """Linear warm-up from `warmup_factor · base_lr` to `base_lr`, then cosine or step decay.
 
     "cosine" decays to 0 at `num_steps`; "step" multiplies by `decay_factor` at each step of
-    `decay_steps`.
+    `decay_steps`. Raises ValueError naming the field for settings out of range
+    (`check_train_settings`).
     """
+    check_train_settings(train)
     warmup = optax.linear_schedule(
         train.base_lr * train.warmup_factor, train.base_lr, max(train.warmup_steps, 1)
     )
@@ -122,9 +124,11 @@ def create_optimizer(
     "sgd": SGD with `train.momentum` on the gradient plus `weight_decay` × params (L2, as
     PyTorch's SGD and Detectron2). "adamw": Adam with `train.adam_betas` and decoupled weight
     decay (`learning_rate × weight_decay × params` per step, as PyTorch's AdamW). Optional
-    global-norm clipping (`train.grad_clip_norm > 0`) comes first, as in PyTorch.
+    global-norm clipping (`train.grad_clip_norm > 0`) comes first, as in PyTorch. Raises
+    ValueError naming the field for settings out of range (`check_train_settings`).
     """
     train = config.train
+    check_train_settings(train)
 
     def decay_mask(tree):
         return jax.tree_util.tree_map_with_path(
@@ -144,15 +148,13 @@ def create_optimizer(
             optax.add_decayed_weights(train.weight_decay, mask=decay_mask),
             optax.sgd(learning_rate_fn, momentum=train.momentum),
         ]
-    elif train.optimizer == "adamw":
+    else:  # "adamw"
         b1, b2 = train.adam_betas
         steps.append(
             optax.adamw(
                 learning_rate_fn, b1=b1, b2=b2, weight_decay=train.weight_decay, mask=decay_mask
             )
         )
-    else:
-        raise ValueError(f"train.optimizer must be one of {OPTIMIZERS}, got {train.optimizer!r}")
     return optax.multi_transform(
         {"train": optax.chain(*steps), "frozen": optax.set_to_zero()}, labels
     )

@@ -76,7 +76,9 @@ def make_train_step(
     """Builds `train_step(state, batch, key) -> (state, metrics)`, one XLA program.
 
     `state` is replicated, `batch` holds global arrays sharded over the mesh
-    (`sharding.shard_batch`), `key` is the step's PRNG key. The state's buffers are donated.
+    (`sharding.shard_batch`), `key` is the step's PRNG key. The state's buffers are donated:
+    the state passed in (and whatever shares its arrays, e.g. the tree given to
+    `sharding.replicate` on one device) is deleted by the call; use the returned one.
     Metrics are global-batch means: the losses, per image `num_proposals`, `num_fg_rois`
     (foreground RoIs sampled) and `num_mask_rois` (those the mask head trained on: fewer only
     when they overflow `model.roi_heads.mask_rois_per_image`), `grad_norm` (the stages frozen by
