@@ -6,6 +6,7 @@ A shell leaves the `~` of `--workdir=~/runs/x` as it is (it expands only a word'
 so the scripts would otherwise write into a folder named `~` under the current one.
 """
 
+import errno
 import os
 
 
@@ -21,3 +22,19 @@ def absolute(path: str | os.PathLike) -> str:
     if not path or is_url(path):
         return path
     return os.path.abspath(os.path.expanduser(path))
+
+
+def check_not_a_link_to_a_file(path: str | os.PathLike) -> None:
+    """Raises OSError naming `path` when it is a local symbolic link to a regular file: a
+    downloaded workdir or folder may plant one so that writing `path` (a drawing, a results
+    json, metrics) would overwrite a file elsewhere. Links to devices (`/dev/stdout`) and linked
+    folders above `path` are followed as usual; a URL is not checked.
+    """
+    name = os.fspath(path)
+    if not is_url(name) and os.path.islink(name) and os.path.isfile(name):
+        raise OSError(
+            errno.ELOOP,
+            f"it is a symbolic link to the file {os.path.realpath(name)}, not written through "
+            "(remove the link)",
+            name,
+        )

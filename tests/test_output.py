@@ -30,6 +30,24 @@ def test_a_write_to_a_full_disk_names_the_file_and_leaves_nothing(tmp_path):
     assert not os.path.lexists(path)
 
 
+def test_a_link_to_a_file_is_not_written_through(tmp_path):
+    """A downloaded workdir may hold `predictions/detections.json -> ~/.bashrc`: refused, the
+    file it points to untouched; a link in a folder above the file is followed as usual."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("mine\n")
+    link = tmp_path / "detections.json"
+    link.symlink_to(victim)
+    message = f"it is a symbolic link to the file {victim}, not written through (remove the link)"
+    with pytest.raises(OSError, match=re.escape(message)) as failure:
+        output.write_file(link, lambda f: f.write("[]"))
+    assert failure.value.filename == str(link)
+    assert victim.read_text() == "mine\n" and link.is_symlink()
+    (tmp_path / "real").mkdir()
+    (tmp_path / "linked").symlink_to(tmp_path / "real")
+    output.write_file(tmp_path / "linked" / "a.json", lambda f: f.write("[]"))
+    assert (tmp_path / "real" / "a.json").read_text() == "[]"
+
+
 def test_a_missing_folder_is_named_and_a_failed_write_callback_leaves_nothing(tmp_path):
     missing = tmp_path / "no" / "results.json"
     with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):

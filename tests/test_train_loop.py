@@ -817,6 +817,24 @@ def test_metrics_that_cannot_be_written_are_one_clear_error(tmp_path):
         writer.write(2, {"train/loss": 1.0})
 
 
+@pytest.mark.parametrize("name", ["metrics.jsonl", trainer.LOCK_FILE])
+def test_the_trainer_does_not_write_through_a_link_to_a_file(tmp_path, name):
+    """A downloaded workdir holding `metrics.jsonl -> ~/.bashrc` (or the lock file so): the
+    file it points to is neither truncated nor appended to."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("mine\n")
+    workdir = tmp_path / "workdir"
+    workdir.mkdir()
+    (workdir / name).symlink_to(victim)
+    with pytest.raises(OSError, match=f"symbolic link to the file {victim}"):
+        if name == trainer.LOCK_FILE:
+            with trainer._workdir_lock(epath.Path(workdir)):
+                pass
+        else:
+            trainer.MetricWriter(epath.Path(workdir))
+    assert victim.read_text() == "mine\n"
+
+
 @pytest.mark.slow
 def test_the_rerun_after_a_failed_checkpoint_write_resumes_exactly(
     trained, compile_cache, tmp_path

@@ -8,6 +8,8 @@ from typing import IO
 
 from etils import epath
 
+from mrcnn_jax import paths
+
 
 def write_file(
     path: str | os.PathLike, write: Callable[[IO], object], binary: bool = False
@@ -18,9 +20,10 @@ def write_file(
     Raises:
       OSError: a local file cannot be written (no such folder, a full disk, no permission),
         with the system's reason and `path` (a full disk's error carries no file name of its
-        own).
+        own); `path` is a symbolic link to a file (`paths.check_not_a_link_to_a_file`).
       Whatever `write` raises. Nothing is left at `path` after a failed write.
     """
+    paths.check_not_a_link_to_a_file(path)
     path = epath.Path(path)
     try:
         with path.open("wb" if binary else "w") as f:

@@ -84,6 +84,7 @@ class MetricWriter:
         self._active = jax.process_index() == 0
         if self._active:
             path = workdir / "metrics.jsonl"
+            paths.check_not_a_link_to_a_file(path)
             if resumed_step is not None and path.exists():
                 self._guarded(lambda: _drop_rows_after(path, resumed_step, eval_again))
             self._jsonl = path.open("a")
@@ -507,6 +508,7 @@ def _workdir_lock(workdir: epath.Path) -> Iterator[None]:
         yield
         return
     path = workdir / LOCK_FILE
+    paths.check_not_a_link_to_a_file(path)
     with open(path, "a+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -612,6 +614,7 @@ def _train_and_evaluate(
             "nothing to train (a larger num_steps trains on); evaluating it"
         )
     elif jax.process_index() == 0:  # after the restore: a rejected config must not replace it
+        paths.check_not_a_link_to_a_file(workdir / "config.json")
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     if jax.process_index() == 0:
         warning = ckpt_lib.disk_space_warning(manager, state)
