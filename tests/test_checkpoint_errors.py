@@ -71,10 +71,14 @@ def write_checkpoint(workdir, config, step: int = STEP, random_small: bool = Fal
     variables = state_lib.zero_variables(model, tuple(config.data.image_size))
     if random_small:
         rng = np.random.default_rng(0)
-        variables = jax.tree_util.tree_map(
-            lambda x: rng.standard_normal(x.shape).astype(x.dtype) if x.size <= 4096 else x,
-            variables,
-        )
+
+        def fill(path, x):  # BatchNorm variances positive, as a checkpoint's must be
+            if x.size > 4096:
+                return x
+            values = rng.standard_normal(x.shape).astype(x.dtype)
+            return np.abs(values) if path[-1].key == "var" else values
+
+        variables = jax.tree_util.tree_map_with_path(fill, variables)
     state, _ = state_lib.train_state_from_variables(config, model, variables)
     manager = ckpt_lib.create_manager(workdir)
     ckpt_lib.save(manager, state.replace(step=step), config)

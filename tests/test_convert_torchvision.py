@@ -654,6 +654,12 @@ def test_state_dict_validation():
         convert.state_dict_to_numpy({"a.weight": [1.0, 2.0]})
     with pytest.raises(ValueError, match="mapping"):
         convert.state_dict_to_numpy([torch.ones(2)])
+    # A diverged or damaged file: refused, naming the tensor (it gave no detection, no error).
+    with pytest.raises(ValueError, match=r"^a\.weight: 1 NaN or infinite values of 3$"):
+        convert.state_dict_to_numpy({"a.weight": torch.tensor([1.0, float("inf"), 2.0])})
+    with pytest.raises(ValueError, match=r"^bn\.running_var: negative values"):
+        convert.state_dict_to_numpy({"bn.running_var": torch.tensor([1.0, -0.5])})
+    assert convert.state_dict_to_numpy({"bn.running_mean": torch.tensor([-1.0])})  # may be < 0
 
 
 class NotATensor:

@@ -280,6 +280,64 @@ def test_load_checkpoint_refuses_variables_of_another_dtype(model_setup, tmp_pat
         mrcnn_jax.load_checkpoint(tmp_path)
 
 
+def _save_state(path, config, params, batch_stats) -> None:
+    state = types.SimpleNamespace(
+        step=np.int32(0), params=params, batch_stats=batch_stats, opt_state={}
+    )
+    manager = ckpt_lib.create_manager(path)
+    ckpt_lib.save(manager, state, config)
+    manager.wait_until_finished()
+    manager.close()
+
+
+def test_load_checkpoint_refuses_untrusted_content_naming_it(model_setup, tmp_path, monkeypatch):
+    """A downloaded checkpoint: a NaN weight or a negative BatchNorm variance (no detection and
+    no error otherwise), a stored array of another shape (refused before any data is read: a
+    file of a few KB may declare many GB), a stored config of another shape."""
+    config, variables = model_setup
+
+    def fresh():  # a writable copy
+        return jax.tree_util.tree_map(np.array, variables)
+
+    bad = fresh()
+    bad["params"]["box_head"]["cls_score"]["bias"][2] = np.nan
+    _save_state(tmp_path / "nan", config, bad["params"], bad["batch_stats"])
+    message = r"checkpoint .*/0: \['params'\]\['box_head'\]\['cls_score'\]\['bias'\] has 1 NaN"
+    with pytest.raises(ValueError, match=message):
+        mrcnn_jax.load_checkpoint(tmp_path / "nan")
+    bad = fresh()
+    var = bad["batch_stats"]["backbone"]["res2_0"]["bn1"]["var"]
+    var[0] = -1.0
+    _save_state(tmp_path / "var", config, bad["params"], bad["batch_stats"])
+    with pytest.raises(ValueError, match=r"\['bn1'\]\['var'\] has negative values"):
+        mrcnn_jax.load_checkpoint(tmp_path / "var")
+    bad = fresh()
+    bad["params"]["box_head"]["cls_score"]["kernel"] = np.zeros((1000, 1000), np.float32)
+    _save_state(tmp_path / "shape", config, bad["params"], bad["batch_stats"])
+
+    def no_read(*args):
+        raise AssertionError("array data read before the shapes were checked")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ckpt_lib, "_restore_arrays", no_read)
+        message = r"\['box_head'\]\['cls_score'\]\['kernel'\] has shape \(1000, 1000\)"
+        with pytest.raises(ValueError, match=message):
+            mrcnn_jax.load_checkpoint(tmp_path / "shape")
+    good = fresh()
+    _save_state(tmp_path / "config", config, good["params"], good["batch_stats"])
+    stored = tmp_path / "config" / "checkpoints" / "0" / "config" / "metadata"
+    edited = json.loads(stored.read_text())
+    del edited["model"]["num_classes"]
+    stored.write_text(json.dumps(edited))
+    message = r"checkpoint .*/0: its stored config is not a config of this project \(KeyError"
+    with pytest.raises(ValueError, match=message):
+        mrcnn_jax.load_checkpoint(tmp_path / "config")
+    edited["model"]["num_classes"], edited["data"]["class_names"] = 3, ["a", "b"]
+    stored.write_text(json.dumps(edited))
+    with pytest.raises(ValueError, match=r"its stored config: config\.data\.class_names has 2"):
+        mrcnn_jax.load_checkpoint(tmp_path / "config")
+
+
 def test_locate_checkpoint_names_the_workdir_of_a_checkpoint_folder(workdir):
     for path in (workdir, workdir / "checkpoints", workdir / "checkpoints" / "0"):
         assert locate_checkpoint(path) == (workdir, 0)

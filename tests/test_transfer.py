@@ -19,12 +19,15 @@ SOURCE_NAMES = ("fig", "N/A", "pear", "apple", "N/A")  # torchvision's COCO list
 
 def random_like(config, seed: int) -> dict:
     """Numpy variables of `config`'s model, every entry distinct (so a slice from the wrong
-    place cannot pass)."""
+    place cannot pass); BatchNorm variances positive, as a checkpoint's must be."""
     shapes = MaskRCNN.from_config(config.model).variable_shapes((64, 64))
     rng = np.random.default_rng(seed)
-    return jax.tree_util.tree_map(
-        lambda s: rng.normal(size=s.shape).astype(s.dtype), jax.device_get(shapes)
-    )
+
+    def fill(path, s):
+        values = rng.normal(size=s.shape).astype(s.dtype)
+        return np.abs(values) if path[-1].key == "var" else values
+
+    return jax.tree_util.tree_map_with_path(fill, jax.device_get(shapes))
 
 
 def flat(tree) -> dict:

@@ -391,7 +391,8 @@ def state_dict_to_numpy(state_dict: Mapping) -> dict[str, np.ndarray]:
 
     BatchNorm's integer `num_batches_tracked` counters are kept as int64 (they tell the source's
     eps, `source_bn_epsilon`; the conversions skip them); any other non-float tensor,
-    non-tensor value or non-str key is an error.
+    non-tensor value or non-str key is an error, and so is a NaN or infinite value or a
+    negative BatchNorm `running_var` (a diverged or damaged file: no detection, no error).
     """
     torch = import_torch()
     if not isinstance(state_dict, Mapping):
@@ -408,7 +409,13 @@ def state_dict_to_numpy(state_dict: Mapping) -> dict[str, np.ndarray]:
             continue
         if not value.is_floating_point():
             raise ValueError(f"{key}: expected a floating-point tensor, got {value.dtype}")
-        out[key] = value.detach().to(device="cpu", dtype=torch.float32).numpy()
+        array = value.detach().to(device="cpu", dtype=torch.float32).numpy()
+        bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+        if bad:
+            raise ValueError(f"{key}: {bad} NaN or infinite values of {array.size}")
+        if key.endswith("running_var") and np.any(array < 0):
+            raise ValueError(f"{key}: negative values (a BatchNorm variance)")
+        out[key] = array
     return out
 
 

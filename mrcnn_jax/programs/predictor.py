@@ -31,6 +31,7 @@ from mrcnn_jax import paths, sharding
 from mrcnn_jax.data import pipeline
 from mrcnn_jax.evaluation.coco_eval import boxes_to_original
 from mrcnn_jax.evaluation.masks import paste_masks
+from mrcnn_jax.modeling.checks import check_class_fields, check_model_config
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 from mrcnn_jax.programs.evaluator import make_predict_step
 from mrcnn_jax.train import checkpoint as ckpt_lib
@@ -348,10 +349,11 @@ def _locate(path: epath.Path) -> tuple[epath.Path, int | None]:
     )
 
 
-def _check_tree(restored, expected, what: str) -> None:
-    """Raises ValueError naming the first leaf whose path, shape or dtype differs."""
+def _check_tree(restored, expected, what: str, dtypes: bool = True) -> None:
+    """Raises ValueError naming the first leaf whose path, shape or dtype (with `dtypes`)
+    differs; `restored`'s leaves are arrays or their stored metadata (`.shape`, `.dtype`)."""
     got = {
-        jax.tree_util.keystr(p): (np.shape(x), np.result_type(x))
+        jax.tree_util.keystr(p): (tuple(x.shape), np.dtype(x.dtype))
         for p, x in jax.tree_util.tree_leaves_with_path(restored)
     }
     want = {
@@ -365,8 +367,39 @@ def _check_tree(restored, expected, what: str) -> None:
         got_shape, got_dtype = got[name]
         if got_shape != shape:
             raise ValueError(f"{what}: {name} has shape {got_shape}, the config needs {shape}")
-        if got_dtype != dtype:
+        if dtypes and got_dtype != dtype:
             raise ValueError(f"{what}: {name} has dtype {got_dtype}, the config needs {dtype}")
+
+
+def _check_finite(variables: dict, what: str) -> None:
+    """Raises ValueError naming the first variable with a NaN or infinite value, or a negative
+    BatchNorm variance: a diverged run's or a corrupt file's weights give no detection and no
+    error otherwise."""
+    for path, x in jax.tree_util.tree_leaves_with_path(variables):
+        name = jax.tree_util.keystr(path)
+        bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
+        if bad:
+            raise ValueError(f"{what}: {name} has {bad} NaN or infinite values of {np.size(x)}")
+        if name.endswith("['var']") and np.any(np.asarray(x) < 0):
+            raise ValueError(f"{what}: {name} has negative values (a BatchNorm variance)")
+
+
+def _check_stored_config(config: ml_collections.ConfigDict, what: str) -> tuple[int, int]:
+    """The canvas `data.image_size` of a checkpoint's stored config, once it passes the model,
+    canvas and class-field checks; ValueError naming `what` otherwise (also for a config that
+    lacks a field or has one of another type: not a config of this project)."""
+    try:
+        check_model_config(config.model)
+        pipeline.check_canvas(config)
+        check_class_fields(config)
+        return tuple(int(s) for s in config.data.image_size)
+    except (KeyError, AttributeError, TypeError) as error:
+        raise ValueError(
+            f"{what}: its stored config is not a config of this project ({type(error).__name__}: "
+            f"{error})"
+        ) from None
+    except ValueError as error:
+        raise ValueError(f"{what}: its stored config: {error}") from None
 
 
 def _check_step(step: Any) -> int:
@@ -424,17 +457,27 @@ def read_checkpoint(
     `variables` holds `params` and `batch_stats` as numpy arrays, checked to fit the stored
     config's model (every path, shape and dtype); arguments and errors as `load_checkpoint`'s."""
     manager, _, step = _open(path, step)
+    what = f"checkpoint {manager.directory}/{step}"
     try:
         config = ml_collections.ConfigDict(ckpt_lib.load_config(manager, step))
-        state = ckpt_lib.restore_raw(manager, step)
-        expected = MaskRCNN.from_config(config.model).variable_shapes(tuple(config.data.image_size))
+        image_size = _check_stored_config(config, what)
+        expected = MaskRCNN.from_config(config.model).variable_shapes(image_size)
+
+        def check(stored: dict, dtypes: bool = True) -> None:
+            for collection in ("params", "batch_stats"):
+                _check_tree(
+                    stored.get(collection) or {},
+                    expected.get(collection, {}),
+                    f"{what} {collection}",
+                    dtypes,
+                )
+
+        state = ckpt_lib.restore_raw(  # shapes checked before the data is read
+            manager, step, check_stored=lambda metadata: check(metadata, dtypes=False)
+        )
         variables = {"params": state["params"], "batch_stats": state.get("batch_stats") or {}}
-        for collection in ("params", "batch_stats"):
-            _check_tree(
-                variables[collection],
-                expected.get(collection, {}),
-                f"checkpoint {manager.directory}/{step} {collection}",
-            )
+        check(variables)
+        _check_finite(variables, what)
     finally:
         manager.close()
     return config, variables, step

@@ -636,19 +636,28 @@ def _like(target, values):
     return jax.tree_util.tree_map(place, target, values)
 
 
-def restore_raw(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+def restore_raw(
+    manager: ocp.CheckpointManager,
+    step: int,
+    check_stored: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
     """The state arrays of checkpoint `step` as stored (numpy), on any topology.
 
     The checkpoint may have been written on any number of devices and processes: the target is
     built from the stored shapes and dtypes and placed on this process's first local device, so
     orbax never tries to rebuild the saved device mesh. For inference: callers validate the tree
-    against their model (see `mrcnn_jax.programs.predictor`).
+    against their model (see `mrcnn_jax.programs.predictor`), its shapes before any data is
+    read with `check_stored(metadata)` (a tree of objects with `.shape` and `.dtype`): a
+    downloaded checkpoint of a few KB may declare arrays of many GB.
 
     Raises:
       CorruptCheckpointError: the arrays cannot be read (a data file truncated, deleted or with
         other bytes), naming the step folder and the other complete steps.
+      Whatever `check_stored` raises.
     """
     metadata = _read_arrays(manager, step, lambda: manager.item_metadata(step))["state"]
+    if check_stored is not None:
+        check_stored(metadata)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree_util.tree_map(
         lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), metadata
