@@ -74,6 +74,28 @@ def test_unwritable_default_folder_runs_without_cache(tmp_path):
     assert "persistent compilation cache" not in stderr[0]  # no warning per compile from JAX
 
 
+def test_the_cache_folders_are_private_and_others_folders_are_not_used(tmp_path):
+    """The cache holds code that runs: its folders are made 0700 whatever the umask, and a
+    folder others may write to (or a link to one) turns it off with one line."""
+    stderr = []
+    result = run(tmp_path, stderr)
+    machine = result["dir"]
+    for folder in (machine, os.path.dirname(machine), os.path.dirname(os.path.dirname(machine))):
+        assert os.stat(folder).st_mode & 0o777 == 0o700, folder
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    os.makedirs(tmp_path / "other")
+    os.symlink(shared, tmp_path / "other" / "mrcnn_jax")
+    result = run(tmp_path, stderr, XDG_CACHE_HOME=str(tmp_path / "other"))
+    assert result["dir"] is None
+    assert (
+        f"compilation cache off ({tmp_path}/other/mrcnn_jax is writable by other users"
+        in (stderr[-1])
+    )
+    assert not os.listdir(shared)
+
+
 def test_default_folder_names_the_machine(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     path = launch.default_compilation_cache_dir()

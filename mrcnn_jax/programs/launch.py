@@ -238,7 +238,10 @@ def use_compilation_cache() -> None:
     most `DEFAULT_COMPILATION_CACHE_BYTES` (least recently used programs evicted), unless the
     environment already sets `JAX_COMPILATION_CACHE_DIR` (a folder of one's own, or empty to turn
     the cache off). Where the folder cannot be made (a read-only home), it says so on stderr and
-    leaves the cache off. Call it before JAX is imported: JAX reads the variables at import.
+    leaves the cache off, and so where one of its folders (`mrcnn_jax/xla/<machine>`, made
+    readable and writable by you only) belongs to another user or others may write to it: the
+    cache holds code that runs. Call it before JAX is imported: JAX reads the variables at
+    import.
 
     A later run of the same program (resuming training, eval.py after training, predict.py
     again) then loads it instead of compiling it: the R50-FPN train step at 512² compiles in
@@ -251,9 +254,11 @@ def use_compilation_cache() -> None:
         return
     path = default_compilation_cache_dir()
     try:
-        os.makedirs(path, exist_ok=True)
+        problem = _make_private_folders(path, levels=3)  # mrcnn_jax/xla/<machine>
     except OSError as error:  # a read-only home: run without the cache, once warned
-        print(f"compilation cache off ({error}); set {COMPILATION_CACHE_DIR}", file=sys.stderr)
+        problem = str(error)
+    if problem:
+        print(f"compilation cache off ({problem}); set {COMPILATION_CACHE_DIR}", file=sys.stderr)
         return
     os.environ[COMPILATION_CACHE_DIR] = path
     os.environ.setdefault(COMPILATION_CACHE_MAX_SIZE, str(DEFAULT_COMPILATION_CACHE_BYTES))
@@ -281,6 +286,26 @@ def use_fast_cpu_codegen() -> None:
     os.environ[XLA_FLAGS] = " ".join(
         filter(None, [flags, f"{BACKEND_EXTRA_OPTIONS}={CPU_CODEGEN_OPTIONS}"])
     )
+
+
+def _make_private_folders(path: str, levels: int) -> str:
+    """Makes the last `levels` folders of `path` where missing, readable and writable by this
+    user only (0700), and returns why they cannot hold trusted code ("" if they can): one of
+    them is owned by another user (a link to someone else's folder, too) or writable by others.
+    """
+    folders = [path]
+    for _ in range(levels - 1):
+        folders.insert(0, os.path.dirname(folders[0]))
+    os.makedirs(os.path.dirname(folders[0]), exist_ok=True)
+    for folder in folders:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(folder, 0o700)
+        status = os.stat(folder)  # through a link: its target's
+        if status.st_uid != os.getuid():
+            return f"{folder} belongs to user id {status.st_uid}, not to you"
+        if status.st_mode & 0o022:
+            return f"{folder} is writable by other users (mode {oct(status.st_mode & 0o777)})"
+    return ""
 
 
 def default_compilation_cache_dir() -> str:
