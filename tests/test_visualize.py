@@ -138,6 +138,29 @@ def test_read_image_errors_name_the_file(tmp_path):
             visualize.read_image(cut)
 
 
+def test_read_image_refuses_a_header_declaring_too_many_pixels(tmp_path, monkeypatch):
+    """A PNG or JPEG of a few KB may declare 30000×30000 pixels: refused before decoding, the
+    declared size read from the header (also a progressive JPEG's and one after an EXIF
+    block); at the limit it is read."""
+    from PIL import Image
+
+    image = np.random.default_rng(0).integers(0, 256, (30, 50, 3), np.uint8)
+    files = {}
+    for name, options in (("a.png", {}), ("b.jpg", {}), ("c.jpg", {"progressive": True})):
+        files[name] = tmp_path / name
+        Image.fromarray(image).save(files[name], **options)
+    files["d.jpg"] = tmp_path / "d.jpg"
+    write_sideways_jpeg(files["d.jpg"], image)
+    monkeypatch.setattr(visualize, "MAX_IMAGE_PIXELS", 30 * 50)
+    for path in files.values():
+        assert visualize.read_image(path).shape[:2] == (30, 50)
+        assert visualize._declared_size(path.read_bytes()) == (30, 50)
+    monkeypatch.setattr(visualize, "MAX_IMAGE_PIXELS", 30 * 50 - 1)
+    for path in files.values():
+        with pytest.raises(ValueError, match=r"its header declares 30x50 pixels, more than the"):
+            visualize.read_image(path)
+
+
 @pytest.mark.parametrize(
     "name, error",
     [

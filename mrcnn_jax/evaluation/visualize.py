@@ -40,13 +40,21 @@ def read_image(path: str | os.PathLike, *, exif_orientation: bool = False) -> np
     Raises:
       FileNotFoundError: `path` is not an existing file.
       ValueError: the file is not an image cv2 can decode (named as a truncated or damaged
-        JPEG, PNG, GIF or BMP file when it starts as one).
+        JPEG, PNG, GIF or BMP file when it starts as one), or its JPEG or PNG header declares
+        more than `MAX_IMAGE_PIXELS` pixels (a file of a few KB may declare 30000×30000: its
+        decoding alone would take GBs).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image file {path!r} does not exist")
     flags = cv2.IMREAD_COLOR | (0 if exif_orientation else cv2.IMREAD_IGNORE_ORIENTATION)
     data = np.fromfile(path, np.uint8)
+    size = _declared_size(data.tobytes())
+    if size and size[0] * size[1] > MAX_IMAGE_PIXELS:
+        raise ValueError(
+            f"cannot read image file {path!r}: its header declares {size[0]}x{size[1]} pixels, "
+            f"more than the {MAX_IMAGE_PIXELS:,} read (visualize.MAX_IMAGE_PIXELS)"
+        )
     image = cv2.imdecode(data, flags)
     if image is None:
         kind = next((k for magic, k in _SIGNATURES if data[: len(magic)].tobytes() == magic), None)
@@ -57,6 +65,26 @@ def read_image(path: str | os.PathLike, *, exif_orientation: bool = False) -> np
         )
         raise ValueError(f"cannot read image file {path!r}: {reason}")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+# Images larger than this (16384², 0.8 GB as RGB) are refused before decoding.
+MAX_IMAGE_PIXELS = 2**28
+
+
+def _declared_size(data: bytes) -> tuple[int, int] | None:
+    """(height, width) that a PNG's IHDR or a JPEG's frame header declares; None for other
+    formats and for headers cut short."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) >= 24:
+        return int.from_bytes(data[20:24], "big"), int.from_bytes(data[16:20], "big")
+    at = 2 if data.startswith(b"\xff\xd8") else len(data)
+    while at + 9 <= len(data) and data[at] == 0xFF:
+        marker = data[at + 1]
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a start of frame
+            return int.from_bytes(data[at + 5 : at + 7], "big"), int.from_bytes(
+                data[at + 7 : at + 9], "big"
+            )
+        at += 2 + int.from_bytes(data[at + 2 : at + 4], "big")
+    return None
 
 
 # The first bytes of the formats that cameras and browsers write, to tell a damaged file of a
