@@ -534,6 +534,11 @@ BAD_INPUT = {
         lambda d: d["images"][1].update(id=2**62),
         "val.json: image entry #1 has the id 4611686018427387904, of magnitude 2\\*\\*62 or more",
     ),
+    "category id of 2**70": (
+        "train",
+        lambda d: d["categories"][0].update(id=2**70),
+        "train.json: category entry #0 needs an integer id \\(64-bit\\) and a name",
+    ),
     "garbage RLE counts": (  # refused while building: the build leaves nothing either
         "train",
         lambda d: _ann(d, 31).update(segmentation={"size": [40, 40], "counts": "hello world"}),

@@ -155,9 +155,10 @@ def _categories(entries: list[dict], path: epath.Path) -> tuple[tuple[int, str],
     found = []
     for i, category in enumerate(entries):
         cid, name = category.get("id"), category.get("name")
-        if not isinstance(cid, int) or not isinstance(name, str) or not name:
+        if not _is_id(cid) or not isinstance(name, str) or not name:
             raise ValueError(
-                f"{path}: category entry #{i} needs an integer id and a name: {category}"
+                f"{path}: category entry #{i} needs an integer id (64-bit) and a name: "
+                f"{str(category)[:120]}"
             )
         found.append((cid, name))
     for index, what in ((0, "id"), (1, "name")):
