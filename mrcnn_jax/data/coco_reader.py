@@ -563,41 +563,41 @@ def coco_examples(
                 "objects": objects,
             },
         )
-    if clipped:
-        logging.warning(
-            "%s: %d boxes reach outside their image (annotation ids %s): training clips them; "
-            "COCO evaluation, as pycocotools on this file, matches detections (inside the image) "
-            "against the boxes as given, so their bbox IoU stays below 1",
-            path, len(clipped), first_ids(clipped),
-        )  # fmt: skip
-    if turned:
-        logging.warning(
-            "%s: %d images carry an EXIF orientation that turns or mirrors them in photo viewers "
-            "(image ids %s): training reads their pixels as stored, as the annotations must "
+    total = sum(len(anns) for anns in annotations.annotations.values())
+    for ids, message in (  # one warning each, with {n} ids and the first {ids}
+        (
+            clipped,
+            "{n} boxes reach outside their image (annotation ids {ids}): training clips them; "
+            "COCO evaluation, as pycocotools on this file, matches detections (inside the "
+            "image) against the boxes as given, so their bbox IoU stays below 1",
+        ),
+        (
+            turned,
+            "{n} images carry an EXIF orientation that turns or mirrors them in photo viewers "
+            "(image ids {ids}): training reads their pixels as stored, as the annotations must "
             "refer to them; annotations drawn on the turned image do not fit",
-            path, len(turned), first_ids(turned),
-        )  # fmt: skip
-    if empty:
-        logging.warning(
-            "%s: %d annotations have a mask of no pixel (e.g. a polygon of points on one line, "
-            "or smaller than a pixel; annotation ids %s): they train their boxes with an empty "
+        ),
+        (
+            empty,
+            "{n} annotations have a mask of no pixel (e.g. a polygon of points on one line, or "
+            "smaller than a pixel; annotation ids {ids}): they train their boxes with an empty "
             "mask target, and COCO's segm evaluation cannot match them",
-            path, len(empty), first_ids(empty),
-        )  # fmt: skip
-    if zero_area:
-        logging.warning(
-            "%s: %d annotations state an area of 0 but have a non-empty mask; their area was "
-            "computed from the mask (annotation ids %s)",
-            path, len(zero_area), first_ids(zero_area),
-        )  # fmt: skip
-    if off_mask:
-        total = sum(len(anns) for anns in annotations.annotations.values())
-        logging.warning(
-            "%s: %d of %d annotations have a bbox of zero area or far from their mask (IoU with "
-            "the mask's bounding box below %s; annotation ids %s): is each bbox [x, y, width, "
-            "height] in pixels of its image? Training and evaluation use the boxes as given.",
-            path, len(off_mask), total, _MIN_BOX_MASK_IOU, first_ids(off_mask),
-        )  # fmt: skip
+        ),
+        (
+            zero_area,
+            "{n} annotations state an area of 0 but have a non-empty mask; their area was "
+            "computed from the mask (annotation ids {ids})",
+        ),
+        (
+            off_mask,
+            f"{{n}} of {total} annotations have a bbox of zero area or far from their mask (IoU "
+            f"with the mask's bounding box below {_MIN_BOX_MASK_IOU}; annotation ids {{ids}}): "
+            "is each bbox [x, y, width, height] in pixels of its image? Training and "
+            "evaluation use the boxes as given.",
+        ),
+    ):
+        if ids:
+            logging.warning("%s: %s", path, message.format(n=len(ids), ids=first_ids(ids)))
     if converted:
         kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(converted.items()))
         logging.info("%s: images read as 8-bit RGB: %s (see coco_format.py)", path, kinds)
