@@ -33,6 +33,7 @@ from mrcnn_jax.evaluation.coco_eval import boxes_to_original
 from mrcnn_jax.evaluation.masks import paste_masks
 from mrcnn_jax.modeling.checks import check_class_fields, check_model_config
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
+from mrcnn_jax.modeling.resnet import BN_EPSILON
 from mrcnn_jax.programs.evaluator import make_predict_step
 from mrcnn_jax.train import checkpoint as ckpt_lib
 
@@ -372,16 +373,20 @@ def _check_tree(restored, expected, what: str, dtypes: bool = True) -> None:
 
 
 def _check_finite(variables: dict, what: str) -> None:
-    """Raises ValueError naming the first variable with a NaN or infinite value, or a negative
-    BatchNorm variance: a diverged run's or a corrupt file's weights give no detection and no
+    """Raises ValueError naming the first variable with a NaN or infinite value, or a BatchNorm
+    variance whose denominator `var + BN_EPSILON` is negative (converted weights may hold down
+    to -BN_EPSILON): a diverged run's or a corrupt file's weights give no detection and no
     error otherwise."""
     for path, x in jax.tree_util.tree_leaves_with_path(variables):
         name = jax.tree_util.keystr(path)
         bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
         if bad:
             raise ValueError(f"{what}: {name} has {bad} NaN or infinite values of {np.size(x)}")
-        if name.endswith("['var']") and np.any(np.asarray(x) < 0):
-            raise ValueError(f"{what}: {name} has negative values (a BatchNorm variance)")
+        if name.endswith("['var']") and np.any(np.asarray(x) + BN_EPSILON < 0):
+            raise ValueError(
+                f"{what}: {name} has values below -{BN_EPSILON} (a BatchNorm variance: "
+                f"var + {BN_EPSILON} must not be negative)"
+            )
 
 
 def _check_stored_config(config: ml_collections.ConfigDict, what: str) -> tuple[int, int]:
