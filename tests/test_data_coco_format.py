@@ -26,6 +26,7 @@ from etils import epath
 from pycocotools.coco import COCO
 
 from configs import coco_format as coco_format_config
+from mrcnn_jax import image_headers
 from mrcnn_jax.data import (
     coco_format,
     coco_json,
@@ -711,7 +712,7 @@ def test_the_exif_orientation_read_is_the_one_opencv_applies(byte_order):
     image = _pixels((24, 40), [(1, 3, 4, 2, 10, 6)], seed=0)
     for orientation in range(1, 9):
         encoded = jpeg_with_orientation(image, orientation, byte_order)
-        assert coco_reader._exif_orientation(encoded) == orientation
+        assert image_headers.exif_orientation(encoded) == orientation
         buffer = np.frombuffer(encoded, np.uint8)
         stored = cv2.imdecode(buffer, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
         shown = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
@@ -720,7 +721,7 @@ def test_the_exif_orientation_read_is_the_one_opencv_applies(byte_order):
         assert (shown.shape[:2] == stored.shape[1::-1]) == (orientation >= 5)
     plain = cv2.imencode(".jpg", image)[1].tobytes()
     for encoded in (plain, cv2.imencode(".png", image)[1].tobytes(), plain[:3] + b"\xe1\xff"):
-        assert coco_reader._exif_orientation(encoded) == 1  # no tag, a PNG, a truncated segment
+        assert image_headers.exif_orientation(encoded) == 1  # no tag, a PNG, a truncated segment
 
 
 def test_turned_photos_empty_masks_and_boxes_outside_get_one_warning_each(tmp_path, caplog):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from helpers import write_sideways_jpeg
 
+from mrcnn_jax import image_headers
 from mrcnn_jax.evaluation import visualize
 
 GREY = 100
@@ -154,7 +155,7 @@ def test_read_image_refuses_a_header_declaring_too_many_pixels(tmp_path, monkeyp
     monkeypatch.setattr(visualize, "MAX_IMAGE_PIXELS", 30 * 50)
     for path in files.values():
         assert visualize.read_image(path).shape[:2] == (30, 50)
-        assert visualize._declared_size(path.read_bytes()) == (30, 50)
+        assert image_headers.declared_size(path.read_bytes()) == (30, 50)
     monkeypatch.setattr(visualize, "MAX_IMAGE_PIXELS", 30 * 50 - 1)
     for path in files.values():
         with pytest.raises(ValueError, match=r"its header declares 30x50 pixels, more than the"):

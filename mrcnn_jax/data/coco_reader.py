@@ -52,15 +52,14 @@ from absl import logging
 from etils import epath
 from pycocotools import mask as mask_utils
 
-from mrcnn_jax import paths
+from mrcnn_jax import image_headers, paths
 from mrcnn_jax.data import masks, schema
+from mrcnn_jax.image_headers import JPEG_SIGNATURE, PNG_SIGNATURE
 
 _IMAGE_KEYS = ("id", "file_name", "height", "width")
 _ANNOTATION_KEYS = ("id", "image_id", "category_id", "bbox")
 _LISTED_IDS = 5  # ids quoted in an error or warning about many annotations
 _MIN_BOX_MASK_IOU = 0.5  # a box overlapping its mask's bounding box less is reported
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_JPEG_SIGNATURE = b"\xff\xd8\xff"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -371,7 +370,7 @@ def segmentation_to_rle(segmentation: Any, height: int, width: int) -> bytes:
 
 def _conversion(encoded: bytes, channels: int) -> str | None:
     """How ``tf.io.decode_image(channels=3)`` converts this image: None if it is 8-bit RGB."""
-    if encoded.startswith(_PNG_SIGNATURE) and encoded[24] == 16:  # IHDR bit depth
+    if encoded.startswith(PNG_SIGNATURE) and encoded[24] == 16:  # IHDR bit depth
         return "16-bit"
     return {1: "grayscale", 2: "gray+alpha", 3: None, 4: "RGBA"}[channels]
 
@@ -395,7 +394,7 @@ def _read_image(image: dict, image_dir: epath.Path, path: epath.Path) -> tuple[b
         encoded = file.read_bytes()
         if not encoded:
             raise ValueError("the file is empty (0 bytes)")
-        if not encoded.startswith((_PNG_SIGNATURE, _JPEG_SIGNATURE)):
+        if not encoded.startswith((PNG_SIGNATURE, JPEG_SIGNATURE)):
             encoded, conversion = _as_png(encoded), "stored as PNG"
             if encoded is None:
                 raise ValueError("not an image format OpenCV decodes")
@@ -409,40 +408,6 @@ def _read_image(image: dict, image_dir: epath.Path, path: epath.Path) -> tuple[b
             f"(height, width) = {size}{hint}"
         )
     return encoded, conversion or _conversion(encoded, shape[2])
-
-
-def _exif_orientation(encoded: bytes) -> int:
-    """The EXIF orientation (1–8) of a JPEG file's bytes: 1 (as stored) without the tag, for a
-    malformed one and for other formats."""
-    if not encoded.startswith(_JPEG_SIGNATURE):
-        return 1
-    at = 2
-    while at + 4 <= len(encoded) and encoded[at] == 0xFF:
-        marker, length = encoded[at + 1], int.from_bytes(encoded[at + 2 : at + 4], "big")
-        if marker in (0xD9, 0xDA):  # the end, or the scan: no EXIF after the pixels start
-            break
-        segment = encoded[at + 4 : at + 2 + length]
-        if marker == 0xE1 and segment.startswith(b"Exif\0\0"):
-            return _tiff_orientation(segment[6:])
-        at += 2 + length
-    return 1
-
-
-def _tiff_orientation(tiff: bytes) -> int:
-    """The orientation tag (0x0112) of an EXIF block's first directory (TIFF layout), or 1."""
-    order = {b"II": "little", b"MM": "big"}.get(tiff[:2])
-    if order is None or len(tiff) < 8:
-        return 1
-    directory = int.from_bytes(tiff[4:8], order)
-    count = int.from_bytes(tiff[directory : directory + 2], order)
-    for k in range(count):
-        entry = tiff[directory + 2 + 12 * k : directory + 14 + 12 * k]
-        if len(entry) < 12:
-            break
-        if int.from_bytes(entry[:2], order) == 0x0112:  # a SHORT, its value first
-            value = int.from_bytes(entry[8:10], order)
-            return value if 1 <= value <= 8 else 1
-    return 1
 
 
 def _outside(box: Sequence[float], image: dict) -> bool:
@@ -540,7 +505,7 @@ def coco_examples(
         encoded, conversion = _read_image(image, image_dir, path)
         if conversion:
             converted[conversion] += 1
-        if _exif_orientation(encoded) != 1:
+        if image_headers.exif_orientation(encoded) != 1:
             turned.append(image["id"])
         height, width = int(image["height"]), int(image["width"])
         clipped += [a["id"] for a in anns if _outside(a["bbox"], image)]

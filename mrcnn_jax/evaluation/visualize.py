@@ -9,6 +9,7 @@ import os
 import cv2
 import numpy as np
 
+from mrcnn_jax import image_headers
 from mrcnn_jax.evaluation.output import write_file
 
 # Instance colours (RGB), cycled in detection order: matplotlib's "tab10".
@@ -49,7 +50,7 @@ def read_image(path: str | os.PathLike, *, exif_orientation: bool = False) -> np
         raise FileNotFoundError(f"image file {path!r} does not exist")
     flags = cv2.IMREAD_COLOR | (0 if exif_orientation else cv2.IMREAD_IGNORE_ORIENTATION)
     data = np.fromfile(path, np.uint8)
-    size = _declared_size(data.tobytes())
+    size = image_headers.declared_size(data.tobytes())
     if size and size[0] * size[1] > MAX_IMAGE_PIXELS:
         raise ValueError(
             f"cannot read image file {path!r}: its header declares {size[0]}x{size[1]} pixels, "
@@ -69,22 +70,6 @@ def read_image(path: str | os.PathLike, *, exif_orientation: bool = False) -> np
 
 # Images larger than this (16384², 0.8 GB as RGB) are refused before decoding.
 MAX_IMAGE_PIXELS = 2**28
-
-
-def _declared_size(data: bytes) -> tuple[int, int] | None:
-    """(height, width) that a PNG's IHDR or a JPEG's frame header declares; None for other
-    formats and for headers cut short."""
-    if data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) >= 24:
-        return int.from_bytes(data[20:24], "big"), int.from_bytes(data[16:20], "big")
-    at = 2 if data.startswith(b"\xff\xd8") else len(data)
-    while at + 9 <= len(data) and data[at] == 0xFF:
-        marker = data[at + 1]
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a start of frame
-            return int.from_bytes(data[at + 5 : at + 7], "big"), int.from_bytes(
-                data[at + 7 : at + 9], "big"
-            )
-        at += 2 + int.from_bytes(data[at + 2 : at + 4], "big")
-    return None
 
 
 # The first bytes of the formats that cameras and browsers write, to tell a damaged file of a

@@ -1,7 +1,6 @@
 """The evaluation program: the sharded inference step, run over a dataset split and scored with
 COCOeval (bbox and segm)."""
 
-import collections
 import contextlib
 import io
 import threading
@@ -24,7 +23,7 @@ from mrcnn_jax.evaluation.coco_eval import CocoEvaluator
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 from mrcnn_jax.sharding import AXIS, shard_batch
 from mrcnn_jax.train.state import TrainState
-from mrcnn_jax.train.transfer import plain_name
+from mrcnn_jax.train.transfer import class_sources, plain_name
 
 MODEL_INPUTS = ("image", "image_size")
 # What CocoEvaluator needs to map boxes back: image_size (resized) and orig_size give the ratios.
@@ -83,12 +82,12 @@ def check_dataset_classes(
             )
         model_ids = ids  # scored label by label
     model_names = dict(zip(model_ids, config.data.class_names or (), strict=False))
-    model_id_of = {plain_name(n): i for i, n in model_names.items()}
-    named_once = collections.Counter(plain_name(n) for n in model_names.values())
+    named_ids = list(model_names)  # the model's class of each dataset class, by name
+    sources = class_sources(names, list(model_names.values()), len(names), len(named_ids))
     moved = [
-        (n, i, model_id_of[plain_name(n)])
-        for i, n in zip(ids, names, strict=True)
-        if named_once[plain_name(n)] == 1 and model_id_of[plain_name(n)] != i
+        (n, i, named_ids[k])
+        for i, n, k in zip(ids, names, sources, strict=True)
+        if model_names and k is not None and named_ids[k] != i
     ]
     if moved:
         raise ValueError(
