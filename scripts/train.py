@@ -25,7 +25,8 @@ multiple of model.size_divisibility), each named before any work.
 Later errors that name what to fix end the run with one line, `error: ...` (exit status 1;
 `--verbosity=0` adds the traceback): a config that does not fit the data or the checkpoint
 being resumed, data or backbone weights that cannot be read, a damaged checkpoint, a full disk,
-and a --workdir that another train.py is training in (each run locks its workdir). Ctrl-C
+a non-finite loss (naming the last checkpoint written), and a --workdir that another train.py is
+training in (each run locks its workdir). Ctrl-C
 (exit status 130) keeps every complete checkpoint; with several processes, the first Ctrl-C of
 one stops them all at a step they all reach, checkpointed (exit status 143), and a second one
 stops that process at once.
@@ -97,8 +98,10 @@ def main(argv):
 
     try:  # Errors naming what to fix, in one line: a config that does not fit the data or the
         # checkpoint, data or weights files that cannot be used, a damaged checkpoint, a full
-        # disk (what is kept), a workdir another run is training in.
-        with launch.errors_in_one_line(ValueError, OSError, trainer.WorkdirInUseError):
+        # disk (what is kept), a diverging loss, a workdir another run is training in.
+        with launch.errors_in_one_line(
+            ValueError, OSError, FloatingPointError, trainer.WorkdirInUseError
+        ):
             metrics = trainer.train_and_evaluate(config, _WORKDIR.value)
     except trainer.Preempted as preempted:
         print(preempted, flush=True)

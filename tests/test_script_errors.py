@@ -181,6 +181,24 @@ def test_train_ends_later_errors_in_one_line_and_refuses_a_workdir_in_use(tmp_pa
     assert os.listdir(busy) == [".train.lock"]
 
 
+@pytest.mark.slow
+def test_train_ends_a_diverging_run_in_one_line(tmp_path):
+    """A loss gone NaN ends train.py with `error: ...` (it was a traceback), saying that no
+    checkpoint was written (it said "the last good checkpoint is kept")."""
+    result = run_script(
+        "train.py", "--config=configs/shapes_r18.py", f"--workdir={tmp_path / 'w'}",
+        f"--config.data.data_dir={tmp_path / 'tfds'}", "--config.data.shapes_num_train=8",
+        "--config.data.shapes_num_val=8", "--config.data.image_size=(64, 64)",
+        "--config.train.batch_size=8", "--config.train.num_steps=6",
+        "--config.train.log_every=1", "--config.train.base_lr=1e9",
+        "--config.train.grad_clip_norm=0",
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "error: non-finite training metrics at step " in result.stderr, result.stderr[-3000:]
+    assert "no checkpoint was written; start again with a lower train.base_lr" in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+
+
 @pytest.mark.parametrize("name", ["eval.py", "predict.py"])
 def test_a_workdir_without_checkpoints_is_refused(name, tmp_path):
     empty = tmp_path / "empty"

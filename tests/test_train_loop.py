@@ -18,6 +18,7 @@ import time
 import jax
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 import tensorflow as tf
 from conftest import tiny_config
@@ -195,6 +196,9 @@ def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(
     shutil.rmtree(workdir / "checkpoints" / str(NUM_STEPS))
     with (workdir / "metrics.jsonl").open("a") as f:
         f.write('{"step": 4, "train/loss"')  # torn by a crash
+    left = workdir / "checkpoints" / "3.orbax-checkpoint-tmp"  # a write a kill -9 interrupted
+    left.mkdir()
+    (left / "_CHECKPOINT_METADATA").write_text("{}")
 
     def timeless(rows):  # the rows without their timings
         return [{k: v for k, v in r.items() if "per_second" not in k} for r in rows]
@@ -213,13 +217,14 @@ def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(
     assert_trees_equal(final_state(workdir), final_state(trained[0]))
     assert resumed_metrics == metrics
     assert timeless(read_jsonl(workdir / "metrics.jsonl")) == want
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4"]
 
     config_json = (workdir / "config.json").read_text()
     other_lr = run_config(config.data.data_dir, **{"train.base_lr": 0.5})
     assert trainer.train_and_evaluate(other_lr, str(workdir)) == metrics
     out = capsys.readouterr().out
     assert "Checkpoint step 4 >= config.train.num_steps=4: nothing to train" in out
-    assert "metrics.jsonl: dropped 1 row logged after step 4" in out
+    assert "metrics.jsonl: dropped the eval row of step 4 (evaluated again)" in out
     assert timeless(read_jsonl(workdir / "metrics.jsonl")) == want
     assert (workdir / "config.json").read_text() == config_json  # not the lr it did not use
 
@@ -292,6 +297,29 @@ def test_resume_warns_of_another_learning_rate_or_other_classes(data_dir):
     assert trainer.resume_warnings(stored, elsewhere, 400) == []
 
 
+def test_resume_warns_of_other_canvas_group_weights(data_dir):
+    """Each canvas group's stream resumes at the position the weights give for the step: other
+    weights (e.g. set from `canvas_group_counts` after the start) repeat or skip images, said;
+    the same probabilities written otherwise ((2, 2) for ()) are no change."""
+    config = run_config(data_dir, **{"data.canvas_groups": ((128, 192), (192, 128))})
+    stored = json.loads(config.to_json_best_effort())
+    same = config.copy_and_resolve_references()
+    same.data.canvas_group_weights = (2.0, 2.0)
+    assert trainer.resume_warnings(stored, same, 400) == []
+    other = config.copy_and_resolve_references()
+    other.data.canvas_group_weights = (0.8, 0.2)
+    assert trainer.resume_warnings(stored, other, 400) == [
+        "data.canvas_groups / canvas_group_weights (((128, 192), (192, 128)), (0.5, 0.5)) -> "
+        "(((128, 192), (192, 128)), (0.8, 0.2)): each group's images resume where these would "
+        "have left them at step 400, not where the checkpoint's run did, so some are repeated "
+        "or skipped this epoch"
+    ]
+    assert trainer.resume_warnings(stored, other, 0) == []
+    single = config.copy_and_resolve_references()
+    single.data.canvas_groups = ()
+    assert "-> ()" in trainer.resume_warnings(stored, single, 400)[0]
+
+
 def test_resume_rejects_an_incompatible_config(trained, data_dir, tmp_path):
     workdir = copy_workdir(trained, tmp_path)
     config_json = (workdir / "config.json").read_text()
@@ -346,25 +374,52 @@ def test_a_config_that_does_not_fit_is_refused_before_training(field, data_dir, 
     assert not list((tmp_path / "checkpoints").glob("*"))
 
 
+def test_a_run_stopped_before_an_eval_step_was_evaluated_evaluates_it_on_resume(
+    trained, tmp_path, capsys
+):
+    """Stopped (SIGTERM, Ctrl-C, kill -9) after checkpointing an `eval_every` step but before its
+    evaluation was logged, a run resumed there evaluates that step first: the curve keeps the
+    point, which it lost before. Once logged, a later resume there does not evaluate it again."""
+    _, config, _ = trained
+    config = run_config(config.data.data_dir, **{"train.eval_every": 2})
+    workdir = copy_workdir(trained, tmp_path)
+    shutil.rmtree(workdir / "checkpoints" / str(NUM_STEPS))
+
+    def eval_steps():
+        return [r["step"] for r in read_jsonl(workdir / "metrics.jsonl") if "eval/segm/AP" in r]
+
+    assert eval_steps() == [4]  # the final one, dropped at the resume
+    trainer.train_and_evaluate(config, str(workdir))
+    assert "step 2 eval: " in capsys.readouterr().out
+    assert eval_steps() == [2, 4]
+    shutil.rmtree(workdir / "checkpoints" / str(NUM_STEPS))
+    trainer.train_and_evaluate(config, str(workdir))
+    assert "step 2 eval: " not in capsys.readouterr().out
+    assert eval_steps() == [2, 4]
+
+
 def test_an_interrupt_right_after_a_save_keeps_it_and_keep_0_keeps_all(
     trained, data_dir, tmp_path, monkeypatch
 ):
-    """Ctrl-C (or any error) while a checkpoint is being written asynchronously: it is completed
-    before the run stops. `train.keep_checkpoints=0` keeps every checkpoint."""
+    """Ctrl-C as orbax begins a save on the main thread: the KeyboardInterrupt comes once the
+    save has begun, and the checkpoint, then written asynchronously, is completed before the
+    run stops (the interrupt had left `6.orbax-checkpoint-tmp` and no checkpoint 6).
+    `train.keep_checkpoints=0` keeps every checkpoint."""
     workdir = copy_workdir(trained, tmp_path)
     overrides = {"train.num_steps": 6, "train.checkpoint_every": 1, "train.keep_checkpoints": 0}
-    save = ckpt_lib.save
+    save = ocp.CheckpointManager.save
 
-    def save_then_interrupt(manager, state, config):
-        save(manager, state, config)
-        if int(state.step) == 6:
-            raise KeyboardInterrupt
+    def interrupted_save(manager, step, *args, **kwargs):
+        if step == 6:
+            os.kill(os.getpid(), signal.SIGINT)  # Python runs its handler at once, in here
+        return save(manager, step, *args, **kwargs)
 
-    monkeypatch.setattr(ckpt_lib, "save", save_then_interrupt)
+    monkeypatch.setattr(ocp.CheckpointManager, "save", interrupted_save)
     with pytest.raises(KeyboardInterrupt):
         trainer.train_and_evaluate(run_config(data_dir, **overrides), str(workdir))
     names = sorted(p.name for p in (workdir / "checkpoints").iterdir())
     assert names == ["2", "4", "5", "6"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
 
 
 def test_resume_with_another_optimizer_is_refused_past_step_zero(trained, data_dir, tmp_path):
@@ -848,6 +903,20 @@ def test_the_rerun_after_a_failed_checkpoint_write_resumes_exactly(
     assert_trees_equal(final_state(workdir), final_state(trained[0]))
 
 
+def test_non_finite_metrics_are_refused_saying_what_is_kept():
+    finite = {"loss": 1.5, "train/lr": 0.0}
+    trainer._check_finite(3, finite, None)
+    for saved, kept in (
+        (None, "no checkpoint was written; start again with a lower"),
+        (2, "checkpoint 2 is the last one written, with finite metrics; resume"),
+    ):
+        with pytest.raises(FloatingPointError) as error:
+            trainer._check_finite(3, {**finite, "loss": float("nan")}, saved)
+        message = str(error.value)
+        assert "non-finite training metrics at step 3: {'loss': nan}. The state is not" in message
+        assert kept in message
+
+
 @pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(trained, data_dir, tmp_path):
     workdir = copy_workdir(trained, tmp_path)
@@ -858,5 +927,6 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(trained, data_
     assert NUM_STEPS < bad_step <= 20
     manager = ckpt_lib.create_manager(workdir, read_only=True)
     assert manager.latest_step() == (bad_step - 1) // 2 * 2  # the last one before the bad step
+    assert f"checkpoint {manager.latest_step()} is the last one written" in str(error.value)
     manager.close()
     assert all(np.isfinite(x).all() for x in leaves(final_state(workdir)).values())

@@ -41,18 +41,20 @@ from typing import NoReturn
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from tqdm import tqdm
 
 from mrcnn_jax import paths, sharding
 from mrcnn_jax.convert import imagenet
 from mrcnn_jax.convert import torchvision as torchvision_convert
-from mrcnn_jax.data import get_builder, pipeline, schema, with_absolute_paths
+from mrcnn_jax.data import canvas_groups, get_builder, pipeline, schema, with_absolute_paths
 from mrcnn_jax.evaluation.masks import PASTE_METHODS
 from mrcnn_jax.modeling.checks import check_model_config
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
@@ -115,38 +117,57 @@ class MetricWriter:
                 "again: a training run resumes from the latest complete checkpoint."
             ) from error
 
+    def logged_eval(self, step: int) -> bool:
+        """Whether `metrics.jsonl` holds an eval row of `step`, on every process (process 0
+        reads it; a collective with several processes)."""
+        found = False
+        if self._active:
+            lines = (self._workdir / "metrics.jsonl").read_text().splitlines()
+            found = (step, True) in map(_step_and_kind, lines)
+        return bool(multihost_utils.broadcast_one_to_all(np.int32(found)))
+
     def close(self) -> None:
         if self._active:
             self._jsonl.close()
             self._tb.close()
 
 
+def _step_and_kind(line: str) -> tuple[int, bool] | None:
+    """(step, whether an eval row) of a `metrics.jsonl` line; None for a line not of ours."""
+    try:
+        row = json.loads(line)
+        return int(row["step"]), any(key.startswith("eval/") for key in row)
+    except (ValueError, TypeError, KeyError):
+        return None
+
+
 def _drop_rows_after(path: epath.Path, step: int, eval_rows_at_step: bool) -> None:
     """Rewrites the jsonl file `path` without its rows of steps after `step`, without its eval
     rows at `step` if `eval_rows_at_step`, and without a torn last line (no newline)."""
     lines = path.read_text().splitlines(keepends=True)
-
-    def dropped(line: str) -> bool:
-        if not line.endswith("\n"):
-            return True
-        try:
-            row = json.loads(line)
-            row_step = int(row["step"])
-        except (ValueError, TypeError, KeyError):
-            return False  # not a row of ours: kept
-        at_step = row_step == step and any(key.startswith("eval/") for key in row)
-        return row_step > step or (eval_rows_at_step and at_step)
-
-    kept = [line for line in lines if not dropped(line)]
+    after = at_step = 0
+    kept = []
+    for line in lines:
+        parsed = _step_and_kind(line) if line.endswith("\n") else (step + 1, False)  # torn
+        if parsed is not None and parsed[0] > step:
+            after += 1
+        elif eval_rows_at_step and parsed == (step, True):
+            at_step += 1
+        else:
+            kept.append(line)  # includes lines not of ours
     if len(kept) < len(lines):
         partial = path.parent / f"{path.name}.tmp"
         partial.write_text("".join(kept))
         partial.replace(path)  # at once: the old rows or the new, never half
-        dropped_rows = len(lines) - len(kept)
-        _say(
-            f"{path.name}: dropped {dropped_rows} row{'s' * (dropped_rows != 1)} logged after "
-            f"step {step}, the checkpoint resumed (their steps are logged again)"
-        )
+        dropped = []
+        if after:
+            dropped.append(
+                f"{after} row{'s' * (after != 1)} logged after step {step}, the checkpoint "
+                "resumed (their steps are logged again)"
+            )
+        if at_step:
+            dropped.append(f"the eval row{'s' * (at_step != 1)} of step {step} (evaluated again)")
+        _say(f"{path.name}: dropped {' and '.join(dropped)}")
 
 
 def _say(message: str) -> None:
@@ -190,12 +211,20 @@ def with_dataset_classes(
     return config
 
 
-def _check_finite(step: int, metrics: dict[str, float]) -> None:
+def _check_finite(step: int, metrics: dict[str, float], saved_step: int | None) -> None:
+    """Raises FloatingPointError if a metric of `step` is NaN or infinite, saying what is kept
+    (`saved_step`: the latest checkpoint written, None if none) and what to change."""
     bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
     if bad:
+        kept = (
+            f"checkpoint {saved_step} is the last one written, with finite metrics; resume from "
+            "it with"
+            if saved_step is not None
+            else "no checkpoint was written; start again with"
+        )
         raise FloatingPointError(
-            f"non-finite training metrics at step {step}: {bad}. The last good checkpoint is "
-            "kept; lower train.base_lr or set train.grad_clip_norm and resume."
+            f"non-finite training metrics at step {step}: {bad}. The state is not saved: "
+            f"{kept} a lower train.base_lr (or gradient clipping, train.grad_clip_norm > 0)"
         )
 
 
@@ -436,13 +465,30 @@ def resume_warnings(stored: dict, config: ml_collections.ConfigDict, step: int) 
             f"{before:.3g} under the checkpoint's ({', '.join(changed)}): it follows the "
             "config given now"
         )
-    names = tuple(stored.get("data", {}).get("class_names") or ())
+    stored_data = stored.get("data", {})
+    was, now = _canvas_draw(stored_data), _canvas_draw(config.data)
+    if was != now:
+        warnings.append(
+            f"data.canvas_groups / canvas_group_weights {was} -> {now}: each group's images "
+            f"resume where these would have left them at step {step}, not where the "
+            "checkpoint's run did, so some are repeated or skipped this epoch"
+        )
+    names = tuple(stored_data.get("class_names") or ())
     if names and tuple(config.data.class_names) != names:
         warnings.append(
             f"the checkpoint was trained on the classes {list(names)}, this run trains on "
             f"{list(config.data.class_names)} ({config.data.dataset}): the labels change meaning"
         )
     return warnings
+
+
+def _canvas_draw(data) -> tuple:
+    """(canvases, their probabilities rounded) of a config's `data` (a ConfigDict or the JSON
+    dict stored with a checkpoint): what the per-step draw of canvas groups follows."""
+    groups = canvas_groups.groups_of(data)
+    if not groups:
+        return ()
+    return groups, tuple(round(float(w), 6) for w in canvas_groups.weights_of(data))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -530,19 +576,26 @@ def _workdir_lock(workdir: epath.Path) -> Iterator[None]:
 
 
 class Preempted(Exception):
-    """Training stopped at `step` on SIGTERM (a preempted VM, a scheduler): the state there is
-    checkpointed, and the same command resumes from it."""
+    """Training stopped at `step` on SIGTERM (a preempted VM, a scheduler) or, with several
+    processes, a Ctrl-C (`cause` names it): the state there is checkpointed, and the same
+    command resumes from it."""
 
-    def __init__(self, step: int, directory: epath.PathLike):
+    def __init__(self, step: int, directory: epath.PathLike, cause: str = "SIGTERM (preemption)"):
         super().__init__(
-            f"stopped at step {step} on SIGTERM (preemption) with checkpoint {directory}/{step} "
-            "saved; run the same command to resume from it"
+            f"stopped at step {step} on {cause} with checkpoint {directory}/{step} saved; run "
+            "the same command to resume from it"
         )
         self.step = step
 
 
+class _Stop(threading.Event):
+    """Set by SIGTERM (one process); `cause` names what stops the run, for `Preempted`."""
+
+    cause = "SIGTERM (preemption)"
+
+
 @contextlib.contextmanager
-def _stop_on_sigterm() -> Iterator[threading.Event]:
+def _stop_on_sigterm() -> Iterator[_Stop]:
     """An event that SIGTERM sets during the block, for one process run from the main thread.
 
     With several processes JAX's preemption service takes SIGTERM and the checkpoint manager
@@ -552,14 +605,16 @@ def _stop_on_sigterm() -> Iterator[threading.Event]:
     one alone leaving the others waiting in a collective forever; a second Ctrl-C interrupts
     this process at once (KeyboardInterrupt). The previous handler is restored after the block.
     """
-    stop = threading.Event()
+    stop = _Stop()
     if threading.current_thread() is not threading.main_thread():
         yield stop
         return
     if jax.process_count() > 1:
+        stop.cause = "SIGTERM or Ctrl-C of one of the processes"
 
         def on_interrupt(signum, frame) -> None:
             signal.signal(signal.SIGINT, signal.default_int_handler)
+            stop.cause = "Ctrl-C (SIGINT) of this process"
             print(
                 "interrupted: every process stops at the next step they all reach, with a "
                 "checkpoint (Ctrl-C again stops this process at once)",
@@ -583,7 +638,7 @@ def _train_and_evaluate(
     workdir: epath.Path,
     manager: ocp.CheckpointManager,
     mesh: Mesh,
-    stop: threading.Event,
+    stop: _Stop,
 ) -> dict[str, float]:
     resume_step = ckpt_lib.resume_step(manager)  # the latest complete checkpoint
     resuming = resume_step is not None
@@ -640,7 +695,7 @@ def _train_and_evaluate(
             ckpt_lib.save(manager, state, config)
         ckpt_lib.finish_writes(manager)
         writer.close()
-        raise Preempted(step, manager.directory)
+        raise Preempted(step, manager.directory, stop.cause)
 
     def run_eval(step: int) -> dict[str, float]:
         try:
@@ -666,6 +721,11 @@ def _train_and_evaluate(
     eval_metrics = {}
     saved_step = start_step if resuming else None
     canvases = set()  # of the batches so far: a new one compiles the step (once per group)
+    # A run stopped (SIGTERM, Ctrl-C, a crash) after checkpointing an eval_every step but before
+    # its evaluation was logged resumes there: that evaluation comes first, as it would have.
+    due = t.eval_every and 0 < start_step < t.num_steps and start_step % t.eval_every == 0
+    if resuming and due and not writer.logged_eval(start_step):
+        eval_metrics = run_eval(start_step)
     with bar:  # closed also on an error, before its message
         for step in range(start_step, t.num_steps):
             batch = next(batches)
@@ -685,7 +745,7 @@ def _train_and_evaluate(
                 window_steps += 1
             if done % t.log_every == 0 or done % t.checkpoint_every == 0 or done == t.num_steps:
                 scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                _check_finite(done, scalars)
+                _check_finite(done, scalars, saved_step)
                 now = time.time()
                 postfix = {"loss": f"{scalars['loss']:.3f}"}
                 if window_steps:  # none in a window of only the compiling step

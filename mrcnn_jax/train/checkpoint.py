@@ -27,6 +27,8 @@ import json
 import logging as std_logging
 import os
 import shutil
+import signal
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -168,6 +170,29 @@ def _writing(manager: ocp.CheckpointManager) -> Iterator[None]:
     )
 
 
+@contextlib.contextmanager
+def _interrupts_after_the_block() -> Iterator[None]:
+    """A Ctrl-C (SIGINT) during the block raises its KeyboardInterrupt once the block is done,
+    so that a checkpoint save is begun whole: orbax starts it on this thread (a temporary folder,
+    the arrays copied to host) before writing in the background, and an interrupt there left the
+    temporary folder and lost the checkpoint. Only where SIGINT has Python's own handler, on
+    the main thread (the trainer's several processes hand Ctrl-C to JAX instead)."""
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
+
+
 def finish_writes(manager: ocp.CheckpointManager) -> None:
     """Blocks until the checkpoints being written by `manager` are complete.
 
@@ -239,6 +264,7 @@ def create_manager(
         create=not read_only,
         read_only=read_only,
         enable_async_checkpointing=not read_only,
+        cleanup_tmp_directories=not read_only,  # those of writes a crash or kill interrupted
     )
     notice, absl_logger = _ReadOnlyNotice(), std_logging.getLogger("absl")
     absl_logger.addFilter(notice)
@@ -280,7 +306,7 @@ def save(
     step = int(jax.device_get(state.step))
     num_devices = jax.device_count()
     per_device = config.train.batch_size / num_devices
-    with _writing(manager):
+    with _interrupts_after_the_block(), _writing(manager):
         manager.save(
             step,
             args=ocp.args.Composite(
