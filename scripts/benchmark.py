@@ -108,22 +108,28 @@ flags.DEFINE_integer("seed", 0, "Seed of the random inputs.")
 flags.DEFINE_integer(
     "batch_size", 2, "roi_align, conv, train, infer, breakdown: images per call.", lower_bound=1
 )
-flags.DEFINE_integer("image_size", 1024, "roi_align, nms, conv: side of the square image.")
-flags.DEFINE_integer("rois", 512, "roi_align, conv: boxes per image (conv: mask-head RoIs).")
-flags.DEFINE_integer("channels", 256, "roi_align: feature channels.")
+flags.DEFINE_integer(
+    "image_size", 1024, "roi_align, nms, conv: side of the square image.", lower_bound=1
+)
+flags.DEFINE_integer(
+    "rois", 512, "roi_align, conv: boxes per image (conv: mask-head RoIs).", lower_bound=0
+)
+flags.DEFINE_integer("channels", 256, "roi_align: feature channels.", lower_bound=1)
 flags.DEFINE_list("output_sizes", ["7", "14"], "roi_align: RoIAlign output sizes to time.")
-flags.DEFINE_integer("sampling_ratio", 2, "roi_align: samples per bin and axis.")
+flags.DEFINE_integer("sampling_ratio", 2, "roi_align: samples per bin and axis.", lower_bound=1)
 flags.DEFINE_list("methods", ["gather", "einsum"], "roi_align: ours to time (einsum: ~13 GB).")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "roi_align: our feature dtype.")
 flags.DEFINE_bool("backward", False, "roi_align: time forward + backward w.r.t. the features.")
 flags.DEFINE_list("num_boxes", ["1000", "4000"], "nms: input box counts to time.")
-flags.DEFINE_integer("max_output", 1000, "nms: static output size.")
+flags.DEFINE_integer("max_output", 1000, "nms: static output size.", lower_bound=1)
 flags.DEFINE_float("iou_threshold", 0.7, "nms: suppression IoU.")
 flags.DEFINE_list(
     "sizes", ["512x512", "832x1344"], "train, infer, breakdown, paste: (padded) image sizes HxW."
 )
 flags.DEFINE_integer("detections", 100, "paste: masks pasted per image.", lower_bound=1)
-flags.DEFINE_integer("num_objects", 10, "train, breakdown: ground-truth objects per image.")
+flags.DEFINE_integer(
+    "num_objects", 10, "train, breakdown: ground-truth objects per image.", lower_bound=1
+)
 flags.DEFINE_bool("skip_torchvision", False, "train, infer: do not time torchvision's model.")
 flags.DEFINE_bool("matched", False, "train, infer: make torchvision do our work (see above).")
 flags.DEFINE_list(
@@ -144,12 +150,27 @@ flags.DEFINE_string(
     "train, infer, breakdown: configs/ module of our model (torchvision runs only against "
     "coco_r50_fpn_1x).",
 )
+flags.DEFINE_integer(
+    "num_classes",
+    None,
+    "train, infer, breakdown: model.num_classes. Default: the config's, and 80 (COCO's) for a "
+    "config that takes the dataset's count (model.num_classes 0: coco_format, ...).",
+    lower_bound=1,
+)
 FLAGS = flags.FLAGS
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+flags.register_validator(
+    "model_config",
+    lambda name: re.fullmatch(r"\w+", name) and os.path.isfile(os.path.join(CONFIGS, name + ".py")),
+    "--model_config must name a module of configs/: "
+    + ", ".join(sorted(n[:-3] for n in os.listdir(CONFIGS) if n.endswith(".py"))),
+)
 MODEL_NAMES = {"coco_r50_fpn_1x": "R50-FPN"}  # --model_config: the name in the output
+_POSITIVE = r"[1-9]\d*"
 _LISTS = {  # flag: (regular expression of an item, what the items are)
-    "output_sizes": (r"\d+", "integers"),
-    "num_boxes": (r"\d+", "integers"),
-    "sizes": (r"\d+x\d+", "HxW sizes"),
+    "output_sizes": (_POSITIVE, "positive integers"),
+    "num_boxes": (_POSITIVE, "positive integers"),
+    "sizes": (rf"{_POSITIVE}x{_POSITIVE}", "HxW sizes (positive)"),
     "methods": ("gather|einsum", "gather, einsum"),
     "mask_rois_per_image": (r"\d+", "integers"),
     "mask_head_chunk": (r"\d+", "integers"),
@@ -179,11 +200,17 @@ def measure_alternating(fns) -> list[tuple[float, float, object]]:
     return [(t[0], statistics.median(t[FLAGS.warmup :]), out) for t, out in zip(times, outs)]
 
 
-def compare(first: float, ours: float, reference: float | None, digits: int) -> dict:
-    """Our first-call and steady-state seconds, torchvision's and the ratio (None without it)."""
-    ratio = None if reference is None else ours / reference
-    reference = None if reference is None else round(reference, digits)
-    times = {"first_call_seconds": round(first, digits), "seconds": round(ours, digits)}
+def significant(value: float, digits: int = 4) -> float:
+    """`value` rounded to `digits` significant digits (a time of 6e-05 s keeps its precision)."""
+    return float(f"{value:.{digits}g}")
+
+
+def compare(first: float, ours: float, reference: float | None) -> dict:
+    """Our first-call and steady-state seconds, torchvision's and the ratio (None without it),
+    to 4 significant digits, the ratio that of the unrounded times, to 3."""
+    ratio = None if reference is None else significant(ours / reference, 3)
+    reference = None if reference is None else significant(reference)
+    times = {"first_call_seconds": significant(first), "seconds": significant(ours)}
     return {**times, "torchvision_seconds": reference, "ratio": ratio}
 
 
@@ -231,7 +258,7 @@ def run_roi_align() -> list[dict]:
             step = functools.partial(forward_backward, pool) if FLAGS.backward else pool
             first, seconds, _ = measure(jax.jit(step), *args)
             result = {"output_size": output_size, "method": method}
-            results.append({**result, **compare(first, seconds, reference, 4)})
+            results.append({**result, **compare(first, seconds, reference)})
     return results
 
 
@@ -271,7 +298,7 @@ def run_nms() -> list[dict]:
             _, reference, expected = measure(torchvision.ops.nms, *tv_inputs)
             same = np.array_equal(kept, expected.numpy()[: FLAGS.max_output])
             result["same_as_torchvision"] = bool(same)
-        results.append({**result, **compare(first, seconds, reference, 5)})
+        results.append({**result, **compare(first, seconds, reference)})
     return results
 
 
@@ -298,7 +325,7 @@ def run_paste() -> list[dict]:
             result = {"size": size, "detections": FLAGS.detections, "method": method}
             if method == "torchvision" and expected is not None:
                 result["same_as_torchvision"] = bool(np.array_equal(out, expected))
-            results.append({**result, **compare(first, seconds, reference, 4)})
+            results.append({**result, **compare(first, seconds, reference)})
     return results
 
 
@@ -359,12 +386,12 @@ def run_conv() -> list[dict]:
             for conv in (conv_general_dilated, xla_conv)
         ]
         (first, ours, _), (_, xla, _) = measure_alternating(steps)
-        result = {"layer": name, "input": list(shape), "xla_seconds": round(xla, 4)}
+        result = {"layer": name, "input": list(shape), "xla_seconds": significant(xla)}
         result["winograd"] = uses_winograd(
             shape, w.shape, (stride, stride), ((k // 2, k // 2),) * 2
         )
-        result["ratio_to_xla"] = round(ours / xla, 3)
-        results.append({**result, **compare(first, ours, torch_conv_seconds(x, w, stride), 4)})
+        result["ratio_to_xla"] = significant(ours / xla, 3)
+        results.append({**result, **compare(first, ours, torch_conv_seconds(x, w, stride))})
     return results
 
 
@@ -439,15 +466,22 @@ def mask_rois_per_image(config) -> float:
     return num_mask_slots(config.model.roi_heads, batch) / batch
 
 
+def model_config(name: str, num_classes: int | None = None):
+    """The config of `configs/<name>.py` with `num_classes` classes (None: the config's, or
+    COCO's 80 where it takes the dataset's count, `model.num_classes` 0)."""
+    config = importlib.import_module(f"configs.{name}").get_config()
+    config.model.num_classes = num_classes or config.model.num_classes or 80
+    return config
+
+
 def our_configs(size: str) -> list:
     """The --model_config config at `size` (HxW) and --batch_size, one per pair of
     --mask_rois_per_image and --mask_head_chunk values (the config's own without the flags)."""
-    module = importlib.import_module(f"configs.{FLAGS.model_config}")
     configs = []
     for budget, chunk in itertools.product(
         FLAGS.mask_rois_per_image or [None], FLAGS.mask_head_chunk or [None]
     ):
-        config = module.get_config()
+        config = model_config(FLAGS.model_config, FLAGS.num_classes)
         config.data.image_size = tuple(int(v) for v in size.split("x"))
         config.train.batch_size = FLAGS.batch_size
         if budget is not None:
@@ -607,7 +641,7 @@ def run_model(train: bool) -> list[dict]:
                 result["matched"] = not why
                 if why:
                     result["why"] = "; ".join(why) + ("" if FLAGS.matched else " (see --matched)")
-            timing = compare(first, seconds, reference, 3)
+            timing = compare(first, seconds, reference)
             results.append({**result, **timing, "first_call": program.first_call, "work": work})
     return results
 
@@ -769,9 +803,11 @@ def flags_of(command: str) -> dict:
 
 
 def main(argv):
-    if len(argv) != 2 or argv[1] not in COMMANDS:
-        what = f"unknown subcommand {' '.join(argv[1:])!r}" if len(argv) > 1 else "no subcommand"
+    if len(argv) < 2 or argv[1] not in COMMANDS:
+        what = f"unknown subcommand {argv[1]!r}" if len(argv) > 1 else "no subcommand"
         raise app.UsageError(f"{what}; expected one of: {', '.join(COMMANDS)}")
+    if len(argv) > 2:
+        raise app.UsageError(f"unexpected arguments after {argv[1]!r}: {argv[2:]}")
     command, model = argv[1], argv[1] in ("train", "infer", "breakdown")
     if FLAGS.repeats is None:
         FLAGS.repeats = 3 if model else 5

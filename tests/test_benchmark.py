@@ -148,3 +148,28 @@ def test_unknown_subcommand_is_a_usage_error(benchmark_module):
         module.main(["benchmark.py", "bogus"])
     with pytest.raises(app.UsageError, match="no subcommand"):
         module.main(["benchmark.py"])
+    with pytest.raises(app.UsageError, match=r"unexpected arguments after 'nms': \['extra'\]"):
+        module.main(["benchmark.py", "nms", "extra"])
+
+
+def test_a_config_that_takes_the_datasets_classes_gets_cocos_80(benchmark_module):
+    """configs/coco_format.py leaves model.num_classes 0 (the dataset's count): the benchmark,
+    which has no dataset, times it with 80 classes (it crashed drawing labels in [0, 0))."""
+    assert benchmark_module.model_config("coco_format").model.num_classes == 80
+    assert benchmark_module.model_config("coco_format", 3).model.num_classes == 3
+    assert benchmark_module.model_config("shapes_r18").model.num_classes == 3  # its own
+
+
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        ("--sizes=0x10", "--sizes must be a comma-separated list of HxW sizes (positive)"),
+        ("--model_config=nope", "--model_config must name a module of configs/: coco_format,"),
+    ],
+)
+def test_bad_flags_are_refused_before_any_work(flag, message):
+    result = subprocess.run(
+        [sys.executable, SCRIPT, "infer", flag], cwd=REPO, text=True, capture_output=True
+    )
+    assert result.returncode == 1 and message in result.stderr, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
