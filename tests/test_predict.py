@@ -622,14 +622,10 @@ def write_shapes_json(folder: pathlib.Path, num_images: int) -> pathlib.Path:
     return path
 
 
-def test_scripts_write_into_the_workdir_of_a_checkpoint_folder(
-    model_setup, inputs, compile_cache, tmp_path
-):
-    """`--workdir=<workdir>/checkpoints/0`: predict.py's default --out_dir and eval.py's files
-    are in <workdir>, as with `--workdir=<workdir>`, not in the checkpoint folder. eval.py
-    says when it scores only the checkpoint's `eval.max_images` of the split, and
-    `--max_images=0` scores all. eval.py on a full disk ends with the file and the reason, no
-    traceback and no partial file."""
+def checkpoint_folder(model_setup, tmp_path) -> tuple[pathlib.Path, pathlib.Path]:
+    """(workdir, its checkpoint folder `checkpoints/0`) of the test model, whose config
+    evaluates the first 6 images (`eval.max_images`) of an 8-image shapes val split built in
+    `tmp_path`."""
     config, variables = model_setup
     config = config.copy_and_resolve_references()
     config.data.data_dir = str(tmp_path / "tfds")
@@ -638,6 +634,17 @@ def test_scripts_write_into_the_workdir_of_a_checkpoint_folder(
     workdir = tmp_path / "workdir"
     folder = ckpt_lib.save_variables(workdir, config, variables)
     assert folder == workdir / "checkpoints" / "0"
+    return workdir, folder
+
+
+def test_scripts_write_into_the_workdir_of_a_checkpoint_folder(
+    model_setup, inputs, compile_cache, tmp_path
+):
+    """`--workdir=<workdir>/checkpoints/0`: predict.py's default --out_dir and eval.py's files
+    are in <workdir>, as with `--workdir=<workdir>`, not in the checkpoint folder. eval.py
+    says when it scores only the checkpoint's `eval.max_images` of the split, and
+    `--max_images=0` scores all; `--json` scores all of a json's images."""
+    workdir, folder = checkpoint_folder(model_setup, tmp_path)
     stored = sorted(p.name for p in folder.iterdir())
     root, _, _ = inputs
     result = run_script(
@@ -687,6 +694,30 @@ def test_scripts_write_into_the_workdir_of_a_checkpoint_folder(
     summary = json.loads((tmp_path / "all" / "eval_0_test.json").read_text())
     assert (summary["json"], summary["num_images"]) == (str(json_path), 8)
     assert "split" not in summary
+    assert sorted(p.name for p in folder.iterdir()) == stored
+
+
+@pytest.mark.slow  # the refusals are unit-tested (evaluator, paths, output): here, as run
+def test_eval_script_refuses_what_would_overwrite_or_misscore_and_expands_home(
+    model_setup, compile_cache, tmp_path
+):
+    """eval.py refuses a second json of the same file name into one --out_dir (it overwrote the
+    first's results) and a json naming the model's ids otherwise, before the model runs; it
+    expands `~` in --workdir and --out_dir; on a full disk it ends with the file and the
+    reason, no traceback and no partial file."""
+    workdir, folder = checkpoint_folder(model_setup, tmp_path)
+    stored = sorted(p.name for p in folder.iterdir())
+    result = run_script(f"--workdir={folder}", cache=compile_cache, script="eval.py")
+    assert result.returncode == 0, result.stderr[-5000:]
+    eval_results = json.loads((workdir / "eval_0.json").read_text())
+    json_path = write_shapes_json(tmp_path / "held_out", 8)
+    result = run_script(
+        f"--workdir={folder}", f"--out_dir={tmp_path / 'all'}",
+        f"--json={json_path}", f"--images={json_path.parent}",
+        cache=compile_cache, script="eval.py",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-5000:]
+    summary = json.loads((tmp_path / "all" / "eval_0_test.json").read_text())
     # Another json of the same file name into the same --out_dir: refused, nothing overwritten.
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "test.json").write_text(json_path.read_text())
