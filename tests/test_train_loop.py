@@ -213,7 +213,10 @@ def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(
     resumed_metrics = trainer.train_and_evaluate(config, str(workdir))
     out = capsys.readouterr().out
     assert re.search(r"Resumed from \S+ at step 2\n", out)
-    assert "metrics.jsonl: dropped 4 rows logged after step 2, the checkpoint resumed" in out
+    assert (
+        "metrics.jsonl: dropped 3 rows logged after step 2, the checkpoint resumed (their steps "
+        "are logged again) and a last line cut short by a crash"
+    ) in out
     assert_trees_equal(final_state(workdir), final_state(trained[0]))
     assert resumed_metrics == metrics
     assert timeless(read_jsonl(workdir / "metrics.jsonl")) == want
@@ -378,24 +381,61 @@ def test_a_run_stopped_before_an_eval_step_was_evaluated_evaluates_it_on_resume(
     trained, tmp_path, capsys
 ):
     """Stopped (SIGTERM, Ctrl-C, kill -9) after checkpointing an `eval_every` step but before its
-    evaluation was logged, a run resumed there evaluates that step first: the curve keeps the
-    point, which it lost before. Once logged, a later resume there does not evaluate it again."""
+    evaluation was logged, a run resumed there evaluates that step first (the checkpoint's
+    state: the metrics of checkpoint 2 evaluated alone): the curve keeps the point, which it
+    lost before. Once logged, a later resume there does not evaluate it again."""
     _, config, _ = trained
     config = run_config(config.data.data_dir, **{"train.eval_every": 2})
     workdir = copy_workdir(trained, tmp_path)
     shutil.rmtree(workdir / "checkpoints" / str(NUM_STEPS))
+    at_2 = shutil.copytree(workdir, tmp_path / "at_2")
+    want = trainer.train_and_evaluate(
+        run_config(config.data.data_dir, **{"train.num_steps": 2}), str(at_2)
+    )
 
-    def eval_steps():
-        return [r["step"] for r in read_jsonl(workdir / "metrics.jsonl") if "eval/segm/AP" in r]
+    def eval_rows():
+        return {r["step"]: r for r in read_jsonl(workdir / "metrics.jsonl") if "eval/segm/AP" in r}
 
-    assert eval_steps() == [4]  # the final one, dropped at the resume
+    assert list(eval_rows()) == [4]  # the final one, dropped at the resume
     trainer.train_and_evaluate(config, str(workdir))
     assert "step 2 eval: " in capsys.readouterr().out
-    assert eval_steps() == [2, 4]
+    assert list(eval_rows()) == [2, 4]
+    assert {k: v for k, v in eval_rows()[2].items() if k != "step"} == {
+        f"eval/{k}": v for k, v in want.items()
+    }
     shutil.rmtree(workdir / "checkpoints" / str(NUM_STEPS))
     trainer.train_and_evaluate(config, str(workdir))
     assert "step 2 eval: " not in capsys.readouterr().out
-    assert eval_steps() == [2, 4]
+    assert list(eval_rows()) == [2, 4]
+
+
+def test_a_ctrl_c_during_a_save_comes_after_it_and_a_second_at_once():
+    """`checkpoint._interrupts_after_the_block`: the first SIGINT is held until the block ends
+    (a save begun whole), a second one raises at once (a save waiting long on an earlier
+    write); Python's handler is back after either."""
+    steps = []
+    with pytest.raises(KeyboardInterrupt):
+        with ckpt_lib._interrupts_after_the_block():
+            os.kill(os.getpid(), signal.SIGINT)
+            steps.append("after the first")
+    assert steps == ["after the first"]
+    with pytest.raises(KeyboardInterrupt):
+        with ckpt_lib._interrupts_after_the_block():
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+            steps.append("after the second")
+    assert steps == ["after the first"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_only_the_trainers_manager_removes_temporary_folders(tmp_path):
+    """A manager made to read, or to write converted weights (`save_variables`), leaves the
+    temporary folders in `checkpoints/` alone: one may be a training run's save in progress."""
+    left = tmp_path / "checkpoints" / "4.orbax-checkpoint-tmp"
+    left.mkdir(parents=True)
+    for read_only in (True, False):
+        ckpt_lib.create_manager(tmp_path, read_only=read_only).close()
+        assert left.is_dir()
 
 
 def test_an_interrupt_right_after_a_save_keeps_it_and_keep_0_keeps_all(

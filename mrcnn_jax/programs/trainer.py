@@ -122,7 +122,10 @@ class MetricWriter:
         reads it; a collective with several processes)."""
         found = False
         if self._active:
-            lines = (self._workdir / "metrics.jsonl").read_text().splitlines()
+            try:
+                lines = (self._workdir / "metrics.jsonl").read_text().splitlines()
+            except OSError:  # not read: evaluated again, rather than the others left waiting
+                lines = []
             found = (step, True) in map(_step_and_kind, lines)
         return bool(multihost_utils.broadcast_one_to_all(np.int32(found)))
 
@@ -145,11 +148,13 @@ def _drop_rows_after(path: epath.Path, step: int, eval_rows_at_step: bool) -> No
     """Rewrites the jsonl file `path` without its rows of steps after `step`, without its eval
     rows at `step` if `eval_rows_at_step`, and without a torn last line (no newline)."""
     lines = path.read_text().splitlines(keepends=True)
-    after = at_step = 0
+    after = at_step = torn = 0
     kept = []
     for line in lines:
-        parsed = _step_and_kind(line) if line.endswith("\n") else (step + 1, False)  # torn
-        if parsed is not None and parsed[0] > step:
+        parsed = _step_and_kind(line)
+        if not line.endswith("\n"):  # the last line, cut by a crash
+            torn += 1
+        elif parsed is not None and parsed[0] > step:
             after += 1
         elif eval_rows_at_step and parsed == (step, True):
             at_step += 1
@@ -167,6 +172,8 @@ def _drop_rows_after(path: epath.Path, step: int, eval_rows_at_step: bool) -> No
             )
         if at_step:
             dropped.append(f"the eval row{'s' * (at_step != 1)} of step {step} (evaluated again)")
+        if torn:
+            dropped.append("a last line cut short by a crash")
         _say(f"{path.name}: dropped {' and '.join(dropped)}")
 
 
@@ -432,9 +439,11 @@ def resume_warnings(stored: dict, config: ml_collections.ConfigDict, step: int) 
     """What a run resumed at `step` does differently from the run that wrote the checkpoint
     (its config `stored`), though the checkpoint fits: another learning rate at `step` (a
     schedule follows `config.train`: e.g. a larger `num_steps` stretches a cosine decay back
-    up), or other classes (another dataset with as many: the labels change meaning); or a
-    `model.init_from` other than the run's own, which a resume does not use. No learning rate
-    or classes at step 0: converted or initial weights start any run (fine-tuning)."""
+    up), other canvas groups or weights (each group's images resume where the new draw would
+    have left them), or other classes (another dataset with as many: the labels change
+    meaning); or a `model.init_from` other than the run's own, which a resume does not use.
+    None of these but the last at step 0: converted or initial weights start any run
+    (fine-tuning)."""
     warnings = []
     stored_from = stored.get("model", {}).get("init_from", "")
     if config.model.init_from and config.model.init_from != stored_from:
@@ -523,7 +532,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
     with _workdir_lock(workdir):
         manager = ckpt_lib.create_manager(
-            workdir, max_to_keep=config.train.keep_checkpoints or None
+            workdir, max_to_keep=config.train.keep_checkpoints or None, clean_up=True
         )
         try:
             with _stop_on_sigterm() as stop:
@@ -712,7 +721,7 @@ def _train_and_evaluate(
         total=t.num_steps,
         initial=start_step,
         desc="train",
-        disable=jax.process_index() != 0,
+        disable=jax.process_index() != 0 or start_step >= t.num_steps,  # nothing to train
         dynamic_ncols=True,
     )
     # steps_per_second measures training: a window's steps over its time, without the steps
@@ -724,9 +733,9 @@ def _train_and_evaluate(
     # A run stopped (SIGTERM, Ctrl-C, a crash) after checkpointing an eval_every step but before
     # its evaluation was logged resumes there: that evaluation comes first, as it would have.
     due = t.eval_every and 0 < start_step < t.num_steps and start_step % t.eval_every == 0
-    if resuming and due and not writer.logged_eval(start_step):
-        eval_metrics = run_eval(start_step)
     with bar:  # closed also on an error, before its message
+        if resuming and due and not writer.logged_eval(start_step):
+            eval_metrics = run_eval(start_step)
         for step in range(start_step, t.num_steps):
             batch = next(batches)
             canvas = batch["image"].shape[1:3]

@@ -175,8 +175,9 @@ def _interrupts_after_the_block() -> Iterator[None]:
     """A Ctrl-C (SIGINT) during the block raises its KeyboardInterrupt once the block is done,
     so that a checkpoint save is begun whole: orbax starts it on this thread (a temporary folder,
     the arrays copied to host) before writing in the background, and an interrupt there left the
-    temporary folder and lost the checkpoint. Only where SIGINT has Python's own handler, on
-    the main thread (the trainer's several processes hand Ctrl-C to JAX instead)."""
+    temporary folder and lost the checkpoint. A second Ctrl-C raises at once. Only where SIGINT
+    has Python's own handler, on the main thread (the first Ctrl-C of a multi-process trainer
+    goes to JAX's preemption service instead; a second one comes here)."""
     if (
         threading.current_thread() is not threading.main_thread()
         or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
@@ -184,7 +185,14 @@ def _interrupts_after_the_block() -> Iterator[None]:
         yield
         return
     received = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+
+    def on_interrupt(signum, frame) -> None:
+        if received:  # a second Ctrl-C: at once (the save may wait long on an earlier write)
+            signal.signal(signal.SIGINT, previous)
+            raise KeyboardInterrupt
+        received.append(signum)
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
     try:
         yield
     finally:
@@ -254,17 +262,25 @@ class _ReadOnlyNotice(std_logging.Filter):
 
 
 def create_manager(
-    workdir: epath.PathLike, max_to_keep: int | None = None, read_only: bool = False
+    workdir: epath.PathLike,
+    max_to_keep: int | None = None,
+    read_only: bool = False,
+    clean_up: bool = False,
 ) -> ocp.CheckpointManager:
     """A `CheckpointManager` over `<workdir>/checkpoints`, saving asynchronously, or only reading
-    with `read_only`."""
+    with `read_only`. `clean_up` removes, in the background before its first save, the
+    temporary folders (`<step>.orbax-checkpoint-tmp*`) of saves that a crash or a kill
+    interrupted: only for the one run writing there (the trainer holds the workdir's lock), and
+    never on cloud storage, where orbax takes every folder without its commit file for one
+    (converted or copied checkpoints, `<step>.incomplete`)."""
+    clean_up = clean_up and not read_only and not paths.is_url(str(workdir))
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep,
         save_interval_steps=0 if read_only else 1,  # orbax warns when it sets 0 itself
         create=not read_only,
         read_only=read_only,
         enable_async_checkpointing=not read_only,
-        cleanup_tmp_directories=not read_only,  # those of writes a crash or kill interrupted
+        cleanup_tmp_directories=clean_up,
     )
     notice, absl_logger = _ReadOnlyNotice(), std_logging.getLogger("absl")
     absl_logger.addFilter(notice)
