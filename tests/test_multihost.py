@@ -15,6 +15,7 @@ shows the same commands. Processes given different flags stop before training, n
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -163,9 +164,17 @@ def logged_steps(workdir) -> set[int]:
     return steps
 
 
+def eval_records(workdir) -> dict[int, dict]:
+    """`{step: eval record}` of metrics.jsonl (one per step: a repeat fails)."""
+    records = [r for r in read_jsonl(workdir / "metrics.jsonl") if "eval/bbox/AP" in r]
+    by_step = {r["step"]: r for r in records}
+    assert len(by_step) == len(records), records
+    return by_step
+
+
 def eval_record(workdir) -> dict:
-    (record,) = [r for r in read_jsonl(workdir / "metrics.jsonl") if "eval/bbox/AP" in r]
-    return record
+    """The final evaluation's record in metrics.jsonl."""
+    return eval_records(workdir)[NUM_STEPS]
 
 
 def latest_step(workdir) -> int | None:
@@ -187,6 +196,7 @@ def test_two_processes_train_resume_and_evaluate_as_one(tmp_path, launches):
             "eval.batch_size": 4,
             "train.num_steps": NUM_STEPS,
             "train.checkpoint_every": 2,
+            "train.eval_every": 2,  # a stop at step 2 evaluates it on resume (a collective)
             "train.log_every": 1,
             "model.roi_heads.score_threshold": 0.0,  # detections on every val image
         }
@@ -214,10 +224,18 @@ def test_two_processes_train_resume_and_evaluate_as_one(tmp_path, launches):
     assert f"{stopped}SIGTERM or Ctrl-C of one of the processes" in outputs[0], outputs[0][-3000:]
     assert f"{stopped}Ctrl-C (SIGINT) of this process" in outputs[1], outputs[1][-3000:]
     assert killed_at < NUM_STEPS, "stopped after the last checkpoint: nothing to resume"
+    # As if stopped at step 2 before its evaluation was logged (where the stop lands varies):
+    # the resumed processes see that together (a collective) and evaluate step 2 first.
+    for step in range(3, killed_at + 1):
+        shutil.rmtree(two / "checkpoints" / str(step))
+    rows = read_jsonl(two / "metrics.jsonl")
+    kept = [r for r in rows if not (r["step"] == 2 and "eval/bbox/AP" in r)]
+    (two / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     resumed = launches("train.py", [*train_args, f"--workdir={two}"], 2, 2, tmp_path / "b", cache)
     outputs = resumed.wait()
-    assert f"at step {killed_at}\n" in outputs[0] and "Resumed from" in outputs[0]
+    assert "at step 2\n" in outputs[0] and "Resumed from" in outputs[0]
+    assert "step 2 eval: " in outputs[0], outputs[0][-3000:]
     assert "final eval: bbox AP" in outputs[0]
     two_s = time.time() - start
 
@@ -248,7 +266,10 @@ def test_two_processes_train_resume_and_evaluate_as_one(tmp_path, launches):
         np.testing.assert_allclose(
             state_two[path], value, **{"atol": 1e-6, **tolerance}, err_msg=path
         )
-    assert eval_record(two) == pytest.approx(eval_record(one), abs=1e-6)
+    evals_two, evals_one = eval_records(two), eval_records(one)
+    assert list(evals_two) == list(evals_one) == [2, NUM_STEPS]  # stopped at 2 or 3: both kept
+    for step, record in evals_one.items():
+        assert evals_two[step] == pytest.approx(record, abs=1e-6), step
 
     # scripts/eval.py on 2 processes scores every val image once, as 1 process does, on the
     # same checkpoint (inference has no cross-device arithmetic: the same numbers).
