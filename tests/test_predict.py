@@ -622,6 +622,15 @@ def write_shapes_json(folder: pathlib.Path, num_images: int) -> pathlib.Path:
     return path
 
 
+def eval_on_json(folder, json_path, images, out_dir, cache) -> subprocess.CompletedProcess:
+    """eval.py of the checkpoint `folder` on the COCO-format `json_path`, its images in
+    `images`, results into `out_dir`."""
+    return run_script(
+        f"--workdir={folder}", f"--out_dir={out_dir}", f"--json={json_path}",
+        f"--images={images}", cache=cache, script="eval.py",
+    )  # fmt: skip
+
+
 def checkpoint_folder(model_setup, tmp_path) -> tuple[pathlib.Path, pathlib.Path]:
     """(workdir, its checkpoint folder `checkpoints/0`) of the test model, whose config
     evaluates the first 6 images (`eval.max_images`) of an 8-image shapes val split built in
@@ -675,11 +684,7 @@ def test_scripts_write_into_the_workdir_of_a_checkpoint_folder(
     # The same 8 images as a COCO-format json (a held-out set, say): the same detections.
     # All its images, whatever the checkpoint's eval.max_images (6).
     json_path = write_shapes_json(tmp_path / "held_out", 8)
-    result = run_script(
-        f"--workdir={folder}", f"--out_dir={tmp_path / 'all'}",
-        f"--json={json_path}", f"--images={json_path.parent}",
-        cache=compile_cache, script="eval.py",
-    )  # fmt: skip
+    result = eval_on_json(folder, json_path, json_path.parent, tmp_path / "all", compile_cache)
     header = f"checkpoint step 0, json {json_path}, 8 images:"
     assert header in result.stdout, result.stderr[-3000:]
     held_out = json.loads((tmp_path / "all" / "detections_0_test.json").read_text())
@@ -711,21 +716,15 @@ def test_eval_script_refuses_what_would_overwrite_or_misscore_and_expands_home(
     assert result.returncode == 0, result.stderr[-5000:]
     eval_results = json.loads((workdir / "eval_0.json").read_text())
     json_path = write_shapes_json(tmp_path / "held_out", 8)
-    result = run_script(
-        f"--workdir={folder}", f"--out_dir={tmp_path / 'all'}",
-        f"--json={json_path}", f"--images={json_path.parent}",
-        cache=compile_cache, script="eval.py",
-    )  # fmt: skip
+    result = eval_on_json(folder, json_path, json_path.parent, tmp_path / "all", compile_cache)
     assert result.returncode == 0, result.stderr[-5000:]
     summary = json.loads((tmp_path / "all" / "eval_0_test.json").read_text())
     # Another json of the same file name into the same --out_dir: refused, nothing overwritten.
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "test.json").write_text(json_path.read_text())
-    result = run_script(
-        f"--workdir={folder}", f"--out_dir={tmp_path / 'all'}",
-        f"--json={tmp_path / 'other' / 'test.json'}", f"--images={json_path.parent}",
-        cache=compile_cache, script="eval.py",
-    )  # fmt: skip
+    result = eval_on_json(
+        folder, tmp_path / "other" / "test.json", json_path.parent, tmp_path / "all", compile_cache
+    )
     assert result.returncode == 1, result.stderr[-3000:]
     assert f"eval_0_test.json holds the results of json {json_path}, not of json " in result.stderr
     assert json.loads((tmp_path / "all" / "eval_0_test.json").read_text()) == summary
@@ -734,11 +733,13 @@ def test_eval_script_refuses_what_would_overwrite_or_misscore_and_expands_home(
     for category, name in zip(renamed["categories"], ("leaf", "stone", "cup")):
         category["name"] = name
     (json_path.parent / "renamed.json").write_text(json.dumps(renamed))
-    result = run_script(
-        f"--workdir={folder}", f"--out_dir={tmp_path / 'renamed'}",
-        f"--json={json_path.parent / 'renamed.json'}", f"--images={json_path.parent}",
-        cache=compile_cache, script="eval.py",
-    )  # fmt: skip
+    result = eval_on_json(
+        folder,
+        json_path.parent / "renamed.json",
+        json_path.parent,
+        tmp_path / "renamed",
+        compile_cache,
+    )
     assert result.returncode == 1, result.stderr[-3000:]
     assert "has the model's name for its id (id, model's, dataset's): [(1, 'circle', 'leaf')" in (
         result.stderr
