@@ -22,12 +22,12 @@ import numpy as np
 import numpy.typing as npt
 import tensorflow as tf
 
+from mrcnn_jax.image_headers import JPEG_SIGNATURE, PNG_SIGNATURE
+
 _EXAMPLE = "e.g. ((832, 1344), (1344, 832)) (landscape, portrait)"
 # SplitMix64 (Steele et al., 2014): the increment and the two multipliers of its finaliser.
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)
 _MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
-_JPEG_MAGIC = b"\xff\xd8\xff"
-_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def groups_of(data: ml_collections.ConfigDict) -> tuple[tuple[int, int], ...]:
@@ -201,10 +201,10 @@ def encoded_image_size(encoded: tf.Tensor) -> tf.Tensor:
     return tf.case(
         [
             (
-                tf.equal(tf.strings.substr(encoded, 0, 3), _JPEG_MAGIC),
+                tf.equal(tf.strings.substr(encoded, 0, 3), JPEG_SIGNATURE),
                 lambda: tf.io.extract_jpeg_shape(encoded)[:2],
             ),
-            (tf.equal(tf.strings.substr(encoded, 0, 8), _PNG_MAGIC), lambda: _png_size(encoded)),
+            (tf.equal(tf.strings.substr(encoded, 0, 8), PNG_SIGNATURE), lambda: _png_size(encoded)),
         ],
         default=lambda: _decoded_size(encoded),
     )

@@ -75,8 +75,8 @@ MAX_IMAGE_PIXELS = 2**28
 # The first bytes of the formats that cameras and browsers write, to tell a damaged file of a
 # known format from a file of another kind.
 _SIGNATURES = (
-    (b"\xff\xd8\xff", "JPEG"),
-    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (image_headers.JPEG_SIGNATURE, "JPEG"),
+    (image_headers.PNG_SIGNATURE, "PNG"),
     (b"GIF8", "GIF"),
     (b"BM", "BMP"),
 )
