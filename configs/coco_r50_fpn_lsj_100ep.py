@@ -5,7 +5,10 @@ ImageNet weights): images fitted into a 1024² canvas and scaled by a random fac
 [0.1, 2.0] (large-scale jitter) with a random 1024² crop, sync BatchNorm in the backbone, the FPN
 and the heads (statistics over valid pixels and valid RoIs only), the 2-conv RPN head and the
 4-conv + 1-FC box head, batch 64, 100 epochs of lr 0.1 decayed ×0.1 at 89 % and 96 % (183,200
-steps over the 117,266 annotated images; Detectron2 counts 184,375 over 118k).
+steps over the 117,266 annotated images; Detectron2 counts 184,375 over 118k). These steps are
+computed here for batch 64: with another `train.batch_size`, or a shorter run, set
+`train.num_steps` and `train.decay_steps` with it (the trainer warns about decay steps a run
+never reaches).
 
   python scripts/train.py --config=configs/coco_r50_fpn_lsj_100ep.py \
       --config.data.manual_dir=/data/coco --workdir=gs://.../coco_r50_lsj_100ep

@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from configs import default
+from configs import coco_r50_fpn_lsj_100ep, default
 from mrcnn_jax.modeling import checks
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 from mrcnn_jax.train import state as state_lib
@@ -117,9 +117,26 @@ def test_bad_train_values_name_the_field(field, value):
         state_lib.create_optimizer(config, lambda step: 0.01)
 
 
-def test_a_schedule_longer_than_the_run_is_allowed():
+def test_a_schedule_longer_than_the_run_is_allowed_with_warnings():
     """A run may stop before its schedule ends (and resume with more steps): warm-up and decay
-    steps beyond num_steps are not errors."""
-    config = default.get_config()
+    steps beyond num_steps are not errors, but the trainer says what the run never reaches."""
+    config = default.get_config()  # warm-up 1000 steps, "step" decays at 60k and 80k of 90k
+    assert state_lib.schedule_warnings(config.train) == []
+    config.train.num_steps = 70_000
+    (decay,) = state_lib.schedule_warnings(config.train)
+    assert decay.startswith("config.train.decay_steps (60000, 80000) has (80000,) at or after")
     config.train.num_steps = 20
     state_lib.check_train_settings(config.train)
+    warmup, decay = state_lib.schedule_warnings(config.train)
+    assert warmup.startswith("config.train.warmup_steps=1000 > num_steps=20: the run ends in")
+    assert "has (60000, 80000) at or after num_steps=20" in decay
+    config.train.schedule = "cosine"  # decays to 0 at num_steps: decay_steps are not used
+    assert state_lib.schedule_warnings(config.train) == [warmup]
+
+
+def test_the_lsj_recipe_warns_when_shortened_without_its_decay_steps():
+    config = coco_r50_fpn_lsj_100ep.get_config()
+    assert state_lib.schedule_warnings(config.train) == []
+    config.train.num_steps = 2000
+    (decay,) = state_lib.schedule_warnings(config.train)
+    assert "at or after num_steps=2000: the learning rate is not multiplied by 0.1" in decay

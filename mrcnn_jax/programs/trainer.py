@@ -681,8 +681,10 @@ def _train_and_evaluate(
         paths.check_not_a_link_to_a_file(workdir / "config.json")
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     if jax.process_index() == 0:
-        warning = ckpt_lib.disk_space_warning(manager, state)
-        if warning:
+        warnings = [ckpt_lib.disk_space_warning(manager, state)]
+        if int(state.step) < config.train.num_steps:
+            warnings += state_lib.schedule_warnings(config.train)
+        for warning in filter(None, warnings):
             logging.warning(warning)
     state = sharding.replicate(state, mesh)
     start_step = int(jax.device_get(state.step))

@@ -83,6 +83,28 @@ def create_learning_rate_fn(train: ml_collections.ConfigDict) -> optax.Schedule:
     return optax.join_schedules([warmup, decay], [train.warmup_steps])
 
 
+def schedule_warnings(train: ml_collections.ConfigDict) -> list[str]:
+    """What `config.train`'s learning-rate schedule never reaches within `num_steps`: a warm-up
+    longer than the run, or "step" decays after its end (a recipe's `num_steps` overridden
+    without its `decay_steps`, which stay absolute steps). Allowed (a run may stop early and
+    resume with more steps), but said."""
+    warnings = []
+    if train.warmup_steps > train.num_steps:
+        warnings.append(
+            f"config.train.warmup_steps={train.warmup_steps} > num_steps={train.num_steps}: "
+            "the run ends in its warm-up, below base_lr"
+        )
+    late = [int(s) for s in train.decay_steps if s >= train.num_steps]
+    if train.schedule == "step" and late:
+        warnings.append(
+            f"config.train.decay_steps {tuple(int(s) for s in train.decay_steps)} has "
+            f"{tuple(late)} at or after num_steps={train.num_steps}: the learning rate is not "
+            f"multiplied by {train.decay_factor} there in this run (decay steps are absolute: "
+            "set them with num_steps, e.g. at the same fractions of the run)"
+        )
+    return warnings
+
+
 def _path_names(path) -> tuple[str, ...]:
     return tuple(getattr(k, "key", str(k)) for k in path)
 
