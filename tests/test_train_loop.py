@@ -5,6 +5,7 @@ shared. A persistent XLA compilation cache in a temporary directory lets the lat
 scripts run as subprocesses with the same 8 CPU devices) reuse its compiled programs.
 """
 
+import asyncio
 import importlib
 import json
 import os
@@ -23,6 +24,7 @@ import pytest
 import tensorflow as tf
 from conftest import tiny_config
 from etils import epath
+from orbax.checkpoint._src.path import temporary_paths
 
 import mrcnn_jax
 from configs import default as default_config
@@ -428,14 +430,26 @@ def test_a_ctrl_c_during_a_save_comes_after_it_and_a_second_at_once():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def test_only_the_trainers_manager_removes_temporary_folders(tmp_path):
+def test_only_the_trainers_manager_removes_temporary_folders(tmp_path, monkeypatch):
     """A manager made to read, or to write converted weights (`save_variables`), leaves the
-    temporary folders in `checkpoints/` alone: one may be a training run's save in progress."""
+    temporary folders in `checkpoints/` alone: one may be a training run's save in progress.
+    The trainer's removes them before it returns, not in a thread that an error before the
+    first save would leave running at exit (a traceback after the error line)."""
     left = tmp_path / "checkpoints" / "4.orbax-checkpoint-tmp"
     left.mkdir(parents=True)
     for read_only in (True, False):
         ckpt_lib.create_manager(tmp_path, read_only=read_only).close()
         assert left.is_dir()
+    cleanup = temporary_paths.cleanup_temporary_paths
+
+    async def slow_cleanup(*args, **kwargs):  # the thread's work, made to take a while
+        await asyncio.sleep(1.0)
+        return await cleanup(*args, **kwargs)
+
+    monkeypatch.setattr(temporary_paths, "cleanup_temporary_paths", slow_cleanup)
+    manager = ckpt_lib.create_manager(tmp_path, clean_up=True)
+    assert not left.exists()
+    manager.close()
 
 
 def test_an_interrupt_right_after_a_save_keeps_it_and_keep_0_keeps_all(

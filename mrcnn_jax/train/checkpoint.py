@@ -268,11 +268,11 @@ def create_manager(
     clean_up: bool = False,
 ) -> ocp.CheckpointManager:
     """A `CheckpointManager` over `<workdir>/checkpoints`, saving asynchronously, or only reading
-    with `read_only`. `clean_up` removes, in the background before its first save, the
-    temporary folders (`<step>.orbax-checkpoint-tmp*`) of saves that a crash or a kill
-    interrupted: only for the one run writing there (the trainer holds the workdir's lock), and
-    never on cloud storage, where orbax takes every folder without its commit file for one
-    (converted or copied checkpoints, `<step>.incomplete`)."""
+    with `read_only`. `clean_up` removes, before this returns, the temporary folders
+    (`<step>.orbax-checkpoint-tmp*`) of saves that a crash or a kill interrupted: only for the
+    one run writing there (the trainer holds the workdir's lock), and never on cloud storage,
+    where orbax takes every folder without its commit file for one (converted or copied
+    checkpoints, `<step>.incomplete`)."""
     clean_up = clean_up and not read_only and not paths.is_url(str(workdir))
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep,
@@ -285,7 +285,7 @@ def create_manager(
     notice, absl_logger = _ReadOnlyNotice(), std_logging.getLogger("absl")
     absl_logger.addFilter(notice)
     try:
-        return ocp.CheckpointManager(
+        manager = ocp.CheckpointManager(
             checkpoint_dir(workdir),
             options=options,
             item_handlers={
@@ -295,6 +295,13 @@ def create_manager(
         )
     finally:
         absl_logger.removeFilter(notice)
+    # orbax cleans up in a thread that only `save` waits for: a run ending on an error before
+    # its first save (a bad dataset) exited under it, with a traceback after the error line.
+    cleanup = getattr(manager, "_cleanup_tmp_directory_future", None)
+    if cleanup is not None:
+        cleanup.result()
+        manager._cleanup_tmp_directory_future = None
+    return manager
 
 
 def state_tree(state: TrainState) -> dict[str, Any]:
