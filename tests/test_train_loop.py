@@ -379,6 +379,19 @@ def test_a_config_that_does_not_fit_is_refused_before_training(field, data_dir, 
     assert not list((tmp_path / "checkpoints").glob("*"))
 
 
+@pytest.mark.parametrize(
+    "field, spec", [("val_split", "validation[:0]"), ("train_split", "train[5:5]")]
+)
+def test_a_split_that_selects_no_image_is_refused_before_training(field, spec, data_dir, tmp_path):
+    """An empty slice parses: it was found after training (val) or at the first batch (train),
+    in TFDS's words ("Instruction [] corresponds to no data!"), naming no field."""
+    config = run_config(data_dir, **{f"data.{field}": spec})
+    message = rf"^config\.data\.{field}='{re.escape(spec)}' selects no image of shapes"
+    with pytest.raises(ValueError, match=message):
+        trainer.train_and_evaluate(config, str(tmp_path))
+    assert not list((tmp_path / "checkpoints").glob("*"))
+
+
 def test_a_run_stopped_before_an_eval_step_was_evaluated_evaluates_it_on_resume(
     trained, tmp_path, capsys
 ):

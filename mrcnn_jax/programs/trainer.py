@@ -349,13 +349,16 @@ def check_train_config(config: ml_collections.ConfigDict, num_devices: int | Non
 
 def check_splits(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder) -> None:
     """Raises ValueError, naming the field and the dataset's splits, unless `data.train_split`
-    and `data.val_split` are splits of `builder` (TFDS syntax: `validation[:100]` too), the
-    latter also as evaluated (its first `eval.max_images` images)."""
+    and `data.val_split` are splits of `builder` (TFDS syntax: `validation[:100]` too) that
+    select images, the latter also as evaluated (its first `eval.max_images` images)."""
     for name in ("train_split", "val_split"):
         split = config.data[name]
         if name == "val_split" and not pipeline.split_error(builder, split):
             split = pipeline.eval_split(config, builder, split)  # its first eval.max_images
-        if error := pipeline.split_error(builder, split):
+        error = pipeline.split_error(builder, split)
+        if not error and not builder.info.splits[split].num_examples:
+            error = f"selects no image of {builder.info.full_name}"
+        if error:
             raise ValueError(f"config.data.{name}={config.data[name]!r} {error}")
 
 
