@@ -15,6 +15,7 @@ from pycocotools.cocoeval import COCOeval
 
 from mrcnn_jax import sharding
 from mrcnn_jax.evaluation import (
+    IOU_TYPES,
     STAT_NAMES,
     CocoEvaluator,
     detections_to_coco,
@@ -342,13 +343,55 @@ def test_detections_to_coco_maps_boxes_labels_and_masks_back():
     assert [{k: v for k, v in r.items() if k != "segmentation"} for r in results] == no_masks
 
 
-def test_no_detections_warn_and_give_zeros(coco_gt):
+def _stats_with_a_stray_detection(coco_gt: COCO, image_id: int, iou_type: str) -> list[float]:
+    """COCOeval's 12 numbers over `image_id` for one 2×2 detection in its corner, which matches
+    no ground truth: 0 where the ground truth has objects, -1 where it has none."""
+    image = coco_gt.imgs[image_id]
+    corner = np.zeros((image["height"], image["width"]), np.uint8)
+    corner[:2, :2] = 1
+    stray = {
+        "image_id": image_id,
+        "category_id": coco_gt.getCatIds()[0],
+        "bbox": [0, 0, 2, 2],
+        "score": 1.0,
+        "segmentation": mask_util.encode(np.asfortranarray(corner)),
+    }
+    with contextlib.redirect_stdout(io.StringIO()):
+        reference = COCOeval(coco_gt, coco_gt.loadRes([stray]), iou_type)
+        reference.params.imgIds = [image_id]
+        reference.evaluate()
+        reference.accumulate()
+        reference.summarize()
+    return [float(v) for v in reference.stats]
+
+
+def test_no_detections_warn_and_give_cocoevals_zeros_and_minus_ones(coco_gt):
+    """With no detection at all every value was 0, also for the size ranges without ground
+    truth, where COCOeval gives -1 as soon as there is one detection."""
     detections = {i: [] for i in FED_IMAGES}
     evaluator = _evaluator(detections, np.random.default_rng(3))
     assert evaluator.results == [] and evaluator.image_ids == list(FED_IMAGES)
     with pytest.warns(UserWarning, match="No detections"):
         metrics = evaluator.evaluate(coco_gt)
-    assert len(metrics) == 24 and set(metrics.values()) == {0.0}
+    assert len(metrics) == 24 and set(metrics.values()) == {0.0}  # objects of every size
+    small = COCO()  # one 10×10 object: no medium or large ones
+    square = [20.0, 20.0, 30.0, 20.0, 30.0, 30.0, 20.0, 30.0]
+    small.dataset = {
+        "images": [{"id": 7, "height": 100, "width": 120}],
+        "categories": [{"id": 3, "name": "thing"}],
+        "annotations": [
+            {"id": 1, "image_id": 7, "category_id": 3, "bbox": [20, 20, 10, 10],
+             "area": 100.0, "iscrowd": 0, "segmentation": [square]},
+        ],
+    }  # fmt: skip
+    with contextlib.redirect_stdout(io.StringIO()):
+        small.createIndex()
+    with pytest.warns(UserWarning, match="No detections"):
+        metrics = evaluate_coco(small, [], [7])
+    for iou_type in IOU_TYPES:
+        got = [metrics[f"{iou_type}/{name}"] for name in STAT_NAMES]
+        assert got == _stats_with_a_stray_detection(small, 7, iou_type), iou_type
+        assert got[3:6] == [0.0, -1.0, -1.0] and got[9:] == [0.0, -1.0, -1.0], got
 
 
 def test_unknown_label_raises(coco_gt):

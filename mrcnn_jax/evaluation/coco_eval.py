@@ -190,8 +190,9 @@ def evaluate_coco(
       iou_types: any of "bbox", "segm".
 
     Returns:
-      ``{f"{iou_type}/{name}": value}`` for ``name`` in ``STAT_NAMES``. With no results at all every
-      value is 0.0 and a warning is issued.
+      ``{f"{iou_type}/{name}": value}`` for ``name`` in ``STAT_NAMES``: COCOeval's, -1 where
+      the ground truth has no object of a size range. With no results at all, a warning (and
+      COCOeval's 0s and -1s: pycocotools' ``loadRes`` cannot load an empty list).
 
     Raises:
       ValueError: on an unknown IoU type, image ids absent from ``coco_gt``, results none of
@@ -241,17 +242,20 @@ def evaluate_coco(
     for iou_type in iou_types:
         names = [f"{iou_type}/{name}" for name in STAT_NAMES]
         if not results:
-            warnings.warn(f"No detections to evaluate: {iou_type} metrics are 0.", stacklevel=2)
-            metrics.update(dict.fromkeys(names, 0.0))
-            continue
-        if iou_type == "segm" and not all("segmentation" in r for r in results):
+            warnings.warn(
+                f"No detections to evaluate: {iou_type} metrics are 0 (-1 where the ground "
+                "truth has no object of that size).",
+                stacklevel=2,
+            )
+        elif iou_type == "segm" and not all("segmentation" in r for r in results):
             raise ValueError("'segm' evaluation needs a 'segmentation' in every result")
         dropped = "bbox" if iou_type == "segm" else "segmentation"
         # New dicts: loadRes adds keys ("id", "area", ...) to the ones it is given.
         detections = [{k: v for k, v in r.items() if k != dropped} for r in results]
         summary = io.StringIO()
         with contextlib.redirect_stdout(summary):
-            coco_eval = COCOeval(coco_gt, coco_gt.loadRes(detections), iou_type)
+            coco_dt = coco_gt.loadRes(detections) if detections else _no_results(coco_gt)
+            coco_eval = COCOeval(coco_gt, coco_dt, iou_type)
             coco_eval.params.imgIds = image_ids
             coco_eval.evaluate()
             coco_eval.accumulate()
@@ -350,3 +354,16 @@ class CocoEvaluator:
     ) -> dict[str, float]:
         """COCO metrics of the accumulated results over the images fed; see ``evaluate_coco``."""
         return evaluate_coco(coco_gt, self._results, self._image_ids, iou_types)
+
+
+def _no_results(coco_gt: COCO) -> COCO:
+    """An empty results set over `coco_gt`'s images and categories, for COCOeval (pycocotools'
+    `loadRes([])` fails on the empty list)."""
+    empty = COCO()
+    empty.dataset = {
+        "images": list(coco_gt.dataset.get("images", [])),
+        "categories": list(coco_gt.dataset.get("categories", [])),
+        "annotations": [],
+    }
+    empty.createIndex()
+    return empty
