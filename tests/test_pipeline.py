@@ -251,10 +251,15 @@ def test_empty_images_crowd_only_images_and_empty_masks(coco):
 
 
 def test_objects_beyond_max_instances_are_cut_deterministically_with_one_warning(coco, caplog):
+    """Training warns once; the evaluation does not (it scores the annotations' own objects,
+    all of them: its warning said "Raise max_instances to keep all" of nothing lost)."""
     builder, index = coco
     config = _config(max_instances=2)  # images 1 and 5 have 3 and 4 trainable objects
+    config.train.batch_size = 8  # the whole train split in every batch
     with caplog.at_level("WARNING"):
         rows = _eval_rows(config, builder)
+        assert not [r for r in caplog.records if "max_instances=2" in r.getMessage()]
+        _take(pipeline.create_train_dataset(config, builder=builder, **ONE), 3)
     warnings = [r for r in caplog.records if "max_instances=2" in r.getMessage()]
     assert len(warnings) == 1
     assert warnings[0].getMessage().startswith("Image id 5 has 2 objects more than")  # the most

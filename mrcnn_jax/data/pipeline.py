@@ -494,9 +494,10 @@ def _local_batch(global_batch: int, process_count: int) -> int:
     return global_batch // process_count
 
 
-def _numpy_batches(dataset: tf.data.Dataset, max_instances: int) -> Iterator[Batch]:
-    """Yields the batches as numpy dicts, warning once if objects beyond max_instances were cut."""
-    warned = False
+def _numpy_batches(dataset: tf.data.Dataset, max_instances: int | None) -> Iterator[Batch]:
+    """Yields the batches as numpy dicts, warning once if objects beyond `max_instances` were
+    cut (None: not said, where nothing uses the cut ground truth)."""
+    warned = max_instances is None
     for batch in dataset.as_numpy_iterator():
         dropped, image_ids = batch.pop("_num_dropped"), batch.pop("_image_id")
         if dropped.any() and not warned:
@@ -838,6 +839,8 @@ def create_eval_dataset(
         The train keys (no augmentation; "image_size" is the resized size) plus "image_id" [B]
         int64, "orig_size" [B,2] int32 (height, width of the original image), "valid" [B] bool.
         Boxes go back to the original per axis: x * orig_w / image_w, y * orig_h / image_h.
+        The "gt_*" keys hold the first ``data.max_instances`` objects of each image, without
+        the training's warning: the COCO evaluation scores every object of the annotations.
 
     Raises:
         ValueError: from ``check_canvas``, before any data is read.
@@ -870,7 +873,8 @@ def create_eval_dataset(
     )
     dataset = dataset.concatenate(padding.repeat()).take(num_batches * batch)
     dataset = dataset.batch(batch).prefetch(tf.data.AUTOTUNE)
-    return _numpy_batches(_deterministic(dataset), data.max_instances)
+    # The evaluation scores the annotations' own ground truth (coco_json), not gt_*: no warning.
+    return _numpy_batches(_deterministic(dataset), None)
 
 
 def preprocess_image(image: np.ndarray, config: ml_collections.ConfigDict) -> Batch:
