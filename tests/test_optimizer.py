@@ -258,3 +258,30 @@ def test_an_unknown_optimizer_is_a_clear_error():
         ValueError, match=r"config\.train\.optimizer='adam' must be one of \('sgd', 'adamw'\)"
     ):
         state_lib.create_optimizer(config, state_lib.create_learning_rate_fn(config.train))
+
+
+def _warmup_multistep(train, step: int) -> float:
+    """Detectron2's WarmupMultiStepLR (linear warm-up) at `step`, written out."""
+    factor = 1.0
+    if step < train.warmup_steps:
+        alpha = step / train.warmup_steps
+        factor = train.warmup_factor * (1 - alpha) + alpha
+    decays = sum(step >= s for s in train.decay_steps)
+    return train.base_lr * factor * train.decay_factor**decays
+
+
+@pytest.mark.parametrize(
+    "warmup_steps, decay_steps",
+    [(1000, (60_000, 80_000)), (1000, (500, 2000)), (100, (100,)), (0, (0, 10)), (300, (10, 20))],
+)
+def test_the_step_schedule_is_detectron2s_warmup_multistep(warmup_steps, decay_steps):
+    """Decay steps within the warm-up count from where they are (they were left out until the
+    warm-up ended: 10x the rate from step 500 to 999 with decays at 500 and 2000)."""
+    train = shapes_r18.get_config().train
+    train.schedule, train.base_lr, train.warmup_factor = "step", 0.02, 0.001
+    train.warmup_steps, train.decay_steps, train.num_steps = warmup_steps, decay_steps, 90_000
+    schedule = state_lib.create_learning_rate_fn(train)
+    for step in sorted({0, 1, 9, 10, 11, 99, 100, 101, 499, 500, 501, 999, 1000, 1001, 2000,
+                        60_000, 80_000, *decay_steps}):  # fmt: skip
+        want = _warmup_multistep(train, step)
+        np.testing.assert_allclose(float(schedule(step)), want, rtol=1e-5, atol=1e-9, err_msg=step)

@@ -62,8 +62,9 @@ def create_learning_rate_fn(train: ml_collections.ConfigDict) -> optax.Schedule:
     """Linear warm-up from `warmup_factor · base_lr` to `base_lr`, then cosine or step decay.
 
     "cosine" decays to 0 at `num_steps`; "step" multiplies by `decay_factor` at each step of
-    `decay_steps`. Raises ValueError naming the field for settings out of range
-    (`check_train_settings`).
+    `decay_steps`, also at those within the warm-up (Detectron2's `WarmupMultiStepLR`: the
+    warm-up ramp times the decays so far). Raises ValueError naming the field for settings out
+    of range (`check_train_settings`).
     """
     check_train_settings(train)
     warmup = optax.linear_schedule(
@@ -78,6 +79,10 @@ def create_learning_rate_fn(train: ml_collections.ConfigDict) -> optax.Schedule:
             train.base_lr,
             {int(s) - train.warmup_steps: train.decay_factor for s in train.decay_steps},
         )
+        early = {int(s): train.decay_factor for s in train.decay_steps if s < train.warmup_steps}
+        if early:
+            ramp, decays = warmup, optax.piecewise_constant_schedule(1.0, early)
+            warmup = lambda step: ramp(step) * decays(step)
     else:
         raise ValueError(f"train.schedule must be one of {SCHEDULES}, got {train.schedule!r}")
     return optax.join_schedules([warmup, decay], [train.warmup_steps])
