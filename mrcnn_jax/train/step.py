@@ -82,8 +82,10 @@ def make_train_step(
     Metrics are global-batch means: the losses, per image `num_proposals`, `num_fg_rois`
     (foreground RoIs sampled) and `num_mask_rois` (those the mask head trained on: fewer only
     when they overflow `model.roi_heads.mask_rois_per_image`), `grad_norm` (the stages frozen by
-    `model.freeze_at` get no gradient, so it does not count them), `learning_rate`. The
-    program is compiled with `compiler_options(mesh.devices.flat)`.
+    `model.freeze_at` get no gradient, so it does not count them), `learning_rate` (the rate of
+    this update: `learning_rate_fn(step)` at the state's step before it, so the trainer's row
+    for step N shows the schedule at N - 1). The program is compiled with
+    `compiler_options(mesh.devices.flat)`.
     """
     global_batch = config.train.batch_size
     if global_batch % mesh.size:
