@@ -142,8 +142,9 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
     launch.initialize()
     try:  # a checkpoint folder names its workdir, where the results go
-        workdir, step = predictor_lib.locate_checkpoint(_WORKDIR.value, _STEP.value)
-        predictor = predictor_lib.load_checkpoint(workdir, step)
+        workdir, _ = predictor_lib.locate_checkpoint(_WORKDIR.value, _STEP.value)
+        # the latest when no step is named: also after a training deleted the located one
+        predictor = predictor_lib.load_checkpoint(_WORKDIR.value, _STEP.value)
     except (ValueError, FileNotFoundError) as error:  # name what to fix
         raise app.UsageError(str(error)) from error
     config = predictor.config

@@ -339,7 +339,7 @@ def main(argv):
             "local devices"
         )
     try:  # name what to fix
-        workdir, step = predictor_lib.locate_checkpoint(_WORKDIR.value, _STEP.value)
+        workdir, _ = predictor_lib.locate_checkpoint(_WORKDIR.value, _STEP.value)
         out_dir = (
             paths_lib.absolute(_OUT_DIR.value)
             if _OUT_DIR.value
@@ -349,7 +349,8 @@ def main(argv):
         results_path = os.path.join(out_dir, "detections.json")
         check_outputs(argv[1:], paths, drawings, results_path, _RECURSIVE.value)
         launch.make_output_folder(out_dir, "--out_dir")
-        predictor = predictor_lib.load_checkpoint(workdir, step)
+        # the latest when no step is named: also after a training deleted the located one
+        predictor = predictor_lib.load_checkpoint(_WORKDIR.value, _STEP.value)
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as error:
         raise app.UsageError(str(error)) from error
     label_to_category_id = predictor.config.data.label_to_category_id or None

@@ -272,6 +272,45 @@ def test_corrupt_array_data_is_refused_naming_the_step_folder(how, saved_data, t
         manager.close()
 
 
+def test_a_checkpoint_a_training_deletes_while_it_is_read_is_read_again_or_named(
+    saved, tmp_path, monkeypatch, caplog
+):
+    """A training keeping its newest checkpoints (`train.keep_checkpoints`) deleted the one that
+    load_checkpoint (eval.py, predict.py) was reading: that said "corrupt or truncated ... move
+    it away", or orbax's "Checkpoint directory does not exist", about a healthy checkpoint."""
+    workdir = copy_workdir(saved, tmp_path)
+    checkpoints = workdir / "checkpoints"
+    restore_raw, moves = ckpt_lib.restore_raw, []
+
+    def training_moves_on(manager, step, **kwargs):  # a newer checkpoint; this one deleted
+        if len(moves) < moves_left:
+            moves.append(step)
+            shutil.copytree(checkpoints / str(step), checkpoints / str(step + 2))
+            shutil.rmtree(checkpoints / str(step))
+        return restore_raw(manager, step, **kwargs)
+
+    monkeypatch.setattr(ckpt_lib, "restore_raw", training_moves_on)
+    moves_left = 1
+    with caplog.at_level("WARNING"):
+        assert mrcnn_jax.load_checkpoint(workdir).step == STEP + 2  # the latest, read again
+    assert moves == [STEP]
+    assert warnings_naming(caplog, f"{checkpoints}/{STEP} was deleted while it was read")
+
+    moves_left = 2  # asked for by its step: named
+    message = (
+        rf"^checkpoint {re.escape(str(checkpoints))}/{STEP + 2} was deleted while it was read: "
+        "a training running in that workdir keeps only its newest train.keep_checkpoints"
+    )
+    with pytest.raises(FileNotFoundError, match=message):
+        mrcnn_jax.load_checkpoint(workdir, STEP + 2)
+    assert moves == [STEP, STEP + 2]
+
+    moves_left = 5  # deleted at every read: three reads, then orbax's error
+    with pytest.raises(Exception, match="does not exist"):
+        mrcnn_jax.load_checkpoint(workdir)
+    assert moves == [STEP, STEP + 2, STEP + 4, STEP + 6, STEP + 8]
+
+
 @pytest.mark.parametrize(
     "content, problem",
     [

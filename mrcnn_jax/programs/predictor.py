@@ -25,6 +25,8 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 
 from mrcnn_jax import paths, sharding
@@ -422,16 +424,18 @@ def _check_step(step: Any) -> int:
 
 
 def _open(path: str | epath.PathLike, step: int | None):
-    """(read-only checkpoint manager, workdir, step) of `locate_checkpoint(path, step)`."""
+    """(read-only checkpoint manager, workdir, step, whether that is the latest complete step
+    because neither `step` nor `path` names one) of `locate_checkpoint(path, step)`."""
     step = None if step is None else _check_step(step)
     workdir, path_step = _locate(epath.Path(paths.absolute(path)))
+    asked = step if step is not None else path_step
     manager = ckpt_lib.create_manager(workdir, read_only=True)
     try:  # the latest complete step (incomplete folders skipped, with a warning), or a check
-        step = ckpt_lib.choose_step(manager, step if step is not None else path_step)
+        step = ckpt_lib.choose_step(manager, asked)
     except FileNotFoundError:
         manager.close()
         raise
-    return manager, workdir, step
+    return manager, workdir, step, asked is None
 
 
 def locate_checkpoint(
@@ -450,7 +454,7 @@ def locate_checkpoint(
         message names its folder, what it lacks and the complete steps).
       TypeError: `step` is not an integer.
     """
-    manager, workdir, step = _open(path, step)
+    manager, workdir, step, _ = _open(path, step)
     manager.close()
     return workdir, step
 
@@ -460,31 +464,77 @@ def read_checkpoint(
 ) -> tuple[ml_collections.ConfigDict, dict[str, Any], int]:
     """(config, variables, step) of the checkpoint that `load_checkpoint(path, step)` loads:
     `variables` holds `params` and `batch_stats` as numpy arrays, checked to fit the stored
-    config's model (every path, shape and dtype); arguments and errors as `load_checkpoint`'s."""
-    manager, _, step = _open(path, step)
-    what = f"checkpoint {manager.directory}/{step}"
+    config's model (every path, shape and dtype); arguments and errors as `load_checkpoint`'s.
+
+    A training running in the workdir deletes its older checkpoints (`train.keep_checkpoints`),
+    also while one is read: a read of the latest that fails once a newer checkpoint exists is
+    that, and reads the new latest (up to `_READS` times in all); a checkpoint asked for by its
+    step that is gone after a failed read is a FileNotFoundError saying so."""
+    for attempt in range(1, _READS + 1):
+        manager, _, chosen, latest = _open(path, step)
+        try:
+            return _read_variables(manager, chosen)
+        except Exception:
+            if _still_there(path, chosen, latest):
+                raise
+            if not latest:
+                raise FileNotFoundError(
+                    f"checkpoint {manager.directory}/{chosen} was deleted while it was read: "
+                    "a training running in that workdir keeps only its newest "
+                    "train.keep_checkpoints checkpoints; read a newer step, or the latest"
+                ) from None
+            if attempt == _READS:
+                raise
+            logging.warning(
+                "checkpoint %s/%d was deleted while it was read (a training running in that "
+                "workdir keeps only its newest checkpoints): reading the latest again",
+                manager.directory,
+                chosen,
+            )
+        finally:
+            manager.close()
+
+
+_READS = 3
+
+
+def _still_there(path: str | epath.PathLike, step: int, latest: bool) -> bool:
+    """Whether checkpoint `step` of `path`'s workdir, whose read just failed, is still there:
+    its folder exists and, where it was read as the latest, it still is the latest (a training
+    deletes only older checkpoints, after writing a newer one; its folder may then still exist,
+    half deleted)."""
     try:
-        config = ml_collections.ConfigDict(ckpt_lib.load_config(manager, step))
-        image_size = _check_stored_config(config, what)
-        expected = MaskRCNN.from_config(config.model).variable_shapes(image_size)
+        manager, _, now, _ = _open(path, None if latest else step)
+    except FileNotFoundError:
+        return False
+    manager.close()
+    return now == step
 
-        def check(stored: dict, dtypes: bool = True) -> None:
-            for collection in ("params", "batch_stats"):
-                _check_tree(
-                    stored.get(collection) or {},
-                    expected.get(collection, {}),
-                    f"{what} {collection}",
-                    dtypes,
-                )
 
-        state = ckpt_lib.restore_raw(  # shapes checked before the data is read
-            manager, step, check_stored=lambda metadata: check(metadata, dtypes=False)
-        )
-        variables = {"params": state["params"], "batch_stats": state.get("batch_stats") or {}}
-        check(variables)
-        _check_finite(variables, what)
-    finally:
-        manager.close()
+def _read_variables(
+    manager: ocp.CheckpointManager, step: int
+) -> tuple[ml_collections.ConfigDict, dict[str, Any], int]:
+    """`read_checkpoint`'s (config, variables, step) of checkpoint `step` of `manager`."""
+    what = f"checkpoint {manager.directory}/{step}"
+    config = ml_collections.ConfigDict(ckpt_lib.load_config(manager, step))
+    image_size = _check_stored_config(config, what)
+    expected = MaskRCNN.from_config(config.model).variable_shapes(image_size)
+
+    def check(stored: dict, dtypes: bool = True) -> None:
+        for collection in ("params", "batch_stats"):
+            _check_tree(
+                stored.get(collection) or {},
+                expected.get(collection, {}),
+                f"{what} {collection}",
+                dtypes,
+            )
+
+    state = ckpt_lib.restore_raw(  # shapes checked before the data is read
+        manager, step, check_stored=lambda metadata: check(metadata, dtypes=False)
+    )
+    variables = {"params": state["params"], "batch_stats": state.get("batch_stats") or {}}
+    check(variables)
+    _check_finite(variables, what)
     return config, variables, step
 
 
