@@ -156,16 +156,6 @@ if "flat" in job:  # no detection; an empty batch; inputs to refuse
             image_sizes=tf.constant(job["sizes"][:1]),
         )),
     ]
-    out["bad_dtypes"] = [  # numpy arrays the functions refuse rather than cast to uint8
-        attempt(lambda: loaded.detect(image.astype("float32") / 255)),
-        attempt(lambda: loaded.detect(image.astype("uint16") * 257, score_threshold=0.5)),
-        attempt(lambda: loaded.detect_batch(job["batch"].astype("float64"), job["sizes"])),
-    ]
-    out["numpy_arguments"] = numpy(  # int64 sizes and a float64 threshold are taken
-        loaded.detect_batch(
-            job["batch"], job["sizes"].astype("int64"), score_threshold=job["float64_zero"]
-        )
-    )
     image = tf.constant(image)
     out["bad_thresholds"] = [
         (
@@ -325,7 +315,6 @@ def tf_outputs(saved_model, tmp_path_factory):
         "flat": flat_image(),
         "bad_sizes": BAD_SIZES,
         "bad_thresholds": BAD_THRESHOLDS,
-        "float64_zero": np.float64(0.0),
     }
     return run_tf_only(tmp_path_factory.mktemp("tf_only"), job)
 
@@ -424,23 +413,6 @@ def test_images_of_another_shape_are_refused_naming_the_input(tf_outputs):
         else:
             assert "image must be [H, W, 3] uint8 RGB" in message, (shape, message)
             assert " ".join(map(str, shape)) in message, (shape, message)
-
-
-def test_numpy_images_of_other_dtypes_are_refused_not_cast(tf_outputs):
-    float_image, uint16_image, float_batch = tf_outputs["bad_dtypes"]
-    for message, dtype in ((float_image, "float32"), (uint16_image, "uint16")):
-        assert isinstance(message, str), message
-        assert f"image must be uint8 RGB (0..255), got {dtype}" in message, message
-    assert "(image * 255).round().astype(np.uint8)" in float_image
-    assert isinstance(float_batch, str), float_batch
-    assert "images must be uint8 RGB (0..255), got float64" in float_batch, float_batch
-
-
-def test_numpy_int64_sizes_and_float64_thresholds_are_taken(tf_outputs):
-    got, want = tf_outputs["numpy_arguments"], tf_outputs["batch_threshold_0"]
-    assert got.keys() == want.keys()
-    for key in want:
-        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
 
 
 def test_score_thresholds_outside_0_1_are_refused(tf_outputs):

@@ -40,16 +40,9 @@ use the threshold given at export; the loaded object's functions take it as an o
 score_threshold=0.3)`, in [0, 1] as the predictor's. Inputs the functions and signatures refuse
 (a threshold outside [0, 1] or NaN, bad `image_sizes`, an empty image, an image that is not
 `[H, W, 3]`: grey or RGBA, which unlike the predictor they do not convert) raise
-`tf.errors.InvalidArgumentError` naming the input; the functions refuse a wrong rank or
-channel count earlier, when TensorFlow binds the arguments (TypeError or ValueError listing the
-shapes they take). Images must be uint8. A signature converts a numpy argument to its uint8
-input as TensorFlow converts any argument, without a check (a float image in [0, 1] would
-arrive black, 16-bit values wrap): call it with `tf.constant(image)`, which is refused unless
-uint8. The functions refuse numpy images of the common other dtypes (float16/32/64, int32/64,
-uint16) with InvalidArgumentError and the conversion to make, and take `image_sizes` as int32
-or int64 and the threshold as a float32 or float64 (their concrete forms). Also saved:
-`loaded.class_names`, `loaded.category_ids`, `loaded.step` (variables) and the checkpoint's
-config as the asset `assets/config.json` (`loaded.config_file.asset_path`).
+`tf.errors.InvalidArgumentError` naming the input. Also saved: `loaded.class_names`,
+`loaded.category_ids`, `loaded.step` (variables) and the checkpoint's config as the asset
+`assets/config.json` (`loaded.config_file.asset_path`).
 
 How the model gets into the graph. `jax2tf.convert` (native serialization) is what this does,
 step by step: `jax.export` lowers the jitted model to StableHLO (the `lax.while_loop` NMS and
@@ -353,45 +346,6 @@ def _checked_image_sizes(image_sizes: tf.Tensor, images: tf.Tensor) -> tf.Tensor
         return tf.identity(image_sizes)
 
 
-_FLOATS = (tf.float32, tf.float64)
-# The image dtypes whose numpy arrays `loaded.detect` and `detect_batch` refuse rather than let
-# TensorFlow cast them to uint8 (a float image in [0, 1] would arrive black).
-_IMAGE_DTYPES = (tf.uint8, tf.uint16, tf.int32, tf.int64, tf.float16, *_FLOATS)
-
-
-def _as_uint8(images: tf.Tensor, name: str) -> tf.Tensor:
-    """`images` as they are when uint8; of another dtype, a tensor that raises
-    InvalidArgumentError naming `name`, its dtype and the conversion, when it is computed."""
-    if images.dtype == tf.uint8:
-        return images
-    dtype = images.dtype.name
-    hint = (
-        "floats in [0, 1]: (image * 255).round().astype(np.uint8); in [0, 255]: "
-        "image.round().clip(0, 255).astype(np.uint8)"
-        if images.dtype.is_floating
-        else "values in 0..255: image.astype(np.uint8); 16-bit images: (image >> 8)"
-    )
-    check = tf.debugging.Assert(
-        tf.constant(False), [f"{name} must be uint8 RGB (0..255), got {dtype}; convert it ({hint})"]
-    )
-    with tf.control_dependencies([check]):
-        return tf.cast(images, tf.uint8)
-
-
-def _as_int32_sizes(image_sizes: tf.Tensor) -> tf.Tensor:
-    """`image_sizes` [B, 2] int32 or int64 as int32, run only after a check that int64 values
-    fit (a cast would wrap 2**32 + 5 to 5, which the range check would then take)."""
-    if image_sizes.dtype == tf.int32:
-        return image_sizes
-    check = tf.debugging.assert_less_equal(
-        image_sizes,
-        tf.constant(np.iinfo(np.int32).max, image_sizes.dtype),
-        message="image_sizes beyond the images",
-    )
-    with tf.control_dependencies([check]):
-        return tf.cast(image_sizes, tf.int32)
-
-
 class _Detector:
     """The TF computations of the saved functions: preprocess, model, postprocess.
 
@@ -584,43 +538,20 @@ def _module(
     threshold = tf.TensorSpec([], tf.float32, name="score_threshold")
 
     @tf.function(input_signature=[image, threshold], autograph=False)
-    def detect_uint8(image, score_threshold):
+    def detect(image, score_threshold=default):
         return detector.detect(image, score_threshold)
 
     @tf.function(input_signature=[images, sizes, threshold], autograph=False)
-    def detect_batch_uint8(images, image_sizes, score_threshold):
-        return detector.detect_batch(images, image_sizes, score_threshold)
-
-    @tf.function(autograph=False)
-    def detect(image, score_threshold=default):
-        image = _as_uint8(image, "image")
-        return detect_uint8(image, tf.cast(score_threshold, tf.float32))
-
-    @tf.function(autograph=False)
     def detect_batch(images, image_sizes, score_threshold=default):
-        images, sizes = _as_uint8(images, "images"), _as_int32_sizes(image_sizes)
-        return detect_batch_uint8(images, sizes, tf.cast(score_threshold, tf.float32))
-
-    # The functions' concrete forms: numpy arguments of every common dtype reach the graph
-    # as they are (a single uint8 form would let TensorFlow cast them, unchecked).
-    thresholds = [(), *((tf.TensorSpec([], t, name="score_threshold"),) for t in _FLOATS)]
-    for dtype in _IMAGE_DTYPES:
-        for t in thresholds:
-            detect.get_concrete_function(tf.TensorSpec(image.shape, dtype, name="image"), *t)
-            for size_dtype in (tf.int32, tf.int64):
-                detect_batch.get_concrete_function(
-                    tf.TensorSpec(images.shape, dtype, name="images"),
-                    tf.TensorSpec(sizes.shape, size_dtype, name="image_sizes"),
-                    *t,
-                )
+        return detector.detect_batch(images, image_sizes, score_threshold)
 
     @tf.function(input_signature=[image], autograph=False)
     def serving_default(image):
-        return detect_uint8(image, default)
+        return detect(image, default)
 
     @tf.function(input_signature=[images, sizes], autograph=False)
     def serving_batch(images, image_sizes):
-        return detect_batch_uint8(images, image_sizes, default)
+        return detect_batch(images, image_sizes, default)
 
     module.detect, module.detect_batch = detect, detect_batch
     signatures = {
