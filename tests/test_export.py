@@ -156,6 +156,13 @@ if "flat" in job:  # no detection; an empty batch; inputs to refuse
             image_sizes=tf.constant(job["sizes"][:1]),
         )),
     ]
+    float_image = tf.constant(image.astype("float32") / 255)  # a tensor: checked (not numpy)
+    out["float_image"] = [attempt(lambda: single(image=float_image))]
+    try:
+        loaded.detect(float_image)
+        out["float_image"].append("accepted")
+    except TypeError as e:
+        out["float_image"].append(str(e))
     image = tf.constant(image)
     out["bad_thresholds"] = [
         (
@@ -413,6 +420,13 @@ def test_images_of_another_shape_are_refused_naming_the_input(tf_outputs):
         else:
             assert "image must be [H, W, 3] uint8 RGB" in message, (shape, message)
             assert " ".join(map(str, shape)) in message, (shape, message)
+
+
+def test_float_image_tensors_are_refused(tf_outputs):
+    """(The module docstring and README say that numpy arguments are cast to uint8 unchecked.)"""
+    signature, function = tf_outputs["float_image"]
+    assert "expected to be a uint8 tensor but is a float tensor" in signature, signature
+    assert "tf.uint8" in function and "tf.float32" in function, function
 
 
 def test_score_thresholds_outside_0_1_are_refused(tf_outputs):

@@ -40,9 +40,16 @@ use the threshold given at export; the loaded object's functions take it as an o
 score_threshold=0.3)`, in [0, 1] as the predictor's. Inputs the functions and signatures refuse
 (a threshold outside [0, 1] or NaN, bad `image_sizes`, an empty image, an image that is not
 `[H, W, 3]`: grey or RGBA, which unlike the predictor they do not convert) raise
-`tf.errors.InvalidArgumentError` naming the input. Also saved: `loaded.class_names`,
-`loaded.category_ids`, `loaded.step` (variables) and the checkpoint's config as the asset
-`assets/config.json` (`loaded.config_file.asset_path`).
+`tf.errors.InvalidArgumentError` naming the input; the functions refuse a wrong rank or channel
+count earlier, when TensorFlow binds the arguments (TypeError). Images must be uint8, and only a
+tensor is checked: a `tf.constant` of another dtype is refused (InvalidArgumentError by the
+signatures, TypeError by the functions), but TensorFlow converts a numpy argument to the
+declared uint8 without a check (a float image in [0, 1] would arrive black, 16-bit values
+wrap), as it converts any argument of a function with an `input_signature`; one form per dtype
+would check them, at the cost of a new trace for every image size a loaded function sees.
+Convert first: `(image * 255).round().astype(np.uint8)` for floats in [0, 1]. Also saved:
+`loaded.class_names`, `loaded.category_ids`, `loaded.step` (variables) and the checkpoint's
+config as the asset `assets/config.json` (`loaded.config_file.asset_path`).
 
 How the model gets into the graph. `jax2tf.convert` (native serialization) is what this does,
 step by step: `jax.export` lowers the jitted model to StableHLO (the `lax.while_loop` NMS and
