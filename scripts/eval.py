@@ -142,9 +142,13 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
     launch.initialize()
     try:  # a checkpoint folder names its workdir, where the results go
-        workdir, _ = predictor_lib.locate_checkpoint(_WORKDIR.value, _STEP.value)
-        # the latest when no step is named: also after a training deleted the located one
-        predictor = predictor_lib.load_checkpoint(_WORKDIR.value, _STEP.value)
+        workdir, located = predictor_lib.locate_checkpoint(_WORKDIR.value, _STEP.value)
+        # The latest when no step is named, also after a training deleted the located one;
+        # with several processes, process 0's (a training may write one between their reads).
+        step = _STEP.value
+        if jax.process_count() > 1:
+            step = int(processes.broadcast_text(str(located)))
+        predictor = predictor_lib.load_checkpoint(_WORKDIR.value, step)
     except (ValueError, FileNotFoundError) as error:  # name what to fix
         raise app.UsageError(str(error)) from error
     config = predictor.config
@@ -178,8 +182,6 @@ def main(argv):
     if error := pipeline.split_error(builder, split):
         raise app.UsageError(f"--split={split!r} {error}")
     num_images = builder.info.splits[pipeline.eval_split(config, builder, split)].num_examples
-    if not num_images:
-        raise app.UsageError(f"--split={split!r} selects no image of {builder.info.full_name}")
     in_split = builder.info.splits[split].num_examples
     images = f"{num_images} images"
     if num_images < in_split:

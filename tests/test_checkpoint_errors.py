@@ -29,6 +29,7 @@ from mrcnn_jax.data import get_builder, pipeline
 from mrcnn_jax.evaluation import IOU_TYPES, STAT_NAMES
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 from mrcnn_jax.programs import evaluator, trainer
+from mrcnn_jax.programs import predictor as predictor_lib
 from mrcnn_jax.programs.predictor import locate_checkpoint
 from mrcnn_jax.train import checkpoint as ckpt_lib
 from mrcnn_jax.train import state as state_lib
@@ -277,7 +278,8 @@ def test_a_checkpoint_a_training_deletes_while_it_is_read_is_read_again_or_named
 ):
     """A training keeping its newest checkpoints (`train.keep_checkpoints`) deleted the one that
     load_checkpoint (eval.py, predict.py) was reading: that said "corrupt or truncated ... move
-    it away", or orbax's "Checkpoint directory does not exist", about a healthy checkpoint."""
+    it away", or orbax's "Checkpoint directory does not exist", about a healthy checkpoint. A
+    read that fails while its folder stays complete is not that, newer checkpoints or not."""
     workdir = copy_workdir(saved, tmp_path)
     checkpoints = workdir / "checkpoints"
     restore_raw, moves = ckpt_lib.restore_raw, []
@@ -290,25 +292,32 @@ def test_a_checkpoint_a_training_deletes_while_it_is_read_is_read_again_or_named
         return restore_raw(manager, step, **kwargs)
 
     monkeypatch.setattr(ckpt_lib, "restore_raw", training_moves_on)
+    monkeypatch.setattr(predictor_lib, "_DELETION_SECONDS", 0.0)
     moves_left = 1
     with caplog.at_level("WARNING"):
         assert mrcnn_jax.load_checkpoint(workdir).step == STEP + 2  # the latest, read again
     assert moves == [STEP]
     assert warnings_naming(caplog, f"{checkpoints}/{STEP} was deleted while it was read")
 
+    deleted = "was deleted while it was read{}: a training running in that workdir keeps only "
     moves_left = 2  # asked for by its step: named
-    message = (
-        rf"^checkpoint {re.escape(str(checkpoints))}/{STEP + 2} was deleted while it was read: "
-        "a training running in that workdir keeps only its newest train.keep_checkpoints"
-    )
-    with pytest.raises(FileNotFoundError, match=message):
+    with pytest.raises(FileNotFoundError, match=deleted.format("")) as error:
         mrcnn_jax.load_checkpoint(workdir, STEP + 2)
+    assert str(error.value).startswith(f"checkpoint {checkpoints}/{STEP + 2} ")
     assert moves == [STEP, STEP + 2]
 
-    moves_left = 5  # deleted at every read: three reads, then orbax's error
-    with pytest.raises(Exception, match="does not exist"):
+    moves_left = 5  # deleted at every read: three reads, then said
+    with pytest.raises(FileNotFoundError, match=deleted.format(", 3 times")):
         mrcnn_jax.load_checkpoint(workdir)
     assert moves == [STEP, STEP + 2, STEP + 4, STEP + 6, STEP + 8]
+
+    def fails_as_a_newer_one_is_written(manager, step, **kwargs):
+        shutil.copytree(checkpoints / str(step), checkpoints / str(step + 2))
+        raise ValueError("a real read error")
+
+    monkeypatch.setattr(ckpt_lib, "restore_raw", fails_as_a_newer_one_is_written)
+    with pytest.raises(ValueError, match=r"^a real read error$"):
+        mrcnn_jax.load_checkpoint(workdir)
 
 
 @pytest.mark.parametrize(

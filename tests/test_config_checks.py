@@ -128,7 +128,7 @@ def test_a_schedule_longer_than_the_run_is_allowed_with_warnings():
     config.train.num_steps = 20
     state_lib.check_train_settings(config.train)
     warmup, decay = state_lib.schedule_warnings(config.train)
-    assert warmup.startswith("config.train.warmup_steps=1000 > num_steps=20: the run ends in")
+    assert warmup.startswith("config.train.warmup_steps=1000 >= num_steps=20: the run ends in")
     assert "has (60000, 80000) at or after num_steps=20" in decay
     config.train.schedule = "cosine"  # decays to 0 at num_steps: decay_steps are not used
     assert state_lib.schedule_warnings(config.train) == [warmup]

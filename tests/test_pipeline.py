@@ -319,11 +319,14 @@ def test_max_images_limits_any_split_spec_to_its_first_images(
 
 def test_split_names_and_why_a_split_spec_cannot_be_read(shapes_builder):
     """An unknown split name says which splits there are; a slice out of range or a spec that
-    does not parse gives the split sizes and TFDS's reason (8 train, 5 validation images)."""
+    does not parse gives the split sizes and TFDS's reason (8 train, 5 validation images); an
+    empty slice is said (it failed after training, in TFDS's words)."""
     assert pipeline.split_names("validation[:5%]+train [2:]") == ["validation", "train"]
-    for spec in ("validation", "validation[1:3]", "train[:50%]+validation", "validation[:0]"):
+    for spec in ("validation", "validation[1:3]", "train[:50%]+validation"):
         assert pipeline.split_error(shapes_builder, spec) is None, spec
     name = shapes_builder.info.full_name
+    for spec in ("validation[:0]", "train[3:3]+validation[5:]"):
+        assert pipeline.split_error(shapes_builder, spec) == f"selects no image of {name}", spec
     unknown = f"is not a split of {name} (its splits: ['train', 'validation'])"
     for spec in ("val", "train+val[:2]"):
         assert pipeline.split_error(shapes_builder, spec) == unknown, spec

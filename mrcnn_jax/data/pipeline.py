@@ -769,13 +769,14 @@ def split_names(spec: str) -> list[str]:
 
 def split_error(builder: tfds.core.DatasetBuilder, spec: str) -> str | None:
     """Why `builder` cannot read the TFDS split spec `spec`, to follow the spec in a message
-    ("is not a split of <dataset> (its splits: ...)", or "does not select images of <dataset>
-    (<split sizes>): <TFDS's reason>" for a slice out of range or a spec that does not parse);
-    None when it can."""
+    ("is not a split of <dataset> (its splits: ...)", "does not select images of <dataset>
+    (<split sizes>): <TFDS's reason>" for a slice out of range or a spec that does not parse,
+    or "selects no image of <dataset>" for an empty one, e.g. `validation[:0]`); None when it
+    can."""
     splits = builder.info.splits
     try:
-        splits[spec]
-        return None
+        empty = not splits[spec].num_examples
+        return f"selects no image of {builder.info.full_name}" if empty else None
     except (KeyError, ValueError) as error:
         reason = str(error).splitlines()[-1] if str(error) else type(error).__name__
     name = builder.info.full_name

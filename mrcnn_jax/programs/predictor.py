@@ -19,6 +19,7 @@ import dataclasses
 import numbers
 import operator
 import os
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -467,30 +468,30 @@ def read_checkpoint(
     config's model (every path, shape and dtype); arguments and errors as `load_checkpoint`'s.
 
     A training running in the workdir deletes its older checkpoints (`train.keep_checkpoints`),
-    also while one is read: a read of the latest that fails once a newer checkpoint exists is
-    that, and reads the new latest (up to `_READS` times in all); a checkpoint asked for by its
-    step that is gone after a failed read is a FileNotFoundError saying so."""
+    also while one is read: a read that fails because its checkpoint's folder is gone, or no
+    longer complete, is that; a read of the latest then reads the new latest (up to `_READS`
+    times in all), and either raises FileNotFoundError saying so."""
     for attempt in range(1, _READS + 1):
         manager, _, chosen, latest = _open(path, step)
+        folder = ckpt_lib.step_dir(manager, chosen)
         try:
             return _read_variables(manager, chosen)
         except Exception:
-            if _still_there(path, chosen, latest):
+            if not _deleted(folder):
                 raise
-            if not latest:
-                raise FileNotFoundError(
-                    f"checkpoint {manager.directory}/{chosen} was deleted while it was read: "
-                    "a training running in that workdir keeps only its newest "
-                    "train.keep_checkpoints checkpoints; read a newer step, or the latest"
-                ) from None
-            if attempt == _READS:
-                raise
-            logging.warning(
-                "checkpoint %s/%d was deleted while it was read (a training running in that "
-                "workdir keeps only its newest checkpoints): reading the latest again",
-                manager.directory,
-                chosen,
-            )
+            if latest and attempt < _READS:
+                logging.warning(
+                    "checkpoint %s was deleted while it was read (a training running in that "
+                    "workdir keeps only its newest checkpoints): reading the latest again",
+                    folder,
+                )
+                continue
+            again = f", {_READS} times" if latest else ""
+            raise FileNotFoundError(
+                f"checkpoint {folder} was deleted while it was read{again}: a training running "
+                "in that workdir keeps only its newest train.keep_checkpoints checkpoints; read "
+                "the latest, or a step it keeps"
+            ) from None
         finally:
             manager.close()
 
@@ -498,17 +499,15 @@ def read_checkpoint(
 _READS = 3
 
 
-def _still_there(path: str | epath.PathLike, step: int, latest: bool) -> bool:
-    """Whether checkpoint `step` of `path`'s workdir, whose read just failed, is still there:
-    its folder exists and, where it was read as the latest, it still is the latest (a training
-    deletes only older checkpoints, after writing a newer one; its folder may then still exist,
-    half deleted)."""
-    try:
-        manager, _, now, _ = _open(path, None if latest else step)
-    except FileNotFoundError:
-        return False
-    manager.close()
-    return now == step
+def _deleted(folder: epath.Path) -> bool:
+    """Whether the checkpoint `folder`, whose read just failed, is gone or no longer complete (a
+    training deleting it; its files go first), after a moment for a deletion in progress. A
+    complete folder that cannot be read is damaged, not deleted."""
+    time.sleep(_DELETION_SECONDS)
+    return not folder.exists() or bool(ckpt_lib.missing_parts(folder))
+
+
+_DELETION_SECONDS = 0.5
 
 
 def _read_variables(

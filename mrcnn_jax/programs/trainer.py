@@ -355,10 +355,7 @@ def check_splits(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBu
         split = config.data[name]
         if name == "val_split" and not pipeline.split_error(builder, split):
             split = pipeline.eval_split(config, builder, split)  # its first eval.max_images
-        error = pipeline.split_error(builder, split)
-        if not error and not builder.info.splits[split].num_examples:
-            error = f"selects no image of {builder.info.full_name}"
-        if error:
+        if error := pipeline.split_error(builder, split):
             raise ValueError(f"config.data.{name}={config.data[name]!r} {error}")
 
 

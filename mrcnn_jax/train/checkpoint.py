@@ -297,10 +297,13 @@ def create_manager(
         absl_logger.removeFilter(notice)
     # orbax cleans up in a thread that only `save` waits for: a run ending on an error before
     # its first save (a bad dataset) exited under it, with a traceback after the error line.
-    cleanup = getattr(manager, "_cleanup_tmp_directory_future", None)
-    if cleanup is not None:
-        cleanup.result()
-        manager._cleanup_tmp_directory_future = None
+    await_cleanup = getattr(manager, "_maybe_await_cleanup_tmp_directory", None)  # orbax 0.12
+    if clean_up and await_cleanup:
+        try:
+            await_cleanup()
+        except BaseException:
+            manager.close()
+            raise
     return manager
 
 
@@ -396,17 +399,22 @@ def _none_complete(manager: ocp.CheckpointManager, purpose: str = "") -> str:
     )
 
 
+_SKIPPED: set[tuple[str, tuple[str, ...]]] = set()  # (folder, what it lacks) warned of
+
+
 def latest_step(manager: ocp.CheckpointManager, warn: bool = True) -> int | None:
     """The latest step whose folder is a complete checkpoint (`missing_parts`), None if none is.
 
     Later step folders that are not complete checkpoints are skipped, each (`warn`) with a
-    warning that names it and what it lacks.
+    warning that names it and what it lacks, once per process (a script locates, then loads).
     """
     for step in sorted(manager.all_steps(), reverse=True):
         missing = missing_parts(step_dir(manager, step))
         if not missing:
             return step
-        if warn:
+        seen = (str(step_dir(manager, step)), tuple(missing))
+        if warn and seen not in _SKIPPED:
+            _SKIPPED.add(seen)
             logging.warning(
                 "Skipping checkpoint folder %s: not a complete checkpoint (it lacks %s; an "
                 "interrupted copy?)",

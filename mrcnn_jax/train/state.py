@@ -94,9 +94,9 @@ def schedule_warnings(train: ml_collections.ConfigDict) -> list[str]:
     without its `decay_steps`, which stay absolute steps). Allowed (a run may stop early and
     resume with more steps), but said."""
     warnings = []
-    if train.warmup_steps > train.num_steps:
+    if train.warmup_steps >= train.num_steps > 0:
         warnings.append(
-            f"config.train.warmup_steps={train.warmup_steps} > num_steps={train.num_steps}: "
+            f"config.train.warmup_steps={train.warmup_steps} >= num_steps={train.num_steps}: "
             "the run ends in its warm-up, below base_lr"
         )
     late = [int(s) for s in train.decay_steps if s >= train.num_steps]
