@@ -551,7 +551,8 @@ def load_checkpoint(path: str | epath.PathLike, step: int | None = None) -> Pred
     Raises:
       FileNotFoundError: no complete checkpoint there, or the step asked for is not one (its
         folder lacks files, e.g. after an interrupted copy: the message names them and the
-        complete steps).
+        complete steps), or a training running in the workdir deleted it while it was read
+        (the latest: three times in a row; `read_checkpoint`).
       TypeError: `step` is not an integer (e.g. the string "400").
       ValueError: the stored parameters do not fit the stored config (a variable's path, shape
         or dtype differs from the model's); `ckpt_lib.CorruptCheckpointError`, a ValueError:
