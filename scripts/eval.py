@@ -17,7 +17,8 @@ one `_`: `--split='validation[:16]'` gives `eval_<step>_validation_16_.json`).
 cannot be written after all (a full disk) ends the run with `error: cannot write <file>:
 <reason>`, exit status 1, and no partial file. The dataset's categories must be the model's: a
 dataset rebuilt from an edited annotation file (a category added, its ids changed) is a usage
-error naming the categories the model lacks. A --workdir without a complete checkpoint (or
+error naming the categories the model lacks (categories that no annotation uses only warn:
+they are not scored). A --workdir without a complete checkpoint (or
 without the --checkpoint_step one) is a usage error; so is a --checkpoint_step (or checkpoint
 folder) that is not a complete checkpoint, e.g. after an interrupted copy (the message names
 what it lacks), while the latest one is looked for among the complete ones only (a later
@@ -133,7 +134,7 @@ def main(argv):
     from etils import epath
 
     from mrcnn_jax import paths, sharding
-    from mrcnn_jax.data import get_builder, pipeline
+    from mrcnn_jax.data import coco_json, get_builder, pipeline
     from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
     from mrcnn_jax.programs import evaluator, processes
     from mrcnn_jax.programs import predictor as predictor_lib
@@ -187,8 +188,15 @@ def main(argv):
     if num_images < in_split:
         flag = "--max_images" if _MAX_IMAGES.value else "the checkpoint's config.eval.max_images"
         images = f"the first {num_images} of its {in_split} images ({flag}; --max_images=0: all)"
+
+    def annotated_ids() -> set[int]:  # only asked for when the model lacks a category
+        annotations = coco_json.coco_ground_truth(builder, split)["annotations"]
+        return {a["category_id"] for a in annotations}
+
     try:  # another json's ids must name the model's classes
-        evaluator.check_dataset_classes(config, builder, strict_names=bool(_JSON.value))
+        evaluator.check_dataset_classes(
+            config, builder, strict_names=bool(_JSON.value), annotated_ids=annotated_ids
+        )
     except ValueError as error:
         raise app.UsageError(str(error)) from error
     results_path, metrics_path = (out_dir / f"{n}_{suffix}.json" for n in ("detections", "eval"))

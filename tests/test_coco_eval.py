@@ -555,6 +555,31 @@ def test_check_dataset_classes_refuses_categories_the_model_lacks(caplog):
     assert "(3, 'hound', 'dog')" in caplog.text
 
 
+def test_a_category_the_model_lacks_that_no_annotation_uses_only_warns(caplog):
+    """eval.py --json on a json that lists every label of a project: a category the model does
+    not predict and no annotation uses cannot change COCO's numbers (COCOeval leaves out a
+    category without ground truth or detections); one that annotations use is refused."""
+    builder = _builder_with(["cat", "dog", "bird", "fish"], [1, 3, 7, 9])
+    config = _classes_config(2, ["cat", "dog"], [1, 3])
+    asked = []
+
+    def annotated_ids():
+        asked.append(True)
+        return {1, 3, 9}
+
+    with pytest.raises(ValueError, match=r"does not predict: \[\(9, 'fish'\)\]"):
+        eval_program.check_dataset_classes(config, builder, annotated_ids=annotated_ids)
+    assert "which no annotation uses (not scored): [(7, 'bird')]" in caplog.text
+    caplog.clear()
+    eval_program.check_dataset_classes(config, builder, annotated_ids=lambda: {1})
+    assert "[(7, 'bird'), (9, 'fish')] (id, name)" in caplog.text
+    asked.clear()
+    eval_program.check_dataset_classes(
+        config, _builder_with(["cat"], [1]), annotated_ids=annotated_ids
+    )
+    assert not asked  # read only when the model lacks a category
+
+
 def test_check_dataset_classes_refuses_other_names_for_every_id_when_strict(caplog):
     """eval.py --json: a json whose ids all name other classes than the model's (in its
     `label_to_category_id`, or label by label without one) is refused; one name in common

@@ -56,6 +56,7 @@ def check_dataset_classes(
     config: ml_collections.ConfigDict,
     builder: tfds.core.DatasetBuilder,
     strict_names: bool = False,
+    annotated_ids: Callable[[], set[int]] | None = None,
 ) -> None:
     """Raises ValueError unless the model can be scored on the dataset's categories.
 
@@ -69,6 +70,9 @@ def check_dataset_classes(
     own way; with `strict_names` (another annotation file given for evaluation) a dataset
     none of whose names is the model's for the same id is refused. A dataset category named as
     the model names another id is refused (ids permuted, e.g. another export of the same labels).
+    With `annotated_ids` (the category ids the evaluated annotations use, asked for only then),
+    categories the model does not predict that no annotation uses only warn: they cannot
+    change COCO's numbers (a json listing every label of a project).
     """
     names = schema.class_names(builder.info)
     ids = schema.label_to_category_id(builder.info).tolist()
@@ -96,6 +100,17 @@ def check_dataset_classes(
             "categories the model's ids"
         )
     missing = [(i, n) for i, n in zip(ids, names, strict=True) if i not in model_ids]
+    if missing and annotated_ids:
+        used = annotated_ids()
+        unused = [(i, n) for i, n in missing if i not in used]
+        if unused:
+            logging.warning(
+                "%s has categories the model does not predict, which no annotation uses (not "
+                "scored): %s (id, name)",
+                where,
+                unused[:8],
+            )
+        missing = [(i, n) for i, n in missing if i in used]
     if missing:
         raise ValueError(
             f"{where} has categories the model does not predict: {missing[:8]} (id, name) are "
