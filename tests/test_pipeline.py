@@ -437,15 +437,18 @@ def test_augmented_geometry_matches_numpy_references(
         np.testing.assert_array_equal(row["gt_masks"][k][decided], (values >= 0.5)[decided])
 
 
+@pytest.mark.parametrize("max_instances", [4, 2])
 @pytest.mark.parametrize("flip", [False, True])
 def test_a_cut_object_gets_its_visible_masks_box_and_one_with_nothing_visible_is_dropped(
-    monkeypatch, flip
+    monkeypatch, flip, max_instances
 ):
     """A disc and a thin diagonal band in a 200² photo, ×2 (400²) into a 128² canvas, the crop
     window the photo's x ∈ [135, 199), y ∈ [120, 184): the disc's box is that of its visible part
     (its clipped box would reach over background to the disc's bounding corner), the band, whose
     box the crop still overlaps but whose pixels it leaves out, is no longer a valid object
-    (Detectron2's LSJ recompute_boxes), and an object inside the crop keeps its box."""
+    (Detectron2's LSJ recompute_boxes), and an object inside the crop keeps its box. With room
+    for two objects, the band (before the crop the second trainable one) gives its place to the
+    visible third, and nothing counts as dropped."""
     size = 200
     yy, xx = np.mgrid[0:size, 0:size] + 0.5
     disc = (xx - 100) ** 2 + (yy - 100) ** 2 <= 50**2
@@ -478,21 +481,24 @@ def test_a_cut_object_gets_its_visible_masks_box_and_one_with_nothing_visible_is
         "_augmentation",
         lambda *_: (tf.constant(flip), tf.constant([400, 400]), tf.constant([offset[0], offset_x])),
     )
-    config = _config(image_size=(128, 128), mask_size=28, max_instances=4)
+    config = _config(image_size=(128, 128), mask_size=28, max_instances=max_instances)
     row = pipeline._preprocess(example, tf.zeros([2], tf.int64), config.data, train=True)
 
     def final(box):  # photo pixels -> the canvas
         box = box * ratio - np.tile(offset[::-1], 2)
         return np.array([128 - box[2], box[1], 128 - box[0], box[3]]) if flip else box
 
-    assert row["gt_valid"].numpy().tolist() == [True, False, True, False]
+    kept = [0, 2, 1, -1] if max_instances == 4 else [0, 2]  # visible first, then file order
+    assert row["gt_classes"].numpy().tolist() == kept
+    assert row["gt_valid"].numpy().tolist() == [True, True] + [False] * (max_instances - 2)
+    assert int(row["_num_dropped"]) == 0
     window = np.concatenate([offset[::-1], offset[::-1] + 128]) / ratio
     expected = final(visible_extent(disc, window))
     np.testing.assert_allclose(row["gt_boxes"][0].numpy(), expected, atol=1e-3)
     clipped = np.clip(final(tight(disc)), 0, 128)
     assert expected[3] < clipped[3] - 20  # the visible part ends far above the clipped box
-    assert not row["gt_masks"][1].numpy().any()
-    np.testing.assert_allclose(row["gt_boxes"][2].numpy(), final(tight(uncut)), atol=1e-3)
+    np.testing.assert_allclose(row["gt_boxes"][1].numpy(), final(tight(uncut)), atol=1e-3)
+    assert row["gt_masks"][1].numpy().any() and not row["gt_masks"][2:].numpy().any()
 
 
 @pytest.mark.parametrize("size", [(48, 64), (130, 173), (960, 1280)])

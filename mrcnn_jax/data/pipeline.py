@@ -35,7 +35,9 @@ without a non-crowd object are dropped from the record stream before it is numbe
 global order stays a function of the seed. An object with a positive-area box but an empty mask
 stays valid (the box trains) with an all-zero mask target. If an image has more than
 ``max_instances`` objects, the kept ones are the first in the order (trainable before crowd
-or zero-area, then annotation order), and the first such image of a run logs a warning.
+or zero-area, then annotation order), trainable judged on the final boxes, after the random
+crop (an object the crop leaves out does not take a visible one's place), and the first image
+of a run with more trainable objects than that logs a warning.
 
 Data order (train): the sequence of GLOBAL batches (``train.batch_size`` examples each) is a
 function of ``config.seed`` and the step only, whatever the number of processes: every process
@@ -445,19 +447,21 @@ def _preprocess(
     height, width = tf.shape(image)[0], tf.shape(image)[1]
     objects = example["objects"]
     boxes = _pixel_boxes(objects["bbox"], height, width)
-    keep, num_dropped = _select_objects(boxes, objects["is_crowd"], data.max_instances)
-    boxes = tf.gather(boxes, keep)
-    is_crowd = tf.gather(objects["is_crowd"], keep)
 
     flip, resized, offset = _augmentation(seed, height, width, data, train)
     ratios = _ratios(resized, height, width)
     image, content = _transform_image(image, flip, resized, offset, data)
-    counts = masks.rle_counts(tf.gather(objects["mask"], keep))
+    counts = masks.rle_counts(objects["mask"])
     boxes = _fit_boxes_to_crop(
         boxes, counts, height, width, flip, resized, ratios, offset, content, data.image_size
     )
     boxes = _transform_boxes(boxes, flip, ratios, offset, width, content)
-    valid = ~is_crowd & _positive_area(boxes)
+    # Objects are chosen after the crop, so that those it leaves out do not take the place of
+    # visible ones.
+    keep, num_dropped = _select_objects(boxes, objects["is_crowd"], data.max_instances)
+    boxes = tf.gather(boxes, keep)
+    counts = tf.gather(counts, keep)
+    valid = ~tf.gather(objects["is_crowd"], keep) & _positive_area(boxes)
     crops = _crop_masks(counts, height, width, boxes, flip, ratios, offset, data.mask_size)
     crops *= tf.cast(valid, tf.uint8)[:, tf.newaxis, tf.newaxis]
 
