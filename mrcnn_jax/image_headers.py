@@ -1,5 +1,6 @@
-"""What an image file's header says, read without decoding the pixels: the size a PNG or JPEG
-declares (`declared_size`) and a JPEG's EXIF orientation (`exif_orientation`)."""
+"""What an image file's header says, read without decoding the pixels: the size a PNG, JPEG,
+GIF, BMP, TIFF or WebP file declares (`declared_size`) and a JPEG's EXIF orientation
+(`exif_orientation`)."""
 
 from collections.abc import Iterator
 
@@ -22,15 +23,41 @@ def _jpeg_segments(data: bytes) -> Iterator[tuple[int, bytes]]:
 
 
 def declared_size(data: bytes) -> tuple[int, int] | None:
-    """(height, width) that a PNG's IHDR or a JPEG's frame header declares; None for other
-    formats and for headers cut short."""
+    """(height, width) that an image file's header declares: a PNG's IHDR, a JPEG's frame
+    header, a GIF's logical screen, a BMP's info header, a TIFF's first directory, a WebP's
+    VP8, VP8L or VP8X chunk. None for other formats and for headers cut short."""
     if data.startswith(PNG_SIGNATURE) and len(data) >= 24:
         return int.from_bytes(data[20:24], "big"), int.from_bytes(data[16:20], "big")
     for marker, payload in _jpeg_segments(data):
         if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC) and len(payload) >= 5:
             # a start of frame: precision, then height and width
             return int.from_bytes(payload[1:3], "big"), int.from_bytes(payload[3:5], "big")
+    if data[:6] in (b"GIF87a", b"GIF89a") and len(data) >= 10:
+        return _little(data, 8, 2), _little(data, 6, 2)
+    if data.startswith(b"BM") and _little(data, 14, 4) == 12 and len(data) >= 22:
+        return _little(data, 20, 2), _little(data, 18, 2)  # OS/2's header: 16-bit sizes
+    if data.startswith(b"BM") and len(data) >= 26:
+        height = int.from_bytes(data[22:26], "little", signed=True)  # < 0: stored top-down
+        return abs(height), int.from_bytes(data[18:22], "little", signed=True)
+    if data[:4] in (b"II*\0", b"MM\0*"):
+        tags = _tiff_tags(data)
+        if 256 in tags and 257 in tags:  # ImageWidth, ImageLength
+            return tags[257], tags[256]
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP" and len(data) >= 30:
+        chunk = data[12:16]
+        if chunk == b"VP8 ":  # lossy: 14-bit sizes after the key frame's start code
+            return _little(data, 28, 2) & 0x3FFF, _little(data, 26, 2) & 0x3FFF
+        if chunk == b"VP8L":  # lossless: 14-bit sizes minus one, packed after a 0x2F byte
+            bits = _little(data, 21, 4)
+            return ((bits >> 14) & 0x3FFF) + 1, (bits & 0x3FFF) + 1
+        if chunk == b"VP8X":  # extended: 24-bit canvas sizes minus one
+            return _little(data, 27, 3) + 1, _little(data, 24, 3) + 1
     return None
+
+
+def _little(data: bytes, at: int, size: int) -> int:
+    """The little-endian unsigned integer of `size` bytes at `at`."""
+    return int.from_bytes(data[at : at + size], "little")
 
 
 def exif_orientation(data: bytes) -> int:
@@ -44,16 +71,26 @@ def exif_orientation(data: bytes) -> int:
 
 def _tiff_orientation(tiff: bytes) -> int:
     """The orientation tag (0x0112) of an EXIF block's first directory (TIFF layout), or 1."""
+    value = _tiff_tags(tiff).get(0x0112, 1)
+    return value if 1 <= value <= 8 else 1
+
+
+def _tiff_tags(tiff: bytes) -> dict[int, int]:
+    """tag -> value of the SHORT and LONG entries holding one value in a TIFF layout's first
+    directory (a TIFF file's or an EXIF block's); {} for a malformed one."""
     order = {b"II": "little", b"MM": "big"}.get(tiff[:2])
     if order is None or len(tiff) < 8:
-        return 1
+        return {}
     directory = int.from_bytes(tiff[4:8], order)
     count = int.from_bytes(tiff[directory : directory + 2], order)
+    tags = {}
     for k in range(count):
         entry = tiff[directory + 2 + 12 * k : directory + 14 + 12 * k]
         if len(entry) < 12:
             break
-        if int.from_bytes(entry[:2], order) == 0x0112:  # a SHORT, its value first
-            value = int.from_bytes(entry[8:10], order)
-            return value if 1 <= value <= 8 else 1
-    return 1
+        kind, number = int.from_bytes(entry[2:4], order), int.from_bytes(entry[4:8], order)
+        if number == 1 and kind in (3, 4):  # SHORT or LONG, its value first in the field
+            tags[int.from_bytes(entry[:2], order)] = int.from_bytes(
+                entry[8:10] if kind == 3 else entry[8:12], order
+            )
+    return tags

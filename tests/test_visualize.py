@@ -69,6 +69,40 @@ def test_draw_detections_colours_cycle_per_instance():
         )
 
 
+def test_the_first_detections_label_is_drawn_last_on_top():
+    """Two detections with the same box: both labels start at the same corner, and the first
+    (highest scoring) one's is drawn over the second's, which was drawn over it before."""
+    image, boxes, masks, scores, _ = one_detection()
+    two = [np.concatenate([a, a]) for a in (boxes, masks, scores)]
+    out = visualize.draw_detections(image, *two, ["a", "a"])
+    top = np.flatnonzero((out[:15, 10] != GREY).any(axis=-1))[0]  # the labels' top left
+    np.testing.assert_array_equal(out[top, 10], visualize.PALETTE[0])
+    assert not (out[:15] == visualize.PALETTE[1]).all(axis=-1).any()  # covered by the first
+
+
+def test_lines_grow_with_the_image_and_stay_inside_the_box():
+    """On a 1600² image boxes are 2 pixels wide, inwards from the outermost covered pixels
+    (at 40×60: 1, as `test_draw_detections_blends_mask_and_draws_box_and_label` checks)."""
+    image = np.full((1600, 1600, 3), GREY, np.uint8)
+    boxes = np.array([[400.0, 500.0, 900.0, 1100.0]], np.float32)
+    masks = np.zeros((1, 1600, 1600), bool)
+    out = visualize.draw_detections(image, boxes, masks, np.ones(1), ["x"])
+    colour = visualize.PALETTE[0]
+    for x, expected in ((399, False), (400, True), (401, True), (402, False), (898, True)):
+        assert (out[800, x] == colour).all() == expected, x
+    assert (out[1099, 600] == colour).all() and (out[1098, 600] == colour).all()
+    assert not (out[1097, 600] == colour).all() and not (out[1100, 600] == colour).all()
+
+
+def test_names_outside_ascii_are_drawn_apart():
+    """cv2's font has ASCII only: accents are dropped and other characters escaped, so two
+    classes named in another script no longer both draw as "? 0.88"."""
+    assert visualize._ascii("café") == "cafe"
+    assert visualize._ascii("猫 cat") == "\\u732b cat"
+    drawn = [visualize.draw_detections(*one_detection()[:4], [name]) for name in ("猫", "犬")]
+    assert not np.array_equal(*drawn)
+
+
 @pytest.mark.parametrize(
     ("name", "change", "match"),
     [
@@ -121,6 +155,10 @@ def test_read_image_errors_name_the_file(tmp_path):
     missing = tmp_path / "missing.jpg"
     with pytest.raises(FileNotFoundError, match=r"missing\.jpg"):
         visualize.read_image(missing)
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty\.jpg'?: the file is empty"):
+        visualize.read_image(empty)
     not_an_image = tmp_path / "notes.jpg"
     not_an_image.write_text("hello")
     with pytest.raises(ValueError, match=r"notes\.jpg'?: not an image format cv2 decodes"):
@@ -132,30 +170,60 @@ def test_read_image_errors_name_the_file(tmp_path):
         visualize.write_image(whole, image)
         cut = tmp_path / f"cut{extension}"
         cut.write_bytes(whole.read_bytes()[:keep])
-        message = (
-            f"cut\\{extension}'?: a {kind} file cv2 cannot decode \\(truncated or damaged\\?\\)"
-        )
+        message = f"cut\\{extension}'?: a {kind} file cv2 cannot decode \\(truncated, damaged or a "
         with pytest.raises(ValueError, match=message):
             visualize.read_image(cut)
 
 
 def test_read_image_refuses_a_header_declaring_too_many_pixels(tmp_path, monkeypatch):
-    """A PNG or JPEG of a few KB may declare 30000×30000 pixels: refused before decoding, the
-    declared size read from the header (also a progressive JPEG's and one after an EXIF
-    block); at the limit it is read."""
+    """A file of a few KB may declare 30000×30000 pixels: refused before decoding, the declared
+    size read from the header of each format predict.py reads from folders (also a progressive
+    JPEG's, one after an EXIF block, big- and little-endian TIFF, OS/2 and top-down BMP, the
+    three kinds of WebP); at the limit it is read."""
     from PIL import Image
 
     image = np.random.default_rng(0).integers(0, 256, (30, 50, 3), np.uint8)
     files = {}
-    for name, options in (("a.png", {}), ("b.jpg", {}), ("c.jpg", {"progressive": True})):
+    for name, options in (
+        ("a.png", {}),
+        ("b.jpg", {}),
+        ("c.jpg", {"progressive": True}),
+        ("e.gif", {}),
+        ("f.bmp", {}),
+        ("g.tif", {"compression": "tiff_deflate"}),
+        ("h.webp", {"quality": 80}),
+        ("i.webp", {"lossless": True}),
+        ("j.webp", {"exif": b"Exif\0\0MM\0*\0\0\0\x08\0\0"}),  # extended (VP8X)
+    ):
         files[name] = tmp_path / name
         Image.fromarray(image).save(files[name], **options)
     files["d.jpg"] = tmp_path / "d.jpg"
     write_sideways_jpeg(files["d.jpg"], image)
+    files["k.tif"] = tmp_path / "k.tif"  # big-endian, as Pillow writes 16-bit grey
+    grey = np.arange(30 * 50, dtype=">u2").tobytes()
+    Image.frombytes("I;16B", (50, 30), grey).save(files["k.tif"])
+    bmp = bytearray(files["f.bmp"].read_bytes())
+    bmp[22:26] = (-30).to_bytes(4, "little", signed=True)  # rows stored top-down
+    files["l.bmp"] = tmp_path / "l.bmp"
+    files["l.bmp"].write_bytes(bytes(bmp))
+    core = bytearray(files["f.bmp"].read_bytes()[:14]) + (12).to_bytes(4, "little")
+    files["m.bmp"] = tmp_path / "m.bmp"  # OS/2's 12-byte header: 16-bit sizes, no pixels
+    files["m.bmp"].write_bytes(
+        bytes(core + (50).to_bytes(2, "little") + (30).to_bytes(2, "little"))
+    )
+    assert (
+        files["g.tif"].read_bytes()[:4] == b"II*\0" and files["k.tif"].read_bytes()[:4] == b"MM\0*"
+    )
+    assert {files[n].read_bytes()[12:16] for n in ("h.webp", "i.webp", "j.webp")} == {
+        b"VP8 ",
+        b"VP8L",
+        b"VP8X",
+    }
     monkeypatch.setattr(visualize, "MAX_IMAGE_PIXELS", 30 * 50)
     for path in files.values():
-        assert visualize.read_image(path).shape[:2] == (30, 50)
-        assert image_headers.declared_size(path.read_bytes()) == (30, 50)
+        assert image_headers.declared_size(path.read_bytes()) == (30, 50), path.name
+        if path.name != "m.bmp":
+            assert visualize.read_image(path).shape[:2] == (30, 50)
     monkeypatch.setattr(visualize, "MAX_IMAGE_PIXELS", 30 * 50 - 1)
     for path in files.values():
         with pytest.raises(ValueError, match=r"its header declares 30x50 pixels, more than the"):

@@ -5,6 +5,7 @@ Images are ``[H, W, 3]`` uint8 RGB numpy arrays throughout; cv2's BGR order stay
 """
 
 import os
+import unicodedata
 
 import cv2
 import numpy as np
@@ -40,9 +41,10 @@ def read_image(path: str | os.PathLike, *, exif_orientation: bool = False) -> np
 
     Raises:
       FileNotFoundError: `path` is not an existing file.
-      ValueError: the file is not an image cv2 can decode (named as a truncated or damaged
-        JPEG, PNG, GIF or BMP file when it starts as one), or its JPEG or PNG header declares
-        more than `MAX_IMAGE_PIXELS` pixels (a file of a few KB may declare 30000×30000: its
+      ValueError: the file is empty or not an image cv2 can decode (named as a JPEG, PNG,
+        GIF, BMP or TIFF file cv2 cannot decode when it starts as one: truncated, damaged or
+        of a variant cv2 lacks), or its header (JPEG, PNG, GIF, BMP, TIFF, WebP) declares more
+        than `MAX_IMAGE_PIXELS` pixels (a file of a few KB may declare 30000×30000: its
         decoding alone would take GBs).
     """
     path = os.fspath(path)
@@ -50,17 +52,22 @@ def read_image(path: str | os.PathLike, *, exif_orientation: bool = False) -> np
         raise FileNotFoundError(f"image file {path!r} does not exist")
     flags = cv2.IMREAD_COLOR | (0 if exif_orientation else cv2.IMREAD_IGNORE_ORIENTATION)
     data = np.fromfile(path, np.uint8)
+    if not data.size:
+        raise ValueError(f"cannot read image file {path!r}: the file is empty")
     size = image_headers.declared_size(data.tobytes())
     if size and size[0] * size[1] > MAX_IMAGE_PIXELS:
         raise ValueError(
             f"cannot read image file {path!r}: its header declares {size[0]}x{size[1]} pixels, "
             f"more than the {MAX_IMAGE_PIXELS:,} read (visualize.MAX_IMAGE_PIXELS)"
         )
-    image = cv2.imdecode(data, flags)
+    try:
+        image = cv2.imdecode(data, flags)
+    except cv2.error:  # e.g. a size beyond cv2's own limits in a format read without a header
+        image = None
     if image is None:
         kind = next((k for magic, k in _SIGNATURES if data[: len(magic)].tobytes() == magic), None)
         reason = (
-            f"a {kind} file cv2 cannot decode (truncated or damaged?)"
+            f"a {kind} file cv2 cannot decode (truncated, damaged or a variant cv2 lacks?)"
             if kind
             else "not an image format cv2 decodes"
         )
@@ -72,13 +79,15 @@ def read_image(path: str | os.PathLike, *, exif_orientation: bool = False) -> np
 MAX_IMAGE_PIXELS = 2**28
 
 
-# The first bytes of the formats that cameras and browsers write, to tell a damaged file of a
-# known format from a file of another kind.
+# The first bytes of the formats that cameras, scanners and browsers write, to tell a damaged
+# file of a known format from a file of another kind.
 _SIGNATURES = (
     (image_headers.JPEG_SIGNATURE, "JPEG"),
     (image_headers.PNG_SIGNATURE, "PNG"),
     (b"GIF8", "GIF"),
     (b"BM", "BMP"),
+    (b"II*\0", "TIFF"),
+    (b"MM\0*", "TIFF"),
 )
 
 
@@ -120,8 +129,13 @@ def draw_detections(
 
     Detection i gets colour ``PALETTE[i % len(PALETTE)]``: inside its mask every pixel becomes
     ``(1 - alpha) * pixel + alpha * colour`` (later detections blend over earlier ones), its box
-    is a 1-pixel rectangle of that colour on the outermost pixels the box covers, and the label
-    sits in a filled box of that colour on the box's top edge (kept inside the image).
+    is a rectangle of that colour ``t = max(1, round(min(H, W) / 800))`` pixels wide along the
+    inside of the outermost pixels the box covers, and the label sits in a filled box of that
+    colour on the box's top edge (kept inside the image), its text drawn with lines ``t`` wide.
+    The labels come after every mask and box, the first detection's last, so that where labels
+    overlap the first one (the highest scoring, in the predictor's order) stays readable. The
+    font (cv2's Hershey) has ASCII only: accents are dropped from names (``café`` -> ``cafe``)
+    and other characters written as escapes (``猫`` -> ``\\u732b``), so names stay apart.
 
     Args:
       image: ``[H, W, 3]`` uint8 RGB.
@@ -164,19 +178,39 @@ def draw_detections(
     out = np.round(blended).astype(np.uint8)
 
     font_scale = max(0.3, min(height, width) / 800)
-    for box, score, name, colour in zip(boxes, scores, class_names, colours):
+    thickness = max(1, round(min(height, width) / 800))
+    corners = []
+    for box, colour in zip(boxes, colours):
         colour = tuple(int(c) for c in colour)
         x1, y1 = int(np.floor(box[0])), int(np.floor(box[1]))  # the first and last pixel
         x2, y2 = max(int(np.ceil(box[2])) - 1, x1), max(int(np.ceil(box[3])) - 1, y1)  # covered
-        cv2.rectangle(out, (x1, y1), (x2, y2), colour, thickness=1)
-        text = f"{name} {score:.2f}"
-        (text_w, text_h), baseline = cv2.getTextSize(text, _FONT, font_scale, 1)
+        for k in range(min(thickness, (x2 - x1) // 2 + 1, (y2 - y1) // 2 + 1)):  # inwards
+            cv2.rectangle(out, (x1 + k, y1 + k), (x2 - k, y2 - k), colour, thickness=1)
+        corners.append((x1, y1))
+    labelled = list(zip(corners, scores, class_names, colours))
+    for (x1, y1), score, name, colour in reversed(labelled):
+        colour = tuple(int(c) for c in colour)
+        text = f"{_ascii(name)} {score:.2f}"
+        (text_w, text_h), baseline = cv2.getTextSize(text, _FONT, font_scale, thickness)
         label_h = text_h + baseline + 2
         left = min(max(x1, 0), max(width - text_w - 2, 0))
         top = min(max(y1 - label_h, 0), max(height - label_h, 0))
         cv2.rectangle(out, (left, top), (left + text_w + 2, top + label_h), colour, thickness=-1)
         text_colour = (0, 0, 0) if sum(colour) > 384 else (255, 255, 255)
         cv2.putText(
-            out, text, (left + 1, top + text_h + 1), _FONT, font_scale, text_colour, 1, cv2.LINE_AA
+            out,
+            text,
+            (left + 1, top + text_h + 1),
+            _FONT,
+            font_scale,
+            text_colour,
+            thickness,
+            cv2.LINE_AA,
         )
     return out
+
+
+def _ascii(name: str) -> str:
+    """`name` in the ASCII characters cv2's fonts draw: accents dropped, others escaped."""
+    plain = "".join(c for c in unicodedata.normalize("NFKD", name) if not unicodedata.combining(c))
+    return plain.encode("ascii", "backslashreplace").decode("ascii")
