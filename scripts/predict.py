@@ -8,7 +8,8 @@ them as COCO results.
 Inputs (after the flags, any number, in any mix):
   - a file: read whatever its extension;
   - a folder: its files ending in .jpg .jpeg .png .bmp .gif .webp .tif .tiff (any case), sorted
-    by name; with --recursive also those of its subfolders (others are not looked at);
+    by name; with --recursive also those of its subfolders (others are not looked at, nor are
+    names that are no file: a dangling symlink, a folder named x.png);
   - a glob pattern, quoted so that the shell leaves it alone: expanded here with Python's
     `glob.glob(pattern, recursive=True)` (`**` spans folders), every file it matches is read.
 An input that names no existing file or folder, a pattern matching no file, a folder holding
@@ -34,7 +35,10 @@ batch is read while one is predicted), split data-parallel over the process's lo
 progress bar counts the images. A file that cannot be decoded (not an image, truncated, a format
 cv2 lacks) is named in a warning and skipped. The run ends with the line
 `N images, M detections, K unreadable[: file, ...]`; it exits with status 1 if no image could be
-read (and then writes nothing), else 0.
+read (and then writes nothing), else 0. Ctrl-C (SIGINT) stops it: detections.json then holds
+the detections of the images predicted so far, `stopped by Ctrl-C after N of M images` says
+where, and the exit status is 130. A detections.json of an earlier run in --out_dir is deleted
+once the model has loaded, so it never sits beside the drawings of another run.
 
 Outputs, in --out_dir:
   - `<name>.png` per image (not with --no_draw): the detections scoring at least
@@ -42,8 +46,10 @@ Outputs, in --out_dir:
     names and scores). `<name>` is the image's path relative to the deepest folder holding all
     the inputs, with the extension removed, so `a/x.jpg` and `b/x.jpg` become `a/x.png` and
     `b/x.png` (subfolders are created) and files given from one folder keep their bare names;
-    images whose names would still coincide (`x.jpg` beside `x.png`) keep their extension
-    (`x.jpg.png`, `x.png.png`).
+    images whose names would still coincide (`x.jpg` beside `x.png`, also `X.jpg` beside
+    `x.png`, one name on a case-insensitive file system as macOS' and Windows') keep their
+    extension (`x.jpg.png`, `x.png.png`), and so does one whose drawing would be another's
+    folder (`a.jpg` beside `a.png/b.jpg`: `a.jpg.png`, `a.png/b.png`).
   - `detections.json`: every image's detections in the COCO results format, in original image
     pixels, with the image's path (as given, or the folder joined with the file's path in it,
     or as the glob matched it) as "file_name" in place of "image_id": `{"file_name",
@@ -68,9 +74,11 @@ Flags:
                        the stored pixels, as training and evaluation read them).
 """
 
+import collections
 import glob
 import json
 import os
+import signal
 import sys
 from collections.abc import Iterator, Sequence
 from concurrent import futures
@@ -152,19 +160,16 @@ def _is_image_file(name: str) -> bool:
 
 
 def _folder_images(folder: str, recursive: bool) -> list[str]:
-    """The image files of `folder` (and of its subfolders if `recursive`), sorted."""
-    if not recursive:
-        names = sorted(os.listdir(folder))
-        return [
-            os.path.join(folder, n)
-            for n in names
-            if _is_image_file(n) and os.path.isfile(os.path.join(folder, n))
-        ]
-    paths = []
-    for root, dirs, files in os.walk(folder):
-        dirs.sort()
-        paths += [os.path.join(root, n) for n in sorted(files) if _is_image_file(n)]
-    return paths
+    """The image files of `folder` (and of its subfolders if `recursive`), sorted; a name that
+    is not a file (a dangling symlink, a folder named x.png) is not taken."""
+    if recursive:
+        found = []
+        for root, dirs, files in os.walk(folder):
+            dirs.sort()
+            found += [os.path.join(root, n) for n in sorted(files)]
+    else:
+        found = [os.path.join(folder, n) for n in sorted(os.listdir(folder))]
+    return [p for p in found if _is_image_file(p) and os.path.isfile(p)]
 
 
 def collect_inputs(args: Sequence[str], recursive: bool) -> list[str]:
@@ -202,23 +207,44 @@ def collect_inputs(args: Sequence[str], recursive: bool) -> list[str]:
 def output_names(paths: Sequence[str]) -> list[str]:
     """The drawing's relative path `<name>.png` for each input (see the module docstring).
 
+    Stems are compared as a case-insensitive file system (macOS', Windows') compares names, so
+    `X.jpg` beside `x.png` keeps its extension too; so does a stem whose `.png` another
+    drawing needs as its folder (`a.jpg` beside `a.png/b.jpg`).
+
     Raises:
-      app.UsageError: two inputs would still write the same file.
+      app.UsageError: two inputs would still write the same file, or one a file where
+        another's drawing needs a folder.
     """
     absolute = [os.path.abspath(p) for p in paths]
     root = os.path.commonpath([os.path.dirname(p) for p in absolute])
     relative = [os.path.relpath(p, root) for p in absolute]
     stems = [os.path.splitext(r)[0] for r in relative]
-    counts: dict[str, int] = {}
-    for stem in stems:
-        counts[stem] = counts.get(stem, 0) + 1
-    names = [(stem if counts[stem] == 1 else rel) + ".png" for stem, rel in zip(stems, relative)]
+    counts = collections.Counter(stem.casefold() for stem in stems)
+    folders = {folder.casefold() for stem in stems for folder in _folders(stem)}
+    names = [
+        (rel if counts[stem.casefold()] > 1 or f"{stem}.png".casefold() in folders else stem)
+        + ".png"
+        for stem, rel in zip(stems, relative)
+    ]
     drawn_by: dict[str, str] = {}
     for path, name in zip(paths, names):
         if name in drawn_by:
             raise app.UsageError(f"{drawn_by[name]!r} and {path!r} would both be drawn to {name}")
         drawn_by[name] = path
+    for path, name in zip(paths, names):
+        for folder in _folders(name):
+            if folder in drawn_by:
+                raise app.UsageError(
+                    f"{drawn_by[folder]!r} would be drawn to {folder}, the folder of {path!r}'s "
+                    f"drawing {name}: rename one"
+                )
     return names
+
+
+def _folders(name: str) -> list[str]:
+    """The folders of a relative path: `a/b/x.png` -> [`a`, `a/b`]."""
+    parts = name.split(os.sep)
+    return [os.sep.join(parts[:k]) for k in range(1, len(parts))]
 
 
 def check_outputs(
@@ -354,52 +380,63 @@ def main(argv):
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as error:
         raise app.UsageError(str(error)) from error
     label_to_category_id = predictor.config.data.label_to_category_id or None
+    try:  # an earlier run's results never sit beside this run's drawings
+        epath.Path(results_path).unlink(missing_ok=True)
+    except OSError as error:
+        sys.exit(f"error: cannot replace {results_path}: {error.strerror or error}")
 
-    detections, unreadable, num_read = [], [], 0
-    with tqdm(total=len(paths), unit="image", desc="predict") as bar:
-        for read, bad in read_ahead(read_batches(paths, batch_size, _EXIF_ORIENTATION.value)):
-            for index, error in bad:
-                bar.write(
-                    f"WARNING: skipping unreadable {paths[index]!r}: {error}", file=sys.stderr
-                )
-                unreadable.append(paths[index])
-            bar.update(len(bad))
-            results = predictor.predict_batch(
-                [image for _, image in read], _SCORE_THRESHOLD.value, batch_size=batch_size
-            )
-            for (index, image), result in zip(read, results):
-                detections += coco_results(result, paths[index], label_to_category_id)
-                if not _NO_DRAW.value:
-                    drawn = visualize.draw_detections(
-                        image,
-                        result["boxes"],
-                        result["masks"],
-                        result["scores"],
-                        result["class_names"],
+    detections, unreadable, num_read, stopped = [], [], 0, False
+    try:
+        with tqdm(total=len(paths), unit="image", desc="predict") as bar:
+            for read, bad in read_ahead(read_batches(paths, batch_size, _EXIF_ORIENTATION.value)):
+                for index, error in bad:
+                    bar.write(
+                        f"WARNING: skipping unreadable {paths[index]!r}: {error}", file=sys.stderr
                     )
-                    try:  # its folder (a gs:// one too) and the image, through epath
-                        epath.Path(drawings[index]).parent.mkdir(parents=True, exist_ok=True)
-                        visualize.write_image(drawings[index], drawn)
-                    except OSError as error:  # e.g. a full disk: the file and why, no trace
-                        sys.exit(f"error: cannot write {drawings[index]}: {error.strerror}")
-            num_read += len(read)
-            bar.update(len(read))
+                    unreadable.append(paths[index])
+                bar.update(len(bad))
+                results = predictor.predict_batch(
+                    [image for _, image in read], _SCORE_THRESHOLD.value, batch_size=batch_size
+                )
+                for (index, image), result in zip(read, results):
+                    detections += coco_results(result, paths[index], label_to_category_id)
+                    num_read += 1
+                    if not _NO_DRAW.value:
+                        drawn = visualize.draw_detections(
+                            image,
+                            result["boxes"],
+                            result["masks"],
+                            result["scores"],
+                            result["class_names"],
+                        )
+                        try:  # its folder (a gs:// one too) and the image, through epath
+                            epath.Path(drawings[index]).parent.mkdir(parents=True, exist_ok=True)
+                            visualize.write_image(drawings[index], drawn)
+                        except OSError as error:  # e.g. a full disk: the file and why, no trace
+                            sys.exit(f"error: cannot write {drawings[index]}: {error.strerror}")
+                    bar.update(1)
+    except KeyboardInterrupt:  # the detections of the images done so far are written below
+        stopped = True
 
     summary = f"{num_read} images, {len(detections)} detections, {len(unreadable)} unreadable"
     print(summary + (": " + ", ".join(unreadable) if unreadable else ""), flush=True)
+    if stopped:
+        done = num_read + len(unreadable)
+        print(f"stopped by Ctrl-C after {done} of {len(paths)} images", file=sys.stderr)
     if not num_read:
-        print("no image could be read; nothing written", file=sys.stderr)
-        return 1
+        print(f"no image {'was' if stopped else 'could be'} read; nothing written", file=sys.stderr)
+        return 128 + signal.SIGINT if stopped else 1
     try:
         output.write_file(results_path, lambda f: json.dump(detections, f))
     except OSError as error:  # e.g. a full disk: the file and why, no trace
         sys.exit(f"error: cannot write {results_path}: {error.strerror}")
     print(
         f"{len(detections)} detections of checkpoint step {predictor.step} -> {results_path}"
-        + ("" if _NO_DRAW.value else f", drawings in {out_dir}"),
+        + ("" if _NO_DRAW.value else f", drawings in {out_dir}")
+        + (f" (the {num_read} images predicted before the stop)" if stopped else ""),
         flush=True,
     )
-    return 0
+    return 128 + signal.SIGINT if stopped else 0
 
 
 if __name__ == "__main__":

@@ -9,12 +9,15 @@ step-0 checkpoint. A persistent XLA cache lets the script's subprocesses (the sa
 reuse what this process compiled.
 """
 
+import importlib.util
 import json
 import os
 import pathlib
 import re
+import signal
 import subprocess
 import sys
+import time
 import types
 
 import cv2
@@ -593,6 +596,98 @@ def test_predict_script_refuses_an_out_dir_among_its_inputs(workdir, compile_cac
         assert message in result.stderr, (args, result.stderr[-3000:])
         assert "Traceback" not in result.stderr, (args, result.stderr[-3000:])
         assert {p: p.read_bytes() for p in photos.iterdir()} == stored, args
+
+
+@pytest.fixture(scope="module")
+def predict_script():
+    """scripts/predict.py imported (it defines its flags; nothing runs)."""
+    spec = importlib.util.spec_from_file_location(
+        "predict_script", os.path.join(REPO, "scripts", "predict.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    ("inputs", "names"),
+    [
+        (["d/a/s.jpg", "d/b/s.jpg"], ["a/s.png", "b/s.png"]),
+        (["d/x.jpg", "d/x.png", "d/y.gif"], ["x.jpg.png", "x.png.png", "y.png"]),
+        # one name where case is ignored (macOS, Windows)
+        (["d/X.jpg", "d/x.png"], ["X.jpg.png", "x.png.png"]),
+        (["d/a.jpg", "d/a.png/b.jpg"], ["a.jpg.png", "a.png/b.png"]),  # a.png is a folder
+        (["d/A.jpg", "d/a.PNG/b.jpg"], ["A.jpg.png", "a.PNG/b.png"]),
+    ],
+)
+def test_drawing_names_keep_the_extension_where_they_would_coincide(predict_script, inputs, names):
+    assert predict_script.output_names(inputs) == names
+
+
+def test_drawing_names_refuse_a_drawing_where_another_needs_a_folder(predict_script):
+    with pytest.raises(
+        predict_script.app.UsageError,
+        match=r"'d/a\.jpg' would be drawn to a\.jpg\.png, the folder of 'd/a\.jpg\.png/z\.jpg''s "
+        r"drawing a\.jpg\.png/z\.png: rename one",
+    ):
+        predict_script.output_names(["d/a.jpg", "d/a.png", "d/a.jpg.png/z.jpg"])
+
+
+def test_folders_skip_names_that_are_no_file(predict_script, tmp_path):
+    """A dangling symlink (or a folder named x.png) in a folder input is not taken, with or
+    without --recursive (it stopped a recursive run before the model loaded)."""
+    (tmp_path / "sub" / "dir.png").mkdir(parents=True)
+    for folder in (tmp_path, tmp_path / "sub"):
+        (folder / "broken.png").symlink_to(tmp_path / "nowhere.png")
+        (folder / "good.jpg").write_bytes(b"")
+    assert predict_script._folder_images(str(tmp_path), recursive=False) == [
+        str(tmp_path / "good.jpg")
+    ]
+    assert predict_script._folder_images(str(tmp_path), recursive=True) == [
+        str(tmp_path / "good.jpg"),
+        str(tmp_path / "sub" / "good.jpg"),
+    ]
+
+
+def test_predict_script_stopped_by_ctrl_c_writes_the_detections_so_far(
+    workdir, compile_cache, tmp_path
+):
+    """SIGINT once the first drawing is written: exit status 130, one line saying where it
+    stopped and no traceback; detections.json holds exactly the images predicted before the
+    stop (the first ones, in order, every drawn one among them), and an earlier run's
+    detections.json is not left beside the drawings (it was, and everything was lost)."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    image = natural_images(1, seed=3)[0]
+    for k in range(400):
+        assert cv2.imwrite(str(photos / f"{k:03d}.png"), image)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    (out_dir / "detections.json").write_text('[{"file_name": "an earlier run"}]')
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(compile_cache)}
+    script = os.path.join(REPO, "scripts", "predict.py")
+    command = [sys.executable, script, f"--workdir={workdir}", f"--out_dir={out_dir}"]
+    command += ["--score_threshold=0", photos]  # detections in every image
+    process = subprocess.Popen(
+        command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 300
+    while not (out_dir / "000.png").exists() and time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    done = re.search(r"stopped by Ctrl-C after (\d+) of 400 images", stderr)
+    assert done and 0 < int(done[1]) < 400, stderr[-3000:]
+    detections = json.loads((out_dir / "detections.json").read_text())
+    named = list(dict.fromkeys(d["file_name"] for d in detections))
+    drawn = sorted(p.name for p in out_dir.glob("*.png"))
+    assert named == [str(photos / f"{k:03d}.png") for k in range(len(named))]
+    assert len(named) == int(done[1])
+    assert drawn == [f"{k:03d}.png" for k in range(len(drawn))] and len(drawn) <= int(done[1])
+    assert f"(the {done[1]} images predicted before the stop)" in stdout
 
 
 def write_shapes_json(folder: pathlib.Path, num_images: int) -> pathlib.Path:
