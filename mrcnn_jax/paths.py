@@ -8,6 +8,10 @@ so the scripts would otherwise write into a folder named `~` under the current o
 
 import errno
 import os
+import re
+
+# The URL schemes that etils.epath (orbax's and the scripts' file access) reads and writes.
+URL_SCHEMES = ("gs://", "s3://", "az://", "hf://")
 
 
 def is_url(path: str | os.PathLike) -> bool:
@@ -17,11 +21,40 @@ def is_url(path: str | os.PathLike) -> bool:
 
 def absolute(path: str | os.PathLike) -> str:
     """`path` with `~` expanded, relative to the current folder if not absolute; a URL or "" as
-    it is."""
+    it is.
+
+    Raises:
+      ValueError: a URL of a scheme not in `URL_SCHEMES` (`ram://`, `file://`: etils.epath
+        cannot open it), or a local path that is such a URL with one slash (`gs:/bucket`, which
+        would be a folder `gs:` in the current one).
+    """
     path = os.fspath(path)
+    if is_url(path) and not path.startswith(URL_SCHEMES):
+        scheme = path[: path.index("://") + 3]
+        raise ValueError(
+            f"{path}: {scheme} URLs are not supported; give a local path or a "
+            f"{', '.join(URL_SCHEMES)} URL"
+        )
+    if re.match(r"(gs|s3|az|hf):/(?!/)", path):
+        raise ValueError(f"{path}: a URL takes two slashes ({path[:3]}//...)")
     if not path or is_url(path):
         return path
     return os.path.abspath(os.path.expanduser(path))
+
+
+def unreachable(path: str | os.PathLike) -> str:
+    """Why the storage of URL `path` cannot be asked about it (no network, no credentials, no
+    access to the bucket), in its own words; "" when it answers (whether or not `path` exists)
+    and for a local path. etils.epath takes such a failure for "no" in `is_dir()`."""
+    if not is_url(path):
+        return ""
+    from etils import epath
+
+    try:
+        epath.Path(os.fspath(path)).exists()
+    except Exception as error:  # the storage backend's own (tf.errors.OpError for gs://)
+        return " ".join(str(error).split()) or type(error).__name__
+    return ""
 
 
 def check_not_a_link_to_a_file(path: str | os.PathLike) -> None:

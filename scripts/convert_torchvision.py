@@ -97,7 +97,10 @@ def main(argv):
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every part of the save at INFO
     config = launch.config_of(_CONFIG)  # before reading the weights: a bad file is refused now
-    existing = checkpoint.checkpoint_dir(_OUT.value)
+    out = launch.path_flag(_OUT.value, "--out")
+    if _STATE_DICT.value:
+        launch.path_flag(_STATE_DICT.value, "--state_dict")
+    existing = checkpoint.checkpoint_dir(out)
     if existing.is_dir() and any(existing.iterdir()):
         raise app.UsageError(f"--out={_OUT.value} already holds checkpoints ({existing})")
     name = _WEIGHTS.value
@@ -150,7 +153,7 @@ def main(argv):
         hint = class_count_hint(state_dict, config, release)
         raise app.UsageError(f"{source}: {error}{hint}") from error
     try:
-        directory = checkpoint.save_variables(_OUT.value, config, variables)
+        directory = checkpoint.save_variables(out, config, variables)
     except checkpoint.CheckpointWriteError as error:  # e.g. a full disk: say where, no trace
         sys.exit(f"error: {error}")
     tensors = len(convert.canonical_keys(state_dict))

@@ -133,7 +133,7 @@ def main(argv):
     import jax  # after absl parsed the flags, so XLA_FLAGS etc. set on the command line apply
     from etils import epath
 
-    from mrcnn_jax import paths, sharding
+    from mrcnn_jax import sharding
     from mrcnn_jax.data import coco_json, get_builder, pipeline
     from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
     from mrcnn_jax.programs import evaluator, processes
@@ -154,12 +154,18 @@ def main(argv):
         raise app.UsageError(str(error)) from error
     config = predictor.config
     if _JSON.value:  # all its images unless --max_images: the training's limit is not its
-        config.data = with_json_split(config.data, _JSON.value, _IMAGES.value)
+        config.data = with_json_split(
+            config.data,
+            launch.path_flag(_JSON.value, "--json"),
+            launch.path_flag(_IMAGES.value, "--images"),
+        )
         config.eval.max_images = 0
     if _MAX_IMAGES.value is not None:
         config.eval.max_images = _MAX_IMAGES.value
     split = _SPLIT.value or config.data.val_split
-    out_dir = epath.Path(paths.absolute(_OUT_DIR.value)) if _OUT_DIR.value else workdir
+    out_dir = (
+        epath.Path(launch.path_flag(_OUT_DIR.value, "--out_dir")) if _OUT_DIR.value else workdir
+    )
     try:  # several processes given other flags would wait for each other forever
         processes.check_processes_agree(
             {

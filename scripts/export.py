@@ -61,10 +61,11 @@ def main(argv):
 
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
+    out_dir = launch.path_flag(_OUT.value, "--out")
     try:
         out = exporter.export_saved_model(
             _WORKDIR.value,
-            _OUT.value,
+            out_dir,
             checkpoint_step=_STEP.value,
             platforms=_PLATFORMS.value,
             full_masks=_FULL_MASKS.value,

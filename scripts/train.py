@@ -58,10 +58,8 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from etils import epath
 
-    from mrcnn_jax import paths
-
     config = launch.config_of(_CONFIG)
-    workdir = epath.Path(paths.absolute(_WORKDIR.value))
+    workdir = epath.Path(launch.path_flag(_WORKDIR.value, "--workdir"))
     if workdir.exists() and not workdir.is_dir():  # checked before the trainer creates it
         raise app.UsageError(f"--workdir={_WORKDIR.value} is a file, not a folder")
     import jax  # after absl parsed the flags, so XLA_FLAGS etc. set on the command line apply

@@ -29,7 +29,7 @@ from helpers import random_variables, write_sideways_jpeg
 from pycocotools import mask as mask_utils
 
 import mrcnn_jax
-from mrcnn_jax import sharding
+from mrcnn_jax import paths, sharding
 from mrcnn_jax.data import shapes
 from mrcnn_jax.evaluation import visualize
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN, dummy_inputs
@@ -339,6 +339,26 @@ def test_load_checkpoint_refuses_untrusted_content_naming_it(model_setup, tmp_pa
     stored.write_text(json.dumps(edited))
     with pytest.raises(ValueError, match=r"its stored config: config\.data\.class_names has 2"):
         mrcnn_jax.load_checkpoint(tmp_path / "config")
+
+
+def test_a_storage_that_does_not_answer_is_named_not_called_no_workdir(monkeypatch):
+    """etils.epath's `is_dir()` says no when the storage cannot be asked (no network, no
+    credentials): the error was "gs://... is neither a workdir with checkpoints/ nor ...", for
+    a real checkpoint in a bucket out of reach (also `model.init_from`)."""
+    from etils import epath
+    from tensorflow import errors
+
+    def unreachable(self):
+        raise errors.FailedPreconditionError(None, None, f"Could not resolve host\n\t {self}")
+
+    monkeypatch.setattr(epath.gpath.PosixGPath, "exists", unreachable)
+    monkeypatch.setattr(epath.gpath.PosixGPath, "is_dir", lambda self: False)
+    assert paths.unreachable("gs://bucket/runs/a") == "Could not resolve host gs://bucket/runs/a"
+    assert paths.unreachable("/nowhere") == ""
+    with pytest.raises(
+        FileNotFoundError, match=r"^cannot reach gs://bucket/runs/a: Could not resolve host gs:"
+    ):
+        locate_checkpoint("gs://bucket/runs/a")
 
 
 def test_locate_checkpoint_names_the_workdir_of_a_checkpoint_folder(workdir):

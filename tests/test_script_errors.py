@@ -211,6 +211,43 @@ def test_a_workdir_without_checkpoints_is_refused(name, tmp_path):
         )
 
 
+@pytest.mark.parametrize(
+    "name, flags, message",
+    [
+        (
+            "train.py",
+            [f"--config={REPO}/configs/shapes_r18.py", "--workdir=ram://runs/a"],
+            "--workdir: ram://runs/a: ram:// URLs are not supported; give a local path or a "
+            "gs://, s3://, az://, hf:// URL",
+        ),
+        (
+            "predict.py",
+            ["--workdir=gs:/bucket/runs/a", __file__],
+            "gs:/bucket/runs/a: a URL takes two slashes (gs://...)",
+        ),
+        (
+            "export.py",
+            ["--workdir=/nowhere", "--out=file:///tmp/exported"],
+            "--out: file:///tmp/exported: file:// URLs are not supported",
+        ),
+        (
+            "convert_torchvision.py",
+            ["--out=s3:/bucket/converted", "--state_dict=/nowhere.pth"],
+            "--out: s3:/bucket/converted: a URL takes two slashes (s3://...)",
+        ),
+    ],
+)
+def test_a_url_etils_cannot_open_is_a_usage_error_before_any_work(name, flags, message, tmp_path):
+    """A URL of another scheme than etils.epath's (a KeyError deep in etils), or one with a
+    single slash (a local folder `gs:` in the current one): one line naming it."""
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "scripts", name), *flags],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert_usage_error(result, message)
+    assert not os.listdir(tmp_path)
+
+
 def test_eval_refuses_json_without_images_or_with_a_split_before_the_workdir(tmp_path):
     for flags, message in (
         (["--json=test.json"], "--json and --images go together"),

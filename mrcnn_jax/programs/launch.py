@@ -122,6 +122,25 @@ def _check_repeated_tuples(name: str, config: Any, argv: list[str]) -> None:
             )
 
 
+def path_flag(value: str, flag: str) -> str:
+    """`paths.absolute(value)`, checked before any work: a URL of a scheme etils.epath cannot
+    open, or whose storage does not answer (no network, no credentials), is a usage error
+    naming `flag` and the storage's reason (it came after the work, or as "not a workdir").
+
+    Raises:
+      app.UsageError: as above.
+    """
+    from mrcnn_jax import paths
+
+    try:
+        path = paths.absolute(value)
+    except ValueError as error:
+        raise app.UsageError(f"{flag}: {error}") from error
+    if reason := paths.unreachable(path):
+        raise app.UsageError(f"cannot reach {path} ({flag}): {reason}")
+    return path
+
+
 def make_output_folder(folder: str | os.PathLike, flag: str) -> None:
     """Creates `folder` (and its parents; a local path or a `gs://` one, through `epath`) and
     writes and deletes an empty file there, so that outputs that cannot be written are a usage

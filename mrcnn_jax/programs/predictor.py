@@ -342,6 +342,8 @@ def _locate(path: epath.Path) -> tuple[epath.Path, int | None]:
         return path.parent, None
     if path.name.isdigit() and path.parent.name == "checkpoints":
         return path.parent.parent, int(path.name)
+    if reason := paths.unreachable(path):  # is_dir() said no for it
+        raise FileNotFoundError(f"cannot reach {path}: {reason}")
     hint = ""
     if path.suffix in (".pth", ".pt") and path.is_file():
         hint = (
