@@ -29,7 +29,9 @@ a non-finite loss (naming the last checkpoint written), and a --workdir that ano
 training in (each run locks its workdir). Ctrl-C
 (exit status 130) keeps every complete checkpoint; with several processes, the first Ctrl-C of
 one stops them all at a step they all reach, checkpointed (exit status 143), and a second one
-stops that process at once.
+stops that process at once. If a process dies (kill -9, out of memory), the others end at their
+next collective with one line saying so (exit status 1), not JAX's traceback and, a minute
+later, its abort; every complete checkpoint is kept.
 Relative paths (--workdir, the data's files) are taken from the current folder and a `~` in
 them is expanded (a shell leaves `--workdir=~/x` as it is); the config stored with the
 checkpoints names the data's absolutely, so eval.py runs from any folder.
@@ -92,13 +94,20 @@ def main(argv):
         jax.local_device_count(),
         jax.device_count(),
     )
+    from mrcnn_jax.programs import processes
     from mrcnn_jax.train.checkpoint import checkpoint_dir
 
     try:  # Errors naming what to fix, in one line: a config that does not fit the data or the
         # checkpoint, data or weights files that cannot be used, a damaged checkpoint, a full
         # disk (what is kept), a diverging loss, a workdir another run is training in.
-        with launch.errors_in_one_line(
-            ValueError, OSError, FloatingPointError, trainer.WorkdirInUseError
+        with (
+            launch.errors_in_one_line(
+                ValueError, OSError, FloatingPointError, trainer.WorkdirInUseError
+            ),
+            processes.exit_at_once_if_a_peer_is_lost(
+                f"The complete checkpoints in {checkpoint_dir(workdir)} are kept: run the same "
+                "command on every host to resume from the latest."
+            ),
         ):
             metrics = trainer.train_and_evaluate(config, _WORKDIR.value)
     except trainer.Preempted as preempted:

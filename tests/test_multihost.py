@@ -308,6 +308,48 @@ def test_two_processes_train_resume_and_evaluate_as_one(tmp_path, launches):
     print(f"total wall {time.time() - start:.0f} s")
 
 
+@pytest.mark.slow
+def test_a_process_killed_mid_training_ends_the_other_in_one_line_at_once(tmp_path, launches):
+    """kill -9 of process 1 after step 1: process 0 ends at its next collective with one line
+    naming the likely cause and the kept checkpoints (exit status 1). It printed JAX's
+    traceback (or, in a checkpoint's write, "failed ... N MiB free on its disk"), then waited
+    for process 1's heartbeat and aborted with a C++ stack (77 s)."""
+    config = tiny_config(
+        **{
+            "data.data_dir": str(tmp_path / "tfds"),
+            "data.shapes_num_train": 16,
+            "data.shapes_num_val": 4,
+            "train.batch_size": 4,
+            "train.num_steps": 1000,
+            "train.checkpoint_every": 1,
+            "train.eval_every": 0,
+            "train.log_every": 1,
+        }
+    )
+    get_builder(config.data)  # built once here: the processes would race to build it
+    workdir = tmp_path / "run"
+    args = ["--config=configs/shapes_r18.py", *config_flags(config), f"--workdir={workdir}"]
+    launched = launches("train.py", args, 2, 2, tmp_path / "logs", tmp_path / "cache")
+    while 1 not in logged_steps(workdir) and launched.alive():
+        assert time.time() < launched.deadline, "timed out before step 1"
+        assert launched.failure() is None, launched.failure()
+        time.sleep(0.02)
+    launched.processes[1].send_signal(signal.SIGKILL)
+    killed = time.time()
+    while launched.processes[0].poll() is None and time.time() < killed + 60:
+        time.sleep(0.05)
+    output = launched.output(0)
+    assert launched.processes[0].returncode == 1, output[-3000:]
+    message = (
+        "error: another process of this run is gone (killed, out of memory, preempted: see its "
+        "log); process 0 stopped at a collective with it ("
+    )
+    assert message in output, output[-3000:]
+    assert f"The complete checkpoints in {workdir / 'checkpoints'} are kept" in output
+    assert "MiB free" not in output  # not taken for a full disk
+    assert "Traceback" not in output and "Fatal Python error" not in output, output[-3000:]
+
+
 def test_processes_given_different_flags_all_stop_naming_them(tmp_path, launches):
     """A flag typed on one host only (here num_steps and the workdir) made every process wait
     in a collective the others never reach, forever; now each stops before training with the

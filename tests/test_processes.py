@@ -50,3 +50,19 @@ def test_agreement_problems():
 def test_one_process_is_not_checked(tmp_path):
     processes.check_processes_agree({"a": 1}, tmp_path)
     assert list(tmp_path.iterdir()) == []  # no token written
+
+
+def test_lost_peer_is_the_deepest_error_saying_another_process_is_gone():
+    """A checkpoint write wrapping gloo's error is named by gloo's error, not by the wrapper's
+    reading of it ("... MiB free on its disk"); other errors are not a lost peer."""
+    gloo = RuntimeError("UNKNOWN: Gloo AllGather failed: Read error: Connection reset by peer")
+    try:
+        try:
+            raise gloo
+        except RuntimeError as error:
+            raise OSError(f"writing a checkpoint failed ({error}), 100 MiB free") from error
+    except OSError as wrapped:
+        assert processes.lost_peer(wrapped) is gloo
+    assert processes.lost_peer(ValueError("config.data.image_size must be ...")) is None
+    heartbeat = RuntimeError("UNAVAILABLE: Task 1 heartbeat timeout")
+    assert processes.lost_peer(heartbeat) is heartbeat

@@ -7,8 +7,12 @@ host). `check_processes_agree` compares them at the start of `trainer.train_and_
 of scripts/eval.py and raises the same error on every process, naming what differs.
 """
 
+import contextlib
 import json
+import os
 import secrets
+import sys
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -110,3 +114,50 @@ def check_processes_agree(settings: dict[str, Any], folder: epath.Path | None = 
             "the processes of this run disagree (give every process the same flags, "
             f"--process_id aside, and one shared workdir): {'; '.join(disagreeing)}"
         )
+
+
+# What a collective's error says when the process at the other end is gone (gloo on CPU; the
+# coordination service's heartbeat everywhere).
+_LOST_PEER = (
+    "Connection reset by peer",
+    "Connection closed by peer",
+    "Broken pipe",
+    "heartbeat timeout",
+    "stopped sending heartbeats",
+)
+
+
+def lost_peer(error: BaseException) -> BaseException | None:
+    """The error saying that another process is gone: `error` or the deepest error it was
+    raised from that says so (the collective's own, not a wrapper's reading of it); None."""
+    found = None
+    while error is not None:
+        if any(sign in str(error) for sign in _LOST_PEER):
+            found = error
+        error = error.__cause__ or error.__context__
+    return found
+
+
+@contextlib.contextmanager
+def exit_at_once_if_a_peer_is_lost(what_is_kept: str) -> Iterator[None]:
+    """With several processes, an error in the block that says another process is gone (killed,
+    out of memory) ends this one at once: one line naming the likely cause and `what_is_kept`,
+    exit status 1. Otherwise JAX's exit waits for the lost process's heartbeat (about a
+    minute), then aborts the interpreter with a C++ stack, after whatever the error was taken
+    for (a checkpoint write that failed "with N MiB free on its disk")."""
+    try:
+        yield
+    except Exception as error:
+        lost = lost_peer(error) if jax.process_count() > 1 else None
+        if lost is None:
+            raise
+        first_line = str(lost).strip().splitlines()[0]
+        print(
+            f"error: another process of this run is gone (killed, out of memory, preempted: "
+            f"see its log); process {jax.process_index()} stopped at a collective with it "
+            f"({first_line}). {what_is_kept}",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.stdout.flush()
+        os._exit(1)  # skips JAX's shutdown, which would wait for the lost process, then abort
