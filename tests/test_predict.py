@@ -22,6 +22,7 @@ import types
 
 import cv2
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import tiny_config
@@ -33,7 +34,7 @@ from mrcnn_jax import paths, sharding
 from mrcnn_jax.data import shapes
 from mrcnn_jax.evaluation import visualize
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN, dummy_inputs
-from mrcnn_jax.programs.predictor import Predictor, locate_checkpoint
+from mrcnn_jax.programs.predictor import Predictor, load_checkpoint, locate_checkpoint
 from mrcnn_jax.train import checkpoint as ckpt_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -143,6 +144,58 @@ def test_predictor_refuses_a_score_threshold_outside_0_1_and_an_empty_image(mode
             predictor(np.zeros(shape, np.uint8))
         with pytest.raises(ValueError, match=re.escape("images[1]: ") + message):  # before
             predictor.predict_batch([image, np.zeros(shape, np.uint8)], batch_size=2)  # the run
+
+
+def test_predictor_takes_numbers_and_one_image_of_other_libraries_as_numpy_ones(model_setup):
+    """A JAX, numpy or torch scalar threshold is a number (JAX's was "score_threshold=Array(0.5)
+    must be a number"); one torch or TF image given to predict_batch is refused as numpy's is
+    (its rows were taken for 300 grey images); integer images in [0, 255] and one image as
+    nested lists get the conversion."""
+    torch = pytest.importorskip("torch")
+    import tensorflow as tf
+
+    config, variables = model_setup
+    predictor = Predictor(config, variables, step=0, devices=jax.local_devices()[:1])
+    image = natural_images(1)[0]
+    want = predictor(image, score_threshold=0.25)
+    for threshold in (jnp.float32(0.25), np.float16(0.25), torch.tensor(0.25), tf.constant(0.25)):
+        assert_same_detections(predictor(image, score_threshold=threshold), want, repr(threshold))
+    for one in (torch.from_numpy(image), tf.constant(image), jnp.asarray(image)):
+        message = re.escape(f"got an array {image.shape}: use predictor(image) or predict_batch")
+        with pytest.raises(ValueError, match=message):
+            predictor.predict_batch(one)
+    message = r"int32 \(\d+, \d+, 3\): integers in \[0, 255\]\? image.astype\(np.uint8\)"
+    with pytest.raises(ValueError, match=message):
+        predictor(image.astype(np.int32))
+    with pytest.raises(
+        ValueError, match=r"one image as nested lists: np.asarray\(image, np.uint8\)"
+    ):
+        predictor(image.tolist())
+
+
+def test_predictor_gives_a_default_sessions_detections_under_strict_jax_settings(workdir):
+    """A notebook's `jax_enable_x64` made `load_checkpoint` refuse a valid checkpoint ("float32,
+    the config needs float64"); `jax_numpy_rank_promotion="raise"` and
+    `jax_numpy_dtype_promotion="strict"` failed in the first broadcast. The library runs under
+    JAX's defaults (`jax_settings`) and leaves the session's settings as they were."""
+    image = natural_images(1)[0]
+    want = load_checkpoint(workdir)(image, score_threshold=0.0)
+    names = ("jax_enable_x64", "jax_numpy_rank_promotion", "jax_numpy_dtype_promotion")
+    before = [getattr(jax.config, name) for name in names]
+    strict = [True, "raise", "strict"]
+    try:
+        for name, value in zip(names, strict):
+            jax.config.update(name, value)
+        predictor = load_checkpoint(workdir)
+        got = predictor(image, score_threshold=0.0)
+        (batched,) = predictor.predict_batch([image], score_threshold=0.0)
+        assert [getattr(jax.config, name) for name in names] == strict
+    finally:
+        for name, value in zip(names, before):
+            jax.config.update(name, value)
+    assert_same_detections(got, want, "strict settings")
+    assert_same_detections(batched, want, "strict settings, predict_batch")
+    assert got["boxes"].dtype == np.float32 and got["scores"].dtype == np.float32
 
 
 def test_predictor_places_the_variables_once_and_again_when_one_is_replaced(

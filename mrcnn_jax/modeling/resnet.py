@@ -48,8 +48,9 @@ class BatchNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray, mask: jnp.ndarray | None = None) -> jnp.ndarray:
         features = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (features,))
-        bias = self.param("bias", nn.initializers.zeros, (features,))
+        # float32 also under jax_enable_x64 (the initialisers' default dtype is then float64)
+        scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
         ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
         ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
         if self.use_running_average:

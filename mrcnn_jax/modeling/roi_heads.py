@@ -123,8 +123,8 @@ class Deconv2x2(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        kernel = self.param("kernel", _msra_fill, (2, 2, x.shape[-1], self.features))
-        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        kernel = self.param("kernel", _msra_fill, (2, 2, x.shape[-1], self.features), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
         n, h, w, _ = x.shape
         y = jnp.einsum("nhwc,abco->nhawbo", x, kernel[::-1, ::-1].astype(self.dtype))
         return y.reshape(n, 2 * h, 2 * w, self.features) + bias.astype(self.dtype)
@@ -161,9 +161,12 @@ class MaskHead(nn.Module):
         x = Deconv2x2(self.dim, dtype=self.dtype, name="deconv")(x)
         x = nn.relu(x)
         kernel = self.param(
-            "predictor_kernel", nn.initializers.normal(0.001), (self.dim, self.num_classes)
+            "predictor_kernel",
+            nn.initializers.normal(0.001),
+            (self.dim, self.num_classes),
+            jnp.float32,
         )
-        bias = self.param("predictor_bias", nn.initializers.zeros, (self.num_classes,))
+        bias = self.param("predictor_bias", nn.initializers.zeros, (self.num_classes,), jnp.float32)
         logits = jnp.einsum("nhwd,dn->nhw", x.astype(jnp.float32), kernel[:, classes])
         return logits + bias[classes][:, None, None]  # in float32, as the other predictors
 

@@ -169,8 +169,11 @@ def run(main: Callable[[list[str]], Any], **kwargs: Any) -> None:
     docstring and flag list (40-90 lines) above the one line that matters."""
 
     def main_with_short_usage_errors(argv: list[str]) -> Any:
+        from mrcnn_jax import jax_settings  # imports JAX: after absl parsed the flags
+
         try:
-            return main(argv)
+            with jax_settings.defaults():  # also with JAX_ENABLE_X64=1 etc. in the environment
+                return main(argv)
         except app.UsageError as error:
             sys.exit(f"error: {error}\n(`{sys.argv[0]} --help` describes the script and its flags)")
 

@@ -16,7 +16,6 @@ nothing (scripts/eval.py writes its results into that workdir).
 """
 
 import dataclasses
-import numbers
 import operator
 import os
 import time
@@ -30,7 +29,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from mrcnn_jax import paths, sharding
+from mrcnn_jax import jax_settings, paths, sharding
 from mrcnn_jax.data import pipeline
 from mrcnn_jax.evaluation.coco_eval import boxes_to_original
 from mrcnn_jax.evaluation.masks import paste_masks
@@ -92,6 +91,7 @@ class Predictor:
         """How many devices `predict_batch` splits a batch over; its batch size is a multiple."""
         return self._mesh.size
 
+    @jax_settings.with_defaults
     def __call__(self, image: np.ndarray, score_threshold: float = 0.5) -> dict[str, Any]:
         """Detects objects in `image [H, W, 3]` uint8 RGB (H, W ≥ 1; grey `[H, W]`, `[H, W, 1]`
         and RGBA `[H, W, 4]` are converted, see the module docstring); keeps scores ≥
@@ -102,12 +102,14 @@ class Predictor:
             `[B, H, W, 3]` or a list of images: the message says to use `predict_batch`), or
             `score_threshold` is not in [0, 1].
         """
-        _check_score_threshold(score_threshold)
+        score_threshold = _score_threshold(score_threshold)
         if isinstance(image, list | tuple) or np.ndim(image) == 4:
             got = f"list of {len(image)}" if isinstance(image, list | tuple) else np.shape(image)
+            nested = isinstance(image, list | tuple) and image and isinstance(image[0], list)
             raise ValueError(
                 f"predictor(image) takes one image [H, W, 3], got a batch of images ({got}): "
                 "use predictor.predict_batch(images)"
+                + ("; one image as nested lists: np.asarray(image, np.uint8)" if nested else "")
             )
         image = _as_rgb(image)
         inputs = pipeline.preprocess_image(image, self.config)
@@ -117,6 +119,7 @@ class Predictor:
             {k: v[0] for k, v in out.items()}, inputs["image_size"], image, score_threshold
         )
 
+    @jax_settings.with_defaults
     def predict_batch(
         self,
         images: Sequence[np.ndarray],
@@ -146,11 +149,12 @@ class Predictor:
             is not in [0, 1], `images` is one image (`[H, W, 3]`) rather than several, or an
             image is not one `__call__` takes.
         """
-        _check_score_threshold(score_threshold)
-        if isinstance(images, np.ndarray | jax.Array) and images.ndim != 4:
+        score_threshold = _score_threshold(score_threshold)
+        shape = getattr(images, "shape", None)  # numpy, JAX, torch, TF: [H, W, 3] is one image
+        if shape is not None and len(shape) != 4:
             raise ValueError(
                 f"predict_batch(images) takes a sequence of images or a [B, H, W, 3] array, got "
-                f"an array {images.shape}: use predictor(image) or predict_batch([image])"
+                f"an array {tuple(shape)}: use predictor(image) or predict_batch([image])"
             )
         if isinstance(images, Mapping) or not isinstance(images, Iterable):
             hint = ": pass list(images.values())" if isinstance(images, Mapping) else ""
@@ -300,6 +304,9 @@ def _conversion_hint(image: np.ndarray) -> str:
         )
     if image.dtype == np.uint16:
         return ": 16 bits? (image >> 8).astype(np.uint8) gives 8-bit pixels"
+    integers = np.issubdtype(image.dtype, np.integer) and image.size
+    if integers and image.min() >= 0 and image.max() <= 255:
+        return ": integers in [0, 255]? image.astype(np.uint8) gives 8-bit pixels"
     return ""
 
 
@@ -311,14 +318,17 @@ def _batch_image(images: Sequence[np.ndarray], index: int) -> np.ndarray:
         raise ValueError(f"images[{index}]: {error}") from None
 
 
-def _check_score_threshold(score_threshold: float) -> None:
-    """Raises ValueError unless `score_threshold` is a number in [0, 1] (NaN is not)."""
-    if (
-        not isinstance(score_threshold, numbers.Real)
-        or isinstance(score_threshold, bool)
-        or not 0.0 <= score_threshold <= 1.0
-    ):
+def _score_threshold(score_threshold: float) -> float:
+    """`score_threshold` as a float: a Python, numpy, JAX or torch number (a 0-d array of
+    integer or float dtype); ValueError unless it is one in [0, 1] (NaN is not, nor a bool or
+    a string)."""
+    try:
+        array = np.asarray(score_threshold)
+    except Exception:  # e.g. a tensor on an accelerator: not a number here
+        array = np.asarray(None)
+    if array.ndim or array.dtype.kind not in "fiu" or not 0.0 <= float(array) <= 1.0:
         raise ValueError(f"score_threshold={score_threshold!r} must be a number in [0, 1]")
+    return float(array)
 
 
 def _stack_padded(
@@ -539,6 +549,7 @@ def _read_variables(
     return config, variables, step
 
 
+@jax_settings.with_defaults
 def load_checkpoint(path: str | epath.PathLike, step: int | None = None) -> Predictor:
     """Loads the model, variables and config of a checkpoint for inference.
 

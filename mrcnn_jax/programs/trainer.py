@@ -51,7 +51,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from mrcnn_jax import paths, sharding
+from mrcnn_jax import jax_settings, paths, sharding
 from mrcnn_jax.convert import imagenet
 from mrcnn_jax.convert import torchvision as torchvision_convert
 from mrcnn_jax.data import canvas_groups, get_builder, pipeline, schema, with_absolute_paths
@@ -500,6 +500,7 @@ def _canvas_draw(data) -> tuple:
     return groups, tuple(round(float(w), 6) for w in canvas_groups.weights_of(data))
 
 
+@jax_settings.with_defaults
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains `config` in `workdir` (resuming if it has checkpoints), evaluates, returns metrics.
 
