@@ -380,8 +380,9 @@ def main(argv):
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as error:
         raise app.UsageError(str(error)) from error
     label_to_category_id = predictor.config.data.label_to_category_id or None
-    try:  # an earlier run's results never sit beside this run's drawings
-        epath.Path(results_path).unlink(missing_ok=True)
+    try:  # an earlier run's results never sit beside this run's drawings (a link: written to)
+        if paths_lib.is_url(results_path) or not os.path.islink(results_path):
+            epath.Path(results_path).unlink(missing_ok=True)
     except OSError as error:
         sys.exit(f"error: cannot replace {results_path}: {error.strerror or error}")
 

@@ -198,6 +198,29 @@ def test_predictor_gives_a_default_sessions_detections_under_strict_jax_settings
     assert got["boxes"].dtype == np.float32 and got["scores"].dtype == np.float32
 
 
+def test_a_checkpoint_loaded_again_compiles_nothing(workdir):
+    """A server reloading its model compiled both programs at every `load_checkpoint` (4-8 s
+    each time); predictors of equal models now share them."""
+    image = natural_images(1)[0]
+    first = load_checkpoint(workdir)
+    first(image)
+    first.predict_batch([image])
+    compiled = []
+
+    def listener(event: str, duration: float, **_) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        again = load_checkpoint(workdir)
+        assert_same_detections(again(image, 0.0), first(image, 0.0), "loaded again")
+        again.predict_batch([image])
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiled == []
+
+
 def test_predictor_places_the_variables_once_and_again_when_one_is_replaced(
     model_setup, monkeypatch
 ):

@@ -16,10 +16,11 @@ nothing (scripts/eval.py writes its results into that workdir).
 """
 
 import dataclasses
+import functools
 import operator
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -75,9 +76,8 @@ class Predictor:
 
     def __post_init__(self):
         self._model = MaskRCNN.from_config(self.config.model)
-        self._apply = jax.jit(lambda v, b: self._model.apply(v, b, train=False))
         self._mesh = sharding.create_mesh(list(self.devices or jax.local_devices()))
-        self._sharded_apply = make_predict_step(self._model, self._mesh)
+        self._apply, self._sharded_apply = _programs(self._model, self._mesh)
         self._device = self._mesh.devices.flat[0]  # __call__'s
         self._placed: _Placed | None = None
 
@@ -316,6 +316,18 @@ def _batch_image(images: Sequence[np.ndarray], index: int) -> np.ndarray:
         return _as_rgb(images[index])
     except ValueError as error:
         raise ValueError(f"images[{index}]: {error}") from None
+
+
+@functools.lru_cache(maxsize=8)
+def _programs(model: MaskRCNN, mesh: jax.sharding.Mesh) -> tuple[Callable, Callable]:
+    """`model`'s jitted single-image apply and its predict step sharded over `mesh`, shared by
+    the predictors of equal models (a checkpoint loaded again, one of another step), so that a
+    process compiles each once: every `load_checkpoint` compiled them anew (4-8 s a reload)."""
+    return jax.jit(functools.partial(_apply, model)), make_predict_step(model, mesh)
+
+
+def _apply(model: MaskRCNN, variables: dict, batch: dict) -> dict[str, jax.Array]:
+    return model.apply(variables, batch, train=False)
 
 
 def _score_threshold(score_threshold: float) -> float:
