@@ -1,7 +1,9 @@
 """Generic test-data makers shared by the tests (numpy references live in `references.py`)."""
 
+import contextlib
 import functools
 import math
+from collections.abc import Iterator
 
 import jax
 import numpy as np
@@ -125,3 +127,20 @@ def write_sideways_jpeg(path, image: np.ndarray) -> None:
     exif = Image.Exif()
     exif[0x0112] = 6  # Orientation: the 0th row is the visual right-hand side
     Image.fromarray(image).save(path, exif=exif, quality=95)
+
+
+@contextlib.contextmanager
+def backend_compiles() -> Iterator[list[float]]:
+    """The durations of the XLA compilations in the block, as JAX reports them (a list that
+    grows during the block)."""
+    compiles = []
+
+    def listener(event: str, duration: float, **_) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield compiles
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)

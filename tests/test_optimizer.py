@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import backend_compiles
 
 from configs import shapes_r18
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
@@ -231,20 +232,11 @@ def test_zero_variables_have_the_init_shapes_and_compile_nothing():
     """`zero_variables` (the target of a resume's restore) has `init_variables`' tree, shapes
     and dtypes, holds zeros, and compiles no XLA program (it is traced only)."""
     model = MaskRCNN.from_config(shapes_r18.get_config().model)
-    compiles = []
-
-    def listener(event: str, duration: float, **kwargs) -> None:
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(duration)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with backend_compiles() as compiles:
         zeros = state_lib.zero_variables(model, (64, 64))
         assert not compiles
         initial = state_lib.init_variables(model, jax.random.key(0), (64, 64))
         assert compiles  # the listener sees compiles: init_variables compiles the model's init
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
     assert jax.tree_util.tree_structure(zeros) == jax.tree_util.tree_structure(initial)
     for z, v in zip(jax.tree_util.tree_leaves(zeros), jax.tree_util.tree_leaves(initial)):
         assert isinstance(z, np.ndarray) and (z.shape, z.dtype) == (v.shape, v.dtype)

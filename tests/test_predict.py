@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import tiny_config
-from helpers import random_variables, write_sideways_jpeg
+from helpers import backend_compiles, random_variables, write_sideways_jpeg
 from pycocotools import mask as mask_utils
 
 import mrcnn_jax
@@ -205,19 +205,10 @@ def test_a_checkpoint_loaded_again_compiles_nothing(workdir):
     first = load_checkpoint(workdir)
     first(image)
     first.predict_batch([image])
-    compiled = []
-
-    def listener(event: str, duration: float, **_) -> None:
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiled.append(duration)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with backend_compiles() as compiled:
         again = load_checkpoint(workdir)
         assert_same_detections(again(image, 0.0), first(image, 0.0), "loaded again")
         again.predict_batch([image])
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
     assert compiled == []
 
 
