@@ -6,6 +6,8 @@ from collections.abc import Iterator
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 JPEG_SIGNATURE = b"\xff\xd8\xff"
+# TIFF's: little- and big-endian, then BigTIFF's (64-bit offsets) in both orders.
+TIFF_SIGNATURES = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")
 
 
 def _jpeg_segments(data: bytes) -> Iterator[tuple[int, bytes]]:
@@ -39,7 +41,7 @@ def declared_size(data: bytes) -> tuple[int, int] | None:
     if data.startswith(b"BM") and len(data) >= 26:
         height = int.from_bytes(data[22:26], "little", signed=True)  # < 0: stored top-down
         return abs(height), int.from_bytes(data[18:22], "little", signed=True)
-    if data[:4] in (b"II*\0", b"MM\0*"):
+    if data[:4] in TIFF_SIGNATURES:
         tags = _tiff_tags(data)
         if 256 in tags and 257 in tags:  # ImageWidth, ImageLength
             return tags[257], tags[256]
@@ -76,21 +78,25 @@ def _tiff_orientation(tiff: bytes) -> int:
 
 
 def _tiff_tags(tiff: bytes) -> dict[int, int]:
-    """tag -> value of the SHORT and LONG entries holding one value in a TIFF layout's first
-    directory (a TIFF file's or an EXIF block's); {} for a malformed one."""
+    """tag -> value of the SHORT, LONG and LONG8 entries holding one value in a TIFF layout's
+    first directory (a TIFF or BigTIFF file's, an EXIF block's); {} for a malformed one."""
     order = {b"II": "little", b"MM": "big"}.get(tiff[:2])
     if order is None or len(tiff) < 8:
         return {}
-    directory = int.from_bytes(tiff[4:8], order)
-    count = int.from_bytes(tiff[directory : directory + 2], order)
+    big = int.from_bytes(tiff[2:4], order) == 43  # BigTIFF: 8-byte counts, offsets, values
+    number_size, entry_size = (8, 20) if big else (2, 12)
+    directory = int.from_bytes(tiff[8:16] if big else tiff[4:8], order)
+    count = int.from_bytes(tiff[directory : directory + number_size], order)
     tags = {}
     for k in range(count):
-        entry = tiff[directory + 2 + 12 * k : directory + 14 + 12 * k]
-        if len(entry) < 12:
+        at = directory + number_size + entry_size * k
+        entry = tiff[at : at + entry_size]
+        if len(entry) < entry_size:
             break
-        kind, number = int.from_bytes(entry[2:4], order), int.from_bytes(entry[4:8], order)
-        if number == 1 and kind in (3, 4):  # SHORT or LONG, its value first in the field
-            tags[int.from_bytes(entry[:2], order)] = int.from_bytes(
-                entry[8:10] if kind == 3 else entry[8:12], order
-            )
+        kind = int.from_bytes(entry[2:4], order)
+        number = int.from_bytes(entry[4:12] if big else entry[4:8], order)
+        size = {3: 2, 4: 4, 16: 8}.get(kind)  # SHORT, LONG, LONG8: its value first in the field
+        if number == 1 and size:
+            value = entry[12:] if big else entry[8:]
+            tags[int.from_bytes(entry[:2], order)] = int.from_bytes(value[:size], order)
     return tags

@@ -7,8 +7,10 @@ JAX's defaults: under x64 some parameters and random draws became float64 (a che
 refused as "float32, the config needs float64", a training whose draws differ), under the
 strict settings the first broadcast failed. Every entry point (`load_checkpoint`, the
 predictor's calls, `train_and_evaluate`, the SavedModel export, the scripts) runs under
-`defaults()`, so it computes what it computes in a default session, and the session's own
-settings are as they were afterwards.
+`defaults()`, so these three settings do not reach it, and the session's own are as they were
+afterwards. Other settings do (`jax_default_prng_impl` changes random draws,
+`jax_default_matmul_precision` the arithmetic), and JAX's context settings hold in the calling
+thread only: threads that the libraries start (orbax's checkpoint writes) see the session's.
 """
 
 import contextlib

@@ -142,6 +142,11 @@ def main(argv):
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
     launch.initialize()
+    # before the checkpoint loads: a URL etils cannot open, or whose storage does not answer
+    json_path, images_path, out_path = (
+        launch.path_flag(holder.value, f"--{holder.name}") if holder.value else ""
+        for holder in (_JSON, _IMAGES, _OUT_DIR)
+    )
     try:  # a checkpoint folder names its workdir, where the results go
         workdir, located = predictor_lib.locate_checkpoint(_WORKDIR.value, _STEP.value)
         # The latest when no step is named, also after a training deleted the located one;
@@ -154,18 +159,12 @@ def main(argv):
         raise app.UsageError(str(error)) from error
     config = predictor.config
     if _JSON.value:  # all its images unless --max_images: the training's limit is not its
-        config.data = with_json_split(
-            config.data,
-            launch.path_flag(_JSON.value, "--json"),
-            launch.path_flag(_IMAGES.value, "--images"),
-        )
+        config.data = with_json_split(config.data, json_path, images_path)
         config.eval.max_images = 0
     if _MAX_IMAGES.value is not None:
         config.eval.max_images = _MAX_IMAGES.value
     split = _SPLIT.value or config.data.val_split
-    out_dir = (
-        epath.Path(launch.path_flag(_OUT_DIR.value, "--out_dir")) if _OUT_DIR.value else workdir
-    )
+    out_dir = epath.Path(out_path) if out_path else workdir
     try:  # several processes given other flags would wait for each other forever
         processes.check_processes_agree(
             {

@@ -35,10 +35,11 @@ batch is read while one is predicted), split data-parallel over the process's lo
 progress bar counts the images. A file that cannot be decoded (not an image, truncated, a format
 cv2 lacks) is named in a warning and skipped. The run ends with the line
 `N images, M detections, K unreadable[: file, ...]`; it exits with status 1 if no image could be
-read (and then writes nothing), else 0. Ctrl-C (SIGINT) stops it: detections.json then holds
-the detections of the images predicted so far, `stopped by Ctrl-C after N of M images` says
-where, and the exit status is 130. A detections.json of an earlier run in --out_dir is deleted
-once the model has loaded, so it never sits beside the drawings of another run.
+read (and then writes nothing), else 0. Ctrl-C (SIGINT) stops it after the image at hand (a
+second one at once): detections.json then holds the detections of the images predicted so far,
+`stopped by Ctrl-C after N of M images` says where, and the exit status is 130. A
+detections.json of an earlier run in --out_dir is deleted once the model has loaded, so it
+never sits beside the drawings of another run.
 
 Outputs, in --out_dir:
   - `<name>.png` per image (not with --no_draw): the detections scoring at least
@@ -49,7 +50,9 @@ Outputs, in --out_dir:
     images whose names would still coincide (`x.jpg` beside `x.png`, also `X.jpg` beside
     `x.png`, one name on a case-insensitive file system as macOS' and Windows') keep their
     extension (`x.jpg.png`, `x.png.png`), and so does one whose drawing would be another's
-    folder (`a.jpg` beside `a.png/b.jpg`: `a.jpg.png`, `a.png/b.png`).
+    folder (`a.jpg` beside `a.png/b.jpg`: `a.jpg.png`, `a.png/b.png`). Inputs whose names
+    still differ only in case (`X.jpg` beside `x.jpg`) are an error: one file where case is
+    ignored.
   - `detections.json`: every image's detections in the COCO results format, in original image
     pixels, with the image's path (as given, or the folder joined with the file's path in it,
     or as the glob matched it) as "file_name" in place of "image_id": `{"file_name",
@@ -75,11 +78,13 @@ Flags:
 """
 
 import collections
+import contextlib
 import glob
 import json
 import os
 import signal
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from concurrent import futures
 from typing import Any
@@ -88,6 +93,7 @@ import numpy as np
 from absl import app, flags, logging
 from pycocotools import mask as mask_util
 
+from mrcnn_jax import paths as paths_lib
 from mrcnn_jax.programs import launch
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -212,8 +218,8 @@ def output_names(paths: Sequence[str]) -> list[str]:
     drawing needs as its folder (`a.jpg` beside `a.png/b.jpg`).
 
     Raises:
-      app.UsageError: two inputs would still write the same file, or one a file where
-        another's drawing needs a folder.
+      app.UsageError: two inputs would still write the same file (also where case is
+        ignored), or one a file where another's drawing needs a folder.
     """
     absolute = [os.path.abspath(p) for p in paths]
     root = os.path.commonpath([os.path.dirname(p) for p in absolute])
@@ -226,16 +232,19 @@ def output_names(paths: Sequence[str]) -> list[str]:
         + ".png"
         for stem, rel in zip(stems, relative)
     ]
-    drawn_by: dict[str, str] = {}
+    drawn_by: dict[str, tuple[str, str]] = {}  # casefolded name -> (input, name)
     for path, name in zip(paths, names):
-        if name in drawn_by:
-            raise app.UsageError(f"{drawn_by[name]!r} and {path!r} would both be drawn to {name}")
-        drawn_by[name] = path
+        if (other := drawn_by.get(name.casefold())) is not None:
+            raise app.UsageError(
+                f"{other[0]!r} and {path!r} would both be drawn to {name}"
+                + ("" if other[1] == name else f" (as {other[1]}, where case is ignored)")
+            )
+        drawn_by[name.casefold()] = (path, name)
     for path, name in zip(paths, names):
         for folder in _folders(name):
-            if folder in drawn_by:
+            if (other := drawn_by.get(folder.casefold())) is not None:
                 raise app.UsageError(
-                    f"{drawn_by[folder]!r} would be drawn to {folder}, the folder of {path!r}'s "
+                    f"{other[0]!r} would be drawn to {other[1]}, the folder of {path!r}'s "
                     f"drawing {name}: rename one"
                 )
     return names
@@ -265,14 +274,19 @@ def check_outputs(
 
     Raises:
       app.UsageError: an output is an existing input file (the same file: also through a
-        symlink or a hard link), or a drawing lies in a folder input (or, with `recursive`,
-        below it), naming the input and the output.
+        symlink or a hard link) or a symbolic link to a file (never written through), or a
+        drawing lies in a folder input (or, with `recursive`, below it), naming the input and
+        the output.
     """
     inputs = {}  # (device, inode) -> path
     for path in paths:
         stat = os.stat(path)
         inputs.setdefault((stat.st_dev, stat.st_ino), path)
     for what, output in [*(("drawing", d) for d in drawings), ("results", results_path)]:
+        try:  # refused when written, after the work
+            paths_lib.check_not_a_link_to_a_file(output)
+        except OSError as error:
+            raise app.UsageError(f"the {what} {output!r}: {error.strerror}") from error
         try:
             stat = os.stat(output)
         except OSError:  # not there (yet): no input either
@@ -309,21 +323,36 @@ def read_batches(
     (and once at the end): `read` pairs an index into `paths` with its `[H, W, 3]` uint8 RGB
     image (turned as its EXIF orientation says with `exif_orientation`), `unreadable` an index
     with why it could not be read."""
-    import cv2
-
     from mrcnn_jax.evaluation import visualize
 
     read, unreadable = [], []
     for index, path in enumerate(paths):
         try:
             read.append((index, visualize.read_image(path, exif_orientation=exif_orientation)))
-        except (OSError, ValueError, cv2.error) as e:  # cv2.error: e.g. an empty file
+        except (OSError, ValueError) as e:
             unreadable.append((index, str(e).strip()))
         if len(read) == batch_size:
             yield read, unreadable
             read, unreadable = [], []
     if read or unreadable:
         yield read, unreadable
+
+
+@contextlib.contextmanager
+def stop_on_ctrl_c(stop: threading.Event) -> Iterator[None]:
+    """In the block, the first Ctrl-C (SIGINT) sets `stop`, for the caller to stop between
+    images; a second one raises KeyboardInterrupt as usual. The previous handler is restored
+    after."""
+
+    def on_interrupt(signum, frame) -> None:
+        stop.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def read_ahead(iterator: Iterator) -> Iterator:
@@ -348,7 +377,6 @@ def main(argv):
     from etils import epath
     from tqdm import tqdm
 
-    from mrcnn_jax import paths as paths_lib
     from mrcnn_jax.evaluation import output, visualize
     from mrcnn_jax.programs import predictor as predictor_lib
 
@@ -380,16 +408,18 @@ def main(argv):
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as error:
         raise app.UsageError(str(error)) from error
     label_to_category_id = predictor.config.data.label_to_category_id or None
-    try:  # an earlier run's results never sit beside this run's drawings (a link: written to)
+    try:  # an earlier run's results never sit beside these drawings (a link to a device: kept)
         if paths_lib.is_url(results_path) or not os.path.islink(results_path):
             epath.Path(results_path).unlink(missing_ok=True)
     except OSError as error:
         sys.exit(f"error: cannot replace {results_path}: {error.strerror or error}")
 
-    detections, unreadable, num_read, stopped = [], [], 0, False
+    detections, unreadable, num_read, stop = [], [], 0, threading.Event()
     try:
-        with tqdm(total=len(paths), unit="image", desc="predict") as bar:
+        with tqdm(total=len(paths), unit="image", desc="predict") as bar, stop_on_ctrl_c(stop):
             for read, bad in read_ahead(read_batches(paths, batch_size, _EXIF_ORIENTATION.value)):
+                if stop.is_set():
+                    break
                 for index, error in bad:
                     bar.write(
                         f"WARNING: skipping unreadable {paths[index]!r}: {error}", file=sys.stderr
@@ -400,6 +430,8 @@ def main(argv):
                     [image for _, image in read], _SCORE_THRESHOLD.value, batch_size=batch_size
                 )
                 for (index, image), result in zip(read, results):
+                    if stop.is_set():
+                        break
                     detections += coco_results(result, paths[index], label_to_category_id)
                     num_read += 1
                     if not _NO_DRAW.value:
@@ -416,8 +448,9 @@ def main(argv):
                         except OSError as error:  # e.g. a full disk: the file and why, no trace
                             sys.exit(f"error: cannot write {drawings[index]}: {error.strerror}")
                     bar.update(1)
-    except KeyboardInterrupt:  # the detections of the images done so far are written below
-        stopped = True
+    except KeyboardInterrupt:  # a second Ctrl-C: what was done is still written below
+        stop.set()
+    stopped = stop.is_set()
 
     summary = f"{num_read} images, {len(detections)} detections, {len(unreadable)} unreadable"
     print(summary + (": " + ", ".join(unreadable) if unreadable else ""), flush=True)

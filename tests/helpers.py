@@ -2,7 +2,10 @@
 
 import contextlib
 import functools
+import importlib.util
 import math
+import os
+import types
 from collections.abc import Iterator
 
 import jax
@@ -144,3 +147,23 @@ def backend_compiles() -> Iterator[list[float]]:
         yield compiles
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
+
+
+@contextlib.contextmanager
+def imported_script(name: str) -> Iterator[types.ModuleType]:
+    """scripts/<name> imported (it defines its absl flags; nothing runs); its flags are removed
+    from absl's global FLAGS afterwards, so that another script defining a flag of the same
+    name (`batch_size`) can be imported later in the same process."""
+    from absl import flags
+
+    before = set(flags.FLAGS)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.join(repo, "scripts", name)
+    spec = importlib.util.spec_from_file_location(f"script_{name[:-3]}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        for flag in set(flags.FLAGS) - before:
+            delattr(flags.FLAGS, flag)

@@ -2,7 +2,6 @@
 refused; `OurProgram` (the train/infer/breakdown timing) on a toy program. (The train/infer
 benchmarks compile an R50 and are not run here.)"""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl import app
+from helpers import imported_script
 
 from mrcnn_jax.programs import launch
 
@@ -106,10 +106,8 @@ def test_conv_reports_each_layer_against_xla_and_torch(outputs):
 @pytest.fixture(scope="module")
 def benchmark_module():
     """scripts/benchmark.py imported (it defines its flags; nothing runs)."""
-    spec = importlib.util.spec_from_file_location("benchmark_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    with imported_script("benchmark.py") as module:
+        yield module
 
 
 def test_our_program_splits_the_first_call_and_carries_the_state(benchmark_module):

@@ -9,7 +9,6 @@ step-0 checkpoint. A persistent XLA cache lets the script's subprocesses (the sa
 reuse what this process compiled.
 """
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -26,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import tiny_config
-from helpers import backend_compiles, random_variables, write_sideways_jpeg
+from helpers import backend_compiles, imported_script, random_variables, write_sideways_jpeg
 from pycocotools import mask as mask_utils
 
 import mrcnn_jax
@@ -688,12 +687,8 @@ def test_predict_script_refuses_an_out_dir_among_its_inputs(workdir, compile_cac
 @pytest.fixture(scope="module")
 def predict_script():
     """scripts/predict.py imported (it defines its flags; nothing runs)."""
-    spec = importlib.util.spec_from_file_location(
-        "predict_script", os.path.join(REPO, "scripts", "predict.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    with imported_script("predict.py") as module:
+        yield module
 
 
 @pytest.mark.parametrize(
@@ -714,10 +709,35 @@ def test_drawing_names_keep_the_extension_where_they_would_coincide(predict_scri
 def test_drawing_names_refuse_a_drawing_where_another_needs_a_folder(predict_script):
     with pytest.raises(
         predict_script.app.UsageError,
+        match=r"'d/x\.JPG' would both be drawn to x\.JPG\.png \(as X\.jpg\.png, where case is ",
+    ):  # one file on macOS and Windows
+        predict_script.output_names(["d/X.jpg", "d/x.JPG"])
+    with pytest.raises(
+        predict_script.app.UsageError,
         match=r"'d/a\.jpg' would be drawn to a\.jpg\.png, the folder of 'd/a\.jpg\.png/z\.jpg''s "
         r"drawing a\.jpg\.png/z\.png: rename one",
     ):
         predict_script.output_names(["d/a.jpg", "d/a.png", "d/a.jpg.png/z.jpg"])
+
+
+def test_outputs_that_are_links_to_files_are_refused_before_the_work(predict_script, tmp_path):
+    """A results json or drawing that is a symbolic link to a file is never written through:
+    it failed after predicting every image; a link to a device is written to."""
+    image, other = tmp_path / "x.png", tmp_path / "elsewhere.json"
+    image.write_bytes(b"")
+    other.write_text("[]")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "detections.json").symlink_to(other)
+    with pytest.raises(
+        predict_script.app.UsageError,
+        match=r"the results '.*detections\.json': it is a symbolic link to the file",
+    ):
+        predict_script.check_outputs(
+            [str(image)], [str(image)], [], str(out / "detections.json"), False
+        )
+    (out / "drawn.json").symlink_to("/dev/null")
+    predict_script.check_outputs([str(image)], [str(image)], [], str(out / "drawn.json"), False)
 
 
 def test_folders_skip_names_that_are_no_file(predict_script, tmp_path):

@@ -4,6 +4,8 @@ process."""
 
 import re
 
+import jax
+
 from mrcnn_jax.programs import processes
 
 SETTINGS = {"config": {"train": {"num_steps": 6, "lr": 0.1}, "data": {"data_dir": "/data"}}}
@@ -55,7 +57,9 @@ def test_one_process_is_not_checked(tmp_path):
 def test_lost_peer_is_the_deepest_error_saying_another_process_is_gone():
     """A checkpoint write wrapping gloo's error is named by gloo's error, not by the wrapper's
     reading of it ("... MiB free on its disk"); other errors are not a lost peer."""
-    gloo = RuntimeError("UNKNOWN: Gloo AllGather failed: Read error: Connection reset by peer")
+    gloo = jax.errors.JaxRuntimeError(
+        "UNKNOWN: Gloo AllGather failed: Read error: Connection reset by peer"
+    )
     try:
         try:
             raise gloo
@@ -64,5 +68,11 @@ def test_lost_peer_is_the_deepest_error_saying_another_process_is_gone():
     except OSError as wrapped:
         assert processes.lost_peer(wrapped) is gloo
     assert processes.lost_peer(ValueError("config.data.image_size must be ...")) is None
-    heartbeat = RuntimeError("UNAVAILABLE: Task 1 heartbeat timeout")
+    heartbeat = jax.errors.JaxRuntimeError("UNAVAILABLE: Task 1 heartbeat timeout")
     assert processes.lost_peer(heartbeat) is heartbeat
+    # This process's own: a closed stdout pipe (`train.py | head`), a storage connection reset.
+    assert processes.lost_peer(BrokenPipeError(32, "Broken pipe")) is None
+    assert processes.lost_peer(ConnectionResetError(104, "Connection reset by peer")) is None
+    cycle = ValueError("x")
+    cycle.__cause__ = cycle  # `raise e from e`
+    assert processes.lost_peer(cycle) is None

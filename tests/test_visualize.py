@@ -178,8 +178,8 @@ def test_read_image_errors_name_the_file(tmp_path):
 def test_read_image_refuses_a_header_declaring_too_many_pixels(tmp_path, monkeypatch):
     """A file of a few KB may declare 30000×30000 pixels: refused before decoding, the declared
     size read from the header of each format predict.py reads from folders (also a progressive
-    JPEG's, one after an EXIF block, big- and little-endian TIFF, OS/2 and top-down BMP, the
-    three kinds of WebP); at the limit it is read."""
+    JPEG's, one after an EXIF block, big- and little-endian TIFF, BigTIFF, OS/2 and top-down
+    BMP, the three kinds of WebP); at the limit it is read."""
     from PIL import Image
 
     image = np.random.default_rng(0).integers(0, 256, (30, 50, 3), np.uint8)
@@ -191,6 +191,7 @@ def test_read_image_refuses_a_header_declaring_too_many_pixels(tmp_path, monkeyp
         ("e.gif", {}),
         ("f.bmp", {}),
         ("g.tif", {"compression": "tiff_deflate"}),
+        ("n.tif", {"big_tiff": True}),
         ("h.webp", {"quality": 80}),
         ("i.webp", {"lossless": True}),
         ("j.webp", {"exif": b"Exif\0\0MM\0*\0\0\0\x08\0\0"}),  # extended (VP8X)
@@ -211,9 +212,8 @@ def test_read_image_refuses_a_header_declaring_too_many_pixels(tmp_path, monkeyp
     files["m.bmp"].write_bytes(
         bytes(core + (50).to_bytes(2, "little") + (30).to_bytes(2, "little"))
     )
-    assert (
-        files["g.tif"].read_bytes()[:4] == b"II*\0" and files["k.tif"].read_bytes()[:4] == b"MM\0*"
-    )
+    magic = {n: files[n].read_bytes()[:4] for n in ("g.tif", "k.tif", "n.tif")}
+    assert magic == {"g.tif": b"II*\0", "k.tif": b"MM\0*", "n.tif": b"II+\0"}  # n: BigTIFF
     assert {files[n].read_bytes()[12:16] for n in ("h.webp", "i.webp", "j.webp")} == {
         b"VP8 ",
         b"VP8L",

@@ -1,8 +1,8 @@
 """tf.data input pipeline: TFDS examples -> fixed-shape numpy batches (docs/CONTRACTS.md "Batches").
 
-Per example (train): decode; pick at most ``max_instances`` objects; random horizontal flip;
-resize keeping the aspect ratio (see below), times a random factor from ``scale_jitter`` (a too
-large result is randomly cropped to ``image_size``); normalise with ``mean``/``std``; zero-pad
+Per example (train): decode; random horizontal flip; resize keeping the aspect ratio (see
+below), times a random factor from ``scale_jitter`` (a too large result is randomly cropped to
+``image_size``); pick at most ``max_instances`` objects; normalise with ``mean``/``std``; zero-pad
 bottom/right. Boxes follow the image and are clipped to the content; the box of an object the crop
 cuts becomes that of its mask's part inside the crop (``_fit_boxes_to_crop``, Detectron2's LSJ
 ``recompute_boxes``), so no box covers background the crop left in. Each kept mask is bilinearly
@@ -36,8 +36,9 @@ global order stays a function of the seed. An object with a positive-area box bu
 stays valid (the box trains) with an all-zero mask target. If an image has more than
 ``max_instances`` objects, the kept ones are the first in the order (trainable before crowd
 or zero-area, then annotation order), trainable judged on the final boxes, after the random
-crop (an object the crop leaves out does not take a visible one's place), and the first image
-of a run with more trainable objects than that logs a warning.
+crop (an object the crop leaves out does not take a visible one's place); the kept rows are in
+the file's order (trainable there first, then annotation order), and the first image of a run
+with more trainable objects than fit logs a warning.
 
 Data order (train): the sequence of GLOBAL batches (``train.batch_size`` examples each) is a
 function of ``config.seed`` and the step only, whatever the number of processes: every process
@@ -447,6 +448,7 @@ def _preprocess(
     height, width = tf.shape(image)[0], tf.shape(image)[1]
     objects = example["objects"]
     boxes = _pixel_boxes(objects["bbox"], height, width)
+    trainable_in_file = ~objects["is_crowd"] & _positive_area(boxes)
 
     flip, resized, offset = _augmentation(seed, height, width, data, train)
     ratios = _ratios(resized, height, width)
@@ -457,8 +459,13 @@ def _preprocess(
     )
     boxes = _transform_boxes(boxes, flip, ratios, offset, width, content)
     # Objects are chosen after the crop, so that those it leaves out do not take the place of
-    # visible ones.
+    # visible ones, and kept in the file's order (trainable there first): where all fit, the
+    # rows are those of choosing before the crop (their order reaches the RoI sampling).
     keep, num_dropped = _select_objects(boxes, objects["is_crowd"], data.max_instances)
+    keep = tf.sort(keep)
+    keep = tf.gather(
+        keep, tf.argsort(tf.cast(~tf.gather(trainable_in_file, keep), tf.int32), stable=True)
+    )
     boxes = tf.gather(boxes, keep)
     counts = tf.gather(counts, keep)
     valid = ~tf.gather(objects["is_crowd"], keep) & _positive_area(boxes)
@@ -508,7 +515,7 @@ def _numpy_batches(dataset: tf.data.Dataset, max_instances: int | None) -> Itera
             most = int(np.argmax(dropped))
             logging.warning(
                 "Image id %d has %d objects more than max_instances=%d; kept the first "
-                "(non-crowd objects first, then annotation order). Raise "
+                "(trainable objects first, then annotation order). Raise "
                 "config.data.max_instances to keep all. Warned once per iterator.",
                 int(image_ids[most]),
                 int(dropped[most]),

@@ -61,9 +61,9 @@ def read_image(path: str | os.PathLike, *, exif_orientation: bool = False) -> np
             f"more than the {MAX_IMAGE_PIXELS:,} read (visualize.MAX_IMAGE_PIXELS)"
         )
     try:
-        image = cv2.imdecode(data, flags)
-    except cv2.error:  # e.g. a size beyond cv2's own limits in a format read without a header
-        image = None
+        image, refusal = cv2.imdecode(data, flags), ""
+    except cv2.error as error:  # e.g. a size beyond cv2's own limits in a format read without
+        image, refusal = None, f" ({' '.join(str(error).split())})"  # a header here
     if image is None:
         kind = next((k for magic, k in _SIGNATURES if data[: len(magic)].tobytes() == magic), None)
         reason = (
@@ -71,7 +71,7 @@ def read_image(path: str | os.PathLike, *, exif_orientation: bool = False) -> np
             if kind
             else "not an image format cv2 decodes"
         )
-        raise ValueError(f"cannot read image file {path!r}: {reason}")
+        raise ValueError(f"cannot read image file {path!r}: {reason}{refusal}")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
@@ -86,8 +86,7 @@ _SIGNATURES = (
     (image_headers.PNG_SIGNATURE, "PNG"),
     (b"GIF8", "GIF"),
     (b"BM", "BMP"),
-    (b"II*\0", "TIFF"),
-    (b"MM\0*", "TIFF"),
+    *((signature, "TIFF") for signature in image_headers.TIFF_SIGNATURES),
 )
 
 
@@ -135,7 +134,8 @@ def draw_detections(
     The labels come after every mask and box, the first detection's last, so that where labels
     overlap the first one (the highest scoring, in the predictor's order) stays readable. The
     font (cv2's Hershey) has ASCII only: accents are dropped from names (``café`` -> ``cafe``)
-    and other characters written as escapes (``猫`` -> ``\\u732b``), so names stay apart.
+    and other characters written as escapes (``猫`` -> ``\\u732b``), so names in other scripts
+    stay apart (not all drawn as ``?``).
 
     Args:
       image: ``[H, W, 3]`` uint8 RGB.

@@ -150,11 +150,14 @@ class Predictor:
             image is not one `__call__` takes.
         """
         score_threshold = _score_threshold(score_threshold)
-        shape = getattr(images, "shape", None)  # numpy, JAX, torch, TF: [H, W, 3] is one image
-        if shape is not None and len(shape) != 4:
+        try:  # numpy, JAX, torch, TF: [H, W, 3] (or grey [H, W]) is one image
+            rank = len(images.shape)
+        except (AttributeError, TypeError, ValueError):  # no shape, or not a sized one
+            rank = None
+        if rank in (2, 3) or (isinstance(images, np.ndarray | jax.Array) and rank != 4):
             raise ValueError(
                 f"predict_batch(images) takes a sequence of images or a [B, H, W, 3] array, got "
-                f"an array {tuple(shape)}: use predictor(image) or predict_batch([image])"
+                f"an array {tuple(images.shape)}: use predictor(image) or predict_batch([image])"
             )
         if isinstance(images, Mapping) or not isinstance(images, Iterable):
             hint = ": pass list(images.values())" if isinstance(images, Mapping) else ""
@@ -322,7 +325,9 @@ def _batch_image(images: Sequence[np.ndarray], index: int) -> np.ndarray:
 def _programs(model: MaskRCNN, mesh: jax.sharding.Mesh) -> tuple[Callable, Callable]:
     """`model`'s jitted single-image apply and its predict step sharded over `mesh`, shared by
     the predictors of equal models (a checkpoint loaded again, one of another step), so that a
-    process compiles each once: every `load_checkpoint` compiled them anew (4-8 s a reload)."""
+    process compiles each once: every `load_checkpoint` compiled them anew (4-8 s a reload).
+    Those of the last 8 (model, mesh) pairs stay compiled, with their devices, after their
+    predictors are gone."""
     return jax.jit(functools.partial(_apply, model)), make_predict_step(model, mesh)
 
 
@@ -577,11 +582,13 @@ def load_checkpoint(path: str | epath.PathLike, step: int | None = None) -> Pred
       FileNotFoundError: no complete checkpoint there, or the step asked for is not one (its
         folder lacks files, e.g. after an interrupted copy: the message names them and the
         complete steps), or a training running in the workdir deleted it while it was read
-        (the latest: three times in a row; `read_checkpoint`).
+        (the latest: three times in a row; `read_checkpoint`); for a URL, also when its
+        storage does not answer ("cannot reach gs://...: <the storage's reason>").
       TypeError: `step` is not an integer (e.g. the string "400").
       ValueError: the stored parameters do not fit the stored config (a variable's path, shape
         or dtype differs from the model's); `ckpt_lib.CorruptCheckpointError`, a ValueError:
-        its files are damaged (the message names the step folder or file).
+        its files are damaged (the message names the step folder or file); `path` is a URL of
+        a scheme etils.epath cannot open (`ram://`) or `gs:/` with one slash.
     """
     config, variables, step = read_checkpoint(path, step)
     return Predictor(config=config, variables=variables, step=step)

@@ -128,11 +128,16 @@ _LOST_PEER = (
 
 
 def lost_peer(error: BaseException) -> BaseException | None:
-    """The error saying that another process is gone: `error` or the deepest error it was
-    raised from that says so (the collective's own, not a wrapper's reading of it); None."""
-    found = None
-    while error is not None:
-        if any(sign in str(error) for sign in _LOST_PEER):
+    """The JAX runtime error saying that another process is gone: `error` or the deepest error
+    it was raised from that says so (the collective's own, not a wrapper's reading of it, e.g. a
+    checkpoint write that failed "with N MiB free"); None. An OSError of this process's own
+    (a closed stdout pipe, a storage connection reset) is not one."""
+    found, seen = None, set()
+    while error is not None and id(error) not in seen:  # `raise e from e` makes a cycle
+        seen.add(id(error))
+        if isinstance(error, jax.errors.JaxRuntimeError) and any(
+            sign in str(error) for sign in _LOST_PEER
+        ):
             found = error
         error = error.__cause__ or error.__context__
     return found
