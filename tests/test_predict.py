@@ -407,6 +407,28 @@ def test_load_checkpoint_refuses_untrusted_content_naming_it(model_setup, tmp_pa
         mrcnn_jax.load_checkpoint(tmp_path / "config")
 
 
+@pytest.mark.parametrize(
+    "path, message",
+    [
+        (
+            "ram://runs/a",
+            "ram://runs/a: ram:// URLs are not supported; give a local path or a gs://",
+        ),
+        ("file:///tmp/a", "file:///tmp/a: file:// URLs are not supported"),
+        ("gs:/bucket/a", "gs:/bucket/a: a URL takes two slashes (gs://...)"),
+        ("hf:/org/a", "hf:/org/a: a URL takes two slashes (hf://...)"),
+    ],
+)
+def test_urls_etils_cannot_open_are_refused_naming_them(path, message):
+    """A KeyError deep in etils (`ram://`), or a local folder `gs:` in the current one."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        paths.absolute(path)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        locate_checkpoint(path)
+    assert paths.absolute("gs://bucket/a") == "gs://bucket/a"
+    assert paths.absolute("runs/gs:/a") == os.path.abspath("runs/gs:/a")
+
+
 def test_a_storage_that_does_not_answer_is_named_not_called_no_workdir(monkeypatch):
     """etils.epath's `is_dir()` says no when the storage cannot be asked (no network, no
     credentials): the error was "gs://... is neither a workdir with checkpoints/ nor ...", for
@@ -756,6 +778,7 @@ def test_folders_skip_names_that_are_no_file(predict_script, tmp_path):
     ]
 
 
+@pytest.mark.slow  # a script run of 400 images (the default run stays under 15 minutes)
 def test_predict_script_stopped_by_ctrl_c_writes_the_detections_so_far(
     workdir, compile_cache, tmp_path
 ):

@@ -237,6 +237,7 @@ def test_a_workdir_without_checkpoints_is_refused(name, tmp_path):
         ),
     ],
 )
+@pytest.mark.slow  # four script starts; `paths.absolute`'s refusals are unit-tested
 def test_a_url_etils_cannot_open_is_a_usage_error_before_any_work(name, flags, message, tmp_path):
     """A URL of another scheme than etils.epath's (a KeyError deep in etils), or one with a
     single slash (a local folder `gs:` in the current one): one line naming it."""
