@@ -176,7 +176,8 @@ def test_train_and_evaluate_writes_logs_checkpoints_and_metrics(trained):
     (eval_record,) = [r for r in records if "eval/bbox/AP" in r]
     assert eval_record == {"step": NUM_STEPS, **{f"eval/{k}": v for k, v in metrics.items()}}
 
-    (events,) = (workdir / "tensorboard").glob("events.out.tfevents.*")
+    marker, events = sorted((workdir / "tensorboard").glob("events.out.tfevents.*"))
+    assert marker.name.endswith(".start")  # `SessionLog.START`, for TensorBoard's readers
     tags = {
         value.tag
         for event in tf.compat.v1.train.summary_iterator(str(events))
@@ -216,7 +217,7 @@ def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(
     out = capsys.readouterr().out
     assert re.search(r"Resumed from \S+ at step 2\n", out)
     assert (
-        "metrics.jsonl: dropped 3 rows logged after step 2, the checkpoint resumed (their steps "
+        "metrics.jsonl: dropped 3 rows logged after step 2, where this run starts (their steps "
         "are logged again) and a last line cut short by a crash"
     ) in out
     assert_trees_equal(final_state(workdir), final_state(trained[0]))
@@ -925,6 +926,39 @@ def test_a_failed_checkpoint_write_is_one_clear_error(trained, compile_cache, tm
     for noise in ("Traceback", "tensorstore_spec", "Exception ignored", "Event loop is closed"):
         assert noise not in result.stderr, result.stderr[-3000:]
     assert len(result.stderr) < 5000, result.stderr[-3000:]
+
+
+def test_a_restarted_run_logs_each_step_once_in_metrics_and_tensorboard(tmp_path, capsys):
+    """Rows and TensorBoard points of steps a stopped run logged after the step a new run starts
+    at are logged again by it: `metrics.jsonl` drops them (also where the stopped run had no
+    checkpoint: a fresh start at 0 appended to its rows), and TensorBoard's Python reader, told
+    by the restart marker, shows each step once (it showed both)."""
+    from tensorboard.backend.event_processing import plugin_event_accumulator
+
+    def run(start_step: int, steps: range) -> None:
+        writer = trainer.MetricWriter(epath.Path(tmp_path), start_step)
+        for step in steps:
+            writer.write(step, {"train/loss": float(step + 10 * start_step)})
+        writer.close()
+        time.sleep(1.1)  # TensorBoard orders the event files by their time, in seconds
+
+    def logged() -> tuple[list, list]:
+        rows = [(r["step"], r["train/loss"]) for r in read_jsonl(tmp_path / "metrics.jsonl")]
+        events = plugin_event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
+        events.Reload()
+        points = [
+            (e.step, float(tf.make_ndarray(e.tensor_proto))) for e in events.Tensors("train/loss")
+        ]
+        return rows, points
+
+    run(0, range(1, 3))  # stopped before its first checkpoint
+    run(0, range(1, 6))  # stopped after step 5, its checkpoint at step 3
+    assert "metrics.jsonl: dropped 2 rows logged after step 0, where this run starts" in (
+        capsys.readouterr().out
+    )
+    run(3, range(4, 7))
+    want = [(1, 1.0), (2, 2.0), (3, 3.0), (4, 34.0), (5, 35.0), (6, 36.0)]
+    assert logged() == (want, want)
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")

@@ -73,23 +73,25 @@ class MetricsWriteError(OSError):
 class MetricWriter:
     """Writes scalars to `metrics.jsonl` and TensorBoard in the workdir (process 0 only).
 
-    A run resumed at `resumed_step` first drops from `metrics.jsonl` the rows of later steps
-    (logged after the last checkpoint by the run that stopped: they are trained and logged
-    again) and, with `eval_again`, the eval rows at `resumed_step`, so that every step has one
-    row, as in an uninterrupted run. TensorBoard's event files are kept as written.
+    A run starting at `start_step` (the checkpoint it resumed, or 0) first drops from
+    `metrics.jsonl` the rows of later steps (logged by a run that stopped before checkpointing
+    them: they are trained and logged again) and, with `eval_again`, the eval rows at
+    `start_step`, so that every step has one row, as in an uninterrupted run. TensorBoard's
+    event files are kept as written; a restart marker tells TensorBoard to show none of their
+    points after `start_step` (`_mark_restart`).
     """
 
-    def __init__(
-        self, workdir: epath.Path, resumed_step: int | None = None, eval_again: bool = False
-    ):
+    def __init__(self, workdir: epath.Path, start_step: int = 0, eval_again: bool = False):
         self._workdir = workdir
         self._active = jax.process_index() == 0
         if self._active:
             path = workdir / "metrics.jsonl"
             paths.check_not_a_link_to_a_file(path)
-            if resumed_step is not None and path.exists():
-                self._guarded(lambda: _drop_rows_after(path, resumed_step, eval_again))
+            # not a link to a device: /dev/full reads endless zeros (epath's is_file says yes)
+            if os.path.isfile(path) or (paths.is_url(path) and path.exists()):
+                self._guarded(lambda: _drop_rows_after(path, start_step, eval_again))
             self._jsonl = path.open("a")
+            self._guarded(lambda: _mark_restart(workdir / "tensorboard", start_step + 1))
             self._tb = tf.summary.create_file_writer(str(workdir / "tensorboard"))
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
@@ -167,14 +169,35 @@ def _drop_rows_after(path: epath.Path, step: int, eval_rows_at_step: bool) -> No
         dropped = []
         if after:
             dropped.append(
-                f"{after} row{'s' * (after != 1)} logged after step {step}, the checkpoint "
-                "resumed (their steps are logged again)"
+                f"{after} row{'s' * (after != 1)} logged after step {step}, where this run "
+                "starts (their steps are logged again)"
             )
         if at_step:
             dropped.append(f"the eval row{'s' * (at_step != 1)} of step {step} (evaluated again)")
         if torn:
             dropped.append("a last line cut short by a crash")
         _say(f"{path.name}: dropped {' and '.join(dropped)}")
+
+
+def _mark_restart(folder: epath.Path, step: int) -> None:
+    """Writes into the TensorBoard folder `folder` an event file holding TensorBoard's restart
+    marker at `step` (`SessionLog.START`): its Python reader (`--load_fast=false`, the
+    `EventAccumulator` API) then drops the points of earlier files at `step` and after, which a
+    run that stopped logged before checkpointing them (logged again by this run; its Rust
+    reader replaces a series' points when their steps repeat). TensorBoard reads a folder's
+    files in name order and takes the first marker as a start: the file's time is a second
+    before that of the `tf.summary` file written next, so its name comes between the earlier
+    runs' files and this run's."""
+    folder.mkdir(parents=True, exist_ok=True)
+    now = time.time()
+    name = f"events.out.tfevents.{int(now) - 1:010d}.{socket.gethostname()}.{os.getpid()}.start"
+    start = tf.compat.v1.SessionLog(status=tf.compat.v1.SessionLog.START)
+    with tf.io.TFRecordWriter(str(folder / name)) as records:
+        for event in (
+            tf.compat.v1.Event(wall_time=now, file_version="brain.Event:2"),
+            tf.compat.v1.Event(wall_time=now, step=step, session_log=start),
+        ):
+            records.write(event.SerializeToString())
 
 
 def _say(message: str) -> None:
@@ -695,9 +718,7 @@ def _train_and_evaluate(
     train_step = step_lib.make_train_step(config, mesh, learning_rate_fn)
     predict_step = evaluator.make_predict_step(model, mesh)
     batches = pipeline.create_train_dataset(config, builder=builder, start_step=start_step)
-    writer = MetricWriter(
-        workdir, start_step if resuming else None, eval_again=start_step >= config.train.num_steps
-    )
+    writer = MetricWriter(workdir, start_step, eval_again=start_step >= config.train.num_steps)
     base_key = jax.random.key(config.seed)
     t = config.train
 
