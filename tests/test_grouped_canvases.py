@@ -92,6 +92,17 @@ def test_each_batch_is_one_group_padded_to_its_canvas(coco):
     assert len(seen) == 5
 
 
+def test_objects_beyond_max_instances_are_warned_of_once_for_all_groups(coco, caplog):
+    """Images with objects cut in both canvases (1, wide: 3 trainable; 5, tall: 4) give one
+    warning, as without groups (each group's stream warned once)."""
+    config = _grouped(max_instances=2)
+    with caplog.at_level("WARNING"):
+        batches = _take(pipeline.create_train_dataset(config, builder=coco, **ONE), 12)
+    assert {b["image"].shape[1:3] for b in batches} == {WIDE, TALL}
+    warnings = [r for r in caplog.records if "max_instances=2" in r.getMessage()]
+    assert len(warnings) == 1, [w.getMessage() for w in warnings]
+
+
 def test_the_group_of_a_step_is_a_function_of_the_seed_and_the_step():
     config = _grouped(canvas_group_weights=(3, 1))
     groups = canvas_groups.step_groups(config, np.arange(4000))

@@ -93,7 +93,7 @@ instances, 28² masks, scale jitter).
 import functools
 import itertools
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import jax
 import ml_collections
@@ -505,24 +505,39 @@ def _local_batch(global_batch: int, process_count: int) -> int:
     return global_batch // process_count
 
 
-def _numpy_batches(dataset: tf.data.Dataset, max_instances: int | None) -> Iterator[Batch]:
-    """Yields the batches as numpy dicts, warning once if objects beyond `max_instances` were
-    cut (None: not said, where nothing uses the cut ground truth)."""
-    warned = max_instances is None
+def _numpy_batches(
+    dataset: tf.data.Dataset, warn: Callable[[np.ndarray, np.ndarray], None] | None
+) -> Iterator[Batch]:
+    """Yields the batches as numpy dicts, calling `warn(num_dropped, image_ids)` ([B] each) on
+    those with objects beyond `max_instances` cut (None: nothing said, where nothing uses the
+    cut ground truth)."""
     for batch in dataset.as_numpy_iterator():
         dropped, image_ids = batch.pop("_num_dropped"), batch.pop("_image_id")
-        if dropped.any() and not warned:
+        if warn is not None and dropped.any():
+            warn(dropped, image_ids)
+        yield batch
+
+
+def _cut_objects_warning(max_instances: int) -> Callable[[np.ndarray, np.ndarray], None]:
+    """A `warn` for `_numpy_batches` that logs the first time it is called, naming the image
+    with the most objects cut: once per training run (its canvas groups' streams share it)."""
+    warned = False
+
+    def warn(dropped: np.ndarray, image_ids: np.ndarray) -> None:
+        nonlocal warned
+        if not warned:
             most = int(np.argmax(dropped))
             logging.warning(
                 "Image id %d has %d objects more than max_instances=%d; kept the first "
                 "(trainable objects first, then annotation order). Raise "
-                "config.data.max_instances to keep all. Warned once per iterator.",
+                "config.data.max_instances to keep all. Warned once.",
                 int(image_ids[most]),
                 int(dropped[most]),
                 max_instances,
             )
             warned = True
-        yield batch
+
+    return warn
 
 
 def _deterministic(dataset: tf.data.Dataset) -> tf.data.Dataset:
@@ -584,13 +599,15 @@ def _train_stream(
     seeds: tuple[int, int, int],
     skipped: int,
     place: tuple[int, int],
+    warn: Callable[[np.ndarray, np.ndarray], None],
     group: int | None = None,
 ) -> Iterator[Batch]:
     """One numbered record stream: this process's batches of it (module docstring, "Data order").
 
     ``seeds`` are the (file order, shuffle, augmentation) seeds; the first ``skipped`` records
-    are dropped undecoded; ``place`` is (process index, count); ``group`` picks the records and
-    the canvas of one canvas group (None: all records, canvas ``data.image_size``).
+    are dropped undecoded; ``place`` is (process index, count); ``warn`` is told of objects
+    beyond ``max_instances`` (``_cut_objects_warning``); ``group`` picks the records and the
+    canvas of one canvas group (None: all records, canvas ``data.image_size``).
     """
     data = config.data
     if group is not None:
@@ -620,7 +637,7 @@ def _train_stream(
 
     dataset = dataset.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     dataset = dataset.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-    return _endless(_numpy_batches(_deterministic(dataset), data.max_instances), data, group)
+    return _endless(_numpy_batches(_deterministic(dataset), warn), data, group)
 
 
 def _seeds(*entropy: int) -> tuple[int, int, int]:
@@ -680,16 +697,17 @@ def create_train_dataset(
     place = _process(process_index, process_count)
     _local_batch(global_batch, place[1])
     groups = canvas_groups.groups_of(data)
+    warn = _cut_objects_warning(data.max_instances)
     if not groups:
         # Seeds of config.seed alone, the same on every process. [seed, 0] are the seeds that
         # process 0 used when each process read its own file shard, so one process keeps its
         # order.
         seeds = _seeds(config.seed, 0)
-        return _train_stream(config, builder, seeds, start_step * global_batch, place)
+        return _train_stream(config, builder, seeds, start_step * global_batch, place, warn)
     earlier_steps = canvas_groups.steps_per_group(config, start_step)
     streams = [
         _train_stream(
-            config, builder, _seeds(config.seed, 2, g), int(n) * global_batch, place, group=g
+            config, builder, _seeds(config.seed, 2, g), int(n) * global_batch, place, warn, g
         )
         for g, n in enumerate(earlier_steps)
     ]
