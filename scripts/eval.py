@@ -15,7 +15,8 @@ names end in `_<split>` (each run of characters other than letters, digits, `.` 
 one `_`: `--split='validation[:16]'` gives `eval_<step>_validation_16_.json`).
 --out_dir writes them elsewhere (a read-only workdir: checked before evaluating). A file that
 cannot be written after all (a full disk) ends the run with `error: cannot write <file>:
-<reason>`, exit status 1, and no partial file. The dataset's categories must be the model's: a
+<reason>`, exit status 1, and no partial file; so does a Ctrl-C (`interrupted (Ctrl-C)`, exit
+status 130, nothing written). The dataset's categories must be the model's: a
 dataset rebuilt from an edited annotation file (a category added, its ids changed) is a usage
 error naming the categories the model lacks (categories that no annotation uses only warn:
 they are not scored). A --workdir without a complete checkpoint (or

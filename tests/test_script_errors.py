@@ -27,6 +27,40 @@ def assert_usage_error(result: subprocess.CompletedProcess, message: str):
     assert "\nflags:\n" not in result.stderr, result.stderr[-3000:]  # absl's usage message
 
 
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        ("--platforms=cpu,gpu", "--platforms=cpu,gpu must be some of cpu,cuda,rocm,tpu"),
+        ("--score_threshold=nan", "--score_threshold=nan must be in [0, 1]"),
+    ],
+)
+def test_export_script_names_its_bad_flags(flag, message, tmp_path):
+    """Before the checkpoint is read (they named export_saved_model's arguments: `platforms=
+    ('cpu', 'gpu') must be ...`)."""
+    result = run_script("export.py", f"--workdir={tmp_path}", f"--out={tmp_path / 'out'}", flag)
+    assert_usage_error(result, message)
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_ctrl_c_the_script_does_not_handle_is_one_line():
+    """eval.py stopped by Ctrl-C printed a 30-line traceback (train.py and predict.py handle
+    theirs, saying what is kept): `launch.run` ends any script so, exit status 130."""
+    code = (
+        "from mrcnn_jax.programs import launch\n"
+        "def main(argv):\n"
+        "    raise KeyboardInterrupt\n"
+        "launch.run(main)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 130, result.stderr[-3000:]
+    assert result.stderr.endswith("\ninterrupted (Ctrl-C)\n") or result.stderr == (
+        "interrupted (Ctrl-C)\n"
+    ), result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+
+
 @pytest.mark.parametrize("name", ["train.py", "convert_torchvision.py"])
 def test_a_config_override_without_its_dashes_is_refused(name, tmp_path):
     """Refused before anything runs (flags that would fail fast otherwise: a regular file as

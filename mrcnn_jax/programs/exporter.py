@@ -634,6 +634,9 @@ def export_saved_model(
         )
         try:
             tf.saved_model.save(module, str(out_dir), signatures=signatures)
+        except KeyboardInterrupt:  # a half-written SavedModel would make out_dir "not empty"
+            _remove_written(out_dir, existed)
+            raise
         except (OSError, tf.errors.OpError) as error:
             _remove_written(out_dir, existed)
             reason = error.message if isinstance(error, tf.errors.OpError) else str(error)

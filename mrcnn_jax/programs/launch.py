@@ -15,6 +15,7 @@ same step time.
 import contextlib
 import os
 import re
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -166,7 +167,8 @@ def run(main: Callable[[list[str]], Any], **kwargs: Any) -> None:
     """`absl.app.run(main, **kwargs)` for the scripts, where a usage error (`app.UsageError`: a
     bad flag value, input file or folder) ends the script with `error: <message>` and one line
     naming `--help` (exit status 1), instead of absl's usage message: the script's whole
-    docstring and flag list (40-90 lines) above the one line that matters."""
+    docstring and flag list (40-90 lines) above the one line that matters. A Ctrl-C that the
+    script does not handle itself ends it with one line (exit status 130), not a traceback."""
 
     def main_with_short_usage_errors(argv: list[str]) -> Any:
         from mrcnn_jax import jax_settings  # imports JAX: after absl parsed the flags
@@ -176,6 +178,9 @@ def run(main: Callable[[list[str]], Any], **kwargs: Any) -> None:
                 return main(argv)
         except app.UsageError as error:
             sys.exit(f"error: {error}\n(`{sys.argv[0]} --help` describes the script and its flags)")
+        except KeyboardInterrupt:
+            print("interrupted (Ctrl-C)", file=sys.stderr, flush=True)
+            sys.exit(128 + signal.SIGINT)
 
     app.run(main_with_short_usage_errors, **kwargs)
 
