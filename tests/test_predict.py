@@ -648,8 +648,11 @@ def test_predict_script_on_a_full_disk_names_the_file(
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
 
 
+# The other cases' checks are unit-tested (the predictor's steps, `pipeline.split_error`): as
+# script runs (~5 s each) they are slow tests, so that the default run stays under 15 minutes.
+@pytest.mark.parametrize("cases", ["usual", pytest.param("others", marks=pytest.mark.slow)])
 def test_scripts_refuse_a_bad_threshold_step_or_out_dir_naming_it(
-    workdir, inputs, compile_cache, tmp_path
+    cases, workdir, inputs, compile_cache, tmp_path
 ):
     """Usage errors (exit status 1, the message, no traceback), before the model loads (an
     eval split TFDS does not know: before it compiles)."""
@@ -657,16 +660,19 @@ def test_scripts_refuse_a_bad_threshold_step_or_out_dir_naming_it(
     a_file = tmp_path / "a_file"
     a_file.write_text("")
     missing_step = f"no complete checkpoint 7 in {workdir / 'checkpoints'} (found steps [0])"
-    for script, args, message in [
+    usual = [
         ("predict.py", ["--score_threshold=50"], "--score_threshold=50.0 must be in [0, 1]"),
-        ("predict.py", ["--score_threshold=nan"], "--score_threshold=nan must be in [0, 1]"),
-        ("predict.py", ["--checkpoint_step=7"], missing_step),
         ("predict.py", [f"--out_dir={a_file}"], f"cannot write into {a_file} (--out_dir)"),
         ("eval.py", ["--checkpoint_step=7"], missing_step),
         ("eval.py", ["--split=valid"], "--split='valid' is not a split of"),
+    ]
+    others = [
+        ("predict.py", ["--score_threshold=nan"], "--score_threshold=nan must be in [0, 1]"),
+        ("predict.py", ["--checkpoint_step=7"], missing_step),
         ("eval.py", ["--split=validation[:0]"], "--split='validation[:0]' selects no image of"),
         ("eval.py", [f"--out_dir={a_file}/sub"], f"cannot write into {a_file}/sub (--out_dir)"),
-    ]:
+    ]
+    for script, args, message in usual if cases == "usual" else others:
         if script == "predict.py":
             args.append(root / "e.bmp")
         result = run_script(f"--workdir={workdir}", *args, cache=compile_cache, script=script)
