@@ -18,13 +18,18 @@ of that run (the kernel faulting in fresh memory, chiefly XLA's temporary buffer
 torchvision runs on the same inputs in the same process and `ratio` is ours / torchvision's (below
 1: we are faster). A subcommand ignores the flags it does not use (--help says which). `train` and
 `infer` time R50-FPN Mask R-CNN (configs/coco_r50_fpn_1x.py; another with --model_config, then
-without torchvision) against torchvision's maskrcnn_resnet50_fpn and report the `work` per image of
-each: RoIs through the box head, and through the mask head the foreground RoIs (train) or detections
-(infer), and at inference the (box, class) candidates of the final NMS; ours are the static config
-sizes (padded slots included) but for the mask head in training:
-the slots of the chunks it ran (`model.roi_heads.mask_head_chunk`; all G / B slots of
-`model.roi_heads.mask_rois_per_image` without chunks); torchvision's are counted by forward hooks;
-`matched` says whether they are equal (else `why`).
+without torchvision) against torchvision's Mask R-CNN R50-FPN on the CPU (only where JAX runs
+there too), built as the recipes run it (`torchvision_maskrcnn`: frozen BatchNorm, stem and res2
+frozen, as our `model.norm` and `model.freeze_at`), their calls interleaved with ours; inference
+on both sides ends at the 28×28 mask probabilities (pasting into the image is `paste`'s) and
+torchvision's runs under `torch.inference_mode`. `peak_host_rss_gib` is the process's peak so
+far (both sides, earlier sizes). They report the `work` per image of each: RoIs through the box
+head, and through the mask head the foreground RoIs (train) or detections (infer), and at
+inference the (box, class) candidates of the final NMS; ours are the static config sizes (padded
+slots included) but for the mask head in training: the slots of the chunks it ran
+(`model.roi_heads.mask_head_chunk`; all G / B slots of `model.roi_heads.mask_rois_per_image`
+without chunks); torchvision's are counted by forward hooks; `matched` says whether they are
+equal (else `why`).
 --matched gives torchvision our RPN/RoI budgets and, at inference, the score threshold at which
 as many (box, class) candidates per image enter its final NMS as enter ours (our static
 `detections_pre_nms_topk` of them; found on an untimed first call; `nms_candidates` in `work`,
@@ -73,6 +78,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 
 from absl import app, flags
 
@@ -104,12 +110,15 @@ flags.DEFINE_integer(
     "repeats", None, "Timed calls (default 5; train, infer, breakdown: 3).", lower_bound=1
 )
 flags.DEFINE_integer("warmup", 1, "Untimed calls first (the first compiles).", lower_bound=1)
-flags.DEFINE_integer("seed", 0, "Seed of the random inputs.")
+flags.DEFINE_integer("seed", 0, "Seed of the random inputs.", lower_bound=0)
 flags.DEFINE_integer(
     "batch_size", 2, "roi_align, conv, train, infer, breakdown: images per call.", lower_bound=1
 )
 flags.DEFINE_integer(
-    "image_size", 1024, "roi_align, nms, conv: side of the square image.", lower_bound=1
+    "image_size",
+    1024,
+    "roi_align, nms, conv: side of the square image (at least 32: conv's res5 at stride 32).",
+    lower_bound=32,
 )
 flags.DEFINE_integer(
     "rois", 512, "roi_align, conv: boxes per image (conv: mask-head RoIs).", lower_bound=0
@@ -122,7 +131,9 @@ flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "roi_align: our f
 flags.DEFINE_bool("backward", False, "roi_align: time forward + backward w.r.t. the features.")
 flags.DEFINE_list("num_boxes", ["1000", "4000"], "nms: input box counts to time.")
 flags.DEFINE_integer("max_output", 1000, "nms: static output size.", lower_bound=1)
-flags.DEFINE_float("iou_threshold", 0.7, "nms: suppression IoU.")
+flags.DEFINE_float(
+    "iou_threshold", 0.7, "nms: suppression IoU, in [0, 1].", lower_bound=0.0, upper_bound=1.0
+)
 flags.DEFINE_list(
     "sizes", ["512x512", "832x1344"], "train, infer, breakdown, paste: (padded) image sizes HxW."
 )
@@ -441,14 +452,16 @@ class OurProgram:
         times.append(time.perf_counter())
         system = resource.getrusage(resource.RUSAGE_SELF).ru_stime - system
         seconds = [round(b - a, 2) for a, b in itertools.pairwise(times)]
-        memory = self.compiled.memory_analysis()
         phases = ("trace_seconds", "lower_seconds", "compile_seconds", "run_seconds")
-        self.first_call = {
-            **dict(zip(phases, seconds)),
-            "run_system_seconds": round(system, 2),
-            "temp_gib": round(memory.temp_size_in_bytes / 2**30, 2) if memory else None,
-        }
+        self.first_call = {**dict(zip(phases, seconds)), "run_system_seconds": round(system, 2)}
         return out
+
+    def first_call_report(self) -> dict:
+        """`first_call` and `temp_gib` (asked of the compiled program after the timed calls,
+        so that the phases add up to the first call's time)."""
+        memory = self.compiled.memory_analysis()
+        temp_gib = round(memory.temp_size_in_bytes / 2**30, 2) if memory else None
+        return {**self.first_call, "temp_gib": temp_gib}
 
     def _run(self):
         out = self.compiled(*self.args)
@@ -518,13 +531,32 @@ def our_model(config, batch: dict, train: bool):
     return step, (r.batch_size_per_image, mask_rois_per_image(config))
 
 
-def torchvision_model(config, batch: dict, train: bool) -> tuple[float, dict]:
-    """Median seconds of torchvision's maskrcnn_resnet50_fpn on the same images (and targets),
-    and the RoIs per image its box and mask heads saw (forward hooks) in the last call. With
-    --matched in training, its foreground RoIs are capped at our mask slots per image."""
+def torchvision_maskrcnn(config, **kwargs) -> "torch.nn.Module":
+    """torchvision's `MaskRCNN` R50-FPN (random weights, `kwargs` to its constructor) as its
+    training recipe and ours run it: frozen BatchNorm (`model.norm="frozen"`) and the backbone's
+    stages before `model.freeze_at` frozen (torchvision's `trainable_backbone_layers`;
+    `maskrcnn_resnet50_fpn` without weights trains them all, with batch statistics). Its
+    inference returns the 28×28 mask probabilities as ours: the paste into the image
+    (`transform.postprocess`) is left out on both sides (`benchmark.py paste` times it)."""
+    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+    from torchvision.ops import FrozenBatchNorm2d
+
+    norm = FrozenBatchNorm2d if config.model.norm == "frozen" else torch.nn.BatchNorm2d
+    resnet = torchvision.models.resnet50(norm_layer=norm)
+    backbone = _resnet_fpn_extractor(resnet, trainable_layers=5 - config.model.freeze_at)
+    model = torchvision.models.detection.MaskRCNN(backbone, **kwargs)
+    model.transform.postprocess = lambda result, image_sizes, original_sizes: result
+    return model
+
+
+def torchvision_model(config, batch: dict, train: bool) -> tuple[Callable[[], object], Callable]:
+    """`torchvision_maskrcnn` on the same images (and targets): a function running one call
+    (inference under `torch.inference_mode`; training: one SGD step of its trainable
+    parameters) and a function giving the RoIs per image its heads saw in the last call
+    (forward hooks). With --matched in training, its foreground RoIs are capped at our mask
+    slots per image."""
     (h, w), rpn, r = config.data.image_size, config.model.rpn, config.model.roi_heads
-    kwargs = dict(weights=None, weights_backbone=None, num_classes=config.model.num_classes + 1)
-    kwargs.update(min_size=min(h, w), max_size=max(h, w))
+    kwargs = dict(num_classes=config.model.num_classes + 1, min_size=min(h, w), max_size=max(h, w))
     if FLAGS.matched:
         kwargs.update(
             rpn_pre_nms_top_n_train=rpn.pre_nms_topk_train,
@@ -538,7 +570,7 @@ def torchvision_model(config, batch: dict, train: bool) -> tuple[float, dict]:
             box_score_thresh=0.0,
         )
     torch.manual_seed(FLAGS.seed)
-    model = torchvision.models.detection.maskrcnn_resnet50_fpn(**kwargs)
+    model = torchvision_maskrcnn(config, **kwargs)
     for param in model.rpn.head.bbox_pred.parameters() if FLAGS.matched else ():
         torch.nn.init.zeros_(param)  # RPN box deltas 0: proposals are anchors (module docstring)
     images = [torch.from_numpy(x).permute(2, 0, 1).contiguous() for x in batch["image"]]
@@ -548,20 +580,32 @@ def torchvision_model(config, batch: dict, train: bool) -> tuple[float, dict]:
         head.register_forward_pre_hook(count)
     if not train:
         scores = {}  # the last call's foreground class scores, [RoIs, K]
-        keep = lambda _, __, out: scores.__setitem__("last", torch.softmax(out[0], -1)[:, 1:])
+        keep = lambda _, __, out: scores.__setitem__("last", out[0])
         heads.box_predictor.register_forward_hook(keep)
         model.eval()
+
+        def candidates() -> torch.Tensor:  # foreground (box, class) scores of the last call
+            return torch.softmax(scores["last"], -1)[:, 1:]
+
+        def infer():
+            with torch.inference_mode():
+                return model(images)
+
         if FLAGS.matched:  # the threshold that sends as many candidates to NMS as ours
-            with torch.no_grad():
-                model(images)
-            pooled = scores["last"].flatten()
+            infer()
+            pooled = candidates().flatten()
             k = min(len(images) * r.detections_pre_nms_topk, pooled.numel())
             kth = torch.topk(pooled, k).values[-1]
             heads.score_thresh = float(torch.nextafter(kth, torch.tensor(-1.0)))
-        seconds = measure(model, images)[1]
-        passed = (scores["last"] > heads.score_thresh).sum().item()
-        return seconds, {**work, "nms_candidates": passed / len(images)}
-    optimizer = torch.optim.SGD(model.train().parameters(), lr=1e-4, momentum=0.9)
+
+        def inference_work() -> dict:
+            passed = (candidates() > heads.score_thresh).sum().item()
+            return {**work, "nms_candidates": passed / len(images)}
+
+        return infer, inference_work
+    optimizer = torch.optim.SGD(
+        [p for p in model.train().parameters() if p.requires_grad], lr=1e-4, momentum=0.9
+    )
     ys, xs, targets = np.arange(h)[:, None], np.arange(w), []
     for boxes, classes, keep in zip(batch["gt_boxes"], batch["gt_classes"], batch["gt_valid"]):
         x1, y1, x2, y2 = boxes[keep].astype(int).T[..., None, None]
@@ -574,14 +618,17 @@ def torchvision_model(config, batch: dict, train: bool) -> tuple[float, dict]:
         sum(model(images, targets).values()).backward()
         optimizer.step()
 
-    return measure(step)[1], work
+    return step, lambda: dict(work)
 
 
 def with_torchvision() -> bool:
+    """Whether `train`/`infer` time torchvision: installed, not skipped, against our R50-FPN,
+    and our program on the CPU (where torchvision runs)."""
     return (
         torchvision is not None
         and not FLAGS.skip_torchvision
-        and (FLAGS.model_config == "coco_r50_fpn_1x")
+        and FLAGS.model_config == "coco_r50_fpn_1x"
+        and jax.default_backend() == "cpu"
     )
 
 
@@ -600,8 +647,18 @@ def run_model(train: bool) -> list[dict]:
             config.data.max_instances = max(config.data.max_instances, num_objects)
         batch = synthetic_detection_batch(rng, configs[0], num_objects)
         ours = [our_model(config, batch, train) for config in configs]
-        timed = measure_alternating([run for run, _ in ours])
-        references = {}  # torchvision's (seconds, work) by the mask slots it is matched to
+        theirs = {}  # torchvision's (call, work) by the mask slots it is matched to
+        for config, (_, (_, mask_rois)) in zip(configs, ours) if with_torchvision() else ():
+            key = mask_rois if FLAGS.matched and train else None
+            if key not in theirs:
+                theirs[key] = torchvision_model(config, batch, train)
+        # Our calls and torchvision's interleaved: a changing load hits both sides alike.
+        timed = measure_alternating([run for run, _ in ours] + [run for run, _ in theirs.values()])
+        references = {
+            key: (seconds, work_of()) for (key, (_, work_of)), (_, seconds, _) in zip(
+                theirs.items(), timed[len(ours) :]
+            )
+        }  # fmt: skip
         for config, (program, (box_rois, mask_rois)), (first, seconds, out) in zip(
             configs, ours, timed
         ):
@@ -627,22 +684,20 @@ def run_model(train: bool) -> list[dict]:
             if "peak_bytes_in_use" in stats:
                 result["peak_device_gib"] = round(stats["peak_bytes_in_use"] / 2**30, 2)
             reference = None
-            if with_torchvision():
-                key = mask_rois if FLAGS.matched and train else None
-                if key not in references:
-                    references[key] = torchvision_model(config, batch, train)
-                reference, theirs = references[key]
-                work["torchvision"] = theirs
+            if references:
+                reference, their_work = references[mask_rois if FLAGS.matched and train else None]
+                work["torchvision"] = their_work
                 why = [
                     f"{k}: torchvision {v:g}, ours {work_ours[k]:g}"
-                    for k, v in theirs.items()
+                    for k, v in their_work.items()
                     if v != work_ours[k]
                 ]
                 result["matched"] = not why
                 if why:
                     result["why"] = "; ".join(why) + ("" if FLAGS.matched else " (see --matched)")
             timing = compare(first, seconds, reference)
-            results.append({**result, **timing, "first_call": program.first_call, "work": work})
+            first_call = program.first_call_report()
+            results.append({**result, **timing, "first_call": first_call, "work": work})
     return results
 
 
@@ -775,7 +830,7 @@ def run_breakdown() -> list[dict]:
                 "mask_rois_per_image": config.model.roi_heads.mask_rois_per_image,
                 "mask_head_chunk": config.model.roi_heads.mask_head_chunk,
                 "first_call_seconds": round(first, 2),
-                "first_call": step.first_call,
+                "first_call": step.first_call_report(),
                 "seconds": round(seconds, 3),
                 "profiled_seconds": round(profiled, 3),
                 "op_seconds": round(op_seconds, 3),

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -124,10 +125,11 @@ def test_our_program_splits_the_first_call_and_carries_the_state(benchmark_modul
     assert float(program()["total"]) == 15.0  # the first call: state 0 + x
     first = program.first_call
     assert set(first) == {
-        "trace_seconds", "lower_seconds", "compile_seconds", "run_seconds",
-        "run_system_seconds", "temp_gib",
+        "trace_seconds", "lower_seconds", "compile_seconds", "run_seconds", "run_system_seconds",
     }  # fmt: skip
     assert all(v >= 0 for v in first.values())
+    report = program.first_call_report()  # the buffer's size asked after the timed call
+    assert report == {**first, "temp_gib": report["temp_gib"]} and report["temp_gib"] >= 0
     assert float(program()["total"]) == 30.0  # the new state carried over: 2x
     assert float(program()["total"]) == 45.0
     assert len(traces) == 1 and program.first_call == first  # compiled once, recorded once
@@ -136,6 +138,32 @@ def test_our_program_splits_the_first_call_and_carries_the_state(benchmark_modul
     plain = benchmark_module.OurProgram(jax.jit(lambda a: a * 2), x)  # no carry: the outputs
     np.testing.assert_array_equal(plain(), 2 * x)
     np.testing.assert_array_equal(plain(), 2 * x)
+
+
+def test_torchvision_runs_as_the_recipes_do_and_infers_without_pasting(
+    benchmark_module, monkeypatch
+):
+    """torchvision's side is its training recipe's model (frozen BatchNorm, stem and layer1
+    frozen for our `freeze_at=2`; it trained all with batch statistics, about twice the
+    backbone work of ours), its inference runs without autograd and returns the 28×28 mask
+    probabilities, as ours (it pasted them into the image, in the timed call)."""
+    torch = pytest.importorskip("torch")
+    from torchvision.ops import FrozenBatchNorm2d
+
+    config = benchmark_module.model_config("coco_r50_fpn_1x", 3)
+    config.data.image_size, config.train.batch_size = (64, 96), 1
+    model = benchmark_module.torchvision_maskrcnn(config, num_classes=4, min_size=64, max_size=96)
+    body = model.backbone.body
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert isinstance(body.bn1, FrozenBatchNorm2d)
+    trainable = {n.split(".")[0] for n, p in body.named_parameters() if p.requires_grad}
+    assert trainable == {"layer2", "layer3", "layer4"}
+    batch = benchmark_module.synthetic_detection_batch(np.random.default_rng(0), config, 2)
+    monkeypatch.setattr(benchmark_module, "FLAGS", types.SimpleNamespace(matched=False, seed=0))
+    infer, work = benchmark_module.torchvision_model(config, batch, train=False)
+    (out,) = infer()
+    assert out["masks"].shape[1:] == (1, 28, 28) and torch.is_inference(out["masks"])
+    assert work()["box_head_rois"] > 0
 
 
 def test_unknown_subcommand_is_a_usage_error(benchmark_module):
@@ -163,6 +191,7 @@ def test_a_config_that_takes_the_datasets_classes_gets_cocos_80(benchmark_module
     [
         ("--sizes=0x10", "--sizes must be a comma-separated list of HxW sizes (positive)"),
         ("--model_config=nope", "--model_config must name a module of configs/: coco_format,"),
+        ("--iou_threshold=-1", "--iou_threshold=-1: -1.0 is not a number in the range [0.0, 1.0]"),
     ],
 )
 def test_bad_flags_are_refused_before_any_work(flag, message):
