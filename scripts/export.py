@@ -41,9 +41,9 @@ _FULL_MASKS = flags.DEFINE_bool(
 _SCORE_THRESHOLD = flags.DEFINE_float(
     "score_threshold",
     0.5,
-    "The signatures return detections scoring at least this (0..1; the model returns none "
-    "below its config.model.roi_heads.score_threshold, 0.05 by default); the saved functions "
-    "`detect`/`detect_batch` take it as an optional input with this default.",
+    "The signatures return detections scoring at least this (0..1; the model returns none at "
+    "or below its config.model.roi_heads.score_threshold, 0.05 by default); the saved "
+    "functions `detect`/`detect_batch` take it as an optional input with this default.",
 )
 _BATCH_SIZE = flags.DEFINE_integer(
     "batch_size",
@@ -60,19 +60,14 @@ def main(argv):
     # Imported after absl parsed the flags, so XLA_FLAGS etc. set on the command line apply.
     from mrcnn_jax.programs import exporter
 
-    # The flags' names, where export_saved_model's errors would name its arguments.
-    if not _PLATFORMS.value or set(_PLATFORMS.value) - set(exporter.PLATFORMS):
-        raise app.UsageError(
-            f"--platforms={','.join(_PLATFORMS.value)} must be some of "
-            f"{','.join(exporter.PLATFORMS)}, comma-separated"
-        )
-    if not 0.0 <= _SCORE_THRESHOLD.value <= 1.0:  # NaN too
-        raise app.UsageError(f"--score_threshold={_SCORE_THRESHOLD.value} must be in [0, 1]")
-    if _BATCH_SIZE.value < 1:
-        raise app.UsageError(f"--batch_size={_BATCH_SIZE.value} must be at least 1")
-
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
+    try:  # before the checkpoint is read, naming the flags
+        exporter.check_arguments(
+            _PLATFORMS.value, _SCORE_THRESHOLD.value, _BATCH_SIZE.value, prefix="--"
+        )
+    except ValueError as error:
+        raise app.UsageError(str(error)) from error
     out_dir = launch.path_flag(_OUT.value, "--out")
     try:
         out = exporter.export_saved_model(

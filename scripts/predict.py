@@ -110,8 +110,8 @@ _STEP = flags.DEFINE_integer(
 _SCORE_THRESHOLD = flags.DEFINE_float(
     "score_threshold",
     0.5,
-    "Keep detections scoring at least this (in [0, 1]; the model returns none below its "
-    "config.model.roi_heads.score_threshold, 0.05 by default).",
+    "Keep detections scoring at least this (in [0, 1]; the model returns none at or below "
+    "its config.model.roi_heads.score_threshold, 0.05 by default).",
 )
 _OUT_DIR = flags.DEFINE_string(
     "out_dir",

@@ -82,6 +82,11 @@ def copy_workdir(trained, tmp_path):
     return shutil.copytree(trained[0], tmp_path / "workdir")
 
 
+def timeless(rows: list[dict]) -> list[dict]:
+    """metrics.jsonl rows without their timings."""
+    return [{k: v for k, v in r.items() if "per_second" not in k} for r in rows]
+
+
 def final_state(workdir) -> dict:
     """The arrays of the latest checkpoint in `workdir` (numpy)."""
     manager = ckpt_lib.create_manager(workdir, read_only=True)
@@ -203,9 +208,6 @@ def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(
     left.mkdir()
     (left / "_CHECKPOINT_METADATA").write_text("{}")
 
-    def timeless(rows):  # the rows without their timings
-        return [{k: v for k, v in r.items() if "per_second" not in k} for r in rows]
-
     want = timeless(read_jsonl(trained[0] / "metrics.jsonl"))
     assert [r["step"] for r in want] == [1, 2, 3, 4, 4]  # the last: the eval
 
@@ -233,6 +235,19 @@ def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(
     assert "metrics.jsonl: dropped the eval row of step 4 (evaluated again)" in out
     assert timeless(read_jsonl(workdir / "metrics.jsonl")) == want
     assert (workdir / "config.json").read_text() == config_json  # not the lr it did not use
+
+
+@pytest.mark.slow  # a whole run from step 0 (MetricWriter's drop is unit-tested)
+def test_a_fresh_start_after_a_run_without_checkpoints_logs_each_step_once(trained, tmp_path):
+    """A run stopped before its first checkpoint left its rows in metrics.jsonl: the same
+    command, started again at step 0, appended the same steps again (rows were dropped only
+    when a checkpoint was resumed)."""
+    _, config, _ = trained
+    workdir = copy_workdir(trained, tmp_path)
+    shutil.rmtree(workdir / "checkpoints")
+    trainer.train_and_evaluate(config, str(workdir))
+    want = timeless(read_jsonl(trained[0] / "metrics.jsonl"))
+    assert timeless(read_jsonl(workdir / "metrics.jsonl")) == want
 
 
 def test_sigterm_during_the_evaluation_stops_it_and_a_rerun_evaluates(
@@ -932,7 +947,8 @@ def test_a_restarted_run_logs_each_step_once_in_metrics_and_tensorboard(tmp_path
     """Rows and TensorBoard points of steps a stopped run logged after the step a new run starts
     at are logged again by it: `metrics.jsonl` drops them (also where the stopped run had no
     checkpoint: a fresh start at 0 appended to its rows), and TensorBoard's Python reader, told
-    by the restart marker, shows each step once (it showed both)."""
+    by the restart marker, shows each step once (it showed both), also after a run without
+    markers (it takes the first marker as the first run's start)."""
     from tensorboard.backend.event_processing import plugin_event_accumulator
 
     def run(start_step: int, steps: range) -> None:
@@ -951,9 +967,13 @@ def test_a_restarted_run_logs_each_step_once_in_metrics_and_tensorboard(tmp_path
         ]
         return rows, points
 
-    run(0, range(1, 3))  # stopped before its first checkpoint
+    # A run of before the markers, stopped before its first checkpoint.
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "train/loss": 9.0}\n')
+    with tf.summary.create_file_writer(str(tmp_path / "tensorboard")).as_default(step=1):
+        tf.summary.scalar("train/loss", 9.0)
+    time.sleep(1.1)
     run(0, range(1, 6))  # stopped after step 5, its checkpoint at step 3
-    assert "metrics.jsonl: dropped 2 rows logged after step 0, where this run starts" in (
+    assert "metrics.jsonl: dropped 1 row logged after step 0, where this run starts" in (
         capsys.readouterr().out
     )
     run(3, range(4, 7))

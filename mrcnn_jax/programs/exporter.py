@@ -604,13 +604,7 @@ def export_saved_model(
       FileExistsError: `out_dir` is not empty.
       ExportWriteError: writing the SavedModel failed; `out_dir` is as it was (absent or empty).
     """
-    unknown = sorted(set(platforms) - set(PLATFORMS))
-    if not platforms or unknown:
-        raise ValueError(f"platforms={tuple(platforms)} must be some of {PLATFORMS}")
-    if not 0.0 <= score_threshold <= 1.0:
-        raise ValueError(f"score_threshold={score_threshold} must be in [0, 1]")
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be positive")
+    check_arguments(platforms, score_threshold, batch_size)
     out_dir = epath.Path(paths.absolute(out_dir))
     existed = out_dir.exists()
     if existed and any(out_dir.iterdir()):
@@ -646,6 +640,22 @@ def export_saved_model(
                 "is removed"
             ) from error
     return out_dir
+
+
+def check_arguments(
+    platforms: Sequence[str], score_threshold: float, batch_size: int, prefix: str = ""
+) -> None:
+    """Raises ValueError naming `prefix` + the argument (scripts/export.py: `--`, its flags) for
+    `platforms` not some of `PLATFORMS`, a `score_threshold` outside [0, 1] (NaN too) or a
+    `batch_size` below 1."""
+    if not platforms or set(platforms) - set(PLATFORMS):
+        raise ValueError(
+            f"{prefix}platforms={','.join(platforms)} must be some of {','.join(PLATFORMS)}"
+        )
+    if not 0.0 <= score_threshold <= 1.0:
+        raise ValueError(f"{prefix}score_threshold={score_threshold} must be in [0, 1]")
+    if batch_size < 1:
+        raise ValueError(f"{prefix}batch_size={batch_size} must be at least 1")
 
 
 def _remove_written(out_dir: epath.Path, existed: bool) -> None:

@@ -15,7 +15,6 @@ same step time.
 import contextlib
 import os
 import re
-import signal
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -167,8 +166,9 @@ def run(main: Callable[[list[str]], Any], **kwargs: Any) -> None:
     """`absl.app.run(main, **kwargs)` for the scripts, where a usage error (`app.UsageError`: a
     bad flag value, input file or folder) ends the script with `error: <message>` and one line
     naming `--help` (exit status 1), instead of absl's usage message: the script's whole
-    docstring and flag list (40-90 lines) above the one line that matters. A Ctrl-C that the
-    script does not handle itself ends it with one line (exit status 130), not a traceback."""
+    docstring and flag list (40-90 lines) above the one line that matters. A Ctrl-C in `main`
+    that the script does not handle itself ends it with one line, not a traceback, killed by
+    SIGINT as Python ends then (a shell's loop stops too; exit status 130)."""
 
     def main_with_short_usage_errors(argv: list[str]) -> Any:
         from mrcnn_jax import jax_settings  # imports JAX: after absl parsed the flags
@@ -180,7 +180,8 @@ def run(main: Callable[[list[str]], Any], **kwargs: Any) -> None:
             sys.exit(f"error: {error}\n(`{sys.argv[0]} --help` describes the script and its flags)")
         except KeyboardInterrupt:
             print("interrupted (Ctrl-C)", file=sys.stderr, flush=True)
-            sys.exit(128 + signal.SIGINT)
+            sys.excepthook = lambda *exc_info: None  # no traceback; Python then kills itself
+            raise  # with SIGINT, so that a shell running it in a loop stops (exit(130) did not)
 
     app.run(main_with_short_usage_errors, **kwargs)
 

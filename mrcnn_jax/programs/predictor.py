@@ -96,10 +96,10 @@ class Predictor:
         """Detects objects in `image [H, W, 3]` uint8 RGB (H, W ≥ 1; grey `[H, W]`, `[H, W, 1]`
         and RGBA `[H, W, 4]` are converted, see the module docstring); keeps scores ≥
         `score_threshold`, in [0, 1], of the model's detections: at most
-        `config.model.roi_heads.detections_per_image`, each scoring ≥ its
-        `roi_heads.score_threshold` (0.05), so a lower `score_threshold` adds none. One canvas,
-        `config.data.image_size`, for every image (training's `data.canvas_groups` do not
-        apply). Many images: `predict_batch`.
+        `config.model.roi_heads.detections_per_image`, each scoring above its
+        `roi_heads.score_threshold` (0.05), so a `score_threshold` at or below that adds none.
+        One canvas, `config.data.image_size`, for every image (training's `data.canvas_groups`
+        do not apply). Many images: `predict_batch`.
 
         Raises:
           ValueError: `image` is not one non-empty uint8 image of those shapes (a batch

@@ -37,7 +37,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import jax
 import ml_collections
@@ -90,7 +90,7 @@ class MetricWriter:
             # not a link to a device: /dev/full reads endless zeros (epath's is_file says yes)
             if os.path.isfile(path) or (paths.is_url(path) and path.exists()):
                 self._guarded(lambda: _drop_rows_after(path, start_step, eval_again))
-            self._jsonl = path.open("a")
+            self._jsonl = self._guarded(lambda: path.open("a"))
             self._guarded(lambda: _mark_restart(workdir / "tensorboard", start_step + 1))
             self._tb = tf.summary.create_file_writer(str(workdir / "tensorboard"))
 
@@ -107,10 +107,10 @@ class MetricWriter:
                 tf.summary.scalar(name, value)
         self._tb.flush()
 
-    def _guarded(self, write: Callable[[], None]) -> None:
-        """Runs `write`, raising `MetricsWriteError` if the files cannot be written."""
+    def _guarded(self, write: Callable[[], Any]) -> Any:
+        """Runs `write`, raising `MetricsWriteError` if the files cannot be written; its value."""
         try:
-            write()
+            return write()
         except (OSError, tf.errors.OpError) as error:
             reason = error.strerror if isinstance(error, OSError) and error.strerror else error
             raise MetricsWriteError(
@@ -184,20 +184,24 @@ def _mark_restart(folder: epath.Path, step: int) -> None:
     marker at `step` (`SessionLog.START`): its Python reader (`--load_fast=false`, the
     `EventAccumulator` API) then drops the points of earlier files at `step` and after, which a
     run that stopped logged before checkpointing them (logged again by this run; its Rust
-    reader replaces a series' points when their steps repeat). TensorBoard reads a folder's
-    files in name order and takes the first marker as a start: the file's time is a second
-    before that of the `tf.summary` file written next, so its name comes between the earlier
-    runs' files and this run's."""
+    reader replaces a series' points when their steps repeat). The reader takes the first
+    marker it sees as the start of the first run, not as a restart: each file holds it twice,
+    so that the first resume of a workdir written without markers purges too. TensorBoard
+    reads a folder's files in name order: the file's time is a second before that of the
+    `tf.summary` file written next, so its name comes between the earlier runs' files and this
+    run's, the runs' starts being more than a second apart (JAX's start alone takes longer)."""
     folder.mkdir(parents=True, exist_ok=True)
     now = time.time()
     name = f"events.out.tfevents.{int(now) - 1:010d}.{socket.gethostname()}.{os.getpid()}.start"
-    start = tf.compat.v1.SessionLog(status=tf.compat.v1.SessionLog.START)
+    start = tf.compat.v1.Event(
+        wall_time=now, step=step, session_log=tf.compat.v1.SessionLog(status="START")
+    )
     with tf.io.TFRecordWriter(str(folder / name)) as records:
-        for event in (
-            tf.compat.v1.Event(wall_time=now, file_version="brain.Event:2"),
-            tf.compat.v1.Event(wall_time=now, step=step, session_log=start),
-        ):
-            records.write(event.SerializeToString())
+        records.write(
+            tf.compat.v1.Event(wall_time=now, file_version="brain.Event:2").SerializeToString()
+        )
+        for _ in range(2):
+            records.write(start.SerializeToString())
 
 
 def _say(message: str) -> None:
