@@ -22,8 +22,13 @@ without torchvision) against torchvision's Mask R-CNN R50-FPN on the CPU (only w
 there too), built as the recipes run it (`torchvision_maskrcnn`: frozen BatchNorm, stem and res2
 frozen, as our `model.norm` and `model.freeze_at`), their calls interleaved with ours; inference
 on both sides ends at the 28×28 mask probabilities (pasting into the image is `paste`'s) and
-torchvision's runs under `torch.inference_mode`. `peak_host_rss_gib` is the process's peak so
-far (both sides, earlier sizes). They report the `work` per image of each: RoIs through the box
+torchvision's runs under `torch.inference_mode`; its train step also normalises the images and
+resizes the full-image GT masks (its `transform`; ours get both from the data pipeline: ~0.02 s
+an image at 256², ~0.5 s at 832×1344 with 128 masks). `cpu_seconds` (and `cpu_ratio`) are the
+median process CPU seconds of each side's calls: under a competing load the side whose threads
+get less of the cores slows down, in wall time far more than in CPU time (torch's threads lost
+more than XLA's in such a run). `peak_host_rss_gib` is the process's peak so far (both sides,
+earlier sizes). They report the `work` per image of each: RoIs through the box
 head, and through the mask head the foreground RoIs (train) or detections (infer), and at
 inference the (box, class) candidates of the final NMS; ours are the static config sizes (padded
 slots included) but for the mask head in training: the slots of the chunks it ran
@@ -32,8 +37,9 @@ without chunks); torchvision's are counted by forward hooks; `matched` says whet
 equal (else `why`).
 --matched gives torchvision our RPN/RoI budgets and, at inference, the score threshold at which
 as many (box, class) candidates per image enter its final NMS as enter ours (our static
-`detections_pre_nms_topk` of them; found on an untimed first call; `nms_candidates` in `work`,
-counted before torchvision drops boxes under 0.01 px) and our detections_per_image; zero RPN
+`detections_pre_nms_topk` of them; found on an untimed first call, one warm-up more for it;
+`nms_candidates` in `work`, counted before torchvision drops boxes under 0.01 px) and our
+detections_per_image; zero RPN
 box deltas and no proposal NMS suppression (its
 proposals are then the post_nms_topk best anchors, as many as our static slots: with random
 weights most of its proposals are otherwise degenerate or suppressed, e.g. 35-300 left at 256²);
@@ -199,15 +205,21 @@ def measure(fn, *args) -> tuple[float, float, object]:
     return measure_alternating([functools.partial(fn, *args)])[0]
 
 
-def measure_alternating(fns) -> list[tuple[float, float, object]]:
+def measure_alternating(fns, cpu_seconds: list | None = None) -> list[tuple[float, float, object]]:
     """`measure` of each of the no-argument `fns`, their calls interleaved (the first call of
-    each, then the second of each, ...) so that a changing load hits every one alike."""
-    times, outs = [[] for _ in fns], [None] * len(fns)
+    each, then the second of each, ...) so that a load that changes over time hits every one
+    alike. With `cpu_seconds`, appends to it each one's median process CPU seconds (all
+    threads): under a competing load a side whose threads get less of the cores takes longer,
+    in wall time far more than in CPU time."""
+    times, cpu, outs = [[] for _ in fns], [[] for _ in fns], [None] * len(fns)
     for _ in range(FLAGS.warmup + FLAGS.repeats):
         for i, fn in enumerate(fns):
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             outs[i] = jax.block_until_ready(fn())
             times[i].append(time.perf_counter() - start)
+            cpu[i].append(time.process_time() - start_cpu)
+    if cpu_seconds is not None:
+        cpu_seconds.extend(statistics.median(c[FLAGS.warmup :]) for c in cpu)
     return [(t[0], statistics.median(t[FLAGS.warmup :]), out) for t, out in zip(times, outs)]
 
 
@@ -533,16 +545,15 @@ def our_model(config, batch: dict, train: bool):
 
 def torchvision_maskrcnn(config, **kwargs) -> "torch.nn.Module":
     """torchvision's `MaskRCNN` R50-FPN (random weights, `kwargs` to its constructor) as its
-    training recipe and ours run it: frozen BatchNorm (`model.norm="frozen"`) and the backbone's
-    stages before `model.freeze_at` frozen (torchvision's `trainable_backbone_layers`;
+    training recipe and coco_r50_fpn_1x run it: frozen BatchNorm (`model.norm="frozen"`) and the
+    backbone's stages up to `model.freeze_at` frozen (torchvision's `trainable_backbone_layers`;
     `maskrcnn_resnet50_fpn` without weights trains them all, with batch statistics). Its
     inference returns the 28×28 mask probabilities as ours: the paste into the image
     (`transform.postprocess`) is left out on both sides (`benchmark.py paste` times it)."""
     from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
     from torchvision.ops import FrozenBatchNorm2d
 
-    norm = FrozenBatchNorm2d if config.model.norm == "frozen" else torch.nn.BatchNorm2d
-    resnet = torchvision.models.resnet50(norm_layer=norm)
+    resnet = torchvision.models.resnet50(norm_layer=FrozenBatchNorm2d)
     backbone = _resnet_fpn_extractor(resnet, trainable_layers=5 - config.model.freeze_at)
     model = torchvision.models.detection.MaskRCNN(backbone, **kwargs)
     model.transform.postprocess = lambda result, image_sizes, original_sizes: result
@@ -652,15 +663,19 @@ def run_model(train: bool) -> list[dict]:
             key = mask_rois if FLAGS.matched and train else None
             if key not in theirs:
                 theirs[key] = torchvision_model(config, batch, train)
-        # Our calls and torchvision's interleaved: a changing load hits both sides alike.
-        timed = measure_alternating([run for run, _ in ours] + [run for run, _ in theirs.values()])
-        references = {
-            key: (seconds, work_of()) for (key, (_, work_of)), (_, seconds, _) in zip(
-                theirs.items(), timed[len(ours) :]
-            )
-        }  # fmt: skip
-        for config, (program, (box_rois, mask_rois)), (first, seconds, out) in zip(
-            configs, ours, timed
+        # Our calls and torchvision's interleaved, so that a load that changes over time hits
+        # both sides alike (it may slow them unequally: the CPU seconds are reported too).
+        cpu = []
+        timed = measure_alternating(
+            [run for run, _ in ours] + [run for run, _ in theirs.values()], cpu
+        )
+        references = {}  # torchvision's (seconds, CPU seconds, work) by the same keys
+        for (key, (_, work_of)), (_, seconds, _), cpu_seconds in zip(
+            theirs.items(), timed[len(ours) :], cpu[len(ours) :]
+        ):
+            references[key] = (seconds, cpu_seconds, work_of())
+        for config, (program, (box_rois, mask_rois)), (first, seconds, out), cpu_seconds in zip(
+            configs, ours, timed, cpu
         ):
             valid = out["num_mask_rois"] if train else np.mean(np.sum(out["valid"], 1))
             work_ours = {"box_head_rois": box_rois, "mask_head_rois": mask_rois}
@@ -683,9 +698,10 @@ def run_model(train: bool) -> list[dict]:
             stats = jax.devices()[0].memory_stats() or {}
             if "peak_bytes_in_use" in stats:
                 result["peak_device_gib"] = round(stats["peak_bytes_in_use"] / 2**30, 2)
-            reference = None
+            reference = reference_cpu = None
             if references:
-                reference, their_work = references[mask_rois if FLAGS.matched and train else None]
+                key = mask_rois if FLAGS.matched and train else None
+                reference, reference_cpu, their_work = references[key]
                 work["torchvision"] = their_work
                 why = [
                     f"{k}: torchvision {v:g}, ours {work_ours[k]:g}"
@@ -696,6 +712,9 @@ def run_model(train: bool) -> list[dict]:
                 if why:
                     result["why"] = "; ".join(why) + ("" if FLAGS.matched else " (see --matched)")
             timing = compare(first, seconds, reference)
+            timing["cpu_seconds"] = significant(cpu_seconds)
+            timing["torchvision_cpu_seconds"] = reference_cpu and significant(reference_cpu)
+            timing["cpu_ratio"] = reference_cpu and significant(cpu_seconds / reference_cpu, 3)
             first_call = program.first_call_report()
             results.append({**result, **timing, "first_call": first_call, "work": work})
     return results
