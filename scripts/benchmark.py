@@ -208,12 +208,20 @@ def measure(fn, *args) -> tuple[float, float, object]:
 def measure_alternating(fns, cpu_seconds: list | None = None) -> list[tuple[float, float, object]]:
     """`measure` of each of the no-argument `fns`, their calls interleaved (the first call of
     each, then the second of each, ...) so that a load that changes over time hits every one
-    alike. With `cpu_seconds`, appends to it each one's median process CPU seconds (all
-    threads): under a competing load a side whose threads get less of the cores takes longer,
-    in wall time far more than in CPU time."""
+    alike. With several `fns`, each timed call follows an untimed call of the same function:
+    what is timed is that function's steady state, as in a loop of its own calls (a training
+    run's), not what the previous function's calls cost it (XLA:CPU maps a program's temporary
+    buffer afresh at every call and unmaps it on return; after a torchvision train step of a
+    few seconds this virtual machine has taken those pages back, and our R50 step at 512² paid
+    4.8-5.8 s of system time to fault them in again, against 0.3-1.0 s after a call of its
+    own; docs/performance.md). With `cpu_seconds`, appends to it each one's median process
+    CPU seconds (all threads): under a competing load a side whose threads get less of the
+    cores takes longer, in wall time far more than in CPU time."""
     times, cpu, outs = [[] for _ in fns], [[] for _ in fns], [None] * len(fns)
-    for _ in range(FLAGS.warmup + FLAGS.repeats):
+    for turn in range(FLAGS.warmup + FLAGS.repeats):
         for i, fn in enumerate(fns):
+            if len(fns) > 1 and turn >= FLAGS.warmup:
+                jax.block_until_ready(fn())  # settles: the timed call follows one of its own
             start, start_cpu = time.perf_counter(), time.process_time()
             outs[i] = jax.block_until_ready(fn())
             times[i].append(time.perf_counter() - start)

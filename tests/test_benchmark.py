@@ -140,6 +140,34 @@ def test_our_program_splits_the_first_call_and_carries_the_state(benchmark_modul
     np.testing.assert_array_equal(plain(), 2 * x)
 
 
+def test_alternating_calls_time_each_function_after_one_of_its_own(benchmark_module, monkeypatch):
+    """Functions measured together take turns, and each timed call follows an untimed call of
+    the same function, so that what one leaves behind (memory the VM took back after a
+    torchvision step cost our next step seconds of page faults) is not timed on the other."""
+    flags = types.SimpleNamespace(warmup=1, repeats=3)
+    monkeypatch.setattr(benchmark_module, "FLAGS", flags)
+    calls, clock = [], {"now": 0.0}
+    monkeypatch.setattr(benchmark_module.time, "perf_counter", lambda: clock["now"])
+
+    def function(name):
+        def call():  # 10 s right after the other function's call, else 1 s
+            clock["now"] += 10.0 if calls and calls[-1] != name else 1.0
+            calls.append(name)
+            return name
+
+        return call
+
+    cpu = []
+    timed = benchmark_module.measure_alternating([function("a"), function("b")], cpu)
+    assert calls == ["a", "b"] + ["a", "a", "b", "b"] * 3  # the warm-up call alone, then pairs
+    assert [(first, seconds, out) for first, seconds, out in timed] == [
+        (1.0, 1.0, "a"), (10.0, 1.0, "b"),
+    ]  # fmt: skip
+    assert len(cpu) == 2
+    calls.clear()  # one function: back-to-back calls already, none added
+    assert benchmark_module.measure(function("c"))[1] == 1.0 and calls == ["c"] * 4
+
+
 def test_torchvision_runs_as_the_recipes_do_and_infers_without_pasting(
     benchmark_module, monkeypatch
 ):
