@@ -80,6 +80,18 @@ def test_a_model_is_not_built_for_0_classes():
     [
         ({"anchor_sizes": ((32,), (-64,))}, r"anchor_sizes=.* one tuple of positive sizes"),
         ({"anchor_sizes": ()}, r"anchor_sizes=\(\) must be one tuple"),
+        (  # 4 levels: it failed in MaskRCNN.setup, after the dataset and the workdir
+            {"anchor_sizes": ((32,), (64,), (128,), (256,))},
+            r"anchor_sizes=.* per RPN level, 5 tuples \(P2, P3, P4, P5, P6\)",
+        ),
+        (
+            {"anchor_sizes": ((8, 16), (16,), (32,), (64,), (128,))},
+            r"must give every RPN level the same number of sizes",
+        ),
+        (  # it capped the detections without a word (4 of 20 asked)
+            {"roi_heads.detections_pre_nms_topk": 5, "roi_heads.detections_per_image": 20},
+            r"detections_pre_nms_topk=5 must be at least detections_per_image=20",
+        ),
         ({"rpn.fg_iou": 0.5, "rpn.bg_iou": 0.6}, r"rpn\.bg_iou=0\.6 must not exceed .*fg_iou=0\.5"),
         (
             {"roi_heads.batch_size_per_image": 3},  # 3 × 0.25 rounds down to 0

@@ -264,11 +264,21 @@ def _warmup_multistep(train, step: int) -> float:
 
 @pytest.mark.parametrize(
     "warmup_steps, decay_steps",
-    [(1000, (60_000, 80_000)), (1000, (500, 2000)), (100, (100,)), (0, (0, 10)), (300, (10, 20))],
+    [
+        (1000, (60_000, 80_000)),
+        (1000, (500, 2000)),
+        (100, (100,)),
+        (0, (0, 10)),
+        (300, (10, 20)),
+        (0, (60, 60)),
+        (300, (200, 10, 200)),
+        (1000, (80_000, 60_000, 60_000)),
+    ],
 )
 def test_the_step_schedule_is_detectron2s_warmup_multistep(warmup_steps, decay_steps):
     """Decay steps within the warm-up count from where they are (they were left out until the
-    warm-up ended: 10x the rate from step 500 to 999 with decays at 500 and 2000)."""
+    warm-up ended: 10x the rate from step 500 to 999 with decays at 500 and 2000); a step given
+    twice decays twice, as torch's MultiStepLR (it decayed once), in any order."""
     train = shapes_r18.get_config().train
     train.schedule, train.base_lr, train.warmup_factor = "step", 0.02, 0.001
     train.warmup_steps, train.decay_steps, train.num_steps = warmup_steps, decay_steps, 90_000

@@ -13,6 +13,7 @@ from typing import Any
 
 import ml_collections
 
+from mrcnn_jax.modeling.fpn import RPN_LEVELS
 from mrcnn_jax.modeling.resnet import NORM_MODES, STAGE_BLOCKS
 from mrcnn_jax.ops import roi_align
 
@@ -108,8 +109,9 @@ def check_model_config(model: ml_collections.ConfigDict) -> None:
     value is one the model can be built and trained from (`configs/default.py` documents each):
     sizes and counts are integers in range, IoU, NMS and score thresholds and sampling fractions
     lie in [0, 1] (fractions and foreground IoUs above 0), the RPN's `bg_iou <= fg_iou`, the RoI
-    sampler keeps at least one foreground slot, anchor sizes are positive, and the string
-    choices are known."""
+    sampler keeps at least one foreground slot, anchor sizes are positive and as many per RPN
+    level, `roi_heads.detections_pre_nms_topk >= detections_per_image`, and the string choices
+    are known."""
     for field, (ok, rule) in _RULES.items():
         value = model
         for key in field.split("."):
@@ -117,15 +119,27 @@ def check_model_config(model: ml_collections.ConfigDict) -> None:
         if not ok(value):
             raise ValueError(f"config.model.{field}={value!r} must be {rule}")
     sizes = model.anchor_sizes
-    if not sizes or not all(_positive_numbers()[0](level) for level in sizes):
+    if len(sizes) != len(RPN_LEVELS) or not all(_positive_numbers()[0](s) for s in sizes):
         raise ValueError(
-            f"config.model.anchor_sizes={sizes!r} must be one tuple of positive sizes per level"
+            f"config.model.anchor_sizes={sizes!r} must be one tuple of positive sizes per RPN "
+            f"level, {len(RPN_LEVELS)} tuples ({', '.join(RPN_LEVELS)})"
+        )
+    if len({len(level) for level in sizes}) != 1:
+        raise ValueError(
+            f"config.model.anchor_sizes={sizes!r} must give every RPN level the same number of "
+            "sizes: one RPN head, shared by the levels, predicts each level's anchors"
         )
     rpn, roi = model.rpn, model.roi_heads
     if rpn.bg_iou > rpn.fg_iou:
         raise ValueError(
             f"config.model.rpn.bg_iou={rpn.bg_iou} must not exceed config.model.rpn.fg_iou="
             f"{rpn.fg_iou} (anchors between the two are ignored)"
+        )
+    if roi.detections_pre_nms_topk < roi.detections_per_image:
+        raise ValueError(
+            f"config.model.roi_heads.detections_pre_nms_topk={roi.detections_pre_nms_topk} "
+            f"must be at least detections_per_image={roi.detections_per_image}: the final NMS "
+            "keeps at most the candidates it is given"
         )
     if int(roi.batch_size_per_image * roi.positive_fraction) < 1:
         raise ValueError(

@@ -6,6 +6,10 @@ import jax.numpy as jnp
 from mrcnn_jax.modeling.resnet import Conv, make_norm, mask_outside
 from mrcnn_jax.ops.extent import extent_mask
 
+# The pyramid levels the RPN runs on (one shared head, `model.anchor_sizes` one tuple each).
+RPN_LEVELS = ("P2", "P3", "P4", "P5", "P6")
+RPN_STRIDES = (4, 8, 16, 32, 64)
+
 
 def resize_nearest(x: jnp.ndarray, height: int, width: int) -> jnp.ndarray:
     """Nearest-neighbour resize of `x [B, h, w, C]` to `[B, height, width, C]`.

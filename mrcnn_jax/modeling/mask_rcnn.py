@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from mrcnn_jax.modeling.checks import check_model_config
-from mrcnn_jax.modeling.fpn import FPN
+from mrcnn_jax.modeling.fpn import FPN, RPN_LEVELS, RPN_STRIDES
 from mrcnn_jax.modeling.resnet import ResNet
 from mrcnn_jax.modeling.roi_heads import (
     BoxHead,
@@ -34,8 +34,6 @@ from mrcnn_jax.ops import extent as extent_ops
 from mrcnn_jax.ops import roi_align as roi_align_ops
 from mrcnn_jax.ops import targets as target_ops
 
-RPN_LEVELS = ("P2", "P3", "P4", "P5", "P6")
-RPN_STRIDES = (4, 8, 16, 32, 64)
 ROI_LEVELS = ("P2", "P3", "P4", "P5")
 MASK_SIZE_FACTOR = 2  # The mask head's deconv doubles the pooled size (14 → 28).
 _MASK_SAMPLE_STREAM = 0x6D61736B  # folded into each image's key for `sample_mask_rois`
@@ -142,16 +140,6 @@ class MaskRCNN(nn.Module):
     def setup(self):
         c = self.config
         dtype = jnp.dtype(c.dtype)
-        if len(c.anchor_sizes) != len(RPN_LEVELS):
-            raise ValueError(
-                f"model.anchor_sizes needs one tuple per RPN level {RPN_LEVELS}, "
-                f"got {len(c.anchor_sizes)}"
-            )
-        if len({len(sizes) for sizes in c.anchor_sizes}) != 1:
-            raise ValueError(
-                f"model.anchor_sizes={c.anchor_sizes} must give every RPN level the same number "
-                "of sizes: one RPN head, shared by the levels, predicts each level's anchors"
-            )
         r = c.roi_heads
         self.backbone = ResNet(
             depth=c.backbone_depth,

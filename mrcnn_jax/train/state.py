@@ -1,6 +1,7 @@
 """Train state, learning-rate schedule and optimizer (SGD with momentum, Detectron2-style, or
 AdamW)."""
 
+import collections
 import re
 from collections.abc import Callable
 from typing import Any
@@ -62,9 +63,9 @@ def create_learning_rate_fn(train: ml_collections.ConfigDict) -> optax.Schedule:
     """Linear warm-up from `warmup_factor · base_lr` to `base_lr`, then cosine or step decay.
 
     "cosine" decays to 0 at `num_steps`; "step" multiplies by `decay_factor` at each step of
-    `decay_steps`, also at those within the warm-up (Detectron2's `WarmupMultiStepLR`: the
-    warm-up ramp times the decays so far). Raises ValueError naming the field for settings out
-    of range (`check_train_settings`).
+    `decay_steps` (twice at a step listed twice, as torch's `MultiStepLR`), also at those within
+    the warm-up (Detectron2's `WarmupMultiStepLR`: the warm-up ramp times the decays so far).
+    Raises ValueError naming the field for settings out of range (`check_train_settings`).
     """
     check_train_settings(train)
     warmup = optax.linear_schedule(
@@ -75,11 +76,15 @@ def create_learning_rate_fn(train: ml_collections.ConfigDict) -> optax.Schedule:
             train.base_lr, max(train.num_steps - train.warmup_steps, 1)
         )
     elif train.schedule == "step":
+        # A step listed n times decays n times there (torch's MultiStepLR).
+        factors = {
+            step: train.decay_factor**n
+            for step, n in collections.Counter(int(s) for s in train.decay_steps).items()
+        }
         decay = optax.piecewise_constant_schedule(
-            train.base_lr,
-            {int(s) - train.warmup_steps: train.decay_factor for s in train.decay_steps},
+            train.base_lr, {s - train.warmup_steps: f for s, f in factors.items()}
         )
-        early = {int(s): train.decay_factor for s in train.decay_steps if s < train.warmup_steps}
+        early = {s: f for s, f in factors.items() if s < train.warmup_steps}
         if early:
             ramp, decays = warmup, optax.piecewise_constant_schedule(1.0, early)
             warmup = lambda step: ramp(step) * decays(step)
