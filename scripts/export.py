@@ -69,6 +69,7 @@ def main(argv):
     except ValueError as error:
         raise app.UsageError(str(error)) from error
     out_dir = launch.path_flag(_OUT.value, "--out")
+    launch.make_output_folder(out_dir, "--out")  # before the model is read and converted
     try:
         out = exporter.export_saved_model(
             _WORKDIR.value,

@@ -545,6 +545,8 @@ def test_configs_it_cannot_represent_are_refused(predictor, tmp_path, monkeypatc
     monkeypatch.setenv("HOME", str(tmp_path))  # `~` expanded (scripts/export.py --out=~/c)
     with pytest.raises(FileExistsError, match=re.escape(f"{tmp_path / 'c'} is not empty")):
         exporter.export_saved_model(predictor, "~/c")
+    with pytest.raises(FileExistsError, match=re.escape(f"{tmp_path / 'c' / 'x'} is a file")):
+        exporter.export_saved_model(predictor, tmp_path / "c" / "x")  # NotADirectoryError
 
 
 @pytest.mark.parametrize("stop", ["full disk", "Ctrl-C"])

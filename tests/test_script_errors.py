@@ -43,6 +43,18 @@ def test_export_script_names_its_bad_flags(flag, message, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("out", ["a_file", "/proc/no_such_folder/out"])
+def test_export_script_refuses_an_out_it_cannot_write_before_reading_the_model(out, tmp_path):
+    """An --out that is a regular file was a NotADirectoryError traceback, and one that cannot
+    be made failed only after the model was loaded and converted (here the workdir holds no
+    checkpoint: that error would come first)."""
+    (tmp_path / "a_file").write_text("")
+    out = tmp_path / out if out == "a_file" else out
+    result = run_script("export.py", f"--workdir={tmp_path / 'workdir'}", f"--out={out}")
+    assert_usage_error(result, f"cannot write into {out} (--out): ")
+    assert sorted(os.listdir(tmp_path)) == ["a_file"]
+
+
 def test_a_ctrl_c_the_script_does_not_handle_is_one_line():
     """eval.py stopped by Ctrl-C printed a 30-line traceback (train.py and predict.py handle
     theirs, saying what is kept): `launch.run` ends any script with one line, killed by SIGINT
@@ -115,19 +127,35 @@ def test_a_config_override_naming_no_field_is_a_usage_error(name, override, mess
     assert not os.listdir(tmp_path)
 
 
+@pytest.mark.parametrize("override", [[], ["--config.train.num_steps=5"]])
 @pytest.mark.parametrize("name", ["train.py", "convert_torchvision.py"])
-def test_a_config_file_that_cannot_be_opened_is_a_usage_error(name, tmp_path):
+def test_a_config_file_that_cannot_be_opened_is_a_usage_error(name, override, tmp_path):
     """ml_collections defers the failure to the config's first use: an OSError chained to
-    another. The message names the flag, the file and, for a relative path, the folder."""
+    another, while absl parses the flags when an override reads the config (a 59-line
+    traceback). The message names the flag, the file and, for a relative path, the folder."""
     flags = {
         "train.py": [f"--workdir={tmp_path / 'w'}"],
         "convert_torchvision.py": [f"--out={tmp_path / 'out'}", f"--state_dict={tmp_path}.pth"],
     }[name]
-    result = run_script(name, "--config=configs/shapes_r81.py", *flags)
+    result = run_script(name, "--config=configs/shapes_r81.py", *flags, *override)
     assert_usage_error(
         result,
         f"--config=configs/shapes_r81.py: No such file or directory (looked for from {REPO})",
     )
+    assert not os.listdir(tmp_path)
+
+
+def test_a_config_override_without_a_config_says_so(tmp_path):
+    """absl called it an unknown flag (`Unknown command line flag 'config.model.num_classes'`),
+    confusing where --config has a default, as convert_torchvision.py's (the release's)."""
+    result = run_script(
+        "convert_torchvision.py", f"--out={tmp_path / 'out'}", "--config.model.num_classes=5"
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert (
+        "FATAL Flags parsing error: --config.model.num_classes overrides a field of --config, "
+        "which is not given: pass the config file first (--config=configs/<name>.py)"
+    ) in result.stderr, result.stderr[-3000:]
     assert not os.listdir(tmp_path)
 
 

@@ -601,12 +601,14 @@ def export_saved_model(
     Raises:
       ValueError: bad arguments, or a config the SavedModel cannot represent (`check_exportable`
         names the field).
-      FileExistsError: `out_dir` is not empty.
+      FileExistsError: `out_dir` is a file or not empty.
       ExportWriteError: writing the SavedModel failed; `out_dir` is as it was (absent or empty).
     """
     check_arguments(platforms, score_threshold, batch_size)
     out_dir = epath.Path(paths.absolute(out_dir))
     existed = out_dir.exists()
+    if existed and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} is a file, not a folder for the SavedModel")
     if existed and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} is not empty")
     if isinstance(source, Predictor):

@@ -17,7 +17,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 from absl import app, flags, logging
 
@@ -55,25 +55,59 @@ def define_flags() -> None:
 
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing (`app.run(main, flags_parser=launch.parse_flags)`), where a config
-    override naming no field (`--config.train.num_stpes=5`) is a usage error naming the flag,
-    as other bad flags are, instead of ml_collections' KeyError traceback."""
+    override is a usage error naming the flag, as other bad flags are, when it names no field
+    (`--config.train.num_stpes=5`: ml_collections' KeyError traceback), when no `--config` is
+    given (absl called it an unknown flag) and when the `--config` file cannot be opened (a
+    chained OSError traceback)."""
+    named = [a.lstrip("-").split("=", 1)[0] for a in argv[1:] if a.startswith("-")]
+    overrides = [f"--{name}" for name in named if name.startswith("config.")]
+    if overrides and "config" in flags.FLAGS and "config" not in named:
+        _flags_error(
+            f"{overrides[0]} overrides a field of --config, which is not given: pass the config "
+            "file first (--config=configs/<name>.py)"
+        )
     try:
         return app.parse_flags_with_usage(argv)
+    except OSError as error:  # the --config file could not be opened (read for an override)
+        if not overrides:
+            raise
+        _flags_error(_unreadable_config("config", _value_in(argv, "config"), error))
     except (AttributeError, KeyError) as error:  # ml_collections: no such field
         name = re.search(r"[A-Za-z_]\w*", str(error))
         name = name.group() if name else "?"
-        overrides = [a.split("=", 1)[0] for a in argv[1:] if a.lstrip("-").startswith("config.")]
         if not overrides:
             raise
         flag = next((a for a in overrides if name in a.lstrip("-").split(".")), "--config.*")
         suggestion = re.search(r'Did you mean "(\w+)"', str(error))
-        print(
-            f"FATAL Flags parsing error: flag {flag}: the config has no field {name!r}"
-            + (f' (did you mean "{suggestion.group(1)}"?)' if suggestion else ""),
-            file=sys.stderr,
+        _flags_error(
+            f"flag {flag}: the config has no field {name!r}"
+            + (f' (did you mean "{suggestion.group(1)}"?)' if suggestion else "")
         )
-        print("Pass --helpshort or --helpfull to see help on flags.", file=sys.stderr)
-        sys.exit(1)
+
+
+def _flags_error(message: str) -> NoReturn:
+    """Ends the process as absl ends it on a bad flag: its message and a pointer to the help."""
+    print(f"FATAL Flags parsing error: {message}", file=sys.stderr)
+    print("Pass --helpshort or --helpfull to see help on flags.", file=sys.stderr)
+    sys.exit(1)
+
+
+def _value_in(argv: list[str], name: str) -> str:
+    """The last value of flag `name` in `argv` (`--name=value` or `--name value`)."""
+    values = [
+        a.split("=", 1)[1] if "=" in a else (argv[i + 1] if i + 1 < len(argv) else "")
+        for i, a in enumerate(argv)
+        if a.lstrip("-").split("=", 1)[0] == name and a.startswith("-")
+    ]
+    return values[-1] if values else ""
+
+
+def _unreadable_config(name: str, path: str, error: OSError) -> str:
+    """What went wrong opening `path`, the file of the config flag `name`: the flag, the file,
+    why (the OS's words), and the folder a relative path was taken from."""
+    reason = re.findall(r"\[Errno \d+\] ([^:\n]+)", str(error.__cause__ or error))
+    where = "" if os.path.isabs(path) else f" (looked for from {os.getcwd()})"
+    return f"--{name}={path}: {reason[-1] if reason else error}{where}"
 
 
 def config_of(flag: flags.FlagHolder) -> Any:
@@ -92,11 +126,7 @@ def config_of(flag: flags.FlagHolder) -> Any:
         config.get("model")  # the first use of a config that failed to load raises
     except OSError as error:
         path = flags.FLAGS[flag.name].config_filename
-        reason = re.findall(r"\[Errno \d+\] ([^:\n]+)", str(error.__cause__ or error))
-        where = "" if os.path.isabs(path) else f" (looked for from {os.getcwd()})"
-        raise app.UsageError(
-            f"--{flag.name}={path}: {reason[-1] if reason else error}{where}"
-        ) from error
+        raise app.UsageError(_unreadable_config(flag.name, path, error)) from error
     _check_repeated_tuples(flag.name, config, sys.argv[1:])
     return config
 
