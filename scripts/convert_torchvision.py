@@ -28,6 +28,7 @@ checkpoints.
 """
 
 import importlib.util
+import math
 import shlex
 import sys
 from pathlib import Path
@@ -39,7 +40,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # configs/ import each other as the `configs` package.
 
 from mrcnn_jax.convert import torchvision as convert  # noqa: E402
-from mrcnn_jax.modeling.checks import check_class_fields  # noqa: E402
 from mrcnn_jax.programs import launch  # noqa: E402
 from mrcnn_jax.train import checkpoint  # noqa: E402
 
@@ -60,6 +60,11 @@ _BN_EPSILON = flags.DEFINE_float(
     "dict holds BatchNorm step counters (num_batches_tracked), else the release's (0 for v1, "
     "as torchvision sets it when loading its COCO weights). A v1 model fine-tuned from "
     "ImageNet weights (frozen BatchNorm, no counters) needs --bn_epsilon=1e-5.",
+)
+flags.register_validator(
+    "bn_epsilon",
+    lambda value: value is None or (math.isfinite(value) and value >= 0),
+    "--bn_epsilon must be a finite number >= 0",
 )
 flags.mark_flags_as_required(["out"])
 
@@ -123,7 +128,10 @@ def main(argv):
             )
         name = found or name
     else:
-        state_dict = convert.download_state_dict(name)
+        try:
+            state_dict = convert.download_state_dict(name)
+        except ConnectionError as error:  # offline: the message says what to fetch and pass
+            sys.exit(f"error: {error}")
     release = convert.RELEASES[name]
     source = f"--state_dict={_STATE_DICT.value}" if _STATE_DICT.value else f"--weights={name}"
     if config is None:
@@ -134,8 +142,8 @@ def main(argv):
             f"--config={flags.FLAGS['config'].config_filename} builds {built}'s box head: give "
             f"--config={release.config} (the default)"
         )
-    try:  # e.g. the release's 90 class names with another num_classes
-        check_class_fields(config)
+    try:  # e.g. the release's 90 class names with another num_classes, a canvas too small
+        checkpoint.check_loadable_config(config)
     except ValueError as error:
         raise app.UsageError(str(error)) from error
     if _BN_EPSILON.value is not None:

@@ -854,11 +854,11 @@ def run_convert_script(tmp_path, model, version: str, *flags: str) -> subprocess
     command = [
         sys.executable,
         str(REPO / "scripts" / "convert_torchvision.py"),
-        *flags,
         f"--state_dict={tmp_path / 'small.pth'}",
         f"--out={tmp_path / 'out'}",
         f"--config={REPO / 'configs' / f'torchvision_r50_fpn_{version}.py'}",
         *(f"--config.{key}={value}" for key, value in overrides.items()),
+        *flags,
     ]
     return subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, check=False)
 
@@ -902,10 +902,36 @@ def test_convert_script_says_what_does_not_fit_in_one_line(tmp_path, small_model
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert "small.pth is not a torchvision Mask R-CNN state dict" in result.stderr
     assert not (tmp_path / "out").exists()
+    for flag, message in [  # both wrote a checkpoint that load_checkpoint refused
+        ("--config.data.image_size=(800, 800)", "config.data.image_size=(800, 800) cannot hold"),
+        ("--bn_epsilon=nan", "--bn_epsilon must be a finite number >= 0"),
+    ]:
+        result = run_convert_script(tmp_path, small_model, "v1", flag)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        assert message in result.stderr, result.stderr[-3000:]
+        assert not (tmp_path / "out").exists()
     (tmp_path / "out" / "checkpoints" / "0").mkdir(parents=True)
     result = run_convert_script(tmp_path, small_model, "v1")
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert f"--out={tmp_path / 'out'} already holds checkpoints" in result.stderr
+
+
+def test_convert_script_offline_says_what_to_fetch_in_one_line(tmp_path):
+    """--weights without a network (here a proxy nobody listens on) was a ConnectionError
+    traceback of ~80 lines around the one that names the file to fetch."""
+    env = {**os.environ, "TORCH_HOME": str(tmp_path / "torch"), "https_proxy": "http://127.0.0.1:9"}
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "convert_torchvision.py"), "--weights=v1",
+         f"--out={tmp_path / 'out'}"],
+        capture_output=True, text=True, cwd=tmp_path, env=env, check=False, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert (
+        "error: could not download https://download.pytorch.org/models/maskrcnn_resnet50_fpn"
+        in (result.stderr)
+    ), result.stderr[-3000:]
+    assert "pass the file (scripts/convert_torchvision.py --state_dict=FILE)" in result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_convert_script_refuses_weights_of_the_other_release(tmp_path):

@@ -34,7 +34,6 @@ from mrcnn_jax import jax_settings, paths, sharding
 from mrcnn_jax.data import pipeline
 from mrcnn_jax.evaluation.coco_eval import boxes_to_original
 from mrcnn_jax.evaluation.masks import paste_masks
-from mrcnn_jax.modeling.checks import check_class_fields, check_model_config
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 from mrcnn_jax.modeling.resnet import BN_EPSILON
 from mrcnn_jax.programs.evaluator import make_predict_step
@@ -426,13 +425,11 @@ def _check_finite(variables: dict, what: str) -> None:
 
 
 def _check_stored_config(config: ml_collections.ConfigDict, what: str) -> tuple[int, int]:
-    """The canvas `data.image_size` of a checkpoint's stored config, once it passes the model,
-    canvas and class-field checks; ValueError naming `what` otherwise (also for a config that
+    """The canvas `data.image_size` of a checkpoint's stored config, once it passes
+    `checkpoint.check_loadable_config`; ValueError naming `what` otherwise (also for a config that
     lacks a field or has one of another type: not a config of this project)."""
     try:
-        check_model_config(config.model)
-        pipeline.check_canvas(config)
-        check_class_fields(config)
+        ckpt_lib.check_loadable_config(config)
         return tuple(int(s) for s in config.data.image_size)
     except (KeyError, AttributeError, TypeError) as error:
         raise ValueError(

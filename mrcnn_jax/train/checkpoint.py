@@ -41,7 +41,7 @@ from absl import logging
 from etils import epath
 
 from mrcnn_jax import paths
-from mrcnn_jax.modeling.checks import check_class_fields
+from mrcnn_jax.modeling.checks import check_class_fields, check_model_config
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 from mrcnn_jax.train import state as state_lib
 from mrcnn_jax.train import storage_errors
@@ -722,6 +722,21 @@ def restore_raw(
     return jax.device_get(_restore_arrays(manager, step, target))
 
 
+def check_loadable_config(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError, naming the field, unless a checkpoint stored with `config` can be
+    loaded (`predictor.load_checkpoint` checks the same of the stored config): the model's
+    values (`checks.check_model_config`), the canvas (`pipeline.check_canvas`) and one entry
+    per class in `config.data.class_names` and `label_to_category_id`
+    (`checks.check_class_fields`: the predictor would name the classes wrongly)."""
+    # Imported here: the pipeline imports TensorFlow, after which torchvision segfaults on
+    # import (scripts/convert_torchvision.py has read the weights with torch by now).
+    from mrcnn_jax.data import pipeline
+
+    check_model_config(config.model)
+    pipeline.check_canvas(config)
+    check_class_fields(config)
+
+
 def save_variables(
     workdir: epath.PathLike, config: ml_collections.ConfigDict, variables: dict
 ) -> epath.Path:
@@ -732,12 +747,11 @@ def save_variables(
     for converted weights. Returns the checkpoint directory.
 
     Raises:
-      ValueError: `config.data.class_names` or `label_to_category_id` has not one entry per
-        class (`checks.check_class_fields`): the predictor would name the classes wrongly.
+      ValueError: `config` is not one a checkpoint can be loaded with (`check_loadable_config`).
       FileExistsError: `workdir` already holds checkpoints.
       CheckpointWriteError: writing failed (e.g. the disk is full).
     """
-    check_class_fields(config)
+    check_loadable_config(config)
     manager = create_manager(workdir)
     if manager.latest_step() is not None:
         raise FileExistsError(f"{checkpoint_dir(workdir)} already holds checkpoints")
