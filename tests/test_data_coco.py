@@ -3,9 +3,11 @@ annToMask, category maps both ways, the COCO json export, and clear errors on ba
 
 import copy
 import json
+import os
 import re
 import shutil
 
+import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -323,3 +325,31 @@ def test_missing_manual_files_are_all_listed(tmp_path):
     for missing in ("train2017/ (or train2017.zip)", "val2017/", "instances_val2017.json"):
         assert missing in message
     assert "instances_train2017.json" not in message.split("Download")[0]
+
+
+@pytest.mark.parametrize("manual", ["absent", "empty", "unset"])
+def test_a_manual_dir_without_files_is_named_before_tfds_builds(manual, built, tmp_path):
+    """TFDS checks the folder with an `assert` (a 57-line AssertionError traceback through
+    train.py, and an empty dataset folder left behind); a COCO already built needs none."""
+    from mrcnn_jax.data import get_builder
+
+    data = ml_collections.ConfigDict({"dataset": "coco_instances", "data_dir": str(tmp_path)})
+    data.manual_dir = {"absent": str(tmp_path / "nope"), "empty": str(tmp_path), "unset": ""}[
+        manual
+    ]
+    where = {
+        "absent": tmp_path / "nope",
+        "empty": tmp_path,
+        "unset": tmp_path / "downloads" / "manual",
+    }
+    state = "is empty" if manual == "empty" else "does not exist"
+    with pytest.raises(FileNotFoundError) as error:
+        get_builder(data)
+    assert str(error.value).startswith(
+        f"COCO 2017 is not built yet and its files are not there: the manual dir "
+        f"{where[manual]} (config.data.manual_dir) {state}. Download train2017.zip"
+    )
+    assert list(tmp_path.iterdir()) == []
+    builder, _ = built  # built: the manual dir is not read
+    data.data_dir = os.path.dirname(os.path.dirname(builder.data_dir))
+    assert get_builder(data).info.splits["train"].num_examples > 0

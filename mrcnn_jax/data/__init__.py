@@ -13,6 +13,7 @@ from collections.abc import Collection
 
 import ml_collections
 import tensorflow_datasets as tfds
+from etils import epath
 
 from mrcnn_jax import paths
 from mrcnn_jax.data import coco_format, coco_instances, shapes
@@ -56,6 +57,9 @@ def get_builder(
     if data.dataset == "coco_instances":
         builder = coco_instances.CocoInstances(data_dir=data_dir)
         manual_dir = data.manual_dir or None
+        if not builder.is_prepared():  # TFDS's own check of the folder is an AssertionError
+            default = epath.Path(builder.data_dir_root) / "downloads" / "manual"
+            coco_instances.check_manual_dir(epath.Path(manual_dir or default))
         builder.download_and_prepare(
             download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
         )

@@ -41,6 +41,17 @@ _SPLIT_FILES = {
 _ANNOTATIONS_ZIP = "annotations_trainval2017.zip"
 
 
+def check_manual_dir(manual: epath.Path) -> None:
+    """Raises FileNotFoundError, naming `config.data.manual_dir` and what to put there, when
+    the folder COCO 2017 is built from does not exist or is empty."""
+    if not manual.is_dir() or not any(manual.iterdir()):
+        state = "is empty" if manual.is_dir() else "does not exist"
+        raise FileNotFoundError(
+            f"COCO 2017 is not built yet and its files are not there: the manual dir {manual} "
+            f"(config.data.manual_dir) {state}. {CocoInstances.MANUAL_DOWNLOAD_INSTRUCTIONS}"
+        )
+
+
 def _manual_files(dl_manager: tfds.download.DownloadManager) -> dict[str, tuple]:
     """split -> (annotation file, image folder), extracting zips; lists every missing file."""
     manual = epath.Path(dl_manager.manual_dir)
