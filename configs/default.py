@@ -147,7 +147,7 @@ def get_config() -> ml_collections.ConfigDict:
     roi.score_threshold = 0.05  # Detections below this score are dropped at inference.
     roi.nms_threshold = 0.5  # Per-class NMS IoU at inference.
     roi.detections_per_image = 100  # D: fixed number of (padded) detections per image.
-    roi.detections_pre_nms_topk = 5000  # Highest-scoring (box, class) candidates entering NMS.
+    roi.detections_pre_nms_topk = 5000  # Best (box, class) candidates entering NMS; at least D.
     # How eval/predict paste each 28×28 mask into the image: "detectron2" (bilinear sampling of
     # the map over the float box at pixel centres, >= 0.5; the convention of `aligned=True`
     # models) or "torchvision" (legacy: 1-pixel zero pad, box expanded and truncated to ints,
@@ -162,7 +162,7 @@ def get_config() -> ml_collections.ConfigDict:
     train.warmup_steps = 1000  # Linear warm-up from warmup_factor * base_lr.
     train.warmup_factor = 0.001
     train.schedule = "step"  # "cosine" or "step".
-    train.decay_steps = (60_000, 80_000)  # "step" schedule: multiply lr by decay_factor at each.
+    train.decay_steps = (60_000, 80_000)  # "step": lr times decay_factor at each (repeats count).
     train.decay_factor = 0.1
     train.optimizer = "sgd"  # "sgd" (with momentum, L2 weight decay) or "adamw" (decoupled).
     train.momentum = 0.9  # sgd only.
