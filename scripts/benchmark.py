@@ -12,7 +12,10 @@ r"""Benchmarks against torchvision, one subcommand each; every run prints one JS
 Times are the median wall-clock seconds over --repeats calls after --warmup calls (the first of
 which compiles: no compilation cache unless JAX_COMPILATION_CACHE_DIR is set, reported as
 `compilation_cache`; `xla_flags` reports XLA_FLAGS, with the scripts' codegen option from
-`launch.use_fast_cpu_codegen`), with `block_until_ready`. `train`, `infer`, `breakdown` split our
+`launch.use_fast_cpu_codegen`), with `block_until_ready`. Functions timed together (ours and
+torchvision's, or several variants) take turns, and each timed call follows an untimed call of
+the same function: each is timed in its steady state, as in a loop of its own calls (twice the
+calls, half of them untimed). `train`, `infer`, `breakdown` split our
 first call in `first_call`: tracing, lowering, compiling, the first run and the system CPU seconds
 of that run (the kernel faulting in fresh memory, chiefly XLA's temporary buffer of `temp_gib`).
 torchvision runs on the same inputs in the same process and `ratio` is ours / torchvision's (below
@@ -113,7 +116,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 # A help that starts with "<subcommand>[, <subcommand>...]: " names the only subcommands using it.
 flags.DEFINE_integer(
-    "repeats", None, "Timed calls (default 5; train, infer, breakdown: 3).", lower_bound=1
+    "repeats",
+    None,
+    "Timed calls (default 5; train, infer, breakdown: 3), each after an untimed one where "
+    "several functions are timed together.",
+    lower_bound=1,
 )
 flags.DEFINE_integer("warmup", 1, "Untimed calls first (the first compiles).", lower_bound=1)
 flags.DEFINE_integer("seed", 0, "Seed of the random inputs.", lower_bound=0)
@@ -206,9 +213,10 @@ def measure(fn, *args) -> tuple[float, float, object]:
 
 
 def measure_alternating(fns, cpu_seconds: list | None = None) -> list[tuple[float, float, object]]:
-    """`measure` of each of the no-argument `fns`, their calls interleaved (the first call of
-    each, then the second of each, ...) so that a load that changes over time hits every one
-    alike. With several `fns`, each timed call follows an untimed call of the same function:
+    """`measure` of each of the no-argument `fns`, their calls interleaved (the warm-up calls of
+    each in turn, then two calls of each in turn: a, b, a a, b b, ...) so that a load that
+    changes over time hits every one alike. With several `fns`, each timed call follows an
+    untimed call of the same function:
     what is timed is that function's steady state, as in a loop of its own calls (a training
     run's), not what the previous function's calls cost it (XLA:CPU maps a program's temporary
     buffer afresh at every call and unmaps it on return; after a torchvision train step of a

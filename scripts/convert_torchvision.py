@@ -36,6 +36,11 @@ from pathlib import Path
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+try:  # before TensorFlow (the config checks import it), after which torchvision segfaults
+    import torchvision  # noqa: F401
+except ImportError:  # convert.import_torch says what to install, when it is needed
+    pass
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # configs/ import each other as the `configs` package.
 
@@ -96,12 +101,23 @@ def class_count_hint(state_dict: dict, config, release: convert.Release) -> str:
     )
 
 
+def _check_config(config) -> None:
+    """A usage error unless a checkpoint written with `config` can be loaded: e.g. the release's
+    90 class names with another num_classes, a canvas too small for the resize."""
+    try:
+        checkpoint.check_loadable_config(config)
+    except ValueError as error:
+        raise app.UsageError(str(error)) from error
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every part of the save at INFO
     config = launch.config_of(_CONFIG)  # before reading the weights: a bad file is refused now
+    if config is not None:
+        _check_config(config)
     out = launch.path_flag(_OUT.value, "--out")
     if _STATE_DICT.value:
         launch.path_flag(_STATE_DICT.value, "--state_dict")
@@ -142,10 +158,7 @@ def main(argv):
             f"--config={flags.FLAGS['config'].config_filename} builds {built}'s box head: give "
             f"--config={release.config} (the default)"
         )
-    try:  # e.g. the release's 90 class names with another num_classes, a canvas too small
-        checkpoint.check_loadable_config(config)
-    except ValueError as error:
-        raise app.UsageError(str(error)) from error
+    _check_config(config)
     if _BN_EPSILON.value is not None:
         bn_epsilon, why = _BN_EPSILON.value, "--bn_epsilon"
     else:

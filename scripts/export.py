@@ -69,21 +69,22 @@ def main(argv):
     except ValueError as error:
         raise app.UsageError(str(error)) from error
     out_dir = launch.path_flag(_OUT.value, "--out")
-    launch.make_output_folder(out_dir, "--out")  # before the model is read and converted
-    try:
-        out = exporter.export_saved_model(
-            _WORKDIR.value,
-            out_dir,
-            checkpoint_step=_STEP.value,
-            platforms=_PLATFORMS.value,
-            full_masks=_FULL_MASKS.value,
-            score_threshold=_SCORE_THRESHOLD.value,
-            batch_size=_BATCH_SIZE.value,
-        )
-    except exporter.ExportWriteError as error:  # e.g. a full disk: where, why, nothing left
-        sys.exit(f"error: {error}")
-    except (ValueError, FileExistsError, FileNotFoundError) as error:  # name what to fix
-        raise app.UsageError(str(error)) from error
+    # Made before the model is read and converted; removed again if the export fails.
+    with launch.new_output_folder(out_dir, "--out"):
+        try:
+            out = exporter.export_saved_model(
+                _WORKDIR.value,
+                out_dir,
+                checkpoint_step=_STEP.value,
+                platforms=_PLATFORMS.value,
+                full_masks=_FULL_MASKS.value,
+                score_threshold=_SCORE_THRESHOLD.value,
+                batch_size=_BATCH_SIZE.value,
+            )
+        except exporter.ExportWriteError as error:  # e.g. a full disk: where, why, nothing left
+            sys.exit(f"error: {error}")
+        except (ValueError, FileExistsError, FileNotFoundError) as error:  # name what to fix
+            raise app.UsageError(str(error)) from error
     size = sum(
         os.path.getsize(os.path.join(folder, name))
         for folder, _, names in os.walk(out)

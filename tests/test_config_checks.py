@@ -12,6 +12,7 @@ import pytest
 from configs import coco_r50_fpn_lsj_100ep, default
 from mrcnn_jax.modeling import checks
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
+from mrcnn_jax.programs import trainer
 from mrcnn_jax.train import state as state_lib
 
 CONFIGS = sorted(p.stem for p in (pathlib.Path(__file__).parents[1] / "configs").glob("*.py"))
@@ -88,10 +89,6 @@ def test_a_model_is_not_built_for_0_classes():
             {"anchor_sizes": ((8, 16), (16,), (32,), (64,), (128,))},
             r"must give every RPN level the same number of sizes",
         ),
-        (  # it capped the detections without a word (4 of 20 asked)
-            {"roi_heads.detections_pre_nms_topk": 5, "roi_heads.detections_per_image": 20},
-            r"detections_pre_nms_topk=5 must be at least detections_per_image=20",
-        ),
         ({"rpn.fg_iou": 0.5, "rpn.bg_iou": 0.6}, r"rpn\.bg_iou=0\.6 must not exceed .*fg_iou=0\.5"),
         (
             {"roi_heads.batch_size_per_image": 3},  # 3 × 0.25 rounds down to 0
@@ -105,6 +102,19 @@ def test_joint_model_rules(overrides, message):
         _set(config.model, field, value)
     with pytest.raises(ValueError, match=message):
         checks.check_model_config(config.model)
+
+
+def test_a_training_with_fewer_nms_candidates_than_detections_is_refused():
+    """It capped the detections without a word (4 of 20 asked). Only new training runs are
+    refused: a stored config with it still loads (it worked, with fewer detections)."""
+    config = default.get_config()
+    config.model.roi_heads.detections_pre_nms_topk = 5
+    config.model.roi_heads.detections_per_image = 20
+    checks.check_model_config(config.model)
+    with pytest.raises(
+        ValueError, match=r"detections_pre_nms_topk=5 must be at least detections_per_image=20"
+    ):
+        trainer.check_train_config(config, num_devices=1)
 
 
 BAD_TRAIN = [

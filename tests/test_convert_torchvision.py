@@ -919,7 +919,13 @@ def test_convert_script_says_what_does_not_fit_in_one_line(tmp_path, small_model
 def test_convert_script_offline_says_what_to_fetch_in_one_line(tmp_path):
     """--weights without a network (here a proxy nobody listens on) was a ConnectionError
     traceback of ~80 lines around the one that names the file to fetch."""
-    env = {**os.environ, "TORCH_HOME": str(tmp_path / "torch"), "https_proxy": "http://127.0.0.1:9"}
+    env = {
+        **os.environ,
+        "TORCH_HOME": str(tmp_path / "torch"),
+        "https_proxy": "http://127.0.0.1:9",
+        "no_proxy": "",
+        "NO_PROXY": "",
+    }
     result = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "convert_torchvision.py"), "--weights=v1",
          f"--out={tmp_path / 'out'}"],

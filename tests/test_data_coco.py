@@ -343,11 +343,15 @@ def test_a_manual_dir_without_files_is_named_before_tfds_builds(manual, built, t
         "unset": tmp_path / "downloads" / "manual",
     }
     state = "is empty" if manual == "empty" else "does not exist"
+    where = f"the manual dir {where[manual]} (config.data.manual_dir) {state}"
+    if manual == "unset":
+        where = (
+            f"config.data.manual_dir is unset and its default {tmp_path}/downloads/manual {state}"
+        )
     with pytest.raises(FileNotFoundError) as error:
         get_builder(data)
     assert str(error.value).startswith(
-        f"COCO 2017 is not built yet and its files are not there: the manual dir "
-        f"{where[manual]} (config.data.manual_dir) {state}. Download train2017.zip"
+        f"COCO 2017 is not built yet and its files are not there: {where}. Download train2017.zip"
     )
     assert list(tmp_path.iterdir()) == []
     builder, _ = built  # built: the manual dir is not read

@@ -55,6 +55,19 @@ def test_export_script_refuses_an_out_it_cannot_write_before_reading_the_model(o
     assert sorted(os.listdir(tmp_path)) == ["a_file"]
 
 
+def test_a_failed_export_leaves_no_out_folder_it_made(tmp_path):
+    """--out (and its missing parents) is made before the model is read, so that one that
+    cannot be written is said at once; an export that then fails (here: no checkpoint) removes
+    them again (the review found them left behind)."""
+    out = tmp_path / "made" / "a" / "b"
+    result = run_script("export.py", f"--workdir={tmp_path}", f"--out={out}")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert f"{tmp_path} is neither a workdir with checkpoints/" in result.stderr, result.stderr[
+        -3000:
+    ]
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_ctrl_c_the_script_does_not_handle_is_one_line():
     """eval.py stopped by Ctrl-C printed a 30-line traceback (train.py and predict.py handle
     theirs, saying what is kept): `launch.run` ends any script with one line, killed by SIGINT

@@ -57,9 +57,8 @@ def get_builder(
     if data.dataset == "coco_instances":
         builder = coco_instances.CocoInstances(data_dir=data_dir)
         manual_dir = data.manual_dir or None
-        if not builder.is_prepared():  # TFDS's own check of the folder is an AssertionError
-            default = epath.Path(builder.data_dir_root) / "downloads" / "manual"
-            coco_instances.check_manual_dir(epath.Path(manual_dir or default))
+        if not builder.data_path.exists():  # to be built: TFDS's check is an AssertionError
+            coco_instances.check_manual_dir(manual_dir, epath.Path(builder.data_dir_root))
         builder.download_and_prepare(
             download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
         )

@@ -41,15 +41,22 @@ _SPLIT_FILES = {
 _ANNOTATIONS_ZIP = "annotations_trainval2017.zip"
 
 
-def check_manual_dir(manual: epath.Path) -> None:
+def check_manual_dir(manual_dir: str | None, data_dir: epath.Path) -> None:
     """Raises FileNotFoundError, naming `config.data.manual_dir` and what to put there, when
-    the folder COCO 2017 is built from does not exist or is empty."""
-    if not manual.is_dir() or not any(manual.iterdir()):
-        state = "is empty" if manual.is_dir() else "does not exist"
-        raise FileNotFoundError(
-            f"COCO 2017 is not built yet and its files are not there: the manual dir {manual} "
-            f"(config.data.manual_dir) {state}. {CocoInstances.MANUAL_DOWNLOAD_INSTRUCTIONS}"
-        )
+    the folder COCO 2017 is built from (`manual_dir`, `~` expanded; unset: TFDS's default
+    `<data_dir>/downloads/manual`) does not exist or is empty."""
+    manual = epath.Path(manual_dir).expanduser() if manual_dir else None
+    folder = manual or data_dir / "downloads" / "manual"
+    if folder.is_dir() and any(folder.iterdir()):
+        return
+    state = "is empty" if folder.is_dir() else "does not exist"
+    where = f"the manual dir {folder} (config.data.manual_dir) {state}"
+    if manual is None:
+        where = f"config.data.manual_dir is unset and its default {folder} {state}"
+    raise FileNotFoundError(
+        f"COCO 2017 is not built yet and its files are not there: {where}. "
+        + CocoInstances.MANUAL_DOWNLOAD_INSTRUCTIONS
+    )
 
 
 def _manual_files(dl_manager: tfds.download.DownloadManager) -> dict[str, tuple]:

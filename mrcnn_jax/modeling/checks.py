@@ -109,9 +109,8 @@ def check_model_config(model: ml_collections.ConfigDict) -> None:
     value is one the model can be built and trained from (`configs/default.py` documents each):
     sizes and counts are integers in range, IoU, NMS and score thresholds and sampling fractions
     lie in [0, 1] (fractions and foreground IoUs above 0), the RPN's `bg_iou <= fg_iou`, the RoI
-    sampler keeps at least one foreground slot, anchor sizes are positive and as many per RPN
-    level, `roi_heads.detections_pre_nms_topk >= detections_per_image`, and the string choices
-    are known."""
+    sampler keeps at least one foreground slot, `anchor_sizes` holds one tuple of positive sizes
+    per RPN level (P2-P6), each as long, and the string choices are known."""
     for field, (ok, rule) in _RULES.items():
         value = model
         for key in field.split("."):
@@ -134,12 +133,6 @@ def check_model_config(model: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"config.model.rpn.bg_iou={rpn.bg_iou} must not exceed config.model.rpn.fg_iou="
             f"{rpn.fg_iou} (anchors between the two are ignored)"
-        )
-    if roi.detections_pre_nms_topk < roi.detections_per_image:
-        raise ValueError(
-            f"config.model.roi_heads.detections_pre_nms_topk={roi.detections_pre_nms_topk} "
-            f"must be at least detections_per_image={roi.detections_per_image}: the final NMS "
-            "keeps at most the candidates it is given"
         )
     if int(roi.batch_size_per_image * roi.positive_fraction) < 1:
         raise ValueError(

@@ -59,7 +59,11 @@ def parse_flags(argv: list[str]) -> list[str]:
     (`--config.train.num_stpes=5`: ml_collections' KeyError traceback), when no `--config` is
     given (absl called it an unknown flag) and when the `--config` file cannot be opened (a
     chained OSError traceback)."""
-    named = [a.lstrip("-").split("=", 1)[0] for a in argv[1:] if a.startswith("-")]
+    try:  # --flagfile=FILE's flags as the arguments they stand for
+        given = flags.FLAGS.read_flags_from_files(argv[1:], force_gnu=False)
+    except flags.Error:  # absl's parsing below says what is wrong with the file
+        given = argv[1:]
+    named = [a.lstrip("-").split("=", 1)[0] for a in given if a.startswith("-")]
     overrides = [f"--{name}" for name in named if name.startswith("config.")]
     if overrides and "config" in flags.FLAGS and "config" not in named:
         _flags_error(
@@ -71,7 +75,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     except OSError as error:  # the --config file could not be opened (read for an override)
         if not overrides:
             raise
-        _flags_error(_unreadable_config("config", _value_in(argv, "config"), error))
+        _flags_error(_unreadable_config("config", _value_in(given, "config"), error))
     except (AttributeError, KeyError) as error:  # ml_collections: no such field
         name = re.search(r"[A-Za-z_]\w*", str(error))
         name = name.group() if name else "?"
@@ -105,6 +109,8 @@ def _value_in(argv: list[str], name: str) -> str:
 def _unreadable_config(name: str, path: str, error: OSError) -> str:
     """What went wrong opening `path`, the file of the config flag `name`: the flag, the file,
     why (the OS's words), and the folder a relative path was taken from."""
+    if not path:
+        return f"--{name} is empty: give a config file (configs/<name>.py)"
     reason = re.findall(r"\[Errno \d+\] ([^:\n]+)", str(error.__cause__ or error))
     where = "" if os.path.isabs(path) else f" (looked for from {os.getcwd()})"
     return f"--{name}={path}: {reason[-1] if reason else error}{where}"
@@ -190,6 +196,31 @@ def make_output_folder(folder: str | os.PathLike, flag: str) -> None:
         probe.unlink()
     except Exception as error:  # OSError locally; the storage backend's own errors elsewhere
         raise app.UsageError(f"cannot write into {folder} ({flag}): {error}") from error
+
+
+@contextlib.contextmanager
+def new_output_folder(folder: str | os.PathLike, flag: str) -> Iterator[None]:
+    """`make_output_folder(folder, flag)` for a block that writes there: if the block fails (an
+    error, an exit, Ctrl-C), the folders it made (`folder` and missing parents) are removed
+    again where still empty, so a failed run leaves the path as it found it."""
+    from etils import epath
+
+    made, node = [], epath.Path(folder)
+    while not node.exists() and node != node.parent:
+        made.append(node)
+        node = node.parent
+    make_output_folder(folder, flag)
+    try:
+        yield
+    except BaseException:
+        for path in made:  # the deepest first
+            try:
+                if not path.is_dir() or any(path.iterdir()):
+                    break
+                path.rmdir()
+            except OSError:
+                break
+        raise
 
 
 def run(main: Callable[[list[str]], Any], **kwargs: Any) -> None:

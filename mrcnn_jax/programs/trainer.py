@@ -331,7 +331,8 @@ def check_train_config(config: ml_collections.ConfigDict, num_devices: int | Non
     """Refuses, before any work, a config that would only fail later (after compiling the step,
     or after training), deep in JAX, or not at all: the data settings (`pipeline.check_data`),
     the model's (`checks.check_model_config`), the optimizer and schedule
-    (`state.check_train_settings`), `model.roi_heads.mask_paste`, `seed` and `eval.max_images`
+    (`state.check_train_settings`), `model.roi_heads.mask_paste`,
+    `roi_heads.detections_pre_nms_topk >= detections_per_image`, `seed` and `eval.max_images`
     (0 or more), and the step counts:
 
     `train.log_every` and `train.checkpoint_every` are positive numbers of steps;
@@ -352,6 +353,13 @@ def check_train_config(config: ml_collections.ConfigDict, num_devices: int | Non
         raise ValueError(
             f"config.train.batch_size={config.train.batch_size} is not divisible by the "
             f"{num_devices} devices: use a multiple of {num_devices}"
+        )
+    roi = config.model.roi_heads
+    if roi.detections_pre_nms_topk < roi.detections_per_image:  # a stored config may: it loads
+        raise ValueError(
+            f"config.model.roi_heads.detections_pre_nms_topk={roi.detections_pre_nms_topk} "
+            f"must be at least detections_per_image={roi.detections_per_image}: the final NMS "
+            "keeps at most the candidates it is given"
         )
     if config.model.roi_heads.mask_paste not in PASTE_METHODS:
         raise ValueError(

@@ -22,6 +22,7 @@ which complete checkpoints remain; what orbax's other reads and writes report be
 """
 
 import contextlib
+import copy
 import gc
 import json
 import logging as std_logging
@@ -63,6 +64,27 @@ NON_ARCHITECTURE_KEYS = (
     "model.roi_heads.mask_head_chunk",
 )
 
+
+# Config fields added after checkpoints were first written, each with the value (as JSON) that
+# gives what the code did before the field existed: `load_config` reads it into a stored config
+# that lacks the field, so an older checkpoint loads, evaluates and resumes as it was trained.
+ADDED_FIELDS = {
+    "data.canvas_group_weights": [],  # c126d47: one canvas
+    "data.canvas_groups": [],
+    "data.resize_antialias": False,  # 5a95b0f
+    "data.skip_empty_train_images": False,  # 07e7470: every image trained on
+    "data.train_short_sides": [],  # 07e7470: one shorter side
+    "model.allow_random_frozen_backbone": False,  # e2668bf
+    "model.backbone_weights": "",
+    "model.init_from": "",  # dd18ba8
+    "model.roi_heads.mask_head_chunk": 0,  # c2c32c5: one pass
+    "model.roi_heads.mask_paste": "torchvision",  # e2668bf: torchvision's paste
+    "model.roi_heads.mask_rois_per_image": 0,  # d0c40d9: every foreground slot
+    "model.size_divisibility": 32,  # c5b0a41: a constant 32 before
+    "train.adam_betas": [0.9, 0.999],  # ebe591f: SGD only
+    "train.bias_weight_decay": False,  # 07e7470: kernels only decayed
+    "train.optimizer": "sgd",
+}
 
 # Orbax's step metadata, in every checkpoint step folder (with the commit time when finished).
 STEP_METADATA = "_CHECKPOINT_METADATA"
@@ -584,14 +606,9 @@ def config_mismatches(saved: dict, config: ml_collections.ConfigDict) -> list[st
     return problems
 
 
-def saved_optimizer(saved: dict) -> str:
-    """`train.optimizer` of a saved config (JSON); checkpoints written before the field existed
-    were trained with SGD."""
-    return saved.get("train", {}).get("optimizer", "sgd")
-
-
 def load_config(manager: ocp.CheckpointManager, step: int) -> dict:
-    """The config (as a JSON dict) stored with checkpoint `step`.
+    """The config (as a JSON dict) stored with checkpoint `step`, with the value of each of
+    `ADDED_FIELDS` it lacks (a checkpoint written before the field existed).
 
     Raises:
       CorruptCheckpointError: the stored config (`<step>/config/metadata`) is not a JSON object
@@ -605,7 +622,21 @@ def load_config(manager: ocp.CheckpointManager, step: int) -> dict:
     config = restored["config"]
     if not isinstance(config, dict):
         raise _corrupt(manager, step, f"{path} holds a {type(config).__name__}, not a config")
-    return config
+    return with_added_fields(config)
+
+
+def with_added_fields(saved: dict) -> dict:
+    """`saved` (a stored config as JSON) with `ADDED_FIELDS` it lacks set to their values (in a
+    section it lacks too: then it is no config of this project, which the checks say)."""
+    saved = copy.deepcopy(saved)
+    for name, value in ADDED_FIELDS.items():
+        *sections, field = name.split(".")
+        node = saved
+        for section in sections:
+            node = node.setdefault(section, {}) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.setdefault(field, copy.deepcopy(value))
+    return saved
 
 
 def restore(
@@ -636,7 +667,7 @@ def restore(
             f"checkpoint {manager.directory}/{step} was written with another config:\n  "
             + "\n  ".join(problems)
         )
-    optimizer = saved_optimizer(saved)
+    optimizer = saved["train"]["optimizer"]
     if optimizer != config.train.optimizer:
         if step:
             raise ValueError(
@@ -728,8 +759,8 @@ def check_loadable_config(config: ml_collections.ConfigDict) -> None:
     values (`checks.check_model_config`), the canvas (`pipeline.check_canvas`) and one entry
     per class in `config.data.class_names` and `label_to_category_id`
     (`checks.check_class_fields`: the predictor would name the classes wrongly)."""
-    # Imported here: the pipeline imports TensorFlow, after which torchvision segfaults on
-    # import (scripts/convert_torchvision.py has read the weights with torch by now).
+    # Imported here: the pipeline imports TensorFlow, which importing this module does not need
+    # (scripts/convert_torchvision.py --help stays without it).
     from mrcnn_jax.data import pipeline
 
     check_model_config(config.model)
