@@ -38,13 +38,14 @@ from ml_collections import config_flags
 
 try:  # before TensorFlow (the config checks import it), after which torchvision segfaults
     import torchvision  # noqa: F401
-except ImportError:  # convert.import_torch says what to install, when it is needed
+except Exception:  # not installed or broken: convert.import_torch says so, when it is needed
     pass
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # configs/ import each other as the `configs` package.
 
 from mrcnn_jax.convert import torchvision as convert  # noqa: E402
+from mrcnn_jax.modeling.checks import check_new_model_config  # noqa: E402
 from mrcnn_jax.programs import launch  # noqa: E402
 from mrcnn_jax.train import checkpoint  # noqa: E402
 
@@ -106,6 +107,7 @@ def _check_config(config) -> None:
     90 class names with another num_classes, a canvas too small for the resize."""
     try:
         checkpoint.check_loadable_config(config)
+        check_new_model_config(config.model)
     except ValueError as error:
         raise app.UsageError(str(error)) from error
 

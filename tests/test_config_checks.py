@@ -105,15 +105,17 @@ def test_joint_model_rules(overrides, message):
 
 
 def test_a_training_with_fewer_nms_candidates_than_detections_is_refused():
-    """It capped the detections without a word (4 of 20 asked). Only new training runs are
-    refused: a stored config with it still loads (it worked, with fewer detections)."""
+    """It capped the detections without a word (4 of 20 asked). Training (a new run or a
+    resume) and conversion refuse it; a stored config with it still loads (it worked, with
+    fewer detections)."""
     config = default.get_config()
     config.model.roi_heads.detections_pre_nms_topk = 5
     config.model.roi_heads.detections_per_image = 20
     checks.check_model_config(config.model)
-    with pytest.raises(
-        ValueError, match=r"detections_pre_nms_topk=5 must be at least detections_per_image=20"
-    ):
+    message = r"detections_pre_nms_topk=5 must be at least detections_per_image=20"
+    with pytest.raises(ValueError, match=message):
+        checks.check_new_model_config(config.model)
+    with pytest.raises(ValueError, match=message):
         trainer.check_train_config(config, num_devices=1)
 
 

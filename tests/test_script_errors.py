@@ -172,6 +172,27 @@ def test_a_config_override_without_a_config_says_so(tmp_path):
     assert not os.listdir(tmp_path)
 
 
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ("--flagfile", "flag --config.train.num_stpes: the config has no field 'num_stpes'"),
+        ("--config=", "--config is empty: give a config file (configs/<name>.py)"),
+    ],
+)
+def test_config_given_in_a_flagfile_or_empty_is_seen(config, message, tmp_path):
+    """--config in a --flagfile counts as given (the override was refused as having none);
+    an empty --config with an override was ml_collections' words on an empty path."""
+    flagfile = tmp_path / "flags.cfg"
+    flagfile.write_text("--config=configs/shapes_r18.py\n")
+    config = f"--flagfile={flagfile}" if config == "--flagfile" else config
+    result = run_script(
+        "train.py", config, f"--workdir={tmp_path / 'w'}", "--config.train.num_stpes=5"
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert f"FATAL Flags parsing error: {message}" in result.stderr, result.stderr[-3000:]
+    assert os.listdir(tmp_path) == ["flags.cfg"]
+
+
 def test_train_refuses_a_config_that_does_not_fit_before_any_work(tmp_path):
     result = run_script(
         "train.py",

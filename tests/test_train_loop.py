@@ -736,11 +736,60 @@ def test_load_checkpoint_rejects_params_that_do_not_fit_the_config(trained, tmp_
         mrcnn_jax.load_checkpoint(workdir)
 
 
-def test_a_checkpoint_written_before_fields_were_added_loads_as_it_was_trained(trained, tmp_path):
+# The config fields of the first checkpoints (b6b1288's configs/shapes_r18.py, flattened).
+FIRST_CHECKPOINT_FIELDS = {
+    "seed",
+    *(f"data.{name}" for name in (
+        "class_names", "data_dir", "dataset", "hflip", "image_size", "manual_dir", "mask_size",
+        "max_instances", "mean", "scale_jitter", "shuffle_buffer", "std", "train_split",
+        "val_split",
+    )),
+    "eval.batch_size", "eval.max_images",
+    *(f"model.{name}" for name in (
+        "anchor_sizes", "aspect_ratios", "backbone_depth", "dtype", "fpn_dim", "freeze_at", "norm",
+        "num_classes",
+    )),
+    *(f"model.roi_heads.{name}" for name in (
+        "aligned", "batch_size_per_image", "box_head_dim", "box_pooler_size", "box_reg_weights",
+        "detections_per_image", "detections_pre_nms_topk", "fg_iou", "mask_head_dim",
+        "mask_pooler_size", "nms_threshold", "positive_fraction", "roi_align_mode",
+        "sampling_ratio", "score_threshold", "smooth_l1_beta",
+    )),
+    *(f"model.rpn.{name}" for name in (
+        "batch_size_per_image", "bg_iou", "fg_iou", "min_size", "nms_threshold",
+        "positive_fraction", "post_nms_topk_test", "post_nms_topk_train", "pre_nms_topk_test",
+        "pre_nms_topk_train", "smooth_l1_beta",
+    )),
+    *(f"train.{name}" for name in (
+        "base_lr", "batch_size", "checkpoint_every", "decay_factor", "decay_steps", "eval_every",
+        "grad_clip_norm", "keep_checkpoints", "log_every", "momentum", "num_steps", "schedule",
+        "warmup_factor", "warmup_steps", "weight_decay",
+    )),
+}  # fmt: skip
+
+
+def test_every_field_added_since_the_first_checkpoints_has_a_value_for_them():
+    """A field added to the config without an `ADDED_FIELDS` entry makes every older
+    checkpoint "not a config of this project" (17 fields of aa45945..4b35432 were missing)."""
+    flat = set()
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for key, child in value.items():
+                walk(f"{prefix}.{key}" if prefix else key, child)
+        else:
+            flat.add(prefix)
+
+    walk("", json.loads(default_config.get_config().to_json()))
+    assert FIRST_CHECKPOINT_FIELDS <= flat  # none renamed or removed
+    assert flat - FIRST_CHECKPOINT_FIELDS == set(ckpt_lib.ADDED_FIELDS)
+
+
+def test_a_checkpoint_written_before_fields_were_added_loads_and_resumes(trained, tmp_path):
     """A checkpoint of an older version lacks the config fields added since (`ADDED_FIELDS`):
     load_checkpoint refused it ("not a config of this project (KeyError: ...
     'mask_head_chunk'"), and a resume compared `None` with every value a user could pass. Each
-    now reads the value that gives what the code did before the field existed."""
+    now reads the value that keeps what it controls as it was before the field existed."""
     workdir = copy_workdir(trained, tmp_path)
     stored = workdir / "checkpoints" / str(NUM_STEPS) / "config" / "metadata"
     old = json.loads(stored.read_text())

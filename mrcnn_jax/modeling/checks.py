@@ -141,6 +141,20 @@ def check_model_config(model: ml_collections.ConfigDict) -> None:
         )
 
 
+def check_new_model_config(model: ml_collections.ConfigDict) -> None:
+    """`check_model_config`, and what a model trained or converted anew must also satisfy:
+    `roi_heads.detections_pre_nms_topk >= detections_per_image` (the final NMS keeps at most
+    the candidates it is given; a stored config with fewer still loads, as it was written)."""
+    check_model_config(model)
+    roi = model.roi_heads
+    if roi.detections_pre_nms_topk < roi.detections_per_image:
+        raise ValueError(
+            f"config.model.roi_heads.detections_pre_nms_topk={roi.detections_pre_nms_topk} "
+            f"must be at least detections_per_image={roi.detections_per_image}: the final NMS "
+            "keeps at most the candidates it is given"
+        )
+
+
 def check_class_fields(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError unless `config.data.class_names` and `config.data.label_to_category_id`
     are empty or hold one entry per class (`config.model.num_classes`), naming the field."""

@@ -61,7 +61,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     chained OSError traceback)."""
     try:  # --flagfile=FILE's flags as the arguments they stand for
         given = flags.FLAGS.read_flags_from_files(argv[1:], force_gnu=False)
-    except flags.Error:  # absl's parsing below says what is wrong with the file
+    except flags.Error:  # absl's parsing below says what is wrong
         given = argv[1:]
     named = [a.lstrip("-").split("=", 1)[0] for a in given if a.startswith("-")]
     overrides = [f"--{name}" for name in named if name.startswith("config.")]
@@ -133,7 +133,8 @@ def config_of(flag: flags.FlagHolder) -> Any:
     except OSError as error:
         path = flags.FLAGS[flag.name].config_filename
         raise app.UsageError(_unreadable_config(flag.name, path, error)) from error
-    _check_repeated_tuples(flag.name, config, sys.argv[1:])
+    argv = flags.FLAGS.read_flags_from_files(sys.argv[1:], force_gnu=False)  # --flagfile's too
+    _check_repeated_tuples(flag.name, config, argv)
     return config
 
 

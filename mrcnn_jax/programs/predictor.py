@@ -432,7 +432,7 @@ def _check_stored_config(config: ml_collections.ConfigDict, what: str) -> tuple[
         ckpt_lib.check_loadable_config(config)
         return tuple(int(s) for s in config.data.image_size)
     except (KeyError, AttributeError, TypeError) as error:
-        detail = str(error.args[0] if error.args else error).splitlines()[0]  # no "Did you mean"
+        detail = (str(error.args[0] if error.args else error).splitlines() or [""])[0]
         raise ValueError(
             f"{what}: its stored config is not a config of this project ({type(error).__name__}: "
             f"{detail})"

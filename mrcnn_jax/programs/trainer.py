@@ -56,7 +56,7 @@ from mrcnn_jax.convert import imagenet
 from mrcnn_jax.convert import torchvision as torchvision_convert
 from mrcnn_jax.data import canvas_groups, get_builder, pipeline, schema, with_absolute_paths
 from mrcnn_jax.evaluation.masks import PASTE_METHODS
-from mrcnn_jax.modeling.checks import check_model_config
+from mrcnn_jax.modeling.checks import check_new_model_config
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 from mrcnn_jax.programs import evaluator, predictor, processes
 from mrcnn_jax.train import checkpoint as ckpt_lib
@@ -330,9 +330,8 @@ def has_checkpoint(workdir: epath.PathLike) -> bool:
 def check_train_config(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
     """Refuses, before any work, a config that would only fail later (after compiling the step,
     or after training), deep in JAX, or not at all: the data settings (`pipeline.check_data`),
-    the model's (`checks.check_model_config`), the optimizer and schedule
-    (`state.check_train_settings`), `model.roi_heads.mask_paste`,
-    `roi_heads.detections_pre_nms_topk >= detections_per_image`, `seed` and `eval.max_images`
+    the model's (`checks.check_new_model_config`), the optimizer and schedule
+    (`state.check_train_settings`), `model.roi_heads.mask_paste`, `seed` and `eval.max_images`
     (0 or more), and the step counts:
 
     `train.log_every` and `train.checkpoint_every` are positive numbers of steps;
@@ -345,7 +344,7 @@ def check_train_config(config: ml_collections.ConfigDict, num_devices: int | Non
       ValueError: naming the field and its value.
     """
     pipeline.check_data(config)
-    check_model_config(config.model)
+    check_new_model_config(config.model)
     state_lib.check_train_settings(config.train)
     num_devices = jax.device_count() if num_devices is None else num_devices
     evaluator.eval_batch_size(config, num_devices)
@@ -353,13 +352,6 @@ def check_train_config(config: ml_collections.ConfigDict, num_devices: int | Non
         raise ValueError(
             f"config.train.batch_size={config.train.batch_size} is not divisible by the "
             f"{num_devices} devices: use a multiple of {num_devices}"
-        )
-    roi = config.model.roi_heads
-    if roi.detections_pre_nms_topk < roi.detections_per_image:  # a stored config may: it loads
-        raise ValueError(
-            f"config.model.roi_heads.detections_pre_nms_topk={roi.detections_pre_nms_topk} "
-            f"must be at least detections_per_image={roi.detections_per_image}: the final NMS "
-            "keeps at most the candidates it is given"
         )
     if config.model.roi_heads.mask_paste not in PASTE_METHODS:
         raise ValueError(

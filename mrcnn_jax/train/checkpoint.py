@@ -65,22 +65,40 @@ NON_ARCHITECTURE_KEYS = (
 )
 
 
-# Config fields added after checkpoints were first written, each with the value (as JSON) that
-# gives what the code did before the field existed: `load_config` reads it into a stored config
-# that lacks the field, so an older checkpoint loads, evaluates and resumes as it was trained.
+# Config fields added after checkpoints were first written (b6b1288), each with the value (as
+# JSON) that keeps what it controls as it was before the field existed: `load_config` reads it
+# into a stored config that lacks the field, so an older checkpoint loads, evaluates and resumes
+# (with today's code otherwise: e.g. computing on each image's extent since 92e1ca6).
 ADDED_FIELDS = {
     "data.canvas_group_weights": [],  # c126d47: one canvas
     "data.canvas_groups": [],
+    "data.label_to_category_id": [],  # 3ebee39
     "data.resize_antialias": False,  # 5a95b0f
+    "data.resize_max_long_side": 0,  # e66b23b: images fit the canvas
+    "data.resize_short_side": 0,
+    "data.shapes_num_train": 2000,  # 26aaebc: build_shapes' sizes
+    "data.shapes_num_val": 200,
     "data.skip_empty_train_images": False,  # 07e7470: every image trained on
+    "data.train_images": "",  # fb17d16: COCO-format files
+    "data.train_json": "",
     "data.train_short_sides": [],  # 07e7470: one shorter side
-    "model.allow_random_frozen_backbone": False,  # e2668bf
+    "data.val_images": "",
+    "data.val_json": "",
+    "model.allow_random_frozen_backbone": False,  # e2668bf: a fresh run's check only
     "model.backbone_weights": "",
+    "model.fpn_norm": False,  # aa45945: the heads of before
     "model.init_from": "",  # dd18ba8
+    "model.roi_heads.box_head_conv_dim": 256,
+    "model.roi_heads.box_head_convs": 0,
+    "model.roi_heads.box_head_fcs": 2,
+    "model.roi_heads.head_norm": False,
     "model.roi_heads.mask_head_chunk": 0,  # c2c32c5: one pass
+    "model.roi_heads.mask_head_convs": 4,  # 4b35432
     "model.roi_heads.mask_paste": "torchvision",  # e2668bf: torchvision's paste
     "model.roi_heads.mask_rois_per_image": 0,  # d0c40d9: every foreground slot
-    "model.size_divisibility": 32,  # c5b0a41: a constant 32 before
+    "model.roi_heads.roi_align_method": "gather",  # 26aaebc
+    "model.rpn.num_convs": 1,  # aa45945
+    "model.size_divisibility": 32,  # c5b0a41: canvases were multiples of 64
     "train.adam_betas": [0.9, 0.999],  # ebe591f: SGD only
     "train.bias_weight_decay": False,  # 07e7470: kernels only decayed
     "train.optimizer": "sgd",
