@@ -105,8 +105,10 @@ def class_count_hint(state_dict: dict, config, release: convert.Release) -> str:
 def _check_config(config) -> None:
     """A usage error unless a checkpoint written with `config` can be loaded: e.g. the release's
     90 class names with another num_classes, a canvas too small for the resize."""
+    from mrcnn_jax.programs import predictor  # TensorFlow: not for --help, after torchvision
+
     try:
-        checkpoint.check_loadable_config(config)
+        predictor.check_loadable_config(config)
         check_new_model_config(config.model)
     except ValueError as error:
         raise app.UsageError(str(error)) from error

@@ -34,6 +34,7 @@ from mrcnn_jax import jax_settings, paths, sharding
 from mrcnn_jax.data import pipeline
 from mrcnn_jax.evaluation.coco_eval import boxes_to_original
 from mrcnn_jax.evaluation.masks import paste_masks
+from mrcnn_jax.modeling.checks import check_class_fields, check_model_config
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 from mrcnn_jax.modeling.resnet import BN_EPSILON
 from mrcnn_jax.programs.evaluator import make_predict_step
@@ -424,12 +425,23 @@ def _check_finite(variables: dict, what: str) -> None:
             )
 
 
+def check_loadable_config(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError, naming the field, unless a checkpoint stored with `config` can be
+    loaded (`load_checkpoint` checks the same of the stored config): the model's values
+    (`checks.check_model_config`), the canvas (`pipeline.check_canvas`) and one entry per class
+    in `config.data.class_names` and `label_to_category_id` (`checks.check_class_fields`: the
+    predictor would name the classes wrongly)."""
+    check_model_config(config.model)
+    pipeline.check_canvas(config)
+    check_class_fields(config)
+
+
 def _check_stored_config(config: ml_collections.ConfigDict, what: str) -> tuple[int, int]:
     """The canvas `data.image_size` of a checkpoint's stored config, once it passes
-    `checkpoint.check_loadable_config`; ValueError naming `what` otherwise (also for a config that
+    `check_loadable_config`; ValueError naming `what` otherwise (also for a config that
     lacks a field or has one of another type: not a config of this project)."""
     try:
-        ckpt_lib.check_loadable_config(config)
+        check_loadable_config(config)
         return tuple(int(s) for s in config.data.image_size)
     except (KeyError, AttributeError, TypeError) as error:
         detail = (str(error.args[0] if error.args else error).splitlines() or [""])[0]

@@ -771,21 +771,6 @@ def restore_raw(
     return jax.device_get(_restore_arrays(manager, step, target))
 
 
-def check_loadable_config(config: ml_collections.ConfigDict) -> None:
-    """Raises ValueError, naming the field, unless a checkpoint stored with `config` can be
-    loaded (`predictor.load_checkpoint` checks the same of the stored config): the model's
-    values (`checks.check_model_config`), the canvas (`pipeline.check_canvas`) and one entry
-    per class in `config.data.class_names` and `label_to_category_id`
-    (`checks.check_class_fields`: the predictor would name the classes wrongly)."""
-    # Imported here: the pipeline imports TensorFlow, which importing this module does not need
-    # (scripts/convert_torchvision.py --help stays without it).
-    from mrcnn_jax.data import pipeline
-
-    check_model_config(config.model)
-    pipeline.check_canvas(config)
-    check_class_fields(config)
-
-
 def save_variables(
     workdir: epath.PathLike, config: ml_collections.ConfigDict, variables: dict
 ) -> epath.Path:
@@ -796,11 +781,15 @@ def save_variables(
     for converted weights. Returns the checkpoint directory.
 
     Raises:
-      ValueError: `config` is not one a checkpoint can be loaded with (`check_loadable_config`).
+      ValueError: `config.model` is not one the model can be built from
+        (`checks.check_model_config`), or `config.data.class_names` or `label_to_category_id`
+        has not one entry per class (`checks.check_class_fields`): the predictor would name
+        the classes wrongly. (`predictor.check_loadable_config` checks the canvas too.)
       FileExistsError: `workdir` already holds checkpoints.
       CheckpointWriteError: writing failed (e.g. the disk is full).
     """
-    check_loadable_config(config)
+    check_model_config(config.model)
+    check_class_fields(config)
     manager = create_manager(workdir)
     if manager.latest_step() is not None:
         raise FileExistsError(f"{checkpoint_dir(workdir)} already holds checkpoints")
