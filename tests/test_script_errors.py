@@ -43,7 +43,9 @@ def test_export_script_names_its_bad_flags(flag, message, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.parametrize("out", ["a_file", "/proc/no_such_folder/out"])
+@pytest.mark.parametrize(
+    "out", ["a_file", pytest.param("/proc/no_such_folder/out", marks=pytest.mark.slow)]
+)
 def test_export_script_refuses_an_out_it_cannot_write_before_reading_the_model(out, tmp_path):
     """An --out that is a regular file was a NotADirectoryError traceback, and one that cannot
     be made failed only after the model was loaded and converted (here the workdir holds no
@@ -107,21 +109,26 @@ def test_a_config_override_without_its_dashes_is_refused(name, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["a_file"]
 
 
-@pytest.mark.parametrize("name", ["train.py", "convert_torchvision.py"])
+_UNKNOWN_FIELDS = [
+    ("--config.train.foo=1", "flag --config.train.foo: the config has no field 'foo'"),
+    (
+        "--config.trian.num_steps=1",
+        "flag --config.trian.num_steps: the config has no field 'trian' (did you mean \"train\"?)",
+    ),
+    (
+        "--config.model.rpn.pre_nms_topk_tran=5",
+        "flag --config.model.rpn.pre_nms_topk_tran: the config has no field "
+        "'pre_nms_topk_tran' (did you mean \"pre_nms_topk_train\"?)",
+    ),
+]
+
+
 @pytest.mark.parametrize(
-    "override, message",
-    [
-        ("--config.train.foo=1", "flag --config.train.foo: the config has no field 'foo'"),
-        (
-            "--config.trian.num_steps=1",
-            "flag --config.trian.num_steps: the config has no field 'trian' "
-            '(did you mean "train"?)',
-        ),
-        (
-            "--config.model.rpn.pre_nms_topk_tran=5",
-            "flag --config.model.rpn.pre_nms_topk_tran: the config has no field "
-            "'pre_nms_topk_tran' (did you mean \"pre_nms_topk_train\"?)",
-        ),
+    "name, override, message",
+    [("train.py", *case) for case in _UNKNOWN_FIELDS]
+    + [  # the same `launch.parse_flags`: one case by default, the others slow (a start each)
+        pytest.param("convert_torchvision.py", *case, marks=[pytest.mark.slow] if i else [])
+        for i, case in enumerate(_UNKNOWN_FIELDS)
     ],
 )
 def test_a_config_override_naming_no_field_is_a_usage_error(name, override, message, tmp_path):
@@ -140,8 +147,15 @@ def test_a_config_override_naming_no_field_is_a_usage_error(name, override, mess
     assert not os.listdir(tmp_path)
 
 
-@pytest.mark.parametrize("override", [[], ["--config.train.num_steps=5"]])
-@pytest.mark.parametrize("name", ["train.py", "convert_torchvision.py"])
+@pytest.mark.parametrize(
+    "name, override",
+    [
+        ("train.py", []),
+        ("convert_torchvision.py", ["--config.train.num_steps=5"]),
+        pytest.param("train.py", ["--config.train.num_steps=5"], marks=pytest.mark.slow),
+        pytest.param("convert_torchvision.py", [], marks=pytest.mark.slow),
+    ],
+)
 def test_a_config_file_that_cannot_be_opened_is_a_usage_error(name, override, tmp_path):
     """ml_collections defers the failure to the config's first use: an OSError chained to
     another, while absl parses the flags when an override reads the config (a 59-line
