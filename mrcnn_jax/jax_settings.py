@@ -5,10 +5,10 @@ A notebook may turn on `jax_enable_x64` or make `jax_numpy_rank_promotion` "rais
 `JAX_ENABLE_X64=1`). The model, its losses and the pre- and post-processing are written for
 JAX's defaults: under x64 some parameters and random draws became float64 (a checkpoint
 refused as "float32, the config needs float64", a training whose draws differ), under the
-strict settings the first broadcast failed. Every entry point (`load_checkpoint`, the
-predictor's calls, `train_and_evaluate`, the SavedModel export, the scripts) runs under
-`defaults()`, so these three settings do not reach it, and the session's own are as they were
-afterwards. Other settings do (`jax_default_prng_impl` changes random draws,
+strict settings the first broadcast failed. Every entry point (`load_checkpoint` and
+`read_checkpoint`, the predictor's calls, `train_and_evaluate`, the SavedModel export, the
+scripts) runs under `defaults()`, so these three settings do not reach it, and the session's
+own are as they were afterwards. Other settings do (`jax_default_prng_impl` changes random draws,
 `jax_default_matmul_precision` the arithmetic), and JAX's context settings hold in the calling
 thread only: threads that the libraries start (orbax's checkpoint writes) see the session's.
 """

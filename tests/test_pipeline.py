@@ -730,13 +730,15 @@ def test_eval_shards_cover_every_image_once(shapes_builder, count, max_images, n
     assert sorted(ids) == sorted(expected)
 
 
-def test_batch_size_must_split_over_processes(shapes_builder):
+@pytest.mark.parametrize("split", ["train", "eval"])
+def test_batch_size_must_split_over_processes(shapes_builder, split):
+    """The message names the field (it said "batch size 5", which of the two unsaid)."""
     config = _config()
-    config.train.batch_size = 5
-    with pytest.raises(ValueError, match="not divisible by 2 processes"):
-        pipeline.create_train_dataset(
-            config, builder=shapes_builder, process_index=0, process_count=2
-        )
+    config[split].batch_size = 5
+    create = {"train": pipeline.create_train_dataset, "eval": pipeline.create_eval_dataset}[split]
+    message = rf"config\.{split}\.batch_size=5 is not divisible by the 2 processes"
+    with pytest.raises(ValueError, match=message):
+        create(config, builder=shapes_builder, process_index=0, process_count=2)
 
 
 @pytest.mark.parametrize(

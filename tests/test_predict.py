@@ -33,7 +33,12 @@ from mrcnn_jax import paths, sharding
 from mrcnn_jax.data import shapes
 from mrcnn_jax.evaluation import visualize
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN, dummy_inputs
-from mrcnn_jax.programs.predictor import Predictor, load_checkpoint, locate_checkpoint
+from mrcnn_jax.programs.predictor import (
+    Predictor,
+    load_checkpoint,
+    locate_checkpoint,
+    read_checkpoint,
+)
 from mrcnn_jax.train import checkpoint as ckpt_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -188,6 +193,7 @@ def test_predictor_gives_a_default_sessions_detections_under_strict_jax_settings
         predictor = load_checkpoint(workdir)
         got = predictor(image, score_threshold=0.0)
         (batched,) = predictor.predict_batch([image], score_threshold=0.0)
+        read = read_checkpoint(workdir)[1]  # it failed in a broadcast
         assert [getattr(jax.config, name) for name in names] == strict
     finally:
         for name, value in zip(names, before):
@@ -195,6 +201,7 @@ def test_predictor_gives_a_default_sessions_detections_under_strict_jax_settings
     assert_same_detections(got, want, "strict settings")
     assert_same_detections(batched, want, "strict settings, predict_batch")
     assert got["boxes"].dtype == np.float32 and got["scores"].dtype == np.float32
+    jax.tree_util.tree_map(np.testing.assert_array_equal, read, read_checkpoint(workdir)[1])
 
 
 def test_a_checkpoint_loaded_again_compiles_nothing(workdir):

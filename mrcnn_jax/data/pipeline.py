@@ -498,10 +498,13 @@ def _process(process_index: int | None, process_count: int | None) -> tuple[int,
     return index, count
 
 
-def _local_batch(global_batch: int, process_count: int) -> int:
-    """Per-process batch; the global batch must split evenly over processes."""
+def _local_batch(global_batch: int, field: str, process_count: int) -> int:
+    """Per-process batch; the global batch (`config.<field>`) must split evenly over the
+    processes."""
     if global_batch % process_count:
-        raise ValueError(f"batch size {global_batch} is not divisible by {process_count} processes")
+        raise ValueError(
+            f"config.{field}={global_batch} is not divisible by the {process_count} processes"
+        )
     return global_batch // process_count
 
 
@@ -613,7 +616,7 @@ def _train_stream(
     if group is not None:
         data = _group_data(data, canvas_groups.groups_of(data)[group])
     (index, count), global_batch = place, config.train.batch_size
-    batch = _local_batch(global_batch, count)
+    batch = _local_batch(global_batch, "train.batch_size", count)
     file_seed, shuffle_seed, augment_seed = seeds
     dataset = _train_records(config, builder, file_seed, group)
     dataset = dataset.shuffle(data.shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=True)
@@ -695,7 +698,7 @@ def create_train_dataset(
             "(trainer.with_dataset_classes(config, builder) sets it and the class names)"
         )
     place = _process(process_index, process_count)
-    _local_batch(global_batch, place[1])
+    _local_batch(global_batch, "train.batch_size", place[1])
     groups = canvas_groups.groups_of(data)
     warn = _cut_objects_warning(data.max_instances)
     if not groups:
@@ -786,7 +789,7 @@ def eval_num_batches(
 ) -> int:
     """Batches every process yields for ``split`` (the same count on all processes)."""
     count = _process(None, process_count)[1]
-    batch = _local_batch(config.eval.batch_size, count)
+    batch = _local_batch(config.eval.batch_size, "eval.batch_size", count)
     per_process = -(-_num_eval_examples(config, builder, split) // count)
     return -(-per_process // batch)
 
@@ -873,13 +876,14 @@ def create_eval_dataset(
         the training's warning: the COCO evaluation scores every object of the annotations.
 
     Raises:
-        ValueError: from ``check_canvas``, before any data is read.
+        ValueError: from ``check_canvas``; for an ``eval.batch_size`` not divisible by the
+            process count. Before any data is read.
     """
     check_canvas(config)
     data = config.data
     builder = builder or get_builder(data)
     index, count = _process(process_index, process_count)
-    batch = _local_batch(config.eval.batch_size, count)
+    batch = _local_batch(config.eval.batch_size, "eval.batch_size", count)
     num_batches = eval_num_batches(config, builder, split, count)
     read = functools.partial(builder.as_dataset, shuffle_files=False, decoders=_RAW_IMAGE)
     with schema.tfds_notices_dropped():

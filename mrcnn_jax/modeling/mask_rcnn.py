@@ -231,7 +231,9 @@ class MaskRCNN(nn.Module):
         logits = self.mask_head(pooled.reshape(b * n, *pooled.shape[2:]), classes.reshape(-1))
         return logits.reshape(b, n, *logits.shape[1:])
 
-    def __call__(self, batch: dict, *, train: bool, keys: jax.Array | None = None):
+    def __call__(
+        self, batch: dict, *, train: bool, keys: jax.Array | None = None
+    ) -> "TrainOutputs | dict[str, jax.Array]":
         """Runs the model.
 
         Args:

@@ -76,7 +76,9 @@ class BatchNorm(nn.Module):
         return y.astype(self.dtype)
 
 
-def make_norm(mode: str, train: bool, axis_name: str | None, dtype) -> Callable[..., nn.Module]:
+def make_norm(
+    mode: str, train: bool, axis_name: str | None, dtype: jnp.dtype
+) -> Callable[..., nn.Module]:
     """Returns a `BatchNorm` constructor for one of `NORM_MODES`.
 
     "frozen" always uses the stored statistics (its scale and bias are excluded from training by
@@ -110,7 +112,13 @@ def _bn_mask(valid_size: jnp.ndarray | None, x: jnp.ndarray, stride: int):
     return None if valid_size is None else extent_mask(valid_size, x.shape[1], x.shape[2], stride)
 
 
-def conv(features: int, kernel: int, stride: int = 1, name: str | None = None, dtype=jnp.float32):
+def conv(
+    features: int,
+    kernel: int,
+    stride: int = 1,
+    name: str | None = None,
+    dtype: jnp.dtype = jnp.float32,
+) -> "Conv":
     """A bias-free convolution with torchvision's symmetric padding `kernel // 2`."""
     pad = kernel // 2
     return Conv(

@@ -28,7 +28,7 @@ def head_convs(
     num_convs: int,
     dim: int,
     norm: Callable[..., nn.Module] | None,
-    dtype,
+    dtype: jnp.dtype,
     valid: jnp.ndarray | None = None,
 ) -> jnp.ndarray:
     """`num_convs` 3×3 convs `conv1, conv2, ...` of width `dim`, each followed by ReLU.

@@ -63,9 +63,9 @@ def conv_general_dilated(
     padding: str | Sequence[tuple[int, int]],
     lhs_dilation: Sequence[int] | None = None,
     rhs_dilation: Sequence[int] | None = None,
-    dimension_numbers=None,
+    dimension_numbers: lax.ConvGeneralDilatedDimensionNumbers | None = None,
     feature_group_count: int = 1,
-    precision=None,
+    precision: lax.PrecisionLike = None,
 ) -> jax.Array:
     """`lax.conv_general_dilated` for `nn.Conv(conv_general_dilated=...)`, 2-D NHWC only.
 
@@ -108,8 +108,8 @@ def uses_winograd(
     rhs_shape: Sequence[int],
     strides: Sequence[int],
     padding: Sequence[tuple[int, int]],
-    lhs_dtype=jnp.float32,
-    rhs_dtype=jnp.float32,
+    lhs_dtype: jnp.dtype = jnp.float32,
+    rhs_dtype: jnp.dtype = jnp.float32,
 ) -> bool:
     """Whether a CPU convolution of these shapes runs as Winograd F(2x2, 3x3).
 
@@ -192,7 +192,7 @@ def kernel_gradient(
     kernel_size: tuple[int, int],
     strides: tuple[int, int],
     padding: tuple[tuple[int, int], tuple[int, int]],
-    precision=None,
+    precision: lax.PrecisionLike = None,
 ) -> jax.Array:
     """The gradient `[kh, kw, C, O]` of a conv's kernel, as matmuls (see the module docstring).
 

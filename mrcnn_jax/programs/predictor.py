@@ -83,6 +83,8 @@ class Predictor:
 
     @property
     def class_names(self) -> list[str]:
+        """The name of each label 0..K-1 (`config.data.class_names`; "0", "1", ... where the
+        config has none)."""
         names = list(self.config.data.class_names)
         return names or [str(i) for i in range(self.config.model.num_classes)]
 
@@ -503,6 +505,7 @@ def locate_checkpoint(
     return workdir, step
 
 
+@jax_settings.with_defaults
 def read_checkpoint(
     path: str | epath.PathLike, step: int | None = None
 ) -> tuple[ml_collections.ConfigDict, dict[str, Any], int]:
