@@ -24,7 +24,9 @@ the state dict of another network, a `--config` of the other release's architect
 dict that does not fit the config (a model fine-tuned on another number of classes: the message
 gives the flags that convert it, quoted for the shell), a config whose `data.class_names` or
 `data.label_to_category_id` do not have one entry per class, and an `--out` that already holds
-checkpoints.
+checkpoints. A Ctrl-C or SIGTERM while saving lets the write end, then removes it: `--out`
+holds no checkpoint, and the same command runs again (also after a kill: the temporary folder
+of its save is not a checkpoint, and is removed).
 """
 
 import importlib.util
@@ -125,9 +127,10 @@ def main(argv):
     out = launch.path_flag(_OUT.value, "--out")
     if _STATE_DICT.value:
         launch.path_flag(_STATE_DICT.value, "--state_dict")
-    existing = checkpoint.checkpoint_dir(out)
-    if existing.is_dir() and any(existing.iterdir()):
-        raise app.UsageError(f"--out={_OUT.value} already holds checkpoints ({existing})")
+    if checkpoint.holds_checkpoints(out):
+        raise app.UsageError(
+            f"--out={_OUT.value} already holds checkpoints ({checkpoint.checkpoint_dir(out)})"
+        )
     name = _WEIGHTS.value
     if _STATE_DICT.value:
         try:

@@ -16,7 +16,11 @@ one `_`: `--split='validation[:16]'` gives `eval_<step>_validation_16_.json`).
 --out_dir writes them elsewhere (a read-only workdir: checked before evaluating). A file that
 cannot be written after all (a full disk) ends the run with `error: cannot write <file>:
 <reason>`, exit status 1, and no partial file; so does a Ctrl-C (`interrupted (Ctrl-C)`, exit
-status 130, nothing written). The dataset's categories must be the model's: a
+status 130, nothing written) or SIGTERM (`terminated (SIGTERM)`, 143). Each file appears whole
+or not at all (a killed run leaves the earlier one), the detections after the scoring. Each
+detection has a `bbox` and a `segmentation`: to reproduce the segm numbers with pycocotools,
+drop the `bbox`es before `COCO.loadRes` (as this script and Detectron2 do: the size ranges then
+use the masks' areas, not the boxes'). The dataset's categories must be the model's: a
 dataset rebuilt from an edited annotation file (a category added, its ids changed) is a usage
 error naming the categories the model lacks (categories that no annotation uses only warn:
 they are not scored). A --workdir without a complete checkpoint (or

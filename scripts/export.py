@@ -7,7 +7,8 @@ The SavedModel needs only TensorFlow to run: `tf.saved_model.load(OUT).signature
 `"serving_batch"` takes padded batches. See `mrcnn_jax/programs/exporter.py` for the signatures,
 their outputs and the saved assets. --out must be absent or empty; a SavedModel that cannot
 be written (a full disk) ends the run with `error: writing the SavedModel to <out> failed
-(<reason>); ...`, exit status 1, and --out as it was (what was written is removed).
+(<reason>); ...`, exit status 1, and --out as it was (what was written is removed); so does a
+Ctrl-C (exit status 130) or SIGTERM (143).
 """
 
 import os

@@ -35,11 +35,13 @@ batch is read while one is predicted), split data-parallel over the process's lo
 progress bar counts the images. A file that cannot be decoded (not an image, truncated, a format
 cv2 lacks) is named in a warning and skipped. The run ends with the line
 `N images, M detections, K unreadable[: file, ...]`; it exits with status 1 if no image could be
-read (and then writes nothing), else 0. Ctrl-C (SIGINT) stops it after the image at hand (a
-second one at once): detections.json then holds the detections of the images predicted so far,
-`stopped by Ctrl-C after N of M images` says where, and the exit status is 130. A
-detections.json of an earlier run in --out_dir is deleted once the model has loaded, so it
-never sits beside the drawings of another run.
+read (and then writes nothing), else 0. Ctrl-C (SIGINT) or SIGTERM stops it after the image at
+hand (a second one at once): detections.json then holds the detections of the images predicted
+so far, `stopped by Ctrl-C after N of M images` (or `by SIGTERM`) says where, and the exit
+status is 130 (143). Every file appears whole or not at all (a killed run leaves none
+half-written). A detections.json of an earlier run in --out_dir is deleted once the model has
+loaded; drawings of an earlier run that this one does not redraw stay, and a last line counts
+them (in a local --out_dir; a new --out_dir per run keeps runs apart).
 
 Outputs, in --out_dir:
   - `<name>.png` per image (not with --no_draw): the detections scoring at least
@@ -82,6 +84,7 @@ import contextlib
 import glob
 import json
 import os
+import pathlib
 import signal
 import sys
 import threading
@@ -93,6 +96,7 @@ import numpy as np
 from absl import app, flags, logging
 from pycocotools import mask as mask_util
 
+from mrcnn_jax import interrupts
 from mrcnn_jax import paths as paths_lib
 from mrcnn_jax.programs import launch
 
@@ -341,21 +345,36 @@ def read_batches(
         yield read, unreadable
 
 
+class Stop(threading.Event):
+    """Set by the first Ctrl-C or SIGTERM in `stop_on_signals`; `signum` says which."""
+
+    signum: int = signal.SIGINT
+
+    @property
+    def cause(self) -> str:
+        return "Ctrl-C" if self.signum == signal.SIGINT else "SIGTERM"
+
+
 @contextlib.contextmanager
-def stop_on_ctrl_c(stop: threading.Event) -> Iterator[None]:
-    """In the block, the first Ctrl-C (SIGINT) sets `stop`, for the caller to stop between
-    images; a second one raises KeyboardInterrupt as usual. The previous handler is restored
-    after."""
+def stop_on_signals(stop: Stop) -> Iterator[None]:
+    """In the block, the first Ctrl-C (SIGINT) or SIGTERM (a scheduler's stop) sets `stop`, for
+    the caller to stop between images; a second one raises as the handlers before the block
+    did (`launch.run`'s: KeyboardInterrupt, `interrupts.Terminated`). Restored after the block."""
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
 
-    def on_interrupt(signum, frame) -> None:
+    def on_signal(signum, frame) -> None:
+        stop.signum = signum
         stop.set()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for handled, handler in previous.items():
+            signal.signal(handled, handler)
 
-    previous = signal.signal(signal.SIGINT, on_interrupt)
+    for signum in previous:
+        signal.signal(signum, on_signal)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def read_ahead(iterator: Iterator) -> Iterator:
@@ -417,9 +436,9 @@ def main(argv):
     except OSError as error:
         sys.exit(f"error: cannot replace {results_path}: {error.strerror or error}")
 
-    detections, unreadable, num_read, stop = [], [], 0, threading.Event()
+    detections, unreadable, num_read, stop, written = [], [], 0, Stop(), set()
     try:
-        with tqdm(total=len(paths), unit="image", desc="predict") as bar, stop_on_ctrl_c(stop):
+        with tqdm(total=len(paths), unit="image", desc="predict") as bar, stop_on_signals(stop):
             for read, bad in read_ahead(read_batches(paths, batch_size, _EXIF_ORIENTATION.value)):
                 if stop.is_set():
                     break
@@ -448,10 +467,13 @@ def main(argv):
                         try:  # its folder (a gs:// one too) and the image, through epath
                             epath.Path(drawings[index]).parent.mkdir(parents=True, exist_ok=True)
                             visualize.write_image(drawings[index], drawn)
+                            written.add(drawings[index])
                         except OSError as error:  # e.g. a full disk: the file and why, no trace
                             sys.exit(f"error: cannot write {drawings[index]}: {error.strerror}")
                     bar.update(1)
-    except KeyboardInterrupt:  # a second Ctrl-C: what was done is still written below
+    except KeyboardInterrupt as interrupt:  # a second signal: what was done is still written
+        terminated = isinstance(interrupt, interrupts.Terminated)
+        stop.signum = signal.SIGTERM if terminated else signal.SIGINT
         stop.set()
     stopped = stop.is_set()
 
@@ -459,10 +481,10 @@ def main(argv):
     print(summary + (": " + ", ".join(unreadable) if unreadable else ""), flush=True)
     if stopped:
         done = num_read + len(unreadable)
-        print(f"stopped by Ctrl-C after {done} of {len(paths)} images", file=sys.stderr)
+        print(f"stopped by {stop.cause} after {done} of {len(paths)} images", file=sys.stderr)
     if not num_read:
         print(f"no image {'was' if stopped else 'could be'} read; nothing written", file=sys.stderr)
-        return 128 + signal.SIGINT if stopped else 1
+        return 128 + stop.signum if stopped else 1
     try:
         output.write_file(results_path, lambda f: json.dump(detections, f))
     except OSError as error:  # e.g. a full disk: the file and why, no trace
@@ -473,7 +495,16 @@ def main(argv):
         + (f" (the {num_read} images predicted before the stop)" if stopped else ""),
         flush=True,
     )
-    return 128 + signal.SIGINT if stopped else 0
+    others = []  # listing a bucket's folders costs a request each: a local --out_dir only
+    if not paths_lib.is_url(out_dir):
+        others = [p for p in pathlib.Path(out_dir).rglob("*.png") if str(p) not in written]
+    if others:
+        print(
+            f"note: {len(others)} drawings in {out_dir} are not this run's (e.g. "
+            f"{os.path.relpath(others[0], out_dir)}): an earlier run's, not in {results_path}",
+            file=sys.stderr,
+        )
+    return 128 + stop.signum if stopped else 0
 
 
 if __name__ == "__main__":

@@ -126,4 +126,4 @@ def main(argv):
 
 if __name__ == "__main__":
     launch.set_up_process()
-    launch.run(main, flags_parser=launch.parse_flags)
+    launch.run(main, sigterm=False, flags_parser=launch.parse_flags)  # the trainer's SIGTERM

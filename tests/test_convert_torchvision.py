@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -819,6 +820,33 @@ def test_converted_checkpoint_loads(tmp_path, small_model, monkeypatch):
     with pytest.raises(ValueError, match=r"config\.data\.class_names has 9 entries"):
         checkpoint.save_variables(tmp_path / "other", config, variables)
     assert not (tmp_path / "other").exists()
+
+
+def test_an_interrupted_save_leaves_nothing_and_a_killed_ones_folder_blocks_no_rerun(
+    tmp_path, small_model, monkeypatch
+):
+    """convert_torchvision.py stopped while saving left `checkpoints/0.orbax-checkpoint-tmp*`
+    (and orbax's thread tracebacks): every rerun was refused ("already holds checkpoints")
+    while the readers found no checkpoint. A Ctrl-C now waits for the write and removes it; a
+    kill's temporary folder is not a checkpoint, and the next save removes it."""
+    config, variables = small_config(), converted(small_model)
+    save = checkpoint.save
+
+    def save_then_ctrl_c(*args):
+        save(*args)
+        os.kill(os.getpid(), signal.SIGINT)  # while orbax writes in the background
+
+    monkeypatch.setattr(checkpoint, "save", save_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save_variables(tmp_path, config, variables)
+    assert os.listdir(tmp_path / "checkpoints") == []
+    monkeypatch.setattr(checkpoint, "save", save)
+    killed = tmp_path / "checkpoints" / "0.orbax-checkpoint-tmp-1796620000"
+    (killed / "state").mkdir(parents=True)
+    assert not checkpoint.holds_checkpoints(tmp_path)
+    checkpoint.save_variables(tmp_path, config, variables)
+    assert os.listdir(tmp_path / "checkpoints") == ["0"]
+    assert checkpoint.holds_checkpoints(tmp_path)
 
 
 def small_v2_model():

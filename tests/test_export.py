@@ -545,6 +545,10 @@ def test_configs_it_cannot_represent_are_refused(predictor, tmp_path, monkeypatc
     monkeypatch.setenv("HOME", str(tmp_path))  # `~` expanded (scripts/export.py --out=~/c)
     with pytest.raises(FileExistsError, match=re.escape(f"{tmp_path / 'c'} is not empty")):
         exporter.export_saved_model(predictor, "~/c")
+    (tmp_path / "k" / "variables").mkdir(parents=True)  # a SIGKILL's, midway: says so
+    killed = f"{tmp_path / 'k'} is not empty: it holds the variables/ of an export killed midway"
+    with pytest.raises(FileExistsError, match=re.escape(killed)):
+        exporter.export_saved_model(predictor, tmp_path / "k")
     with pytest.raises(FileExistsError, match=re.escape(f"{tmp_path / 'c' / 'x'} is a file")):
         exporter.export_saved_model(predictor, tmp_path / "c" / "x")  # NotADirectoryError
 

@@ -1,10 +1,13 @@
-"""`output.write_file`: what it writes, and a failed write that names the file and leaves
-nothing behind."""
+"""`output.write_file`: what it writes, and a failed or killed write that names the file and
+leaves the one that was there."""
 
 import errno
 import json
 import os
 import re
+import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -18,16 +21,43 @@ def test_write_file_writes_text_and_bytes(tmp_path):
     assert (tmp_path / "b.bin").read_bytes() == b"\x00\xff"
 
 
-@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
-def test_a_write_to_a_full_disk_names_the_file_and_leaves_nothing(tmp_path):
-    """/dev/full's writes fail as a full disk's (ENOSPC, no file name): the error names the
-    path, and the file is removed."""
+def test_a_write_to_a_full_disk_names_the_file_and_leaves_the_old_one(tmp_path):
+    """A full disk's write error (ENOSPC) carries no file name: the error names the path; the
+    file that was there stays, and no partial file is left."""
     path = tmp_path / "results.json"
-    path.symlink_to("/dev/full")
+    path.write_text("old")
+
+    def write(f):
+        f.write("x" * 100_000)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as f.write on a full disk
+
     with pytest.raises(OSError, match=re.escape(f"No space left on device: '{path}'")) as failure:
-        output.write_file(path, lambda f: f.write("x" * 100_000))
+        output.write_file(path, write)
     assert failure.value.errno == errno.ENOSPC
-    assert not os.path.lexists(path)
+    assert os.listdir(tmp_path) == ["results.json"] and path.read_text() == "old"
+
+
+def test_a_process_killed_while_writing_leaves_the_old_file_not_a_truncated_one(tmp_path):
+    """SIGTERM/SIGKILL in the middle of `json.dump` left a truncated detections file under its
+    final name (eval.py, predict.py): the file is now renamed into place once whole."""
+    path = tmp_path / "detections.json"
+    path.write_text("[1]")
+    script = (
+        "import json, os, signal\n"
+        "from mrcnn_jax.evaluation import output\n"
+        "def write(f):\n"
+        "    f.write('[' + '1, ' * 100_000)\n"
+        "    f.flush()\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        f"output.write_file({str(path)!r}, write)\n"
+    )
+    killed = subprocess.run([sys.executable, "-c", script], capture_output=True, check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert path.read_text() == "[1]"
+    (partial,) = set(os.listdir(tmp_path)) - {"detections.json"}
+    assert partial.startswith(".detections.json.partial-")  # hidden, and says what it is
+    output.write_file(path, lambda f: json.dump([2], f))
+    assert json.loads(path.read_text()) == [2]
 
 
 def test_a_link_to_a_file_is_not_written_through(tmp_path):
@@ -55,7 +85,7 @@ def test_a_missing_folder_is_named_and_a_failed_write_callback_leaves_nothing(tm
     path = tmp_path / "results.json"
     with pytest.raises(TypeError, match="not JSON serializable"):  # half written, then fails
         output.write_file(path, lambda f: json.dump([1] * 10_000 + [object()], f))
-    assert not path.exists()
+    assert os.listdir(tmp_path) == []
 
 
 def test_a_gs_path_is_written_through_epaths_storage_backend(tmp_path, monkeypatch):

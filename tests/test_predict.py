@@ -792,13 +792,15 @@ def test_folders_skip_names_that_are_no_file(predict_script, tmp_path):
 
 
 @pytest.mark.slow  # a script run of 400 images (the default run stays under 15 minutes)
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_predict_script_stopped_by_ctrl_c_writes_the_detections_so_far(
-    workdir, compile_cache, tmp_path
+    signum, workdir, compile_cache, tmp_path
 ):
-    """SIGINT once the first drawing is written: exit status 130, one line saying where it
-    stopped and no traceback; detections.json holds exactly the images predicted before the
-    stop (the first ones, in order, every drawn one among them), and an earlier run's
-    detections.json is not left beside the drawings (it was, and everything was lost)."""
+    """SIGINT (or SIGTERM: it killed the run, nothing written) once the first drawing is
+    written: exit status 130 (143), one line saying where it stopped and no traceback;
+    detections.json holds exactly the images predicted before the stop (the first ones, in
+    order, every drawn one among them), and an earlier run's detections.json is not left
+    beside the drawings (it was, and everything was lost)."""
     photos = tmp_path / "photos"
     photos.mkdir()
     image = natural_images(1, seed=3)[0]
@@ -818,11 +820,12 @@ def test_predict_script_stopped_by_ctrl_c_writes_the_detections_so_far(
     while not (out_dir / "000.png").exists() and time.monotonic() < deadline:
         assert process.poll() is None, process.communicate()[1][-3000:]
         time.sleep(0.02)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signum)
     stdout, stderr = process.communicate(timeout=300)
-    assert process.returncode == 130, stderr[-3000:]
+    assert process.returncode == 128 + signum, stderr[-3000:]
     assert "Traceback" not in stderr, stderr[-3000:]
-    done = re.search(r"stopped by Ctrl-C after (\d+) of 400 images", stderr)
+    cause = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}[signum]
+    done = re.search(rf"stopped by {cause} after (\d+) of 400 images", stderr)
     assert done and 0 < int(done[1]) < 400, stderr[-3000:]
     detections = json.loads((out_dir / "detections.json").read_text())
     named = list(dict.fromkeys(d["file_name"] for d in detections))

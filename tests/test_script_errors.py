@@ -90,6 +90,56 @@ def test_a_ctrl_c_the_script_does_not_handle_is_one_line():
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
 
 
+def run_launched(tmp_path, body: str) -> subprocess.CompletedProcess:
+    """`body` (the lines of a script's `main`) run by `launch.run`, in a subprocess."""
+    code = (
+        "import os, signal, time\n"
+        "from mrcnn_jax.evaluation import output\n"
+        "from mrcnn_jax.programs import launch\n"
+        "def main(argv):\n"
+        + "".join(f"    {line}\n" for line in body.splitlines())
+        + "launch.run(main)\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_sigterm_runs_the_clean_ups_of_a_ctrl_c_and_exits_143(tmp_path):
+    """SIGTERM (a scheduler's stop) killed eval.py/export.py mid-write: a truncated detections
+    file, a half-written SavedModel that refused the rerun. Now it is raised as
+    `interrupts.Terminated`, so the clean-ups of a Ctrl-C run, and the script says so."""
+    result = run_launched(
+        tmp_path,
+        "def write(f):\n"
+        "    f.write('[1, ')\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(60)\n"
+        "output.write_file('detections.json', write)",
+    )
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr[-3000:]
+    assert result.stderr.endswith("terminated (SIGTERM)\n"), result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and os.listdir(tmp_path) == []
+
+
+def test_a_ctrl_c_that_python_drops_in_a_finalizer_still_stops_the_script(tmp_path):
+    """A Ctrl-C landing in a finalizer (TF's `__del__`, JAX's gc callback) is dropped by Python
+    ("Exception ignored in ..."): eval.py then ran on, printed its metrics and exited 0."""
+    result = run_launched(
+        tmp_path,
+        "class Resource:\n"
+        "    def __del__(self):\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "        time.sleep(0.5)  # the KeyboardInterrupt is raised here, in the finalizer\n"
+        "Resource()\n"
+        "time.sleep(30)\n"
+        "open('finished', 'w').close()",
+    )
+    assert result.returncode == -signal.SIGINT, result.stderr[-3000:]
+    assert result.stderr.endswith("interrupted (Ctrl-C)\n"), result.stderr[-3000:]
+    assert "Exception ignored" not in result.stderr and os.listdir(tmp_path) == []
+
+
 @pytest.mark.parametrize("name", ["train.py", "convert_torchvision.py"])
 def test_a_config_override_without_its_dashes_is_refused(name, tmp_path):
     """Refused before anything runs (flags that would fail fast otherwise: a regular file as

@@ -922,6 +922,38 @@ def test_eval_script_on_three_devices_gives_the_eight_device_metrics(
     assert json.loads((workdir / f"detections_{NUM_STEPS}.json").read_text())
 
 
+def test_an_evaluation_stopped_while_scoring_writes_no_detections(trained, tmp_path, monkeypatch):
+    """eval.py stopped by Ctrl-C during the COCO scoring (a minute on COCO) left its new
+    detections_<step>.json without the eval_<step>.json of the same run (or beside an earlier
+    run's): the detections are written once scored."""
+    from mrcnn_jax import sharding
+    from mrcnn_jax.data import get_builder
+    from mrcnn_jax.programs import evaluator
+
+    predictor = mrcnn_jax.load_checkpoint(trained[0])
+    config, mesh = predictor.config, sharding.create_mesh()
+    arguments = (
+        evaluator.make_predict_step(MaskRCNN.from_config(config.model), mesh),
+        sharding.replicate(predictor.variables, mesh),
+        config,
+        mesh,
+        get_builder(config.data),
+    )
+    results = tmp_path / "detections.json"
+    score = coco_eval.CocoEvaluator.evaluate
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(coco_eval.CocoEvaluator, "evaluate", ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        evaluator.evaluate_split(*arguments, results_path=str(results), progress=False)
+    assert os.listdir(tmp_path) == []
+    monkeypatch.setattr(coco_eval.CocoEvaluator, "evaluate", score)
+    metrics = evaluator.evaluate_split(*arguments, results_path=str(results), progress=False)
+    assert metrics == pytest.approx(trained[2]) and json.loads(results.read_text())
+
+
 def test_predict_script_draws_and_writes_coco_results(trained, compile_cache, tmp_path):
     paths = []
     for index in range(2):
@@ -930,6 +962,9 @@ def test_predict_script_draws_and_writes_coco_results(trained, compile_cache, tm
         tf.io.write_file(str(path), tf.io.encode_png(image))
         paths.append(str(path))
     out_dir = tmp_path / "out"
+    (out_dir / "earlier").mkdir(parents=True)  # an earlier run's drawing, not this run's
+    (out_dir / "earlier" / "x.png").write_bytes(b"")
+    (out_dir / "val0.png").write_bytes(b"")  # redrawn
     result = script(
         "predict.py",
         f"--workdir={trained[0]}",
@@ -939,6 +974,10 @@ def test_predict_script_draws_and_writes_coco_results(trained, compile_cache, tm
         cache=compile_cache,
     )
     assert "detections of checkpoint step 4" in result.stdout
+    assert (
+        f"note: 1 drawings in {out_dir} are not this run's (e.g. earlier/x.png): an earlier "
+        f"run's, not in {out_dir / 'detections.json'}"
+    ) in result.stderr, result.stderr[-3000:]
     predictor = mrcnn_jax.load_checkpoint(trained[0])
     detections = json.loads((out_dir / "detections.json").read_text())
     for index, path in enumerate(paths):

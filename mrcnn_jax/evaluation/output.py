@@ -14,27 +14,34 @@ from mrcnn_jax import paths
 def write_file(
     path: str | os.PathLike, write: Callable[[IO], object], binary: bool = False
 ) -> None:
-    """Opens `path` (a local path or a `gs://` one, through `epath`) for writing, bytes with
-    `binary`, else text, and calls `write(file)`.
+    """Writes `path` (a local path or a `gs://` one, through `epath`) with `write(file)`, the
+    file opened for bytes with `binary`, else text.
+
+    A local file is written beside its place (`.<name>.partial-<pid>`) and renamed into it, so
+    a process killed while writing (SIGKILL, a power cut) leaves the file that was there before
+    or none, never a truncated one under `path`; an object store's upload appears only whole.
 
     Raises:
       OSError: a local file cannot be written (no such folder, a full disk, no permission),
-        with the system's reason and `path` (a full disk's error carries no file name of its
-        own); `path` is a symbolic link to a file (`paths.check_not_a_link_to_a_file`).
-      Whatever `write` raises. Nothing is left at `path` after a failed write.
+        with the system's reason and `path`; `path` is a symbolic link to a file
+        (`paths.check_not_a_link_to_a_file`).
+      Whatever `write` raises. A failed write leaves `path` as it was.
     """
     paths.check_not_a_link_to_a_file(path)
     path = epath.Path(path)
+    partial = path if paths.is_url(path) else path.with_name(f".{path.name}.partial-{os.getpid()}")
     try:
-        with path.open("wb" if binary else "w") as f:
+        with partial.open("wb" if binary else "w") as f:
             write(f)
+        if partial != path:
+            os.replace(partial, path)
     except OSError as e:
-        if e.filename is not None:  # e.g. no such folder: nothing written, the error names `path`
+        _remove(partial)
+        if e.filename not in (None, os.fspath(partial)):  # e.g. no such folder: named by `write`
             raise
-        _remove(path)
-        raise OSError(e.errno, e.strerror, os.fspath(path)) from e  # e.g. a full disk
+        raise OSError(e.errno, e.strerror, os.fspath(path)) from e  # e.g. a full disk's: unnamed
     except BaseException:  # e.g. `write`'s own error, or Ctrl-C
-        _remove(path)
+        _remove(partial)
         raise
 
 

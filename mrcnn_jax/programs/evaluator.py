@@ -158,7 +158,8 @@ def evaluate_split(
     evaluating), not at every call.
 
     `stop` (one process: the trainer's SIGTERM event) is checked before each batch and before
-    the scoring.
+    the scoring. `results_path`: process 0 writes the detections there (COCO results json)
+    once they are scored, so an interrupted scoring leaves no results without metrics.
 
     Returns:
       `{"bbox/AP": ..., ..., "segm/ARl": ...}`: the 12 COCOeval numbers per IoU type, 0–1 scale.
@@ -203,10 +204,11 @@ def evaluate_split(
     if stop is not None and stop.is_set():  # before the scoring too (a minute on COCO)
         raise EvaluationStopped
     ground_truth = coco_json.coco_ground_truth(builder, evaluated)
-    if results_path and jax.process_index() == 0:
-        evaluator.write_results(results_path)
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its tables
-        return evaluator.evaluate(coco_from_dict(ground_truth))
+        metrics = evaluator.evaluate(coco_from_dict(ground_truth))
+    if results_path and jax.process_index() == 0:  # after the scoring, which Ctrl-C may stop
+        evaluator.write_results(results_path)
+    return metrics
 
 
 def eval_batch_size(config: ml_collections.ConfigDict, num_devices: int) -> int:

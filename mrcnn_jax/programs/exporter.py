@@ -610,7 +610,11 @@ def export_saved_model(
     if existed and not out_dir.is_dir():
         raise FileExistsError(f"{out_dir} is a file, not a folder for the SavedModel")
     if existed and any(out_dir.iterdir()):
-        raise FileExistsError(f"{out_dir} is not empty")
+        stopped = not (out_dir / "saved_model.pb").exists() and (out_dir / "variables").exists()
+        raise FileExistsError(
+            f"{out_dir} is not empty"
+            + (": it holds the variables/ of an export killed midway, delete it" if stopped else "")
+        )
     if isinstance(source, Predictor):
         predictor = source
     else:

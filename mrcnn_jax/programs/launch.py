@@ -15,11 +15,15 @@ same step time.
 import contextlib
 import os
 import re
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
 from absl import app, flags, logging
+
+from mrcnn_jax import interrupts
 
 HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb"
 XLA_FLAGS = "XLA_FLAGS"
@@ -224,22 +228,53 @@ def new_output_folder(folder: str | os.PathLike, flag: str) -> Iterator[None]:
         raise
 
 
-def run(main: Callable[[list[str]], Any], **kwargs: Any) -> None:
+def _redeliver_dropped_interrupts(previous: Callable[[Any], None]) -> Callable[[Any], None]:
+    """A `sys.unraisablehook` that hands a KeyboardInterrupt which Python drops (one raised in
+    a finalizer or a garbage-collection callback, e.g. TF's `__del__`: "Exception ignored in
+    ...", after which the script ran to its end and exited 0) back to the main thread, raised
+    there again; other unraisable errors go to `previous`."""
+
+    def hook(unraisable: Any) -> None:
+        if not issubclass(unraisable.exc_type, KeyboardInterrupt):
+            previous(unraisable)
+            return
+        terminated = issubclass(unraisable.exc_type, interrupts.Terminated)
+        signum = signal.SIGTERM if terminated else signal.SIGINT
+        # Sent again a moment later, to the main thread (a sleep or a wait there is cut short):
+        # raised now, it would strike in this hook and be dropped again.
+        main = threading.main_thread().ident
+        later = threading.Timer(0.05, signal.pthread_kill, (main, signum))
+        later.daemon = True
+        later.start()
+
+    return hook
+
+
+def run(main: Callable[[list[str]], Any], sigterm: bool = True, **kwargs: Any) -> None:
     """`absl.app.run(main, **kwargs)` for the scripts, where a usage error (`app.UsageError`: a
     bad flag value, input file or folder) ends the script with `error: <message>` and one line
     naming `--help` (exit status 1), instead of absl's usage message: the script's whole
     docstring and flag list (40-90 lines) above the one line that matters. A Ctrl-C in `main`
     that the script does not handle itself ends it with one line, not a traceback, killed by
-    SIGINT as Python ends then (a shell's loop stops too; exit status 130)."""
+    SIGINT as Python ends then (a shell's loop stops too; exit status 130), also when it struck
+    in a finalizer, where Python drops it. With `sigterm` (not train.py, whose trainer handles
+    it: a checkpoint first), SIGTERM is raised as `interrupts.Terminated`, a KeyboardInterrupt:
+    the same clean-ups, then `terminated (SIGTERM)` and exit status 143."""
 
     def main_with_short_usage_errors(argv: list[str]) -> Any:
         from mrcnn_jax import jax_settings  # imports JAX: after absl parsed the flags
 
+        if sigterm:
+            signal.signal(signal.SIGTERM, interrupts.raise_terminated)
+        sys.unraisablehook = _redeliver_dropped_interrupts(sys.unraisablehook)
         try:
             with jax_settings.defaults():  # also with JAX_ENABLE_X64=1 etc. in the environment
                 return main(argv)
         except app.UsageError as error:
             sys.exit(f"error: {error}\n(`{sys.argv[0]} --help` describes the script and its flags)")
+        except interrupts.Terminated:
+            print("terminated (SIGTERM)", file=sys.stderr, flush=True)
+            sys.exit(128 + signal.SIGTERM)
         except KeyboardInterrupt:
             print("interrupted (Ctrl-C)", file=sys.stderr, flush=True)
             sys.excepthook = lambda *exc_info: None  # no traceback; Python then kills itself

@@ -29,7 +29,6 @@ import logging as std_logging
 import os
 import shutil
 import signal
-import threading
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -41,7 +40,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from mrcnn_jax import paths
+from mrcnn_jax import interrupts, paths
 from mrcnn_jax.modeling.checks import check_class_fields, check_model_config
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 from mrcnn_jax.train import state as state_lib
@@ -215,30 +214,34 @@ def _interrupts_after_the_block() -> Iterator[None]:
     """A Ctrl-C (SIGINT) during the block raises its KeyboardInterrupt once the block is done,
     so that a checkpoint save is begun whole: orbax starts it on this thread (a temporary folder,
     the arrays copied to host) before writing in the background, and an interrupt there left the
-    temporary folder and lost the checkpoint. A second Ctrl-C raises at once. Only where SIGINT
-    has Python's own handler, on the main thread (the first Ctrl-C of a multi-process trainer
-    goes to JAX's preemption service instead; a second one comes here)."""
-    if (
-        threading.current_thread() is not threading.main_thread()
-        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
-    ):
+    temporary folder and lost the checkpoint (or, waited for, hung 5 minutes). So does SIGTERM
+    where it raises `interrupts.Terminated` (the scripts but train.py). A second signal raises at
+    once. Only where the signal has its raising handler, on the main thread (the first Ctrl-C of
+    a multi-process trainer goes to JAX's preemption service instead; a second one comes here)."""
+    previous = interrupts.raising_handlers()
+    if not previous:
         yield
         return
     received = []
 
-    def on_interrupt(signum, frame) -> None:
-        if received:  # a second Ctrl-C: at once (the save may wait long on an earlier write)
-            signal.signal(signal.SIGINT, previous)
-            raise KeyboardInterrupt
+    def restore() -> None:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+    def on_signal(signum, frame) -> None:
+        if received:  # a second signal: at once (the save may wait long on an earlier write)
+            restore()
+            raise interrupts.exception_of(signum)
         received.append(signum)
 
-    previous = signal.signal(signal.SIGINT, on_interrupt)
+    for signum in previous:
+        signal.signal(signum, on_signal)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        restore()
     if received:
-        raise KeyboardInterrupt
+        raise interrupts.exception_of(received[0])
 
 
 def finish_writes(manager: ocp.CheckpointManager) -> None:
@@ -284,6 +287,17 @@ def _restore_arrays(manager: ocp.CheckpointManager, step: int, target) -> dict[s
     """
     args = ocp.args.Composite(state=ocp.args.StandardRestore(target))
     return _read_arrays(manager, step, lambda: manager.restore(step, args=args))["state"]
+
+
+_INTERRUPTED_SAVE = ".orbax-checkpoint-tmp"  # in the name of a save's folder until it commits
+
+
+def holds_checkpoints(workdir: epath.PathLike) -> bool:
+    """Whether `<workdir>/checkpoints` holds anything but the temporary folders of saves that a
+    kill interrupted (`<step>.orbax-checkpoint-tmp*`, which `create_manager(clean_up=True)`
+    removes)."""
+    folder = checkpoint_dir(workdir)
+    return folder.is_dir() and any(_INTERRUPTED_SAVE not in p.name for p in folder.iterdir())
 
 
 def checkpoint_dir(workdir: epath.PathLike) -> epath.Path:
@@ -785,18 +799,30 @@ def save_variables(
         (`checks.check_model_config`), or `config.data.class_names` or `label_to_category_id`
         has not one entry per class (`checks.check_class_fields`): the predictor would name
         the classes wrongly. (`predictor.check_loadable_config` checks the canvas too.)
-      FileExistsError: `workdir` already holds checkpoints.
+      FileExistsError: `workdir` already holds checkpoints (the temporary folder of a save that
+        a kill interrupted is removed, not counted, on a local disk).
       CheckpointWriteError: writing failed (e.g. the disk is full).
+      KeyboardInterrupt: a Ctrl-C (or `interrupts.Terminated`) during the save, once the write
+        has ended and its step folder is removed: nothing is left (a second one raises at once).
     """
     check_model_config(config.model)
     check_class_fields(config)
-    manager = create_manager(workdir)
+    manager = create_manager(workdir, clean_up=True)
     if manager.latest_step() is not None:
         raise FileExistsError(f"{checkpoint_dir(workdir)} already holds checkpoints")
     state, _ = state_lib.train_state_from_variables(
         config, MaskRCNN.from_config(config.model), variables
     )
-    save(manager, state, config)
-    finish_writes(manager)
-    manager.close()
+    try:
+        with _interrupts_after_the_block():  # an interrupted wait let orbax's thread write on
+            save(manager, state, config)
+            finish_writes(manager)
+    except KeyboardInterrupt:  # after the write (a second signal: maybe during it)
+        finish_writes(manager)
+        manager.reload()  # a wait that was interrupted left the step out of the manager's list
+        if manager.latest_step() is not None:
+            manager.delete(0)
+        raise
+    finally:
+        manager.close()
     return checkpoint_dir(workdir) / "0"
