@@ -119,6 +119,10 @@ def _check_config(config) -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    try:  # no torch extra: one line saying what to install
+        convert.import_torch()
+    except ImportError as error:
+        raise app.UsageError(str(error)) from error
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every part of the save at INFO
     config = launch.config_of(_CONFIG)  # before reading the weights: a bad file is refused now

@@ -101,8 +101,8 @@ def main(argv):
         # checkpoint, data or weights files that cannot be used, a damaged checkpoint, a full
         # disk (what is kept), a diverging loss, a workdir another run is training in.
         with (
-            launch.errors_in_one_line(
-                ValueError, OSError, FloatingPointError, trainer.WorkdirInUseError
+            launch.errors_in_one_line(  # ImportError: a missing extra (torch), named
+                ValueError, OSError, ImportError, FloatingPointError, trainer.WorkdirInUseError
             ),
             processes.exit_at_once_if_a_peer_is_lost(
                 f"The complete checkpoints in {checkpoint_dir(workdir)} are kept: run the same "

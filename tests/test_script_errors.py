@@ -475,3 +475,20 @@ def test_help_describes_the_script_and_makes_no_cache_folder(name, tmp_path):
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     assert f"{name}:" in result.stdout + result.stderr  # absl's list of the script's flags
     assert not os.listdir(tmp_path)
+
+
+def test_the_converter_without_the_torch_extra_says_what_to_install(tmp_path):
+    """Installed without `[torch]` (here a `torch` that cannot be imported, first on the path),
+    convert_torchvision.py was a 17-frame ImportError traceback."""
+    for name in ("torch", "torchvision"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text("raise ImportError('not installed')\n")
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "scripts", "convert_torchvision.py"), "--out=o"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False,
+        env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"},
+    )  # fmt: skip
+    assert_usage_error(
+        result, "reading torchvision weights needs PyTorch: pip install 'mrcnn_jax[torch]'"
+    )
+    assert sorted(os.listdir(tmp_path)) == ["torch", "torchvision"]
