@@ -26,7 +26,7 @@ gives the flags that convert it, quoted for the shell), a config whose `data.cla
 `data.label_to_category_id` do not have one entry per class, and an `--out` that already holds
 checkpoints. A Ctrl-C or SIGTERM while saving lets the write end, then removes it: `--out`
 holds no checkpoint, and the same command runs again (also after a kill: the temporary folder
-of its save is not a checkpoint, and is removed).
+of its save is not a checkpoint).
 """
 
 import importlib.util

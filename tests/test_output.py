@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 
@@ -35,6 +36,27 @@ def test_a_write_to_a_full_disk_names_the_file_and_leaves_the_old_one(tmp_path):
         output.write_file(path, write)
     assert failure.value.errno == errno.ENOSPC
     assert os.listdir(tmp_path) == ["results.json"] and path.read_text() == "old"
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_a_link_to_a_device_is_written_through_and_a_full_ones_error_names_it(tmp_path):
+    """A link to a device (`detections.json -> /dev/null`, a pipe) is written through, not
+    replaced by a file; /dev/full's writes fail as a full disk's (ENOSPC, no file name): the
+    error names the path, and the link is removed. A regular file keeps its permissions."""
+    null = tmp_path / "null.json"
+    null.symlink_to("/dev/null")
+    output.write_file(null, lambda f: f.write("[]"))
+    assert null.is_symlink() and os.readlink(null) == "/dev/null"
+    path = tmp_path / "results.json"
+    path.symlink_to("/dev/full")
+    with pytest.raises(OSError, match=re.escape(f"No space left on device: '{path}'")) as failure:
+        output.write_file(path, lambda f: f.write("x" * 100_000))
+    assert failure.value.errno == errno.ENOSPC
+    assert not os.path.lexists(path)
+    path.write_text("old")
+    path.chmod(0o600)
+    output.write_file(path, lambda f: f.write("new"))
+    assert path.read_text() == "new" and stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
 def test_a_process_killed_while_writing_leaves_the_old_file_not_a_truncated_one(tmp_path):

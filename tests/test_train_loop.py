@@ -29,6 +29,7 @@ from orbax.checkpoint._src.path import temporary_paths
 import mrcnn_jax
 from configs import default as default_config
 from configs import shapes_r18
+from mrcnn_jax import interrupts
 from mrcnn_jax.convert import imagenet
 from mrcnn_jax.data import shapes
 from mrcnn_jax.evaluation import IOU_TYPES, STAT_NAMES, coco_eval
@@ -457,6 +458,16 @@ def test_a_ctrl_c_during_a_save_comes_after_it_and_a_second_at_once():
             steps.append("after the second")
     assert steps == ["after the first"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    previous = signal.signal(signal.SIGTERM, interrupts.raise_terminated)  # as `launch.run` does
+    try:  # SIGTERM, raised as Terminated (the scripts but train.py), is held alike
+        with pytest.raises(interrupts.Terminated):
+            with ckpt_lib._interrupts_after_the_block():
+                os.kill(os.getpid(), signal.SIGTERM)
+                steps.append("after SIGTERM")
+        assert steps == ["after the first", "after SIGTERM"]
+        assert signal.getsignal(signal.SIGTERM) is interrupts.raise_terminated
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def test_only_the_trainers_manager_removes_temporary_folders(tmp_path, monkeypatch):

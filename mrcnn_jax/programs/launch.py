@@ -273,12 +273,17 @@ def run(main: Callable[[list[str]], Any], sigterm: bool = True, **kwargs: Any) -
         except app.UsageError as error:
             sys.exit(f"error: {error}\n(`{sys.argv[0]} --help` describes the script and its flags)")
         except interrupts.Terminated:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # another one now: no traceback
             print("terminated (SIGTERM)", file=sys.stderr, flush=True)
             sys.exit(128 + signal.SIGTERM)
         except KeyboardInterrupt:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
             print("interrupted (Ctrl-C)", file=sys.stderr, flush=True)
             sys.excepthook = lambda *exc_info: None  # no traceback; Python then kills itself
             raise  # with SIGINT, so that a shell running it in a loop stops (exit(130) did not)
+        finally:  # a SIGTERM after `main` (at exit): killed as by default, not a traceback
+            if sigterm:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     app.run(main_with_short_usage_errors, **kwargs)
 
@@ -297,13 +302,18 @@ def errors_in_one_line(*types: type[BaseException]) -> Iterator[None]:
 
 
 def initialize() -> None:
-    """Starts the distributed runtime as the flags say (imports JAX: call it after parsing)."""
+    """Starts the distributed runtime as the flags say (imports JAX: call it after parsing).
+    JAX's runtime takes SIGTERM for its preemption service, which only a trainer asks; where
+    `run` raised SIGTERM as `interrupts.Terminated` (not train.py), it does again after."""
     from mrcnn_jax import sharding
 
+    handler = signal.getsignal(signal.SIGTERM)
     try:
         sharding.initialize_distributed(**{name: holder.value for name, holder in _FLAGS.items()})
     except ValueError as error:
         raise app.UsageError(str(error)) from error
+    if handler is interrupts.raise_terminated:
+        signal.signal(signal.SIGTERM, handler)  # JAX's C++ handler replaced it unseen
 
 
 _HELP_FLAGS = ("-h", "-?", "--help", "--helpshort", "--helpfull", "--helpxml")

@@ -800,29 +800,30 @@ def save_variables(
         has not one entry per class (`checks.check_class_fields`): the predictor would name
         the classes wrongly. (`predictor.check_loadable_config` checks the canvas too.)
       FileExistsError: `workdir` already holds checkpoints (the temporary folder of a save that
-        a kill interrupted is removed, not counted, on a local disk).
+        a kill interrupted is not one: `holds_checkpoints`).
       CheckpointWriteError: writing failed (e.g. the disk is full).
       KeyboardInterrupt: a Ctrl-C (or `interrupts.Terminated`) during the save, once the write
-        has ended and its step folder is removed: nothing is left (a second one raises at once).
+        has ended and its step folder is removed: nothing is left (a second one raises at once,
+        and may leave the save's temporary folder, which is no checkpoint).
     """
     check_model_config(config.model)
     check_class_fields(config)
-    manager = create_manager(workdir, clean_up=True)
+    manager = create_manager(workdir)  # a temporary folder may be a training's save: kept
     if manager.latest_step() is not None:
         raise FileExistsError(f"{checkpoint_dir(workdir)} already holds checkpoints")
     state, _ = state_lib.train_state_from_variables(
         config, MaskRCNN.from_config(config.model), variables
     )
+    written = False
     try:
         with _interrupts_after_the_block():  # an interrupted wait let orbax's thread write on
             save(manager, state, config)
             finish_writes(manager)
-    except KeyboardInterrupt:  # after the write (a second signal: maybe during it)
-        finish_writes(manager)
-        manager.reload()  # a wait that was interrupted left the step out of the manager's list
-        if manager.latest_step() is not None:
+            written = True
+    except KeyboardInterrupt:
+        if written:  # held until the write ended: undone
             manager.delete(0)
-        raise
-    finally:
-        manager.close()
+            manager.close()
+        raise  # a second signal: at once (the save's temporary folder may stay: no checkpoint)
+    manager.close()
     return checkpoint_dir(workdir) / "0"
