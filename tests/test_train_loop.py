@@ -1061,6 +1061,7 @@ def train_with_failing_writes(trained, cache, tmp_path) -> tuple:
     return workdir, args, result
 
 
+@pytest.mark.slow  # a train.py run (~50 s): the default run stays near 15 minutes
 def test_a_failed_checkpoint_write_is_one_clear_error(trained, compile_cache, tmp_path):
     """A checkpoint that cannot be written stops train.py with one line naming the folder, the
     OS's reason and the complete checkpoints kept; was ~270 KB of tracebacks from orbax's
