@@ -31,3 +31,8 @@ def raising_handlers() -> dict[int, Callable]:
 def exception_of(signum: int) -> KeyboardInterrupt:
     """What the raising handler of `signum` raises."""
     return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def signal_of(interrupt: type[KeyboardInterrupt]) -> int:
+    """The signal whose raising handler raises `interrupt` (a KeyboardInterrupt type)."""
+    return signal.SIGTERM if issubclass(interrupt, Terminated) else signal.SIGINT

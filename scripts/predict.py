@@ -472,8 +472,7 @@ def main(argv):
                             sys.exit(f"error: cannot write {drawings[index]}: {error.strerror}")
                     bar.update(1)
     except KeyboardInterrupt as interrupt:  # a second signal: what was done is still written
-        terminated = isinstance(interrupt, interrupts.Terminated)
-        stop.signum = signal.SIGTERM if terminated else signal.SIGINT
+        stop.signum = interrupts.signal_of(type(interrupt))
         stop.set()
     stopped = stop.is_set()
 

@@ -34,8 +34,7 @@ def write_file(
     """
     paths.check_not_a_link_to_a_file(path)
     path = epath.Path(path)
-    local = not paths.is_url(path)
-    renamed = local and (not os.path.lexists(path) or _is_regular_file(path))
+    renamed = not paths.is_url(path) and (not os.path.lexists(path) or _is_regular_file(path))
     partial = path.with_name(f".{path.name}.partial-{os.getpid()}") if renamed else path
     try:
         with partial.open("wb" if binary else "w") as f:

@@ -238,8 +238,7 @@ def _redeliver_dropped_interrupts(previous: Callable[[Any], None]) -> Callable[[
         if not issubclass(unraisable.exc_type, KeyboardInterrupt):
             previous(unraisable)
             return
-        terminated = issubclass(unraisable.exc_type, interrupts.Terminated)
-        signum = signal.SIGTERM if terminated else signal.SIGINT
+        signum = interrupts.signal_of(unraisable.exc_type)
         # Sent again a moment later, to the main thread (a sleep or a wait there is cut short):
         # raised now, it would strike in this hook and be dropped again.
         main = threading.main_thread().ident
