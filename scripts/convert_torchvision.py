@@ -36,7 +36,6 @@ import sys
 from pathlib import Path
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 try:  # before TensorFlow (the config checks import it), after which torchvision segfaults
     import torchvision  # noqa: F401
@@ -58,8 +57,8 @@ _STATE_DICT = flags.DEFINE_string(
     "state_dict", None, "Local .pth state dict of that release; default: download it."
 )
 _OUT = flags.DEFINE_string("out", None, "Workdir to write <out>/checkpoints/0/ into.")
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file; default: the release's (configs/torchvision_r50_fpn_*.py)."
+_CONFIG = launch.define_config_flag(
+    "config", "Config file; default: the release's (configs/torchvision_r50_fpn_*.py)."
 )
 _BN_EPSILON = flags.DEFINE_float(
     "bn_epsilon",

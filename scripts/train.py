@@ -42,13 +42,12 @@ import signal
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from mrcnn_jax.programs import launch  # absl and flags only: JAX is imported after parsing
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for configs/
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
+_CONFIG = launch.define_config_flag("config", "Config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl, TensorBoard logs.")
 launch.define_flags()
 flags.adopt_module_key_flags(launch)  # --help lists them too

@@ -257,6 +257,18 @@ def test_config_given_in_a_flagfile_or_empty_is_seen(config, message, tmp_path):
     assert os.listdir(tmp_path) == ["flags.cfg"]
 
 
+@pytest.mark.parametrize("name", ["train.py", "convert_torchvision.py", "eval.py"])
+def test_a_flagfile_that_cannot_be_opened_is_one_line(name, tmp_path):
+    """ml_collections reads the --flagfile as train.py and the converter define --config: a
+    missing one was a 30-line traceback there, absl's one line in the other scripts."""
+    result = run_script(name, f"--flagfile={tmp_path / 'flags.cfg'}")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert (
+        "FATAL Flags parsing error: ERROR:: Unable to open flagfile: [Errno 2] No such file or "
+        f"directory: '{tmp_path / 'flags.cfg'}'"
+    ) in result.stderr, result.stderr[-3000:]
+
+
 def test_train_refuses_a_config_that_does_not_fit_before_any_work(tmp_path):
     result = run_script(
         "train.py",

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
 from absl import app, flags, logging
+from ml_collections import config_flags
 
 from mrcnn_jax import interrupts
 
@@ -55,6 +56,16 @@ def define_flags() -> None:
     _FLAGS["process_id"] = flags.DEFINE_integer(
         "process_id", None, "This process's index, 0..num_processes-1 (with the other two)."
     )
+
+
+def define_config_flag(name: str, help_text: str) -> flags.FlagHolder:
+    """`config_flags.DEFINE_config_file(name, None, help_text)`. ml_collections reads the
+    command line's `--flagfile`s as it defines the flag; one that cannot be opened ends the
+    script as absl's parsing ends it (its one line, exit status 1), not a traceback."""
+    try:
+        return config_flags.DEFINE_config_file(name, None, help_text)
+    except flags.CantOpenFlagFileError as error:
+        _flags_error(str(error))
 
 
 def parse_flags(argv: list[str]) -> list[str]:
