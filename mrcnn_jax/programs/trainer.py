@@ -544,7 +544,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       FileNotFoundError: `<workdir>/checkpoints` holds step folders but none is a complete
         checkpoint (`checkpoint.resume_step`, naming them and what they lack).
       Preempted: SIGTERM arrived (one process), or JAX's preemption service reported it (several
-        processes): the step being run is finished and checkpointed first.
+        processes): the steps being run (at most two) are finished and checkpointed first.
       checkpoint.CheckpointWriteError: a checkpoint could not be written (e.g. the disk is
         full); the complete ones are kept, and the same call resumes from the latest.
       MetricsWriteError: the metrics could not be written (e.g. the disk is full); likewise.
@@ -758,6 +758,7 @@ def _train_and_evaluate(
     eval_metrics = {}
     saved_step = start_step if resuming else None
     canvases = set()  # of the batches so far: a new one compiles the step (once per group)
+    running = None  # the metrics of the step dispatched before this one
     # A run stopped (SIGTERM, Ctrl-C, a crash) after checkpointing an eval_every step but before
     # its evaluation was logged resumes there: that evaluation comes first, as it would have.
     due = t.eval_every and 0 < start_step < t.num_steps and start_step % t.eval_every == 0
@@ -774,6 +775,11 @@ def _train_and_evaluate(
             canvases.add(canvas)
             batch = sharding.shard_batch(batch, mesh)
             state, metrics = train_step(state, batch, jax.random.fold_in(base_key, step))
+            # At most two steps in flight (JAX's queue holds 32): one running, one queued behind
+            # it. A SIGTERM then checkpoints within about a step's time, the bar counts steps
+            # run, and the host holds no more batches than that.
+            jax.block_until_ready(running)
+            running = metrics
             done = step + 1
             if compiles:
                 jax.block_until_ready(metrics)
