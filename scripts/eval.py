@@ -152,6 +152,15 @@ def main(argv):
         launch.path_flag(holder.value, f"--{holder.name}") if holder.value else ""
         for holder in (_JSON, _IMAGES, _OUT_DIR)
     )
+    try:  # before each process looks for a checkpoint that process 0 may not have named
+        processes.check_processes_agree(
+            {
+                "workdir": launch.path_flag(_WORKDIR.value, "--workdir"),
+                "checkpoint_step": _STEP.value,
+            }
+        )
+    except ValueError as error:
+        raise app.UsageError(str(error)) from error
     try:  # a checkpoint folder names its workdir, where the results go
         workdir, located = predictor_lib.locate_checkpoint(_WORKDIR.value, _STEP.value)
         # The latest when no step is named, also after a training deleted the located one;
@@ -220,8 +229,9 @@ def main(argv):
             out_dir, "--out_dir" if _OUT_DIR.value else "the workdir; --out_dir writes elsewhere"
         )
     mesh = sharding.create_mesh()
+    lost = "Nothing was written: run the same command on every host again."
     try:  # a ValueError (e.g. no detection of the ground truth's categories): one line
-        with launch.errors_in_one_line(ValueError):
+        with launch.errors_in_one_line(ValueError), processes.exit_at_once_if_a_peer_is_lost(lost):
             metrics = evaluator.evaluate_split(
                 evaluator.make_predict_step(MaskRCNN.from_config(config.model), mesh),
                 sharding.replicate(predictor.variables, mesh),

@@ -37,6 +37,7 @@ them is expanded (a shell leaves `--workdir=~/x` as it is); the config stored wi
 checkpoints names the data's absolutely, so eval.py runs from any folder.
 """
 
+import json
 import os
 import signal
 import sys
@@ -77,6 +78,14 @@ def main(argv):
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     launch.initialize()
+    from mrcnn_jax.programs import processes
+
+    try:  # before the checks below, which one process alone may fail (its peers would wait)
+        processes.check_processes_agree(
+            {"config": json.loads(config.to_json_best_effort()), "workdir": str(workdir)}
+        )
+    except ValueError as error:
+        raise app.UsageError(str(error)) from error
     # A config that does not fit is one line naming the field, before any work; after the
     # distributed set-up, as the checks ask JAX for the devices.
     try:
@@ -93,7 +102,6 @@ def main(argv):
         jax.local_device_count(),
         jax.device_count(),
     )
-    from mrcnn_jax.programs import processes
     from mrcnn_jax.train.checkpoint import checkpoint_dir
 
     try:  # Errors naming what to fix, in one line: a config that does not fit the data or the

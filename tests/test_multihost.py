@@ -353,26 +353,54 @@ def test_a_process_killed_mid_training_ends_the_other_in_one_line_at_once(tmp_pa
 def test_processes_given_different_flags_all_stop_naming_them(tmp_path, launches):
     """A flag typed on one host only (here num_steps and the workdir) made every process wait
     in a collective the others never reach, forever; now each stops before training with the
-    same error, naming the process and what differs (`processes.check_processes_agree`)."""
+    same error, naming the process and what differs (`processes.check_processes_agree`). A
+    batch size that process 1 alone refuses (2 devices) ended it with that error and process 0
+    with a 72-line traceback 30 s later: train.py compares the flags first."""
     args = ["--config=configs/shapes_r18.py", f"--config.data.data_dir={tmp_path / 'tfds'}"]
     per_process = [
         [f"--workdir={tmp_path / 'run'}"],
         [f"--workdir={tmp_path / 'other'}", "--config.train.num_steps=8"],
     ]
+    per_process[1].append("--config.train.batch_size=3")  # refused by process 1 alone
     launched = launches("train.py", args, 2, 1, tmp_path / "logs", tmp_path / "cache", per_process)
     while launched.alive() and time.time() < launched.deadline:
         time.sleep(0.2)
     outputs = [launched.output(i) for i in range(2)]
     message = (
         "error: the processes of this run disagree (give every process the same flags, "
-        "--process_id aside, and one shared workdir): process 1: config.train.num_steps=8 "
-        f'(process 0: 400), workdir="{tmp_path / "other"}" (process 0: "{tmp_path / "run"}")\n'
+        "--process_id aside, and one shared workdir): process 1: config.train.batch_size=3 "
+        '(process 0: 8), config.train.num_steps=8 (process 0: 400), workdir="'
+        f'{tmp_path / "other"}" (process 0: "{tmp_path / "run"}")\n'
     )
     for process, output in zip(launched.processes, outputs):
         assert process.returncode == 1, output[-3000:]
         assert message in output, output[-3000:]
     assert not (tmp_path / "tfds").exists()  # before the data
-    assert os.listdir(tmp_path / "run") == []  # no token file left
+    assert not (tmp_path / "run").exists()  # before any work
+
+
+def test_eval_processes_given_other_workdirs_or_steps_stop_before_any_checkpoint(
+    tmp_path, launches
+):
+    """eval.py's process 1 given another --workdir looked for process 0's checkpoint step there
+    (`no complete checkpoint 22 in <its workdir>`) while process 0 waited forever, and a
+    --checkpoint_step on one process only was ignored; now each stops with the same error,
+    before any checkpoint is read (these workdirs hold none)."""
+    per_process = [
+        [f"--workdir={tmp_path / 'run'}"],
+        [f"--workdir={tmp_path / 'other'}", "--checkpoint_step=2"],
+    ]
+    launched = launches("eval.py", [], 2, 1, tmp_path / "logs", tmp_path / "cache", per_process)
+    while launched.alive() and time.time() < launched.deadline:
+        time.sleep(0.2)
+    message = (
+        "error: the processes of this run disagree (give every process the same flags, "
+        "--process_id aside, and one shared workdir): process 1: checkpoint_step=2 (process 0: "
+        f'null), workdir="{tmp_path / "other"}" (process 0: "{tmp_path / "run"}")\n'
+    )
+    for i, process in enumerate(launched.processes):
+        assert process.returncode == 1, launched.output(i)[-3000:]
+        assert message in launched.output(i), launched.output(i)[-3000:]
 
 
 @pytest.mark.parametrize(
