@@ -219,6 +219,7 @@ def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(
     resumed_metrics = trainer.train_and_evaluate(config, str(workdir))
     out = capsys.readouterr().out
     assert re.search(r"Resumed from \S+ at step 2\n", out)
+    assert "Data: reading past the 16 records of steps 0-1 (not decoded" in out
     assert (
         "metrics.jsonl: dropped 3 rows logged after step 2, where this run starts (their steps "
         "are logged again) and a last line cut short by a crash"

@@ -80,7 +80,10 @@ With canvas groups every process reads the split once per group (each stream fil
 records: reading and header parsing, no decoding) and each group keeps its own shuffle buffer of
 ``shuffle_buffer`` undecoded records. Where that is too much, store the split as ArrayRecord
 and read it by index (``builder.as_data_source()`` with a Grain index sampler seeded from
-``config.seed``): each process then fetches only the records of its own rows.
+``config.seed``): each process then fetches only the records of its own rows. A resume at
+step ``N`` reads (and drops undecoded) the ``N · batch_size`` records trained before it, every
+process all of them: ~5,000 records/s measured from page cache here, so ~5 minutes at the end
+of a 90k-step COCO run at batch 16 and ~40 at the end of a 100-epoch LSJ run.
 
 Eval: each process reads its own ``tfds.split_for_jax_process`` shard (every image exactly once
 over the processes) padded to the same number of batches; the evaluator gathers them.

@@ -722,6 +722,11 @@ def _train_and_evaluate(
     train_step = step_lib.make_train_step(config, mesh, learning_rate_fn)
     predict_step = evaluator.make_predict_step(model, mesh)
     batches = pipeline.create_train_dataset(config, builder=builder, start_step=start_step)
+    if start_step and start_step < config.train.num_steps:
+        _say(
+            f"Data: reading past the {start_step * config.train.batch_size:,} records of steps "
+            f"0-{start_step - 1} (not decoded; a large split after many epochs takes minutes)"
+        )
     writer = MetricWriter(workdir, start_step, eval_again=start_step >= config.train.num_steps)
     base_key = jax.random.key(config.seed)
     t = config.train
