@@ -7,6 +7,7 @@ it (`shard_batch`); the train state and model variables are replicated on it (`r
 `initialize_distributed` starts JAX's multi-process runtime (scripts/train.py, scripts/eval.py).
 """
 
+import collections
 import os
 import sys
 from collections.abc import Sequence
@@ -109,8 +110,10 @@ def connect_devices() -> None:
     Later collectives wait up to 30 minutes.
 
     Raises:
+      ValueError: the processes have different numbers of devices (`check_equal_slices`).
       RuntimeError: the all-reduce did not count every device.
     """
+    check_equal_slices(jax.devices())
     mesh = create_mesh()
     ones = jax.make_array_from_process_local_data(
         NamedSharding(mesh, P(AXIS)), np.ones(jax.local_device_count(), np.int32)
@@ -121,6 +124,24 @@ def connect_devices() -> None:
     count = int(np.asarray(count.addressable_data(0))[0])
     if count != jax.device_count():
         raise RuntimeError(f"an all-reduce over {jax.device_count()} devices counted {count}")
+
+
+def check_equal_slices(devices: Sequence[jax.Device]) -> None:
+    """Every process must hold as many of `devices` (all hosts') as the others: each feeds an
+    equal slice of every global batch (jax.make_array_from_process_local_data failed with
+    "Unable to compute global_shape due to non-uniform sharding").
+
+    Raises:
+      ValueError: naming each process's device count.
+    """
+    counts = collections.Counter(d.process_index for d in devices)
+    if len(set(counts.values())) > 1:
+        listed = ", ".join(f"process {p}: {n}" for p, n in sorted(counts.items()))
+        raise ValueError(
+            f"every process must have the same number of devices ({listed}): see each host's "
+            "JAX_PLATFORMS, CUDA_VISIBLE_DEVICES or XLA_FLAGS' "
+            "--xla_force_host_platform_device_count"
+        )
 
 
 def create_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:

@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 from collections import Counter, defaultdict
 
 import numpy as np
@@ -427,6 +428,15 @@ def test_bad_distributed_flags_are_refused(kwargs, message):
     flags = {"coordinator_address": "127.0.0.1:1234", "num_processes": 2, "process_id": 0}
     with pytest.raises(ValueError, match=message):
         sharding.initialize_distributed(**{**flags, **kwargs})
+
+
+def test_processes_with_different_device_counts_are_refused():
+    """Each process feeds an equal slice of every batch: processes of 2 and 1 devices ended in
+    JAX's "Unable to compute global_shape due to non-uniform sharding"."""
+    devices = [types.SimpleNamespace(process_index=p) for p in (1, 0, 0)]
+    with pytest.raises(ValueError, match=r"same number of devices \(process 0: 2, process 1: 1\)"):
+        sharding.check_equal_slices(devices)
+    sharding.check_equal_slices([*devices, devices[0]])  # 2 and 2
 
 
 @pytest.mark.parametrize("script", ["train.py", "eval.py"])
