@@ -50,7 +50,7 @@ def initialize_distributed(
 
     Raises:
       ValueError: only some of the three are given, they are out of range, or `multihost` is
-        False with them.
+        False with them; the processes have different numbers of devices.
     """
     explicit = {
         "coordinator_address": coordinator_address,

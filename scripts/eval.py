@@ -138,7 +138,7 @@ def main(argv):
     import jax  # after absl parsed the flags, so XLA_FLAGS etc. set on the command line apply
     from etils import epath
 
-    from mrcnn_jax import sharding
+    from mrcnn_jax import paths, sharding
     from mrcnn_jax.data import coco_json, get_builder, pipeline
     from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
     from mrcnn_jax.programs import evaluator, processes
@@ -155,19 +155,29 @@ def main(argv):
     try:  # before each process looks for a checkpoint that process 0 may not have named
         processes.check_processes_agree(
             {
-                "workdir": launch.path_flag(_WORKDIR.value, "--workdir"),
-                "checkpoint_step": _STEP.value,
+                "workdir": str(epath.Path(paths.absolute(_WORKDIR.value))),  # no storage call
+                "checkpoint_step": "latest" if _STEP.value is None else _STEP.value,
             }
         )
     except ValueError as error:
         raise app.UsageError(str(error)) from error
     try:  # a checkpoint folder names its workdir, where the results go
         workdir, located = predictor_lib.locate_checkpoint(_WORKDIR.value, _STEP.value)
-        # The latest when no step is named, also after a training deleted the located one;
-        # with several processes, process 0's (a training may write one between their reads).
-        step = _STEP.value
-        if jax.process_count() > 1:
-            step = int(processes.broadcast_text(str(located)))
+        found = str(located)
+    except (ValueError, FileNotFoundError) as error:  # name what to fix
+        found = f"error: {error}"
+    # The latest when no step is named, also after a training deleted the located one; with
+    # several processes, process 0's (a training may write one between their reads), and one
+    # process that found none (e.g. a local disk per host) stops them all.
+    everyone = processes.gather_texts(found) if jax.process_count() > 1 else [found]
+    failed = [(i, text) for i, text in enumerate(everyone) if text.startswith("error: ")]
+    if failed:
+        i, text = failed[0]
+        raise app.UsageError(
+            text[len("error: ") :] + (f" (process {i})" if len(everyone) > 1 else "")
+        )
+    step = _STEP.value if len(everyone) == 1 else int(everyone[0])
+    try:
         predictor = predictor_lib.load_checkpoint(_WORKDIR.value, step)
     except (ValueError, FileNotFoundError) as error:  # name what to fix
         raise app.UsageError(str(error)) from error

@@ -37,7 +37,6 @@ them is expanded (a shell leaves `--workdir=~/x` as it is); the config stored wi
 checkpoints names the data's absolutely, so eval.py runs from any folder.
 """
 
-import json
 import os
 import signal
 import sys
@@ -81,9 +80,7 @@ def main(argv):
     from mrcnn_jax.programs import processes
 
     try:  # before the checks below, which one process alone may fail (its peers would wait)
-        processes.check_processes_agree(
-            {"config": json.loads(config.to_json_best_effort()), "workdir": str(workdir)}
-        )
+        processes.check_processes_agree(trainer.agreement_settings(config, workdir))
     except ValueError as error:
         raise app.UsageError(str(error)) from error
     # A config that does not fit is one line naming the field, before any work; after the

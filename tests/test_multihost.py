@@ -397,7 +397,7 @@ def test_eval_processes_given_other_workdirs_or_steps_stop_before_any_checkpoint
     message = (
         "error: the processes of this run disagree (give every process the same flags, "
         "--process_id aside, and one shared workdir): process 1: checkpoint_step=2 (process 0: "
-        f'null), workdir="{tmp_path / "other"}" (process 0: "{tmp_path / "run"}")\n'
+        f'"latest"), workdir="{tmp_path / "other"}" (process 0: "{tmp_path / "run"}")\n'
     )
     for i, process in enumerate(launched.processes):
         assert process.returncode == 1, launched.output(i)[-3000:]

@@ -448,14 +448,14 @@ def test_at_most_two_steps_are_in_flight(compile_cache, data_dir, tmp_path, monk
     for all of them before its checkpoint, past a preemption's grace period. Counted at each
     dispatch: the steps whose metrics are not ready, the new one included. The tiny model's
     step is faster than the loop's host work, so each step's metrics wait for some busy work
-    (~0.1-0.5 s here), as a real step is slower than its input."""
+    (~0.2-1 s here), as a real step is slower than its input."""
     make_train_step = trainer.step_lib.make_train_step
     in_flight = []
 
     @jax.jit
     def busy(metrics):
         work = jax.lax.fori_loop(
-            0, 300, lambda _, x: jax.numpy.tanh(x * 1.01), jax.numpy.ones(2**18)
+            0, 300, lambda _, x: jax.numpy.tanh(x * 1.01), jax.numpy.ones(2**19)
         )
         return jax.tree.map(lambda m: m + (0 * work[0]).astype(m.dtype), metrics)
 

@@ -83,7 +83,9 @@ and read it by index (``builder.as_data_source()`` with a Grain index sampler se
 ``config.seed``): each process then fetches only the records of its own rows. A resume at
 step ``N`` reads (and drops undecoded) the ``N · batch_size`` records trained before it, every
 process all of them: ~5,000 records/s measured from page cache here, so ~5 minutes at the end
-of a 90k-step COCO run at batch 16 and ~40 at the end of a 100-epoch LSJ run.
+of a 90k-step COCO run at batch 16 and ~40 at the end of a 100-epoch LSJ run; with canvas groups
+each group's stream reads the split to find its own records, about as many records again per
+group.
 
 Eval: each process reads its own ``tfds.split_for_jax_process`` shard (every image exactly once
 over the processes) padded to the same number of batches; the evaluator gathers them.

@@ -3,8 +3,9 @@
 Processes given different configs (a flag typed on one host only) or workdirs would not fail:
 each would wait in a collective the others never reach, forever (SIGTERM included), or in the
 first checkpoint's commit when the workdir is not one folder they all share (a local disk per
-host). `check_processes_agree` compares them at the start of `trainer.train_and_evaluate` and
-of scripts/eval.py and raises the same error on every process, naming what differs.
+host). `check_processes_agree` compares them at the start of `trainer.train_and_evaluate` and of
+scripts/train.py and scripts/eval.py (before checks that one process could fail alone) and
+raises the same error on every process, naming what differs.
 """
 
 import contextlib

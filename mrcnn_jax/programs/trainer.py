@@ -556,7 +556,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     workdir = epath.Path(paths.absolute(workdir))
     workdir.mkdir(parents=True, exist_ok=True)
     processes.check_processes_agree(  # several processes: before they wait for each other
-        {"config": json.loads(config.to_json_best_effort()), "workdir": str(workdir)}, workdir
+        agreement_settings(config, workdir), workdir
     )
     with _workdir_lock(workdir):
         manager = ckpt_lib.create_manager(
@@ -568,6 +568,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         finally:  # also on an error or Ctrl-C: a checkpoint being written is completed, not lost
             ckpt_lib.finish_writes(manager)
             manager.close()
+
+
+def agreement_settings(
+    config: ml_collections.ConfigDict, workdir: str | os.PathLike
+) -> dict[str, Any]:
+    """What the processes of one training must agree on (`processes.check_processes_agree`):
+    the config with its data paths absolute and the absolute workdir, as every process's own
+    folder and `~` make them (the same on hosts that share the files)."""
+    config = with_absolute_paths(config)
+    return {
+        "config": json.loads(config.to_json_best_effort()),
+        "workdir": str(epath.Path(paths.absolute(workdir))),
+    }
 
 
 class WorkdirInUseError(RuntimeError):
@@ -780,9 +793,9 @@ def _train_and_evaluate(
             canvases.add(canvas)
             batch = sharding.shard_batch(batch, mesh)
             state, metrics = train_step(state, batch, jax.random.fold_in(base_key, step))
-            # At most two steps in flight (JAX's queue holds 32): one running, one queued behind
-            # it. A SIGTERM then checkpoints within about a step's time, the bar counts steps
-            # run, and the host holds no more batches than that.
+            # At most two steps in flight (JAX queued dozens): one running, one queued behind
+            # it. A SIGTERM then checkpoints within about a step's time, the bar is at most a
+            # step ahead of the steps run, and the host holds no more batches than that.
             jax.block_until_ready(running)
             running = metrics
             done = step + 1
