@@ -442,6 +442,7 @@ def test_a_run_stopped_before_an_eval_step_was_evaluated_evaluates_it_on_resume(
     assert list(eval_rows()) == [2, 4]
 
 
+@pytest.mark.slow  # a training run of its own (88 s in the default run)
 def test_at_most_two_steps_are_in_flight(compile_cache, data_dir, tmp_path, monkeypatch):
     """JAX dispatches a step and returns; the loop waited only at log, checkpoint and eval steps,
     so up to 32 steps queued (11-12 measured on the COCO-format recipe): a SIGTERM then waited
