@@ -123,6 +123,7 @@ def main(argv):
             "the same command to resume from the latest",
             file=sys.stderr,
         )
+        processes.end_unless_all_stop("Ctrl-C", 128 + signal.SIGINT)
         sys.exit(128 + signal.SIGINT)
     if jax.process_index() == 0:
         print(trainer.final_summary(metrics), flush=True)

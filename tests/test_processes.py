@@ -68,6 +68,13 @@ def test_lost_peer_is_the_deepest_error_saying_another_process_is_gone():
     except OSError as wrapped:
         assert processes.lost_peer(wrapped) is gloo
     assert processes.lost_peer(ValueError("config.data.image_size must be ...")) is None
+    # A small collective that runs as it is dispatched (process_allgather of a scalar) raises
+    # gloo's error as a ValueError.
+    at_dispatch = ValueError(
+        "UNKNOWN: Gloo AllGather failed: [external/gloo/gloo/transport/tcp/pair.cc:547] "
+        "Connection closed by peer [127.0.0.1]:32677"
+    )
+    assert processes.lost_peer(at_dispatch) is at_dispatch
     heartbeat = jax.errors.JaxRuntimeError("UNAVAILABLE: Task 1 heartbeat timeout")
     assert processes.lost_peer(heartbeat) is heartbeat
     # This process's own: a closed stdout pipe (`train.py | head`), a storage connection reset.

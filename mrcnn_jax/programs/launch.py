@@ -18,6 +18,7 @@ import re
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
@@ -269,10 +270,16 @@ def run(main: Callable[[list[str]], Any], sigterm: bool = True, **kwargs: Any) -
     SIGINT as Python ends then (a shell's loop stops too; exit status 130), also when it struck
     in a finalizer, where Python drops it. With `sigterm` (not train.py, whose trainer handles
     it: a checkpoint first), SIGTERM is raised as `interrupts.Terminated`, a KeyboardInterrupt:
-    the same clean-ups, then `terminated (SIGTERM)` and exit status 143."""
+    the same clean-ups, then `terminated (SIGTERM)` and exit status 143.
+
+    With several processes (`initialize()`), a process that ends so (a usage error, an error
+    message, an interrupt, a traceback) without the others ends at once instead of waiting for
+    them in JAX's exit, and they end at their next collective with it, naming it
+    (`processes.end_unless_all_stop`)."""
 
     def main_with_short_usage_errors(argv: list[str]) -> Any:
         from mrcnn_jax import jax_settings  # imports JAX: after absl parsed the flags
+        from mrcnn_jax.programs import processes
 
         if sigterm:
             signal.signal(signal.SIGTERM, interrupts.raise_terminated)
@@ -281,16 +288,36 @@ def run(main: Callable[[list[str]], Any], sigterm: bool = True, **kwargs: Any) -
             with jax_settings.defaults():  # also with JAX_ENABLE_X64=1 etc. in the environment
                 return main(argv)
         except app.UsageError as error:
-            sys.exit(f"error: {error}\n(`{sys.argv[0]} --help` describes the script and its flags)")
+            print(
+                f"error: {error}\n(`{sys.argv[0]} --help` describes the script and its flags)",
+                file=sys.stderr,
+                flush=True,
+            )
+            processes.end_unless_all_stop(f"error: {error}", 1)
+            sys.exit(1)
+        except SystemExit as stop:
+            if isinstance(stop.code, str):  # an error message: `sys.exit("error: ...")`
+                print(stop.code, file=sys.stderr, flush=True)
+                processes.end_unless_all_stop(stop.code, 1)
+                sys.exit(1)
+            raise
         except interrupts.Terminated:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)  # another one now: no traceback
             print("terminated (SIGTERM)", file=sys.stderr, flush=True)
+            processes.end_unless_all_stop("SIGTERM", 128 + signal.SIGTERM)
             sys.exit(128 + signal.SIGTERM)
         except KeyboardInterrupt:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             print("interrupted (Ctrl-C)", file=sys.stderr, flush=True)
+            processes.end_unless_all_stop("Ctrl-C", -signal.SIGINT)
             sys.excepthook = lambda *exc_info: None  # no traceback; Python then kills itself
             raise  # with SIGINT, so that a shell running it in a loop stops (exit(130) did not)
+        except Exception as error:  # a traceback: with several processes, not waiting for all
+            if processes.is_distributed():
+                traceback.print_exc()
+                processes.end_unless_all_stop(f"{type(error).__name__}: {error}", 1)
+                sys.excepthook = lambda *exc_info: None  # printed already
+            raise
         finally:  # a SIGTERM after `main` (at exit): killed as by default, not a traceback
             if sigterm:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -6,13 +6,22 @@ first checkpoint's commit when the workdir is not one folder they all share (a l
 host). `check_processes_agree` compares them at the start of `trainer.train_and_evaluate` and of
 scripts/train.py and scripts/eval.py (before checks that one process could fail alone) and
 raises the same error on every process, naming what differs.
+
+A process that ends while the others go on (killed, or interrupted alone) must not leave them
+waiting either: `stop_together` tells an interrupted process whether every process stops (then
+JAX's exit, a barrier of all processes, may run) or this one alone (then it leaves without it),
+and `exit_at_once_if_a_peer_is_lost` ends the others at their next collective with it, in one
+line naming the process that left and why where it told the coordination service.
 """
 
 import contextlib
 import json
 import os
 import secrets
+import signal
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,6 +32,12 @@ from jax.experimental import multihost_utils
 
 TOKEN_FILE = ".process_0_token"  # in the shared folder while the processes check it
 _MAX_LISTED = 8  # differing settings named in an error
+STOP_WAIT_S = 10.0  # how long an interrupted process waits for the others to be interrupted too
+# Keys of the coordination service's key-value store (process 0 keeps it for the run).
+_STOPPED = "mrcnn_jax/stopped/"  # + process index: why that process stops ("SIGTERM", "Ctrl-C")
+_STOPPING = "mrcnn_jax/stopping"  # how many processes stop
+_MAX_CAUSE = 300  # characters of a cause kept there
+_HOW = "mrcnn_jax/stop"  # written once: "together" (every process stops) or "alone"
 
 
 def broadcast_text(text: str) -> str:
@@ -136,12 +151,129 @@ def lost_peer(error: BaseException) -> BaseException | None:
     found, seen = None, set()
     while error is not None and id(error) not in seen:  # `raise e from e` makes a cycle
         seen.add(id(error))
-        if isinstance(error, jax.errors.JaxRuntimeError) and any(
-            sign in str(error) for sign in _LOST_PEER
-        ):
+        runtime = isinstance(error, jax.errors.JaxRuntimeError) or (
+            isinstance(error, ValueError) and "Gloo" in str(error)  # a collective run at dispatch
+        )
+        if runtime and any(sign in str(error) for sign in _LOST_PEER):
             found = error
         error = error.__cause__ or error.__context__
     return found
+
+
+def _coordination() -> Any:
+    """JAX's distributed state (`jax.distributed.initialize`: its `client` of the coordination
+    service, `process_id`, `num_processes`), or None: one process, or a JAX that keeps it
+    elsewhere (private; then the callers do as before it was used)."""
+    if not jax.distributed.is_initialized():
+        return None
+    try:
+        from jax._src.distributed import global_state
+    except ImportError:
+        return None
+    if (getattr(global_state, "num_processes", 1) or 1) < 2:
+        return None
+    return global_state if getattr(global_state, "client", None) is not None else None
+
+
+def is_distributed() -> bool:
+    """Whether this process is one of several of a `jax.distributed.initialize` run."""
+    return _coordination() is not None
+
+
+def _settle(client: Any, proposal: str) -> str:
+    """How the interrupted processes stop: `proposal`, unless one wrote the other first (the
+    key is written once: every process follows the same decision)."""
+    try:
+        client.key_value_set(_HOW, proposal)
+        return proposal
+    except Exception:  # written already
+        return client.blocking_key_value_get(_HOW, 1000)
+
+
+def stop_together(cause: str) -> bool:
+    """For a process of several that ends before its work is done (`cause`: "SIGTERM",
+    "Ctrl-C", an error message; its first line is kept): True
+    when every process ends too, so that JAX's exit, which waits at a barrier for every process,
+    may run (a scheduler stops them all); False when this one ends alone, and must end without
+    JAX's exit (`os._exit`): it would wait there while the others wait for it in their next
+    collective (5 minutes, then all abort with C++ stacks). The others then end at that
+    collective, in one line naming this process and `cause` (`exit_at_once_if_a_peer_is_lost`).
+
+    The process marks in the coordination service that it stops and waits up to `STOP_WAIT_S`
+    for every other to do so (all interrupted by a scheduler, all failing on the same input);
+    the first to see all marks, or to give up waiting, writes the decision, which all follow. A
+    second interrupt while it waits ends the wait (alone, unless all were marked already). True
+    at once with one process; False if the service is gone (process 0 left). When process 0,
+    which runs the service, leaves alone, the others end with JAX's own message ("Terminating
+    process because the JAX distributed service detected fatal errors") and a C++ stack.
+    """
+    state = _coordination()
+    if state is None:
+        return True
+    client = state.client
+    cause = (cause.strip().splitlines() or [""])[0][:_MAX_CAUSE]
+    try:
+        client.key_value_set(f"{_STOPPED}{state.process_id}", cause, allow_overwrite=True)
+        if client.key_value_increment(_STOPPING, 1) == state.num_processes:
+            return _settle(client, "together") == "together"
+        deadline = time.monotonic() + STOP_WAIT_S
+        try:
+            while True:  # in short waits: a second Ctrl-C raises between them
+                try:
+                    return client.blocking_key_value_get(_HOW, 200) == "together"
+                except jax.errors.JaxRuntimeError as error:
+                    if "DEADLINE_EXCEEDED" not in str(error):
+                        raise  # not a wait that ended: the service is gone
+                    if time.monotonic() > deadline:
+                        break
+        except KeyboardInterrupt:
+            pass
+        return _settle(client, "alone") == "together"
+    except Exception:  # the service is gone
+        return False
+
+
+def end_unless_all_stop(cause: str, status: int) -> None:
+    """Returns if `stop_together(cause)`; otherwise ends this process at once, without JAX's
+    exit, saying so on stderr: exit status `status`, or killed by signal `-status` when it is
+    negative (as Python ends on a Ctrl-C). Call it where a script would exit before its work is
+    done, after printing why."""
+    if stop_together(cause):
+        return
+    print(
+        f"process {_coordination().process_id} stops without the others (not all stopped within "
+        f"{STOP_WAIT_S:.0f} s): they end at their next collective with it",
+        file=sys.stderr,
+        flush=True,
+    )
+    sys.stdout.flush()
+    if status < 0:
+        signal.signal(-status, signal.SIG_DFL)
+        os.kill(os.getpid(), -status)
+    os._exit(status)
+
+
+def _who_stopped(wait_s: float = 1.0) -> str:
+    """`process 1 of this run stopped without the others (SIGTERM)`: the processes that marked
+    in the coordination service that they stop (`stop_together`); "" if none did or the service
+    does not answer within `wait_s` (it runs in process 0, which may be the one gone)."""
+    state, found = _coordination(), []
+    if state is None:
+        return ""
+    client = state.client
+
+    def read() -> None:
+        with contextlib.suppress(Exception):
+            found.extend(client.key_value_dir_get(_STOPPED))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(wait_s)
+    marks = sorted((int(key.rsplit("/", 1)[-1]), cause) for key, cause in list(found))
+    if len(marks) == 1:
+        return f"process {marks[0][0]} of this run stopped without the others ({marks[0][1]})"
+    listed = ", ".join(f"{index} ({cause})" for index, cause in marks)
+    return f"processes {listed} of this run stopped without the others" if marks else ""
 
 
 @contextlib.contextmanager
@@ -158,9 +290,15 @@ def exit_at_once_if_a_peer_is_lost(what_is_kept: str) -> Iterator[None]:
         if lost is None:
             raise
         first_line = str(lost).strip().splitlines()[0]
+        stopped = _who_stopped()
+        gone = (
+            stopped
+            if stopped
+            else "another process of this run is gone (killed, out of memory, preempted: see "
+            "its log)"
+        )
         print(
-            f"error: another process of this run is gone (killed, out of memory, preempted: "
-            f"see its log); process {jax.process_index()} stopped at a collective with it "
+            f"error: {gone}; process {jax.process_index()} stopped at a collective with it "
             f"({first_line}). {what_is_kept}",
             file=sys.stderr,
             flush=True,

@@ -653,7 +653,9 @@ def _stop_on_sigterm() -> Iterator[_Stop]:
     would replace the service's own. There the first Ctrl-C (SIGINT) of a process is handed to
     that service as SIGTERM, so that all processes stop together, checkpointed, instead of this
     one alone leaving the others waiting in a collective forever; a second Ctrl-C interrupts
-    this process at once (KeyboardInterrupt). The previous handler is restored after the block.
+    this process at once (KeyboardInterrupt; scripts/train.py then ends it within
+    `processes.STOP_WAIT_S`, without waiting for the others in JAX's exit). The previous
+    handler is restored after the block.
     """
     stop = _Stop()
     if threading.current_thread() is not threading.main_thread():
@@ -667,7 +669,7 @@ def _stop_on_sigterm() -> Iterator[_Stop]:
             stop.cause = "Ctrl-C (SIGINT) of this process"
             print(
                 "interrupted: every process stops at the next step they all reach, with a "
-                "checkpoint (Ctrl-C again stops this process at once)",
+                "checkpoint (Ctrl-C again stops this process alone, within 10 s)",
                 file=sys.stderr,
                 flush=True,
             )
