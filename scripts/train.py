@@ -29,9 +29,9 @@ a non-finite loss (naming the last checkpoint written), and a --workdir that ano
 training in (each run locks its workdir). Ctrl-C
 (exit status 130) keeps every complete checkpoint; with several processes, the first Ctrl-C of
 one stops them all at a step they all reach, checkpointed (exit status 143), and a second one
-stops that process at once. If a process dies (kill -9, out of memory), the others end at their
-next collective with one line saying so (exit status 1), not JAX's traceback and, a minute
-later, its abort; every complete checkpoint is kept.
+stops that process alone, within 10 s. If a process dies (kill -9, out of memory) or stops
+alone, the others end at their next collective with one line saying so (exit status 1), not
+JAX's traceback and, a minute later, its abort; every complete checkpoint is kept.
 Relative paths (--workdir, the data's files) are taken from the current folder and a `~` in
 them is expanded (a shell leaves `--workdir=~/x` as it is); the config stored with the
 checkpoints names the data's absolutely, so eval.py runs from any folder.
@@ -101,6 +101,17 @@ def main(argv):
     )
     from mrcnn_jax.train.checkpoint import checkpoint_dir
 
+    def kept(where: str) -> str:  # read when the run stops: a fresh run may have none yet
+        if trainer.has_checkpoint(workdir):
+            return (
+                f"The complete checkpoints in {checkpoint_dir(workdir)} are kept: run the same "
+                f"command{where} to resume from the latest."
+            )
+        return (
+            f"No checkpoint in {checkpoint_dir(workdir)} was complete yet: the same command"
+            f"{where} starts again from step 0."
+        )
+
     try:  # Errors naming what to fix, in one line: a config that does not fit the data or the
         # checkpoint, data or weights files that cannot be used, a damaged checkpoint, a full
         # disk (what is kept), a diverging loss, a workdir another run is training in.
@@ -108,21 +119,14 @@ def main(argv):
             launch.errors_in_one_line(  # ImportError: a missing extra (torch), named
                 ValueError, OSError, ImportError, FloatingPointError, trainer.WorkdirInUseError
             ),
-            processes.exit_at_once_if_a_peer_is_lost(
-                f"The complete checkpoints in {checkpoint_dir(workdir)} are kept: run the same "
-                "command on every host to resume from the latest."
-            ),
+            processes.exit_at_once_if_a_peer_is_lost(lambda: kept(" on every host")),
         ):
             metrics = trainer.train_and_evaluate(config, _WORKDIR.value)
     except trainer.Preempted as preempted:
         print(preempted, flush=True)
         sys.exit(128 + signal.SIGTERM)  # as if SIGTERM had ended it, once the checkpoint is safe
     except KeyboardInterrupt:  # a checkpoint being written was completed (train_and_evaluate)
-        print(
-            f"interrupted: the complete checkpoints in {checkpoint_dir(workdir)} are kept; run "
-            "the same command to resume from the latest",
-            file=sys.stderr,
-        )
+        print(f"interrupted (Ctrl-C). {kept('')}", file=sys.stderr)
         processes.end_unless_all_stop("Ctrl-C", 128 + signal.SIGINT)
         sys.exit(128 + signal.SIGINT)
     if jax.process_index() == 0:

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -504,3 +505,38 @@ def test_the_converter_without_the_torch_extra_says_what_to_install(tmp_path):
         result, "reading torchvision weights needs PyTorch: pip install 'mrcnn_jax[torch]'"
     )
     assert sorted(os.listdir(tmp_path)) == ["torch", "torchvision"]
+
+
+@pytest.mark.slow
+def test_train_interrupted_before_its_first_checkpoint_says_none_is_kept(tmp_path):
+    """Ctrl-C while the first step compiles: train.py said "the complete checkpoints in ... are
+    kept" where none was written yet; it says so now, and that the command starts again."""
+    workdir = tmp_path / "w"
+    log = tmp_path / "log"
+    with log.open("w") as out:
+        run = subprocess.Popen(
+            [
+                sys.executable, os.path.join(REPO, "scripts", "train.py"),
+                "--config=configs/shapes_r18.py", f"--workdir={workdir}",
+                f"--config.data.data_dir={tmp_path / 'tfds'}", "--config.data.shapes_num_train=8",
+                "--config.data.shapes_num_val=8", "--config.data.image_size=(64, 64)",
+                "--config.train.num_steps=20",
+            ],
+            cwd=REPO, stdout=out, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+    try:
+        deadline = time.time() + 300
+        while "Model: " not in log.read_text() and run.poll() is None:
+            assert time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.1)
+        run.send_signal(signal.SIGINT)  # the first step compiles: no checkpoint yet
+        run.wait(timeout=300)
+    finally:
+        run.kill()
+    output = log.read_text()
+    assert run.returncode == 128 + signal.SIGINT, output[-3000:]
+    assert (
+        f"interrupted (Ctrl-C). No checkpoint in {workdir / 'checkpoints'} was complete yet: the "
+        "same command starts again from step 0." in output
+    ), output[-3000:]
+    assert "Traceback" not in output, output[-3000:]

@@ -22,7 +22,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -277,7 +277,7 @@ def _who_stopped(wait_s: float = 1.0) -> str:
 
 
 @contextlib.contextmanager
-def exit_at_once_if_a_peer_is_lost(what_is_kept: str) -> Iterator[None]:
+def exit_at_once_if_a_peer_is_lost(what_is_kept: str | Callable[[], str]) -> Iterator[None]:
     """With several processes, an error in the block that says another process is gone (killed,
     out of memory) ends this one at once: one line naming the likely cause and `what_is_kept`,
     exit status 1. Otherwise JAX's exit waits for the lost process's heartbeat (about a
@@ -299,7 +299,7 @@ def exit_at_once_if_a_peer_is_lost(what_is_kept: str) -> Iterator[None]:
         )
         print(
             f"error: {gone}; process {jax.process_index()} stopped at a collective with it "
-            f"({first_line}). {what_is_kept}",
+            f"({first_line}). {what_is_kept() if callable(what_is_kept) else what_is_kept}",
             file=sys.stderr,
             flush=True,
         )
