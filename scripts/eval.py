@@ -42,7 +42,9 @@ On several hosts run the same command on every host, as scripts/train.py (the sa
 --multihost, --coordinator_address, --num_processes, --process_id flags; README "Multi-host"):
 each host evaluates its shard of the split, the predictions are gathered, and process 0 writes
 the files. Processes that would evaluate another checkpoint or split, or write elsewhere, stop
-first with one usage error naming the process and the flag's values.
+first with one usage error naming the process and the flag's values. A process interrupted or
+failing alone ends within 10 s, and the others at their next exchange with it, naming it
+(`error: process 1 of this run stopped without the others (SIGTERM) ...`; nothing written).
 """
 
 import json
