@@ -141,6 +141,33 @@ def test_a_ctrl_c_that_python_drops_in_a_finalizer_still_stops_the_script(tmp_pa
     assert "Exception ignored" not in result.stderr and os.listdir(tmp_path) == []
 
 
+def test_a_ctrl_c_during_a_compile_stops_the_script_after_it(tmp_path):
+    """XLA's compiler runs Python's signal handlers from C++: a Ctrl-C raised there was dropped
+    (eval.py went on and wrote its results) or abandoned the compile, whose threads crashed
+    Python's exit (train.py and eval.py: `interrupted`, then a segmentation fault, exit status
+    139). The scripts' handler raises once the compile is done."""
+    result = run_launched(
+        tmp_path,
+        "import threading, jax, jax.numpy as jnp\n"
+        "def long_to_compile(x):\n"
+        "    for i in range(150):  # unrolled: seconds of compiling\n"
+        "        x = jnp.tanh(x @ x.T + i) * 0.5 + jnp.roll(x, i, axis=1)\n"
+        "    return x.sum()\n"
+        "lowered = jax.jit(long_to_compile).lower(jnp.ones((8, 8)))\n"
+        "threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()\n"
+        "start = time.time()\n"
+        "lowered.compile()\n"
+        "open(f'compiled in {time.time() - start:.1f} s', 'w').close()\n"
+        "time.sleep(1)\n"
+        "open('finished', 'w').close()",
+    )
+    assert result.returncode == -signal.SIGINT, result.stderr[-3000:]
+    assert result.stderr.endswith("interrupted (Ctrl-C)\n"), result.stderr[-3000:]
+    compiled = os.listdir(tmp_path)
+    assert len(compiled) == 1 and compiled[0].startswith("compiled in "), compiled
+    assert float(compiled[0].split()[2]) > 0.3, compiled  # the signal came during the compile
+
+
 @pytest.mark.parametrize("name", ["train.py", "convert_torchvision.py"])
 def test_a_config_override_without_its_dashes_is_refused(name, tmp_path):
     """Refused before anything runs (flags that would fail fast otherwise: a regular file as

@@ -496,14 +496,14 @@ def test_a_ctrl_c_during_a_save_comes_after_it_and_a_second_at_once():
             steps.append("after the second")
     assert steps == ["after the first"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    previous = signal.signal(signal.SIGTERM, interrupts.raise_terminated)  # as `launch.run` does
+    previous = signal.signal(signal.SIGTERM, interrupts.raise_interrupt)  # as `launch.run` does
     try:  # SIGTERM, raised as Terminated (the scripts but train.py), is held alike
         with pytest.raises(interrupts.Terminated):
             with ckpt_lib._interrupts_after_the_block():
                 os.kill(os.getpid(), signal.SIGTERM)
                 steps.append("after SIGTERM")
         assert steps == ["after the first", "after SIGTERM"]
-        assert signal.getsignal(signal.SIGTERM) is interrupts.raise_terminated
+        assert signal.getsignal(signal.SIGTERM) is interrupts.raise_interrupt
     finally:
         signal.signal(signal.SIGTERM, previous)
 

@@ -268,7 +268,8 @@ def run(main: Callable[[list[str]], Any], sigterm: bool = True, **kwargs: Any) -
     docstring and flag list (40-90 lines) above the one line that matters. A Ctrl-C in `main`
     that the script does not handle itself ends it with one line, not a traceback, killed by
     SIGINT as Python ends then (a shell's loop stops too; exit status 130), also when it struck
-    in a finalizer, where Python drops it. With `sigterm` (not train.py, whose trainer handles
+    in a finalizer, where Python drops it, or during a compile, where JAX's compiler dropped it
+    (`interrupts.raise_interrupt`). With `sigterm` (not train.py, whose trainer handles
     it: a checkpoint first), SIGTERM is raised as `interrupts.Terminated`, a KeyboardInterrupt:
     the same clean-ups, then `terminated (SIGTERM)` and exit status 143.
 
@@ -281,8 +282,9 @@ def run(main: Callable[[list[str]], Any], sigterm: bool = True, **kwargs: Any) -
         from mrcnn_jax import jax_settings  # imports JAX: after absl parsed the flags
         from mrcnn_jax.programs import processes
 
+        signal.signal(signal.SIGINT, interrupts.raise_interrupt)  # not inside a compile
         if sigterm:
-            signal.signal(signal.SIGTERM, interrupts.raise_terminated)
+            signal.signal(signal.SIGTERM, interrupts.raise_interrupt)
         sys.unraisablehook = _redeliver_dropped_interrupts(sys.unraisablehook)
         try:
             with jax_settings.defaults():  # also with JAX_ENABLE_X64=1 etc. in the environment
@@ -349,7 +351,7 @@ def initialize() -> None:
         sharding.initialize_distributed(**{name: holder.value for name, holder in _FLAGS.items()})
     except ValueError as error:
         raise app.UsageError(str(error)) from error
-    if handler is interrupts.raise_terminated:
+    if handler is interrupts.raise_interrupt:
         signal.signal(signal.SIGTERM, handler)  # JAX's C++ handler replaced it unseen
 
 

@@ -665,7 +665,8 @@ def _stop_on_sigterm() -> Iterator[_Stop]:
         stop.cause = "SIGTERM or Ctrl-C of one of the processes"
 
         def on_interrupt(signum, frame) -> None:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+            again = previous if callable(previous) else signal.default_int_handler
+            signal.signal(signal.SIGINT, again)  # a second Ctrl-C raises
             stop.cause = "Ctrl-C (SIGINT) of this process"
             print(
                 "interrupted: every process stops at the next step they all reach, with a "
