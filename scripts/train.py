@@ -19,14 +19,15 @@ and exits with status 143; running the same command resumes from there.
 
 Config overrides are flags (`--config.train.num_steps=100`); an argument that is not a flag
 (e.g. `config.train.num_steps=100`, its `--` missing) is a usage error, as are a --workdir that
-is a regular file or cannot be created or written (a file in its path, read-only), a --config
-file that cannot be opened, and a config that does not fit (e.g. an image size that is not a
-multiple of model.size_divisibility), each named before any work.
+is a regular file or cannot be created or written (a file in its path, read-only) or lies in
+another run's checkpoints/ folder, a --config file that cannot be opened, and a config that
+does not fit (e.g. an image size that is not a multiple of model.size_divisibility), each named
+before any work.
 Later errors that name what to fix end the run with one line, `error: ...` (exit status 1;
 `--verbosity=0` adds the traceback): a config that does not fit the data or the checkpoint
 being resumed, data or backbone weights that cannot be read, a damaged checkpoint, a full disk,
 a non-finite loss (naming the last checkpoint written), and a --workdir that another train.py is
-training in (each run locks its workdir). Ctrl-C
+training in (each run locks a local workdir; a gs:// one has no lock). Ctrl-C
 (exit status 130) keeps every complete checkpoint; with several processes, the first Ctrl-C of
 one stops them all at a step they all reach, checkpointed (exit status 143), and a second one
 stops that process alone, within 10 s. If a process dies (kill -9, out of memory) or stops
@@ -86,6 +87,7 @@ def main(argv):
     # A config that does not fit is one line naming the field, before any work; after the
     # distributed set-up, as the checks ask JAX for the devices.
     try:
+        trainer.check_workdir_outside_checkpoints(workdir)
         trainer.check_train_config(config)
         if not trainer.has_checkpoint(workdir):  # a fresh run: its weights' sources too
             trainer.check_backbone_init(config.model)

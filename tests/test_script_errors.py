@@ -338,6 +338,21 @@ def test_train_refuses_weights_that_cannot_start_it_before_making_the_workdir(tm
     assert not os.listdir(tmp_path)
 
 
+def test_train_refuses_a_workdir_inside_another_run_s_checkpoints(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "config.json").write_text("{}")
+    result = run_script(
+        "train.py", "--config=configs/shapes_r18.py", f"--workdir={tmp_path / 'checkpoints'}"
+    )
+    assert_usage_error(
+        result,
+        f"error: the workdir {tmp_path / 'checkpoints'} is inside the checkpoints folder of the "
+        f"training run in {tmp_path}: train in --workdir={tmp_path} to resume that run",
+    )
+    assert sorted(os.listdir(tmp_path)) == ["checkpoints", "config.json"]
+    assert os.listdir(tmp_path / "checkpoints") == []
+
+
 def test_train_refuses_a_workdir_that_is_a_regular_file(tmp_path):
     a_file = tmp_path / "a_file"
     a_file.write_text("")

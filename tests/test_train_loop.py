@@ -37,6 +37,7 @@ from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 from mrcnn_jax.programs import trainer
 from mrcnn_jax.train import checkpoint as ckpt_lib
 from mrcnn_jax.train import state as state_lib
+from mrcnn_jax.train import storage_errors
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRIC_KEYS = {f"{t}/{n}" for t in IOU_TYPES for n in STAT_NAMES}
@@ -1161,9 +1162,29 @@ def test_metrics_that_cannot_be_written_are_one_clear_error(tmp_path):
     was a traceback ending in `OSError: [Errno 28] No space left on device`."""
     (tmp_path / "metrics.jsonl").symlink_to("/dev/full")
     writer = trainer.MetricWriter(epath.Path(tmp_path))
-    message = f"writing the training metrics to {tmp_path} failed (No space left on device); "
-    with pytest.raises(trainer.MetricsWriteError, match=re.escape(message)):
+    message = (
+        f"writing the training metrics to {tmp_path} failed (No space left on device); no "
+        "checkpoint was written yet. Free some space and run the same command again: it starts "
+        "from step 0."  # it said that the checkpoints were kept and the run would resume
+    )
+    with pytest.raises(trainer.MetricsWriteError, match=f"^{re.escape(message)}$"):
         writer.write(2, {"train/loss": 1.0})
+
+
+def test_a_tensorflow_error_is_told_in_its_first_line_without_the_op_prefix():
+    """TensorBoard's summary write on a full disk failed with three lines starting
+    `{{function_node __wrapped__WriteSummary_device_/job:localhost/...}}`."""
+    error = tf.errors.ResourceExhaustedError(
+        None,
+        None,
+        "{{function_node __wrapped__WriteSummary_device_/job:localhost/replica:0/task:0/device:"
+        "CPU:0}} /w/tensorboard/events.out; No space left on device [Op:WriteSummary]\n"
+        "\t [[{{node WriteSummary}}]]",
+    )
+    assert storage_errors.tensorflow_error_text(error) == (
+        "/w/tensorboard/events.out; No space left on device [Op:WriteSummary]"
+    )
+    assert storage_errors.tensorflow_error_text(OSError(28, "No space")) == "[Errno 28] No space"
 
 
 @pytest.mark.parametrize("name", ["metrics.jsonl", trainer.LOCK_FILE])
@@ -1224,3 +1245,22 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(trained, data_
     assert f"checkpoint {manager.latest_step()} is the last one written" in str(error.value)
     manager.close()
     assert all(np.isfinite(x).all() for x in leaves(final_state(workdir)).values())
+
+
+def test_a_workdir_inside_another_run_s_checkpoints_is_refused(tmp_path):
+    """`--workdir=W/checkpoints` (or `W/checkpoints/10`), the path eval.py and `load_checkpoint`
+    take for W's checkpoints, started a fresh run there: its checkpoints then hid W's from those
+    readers, and W's clean-up deleted its files. A folder named checkpoints that is not in a
+    workdir, and the workdir itself, are taken."""
+    run = tmp_path / "run"
+    (run / "checkpoints" / "10").mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    for inside in ["checkpoints", "checkpoints/10", "checkpoints/10/x"]:
+        with pytest.raises(ValueError, match=re.escape(f"training run in {run}: train in")):
+            trainer.check_workdir_outside_checkpoints(run / inside)
+    trainer.check_workdir_outside_checkpoints(run)
+    trainer.check_workdir_outside_checkpoints(tmp_path / "checkpoints" / "mine")
+    (run / "config.json").unlink()
+    (run / trainer.LOCK_FILE).write_text("")  # a run that has not written its config yet
+    with pytest.raises(ValueError, match="inside the checkpoints folder"):
+        trainer.check_workdir_outside_checkpoints(run / "checkpoints")

@@ -67,7 +67,6 @@ module over chunks of the batch (the last chunk padded).
 
 import json
 import os
-import re
 import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -90,6 +89,7 @@ from mrcnn_jax.evaluation.masks import PASTE_METHODS
 from mrcnn_jax.modeling.checks import check_class_fields
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 from mrcnn_jax.programs.predictor import Predictor, load_checkpoint
+from mrcnn_jax.train import storage_errors
 
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 
@@ -639,8 +639,7 @@ def export_saved_model(
             raise
         except (OSError, tf.errors.OpError) as error:
             _remove_written(out_dir, existed)
-            reason = error.message if isinstance(error, tf.errors.OpError) else str(error)
-            reason = re.sub(r"^\{\{[^}]*\}\}\s*", "", reason)  # TF's "{{function_node ...}}"
+            reason = storage_errors.tensorflow_error_text(error)
             raise ExportWriteError(
                 f"writing the SavedModel to {out_dir} failed ({reason}); what it had written "
                 "is removed"

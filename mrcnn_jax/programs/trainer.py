@@ -62,7 +62,7 @@ from mrcnn_jax.programs import evaluator, predictor, processes
 from mrcnn_jax.train import checkpoint as ckpt_lib
 from mrcnn_jax.train import state as state_lib
 from mrcnn_jax.train import step as step_lib
-from mrcnn_jax.train import transfer
+from mrcnn_jax.train import storage_errors, transfer
 
 
 class MetricsWriteError(OSError):
@@ -112,11 +112,19 @@ class MetricWriter:
         try:
             return write()
         except (OSError, tf.errors.OpError) as error:
-            reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+            if isinstance(error, OSError) and error.strerror:
+                reason = error.strerror
+            else:
+                reason = storage_errors.tensorflow_error_text(error)
+            kept = (
+                "the complete checkpoints are kept. Free some space and run the same command "
+                "again: a training run resumes from the latest"
+                if has_checkpoint(self._workdir)
+                else "no checkpoint was written yet. Free some space and run the same command "
+                "again: it starts from step 0"
+            )
             raise MetricsWriteError(
-                f"writing the training metrics to {self._workdir} failed ({reason}); the "
-                "checkpoints written so far are kept. Free some space and run the same command "
-                "again: a training run resumes from the latest complete checkpoint."
+                f"writing the training metrics to {self._workdir} failed ({reason}); {kept}."
             ) from error
 
     def logged_eval(self, step: int) -> bool:
@@ -554,6 +562,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     check_train_config(config, mesh.size)
     config = with_absolute_paths(config)  # as stored with the checkpoints, for eval.py
     workdir = epath.Path(paths.absolute(workdir))
+    check_workdir_outside_checkpoints(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     processes.check_processes_agree(  # several processes: before they wait for each other
         agreement_settings(config, workdir), workdir
@@ -568,6 +577,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         finally:  # also on an error or Ctrl-C: a checkpoint being written is completed, not lost
             ckpt_lib.finish_writes(manager)
             manager.close()
+
+
+def check_workdir_outside_checkpoints(workdir: epath.PathLike) -> None:
+    """Refuses a workdir that is, or lies in, the `checkpoints/` folder of another run's workdir
+    (`W/checkpoints`, `W/checkpoints/10`, a path that eval.py, predict.py and `load_checkpoint`
+    take for W's checkpoints): a run there started afresh, its checkpoints then hid W's from
+    those readers, and W's clean-up of old checkpoints deleted its files. A workdir holds
+    `config.json` (written before training) or `.train.lock`.
+
+    Raises:
+      ValueError: naming the run's workdir.
+    """
+    workdir = epath.Path(paths.absolute(workdir))
+    for folder in [workdir, *list(workdir.parents)[:2]]:
+        run = folder.parent
+        if folder.name == ckpt_lib.checkpoint_dir(run).name and any(
+            (run / name).exists() for name in ("config.json", LOCK_FILE)
+        ):
+            raise ValueError(
+                f"the workdir {workdir} is inside the checkpoints folder of the training run in "
+                f"{run}: train in --workdir={run} to resume that run, or in a folder of its own"
+            )
 
 
 def agreement_settings(

@@ -100,3 +100,12 @@ def drop_reports_of_failures() -> None:
 
     hook.drops_storage_failures = True
     sys.unraisablehook = hook
+
+
+def tensorflow_error_text(error: BaseException) -> str:
+    """The first line of a TensorFlow op's error (`tf.errors.OpError.message`), without the
+    `{{function_node __wrapped__WriteSummary_device_/job:localhost/...}}` prefix of an op run
+    eagerly; `str(error)` for other errors."""
+    message = getattr(error, "message", None) or str(error)
+    message = re.sub(r"^\{\{[^}]*\}\}\s*", "", message.strip())
+    return (message.splitlines() or [""])[0]
