@@ -19,6 +19,8 @@ class Terminated(KeyboardInterrupt):
 # Where JAX's code is: its compiler runs signal handlers from C++ while it compiles.
 _JAX_CODE = (f"{os.sep}jax{os.sep}", f"{os.sep}jaxlib{os.sep}")
 _RETRY_S = 0.1
+# Per signal deferred by `raise_interrupt`: False while its repeat is scheduled, True once sent.
+_deferred: dict[int, bool] = {}
 
 
 def raise_interrupt(signum: int, frame: Any) -> None:
@@ -27,11 +29,19 @@ def raise_interrupt(signum: int, frame: Any) -> None:
     compiles: an exception raised there was dropped (a Ctrl-C during a compile was lost: the
     evaluation went on and wrote its results) or abandoned the compile, whose threads then
     crashed Python's exit (a segmentation fault after `interrupted`). There the signal is sent
-    to the main thread again `_RETRY_S` later, until it lands outside JAX (after the compile)."""
+    to the main thread again `_RETRY_S` later, until it lands outside JAX (after the compile).
+    The same signal sent again meanwhile (a second Ctrl-C) raises at once, wherever it lands."""
+    repeat = _deferred.pop(signum, None)  # None: a new signal; True: this handler's repeat
+    if repeat is False:  # a second one while the first waits: stop now
+        raise exception_of(signum)
     if frame is not None and any(part in frame.f_code.co_filename for part in _JAX_CODE):
-        again = threading.Timer(
-            _RETRY_S, signal.pthread_kill, (threading.main_thread().ident, signum)
-        )
+        _deferred[signum] = False
+
+        def send_again() -> None:
+            _deferred[signum] = True
+            signal.pthread_kill(threading.main_thread().ident, signum)
+
+        again = threading.Timer(_RETRY_S, send_again)
         again.daemon = True
         again.start()
         return

@@ -168,6 +168,40 @@ def test_a_ctrl_c_during_a_compile_stops_the_script_after_it(tmp_path):
     assert float(compiled[0].split()[2]) > 0.3, compiled  # the signal came during the compile
 
 
+@pytest.mark.parametrize("signals, stopped", [(1, "after"), (2, "during")])
+def test_a_ctrl_c_inside_jax_waits_for_it_unless_pressed_again(tmp_path, signals, stopped):
+    """The scripts' handler defers a Ctrl-C that lands in JAX's code (here a 3 s loop in a file
+    under a `jax/` folder, as a compile's checks run in JAX's compiler.py) until that code is
+    done; a second Ctrl-C meanwhile stops the script at once, wherever it lands (a collective
+    that never ends checks for signals too)."""
+    (tmp_path / "jax").mkdir()
+    (tmp_path / "jax" / "busy.py").write_text(
+        "import time\n"
+        "def spin(seconds):\n"
+        "    end = time.time() + seconds\n"
+        "    while time.time() < end:\n"
+        "        pass\n"
+    )
+    result = run_launched(
+        tmp_path,
+        "import sys, threading\n"
+        "sys.path.insert(0, 'jax')\n"
+        "import busy\n"
+        f"for delay in [0.3, 0.8][:{signals}]:\n"
+        "    threading.Timer(delay, os.kill, (os.getpid(), signal.SIGINT)).start()\n"
+        "start = time.time()\n"
+        "try:\n"
+        "    busy.spin(3)\n"
+        "finally:\n"
+        "    open(f'{time.time() - start:.1f}', 'w').close()\n"
+        "time.sleep(5)",
+    )
+    assert result.returncode == -signal.SIGINT, result.stderr[-3000:]
+    assert result.stderr.endswith("interrupted (Ctrl-C)\n"), result.stderr[-3000:]
+    (seconds,) = [float(name) for name in os.listdir(tmp_path) if name != "jax"]
+    assert (2.9 < seconds < 4) if stopped == "after" else (0.7 < seconds < 2), seconds
+
+
 @pytest.mark.parametrize("name", ["train.py", "convert_torchvision.py"])
 def test_a_config_override_without_its_dashes_is_refused(name, tmp_path):
     """Refused before anything runs (flags that would fail fast otherwise: a regular file as
