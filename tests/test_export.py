@@ -10,6 +10,7 @@ results back; they are compared with the JAX predictor on the same images.
 """
 
 import dataclasses
+import fcntl
 import json
 import os
 import pickle
@@ -586,6 +587,28 @@ def test_a_failed_write_leaves_the_out_dir_as_it_was_and_says_why(
         ):
             exporter.export_saved_model(predictor, out)
         assert (sorted(out.iterdir()) if out.exists() else None) == left
+
+
+def test_an_export_into_a_folder_another_export_writes_is_refused(predictor, tmp_path):
+    """Two exports into one --out both passed the emptiness check (made before the model is
+    read and converted, tens of seconds), both wrote there and both said so: one SavedModel
+    was silently lost. The folder is locked while an export writes it; a second one is refused
+    at once and leaves it alone; once the first is done, the folder is not empty."""
+    out = tmp_path / "out"
+    out.mkdir()
+    folder = os.open(out, os.O_RDONLY)
+    fcntl.flock(folder, fcntl.LOCK_EX)  # as an export writing there holds it
+    try:
+        (out / "variables").mkdir()  # what that export has written so far
+        with pytest.raises(FileExistsError, match=re.escape(f"{out} is being written by another")):
+            exporter.export_saved_model(predictor, out)
+        assert sorted(p.name for p in out.iterdir()) == ["variables"]  # untouched
+    finally:
+        os.close(folder)
+    (out / "saved_model.pb").write_bytes(b"")  # that export done
+    with pytest.raises(FileExistsError, match=re.escape(f"{out} is not empty")):
+        exporter.export_saved_model(predictor, out)
+    assert sorted(p.name for p in out.iterdir()) == ["saved_model.pb", "variables"]
 
 
 @pytest.mark.slow

@@ -65,10 +65,12 @@ a symbolic batch. `serving_default` runs a batch-1 module; `serving_batch` runs 
 module over chunks of the batch (the last chunk padded).
 """
 
+import contextlib
+import fcntl
 import json
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -601,7 +603,7 @@ def export_saved_model(
     Raises:
       ValueError: bad arguments, or a config the SavedModel cannot represent (`check_exportable`
         names the field).
-      FileExistsError: `out_dir` is a file or not empty.
+      FileExistsError: `out_dir` is a file or not empty, or another export is writing there.
       ExportWriteError: writing the SavedModel failed; `out_dir` is as it was (absent or empty).
     """
     check_arguments(platforms, score_threshold, batch_size)
@@ -609,42 +611,77 @@ def export_saved_model(
     existed = out_dir.exists()
     if existed and not out_dir.is_dir():
         raise FileExistsError(f"{out_dir} is a file, not a folder for the SavedModel")
-    if existed and any(out_dir.iterdir()):
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with _written_alone(out_dir):  # first: what another export is writing is not "killed midway"
+        _check_empty(out_dir)  # before the checkpoint is read
+        try:
+            if isinstance(source, Predictor):
+                predictor = source
+            else:
+                predictor = load_checkpoint(source, checkpoint_step)
+            check_exportable(predictor.config, full_masks)
+            with tempfile.TemporaryDirectory() as tmp:
+                config_path = os.path.join(tmp, "config.json")
+                with open(config_path, "w") as f:
+                    json.dump(json.loads(predictor.config.to_json()), f, indent=2)
+                module, signatures = _module(
+                    predictor,
+                    platforms=tuple(platforms),
+                    full_masks=full_masks,
+                    score_threshold=score_threshold,
+                    batch_size=batch_size,
+                    config_path=config_path,
+                )
+                try:
+                    tf.saved_model.save(module, str(out_dir), signatures=signatures)
+                except (OSError, tf.errors.OpError) as error:
+                    reason = storage_errors.tensorflow_error_text(error)
+                    raise ExportWriteError(
+                        f"writing the SavedModel to {out_dir} failed ({reason}); what it had "
+                        "written is removed"
+                    ) from error
+        except BaseException:  # also Ctrl-C: a half-written SavedModel makes out_dir "not empty"
+            _remove_written(out_dir, existed)
+            raise
+    return out_dir
+
+
+def _check_empty(out_dir: epath.Path) -> None:
+    """Raises FileExistsError if `out_dir` exists and holds anything."""
+    if out_dir.exists() and any(out_dir.iterdir()):
         stopped = not (out_dir / "saved_model.pb").exists() and (out_dir / "variables").exists()
         raise FileExistsError(
             f"{out_dir} is not empty"
             + (": it holds the variables/ of an export killed midway, delete it" if stopped else "")
         )
-    if isinstance(source, Predictor):
-        predictor = source
-    else:
-        predictor = load_checkpoint(source, checkpoint_step)
-    check_exportable(predictor.config, full_masks)
-    with tempfile.TemporaryDirectory() as tmp:
-        config_path = os.path.join(tmp, "config.json")
-        with open(config_path, "w") as f:
-            json.dump(json.loads(predictor.config.to_json()), f, indent=2)
-        module, signatures = _module(
-            predictor,
-            platforms=tuple(platforms),
-            full_masks=full_masks,
-            score_threshold=score_threshold,
-            batch_size=batch_size,
-            config_path=config_path,
-        )
+
+
+@contextlib.contextmanager
+def _written_alone(out_dir: epath.Path) -> Iterator[None]:
+    """Holds an exclusive lock (`flock`) on the local folder `out_dir` during the block, so that
+    a second export into it is refused at once: two exports started together both passed the
+    emptiness check, both wrote there and both reported success, one SavedModel silently lost
+    (and a failing one's clean-up could delete the other's). A URL is not locked (cloud storage
+    has no locks).
+
+    Raises:
+      FileExistsError: another export holds the lock.
+    """
+    if paths.is_url(str(out_dir)):
+        yield
+        return
+    folder = os.open(out_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
         try:
-            tf.saved_model.save(module, str(out_dir), signatures=signatures)
-        except KeyboardInterrupt:  # a half-written SavedModel would make out_dir "not empty"
-            _remove_written(out_dir, existed)
-            raise
-        except (OSError, tf.errors.OpError) as error:
-            _remove_written(out_dir, existed)
-            reason = storage_errors.tensorflow_error_text(error)
-            raise ExportWriteError(
-                f"writing the SavedModel to {out_dir} failed ({reason}); what it had written "
-                "is removed"
-            ) from error
-    return out_dir
+            fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FileExistsError(
+                f"{out_dir} is being written by another export: wait for it to end, or export "
+                "into another folder"
+            ) from None
+        yield
+    finally:
+        os.close(folder)  # releases the lock
 
 
 def check_arguments(
