@@ -5,7 +5,8 @@ r"""Exports a training checkpoint as a TensorFlow SavedModel (preprocessing, mod
 The SavedModel needs only TensorFlow to run: `tf.saved_model.load(OUT).signatures[
 "serving_default"](image=uint8 [H, W, 3])` gives the detections in the image's pixels, and
 `"serving_batch"` takes padded batches. See `mrcnn_jax/programs/exporter.py` for the signatures,
-their outputs and the saved assets. --out must be absent or empty; a SavedModel that cannot
+their outputs and the saved assets. --out must be absent or empty (and a local one is locked
+while it is written: a second export into it is refused); a SavedModel that cannot
 be written (a full disk) ends the run with `error: writing the SavedModel to <out> failed
 (<reason>); ...`, exit status 1, and --out as it was (what was written is removed); so does a
 Ctrl-C (exit status 130) or SIGTERM (143).
