@@ -25,6 +25,7 @@ from conftest import tiny_config
 from helpers import synthetic_batch
 
 import mrcnn_jax
+from mrcnn_jax import interrupts
 from mrcnn_jax.data import get_builder, pipeline
 from mrcnn_jax.evaluation import IOU_TYPES, STAT_NAMES
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
@@ -271,6 +272,35 @@ def test_corrupt_array_data_is_refused_naming_the_step_folder(how, saved_data, t
             ckpt_lib.restore(manager, state, config, step=STEP)
     finally:
         manager.close()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_read_cut_by_an_interrupt_is_the_interrupt_not_a_corrupt_checkpoint(
+    signum, saved, monkeypatch
+):
+    """A Ctrl-C or SIGTERM during the read (eval.py, predict.py, export.py, a resume) reached
+    orbax's read as a failed read ("Encountered error while reading array index"), reported as
+    a corrupt checkpoint to move away (a helper hit it 2-3 times in 7 per script): the scripts'
+    handler counts the interrupts it raises, and the read raises the interrupt instead."""
+    workdir, _ = saved
+    restore = ckpt_lib.ocp.CheckpointManager.restore
+
+    def interrupted_read(manager, step, args=None, **kwargs):
+        if "state" not in args.keys():  # the config: read
+            return restore(manager, step, args=args, **kwargs)
+        try:
+            interrupts.raise_interrupt(signum, None)  # as the handler does in orbax's code
+        except KeyboardInterrupt as error:  # what orbax makes of it, in its event loop
+            raise Exception("Encountered error while reading array index") from RuntimeError(
+                f"Event loop is closed ({type(error).__name__})"
+            )
+
+    monkeypatch.setattr(ckpt_lib.ocp.CheckpointManager, "restore", interrupted_read)
+    with pytest.raises(interrupts.exception_of(signum).__class__) as raised:
+        mrcnn_jax.load_checkpoint(workdir, STEP)
+    assert type(raised.value) is type(interrupts.exception_of(signum))
+    monkeypatch.undo()
+    assert mrcnn_jax.load_checkpoint(workdir, STEP).step == STEP  # and it was fine
 
 
 def test_a_checkpoint_a_training_deletes_while_it_is_read_is_read_again_or_named(

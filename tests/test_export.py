@@ -611,6 +611,27 @@ def test_an_export_into_a_folder_another_export_writes_is_refused(predictor, tmp
     assert sorted(p.name for p in out.iterdir()) == ["saved_model.pb", "variables"]
 
 
+def test_an_export_whose_folder_is_replaced_meanwhile_stops_and_leaves_it(
+    predictor, tmp_path, monkeypatch
+):
+    """Another export that made the same absent --out, refused, removed it as empty; made
+    again, it is no longer the folder this export locked: it stops before writing, and leaves
+    the new folder (another export's) alone."""
+    out = tmp_path / "out"
+    module = exporter._module
+
+    def replaced_meanwhile(*args, **kwargs):
+        out.rmdir()
+        out.mkdir()
+        (out / "theirs").write_text("")
+        return module(*args, **kwargs)
+
+    monkeypatch.setattr(exporter, "_module", replaced_meanwhile)
+    with pytest.raises(FileExistsError, match=re.escape(f"{out} was removed or replaced")):
+        exporter.export_saved_model(predictor, out)
+    assert sorted(p.name for p in out.iterdir()) == ["theirs"]
+
+
 @pytest.mark.slow
 def test_torchvision_r50_config_exports(tmp_path):
     """configs/torchvision_r50_fpn_v1.py (1344² canvas, 91-way COCO labels, torchvision paste)

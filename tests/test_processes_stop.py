@@ -25,7 +25,9 @@ from mrcnn_jax.programs import launch
 
 launch.define_flags()
 _STOPPING = flags.DEFINE_list("stopping", [], "processes that stop at exchange 20")
-_HOW = flags.DEFINE_enum("how", "TERM", ["TERM", "INT", "exit", "raise"], "how they stop")
+_HOW = flags.DEFINE_enum(
+    "how", "TERM", ["TERM", "INT", "exit", "raise", "exit_after"], "how they stop"
+)
 
 
 def main(argv):
@@ -37,15 +39,20 @@ def main(argv):
     processes.STOP_WAIT_S = {wait_s}
     launch.initialize()
     with processes.exit_at_once_if_a_peer_is_lost("Nothing was written."):
-        for i in range(100_000):
+        for i in range(30 if _HOW.value == "exit_after" else 100_000):
             multihost_utils.process_allgather(np.int32(i))
             if i == 20 and str(flags.FLAGS.process_id) in _STOPPING.value:
+                if _HOW.value == "exit_after":
+                    continue
                 if _HOW.value == "exit":
                     sys.exit("error: cannot read the data")
                 if _HOW.value == "raise":
                     raise RuntimeError("a bug")
                 os.kill(os.getpid(), getattr(signal, "SIG" + _HOW.value))
             time.sleep(0.01)
+    if _HOW.value == "exit_after" and str(flags.FLAGS.process_id) in _STOPPING.value:
+        time.sleep(1)  # the other is done and in JAX's exit by now
+        sys.exit("error: cannot write the results")
 
 
 if __name__ == "__main__":
@@ -94,7 +101,7 @@ def exchange(tmp_path, stopping: str, how: str) -> list[tuple[int, str]]:
 def test_a_process_interrupted_alone_leaves_and_the_other_names_it(tmp_path, how, status):
     (status_0, output_0), (status_1, output_1) = exchange(tmp_path, "1", how)
     assert status_1 == status, output_1[-3000:]
-    assert "process 1 stops without the others (not all stopped within 3 s)" in output_1
+    assert "process 1 stops without the others: they end at their next collective" in output_1
     cause = "SIGTERM" if how == "TERM" else "Ctrl-C"
     assert status_0 == 1, output_0[-3000:]
     assert (
@@ -126,3 +133,14 @@ def test_processes_stopped_together_exit_as_before(tmp_path, how, status):
         assert "Fatal" not in output and "Traceback" not in output, output[-3000:]
     message = "terminated (SIGTERM)" if how == "TERM" else "error: cannot read the data"
     assert all(message in output for _, output in ended)
+
+
+def test_a_process_failing_after_the_last_exchange_lets_the_finished_one_exit(tmp_path):
+    """Process 1 fails after the last collective while process 0, done, waits in JAX's exit:
+    process 0 marked that it finished, so process 1 sees every process end and exits through
+    JAX's exit too (the review found process 1 leaving alone, and process 0 then aborting)."""
+    (status_0, output_0), (status_1, output_1) = exchange(tmp_path, "1", "exit_after")
+    assert status_0 == 0, output_0[-3000:]
+    assert status_1 == 1 and "error: cannot write the results" in output_1, output_1[-3000:]
+    for output in (output_0, output_1):
+        assert "without the others" not in output and "Fatal" not in output, output[-3000:]

@@ -169,37 +169,55 @@ def test_a_ctrl_c_during_a_compile_stops_the_script_after_it(tmp_path):
 
 
 @pytest.mark.parametrize("signals, stopped", [(1, "after"), (2, "during")])
-def test_a_ctrl_c_inside_jax_waits_for_it_unless_pressed_again(tmp_path, signals, stopped):
-    """The scripts' handler defers a Ctrl-C that lands in JAX's code (here a 3 s loop in a file
-    under a `jax/` folder, as a compile's checks run in JAX's compiler.py) until that code is
-    done; a second Ctrl-C meanwhile stops the script at once, wherever it lands (a collective
-    that never ends checks for signals too)."""
-    (tmp_path / "jax").mkdir()
-    (tmp_path / "jax" / "busy.py").write_text(
-        "import time\n"
+def test_a_ctrl_c_in_a_compile_waits_for_it_unless_pressed_again(tmp_path, signals, stopped):
+    """The scripts' handler defers a Ctrl-C that lands in a compile (here a 3 s loop taken for
+    one) until it is done; a second Ctrl-C meanwhile stops the script at once, wherever it
+    lands (a compile that never ends can still be stopped)."""
+    result = run_launched(
+        tmp_path,
+        "import threading\n"
+        "from mrcnn_jax import interrupts\n"
+        "interrupts.in_compile = lambda frame: getattr(frame, 'f_code', None) is spin.__code__\n"
         "def spin(seconds):\n"
         "    end = time.time() + seconds\n"
         "    while time.time() < end:\n"
         "        pass\n"
-    )
-    result = run_launched(
-        tmp_path,
-        "import sys, threading\n"
-        "sys.path.insert(0, 'jax')\n"
-        "import busy\n"
         f"for delay in [0.3, 0.8][:{signals}]:\n"
         "    threading.Timer(delay, os.kill, (os.getpid(), signal.SIGINT)).start()\n"
         "start = time.time()\n"
         "try:\n"
-        "    busy.spin(3)\n"
+        "    spin(3)\n"
         "finally:\n"
         "    open(f'{time.time() - start:.1f}', 'w').close()\n"
         "time.sleep(5)",
     )
     assert result.returncode == -signal.SIGINT, result.stderr[-3000:]
     assert result.stderr.endswith("interrupted (Ctrl-C)\n"), result.stderr[-3000:]
-    (seconds,) = [float(name) for name in os.listdir(tmp_path) if name != "jax"]
+    (seconds,) = [float(name) for name in os.listdir(tmp_path)]
     assert (2.9 < seconds < 4) if stopped == "after" else (0.7 < seconds < 2), seconds
+
+
+def test_a_ctrl_c_in_a_loop_waiting_for_the_device_stops_it_at_once(tmp_path):
+    """Only a compile defers a Ctrl-C: one landing in JAX's waits for results (a train step's
+    `block_until_ready`, a predictor's `device_get`) stops the loop at once (the review found
+    it deferred there, over and over, until the loop ended)."""
+    result = run_launched(
+        tmp_path,
+        "import threading, jax, jax.numpy as jnp\n"
+        "step = jax.jit(lambda x: jnp.tanh(x @ x) * 0.5)\n"
+        "x = jnp.ones((600, 600))\n"
+        "jax.block_until_ready(step(x))  # compiled before the signal\n"
+        "threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()\n"
+        "start = time.time()\n"
+        "try:\n"
+        "    while time.time() < start + 20:\n"
+        "        x = jax.device_get(jax.block_until_ready(step(x)))\n"
+        "finally:\n"
+        "    open(f'{time.time() - start:.1f}', 'w').close()",
+    )
+    assert result.returncode == -signal.SIGINT, result.stderr[-3000:]
+    (seconds,) = [float(name) for name in os.listdir(tmp_path)]
+    assert seconds < 3, seconds
 
 
 @pytest.mark.parametrize("name", ["train.py", "convert_torchvision.py"])
@@ -374,7 +392,7 @@ def test_train_refuses_weights_that_cannot_start_it_before_making_the_workdir(tm
 
 def test_train_refuses_a_workdir_inside_another_run_s_checkpoints(tmp_path):
     (tmp_path / "checkpoints").mkdir()
-    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "config.json").write_text('{"model": {}, "train": {}}')
     result = run_script(
         "train.py", "--config=configs/shapes_r18.py", f"--workdir={tmp_path / 'checkpoints'}"
     )

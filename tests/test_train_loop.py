@@ -1254,12 +1254,16 @@ def test_a_workdir_inside_another_run_s_checkpoints_is_refused(tmp_path):
     workdir, and the workdir itself, are taken."""
     run = tmp_path / "run"
     (run / "checkpoints" / "10").mkdir(parents=True)
-    (run / "config.json").write_text("{}")
+    (run / "config.json").write_text('{"model": {}, "train": {}}')
     for inside in ["checkpoints", "checkpoints/10", "checkpoints/10/x"]:
         with pytest.raises(ValueError, match=re.escape(f"training run in {run}: train in")):
             trainer.check_workdir_outside_checkpoints(run / inside)
     trainer.check_workdir_outside_checkpoints(run)
     trainer.check_workdir_outside_checkpoints(tmp_path / "checkpoints" / "mine")
+    project = tmp_path / "project"  # a config.json of something else: not a workdir
+    (project / "checkpoints").mkdir(parents=True)
+    (project / "config.json").write_text('{"name": "mine"}')
+    trainer.check_workdir_outside_checkpoints(project / "checkpoints" / "run1")
     (run / "config.json").unlink()
     (run / trainer.LOCK_FILE).write_text("")  # a run that has not written its config yet
     with pytest.raises(ValueError, match="inside the checkpoints folder"):

@@ -612,7 +612,8 @@ def export_saved_model(
     if existed and not out_dir.is_dir():
         raise FileExistsError(f"{out_dir} is a file, not a folder for the SavedModel")
     out_dir.mkdir(parents=True, exist_ok=True)
-    with _written_alone(out_dir):  # first: what another export is writing is not "killed midway"
+    # first: what another export is writing is not "killed midway"
+    with _written_alone(out_dir) as check_still_ours:
         _check_empty(out_dir)  # before the checkpoint is read
         try:
             if isinstance(source, Predictor):
@@ -632,6 +633,7 @@ def export_saved_model(
                     batch_size=batch_size,
                     config_path=config_path,
                 )
+                check_still_ours()
                 try:
                     tf.saved_model.save(module, str(out_dir), signatures=signatures)
                 except (OSError, tf.errors.OpError) as error:
@@ -641,7 +643,9 @@ def export_saved_model(
                         "written is removed"
                     ) from error
         except BaseException:  # also Ctrl-C: a half-written SavedModel makes out_dir "not empty"
-            _remove_written(out_dir, existed)
+            with contextlib.suppress(FileExistsError):  # a folder not ours is left alone
+                check_still_ours()
+                _remove_written(out_dir, existed)
             raise
     return out_dir
 
@@ -657,18 +661,20 @@ def _check_empty(out_dir: epath.Path) -> None:
 
 
 @contextlib.contextmanager
-def _written_alone(out_dir: epath.Path) -> Iterator[None]:
+def _written_alone(out_dir: epath.Path) -> Iterator[Callable[[], None]]:
     """Holds an exclusive lock (`flock`) on the local folder `out_dir` during the block, so that
     a second export into it is refused at once: two exports started together both passed the
     emptiness check, both wrote there and both reported success, one SavedModel silently lost
     (and a failing one's clean-up could delete the other's). A URL is not locked (cloud storage
     has no locks).
 
+    Yields a check that `out_dir` is still the locked folder (`_check_same_folder`).
+
     Raises:
       FileExistsError: another export holds the lock.
     """
     if paths.is_url(str(out_dir)):
-        yield
+        yield lambda: None
         return
     folder = os.open(out_dir, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -679,9 +685,26 @@ def _written_alone(out_dir: epath.Path) -> Iterator[None]:
                 f"{out_dir} is being written by another export: wait for it to end, or export "
                 "into another folder"
             ) from None
-        yield
+        except OSError:  # a file system without flock (some NFS): unlocked, as before
+            pass
+        yield lambda: _check_same_folder(out_dir, folder)
     finally:
         os.close(folder)  # releases the lock
+
+
+def _check_same_folder(out_dir: epath.Path, locked: int) -> None:
+    """Raises FileExistsError unless `out_dir` is still the folder of the descriptor `locked`
+    (a refused export that made it too removed it as empty: another export would not see
+    this one's lock on the folder made again)."""
+    try:
+        same = os.path.samestat(os.fstat(locked), os.stat(out_dir))
+    except OSError:
+        same = False
+    if not same:
+        raise FileExistsError(
+            f"{out_dir} was removed or replaced while this export ran (another export into it?): "
+            "export again"
+        )
 
 
 def check_arguments(

@@ -282,13 +282,17 @@ def run(main: Callable[[list[str]], Any], sigterm: bool = True, **kwargs: Any) -
         from mrcnn_jax import jax_settings  # imports JAX: after absl parsed the flags
         from mrcnn_jax.programs import processes
 
-        signal.signal(signal.SIGINT, interrupts.raise_interrupt)  # not inside a compile
-        if sigterm:
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not SIG_IGN (`&`)
+            signal.signal(signal.SIGINT, interrupts.raise_interrupt)  # not inside a compile
+        if sigterm and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
             signal.signal(signal.SIGTERM, interrupts.raise_interrupt)
         sys.unraisablehook = _redeliver_dropped_interrupts(sys.unraisablehook)
         try:
             with jax_settings.defaults():  # also with JAX_ENABLE_X64=1 etc. in the environment
-                return main(argv)
+                result = main(argv)
+            interrupts.raise_pending()  # a Ctrl-C during a last compile
+            processes.finish(0)
+            return result
         except app.UsageError as error:
             print(
                 f"error: {error}\n(`{sys.argv[0]} --help` describes the script and its flags)",
@@ -302,6 +306,7 @@ def run(main: Callable[[list[str]], Any], sigterm: bool = True, **kwargs: Any) -
                 print(stop.code, file=sys.stderr, flush=True)
                 processes.end_unless_all_stop(stop.code, 1)
                 sys.exit(1)
+            processes.finish(stop.code or 0)  # e.g. train.py stopped with the others: 143
             raise
         except interrupts.Terminated:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)  # another one now: no traceback

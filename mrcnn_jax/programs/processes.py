@@ -32,12 +32,12 @@ from jax.experimental import multihost_utils
 
 TOKEN_FILE = ".process_0_token"  # in the shared folder while the processes check it
 _MAX_LISTED = 8  # differing settings named in an error
-STOP_WAIT_S = 10.0  # how long an interrupted process waits for the others to be interrupted too
+STOP_WAIT_S = 10.0  # how long a process that stops early waits for the others to end too
 # Keys of the coordination service's key-value store (process 0 keeps it for the run).
-_STOPPED = "mrcnn_jax/stopped/"  # + process index: why that process stops ("SIGTERM", "Ctrl-C")
-_STOPPING = "mrcnn_jax/stopping"  # how many processes stop
+_ENDED = "mrcnn_jax/ended/"  # + process index: why it ended ("" when its work was done)
 _MAX_CAUSE = 300  # characters of a cause kept there
-_HOW = "mrcnn_jax/stop"  # written once: "together" (every process stops) or "alone"
+_HOW = "mrcnn_jax/stop"  # written once: "together" (every process ends) or "alone"
+_ended_here: list[str] = []  # this process's mark, once written
 
 
 def broadcast_text(text: str) -> str:
@@ -180,9 +180,33 @@ def is_distributed() -> bool:
     return _coordination() is not None
 
 
+_INTERRUPTS = {signal.SIGINT, signal.SIGTERM}
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM wait (blocked) during the block: a coordination-service call cut by
+    an exception would leave the others' count or decision half done."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _INTERRUPTS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _mark(state: Any, cause: str) -> bool:
+    """Writes once that this process ends (`cause`: why, "" when its work is done); whether
+    every process has now (each reads the marks after writing its own, so the last to write
+    sees them all)."""
+    if not _ended_here:
+        state.client.key_value_set(f"{_ENDED}{state.process_id}", cause, allow_overwrite=True)
+        _ended_here.append(cause)
+    return len(state.client.key_value_dir_get(_ENDED)) == state.num_processes
+
+
 def _settle(client: Any, proposal: str) -> str:
-    """How the interrupted processes stop: `proposal`, unless one wrote the other first (the
-    key is written once: every process follows the same decision)."""
+    """How the processes end: `proposal`, unless one wrote the other first (the key is written
+    once: every process follows the same decision)."""
     try:
         client.key_value_set(_HOW, proposal)
         return proposal
@@ -190,34 +214,59 @@ def _settle(client: Any, proposal: str) -> str:
         return client.blocking_key_value_get(_HOW, 1000)
 
 
+def finish(status: int) -> None:
+    """For a process of several whose script ends as planned (its work done, or stopped with
+    the others at a step they all reached: status `status`), before JAX's exit: marks it, so
+    that one that stops early after the last exchange (`stop_together`) sees every process end
+    and lets JAX's exit run. If one already stopped alone and left, ends at once with `status`
+    (JAX's exit would wait for it, then abort). Nothing with one process, or once marked."""
+    state = _coordination()
+    if state is None or _ended_here:
+        return
+    try:
+        with _signals_held():
+            if _mark(state, "") and _settle(state.client, "together") != "together":
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(status)
+    except Exception:  # the service is gone: process 0 ended; JAX's exit reports it
+        pass
+
+
 def stop_together(cause: str) -> bool:
     """For a process of several that ends before its work is done (`cause`: "SIGTERM",
-    "Ctrl-C", an error message; its first line is kept): True
-    when every process ends too, so that JAX's exit, which waits at a barrier for every process,
-    may run (a scheduler stops them all); False when this one ends alone, and must end without
-    JAX's exit (`os._exit`): it would wait there while the others wait for it in their next
-    collective (5 minutes, then all abort with C++ stacks). The others then end at that
-    collective, in one line naming this process and `cause` (`exit_at_once_if_a_peer_is_lost`).
+    "Ctrl-C", an error message; its first line is kept): True when every process ends too, so
+    that JAX's exit, which waits at a barrier for every process, may run (a scheduler stops
+    them all; the others finished their work, `finish`); False when this one ends alone, and
+    must end without JAX's exit (`os._exit`): it would wait there while the others wait for it
+    in their next collective (5 minutes, then all abort with C++ stacks). The others then end
+    at that collective, in one line naming this process and `cause`
+    (`exit_at_once_if_a_peer_is_lost`).
 
-    The process marks in the coordination service that it stops and waits up to `STOP_WAIT_S`
-    for every other to do so (all interrupted by a scheduler, all failing on the same input);
-    the first to see all marks, or to give up waiting, writes the decision, which all follow. A
-    second interrupt while it waits ends the wait (alone, unless all were marked already). True
-    at once with one process; False if the service is gone (process 0 left). When process 0,
-    which runs the service, leaves alone, the others end with JAX's own message ("Terminating
-    process because the JAX distributed service detected fatal errors") and a C++ stack.
+    The process marks in the coordination service that it ends and waits up to `STOP_WAIT_S`
+    for every other to (all interrupted, all failing on the same input, all done); the first to
+    see all marks, or to give up waiting, writes the decision, which all follow. A second
+    interrupt while it waits ends the wait (alone, unless all were marked already). True at
+    once with one process; False if the service is gone (process 0 left) or does not answer.
+    When process 0, which runs the service, leaves alone, the others end with JAX's own
+    message ("Terminating process because the JAX distributed service detected fatal errors")
+    and a C++ stack; a process waiting in a collective with one that stopped first cannot take
+    its own interrupt, and ends at that collective instead.
     """
     state = _coordination()
     if state is None:
         return True
     client = state.client
-    cause = (cause.strip().splitlines() or [""])[0][:_MAX_CAUSE]
+    cause = (cause.strip().splitlines() or [""])[0][:_MAX_CAUSE] or "stopped"
+    # Interrupts wait from here on (the process ends soon), but during the wait for the others:
+    # one cutting a call to the service would leave the marks or the decision half written.
+    signal.pthread_sigmask(signal.SIG_BLOCK, _INTERRUPTS)
     try:
-        client.key_value_set(f"{_STOPPED}{state.process_id}", cause, allow_overwrite=True)
-        if client.key_value_increment(_STOPPING, 1) == state.num_processes:
+        if _mark(state, cause):
             return _settle(client, "together") == "together"
         deadline = time.monotonic() + STOP_WAIT_S
         try:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _INTERRUPTS)
             while True:  # in short waits: a second Ctrl-C raises between them
                 try:
                     return client.blocking_key_value_get(_HOW, 200) == "together"
@@ -228,6 +277,8 @@ def stop_together(cause: str) -> bool:
                         break
         except KeyboardInterrupt:
             pass
+        finally:
+            signal.pthread_sigmask(signal.SIG_BLOCK, _INTERRUPTS)
         return _settle(client, "alone") == "together"
     except Exception:  # the service is gone
         return False
@@ -241,22 +292,23 @@ def end_unless_all_stop(cause: str, status: int) -> None:
     if stop_together(cause):
         return
     print(
-        f"process {_coordination().process_id} stops without the others (not all stopped within "
-        f"{STOP_WAIT_S:.0f} s): they end at their next collective with it",
+        f"process {_coordination().process_id} stops without the others: they end at their "
+        "next collective with it",
         file=sys.stderr,
         flush=True,
     )
     sys.stdout.flush()
     if status < 0:
         signal.signal(-status, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {-status})
         os.kill(os.getpid(), -status)
     os._exit(status)
 
 
 def _who_stopped(wait_s: float = 1.0) -> str:
     """`process 1 of this run stopped without the others (SIGTERM)`: the processes that marked
-    in the coordination service that they stop (`stop_together`); "" if none did or the service
-    does not answer within `wait_s` (it runs in process 0, which may be the one gone)."""
+    in the coordination service that they stop early (`stop_together`); "" if none did or the
+    service does not answer within `wait_s` (it runs in process 0, which may be the one gone)."""
     state, found = _coordination(), []
     if state is None:
         return ""
@@ -264,12 +316,12 @@ def _who_stopped(wait_s: float = 1.0) -> str:
 
     def read() -> None:
         with contextlib.suppress(Exception):
-            found.extend(client.key_value_dir_get(_STOPPED))
+            found.extend(client.key_value_dir_get(_ENDED))
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     reader.join(wait_s)
-    marks = sorted((int(key.rsplit("/", 1)[-1]), cause) for key, cause in list(found))
+    marks = sorted((int(key.rsplit("/", 1)[-1]), cause) for key, cause in list(found) if cause)
     if len(marks) == 1:
         return f"process {marks[0][0]} of this run stopped without the others ({marks[0][1]})"
     listed = ", ".join(f"{index} ({cause})" for index, cause in marks)
@@ -289,6 +341,9 @@ def exit_at_once_if_a_peer_is_lost(what_is_kept: str | Callable[[], str]) -> Ite
         lost = lost_peer(error) if jax.process_count() > 1 else None
         if lost is None:
             raise
+        # An interrupt from here on would skip the exit below (this process's own SIGTERM
+        # while its peer left first): it ends here anyway.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _INTERRUPTS)
         first_line = str(lost).strip().splitlines()[0]
         stopped = _who_stopped()
         gone = (

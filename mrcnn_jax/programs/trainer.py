@@ -116,10 +116,14 @@ class MetricWriter:
                 reason = error.strerror
             else:
                 reason = storage_errors.tensorflow_error_text(error)
+            try:
+                resumes = has_checkpoint(self._workdir)
+            except Exception:  # the storage fails to list it too: say what a resume does
+                resumes = True
             kept = (
                 "the complete checkpoints are kept. Free some space and run the same command "
                 "again: a training run resumes from the latest"
-                if has_checkpoint(self._workdir)
+                if resumes
                 else "no checkpoint was written yet. Free some space and run the same command "
                 "again: it starts from step 0"
             )
@@ -584,7 +588,7 @@ def check_workdir_outside_checkpoints(workdir: epath.PathLike) -> None:
     (`W/checkpoints`, `W/checkpoints/10`, a path that eval.py, predict.py and `load_checkpoint`
     take for W's checkpoints): a run there started afresh, its checkpoints then hid W's from
     those readers, and W's clean-up of old checkpoints deleted its files. A workdir holds
-    `config.json` (written before training) or `.train.lock`.
+    `.train.lock` or the trainer's `config.json` (`_is_workdir`).
 
     Raises:
       ValueError: naming the run's workdir.
@@ -592,13 +596,23 @@ def check_workdir_outside_checkpoints(workdir: epath.PathLike) -> None:
     workdir = epath.Path(paths.absolute(workdir))
     for folder in [workdir, *list(workdir.parents)[:2]]:
         run = folder.parent
-        if folder.name == ckpt_lib.checkpoint_dir(run).name and any(
-            (run / name).exists() for name in ("config.json", LOCK_FILE)
-        ):
+        if folder.name == ckpt_lib.checkpoint_dir(run).name and _is_workdir(run):
             raise ValueError(
                 f"the workdir {workdir} is inside the checkpoints folder of the training run in "
                 f"{run}: train in --workdir={run} to resume that run, or in a folder of its own"
             )
+
+
+def _is_workdir(folder: epath.Path) -> bool:
+    """Whether `folder` is a training run's workdir: it holds the lock file, or the config
+    the trainer writes (`config.json` with `model` and `train`), not any `config.json`."""
+    if (folder / LOCK_FILE).exists():
+        return True
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and {"model", "train"} <= config.keys()
 
 
 def agreement_settings(
@@ -701,7 +715,8 @@ def _stop_on_sigterm() -> Iterator[_Stop]:
             stop.cause = "Ctrl-C (SIGINT) of this process"
             print(
                 "interrupted: every process stops at the next step they all reach, with a "
-                "checkpoint (Ctrl-C again stops this process alone, within 10 s)",
+                "checkpoint (Ctrl-C again stops this process alone, within "
+                f"{processes.STOP_WAIT_S:.0f} s)",
                 file=sys.stderr,
                 flush=True,
             )

@@ -261,6 +261,9 @@ def _read_arrays(manager: ocp.CheckpointManager, step: int, read: Callable[[], T
     checkpoint's b-tree nodes carry checksums, the arrays' chunks do not.
 
     Raises:
+      KeyboardInterrupt: a Ctrl-C or SIGTERM (`interrupts.Terminated`) cut the read, which orbax
+        reports as a failed read ("Encountered error while reading array index"); the scripts'
+        handler counts it (`interrupts.raised_since`).
       CorruptCheckpointError: reading failed in TensorStore (a data file truncated, deleted or
         with other bytes), naming the step folder, TensorStore's reason (without its ~2 KB spec)
         and the other complete steps. Not chained to orbax's error: that holds the asyncio tasks
@@ -269,9 +272,12 @@ def _read_arrays(manager: ocp.CheckpointManager, step: int, read: Callable[[], T
       Exception: any other error of `read` (e.g. a tree that does not fit), unchanged.
     """
     storage_errors.drop_reports_of_failures()  # before reading: threads report at once
+    raised = interrupts.raised_count()
     try:
         return read()
     except Exception as error:  # orbax wraps TensorStore's error in a bare `Exception`
+        if (signum := interrupts.raised_since(raised)) is not None:  # not a damaged checkpoint
+            raise interrupts.exception_of(signum) from None
         reason = storage_errors.storage_failure(error)
         if reason is None:
             raise
