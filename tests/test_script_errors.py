@@ -91,6 +91,12 @@ def test_a_ctrl_c_the_script_does_not_handle_is_one_line():
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
 
 
+def assert_interrupted(result: subprocess.CompletedProcess) -> None:
+    """Ended by a Ctrl-C as `launch.run` ends a script: one line, killed by SIGINT."""
+    assert result.returncode == -signal.SIGINT, result.stderr[-3000:]
+    assert result.stderr.endswith("interrupted (Ctrl-C)\n"), result.stderr[-3000:]
+
+
 def run_launched(tmp_path, body: str) -> subprocess.CompletedProcess:
     """`body` (the lines of a script's `main`) run by `launch.run`, in a subprocess."""
     code = (
@@ -136,8 +142,7 @@ def test_a_ctrl_c_that_python_drops_in_a_finalizer_still_stops_the_script(tmp_pa
         "time.sleep(30)\n"
         "open('finished', 'w').close()",
     )
-    assert result.returncode == -signal.SIGINT, result.stderr[-3000:]
-    assert result.stderr.endswith("interrupted (Ctrl-C)\n"), result.stderr[-3000:]
+    assert_interrupted(result)
     assert "Exception ignored" not in result.stderr and os.listdir(tmp_path) == []
 
 
@@ -161,8 +166,7 @@ def test_a_ctrl_c_during_a_compile_stops_the_script_after_it(tmp_path):
         "time.sleep(1)\n"
         "open('finished', 'w').close()",
     )
-    assert result.returncode == -signal.SIGINT, result.stderr[-3000:]
-    assert result.stderr.endswith("interrupted (Ctrl-C)\n"), result.stderr[-3000:]
+    assert_interrupted(result)
     compiled = os.listdir(tmp_path)
     assert len(compiled) == 1 and compiled[0].startswith("compiled in "), compiled
     assert float(compiled[0].split()[2]) > 0.3, compiled  # the signal came during the compile
@@ -191,8 +195,7 @@ def test_a_ctrl_c_in_a_compile_waits_for_it_unless_pressed_again(tmp_path, signa
         "    open(f'{time.time() - start:.1f}', 'w').close()\n"
         "time.sleep(5)",
     )
-    assert result.returncode == -signal.SIGINT, result.stderr[-3000:]
-    assert result.stderr.endswith("interrupted (Ctrl-C)\n"), result.stderr[-3000:]
+    assert_interrupted(result)
     (seconds,) = [float(name) for name in os.listdir(tmp_path)]
     assert (2.9 < seconds < 4) if stopped == "after" else (0.7 < seconds < 2), seconds
 
@@ -215,7 +218,7 @@ def test_a_ctrl_c_in_a_loop_waiting_for_the_device_stops_it_at_once(tmp_path):
         "finally:\n"
         "    open(f'{time.time() - start:.1f}', 'w').close()",
     )
-    assert result.returncode == -signal.SIGINT, result.stderr[-3000:]
+    assert_interrupted(result)
     (seconds,) = [float(name) for name in os.listdir(tmp_path)]
     assert seconds < 3, seconds
 
