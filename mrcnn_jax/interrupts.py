@@ -2,7 +2,7 @@
 KeyboardInterrupt, and SIGTERM (a scheduler's stop), where `scripts/` ask for it
 (`launch.run`), raises `Terminated`, a KeyboardInterrupt too, so that every clean-up written for
 a Ctrl-C (a partial file or export removed, a checkpoint save completed) runs for both. The
-scripts' handler (`raise_interrupt`) raises outside JAX's code only.
+scripts' handler (`raise_interrupt`) raises after a compile, not inside it.
 """
 
 import signal
