@@ -101,10 +101,10 @@ def main(argv):
         jax.local_device_count(),
         jax.device_count(),
     )
-    from mrcnn_jax.train.checkpoint import checkpoint_dir
+    from mrcnn_jax.train.checkpoint import checkpoint_dir, has_complete_checkpoint
 
     def kept(where: str) -> str:  # read when the run stops: a fresh run may have none yet
-        if trainer.has_checkpoint(workdir):
+        if has_complete_checkpoint(workdir):  # no collective: a process may be gone
             return (
                 f"The complete checkpoints in {checkpoint_dir(workdir)} are kept: run the same "
                 f"command{where} to resume from the latest."

@@ -661,3 +661,15 @@ def test_sigterm_checkpoints_the_step_it_interrupts_and_a_rerun_resumes(
     manager = ckpt_lib.create_manager(workdir, read_only=True)
     assert manager.all_steps() == [STEP, STEP + 1, 6]
     manager.close()
+
+
+def test_has_complete_checkpoint_reads_the_files_alone(saved, tmp_path):
+    """What train.py and the metrics writer say is kept when a run stops is read from the files
+    (an orbax manager's creation is a collective: with a process gone, it failed again inside
+    the one-line exit, a traceback instead)."""
+    workdir, _ = saved
+    assert ckpt_lib.has_complete_checkpoint(workdir)
+    assert not ckpt_lib.has_complete_checkpoint(tmp_path / "absent")
+    (tmp_path / "checkpoints" / "3").mkdir(parents=True)  # an interrupted copy
+    (tmp_path / "checkpoints" / "4.orbax-checkpoint-tmp-1").mkdir()  # a killed save
+    assert not ckpt_lib.has_complete_checkpoint(tmp_path)

@@ -346,7 +346,10 @@ def test_a_process_killed_mid_training_ends_the_other_in_one_line_at_once(tmp_pa
         "log); process 0 stopped at a collective with it ("
     )
     assert message in output, output[-3000:]
-    assert f"The complete checkpoints in {workdir / 'checkpoints'} are kept" in output
+    if ckpt_lib.has_complete_checkpoint(workdir):  # step 1's may have been cut by the kill
+        assert f"The complete checkpoints in {workdir / 'checkpoints'} are kept" in output
+    else:
+        assert f"No checkpoint in {workdir / 'checkpoints'} was complete yet" in output
     assert "MiB free" not in output  # not taken for a full disk
     assert "Traceback" not in output and "Fatal Python error" not in output, output[-3000:]
 

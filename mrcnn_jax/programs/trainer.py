@@ -116,14 +116,10 @@ class MetricWriter:
                 reason = error.strerror
             else:
                 reason = storage_errors.tensorflow_error_text(error)
-            try:
-                resumes = has_checkpoint(self._workdir)
-            except Exception:  # the storage fails to list it too: say what a resume does
-                resumes = True
             kept = (
                 "the complete checkpoints are kept. Free some space and run the same command "
                 "again: a training run resumes from the latest"
-                if resumes
+                if ckpt_lib.has_complete_checkpoint(self._workdir)  # process 0 alone: no orbax
                 else "no checkpoint was written yet. Free some space and run the same command "
                 "again: it starts from step 0"
             )

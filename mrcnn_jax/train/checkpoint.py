@@ -306,6 +306,19 @@ def holds_checkpoints(workdir: epath.PathLike) -> bool:
     return folder.is_dir() and any(_INTERRUPTED_SAVE not in p.name for p in folder.iterdir())
 
 
+def has_complete_checkpoint(workdir: epath.PathLike) -> bool:
+    """Whether `<workdir>/checkpoints` holds a complete checkpoint (`missing_parts`), read from
+    its files alone: no orbax manager, whose creation is a collective of all processes (one on
+    process 0 alone, or with a process gone, would wait for them). False where it cannot be
+    listed."""
+    try:
+        return any(
+            p.name.isdigit() and not missing_parts(p) for p in checkpoint_dir(workdir).iterdir()
+        )
+    except Exception:  # OSError locally; the storage backend's own errors elsewhere
+        return False
+
+
 def checkpoint_dir(workdir: epath.PathLike) -> epath.Path:
     """Where the checkpoints of a workdir live: `<workdir>/checkpoints`, a local workdir made
     absolute (`paths.absolute`: `~` expanded, relative to the current folder), as orbax refuses
