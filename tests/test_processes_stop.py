@@ -112,6 +112,7 @@ def test_a_process_interrupted_alone_leaves_and_the_other_names_it(tmp_path, how
     assert "Traceback" not in output_0 + output_1 and "Fatal" not in output_0 + output_1
 
 
+@pytest.mark.slow  # the same protocol as the interrupted cases above (the default run's time)
 def test_a_process_failing_alone_leaves_and_the_other_names_its_error(tmp_path):
     (status_0, output_0), (status_1, output_1) = exchange(tmp_path, "1", "raise")
     assert status_1 == 1 and "RuntimeError: a bug" in output_1, output_1[-3000:]
@@ -122,6 +123,7 @@ def test_a_process_failing_alone_leaves_and_the_other_names_its_error(tmp_path):
     ), output_0[-3000:]
 
 
+@pytest.mark.slow  # the default run's time; the README's commands stop one process
 @pytest.mark.parametrize("how, status", [("TERM", 143), ("exit", 1)])
 def test_processes_stopped_together_exit_as_before(tmp_path, how, status):
     """Both interrupted (a scheduler), or both failing on the same input: each ends with its own
