@@ -345,12 +345,8 @@ def exit_at_once_if_a_peer_is_lost(what_is_kept: str | Callable[[], str]) -> Ite
         # while its peer left first): it ends here anyway.
         signal.pthread_sigmask(signal.SIG_BLOCK, _INTERRUPTS)
         first_line = str(lost).strip().splitlines()[0]
-        stopped = _who_stopped()
-        gone = (
-            stopped
-            if stopped
-            else "another process of this run is gone (killed, out of memory, preempted: see "
-            "its log)"
+        gone = _who_stopped() or (
+            "another process of this run is gone (killed, out of memory, preempted: see its log)"
         )
         print(
             f"error: {gone}; process {jax.process_index()} stopped at a collective with it "
