@@ -887,6 +887,7 @@ def checkpoint_folder(model_setup, tmp_path) -> tuple[pathlib.Path, pathlib.Path
     return workdir, folder
 
 
+@pytest.mark.slow  # four script runs (48 s in the default run)
 def test_scripts_write_into_the_workdir_of_a_checkpoint_folder(
     model_setup, inputs, compile_cache, tmp_path
 ):

@@ -411,6 +411,7 @@ def test_a_split_that_selects_no_image_is_refused_before_training(field, spec, d
     assert not list((tmp_path / "checkpoints").glob("*"))
 
 
+@pytest.mark.slow  # two training runs (51 s in the default run)
 def test_a_run_stopped_before_an_eval_step_was_evaluated_evaluates_it_on_resume(
     trained, tmp_path, capsys
 ):
