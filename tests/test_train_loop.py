@@ -350,8 +350,10 @@ def test_resume_rejects_an_incompatible_config(trained, data_dir, tmp_path):
     changed = run_config(data_dir, **{"model.roi_heads.fg_iou": 0.6, "train.num_steps": 6})
     with pytest.raises(
         ValueError, match=r"model\.roi_heads\.fg_iou: checkpoint 0\.5 vs config 0\.6"
-    ):
+    ) as refused:
         trainer.train_and_evaluate(changed, str(workdir))
+    # The way forward for weights trained or converted elsewhere: start from them.
+    assert str(refused.value).endswith(f"new --workdir with --config.model.init_from={workdir}")
     assert (workdir / "config.json").read_text() == config_json
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4"]
 

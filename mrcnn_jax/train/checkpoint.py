@@ -714,9 +714,13 @@ def restore(
     saved = load_config(manager, step)
     problems = config_mismatches(saved, config)
     if problems:
+        workdir = epath.Path(manager.directory).parent
         raise ValueError(
             f"checkpoint {manager.directory}/{step} was written with another config:\n  "
             + "\n  ".join(problems)
+            + f"\nTo resume that run, give it the config it was written with; to start from its "
+            f"weights with this config (e.g. converted weights fine-tuned on your data), train "
+            f"in a new --workdir with --config.model.init_from={workdir}"
         )
     optimizer = saved["train"]["optimizer"]
     if optimizer != config.train.optimizer:
