@@ -79,6 +79,7 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     launch.initialize()
     from mrcnn_jax.programs import processes
+    from mrcnn_jax.train.checkpoint import checkpoint_dir, has_complete_checkpoint
 
     try:  # before the checks below, which one process alone may fail (its peers would wait)
         processes.check_processes_agree(trainer.agreement_settings(config, workdir))
@@ -89,7 +90,7 @@ def main(argv):
     try:
         trainer.check_workdir_outside_checkpoints(workdir)
         trainer.check_train_config(config)
-        if not trainer.has_checkpoint(workdir):  # a fresh run: its weights' sources too
+        if not has_complete_checkpoint(workdir):  # a fresh run: its weights' sources too
             trainer.check_backbone_init(config.model)
     except (ValueError, FileNotFoundError) as error:
         raise app.UsageError(str(error)) from error
@@ -101,7 +102,6 @@ def main(argv):
         jax.local_device_count(),
         jax.device_count(),
     )
-    from mrcnn_jax.train.checkpoint import checkpoint_dir, has_complete_checkpoint
 
     def kept(where: str) -> str:  # read when the run stops: a fresh run may have none yet
         if has_complete_checkpoint(workdir):  # no collective: a process may be gone

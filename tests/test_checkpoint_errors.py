@@ -673,3 +673,32 @@ def test_has_complete_checkpoint_reads_the_files_alone(saved, tmp_path):
     (tmp_path / "checkpoints" / "3").mkdir(parents=True)  # an interrupted copy
     (tmp_path / "checkpoints" / "4.orbax-checkpoint-tmp-1").mkdir()  # a killed save
     assert not ckpt_lib.has_complete_checkpoint(tmp_path)
+
+
+def test_the_complete_steps_are_read_from_the_files_as_they_are_now(saved, tmp_path):
+    """A manager's own list of steps is the one it read when made: a checkpoint written or
+    deleted since by another process (a training beside eval.py, say) was left out of, or named
+    in, the steps an error called complete. An explicit step whose save is in progress (or was
+    cut by a kill) says so."""
+    workdir = copy_workdir(saved, tmp_path)
+    manager = ckpt_lib.create_manager(workdir, read_only=True)
+    checkpoints = workdir / "checkpoints"
+    shutil.copytree(checkpoints / str(STEP), checkpoints / "9")  # written by another process
+    (checkpoints / "12.orbax-checkpoint-tmp-3").mkdir()  # a save in progress
+    assert manager.all_steps() == [STEP]
+    assert ckpt_lib.complete_steps(manager) == [STEP, 9]
+    assert ckpt_lib.choose_step(manager, 9) == 9
+    with pytest.raises(FileNotFoundError) as refused:
+        ckpt_lib.choose_step(manager, 12)
+    assert str(refused.value) == (
+        f"no complete checkpoint 12 in {checkpoints} (found steps [{STEP}, 9]): it is being "
+        "written, or a kill cut its save (folder 12.orbax-checkpoint-tmp-3)"
+    )
+    shutil.rmtree(checkpoints / str(STEP))  # deleted by a training's clean-up
+    assert ckpt_lib.complete_steps(manager) == [9]
+    with pytest.raises(
+        FileNotFoundError, match=rf"no complete checkpoint {STEP} .*\(found steps \[9\]\)$"
+    ):
+        ckpt_lib.choose_step(manager, STEP)
+    manager.close()
+    assert ckpt_lib.complete_steps_in(tmp_path / "absent") == []

@@ -326,15 +326,6 @@ def check_backbone_init(model: ml_collections.ConfigDict) -> None:
         )
 
 
-def has_checkpoint(workdir: epath.PathLike) -> bool:
-    """Whether `workdir` holds a complete checkpoint, which a run there resumes from."""
-    try:
-        predictor.locate_checkpoint(workdir)
-    except FileNotFoundError:
-        return False
-    return True
-
-
 def check_train_config(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
     """Refuses, before any work, a config that would only fail later (after compiling the step,
     or after training), deep in JAX, or not at all: the data settings (`pipeline.check_data`),

@@ -194,12 +194,15 @@ def _writing(manager: ocp.CheckpointManager) -> Iterator[None]:
         if reason is None:
             raise
     _collect_failed_tasks()
-    steps = complete_steps(manager)
-    kept = (
-        f"the complete checkpoints there, steps {steps}, are untouched"
-        if steps
-        else "it holds no complete checkpoint yet"
-    )
+    try:
+        steps = complete_steps(manager)
+        kept = (
+            f"the complete checkpoints there, steps {steps}, are untouched"
+            if steps
+            else "it holds no complete checkpoint yet"
+        )
+    except OSError:  # it cannot be listed (e.g. its permissions changed): not this error's news
+        kept = "its complete checkpoints, if any, are untouched"
     free = _free_bytes(manager.directory)
     free = "" if free is None else f", {_mib(free)} free on its disk"
     raise CheckpointWriteError(
@@ -307,16 +310,28 @@ def holds_checkpoints(workdir: epath.PathLike) -> bool:
 
 
 def has_complete_checkpoint(workdir: epath.PathLike) -> bool:
-    """Whether `<workdir>/checkpoints` holds a complete checkpoint (`missing_parts`), read from
-    its files alone: no orbax manager, whose creation is a collective of all processes (one on
-    process 0 alone, or with a process gone, would wait for them). False where it cannot be
-    listed."""
+    """Whether `<workdir>/checkpoints` holds a complete checkpoint (`complete_steps_in`), which a
+    run there resumes from. No orbax manager, whose creation is a collective of all processes
+    (one on process 0 alone, or with a process gone, would wait for them). False where it
+    cannot be listed."""
     try:
-        return any(
-            p.name.isdigit() and not missing_parts(p) for p in checkpoint_dir(workdir).iterdir()
-        )
+        return bool(complete_steps_in(checkpoint_dir(workdir)))
     except Exception:  # OSError locally; the storage backend's own errors elsewhere
         return False
+
+
+def complete_steps_in(directory: epath.PathLike) -> list[int]:
+    """The steps (increasing) whose folders in the checkpoints folder `directory` are complete
+    checkpoints (`missing_parts`), read from its files now: a manager's own list of steps is
+    the one it read when made or last saved, not what another process wrote or deleted since.
+    Temporary folders of saves in progress and folders set aside (`<step>.incomplete`) are not
+    steps. [] when `directory` does not exist."""
+    directory = epath.Path(directory)
+    if not directory.exists():
+        return []
+    return sorted(
+        int(p.name) for p in directory.iterdir() if p.name.isdigit() and not missing_parts(p)
+    )
 
 
 def checkpoint_dir(workdir: epath.PathLike) -> epath.Path:
@@ -450,8 +465,9 @@ def missing_parts(folder: epath.PathLike) -> list[str]:
 
 
 def complete_steps(manager: ocp.CheckpointManager) -> list[int]:
-    """The steps of `manager` (increasing) whose folders are complete checkpoints."""
-    return [s for s in manager.all_steps() if not missing_parts(step_dir(manager, s))]
+    """The steps (increasing) whose folders in `manager`'s directory are complete checkpoints,
+    as its files are now (`complete_steps_in`)."""
+    return complete_steps_in(manager.directory)
 
 
 def _incomplete(manager: ocp.CheckpointManager, step: int, missing: list[str]) -> str:
@@ -502,9 +518,10 @@ def choose_step(manager: ocp.CheckpointManager, step: int | None = None) -> int:
     checkpoint of `manager`.
 
     Raises:
-      FileNotFoundError: there is no such step, or its folder is not a complete checkpoint (the
-        message names the folder, what it lacks and the complete steps), or `step` is None and
-        no step folder is complete.
+      FileNotFoundError: there is no such step (the message names its save in progress, or
+        cut by a kill, where its temporary folder exists), or its folder is not a complete
+        checkpoint (naming the folder, what it lacks and the complete steps), or `step` is None
+        and no step folder is complete.
     """
     if step is None:
         step = latest_step(manager)
@@ -512,17 +529,19 @@ def choose_step(manager: ocp.CheckpointManager, step: int | None = None) -> int:
             raise FileNotFoundError(_none_complete(manager))
         return step
     found = complete_steps(manager)
-    if step not in manager.all_steps():
+    if step in found:
+        return step
+    folder = step_dir(manager, step)
+    if folder.exists():
         raise FileNotFoundError(
-            f"no complete checkpoint {step} in {manager.directory} (found steps {found})"
-        )
-    missing = missing_parts(step_dir(manager, step))
-    if missing:
-        raise FileNotFoundError(
-            f"{_incomplete(manager, step, missing)}; the complete checkpoints in "
+            f"{_incomplete(manager, step, missing_parts(folder))}; the complete checkpoints in "
             f"{manager.directory} are steps {found}"
         )
-    return step
+    saves = sorted(p.name for p in folder.parent.glob(f"{step}{_INTERRUPTED_SAVE}*"))
+    raise FileNotFoundError(
+        f"no complete checkpoint {step} in {manager.directory} (found steps {found})"
+        + (f": it is being written, or a kill cut its save (folder {saves[0]})" if saves else "")
+    )
 
 
 def resume_step(manager: ocp.CheckpointManager) -> int | None:
