@@ -768,6 +768,27 @@ def test_turned_photos_empty_masks_and_boxes_outside_get_one_warning_each(tmp_pa
     assert not said("far from their mask")  # the box past the edge still fits its mask
 
 
+@pytest.mark.parametrize("orientation", [6, 1])
+def test_sizes_swapped_by_an_exif_orientation_say_how_to_turn_the_images(orientation, tmp_path):
+    """A tool that showed a JPEG turned by its EXIF orientation (5-8 swap the axes) wrote the
+    turned size, and drew the annotations on the turned image: refused, saying how to write the
+    images turned. Swapped sizes without such a tag say only what the json and the file say."""
+    splits = write_dataset(epath.Path(tmp_path))
+    path = tmp_path / "images" / "rgb.jpg"  # image id 1, 48×64
+    image = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+    path.write_bytes(jpeg_with_orientation(image, orientation, "MM"))
+    _edit_json(splits, "train", lambda d: d["images"][0].update(height=64, width=48))
+    message = f"{path}: image id 1 decodes to (48, 64), but {splits['train'][0]} says (height, "
+    message += "width) = (64, 48)"
+    turned = ": its EXIF orientation (6) turns it in photo viewers and annotation tools, so its "
+    turned += "annotations were likely drawn on the turned image. Write the images turned as "
+    turned += "shown (on copies, e.g. ImageMagick's `mogrify -auto-orient *.jpg`) and use those"
+    categories = sorted((c["id"], c["name"]) for c in CATEGORIES)
+    with pytest.raises(ValueError) as refused:
+        dict(coco_reader.coco_examples(*splits["train"], categories))
+    assert str(refused.value) == message + (turned if orientation == 6 else "")
+
+
 def test_polygon_parts_of_fewer_than_3_points_beside_valid_ones_are_dropped(tmp_path):
     root = epath.Path(tmp_path)
     splits = write_dataset(root)

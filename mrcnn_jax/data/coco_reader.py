@@ -20,7 +20,8 @@ canvas. Each split logs how many images were read so.
 
 The json may start with a UTF-8 byte order mark. Bad input raises ValueError naming the json and the
 image or annotation id: a missing, empty or undecodable image file, or one whose size differs from
-the json; image or annotation ids that are not integers, or repeat; an image id of magnitude 2**62
+the json (sizes swapped by a JPEG's EXIF orientation: the message says how to write the images
+turned); image or annotation ids that are not integers, or repeat; an image id of magnitude 2**62
 or more (``schema.IMAGE_ID_LIMIT``); an image ``height`` or ``width`` that is not a positive
 integer, or a ``file_name`` that is not a string; a category id not listed in ``categories``;
 annotations without ``segmentation`` (all of them are counted: Mask R-CNN needs a mask for every
@@ -402,7 +403,14 @@ def _read_image(image: dict, image_dir: epath.Path, path: epath.Path) -> tuple[b
     except (OSError, ValueError, cv2.error, tf.errors.OpError) as e:
         raise ValueError(f"{file}: cannot read or decode image id {image['id']}: {e}") from e
     if tuple(shape[:2]) != size:
-        hint = " (rotated by its EXIF orientation?)" if tuple(shape[1::-1]) == size else ""
+        turned = image_headers.exif_orientation(encoded) if tuple(shape[1::-1]) == size else 1
+        hint = (
+            f": its EXIF orientation ({turned}) turns it in photo viewers and annotation tools, "
+            "so its annotations were likely drawn on the turned image. Write the images turned "
+            "as shown (on copies, e.g. ImageMagick's `mogrify -auto-orient *.jpg`) and use those"
+            if turned >= 5  # 5-8 swap the axes
+            else ""
+        )
         raise ValueError(
             f"{file}: image id {image['id']} decodes to {tuple(shape[:2])}, but {path} says "
             f"(height, width) = {size}{hint}"
