@@ -248,7 +248,7 @@ def test_two_processes_train_resume_and_evaluate_as_one(tmp_path, launches):
     assert list(losses_two) == list(losses_one) == list(range(1, NUM_STEPS + 1))
     for step, record in losses_one.items():
         for key, value in record.items():
-            if key != "train/steps_per_second":
+            if key not in ("train/steps_per_second", "train/input_wait"):
                 np.testing.assert_allclose(
                     losses_two[step][key], value, rtol=1e-4, atol=1e-6, err_msg=f"{key} {step}"
                 )

@@ -70,12 +70,26 @@ def run_config(data_dir: str, **overrides) -> ml_collections.ConfigDict:
     )
 
 
+INPUT_DELAY_S = 2.0  # the `trained` run waits so long for step 3's batch (input_wait)
+
+
 @pytest.fixture(scope="module")
 def trained(compile_cache, data_dir, tmp_path_factory):
-    """(workdir, config, returned metrics) of one uninterrupted run."""
+    """(workdir, config, returned metrics) of one uninterrupted run; step 3's batch comes
+    `INPUT_DELAY_S` late, as from a slow input pipeline."""
     workdir = tmp_path_factory.mktemp("run")
     config = run_config(data_dir)
-    metrics = trainer.train_and_evaluate(config, str(workdir))
+    create = trainer.pipeline.create_train_dataset
+
+    def late_third_batch(*args, **kwargs):
+        for number, batch in enumerate(create(*args, **kwargs), 1):
+            if number == 3:
+                time.sleep(INPUT_DELAY_S)
+            yield batch
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(trainer.pipeline, "create_train_dataset", late_third_batch)
+        metrics = trainer.train_and_evaluate(config, str(workdir))
     return workdir, config, metrics
 
 
@@ -84,9 +98,12 @@ def copy_workdir(trained, tmp_path):
     return shutil.copytree(trained[0], tmp_path / "workdir")
 
 
+TIMINGS = {"train/steps_per_second", "train/input_wait"}
+
+
 def timeless(rows: list[dict]) -> list[dict]:
     """metrics.jsonl rows without their timings."""
-    return [{k: v for k, v in r.items() if "per_second" not in k} for r in rows]
+    return [{k: v for k, v in r.items() if k not in TIMINGS} for r in rows]
 
 
 def final_state(workdir) -> dict:
@@ -174,12 +191,20 @@ def test_train_and_evaluate_writes_logs_checkpoints_and_metrics(trained):
     train_keys = {
         "step", "train/loss", "train/loss_rpn_cls", "train/loss_rpn_box", "train/loss_cls",
         "train/loss_box_reg", "train/loss_mask", "train/num_proposals", "train/num_fg_rois",
-        "train/num_mask_rois", "train/grad_norm", "train/learning_rate", "train/steps_per_second",
+        "train/num_mask_rois", "train/grad_norm", "train/learning_rate", *TIMINGS,
     }  # fmt: skip
-    for record in train_records:  # steps/s leaves out the first step (it compiles)
-        keys = train_keys - {"train/steps_per_second"} if record["step"] == 1 else train_keys
+    for record in train_records:  # the timings leave out the first step (it compiles)
+        keys = train_keys - TIMINGS if record["step"] == 1 else train_keys
         assert set(record) == keys
         assert all(np.isfinite(v) for v in record.values())
+    # Step 3 waited INPUT_DELAY_S for its batch: input_wait / steps_per_second is the wait per
+    # step. The others' batches were ready (prefetched during the compile and that wait).
+    waits = {r["step"]: r["train/input_wait"] for r in train_records[1:]}
+    per_step = {
+        r["step"]: r["train/input_wait"] / r["train/steps_per_second"] for r in train_records[1:]
+    }
+    assert per_step[3] >= INPUT_DELAY_S and waits[3] <= 1, (waits, per_step)
+    assert waits[2] < 0.5 and waits[4] < 0.5, (waits, per_step)
     (eval_record,) = [r for r in records if "eval/bbox/AP" in r]
     assert eval_record == {"step": NUM_STEPS, **{f"eval/{k}": v for k, v in metrics.items()}}
 

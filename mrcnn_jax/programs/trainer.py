@@ -807,8 +807,9 @@ def _train_and_evaluate(
         dynamic_ncols=True,
     )
     # steps_per_second measures training: a window's steps over its time, without the steps
-    # that compile (the first one; one per canvas group) and the checkpoints and evaluations.
-    window_start, window_steps = time.time(), 0
+    # that compile (the first one; one per canvas group) and the checkpoints and evaluations;
+    # input_wait, the fraction of that time spent waiting for the next batch.
+    window_start, window_steps, waited = time.time(), 0, 0.0
     eval_metrics = {}
     saved_step = start_step if resuming else None
     canvases = set()  # of the batches so far: a new one compiles the step (once per group)
@@ -820,7 +821,9 @@ def _train_and_evaluate(
         if resuming and due and not writer.logged_eval(start_step):
             eval_metrics = run_eval(start_step)
         for step in range(start_step, t.num_steps):
+            asked = time.time()
             batch = next(batches)
+            fetched = time.time() - asked
             canvas = batch["image"].shape[1:3]
             compiles = canvas not in canvases
             if compiles and config.data.canvas_groups:
@@ -837,18 +840,21 @@ def _train_and_evaluate(
             done = step + 1
             if compiles:
                 jax.block_until_ready(metrics)
-                window_start, window_steps = time.time(), 0
+                window_start, window_steps, waited = time.time(), 0, 0.0
             else:
                 window_steps += 1
+                waited += fetched
             if done % t.log_every == 0 or done % t.checkpoint_every == 0 or done == t.num_steps:
                 scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 _check_finite(done, scalars, saved_step)
                 now = time.time()
                 postfix = {"loss": f"{scalars['loss']:.3f}"}
                 if window_steps:  # none in a window of only the compiling step
-                    sps = scalars["steps_per_second"] = window_steps / max(now - window_start, 1e-9)
+                    window = max(now - window_start, 1e-9)
+                    sps = scalars["steps_per_second"] = window_steps / window
+                    scalars["input_wait"] = min(waited / window, 1.0)
                     postfix["sps"] = f"{sps:.2f}"
-                window_start, window_steps = now, 0
+                window_start, window_steps, waited = now, 0, 0.0
                 writer.write(done, {f"train/{k}": v for k, v in scalars.items()})
                 bar.set_postfix(postfix)
             bar.update(1)
