@@ -20,8 +20,9 @@ def is_url(path: str | os.PathLike) -> bool:
 
 
 def absolute(path: str | os.PathLike) -> str:
-    """`path` with `~` expanded, relative to the current folder if not absolute; a URL or "" as
-    it is.
+    """`path` with `~` expanded, relative to the current folder if not absolute, normalized
+    (`a/../b`, `//`; a leading `//` too, which POSIX lets a system give its own meaning, Linux
+    and macOS none, and TensorStore, orbax's storage, refuses); a URL or "" as it is.
 
     Raises:
       ValueError: a URL of a scheme not in `URL_SCHEMES` (`ram://`, `file://`: etils.epath
@@ -39,7 +40,8 @@ def absolute(path: str | os.PathLike) -> str:
         raise ValueError(f"{path}: a URL takes two slashes ({path[:3]}//...)")
     if not path or is_url(path):
         return path
-    return os.path.abspath(os.path.expanduser(path))
+    path = os.path.abspath(os.path.expanduser(path))
+    return path[1:] if path.startswith("//") else path  # abspath keeps exactly two
 
 
 def unreachable(path: str | os.PathLike) -> str:

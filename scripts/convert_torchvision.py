@@ -73,7 +73,7 @@ flags.register_validator(
     lambda value: value is None or (math.isfinite(value) and value >= 0),
     "--bn_epsilon must be a finite number >= 0",
 )
-flags.mark_flags_as_required(["out"])
+launch.mark_paths_required(["out"])
 
 
 def release_config(path: Path):

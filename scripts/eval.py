@@ -101,7 +101,7 @@ _OUT_DIR = flags.DEFINE_string(
 )
 launch.define_flags()
 flags.adopt_module_key_flags(launch)  # --help lists them too
-flags.mark_flag_as_required("workdir")
+launch.mark_paths_required(["workdir"])
 
 
 def metrics_table(metrics: dict[str, float]) -> str:

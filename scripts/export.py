@@ -53,7 +53,7 @@ _BATCH_SIZE = flags.DEFINE_integer(
     "Static batch of the model inside `serving_batch` (batches of any size run in chunks of "
     "it, the last one padded); larger suits accelerators.",
 )
-flags.mark_flags_as_required(["workdir", "out"])
+launch.mark_paths_required(["workdir", "out"])
 
 
 def main(argv):

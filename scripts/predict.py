@@ -143,7 +143,7 @@ _EXIF_ORIENTATION = flags.DEFINE_bool(
     "before predicting; the drawings and detections.json then refer to the turned image. "
     "Default: the stored pixels, as training and evaluation read them.",
 )
-flags.mark_flag_as_required("workdir")
+launch.mark_paths_required(["workdir"])
 
 
 def coco_results(

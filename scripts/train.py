@@ -52,7 +52,8 @@ _CONFIG = launch.define_config_flag("config", "Config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl, TensorBoard logs.")
 launch.define_flags()
 flags.adopt_module_key_flags(launch)  # --help lists them too
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flag_as_required("config")
+launch.mark_paths_required(["workdir"])
 
 
 def main(argv):

@@ -436,6 +436,16 @@ def test_urls_etils_cannot_open_are_refused_naming_them(path, message):
     assert paths.absolute("runs/gs:/a") == os.path.abspath("runs/gs:/a")
 
 
+def test_a_leading_double_slash_is_the_root_and_an_empty_path_is_refused(workdir):
+    """`//tmp/x` is /tmp/x (os.path.abspath keeps exactly two leading slashes, which
+    TensorStore refused: every checkpoint read and write failed, a training at its first save).
+    An empty path (an unset shell variable) was the current folder."""
+    assert paths.absolute("//tmp/a//b/") == paths.absolute("///tmp/a/b") == "/tmp/a/b"
+    assert mrcnn_jax.load_checkpoint(f"/{workdir}").step == 0
+    with pytest.raises(ValueError, match=r"^the checkpoint path is empty: give a workdir"):
+        locate_checkpoint("")
+
+
 def test_a_storage_that_does_not_answer_is_named_not_called_no_workdir(monkeypatch):
     """etils.epath's `is_dir()` says no when the storage cannot be asked (no network, no
     credentials): the error was "gs://... is neither a workdir with checkpoints/ nor ...", for

@@ -340,6 +340,39 @@ def test_config_given_in_a_flagfile_or_empty_is_seen(config, message, tmp_path):
     assert os.listdir(tmp_path) == ["flags.cfg"]
 
 
+def test_a_config_file_without_get_config_is_one_line(tmp_path):
+    """A file that is not a config (`/dev/null`, a module without `get_config`): ml_collections'
+    40-line AttributeError traceback."""
+    (tmp_path / "notes.py").write_text("x = 1\n")
+    for config in (tmp_path / "notes.py", "/dev/null"):
+        result = run_script("train.py", f"--config={config}", f"--workdir={tmp_path / 'w'}")
+        assert_usage_error(
+            result, f"--config={config}: the file defines no get_config() (a config file: "
+        )
+    assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize(
+    "name, flags",
+    [
+        ("train.py", ["--config=configs/shapes_r18.py", "--workdir="]),
+        ("eval.py", ["--workdir="]),
+        ("predict.py", ["--workdir=", "photo.jpg"]),
+        ("export.py", ["--workdir=/tmp/w", "--out="]),
+    ],
+)
+def test_an_empty_path_flag_is_refused_not_the_current_folder(name, flags, tmp_path):
+    """`--workdir=$RUN` with RUN unset trained into the current folder (its config.json
+    replaced), and the readers read it."""
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "scripts", name), *flags],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    flag = next(f for f in flags if f.endswith("="))
+    assert_usage_error(result, f"{flag[:-1]} is empty (an unset shell variable?): name a folder")
+    assert not os.listdir(tmp_path)
+
+
 @pytest.mark.parametrize("name", ["train.py", "convert_torchvision.py", "eval.py"])
 def test_a_flagfile_that_cannot_be_opened_is_one_line(name, tmp_path):
     """ml_collections reads the --flagfile as train.py and the converter define --config: a

@@ -19,7 +19,7 @@ import signal
 import sys
 import threading
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn
 
 from absl import app, flags, logging
@@ -74,7 +74,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     override is a usage error naming the flag, as other bad flags are, when it names no field
     (`--config.train.num_stpes=5`: ml_collections' KeyError traceback), when no `--config` is
     given (absl called it an unknown flag) and when the `--config` file cannot be opened (a
-    chained OSError traceback)."""
+    chained OSError traceback), and a `--config` file without `get_config()` (a traceback)."""
     try:  # --flagfile=FILE's flags as the arguments they stand for
         given = flags.FLAGS.read_flags_from_files(argv[1:], force_gnu=False)
     except flags.Error:  # absl's parsing below says what is wrong
@@ -92,17 +92,34 @@ def parse_flags(argv: list[str]) -> list[str]:
         if not overrides:
             raise
         _flags_error(_unreadable_config("config", _value_in(given, "config"), error))
-    except (AttributeError, KeyError) as error:  # ml_collections: no such field
-        name = re.search(r"[A-Za-z_]\w*", str(error))
-        name = name.group() if name else "?"
+    except (AttributeError, KeyError) as error:
+        if _has_no_get_config(error):
+            _flags_error(
+                f"--config={_value_in(given, 'config')}: the file defines no get_config() (a "
+                "config file: configs/<name>.py)"
+            )
         if not overrides:
             raise
-        flag = next((a for a in overrides if name in a.lstrip("-").split(".")), "--config.*")
-        suggestion = re.search(r'Did you mean "(\w+)"', str(error))
-        _flags_error(
-            f"flag {flag}: the config has no field {name!r}"
-            + (f' (did you mean "{suggestion.group(1)}"?)' if suggestion else "")
-        )
+        _no_such_field(error, overrides)
+
+
+def _has_no_get_config(error: Exception) -> bool:
+    """Whether ml_collections' `error` says the --config file has no `get_config` (not an
+    error of the file's own code, whose traceback points at the line)."""
+    return isinstance(error, AttributeError) and "has no attribute 'get_config'" in str(error)
+
+
+def _no_such_field(error: Exception, overrides: list[str]) -> NoReturn:
+    """Ends the process on ml_collections' KeyError or AttributeError for an override that
+    names no config field, naming the flag (and ml_collections' suggestion)."""
+    name = re.search(r"[A-Za-z_]\w*", str(error))
+    name = name.group() if name else "?"
+    flag = next((a for a in overrides if name in a.lstrip("-").split(".")), "--config.*")
+    suggestion = re.search(r'Did you mean "(\w+)"', str(error))
+    _flags_error(
+        f"flag {flag}: the config has no field {name!r}"
+        + (f' (did you mean "{suggestion.group(1)}"?)' if suggestion else "")
+    )
 
 
 def _flags_error(message: str) -> NoReturn:
@@ -173,6 +190,19 @@ def _check_repeated_tuples(name: str, config: Any, argv: list[str]) -> None:
                 f"--{field} is given {len(values)} times ({', '.join(values)}); ml_collections "
                 f"would join the tuples into {tuple(node)}: give it once"
             )
+
+
+def mark_paths_required(names: Sequence[str]) -> None:
+    """absl's `flags.mark_flags_as_required(names)`, and an empty value is a usage error too:
+    `--workdir=$RUN` with `RUN` unset meant the current folder (a training wrote its checkpoints
+    and config.json there)."""
+    flags.mark_flags_as_required(names)
+    for name in names:
+        flags.register_validator(
+            name,
+            lambda value: value != "",
+            message=f"--{name} is empty (an unset shell variable?): name a folder",
+        )
 
 
 def path_flag(value: str, flag: str) -> str:

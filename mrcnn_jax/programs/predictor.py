@@ -473,6 +473,11 @@ def _open(path: str | epath.PathLike, step: int | None):
     """(read-only checkpoint manager, workdir, step, whether that is the latest complete step
     because neither `step` nor `path` names one) of `locate_checkpoint(path, step)`."""
     step = None if step is None else _check_step(step)
+    if not os.fspath(path):  # epath.Path("") is the current folder
+        raise ValueError(
+            "the checkpoint path is empty: give a workdir, its checkpoints/ folder or one "
+            "checkpoints/<step> folder"
+        )
     workdir, path_step = _locate(epath.Path(paths.absolute(path)))
     asked = step if step is not None else path_step
     manager = ckpt_lib.create_manager(workdir, read_only=True)
@@ -605,7 +610,7 @@ def load_checkpoint(path: str | epath.PathLike, step: int | None = None) -> Pred
       ValueError: the stored parameters do not fit the stored config (a variable's path, shape
         or dtype differs from the model's); `ckpt_lib.CorruptCheckpointError`, a ValueError:
         its files are damaged (the message names the step folder or file); `path` is a URL of
-        a scheme etils.epath cannot open (`ram://`) or `gs:/` with one slash.
+        a scheme etils.epath cannot open (`ram://`) or `gs:/` with one slash, or empty.
     """
     config, variables, step = read_checkpoint(path, step)
     return Predictor(config=config, variables=variables, step=step)
