@@ -1278,14 +1278,17 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(trained, data_
 def test_a_workdir_inside_another_run_s_checkpoints_is_refused(tmp_path):
     """`--workdir=W/checkpoints` (or `W/checkpoints/10`), the path eval.py and `load_checkpoint`
     take for W's checkpoints, started a fresh run there: its checkpoints then hid W's from those
-    readers, and W's clean-up deleted its files. A folder named checkpoints that is not in a
-    workdir, and the workdir itself, are taken."""
+    readers, and W's clean-up deleted its files; at any depth, and through a symbolic link
+    (both were taken). A folder named checkpoints that is not in a workdir, and the workdir
+    itself, are taken."""
     run = tmp_path / "run"
     (run / "checkpoints" / "10").mkdir(parents=True)
     (run / "config.json").write_text('{"model": {}, "train": {}}')
-    for inside in ["checkpoints", "checkpoints/10", "checkpoints/10/x"]:
+    (tmp_path / "link").symlink_to(run / "checkpoints")
+    insides = ["checkpoints", "checkpoints/10", "checkpoints/10/x", "checkpoints/a/b/c/d"]
+    for inside in [run / p for p in insides] + [tmp_path / "link", tmp_path / "link" / "x"]:
         with pytest.raises(ValueError, match=re.escape(f"training run in {run}: train in")):
-            trainer.check_workdir_outside_checkpoints(run / inside)
+            trainer.check_workdir_outside_checkpoints(inside)
     trainer.check_workdir_outside_checkpoints(run)
     trainer.check_workdir_outside_checkpoints(tmp_path / "checkpoints" / "mine")
     project = tmp_path / "project"  # a config.json of something else: not a workdir

@@ -573,21 +573,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 def check_workdir_outside_checkpoints(workdir: epath.PathLike) -> None:
     """Refuses a workdir that is, or lies in, the `checkpoints/` folder of another run's workdir
     (`W/checkpoints`, `W/checkpoints/10`, a path that eval.py, predict.py and `load_checkpoint`
-    take for W's checkpoints): a run there started afresh, its checkpoints then hid W's from
-    those readers, and W's clean-up of old checkpoints deleted its files. A workdir holds
-    `.train.lock` or the trainer's `config.json` (`_is_workdir`).
+    take for W's checkpoints), at any depth and also through a symbolic link: a run there
+    started afresh, its checkpoints then hid W's from those readers, and W's clean-up of old
+    checkpoints deleted its files. A workdir holds `.train.lock` or the trainer's
+    `config.json` (`_is_workdir`).
 
     Raises:
       ValueError: naming the run's workdir.
     """
     workdir = epath.Path(paths.absolute(workdir))
-    for folder in [workdir, *list(workdir.parents)[:2]]:
-        run = folder.parent
-        if folder.name == ckpt_lib.checkpoint_dir(run).name and _is_workdir(run):
-            raise ValueError(
-                f"the workdir {workdir} is inside the checkpoints folder of the training run in "
-                f"{run}: train in --workdir={run} to resume that run, or in a folder of its own"
-            )
+    spellings = [workdir]
+    if not paths.is_url(str(workdir)):  # a link to W/checkpoints (or below) is inside it too
+        spellings.append(epath.Path(os.path.realpath(workdir)))
+    for spelling in spellings:
+        for folder in [spelling, *spelling.parents]:
+            run = folder.parent
+            if folder.name == ckpt_lib.checkpoint_dir(run).name and _is_workdir(run):
+                raise ValueError(
+                    f"the workdir {workdir} is inside the checkpoints folder of the training run "
+                    f"in {run}: train in --workdir={run} to resume that run, or in a folder of "
+                    "its own"
+                )
 
 
 def _is_workdir(folder: epath.Path) -> bool:
