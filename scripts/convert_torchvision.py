@@ -35,6 +35,7 @@ import shlex
 import sys
 from pathlib import Path
 
+import ml_collections
 from absl import app, flags, logging
 
 try:  # before TensorFlow (the config checks import it), after which torchvision segfaults
@@ -134,6 +135,13 @@ def main(argv):
         raise app.UsageError(
             f"--out={_OUT.value} already holds checkpoints ({checkpoint.checkpoint_dir(out)})"
         )
+    with launch.new_output_folder(out, "--out"):  # one that cannot be written: refused now
+        _convert(out, config)
+
+
+def _convert(out: str, config: ml_collections.ConfigDict | None) -> None:
+    """Reads the state dict the flags name, converts it (with `config`, default: the
+    release's) and saves it into `<out>/checkpoints/0`."""
     name = _WEIGHTS.value
     if _STATE_DICT.value:
         try:

@@ -45,17 +45,28 @@ def test_export_script_names_its_bad_flags(flag, message, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "out", ["a_file", pytest.param("/proc/no_such_folder/out", marks=pytest.mark.slow)]
+    "out",
+    [
+        "a_file",
+        "a_link_to_nothing",
+        pytest.param("/proc/no_such_folder/out", marks=pytest.mark.slow),
+    ],
 )
-def test_export_script_refuses_an_out_it_cannot_write_before_reading_the_model(out, tmp_path):
+@pytest.mark.parametrize("script", ["export.py", "convert_torchvision.py"])
+def test_scripts_refuse_an_out_they_cannot_write_before_reading_the_model(script, out, tmp_path):
     """An --out that is a regular file was a NotADirectoryError traceback, and one that cannot
-    be made failed only after the model was loaded and converted (here the workdir holds no
-    checkpoint: that error would come first)."""
+    be made failed only after the model was loaded and converted (here the workdir, or the
+    state dict, does not exist: that error would come first)."""
     (tmp_path / "a_file").write_text("")
-    out = tmp_path / out if out == "a_file" else out
-    result = run_script("export.py", f"--workdir={tmp_path / 'workdir'}", f"--out={out}")
+    (tmp_path / "a_link_to_nothing").symlink_to(tmp_path / "nothing")
+    what = {"a_file": "a file, not a folder", "a_link_to_nothing": "a symbolic link to nothing"}
+    out = tmp_path / out if out in what else out
+    model = {"export.py": "--workdir=", "convert_torchvision.py": "--state_dict="}[script]
+    result = run_script(script, f"{model}{tmp_path / 'none'}", f"--out={out}")
     assert_usage_error(result, f"cannot write into {out} (--out): ")
-    assert sorted(os.listdir(tmp_path)) == ["a_file"]
+    if os.path.basename(out) in what:
+        assert f": {out} is {what[os.path.basename(out)]}\n" in result.stderr, result.stderr[-3000:]
+    assert sorted(os.listdir(tmp_path)) == ["a_file", "a_link_to_nothing"]
 
 
 def test_a_failed_export_leaves_no_out_folder_it_made(tmp_path):

@@ -241,6 +241,10 @@ def make_output_folder(folder: str | os.PathLike, flag: str) -> None:
         path.mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"")
         probe.unlink()
+    except FileExistsError as error:  # mkdir: a file, or a link to nothing, has the name
+        name = error.filename or os.fspath(folder)
+        what = "a symbolic link to nothing" if os.path.islink(name) else "a file, not a folder"
+        raise app.UsageError(f"cannot write into {folder} ({flag}): {name} is {what}") from error
     except Exception as error:  # OSError locally; the storage backend's own errors elsewhere
         raise app.UsageError(f"cannot write into {folder} ({flag}): {error}") from error
 
