@@ -281,9 +281,9 @@ def check_outputs(
 
     Raises:
       app.UsageError: an output is an existing input file (the same file: also through a
-        symlink or a hard link) or a symbolic link to a file (never written through), or a
-        drawing lies in a folder input (or, with `recursive`, below it), naming the input and
-        the output.
+        symlink or a hard link), a symbolic link to a file (never written through) or a
+        folder, or a file stands where a folder of drawings goes, or a drawing lies in a folder
+        input (or, with `recursive`, below it), naming the input and the output.
     """
     inputs = {}  # (device, inode) -> path
     for path in paths:
@@ -303,9 +303,21 @@ def check_outputs(
                 f"the {what} {output!r} would overwrite the input {source!r} (the same file): "
                 "choose an --out_dir outside the inputs"
             )
+        if os.path.isdir(output):  # failed after the work, the detections not written
+            raise app.UsageError(
+                f"the {what} {output!r} is a folder: move it away, or choose another --out_dir"
+            )
     first_drawing = {}  # the folder of drawings -> the first drawing in it
     for drawing in drawings:
         first_drawing.setdefault(os.path.dirname(drawing), drawing)
+    for folder, drawing in first_drawing.items():  # a file where a folder of drawings goes
+        while not paths_lib.is_url(folder) and not os.path.isdir(folder):
+            if os.path.lexists(folder):
+                raise app.UsageError(
+                    f"the drawing {drawing!r} cannot be written: {folder!r} is a file, not a "
+                    "folder (move it away, or choose another --out_dir)"
+                )
+            folder = os.path.dirname(folder)
     real_folders = {  # with a trailing separator: "/a/bc/" does not start with "/a/b/"
         os.path.join(os.path.realpath(folder), ""): drawing
         for folder, drawing in first_drawing.items()

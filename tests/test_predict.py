@@ -785,6 +785,36 @@ def test_outputs_that_are_links_to_files_are_refused_before_the_work(predict_scr
     predict_script.check_outputs([str(image)], [str(image)], [], str(out / "drawn.json"), False)
 
 
+def test_outputs_where_a_folder_or_a_file_stands_are_refused_before_the_work(
+    predict_script, tmp_path
+):
+    """A folder named as a drawing, or a file where a drawing's folder goes, failed at that
+    image's drawing, after the work, and no detections.json was written."""
+    image = tmp_path / "h.png"
+    image.write_bytes(b"")
+    out = tmp_path / "out"
+    (out / "h.png").mkdir(parents=True)
+    results = str(out / "detections.json")
+    with pytest.raises(
+        predict_script.app.UsageError,
+        match=rf"^the drawing '{re.escape(str(out))}/h\.png' is a folder: move it away",
+    ):
+        predict_script.check_outputs(
+            [str(image)], [str(image)], [str(out / "h.png")], results, False
+        )
+    (out / "sub").write_text("")
+    drawing = str(out / "sub" / "deeper" / "s.png")
+    with pytest.raises(
+        predict_script.app.UsageError,
+        match=rf"^the drawing '{re.escape(drawing)}' cannot be written: "
+        rf"'{re.escape(str(out))}/sub' is a file, not a folder",
+    ):
+        predict_script.check_outputs([str(image)], [str(image)], [drawing], results, False)
+    predict_script.check_outputs(
+        [str(image)], [str(image)], [str(out / "a" / "b.png")], results, False
+    )
+
+
 def test_folders_skip_names_that_are_no_file(predict_script, tmp_path):
     """A dangling symlink (or a folder named x.png) in a folder input is not taken, with or
     without --recursive (it stopped a recursive run before the model loaded)."""
