@@ -8,8 +8,10 @@ them as COCO results.
 Inputs (after the flags, any number, in any mix):
   - a file: read whatever its extension;
   - a folder: its files ending in .jpg .jpeg .png .bmp .gif .webp .tif .tiff (any case), sorted
-    by name; with --recursive also those of its subfolders (others are not looked at, nor are
-    names that are no file: a dangling symlink, a folder named x.png);
+    by name; with --recursive also those of its subfolders, linked ones too, each real folder
+    once (others are not looked at, nor are names that are no file: a dangling symlink, a
+    folder named x.png; nor hidden files and folders, names starting with '.', such as macOS'
+    `._x.jpg` resource files: a glob pattern does not take them either);
   - a glob pattern, quoted so that the shell leaves it alone: expanded here with Python's
     `glob.glob(pattern, recursive=True)` (`**` spans folders), every file it matches is read.
 An input that names no existing file or folder, a pattern matching no file, a folder holding
@@ -173,16 +175,26 @@ def _is_image_file(name: str) -> bool:
 
 
 def _folder_images(folder: str, recursive: bool) -> list[str]:
-    """The image files of `folder` (and of its subfolders if `recursive`), sorted; a name that
-    is not a file (a dangling symlink, a folder named x.png) is not taken."""
+    """The image files of `folder` (and of its subfolders if `recursive`, linked ones too, each
+    real folder once), sorted; a name that is not a file (a dangling symlink, a folder named
+    x.png) or is hidden (starts with '.') is not taken."""
     if recursive:
-        found = []
-        for root, dirs, files in os.walk(folder):
-            dirs.sort()
+        found, seen = [], set()
+        for root, dirs, files in os.walk(folder, followlinks=True):
+            seen.add(os.path.realpath(root))
+            dirs[:] = sorted(
+                d
+                for d in dirs
+                if not d.startswith(".") and os.path.realpath(os.path.join(root, d)) not in seen
+            )
             found += [os.path.join(root, n) for n in sorted(files)]
     else:
         found = [os.path.join(folder, n) for n in sorted(os.listdir(folder))]
-    return [p for p in found if _is_image_file(p) and os.path.isfile(p)]
+    return [
+        p
+        for p in found
+        if not os.path.basename(p).startswith(".") and _is_image_file(p) and os.path.isfile(p)
+    ]
 
 
 def collect_inputs(args: Sequence[str], recursive: bool) -> list[str]:

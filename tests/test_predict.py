@@ -831,6 +831,27 @@ def test_folders_skip_names_that_are_no_file(predict_script, tmp_path):
     ]
 
 
+def test_recursive_folders_follow_links_once_and_skip_hidden_names(predict_script, tmp_path):
+    """--recursive skipped linked subfolders (os.walk's default), which a `**` glob follows; a
+    link back up is not followed again. Hidden names (macOS' `._x.jpg`, `.git/`) are not
+    images of the folder, as a glob does not take them."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "far.jpg").write_bytes(b"")
+    root = tmp_path / "photos"
+    (root / ".hidden").mkdir(parents=True)
+    (root / ".hidden" / "h.jpg").write_bytes(b"")
+    (root / "._x.jpg").write_bytes(b"")
+    (root / "x.jpg").write_bytes(b"")
+    (root / "more").symlink_to(elsewhere)
+    (elsewhere / "up").symlink_to(root)  # a cycle
+    assert predict_script._folder_images(str(root), recursive=True) == [
+        str(root / "x.jpg"),
+        str(root / "more" / "far.jpg"),
+    ]
+    assert predict_script._folder_images(str(root), recursive=False) == [str(root / "x.jpg")]
+
+
 @pytest.mark.slow  # a script run of 400 images (the default run stays under 15 minutes)
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_predict_script_stopped_by_ctrl_c_writes_the_detections_so_far(
