@@ -14,6 +14,8 @@ Inputs (after the flags, any number, in any mix):
     `._x.jpg` resource files: a glob pattern does not take them either);
   - a glob pattern, quoted so that the shell leaves it alone: expanded here with Python's
     `glob.glob(pattern, recursive=True)` (`**` spans folders), every file it matches is read.
+Each is a local path (a leading `~` expanded, also in a quoted pattern); a URL (`gs://...`) is
+refused: copy the images first.
 An input that names no existing file or folder, a pattern matching no file, a folder holding
 no image file, a --score_threshold outside [0, 1], a --batch_size that is not a positive
 multiple of the local device count, a --workdir without the checkpoint and an --out_dir that
@@ -206,6 +208,11 @@ def collect_inputs(args: Sequence[str], recursive: bool) -> list[str]:
     """
     paths, seen = [], set()
     for arg in args:
+        if paths_lib.is_url(arg):
+            raise app.UsageError(
+                f"image input {arg!r} is a URL: predict.py reads local files, folders and "
+                "patterns (copy the images here first, e.g. with gsutil cp)"
+            )
         if os.path.isfile(arg):
             found = [arg]
         elif os.path.isdir(arg):
@@ -219,6 +226,8 @@ def collect_inputs(args: Sequence[str], recursive: bool) -> list[str]:
             found = sorted(p for p in glob.glob(arg, recursive=True) if os.path.isfile(p))
             if not found:
                 raise app.UsageError(f"pattern {arg!r} matches no file")
+        elif os.path.exists(arg):
+            raise app.UsageError(f"image input {arg!r} is not a file or a folder")
         else:
             raise app.UsageError(f"image file {arg!r} does not exist")
         for path in found:
@@ -416,7 +425,8 @@ def main(argv):
         raise app.UsageError("give one or more image files, folders or glob patterns")
     if not 0.0 <= _SCORE_THRESHOLD.value <= 1.0:  # NaN is not either
         raise app.UsageError(f"--score_threshold={_SCORE_THRESHOLD.value} must be in [0, 1]")
-    paths = collect_inputs(argv[1:], _RECURSIVE.value)  # before the model loads
+    args = [os.path.expanduser(arg) for arg in argv[1:]]  # a quoted '~/photos/*.jpg' too
+    paths = collect_inputs(args, _RECURSIVE.value)  # before the model loads
     names = output_names(paths)
     import cv2
     import jax  # after absl parsed the flags, so XLA_FLAGS etc. set on the command line apply
@@ -447,7 +457,7 @@ def main(argv):
         )
         drawings = [] if _NO_DRAW.value else [os.path.join(out_dir, name) for name in names]
         results_path = os.path.join(out_dir, "detections.json")
-        check_outputs(argv[1:], paths, drawings, results_path, _RECURSIVE.value)
+        check_outputs(args, paths, drawings, results_path, _RECURSIVE.value)
         launch.make_output_folder(out_dir, "--out_dir")
         # the latest when no step is named: also after a training deleted the located one
         predictor = predictor_lib.load_checkpoint(_WORKDIR.value, _STEP.value)

@@ -594,15 +594,16 @@ def test_predict_script_on_a_folder_a_glob_and_a_file(
     picture = cv2.imread(str(out_dir / "globbed" / "d.png"))
     assert picture.shape == good[str(root / "globbed" / "d.png")].shape
 
-    # `~` expanded (a shell leaves `--out_dir=~/...` as it is); a phone photo stored sideways
+    # `~` expanded (a shell leaves `--out_dir=~/...` and a quoted input as they are); a phone
+    # photo stored sideways
     # (EXIF orientation 6) turned upright with --exif_orientation, the others as stored.
     no_draw = tmp_path / "no_draw"
     sideways = tmp_path / "sideways.jpg"
     write_sideways_jpeg(sideways, good[str(root / "globbed" / "d.png")])
     result = run_script(
         f"--workdir={workdir}", "--out_dir=~/no_draw", "--score_threshold=0", "--no_draw",
-        "--exif_orientation", "--batch_size=8", root / "folder", sideways, cache=compile_cache,
-        home=tmp_path,
+        "--exif_orientation", "--batch_size=8", root / "folder", "~/sideways.jpg",
+        cache=compile_cache, home=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-5000:]
     assert sorted(p.name for p in no_draw.iterdir()) == ["detections.json"]
@@ -627,6 +628,8 @@ def test_predict_script_names_what_it_cannot_use(workdir, inputs, compile_cache,
         (tmp_path / "nowhere.jpg", f"image file {str(tmp_path / 'nowhere.jpg')!r} does not exist"),
         (str(root / "*.gif"), f"pattern {str(root / '*.gif')!r} matches no file"),
         (empty, f"folder {str(empty)!r} holds no image file"),
+        ("gs://b/x.jpg", "image input 'gs://b/x.jpg' is a URL: predict.py reads local files"),
+        ("/dev/null", "image input '/dev/null' is not a file or a folder"),
     ]:
         result = run_script(f"--workdir={workdir}", root / "e.bmp", arg, cache=compile_cache)
         assert result.returncode != 0 and message in result.stderr, result.stderr[-3000:]
