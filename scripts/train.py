@@ -92,6 +92,7 @@ def main(argv):
         trainer.check_workdir_outside_checkpoints(workdir)
         trainer.check_train_config(config)
         if not has_complete_checkpoint(workdir):  # a fresh run: its weights' sources too
+            trainer.check_fresh_start(workdir, config)
             trainer.check_backbone_init(config.model)
     except (ValueError, FileNotFoundError) as error:
         raise app.UsageError(str(error)) from error

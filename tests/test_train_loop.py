@@ -1299,3 +1299,45 @@ def test_a_workdir_inside_another_run_s_checkpoints_is_refused(tmp_path):
     (run / trainer.LOCK_FILE).write_text("")  # a run that has not written its config yet
     with pytest.raises(ValueError, match="inside the checkpoints folder"):
         trainer.check_workdir_outside_checkpoints(run / "checkpoints")
+
+
+def test_a_fresh_start_refuses_to_replace_or_drop_what_is_not_its_own(tmp_path):
+    """A run from step 0 writes config.json and drops metrics.jsonl's rows after step 0: in a
+    folder that was not a workdir (a user's own config.json and metrics, say) they were lost;
+    in a run's workdir whose checkpoints are gone (their disk not mounted) it trained over the
+    record of 400 steps. A run's own rows of a run stopped before its checkpoints, a line cut by
+    a crash and unrelated files are taken."""
+    config = run_config(str(tmp_path / "data"), **{"train.checkpoint_every": 100})
+    mine = tmp_path / "home"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("kept\n")
+    trainer.check_fresh_start(mine, config)
+    (mine / "config.json").write_text('{"theme": "dark"}')
+    with pytest.raises(ValueError, match=re.escape(f"{mine}/config.json is not a training run's")):
+        trainer.check_fresh_start(mine, config)
+    (mine / "config.json").unlink()
+    (mine / "metrics.jsonl").write_text('{"step": 5, "acc": 0.9}\n')
+    with pytest.raises(ValueError, match=re.escape(f"{mine}/metrics.jsonl is not a training")):
+        trainer.check_fresh_start(mine, config)
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(config.to_json())
+
+    def logged(last: int, torn: str = "") -> None:
+        rows = [{"step": s, "train/loss": 1.0} for s in range(20, last + 1, 20)]
+        text = "".join(json.dumps(r) + "\n" for r in [*rows, {"step": last, "eval/segm/AP": 0.5}])
+        (run / "metrics.jsonl").write_text(text + torn)
+
+    logged(200, torn='{"step": 220, "trai')  # a full disk at the first save stops at the second
+    trainer.check_fresh_start(run, config)
+    logged(400)
+    other = run_config(str(tmp_path / "data"), **{"train.checkpoint_every": 1000})
+    with pytest.raises(ValueError) as refused:  # the stored config's checkpoint_every counts
+        trainer.check_fresh_start(run, other)
+    assert str(refused.value) == (
+        f"{run}/metrics.jsonl logs training to step 400 (checkpoints every 100 steps), but "
+        f"{run}/checkpoints holds no complete checkpoint: is its disk or link not mounted, or "
+        "were they deleted? Restore them to resume; to start afresh, move metrics.jsonl away or "
+        "train in a new --workdir"
+    )

@@ -270,6 +270,63 @@ def _check_finite(step: int, metrics: dict[str, float], saved_step: int | None) 
         )
 
 
+def check_fresh_start(workdir: epath.PathLike, config: ml_collections.ConfigDict) -> None:
+    """Refuses to start a run from step 0 in `workdir` (it has no complete checkpoint) where
+    that would replace or drop what is there: a `config.json` that is not a training run's
+    (the run writes its own), a `metrics.jsonl` whose rows are not a training run's (a fresh
+    run drops the rows after step 0), or a run's `metrics.jsonl` that logs training past its
+    second checkpoint's step (`train.checkpoint_every` of its stored config; a first save that
+    failed, e.g. on a full disk, stops the run at the second): its checkpoints are gone (a disk
+    or link to `checkpoints/` not mounted, a deletion), and a fresh run would train over the
+    record of them.
+
+    Raises:
+      ValueError: naming the file, and how to go on.
+    """
+    workdir = epath.Path(paths.absolute(workdir))
+    config_file, metrics_file = workdir / "config.json", workdir / "metrics.jsonl"
+    if config_file.exists() and not _is_workdir(workdir):
+        raise ValueError(
+            f"{config_file} is not a training run's config (a run writes its own there): train "
+            "in a new or empty --workdir"
+        )
+    try:
+        lines = metrics_file.read_text().splitlines(keepends=True)
+    except FileNotFoundError:
+        return
+    try:  # a last line without its newline was cut by a crash
+        rows = [json.loads(line) for line in lines if line.endswith("\n") and line.strip()]
+    except ValueError:
+        rows = [None]
+    if not all(_is_metrics_row(row) for row in rows):
+        raise ValueError(
+            f"{metrics_file} is not a training run's metrics (a run starting at step 0 drops "
+            "the rows after it): train in a new or empty --workdir"
+        )
+    try:
+        every = int(json.loads(config_file.read_text())["train"]["checkpoint_every"])
+    except (OSError, ValueError, KeyError, TypeError):
+        every = config.train.checkpoint_every
+    last = max((row["step"] for row in rows if "train/loss" in row), default=0)
+    if last > 2 * every:  # a first save that failed (a full disk) surfaces at the second
+        raise ValueError(
+            f"{metrics_file} logs training to step {last} (checkpoints every {every} steps), "
+            f"but {ckpt_lib.checkpoint_dir(workdir)} holds no complete checkpoint: is its disk "
+            "or link not mounted, or were they deleted? Restore them to resume; to start "
+            "afresh, move metrics.jsonl away or train in a new --workdir"
+        )
+
+
+def _is_metrics_row(row: Any) -> bool:
+    """Whether a parsed `metrics.jsonl` line is a row the trainer writes: `step` and train/ or
+    eval/ scalars."""
+    return (
+        isinstance(row, dict)
+        and isinstance(row.get("step"), int)
+        and all(key == "step" or key.startswith(("train/", "eval/")) for key in row)
+    )
+
+
 def check_backbone_init(model: ml_collections.ConfigDict) -> None:
     """Refuses to train a frozen backbone from random weights.
 
@@ -735,6 +792,7 @@ def _train_and_evaluate(
     resume_step = ckpt_lib.resume_step(manager)  # the latest complete checkpoint
     resuming = resume_step is not None
     if not resuming:
+        check_fresh_start(workdir, config)
         check_backbone_init(config.model)
     builder = get_builder(config.data)
     check_splits(config, builder)
