@@ -16,7 +16,11 @@ if TYPE_CHECKING:  # the import needs TF and JAX: done lazily below
 
 
 def load_checkpoint(path: "str | os.PathLike", step: int | None = None) -> "Predictor":
-    """See `mrcnn_jax.programs.predictor.load_checkpoint` (imported lazily: it needs TF, JAX)."""
-    from mrcnn_jax.programs.predictor import load_checkpoint as _load
+    """See `mrcnn_jax.programs.predictor.load_checkpoint` (imported lazily: it needs TF, JAX;
+    a Ctrl-C during those imports is raised after them, `interrupts.handled_interrupts`)."""
+    from mrcnn_jax import interrupts
 
-    return _load(path, step)
+    with interrupts.handled_interrupts():
+        from mrcnn_jax.programs.predictor import load_checkpoint as _load
+
+        return _load(path, step)

@@ -2,13 +2,15 @@
 KeyboardInterrupt, and SIGTERM (a scheduler's stop), where `scripts/` ask for it
 (`launch.run`), raises `Terminated`, a KeyboardInterrupt too, so that every clean-up written for
 a Ctrl-C (a partial file or export removed, a checkpoint save completed) runs for both. The
-scripts' handler (`raise_interrupt`) raises after a compile, not inside it.
+scripts' handler (`raise_interrupt`) raises after a compile, an import or a garbage-collection
+callback, not inside it; the library's notebook entry points use it too (`handled_interrupts`).
 """
 
+import contextlib
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 
@@ -33,32 +35,97 @@ def in_compile(frame: Any) -> bool:
     )
 
 
+def _in_import(frame: Any) -> bool:
+    """Whether `frame` or a frame below it imports a module."""
+    while frame is not None:
+        if frame.f_code.co_filename == "<frozen importlib._bootstrap>":
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _defer(signum: int) -> None:
+    """Sends `signum` to the main thread again `_RETRY_S` later, unless `raise_pending` raises
+    it meanwhile."""
+    _deferred[signum] = False
+
+    def send_again() -> None:
+        if signum in _deferred:  # not raised by `raise_pending` meanwhile
+            _deferred[signum] = True
+            signal.pthread_kill(threading.main_thread().ident, signum)
+
+    again = threading.Timer(_RETRY_S, send_again)
+    again.daemon = True
+    again.start()
+
+
 def raise_interrupt(signum: int, frame: Any) -> None:
     """A SIGINT or SIGTERM handler (`launch.run` sets it): raises `exception_of(signum)`, unless
-    it runs in a compile (`in_compile`). XLA's compiler runs Python's signal handlers from C++:
-    an exception raised there was dropped (a Ctrl-C during a compile was lost: the evaluation
-    went on and wrote its results) or abandoned the compile, whose threads then crashed
-    Python's exit (a segmentation fault after `interrupted`). There the signal is sent to the
-    main thread again `_RETRY_S` later, until it lands after the compile; `raise_pending`
-    raises one still waiting when the script ends. The same signal sent again meanwhile (a
-    second Ctrl-C) raises at once, wherever it lands."""
+    it runs in a compile (`in_compile`) or an import. XLA's compiler runs Python's signal
+    handlers from C++: an exception raised there was dropped (a Ctrl-C during a compile was
+    lost: the evaluation went on and wrote its results) or abandoned the compile, whose threads
+    then crashed Python's exit (a segmentation fault after `interrupted`); one raised in an
+    import leaves the module half made (`jax` without `jax._src` until the process restarts).
+    There the signal is sent to the main thread again `_RETRY_S` later, until it lands
+    elsewhere; `raise_pending` raises one still waiting when the script (or
+    `handled_interrupts` block) ends. The same signal sent again meanwhile (a second Ctrl-C)
+    raises at once, wherever it lands."""
     repeat = _deferred.pop(signum, None)  # None: a new signal; True: this handler's repeat
     if repeat is False:  # a second one while the first waits: stop now
         raise exception_of(signum)
-    if in_compile(frame):
-        _deferred[signum] = False
-
-        def send_again() -> None:
-            if signum in _deferred:  # not raised by `raise_pending` meanwhile
-                _deferred[signum] = True
-                signal.pthread_kill(threading.main_thread().ident, signum)
-
-        again = threading.Timer(_RETRY_S, send_again)
-        again.daemon = True
-        again.start()
+    if in_compile(frame) or _in_import(frame):
+        _defer(signum)
         return
     _raised.append(signum)
     raise exception_of(signum)
+
+
+def redeliver_dropped_interrupts(previous: Callable[[Any], None]) -> Callable[[Any], None]:
+    """A `sys.unraisablehook` that hands a KeyboardInterrupt which Python drops (one raised in
+    a finalizer or a garbage-collection callback, e.g. TF's `__del__`, JAX's buffer collection:
+    "Exception ignored in ...", after which the script ran to its end and exited 0) back to the
+    main thread, raised there again (`_defer`: raised now, it would strike in this hook and be
+    dropped again); other unraisable errors go to `previous`."""
+
+    def hook(unraisable: Any) -> None:
+        if issubclass(unraisable.exc_type, KeyboardInterrupt):
+            _defer(signal_of(unraisable.exc_type))
+        else:
+            previous(unraisable)
+
+    return hook
+
+
+@contextlib.contextmanager
+def handled_interrupts() -> Iterator[None]:
+    """A library entry point's block (`load_checkpoint`, a `Predictor`'s calls, an export), as
+    a notebook runs it: with Python's default SIGINT handler on the main thread (a notebook's
+    kernel, a user's script), Ctrl-C during the block is handled as in the scripts
+    (`raise_interrupt`, `redeliver_dropped_interrupts`), then the default is back and a Ctrl-C
+    deferred till the block's end is raised. A Ctrl-C during a compile then stops the call
+    after it (the interrupt was lost, or the compile went on in the background, gigabytes and
+    both cores per interrupted call, and crashed the exit), one in a garbage-collection
+    callback is not lost, one during the first call's imports does not leave JAX half
+    imported, and a checkpoint read it cuts raises it, not a "corrupt checkpoint". Nothing
+    changes off the main thread or under another handler (the scripts' own)."""
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield
+        return
+    hook = sys.unraisablehook
+    signal.signal(signal.SIGINT, raise_interrupt)
+    sys.unraisablehook = redeliver_dropped_interrupts(hook)
+    try:
+        yield
+    except BaseException:
+        _deferred.pop(signal.SIGINT, None)  # the block ended anyway
+        raise
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        sys.unraisablehook = hook
+    raise_pending()
 
 
 def raise_pending() -> None:

@@ -85,7 +85,7 @@ from jaxlib.mlir.dialects import stablehlo as jax_stablehlo
 from tensorflow.compiler.mlir.stablehlo import stablehlo as tf_stablehlo
 from tensorflow.compiler.tf2xla.python import xla as tfxla
 
-from mrcnn_jax import jax_settings, paths
+from mrcnn_jax import interrupts, jax_settings, paths
 from mrcnn_jax.data import pipeline
 from mrcnn_jax.evaluation.masks import PASTE_METHODS
 from mrcnn_jax.modeling.checks import check_class_fields
@@ -570,6 +570,7 @@ def _module(
     return module, signatures
 
 
+@interrupts.handled_interrupts()
 @jax_settings.with_defaults
 def export_saved_model(
     source: Predictor | str | os.PathLike,

@@ -17,7 +17,6 @@ import os
 import re
 import signal
 import sys
-import threading
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn
@@ -274,27 +273,6 @@ def new_output_folder(folder: str | os.PathLike, flag: str) -> Iterator[None]:
         raise
 
 
-def _redeliver_dropped_interrupts(previous: Callable[[Any], None]) -> Callable[[Any], None]:
-    """A `sys.unraisablehook` that hands a KeyboardInterrupt which Python drops (one raised in
-    a finalizer or a garbage-collection callback, e.g. TF's `__del__`: "Exception ignored in
-    ...", after which the script ran to its end and exited 0) back to the main thread, raised
-    there again; other unraisable errors go to `previous`."""
-
-    def hook(unraisable: Any) -> None:
-        if not issubclass(unraisable.exc_type, KeyboardInterrupt):
-            previous(unraisable)
-            return
-        signum = interrupts.signal_of(unraisable.exc_type)
-        # Sent again a moment later, to the main thread (a sleep or a wait there is cut short):
-        # raised now, it would strike in this hook and be dropped again.
-        main = threading.main_thread().ident
-        later = threading.Timer(0.05, signal.pthread_kill, (main, signum))
-        later.daemon = True
-        later.start()
-
-    return hook
-
-
 def run(main: Callable[[list[str]], Any], sigterm: bool = True, **kwargs: Any) -> None:
     """`absl.app.run(main, **kwargs)` for the scripts, where a usage error (`app.UsageError`: a
     bad flag value, input file or folder) ends the script with `error: <message>` and one line
@@ -320,7 +298,7 @@ def run(main: Callable[[list[str]], Any], sigterm: bool = True, **kwargs: Any) -
             signal.signal(signal.SIGINT, interrupts.raise_interrupt)  # not inside a compile
         if sigterm and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
             signal.signal(signal.SIGTERM, interrupts.raise_interrupt)
-        sys.unraisablehook = _redeliver_dropped_interrupts(sys.unraisablehook)
+        sys.unraisablehook = interrupts.redeliver_dropped_interrupts(sys.unraisablehook)
         try:
             with jax_settings.defaults():  # also with JAX_ENABLE_X64=1 etc. in the environment
                 result = main(argv)

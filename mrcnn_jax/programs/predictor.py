@@ -30,7 +30,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from mrcnn_jax import jax_settings, paths, sharding
+from mrcnn_jax import interrupts, jax_settings, paths, sharding
 from mrcnn_jax.data import pipeline
 from mrcnn_jax.evaluation.coco_eval import boxes_to_original
 from mrcnn_jax.evaluation.masks import paste_masks
@@ -93,6 +93,7 @@ class Predictor:
         """How many devices `predict_batch` splits a batch over; its batch size is a multiple."""
         return self._mesh.size
 
+    @interrupts.handled_interrupts()
     @jax_settings.with_defaults
     def __call__(self, image: np.ndarray, score_threshold: float = 0.5) -> dict[str, Any]:
         """Detects objects in `image [H, W, 3]` uint8 RGB (H, W ≥ 1; grey `[H, W]`, `[H, W, 1]`
@@ -125,6 +126,7 @@ class Predictor:
             {k: v[0] for k, v in out.items()}, inputs["image_size"], image, score_threshold
         )
 
+    @interrupts.handled_interrupts()
     @jax_settings.with_defaults
     def predict_batch(
         self,
@@ -510,6 +512,7 @@ def locate_checkpoint(
     return workdir, step
 
 
+@interrupts.handled_interrupts()
 @jax_settings.with_defaults
 def read_checkpoint(
     path: str | epath.PathLike, step: int | None = None
@@ -588,6 +591,7 @@ def _read_variables(
     return config, variables, step
 
 
+@interrupts.handled_interrupts()
 @jax_settings.with_defaults
 def load_checkpoint(path: str | epath.PathLike, step: int | None = None) -> Predictor:
     """Loads the model, variables and config of a checkpoint for inference.
