@@ -4,6 +4,8 @@ import contextlib
 import copy
 import io
 import json
+import sys
+import threading
 
 import jax
 import numpy as np
@@ -618,3 +620,37 @@ def test_check_dataset_classes_refuses_the_models_names_under_other_ids(strict_n
     eval_program.check_dataset_classes(  # "triangle" is 9 in both, "N/A" is no name
         config, _builder_with(["circle", "square", "N/A"], [1, 5, 9]), strict_names=strict_names
     )
+
+
+def test_evaluations_in_threads_give_stdout_back(coco_gt):
+    """pycocotools prints; its output went to a `contextlib.redirect_stdout` of the whole
+    process, and two evaluations in threads left `sys.stdout` a StringIO (7 of 10 tries), every
+    later print lost. Each evaluation's print block now runs alone."""
+    anns = coco_gt.loadAnns(coco_gt.getAnnIds(iscrowd=False))
+    results = [
+        {
+            "image_id": a["image_id"],
+            "category_id": a["category_id"],
+            "bbox": a["bbox"],
+            "score": 0.9,
+        }
+        for a in anns
+    ]
+    image_ids = sorted({a["image_id"] for a in anns})
+    want = evaluate_coco(coco_gt, results, image_ids, iou_types=("bbox",))
+    stdout, got = sys.stdout, []
+    for _ in range(6):
+        threads = [
+            threading.Thread(
+                target=lambda: got.append(
+                    evaluate_coco(coco_gt, results, image_ids, iou_types=("bbox",))
+                )
+            )
+            for _ in range(2)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert sys.stdout is stdout
+    assert got == [want] * 12

@@ -20,8 +20,9 @@ import io
 import json
 import logging
 import os
+import threading
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -165,11 +166,24 @@ def detections_to_coco(
     return results
 
 
+_STDOUT_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def pycocotools_output() -> Iterator[io.StringIO]:
+    """Sends what pycocotools prints (its index messages, its tables) into a new buffer during
+    the block. `sys.stdout` is one for the whole process: the blocks of several threads run
+    one at a time (two evaluations in threads left it redirected for good, every later print
+    lost)."""
+    with _STDOUT_LOCK, contextlib.redirect_stdout(io.StringIO()) as buffer:
+        yield buffer
+
+
 def load_coco_gt(coco_gt: COCO | str | os.PathLike) -> COCO:
     """Returns ``coco_gt`` if it is a ``COCO``, else loads the annotation json at that path."""
     if isinstance(coco_gt, COCO):
         return coco_gt
-    with contextlib.redirect_stdout(io.StringIO()):
+    with pycocotools_output():
         return COCO(os.fspath(coco_gt))
 
 
@@ -252,8 +266,7 @@ def evaluate_coco(
         dropped = "bbox" if iou_type == "segm" else "segmentation"
         # New dicts: loadRes adds keys ("id", "area", ...) to the ones it is given.
         detections = [{k: v for k, v in r.items() if k != dropped} for r in results]
-        summary = io.StringIO()
-        with contextlib.redirect_stdout(summary):
+        with pycocotools_output() as summary:
             coco_dt = coco_gt.loadRes(detections) if detections else _no_results(coco_gt)
             coco_eval = COCOeval(coco_gt, coco_dt, iou_type)
             coco_eval.params.imgIds = image_ids

@@ -1,8 +1,6 @@
 """The evaluation program: the sharded inference step, run over a dataset split and scored with
 COCOeval (bbox and segm)."""
 
-import contextlib
-import io
 import threading
 from collections.abc import Callable
 
@@ -19,7 +17,7 @@ from pycocotools.coco import COCO
 from tqdm import tqdm
 
 from mrcnn_jax.data import coco_json, pipeline, schema
-from mrcnn_jax.evaluation.coco_eval import CocoEvaluator
+from mrcnn_jax.evaluation.coco_eval import CocoEvaluator, pycocotools_output
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 from mrcnn_jax.sharding import AXIS, shard_batch
 from mrcnn_jax.train.state import TrainState
@@ -47,7 +45,7 @@ def coco_from_dict(dataset: dict) -> COCO:
     """A pycocotools `COCO` index over a ground-truth dict (images, annotations, categories)."""
     coco = COCO()
     coco.dataset = dataset
-    with contextlib.redirect_stdout(io.StringIO()):
+    with pycocotools_output():
         coco.createIndex()
     return coco
 
@@ -204,7 +202,7 @@ def evaluate_split(
     if stop is not None and stop.is_set():  # before the scoring too (a minute on COCO)
         raise EvaluationStopped
     ground_truth = coco_json.coco_ground_truth(builder, evaluated)
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its tables
+    with pycocotools_output():  # its tables
         metrics = evaluator.evaluate(coco_from_dict(ground_truth))
     if results_path and jax.process_index() == 0:  # after the scoring, which Ctrl-C may stop
         evaluator.write_results(results_path)
