@@ -329,6 +329,14 @@ def test_predict_batch_takes_iterables_and_names_bad_arguments(model_setup):
         predictor(path)
     with pytest.raises(ValueError, match=re.escape("images[2]: ") + message):
         predictor.predict_batch([*images, pathlib.Path(path)], batch_size=2)
+    with pytest.raises(ValueError, match=re.escape(f"takes images, got a file name ({path!r})")):
+        predictor.predict_batch(path)  # was read letter by letter: "images[0]: ... ('p')"
+    for bad, got in ((None, "got a NoneType"), ({"image": images[0]}, "got a dict")):
+        with pytest.raises(ValueError, match=re.escape(f"uint8 array [H, W, 3], {got}")):
+            predictor(bad)  # was "got object ()"
+    with pytest.raises(ValueError) as refused:  # uint8 already: no conversion to advise
+        predictor(np.zeros((40, 50, 2), np.uint8))
+    assert str(refused.value).endswith("got uint8 (40, 50, 2)"), refused.value
     for batch_size in ("2", 2.0, True):
         with pytest.raises(ValueError, match=re.escape(f"batch_size={batch_size!r} must be")):
             predictor.predict_batch(images, batch_size=batch_size)

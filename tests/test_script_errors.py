@@ -588,12 +588,13 @@ def test_train_ends_a_diverging_run_in_one_line(tmp_path):
 def test_a_workdir_without_checkpoints_is_refused(name, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    for workdir in (empty, tmp_path / "missing"):
+    for workdir, message in (
+        (empty, "is neither a workdir with checkpoints/ nor a checkpoints/<step>"),
+        (tmp_path / "missing", "does not exist (a workdir holding checkpoints/)"),
+    ):
         inputs = [__file__] if name == "predict.py" else []  # an existing file, never read
         result = run_script(name, f"--workdir={workdir}", *inputs)
-        assert_usage_error(
-            result, f"{workdir} is neither a workdir with checkpoints/ nor a checkpoints/<step>"
-        )
+        assert_usage_error(result, f"{workdir} {message}")
 
 
 @pytest.mark.parametrize(

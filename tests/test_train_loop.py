@@ -956,6 +956,9 @@ def test_an_eight_device_checkpoint_opens_on_one_device(trained, compile_cache):
 def test_load_checkpoint_errors_name_what_is_missing(trained, tmp_path):
     with pytest.raises(FileNotFoundError, match="checkpoints"):
         mrcnn_jax.load_checkpoint(tmp_path)
+    missing = re.escape(f"{tmp_path / 'typo'} does not exist (a workdir holding checkpoints/)")
+    with pytest.raises(FileNotFoundError, match=f"^{missing}$"):  # not "neither a workdir..."
+        mrcnn_jax.load_checkpoint(tmp_path / "typo")
     with pytest.raises(FileNotFoundError, match=r"no complete checkpoint 3 .*\[2, 4\]"):
         mrcnn_jax.load_checkpoint(trained[0], step=3)
 

@@ -155,7 +155,9 @@ def test_init_from_maps_the_classes_of_a_saved_checkpoint_and_checks_the_config(
 
 def test_init_from_is_checked_before_any_work_and_lifts_the_frozen_backbone_refusal(tmp_path):
     missing = tiny_config(**{"model.init_from": str(tmp_path / "nowhere")})
-    with pytest.raises(FileNotFoundError, match=r"^config\.model\.init_from: .*nowhere is neither"):
+    with pytest.raises(
+        FileNotFoundError, match=r"^config\.model\.init_from: .*nowhere does not exist"
+    ):
         trainer.check_backbone_init(missing.model)
     torch_file = tiny_config(**{"model.init_from": str(tmp_path / "resnet50.pth")})
     with pytest.raises(ValueError, match=r"is a PyTorch file, not a checkpoint: an ImageNet Res"):

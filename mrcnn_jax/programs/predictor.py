@@ -167,6 +167,11 @@ class Predictor:
                 f"predict_batch(images) takes a sequence of images or a [B, H, W, 3] array, got "
                 f"an array {tuple(images.shape)}: use predictor(image) or predict_batch([image])"
             )
+        if isinstance(images, str | bytes | os.PathLike):
+            raise ValueError(
+                f"predict_batch(images) takes images, got a file name ({os.fspath(images)!r}): "
+                "read them first, e.g. with mrcnn_jax.evaluation.visualize.read_image(path)"
+            )
         if isinstance(images, Mapping) or not isinstance(images, Iterable):
             hint = ": pass list(images.values())" if isinstance(images, Mapping) else ""
             raise ValueError(
@@ -283,7 +288,10 @@ def _as_rgb(image: np.ndarray) -> np.ndarray:
                 "(8-bit), e.g. image.convert('RGB') after scaling its values to 0-255"
             )
         image = image.convert("RGB")
+    given = type(image).__name__
     image = np.asarray(image)
+    if image.dtype == object:  # None, a dict, ragged lists
+        raise ValueError(f"image must be an RGB uint8 array [H, W, 3], got a {given}")
     if image.dtype != np.uint8 or not (
         image.ndim == 2 or (image.ndim == 3 and image.shape[-1] in (1, 3, 4))
     ):
@@ -315,7 +323,7 @@ def _conversion_hint(image: np.ndarray) -> str:
         )
     if image.dtype == np.uint16:
         return ": 16 bits? (image >> 8).astype(np.uint8) gives 8-bit pixels"
-    integers = np.issubdtype(image.dtype, np.integer) and image.size
+    integers = np.issubdtype(image.dtype, np.integer) and image.dtype != np.uint8 and image.size
     if integers and image.min() >= 0 and image.max() <= 255:
         return ": integers in [0, 255]? image.astype(np.uint8) gives 8-bit pixels"
     return ""
@@ -379,6 +387,8 @@ def _locate(path: epath.Path) -> tuple[epath.Path, int | None]:
         return path.parent.parent, int(path.name)
     if reason := paths.unreachable(path):  # is_dir() said no for it
         raise FileNotFoundError(f"cannot reach {path}: {reason}")
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist (a workdir holding checkpoints/)")
     hint = ""
     if path.suffix in (".pth", ".pt") and path.is_file():
         hint = (
