@@ -13,7 +13,7 @@ detections, COCO results format), `<workdir>` being the training workdir also wh
 names a checkpoint folder in it; with a --split other than the config's val split, the file
 names end in `_<split>` (each run of characters other than letters, digits, `.` and `-` becomes
 one `_`: `--split='validation[:16]'` gives `eval_<step>_validation_16_.json`).
---out_dir writes them elsewhere (a read-only workdir: checked before evaluating). A file that
+--out_dir writes them elsewhere (a read-only workdir: checked before the model loads). A file that
 cannot be written after all (a full disk) ends the run with `error: cannot write <file>:
 <reason>`, exit status 1, and no partial file; so does a Ctrl-C (`interrupted (Ctrl-C)`, exit
 status 130, nothing written) or SIGTERM (`terminated (SIGTERM)`, 143). Each file appears whole
@@ -179,6 +179,11 @@ def main(argv):
             text[len("error: ") :] + (f" (process {i})" if len(everyone) > 1 else "")
         )
     step = _STEP.value if len(everyone) == 1 else int(everyone[0])
+    out_dir = epath.Path(out_path) if out_path else workdir
+    if jax.process_index() == 0:  # before the model loads and the data is read
+        launch.make_output_folder(
+            out_dir, "--out_dir" if _OUT_DIR.value else "the workdir; --out_dir writes elsewhere"
+        )
     try:
         predictor = predictor_lib.load_checkpoint(_WORKDIR.value, step)
     except (ValueError, FileNotFoundError) as error:  # name what to fix
@@ -190,7 +195,6 @@ def main(argv):
     if _MAX_IMAGES.value is not None:
         config.eval.max_images = _MAX_IMAGES.value
     split = _SPLIT.value or config.data.val_split
-    out_dir = epath.Path(out_path) if out_path else workdir
     try:  # several processes given other flags would wait for each other forever
         processes.check_processes_agree(
             {
@@ -235,10 +239,6 @@ def main(argv):
         raise app.UsageError(
             f"{metrics_path} holds the results of {other}, not of {' '.join(evaluated)}: "
             "give another --out_dir to keep both"
-        )
-    if jax.process_index() == 0:
-        launch.make_output_folder(
-            out_dir, "--out_dir" if _OUT_DIR.value else "the workdir; --out_dir writes elsewhere"
         )
     mesh = sharding.create_mesh()
     lost = "Nothing was written: run the same command on every host again."
