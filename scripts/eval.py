@@ -150,6 +150,7 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
     launch.initialize()
     # before the checkpoint loads: a URL etils cannot open, or whose storage does not answer
+    launch.path_flag(_WORKDIR.value, "--workdir")
     json_path, images_path, out_path = (
         launch.path_flag(holder.value, f"--{holder.name}") if holder.value else ""
         for holder in (_JSON, _IMAGES, _OUT_DIR)

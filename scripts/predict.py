@@ -425,6 +425,7 @@ def main(argv):
         raise app.UsageError("give one or more image files, folders or glob patterns")
     if not 0.0 <= _SCORE_THRESHOLD.value <= 1.0:  # NaN is not either
         raise app.UsageError(f"--score_threshold={_SCORE_THRESHOLD.value} must be in [0, 1]")
+    launch.path_flag(_WORKDIR.value, "--workdir")  # a URL of another scheme, or unreachable
     args = [os.path.expanduser(arg) for arg in argv[1:]]  # a quoted '~/photos/*.jpg' too
     paths = collect_inputs(args, _RECURSIVE.value)  # before the model loads
     names = output_names(paths)

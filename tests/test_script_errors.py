@@ -609,7 +609,12 @@ def test_a_workdir_without_checkpoints_is_refused(name, tmp_path):
         (
             "predict.py",
             ["--workdir=gs:/bucket/runs/a", __file__],
-            "gs:/bucket/runs/a: a URL takes two slashes (gs://...)",
+            "--workdir: gs:/bucket/runs/a: a URL takes two slashes (gs://...)",
+        ),
+        (
+            "eval.py",
+            ["--workdir=file:///tmp/runs/a"],
+            "--workdir: file:///tmp/runs/a: file:// URLs are not supported",
         ),
         (
             "export.py",
@@ -623,7 +628,7 @@ def test_a_workdir_without_checkpoints_is_refused(name, tmp_path):
         ),
     ],
 )
-@pytest.mark.slow  # four script starts; `paths.absolute`'s refusals are unit-tested
+@pytest.mark.slow  # five script starts; `paths.absolute`'s refusals are unit-tested
 def test_a_url_etils_cannot_open_is_a_usage_error_before_any_work(name, flags, message, tmp_path):
     """A URL of another scheme than etils.epath's (a KeyError deep in etils), or one with a
     single slash (a local folder `gs:` in the current one): one line naming it."""
