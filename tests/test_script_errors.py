@@ -5,6 +5,7 @@ tests/test_predict.py."""
 
 import fcntl
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -451,6 +452,18 @@ def test_an_empty_path_flag_is_refused_not_the_current_folder(name, flags, tmp_p
     flag = next(f for f in flags if f.endswith("="))
     assert_usage_error(result, f"{flag[:-1]} is empty (an unset shell variable?): name a folder")
     assert not os.listdir(tmp_path)
+
+
+def test_a_config_file_under_home_is_found_through_its_tilde(tmp_path):
+    """A shell leaves the `~` of `--config=~/c.py` as it is: "No such file or directory"."""
+    shutil.copy(os.path.join(REPO, "configs", "shapes_r18.py"), tmp_path / "c.py")
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "scripts", "train.py"), "--config=~/c.py",
+         f"--workdir={tmp_path / 'w'}", "--config.train.num_stpes=5"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
+        env={**os.environ, "HOME": str(tmp_path)},
+    )  # fmt: skip
+    assert_usage_error(result, "flag --config.train.num_stpes: the config has no field")
 
 
 @pytest.mark.parametrize("name", ["train.py", "convert_torchvision.py", "eval.py"])

@@ -58,14 +58,28 @@ def define_flags() -> None:
     )
 
 
+_CONFIG_FLAGS: set[str] = set()  # the names of `define_config_flag`'s flags
+
+
 def define_config_flag(name: str, help_text: str) -> flags.FlagHolder:
     """`config_flags.DEFINE_config_file(name, None, help_text)`. ml_collections reads the
     command line's `--flagfile`s as it defines the flag; one that cannot be opened ends the
-    script as absl's parsing ends it (its one line, exit status 1), not a traceback."""
+    script as absl's parsing ends it (its one line, exit status 1), not a traceback. A leading
+    `~` of its file is expanded (`parse_flags`), as in every other path."""
+    _CONFIG_FLAGS.add(name)
     try:
         return config_flags.DEFINE_config_file(name, None, help_text)
     except flags.CantOpenFlagFileError as error:
         _flags_error(str(error))
+
+
+def _expand_config_path(arg: str) -> str:
+    """`arg` with the `~` of a `--config=~/...` (a config flag's file) expanded: a shell
+    leaves it as it is after `=`."""
+    name, _, value = arg.lstrip("-").partition("=")
+    if arg.startswith("-") and name in _CONFIG_FLAGS and value.startswith("~"):
+        return f"--{name}={os.path.expanduser(value)}"
+    return arg
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -85,6 +99,7 @@ def parse_flags(argv: list[str]) -> list[str]:
             f"{overrides[0]} overrides a field of --config, which is not given: pass the config "
             "file first (--config=configs/<name>.py)"
         )
+    argv = [argv[0], *map(_expand_config_path, argv[1:])]
     try:
         return app.parse_flags_with_usage(argv)
     except OSError as error:  # the --config file could not be opened (read for an override)
