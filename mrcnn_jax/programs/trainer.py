@@ -290,10 +290,9 @@ def check_fresh_start(workdir: epath.PathLike, config: ml_collections.ConfigDict
             f"{config_file} is not a training run's config (a run writes its own there): train "
             "in a new or empty --workdir"
         )
-    try:
-        lines = metrics_file.read_text().splitlines(keepends=True)
-    except FileNotFoundError:
+    if not metrics_file.exists():  # (a bucket's storage raises its own error on a read)
         return
+    lines = metrics_file.read_text().splitlines(keepends=True)
     try:  # a last line without its newline was cut by a crash
         rows = [json.loads(line) for line in lines if line.endswith("\n") and line.strip()]
     except ValueError:
