@@ -18,8 +18,11 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised by `raise_interrupt` where a Ctrl-C's KeyboardInterrupt would be."""
 
 
-# Per signal deferred by `raise_interrupt`: False while its repeat is scheduled, True once sent.
-_deferred: dict[int, bool] = {}
+# Per signal deferred (`_defer`): its token while its repeat is scheduled, True once sent. The
+# timer's send, the handler and `raise_pending` change it under `_lock` (re-entrant: the handler
+# runs on the main thread, possibly inside `raise_pending`).
+_deferred: dict[int, object] = {}
+_lock = threading.RLock()
 _RETRY_S = 0.1
 _raised: list[int] = []  # the signals `raise_interrupt` raised, in order
 
@@ -47,12 +50,15 @@ def _in_import(frame: Any) -> bool:
 def _defer(signum: int) -> None:
     """Sends `signum` to the main thread again `_RETRY_S` later, unless `raise_pending` raises
     it meanwhile."""
-    _deferred[signum] = False
+    token = object()
+    with _lock:
+        _deferred[signum] = token
 
     def send_again() -> None:
-        if signum in _deferred:  # not raised by `raise_pending` meanwhile
-            _deferred[signum] = True
-            signal.pthread_kill(threading.main_thread().ident, signum)
+        with _lock:
+            if _deferred.get(signum) is token:  # not raised by `raise_pending` meanwhile
+                _deferred[signum] = True
+                signal.pthread_kill(threading.main_thread().ident, signum)
 
     again = threading.Timer(_RETRY_S, send_again)
     again.daemon = True
@@ -70,8 +76,9 @@ def raise_interrupt(signum: int, frame: Any) -> None:
     elsewhere; `raise_pending` raises one still waiting when the script (or
     `handled_interrupts` block) ends. The same signal sent again meanwhile (a second Ctrl-C)
     raises at once, wherever it lands."""
-    repeat = _deferred.pop(signum, None)  # None: a new signal; True: this handler's repeat
-    if repeat is False:  # a second one while the first waits: stop now
+    with _lock:  # None: a new signal; True: this handler's repeat; a token: one waits
+        state = _deferred.pop(signum, None)
+    if state is not None and state is not True:  # a second one while the first waits: now
         raise exception_of(signum)
     if in_compile(frame) or _in_import(frame):
         _defer(signum)
@@ -120,21 +127,27 @@ def handled_interrupts() -> Iterator[None]:
     try:
         yield
     except BaseException:
-        _deferred.pop(signal.SIGINT, None)  # the block ended anyway
+        with _lock:
+            _deferred.pop(signal.SIGINT, None)  # the block ended anyway
         raise
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        sys.unraisablehook = hook
+        try:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        finally:
+            sys.unraisablehook = hook
     raise_pending()
 
 
 def raise_pending() -> None:
-    """Raises the interrupt `raise_interrupt` deferred and has not raised yet, if any."""
-    if _deferred:
-        signum = next(iter(_deferred))
+    """Raises the interrupt deferred (`_defer`) whose repeat has not been sent yet, if any (that
+    repeat is then not sent). One already sent is left to its delivery, which raises it: a
+    KeyboardInterrupt each, not two, and none left over for a later call."""
+    with _lock:
+        waiting = [signum for signum, state in _deferred.items() if state is not True]
         _deferred.clear()
-        _raised.append(signum)
-        raise exception_of(signum)
+    if waiting:
+        _raised.append(waiting[0])
+        raise exception_of(waiting[0])
 
 
 def raised_count() -> int:

@@ -181,10 +181,9 @@ def main(argv):
         )
     step = _STEP.value if len(everyone) == 1 else int(everyone[0])
     out_dir = epath.Path(out_path) if out_path else workdir
-    if jax.process_index() == 0:  # before the model loads and the data is read
-        launch.make_output_folder(
-            out_dir, "--out_dir" if _OUT_DIR.value else "the workdir; --out_dir writes elsewhere"
-        )
+    out_flag = "--out_dir" if _OUT_DIR.value else "the workdir; --out_dir writes elsewhere"
+    if jax.process_index() == 0 and out_dir.exists():  # one it cannot write (a read-only
+        launch.make_output_folder(out_dir, out_flag)  # workdir): before the model loads
     try:
         predictor = predictor_lib.load_checkpoint(_WORKDIR.value, step)
     except (ValueError, FileNotFoundError) as error:  # name what to fix
@@ -241,6 +240,8 @@ def main(argv):
             f"{metrics_path} holds the results of {other}, not of {' '.join(evaluated)}: "
             "give another --out_dir to keep both"
         )
+    if jax.process_index() == 0:  # made after the other checks: none is left by a refusal
+        launch.make_output_folder(out_dir, out_flag)
     mesh = sharding.create_mesh()
     lost = "Nothing was written: run the same command on every host again."
     try:  # a ValueError (e.g. no detection of the ground truth's categories): one line

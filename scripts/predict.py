@@ -184,11 +184,13 @@ def _folder_images(folder: str, recursive: bool) -> list[str]:
         found, seen = [], set()
         for root, dirs, files in os.walk(folder, followlinks=True):
             seen.add(os.path.realpath(root))
-            dirs[:] = sorted(
-                d
-                for d in dirs
-                if not d.startswith(".") and os.path.realpath(os.path.join(root, d)) not in seen
-            )
+            kept = []
+            for name in sorted(d for d in dirs if not d.startswith(".")):
+                real = os.path.realpath(os.path.join(root, name))
+                if real not in seen:  # a link to a folder walked or to be walked: once
+                    seen.add(real)
+                    kept.append(name)
+            dirs[:] = kept
             found += [os.path.join(root, n) for n in sorted(files)]
     else:
         found = [os.path.join(folder, n) for n in sorted(os.listdir(folder))]
@@ -332,12 +334,15 @@ def check_outputs(
     for drawing in drawings:
         first_drawing.setdefault(os.path.dirname(drawing), drawing)
     for folder, drawing in first_drawing.items():  # a file where a folder of drawings goes
-        while not paths_lib.is_url(folder) and not os.path.isdir(folder):
+        while folder and not paths_lib.is_url(folder) and not os.path.isdir(folder):
             if os.path.lexists(folder):
+                what = "a symbolic link to nothing" if os.path.islink(folder) else "a file"
                 raise app.UsageError(
-                    f"the drawing {drawing!r} cannot be written: {folder!r} is a file, not a "
+                    f"the drawing {drawing!r} cannot be written: {folder!r} is {what}, not a "
                     "folder (move it away, or choose another --out_dir)"
                 )
+            if os.path.dirname(folder) == folder:  # the root
+                break
             folder = os.path.dirname(folder)
     real_folders = {  # with a trailing separator: "/a/bc/" does not start with "/a/b/"
         os.path.join(os.path.realpath(folder), ""): drawing

@@ -797,7 +797,7 @@ def test_outputs_that_are_links_to_files_are_refused_before_the_work(predict_scr
 
 
 def test_outputs_where_a_folder_or_a_file_stands_are_refused_before_the_work(
-    predict_script, tmp_path
+    predict_script, tmp_path, monkeypatch
 ):
     """A folder named as a drawing, or a file where a drawing's folder goes, failed at that
     image's drawing, after the work, and no detections.json was written."""
@@ -824,6 +824,13 @@ def test_outputs_where_a_folder_or_a_file_stands_are_refused_before_the_work(
     predict_script.check_outputs(
         [str(image)], [str(image)], [str(out / "a" / "b.png")], results, False
     )
+    monkeypatch.chdir(tmp_path)  # relative paths (the library's callers): the walk ends
+    predict_script.check_outputs(["h.png"], ["h.png"], ["new/h.png"], "new/d.json", False)
+    (out / "gone").symlink_to(tmp_path / "nothing")
+    with pytest.raises(predict_script.app.UsageError, match="is a symbolic link to nothing, not"):
+        predict_script.check_outputs(
+            [str(image)], [str(image)], [str(out / "gone" / "h.png")], results, False
+        )
 
 
 def test_folders_skip_names_that_are_no_file(predict_script, tmp_path):
@@ -855,6 +862,7 @@ def test_recursive_folders_follow_links_once_and_skip_hidden_names(predict_scrip
     (root / "._x.jpg").write_bytes(b"")
     (root / "x.jpg").write_bytes(b"")
     (root / "more").symlink_to(elsewhere)
+    (root / "same").symlink_to(elsewhere)  # walked once, under its first name
     (elsewhere / "up").symlink_to(root)  # a cycle
     assert predict_script._folder_images(str(root), recursive=True) == [
         str(root / "x.jpg"),

@@ -13,6 +13,8 @@ import time
 
 import pytest
 
+from mrcnn_jax import interrupts
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -425,6 +427,13 @@ def test_a_config_file_without_get_config_is_one_line(tmp_path):
     """A file that is not a config (`/dev/null`, a module without `get_config`): ml_collections'
     40-line AttributeError traceback."""
     (tmp_path / "notes.py").write_text("x = 1\n")
+    (tmp_path / "mine.py").write_text(  # its own code's error: its traceback, naming the line
+        f"import sys\nsys.path.insert(0, {str(tmp_path)!r})\nimport notes\n"
+        "def get_config():\n    return notes.get_config()\n"
+    )
+    result = run_script("train.py", f"--config={tmp_path / 'mine.py'}", f"--workdir={tmp_path}/w")
+    assert "return notes.get_config()" in result.stderr, result.stderr[-3000:]
+    assert "the file defines no get_config()" not in result.stderr, result.stderr[-3000:]
     for config in (tmp_path / "notes.py", "/dev/null"):
         result = run_script("train.py", f"--config={config}", f"--workdir={tmp_path / 'w'}")
         assert_usage_error(
@@ -454,16 +463,34 @@ def test_an_empty_path_flag_is_refused_not_the_current_folder(name, flags, tmp_p
     assert not os.listdir(tmp_path)
 
 
-def test_a_config_file_under_home_is_found_through_its_tilde(tmp_path):
-    """A shell leaves the `~` of `--config=~/c.py` as it is: "No such file or directory"."""
+@pytest.mark.parametrize("given", ["--config=~/c.py", "--flagfile=~/flags.cfg"])
+def test_a_config_file_under_home_is_found_through_its_tilde(given, tmp_path):
+    """A shell leaves the `~` of `--config=~/c.py` as it is ("No such file or directory"), and
+    a flagfile's lines are never expanded."""
     shutil.copy(os.path.join(REPO, "configs", "shapes_r18.py"), tmp_path / "c.py")
+    (tmp_path / "flags.cfg").write_text("--config=~/c.py\n")
     result = subprocess.run(
-        [sys.executable, os.path.join(REPO, "scripts", "train.py"), "--config=~/c.py",
+        [sys.executable, os.path.join(REPO, "scripts", "train.py"),
+         given.replace("~", str(tmp_path)) if "flagfile" in given else given,
          f"--workdir={tmp_path / 'w'}", "--config.train.num_stpes=5"],
         cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
         env={**os.environ, "HOME": str(tmp_path)},
     )  # fmt: skip
     assert_usage_error(result, "flag --config.train.num_stpes: the config has no field")
+
+
+def test_a_deferred_interrupt_is_raised_once_and_not_again_later():
+    """`raise_pending` takes a deferral whose repeat is not sent yet (the repeat is then not
+    sent: a second KeyboardInterrupt came after the call), and one already sent is not left
+    behind to raise at the end of a later, uninterrupted call (a notebook's next cell)."""
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    interrupts._defer(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        interrupts.raise_pending()
+    time.sleep(3 * interrupts._RETRY_S)  # no repeat arrives (it would raise here)
+    interrupts._deferred[signal.SIGINT] = True  # sent, and taken by another handler
+    interrupts.raise_pending()  # nothing to raise
+    assert not interrupts._deferred
 
 
 @pytest.mark.parametrize("name", ["train.py", "convert_torchvision.py", "eval.py"])

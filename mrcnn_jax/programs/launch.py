@@ -73,13 +73,19 @@ def define_config_flag(name: str, help_text: str) -> flags.FlagHolder:
         _flags_error(str(error))
 
 
-def _expand_config_path(arg: str) -> str:
-    """`arg` with the `~` of a `--config=~/...` (a config flag's file) expanded: a shell
-    leaves it as it is after `=`."""
-    name, _, value = arg.lstrip("-").partition("=")
-    if arg.startswith("-") and name in _CONFIG_FLAGS and value.startswith("~"):
-        return f"--{name}={os.path.expanduser(value)}"
-    return arg
+def _expand_config_paths(args: list[str]) -> list[str]:
+    """`args` (the flags, a `--flagfile`'s read in) with the `~` of each `--config=~/...` (a
+    config flag's file) expanded: a shell leaves it as it is after `=`, a flagfile always.
+    Arguments after a bare `--` are not flags."""
+    expanded = []
+    for i, arg in enumerate(args):
+        if arg == "--":
+            return expanded + args[i:]
+        name, _, value = arg.lstrip("-").partition("=")
+        if arg.startswith("-") and name in _CONFIG_FLAGS and value.startswith("~"):
+            arg = f"--{name}={os.path.expanduser(value)}"
+        expanded.append(arg)
+    return expanded
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -99,7 +105,7 @@ def parse_flags(argv: list[str]) -> list[str]:
             f"{overrides[0]} overrides a field of --config, which is not given: pass the config "
             "file first (--config=configs/<name>.py)"
         )
-    argv = [argv[0], *map(_expand_config_path, argv[1:])]
+    argv = [argv[0], *_expand_config_paths(given)]
     try:
         return app.parse_flags_with_usage(argv)
     except OSError as error:  # the --config file could not be opened (read for an override)
@@ -118,9 +124,16 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def _has_no_get_config(error: Exception) -> bool:
-    """Whether ml_collections' `error` says the --config file has no `get_config` (not an
-    error of the file's own code, whose traceback points at the line)."""
-    return isinstance(error, AttributeError) and "has no attribute 'get_config'" in str(error)
+    """Whether `error` is ml_collections' own lookup of `get_config` in the --config file
+    failing (not an error of the file's own code, e.g. its call of another module's
+    `get_config`, whose traceback points at the line)."""
+    if not isinstance(error, AttributeError) or getattr(error, "name", None) != "get_config":
+        return False
+    innermost = error.__traceback__
+    while innermost is not None and innermost.tb_next is not None:
+        innermost = innermost.tb_next
+    module = innermost.tb_frame.f_globals.get("__name__", "") if innermost else ""
+    return module.startswith("ml_collections.")
 
 
 def _no_such_field(error: Exception, overrides: list[str]) -> NoReturn:

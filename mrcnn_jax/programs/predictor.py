@@ -290,7 +290,7 @@ def _as_rgb(image: np.ndarray) -> np.ndarray:
         image = image.convert("RGB")
     given = type(image).__name__
     image = np.asarray(image)
-    if image.dtype == object:  # None, a dict, ragged lists
+    if image.dtype == object:  # None, a dict
         raise ValueError(f"image must be an RGB uint8 array [H, W, 3], got a {given}")
     if image.dtype != np.uint8 or not (
         image.ndim == 2 or (image.ndim == 3 and image.shape[-1] in (1, 3, 4))
