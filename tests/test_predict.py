@@ -690,7 +690,7 @@ def test_scripts_refuse_a_bad_threshold_step_or_out_dir_naming_it(
     missing_step = f"no complete checkpoint 7 in {workdir / 'checkpoints'} (found steps [0])"
     usual = [
         ("predict.py", ["--score_threshold=50"], "--score_threshold=50.0 must be in [0, 1]"),
-        ("predict.py", [f"--out_dir={a_file}"], f"cannot write into {a_file} (--out_dir)"),
+        ("predict.py", [f"--out_dir={a_file}"], f"{str(a_file)!r} is a file, not a folder"),
         ("eval.py", ["--checkpoint_step=7"], missing_step),
         ("eval.py", ["--split=valid"], "--split='valid' is not a split of"),
     ]
