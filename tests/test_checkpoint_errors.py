@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import types
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -274,28 +275,35 @@ def test_corrupt_array_data_is_refused_naming_the_step_folder(how, saved_data, t
         manager.close()
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_a_read_cut_by_an_interrupt_is_the_interrupt_not_a_corrupt_checkpoint(
-    signum, saved, monkeypatch
-):
-    """A Ctrl-C or SIGTERM during the read (eval.py, predict.py, export.py, a resume) reached
-    orbax's read as a failed read ("Encountered error while reading array index"), reported as
-    a corrupt checkpoint to move away (a helper hit it 2-3 times in 7 per script): the scripts'
-    handler counts the interrupts it raises, and the read raises the interrupt instead."""
-    workdir, _ = saved
+def cut_array_reads(monkeypatch, interrupt: Callable[[], None]) -> None:
+    """Makes `CheckpointManager.restore` of the arrays fail as an interrupt during the read
+    does: `interrupt()` runs in orbax's code, and orbax reports what it raises as a failed read
+    ("Encountered error while reading array index"). The config is read as usual."""
     restore = ckpt_lib.ocp.CheckpointManager.restore
 
     def interrupted_read(manager, step, args=None, **kwargs):
         if "state" not in args.keys():  # the config: read
             return restore(manager, step, args=args, **kwargs)
         try:
-            interrupts.raise_interrupt(signum, None)  # as the handler does in orbax's code
+            interrupt()
         except KeyboardInterrupt as error:  # what orbax makes of it, in its event loop
             raise Exception("Encountered error while reading array index") from RuntimeError(
                 f"Event loop is closed ({type(error).__name__})"
             )
 
     monkeypatch.setattr(ckpt_lib.ocp.CheckpointManager, "restore", interrupted_read)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_read_cut_by_an_interrupt_is_the_interrupt_not_a_corrupt_checkpoint(
+    signum, saved, monkeypatch
+):
+    """A Ctrl-C or SIGTERM during the read (eval.py, predict.py, export.py, a resume) reached
+    orbax's read as a failed read, reported as a corrupt checkpoint to move away (a helper hit
+    it 2-3 times in 7 per script): the scripts' handler counts the interrupts it raises, and
+    the read raises the interrupt instead."""
+    workdir, _ = saved
+    cut_array_reads(monkeypatch, lambda: interrupts.raise_interrupt(signum, None))
     with pytest.raises(interrupts.exception_of(signum).__class__) as raised:
         mrcnn_jax.load_checkpoint(workdir, STEP)
     assert type(raised.value) is type(interrupts.exception_of(signum))
@@ -309,22 +317,9 @@ def test_a_ctrl_c_cutting_a_notebooks_read_is_the_interrupt(saved, monkeypatch):
     move it away": `load_checkpoint` takes Ctrl-C as the scripts do while it runs
     (`interrupts.handled_interrupts`), then gives the default handler back."""
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    workdir, _ = saved
-    restore = ckpt_lib.ocp.CheckpointManager.restore
-
-    def interrupted_read(manager, step, args=None, **kwargs):
-        if "state" not in args.keys():  # the config: read
-            return restore(manager, step, args=args, **kwargs)
-        try:
-            signal.raise_signal(signal.SIGINT)  # Ctrl-C, its handler run in orbax's code
-        except KeyboardInterrupt as error:  # what orbax makes of it, in its event loop
-            raise Exception("Encountered error while reading array index") from RuntimeError(
-                f"Event loop is closed ({type(error).__name__})"
-            )
-
-    monkeypatch.setattr(ckpt_lib.ocp.CheckpointManager, "restore", interrupted_read)
+    cut_array_reads(monkeypatch, lambda: signal.raise_signal(signal.SIGINT))  # a real Ctrl-C
     with pytest.raises(KeyboardInterrupt):
-        mrcnn_jax.load_checkpoint(workdir, STEP)
+        mrcnn_jax.load_checkpoint(saved[0], STEP)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
