@@ -39,7 +39,8 @@ def in_compile(frame: Any) -> bool:
 
 
 def _in_import(frame: Any) -> bool:
-    """Whether `frame` or a frame below it imports a module."""
+    """Whether `frame` or a frame below it imports a module (also where a module being imported
+    calls the library: a Ctrl-C there comes once that import is done)."""
     while frame is not None:
         if frame.f_code.co_filename == "<frozen importlib._bootstrap>":
             return True
