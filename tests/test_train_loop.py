@@ -1344,3 +1344,18 @@ def test_a_fresh_start_refuses_to_replace_or_drop_what_is_not_its_own(tmp_path):
         "were they deleted? Restore them to resume; to start afresh, move metrics.jsonl away or "
         "train in a new --workdir"
     )
+
+
+def test_train_and_evaluate_refuses_a_folder_that_is_not_a_workdir_before_locking_it(
+    data_dir, tmp_path
+):
+    """The library's own check came after the run's lock file, which made the folder a workdir
+    (`_is_workdir`): a user's config.json was then replaced all the same. Checked before the
+    lock, nothing is written."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"theme": "dark"}')
+    with pytest.raises(ValueError, match=re.escape("config.json is not a training run's config")):
+        trainer.train_and_evaluate(run_config(data_dir), str(mine))
+    assert sorted(p.name for p in mine.iterdir()) == ["config.json"]
+    assert (mine / "config.json").read_text() == '{"theme": "dark"}'

@@ -593,8 +593,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     Raises:
       ValueError: a config that does not fit (`check_train_config`, `check_splits`); without a
-        checkpoint to resume, a frozen backbone without weights (`check_backbone_init`); a
-        checkpoint of another architecture; processes of one run given different configs or
+        checkpoint to resume, a frozen backbone without weights (`check_backbone_init`) or a
+        folder whose files it would replace or drop (`check_fresh_start`); a checkpoint of
+        another architecture; processes of one run given different configs or
         workdirs, or a workdir they do not share (`processes.check_processes_agree`).
       FileNotFoundError: `<workdir>/checkpoints` holds step folders but none is a complete
         checkpoint (`checkpoint.resume_step`, naming them and what they lack).
@@ -614,6 +615,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     processes.check_processes_agree(  # several processes: before they wait for each other
         agreement_settings(config, workdir), workdir
     )
+    if not ckpt_lib.has_complete_checkpoint(workdir):  # before the lock file makes it a workdir
+        check_fresh_start(workdir, config)
     with _workdir_lock(workdir):
         manager = ckpt_lib.create_manager(
             workdir, max_to_keep=config.train.keep_checkpoints or None, clean_up=True
@@ -791,7 +794,6 @@ def _train_and_evaluate(
     resume_step = ckpt_lib.resume_step(manager)  # the latest complete checkpoint
     resuming = resume_step is not None
     if not resuming:
-        check_fresh_start(workdir, config)
         check_backbone_init(config.model)
     builder = get_builder(config.data)
     check_splits(config, builder)
