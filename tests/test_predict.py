@@ -13,6 +13,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -480,6 +481,24 @@ def test_locate_checkpoint_names_the_workdir_of_a_checkpoint_folder(workdir):
         assert locate_checkpoint(str(path), step=0) == (workdir, 0)
     with pytest.raises(FileNotFoundError, match=r"no complete checkpoint 7 .*\[0\]"):
         locate_checkpoint(workdir, step=7)
+
+
+def test_a_step_folder_copied_out_of_its_workdir_says_where_it_goes(workdir, tmp_path):
+    """A complete step folder outside `<workdir>/checkpoints/` (copied, or renamed) is named as
+    such with the layout that loads it; was "neither a workdir with checkpoints/ nor ..."."""
+    for name, step in (("0", "0"), ("model_best", "<step>")):
+        copied = tmp_path / "models" / name
+        shutil.copytree(workdir / "checkpoints" / "0", copied)
+        message = (
+            f"{copied} is a checkpoint's step folder outside a workdir: a checkpoint is read as "
+            f"<workdir>/checkpoints/<step>, e.g. mkdir -p W/checkpoints && cp -r {copied} "
+            f"W/checkpoints/{step}, then load W"
+        )
+        with pytest.raises(FileNotFoundError, match=f"^{re.escape(message)}$"):
+            locate_checkpoint(copied)
+    (copied / "state" / "_METADATA").unlink()  # not a complete one: not named one
+    with pytest.raises(FileNotFoundError, match="is neither a workdir with checkpoints/"):
+        locate_checkpoint(copied)
 
 
 def test_torchvision_weights_given_as_the_workdir_are_sent_to_the_converter(tmp_path):

@@ -390,6 +390,13 @@ def _locate(path: epath.Path) -> tuple[epath.Path, int | None]:
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist (a workdir holding checkpoints/)")
     hint = ""
+    if path.is_dir() and not ckpt_lib.missing_parts(path):  # a step folder moved or copied out
+        step = path.name if path.name.isdigit() else "<step>"
+        raise FileNotFoundError(
+            f"{path} is a checkpoint's step folder outside a workdir: a checkpoint is read as "
+            f"<workdir>/checkpoints/<step>, e.g. mkdir -p W/checkpoints && cp -r {path} "
+            f"W/checkpoints/{step}, then load W"
+        )
     if path.suffix in (".pth", ".pt") and path.is_file():
         hint = (
             ": a PyTorch file? torchvision Mask R-CNN weights convert into a workdir with "
