@@ -537,6 +537,26 @@ def test_a_ctrl_c_during_a_save_comes_after_it_and_a_second_at_once():
         signal.signal(signal.SIGTERM, previous)
 
 
+def test_train_and_evaluate_takes_ctrl_c_as_train_py_also_from_a_notebook(
+    data_dir, tmp_path, monkeypatch
+):
+    """Called under Python's default SIGINT handler (a notebook), the run has the scripts' one
+    (`interrupts.handled_interrupts`: a Ctrl-C in a compile is raised after it; under the
+    default handler the compile went on in the background and the exit crashed, -11), and the
+    default is back after it."""
+    handlers = []
+
+    def run(*args):
+        handlers.append(signal.getsignal(signal.SIGINT))
+        return {}
+
+    monkeypatch.setattr(trainer, "_train_and_evaluate", run)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    trainer.train_and_evaluate(run_config(data_dir), str(tmp_path / "workdir"))
+    assert handlers == [interrupts.raise_interrupt]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_only_the_trainers_manager_removes_temporary_folders(tmp_path, monkeypatch):
     """A manager made to read, or to write converted weights (`save_variables`), leaves the
     temporary folders in `checkpoints/` alone: one may be a training run's save in progress.

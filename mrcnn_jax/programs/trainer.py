@@ -51,7 +51,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from mrcnn_jax import jax_settings, paths, sharding
+from mrcnn_jax import interrupts, jax_settings, paths, sharding
 from mrcnn_jax.convert import imagenet
 from mrcnn_jax.convert import torchvision as torchvision_convert
 from mrcnn_jax.data import canvas_groups, get_builder, pipeline, schema, with_absolute_paths
@@ -582,6 +582,7 @@ def _canvas_draw(data) -> tuple:
     return groups, tuple(round(float(w), 6) for w in canvas_groups.weights_of(data))
 
 
+@interrupts.handled_interrupts()
 @jax_settings.with_defaults
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains `config` in `workdir` (resuming if it has checkpoints), evaluates, returns metrics.
@@ -590,6 +591,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     (`gs://...`); so are the data's paths, stored absolute in the checkpoints' config.
 
     Returns the final evaluation metrics (COCO bbox/segm numbers on `config.data.val_split`).
+
+    Ctrl-C (KeyboardInterrupt) stops it as it stops scripts/train.py, also from a notebook:
+    one during a compile or an import is raised once that ends (`interrupts.handled_interrupts`:
+    under Python's default handler the compile went on in the background and crashed the exit).
 
     Raises:
       ValueError: a config that does not fit (`check_train_config`, `check_splits`); without a
