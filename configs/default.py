@@ -12,7 +12,7 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     """Returns the default config (Mask R-CNN R50-FPN, COCO 2017, 1× schedule at batch 16)."""
     config = ml_collections.ConfigDict()
-    config.seed = 0  # Seeds parameter init, the data order and the per-step RNG.
+    config.seed = 0  # Seeds parameter init, the data order and the per-step RNG; < 2**32.
 
     # ---------------------------------------------------------------- data
     config.data = data = ml_collections.ConfigDict()
@@ -178,6 +178,6 @@ def get_config() -> ml_collections.ConfigDict:
 
     # ---------------------------------------------------------------- evaluation
     config.eval = ml_collections.ConfigDict()
-    config.eval.batch_size = 16  # Global eval batch; the last batch is padded.
+    config.eval.batch_size = 16  # Global; rounded up to a multiple of the devices, last one padded.
     config.eval.max_images = 0  # Evaluate on at most this many val images; 0 = all.
     return config

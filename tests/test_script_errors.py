@@ -533,7 +533,7 @@ def test_a_tuple_override_given_twice_is_refused_where_a_scalar_takes_the_last(t
         "ml_collections would join the tuples into (256, 256, 320, 320): give it once",
     )
     result = run_script("train.py", *flags, "--config.seed=1", "--config.seed=-1")
-    assert_usage_error(result, "error: config.seed=-1 must be an integer >= 0")
+    assert_usage_error(result, "error: config.seed=-1 must be an integer in [0, 2**32 - 1]")
     assert not os.listdir(tmp_path)
 
 

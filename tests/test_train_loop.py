@@ -402,7 +402,7 @@ BAD_CONFIGS = {
     "model.rpn.fg_iou": (1.5, r"config\.model\.rpn\.fg_iou=1\.5 must be in \(0, 1\]"),
     "model.roi_heads.mask_paste": ("foo", r"config\.model\.roi_heads\.mask_paste='foo' must"),
     "train.base_lr": (-0.01, r"config\.train\.base_lr=-0\.01 must be positive"),
-    "seed": (-1, r"config\.seed=-1 must be an integer >= 0"),
+    "seed": (2**32, r"config\.seed=4294967296 must be an integer in \[0, 2\*\*32 - 1\]"),
     "eval.max_images": (-1, r"config\.eval\.max_images=-1 must be an integer >= 0"),
     "data.shapes_num_train": (0, r"config\.data\.shapes_num_train=0 must be at least 1"),
     "data.class_names": (("a", "b"), r"config\.data\.class_names has 2 entries but dataset"),

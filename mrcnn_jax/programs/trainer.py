@@ -386,8 +386,8 @@ def check_train_config(config: ml_collections.ConfigDict, num_devices: int | Non
     """Refuses, before any work, a config that would only fail later (after compiling the step,
     or after training), deep in JAX, or not at all: the data settings (`pipeline.check_data`),
     the model's (`checks.check_new_model_config`), the optimizer and schedule
-    (`state.check_train_settings`), `model.roi_heads.mask_paste`, `seed` and `eval.max_images`
-    (0 or more), and the step counts:
+    (`state.check_train_settings`), `model.roi_heads.mask_paste`, `seed` (below 2**32) and
+    `eval.max_images` (0 or more), and the step counts:
 
     `train.log_every` and `train.checkpoint_every` are positive numbers of steps;
     `train.num_steps`, `train.eval_every` (0: only at the end) and `train.keep_checkpoints`
@@ -413,9 +413,14 @@ def check_train_config(config: ml_collections.ConfigDict, num_devices: int | Non
             f"config.model.roi_heads.mask_paste={config.model.roi_heads.mask_paste!r} must be "
             f"one of {PASTE_METHODS}"
         )
-    for name, value in (("seed", config.seed), ("eval.max_images", config.eval.max_images)):
-        if not isinstance(value, int) or value < 0:
-            raise ValueError(f"config.{name}={value!r} must be an integer >= 0")
+    if not isinstance(config.seed, int) or not 0 <= config.seed < 2**32:
+        raise ValueError(  # `jax.random.key` keeps its low 32 bits: 2**32 would be seed 0's model
+            f"config.seed={config.seed!r} must be an integer in [0, 2**32 - 1]"
+        )
+    if not isinstance(config.eval.max_images, int) or config.eval.max_images < 0:
+        raise ValueError(
+            f"config.eval.max_images={config.eval.max_images!r} must be an integer >= 0"
+        )
     t = config.train
     for name in ("log_every", "checkpoint_every"):
         if t[name] < 1:
