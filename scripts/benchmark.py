@@ -100,8 +100,9 @@ if __name__ == "__main__":  # before torch and JAX are imported, which it would 
 try:
     import torch
     import torchvision
-except ImportError:
+except ImportError as error:
     torch = torchvision = None
+    NO_TORCHVISION = f"{error}"  # said on stderr where a comparison is left out
 
 import jax
 import jax.numpy as jnp
@@ -123,7 +124,12 @@ flags.DEFINE_integer(
     lower_bound=1,
 )
 flags.DEFINE_integer("warmup", 1, "Untimed calls first (the first compiles).", lower_bound=1)
-flags.DEFINE_integer("seed", 0, "Seed of the random inputs.", lower_bound=0)
+flags.DEFINE_integer(
+    "seed",
+    0,
+    "Seed of the random inputs and (train, infer, breakdown) both models' weights.",
+    lower_bound=0,
+)
 flags.DEFINE_integer(
     "batch_size", 2, "roi_align, conv, train, infer, breakdown: images per call.", lower_bound=1
 )
@@ -288,21 +294,27 @@ def run_roi_align() -> list[dict]:
     roi_align = functools.partial(multilevel_roi_align, sampling_ratio=FLAGS.sampling_ratio)
     results = []
     for output_size in map(int, FLAGS.output_sizes):
-        reference, args = torchvision_roi_align_seconds(features, boxes, output_size), inputs
+        args = inputs
         if FLAGS.backward:
             cotangent = rng.normal(size=(*boxes.shape[:2], output_size, output_size, channels))
             args = (*inputs, jnp.asarray(cotangent, FLAGS.dtype))
+        ours = []
         for method in FLAGS.methods:
             pool = functools.partial(roi_align, output_size=output_size, method=method)
             step = functools.partial(forward_backward, pool) if FLAGS.backward else pool
-            first, seconds, _ = measure(jax.jit(step), *args)
+            ours.append(functools.partial(jax.jit(step), *args))
+        theirs = torchvision_roi_align(features, boxes, output_size)
+        timed = measure_alternating([*ours, theirs] if theirs else ours)
+        reference = timed[-1][1] if theirs else None
+        for method, (first, seconds, _) in zip(FLAGS.methods, timed):
             result = {"output_size": output_size, "method": method}
             results.append({**result, **compare(first, seconds, reference)})
     return results
 
 
-def torchvision_roi_align_seconds(features, boxes, output_size: int) -> float | None:
-    """Median seconds of torchvision's MultiScaleRoIAlign on the same inputs (NCHW, float32)."""
+def torchvision_roi_align(features, boxes, output_size: int) -> Callable[[], None] | None:
+    """A call of torchvision's MultiScaleRoIAlign on the same inputs (NCHW, float32), with
+    --backward its backward pass too; None without torchvision or with --dtype=bfloat16."""
     if torchvision is None or FLAGS.dtype != "float32":
         return None
     names = [f"p{level}" for level in range(2, 2 + len(features))]
@@ -317,7 +329,7 @@ def torchvision_roi_align_seconds(features, boxes, output_size: int) -> float | 
             if FLAGS.backward:
                 out.backward(torch.ones_like(out))
 
-    return measure(call)[1]
+    return call
 
 
 def run_nms() -> list[dict]:
@@ -328,13 +340,16 @@ def run_nms() -> list[dict]:
     for num_boxes in map(int, FLAGS.num_boxes):
         boxes = proposal_like_boxes(rng, num_boxes, FLAGS.image_size)
         scores = rng.uniform(size=num_boxes).astype(np.float32)
-        first, seconds, (indices, valid) = measure(step, jnp.asarray(boxes), jnp.asarray(scores))
+        calls = [functools.partial(step, jnp.asarray(boxes), jnp.asarray(scores))]
+        if torchvision is not None:
+            tv_inputs = (torch.from_numpy(boxes), torch.from_numpy(scores), threshold)
+            calls.append(functools.partial(torchvision.ops.nms, *tv_inputs))
+        (first, seconds, (indices, valid)), *theirs = measure_alternating(calls)
         kept = np.asarray(indices)[np.asarray(valid)]
         result = {"num_boxes": num_boxes, "kept": len(kept)}
         reference = None
-        if torchvision is not None:
-            tv_inputs = (torch.from_numpy(boxes), torch.from_numpy(scores), threshold)
-            _, reference, expected = measure(torchvision.ops.nms, *tv_inputs)
+        if theirs:
+            ((_, reference, expected),) = theirs
             same = np.array_equal(kept, expected.numpy()[: FLAGS.max_output])
             result["same_as_torchvision"] = bool(same)
         results.append({**result, **compare(first, seconds, reference)})
@@ -350,17 +365,25 @@ def run_paste() -> list[dict]:
         boxes = random_boxes(rng, (FLAGS.detections,), longer, 10, longer)
         boxes *= np.array([width, height, width, height], np.float32) / longer
         masks = rng.random((FLAGS.detections, 28, 28), dtype=np.float32)
-        reference, expected = None, None
+        calls = [
+            functools.partial(paste_masks, masks, boxes, image_size=(height, width), method=method)
+            for method in PASTE_METHODS
+        ]
         if torchvision is not None:
             from torchvision.models.detection.roi_heads import paste_masks_in_image
 
             tv_inputs = (torch.from_numpy(masks)[:, None], torch.from_numpy(boxes))
-            tv_paste = functools.partial(paste_masks_in_image, img_shape=(height, width), padding=1)
-            _, reference, pasted = measure(tv_paste, *tv_inputs)
+            calls.append(
+                functools.partial(
+                    paste_masks_in_image, *tv_inputs, img_shape=(height, width), padding=1
+                )
+            )
+        timed = measure_alternating(calls)
+        reference, expected = None, None
+        if torchvision is not None:
+            _, reference, pasted = timed.pop()
             expected = pasted[:, 0].numpy() > 0.5
-        for method in PASTE_METHODS:
-            paste = functools.partial(paste_masks, image_size=(height, width), method=method)
-            first, seconds, out = measure(paste, masks, boxes)
+        for method, (first, seconds, out) in zip(PASTE_METHODS, timed):
             result = {"size": size, "detections": FLAGS.detections, "method": method}
             if method == "torchvision" and expected is not None:
                 result["same_as_torchvision"] = bool(np.array_equal(out, expected))
@@ -399,16 +422,15 @@ def xla_conv(x, w, strides, padding):
     )
 
 
-def torch_conv_seconds(x: np.ndarray, w: np.ndarray, stride: int) -> float | None:
-    """Median seconds of torch's conv2d forward + backward (both gradients) on the same arrays."""
+def torch_conv(x: np.ndarray, w: np.ndarray, stride: int) -> Callable[[], None] | None:
+    """A call of torch's conv2d forward + backward (both gradients) on the same arrays; None
+    without torch."""
     if torch is None:
         return None
     tx = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().requires_grad_()
     tw = torch.from_numpy(w).permute(3, 2, 0, 1).contiguous().requires_grad_()
     pad = w.shape[0] // 2
-    return measure(
-        lambda: torch.nn.functional.conv2d(tx, tw, stride=stride, padding=pad).sum().backward()
-    )[1]
+    return lambda: torch.nn.functional.conv2d(tx, tw, stride=stride, padding=pad).sum().backward()
 
 
 def run_conv() -> list[dict]:
@@ -424,13 +446,17 @@ def run_conv() -> list[dict]:
             )
             for conv in (conv_general_dilated, xla_conv)
         ]
-        (first, ours, _), (_, xla, _) = measure_alternating(steps)
+        theirs = torch_conv(x, w, stride)
+        (first, ours, _), (_, xla, _), *torch_timed = measure_alternating(
+            [*steps, theirs] if theirs else steps
+        )
+        reference = torch_timed[0][1] if torch_timed else None
         result = {"layer": name, "input": list(shape), "xla_seconds": significant(xla)}
         result["winograd"] = uses_winograd(
             shape, w.shape, (stride, stride), ((k // 2, k // 2),) * 2
         )
         result["ratio_to_xla"] = significant(ours / xla, 3)
-        results.append({**result, **compare(first, ours, torch_conv_seconds(x, w, stride))})
+        results.append({**result, **compare(first, ours, reference)})
     return results
 
 
@@ -544,7 +570,7 @@ def our_model(config, batch: dict, train: bool):
 
     model = MaskRCNN.from_config(config.model, axis_name=sharding.AXIS)
     mesh = sharding.create_mesh(jax.devices()[:1])
-    state, lr_fn = state_lib.create_train_state(jax.random.key(0), config, model)
+    state, lr_fn = state_lib.create_train_state(jax.random.key(FLAGS.seed), config, model)
     state, r = sharding.replicate(state, mesh), config.model.roi_heads
     if not train:
         predict, variables = evaluator.make_predict_step(model, mesh), evaluator.variables_of(state)
@@ -554,7 +580,7 @@ def our_model(config, batch: dict, train: bool):
         return OurProgram(predict, variables, inputs), sizes
     train_step = step_lib.make_train_step(config, mesh, lr_fn)
     step = OurProgram(
-        train_step, state, sharding.shard_batch(batch, mesh), jax.random.key(0), carry=True
+        train_step, state, sharding.shard_batch(batch, mesh), jax.random.key(FLAGS.seed), carry=True
     )
     return step, (r.batch_size_per_image, mask_rois_per_image(config))
 
@@ -651,12 +677,30 @@ def torchvision_model(config, batch: dict, train: bool) -> tuple[Callable[[], ob
 def with_torchvision() -> bool:
     """Whether `train`/`infer` time torchvision: installed, not skipped, against our R50-FPN,
     and our program on the CPU (where torchvision runs)."""
+    return torchvision is not None and compares_models()
+
+
+def compares_models() -> bool:
+    """Whether `train`/`infer` compare with torchvision where it is installed."""
     return (
-        torchvision is not None
-        and not FLAGS.skip_torchvision
+        not FLAGS.skip_torchvision
         and FLAGS.model_config == "coco_r50_fpn_1x"
         and jax.default_backend() == "cpu"
     )
+
+
+def check_sizes() -> None:
+    """Refuses a --sizes canvas that is not a multiple of --model_config's
+    model.size_divisibility, as training does (`pipeline.check_canvas`)."""
+    divisibility = model_config(FLAGS.model_config).model.size_divisibility
+    for size in FLAGS.sizes:
+        sides = [int(side) for side in size.split("x")]
+        if any(side % divisibility for side in sides):
+            fixed = "x".join(str(-(-side // divisibility) * divisibility) for side in sides)
+            raise app.UsageError(
+                f"--sizes: {size} is not a multiple of model.size_divisibility={divisibility} "
+                f"of --model_config={FLAGS.model_config}: use {fixed}"
+            )
 
 
 def run_model(train: bool) -> list[dict]:
@@ -899,6 +943,16 @@ def main(argv):
     if len(argv) > 2:
         raise app.UsageError(f"unexpected arguments after {argv[1]!r}: {argv[2:]}")
     command, model = argv[1], argv[1] in ("train", "infer", "breakdown")
+    if model:
+        check_sizes()
+    compares = compares_models() if command in ("train", "infer") else not model
+    if torchvision is None and compares:
+        print(
+            f"benchmark.py: torchvision is not available ({NO_TORCHVISION}): timing ours alone "
+            "(pip install -e '.[torch]' for the comparison)",
+            file=sys.stderr,
+            flush=True,
+        )
     if FLAGS.repeats is None:
         FLAGS.repeats = 3 if model else 5
     results, device = COMMANDS[command](), jax.devices()[0]

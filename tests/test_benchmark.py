@@ -220,6 +220,11 @@ def test_a_config_that_takes_the_datasets_classes_gets_cocos_80(benchmark_module
         ("--sizes=0x10", "--sizes must be a comma-separated list of HxW sizes (positive)"),
         ("--model_config=nope", "--model_config must name a module of configs/: coco_format,"),
         ("--iou_threshold=-1", "--iou_threshold=-1: -1.0 is not a number in the range [0.0, 1.0]"),
+        (  # timed at 100x100 before, which training refuses
+            "--sizes=512x512,100x96",
+            "--sizes: 100x96 is not a multiple of model.size_divisibility=32 of "
+            "--model_config=coco_r50_fpn_1x: use 128x96",
+        ),
     ],
 )
 def test_bad_flags_are_refused_before_any_work(flag, message):
@@ -228,3 +233,22 @@ def test_bad_flags_are_refused_before_any_work(flag, message):
     )
     assert result.returncode == 1 and message in result.stderr, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
+
+
+def test_without_torchvision_it_says_so_and_times_ours_alone(tmp_path):
+    """A missing torch (the `torch` extra not installed) is said on stderr, not only as nulls
+    in the JSON (it looked like a finished comparison)."""
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text("raise ImportError('No module named torch')")
+    path = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
+    result = subprocess.run(
+        [sys.executable, SCRIPT, "nms", "--num_boxes=50", "--repeats=1"],
+        cwd=REPO, text=True, capture_output=True, env={**os.environ, "PYTHONPATH": path},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (
+        "benchmark.py: torchvision is not available (No module named torch): timing ours alone "
+        "(pip install -e '.[torch]' for the comparison)"
+    ) in result.stderr
+    output = json.loads(result.stdout.strip().splitlines()[-1])
+    assert output["torchvision"] is None and output["results"][0]["ratio"] is None
