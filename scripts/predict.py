@@ -77,7 +77,8 @@ Flags:
   --recursive          also take the image files in the subfolders of folder inputs.
   --batch_size         images per program run, a positive multiple of the local device count
                        (default: 2 per local device); the last batch is padded, so one
-                       compilation serves all.
+                       compilation serves all. Another batch size compiles another program:
+                       scores and boxes may differ in the 7th significant digit.
   --no_draw            write only detections.json, no PNGs.
   --exif_orientation   turn each image as its EXIF orientation says before predicting (default:
                        the stored pixels, as training and evaluation read them).
