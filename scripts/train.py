@@ -91,6 +91,7 @@ def main(argv):
     try:
         trainer.check_workdir_outside_checkpoints(workdir)
         trainer.check_train_config(config)
+        trainer.check_linked_checkpoints(workdir, config)
         if not has_complete_checkpoint(workdir):  # a fresh run: its weights' sources too
             trainer.check_fresh_start(workdir, config)
             trainer.check_backbone_init(config.model)

@@ -557,6 +557,28 @@ def test_train_and_evaluate_takes_ctrl_c_as_train_py_also_from_a_notebook(
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_a_linked_checkpoint_folder_that_the_clean_up_would_delete_is_refused(data_dir, tmp_path):
+    """With `train.keep_checkpoints` a `checkpoints/<step>` link is refused before any work:
+    orbax cannot delete a link, so the run ended at the save that deleted it with a traceback
+    and "Free some space" (again on every resume). Kept with keep_checkpoints=0."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    workdir = tmp_path / "workdir"
+    (workdir / "checkpoints").mkdir(parents=True)
+    (workdir / "checkpoints" / "2").symlink_to(elsewhere)
+    config = run_config(data_dir, **{"train.keep_checkpoints": 1})
+    message = (
+        f"{workdir}/checkpoints/2 is a symbolic link (to {elsewhere}): with "
+        "config.train.keep_checkpoints=1 the run deletes older checkpoints, which orbax cannot "
+        "do for a link: put a copy in its place (cp -rL), or keep every checkpoint"
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        trainer.train_and_evaluate(config, str(workdir))
+    assert sorted(os.listdir(workdir)) == ["checkpoints"]
+    config.train.keep_checkpoints = 0
+    trainer.check_linked_checkpoints(workdir, config)  # nothing is deleted: taken
+
+
 def test_only_the_trainers_manager_removes_temporary_folders(tmp_path, monkeypatch):
     """A manager made to read, or to write converted weights (`save_variables`), leaves the
     temporary folders in `checkpoints/` alone: one may be a training run's save in progress.

@@ -602,11 +602,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     under Python's default handler the compile went on in the background and crashed the exit).
 
     Raises:
-      ValueError: a config that does not fit (`check_train_config`, `check_splits`); without a
-        checkpoint to resume, a frozen backbone without weights (`check_backbone_init`) or a
-        folder whose files it would replace or drop (`check_fresh_start`); a checkpoint of
-        another architecture; processes of one run given different configs or
-        workdirs, or a workdir they do not share (`processes.check_processes_agree`).
+      ValueError: a config that does not fit (`check_train_config`, `check_splits`), or a
+        checkpoint folder that is a link which it would delete (`check_linked_checkpoints`);
+        without a checkpoint to resume, a frozen backbone without weights
+        (`check_backbone_init`) or a folder whose files it would replace or drop
+        (`check_fresh_start`); a checkpoint of another architecture; processes of one run
+        given different configs or workdirs, or a workdir they do not share
+        (`processes.check_processes_agree`).
       FileNotFoundError: `<workdir>/checkpoints` holds step folders but none is a complete
         checkpoint (`checkpoint.resume_step`, naming them and what they lack).
       Preempted: SIGTERM arrived (one process), or JAX's preemption service reported it (several
@@ -621,6 +623,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     config = with_absolute_paths(config)  # as stored with the checkpoints, for eval.py
     workdir = epath.Path(paths.absolute(workdir))
     check_workdir_outside_checkpoints(workdir)
+    check_linked_checkpoints(workdir, config)
     workdir.mkdir(parents=True, exist_ok=True)
     processes.check_processes_agree(  # several processes: before they wait for each other
         agreement_settings(config, workdir), workdir
@@ -663,6 +666,29 @@ def check_workdir_outside_checkpoints(workdir: epath.PathLike) -> None:
                     f"in {run}: train in --workdir={run} to resume that run, or in a folder of "
                     "its own"
                 )
+
+
+def check_linked_checkpoints(workdir: epath.PathLike, config: ml_collections.ConfigDict) -> None:
+    """Refuses, with `train.keep_checkpoints` > 0, a workdir whose `checkpoints/<step>` folder is
+    a symbolic link: the run's clean-up of older checkpoints would delete it, which orbax
+    refuses for a link, so the run ended at that save with a traceback and an error asking to
+    free disk space (and so again on every resume).
+
+    Raises:
+      ValueError: naming the link and the ways on.
+    """
+    keep, folder = config.train.keep_checkpoints, ckpt_lib.checkpoint_dir(workdir)
+    if not keep or paths.is_url(str(folder)) or not folder.is_dir():
+        return
+    linked = sorted(p for p in folder.iterdir() if p.name.isdigit() and os.path.islink(p))
+    if linked:
+        raise ValueError(
+            f"{linked[0]} is a symbolic link (to {os.readlink(linked[0])}): with "
+            f"config.train.keep_checkpoints={keep} the run deletes older checkpoints, which orbax "
+            f"cannot do for a link: put a copy in its place (cp -rL), or keep every checkpoint "
+            "(--config.train.keep_checkpoints=0); to start from another run's weights, train "
+            "in a new workdir with --config.model.init_from=<that workdir>"
+        )
 
 
 def _is_workdir(folder: epath.Path) -> bool:
