@@ -206,9 +206,9 @@ def _writing(manager: ocp.CheckpointManager) -> Iterator[None]:
     free = _free_bytes(manager.directory)
     free = "" if free is None else f", {_mib(free)} free on its disk"
     raise CheckpointWriteError(
-        f"writing a checkpoint to {manager.directory} failed ({reason}){free}; {kept}. Free "
-        "some space (or choose another folder) and run the same command again: a training run "
-        "resumes from the latest complete checkpoint."
+        f"writing a checkpoint to {manager.directory} failed ({reason}){free}; {kept}. Mend "
+        "that (free some space if the disk is full, or choose another folder) and run the same "
+        "command again: a training run resumes from the latest complete checkpoint."
     )
 
 
