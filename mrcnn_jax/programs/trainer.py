@@ -685,7 +685,7 @@ def check_linked_checkpoints(workdir: epath.PathLike, config: ml_collections.Con
         raise ValueError(
             f"{linked[0]} is a symbolic link (to {os.readlink(linked[0])}): with "
             f"config.train.keep_checkpoints={keep} the run deletes older checkpoints, which orbax "
-            f"cannot do for a link: put a copy in its place (cp -rL), or keep every checkpoint "
+            "cannot do for a link: put a copy in its place (cp -rL), or keep every checkpoint "
             "(--config.train.keep_checkpoints=0); to start from another run's weights, train "
             "in a new workdir with --config.model.init_from=<that workdir>"
         )
