@@ -88,9 +88,10 @@ _IMAGES = flags.DEFINE_string("images", None, "The image folder of --json's file
 _MAX_IMAGES = flags.DEFINE_integer(
     "max_images",
     None,
-    "Evaluate only the first N images of the split; 0: all of them (default: the checkpoint's "
-    "config.eval.max_images, the limit of the training's evaluations, which is said when it "
-    "applies; with --json: all).",
+    "Evaluate only the first N images of the split, in the order of the built dataset (TFDS's, "
+    "not a json's: eval_<step>.json lists their image_ids); 0: all of them (default: the "
+    "checkpoint's config.eval.max_images, the limit of the training's evaluations, which is "
+    "said when it applies; with --json: all).",
     lower_bound=0,
 )
 _OUT_DIR = flags.DEFINE_string(
@@ -217,7 +218,8 @@ def main(argv):
         builder = get_builder(config.data, pipeline.split_names(split))  # only those it reads
     if error := pipeline.split_error(builder, split):
         raise app.UsageError(f"--split={split!r} {error}")
-    num_images = builder.info.splits[pipeline.eval_split(config, builder, split)].num_examples
+    scored = pipeline.eval_split(config, builder, split)
+    num_images = builder.info.splits[scored].num_examples
     in_split = builder.info.splits[split].num_examples
     images = f"{num_images} images"
     if num_images < in_split:
@@ -257,6 +259,9 @@ def main(argv):
             )
         if jax.process_index() == 0:
             summary = {"step": predictor.step, evaluated[0]: evaluated[1], "num_images": num_images}
+            if num_images < in_split:  # which: the first of the built dataset, not of a json
+                ground_truth = coco_json.coco_ground_truth(builder, scored)
+                summary["image_ids"] = [image["id"] for image in ground_truth["images"]]
             summary.update(metrics)
             output.write_file(metrics_path, lambda f: json.dump(summary, f, indent=2))
     except OSError as error:  # e.g. a full disk: the file and why, no trace

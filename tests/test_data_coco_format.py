@@ -321,9 +321,10 @@ def test_building_a_set_leaves_nothing_in_the_temporary_folder(tmp_path, monkeyp
     assert [p.name for p in system_tmp.iterdir()] != []
 
 
-def test_annotation_ids_from_0_are_renumbered_for_pycocotools(tmp_path):
+def test_annotation_ids_from_0_are_renumbered_for_pycocotools(tmp_path, caplog):
     """Exports that number annotations from 0: pycocotools' matching reads id 0 as "unmatched",
-    so the eval ground truth numbers them 1..N; the ground truth as detections scores AP 1."""
+    so the eval ground truth numbers them 1..N; the ground truth as detections scores AP 1. One
+    warning says so (the numbers differ from pycocotools' on the file: it was silent)."""
     splits = write_dataset(epath.Path(tmp_path))
 
     def from_zero(dataset):
@@ -331,7 +332,15 @@ def test_annotation_ids_from_0_are_renumbered_for_pycocotools(tmp_path):
             annotation["id"] = number
 
     _edit_json(splits, "validation", from_zero)
-    builder = coco_format.build_coco_format(splits, str(tmp_path / "tfds"))
+    with caplog.at_level("WARNING"):
+        builder = coco_format.build_coco_format(splits, str(tmp_path / "tfds"))
+    warnings = [r.getMessage() for r in caplog.records if "start at 0" in r.getMessage()]
+    assert warnings == [
+        f"{splits['validation'][0]}: annotation ids start at 0 (1 annotation, id [0]): "
+        "pycocotools takes a match to id 0 for no match, so a detection of it is a false "
+        "positive; evaluation here numbers the split's annotations 1..N instead, and scores "
+        "higher than pycocotools on this file"
+    ]
     ground_truth = coco_json.coco_ground_truth(builder, "validation")
     annotations = ground_truth["annotations"]
     assert sorted(a["id"] for a in annotations) == list(range(1, len(annotations) + 1))

@@ -1013,13 +1013,14 @@ def test_scripts_write_into_the_workdir_of_a_checkpoint_folder(
     assert (eval_results["step"], eval_results["split"]) == (0, "validation")
     assert eval_results["num_images"] == 6
     limited = {d["image_id"] for d in json.loads((workdir / "detections_0.json").read_text())}
-    assert len(limited) <= 6
+    assert len(set(eval_results["image_ids"])) == 6 and limited <= set(eval_results["image_ids"])
     result = run_script(
         f"--workdir={folder}", "--max_images=0", f"--out_dir={tmp_path / 'all'}",
         cache=compile_cache, script="eval.py",
     )  # fmt: skip
     assert "checkpoint step 0, split validation, 8 images:" in result.stdout, result.stderr[-3000:]
-    assert json.loads((tmp_path / "all" / "eval_0.json").read_text())["num_images"] == 8
+    all_results = json.loads((tmp_path / "all" / "eval_0.json").read_text())
+    assert all_results["num_images"] == 8 and "image_ids" not in all_results
     detections = json.loads((tmp_path / "all" / "detections_0.json").read_text())
     assert {d["image_id"] for d in detections} > limited  # the other 2 images scored too
     # The same 8 images as a COCO-format json (a held-out set, say): the same detections.

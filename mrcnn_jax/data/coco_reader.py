@@ -36,6 +36,8 @@ of no pixel (a polygon of points on one line) are kept as empty mask targets (on
 boxes of zero area or far from their mask (IoU of the box and the mask's bounding box below 0.5, as
 a box written [x1, y1, x2, y2] instead of [x, y, width, height] gives) are kept as given with one
 warning per file, and images without annotations are kept with ``image/has_annotations`` False.
+Annotation ids may start at 0 (one warning per file: evaluation numbers them 1..N,
+``coco_json.coco_ground_truth``).
 """
 
 import collections
@@ -507,7 +509,7 @@ def coco_examples(
         )
     label_of = {int(c): label for label, (c, _) in enumerate(categories)}
     clipped, zero_area, off_mask, converted = [], [], [], collections.Counter()
-    turned, empty = [], []
+    turned, empty, zero_id = [], [], []
     for image in annotations.images:
         anns = annotations.annotations.get(image["id"], [])
         encoded, conversion = _read_image(image, image_dir, path)
@@ -517,6 +519,7 @@ def coco_examples(
             turned.append(image["id"])
         height, width = int(image["height"]), int(image["width"])
         clipped += [a["id"] for a in anns if _outside(a["bbox"], image)]
+        zero_id += [a["id"] for a in anns if a["id"] == 0]
         objects = _objects(anns, height, width, label_of, path)
         zero_area += [a["id"] for a, o in zip(anns, objects) if a.get("area") == 0 and o["area"]]
         empty += [a["id"] for a, o in zip(anns, objects) if _empty_mask(o["mask"], height, width)]
@@ -559,7 +562,15 @@ def coco_examples(
         (
             zero_area,
             "{n} annotations state an area of 0 but have a non-empty mask; their area was "
-            "computed from the mask (annotation ids {ids})",
+            "computed from the mask (annotation ids {ids}), which COCO evaluation here sorts "
+            "them by (small, medium, large): pycocotools on this file counts them as small",
+        ),
+        (
+            zero_id,
+            "annotation ids start at 0 ({n} annotation, id {ids}): pycocotools takes a match "
+            "to id 0 for no match, so a detection of it is a false positive; evaluation here "
+            "numbers the split's annotations 1..N instead, and scores higher than pycocotools "
+            "on this file",
         ),
         (
             off_mask,
