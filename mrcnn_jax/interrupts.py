@@ -93,14 +93,16 @@ def redeliver_dropped_interrupts(previous: Callable[[Any], None]) -> Callable[[A
     a finalizer or a garbage-collection callback, e.g. TF's `__del__`, JAX's buffer collection:
     "Exception ignored in ...", after which the script ran to its end and exited 0) back to the
     main thread, raised there again (`_defer`: raised now, it would strike in this hook and be
-    dropped again); other unraisable errors go to `previous`."""
+    dropped again); other unraisable errors go to `previous`. Setting its `active` to False
+    makes it pass everything to `previous` (a hook installed over it since stays in place)."""
 
     def hook(unraisable: Any) -> None:
-        if issubclass(unraisable.exc_type, KeyboardInterrupt):
+        if hook.active and issubclass(unraisable.exc_type, KeyboardInterrupt):
             _defer(signal_of(unraisable.exc_type))
         else:
             previous(unraisable)
 
+    hook.active = True
     return hook
 
 
@@ -115,7 +117,9 @@ def handled_interrupts() -> Iterator[None]:
     both cores per interrupted call, and crashed the exit), one in a garbage-collection
     callback is not lost, one during the first call's imports does not leave JAX half
     imported, and a checkpoint read it cuts raises it, not a "corrupt checkpoint". Nothing
-    changes off the main thread or under another handler (the scripts' own)."""
+    changes off the main thread or under another handler (the scripts' own). The unraisable
+    hook is given back too, or, where another was installed over it during the block (the
+    filter of `storage_errors.drop_reports_of_failures`, once per process), passes all on."""
     if (
         threading.current_thread() is not threading.main_thread()
         or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
@@ -124,7 +128,7 @@ def handled_interrupts() -> Iterator[None]:
         return
     hook = sys.unraisablehook
     signal.signal(signal.SIGINT, raise_interrupt)
-    sys.unraisablehook = redeliver_dropped_interrupts(hook)
+    redeliver = sys.unraisablehook = redeliver_dropped_interrupts(hook)
     try:
         yield
     except BaseException:
@@ -135,7 +139,9 @@ def handled_interrupts() -> Iterator[None]:
         try:
             signal.signal(signal.SIGINT, signal.default_int_handler)
         finally:
-            sys.unraisablehook = hook
+            redeliver.active = False
+            if sys.unraisablehook is redeliver:
+                sys.unraisablehook = hook
     raise_pending()
 
 

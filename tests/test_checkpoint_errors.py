@@ -7,6 +7,7 @@ the trainer tests replace its compiled parts (the train step counts steps, the e
 returns zeros) and its input pipeline, so that they exercise the resume itself in seconds.
 """
 
+import contextlib
 import itertools
 import json
 import logging
@@ -422,6 +423,26 @@ def test_scripts_refuse_a_damaged_checkpoint_with_a_usage_error(name, damage, sa
         assert noise not in result.stderr, result.stderr[-3000:]
 
 
+def test_the_storage_filter_installed_in_a_notebook_call_stays_after_it(monkeypatch):
+    """A library call on the main thread (`interrupts.handled_interrupts`) puts its own
+    unraisable hook back, but keeps the storage-failure filter installed over it during the
+    call (it was dropped: reports arriving after the call, or at exit, were printed; a call
+    from another thread kept it), its own layer then passing everything on."""
+    reported = []
+    monkeypatch.setattr(sys, "unraisablehook", reported.append)
+    with interrupts.handled_interrupts():
+        storage_errors.drop_reports_of_failures()
+    assert sys.unraisablehook.drops_storage_failures
+    write = ValueError('RESOURCE_EXHAUSTED: Error writing "params.x/0" in OCDBT database at ...')
+    for error in (write, KeyboardInterrupt()):
+        report = types.SimpleNamespace(exc_value=error, exc_type=type(error), object=None)
+        sys.unraisablehook(report)
+    assert [r.exc_value for r in reported] == [error]  # the interrupt is no longer redelivered
+    with interrupts.handled_interrupts():
+        pass
+    assert sys.unraisablehook.drops_storage_failures  # a block with nothing installed: the same
+
+
 def test_reports_of_failed_reads_and_writes_are_dropped_and_nothing_else(monkeypatch):
     """What orbax's other reads or writes of a failed restore or save report later, from
     TensorStore's threads or when collected (at exit in CI: dozens of `Exception ignored in:
@@ -543,8 +564,10 @@ def fake_compiled_parts(monkeypatch, config) -> None:
 
     batch = synthetic_batch(config, np.random.default_rng(0), [1] * BATCH)
     monkeypatch.setattr(step_lib, "make_train_step", make_train_step)
-    monkeypatch.setattr(
-        pipeline, "create_train_dataset", lambda *args, **kwargs: itertools.repeat(batch)
+    monkeypatch.setattr(  # a generator, as the pipeline's (the trainer closes it)
+        pipeline,
+        "create_train_dataset",
+        lambda *args, **kwargs: (b for b in itertools.repeat(batch)),
     )
     metrics = {f"{t}/{n}": 0.0 for t in IOU_TYPES for n in STAT_NAMES}
     monkeypatch.setattr(evaluator, "evaluate_split", lambda *args, **kwargs: metrics)
@@ -571,6 +594,46 @@ def test_resume_sets_an_incomplete_folder_aside_and_saves_its_step(
     assert (aside / "a_partial_file").read_text() == "kept"
     (warning,) = warnings_naming(caplog, f"moved to {aside}")
     assert f"{folder} is incomplete (it lacks _CHECKPOINT_METADATA" in warning
+
+
+def test_an_interrupted_run_closes_its_metrics_files_and_input_pipeline(
+    saved, tmp_path, monkeypatch
+):
+    """A notebook keeps the KeyboardInterrupt's traceback, whose frames held `metrics.jsonl`
+    and the TensorBoard file open and the tf.data pipeline alive (~1 GB, ~60 threads) until
+    the next error: the call closes them however it ends."""
+    workdir = copy_workdir(saved, tmp_path)
+    fake_compiled_parts(monkeypatch, saved[1])
+    make_train_step, create_train_dataset = step_lib.make_train_step, pipeline.create_train_dataset
+    closed = []
+
+    def interrupted_at_the_second_step(config, mesh, learning_rate_fn):
+        step, calls = make_train_step(config, mesh, learning_rate_fn), itertools.count()
+
+        def interrupted(*args):
+            if next(calls):
+                raise KeyboardInterrupt
+            return step(*args)
+
+        return interrupted
+
+    def batches(*args, **kwargs):
+        try:
+            yield from create_train_dataset(*args, **kwargs)
+        finally:
+            closed.append(True)
+
+    monkeypatch.setattr(step_lib, "make_train_step", interrupted_at_the_second_step)
+    monkeypatch.setattr(pipeline, "create_train_dataset", batches)
+    with pytest.raises(KeyboardInterrupt) as interrupt:
+        trainer.train_and_evaluate(run_config(saved[1].data.data_dir), str(workdir))
+    assert interrupt.value.__traceback__ is not None  # the frames are alive, as in a notebook
+    open_files = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(FileNotFoundError):  # the listing's own, closed since
+            open_files.append(os.readlink(f"/proc/self/fd/{fd}"))
+    assert not [f for f in open_files if f.startswith(str(workdir))], open_files
+    assert closed == [True]
 
 
 def test_resume_refuses_a_workdir_whose_only_checkpoint_is_incomplete(saved, tmp_path, monkeypatch):

@@ -661,7 +661,8 @@ def create_train_dataset(
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> Iterator[Batch]:
-    """Endless iterator of this process's training batches (CONTRACTS.md "Batches", train keys).
+    """Endless generator of this process's training batches (CONTRACTS.md "Batches", train
+    keys); its `close()` releases the tf.data iterators and their threads.
 
     Global batch ``s`` (``train.batch_size`` examples) depends only on ``config.seed``, the data
     and ``s``; process ``p`` of ``n`` yields its rows ``[p·b, (p+1)·b)``, ``b = batch_size / n``,

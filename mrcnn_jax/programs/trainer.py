@@ -634,9 +634,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         manager = ckpt_lib.create_manager(
             workdir, max_to_keep=config.train.keep_checkpoints or None, clean_up=True
         )
-        try:
-            with _stop_on_sigterm() as stop:
-                return _train_and_evaluate(config, workdir, manager, mesh, stop)
+        try:  # the writer and the input pipeline closed also on an error or Ctrl-C: a
+            # notebook keeps the traceback, whose frames held their files open, ~1 GB and
+            # ~60 threads until the next error
+            with _stop_on_sigterm() as stop, contextlib.ExitStack() as resources:
+                return _train_and_evaluate(config, workdir, manager, mesh, stop, resources)
         finally:  # also on an error or Ctrl-C: a checkpoint being written is completed, not lost
             ckpt_lib.finish_writes(manager)
             manager.close()
@@ -826,6 +828,7 @@ def _train_and_evaluate(
     manager: ocp.CheckpointManager,
     mesh: Mesh,
     stop: _Stop,
+    resources: contextlib.ExitStack,
 ) -> dict[str, float]:
     resume_step = ckpt_lib.resume_step(manager)  # the latest complete checkpoint
     resuming = resume_step is not None
@@ -872,12 +875,14 @@ def _train_and_evaluate(
     train_step = step_lib.make_train_step(config, mesh, learning_rate_fn)
     predict_step = evaluator.make_predict_step(model, mesh)
     batches = pipeline.create_train_dataset(config, builder=builder, start_step=start_step)
+    resources.enter_context(contextlib.closing(batches))  # its tf.data iterators and threads
     if start_step and start_step < config.train.num_steps:
         _say(
             f"Data: reading past the {start_step * config.train.batch_size:,} records of steps "
             f"0-{start_step - 1} (not decoded; a large split after many epochs takes minutes)"
         )
     writer = MetricWriter(workdir, start_step, eval_again=start_step >= config.train.num_steps)
+    resources.enter_context(contextlib.closing(writer))
     base_key = jax.random.key(config.seed)
     t = config.train
 
@@ -886,7 +891,6 @@ def _train_and_evaluate(
         if saved_step != step:
             ckpt_lib.save(manager, state, config)
         ckpt_lib.finish_writes(manager)
-        writer.close()
         raise Preempted(step, manager.directory, stop.cause)
 
     def run_eval(step: int) -> dict[str, float]:
@@ -980,7 +984,6 @@ def _train_and_evaluate(
     ckpt_lib.finish_writes(manager)
     if final_step > start_step or not eval_metrics:
         eval_metrics = run_eval(final_step)
-    writer.close()
     return eval_metrics
 
 
