@@ -1,12 +1,15 @@
 """The synthetic shapes builder: determinism for a seed, visible-pixel masks, schema and maps."""
 
+import re
+
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from pycocotools.coco import COCO
 
-from mrcnn_jax.data import coco_json, masks, schema, shapes
+from configs import shapes_r18
+from mrcnn_jax.data import coco_json, get_builder, masks, schema, shapes
 
 SIZE = (48, 64)
 
@@ -114,3 +117,18 @@ def test_default_set_builds_with_its_split_sizes(tmp_path):
     default = shapes.build_shapes(str(tmp_path))
     assert default.info.splits["train"].num_examples == 2000
     assert default.info.splits["validation"].num_examples == 200
+
+
+def test_a_data_dir_tfds_cannot_make_is_named_as_the_config_field(tmp_path):
+    """`data.data_dir` below a file (or where no folder can be made): TFDS's bare OSError from
+    deep in its download manager ("[Errno 20] Not a directory: ...") now names the field."""
+    (tmp_path / "a_file").write_text("x")
+    data = shapes_r18.get_config().data
+    data.data_dir = str(tmp_path / "a_file" / "data")
+    message = (
+        f"config.data.data_dir='{data.data_dir}' cannot hold the built datasets: Not a "
+        f"directory: {data.data_dir} (name a folder that can be made and written, or leave it "
+        "empty for ~/tensorflow_datasets)"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        get_builder(data)

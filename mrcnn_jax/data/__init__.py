@@ -48,7 +48,27 @@ def get_builder(
     ``splits``: the split names that will be read (default: all). A "coco_format" split not
     among them is left out, with a warning, when its files cannot be read (the train files of
     a run evaluated on another machine); the build of both is used while they can.
+
+    Raises:
+      ValueError: a field that does not name a dataset's files; ``data.data_dir`` where TFDS
+        cannot make or read its folders (e.g. below a file), naming the field.
     """
+    try:
+        return _builder(data, splits)
+    except OSError as error:
+        data_dir = paths.absolute(data.data_dir) if data.data_dir else ""
+        if not (data_dir and str(error.filename or "").startswith(data_dir)):
+            raise
+        raise ValueError(
+            f"config.data.data_dir={data.data_dir!r} cannot hold the built datasets: "
+            f"{error.strerror or error}: {error.filename} (name a folder that can be made and "
+            "written, or leave it empty for ~/tensorflow_datasets)"
+        ) from error
+
+
+def _builder(
+    data: ml_collections.ConfigDict, splits: Collection[str] | None
+) -> tfds.core.DatasetBuilder:
     data_dir = data.data_dir or None
     if data.dataset == "shapes":
         return shapes.build_shapes(
