@@ -102,7 +102,7 @@ def redeliver_dropped_interrupts(previous: Callable[[Any], None]) -> Callable[[A
         else:
             previous(unraisable)
 
-    hook.active = True
+    hook.active, hook.previous = True, previous
     return hook
 
 

@@ -338,8 +338,8 @@ def test_annotation_ids_from_0_are_renumbered_for_pycocotools(tmp_path, caplog):
     assert warnings == [
         f"{splits['validation'][0]}: annotation ids start at 0 (1 annotation, id [0]): "
         "pycocotools takes a match to id 0 for no match, so a detection of it is a false "
-        "positive; evaluation here numbers the split's annotations 1..N instead, and scores "
-        "higher than pycocotools on this file"
+        "positive; evaluating this split, this project numbers its annotations 1..N instead, "
+        "and scores higher than pycocotools on this file"
     ]
     ground_truth = coco_json.coco_ground_truth(builder, "validation")
     annotations = ground_truth["annotations"]

@@ -1232,16 +1232,22 @@ def test_a_restarted_run_logs_each_step_once_in_metrics_and_tensorboard(tmp_path
 def test_metrics_that_cannot_be_written_are_one_clear_error(tmp_path):
     """`metrics.jsonl` on a full disk (here /dev/full: ENOSPC) is a `MetricsWriteError` naming the
     workdir and the reason, which train.py prints as one line (as a failed checkpoint write);
-    was a traceback ending in `OSError: [Errno 28] No space left on device`."""
+    was a traceback ending in `OSError: [Errno 28] No space left on device`. The trainer's
+    close of the writer after an error (`_closed_after`) does not replace that error with its
+    own (the row still buffered fails again): was a bare OSError on train.py's line."""
     (tmp_path / "metrics.jsonl").symlink_to("/dev/full")
     writer = trainer.MetricWriter(epath.Path(tmp_path))
     message = (
         f"writing the training metrics to {tmp_path} failed (No space left on device); no "
-        "checkpoint was written yet. Free some space and run the same command again: it starts "
-        "from step 0."  # it said that the checkpoints were kept and the run would resume
+        "checkpoint was written yet. Mend that (free some space if the disk is full) and run "
+        "the same command again: it starts from step 0."  # not "the checkpoints are kept"
     )
     with pytest.raises(trainer.MetricsWriteError, match=f"^{re.escape(message)}$"):
         writer.write(2, {"train/loss": 1.0})
+    with pytest.raises(KeyboardInterrupt):
+        with trainer._closed_after(writer):
+            raise KeyboardInterrupt
+    assert writer._jsonl.closed  # closed all the same
 
 
 def test_a_tensorflow_error_is_told_in_its_first_line_without_the_op_prefix():

@@ -56,8 +56,9 @@ def get_builder(
     try:
         return _builder(data, splits)
     except OSError as error:
-        data_dir = paths.absolute(data.data_dir) if data.data_dir else ""
-        if not (data_dir and str(error.filename or "").startswith(data_dir)):
+        data_dir = paths.absolute(data.data_dir).rstrip("/") if data.data_dir else ""
+        filename = str(error.filename or "")
+        if not (data_dir and (filename == data_dir or filename.startswith(data_dir + "/"))):
             raise
         raise ValueError(
             f"config.data.data_dir={data.data_dir!r} cannot hold the built datasets: "

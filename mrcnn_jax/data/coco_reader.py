@@ -568,9 +568,9 @@ def coco_examples(
         (
             zero_id,
             "annotation ids start at 0 ({n} annotation, id {ids}): pycocotools takes a match "
-            "to id 0 for no match, so a detection of it is a false positive; evaluation here "
-            "numbers the split's annotations 1..N instead, and scores higher than pycocotools "
-            "on this file",
+            "to id 0 for no match, so a detection of it is a false positive; evaluating this "
+            "split, this project numbers its annotations 1..N instead, and scores higher than "
+            "pycocotools on this file",
         ),
         (
             off_mask,

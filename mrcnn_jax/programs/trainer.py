@@ -116,12 +116,11 @@ class MetricWriter:
                 reason = error.strerror
             else:
                 reason = storage_errors.tensorflow_error_text(error)
+            mend = "Mend that (free some space if the disk is full) and run the same command again"
             kept = (
-                "the complete checkpoints are kept. Free some space and run the same command "
-                "again: a training run resumes from the latest"
+                f"the complete checkpoints are kept. {mend}: a training run resumes from the latest"
                 if ckpt_lib.has_complete_checkpoint(self._workdir)  # process 0 alone: no orbax
-                else "no checkpoint was written yet. Free some space and run the same command "
-                "again: it starts from step 0"
+                else f"no checkpoint was written yet. {mend}: it starts from step 0"
             )
             raise MetricsWriteError(
                 f"writing the training metrics to {self._workdir} failed ({reason}); {kept}."
@@ -140,9 +139,22 @@ class MetricWriter:
         return bool(multihost_utils.broadcast_one_to_all(np.int32(found)))
 
     def close(self) -> None:
+        """Closes the files; raises `MetricsWriteError` if what they hold cannot be written."""
         if self._active:
-            self._jsonl.close()
-            self._tb.close()
+            self._guarded(lambda: (self._jsonl.close(), self._tb.close()))
+
+
+@contextlib.contextmanager
+def _closed_after(resource: Any) -> Iterator[Any]:
+    """`resource`, closed after the block; where the block raised, an error of the close (a
+    full disk's again, for the buffered row of a failed metrics write) does not replace it."""
+    try:
+        yield resource
+    except BaseException:
+        with contextlib.suppress(Exception):
+            resource.close()
+        raise
+    resource.close()
 
 
 def _step_and_kind(line: str) -> tuple[int, bool] | None:
@@ -623,11 +635,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     config = with_absolute_paths(config)  # as stored with the checkpoints, for eval.py
     workdir = epath.Path(paths.absolute(workdir))
     check_workdir_outside_checkpoints(workdir)
-    check_linked_checkpoints(workdir, config)
     workdir.mkdir(parents=True, exist_ok=True)
     processes.check_processes_agree(  # several processes: before they wait for each other
         agreement_settings(config, workdir), workdir
     )
+    check_linked_checkpoints(workdir, config)  # after: a workdir not shared, one process
     if not ckpt_lib.has_complete_checkpoint(workdir):  # before the lock file makes it a workdir
         check_fresh_start(workdir, config)
     with _workdir_lock(workdir):
@@ -875,14 +887,14 @@ def _train_and_evaluate(
     train_step = step_lib.make_train_step(config, mesh, learning_rate_fn)
     predict_step = evaluator.make_predict_step(model, mesh)
     batches = pipeline.create_train_dataset(config, builder=builder, start_step=start_step)
-    resources.enter_context(contextlib.closing(batches))  # its tf.data iterators and threads
+    resources.enter_context(_closed_after(batches))  # its tf.data iterators and threads
     if start_step and start_step < config.train.num_steps:
         _say(
             f"Data: reading past the {start_step * config.train.batch_size:,} records of steps "
             f"0-{start_step - 1} (not decoded; a large split after many epochs takes minutes)"
         )
     writer = MetricWriter(workdir, start_step, eval_again=start_step >= config.train.num_steps)
-    resources.enter_context(contextlib.closing(writer))
+    resources.enter_context(_closed_after(writer))
     base_key = jax.random.key(config.seed)
     t = config.train
 

@@ -76,17 +76,21 @@ def drop_reports_of_failures() -> None:
     """Installs, once per process, the filters that drop what orbax's other reads or writes of a
     failed restore or save report besides the error raised (dozens of tracebacks, from
     TensorStore's threads, when their asyncio tasks and coroutines are collected, or at exit):
-    a `sys.unraisablehook` that passes every other unraisable exception to the previous hook,
-    and `_FailureRecords` on asyncio's and absl's loggers. They drop TensorStore's errors and
+    a `sys.unraisablehook` that passes every other unraisable exception to the previous hook
+    (found also below hooks of this project installed over it since, each naming its
+    `previous`: `interrupts.handled_interrupts` installs one per call), and `_FailureRecords`
+    on asyncio's and absl's loggers. They drop TensorStore's errors and
     orbax's wrappers of them (`storage_failure`) and, with no object, the `RuntimeError: Event
     loop is closed` of each read or write still in flight when orbax closed its event loop."""
     for name in _LOGGERS:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _FailureRecords) for f in logger.filters):
             logger.addFilter(_FailureRecords())
-    previous = sys.unraisablehook
-    if getattr(previous, "drops_storage_failures", False):
-        return
+    previous = layer = sys.unraisablehook
+    while layer is not None:
+        if getattr(layer, "drops_storage_failures", False):
+            return
+        layer = getattr(layer, "previous", None)
 
     def hook(unraisable) -> None:
         error = unraisable.exc_value
@@ -98,7 +102,7 @@ def drop_reports_of_failures() -> None:
         if not (closed_loop or storage_failure(error) is not None):
             previous(unraisable)
 
-    hook.drops_storage_failures = True
+    hook.drops_storage_failures, hook.previous = True, previous
     sys.unraisablehook = hook
 
 
