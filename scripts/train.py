@@ -32,7 +32,9 @@ training in (each run locks a local workdir; a gs:// one has no lock). Ctrl-C
 one stops them all at a step they all reach, checkpointed (exit status 143), and a second one
 stops that process alone, within 10 s. If a process dies (kill -9, out of memory) or stops
 alone, the others end at their next collective with one line saying so (exit status 1), not
-JAX's traceback and, a minute later, its abort; every complete checkpoint is kept.
+JAX's traceback and, a minute later, its abort; every complete checkpoint is kept. A process
+that reaches no collective within JAX's heartbeat timeout (100 s) of a peer's death (one
+compiling a canvas's first step) still ends with JAX's abort (exit status 134).
 Relative paths (--workdir, the data's files) are taken from the current folder and a `~` in
 them is expanded (a shell leaves `--workdir=~/x` as it is); the config stored with the
 checkpoints names the data's absolutely, so eval.py runs from any folder.

@@ -166,6 +166,16 @@ def test_a_state_dict_of_another_depth_or_network_is_one_line_naming_it(tmp_path
         "the state dict is not a torchvision classification ResNet's (no layer1-layer4 blocks "
         "among its 1 tensors, e.g. features.0.weight); give a torchvision ResNet-50 state dict"
     )
+    # A whole torchvision detector's (its ResNet under backbone.body.*): named, with the way on.
+    detector = {f"backbone.body.{k}": v for k, v in random_resnet(18).state_dict().items()}
+    detector["rpn.head.conv.0.0.weight"] = np.zeros((8, 8, 3, 3), np.float32)
+    with pytest.raises(ValueError) as error:
+        imagenet.convert_backbone_state_dict(detector, config.model)
+    assert str(error.value).endswith(
+        "(a whole detector's: its ResNet-18 is under backbone.body.*; to start from such a Mask "
+        "R-CNN, convert it with scripts/convert_torchvision.py and pass the result as "
+        "--config.model.init_from); give a torchvision ResNet-50 state dict"
+    )
 
 
 def test_resnet_depth_tells_every_torchvision_resnet():

@@ -112,10 +112,18 @@ def convert_backbone_state_dict(
     }
     depth, want = resnet_depth(state), model_config.backbone_depth
     if depth is None:
+        detector = resnet_depth({k.removeprefix(_TORCHVISION_PREFIX): v for k, v in state.items()})
+        whole_model = (
+            f" (a whole detector's: its ResNet-{detector} is under {_TORCHVISION_PREFIX}*; to "
+            "start from such a Mask R-CNN, convert it with scripts/convert_torchvision.py and "
+            "pass the result as --config.model.init_from)"
+            if detector
+            else ""
+        )
         raise ValueError(
             f"the state dict is not a torchvision classification ResNet's (no layer1-layer4 "
-            f"blocks among its {len(state)} tensors, e.g. {', '.join(list(state)[:3])}); give a "
-            f"torchvision ResNet-{want} state dict"
+            f"blocks among its {len(state)} tensors, e.g. {', '.join(list(state)[:3])})"
+            f"{whole_model}; give a torchvision ResNet-{want} state dict"
         )
     if depth != want:
         raise ValueError(
