@@ -466,7 +466,8 @@ def use_compilation_cache() -> None:
     again) then loads it instead of compiling it: the R50-FPN train step at 512² compiles in
     about 25 s on a 2-core CPU and loads in a few (docs/performance.md). JAX only stores programs
     that took at least `JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS` (1 s) to compile, and only
-    process 0 of a multi-host job writes. The cache is trusted code: keep it in a folder that
+    process 0 of a multi-host job writes (on CPU the others then always compile: JAX's key
+    holds each process's own devices' topology). The cache is trusted code: keep it in a folder that
     only you can write to (the default is in your home directory).
     """
     if COMPILATION_CACHE_DIR in os.environ:
