@@ -549,6 +549,12 @@ BAD_INPUT = {
         lambda d: d["categories"][0].update(id=2**70),
         "train.json: category entry #0 needs an integer id \\(64-bit\\) and a name",
     ),
+    "repeated category name": (
+        "train",
+        lambda d: d["categories"][1].update(name=d["categories"][0]["name"]),
+        "train.json: category names listed more than once: .* \\(each category needs its own "
+        "name: rename the others",
+    ),
     "garbage RLE counts": (  # refused while building: the build leaves nothing either
         "train",
         lambda d: _ann(d, 31).update(segmentation={"size": [40, 40], "counts": "hello world"}),

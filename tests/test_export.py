@@ -525,9 +525,13 @@ def test_configs_it_cannot_represent_are_refused(predictor, tmp_path, monkeypatc
         with pytest.raises(ValueError, match=re.escape(f"config.{field}")):
             exporter.check_exportable(bad, full_masks=False)
     bad = config.copy_and_resolve_references()
-    bad.data.label_to_category_id = (1, 2, 2**31)
-    with pytest.raises(ValueError, match=r"config\.data\.label_to_category_id"):
+    bad.data.label_to_category_id = (-7, 2, 2**31)  # only the ids that do not fit, named
+    with pytest.raises(ValueError) as error:
         exporter.check_exportable(bad, full_masks=False)
+    assert str(error.value).startswith(
+        "config.data.label_to_category_id holds 2 category id(s) a SavedModel cannot output: "
+        "[-7, 2147483648] (its `classes` are int32 ids in [0, 2147483647], -1 beyond"
+    )
     bad = config.copy_and_resolve_references()
     bad.model.roi_heads.mask_paste = "nearest"
     exporter.check_exportable(bad, full_masks=False)  # not pasted: fine

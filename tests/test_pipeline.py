@@ -259,10 +259,18 @@ def test_objects_beyond_max_instances_are_cut_deterministically_with_one_warning
     with caplog.at_level("WARNING"):
         rows = _eval_rows(config, builder)
         assert not [r for r in caplog.records if "max_instances=2" in r.getMessage()]
-        _take(pipeline.create_train_dataset(config, builder=builder, **ONE), 3)
-    warnings = [r for r in caplog.records if "max_instances=2" in r.getMessage()]
-    assert len(warnings) == 1
-    assert warnings[0].getMessage().startswith("Image id 5 has 2 objects more than")  # the most
+        batches = pipeline.create_train_dataset(config, builder=builder, **ONE)
+        _take(batches, 3)
+        warnings = [r for r in caplog.records if "max_instances=2" in r.getMessage()]
+        assert len(warnings) == 1
+        assert warnings[0].getMessage().startswith("Image id 5 has 2 objects more than")  # most
+        # Its end names every image cut and the largest count (one warning could not know it).
+        batches.close()
+    reports = [r.getMessage() for r in caplog.records if "max_instances=2" in r.getMessage()][1:]
+    assert reports == [
+        "max_instances=2 cut objects from 2 images in this run; the largest, image id 5, has 4: "
+        "config.data.max_instances=4 keeps all the images read."
+    ]
     for image_id, expected in ((1, [101, 102]), (5, [501, 502]), (2, [202, 201])):
         kept = _kept(index.imgToAnns[image_id], 2)
         assert [a["id"] for a in kept] == expected

@@ -167,7 +167,14 @@ def _categories(entries: list[dict], path: epath.Path) -> tuple[tuple[int, str],
         counts = collections.Counter(c[index] for c in found)
         repeated = [v for v, n in counts.items() if n > 1]
         if repeated:
-            raise ValueError(f"{path}: category {what}s listed more than once: {repeated}")
+            advice = (
+                "each category needs its own name: rename the others, e.g. with their supercategory"
+                if index
+                else "each category needs its own id"
+            )
+            raise ValueError(
+                f"{path}: category {what}s listed more than once: {repeated} ({advice})"
+            )
     return tuple(sorted(found))
 
 

@@ -526,26 +526,54 @@ def _numpy_batches(
         yield batch
 
 
-def _cut_objects_warning(max_instances: int) -> Callable[[np.ndarray, np.ndarray], None]:
-    """A `warn` for `_numpy_batches` that logs the first time it is called, naming the image
-    with the most objects cut: once per training run (its canvas groups' streams share it)."""
-    warned = False
+class _CutObjects:
+    """A `warn` for `_numpy_batches` (canvas groups' streams share one per training run): logs
+    the first time it is called, naming the image with the most objects cut, and collects
+    every image cut, which `report` names once the stream ends (the largest count, the
+    `max_instances` that keeps all): one warning cannot know the split's largest image."""
 
-    def warn(dropped: np.ndarray, image_ids: np.ndarray) -> None:
-        nonlocal warned
-        if not warned:
+    def __init__(self, max_instances: int):
+        self.max_instances = max_instances
+        self.objects: dict[int, int] = {}  # image id -> its object count, of images cut
+
+    def __call__(self, dropped: np.ndarray, image_ids: np.ndarray) -> None:
+        if not self.objects:
             most = int(np.argmax(dropped))
             logging.warning(
                 "Image id %d has %d objects more than max_instances=%d; kept the first "
                 "(trainable objects first, then annotation order). Raise "
-                "config.data.max_instances to keep all. Warned once.",
+                "config.data.max_instances to keep all (the run's end names the largest "
+                "count seen). Warned once.",
                 int(image_ids[most]),
                 int(dropped[most]),
-                max_instances,
+                self.max_instances,
             )
-            warned = True
+        for image_id, count in zip(image_ids.tolist(), dropped.tolist()):
+            if count:
+                self.objects[image_id] = self.max_instances + count
 
-    return warn
+    def report(self) -> None:
+        """Logs how many images had objects cut and the largest, if any (then forgets them)."""
+        if self.objects:
+            largest = max(self.objects, key=self.objects.get)
+            logging.warning(
+                "max_instances=%d cut objects from %d images in this run; the largest, image "
+                "id %d, has %d: config.data.max_instances=%d keeps all the images read.",
+                self.max_instances,
+                len(self.objects),
+                largest,
+                self.objects[largest],
+                self.objects[largest],
+            )
+            self.objects.clear()
+
+
+def _reported(batches: Iterator[Batch], cut: _CutObjects) -> Iterator[Batch]:
+    """`batches`, then `cut.report()` however the stream ends (closed, an error)."""
+    try:
+        yield from batches
+    finally:
+        cut.report()
 
 
 def _deterministic(dataset: tf.data.Dataset) -> tf.data.Dataset:
@@ -614,7 +642,7 @@ def _train_stream(
 
     ``seeds`` are the (file order, shuffle, augmentation) seeds; the first ``skipped`` records
     are dropped undecoded; ``place`` is (process index, count); ``warn`` is told of objects
-    beyond ``max_instances`` (``_cut_objects_warning``); ``group`` picks the records and the
+    beyond ``max_instances`` (``_CutObjects``); ``group`` picks the records and the
     canvas of one canvas group (None: all records, canvas ``data.image_size``).
     """
     data = config.data
@@ -706,13 +734,14 @@ def create_train_dataset(
     place = _process(process_index, process_count)
     _local_batch(global_batch, "train.batch_size", place[1])
     groups = canvas_groups.groups_of(data)
-    warn = _cut_objects_warning(data.max_instances)
+    warn = _CutObjects(data.max_instances)
     if not groups:
         # Seeds of config.seed alone, the same on every process. [seed, 0] are the seeds that
         # process 0 used when each process read its own file shard, so one process keeps its
         # order.
         seeds = _seeds(config.seed, 0)
-        return _train_stream(config, builder, seeds, start_step * global_batch, place, warn)
+        stream = _train_stream(config, builder, seeds, start_step * global_batch, place, warn)
+        return _reported(stream, warn)
     earlier_steps = canvas_groups.steps_per_group(config, start_step)
     streams = [
         _train_stream(
@@ -720,7 +749,7 @@ def create_train_dataset(
         )
         for g, n in enumerate(earlier_steps)
     ]
-    return _grouped_batches(streams, config, start_step)
+    return _reported(_grouped_batches(streams, config, start_step), warn)
 
 
 def _grouped_batches(

@@ -116,9 +116,13 @@ def check_exportable(config: ml_collections.ConfigDict, full_masks: bool) -> Non
     pipeline.check_data(config)
     check_class_fields(config)
     ids = tuple(config.data.label_to_category_id)
-    if any(not isinstance(i, (int, np.integer)) or not 0 <= i <= _INT32_MAX for i in ids):
+    bad = [i for i in ids if not isinstance(i, (int, np.integer)) or not 0 <= i <= _INT32_MAX]
+    if bad:
         raise ValueError(
-            f"config.data.label_to_category_id={ids} must hold integer ids in [0, {_INT32_MAX}]"
+            f"config.data.label_to_category_id holds {len(bad)} category id(s) a SavedModel "
+            f"cannot output: {bad[:5]}{' ...' if len(bad) > 5 else ''} (its `classes` are "
+            f"int32 ids in [0, {_INT32_MAX}], -1 beyond the detections): renumber those "
+            "categories in the dataset's json and train with it"
         )
     paste = config.model.roi_heads.mask_paste
     if full_masks and paste not in PASTE_METHODS:
