@@ -467,8 +467,8 @@ def use_compilation_cache() -> None:
     about 25 s on a 2-core CPU and loads in a few (docs/performance.md). JAX only stores programs
     that took at least `JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS` (1 s) to compile, and only
     process 0 of a multi-host job writes (on CPU the others then always compile: JAX's key
-    holds each process's own devices' topology). The cache is trusted code: keep it in a folder that
-    only you can write to (the default is in your home directory).
+    holds each process's own devices' topology). The cache is trusted code: keep it in a
+    folder that only you can write to (the default is in your home directory).
     """
     if COMPILATION_CACHE_DIR in os.environ:
         return
