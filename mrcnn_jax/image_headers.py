@@ -1,6 +1,6 @@
 """What an image file's header says, read without decoding the pixels: the size a PNG, JPEG,
-GIF, BMP, TIFF or WebP file declares (`declared_size`) and a JPEG's EXIF orientation
-(`exif_orientation`)."""
+GIF, BMP, TIFF or WebP file declares (`declared_size`), a JPEG's EXIF orientation
+(`exif_orientation`) and a TIFF's orientation tag (`tiff_orientation`)."""
 
 from collections.abc import Iterator
 
@@ -69,6 +69,13 @@ def exif_orientation(data: bytes) -> int:
         if marker == 0xE1 and payload.startswith(b"Exif\0\0"):
             return _tiff_orientation(payload[6:])
     return 1
+
+
+def tiff_orientation(data: bytes) -> int:
+    """The orientation tag (1–8) of a TIFF file's bytes: 1 without it and for other formats.
+    OpenCV (and PIL) decode a TIFF turned as it says, whatever `cv2.IMREAD_IGNORE_ORIENTATION`
+    asks (it holds for a JPEG's EXIF only)."""
+    return _tiff_orientation(data) if data[:4] in TIFF_SIGNATURES else 1
 
 
 def _tiff_orientation(tiff: bytes) -> int:

@@ -33,7 +33,8 @@ Each image is read as its stored pixels, exactly as the training and eval pipeli
 EXIF orientation is not applied: a phone photo stored sideways is predicted, drawn and reported
 sideways, in the file's own pixel grid, which is what the coordinates of detections.json refer to).
 With --exif_orientation each image is first turned as its EXIF tag says (as photo viewers show
-it), and the drawings and detections.json refer to the turned image.
+it), and the drawings and detections.json refer to the turned image. A TIFF is read turned as its
+orientation tag says either way (OpenCV always applies it, as PIL does).
 The images are read, predicted, drawn and written streaming, --batch_size at a time (the next
 batch is read while one is predicted), split data-parallel over the process's local devices; a
 progress bar counts the images. A file that cannot be decoded (not an image, truncated, a format

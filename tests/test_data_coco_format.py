@@ -4,6 +4,7 @@ and every bad input's error, with nothing left half-built."""
 
 import copy
 import functools
+import io
 import json
 import logging
 import math
@@ -802,6 +803,39 @@ def test_sizes_swapped_by_an_exif_orientation_say_how_to_turn_the_images(orienta
     with pytest.raises(ValueError) as refused:
         dict(coco_reader.coco_examples(*splits["train"], categories))
     assert str(refused.value) == message + (turned if orientation == 6 else "")
+
+
+def test_sizes_swapped_by_a_tiff_orientation_tag_say_that_opencv_applies_it(tmp_path):
+    """OpenCV decodes a TIFF turned as its orientation tag says, whatever
+    IMREAD_IGNORE_ORIENTATION asks (PIL too): a json giving the stored size got only "decodes
+    to (64, 48), but ... says (48, 64)", though the file's header says 48×64."""
+    from PIL import Image
+
+    splits = write_dataset(epath.Path(tmp_path))
+    path = tmp_path / "images" / "rgb.jpg"  # image id 1, 48×64, written as a TIFF under its name
+    stored = Image.open(path)
+    exif = stored.getexif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    stored.save(buffer, format="TIFF", exif=exif)
+    path.write_bytes(buffer.getvalue())
+    assert image_headers.tiff_orientation(buffer.getvalue()) == 6
+    decoded = cv2.imdecode(
+        np.frombuffer(buffer.getvalue(), np.uint8),
+        cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION,
+    )
+    assert decoded.shape == (64, 48, 3)  # the fact the message states: turned all the same
+    categories = sorted((c["id"], c["name"]) for c in CATEGORIES)
+    with pytest.raises(ValueError) as refused:
+        dict(coco_reader.coco_examples(*splits["train"], categories))
+    assert str(refused.value) == (
+        f"{path}: image id 1 decodes to (64, 48), but {splits['train'][0]} says (height, "
+        "width) = (48, 64): a TIFF is decoded turned as its orientation tag (6) says (by "
+        "OpenCV, as by PIL and photo viewers), the json gives its stored size. Give the json "
+        "the turned size, with annotations drawn on the turned image, or write the images "
+        "turned (e.g. `mogrify -auto-orient`) and annotate those"
+    )
+    assert image_headers.tiff_orientation(cv2.imencode(".png", decoded)[1].tobytes()) == 1
 
 
 def test_polygon_parts_of_fewer_than_3_points_beside_valid_ones_are_dropped(tmp_path):

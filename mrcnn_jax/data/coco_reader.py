@@ -20,25 +20,24 @@ canvas. Each split logs how many images were read so.
 
 The json may start with a UTF-8 byte order mark. Bad input raises ValueError naming the json and the
 image or annotation id: a missing, empty or undecodable image file, or one whose size differs from
-the json (sizes swapped by a JPEG's EXIF orientation: the message says how to write the images
-turned); image or annotation ids that are not integers, or repeat; an image id of magnitude 2**62
-or more (``schema.IMAGE_ID_LIMIT``); an image ``height`` or ``width`` that is not a positive
-integer, or a ``file_name`` that is not a string; a category id not listed in ``categories``;
-annotations without ``segmentation`` (all of them are counted: Mask R-CNN needs a mask for every
-object); an annotation whose polygons all have fewer than 3 points (its mask would be empty;
-optional, COCO 2017 has a few); a malformed box, polygon or RLE, such as a polygon coordinate that
-is not a finite number or lies farther outside the image than the image's larger side (pycocotools'
-memory grows with the coordinates: NaN or 1e9 would ask it for tens of GB); an ``iscrowd`` other
-than 0 or 1 (such as "0"); an ``area`` that is not a finite number >= 0. Polygon parts of fewer than
-3 points beside valid ones are dropped (one warning per file), boxes reaching outside their image
-are clipped for training and evaluated as given, as pycocotools does (one warning per file), masks
-of no pixel (a polygon of points on one line) are kept as empty mask targets (one warning per file),
-boxes of zero area or far from their mask (IoU of the box and the mask's bounding box below 0.5, as
-a box written [x1, y1, x2, y2] instead of [x, y, width, height] gives) are kept as given with one
-warning per file, and images without annotations are kept with ``image/has_annotations`` False.
-Annotation ids may start at 0 (one warning per file: evaluation numbers them 1..N,
-``coco_json.coco_ground_truth``).
-"""
+the json (sizes swapped by a JPEG's EXIF orientation, or by a TIFF's orientation tag, which OpenCV
+always applies: the message says what to do); image or annotation ids that are not integers, or
+repeat; an image id of magnitude 2**62 or more (``schema.IMAGE_ID_LIMIT``); an image ``height`` or
+``width`` that is not a positive integer, or a ``file_name`` that is not a string; a category id not
+listed in ``categories``; annotations without ``segmentation`` (all of them are counted: Mask R-CNN
+needs a mask for every object); an annotation whose polygons all have fewer than 3 points (its mask
+would be empty; optional, COCO 2017 has a few); a malformed box, polygon or RLE, such as a polygon
+coordinate that is not a finite number or lies farther outside the image than the image's larger
+side (pycocotools' memory grows with the coordinates: NaN or 1e9 would ask it for tens of GB); an
+``iscrowd`` other than 0 or 1 (such as "0"); an ``area`` that is not a finite number >= 0. Polygon
+parts of fewer than 3 points beside valid ones are dropped (one warning per file), boxes reaching
+outside their image are clipped for training and evaluated as given, as pycocotools does (one
+warning per file), masks of no pixel (a polygon of points on one line) are kept as empty mask
+targets (one warning per file), boxes of zero area or far from their mask (IoU of the box and the
+mask's bounding box below 0.5, as a box written [x1, y1, x2, y2] instead of [x, y, width, height]
+gives) are kept as given with one warning per file, and images without annotations are kept with
+``image/has_annotations`` False. Annotation ids may start at 0 (one warning per file: evaluation
+numbers them 1..N, ``coco_json.coco_ground_truth``). """
 
 import collections
 import dataclasses
@@ -401,7 +400,7 @@ def _read_image(image: dict, image_dir: epath.Path, path: epath.Path) -> tuple[b
     size = (int(image["height"]), int(image["width"]))
     conversion = None
     try:
-        encoded = file.read_bytes()
+        encoded = original = file.read_bytes()
         if not encoded:
             raise ValueError("the file is empty (0 bytes)")
         if not encoded.startswith((PNG_SIGNATURE, JPEG_SIGNATURE)):
@@ -412,14 +411,24 @@ def _read_image(image: dict, image_dir: epath.Path, path: epath.Path) -> tuple[b
     except (OSError, ValueError, cv2.error, tf.errors.OpError) as e:
         raise ValueError(f"{file}: cannot read or decode image id {image['id']}: {e}") from e
     if tuple(shape[:2]) != size:
-        turned = image_headers.exif_orientation(encoded) if tuple(shape[1::-1]) == size else 1
-        hint = (
-            f": its EXIF orientation ({turned}) turns it in photo viewers and annotation tools, "
-            "so its annotations were likely drawn on the turned image. Write the images turned "
-            "as shown (on copies, e.g. ImageMagick's `mogrify -auto-orient *.jpg`) and use those"
-            if turned >= 5  # 5-8 swap the axes
-            else ""
-        )
+        swapped = tuple(shape[1::-1]) == size
+        turned = image_headers.exif_orientation(encoded) if swapped else 1
+        tiff = image_headers.tiff_orientation(original) if swapped else 1
+        hint = ""
+        if turned >= 5:  # 5-8 swap the axes
+            hint = (
+                f": its EXIF orientation ({turned}) turns it in photo viewers and annotation "
+                "tools, so its annotations were likely drawn on the turned image. Write the "
+                "images turned as shown (on copies, e.g. ImageMagick's `mogrify -auto-orient "
+                "*.jpg`) and use those"
+            )
+        elif tiff >= 5:
+            hint = (
+                f": a TIFF is decoded turned as its orientation tag ({tiff}) says (by OpenCV, "
+                "as by PIL and photo viewers), the json gives its stored size. Give the json "
+                "the turned size, with annotations drawn on the turned image, or write the "
+                "images turned (e.g. `mogrify -auto-orient`) and annotate those"
+            )
         raise ValueError(
             f"{file}: image id {image['id']} decodes to {tuple(shape[:2])}, but {path} says "
             f"(height, width) = {size}{hint}"

@@ -37,7 +37,9 @@ def read_image(path: str | os.PathLike, *, exif_orientation: bool = False) -> np
     reading): an EXIF orientation is not applied, so boxes and masks refer to the file's own
     pixel grid. With `exif_orientation=True` the image is turned (and mirrored) as its EXIF
     orientation tag says, as photo viewers show it (a phone photo taken upright is often
-    stored sideways): boxes and masks then refer to the turned image.
+    stored sideways): boxes and masks then refer to the turned image. A TIFF's orientation tag
+    is applied either way (cv2 applies it whatever `IMREAD_IGNORE_ORIENTATION` asks; PIL too),
+    and so where training reads it (`coco_reader` stores the PNG of cv2's decoding).
 
     Raises:
       FileNotFoundError: `path` is not an existing file.
