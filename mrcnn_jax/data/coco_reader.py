@@ -37,7 +37,7 @@ targets (one warning per file), boxes of zero area or far from their mask (IoU o
 mask's bounding box below 0.5, as a box written [x1, y1, x2, y2] instead of [x, y, width, height]
 gives) are kept as given with one warning per file, and images without annotations are kept with
 ``image/has_annotations`` False. Annotation ids may start at 0 (one warning per file: evaluation
-numbers them 1..N, ``coco_json.coco_ground_truth``). """
+numbers them 1..N, ``coco_json.coco_ground_truth``)."""
 
 import collections
 import dataclasses
