@@ -8,7 +8,9 @@ it (`shard_batch`); the train state and model variables are replicated on it (`r
 """
 
 import collections
+import errno
 import os
+import socket
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -74,10 +76,14 @@ def initialize_distributed(
             raise ValueError(
                 f"--process_id={process_id} must be in [0, --num_processes={num_processes})"
             )
-        if ":" not in coordinator_address:
+        port = coordinator_address.rsplit(":", 1)[1] if ":" in coordinator_address else ""
+        if not port.isdigit() or not 0 < int(port) < 2**16:
             raise ValueError(
-                f"--coordinator_address={coordinator_address!r} must be host:port of process 0"
+                f"--coordinator_address={coordinator_address!r} must be host:port of process 0 "
+                "(a port from 1 to 65535)"
             )
+        if process_id == 0:
+            check_coordinator_port_free(coordinator_address)
         print(  # it waits silently for all processes (5 minutes), then aborts in C++
             f"Process {process_id} of {num_processes}: waiting for every process to connect to "
             f"the coordinator at {coordinator_address} (up to 5 minutes)",
@@ -97,6 +103,33 @@ def initialize_distributed(
         jax.distributed.initialize()
     if jax.process_count() > 1:
         connect_devices()
+
+
+def check_coordinator_port_free(coordinator_address: str) -> None:
+    """Raises ValueError where the port of `coordinator_address` ("host:port") is taken on this
+    host, where process 0 serves JAX's coordination service (on every interface, as JAX
+    binds it). gRPC shares a port between servers, so a second process 0 (the same command
+    started twice, a run launched twice on one address) served beside the first: the processes
+    of two runs then joined each other's, and the spare process 0 waited 5 minutes, then
+    aborted in C++."""
+    port = int(coordinator_address.rsplit(":", 1)[1])
+    for family, host in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past TIME_WAITs
+                if family == socket.AF_INET6:
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # both stacks
+                probe.bind((host, port))
+            return
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise ValueError(
+                    f"--coordinator_address={coordinator_address}: port {port} is in use on "
+                    "this host, where process 0 serves the run: by another run's process 0, "
+                    "this run's started twice (one --process_id=0 per run), or another "
+                    "program. Give each run a free port"
+                ) from None
+            # Another failure (no IPv6 here): the next family, else JAX's own error.
 
 
 def connect_devices() -> None:

@@ -13,6 +13,7 @@ Every process is bounded in time and killed in a `finally`. The README's "Multi-
 shows the same commands. Processes given different flags stop before training, naming them.
 """
 
+import fcntl
 import json
 import os
 import shutil
@@ -383,6 +384,61 @@ def test_processes_given_different_flags_all_stop_naming_them(tmp_path, launches
     assert not (tmp_path / "run").exists()  # before any work
 
 
+def test_a_workdir_in_use_stops_every_process_with_process_0s_refusal(tmp_path, launches):
+    """Process 0 alone holds the workdir's lock: it refused in one line, and process 1 ended
+    in JAX's C++ abort ("Terminating process because the JAX distributed service detected
+    fatal errors", exit status 134). Now every process ends with process 0's refusal."""
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    args = [
+        "--config=configs/shapes_r18.py",
+        f"--config.data.data_dir={tmp_path / 'tfds'}",
+        f"--workdir={busy}",
+    ]
+    with open(busy / ".train.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        lock.write("pid 4242 on elsewhere\n")
+        lock.flush()
+        launched = launches("train.py", args, 2, 1, tmp_path / "logs", tmp_path / "cache")
+        while launched.alive() and time.time() < launched.deadline:
+            time.sleep(0.2)
+    message = f"error: {busy} is in use by another training run (pid 4242 on elsewhere; lock"
+    for i, process in enumerate(launched.processes):
+        output = launched.output(i)
+        assert process.returncode == 1, output[-3000:]
+        assert message in output, output[-3000:]
+        assert "Terminating process" not in output, output[-3000:]
+    assert not (tmp_path / "tfds").exists()  # before the data
+
+
+def test_a_second_process_0_on_a_port_in_use_is_refused(monkeypatch):
+    """gRPC shares a port between servers: the same command started twice (or two runs on one
+    address) served a second coordinator beside the first, the processes of two runs joined
+    each other's, and the spare process 0 waited 5 minutes, then aborted in C++."""
+
+    def reached(**kwargs):
+        raise AssertionError("jax.distributed.initialize was called")  # it would abort here
+
+    monkeypatch.setattr(sharding.jax.distributed, "initialize", reached)
+    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # as gRPC binds
+        server.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        server.bind(("::", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        address = f"127.0.0.1:{port}"
+        with pytest.raises(ValueError) as refused:
+            sharding.initialize_distributed(
+                coordinator_address=address, num_processes=2, process_id=0
+            )
+        assert str(refused.value) == (
+            f"--coordinator_address={address}: port {port} is in use on this host, where "
+            "process 0 serves the run: by another run's process 0, this run's started twice "
+            "(one --process_id=0 per run), or another program. Give each run a free port"
+        )
+    sharding.check_coordinator_port_free(address)  # free again (a TIME_WAIT aside)
+
+
 def test_eval_processes_given_other_workdirs_or_steps_stop_before_any_checkpoint(
     tmp_path, launches
 ):
@@ -424,6 +480,8 @@ def test_partial_distributed_flags_are_refused(given, missing):
     [
         ({"process_id": 2}, r"--process_id=2 must be in \[0, --num_processes=2\)"),
         ({"coordinator_address": "127.0.0.1"}, "must be host:port"),
+        ({"coordinator_address": "127.0.0.1:http"}, r"a port from 1 to 65535"),
+        ({"coordinator_address": "[::1]:70000"}, r"a port from 1 to 65535"),
         ({"multihost": False}, "--nomultihost contradicts"),
     ],
 )

@@ -48,7 +48,8 @@ def define_flags() -> None:
     _FLAGS["coordinator_address"] = flags.DEFINE_string(
         "coordinator_address",
         None,
-        "host:port of process 0's coordinator (with --num_processes and --process_id).",
+        "host:port of process 0's coordinator (with --num_processes and --process_id); the "
+        "port must be free on process 0's host, one per run.",
     )
     _FLAGS["num_processes"] = flags.DEFINE_integer(
         "num_processes", None, "Number of processes (with --coordinator_address and --process_id)."

@@ -742,34 +742,39 @@ LOCK_FILE = ".train.lock"
 def _workdir_lock(workdir: epath.Path) -> Iterator[None]:
     """Holds an exclusive lock on `<workdir>/.train.lock` (`flock`, released by the system when
     the process ends, however it ends) during the block; process 0 of a local workdir only
-    (cloud storage has no locks). The file stays, naming the last holder.
+    (cloud storage has no locks). The file stays, naming the last holder. With several
+    processes, process 0's refusal is every process's (a collective): the others ended in
+    JAX's C++ abort when process 0 left alone with it.
 
     Raises:
       WorkdirInUseError: another process holds it, naming that process.
     """
-    if jax.process_index() != 0 or paths.is_url(str(workdir)):
+    with contextlib.ExitStack() as stack:
+        held, refusal = None, ""
+        if jax.process_index() == 0 and not paths.is_url(str(workdir)):
+            path = workdir / LOCK_FILE
+            paths.check_not_a_link_to_a_file(path)
+            held = stack.enter_context(open(path, "a+"))
+            try:
+                fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                held.seek(0)
+                holder = held.read().strip() or "another process"
+                refusal = (
+                    f"{workdir} is in use by another training run ({holder}; lock file "
+                    f"{path}): wait for it to end, or train in another --workdir"
+                )
+        if jax.process_count() > 1:
+            refusal = processes.broadcast_text(refusal)
+        if refusal:
+            raise WorkdirInUseError(refusal)
+        if held is not None:
+            held.seek(0)
+            held.truncate()
+            held.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.ctime()}\n")
+            held.flush()
+            stack.callback(fcntl.flock, held, fcntl.LOCK_UN)
         yield
-        return
-    path = workdir / LOCK_FILE
-    paths.check_not_a_link_to_a_file(path)
-    with open(path, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            raise WorkdirInUseError(
-                f"{workdir} is in use by another training run ({holder}; lock file {path}): "
-                "wait for it to end, or train in another --workdir"
-            ) from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.ctime()}\n")
-        f.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 class Preempted(Exception):
