@@ -94,13 +94,21 @@ def test_each_batch_is_one_group_padded_to_its_canvas(coco):
 
 def test_objects_beyond_max_instances_are_warned_of_once_for_all_groups(coco, caplog):
     """Images with objects cut in both canvases (1, wide: 3 trainable; 5, tall: 4) give one
-    warning, as without groups (each group's stream warned once)."""
+    warning, as without groups (each group's stream warned once), and one report at the end
+    naming both groups' images."""
     config = _grouped(max_instances=2)
     with caplog.at_level("WARNING"):
-        batches = _take(pipeline.create_train_dataset(config, builder=coco, **ONE), 12)
+        stream = pipeline.create_train_dataset(config, builder=coco, **ONE)
+        batches = _take(stream, 12)
+        stream.close()
     assert {b["image"].shape[1:3] for b in batches} == {WIDE, TALL}
-    warnings = [r for r in caplog.records if "max_instances=2" in r.getMessage()]
-    assert len(warnings) == 1, [w.getMessage() for w in warnings]
+    warnings = [r.getMessage() for r in caplog.records if "max_instances=2" in r.getMessage()]
+    assert len(warnings) == 2, warnings
+    assert warnings[0].startswith("Image id ") and "Warned once" in warnings[0]
+    assert warnings[1] == (
+        "max_instances=2 cut objects from 2 images in this run; the largest, image id 5, has 4: "
+        "config.data.max_instances=4 keeps all the images read."
+    )
 
 
 def test_the_group_of_a_step_is_a_function_of_the_seed_and_the_step():
