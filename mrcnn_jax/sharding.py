@@ -10,6 +10,7 @@ it (`shard_batch`); the train state and model variables are replicated on it (`r
 import collections
 import errno
 import os
+import re
 import socket
 import sys
 from collections.abc import Sequence
@@ -52,7 +53,9 @@ def initialize_distributed(
 
     Raises:
       ValueError: only some of the three are given, they are out of range, or `multihost` is
-        False with them; the processes have different numbers of devices.
+        False with them; process 0's port is in use on its host (`check_coordinator_port_free`;
+        not where `JAX_COORDINATOR_BIND_ADDRESS` names another); the processes have different
+        numbers of devices.
     """
     explicit = {
         "coordinator_address": coordinator_address,
@@ -77,13 +80,13 @@ def initialize_distributed(
                 f"--process_id={process_id} must be in [0, --num_processes={num_processes})"
             )
         port = coordinator_address.rsplit(":", 1)[1] if ":" in coordinator_address else ""
-        if not port.isdigit() or not 0 < int(port) < 2**16:
+        if not re.fullmatch("[0-9]{1,5}", port) or not 0 < int(port) < 2**16:
             raise ValueError(
                 f"--coordinator_address={coordinator_address!r} must be host:port of process 0 "
                 "(a port from 1 to 65535)"
             )
-        if process_id == 0:
-            check_coordinator_port_free(coordinator_address)
+        if process_id == 0 and not os.environ.get("JAX_COORDINATOR_BIND_ADDRESS"):
+            check_coordinator_port_free(coordinator_address)  # the port JAX binds
         print(  # it waits silently for all processes (5 minutes), then aborts in C++
             f"Process {process_id} of {num_processes}: waiting for every process to connect to "
             f"the coordinator at {coordinator_address} (up to 5 minutes)",
@@ -111,7 +114,11 @@ def check_coordinator_port_free(coordinator_address: str) -> None:
     binds it). gRPC shares a port between servers, so a second process 0 (the same command
     started twice, a run launched twice on one address) served beside the first: the processes
     of two runs then joined each other's, and the spare process 0 waited 5 minutes, then
-    aborted in C++."""
+    aborted in C++.
+
+    Raises:
+      ValueError: a socket listens on that port (any address), naming the flag and the port.
+    """
     port = int(coordinator_address.rsplit(":", 1)[1])
     for family, host in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
         try:

@@ -831,9 +831,9 @@ def test_sizes_swapped_by_a_tiff_orientation_tag_say_that_opencv_applies_it(tmp_
     assert str(refused.value) == (
         f"{path}: image id 1 decodes to (64, 48), but {splits['train'][0]} says (height, "
         "width) = (48, 64): a TIFF is decoded turned as its orientation tag (6) says (by "
-        "OpenCV, as by PIL and photo viewers), the json gives its stored size. Give the json "
-        "the turned size, with annotations drawn on the turned image, or write the images "
-        "turned (e.g. `mogrify -auto-orient`) and annotate those"
+        "OpenCV, as by PIL and photo viewers), the json gives its stored size. Where the "
+        "annotations were drawn on the stored pixels, clear the tag (on copies, e.g. `exiftool "
+        "-Orientation=1 -n`); otherwise give the json the turned size"
     )
     assert image_headers.tiff_orientation(cv2.imencode(".png", decoded)[1].tobytes()) == 1
 

@@ -106,8 +106,8 @@ def test_objects_beyond_max_instances_are_warned_of_once_for_all_groups(coco, ca
     assert len(warnings) == 2, warnings
     assert warnings[0].startswith("Image id ") and "Warned once" in warnings[0]
     assert warnings[1] == (
-        "max_instances=2 cut objects from 2 images in this run; the largest, image id 5, has 4: "
-        "config.data.max_instances=4 keeps all the images read."
+        "max_instances=2 cut objects from 2 images read by this process; the largest, image id "
+        "5, has 4: config.data.max_instances=4 keeps all of these."
     )
 
 

@@ -420,10 +420,12 @@ def test_a_second_process_0_on_a_port_in_use_is_refused(monkeypatch):
         raise AssertionError("jax.distributed.initialize was called")  # it would abort here
 
     monkeypatch.setattr(sharding.jax.distributed, "initialize", reached)
-    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as server:
+    family = socket.AF_INET6 if socket.has_ipv6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as server:
         server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # as gRPC binds
-        server.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        server.bind(("::", 0))
+        if family == socket.AF_INET6:
+            server.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        server.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
         server.listen()
         port = server.getsockname()[1]
         address = f"127.0.0.1:{port}"
@@ -482,6 +484,7 @@ def test_partial_distributed_flags_are_refused(given, missing):
         ({"coordinator_address": "127.0.0.1"}, "must be host:port"),
         ({"coordinator_address": "127.0.0.1:http"}, r"a port from 1 to 65535"),
         ({"coordinator_address": "[::1]:70000"}, r"a port from 1 to 65535"),
+        ({"coordinator_address": "h:\u0663\u0663"}, r"a port from 1 to 65535"),  # not ASCII
         ({"multihost": False}, "--nomultihost contradicts"),
     ],
 )

@@ -268,8 +268,8 @@ def test_objects_beyond_max_instances_are_cut_deterministically_with_one_warning
         batches.close()
     reports = [r.getMessage() for r in caplog.records if "max_instances=2" in r.getMessage()][1:]
     assert reports == [
-        "max_instances=2 cut objects from 2 images in this run; the largest, image id 5, has 4: "
-        "config.data.max_instances=4 keeps all the images read."
+        "max_instances=2 cut objects from 2 images read by this process; the largest, image id "
+        "5, has 4: config.data.max_instances=4 keeps all of these."
     ]
     for image_id, expected in ((1, [101, 102]), (5, [501, 502]), (2, [202, 201])):
         kept = _kept(index.imgToAnns[image_id], 2)

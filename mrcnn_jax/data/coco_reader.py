@@ -386,8 +386,9 @@ def _conversion(encoded: bytes, channels: int) -> str | None:
 
 def _as_png(encoded: bytes) -> bytes | None:
     """The PNG of OpenCV's 8-bit RGB decoding of an image file's bytes (stored pixels, no EXIF
-    rotation, as ``visualize.read_image``, whose flags these are: data/ cannot import
-    evaluation/, tests/test_contracts.py), or None if OpenCV cannot decode them."""
+    rotation, but a TIFF turned as its orientation tag says, which OpenCV always applies; as
+    ``visualize.read_image``, whose flags these are: data/ cannot import evaluation/,
+    tests/test_contracts.py), or None if OpenCV cannot decode them."""
     flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
     bgr = cv2.imdecode(np.frombuffer(encoded, np.uint8), flags)
     return None if bgr is None else cv2.imencode(".png", bgr)[1].tobytes()
@@ -425,9 +426,9 @@ def _read_image(image: dict, image_dir: epath.Path, path: epath.Path) -> tuple[b
         elif tiff >= 5:
             hint = (
                 f": a TIFF is decoded turned as its orientation tag ({tiff}) says (by OpenCV, "
-                "as by PIL and photo viewers), the json gives its stored size. Give the json "
-                "the turned size, with annotations drawn on the turned image, or write the "
-                "images turned (e.g. `mogrify -auto-orient`) and annotate those"
+                "as by PIL and photo viewers), the json gives its stored size. Where the "
+                "annotations were drawn on the stored pixels, clear the tag (on copies, e.g. "
+                "`exiftool -Orientation=1 -n`); otherwise give the json the turned size"
             )
         raise ValueError(
             f"{file}: image id {image['id']} decodes to {tuple(shape[:2])}, but {path} says "

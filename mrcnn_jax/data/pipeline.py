@@ -549,16 +549,17 @@ class _CutObjects:
                 self.max_instances,
             )
         for image_id, count in zip(image_ids.tolist(), dropped.tolist()):
-            if count:
-                self.objects[image_id] = self.max_instances + count
+            if count:  # the most of its draws: crop and scale jitter change the count
+                total = self.max_instances + count
+                self.objects[image_id] = max(self.objects.get(image_id, 0), total)
 
     def report(self) -> None:
         """Logs how many images had objects cut and the largest, if any (then forgets them)."""
         if self.objects:
             largest = max(self.objects, key=self.objects.get)
             logging.warning(
-                "max_instances=%d cut objects from %d images in this run; the largest, image "
-                "id %d, has %d: config.data.max_instances=%d keeps all the images read.",
+                "max_instances=%d cut objects from %d images read by this process; the "
+                "largest, image id %d, has %d: config.data.max_instances=%d keeps all of these.",
                 self.max_instances,
                 len(self.objects),
                 largest,
@@ -690,7 +691,8 @@ def create_train_dataset(
     process_count: int | None = None,
 ) -> Iterator[Batch]:
     """Endless generator of this process's training batches (CONTRACTS.md "Batches", train
-    keys); its `close()` releases the tf.data iterators and their threads.
+    keys); its `close()` releases the tf.data iterators and their threads, and logs how many
+    images had objects beyond ``data.max_instances`` cut, if any (`_CutObjects`).
 
     Global batch ``s`` (``train.batch_size`` examples) depends only on ``config.seed``, the data
     and ``s``; process ``p`` of ``n`` yields its rows ``[p·b, (p+1)·b)``, ``b = batch_size / n``,

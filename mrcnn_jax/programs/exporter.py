@@ -116,7 +116,11 @@ def check_exportable(config: ml_collections.ConfigDict, full_masks: bool) -> Non
     pipeline.check_data(config)
     check_class_fields(config)
     ids = tuple(config.data.label_to_category_id)
-    bad = [i for i in ids if not isinstance(i, (int, np.integer)) or not 0 <= i <= _INT32_MAX]
+    bad = [
+        int(i) if isinstance(i, np.integer) else i
+        for i in ids
+        if not isinstance(i, (int, np.integer)) or not 0 <= i <= _INT32_MAX
+    ]
     if bad:
         raise ValueError(
             f"config.data.label_to_category_id holds {len(bad)} category id(s) a SavedModel "

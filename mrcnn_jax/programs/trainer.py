@@ -743,31 +743,41 @@ def _workdir_lock(workdir: epath.Path) -> Iterator[None]:
     """Holds an exclusive lock on `<workdir>/.train.lock` (`flock`, released by the system when
     the process ends, however it ends) during the block; process 0 of a local workdir only
     (cloud storage has no locks). The file stays, naming the last holder. With several
-    processes, process 0's refusal is every process's (a collective): the others ended in
-    JAX's C++ abort when process 0 left alone with it.
+    processes, process 0's refusal or error is every process's (a collective): the others
+    ended in JAX's C++ abort when process 0 left alone with it.
 
     Raises:
       WorkdirInUseError: another process holds it, naming that process.
+      OSError: the lock file cannot be opened or locked (a link to a file, no permission, a
+        file system without locks), on every process.
     """
     with contextlib.ExitStack() as stack:
-        held, refusal = None, ""
+        held, failure = None, None
         if jax.process_index() == 0 and not paths.is_url(str(workdir)):
             path = workdir / LOCK_FILE
-            paths.check_not_a_link_to_a_file(path)
-            held = stack.enter_context(open(path, "a+"))
             try:
-                fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                held.seek(0)
-                holder = held.read().strip() or "another process"
-                refusal = (
-                    f"{workdir} is in use by another training run ({holder}; lock file "
-                    f"{path}): wait for it to end, or train in another --workdir"
-                )
+                paths.check_not_a_link_to_a_file(path)
+                held = stack.enter_context(open(path, "a+"))
+                try:
+                    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    held.seek(0)
+                    holder = held.read().strip() or "another process"
+                    failure = WorkdirInUseError(
+                        f"{workdir} is in use by another training run ({holder}; lock file "
+                        f"{path}): wait for it to end, or train in another --workdir"
+                    )
+            except OSError as error:  # a link, no permission, no locks (NFS): said by all
+                failure = error
         if jax.process_count() > 1:
-            refusal = processes.broadcast_text(refusal)
-        if refusal:
-            raise WorkdirInUseError(refusal)
+            told = processes.broadcast_text(
+                "" if failure is None else f"{type(failure) is WorkdirInUseError:d}{failure}"
+            )
+            if told and failure is None:  # not process 0: its error, as one of the same kind
+                kind = WorkdirInUseError if told[0] == "1" else OSError
+                failure = kind(told[1:])
+        if failure is not None:
+            raise failure
         if held is not None:
             held.seek(0)
             held.truncate()
