@@ -1,6 +1,6 @@
 """What an image file's header says, read without decoding the pixels: the size a PNG, JPEG,
-GIF, BMP, TIFF or WebP file declares (`declared_size`), a JPEG's EXIF orientation
-(`exif_orientation`) and a TIFF's orientation tag (`tiff_orientation`)."""
+GIF, BMP, TIFF or WebP file declares (`declared_size`), a JPEG's, PNG's or WebP's EXIF
+orientation (`exif_orientation`) and a TIFF's orientation tag (`tiff_orientation`)."""
 
 from collections.abc import Iterator
 
@@ -62,13 +62,44 @@ def _little(data: bytes, at: int, size: int) -> int:
     return int.from_bytes(data[at : at + size], "little")
 
 
+def _png_chunks(data: bytes) -> Iterator[tuple[bytes, bytes]]:
+    """(type, payload) of each chunk of a PNG file's bytes (its pixels' IDAT chunks too; payloads
+    are views, not copies); none for other formats, and none past a chunk cut short."""
+    if not data.startswith(PNG_SIGNATURE):
+        return
+    view, at = memoryview(data), len(PNG_SIGNATURE)
+    while at + 8 <= len(data):
+        length, kind = int.from_bytes(data[at : at + 4], "big"), data[at + 4 : at + 8]
+        if at + 12 + length > len(data):
+            return
+        yield kind, view[at + 8 : at + 8 + length]
+        at += 12 + length  # length, type, payload, CRC
+
+
+def _webp_chunks(data: bytes) -> Iterator[tuple[bytes, bytes]]:
+    """(FourCC, payload) of each chunk of a WebP file's bytes (payloads are views, not copies);
+    none for other formats, and none past a chunk cut short."""
+    if not (data[:4] == b"RIFF" and data[8:12] == b"WEBP"):
+        return
+    view, at = memoryview(data), 12
+    while at + 8 <= len(data):
+        kind, length = data[at : at + 4], _little(data, at + 4, 4)
+        if at + 8 + length > len(data):
+            return
+        yield kind, view[at + 8 : at + 8 + length]
+        at += 8 + length + length % 2  # payloads are padded to an even size
+
+
 def exif_orientation(data: bytes) -> int:
-    """The EXIF orientation (1–8) of a JPEG file's bytes: 1 (as stored) without the tag, for a
-    malformed one and for other formats."""
-    for marker, payload in _jpeg_segments(data):
-        if marker == 0xE1 and payload.startswith(b"Exif\0\0"):
-            return _tiff_orientation(payload[6:])
-    return 1
+    """The EXIF orientation (1–8) of a JPEG, PNG or WebP file's bytes, as OpenCV reads it (and
+    applies it unless given `IMREAD_IGNORE_ORIENTATION`): from a JPEG's APP1 block, from a PNG's
+    eXIf or a WebP's EXIF chunk that starts with the TIFF header (OpenCV ignores one that starts
+    with a JPEG's "Exif" prefix). 1 (as stored) without the
+    tag, for a malformed one and for other formats (a TIFF's own tag: `tiff_orientation`)."""
+    blocks = [p[6:] for m, p in _jpeg_segments(data) if m == 0xE1 and p.startswith(b"Exif\0\0")]
+    blocks += [bytes(p) for kind, p in _png_chunks(data) if kind == b"eXIf"]
+    blocks += [bytes(p) for kind, p in _webp_chunks(data) if kind == b"EXIF"]
+    return _tiff_orientation(blocks[0]) if blocks else 1
 
 
 def tiff_orientation(data: bytes) -> int:

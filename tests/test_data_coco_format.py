@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import zlib
 
 import cv2
 import jax
@@ -704,9 +705,9 @@ def test_boxes_of_zero_area_or_far_from_their_mask_get_one_warning(tmp_path, cap
     assert "is each bbox [x, y, width, height] in pixels of its image?" in warnings[0]
 
 
-def jpeg_with_orientation(image: np.ndarray, orientation: int, byte_order: str) -> bytes:
-    """A JPEG of RGB ``image`` with an EXIF block (TIFF layout in ``byte_order``, "II" or "MM")
-    holding only the orientation tag, inserted after the start-of-image marker."""
+def _exif_tiff(orientation: int, byte_order: str) -> bytes:
+    """An EXIF block's TIFF layout (in ``byte_order``, "II" or "MM") holding only the orientation
+    tag."""
     order = {"II": "little", "MM": "big"}[byte_order]
     entry = (
         (0x0112).to_bytes(2, order)  # tag: orientation
@@ -716,8 +717,13 @@ def jpeg_with_orientation(image: np.ndarray, orientation: int, byte_order: str) 
         + bytes(2)
     )
     tiff = byte_order.encode() + (42).to_bytes(2, order) + (8).to_bytes(4, order)
-    tiff += (1).to_bytes(2, order) + entry + bytes(4)  # one entry, no next directory
-    app1 = b"Exif\0\0" + tiff
+    return tiff + (1).to_bytes(2, order) + entry + bytes(4)  # one entry, no next directory
+
+
+def jpeg_with_orientation(image: np.ndarray, orientation: int, byte_order: str) -> bytes:
+    """A JPEG of RGB ``image`` with an EXIF block holding only the orientation tag (``_exif_tiff``),
+    inserted after the start-of-image marker."""
+    app1 = b"Exif\0\0" + _exif_tiff(orientation, byte_order)
     encoded = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))[1].tobytes()
     return encoded[:2] + b"\xff\xe1" + (len(app1) + 2).to_bytes(2, "big") + app1 + encoded[2:]
 
@@ -740,6 +746,50 @@ def test_the_exif_orientation_read_is_the_one_opencv_applies(byte_order):
         assert image_headers.exif_orientation(encoded) == 1  # no tag, a PNG, a truncated segment
 
 
+def png_with_orientation(image: np.ndarray, orientation: int, prefix: bytes = b"") -> bytes:
+    """A PNG of RGB ``image`` with an eXIf chunk (``prefix`` + ``_exif_tiff``) after its IHDR."""
+    exif = prefix + _exif_tiff(orientation, "MM")
+    chunk = b"eXIf" + exif
+    chunk = len(exif).to_bytes(4, "big") + chunk + zlib.crc32(chunk).to_bytes(4, "big")
+    encoded = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))[1].tobytes()
+    return encoded[:33] + chunk + encoded[33:]  # the signature (8) and IHDR (25) first
+
+
+def webp_with_orientation(image: np.ndarray, orientation: int) -> bytes:
+    """A lossless WebP of RGB ``image`` with an EXIF chunk holding only the orientation tag."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    exif = b"Exif\0\0" + _exif_tiff(orientation, "II")  # PIL writes it without the prefix
+    Image.fromarray(image).save(buffer, "WEBP", lossless=True, exif=exif)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["png", "webp"])
+def test_a_png_or_webp_exif_orientation_is_read_as_opencv_applies_it(kind):
+    """OpenCV turns PNGs (eXIf) and WebPs (EXIF chunk) too: the reference. A PNG's block that
+    starts with a JPEG's "Exif" prefix is ignored by OpenCV (libpng: invalid), so read as 1."""
+    pytest.importorskip("PIL.Image")
+    image = _pixels((24, 40), [(1, 3, 4, 2, 10, 6)], seed=0)
+    write = {"png": png_with_orientation, "webp": webp_with_orientation}[kind]
+    for orientation in range(1, 9):
+        encoded = write(image, orientation)
+        assert image_headers.exif_orientation(encoded) == orientation
+        buffer = np.frombuffer(encoded, np.uint8)
+        stored = cv2.imdecode(buffer, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+        np.testing.assert_array_equal(stored[..., ::-1], image)
+        shown = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
+        turned = shown.shape != stored.shape or not np.array_equal(shown, stored)
+        assert turned == (orientation != 1), orientation
+        assert (shown.shape[:2] == stored.shape[1::-1]) == (orientation >= 5)
+        assert image_headers.exif_orientation(encoded[: len(encoded) // 2]) in (1, orientation)
+    if kind == "png":
+        encoded = png_with_orientation(image, 6, prefix=b"Exif\0\0")
+        assert image_headers.exif_orientation(encoded) == 1
+        shown = cv2.imdecode(np.frombuffer(encoded, np.uint8), cv2.IMREAD_COLOR)
+        np.testing.assert_array_equal(shown[..., ::-1], image)
+
+
 def test_turned_photos_empty_masks_and_boxes_outside_get_one_warning_each(tmp_path, caplog):
     """Legitimate exports that train otherwise than a user may think are each said once per
     file: JPEGs with an EXIF orientation (read as stored; on square images their sizes agree
@@ -751,6 +801,9 @@ def test_turned_photos_empty_masks_and_boxes_outside_get_one_warning_each(tmp_pa
         path = tmp_path / "images" / name
         image = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
         path.write_bytes(jpeg_with_orientation(image, orientation, "II"))
+    path = tmp_path / "images" / "rgb.png"  # image id 2: a mirror keeps its size
+    image = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+    path.write_bytes(png_with_orientation(image, 2))
 
     def edit(dataset):
         _ann(dataset, 31)["segmentation"] = [[8, 8, 20, 20, 32, 32]]
@@ -775,7 +828,7 @@ def test_turned_photos_empty_masks_and_boxes_outside_get_one_warning_each(tmp_pa
 
     turned = said("carry an EXIF orientation")
     assert [m.split(":")[0] for m in turned] == [str(p) for p, _ in splits.values()], messages
-    assert "1 images" in turned[0] and "(image ids [3])" in turned[0]
+    assert "2 images" in turned[0] and "(image ids [2, 3])" in turned[0]
     assert "(image ids [7])" in turned[1]
     (empty,) = said("have a mask of no pixel")
     assert empty.startswith(f"{train_json}: 1 annotations") and "annotation ids [31]" in empty
@@ -784,15 +837,23 @@ def test_turned_photos_empty_masks_and_boxes_outside_get_one_warning_each(tmp_pa
     assert not said("far from their mask")  # the box past the edge still fits its mask
 
 
-@pytest.mark.parametrize("orientation", [6, 1])
-def test_sizes_swapped_by_an_exif_orientation_say_how_to_turn_the_images(orientation, tmp_path):
-    """A tool that showed a JPEG turned by its EXIF orientation (5-8 swap the axes) wrote the
-    turned size, and drew the annotations on the turned image: refused, saying how to write the
-    images turned. Swapped sizes without such a tag say only what the json and the file say."""
+@pytest.mark.parametrize("kind,orientation", [("jpeg", 6), ("jpeg", 1), ("webp", 6)])
+def test_sizes_swapped_by_an_exif_orientation_say_how_to_turn_the_images(
+    kind, orientation, tmp_path
+):
+    """A tool that showed a JPEG (or a WebP, stored as the PNG of its pixels) turned by its EXIF
+    orientation (5-8 swap the axes) wrote the turned size, and drew the annotations on the turned
+    image: refused, saying how to write the images turned. Swapped sizes without such a tag say
+    only what the json and the file say."""
+    if kind == "webp":
+        pytest.importorskip("PIL.Image")
     splits = write_dataset(epath.Path(tmp_path))
-    path = tmp_path / "images" / "rgb.jpg"  # image id 1, 48×64
+    path = tmp_path / "images" / "rgb.jpg"  # image id 1, 48×64 (a WebP under this name)
     image = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
-    path.write_bytes(jpeg_with_orientation(image, orientation, "MM"))
+    if kind == "webp":
+        path.write_bytes(webp_with_orientation(image, orientation))
+    else:
+        path.write_bytes(jpeg_with_orientation(image, orientation, "MM"))
     _edit_json(splits, "train", lambda d: d["images"][0].update(height=64, width=48))
     message = f"{path}: image id 1 decodes to (48, 64), but {splits['train'][0]} says (height, "
     message += "width) = (64, 48)"
@@ -872,12 +933,12 @@ def test_formats_other_than_jpeg_and_png_are_stored_as_the_pixels_predict_reads(
     cv2.imwrite(str(tmp_path / "photo.png"), rgb[..., ::-1])
     for k, name in enumerate(["palette.bmp", "one_bit.bmp", "lossless.webp", "canvas.gif"]):
         entry = {"id": k, "file_name": name, "height": 50, "width": 80}
-        stored, conversion = coco_reader._read_image(entry, tmp_path, tmp_path / "a.json")
+        stored, conversion, _ = coco_reader._read_image(entry, tmp_path, tmp_path / "a.json")
         assert conversion == "stored as PNG"
         decoded = pipeline._decode_image(tf.constant(stored)).numpy()
         np.testing.assert_array_equal(decoded, visualize.read_image(tmp_path / name), err_msg=name)
     entry = {"id": 9, "file_name": "photo.png", "height": 50, "width": 80}
-    stored, conversion = coco_reader._read_image(entry, tmp_path, tmp_path / "a.json")
+    stored, conversion, _ = coco_reader._read_image(entry, tmp_path, tmp_path / "a.json")
     assert stored == (tmp_path / "photo.png").read_bytes() and conversion is None
     (tmp_path / "notes.bmp").write_bytes(b"BM not really an image")
     entry = {"id": 7, "file_name": "notes.bmp", "height": 50, "width": 80}

@@ -9,18 +9,18 @@ small, medium and large by it) is the mask's pixel count where absent or null, a
 object whose mask is not empty (one warning per file).
 
 JPEG and PNG images are stored as the original bytes and read everywhere as
-``tf.io.decode_image(channels=3)`` reads them (JPEGs with libjpeg's accurate DCT, as PIL and OpenCV;
-an EXIF orientation is not applied, so annotations refer to the stored pixel grid: one warning per
-file lists the JPEGs that carry one); grayscale becomes RGB (the gray value in all three channels),
-the alpha channel of RGBA and gray+alpha PNGs is dropped, and 16-bit PNGs become 8-bit (the high
-byte: value // 256). Images of any other format OpenCV reads (BMP, GIF, WebP, TIFF, ...) are stored
-as the PNG of OpenCV's 8-bit RGB decoding, the pixels ``visualize.read_image`` (scripts/predict.py)
-reads: TF's own decoders read a palette BMP's indices as grey and a GIF's first frame without its
-canvas. Each split logs how many images were read so.
+``tf.io.decode_image(channels=3)`` reads them (JPEGs with libjpeg's accurate DCT, as PIL and
+OpenCV); grayscale becomes RGB (the gray value in all three channels), the alpha channel of RGBA and
+gray+alpha PNGs is dropped, and 16-bit PNGs become 8-bit (the high byte: value // 256). Images of
+any other format OpenCV reads (BMP, GIF, WebP, TIFF, ...) are stored as the PNG of OpenCV's 8-bit
+RGB decoding, the pixels ``visualize.read_image`` (scripts/predict.py) reads: TF's own decoders read
+a palette BMP's indices as grey and a GIF's first frame without its canvas. Each split logs how
+many images were read so. An EXIF orientation (a JPEG's, PNG's or WebP's) is not applied, so
+annotations refer to the stored pixel grid: one warning per file lists the images that carry one.
 
 The json may start with a UTF-8 byte order mark. Bad input raises ValueError naming the json and the
 image or annotation id: a missing, empty or undecodable image file, or one whose size differs from
-the json (sizes swapped by a JPEG's EXIF orientation, or by a TIFF's orientation tag, which OpenCV
+the json (sizes swapped by an EXIF orientation, or by a TIFF's orientation tag, which OpenCV
 always applies: the message says what to do); image or annotation ids that are not integers, or
 repeat; an image id of magnitude 2**62 or more (``schema.IMAGE_ID_LIMIT``); an image ``height`` or
 ``width`` that is not a positive integer, or a ``file_name`` that is not a string; a category id not
@@ -394,9 +394,11 @@ def _as_png(encoded: bytes) -> bytes | None:
     return None if bgr is None else cv2.imencode(".png", bgr)[1].tobytes()
 
 
-def _read_image(image: dict, image_dir: epath.Path, path: epath.Path) -> tuple[bytes, str | None]:
-    """(encoded bytes, conversion) of an image entry (JPEG or PNG: as stored; any other format:
-    ``_as_png``); checks it decodes to its stated size."""
+def _read_image(
+    image: dict, image_dir: epath.Path, path: epath.Path
+) -> tuple[bytes, str | None, int]:
+    """(encoded bytes, conversion, EXIF orientation of the file) of an image entry (JPEG or PNG:
+    as stored; any other format: ``_as_png``); checks it decodes to its stated size."""
     file = image_dir / image["file_name"]
     size = (int(image["height"]), int(image["width"]))
     conversion = None
@@ -411,12 +413,12 @@ def _read_image(image: dict, image_dir: epath.Path, path: epath.Path) -> tuple[b
         shape = tf.io.decode_image(encoded, channels=0, expand_animations=False).shape
     except (OSError, ValueError, cv2.error, tf.errors.OpError) as e:
         raise ValueError(f"{file}: cannot read or decode image id {image['id']}: {e}") from e
+    turned = image_headers.exif_orientation(original)
     if tuple(shape[:2]) != size:
         swapped = tuple(shape[1::-1]) == size
-        turned = image_headers.exif_orientation(encoded) if swapped else 1
         tiff = image_headers.tiff_orientation(original) if swapped else 1
         hint = ""
-        if turned >= 5:  # 5-8 swap the axes
+        if swapped and turned >= 5:  # 5-8 swap the axes
             hint = (
                 f": its EXIF orientation ({turned}) turns it in photo viewers and annotation "
                 "tools, so its annotations were likely drawn on the turned image. Write the "
@@ -434,7 +436,7 @@ def _read_image(image: dict, image_dir: epath.Path, path: epath.Path) -> tuple[b
             f"{file}: image id {image['id']} decodes to {tuple(shape[:2])}, but {path} says "
             f"(height, width) = {size}{hint}"
         )
-    return encoded, conversion or _conversion(encoded, shape[2])
+    return encoded, conversion or _conversion(encoded, shape[2]), turned
 
 
 def _outside(box: Sequence[float], image: dict) -> bool:
@@ -529,10 +531,10 @@ def coco_examples(
     turned, empty, zero_id = [], [], []
     for image in annotations.images:
         anns = annotations.annotations.get(image["id"], [])
-        encoded, conversion = _read_image(image, image_dir, path)
+        encoded, conversion, orientation = _read_image(image, image_dir, path)
         if conversion:
             converted[conversion] += 1
-        if image_headers.exif_orientation(encoded) != 1:
+        if orientation != 1:
             turned.append(image["id"])
         height, width = int(image["height"]), int(image["width"])
         clipped += [a["id"] for a in anns if _outside(a["bbox"], image)]
