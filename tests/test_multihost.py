@@ -13,6 +13,7 @@ Every process is bounded in time and killed in a `finally`. The README's "Multi-
 shows the same commands. Processes given different flags stop before training, naming them.
 """
 
+import contextlib
 import fcntl
 import json
 import os
@@ -384,10 +385,12 @@ def test_processes_given_different_flags_all_stop_naming_them(tmp_path, launches
     assert not (tmp_path / "run").exists()  # before any work
 
 
-def test_a_workdir_in_use_stops_every_process_with_process_0s_refusal(tmp_path, launches):
+@pytest.mark.parametrize("lock", ["held", "a link to a file"])
+def test_a_workdir_in_use_stops_every_process_with_process_0s_refusal(lock, tmp_path, launches):
     """Process 0 alone holds the workdir's lock: it refused in one line, and process 1 ended
     in JAX's C++ abort ("Terminating process because the JAX distributed service detected
-    fatal errors", exit status 134). Now every process ends with process 0's refusal."""
+    fatal errors", exit status 134). Now every process ends with process 0's refusal, or with
+    its error opening the lock file (here a planted link to a file, not written through)."""
     busy = tmp_path / "busy"
     busy.mkdir()
     args = [
@@ -395,20 +398,28 @@ def test_a_workdir_in_use_stops_every_process_with_process_0s_refusal(tmp_path, 
         f"--config.data.data_dir={tmp_path / 'tfds'}",
         f"--workdir={busy}",
     ]
-    with open(busy / ".train.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        lock.write("pid 4242 on elsewhere\n")
-        lock.flush()
+    with contextlib.ExitStack() as stack:
+        if lock == "held":
+            held = stack.enter_context(open(busy / ".train.lock", "w"))
+            fcntl.flock(held, fcntl.LOCK_EX)
+            held.write("pid 4242 on elsewhere\n")
+            held.flush()
+            message = f"error: {busy} is in use by another training run (pid 4242 on elsewhere; "
+        else:
+            (tmp_path / "bashrc").write_text("keep me\n")
+            (busy / ".train.lock").symlink_to(tmp_path / "bashrc")
+            message = f"it is a symbolic link to the file {tmp_path / 'bashrc'}, not written "
         launched = launches("train.py", args, 2, 1, tmp_path / "logs", tmp_path / "cache")
         while launched.alive() and time.time() < launched.deadline:
             time.sleep(0.2)
-    message = f"error: {busy} is in use by another training run (pid 4242 on elsewhere; lock"
     for i, process in enumerate(launched.processes):
         output = launched.output(i)
         assert process.returncode == 1, output[-3000:]
         assert message in output, output[-3000:]
         assert "Terminating process" not in output, output[-3000:]
     assert not (tmp_path / "tfds").exists()  # before the data
+    if lock != "held":
+        assert (tmp_path / "bashrc").read_text() == "keep me\n"
 
 
 def test_a_second_process_0_on_a_port_in_use_is_refused(monkeypatch):
