@@ -49,7 +49,8 @@ def define_flags() -> None:
         "coordinator_address",
         None,
         "host:port of process 0's coordinator (with --num_processes and --process_id); the "
-        "port must be free on process 0's host, one per run.",
+        "port must be free on process 0's host, one per run: a process of another run given "
+        "the address of a run in progress ends that run (JAX aborts all its processes).",
     )
     _FLAGS["num_processes"] = flags.DEFINE_integer(
         "num_processes", None, "Number of processes (with --coordinator_address and --process_id)."
