@@ -307,8 +307,11 @@ def test_predictor_converts_pil_images_of_8_bit_modes_and_refuses_others(model_s
     (batched,) = predictor.predict_batch([palette], 0.0, batch_size=2)
     assert_same_detections(batched, predictor(colours, 0.0), "palette")
     grey16 = image_module.fromarray(image[..., 0].astype(np.uint16) * 257)
-    with pytest.raises(ValueError, match="PIL image of mode 'I;16'"):
+    with pytest.raises(ValueError, match="PIL image of mode 'I;16'") as refused:
         predictor(grey16)
+    assert str(refused.value).endswith("(16-bit grey: np.asarray(image) >> 8 as uint8)")
+    with pytest.raises(ValueError, match=re.escape("one image? predictor(image) or predict_")):
+        predictor.predict_batch(cmyk)  # was "got a Image"
 
 
 def test_predict_batch_takes_iterables_and_names_bad_arguments(model_setup):
@@ -336,8 +339,26 @@ def test_predict_batch_takes_iterables_and_names_bad_arguments(model_setup):
         with pytest.raises(ValueError, match=re.escape(f"uint8 array [H, W, 3], {got}")):
             predictor(bad)  # was "got object ()"
     with pytest.raises(ValueError) as refused:  # uint8 already: no conversion to advise
-        predictor(np.zeros((40, 50, 2), np.uint8))
-    assert str(refused.value).endswith("got uint8 (40, 50, 2)"), refused.value
+        predictor(np.zeros((40, 50, 5), np.uint8))
+    assert str(refused.value).endswith("got uint8 (40, 50, 5)"), refused.value
+    with pytest.raises(ValueError, match=re.escape("(40, 50, 2): grey+alpha? image[..., 0] is")):
+        predictor(np.zeros((40, 50, 2), np.uint8))  # np.asarray of a PIL "LA" image
+    with pytest.raises(ValueError) as refused:  # not an image: no hint about its values
+        predictor(np.int64(5))
+    assert str(refused.value).endswith("got int64 ()"), refused.value
+    # The bytes of a JPEG (requests.get(url).content) were "a file name" shown whole.
+    jpeg = cv2.imencode(".jpg", images[0])[1].tobytes() + bytes(10**6)
+    with pytest.raises(ValueError) as refused:
+        predictor(jpeg)
+    height, width = images[0].shape[:2]
+    assert str(refused.value) == (
+        f"image is the {len(jpeg):,} bytes of an encoded image file ({height}x{width}), not its "
+        "pixels: decode them first, e.g. np.asarray(PIL.Image.open(io.BytesIO(data))"
+        ".convert('RGB'))"
+    )
+    with pytest.raises(ValueError) as refused:
+        predictor.predict_batch("x" * 10**6)
+    assert len(str(refused.value)) < 250 and "xxx...), not its" in str(refused.value), refused.value
     for batch_size in ("2", 2.0, True):
         with pytest.raises(ValueError, match=re.escape(f"batch_size={batch_size!r} must be")):
             predictor.predict_batch(images, batch_size=batch_size)

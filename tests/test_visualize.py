@@ -120,6 +120,60 @@ def test_draw_detections_rejects_bad_shapes(name, change, match):
         visualize.draw_detections(*args)
 
 
+def test_draw_detections_names_bad_detections_and_clips_far_boxes():
+    """Label ids given as names, a NaN box: one line naming the argument (were a TypeError in
+    unicodedata and "cannot convert float NaN to integer"). Boxes far past the image (beyond
+    cv2's int32) draw as the same boxes clipped to a pixel past the edges."""
+    image, boxes, masks, scores, _ = one_detection()
+    with pytest.raises(ValueError, match=r"class_names must be strings, got int32 3 at 0 \(the"):
+        visualize.draw_detections(image, boxes, masks, scores, list(np.array([3], np.int32)))
+    bad = np.array([[10.0, np.nan, 30.0, 35.0]], np.float32)
+    with pytest.raises(
+        ValueError, match=r"boxes must be finite, got \[10. nan 30. 35.\] at detection 0"
+    ):
+        visualize.draw_detections(image, bad, masks, scores, ["a"])
+    far = np.array([[-1e10, 15.0, 1e10, 1e12]], np.float32)
+    near = np.array([[-2.0, 15.0, 62.0, 42.0]], np.float32)
+    np.testing.assert_array_equal(
+        visualize.draw_detections(image, far, masks, scores, ["a"]),
+        visualize.draw_detections(image, near, masks, scores, ["a"]),
+    )
+    edges = visualize.draw_detections(image, near, np.zeros_like(masks), scores, ["a"])
+    assert (edges[30:, [0, -1]] == GREY).all()  # the sides past the image are not drawn
+
+
+def test_images_of_other_array_types_and_grey_are_drawn_and_written(tmp_path):
+    """`draw_detections` and `write_image` take what `np.asarray` reads as uint8 RGB (JAX, PIL;
+    write_image said "cv2 could not encode" for a JAX array and had no `ndim` for a list, now
+    named); a grey image, as the predictor takes it, is drawn on in colour (was refused)."""
+    import jax.numpy as jnp
+    from PIL import Image
+
+    image, boxes, masks, scores, names = one_detection()
+    image[::3] = 7  # not uniform: a dropped or turned row would show
+    want = visualize.draw_detections(image, boxes, masks, scores, names)
+    for given in (jnp.asarray(image), Image.fromarray(image)):
+        got = visualize.draw_detections(given, boxes, masks, scores, names)
+        np.testing.assert_array_equal(got, want, err_msg=type(given).__name__)
+        visualize.write_image(tmp_path / "a.png", given)
+        np.testing.assert_array_equal(visualize.read_image(tmp_path / "a.png"), image)
+    for grey in (image[..., 0], image[..., :1]):
+        got = visualize.draw_detections(grey, boxes, masks, scores, names)
+        np.testing.assert_array_equal(got, want)  # the image's three channels are equal
+    with pytest.raises(
+        ValueError, match=r"image must be uint8 RGB \[H, W, 3\], got uint8 \(40, 60\)"
+    ):
+        visualize.write_image(tmp_path / "b.png", image[..., 0])
+    with pytest.raises(ValueError, match=r"got a list, int64 \(40, 60, 3\)"):
+        visualize.write_image(tmp_path / "b.png", image.astype(int).tolist())
+    assert not (tmp_path / "b.png").exists()
+
+
+def test_read_image_names_a_folder(tmp_path):
+    with pytest.raises(IsADirectoryError, match=re.escape(f"{str(tmp_path)!r} is a folder, not")):
+        visualize.read_image(tmp_path)
+
+
 def test_draw_detections_rejects_bad_alpha():
     with pytest.raises(ValueError, match="alpha"):
         visualize.draw_detections(*one_detection(), alpha=1.5)

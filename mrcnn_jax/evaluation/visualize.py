@@ -42,7 +42,8 @@ def read_image(path: str | os.PathLike, *, exif_orientation: bool = False) -> np
     and so where training reads it (`coco_reader` stores the PNG of cv2's decoding).
 
     Raises:
-      FileNotFoundError: `path` is not an existing file.
+      FileNotFoundError: `path` does not exist (IsADirectoryError, a subclass of OSError as
+        FileNotFoundError is: it is a folder).
       ValueError: the file is empty or not an image cv2 can decode (named as a JPEG, PNG,
         GIF, BMP or TIFF file cv2 cannot decode when it starts as one: truncated, damaged or
         of a variant cv2 lacks), or its header (JPEG, PNG, GIF, BMP, TIFF, WebP) declares more
@@ -50,6 +51,8 @@ def read_image(path: str | os.PathLike, *, exif_orientation: bool = False) -> np
         decoding alone would take GBs).
     """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"image file {path!r} is a folder, not an image file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image file {path!r} does not exist")
     flags = cv2.IMREAD_COLOR | (0 if exif_orientation else cv2.IMREAD_IGNORE_ORIENTATION)
@@ -96,11 +99,12 @@ def write_image(path: str | os.PathLike, image: np.ndarray) -> None:
     """Writes ``[H, W, 3]`` uint8 RGB `image` to `path`; the format follows the extension.
 
     Raises:
-      ValueError: `image` is not ``[H, W, 3]`` uint8, or no encoder handles the extension.
+      ValueError: `image` is not ``[H, W, 3]`` uint8 (a numpy array or one `np.asarray` reads:
+        JAX, torch on the CPU, PIL), or no encoder handles the extension.
       OSError: the file cannot be written (no such folder, a full disk, no permission), with
         the system's reason and `path`; nothing is left at `path` after a failed write.
     """
-    _check_image(image)
+    image = _as_image(image)
     path = os.fspath(path)
     try:  # encoded here, written below: cv2.imwrite says only False, whatever went wrong
         encoded, data = cv2.imencode(
@@ -113,9 +117,22 @@ def write_image(path: str | os.PathLike, image: np.ndarray) -> None:
     write_file(path, lambda f: f.write(data.tobytes()), binary=True)
 
 
-def _check_image(image: np.ndarray) -> None:
+def _as_image(image: np.ndarray, grey: bool = False) -> np.ndarray:
+    """`image` as a numpy ``[H, W, 3]`` uint8 array (with `grey`, ``[H, W]`` and ``[H, W, 1]``
+    repeated into three channels); ValueError naming what was given otherwise."""
+    given = type(image).__name__
+    try:
+        image = np.asarray(image)
+    except (TypeError, RuntimeError) as error:  # e.g. torch: bfloat16, requires_grad
+        raise ValueError(f"image must be uint8 RGB [H, W, 3], got a {given} ({error})") from None
+    if grey and image.dtype == np.uint8 and (image.ndim == 2 or image.shape[2:] == (1,)):
+        return np.repeat(image.reshape((*image.shape[:2], 1)), 3, axis=-1)
     if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"image must be uint8 RGB [H, W, 3], got {image.dtype} {image.shape}")
+        what = "" if given == "ndarray" else f"a {given}, "
+        raise ValueError(
+            f"image must be uint8 RGB [H, W, 3], got {what}{image.dtype} {image.shape}"
+        )
+    return image
 
 
 def draw_detections(
@@ -140,21 +157,23 @@ def draw_detections(
     stay apart (not all drawn as ``?``).
 
     Args:
-      image: ``[H, W, 3]`` uint8 RGB.
-      boxes: ``[N, 4]`` float ``(x1, y1, x2, y2)`` in the image's pixels.
+      image: ``[H, W, 3]`` uint8 RGB (grey ``[H, W]`` or ``[H, W, 1]``, as the predictor takes,
+        is drawn on in colour).
+      boxes: ``[N, 4]`` float ``(x1, y1, x2, y2)`` in the image's pixels, finite (parts
+        outside the image are not drawn).
       masks: ``[N, H, W]`` bool.
       scores: ``[N]`` float.
-      class_names: N names.
+      class_names: N names (str: the predictor's ``class_names``, not its ``classes``).
       alpha: mask opacity in [0, 1].
 
     Returns:
       ``[H, W, 3]`` uint8 RGB; `image` itself is not modified.
 
     Raises:
-      ValueError: on malformed or mismatched shapes, or `alpha` outside [0, 1].
+      ValueError: on malformed or mismatched shapes, boxes that are not finite, names that are
+        not strings, or `alpha` outside [0, 1].
     """
-    image = np.asarray(image)
-    _check_image(image)
+    image = _as_image(image, grey=True)
     boxes = np.asarray(boxes, np.float32)
     masks = np.asarray(masks, bool)
     scores = np.asarray(scores, np.float32)
@@ -172,6 +191,19 @@ def draw_detections(
             )
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    for i, name in enumerate(class_names):
+        if not isinstance(name, str):
+            raise ValueError(
+                f"class_names must be strings, got {type(name).__name__} {name} at {i} (the "
+                "predictor's class_names, not its classes)"
+            )
+    if not np.isfinite(boxes).all():
+        raise ValueError(
+            f"boxes must be finite, got {boxes[~np.isfinite(boxes).all(axis=1)][0]} at "
+            f"detection {int(np.flatnonzero(~np.isfinite(boxes).all(axis=1))[0])}"
+        )
+    # Beyond a pixel past the image nothing is drawn: clipped so that cv2's int32 holds them.
+    boxes = np.clip(boxes, -2, np.array([width, height, width, height], np.float32) + 2)
 
     blended = image.astype(np.float32)
     colours = [np.asarray(PALETTE[i % len(PALETTE)], np.float32) for i in range(num)]

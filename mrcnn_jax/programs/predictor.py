@@ -30,7 +30,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from mrcnn_jax import interrupts, jax_settings, paths, sharding
+from mrcnn_jax import image_headers, interrupts, jax_settings, paths, sharding
 from mrcnn_jax.data import pipeline
 from mrcnn_jax.evaluation.coco_eval import boxes_to_original
 from mrcnn_jax.evaluation.masks import paste_masks
@@ -168,12 +168,11 @@ class Predictor:
                 f"an array {tuple(images.shape)}: use predictor(image) or predict_batch([image])"
             )
         if isinstance(images, str | bytes | os.PathLike):
-            raise ValueError(
-                f"predict_batch(images) takes images, got a file name ({os.fspath(images)!r}): "
-                "read them first, e.g. with mrcnn_jax.evaluation.visualize.read_image(path)"
-            )
+            raise ValueError(f"predict_batch(images) takes images, got {_not_pixels(images)}")
         if isinstance(images, Mapping) or not isinstance(images, Iterable):
             hint = ": pass list(images.values())" if isinstance(images, Mapping) else ""
+            if _is_pil(images):
+                hint = ": one image? predictor(image) or predict_batch([image])"
             raise ValueError(
                 "predict_batch(images) takes a sequence of images or a [B, H, W, 3] array, got "
                 f"a {type(images).__name__}{hint}"
@@ -276,20 +275,24 @@ def _as_rgb(image: np.ndarray) -> np.ndarray:
         of another mode (16-bit, float: convert it yourself), or is a file name.
     """
     if isinstance(image, str | bytes | os.PathLike):
-        raise ValueError(
-            f"image is a file name ({os.fspath(image)!r}), not its pixels: read it first, e.g. "
-            "with mrcnn_jax.evaluation.visualize.read_image(path)"
-        )
-    mode = getattr(image, "mode", None)
-    if isinstance(mode, str) and callable(getattr(image, "convert", None)):  # a PIL image
-        if mode not in PIL_MODES:
+        raise ValueError(f"image is {_not_pixels(image)}")
+    if _is_pil(image):
+        if image.mode not in PIL_MODES:
+            hint = " (16-bit grey: np.asarray(image) >> 8 as uint8)" if "16" in image.mode else ""
             raise ValueError(
-                f"image is a PIL image of mode {mode!r}: convert it to one of {PIL_MODES} "
-                "(8-bit), e.g. image.convert('RGB') after scaling its values to 0-255"
+                f"image is a PIL image of mode {image.mode!r}: convert it to one of "
+                f"{PIL_MODES} (8-bit), e.g. image.convert('RGB') after scaling its values to "
+                f"0-255{hint}"
             )
         image = image.convert("RGB")
     given = type(image).__name__
-    image = np.asarray(image)
+    try:
+        image = np.asarray(image)
+    except (TypeError, RuntimeError) as error:  # e.g. torch: bfloat16, requires_grad
+        raise ValueError(
+            f"image ({given}) cannot be read as a numpy array ({error}): pass a uint8 numpy "
+            "array, e.g. tensor.detach().cpu().numpy()"
+        ) from None
     if image.dtype == object:  # None, a dict
         raise ValueError(f"image must be an RGB uint8 array [H, W, 3], got a {given}")
     if image.dtype != np.uint8 or not (
@@ -308,12 +311,41 @@ def _as_rgb(image: np.ndarray) -> np.ndarray:
     return image[..., :3]
 
 
+def _is_pil(image: Any) -> bool:
+    """Whether `image` is a PIL image (told by its attributes: PIL is not imported here)."""
+    return isinstance(getattr(image, "mode", None), str) and callable(
+        getattr(image, "convert", None)
+    )
+
+
+def _not_pixels(given: str | bytes | os.PathLike) -> str:
+    """What `given`, taken for an image, is instead, and what to do: a file name, or the bytes
+    of an encoded image file (`requests.get(url).content`); shown at most 100 characters long."""
+    if isinstance(given, bytes) and image_headers.declared_size(given):
+        height, width = image_headers.declared_size(given)
+        return (
+            f"the {len(given):,} bytes of an encoded image file ({height}x{width}), not its "
+            "pixels: decode them first, e.g. np.asarray(PIL.Image.open(io.BytesIO(data))"
+            ".convert('RGB'))"
+        )
+    name = repr(os.fspath(given))
+    name = name if len(name) <= 100 else f"{name[:97]}..."
+    return (
+        f"a file name ({name}), not its pixels: read it first, e.g. with "
+        "mrcnn_jax.evaluation.visualize.read_image(path)"
+    )
+
+
 def _conversion_hint(image: np.ndarray) -> str:
     """How to turn `image`, refused by `_as_rgb`, into uint8 `[H, W, 3]`, for the common
     layouts of other libraries (torch's channels-first floats in [0, 1], floats in [0, 255] from
-    arithmetic on pixels, 16-bit files), or ""."""
+    arithmetic on pixels, 16-bit files, grey+alpha), or ""."""
+    if image.ndim not in (2, 3):
+        return ""
     if image.ndim == 3 and image.shape[0] in (1, 3, 4) and image.shape[-1] not in (1, 3, 4):
         return ": channels first? image.transpose(1, 2, 0) puts them last"
+    if image.ndim == 3 and image.shape[-1] == 2 and image.dtype == np.uint8:
+        return ": grey+alpha? image[..., 0] is the grey image"
     if np.issubdtype(image.dtype, np.floating):
         finite = image[np.isfinite(image)]
         if finite.size and finite.min() >= 0 and finite.max() <= 1:

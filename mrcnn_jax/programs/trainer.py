@@ -201,15 +201,17 @@ def _drop_rows_after(path: epath.Path, step: int, eval_rows_at_step: bool) -> No
 
 def _mark_restart(folder: epath.Path, step: int) -> None:
     """Writes into the TensorBoard folder `folder` an event file holding TensorBoard's restart
-    marker at `step` (`SessionLog.START`): its Python reader (`--load_fast=false`, the
-    `EventAccumulator` API) then drops the points of earlier files at `step` and after, which a
-    run that stopped logged before checkpointing them (logged again by this run; its Rust
-    reader replaces a series' points when their steps repeat). The reader takes the first
-    marker it sees as the start of the first run, not as a restart: each file holds it twice,
-    so that the first resume of a workdir written without markers purges too. TensorBoard
-    reads a folder's files in name order: the file's time is a second before that of the
-    `tf.summary` file written next, so its name comes between the earlier runs' files and this
-    run's, the runs' starts being more than a second apart (JAX's start alone takes longer)."""
+    marker at `step` (`SessionLog.START`): its Python reader (`--load_fast=false`,
+    `plugin_event_accumulator.EventAccumulator`; the older `event_accumulator`'s purges no
+    tensors, as `tf.summary` points are) then drops the points of earlier files at `step` and
+    after, which a run that stopped logged before checkpointing them (logged again by this
+    run; its Rust reader replaces a series' points when their steps repeat). The reader takes
+    the first marker it sees as the start of the first run, not as a restart: each file holds
+    it twice, so that the first resume of a workdir written without markers purges too.
+    TensorBoard reads a folder's files in name order: the file's time is a second before that
+    of the `tf.summary` file written next, so its name comes between the earlier runs' files
+    and this run's, the runs' starts being more than a second apart (JAX's start alone takes
+    longer)."""
     folder.mkdir(parents=True, exist_ok=True)
     now = time.time()
     name = f"events.out.tfevents.{int(now) - 1:010d}.{socket.gethostname()}.{os.getpid()}.start"
