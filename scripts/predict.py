@@ -153,18 +153,24 @@ launch.mark_paths_required(["workdir"])
 
 
 def coco_results(
-    result: dict[str, Any], file_name: str, label_to_category_id: Sequence[int] | None
+    result: dict[str, Any], file_name: str, with_category_ids: bool
 ) -> list[dict[str, Any]]:
-    """One image's predictor output (see `mrcnn_jax.predictor`) as COCO result dicts."""
+    """One image's predictor output (see `mrcnn_jax.predictor`) as COCO result dicts, with the
+    dataset's "category_id" of each where `with_category_ids`."""
     masks = np.asarray(result["masks"], np.uint8)
     rles = mask_util.encode(np.asfortranarray(masks.transpose(1, 2, 0)))
     results = []
-    for (x1, y1, x2, y2), score, label, name, rle in zip(
-        result["boxes"], result["scores"], result["classes"], result["class_names"], rles
+    for (x1, y1, x2, y2), score, label, category_id, name, rle in zip(
+        result["boxes"],
+        result["scores"],
+        result["classes"],
+        result["category_ids"],
+        result["class_names"],
+        rles,
     ):
         entry = {"file_name": file_name, "label": int(label), "class_name": name}
-        if label_to_category_id:
-            entry["category_id"] = int(label_to_category_id[int(label)])
+        if with_category_ids:
+            entry["category_id"] = int(category_id)
         entry |= {
             "score": float(score),
             "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)],
@@ -471,7 +477,7 @@ def main(argv):
         predictor = predictor_lib.load_checkpoint(_WORKDIR.value, _STEP.value)
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as error:
         raise app.UsageError(str(error)) from error
-    label_to_category_id = predictor.config.data.label_to_category_id or None
+    with_category_ids = bool(predictor.config.data.label_to_category_id)
     try:  # an earlier run's results never sit beside these drawings (a link to a device: kept)
         if paths_lib.is_url(results_path) or not os.path.islink(results_path):
             epath.Path(results_path).unlink(missing_ok=True)
@@ -496,7 +502,7 @@ def main(argv):
                 for (index, image), result in zip(read, results):
                     if stop.is_set():
                         break
-                    detections += coco_results(result, paths[index], label_to_category_id)
+                    detections += coco_results(result, paths[index], with_category_ids)
                     num_read += 1
                     if not _NO_DRAW.value:
                         drawn = visualize.draw_detections(

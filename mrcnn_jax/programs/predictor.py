@@ -6,7 +6,9 @@
     results = predictor.predict_batch(images)  # many images, batched over the local devices
 
 `result` holds the detections in ORIGINAL image pixels: `boxes [N, 4]` float32 (x1, y1, x2, y2),
-`scores [N]` float32, `classes [N]` (contiguous labels), `class_names` (N strings),
+`scores [N]` float32, `classes [N]` int32 (contiguous labels 0..K-1: a SavedModel's `labels`),
+`category_ids [N]` int32 (the dataset's category ids, `config.data.label_to_category_id`, or the
+labels where the config has none: a SavedModel's `classes`), `class_names` (N strings),
 `masks [N, H, W]` bool. Grey (`[H, W]`, `[H, W, 1]`) and RGBA (`[H, W, 4]`) uint8 images are
 taken as `evaluation.visualize.read_image` reads such files: grey repeated into R, G and B, the
 alpha channel dropped.
@@ -87,6 +89,13 @@ class Predictor:
         config has none)."""
         names = list(self.config.data.class_names)
         return names or [str(i) for i in range(self.config.model.num_classes)]
+
+    @property
+    def category_ids(self) -> np.ndarray:
+        """`[K]` int32: the dataset's category id of each label 0..K-1
+        (`config.data.label_to_category_id`; the labels themselves where the config has none)."""
+        ids = list(self.config.data.label_to_category_id) or range(self.config.model.num_classes)
+        return np.asarray(ids, np.int32)
 
     @property
     def num_devices(self) -> int:
@@ -258,6 +267,7 @@ class Predictor:
             "boxes": boxes.astype(np.float32, copy=False),
             "scores": out["scores"][keep],
             "classes": classes,
+            "category_ids": self.category_ids[classes],
             "class_names": [self.class_names[c] for c in classes],
             "masks": masks,
         }
