@@ -25,6 +25,10 @@ def get_config() -> ml_collections.ConfigDict:
     data.train_images = ""  # coco_format only: folder its image file_names are relative to.
     data.val_json = ""  # coco_format only: the same for the validation split (evaluated).
     data.val_images = ""
+    # coco_format only: True turns each JPEG, PNG or WebP as its EXIF orientation says (as photo
+    # viewers and annotation tools show phone photos) when the dataset is built, for json files
+    # annotated on the turned images; False (default) reads the stored pixels.
+    data.exif_orientation = False
     data.shapes_num_train = 2000  # shapes only: images generated for the train split.
     data.shapes_num_val = 200  # shapes only: images generated for the validation split.
     data.image_size = (1344, 1344)  # Canvas (H, W): multiple of model.size_divisibility.

@@ -858,12 +858,55 @@ def test_sizes_swapped_by_an_exif_orientation_say_how_to_turn_the_images(
     message = f"{path}: image id 1 decodes to (48, 64), but {splits['train'][0]} says (height, "
     message += "width) = (64, 48)"
     turned = ": its EXIF orientation (6) turns it in photo viewers and annotation tools, so its "
-    turned += "annotations were likely drawn on the turned image. Write the images turned as "
-    turned += "shown (on copies, e.g. ImageMagick's `mogrify -auto-orient *.jpg`) and use those"
+    turned += "annotations were likely drawn on the turned image. Set config.data.exif_orientat"
+    turned += "ion=True to train on the images turned so, or write them turned as shown (on "
+    turned += "copies, e.g. ImageMagick's `mogrify -auto-orient *.jpg`) and use those"
     categories = sorted((c["id"], c["name"]) for c in CATEGORIES)
     with pytest.raises(ValueError) as refused:
         dict(coco_reader.coco_examples(*splits["train"], categories))
     assert str(refused.value) == message + (turned if orientation == 6 else "")
+
+
+def test_exif_orientation_option_trains_on_the_images_as_annotation_tools_show_them(tmp_path):
+    """A phone photo stored sideways (EXIF orientation 6), annotated on the upright image the
+    tool showed: refused by default, naming config.data.exif_orientation; with it, the example
+    holds the upright pixels exactly (a PNG: lossless) under the json's annotations, and the
+    build is a dataset of its own. A json giving the stored size with the option set is refused,
+    saying to unset it."""
+    splits = write_dataset(epath.Path(tmp_path))
+    path = tmp_path / "images" / "rgb.png"  # image id 2, 64x48, annotated as it is
+    upright = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+    path.write_bytes(png_with_orientation(np.rot90(upright), 6))  # stored 48x64, shown upright
+    categories = sorted((c["id"], c["name"]) for c in CATEGORIES)
+    message = r"\(64, 48\): its EXIF orientation \(6\) turns it .* Set config\.data\."
+    with pytest.raises(ValueError, match=message + "exif_orientation=True to train on the images"):
+        dict(coco_reader.coco_examples(*splits["train"], categories))
+    examples = dict(coco_reader.coco_examples(*splits["train"], categories, exif_orientation=True))
+    decoded = pipeline._decode_image(tf.constant(examples[2]["image"])).numpy()
+    np.testing.assert_array_equal(decoded, upright)
+    for image_id in (1, 3, 4):  # without a tag: stored as they were
+        assert (
+            examples[image_id]["image"] == (tmp_path / "images" / TRAIN[image_id][0]).read_bytes()
+        )
+    plain = coco_format.coco_format_config(splits).name
+    builder = coco_format.build_coco_format(splits, str(tmp_path / "tfds"), exif_orientation=True)
+    assert builder.builder_config.name != plain and "EXIF" in builder.builder_config.description
+    (example,) = (
+        builder.as_dataset("train").filter(lambda x: x["image/id"] == 2).as_numpy_iterator()
+    )
+    np.testing.assert_array_equal(example["image"], upright)
+    _edit_json(splits, "train", lambda d: d["images"][1].update(height=48, width=64))
+    message = (
+        r"config\.data\.exif_orientation=True turned it as its EXIF orientation \(6\) says, but "
+    )
+    message += r"the json gives its stored size: .* set config\.data\.exif_orientation=False"
+    with pytest.raises(ValueError, match=message):
+        dict(coco_reader.coco_examples(*splits["train"], categories, exif_orientation=True))
+    data = ml_collections.ConfigDict(
+        {"dataset": "shapes", "exif_orientation": True, "data_dir": str(tmp_path)}
+    )
+    with pytest.raises(ValueError, match="exif_orientation=True turns the images of a coco_f"):
+        get_builder(data)
 
 
 def test_sizes_swapped_by_a_tiff_orientation_tag_say_that_opencv_applies_it(tmp_path):

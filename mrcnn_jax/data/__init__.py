@@ -71,6 +71,11 @@ def _builder(
     data: ml_collections.ConfigDict, splits: Collection[str] | None
 ) -> tfds.core.DatasetBuilder:
     data_dir = data.data_dir or None
+    if data.exif_orientation and data.dataset != "coco_format":
+        raise ValueError(
+            f"config.data.exif_orientation=True turns the images of a coco_format dataset (your "
+            f"json) as they are built; {data.dataset!r} is built as it is: leave it False"
+        )
     if data.dataset == "shapes":
         return shapes.build_shapes(
             data_dir, num_train=data.shapes_num_train, num_val=data.shapes_num_val
@@ -99,7 +104,7 @@ def _builder(
             if split in (needed or fields) or data[ann] or data[images]
         }
         optional = set(files) - needed if needed else ()
-        return coco_format.build_coco_format(files, data_dir, optional)
+        return coco_format.build_coco_format(files, data_dir, optional, data.exif_orientation)
     raise ValueError(
         f"config.data.dataset is {data.dataset!r}; "
         "expected 'shapes', 'coco_instances' or 'coco_format'"

@@ -10,7 +10,8 @@ ascending category id and the original ids are kept in every object and in the d
 categories, and each needs at least one annotation.
 
 Caching: the builder config's name is the first split's json name plus a hash of every split's
-json bytes and of the (file name, size, modification time in seconds) of every image it lists,
+json bytes, of the (file name, size, modification time in seconds) of every image it lists and
+of ``exif_orientation`` where set (images turned as their EXIF orientation says: ``coco_reader``),
 so the built dataset (``<data_dir>/coco_format/<name>/``) is reused while nothing changed and a
 new one is built as soon as a json or an image file changes. Each json and the presence of every
 image file are checked before anything is written (see ``coco_reader`` for the checks); an image
@@ -57,6 +58,7 @@ class CocoFormatConfig(tfds.core.BuilderConfig):
 
     split_files: tuple[tuple[str, str, str], ...] = ()
     categories: tuple[tuple[int, str], ...] = ()
+    exif_orientation: bool = False
 
 
 def _read_split(
@@ -77,6 +79,7 @@ def _read_split(
 def coco_format_config(
     splits: Mapping[str, tuple[epath.PathLike, epath.PathLike]],
     optional: Collection[str] = (),
+    exif_orientation: bool = False,
 ) -> CocoFormatConfig:
     """Reads and checks every split's json and image list; names the config by their hash.
 
@@ -86,6 +89,8 @@ def coco_format_config(
         optional: splits left out, with a warning saying why, when their files cannot be read
             or fail the checks: eval.py needs only the split it evaluates (the train files may
             stay on the machine that trained). The config then names the other splits only, a
+            dataset of its own.
+        exif_orientation: turn images as their EXIF orientation says (``coco_reader``); a
             dataset of its own.
 
     Raises:
@@ -116,12 +121,16 @@ def coco_format_config(
         split_files.append((split, str(annotations.path), str(image_dir)))
     if not split_files:
         raise ValueError(f"no split can be read: {'; '.join(left_out)}")
+    if exif_orientation:  # unset, the names of the builds made before the option
+        digest.update(b"exif_orientation\0")
     stem = re.sub(r"[^a-z0-9]+", "_", epath.Path(split_files[0][1]).stem.lower()).strip("_")
     return CocoFormatConfig(
         name=f"{stem or 'coco'}_{digest.hexdigest()[:16]}",
-        description=f"Built from {', '.join(f'{s}: {j}' for s, j, _ in split_files)}.",
+        description=f"Built from {', '.join(f'{s}: {j}' for s, j, _ in split_files)}"
+        + (", images turned as their EXIF orientation says." if exif_orientation else "."),
         split_files=tuple(split_files),
         categories=categories,
+        exif_orientation=exif_orientation,
     )
 
 
@@ -166,7 +175,11 @@ class CocoFormat(tfds.core.GeneratorBasedBuilder):
         self, annotation_file: epath.Path, image_dir: epath.Path
     ) -> Iterator[tuple[Any, dict]]:
         yield from coco_reader.coco_examples(
-            annotation_file, image_dir, self.categories(), self.allow_empty_masks
+            annotation_file,
+            image_dir,
+            self.categories(),
+            self.allow_empty_masks,
+            self.builder_config.exif_orientation,
         )
 
 
@@ -190,12 +203,15 @@ def build_coco_format(
     splits: Mapping[str, tuple[epath.PathLike, epath.PathLike]],
     data_dir: str | None = None,
     optional: Collection[str] = (),
+    exif_orientation: bool = False,
 ) -> CocoFormat:
     """Builds ``splits`` (split -> (annotation json, image folder)) into ``data_dir`` unless a
     build of exactly these files is there already, and returns the prepared builder; the
-    ``optional`` splits are left out when their files cannot be read (``coco_format_config``)."""
+    ``optional`` splits are left out when their files cannot be read, images are turned as their
+    EXIF orientation says with ``exif_orientation`` (``coco_format_config``)."""
     with schema.tfds_notices_dropped():
-        builder = CocoFormat(data_dir=data_dir, config=coco_format_config(splits, optional))
+        config = coco_format_config(splits, optional, exif_orientation)
+        builder = CocoFormat(data_dir=data_dir, config=config)
     if not (epath.Path(builder.data_dir) / "dataset_info.json").exists():  # not built yet
         folder = epath.Path(builder.data_dir).parent  # (`is_prepared` logs a false alarm)
         others = earlier_builds(folder, builder.builder_config.description)

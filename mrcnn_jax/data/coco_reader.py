@@ -17,6 +17,8 @@ RGB decoding, the pixels ``visualize.read_image`` (scripts/predict.py) reads: TF
 a palette BMP's indices as grey and a GIF's first frame without its canvas. Each split logs how
 many images were read so. An EXIF orientation (a JPEG's, PNG's or WebP's) is not applied, so
 annotations refer to the stored pixel grid: one warning per file lists the images that carry one.
+With ``exif_orientation`` (``config.data.exif_orientation``, for annotations drawn on the images
+as photo viewers show them) those images are stored as the PNG of OpenCV's decoding turned so.
 
 The json may start with a UTF-8 byte order mark. Bad input raises ValueError naming the json and the
 image or annotation id: a missing, empty or undecodable image file, or one whose size differs from
@@ -384,21 +386,23 @@ def _conversion(encoded: bytes, channels: int) -> str | None:
     return {1: "grayscale", 2: "gray+alpha", 3: None, 4: "RGBA"}[channels]
 
 
-def _as_png(encoded: bytes) -> bytes | None:
-    """The PNG of OpenCV's 8-bit RGB decoding of an image file's bytes (stored pixels, no EXIF
-    rotation, but a TIFF turned as its orientation tag says, which OpenCV always applies; as
-    ``visualize.read_image``, whose flags these are: data/ cannot import evaluation/,
-    tests/test_contracts.py), or None if OpenCV cannot decode them."""
-    flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+def _as_png(encoded: bytes, exif_orientation: bool = False) -> bytes | None:
+    """The PNG of OpenCV's 8-bit RGB decoding of an image file's bytes (stored pixels, or turned
+    as their EXIF orientation says with `exif_orientation`; a TIFF turned as its orientation tag
+    says either way, which OpenCV always applies; as ``visualize.read_image``, whose flags these
+    are: data/ cannot import evaluation/, tests/test_contracts.py), or None if OpenCV cannot
+    decode them."""
+    flags = cv2.IMREAD_COLOR | (0 if exif_orientation else cv2.IMREAD_IGNORE_ORIENTATION)
     bgr = cv2.imdecode(np.frombuffer(encoded, np.uint8), flags)
     return None if bgr is None else cv2.imencode(".png", bgr)[1].tobytes()
 
 
 def _read_image(
-    image: dict, image_dir: epath.Path, path: epath.Path
+    image: dict, image_dir: epath.Path, path: epath.Path, exif_orientation: bool = False
 ) -> tuple[bytes, str | None, int]:
     """(encoded bytes, conversion, EXIF orientation of the file) of an image entry (JPEG or PNG:
-    as stored; any other format: ``_as_png``); checks it decodes to its stated size."""
+    as stored; any other format, and with `exif_orientation` a file whose EXIF orientation
+    turns it: ``_as_png``); checks it decodes to its stated size."""
     file = image_dir / image["file_name"]
     size = (int(image["height"]), int(image["width"]))
     conversion = None
@@ -406,23 +410,33 @@ def _read_image(
         encoded = original = file.read_bytes()
         if not encoded:
             raise ValueError("the file is empty (0 bytes)")
-        if not encoded.startswith((PNG_SIGNATURE, JPEG_SIGNATURE)):
+        turned = image_headers.exif_orientation(original)
+        if exif_orientation and turned != 1:
+            encoded = _as_png(encoded, exif_orientation=True)
+            conversion = "turned as its EXIF orientation says"
+        elif not encoded.startswith((PNG_SIGNATURE, JPEG_SIGNATURE)):
             encoded, conversion = _as_png(encoded), "stored as PNG"
-            if encoded is None:
-                raise ValueError("not an image format OpenCV decodes")
+        if encoded is None:
+            raise ValueError("not an image format OpenCV decodes")
         shape = tf.io.decode_image(encoded, channels=0, expand_animations=False).shape
     except (OSError, ValueError, cv2.error, tf.errors.OpError) as e:
         raise ValueError(f"{file}: cannot read or decode image id {image['id']}: {e}") from e
-    turned = image_headers.exif_orientation(original)
     if tuple(shape[:2]) != size:
         swapped = tuple(shape[1::-1]) == size
         tiff = image_headers.tiff_orientation(original) if swapped else 1
         hint = ""
-        if swapped and turned >= 5:  # 5-8 swap the axes
+        if swapped and turned >= 5 and exif_orientation:  # 5-8 swap the axes
+            hint = (
+                f": config.data.exif_orientation=True turned it as its EXIF orientation "
+                f"({turned}) says, but the json gives its stored size: where the annotations "
+                "were drawn on the stored pixels, set config.data.exif_orientation=False"
+            )
+        elif swapped and turned >= 5:
             hint = (
                 f": its EXIF orientation ({turned}) turns it in photo viewers and annotation "
-                "tools, so its annotations were likely drawn on the turned image. Write the "
-                "images turned as shown (on copies, e.g. ImageMagick's `mogrify -auto-orient "
+                "tools, so its annotations were likely drawn on the turned image. Set "
+                "config.data.exif_orientation=True to train on the images turned so, or write "
+                "them turned as shown (on copies, e.g. ImageMagick's `mogrify -auto-orient "
                 "*.jpg`) and use those"
             )
         elif tiff >= 5:
@@ -507,6 +521,7 @@ def coco_examples(
     image_dir: epath.PathLike,
     categories: Sequence[tuple[int, str]],
     allow_empty_masks: bool = False,
+    exif_orientation: bool = False,
 ) -> Iterator[tuple[Any, dict[str, Any]]]:
     """Yields (image id, example in the shared schema) for every image of a COCO-format split.
 
@@ -516,6 +531,10 @@ def coco_examples(
         categories: (category id, name) of each label 0..K-1; the file's categories must be
             exactly these.
         allow_empty_masks: see ``read_annotation_file``.
+        exif_orientation: images whose EXIF orientation turns or mirrors them are stored as
+            the PNG of OpenCV's decoding turned so (as photo viewers show them, and as
+            ``visualize.read_image(path, exif_orientation=True)`` reads them), for annotations
+            drawn on the turned images; the json gives their turned size.
     """
     annotations = read_annotation_file(annotation_file, allow_empty_masks)
     path, image_dir = annotations.path, epath.Path(image_dir)
@@ -531,10 +550,10 @@ def coco_examples(
     turned, empty, zero_id = [], [], []
     for image in annotations.images:
         anns = annotations.annotations.get(image["id"], [])
-        encoded, conversion, orientation = _read_image(image, image_dir, path)
+        encoded, conversion, orientation = _read_image(image, image_dir, path, exif_orientation)
         if conversion:
             converted[conversion] += 1
-        if orientation != 1:
+        if orientation != 1 and not exif_orientation:
             turned.append(image["id"])
         height, width = int(image["height"]), int(image["width"])
         clipped += [a["id"] for a in anns if _outside(a["bbox"], image)]
@@ -570,7 +589,8 @@ def coco_examples(
             turned,
             "{n} images carry an EXIF orientation that turns or mirrors them in photo viewers "
             "(image ids {ids}): training reads their pixels as stored, as the annotations must "
-            "refer to them; annotations drawn on the turned image do not fit",
+            "refer to them; annotations drawn on the turned image do not fit (for those: "
+            "config.data.exif_orientation=True)",
         ),
         (
             empty,

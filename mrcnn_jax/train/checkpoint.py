@@ -71,6 +71,7 @@ NON_ARCHITECTURE_KEYS = (
 ADDED_FIELDS = {
     "data.canvas_group_weights": [],  # c126d47: one canvas
     "data.canvas_groups": [],
+    "data.exif_orientation": False,  # stored pixels
     "data.label_to_category_id": [],  # 3ebee39
     "data.resize_antialias": False,  # 5a95b0f
     "data.resize_max_long_side": 0,  # e66b23b: images fit the canvas
