@@ -71,7 +71,8 @@ def _builder(
     data: ml_collections.ConfigDict, splits: Collection[str] | None
 ) -> tfds.core.DatasetBuilder:
     data_dir = data.data_dir or None
-    if data.exif_orientation and data.dataset != "coco_format":
+    exif_orientation = data.get("exif_orientation", False)  # a field added later
+    if exif_orientation and data.dataset != "coco_format":
         raise ValueError(
             f"config.data.exif_orientation=True turns the images of a coco_format dataset (your "
             f"json) as they are built; {data.dataset!r} is built as it is: leave it False"
@@ -104,7 +105,7 @@ def _builder(
             if split in (needed or fields) or data[ann] or data[images]
         }
         optional = set(files) - needed if needed else ()
-        return coco_format.build_coco_format(files, data_dir, optional, data.exif_orientation)
+        return coco_format.build_coco_format(files, data_dir, optional, exif_orientation)
     raise ValueError(
         f"config.data.dataset is {data.dataset!r}; "
         "expected 'shapes', 'coco_instances' or 'coco_format'"

@@ -157,6 +157,10 @@ class CocoFormat(tfds.core.GeneratorBasedBuilder):
         del dl_manager  # local files
         return {split: (ann, images) for split, ann, images in self.builder_config.split_files}
 
+    def exif_orientation(self) -> bool:
+        """Whether images are stored turned as their EXIF orientation says."""
+        return self.builder_config.exif_orientation
+
     def _info(self) -> tfds.core.DatasetInfo:
         return schema.LocalDatasetInfo(
             builder=self,
@@ -179,7 +183,7 @@ class CocoFormat(tfds.core.GeneratorBasedBuilder):
             image_dir,
             self.categories(),
             self.allow_empty_masks,
-            self.builder_config.exif_orientation,
+            self.exif_orientation(),
         )
 
 

@@ -97,6 +97,10 @@ them (or their extracted train2017/, val2017/ and annotations/ folders) in the m
         """COCO 2017's 80 (category id, name) pairs."""
         return COCO_CATEGORIES
 
+    def exif_orientation(self) -> bool:
+        """COCO's images are read as stored, as every Mask R-CNN trained on them did."""
+        return False
+
     def split_files(self, dl_manager: tfds.download.DownloadManager) -> dict[str, tuple]:
         """split -> (annotation json, image folder) in the manual dir, extracting zips."""
         return _manual_files(dl_manager)
