@@ -225,7 +225,8 @@ def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(
     running the model's init (the restore overwrites every variable), and metrics.jsonl has
     the uninterrupted run's rows: those the stopped run logged after step 2 are dropped, not
     repeated. Run again, the finished run trains nothing, says so, and evaluates again in the
-    place of its eval row."""
+    place of its eval row. An `init_from` (or `backbone_weights`) given to the resume, which it
+    does not use, is not recorded as the run's (config.json and the checkpoints named it)."""
     _, config, metrics = trained
     workdir = copy_workdir(trained, tmp_path)
     shutil.rmtree(workdir / "checkpoints" / str(NUM_STEPS))
@@ -242,8 +243,18 @@ def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(
         raise AssertionError("a resumed run initialised the model's variables")
 
     monkeypatch.setattr(state_lib, "init_variables", no_init)
-    resumed_metrics = trainer.train_and_evaluate(config, str(workdir))
+    elsewhere = {"model.init_from": "/runs/other", "model.backbone_weights": "IMAGENET1K_V1"}
+    resumed_metrics = trainer.train_and_evaluate(
+        run_config(config.data.data_dir, **elsewhere), str(workdir)
+    )
     out = capsys.readouterr().out
+    manager = ckpt_lib.create_manager(workdir, read_only=True)
+    for stored in (
+        json.loads((workdir / "config.json").read_text()),
+        ckpt_lib.load_config(manager, NUM_STEPS),
+    ):
+        assert (stored["model"]["init_from"], stored["model"]["backbone_weights"]) == ("", "")
+    manager.close()
     assert re.search(r"Resumed from \S+ at step 2\n", out)
     assert "Data: reading past the 16 records of steps 0-1 (not decoded" in out
     assert (

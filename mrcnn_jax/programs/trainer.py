@@ -878,10 +878,13 @@ def _train_and_evaluate(
         ckpt_lib.set_aside_incomplete(manager)  # so that their steps are saved again
         _say(f"Resumed from {manager.directory} at step {int(state.step)}")
         warnings = [ckpt_lib.images_per_device_warning(manager, resume_step, config, mesh.size)]
-        warnings += resume_warnings(ckpt_lib.load_config(manager, resume_step), config, resume_step)
+        stored = ckpt_lib.load_config(manager, resume_step)
+        warnings += resume_warnings(stored, config, resume_step)
         for warning in filter(None, warnings):
             if jax.process_index() == 0:
                 logging.warning(warning)
+        for field in ("init_from", "backbone_weights"):  # what the run started from, on record
+            config.model[field] = stored.get("model", {}).get(field, "")
     if resuming and resume_step >= config.train.num_steps:
         _say(
             f"Checkpoint step {resume_step} >= config.train.num_steps={config.train.num_steps}: "
