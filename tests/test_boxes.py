@@ -256,3 +256,24 @@ def test_bad_static_arguments_raise():
         box_ops.decode_boxes(boxes, boxes, (1, 1, 0, 1))
     with pytest.raises(ValueError, match="image_size"):
         box_ops.clip_boxes(boxes, (1, 2, 3))
+
+
+def test_iou_of_large_half_precision_boxes_is_computed_in_float32():
+    """float16 areas overflow past 255² pixels: IoU of two equal 300-px boxes was 0 (inf - inf
+    in the union), so NMS kept duplicates. Computed in float32, returned in the boxes' dtype;
+    integer boxes give float32."""
+    from mrcnn_jax.ops.nms import nms
+
+    boxes = np.array([[0, 0, 300, 300], [1, 1, 301, 301], [500, 500, 520, 520]], np.float32)
+    want = np.array(box_ops.pairwise_iou(jnp.asarray(boxes), jnp.asarray(boxes)))
+    assert math.isclose(want[0, 1], 299**2 / (2 * 300**2 - 299**2), rel_tol=1e-6)
+    for dtype in (jnp.float16, jnp.bfloat16):
+        got = box_ops.pairwise_iou(jnp.asarray(boxes, dtype), jnp.asarray(boxes, dtype))
+        assert got.dtype == dtype
+        np.testing.assert_allclose(np.float32(got), want, atol=8e-3)  # bfloat16: 2**-7 steps
+        scores = jnp.asarray([0.9, 0.8, 0.7], dtype)
+        keep, valid = nms(jnp.asarray(boxes, dtype), scores, 0.5, 3)
+        assert keep[valid].tolist() == [0, 2]
+    integers = box_ops.pairwise_iou(boxes.astype(np.int32), boxes.astype(np.int32))
+    assert integers.dtype == jnp.float32
+    np.testing.assert_allclose(integers, want, rtol=1e-6)

@@ -52,7 +52,8 @@ BAD_MODEL = [
     ("roi_heads.box_reg_weights", (10.0, 10.0, 5.0)), ("roi_heads.box_reg_weights", (10, 10, 5, 0)),
     ("roi_heads.smooth_l1_beta", -0.5), ("roi_heads.score_threshold", 1.5),
     ("roi_heads.nms_threshold", float("nan")), ("roi_heads.detections_per_image", 0),
-    ("roi_heads.detections_pre_nms_topk", -1),
+    ("roi_heads.detections_pre_nms_topk", -1), ("size_divisibility", 0),
+    ("size_divisibility", -32), ("size_divisibility", 16),
 ]  # fmt: skip
 
 

@@ -218,6 +218,45 @@ def test_mask_rcnn_inference_outputs(dtype):
     assert dtypes == {jnp.dtype(jnp.float32)}  # Parameters and statistics stay float32.
 
 
+def test_numpy_variables_closed_over_are_taken_and_bad_batches_named():
+    """Variables restored as numpy (msgpack), closed over under a transform: the mask head
+    indexed its numpy kernel by traced classes (TracerArrayConversionError). Batches the model
+    cannot take are named: an image_size not [B, 2] (was an IndexError), B = 0 (a
+    ZeroDivisionError), a canvas not a multiple of size_divisibility (silently other boxes: the
+    extent clamped at the canvas instead of its multiple)."""
+    config = tiny_config()
+    model = MaskRCNN.from_config(config.model)
+    h, w = config.data.image_size
+    batch = {
+        "image": np.zeros((2, h, w, 3), np.float32),
+        "image_size": np.array([[h, w], [h // 2, w]], np.int32),
+    }
+    variables, _ = random_variables(model, np.random.default_rng(0), batch, train=False)
+    variables = jax.tree_util.tree_map(np.asarray, variables)
+
+    def apply(batch):
+        return jax.eval_shape(lambda b: model.apply(variables, b, train=False), batch)
+
+    d = config.model.roi_heads.detections_per_image
+    assert apply(batch)["masks"].shape[:2] == (2, d)
+    for bad, message in (
+        (
+            {"image_size": np.array([h, w], np.int32)},
+            r"\['image_size'\] must be \[B, 2\] = \[2, 2\]",
+        ),
+        (
+            {"image": np.zeros((0, h, w, 3), np.float32), "image_size": np.zeros((0, 2), np.int32)},
+            r"must be \[B, H, W, 3\], got shape \(0, ",
+        ),
+        (
+            {"image": np.zeros((2, h + 8, w, 3), np.float32)},
+            rf"is {h + 8}x{w}: the canvas must be a multiple of model.size_divisibility=32",
+        ),
+    ):
+        with pytest.raises(ValueError, match=message):
+            apply({**batch, **bad})
+
+
 def test_bfloat16_mask_rcnn_computes_in_bfloat16_with_float32_params_and_outputs():
     """Abstract evaluation (no compile; the full bf16 run is the slow case above)."""
     model = MaskRCNN.from_config(tiny_config(**{"model.dtype": "bfloat16"}).model)

@@ -245,3 +245,19 @@ def test_bad_static_arguments_raise():
         nms(boxes, scores, 0.5, 2, jnp.ones((3, 1), bool))
     with pytest.raises(ValueError, match="groups"):
         batched_nms(boxes, scores, jnp.zeros(2, jnp.int32), 0.5, 2)
+
+
+def test_numpy_arrays_are_taken_as_jax_arrays():
+    """numpy boxes, scores and groups: the sorted boxes stayed numpy and were indexed by the
+    loop's traced index (TracerArrayConversionError)."""
+    rng = np.random.default_rng(3)
+    corners = rng.uniform(0, 50, (20, 2)).astype(np.float32)
+    boxes = np.concatenate([corners, corners + rng.uniform(5, 30, (20, 2))], 1).astype(np.float32)
+    scores = rng.permutation(20).astype(np.float32) / 20  # distinct
+    groups = rng.integers(0, 3, 20).astype(np.int32)
+    want = nms(jnp.asarray(boxes), jnp.asarray(scores), 0.3, 8)
+    for got, expected in zip(nms(boxes, scores, 0.3, 8), want):
+        np.testing.assert_array_equal(got, expected)
+    want = batched_nms(jnp.asarray(boxes), jnp.asarray(scores), jnp.asarray(groups), 0.3, 8)
+    for got, expected in zip(batched_nms(boxes, scores, groups, 0.3, 8), want):
+        np.testing.assert_array_equal(got, expected)

@@ -630,3 +630,15 @@ def test_multilevel_valid_size_equals_torchvision_on_each_image_alone(multilevel
         }
         expected = pooler(x, [torch.from_numpy(boxes[b])], [(int(h), int(w))])
         np.testing.assert_allclose(out[b], expected.permute(0, 2, 3, 1).numpy(), **TOL)
+
+
+@pytest.mark.parametrize("method", ["gather", "einsum"])
+def test_an_extent_beyond_the_map_is_the_whole_map(method):
+    """`extent` past `[H, W]` is the map's own size: the gather method read rows past the map
+    (clamped or undefined reads: 2.39 off) where einsum weighted them 0."""
+    rng = np.random.default_rng(5)
+    features = jnp.asarray(rng.normal(size=(13, 17, 2)).astype(np.float32))
+    boxes = jnp.asarray([[2.0, 3.0, 19.5, 16.0], [10.0, 8.0, 25.0, 30.0], [0.0, 0.0, 17.0, 13.0]])
+    align = functools.partial(roi_align, features, boxes, 4, 1.0, 2, True, method=method)
+    np.testing.assert_allclose(align(extent=(20, 20)), align(), atol=1e-6)
+    np.testing.assert_allclose(align(extent=(13, 40)), align(), atol=1e-6)

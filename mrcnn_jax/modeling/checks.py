@@ -65,6 +65,10 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "norm": _one_of(NORM_MODES),
     "freeze_at": _one_of((0, 1, 2)),
     "fpn_dim": _at_least(1),
+    "size_divisibility": (
+        lambda v: _is_int(v) and v > 0 and v % 32 == 0,
+        "a positive multiple of 32 (the stride of P5)",
+    ),
     "dtype": _one_of(DTYPES),
     "aspect_ratios": _positive_numbers(),
     "rpn.num_convs": _at_least(0),

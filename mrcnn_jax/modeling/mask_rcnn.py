@@ -249,10 +249,20 @@ class MaskRCNN(nn.Module):
           `classes [B, D]` (labels 0..K-1), `masks [B, D, 28, 28]` probabilities of the predicted
           class and `valid [B, D]`.
         """
-        images = batch["image"]
-        if images.ndim != 4 or images.shape[-1] != 3:
+        images, image_size = batch["image"], batch["image_size"]
+        if images.ndim != 4 or images.shape[-1] != 3 or not images.shape[0]:
             raise ValueError(f"batch['image'] must be [B, H, W, 3], got shape {images.shape}")
-        image_size = batch["image_size"]
+        if image_size.shape != (images.shape[0], 2):
+            raise ValueError(
+                f"batch['image_size'] must be [B, 2] = {[images.shape[0], 2]} (height, width "
+                f"of each image's content), got shape {image_size.shape}"
+            )
+        if any(side % self.config.size_divisibility for side in images.shape[1:3]):
+            raise ValueError(
+                f"batch['image'] is {images.shape[1]}x{images.shape[2]}: the canvas must be a "
+                f"multiple of model.size_divisibility={self.config.size_divisibility} (as "
+                "data.pipeline.check_canvas requires; another would change the detections)"
+            )
         valid_size = extent_ops.valid_size(
             image_size, self.config.size_divisibility, images.shape[1:3]
         )

@@ -167,8 +167,9 @@ class MaskHead(nn.Module):
             jnp.float32,
         )
         bias = self.param("predictor_bias", nn.initializers.zeros, (self.num_classes,), jnp.float32)
-        logits = jnp.einsum("nhwd,dn->nhw", x.astype(jnp.float32), kernel[:, classes])
-        return logits + bias[classes][:, None, None]  # in float32, as the other predictors
+        # jnp.take: numpy parameters (closed over under jit) cannot be indexed by traced classes
+        logits = jnp.einsum("nhwd,dn->nhw", x.astype(jnp.float32), jnp.take(kernel, classes, 1))
+        return logits + jnp.take(bias, classes)[:, None, None]  # in float32, as the other heads
 
 
 class RoITargets(NamedTuple):

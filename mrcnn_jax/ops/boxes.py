@@ -40,11 +40,16 @@ def pairwise_iou(boxes1: jax.Array, boxes2: jax.Array) -> jax.Array:
         boxes2: `[..., M, 4]` float (x1, y1, x2, y2); leading dims broadcast with `boxes1`'s.
 
     Returns:
-        `[..., N, M]` IoU in [0, 1]. Pairs whose union is 0 (e.g. two zero-area boxes) get 0,
-        never NaN, and the gradient is finite everywhere. Same formula as torchvision's
-        `box_iou` (`inter / (area1 + area2 - inter)`); values agree to float32 rounding (under
-        jit XLA may fuse the multiply-subtract into one FMA, a last-bit difference).
+        `[..., N, M]` IoU in [0, 1], in the boxes' dtype. Pairs whose union is 0 (e.g. two
+        zero-area boxes) get 0, never NaN, and the gradient is finite everywhere. Same formula
+        as torchvision's `box_iou` (`inter / (area1 + area2 - inter)`); values agree to float32
+        rounding (under jit XLA may fuse the multiply-subtract into one FMA, a last-bit
+        difference). Computed in at least float32: float16 areas overflow past 255² pixels.
     """
+    given = jnp.result_type(boxes1, boxes2)
+    wide = jnp.promote_types(given, jnp.float32)  # float16, bfloat16 and integers: float32
+    dtype = given if jnp.issubdtype(given, jnp.floating) else wide
+    boxes1, boxes2 = jnp.asarray(boxes1, wide), jnp.asarray(boxes2, wide)
     area1 = box_area(boxes1)
     area2 = box_area(boxes2)
     top_left = jnp.maximum(boxes1[..., :, None, :2], boxes2[..., None, :, :2])
@@ -52,7 +57,7 @@ def pairwise_iou(boxes1: jax.Array, boxes2: jax.Array) -> jax.Array:
     wh = jnp.maximum(bottom_right - top_left, 0)
     intersection = wh[..., 0] * wh[..., 1]
     union = area1[..., :, None] + area2[..., None, :] - intersection
-    return safe_divide(intersection, union)
+    return safe_divide(intersection, union).astype(dtype)
 
 
 def _check_weights(weights: Sequence[float]) -> BoxWeights:

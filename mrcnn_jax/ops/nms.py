@@ -52,6 +52,8 @@ def _greedy_nms(
     valid: jax.Array | None,
 ) -> tuple[jax.Array, jax.Array]:
     """Greedy NMS within groups (all boxes in one group when `groups` is None)."""
+    boxes, scores = jnp.asarray(boxes), jnp.asarray(scores)  # numpy too: indexed when traced
+    groups = None if groups is None else jnp.asarray(groups)
     max_output = _check_args(boxes, scores, groups, valid, max_output)
     n = boxes.shape[0]
     if n == 0:

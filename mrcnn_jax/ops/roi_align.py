@@ -120,8 +120,8 @@ def roi_align(
         smaller than one feature pixel; False is the legacy rule (torchvision's Mask R-CNN v1).
       mode: `"avg"` (torchvision) or `"max"` over the bilinear samples of each bin.
       method: `"gather"` or `"einsum"`, see the module docstring.
-      extent: `[2]` int (height, width) of the valid part of the map (feature pixels, at most
-        `[H, W]`); samples are clamped and dropped at it. None: the whole map.
+      extent: `[2]` int (height, width) of the valid part of the map (feature pixels; beyond
+        `[H, W]` taken as `[H, W]`); samples are clamped and dropped at it. None: the whole map.
 
     Returns:
       `[R, S_h, S_w, C]` pooled features, dtype of `features`. Differentiable w.r.t. `features`.
@@ -131,7 +131,9 @@ def roi_align(
         raise ValueError(f"features must be [H, W, C], got shape {features.shape}.")
     _check_boxes(boxes, ndim=2)
     level = jnp.zeros(boxes.shape[:1], jnp.int32)
-    extents = None if extent is None else jnp.asarray(extent, jnp.int32)[None]
+    if extent is not None:  # the gather method reads no row past the map
+        extent = jnp.minimum(jnp.asarray(extent, jnp.int32), jnp.asarray(features.shape[:2]))
+    extents = None if extent is None else extent[None]
     return _roi_align_levels(
         [features],
         [spatial_scale],
