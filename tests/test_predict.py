@@ -258,6 +258,31 @@ def test_predictor_places_the_variables_once_and_again_when_one_is_replaced(
     assert len(placed) == 3
 
 
+def test_a_model_field_changed_takes_effect_and_variables_of_another_model_are_named(
+    model_setup,
+):
+    """`predictor.config.model.roi_heads.detections_per_image = 5` was ignored (the model was
+    built once, while data fields apply at each call); variables of another model failed deep
+    in Flax at the first call."""
+    config, variables = model_setup
+    predictor = Predictor(config.copy_and_resolve_references(), variables, step=0)
+    image = natural_images(1)[0]
+    before = predictor(image, 0.0)
+    assert len(before["scores"]) > 5
+    predictor.config.model.roi_heads.detections_per_image = 5
+    after = predictor(image, 0.0)
+    for key in ("boxes", "scores", "classes"):
+        np.testing.assert_array_equal(after[key], before[key][:5])
+    (batched,) = predictor.predict_batch([image], 0.0, batch_size=len(jax.local_devices()))
+    assert_same_detections(batched, after, "batched")
+    predictor.config.model.num_classes += 2
+    message = r"^predictor\.variables do not fit the model predictor\.config\.model describes: "
+    with pytest.raises(ValueError, match=message + r".*cls_score"):
+        predictor(image)
+    with pytest.raises(ValueError, match=message):
+        predictor.predict_batch([image])
+
+
 def test_predictor_takes_grey_and_rgba_images_and_refers_batches_to_predict_batch(model_setup):
     """Grey and RGBA converted as `visualize.read_image` converts such files; float32 boxes and
     scores; a batch given to `__call__` (or one image to `predict_batch`) names the other."""

@@ -17,12 +17,14 @@ alpha channel dropped.
 nothing (scripts/eval.py writes its results into that workdir).
 """
 
+import contextlib
+import copy
 import dataclasses
 import functools
 import operator
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -31,6 +33,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from flax.errors import ScopeCollectionNotFound, ScopeParamNotFoundError, ScopeParamShapeError
 
 from mrcnn_jax import image_headers, interrupts, jax_settings, paths, sharding
 from mrcnn_jax.data import pipeline
@@ -68,7 +71,10 @@ class Predictor:
     any array in it has been replaced (`predictor.variables["params"]["box_head"] = ...`), so
     both always use the current values. Numpy arrays in `variables` are made read-only when
     placed: an in-place write (`kernel[0] = x`, `kernel += x`), which the placed copies would
-    not see, raises instead; assign a new array.
+    not see, raises instead; assign a new array. A field of `config` changed between calls
+    (`predictor.config.data.image_size`, `predictor.config.model.roi_heads.score_threshold`)
+    applies from the next call (a changed `config.model` is built and compiled again); variables
+    that do not fit the model it describes raise ValueError at the call.
     """
 
     config: ml_collections.ConfigDict
@@ -77,11 +83,21 @@ class Predictor:
     devices: Sequence[jax.Device] | None = None
 
     def __post_init__(self):
-        self._model = MaskRCNN.from_config(self.config.model)
         self._mesh = sharding.create_mesh(list(self.devices or jax.local_devices()))
-        self._apply, self._sharded_apply = _programs(self._model, self._mesh)
         self._device = self._mesh.devices.flat[0]  # __call__'s
         self._placed: _Placed | None = None
+        self._built: tuple[dict, Callable, Callable] | None = None
+        self._programs()  # a config.model the model cannot be built from: ValueError here
+
+    def _programs(self) -> tuple[Callable, Callable]:
+        """The jitted single-image apply and sharded predict step of the model `config.model`
+        describes now: built first here, and again after a field of it changed (set in a
+        notebook: `predictor.config.model.roi_heads.detections_per_image = 5`)."""
+        fields = self.config.model.to_dict()
+        if self._built is None or self._built[0] != fields:
+            model = MaskRCNN.from_config(self.config.model)
+            self._built = (copy.deepcopy(fields), *_programs(model, self._mesh))
+        return self._built[1], self._built[2]
 
     @property
     def class_names(self) -> list[str]:
@@ -130,7 +146,9 @@ class Predictor:
         image = _as_rgb(image)
         inputs = pipeline.preprocess_image(image, self.config)
         batch = jax.device_put({k: v[None] for k, v in inputs.items()}, self._device)
-        out = jax.device_get(self._apply(self._placed_variables().on_first_device, batch))
+        apply, _ = self._programs()
+        with _variables_fitting_the_config():
+            out = jax.device_get(apply(self._placed_variables().on_first_device, batch))
         return self._detections(
             {k: v[0] for k, v in out.items()}, inputs["image_size"], image, score_threshold
         )
@@ -195,6 +213,7 @@ class Predictor:
                 f"{self.num_devices} devices"
             )
         variables = self._placed_variables().replicated
+        _, sharded_apply = self._programs()
         results: list[dict[str, Any]] = []
         pending = None  # (device outputs, inputs, images) of the batch in flight
         for start in range(0, len(images), batch_size):
@@ -203,7 +222,8 @@ class Predictor:
             ]
             inputs = [pipeline.preprocess_image(image, self.config) for image in chunk]
             batch = _stack_padded(inputs, batch_size, tuple(self.config.data.image_size))
-            outputs = self._sharded_apply(variables, sharding.shard_batch(batch, self._mesh))
+            with _variables_fitting_the_config():
+                outputs = sharded_apply(variables, sharding.shard_batch(batch, self._mesh))
             if pending is not None:
                 results += self._batch_detections(*pending, score_threshold)
             pending = (outputs, inputs, chunk)
@@ -391,6 +411,19 @@ def _programs(model: MaskRCNN, mesh: jax.sharding.Mesh) -> tuple[Callable, Calla
 
 def _apply(model: MaskRCNN, variables: dict, batch: dict) -> dict[str, jax.Array]:
     return model.apply(variables, batch, train=False)
+
+
+@contextlib.contextmanager
+def _variables_fitting_the_config() -> Iterator[None]:
+    """Flax's errors for variables of another model (`Predictor(config, variables)` of two
+    checkpoints, a `config.model` field changed) as one ValueError naming both sides."""
+    try:
+        yield
+    except (ScopeParamShapeError, ScopeParamNotFoundError, ScopeCollectionNotFound) as error:
+        raise ValueError(
+            "predictor.variables do not fit the model predictor.config.model describes: "
+            f"{str(error).splitlines()[0]}"
+        ) from None
 
 
 def _score_threshold(score_threshold: float) -> float:
