@@ -1,8 +1,11 @@
 """What an image file's header says, read without decoding the pixels: the size a PNG, JPEG,
 GIF, BMP, TIFF or WebP file declares (`declared_size`), a JPEG's, PNG's or WebP's EXIF
-orientation (`exif_orientation`) and a TIFF's orientation tag (`tiff_orientation`)."""
+orientation (`exif_orientation`; `orient` turns pixels as it says) and a TIFF's orientation tag
+(`tiff_orientation`)."""
 
 from collections.abc import Iterator
+
+import numpy as np
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 JPEG_SIGNATURE = b"\xff\xd8\xff"
@@ -77,29 +80,50 @@ def _png_chunks(data: bytes) -> Iterator[tuple[bytes, bytes]]:
 
 
 def _webp_chunks(data: bytes) -> Iterator[tuple[bytes, bytes]]:
-    """(FourCC, payload) of each chunk of a WebP file's bytes (payloads are views, not copies);
-    none for other formats, and none past a chunk cut short."""
+    """(FourCC, payload) of each chunk of a WebP file's bytes within its RIFF size (payloads are
+    views, not copies); none for other formats, and none past a chunk cut short."""
     if not (data[:4] == b"RIFF" and data[8:12] == b"WEBP"):
         return
-    view, at = memoryview(data), 12
-    while at + 8 <= len(data):
+    view, at, end = memoryview(data), 12, min(len(data), 8 + _little(data, 4, 4))
+    while at + 8 <= end:
         kind, length = data[at : at + 4], _little(data, at + 4, 4)
-        if at + 8 + length > len(data):
+        if at + 8 + length > end:
             return
         yield kind, view[at + 8 : at + 8 + length]
         at += 8 + length + length % 2  # payloads are padded to an even size
 
 
 def exif_orientation(data: bytes) -> int:
-    """The EXIF orientation (1–8) of a JPEG, PNG or WebP file's bytes, as OpenCV reads it (and
-    applies it unless given `IMREAD_IGNORE_ORIENTATION`): from a JPEG's APP1 block, from a PNG's
-    eXIf or a WebP's EXIF chunk that starts with the TIFF header (OpenCV ignores one that starts
-    with a JPEG's "Exif" prefix). 1 (as stored) without the
-    tag, for a malformed one and for other formats (a TIFF's own tag: `tiff_orientation`)."""
+    """The EXIF orientation (1–8) of a JPEG, PNG or WebP file's bytes: from a JPEG's APP1
+    block, a PNG's eXIf chunk (that starts with the TIFF header, as libpng requires: one with a
+    JPEG's "Exif" prefix is ignored) or an extended WebP's EXIF chunk (announced by its VP8X
+    chunk's flag, as the format requires). 1 (as stored) without the tag, for a malformed one
+    and for other formats (a TIFF's own tag: `tiff_orientation`). `orient` turns pixels so."""
     blocks = [p[6:] for m, p in _jpeg_segments(data) if m == 0xE1 and p.startswith(b"Exif\0\0")]
     blocks += [bytes(p) for kind, p in _png_chunks(data) if kind == b"eXIf"]
-    blocks += [bytes(p) for kind, p in _webp_chunks(data) if kind == b"EXIF"]
+    webp = list(_webp_chunks(data))
+    if webp and webp[0][0] == b"VP8X" and len(webp[0][1]) and webp[0][1][0] & 0x08:
+        blocks += [bytes(p) for kind, p in webp if kind == b"EXIF"]
     return _tiff_orientation(blocks[0]) if blocks else 1
+
+
+def orient(image: np.ndarray, orientation: int) -> np.ndarray:
+    """`image` `[H, W, ...]` (the stored pixels) as EXIF `orientation` (1–8) says to show it:
+    mirrored left-right (2) or top-bottom (4), turned half (3), a quarter clockwise (6) or
+    anticlockwise (8), transposed (5) or transversed (7); as PIL's `ImageOps.exif_transpose`
+    and OpenCV's JPEG decoding show it. Done here, not by OpenCV: its versions differ on which
+    formats they turn (4.10 leaves a WebP as stored)."""
+    turns = {
+        1: lambda x: x,
+        2: lambda x: x[:, ::-1],
+        3: lambda x: x[::-1, ::-1],
+        4: lambda x: x[::-1],
+        5: lambda x: x.swapaxes(0, 1),
+        6: lambda x: x.swapaxes(0, 1)[:, ::-1],
+        7: lambda x: x[::-1, ::-1].swapaxes(0, 1),
+        8: lambda x: x.swapaxes(0, 1)[::-1],
+    }
+    return np.ascontiguousarray(turns[orientation](image))
 
 
 def tiff_orientation(data: bytes) -> int:

@@ -29,11 +29,12 @@ when drawing, an --out_dir where the same command run again would read the drawi
 a folder input itself or, with --recursive, any folder below it (e.g. `--recursive photos/
 --out_dir=photos/predictions`); choose an --out_dir outside the inputs.
 
-Each image is read as its stored pixels, exactly as the training and eval pipeline reads it (an
-EXIF orientation is not applied: a phone photo stored sideways is predicted, drawn and reported
-sideways, in the file's own pixel grid, which is what the coordinates of detections.json refer to).
-With --exif_orientation each image is first turned as its EXIF tag says (as photo viewers show
-it), and the drawings and detections.json refer to the turned image. A TIFF is read turned as its
+Each image is read as the checkpoint's training read its images: by default as its stored
+pixels (an EXIF orientation is not applied: a phone photo stored sideways is predicted, drawn and
+reported sideways, in the file's own pixel grid, which is what the coordinates of detections.json
+refer to); turned as its EXIF tag says (as photo viewers show it) where the run was trained with
+config.data.exif_orientation=True, and the drawings and detections.json then refer to the turned
+image. --exif_orientation / --noexif_orientation choose either way. A TIFF is read turned as its
 orientation tag says either way (OpenCV always applies it, as PIL does).
 The images are read, predicted, drawn and written streaming, --batch_size at a time (the next
 batch is read while one is predicted), split data-parallel over the process's local devices; a
@@ -81,8 +82,9 @@ Flags:
                        compilation serves all. Another batch size compiles another program:
                        scores and boxes may differ in the 7th significant digit.
   --no_draw            write only detections.json, no PNGs.
-  --exif_orientation   turn each image as its EXIF orientation says before predicting (default:
-                       the stored pixels, as training and evaluation read them).
+  --[no]exif_orientation  turn each image as its EXIF orientation says before predicting, or
+                       not (default: as the checkpoint's config.data.exif_orientation, the stored
+                       pixels unless the run trained on turned images).
 """
 
 import collections
@@ -144,10 +146,11 @@ _BATCH_SIZE = flags.DEFINE_integer(
 _NO_DRAW = flags.DEFINE_bool("no_draw", False, "Write only detections.json, no PNG drawings.")
 _EXIF_ORIENTATION = flags.DEFINE_bool(
     "exif_orientation",
-    False,
+    None,
     "Turn each image as its EXIF orientation tag says (as photo viewers show phone photos) "
     "before predicting; the drawings and detections.json then refer to the turned image. "
-    "Default: the stored pixels, as training and evaluation read them.",
+    "Default: as the checkpoint's training read its images (config.data.exif_orientation; "
+    "the stored pixels unless it was set).",
 )
 launch.mark_paths_required(["workdir"])
 
@@ -478,6 +481,9 @@ def main(argv):
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as error:
         raise app.UsageError(str(error)) from error
     with_category_ids = bool(predictor.config.data.label_to_category_id)
+    exif_orientation = _EXIF_ORIENTATION.value
+    if exif_orientation is None:  # as the run's training read its images
+        exif_orientation = bool(predictor.config.data.get("exif_orientation", False))
     try:  # an earlier run's results never sit beside these drawings (a link to a device: kept)
         if paths_lib.is_url(results_path) or not os.path.islink(results_path):
             epath.Path(results_path).unlink(missing_ok=True)
@@ -487,7 +493,7 @@ def main(argv):
     detections, unreadable, num_read, stop, written = [], [], 0, Stop(), set()
     try:
         with tqdm(total=len(paths), unit="image", desc="predict") as bar, stop_on_signals(stop):
-            for read, bad in read_ahead(read_batches(paths, batch_size, _EXIF_ORIENTATION.value)):
+            for read, bad in read_ahead(read_batches(paths, batch_size, exif_orientation)):
                 if stop.is_set():
                     break
                 for index, error in bad:

@@ -765,29 +765,50 @@ def webp_with_orientation(image: np.ndarray, orientation: int) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.mark.parametrize("kind", ["png", "webp"])
-def test_a_png_or_webp_exif_orientation_is_read_as_opencv_applies_it(kind):
-    """OpenCV turns PNGs (eXIf) and WebPs (EXIF chunk) too: the reference. A PNG's block that
-    starts with a JPEG's "Exif" prefix is ignored by OpenCV (libpng: invalid), so read as 1."""
-    pytest.importorskip("PIL.Image")
+@pytest.mark.parametrize("kind", ["jpeg", "png", "webp"])
+def test_an_exif_orientation_is_read_and_applied_as_pil_shows_it(kind, tmp_path):
+    """JPEGs (APP1), PNGs (eXIf) and extended WebPs (EXIF) carry it: `exif_orientation` reads it,
+    `orient` and `read_image(exif_orientation=True)` turn the stored pixels as PIL's
+    `exif_transpose` shows them (the reference; OpenCV's versions differ: 4.10 leaves a WebP as
+    stored). Blocks OpenCV and PIL ignore read as 1: a PNG's with a JPEG's "Exif" prefix
+    (libpng: invalid), a WebP's EXIF chunk without the VP8X flag announcing it."""
+    from PIL import Image, ImageOps
+
     image = _pixels((24, 40), [(1, 3, 4, 2, 10, 6)], seed=0)
-    write = {"png": png_with_orientation, "webp": webp_with_orientation}[kind]
+    write = {
+        "jpeg": functools.partial(jpeg_with_orientation, byte_order="II"),
+        "png": png_with_orientation,
+        "webp": webp_with_orientation,
+    }[kind]
     for orientation in range(1, 9):
         encoded = write(image, orientation)
         assert image_headers.exif_orientation(encoded) == orientation
-        buffer = np.frombuffer(encoded, np.uint8)
-        stored = cv2.imdecode(buffer, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-        np.testing.assert_array_equal(stored[..., ::-1], image)
-        shown = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
-        turned = shown.shape != stored.shape or not np.array_equal(shown, stored)
-        assert turned == (orientation != 1), orientation
-        assert (shown.shape[:2] == stored.shape[1::-1]) == (orientation >= 5)
+        (tmp_path / "a").write_bytes(encoded)
+        stored = visualize.read_image(tmp_path / "a")
+        shown = np.asarray(ImageOps.exif_transpose(Image.open(tmp_path / "a")).convert("RGB"))
+        np.testing.assert_array_equal(image_headers.orient(stored, orientation), shown)
+        np.testing.assert_array_equal(
+            visualize.read_image(tmp_path / "a", exif_orientation=True), shown
+        )
+        if kind != "jpeg":  # lossless
+            np.testing.assert_array_equal(stored, image)
         assert image_headers.exif_orientation(encoded[: len(encoded) // 2]) in (1, orientation)
     if kind == "png":
         encoded = png_with_orientation(image, 6, prefix=b"Exif\0\0")
         assert image_headers.exif_orientation(encoded) == 1
         shown = cv2.imdecode(np.frombuffer(encoded, np.uint8), cv2.IMREAD_COLOR)
         np.testing.assert_array_equal(shown[..., ::-1], image)
+    if kind == "webp":
+        simple = io.BytesIO()
+        Image.fromarray(image).save(simple, "WEBP", lossless=True)  # VP8L, no VP8X
+        exif = _exif_tiff(6, "II")
+        body = simple.getvalue()[12:] + b"EXIF" + len(exif).to_bytes(4, "little") + exif
+        riff = b"RIFF" + (len(body) + 4).to_bytes(4, "little") + b"WEBP" + body
+        assert image_headers.exif_orientation(riff) == 1
+        flagged = bytearray(webp_with_orientation(image, 6))
+        assert flagged[12:16] == b"VP8X" and flagged[20] & 0x08
+        flagged[20] &= ~0x08
+        assert image_headers.exif_orientation(bytes(flagged)) == 1
 
 
 def test_turned_photos_empty_masks_and_boxes_outside_get_one_warning_each(tmp_path, caplog):

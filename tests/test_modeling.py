@@ -239,6 +239,9 @@ def test_numpy_variables_closed_over_are_taken_and_bad_batches_named():
 
     d = config.model.roi_heads.detections_per_image
     assert apply(batch)["masks"].shape[:2] == (2, d)
+    config.model.size_divisibility = 96  # variable_shapes' default canvas follows it (was 128)
+    shapes = MaskRCNN.from_config(config.model).variable_shapes()
+    assert jax.tree_util.tree_structure(shapes) == jax.tree_util.tree_structure(variables)
     for bad, message in (
         (
             {"image_size": np.array([h, w], np.int32)},

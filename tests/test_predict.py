@@ -275,6 +275,11 @@ def test_a_model_field_changed_takes_effect_and_variables_of_another_model_are_n
         np.testing.assert_array_equal(after[key], before[key][:5])
     (batched,) = predictor.predict_batch([image], 0.0, batch_size=len(jax.local_devices()))
     assert_same_detections(batched, after, "batched")
+    ids = (3_000_000_000, 7, 2**40)  # category ids of any size (int32 overflowed)
+    predictor.config.data.label_to_category_id = ids
+    np.testing.assert_array_equal(
+        predictor(image, 0.0)["category_ids"], np.take(ids, after["classes"])
+    )
     predictor.config.model.num_classes += 2
     message = r"^predictor\.variables do not fit the model predictor\.config\.model describes: "
     with pytest.raises(ValueError, match=message + r".*cls_score"):

@@ -140,6 +140,10 @@ def test_draw_detections_names_bad_detections_and_clips_far_boxes():
     )
     edges = visualize.draw_detections(image, near, np.zeros_like(masks), scores, ["a"])
     assert (edges[30:, [0, -1]] == GREY).all()  # the sides past the image are not drawn
+    big = np.full((2400, 2400, 3), GREY, np.uint8)  # outlines 3 pixels wide, drawn inwards
+    boxes = np.array([[-50.0, 100.0, 1e6, 2000.0]], np.float32)
+    drawn = visualize.draw_detections(big, boxes, np.zeros((1, 2400, 2400), bool), scores, ["a"])
+    assert (drawn[1000:1990, [0, 1, 2, -3, -2, -1]] == GREY).all()  # its sides: outside
 
 
 def test_images_of_other_array_types_and_grey_are_drawn_and_written(tmp_path):

@@ -386,15 +386,16 @@ def _conversion(encoded: bytes, channels: int) -> str | None:
     return {1: "grayscale", 2: "gray+alpha", 3: None, 4: "RGBA"}[channels]
 
 
-def _as_png(encoded: bytes, exif_orientation: bool = False) -> bytes | None:
-    """The PNG of OpenCV's 8-bit RGB decoding of an image file's bytes (stored pixels, or turned
-    as their EXIF orientation says with `exif_orientation`; a TIFF turned as its orientation tag
-    says either way, which OpenCV always applies; as ``visualize.read_image``, whose flags these
-    are: data/ cannot import evaluation/, tests/test_contracts.py), or None if OpenCV cannot
-    decode them."""
-    flags = cv2.IMREAD_COLOR | (0 if exif_orientation else cv2.IMREAD_IGNORE_ORIENTATION)
+def _as_png(encoded: bytes, orientation: int = 1) -> bytes | None:
+    """The PNG of OpenCV's 8-bit RGB decoding of an image file's bytes (stored pixels, turned as
+    EXIF `orientation` says by `image_headers.orient`; a TIFF turned as its orientation tag says,
+    which OpenCV always applies; as ``visualize.read_image``, whose flags these are: data/
+    cannot import evaluation/, tests/test_contracts.py), or None if OpenCV cannot decode them."""
+    flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
     bgr = cv2.imdecode(np.frombuffer(encoded, np.uint8), flags)
-    return None if bgr is None else cv2.imencode(".png", bgr)[1].tobytes()
+    if bgr is None:
+        return None
+    return cv2.imencode(".png", image_headers.orient(bgr, orientation))[1].tobytes()
 
 
 def _read_image(
@@ -412,7 +413,7 @@ def _read_image(
             raise ValueError("the file is empty (0 bytes)")
         turned = image_headers.exif_orientation(original)
         if exif_orientation and turned != 1:
-            encoded = _as_png(encoded, exif_orientation=True)
+            encoded = _as_png(encoded, turned)
             conversion = "turned as its EXIF orientation says"
         elif not encoded.startswith((PNG_SIGNATURE, JPEG_SIGNATURE)):
             encoded, conversion = _as_png(encoded), "stored as PNG"

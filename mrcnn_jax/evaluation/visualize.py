@@ -36,10 +36,12 @@ def read_image(path: str | os.PathLike, *, exif_orientation: bool = False) -> np
     stored pixels, as the training and eval pipeline decodes them (and torchvision's PIL
     reading): an EXIF orientation is not applied, so boxes and masks refer to the file's own
     pixel grid. With `exif_orientation=True` the image is turned (and mirrored) as its EXIF
-    orientation tag says, as photo viewers show it (a phone photo taken upright is often
-    stored sideways): boxes and masks then refer to the turned image. A TIFF's orientation tag
-    is applied either way (cv2 applies it whatever `IMREAD_IGNORE_ORIENTATION` asks; PIL too),
-    and so where training reads it (`coco_reader` stores the PNG of cv2's decoding).
+    orientation tag says (a JPEG's, PNG's or WebP's: `image_headers.exif_orientation`), as
+    photo viewers show it (a phone photo taken upright is often stored sideways), and as a
+    dataset built with `config.data.exif_orientation` holds it: boxes and masks then refer to
+    the turned image. A TIFF's orientation tag is applied either way (cv2 applies it whatever
+    `IMREAD_IGNORE_ORIENTATION` asks; PIL too), and so where training reads it (`coco_reader`
+    stores the PNG of cv2's decoding).
 
     Raises:
       FileNotFoundError: `path` does not exist (IsADirectoryError, a subclass of OSError as
@@ -55,7 +57,7 @@ def read_image(path: str | os.PathLike, *, exif_orientation: bool = False) -> np
         raise IsADirectoryError(f"image file {path!r} is a folder, not an image file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image file {path!r} does not exist")
-    flags = cv2.IMREAD_COLOR | (0 if exif_orientation else cv2.IMREAD_IGNORE_ORIENTATION)
+    flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION  # turned below: cv2's versions differ
     data = np.fromfile(path, np.uint8)
     if not data.size:
         raise ValueError(f"cannot read image file {path!r}: the file is empty")
@@ -77,6 +79,8 @@ def read_image(path: str | os.PathLike, *, exif_orientation: bool = False) -> np
             else "not an image format cv2 decodes"
         )
         raise ValueError(f"cannot read image file {path!r}: {reason}{refusal}")
+    if exif_orientation:
+        image = image_headers.orient(image, image_headers.exif_orientation(data.tobytes()))
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
@@ -202,8 +206,6 @@ def draw_detections(
             f"boxes must be finite, got {boxes[~np.isfinite(boxes).all(axis=1)][0]} at "
             f"detection {int(np.flatnonzero(~np.isfinite(boxes).all(axis=1))[0])}"
         )
-    # Beyond a pixel past the image nothing is drawn: clipped so that cv2's int32 holds them.
-    boxes = np.clip(boxes, -2, np.array([width, height, width, height], np.float32) + 2)
 
     blended = image.astype(np.float32)
     colours = [np.asarray(PALETTE[i % len(PALETTE)], np.float32) for i in range(num)]
@@ -213,6 +215,10 @@ def draw_detections(
 
     font_scale = max(0.3, min(height, width) / 800)
     thickness = max(1, round(min(height, width) / 800))
+    # Beyond the outline's width past the image nothing is drawn: clipped so that cv2's int32
+    # holds them, the outline (drawn inwards) still outside.
+    margin = thickness + 2
+    boxes = np.clip(boxes, -margin, np.array([width, height, width, height], np.float32) + margin)
     corners = []
     for box, colour in zip(boxes, colours):
         colour = tuple(int(c) for c in colour)

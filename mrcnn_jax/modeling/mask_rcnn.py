@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from mrcnn_jax.modeling.checks import check_model_config
 from mrcnn_jax.modeling.fpn import FPN, RPN_LEVELS, RPN_STRIDES
@@ -128,11 +129,15 @@ class MaskRCNN(nn.Module):
             )
         return cls(config=ml_collections.FrozenConfigDict(model_config), axis_name=axis_name)
 
-    def variable_shapes(self, image_shape: tuple[int, int] = (128, 128)) -> dict:
+    def variable_shapes(self, image_shape: tuple[int, int] | None = None) -> dict:
         """`{"params", "batch_stats"}` of `jax.ShapeDtypeStruct`s (traced, nothing computed).
 
-        Parameter shapes do not depend on the image size; `image_shape` only has to be valid.
+        Parameter shapes do not depend on the image size; `image_shape` only has to be a canvas
+        the model takes (default: 128 rounded up to a multiple of `size_divisibility`).
         """
+        if image_shape is None:
+            side = -(-128 // self.config.size_divisibility) * self.config.size_divisibility
+            image_shape = (side, side)
         return jax.eval_shape(
             lambda: self.init(jax.random.key(0), dummy_inputs(image_shape), train=False)
         )
@@ -252,10 +257,10 @@ class MaskRCNN(nn.Module):
         images, image_size = batch["image"], batch["image_size"]
         if images.ndim != 4 or images.shape[-1] != 3 or not images.shape[0]:
             raise ValueError(f"batch['image'] must be [B, H, W, 3], got shape {images.shape}")
-        if image_size.shape != (images.shape[0], 2):
+        if np.shape(image_size) != (images.shape[0], 2):
             raise ValueError(
                 f"batch['image_size'] must be [B, 2] = {[images.shape[0], 2]} (height, width "
-                f"of each image's content), got shape {image_size.shape}"
+                f"of each image's content), got shape {np.shape(image_size)}"
             )
         if any(side % self.config.size_divisibility for side in images.shape[1:3]):
             raise ValueError(

@@ -167,9 +167,11 @@ class MaskHead(nn.Module):
             jnp.float32,
         )
         bias = self.param("predictor_bias", nn.initializers.zeros, (self.num_classes,), jnp.float32)
-        # jnp.take: numpy parameters (closed over under jit) cannot be indexed by traced classes
-        logits = jnp.einsum("nhwd,dn->nhw", x.astype(jnp.float32), jnp.take(kernel, classes, 1))
-        return logits + jnp.take(bias, classes)[:, None, None]  # in float32, as the other heads
+        # jnp.take: numpy parameters (closed over under jit) cannot be indexed by traced classes;
+        # clipped as indexing is
+        kernel = jnp.take(kernel, classes, axis=1, mode="clip")
+        logits = jnp.einsum("nhwd,dn->nhw", x.astype(jnp.float32), kernel)
+        return logits + jnp.take(bias, classes, mode="clip")[:, None, None]  # float32, as others
 
 
 class RoITargets(NamedTuple):

@@ -7,7 +7,7 @@
 
 `result` holds the detections in ORIGINAL image pixels: `boxes [N, 4]` float32 (x1, y1, x2, y2),
 `scores [N]` float32, `classes [N]` int32 (contiguous labels 0..K-1: a SavedModel's `labels`),
-`category_ids [N]` int32 (the dataset's category ids, `config.data.label_to_category_id`, or the
+`category_ids [N]` int64 (the dataset's category ids, `config.data.label_to_category_id`, or the
 labels where the config has none: a SavedModel's `classes`), `class_names` (N strings),
 `masks [N, H, W]` bool. Grey (`[H, W]`, `[H, W, 1]`) and RGBA (`[H, W, 4]`) uint8 images are
 taken as `evaluation.visualize.read_image` reads such files: grey repeated into R, G and B, the
@@ -108,10 +108,11 @@ class Predictor:
 
     @property
     def category_ids(self) -> np.ndarray:
-        """`[K]` int32: the dataset's category id of each label 0..K-1
-        (`config.data.label_to_category_id`; the labels themselves where the config has none)."""
+        """`[K]` int64: the dataset's category id of each label 0..K-1
+        (`config.data.label_to_category_id`, any integers; the labels where the config has
+        none)."""
         ids = list(self.config.data.label_to_category_id) or range(self.config.model.num_classes)
-        return np.asarray(ids, np.int32)
+        return np.asarray(ids, np.int64)
 
     @property
     def num_devices(self) -> int:
@@ -351,8 +352,8 @@ def _is_pil(image: Any) -> bool:
 def _not_pixels(given: str | bytes | os.PathLike) -> str:
     """What `given`, taken for an image, is instead, and what to do: a file name, or the bytes
     of an encoded image file (`requests.get(url).content`); shown at most 100 characters long."""
-    if isinstance(given, bytes) and image_headers.declared_size(given):
-        height, width = image_headers.declared_size(given)
+    if isinstance(given, bytes) and (size := image_headers.declared_size(given)):
+        height, width = size
         return (
             f"the {len(given):,} bytes of an encoded image file ({height}x{width}), not its "
             "pixels: decode them first, e.g. np.asarray(PIL.Image.open(io.BytesIO(data))"
