@@ -201,11 +201,10 @@ def draw_detections(
                 f"class_names must be strings, got {type(name).__name__} {name} at {i} (the "
                 "predictor's class_names, not its classes)"
             )
-    if not np.isfinite(boxes).all():
-        raise ValueError(
-            f"boxes must be finite, got {boxes[~np.isfinite(boxes).all(axis=1)][0]} at "
-            f"detection {int(np.flatnonzero(~np.isfinite(boxes).all(axis=1))[0])}"
-        )
+    not_finite = np.flatnonzero(~np.isfinite(boxes).all(axis=1))
+    if not_finite.size:
+        first = int(not_finite[0])
+        raise ValueError(f"boxes must be finite, got {boxes[first]} at detection {first}")
 
     blended = image.astype(np.float32)
     colours = [np.asarray(PALETTE[i % len(PALETTE)], np.float32) for i in range(num)]
